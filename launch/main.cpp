@@ -1,0 +1,2 @@
+// Placeholder: the hydistill CLI is being written.
+int main() { return 1; }

@@ -1,0 +1,132 @@
+#include "tests/common/test_util.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
+namespace hyd::test {
+
+std::mt19937_64& rng() {
+  static std::mt19937_64 g = [] {
+    uint64_t seed;
+    if (const char* s = std::getenv("HYD_TEST_SEED")) {
+      seed = std::strtoull(s, nullptr, 10);
+    } else {
+      seed = (uint64_t(std::random_device{}()) << 32) ^ std::random_device{}();
+    }
+    std::printf("[hyd test] random seed %llu (set HYD_TEST_SEED to replay)\n", static_cast<unsigned long long>(seed));
+    return std::mt19937_64(seed);
+  }();
+  return g;
+}
+
+std::vector<float> randn(size_t n, float stddev, float mean) {
+  std::normal_distribution<float> d(mean, stddev);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng());
+  return v;
+}
+
+std::vector<double> randn_f64(size_t n, double stddev, double mean) {
+  std::normal_distribution<double> d(mean, stddev);
+  std::vector<double> v(n);
+  for (auto& x : v) x = d(rng());
+  return v;
+}
+
+std::vector<int32_t> randint(size_t n, int32_t lo, int32_t hi) {
+  std::uniform_int_distribution<int32_t> d(lo, hi - 1);
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = d(rng());
+  return v;
+}
+
+std::vector<float> round_bf16(const std::vector<float>& x) {
+  std::vector<float> r(x.size());
+  for (size_t i = 0; i < x.size(); ++i) r[i] = bf16_to_float(float_to_bf16(x[i]));
+  return r;
+}
+
+template <class T>
+static double rel_err_impl(const std::vector<T>& out, const std::vector<T>& ref) {
+  if (out.size() != ref.size()) return std::numeric_limits<double>::infinity();
+  double num = 0, den = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (!std::isfinite(static_cast<double>(out[i]))) return std::numeric_limits<double>::infinity();
+    const double d = double(out[i]) - double(ref[i]);
+    num += d * d;
+    den += double(ref[i]) * double(ref[i]);
+  }
+  return std::sqrt(num) / std::max(std::sqrt(den), 1e-30);
+}
+double rel_err(const std::vector<float>& out, const std::vector<float>& ref) { return rel_err_impl(out, ref); }
+double rel_err(const std::vector<double>& out, const std::vector<double>& ref) { return rel_err_impl(out, ref); }
+
+bool all_finite(const std::vector<float>& v) {
+  for (float x : v)
+    if (!std::isfinite(x)) return false;
+  return true;
+}
+
+Tensor DeviceBuffers::upload(const std::vector<float>& host, std::initializer_list<int64_t> dims, DType dtype) {
+  Tensor t = arena_.alloc(dims, dtype);
+  HYD_CHECK(static_cast<int64_t>(host.size()) == t.numel(), "upload: ", host.size(), " values for ", t.shape_str());
+  HostTensor h(dims, dtype);
+  for (size_t i = 0; i < host.size(); ++i) {
+    switch (dtype) {
+      case DType::f32: h.ptr<float>()[i] = host[i]; break;
+      case DType::bf16: h.ptr<bf16>()[i] = float_to_bf16(host[i]); break;
+      case DType::i32: h.ptr<int32_t>()[i] = static_cast<int32_t>(host[i]); break;
+      default: HYD_THROW("upload: unsupported dtype ", dtype_name(dtype));
+    }
+  }
+  copy_tensor(t, h.t);
+  return t;
+}
+
+Tensor DeviceBuffers::upload_i32(const std::vector<int32_t>& host, std::initializer_list<int64_t> dims) {
+  Tensor t = arena_.alloc(dims, DType::i32);
+  HYD_CHECK(static_cast<int64_t>(host.size()) == t.numel(), "upload_i32: size mismatch");
+  HostTensor h(dims, DType::i32);
+  std::memcpy(h.t.data, host.data(), host.size() * 4);
+  copy_tensor(t, h.t);
+  return t;
+}
+
+Tensor DeviceBuffers::poisoned(std::initializer_list<int64_t> dims, DType dtype) {
+  Tensor t = arena_.alloc(dims, dtype);
+  HostTensor h(dims, dtype);
+  if (dtype == DType::f32) {
+    for (int64_t i = 0; i < t.numel(); ++i) h.ptr<float>()[i] = std::numeric_limits<float>::quiet_NaN();
+  } else if (dtype == DType::bf16) {
+    for (int64_t i = 0; i < t.numel(); ++i) h.ptr<bf16>()[i] = bf16{0x7fc0};
+  } else {
+    std::memset(h.t.data, 0x7f, h.t.nbytes());
+  }
+  copy_tensor(t, h.t);
+  return t;
+}
+
+Tensor DeviceBuffers::zeros(std::initializer_list<int64_t> dims, DType dtype) {
+  Tensor t = arena_.alloc(dims, dtype);
+  zero_tensor(t);
+  return t;
+}
+
+std::vector<float> DeviceBuffers::download(const Tensor& t) {
+  HostTensor h({t.numel()}, t.dtype);
+  copy_tensor(h.t, t.view({t.numel()}));
+  std::vector<float> out(t.numel());
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    switch (t.dtype) {
+      case DType::f32: out[i] = h.ptr<float>()[i]; break;
+      case DType::bf16: out[i] = bf16_to_float(h.ptr<bf16>()[i]); break;
+      case DType::i32: out[i] = static_cast<float>(h.ptr<int32_t>()[i]); break;
+      default: HYD_THROW("download: unsupported dtype ", dtype_name(t.dtype));
+    }
+  }
+  return out;
+}
+
+}  // namespace hyd::test

@@ -1,0 +1,59 @@
+#include "trainer/core/exec_context.h"
+
+#include "trainer/core/error.h"
+
+#ifdef HYD_WITH_CUDA
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <nvtx3/nvToolsExt.h>
+#endif
+
+namespace hyd {
+
+ExecContext::ExecContext(Device device) : device_(device) {
+  if (device.is_cpu()) return;
+#ifdef HYD_WITH_CUDA
+  CHECK_CUDA(cudaSetDevice(device.index));
+  cudaStream_t s;
+  CHECK_CUDA(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  stream_ = s;
+  cublasHandle_t h;
+  CHECK_CUBLAS(cublasCreate(&h));
+  CHECK_CUBLAS(cublasSetStream(h, s));
+  cublas_ = h;
+  cublasLtHandle_t lt;
+  CHECK_CUBLAS(cublasLtCreate(&lt));
+  cublaslt_ = lt;
+  workspace_bytes_ = size_t(32) << 20;
+  CHECK_CUDA(cudaMalloc(&workspace_, workspace_bytes_));
+  CHECK_CUBLAS(cublasSetWorkspace(h, workspace_, workspace_bytes_));
+#else
+  HYD_THROW("device ", device.str(), " requested but this build has no CUDA support (configure with -DHYD_CUDA=ON)");
+#endif
+}
+
+ExecContext::~ExecContext() {
+#ifdef HYD_WITH_CUDA
+  if (cublaslt_) cublasLtDestroy(static_cast<cublasLtHandle_t>(cublaslt_));
+  if (cublas_) cublasDestroy(static_cast<cublasHandle_t>(cublas_));
+  if (workspace_) cudaFree(workspace_);
+  if (stream_) cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
+#endif
+}
+
+void ExecContext::synchronize() const {
+#ifdef HYD_WITH_CUDA
+  if (stream_) CHECK_CUDA(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));
+#endif
+}
+
+#ifdef HYD_WITH_CUDA
+NvtxRange::NvtxRange(const char* name) { nvtxRangePushA(name); }
+NvtxRange::~NvtxRange() { nvtxRangePop(); }
+#else
+NvtxRange::NvtxRange(const char*) {}
+NvtxRange::~NvtxRange() {}
+#endif
+
+}  // namespace hyd

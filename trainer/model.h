@@ -1,0 +1,91 @@
+// Dense decoder-only transformer with explicit forward and backward.
+//
+//   h_0 = embed[tokens]
+//   per layer l:  a = RMSNorm(h) ; q,k,v = a Wqkv^T (+b) ; [q,k = per-head RMSNorm] ; q,k = RoPE(q,k)
+//                 h = h + Attention(q,k,v) Wo^T
+//                 m = RMSNorm(h) ; h = h + SwiGLU(m Wgate_up^T) Wdown^T
+//   logits = RMSNorm(h) Wlm^T  (Wlm = embed when tied);  loss = mean CE over tokens with target >= 0
+//
+// Parameters live in one contiguous buffer (f32 on the CPU, bf16 on CUDA) and their gradients in
+// another (f32 on both), in the order of `params()`. Layouts that differ from HF:
+//   layers.L.wqkv     [(Hq + 2 Hkv) d, D]  rows: q heads, then k heads, then v heads (HF q_proj;k_proj;v_proj)
+//   layers.L.bqkv     [(Hq + 2 Hkv) d]     (qkv_bias only)
+//   layers.L.w_gate_up [2F, D]             rows: gate_proj then up_proj
+// Other names: embed [V, D]; layers.L.attn_norm [D]; layers.L.q_norm, k_norm [d] (qk_norm only);
+// layers.L.wo [D, Hq d]; layers.L.mlp_norm [D]; layers.L.w_down [D, F]; final_norm [D]; lm_head [V, D]
+// (absent when tied).
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "trainer/core/arena.h"
+#include "trainer/core/exec_context.h"
+#include "trainer/model_config.h"
+
+namespace hyd {
+
+// One packed micro-batch, on the model's device. Documents never attend across boundaries.
+struct Batch {
+  Tensor tokens;      // i32 [N]
+  Tensor targets;     // i32 [N], -1 where no loss is taken
+  Tensor positions;   // i32 [N], position of the token inside its document (RoPE)
+  Tensor cu_seqlens;  // i32 [D+1], document boundaries; cu_seqlens[D] = N
+  int64_t num_tokens = 0;
+  int64_t num_docs = 0;
+  int64_t num_targets = 0;  // tokens with target >= 0: the loss is their mean
+};
+
+struct ParamInfo {
+  std::string name;
+  std::vector<int64_t> shape;
+  bool weight_decay = false;  // matrices yes; norms, biases, no
+  int64_t offset = 0;         // elements into the flat buffers
+  int64_t numel = 0;
+  Tensor value;               // view into flat_params()
+  Tensor grad;                // view into flat_grads()
+};
+
+class DenseModel {
+ public:
+  // max_tokens: the largest micro-batch (sum of document lengths) forward/backward will see.
+  DenseModel(const ModelConfig& cfg, Device device, int64_t max_tokens);
+  ~DenseModel();
+  DenseModel(const DenseModel&) = delete;
+  DenseModel& operator=(const DenseModel&) = delete;
+
+  const ModelConfig& config() const;
+  Device device() const;
+  std::vector<ParamInfo>& params();
+  const ParamInfo& param(const std::string& name) const;  // throws hyd::Error naming an unknown parameter
+  bool has_param(const std::string& name) const;
+  Tensor flat_params() const;  // [P] f32 (CPU) / bf16 (CUDA)
+  Tensor flat_grads() const;   // [P] f32
+
+  // Normal(0, std) for matrices and embeddings, output projections scaled by 1/sqrt(2 L); norms = 1, biases = 0.
+  void init_random(uint64_t seed, float std = 0.02f);
+  // Host f32 values converted to the parameter's dtype; n must equal the parameter's numel.
+  void set_param(const std::string& name, const float* data, int64_t n);
+  std::vector<float> get_param(const std::string& name) const;
+  std::vector<float> get_grad(const std::string& name) const;
+
+  void zero_grad();
+  // Forward and backward of the mean cross-entropy over the batch's targets, scaled by loss_scale
+  // (e.g. 1 / gradient-accumulation steps) in the gradients. Gradients accumulate. Returns the
+  // mean loss (unscaled).
+  double forward_backward(ExecContext& ctx, const Batch& batch, float loss_scale = 1.0f);
+  // Mean loss, no gradients.
+  double forward_loss(ExecContext& ctx, const Batch& batch);
+  // Full logits [N, V] copied to host f32 (tests, golden checks, evaluation of small batches).
+  std::vector<float> forward_logits(ExecContext& ctx, const Batch& batch);
+
+  // Bytes held by parameter, gradient and activation arenas.
+  size_t memory_bytes() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace hyd
