@@ -86,6 +86,9 @@ void copy_tensor(const Tensor& dst, const Tensor& src) {
     return;
   }
 #ifdef HYD_WITH_CUDA
+  // Ops run on non-blocking streams, which the legacy-stream cudaMemcpy does not wait for: finish
+  // all device work first. These copies are for setup, uploads and read-backs, not the hot path.
+  CHECK_CUDA(cudaDeviceSynchronize());
   CHECK_CUDA(cudaMemcpy(dst.data, src.data, src.nbytes(), cudaMemcpyDefault));
 #else
   HYD_THROW("copy_tensor: CUDA tensor in a CPU-only build");
@@ -99,7 +102,10 @@ void zero_tensor(const Tensor& t) {
     return;
   }
 #ifdef HYD_WITH_CUDA
+  // Ordered against the ops' non-blocking streams by synchronising the device on both sides.
+  CHECK_CUDA(cudaDeviceSynchronize());
   CHECK_CUDA(cudaMemset(t.data, 0, t.nbytes()));
+  CHECK_CUDA(cudaDeviceSynchronize());
 #else
   HYD_THROW("zero_tensor: CUDA tensor in a CPU-only build");
 #endif

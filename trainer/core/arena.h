@@ -43,7 +43,8 @@ class Arena {
   size_t peak_ = 0;
 };
 
-// Plain memory helpers that work for either device (cudaMemcpy / memcpy).
+// Plain memory helpers that work for either device (cudaMemcpy / memcpy). On CUDA they synchronise
+// the device first, so they are ordered after every op launched on any stream.
 void copy_tensor(const Tensor& dst, const Tensor& src);  // same dtype and numel
 void zero_tensor(const Tensor& t);
 bool cuda_available();  // a usable CUDA device is present (false in CPU-only builds)
