@@ -13,8 +13,8 @@ void cross_entropy(T* logits, const int32_t* targets, T* losses, int64_t n, int6
   // Validate every target before anything is written: an out-of-range id is a data error.
   for (int64_t i = 0; i < n; ++i) {
     if (targets[i] >= vocab)
-      HYD_THROW("cross_entropy: argument 'targets' holds id ", targets[i], " at row ", i, ", outside the vocabulary of ",
-                vocab);
+      HYD_THROW("cross_entropy: argument 'targets' holds id ", targets[i], " at row ", i,
+                ", outside the vocabulary of ", vocab);
   }
   for (int64_t i = 0; i < n; ++i) {
     T* row = logits + i * vocab;

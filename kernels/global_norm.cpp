@@ -1,0 +1,35 @@
+// Dispatcher for the global gradient norm and the clipping factor (see kernels/global_norm.h).
+#include "kernels/global_norm.h"
+
+#include <string>
+
+namespace hyd::kernels {
+
+void sum_squares_accumulate(const ExecContext& ctx, const Tensor& grad, const Tensor& out) {
+  constexpr const char* op = "sum_squares_accumulate";
+  expect_dtype(grad, DType::f32, op, "grad");
+  expect_dtype(out, DType::f32, op, "out");
+  if (out.numel() != 1) HYD_THROW(op, ": argument 'out' has shape ", out.shape_str(), ", expected one element");
+  expect_same_device(grad, out, op);
+  if (grad.device.is_cpu()) {
+    cpu::sum_squares_accumulate<float>(grad.ptr<float>(), grad.numel(), out.ptr<float>());
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  if (grad.device.is_cuda()) {
+    if (!(ctx.device() == grad.device))
+      throw Error(std::string(op) + ": tensors on " + grad.device.str() + " but the context is on " +
+                  ctx.device().str());
+    cuda::sum_squares_accumulate(grad.ptr<float>(), grad.numel(), out.ptr<float>(), ctx.stream());
+    return;
+  }
+#endif
+  HYD_THROW(op, ": no implementation for device ", grad.device.str());
+}
+
+float clip_scale(double norm, double max_norm) {
+  if (max_norm > 0 && norm > max_norm) return static_cast<float>(max_norm / (norm + 1e-6));
+  return 1.f;
+}
+
+}  // namespace hyd::kernels

@@ -1,0 +1,175 @@
+// Dispatchers for the matrix products (see kernels/matmul.h): argument validation, then the CPU
+// (OpenBLAS) or CUDA (cuBLAS) implementation chosen by the tensors' device.
+#include "kernels/matmul.h"
+
+#include <string>
+
+namespace hyd::kernels {
+
+namespace {
+
+// A CUDA op runs on the context's stream: the context must belong to the tensors' device.
+[[maybe_unused]] void expect_context(const ExecContext& ctx, const Tensor& t, const char* op) {
+  if (!(ctx.device() == t.device))
+    throw Error(std::string(op) + ": tensors on " + t.device.str() + " but the context is on " + ctx.device().str());
+}
+
+[[noreturn]] void unsupported_device(const Tensor& t, const char* op) {
+  HYD_THROW(op, ": no implementation for device ", t.device.str(),
+            t.device.is_cuda() ? " (this build has no CUDA support; configure with -DHYD_CUDA=ON)" : "");
+}
+
+void expect_rank(const Tensor& t, int min_rank, const char* op, const char* arg) {
+  if (t.ndim < min_rank)
+    HYD_THROW(op, ": argument '", arg, "' has shape ", t.shape_str(), ", expected at least ", min_rank, " dimensions");
+}
+
+// Rows of a [..., features] activation: every dimension but the last.
+int64_t rows_of(const Tensor& t) { return t.shape[t.ndim - 1] ? t.numel() / t.shape[t.ndim - 1] : 0; }
+
+// `b` has the same leading dimensions as `a` (and its own last dimension `last`).
+void expect_same_rows(const Tensor& a, const Tensor& b, int64_t last, const char* op, const char* arg_a,
+                      const char* arg_b) {
+  bool ok = a.ndim == b.ndim && b.shape[b.ndim - 1] == last;
+  for (int i = 0; ok && i + 1 < a.ndim; ++i) ok = a.shape[i] == b.shape[i];
+  if (!ok)
+    HYD_THROW(op, ": argument '", arg_b, "' has shape ", b.shape_str(), ", expected the leading dimensions of '", arg_a,
+              "' ", a.shape_str(), " and a last dimension of ", last);
+}
+
+}  // namespace
+
+void gemm(const ExecContext& ctx, bool trans_a, bool trans_b, float alpha, const Tensor& a, const Tensor& b, float beta,
+          const Tensor& c) {
+  constexpr const char* op = "gemm";
+  expect_shape(c, {-1, -1}, op, "c");
+  expect_shape(a, {-1, -1}, op, "a");
+  const int64_t m = c.shape[0], n = c.shape[1], k = trans_a ? a.shape[0] : a.shape[1];
+  if (trans_a)
+    expect_shape(a, {k, m}, op, "a");
+  else
+    expect_shape(a, {m, k}, op, "a");
+  if (trans_b)
+    expect_shape(b, {n, k}, op, "b");
+  else
+    expect_shape(b, {k, n}, op, "b");
+  expect_same_device(a, b, op);
+  expect_same_device(a, c, op);
+  if (a.device.is_cpu()) {
+    expect_dtype(a, DType::f32, op, "a");
+    expect_dtype(b, DType::f32, op, "b");
+    expect_dtype(c, DType::f32, op, "c");
+    cpu::gemm<float>(trans_a, trans_b, m, n, k, alpha, a.ptr<float>(), b.ptr<float>(), beta, c.ptr<float>());
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  if (a.device.is_cuda()) {
+    expect_context(ctx, a, op);
+    expect_dtype(a, DType::bf16, op, "a");
+    expect_dtype(b, DType::bf16, op, "b");
+    if (c.dtype != DType::f32 && c.dtype != DType::bf16)
+      HYD_THROW(op, ": argument 'c' has dtype ", dtype_name(c.dtype), ", expected f32 or bf16");
+    cuda::gemm(ctx.cublas(), ctx.stream(), trans_a, trans_b, m, n, k, alpha, a.ptr<bf16>(), b.ptr<bf16>(), beta, c.data,
+               c.dtype == DType::f32);
+    return;
+  }
+#endif
+  unsupported_device(a, op);
+}
+
+void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y) {
+  constexpr const char* op = "linear_forward";
+  expect_rank(x, 2, op, "x");
+  expect_shape(w, {-1, x.shape[x.ndim - 1]}, op, "w");
+  const int64_t m = rows_of(x), n = w.shape[0], k = w.shape[1];
+  expect_same_rows(x, y, n, op, "x", "y");
+  if (!bias.empty()) {
+    expect_shape(bias, {n}, op, "bias");
+    expect_same_device(x, bias, op);
+  }
+  expect_same_device(x, w, op);
+  expect_same_device(x, y, op);
+  if (x.device.is_cpu()) {
+    expect_dtype(x, DType::f32, op, "x");
+    expect_dtype(w, DType::f32, op, "w");
+    expect_dtype(y, DType::f32, op, "y");
+    if (!bias.empty()) expect_dtype(bias, DType::f32, op, "bias");
+    cpu::gemm<float>(false, true, m, n, k, 1.f, x.ptr<float>(), w.ptr<float>(), 0.f, y.ptr<float>());
+    if (!bias.empty()) cpu::bias_add<float>(y.ptr<float>(), bias.ptr<float>(), m, n);
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  if (x.device.is_cuda()) {
+    expect_context(ctx, x, op);
+    expect_dtype(x, DType::bf16, op, "x");
+    expect_dtype(w, DType::bf16, op, "w");
+    expect_dtype(y, DType::bf16, op, "y");
+    if (!bias.empty()) expect_dtype(bias, DType::bf16, op, "bias");
+    cuda::gemm(ctx.cublas(), ctx.stream(), false, true, m, n, k, 1.f, x.ptr<bf16>(), w.ptr<bf16>(), 0.f, y.data, false);
+    if (!bias.empty()) cuda::bias_add(y.ptr<bf16>(), bias.ptr<bf16>(), m, n, ctx.stream());
+    return;
+  }
+#endif
+  unsupported_device(x, op);
+}
+
+// dx = dy w (or dx += dy w), dw += dy^T x, dbias += column sums of dy. dx, dw and dbias may each be
+// empty (not computed), e.g. dx for the first layer or dw for a frozen weight.
+void linear_backward(const ExecContext& ctx, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& dx,
+                     bool accumulate_dx, const Tensor& dw, const Tensor& dbias) {
+  constexpr const char* op = "linear_backward";
+  expect_rank(x, 2, op, "x");
+  expect_shape(w, {-1, x.shape[x.ndim - 1]}, op, "w");
+  const int64_t m = rows_of(x), n = w.shape[0], k = w.shape[1];
+  expect_same_rows(x, dy, n, op, "x", "dy");
+  expect_same_device(x, dy, op);
+  expect_same_device(x, w, op);
+  if (!dx.empty()) {
+    expect_same_rows(x, dx, k, op, "x", "dx");
+    expect_same_device(x, dx, op);
+  }
+  if (!dw.empty()) {
+    expect_shape(dw, {n, k}, op, "dw");
+    expect_dtype(dw, DType::f32, op, "dw");
+    expect_same_device(x, dw, op);
+  }
+  if (!dbias.empty()) {
+    expect_shape(dbias, {n}, op, "dbias");
+    expect_dtype(dbias, DType::f32, op, "dbias");
+    expect_same_device(x, dbias, op);
+  }
+  if (x.device.is_cpu()) {
+    expect_dtype(dy, DType::f32, op, "dy");
+    expect_dtype(x, DType::f32, op, "x");
+    expect_dtype(w, DType::f32, op, "w");
+    if (!dx.empty()) {
+      expect_dtype(dx, DType::f32, op, "dx");
+      cpu::gemm<float>(false, false, m, k, n, 1.f, dy.ptr<float>(), w.ptr<float>(), accumulate_dx ? 1.f : 0.f,
+                       dx.ptr<float>());
+    }
+    if (!dw.empty()) cpu::gemm<float>(true, false, n, k, m, 1.f, dy.ptr<float>(), x.ptr<float>(), 1.f, dw.ptr<float>());
+    if (!dbias.empty()) cpu::bias_grad<float>(dy.ptr<float>(), dbias.ptr<float>(), m, n);
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  if (x.device.is_cuda()) {
+    expect_context(ctx, x, op);
+    expect_dtype(dy, DType::bf16, op, "dy");
+    expect_dtype(x, DType::bf16, op, "x");
+    expect_dtype(w, DType::bf16, op, "w");
+    if (!dx.empty()) {
+      expect_dtype(dx, DType::bf16, op, "dx");
+      cuda::gemm(ctx.cublas(), ctx.stream(), false, false, m, k, n, 1.f, dy.ptr<bf16>(), w.ptr<bf16>(),
+                 accumulate_dx ? 1.f : 0.f, dx.data, false);
+    }
+    if (!dw.empty())
+      cuda::gemm(ctx.cublas(), ctx.stream(), true, false, n, k, m, 1.f, dy.ptr<bf16>(), x.ptr<bf16>(), 1.f, dw.data,
+                 true);
+    if (!dbias.empty()) cuda::bias_grad(dy.ptr<bf16>(), dbias.ptr<float>(), m, n, ctx.stream());
+    return;
+  }
+#endif
+  unsupported_device(x, op);
+}
+
+}  // namespace hyd::kernels
