@@ -17,9 +17,12 @@ ScheduleKind parse_schedule_kind(const std::string& name) {
 
 const char* schedule_kind_name(ScheduleKind k) {
   switch (k) {
-    case ScheduleKind::cosine: return "cosine";
-    case ScheduleKind::wsd: return "wsd";
-    case ScheduleKind::constant: return "constant";
+    case ScheduleKind::cosine:
+      return "cosine";
+    case ScheduleKind::wsd:
+      return "wsd";
+    case ScheduleKind::constant:
+      return "constant";
   }
   return "?";
 }
@@ -37,14 +40,16 @@ double LrSchedule::at(int64_t step) const {
   const int64_t s = std::max<int64_t>(step, 0);
   if (s < warmup_steps) return lr * static_cast<double>(s + 1) / static_cast<double>(warmup_steps);
   switch (kind) {
-    case ScheduleKind::constant: return lr;
+    case ScheduleKind::constant:
+      return lr;
     case ScheduleKind::cosine: {
       if (s >= total_steps) return min_lr;
       const double p = static_cast<double>(s - warmup_steps) / static_cast<double>(total_steps - warmup_steps);
       return min_lr + (lr - min_lr) * 0.5 * (1.0 + std::cos(std::numbers::pi * p));
     }
     case ScheduleKind::wsd: {
-      const auto decay_steps = static_cast<int64_t>(std::llround(wsd_decay_fraction * static_cast<double>(total_steps)));
+      const auto decay_steps =
+          static_cast<int64_t>(std::llround(wsd_decay_fraction * static_cast<double>(total_steps)));
       const int64_t decay_start = std::max(warmup_steps, total_steps - decay_steps);
       if (s >= total_steps) return decay_start < total_steps ? min_lr : lr;
       if (s < decay_start) return lr;

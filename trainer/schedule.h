@@ -7,7 +7,8 @@
 //   wsd       warmup, then constant lr until D = T - round(f T) (f = wsd_decay_fraction, D >= W), then
 //             linear decay: lr - (lr - min_lr) (s - D) / (T - D)
 //   constant  lr after warmup
-// Every schedule reaches min_lr (constant: stays at lr) at s = T and stays there for s > T.
+// cosine and wsd reach min_lr at s = T and stay there (wsd with f = 0 has no decay and stays at lr);
+// constant stays at lr.
 #pragma once
 
 #include <cstdint>
@@ -23,8 +24,8 @@ const char* schedule_kind_name(ScheduleKind k);
 
 struct LrSchedule {
   ScheduleKind kind = ScheduleKind::cosine;
-  double lr = 1e-3;      // peak
-  double min_lr = 0.0;   // floor reached at the end (cosine, wsd)
+  double lr = 1e-3;     // peak
+  double min_lr = 0.0;  // floor reached at the end (cosine, wsd)
   int64_t warmup_steps = 0;
   int64_t total_steps = 1;
   double wsd_decay_fraction = 0.2;

@@ -1,0 +1,37 @@
+// Options of `hydistill train`: Boost.Program_options over an INI config file and the command line.
+//
+// Sections are option-name prefixes: `lr = 2e-3` under `[train]` is the option `train.lr`; keys before
+// the first section are top-level options (`device`). Every option is also accepted on the command
+// line as `--train.lr 2e-3` (or `--train.lr=2e-3`), and the command line wins over the file.
+// Defaults are the default member values of TrainConfig and its parts (trainer/train_loop.h).
+// Errors (ConfigError, exit code 2) always name the source - the config file or "command line" - and
+// the key: unknown keys, missing required keys, malformed values, out-of-range values.
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "trainer/train_loop.h"
+
+namespace hyd {
+
+struct ParsedTrainArgs {
+  bool help = false;        // --help was given: print train_help() and do nothing else
+  std::string config_path;  // --config FILE, empty when none
+  TrainConfig config;       // typed values; config.source = config_path (or "command line")
+  // Every option ("section.key" -> value text) in declaration order, after defaults, the file and the
+  // command line were applied: what RUN_DIR/config.ini records.
+  std::vector<std::pair<std::string, std::string>> effective;
+
+  // The effective values as an INI file that `--config` reads back to the same TrainConfig.
+  std::string to_ini() const;
+};
+
+// args: the arguments after `train`, e.g. {"--config", "run.ini", "--train.lr", "1e-3"}.
+ParsedTrainArgs parse_train_args(const std::vector<std::string>& args);
+
+// Usage line and every option of `hydistill train` with its default, grouped by section.
+std::string train_help();
+
+}  // namespace hyd

@@ -1,0 +1,386 @@
+#include "trainer/train_loop.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <ostream>
+#include <sstream>
+
+#include "data/dataset.h"
+#include "trainer/core/arena.h"
+#include "trainer/core/exec_context.h"
+#include "trainer/metrics.h"
+#include "trainer/model.h"
+
+#ifdef HYD_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace hyd {
+
+namespace fs = std::filesystem;
+
+LrSchedule TrainOptions::lr_schedule() const {
+  LrSchedule s;
+  s.kind = parse_schedule_kind(schedule);
+  s.lr = lr;
+  s.min_lr = min_lr;
+  s.warmup_steps = warmup_steps;
+  s.total_steps = steps;
+  s.wsd_decay_fraction = wsd_decay_fraction;
+  return s;
+}
+
+AdamWConfig TrainOptions::adamw() const {
+  AdamWConfig a;
+  a.beta1 = beta1;
+  a.beta2 = beta2;
+  a.eps = eps;
+  a.weight_decay = weight_decay;
+  a.grad_clip = grad_clip;
+  return a;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+std::string fmt(const char* f, double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, x);
+  return buf;
+}
+
+std::string megabytes(size_t bytes) { return fmt("%.1f MB", static_cast<double>(bytes) / 1e6); }
+
+// copy_tensor runs on the legacy default stream, which does not order against the context's
+// non-blocking stream (and a pageable host-to-device cudaMemcpy may return before the DMA lands):
+// transfers are fenced with a full device synchronisation.
+void device_fence(Device d) {
+#ifdef HYD_WITH_CUDA
+  if (d.is_cuda()) CHECK_CUDA(cudaDeviceSynchronize());
+#else
+  (void)d;
+#endif
+}
+
+// Device buffers for one micro-batch; reset and refilled for every micro-batch.
+class BatchUploader {
+ public:
+  BatchUploader(Device device, int64_t max_tokens)
+      // tokens, targets, positions [N] and cu_seqlens [<= N + 1], each rounded up to the arena alignment.
+      : arena_("batch", device, static_cast<size_t>(4 * (4 * max_tokens + 1)) + 4 * 256), max_tokens_(max_tokens) {}
+
+  Batch upload(ExecContext& ctx, const HostBatch& hb) {
+    const auto n = static_cast<int64_t>(hb.tokens.size());
+    HYD_CHECK(n <= max_tokens_ && hb.targets.size() == hb.tokens.size() && hb.positions.size() == hb.tokens.size() &&
+                  static_cast<int64_t>(hb.cu_seqlens.size()) == hb.num_docs + 1,
+              "malformed host batch: ", n, " tokens, ", hb.num_docs, " documents, ", hb.cu_seqlens.size(),
+              " boundaries (at most ", max_tokens_, " tokens)");
+    ctx.synchronize();  // the previous micro-batch's kernels may still read these buffers
+    device_fence(arena_.device());
+    arena_.reset();
+    Batch b;
+    b.tokens = put(hb.tokens);
+    b.targets = put(hb.targets);
+    b.positions = put(hb.positions);
+    b.cu_seqlens = put(hb.cu_seqlens);
+    device_fence(arena_.device());
+    b.num_tokens = n;
+    b.num_docs = hb.num_docs;
+    b.num_targets = hb.num_targets;
+    return b;
+  }
+  size_t bytes() const { return arena_.capacity(); }
+
+ private:
+  Tensor put(const std::vector<int32_t>& v) {
+    const auto n = static_cast<int64_t>(v.size());
+    Tensor t = arena_.alloc({n}, DType::i32);
+    copy_tensor(t, Tensor(const_cast<int32_t*>(v.data()), DType::i32, Device::cpu(), {n}));
+    return t;
+  }
+  Arena arena_;
+  int64_t max_tokens_;
+};
+
+// An Error of the form "SOURCE: 'KEY': MESSAGE" (Error::at, as ModelConfig::finalize throws) as a
+// ConfigError that keeps the key.
+ConfigError as_config_error(const Error& e, const std::string& source) {
+  const std::string what = e.what();
+  const std::string head = source + ": '";
+  if (what.rfind(head, 0) == 0) {
+    const size_t end = what.find("': ", head.size());
+    if (end != std::string::npos)
+      return ConfigError::at(source, what.substr(head.size(), end - head.size()), what.substr(end + 3));
+  }
+  return ConfigError(what);
+}
+
+}  // namespace
+
+void validate_train_config(const TrainConfig& cfg) {
+  const std::string& src = cfg.source;
+  auto require = [&](bool ok, const char* key, const std::string& msg) {
+    if (!ok) throw ConfigError::at(src, key, msg);
+  };
+  require(!cfg.run.dir.empty(), "run.dir", "required key is missing");
+  require(!cfg.data.path.empty(), "data.path", "required key is missing");
+  require(cfg.data.seq_len >= 2, "data.seq_len", "must be >= 2, got " + std::to_string(cfg.data.seq_len));
+  require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1, got " + std::to_string(cfg.data.batch_size));
+  require(cfg.data.val_fraction >= 0 && cfg.data.val_fraction < 1, "data.val_fraction",
+          "must lie in [0, 1), got " + fmt("%g", cfg.data.val_fraction));
+  const TrainOptions& t = cfg.train;
+  require(t.steps >= 1, "train.steps", "must be >= 1, got " + std::to_string(t.steps));
+  require(t.grad_accum >= 1, "train.grad_accum", "must be >= 1, got " + std::to_string(t.grad_accum));
+  require(t.lr > 0 && std::isfinite(t.lr), "train.lr", "must be > 0, got " + fmt("%g", t.lr));
+  require(t.min_lr >= 0 && t.min_lr <= t.lr, "train.min_lr",
+          "must lie in [0, train.lr = " + fmt("%g", t.lr) + "], got " + fmt("%g", t.min_lr));
+  require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0, got " + std::to_string(t.warmup_steps));
+  require(t.schedule == "cosine" || t.schedule == "wsd" || t.schedule == "constant", "train.schedule",
+          "unknown schedule '" + t.schedule + "' (expected cosine, wsd or constant)");
+  require(t.wsd_decay_fraction >= 0 && t.wsd_decay_fraction <= 1, "train.wsd_decay_fraction",
+          "must lie in [0, 1], got " + fmt("%g", t.wsd_decay_fraction));
+  require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0, got " + fmt("%g", t.weight_decay));
+  require(t.beta1 >= 0 && t.beta1 < 1, "train.beta1", "must lie in [0, 1), got " + fmt("%g", t.beta1));
+  require(t.beta2 >= 0 && t.beta2 < 1, "train.beta2", "must lie in [0, 1), got " + fmt("%g", t.beta2));
+  require(t.eps > 0, "train.eps", "must be > 0, got " + fmt("%g", t.eps));
+  require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping), got " + fmt("%g", t.grad_clip));
+  require(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1, got " + std::to_string(t.max_bad_steps));
+  require(cfg.log.interval >= 1, "log.interval", "must be >= 1, got " + std::to_string(cfg.log.interval));
+  require(cfg.log.eval_interval >= 0, "log.eval_interval",
+          "must be >= 0 (0 = only at the end), got " + std::to_string(cfg.log.eval_interval));
+  require(cfg.log.eval_batches >= 0, "log.eval_batches",
+          "must be >= 0 (0 = no evaluation), got " + std::to_string(cfg.log.eval_batches));
+  try {
+    (void)parse_device(cfg.device);
+  } catch (const Error& e) {
+    throw ConfigError::at(src, "device", e.what());
+  }
+  // The model's own checks, with a stand-in vocabulary when it comes from the dataset.
+  ModelConfig m = cfg.model;
+  if (m.vocab_size == 0) m.vocab_size = 1;
+  try {
+    m.finalize(src);
+  } catch (const Error& e) {
+    throw as_config_error(e, src);
+  }
+}
+
+namespace {
+
+std::string model_summary(const ModelConfig& m) {
+  std::string s = m.family + ": " + std::to_string(m.num_layers) + " layers, hidden " + std::to_string(m.hidden_size) +
+                  ", heads " + std::to_string(m.num_heads) + "/" + std::to_string(m.num_kv_heads) + " x " +
+                  std::to_string(m.head_dim) + ", ffn " + std::to_string(m.intermediate_size) + ", vocab " +
+                  std::to_string(m.vocab_size);
+  if (m.tie_word_embeddings) s += ", tied embeddings";
+  if (m.qk_norm) s += ", qk-norm";
+  if (m.qkv_bias) s += ", qkv bias";
+  if (m.rope_scaling.type != "default") s += ", rope " + m.rope_scaling.type + " x" + fmt("%g", m.rope_scaling.factor);
+  return s;
+}
+
+}  // namespace
+
+TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, std::ostream& out) {
+  const std::string& src = cfg.source;
+  validate_train_config(cfg);
+
+  // Run directory: refuse to mix two runs' metrics before anything is read or written.
+  const fs::path run_dir(cfg.run.dir);
+  const fs::path metrics_path = run_dir / "metrics.jsonl";
+  if (fs::exists(run_dir) && !fs::is_directory(run_dir))
+    throw ConfigError::at(src, "run.dir", run_dir.string() + " exists and is not a directory");
+  if (fs::exists(metrics_path) && !cfg.run.overwrite)
+    throw ConfigError::at(
+        src, "run.dir",
+        metrics_path.string() + " already exists (an earlier run); choose another run.dir or set run.overwrite = true");
+
+  const Device device = parse_device(cfg.device);
+  const LrSchedule schedule = cfg.train.lr_schedule();
+
+  // Dataset and the model that must fit it.
+  if (!fs::exists(cfg.data.path)) throw ConfigError::at(src, "data.path", cfg.data.path + ": no such file");
+  TokenDataset data(cfg.data.path);
+  const DatasetInfo& info = data.info();
+  ModelConfig mc = cfg.model;
+  if (mc.vocab_size == 0) {
+    mc.vocab_size = info.vocab_size;
+  } else if (mc.vocab_size < info.vocab_size) {
+    throw ConfigError::at(src, "model.vocab_size",
+                          "model.vocab_size = " + std::to_string(mc.vocab_size) + " is smaller than the vocab_size " +
+                              std::to_string(info.vocab_size) + " of the dataset " + info.path);
+  }
+  if (mc.eos_token_id < 0) mc.eos_token_id = info.eos_id;
+  try {
+    mc.finalize(src);
+  } catch (const Error& e) {
+    throw as_config_error(e, src);
+  }
+  if (cfg.data.seq_len > mc.max_position_embeddings)
+    throw ConfigError::at(src, "data.seq_len",
+                          std::to_string(cfg.data.seq_len) +
+                              " exceeds model.max_position_embeddings = " + std::to_string(mc.max_position_embeddings));
+
+  const int64_t B = cfg.data.batch_size, T = cfg.data.seq_len, ga = cfg.train.grad_accum;
+  const int64_t micro_tokens = B * T;
+  PackedSampler train_sampler(data, Split::train, cfg.data.val_fraction, T, B, cfg.data.seed);
+  if (train_sampler.num_docs() == 0)
+    throw ConfigError::at(src, "data.val_fraction", "no training documents left in " + info.path);
+  const bool evaluate = cfg.log.eval_batches > 0 && cfg.data.val_fraction > 0;
+  std::unique_ptr<PackedSampler> val_sampler;
+  if (evaluate) {
+    val_sampler = std::make_unique<PackedSampler>(data, Split::validation, cfg.data.val_fraction, T, B, cfg.data.seed);
+    if (val_sampler->num_docs() == 0)
+      throw ConfigError::at(src, "data.val_fraction",
+                            "the validation split of " + info.path + " has no documents (" +
+                                std::to_string(info.num_docs) + " in the file); raise it or set log.eval_batches = 0");
+  }
+
+  ExecContext ctx(device);
+  DenseModel model(mc, device, micro_tokens);
+  model.init_random(cfg.train.seed);
+  AdamW optimizer(model, cfg.train.adamw());
+  BatchUploader uploader(device, micro_tokens);
+  const size_t memory = model.memory_bytes() + optimizer.memory_bytes() + uploader.bytes();
+
+  // Everything checked: now the run directory is written.
+  fs::create_directories(run_dir);
+  {
+    const fs::path ini_path = run_dir / "config.ini";
+    std::ofstream ini(ini_path, std::ios::out | std::ios::trunc);
+    ini << config_ini;
+    ini.flush();
+    if (!ini) throw Error::at(ini_path.string(), "", "cannot write the effective configuration");
+  }
+  MetricsWriter metrics(metrics_path.string(), /*truncate=*/true);
+
+  TrainResult result;
+  result.unigram_entropy = data.unigram_entropy();
+  {
+    std::ostringstream os;
+    os << "device           " << device.str() << "\n"
+       << "model            " << model_summary(mc) << "\n"
+       << "parameters       " << mc.num_parameters() << " (" << format_count(static_cast<double>(mc.num_parameters()))
+       << ")\n"
+       << "tokens/step      " << micro_tokens * ga << " (" << B << " sequences x " << T << " tokens x " << ga
+       << " micro-batches)\n"
+       << data.summary() << "train split      " << train_sampler.num_docs() << " documents, "
+       << train_sampler.tokens_per_epoch() << " tokens\n";
+    if (val_sampler)
+      os << "validation split " << val_sampler->num_docs() << " documents, " << val_sampler->tokens_per_epoch()
+         << " tokens (" << cfg.log.eval_batches << " batches per evaluation)\n";
+    os << "schedule         " << schedule_kind_name(schedule.kind) << ", lr " << fmt("%.3g", schedule.lr) << " -> "
+       << fmt("%.3g", schedule.min_lr) << ", warmup " << schedule.warmup_steps << ", " << schedule.total_steps
+       << " steps (" << format_count(static_cast<double>(schedule.total_steps * micro_tokens * ga)) << " tokens)\n"
+       << "memory           " << megabytes(memory) << " (model " << megabytes(model.memory_bytes()) << ", optimizer "
+       << megabytes(optimizer.memory_bytes()) << ")\n"
+       << "run dir          " << run_dir.string() << "\n";
+    out << "hydistill train\n";
+    std::istringstream lines(os.str());
+    for (std::string line; std::getline(lines, line);) out << "  " << line << "\n";
+    out.flush();
+  }
+
+  auto run_eval = [&](int64_t step) {
+    if (!evaluate) return;
+    double loss_sum = 0;
+    int64_t targets = 0;
+    for (int64_t i = 0; i < cfg.log.eval_batches; ++i) {
+      const HostBatch hb = val_sampler->batch(i);
+      if (hb.num_targets == 0) continue;
+      const double l = model.forward_loss(ctx, uploader.upload(ctx, hb));
+      loss_sum += l * static_cast<double>(hb.num_targets);
+      targets += hb.num_targets;
+    }
+    const double val_loss = targets > 0 ? loss_sum / static_cast<double>(targets) : NAN;
+    result.final_val_loss = val_loss;
+    out << "eval step " << step << " | val_loss " << fmt("%.4f", val_loss) << " | ppl "
+        << fmt("%.2f", std::exp(val_loss)) << " | unigram entropy " << fmt("%.4f", result.unigram_entropy) << std::endl;
+    metrics.write({{"step", step}, {"val_loss", val_loss}, {"val_tokens", targets}});
+  };
+
+  const int64_t steps = cfg.train.steps;
+  const auto t_start = Clock::now();
+  auto t_interval = t_start;
+  double interval_loss = 0, eval_seconds = 0;
+  int64_t interval_steps = 0, interval_tokens = 0, tokens = 0, bad_in_row = 0, skipped = 0;
+  double last_norm = 0;
+  for (int64_t step = 0; step < steps; ++step) {
+    const double lr = schedule.at(step);
+    model.zero_grad();
+    double loss_sum = 0;
+    for (int64_t micro = 0; micro < ga; ++micro) {
+      const HostBatch hb = train_sampler.batch(step * ga + micro);
+      loss_sum += model.forward_backward(ctx, uploader.upload(ctx, hb), 1.0f / static_cast<float>(ga));
+      interval_tokens += static_cast<int64_t>(hb.tokens.size());
+      tokens += static_cast<int64_t>(hb.tokens.size());
+    }
+    const double loss = loss_sum / static_cast<double>(ga);
+    // A non-finite loss or gradient skips the update; too many in a row end the run.
+    bool good = std::isfinite(loss);
+    if (good) {
+      last_norm = optimizer.step(ctx, lr);
+      good = std::isfinite(last_norm);
+    }
+    if (good) {
+      bad_in_row = 0;
+      interval_loss += loss;
+      ++interval_steps;
+    } else {
+      ++skipped;
+      if (++bad_in_row >= cfg.train.max_bad_steps)
+        HYD_THROW("training diverged: ", bad_in_row,
+                  " consecutive steps with a non-finite loss or gradient (last: step ", step + 1, ", loss ", loss,
+                  ", lr ", lr, "); lower train.lr or raise train.warmup_steps");
+    }
+
+    const bool last = step + 1 == steps;
+    if ((step + 1) % cfg.log.interval == 0 || last) {
+      ctx.synchronize();
+      const double interval_s = seconds_since(t_interval);
+      StepMetrics sm;
+      sm.step = step + 1;
+      sm.total_steps = steps;
+      sm.loss = interval_steps > 0 ? interval_loss / static_cast<double>(interval_steps) : NAN;
+      sm.lr = lr;
+      sm.grad_norm = last_norm;
+      sm.tokens_per_s = interval_s > 0 ? static_cast<double>(interval_tokens) / interval_s : 0;
+      sm.tokens = tokens;
+      sm.elapsed_s = seconds_since(t_start);
+      sm.memory_bytes = memory;
+      sm.skipped_steps = skipped;
+      // ETA from the training time only: evaluations are few and short.
+      sm.eta_s = estimate_eta(sm.elapsed_s - eval_seconds, step + 1, steps);
+      out << sm.line() << std::endl;
+      metrics.write(sm.json());
+      result.final_train_loss = sm.loss;
+      interval_loss = 0;
+      interval_steps = 0;
+      interval_tokens = 0;
+      t_interval = Clock::now();
+    }
+    if ((cfg.log.eval_interval > 0 && (step + 1) % cfg.log.eval_interval == 0) || last) {
+      const auto t_eval = Clock::now();
+      run_eval(step + 1);
+      eval_seconds += seconds_since(t_eval);
+      t_interval += Clock::now() - t_eval;  // keep evaluation out of the throughput
+    }
+  }
+  result.steps = steps;
+  result.tokens = tokens;
+  result.elapsed_s = seconds_since(t_start);
+  out << "done: " << steps << " steps, " << format_count(static_cast<double>(tokens)) << " tokens in "
+      << format_duration(result.elapsed_s) << " | train loss " << fmt("%.4f", result.final_train_loss);
+  if (result.final_val_loss >= 0) out << " | val_loss " << fmt("%.4f", result.final_val_loss);
+  out << " | unigram entropy " << fmt("%.4f", result.unigram_entropy) << std::endl;
+  return result;
+}
+
+}  // namespace hyd

@@ -1,0 +1,108 @@
+// Plain next-token language-model training (`hydistill train`): a DenseModel on one device, AdamW,
+// an LR schedule, packed batches from an HDF5 token dataset, periodic held-out evaluation.
+//
+// Order of work, so that a bad configuration writes nothing: check the run directory (an existing
+// metrics.jsonl without run.overwrite is an error naming it), open and validate the dataset, resolve
+// and check the model configuration against it, build the model; only then create the run directory
+// and write RUN_DIR/config.ini and RUN_DIR/metrics.jsonl.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <string>
+
+#include "trainer/core/error.h"
+#include "trainer/model_config.h"
+#include "trainer/optimizer.h"
+#include "trainer/schedule.h"
+
+namespace hyd {
+
+// A bad configuration value or a configuration that does not fit the data: `hydistill` exits with 2.
+// what() reads "SOURCE: 'KEY': MESSAGE" (Error::at); key() and message() keep the parts, so that a
+// caller who knows better where a value came from (command line or file) can restate it.
+class ConfigError : public Error {
+ public:
+  explicit ConfigError(const std::string& what) : Error(what), message_(what) {}
+  static ConfigError at(const std::string& source, const std::string& key, const std::string& message) {
+    ConfigError e(Error::at(source, key, message).what());
+    e.key_ = key;
+    e.message_ = message;
+    return e;
+  }
+  const std::string& key() const { return key_; }  // empty when not about one key
+  const std::string& message() const { return message_; }
+
+ private:
+  std::string key_;
+  std::string message_;
+};
+
+struct RunOptions {
+  std::string dir;         // run.dir (required)
+  bool overwrite = false;  // run.overwrite: allow a run dir that already holds metrics.jsonl
+};
+
+struct DataOptions {
+  std::string path;            // data.path (required): HDF5 token dataset
+  double val_fraction = 0.01;  // documents held out for validation
+  int64_t seq_len = 256;
+  int64_t batch_size = 8;  // sequences per micro-batch
+  uint64_t seed = 1234;    // document split and shuffling
+};
+
+struct TrainOptions {
+  int64_t steps = 1000;
+  int64_t grad_accum = 1;
+  double lr = 3e-4;
+  double min_lr = 3e-5;
+  int64_t warmup_steps = 100;
+  std::string schedule = "cosine";  // cosine | wsd | constant
+  double wsd_decay_fraction = 0.2;
+  double weight_decay = 0.1;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double grad_clip = 1.0;
+  uint64_t seed = 42;         // parameter initialisation
+  int64_t max_bad_steps = 5;  // consecutive non-finite steps that stop the run
+
+  LrSchedule lr_schedule() const;
+  AdamWConfig adamw() const;
+};
+
+struct LogOptions {
+  int64_t interval = 10;        // steps per progress line / metrics record
+  int64_t eval_interval = 100;  // steps between held-out evaluations; 0 = only at the end
+  int64_t eval_batches = 8;     // validation micro-batches per evaluation; 0 = no evaluation
+};
+
+struct TrainConfig {
+  std::string source = "command line";  // where the options came from (the config file), for errors
+  std::string device = "cpu";           // cpu | cuda | cuda:N
+  RunOptions run;
+  ModelConfig model;  // vocab_size 0 = the dataset's
+  DataOptions data;
+  TrainOptions train;
+  LogOptions log;
+};
+
+struct TrainResult {
+  int64_t steps = 0;
+  int64_t tokens = 0;
+  double final_train_loss = 0;  // mean over the last log interval
+  double final_val_loss = -1;   // -1 when no evaluation ran
+  double unigram_entropy = 0;   // of the dataset, nats per token
+  double elapsed_s = 0;
+};
+
+// Checks every option that can be checked without the dataset (ranges, choices, the model's fields
+// with a placeholder vocabulary); throws ConfigError naming cfg.source and the key.
+void validate_train_config(const TrainConfig& cfg);
+
+// Runs the training described by cfg. config_ini: the effective configuration, written verbatim to
+// RUN_DIR/config.ini. Progress goes to `out`. Throws ConfigError for configuration problems and
+// hyd::Error for everything else (unreadable data, device failures, diverged training).
+TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, std::ostream& out);
+
+}  // namespace hyd
