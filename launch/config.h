@@ -1,4 +1,4 @@
-// Options of `hydistill train`: Boost.Program_options over an INI config file and the command line.
+// Options of `hydistill train`: an INI config file and the command line (launch/options.h).
 //
 // Sections are option-name prefixes: `lr = 2e-3` under `[train]` is the option `train.lr`; keys before
 // the first section are top-level options (`device`). Every option is also accepted on the command
