@@ -72,14 +72,6 @@ T load_le(const char* p) {
   return v;
 }
 
-std::string shape_to_string(const std::vector<int64_t>& shape) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
-  os << "]";
-  return os.str();
-}
-
 // numel with overflow detection; returns false on overflow.
 bool checked_numel(const std::vector<int64_t>& shape, uint64_t* out) {
   uint64_t n = 1;
@@ -127,6 +119,14 @@ bool parse_safetensors_dtype(const std::string& name, SafetensorsDType* out) {
     }
   }
   return false;
+}
+
+std::string shape_to_string(const std::vector<int64_t>& shape) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  os << "]";
+  return os.str();
 }
 
 int64_t SafetensorsTensorInfo::numel() const {

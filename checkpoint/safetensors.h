@@ -28,6 +28,8 @@ const char* safetensors_dtype_name(SafetensorsDType t);  // "F32", ...
 size_t safetensors_dtype_size(SafetensorsDType t);
 // Returns false for a name that is not one of the dtypes above.
 bool parse_safetensors_dtype(const std::string& name, SafetensorsDType* out);
+// A shape as the safetensors errors write it: "[4, 128]" ("[]" for a scalar).
+std::string shape_to_string(const std::vector<int64_t>& shape);
 
 struct SafetensorsTensorInfo {
   std::string name;

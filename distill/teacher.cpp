@@ -17,14 +17,6 @@ namespace fs = std::filesystem;
 
 std::string layer_prefix(int64_t l) { return "model.layers." + std::to_string(l) + "."; }
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::ostringstream os;
-  os << "[";
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << "]";
-  return os.str();
-}
-
 // Tensors HF checkpoints may carry that the model does not use and that are safe to ignore.
 bool harmless_extra(const std::string& name, const ModelConfig& cfg) {
   const std::string inv = "rotary_emb.inv_freq";
@@ -88,15 +80,15 @@ OpenTeacher open_teacher(const std::string& dir) {
   for (const auto& spec : hf_dense_tensors(cfg)) {
     expected.insert(spec.name);
     if (!ck.contains(spec.name)) {
-      throw Error::at(
-          ck.source(), spec.name,
-          "missing tensor (config.json of model_type " + cfg.family + " needs shape " + shape_str(spec.shape) + ")");
+      throw Error::at(ck.source(), spec.name,
+                      "missing tensor (config.json of model_type " + cfg.family + " needs shape " +
+                          shape_to_string(spec.shape) + ")");
     }
     const auto& ti = ck.info(spec.name);
     if (ti.shape != spec.shape) {
       throw Error::at(
           ck.file_of(spec.name), spec.name,
-          "shape " + ti.shape_str() + " does not match " + shape_str(spec.shape) + " implied by config.json");
+          "shape " + ti.shape_str() + " does not match " + shape_to_string(spec.shape) + " implied by config.json");
     }
     if (ti.dtype != SafetensorsDType::F32 && ti.dtype != SafetensorsDType::BF16 && ti.dtype != SafetensorsDType::F16 &&
         ti.dtype != SafetensorsDType::F64) {
@@ -119,7 +111,7 @@ OpenTeacher open_teacher(const std::string& dir) {
       const std::vector<int64_t> want{cfg.vocab_size, cfg.hidden_size};
       if (ck.info(name).shape != want) {
         throw Error::at(ck.file_of(name), name,
-                        "shape " + ck.info(name).shape_str() + " does not match " + shape_str(want));
+                        "shape " + ck.info(name).shape_str() + " does not match " + shape_to_string(want));
       }
     }
     ignored.push_back(name);
@@ -276,8 +268,8 @@ void load_teacher_weights(const std::string& dir, DenseModel& model) {
     shape[0] = rows;
     if (shape != p.shape || static_cast<int64_t>(buf.size()) != p.numel) {
       throw Error::at(t.ckpt.file_of(src.hf_names.front()), src.hf_names.front(),
-                      "assembles parameter '" + src.param + "' of shape " + shape_str(shape) + " but the model's is " +
-                          shape_str(p.shape));
+                      "assembles parameter '" + src.param + "' of shape " + shape_to_string(shape) +
+                          " but the model's is " + shape_to_string(p.shape));
     }
     model.set_param(src.param, buf.data(), static_cast<int64_t>(buf.size()));
     filled.insert(src.param);

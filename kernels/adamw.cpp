@@ -2,7 +2,7 @@
 // parameter keeps its own shape; only the element counts must agree).
 #include "kernels/adamw.h"
 
-#include <string>
+#include "kernels/dispatch.h"
 
 namespace hyd::kernels {
 
@@ -51,16 +51,14 @@ void adamw_update(const ExecContext& ctx, const Tensor& master, const Tensor& gr
   }
 #ifdef HYD_WITH_CUDA
   if (master.device.is_cuda()) {
-    if (!(ctx.device() == master.device))
-      throw Error(std::string(op) + ": tensors on " + master.device.str() + " but the context is on " +
-                  ctx.device().str());
+    check_context(ctx, master, op);
     if (!working.empty()) expect_dtype(working, DType::bf16, op, "working");
     cuda::adamw_update(master.ptr<float>(), grad.ptr<float>(), m.ptr<float>(), v.ptr<float>(),
                        working.empty() ? nullptr : working.ptr<bf16>(), n, s, ctx.stream());
     return;
   }
 #endif
-  HYD_THROW(op, ": no implementation for device ", master.device.str());
+  unsupported(op, master);
 }
 
 }  // namespace hyd::kernels

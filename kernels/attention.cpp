@@ -4,23 +4,13 @@
 // them on the host before upload).
 #include "kernels/attention.h"
 
-#include <string>
+#include "kernels/dispatch.h"
 
 namespace hyd::kernels {
 
 namespace {
 
 [[maybe_unused]] constexpr int64_t kCudaMaxHeadDim = 256;
-
-[[maybe_unused]] void expect_context(const ExecContext& ctx, const Tensor& t, const char* op) {
-  if (!(ctx.device() == t.device))
-    throw Error(std::string(op) + ": tensors on " + t.device.str() + " but the context is on " + ctx.device().str());
-}
-
-[[noreturn]] void unsupported_device(const Tensor& t, const char* op) {
-  HYD_THROW(op, ": no implementation for device ", t.device.str(),
-            t.device.is_cuda() ? " (this build has no CUDA support; configure with -DHYD_CUDA=ON)" : "");
-}
 
 struct AttentionDims {
   int64_t n, hq, hkv, d, num_docs;
@@ -68,14 +58,14 @@ void attention_forward(const ExecContext& ctx, const Tensor& q, const Tensor& k,
   }
 #ifdef HYD_WITH_CUDA
   if (q.device.is_cuda()) {
-    expect_context(ctx, q, op);
+    check_context(ctx, q, op);
     if (s.d > kCudaMaxHeadDim) HYD_THROW(op, ": argument 'q' has head dim ", s.d, ", the CUDA kernel supports <= 256");
     cuda::attention_forward(q.ptr<bf16>(), k.ptr<bf16>(), v.ptr<bf16>(), cu_seqlens.ptr<int32_t>(), s.num_docs,
                             o.ptr<bf16>(), lse.ptr<float>(), s.n, s.hq, s.hkv, s.d, scale, ctx.stream());
     return;
   }
 #endif
-  unsupported_device(q, op);
+  unsupported(op, q);
 }
 
 void attention_backward(const ExecContext& ctx, const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
@@ -105,7 +95,7 @@ void attention_backward(const ExecContext& ctx, const Tensor& dout, const Tensor
   }
 #ifdef HYD_WITH_CUDA
   if (q.device.is_cuda()) {
-    expect_context(ctx, q, op);
+    check_context(ctx, q, op);
     if (s.d > kCudaMaxHeadDim) HYD_THROW(op, ": argument 'q' has head dim ", s.d, ", the CUDA kernel supports <= 256");
     cuda::attention_backward(dout.ptr<bf16>(), q.ptr<bf16>(), k.ptr<bf16>(), v.ptr<bf16>(), o.ptr<bf16>(),
                              lse.ptr<float>(), cu_seqlens.ptr<int32_t>(), s.num_docs, dq.ptr<bf16>(), dk.ptr<bf16>(),
@@ -113,7 +103,7 @@ void attention_backward(const ExecContext& ctx, const Tensor& dout, const Tensor
     return;
   }
 #endif
-  unsupported_device(q, op);
+  unsupported(op, q);
 }
 
 }  // namespace hyd::kernels

@@ -3,7 +3,7 @@
 // which the trainer's non-finite-loss check catches.
 #include "kernels/cross_entropy.h"
 
-#include <string>
+#include "kernels/dispatch.h"
 
 namespace hyd::kernels {
 
@@ -26,16 +26,14 @@ void cross_entropy(const ExecContext& ctx, const Tensor& logits, const Tensor& t
   }
 #ifdef HYD_WITH_CUDA
   if (logits.device.is_cuda()) {
-    if (!(ctx.device() == logits.device))
-      throw Error(std::string(op) + ": tensors on " + logits.device.str() + " but the context is on " +
-                  ctx.device().str());
+    check_context(ctx, logits, op);
     expect_dtype(logits, DType::bf16, op, "logits");
     cuda::cross_entropy(logits.ptr<bf16>(), targets.ptr<int32_t>(), losses.ptr<float>(), n, vocab, write_grad,
                         grad_scale, ctx.stream());
     return;
   }
 #endif
-  HYD_THROW(op, ": no implementation for device ", logits.device.str());
+  unsupported(op, logits);
 }
 
 }  // namespace hyd::kernels

@@ -5,19 +5,11 @@
 
 #include <cstring>
 
+#include "kernels/dispatch.h"
+
 namespace hyd::kernels {
 
 namespace {
-
-void check_context(const ExecContext& ctx, const Tensor& t, const char* op) {
-  if (t.device.is_cuda() && !(ctx.device() == t.device))
-    HYD_THROW(op, ": tensors on ", t.device.str(), " but the context is on ", ctx.device().str());
-}
-
-[[noreturn]] void unsupported(const char* op, const Tensor& t) {
-  HYD_THROW(op, ": no implementation for ", dtype_name(t.dtype), " tensors on ", t.device.str(),
-            t.device.is_cuda() ? " (this build has no CUDA support)" : "");
-}
 
 void expect_float_dtype(const Tensor& t, const char* op, const char* arg) {
   if (t.dtype != DType::f32 && t.dtype != DType::bf16)

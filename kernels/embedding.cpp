@@ -2,21 +2,9 @@
 // CPU reference (f32) or the CUDA kernels (bf16 activations, f32 dtable).
 #include "kernels/embedding.h"
 
+#include "kernels/dispatch.h"
+
 namespace hyd::kernels {
-
-namespace {
-
-void check_context(const ExecContext& ctx, const Tensor& t, const char* op) {
-  if (t.device.is_cuda() && !(ctx.device() == t.device))
-    HYD_THROW(op, ": tensors on ", t.device.str(), " but the context is on ", ctx.device().str());
-}
-
-[[noreturn]] void unsupported(const char* op, const Tensor& t) {
-  HYD_THROW(op, ": no implementation for ", dtype_name(t.dtype), " tensors on ", t.device.str(),
-            t.device.is_cuda() ? " (this build has no CUDA support)" : "");
-}
-
-}  // namespace
 
 void embedding_forward(const ExecContext& ctx, const Tensor& ids, const Tensor& table, const Tensor& out) {
   constexpr const char* op = "embedding_forward";

@@ -1,7 +1,7 @@
 // Dispatcher for the global gradient norm and the clipping factor (see kernels/global_norm.h).
 #include "kernels/global_norm.h"
 
-#include <string>
+#include "kernels/dispatch.h"
 
 namespace hyd::kernels {
 
@@ -17,14 +17,12 @@ void sum_squares_accumulate(const ExecContext& ctx, const Tensor& grad, const Te
   }
 #ifdef HYD_WITH_CUDA
   if (grad.device.is_cuda()) {
-    if (!(ctx.device() == grad.device))
-      throw Error(std::string(op) + ": tensors on " + grad.device.str() + " but the context is on " +
-                  ctx.device().str());
+    check_context(ctx, grad, op);
     cuda::sum_squares_accumulate(grad.ptr<float>(), grad.numel(), out.ptr<float>(), ctx.stream());
     return;
   }
 #endif
-  HYD_THROW(op, ": no implementation for device ", grad.device.str());
+  unsupported(op, grad);
 }
 
 float clip_scale(double norm, double max_norm) {

@@ -2,22 +2,11 @@
 // (OpenBLAS) or CUDA (cuBLAS) implementation chosen by the tensors' device.
 #include "kernels/matmul.h"
 
-#include <string>
+#include "kernels/dispatch.h"
 
 namespace hyd::kernels {
 
 namespace {
-
-// A CUDA op runs on the context's stream: the context must belong to the tensors' device.
-[[maybe_unused]] void expect_context(const ExecContext& ctx, const Tensor& t, const char* op) {
-  if (!(ctx.device() == t.device))
-    throw Error(std::string(op) + ": tensors on " + t.device.str() + " but the context is on " + ctx.device().str());
-}
-
-[[noreturn]] void unsupported_device(const Tensor& t, const char* op) {
-  HYD_THROW(op, ": no implementation for device ", t.device.str(),
-            t.device.is_cuda() ? " (this build has no CUDA support; configure with -DHYD_CUDA=ON)" : "");
-}
 
 void expect_rank(const Tensor& t, int min_rank, const char* op, const char* arg) {
   if (t.ndim < min_rank)
@@ -64,7 +53,7 @@ void gemm(const ExecContext& ctx, bool trans_a, bool trans_b, float alpha, const
   }
 #ifdef HYD_WITH_CUDA
   if (a.device.is_cuda()) {
-    expect_context(ctx, a, op);
+    check_context(ctx, a, op);
     expect_dtype(a, DType::bf16, op, "a");
     expect_dtype(b, DType::bf16, op, "b");
     if (c.dtype != DType::f32 && c.dtype != DType::bf16)
@@ -74,7 +63,7 @@ void gemm(const ExecContext& ctx, bool trans_a, bool trans_b, float alpha, const
     return;
   }
 #endif
-  unsupported_device(a, op);
+  unsupported(op, a);
 }
 
 void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y) {
@@ -100,7 +89,7 @@ void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, co
   }
 #ifdef HYD_WITH_CUDA
   if (x.device.is_cuda()) {
-    expect_context(ctx, x, op);
+    check_context(ctx, x, op);
     expect_dtype(x, DType::bf16, op, "x");
     expect_dtype(w, DType::bf16, op, "w");
     expect_dtype(y, DType::bf16, op, "y");
@@ -110,7 +99,7 @@ void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, co
     return;
   }
 #endif
-  unsupported_device(x, op);
+  unsupported(op, x);
 }
 
 // dx = dy w (or dx += dy w), dw += dy^T x, dbias += column sums of dy. dx, dw and dbias may each be
@@ -153,7 +142,7 @@ void linear_backward(const ExecContext& ctx, const Tensor& dy, const Tensor& x, 
   }
 #ifdef HYD_WITH_CUDA
   if (x.device.is_cuda()) {
-    expect_context(ctx, x, op);
+    check_context(ctx, x, op);
     expect_dtype(dy, DType::bf16, op, "dy");
     expect_dtype(x, DType::bf16, op, "x");
     expect_dtype(w, DType::bf16, op, "w");
@@ -169,7 +158,7 @@ void linear_backward(const ExecContext& ctx, const Tensor& dy, const Tensor& x, 
     return;
   }
 #endif
-  unsupported_device(x, op);
+  unsupported(op, x);
 }
 
 }  // namespace hyd::kernels

@@ -2,19 +2,11 @@
 // (rope_inv_freq, rope_build_tables) lives with the CPU reference in kernels/cpu/rope.cpp.
 #include "kernels/rope.h"
 
+#include "kernels/dispatch.h"
+
 namespace hyd::kernels {
 
 namespace {
-
-void check_context(const ExecContext& ctx, const Tensor& t, const char* op) {
-  if (t.device.is_cuda() && !(ctx.device() == t.device))
-    HYD_THROW(op, ": tensors on ", t.device.str(), " but the context is on ", ctx.device().str());
-}
-
-[[noreturn]] void unsupported(const char* op, const Tensor& t) {
-  HYD_THROW(op, ": no implementation for ", dtype_name(t.dtype), " tensors on ", t.device.str(),
-            t.device.is_cuda() ? " (this build has no CUDA support)" : "");
-}
 
 // x [N, H, d] rotated in place by +angle (sign 1) or -angle (sign -1).
 void rope_dispatch(const ExecContext& ctx, const Tensor& x, const Tensor& positions, const Tensor& cos,

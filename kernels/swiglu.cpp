@@ -1,19 +1,11 @@
 // Tensor-level dispatch for SwiGLU (see kernels/swiglu.h): CPU f32 reference or CUDA bf16 kernels.
 #include "kernels/swiglu.h"
 
+#include "kernels/dispatch.h"
+
 namespace hyd::kernels {
 
 namespace {
-
-void check_context(const ExecContext& ctx, const Tensor& t, const char* op) {
-  if (t.device.is_cuda() && !(ctx.device() == t.device))
-    HYD_THROW(op, ": tensors on ", t.device.str(), " but the context is on ", ctx.device().str());
-}
-
-[[noreturn]] void unsupported(const char* op, const Tensor& t) {
-  HYD_THROW(op, ": no implementation for ", dtype_name(t.dtype), " tensors on ", t.device.str(),
-            t.device.is_cuda() ? " (this build has no CUDA support)" : "");
-}
 
 // in [N, 2F]: returns F, or throws naming the argument when the last dimension is odd.
 int64_t half_width(const Tensor& in, const char* op, const char* arg) {

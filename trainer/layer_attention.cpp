@@ -83,13 +83,7 @@ void AttentionLayer::backward(const ExecContext& ctx, const PackedSequence& seq,
                            rows(wqkv.grad, qd + kd, qd + 2 * kd), rows(bqkv.grad, qd + kd, qd + 2 * kd));
 
   // Residual: din = dout + RMSNorm'(x)^T da.
-  if (din.data == dout.data) {
-    kernels::rmsnorm_backward(ctx, t.da, s.x, norm.value, s.rstd, t.dx, norm.grad);
-    kernels::add_inplace(ctx, din, t.dx);
-  } else {
-    kernels::rmsnorm_backward(ctx, t.da, s.x, norm.value, s.rstd, din, norm.grad);
-    kernels::add_inplace(ctx, din, dout);
-  }
+  prenorm_residual_backward(ctx, t.da, s.x, norm, s.rstd, dout, din, t.dx);
 }
 
 }  // namespace hyd

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <initializer_list>
 
+#include "trainer/core/exec_context.h"
 #include "trainer/core/tensor.h"
 
 namespace hyd {
@@ -26,6 +27,13 @@ struct PackedSequence {
   Tensor rope_cos;    // f32 [max_pos, head_dim / 2]
   Tensor rope_sin;    // f32 [max_pos, head_dim / 2]
 };
+
+// Backward through the input side of a pre-norm residual block, out = in + f(RMSNorm(in)), given
+// dnormed = dL/dRMSNorm(in):  din = dout + RMSNorm'(in)^T dnormed, and norm.grad accumulates.
+// din may be the same tensor as dout; `dx` (shaped like din) is then scratch for the norm's input
+// gradient before it is added.
+void prenorm_residual_backward(const ExecContext& ctx, const Tensor& dnormed, const Tensor& in, const WeightRef& norm,
+                               const Tensor& rstd, const Tensor& dout, const Tensor& din, const Tensor& dx);
 
 // Stands in for an Arena in the layers' alloc_* templates: counts bytes with Arena's rounding
 // (every allocation padded to 256 bytes) and hands out tensors without memory.

@@ -49,6 +49,15 @@ __device__ __forceinline__ float block_max(float v, float* shared) {
   return warp_max(v);
 }
 
+// VEC consecutive elements moved as one aligned access (16 bytes: 8 bf16 or 4 f32); a pointer cast
+// to a Pack must be aligned to sizeof(Pack).
+template <class T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+template <int VEC>
+using Bf16Pack = Pack<__nv_bfloat16, VEC>;
+
 inline unsigned grid_for(int64_t n, int threads) {
   int64_t g = (n + threads - 1) / threads;
   return static_cast<unsigned>(g < 1 ? 1 : (g > 65535LL * 32 ? 65535LL * 32 : g));

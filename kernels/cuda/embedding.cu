@@ -16,10 +16,6 @@ namespace {
 
 using namespace cuda_detail;
 
-struct alignas(16) Bf16x8 {
-  __nv_bfloat16 v[8];
-};
-
 template <int VEC>
 __global__ void embedding_forward_kernel(const int32_t* __restrict__ ids, const __nv_bfloat16* __restrict__ table,
                                          __nv_bfloat16* __restrict__ out, int64_t n, int64_t dim) {
@@ -32,8 +28,8 @@ __global__ void embedding_forward_kernel(const int32_t* __restrict__ ids, const 
     }
     const __nv_bfloat16* src = table + static_cast<int64_t>(id) * dim;
     if constexpr (VEC == 8) {
-      const Bf16x8* s8 = reinterpret_cast<const Bf16x8*>(src);
-      Bf16x8* d8 = reinterpret_cast<Bf16x8*>(dst);
+      const Bf16Pack<8>* s8 = reinterpret_cast<const Bf16Pack<8>*>(src);
+      Bf16Pack<8>* d8 = reinterpret_cast<Bf16Pack<8>*>(dst);
       for (int64_t j = threadIdx.x; j < dim / 8; j += blockDim.x) d8[j] = s8[j];
     } else {
       for (int64_t j = threadIdx.x; j < dim; j += blockDim.x) dst[j] = src[j];

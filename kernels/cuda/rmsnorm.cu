@@ -18,11 +18,6 @@ namespace {
 using namespace cuda_detail;
 
 template <int VEC>
-struct alignas(2 * VEC) Bf16Pack {
-  __nv_bfloat16 v[VEC];
-};
-
-template <int VEC>
 __device__ __forceinline__ Bf16Pack<VEC> load(const __nv_bfloat16* p) {
   return *reinterpret_cast<const Bf16Pack<VEC>*>(p);
 }

@@ -13,11 +13,6 @@ namespace {
 
 using namespace cuda_detail;
 
-template <class T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
 template <int VEC>
 __global__ void rope_kernel(__nv_bfloat16* x, const int32_t* __restrict__ positions, const float* __restrict__ cos,
                             const float* __restrict__ sin, int64_t n, int64_t heads, int64_t half, float sign) {

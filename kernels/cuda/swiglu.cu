@@ -12,11 +12,6 @@ namespace {
 
 using namespace cuda_detail;
 
-template <int VEC>
-struct alignas(2 * VEC) Bf16Pack {
-  __nv_bfloat16 v[VEC];
-};
-
 __device__ __forceinline__ float sigmoidf(float a) { return 1.f / (1.f + __expf(-a)); }
 
 template <int VEC>

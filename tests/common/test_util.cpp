@@ -5,6 +5,10 @@
 #include <cstring>
 #include <limits>
 
+#ifdef HYD_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 namespace hyd::test {
 
 std::mt19937_64& rng() {
@@ -127,6 +131,64 @@ std::vector<float> DeviceBuffers::download(const Tensor& t) {
     }
   }
   return out;
+}
+
+std::vector<float> to_f32(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
+std::vector<double> to_f64(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
+
+Tensor cpu_f32(std::vector<float>& v, std::initializer_list<int64_t> dims) {
+  return Tensor(v.data(), DType::f32, Device::cpu(), dims);
+}
+Tensor cpu_f32(std::vector<float>& v) { return Tensor(v.data(), DType::f32, Device::cpu(), {int64_t(v.size())}); }
+Tensor cpu_bf16(std::vector<bf16>& v, std::initializer_list<int64_t> dims) {
+  return Tensor(v.data(), DType::bf16, Device::cpu(), dims);
+}
+Tensor cpu_i32(std::vector<int32_t>& v, std::initializer_list<int64_t> dims) {
+  return Tensor(v.data(), DType::i32, Device::cpu(), dims);
+}
+
+std::vector<double> central_differences(std::vector<double>& param, double h, const std::function<double()>& loss) {
+  std::vector<double> g(param.size());
+  for (size_t i = 0; i < param.size(); ++i) {
+    const double keep = param[i];
+    param[i] = keep + h;
+    const double lp = loss();
+    param[i] = keep - h;
+    const double lm = loss();
+    param[i] = keep;
+    g[i] = (lp - lm) / (2 * h);
+  }
+  return g;
+}
+
+void expect_error(const std::function<void()>& f, const std::vector<std::string>& needles) {
+  try {
+    f();
+    std::string expected;
+    for (const auto& n : needles) expected += (expected.empty() ? "'" : ", '") + n + "'";
+    ADD_FAILURE() << "no hyd::Error thrown; expected one containing " << expected;
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    if (std::getenv("HYD_SHOW_ERRORS")) std::printf("error: %s\n", msg.c_str());
+    for (const auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "'" << n << "' not in: " << msg;
+  }
+}
+
+void device_sync() {
+#ifdef HYD_WITH_CUDA
+  CHECK_CUDA(cudaDeviceSynchronize());
+#endif
+}
+
+TempDir::TempDir(const std::string& prefix) {
+  std::random_device rd;
+  path_ = std::filesystem::temp_directory_path() / (prefix + std::to_string(rd()) + std::to_string(rd()));
+  std::filesystem::create_directories(path_);
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
 }
 
 }  // namespace hyd::test

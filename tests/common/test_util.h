@@ -1,10 +1,14 @@
-// Helpers for op tests: random inputs, device round trips with dtype conversion, error norms.
+// Helpers for op tests: random inputs, device round trips with dtype conversion, error norms, CPU
+// tensor views over host vectors, finite differences, expected errors, temporary folders.
 #pragma once
 
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
+#include <functional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "trainer/core/arena.h"
@@ -52,5 +56,53 @@ class DeviceBuffers {
 
 // True when every value is finite (catches poisoned, unwritten outputs).
 bool all_finite(const std::vector<float>& v);
+
+// Element-wise conversions between the f32 vectors the dispatchers see and the f64 references.
+std::vector<float> to_f32(const std::vector<double>& v);
+std::vector<double> to_f64(const std::vector<float>& v);
+
+// CPU tensor views of host vectors (no copy: the vector must outlive the view).
+Tensor cpu_f32(std::vector<float>& v, std::initializer_list<int64_t> dims);
+Tensor cpu_f32(std::vector<float>& v);  // 1-D over the whole vector
+Tensor cpu_bf16(std::vector<bf16>& v, std::initializer_list<int64_t> dims);
+Tensor cpu_i32(std::vector<int32_t>& v, std::initializer_list<int64_t> dims);
+
+// Central differences of `loss` (which reads `param`) with respect to every entry of `param`:
+//   g[i] = (loss(param[i] + h) - loss(param[i] - h)) / 2h,
+// each entry restored to its value before the next one is perturbed.
+std::vector<double> central_differences(std::vector<double>& param, double h, const std::function<double()>& loss);
+
+// `f` must throw a hyd::Error whose message contains every one of `needles` (a test failure otherwise;
+// other exceptions propagate). HYD_SHOW_ERRORS=1 prints each message, to review the wording.
+void expect_error(const std::function<void()>& f, const std::vector<std::string>& needles);
+// The message names the offending argument (or value).
+inline void expect_error_mentioning(const std::function<void()>& f, const std::string& needle) {
+  expect_error(f, {needle});
+}
+// The message names the op and the offending argument.
+inline void expect_error_naming(const std::function<void()>& f, const std::string& op, const std::string& arg) {
+  expect_error(f, {op, arg});
+}
+
+// DeviceBuffers and copy_tensor use cudaMemcpy on the legacy default stream, which does not order
+// with an ExecContext's non-blocking stream: tests synchronise the whole device around the op under
+// test. A no-op in builds without CUDA.
+void device_sync();
+
+// A fresh folder under the system temp dir (name: prefix + random digits), removed with its contents
+// at the end of the scope.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& prefix);
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::string str() const { return path_.string(); }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
 
 }  // namespace hyd::test

@@ -19,6 +19,7 @@
 #include "checkpoint/safetensors.h"
 #include "distill/teacher.h"
 #include "tests/common/test_util.h"
+#include "tests/common/tiny_model.h"
 #include "trainer/core/exec_context.h"
 #include "trainer/model.h"
 
@@ -59,32 +60,11 @@ Golden read_golden(const std::string& path) {
 }
 
 // The sequences packed as documents of one batch; target = next token of the same document.
-struct HostBatch {
-  std::vector<int32_t> tokens, targets, positions, cu_seqlens;
-  Batch batch;
-};
-
-HostBatch pack(const Golden& g) {
-  HostBatch h;
-  h.cu_seqlens.push_back(0);
-  for (int64_t s = 0; s < g.num_seqs; ++s) {
-    for (int64_t t = 0; t < g.seq_len; ++t) {
-      h.tokens.push_back(static_cast<int32_t>(g.input_ids[s * g.seq_len + t]));
-      h.positions.push_back(static_cast<int32_t>(t));
-      h.targets.push_back(t + 1 < g.seq_len ? static_cast<int32_t>(g.input_ids[s * g.seq_len + t + 1]) : -1);
-    }
-    h.cu_seqlens.push_back(static_cast<int32_t>((s + 1) * g.seq_len));
-  }
-  const int64_t n = static_cast<int64_t>(h.tokens.size());
-  Batch& b = h.batch;
-  b.tokens = Tensor(h.tokens.data(), DType::i32, Device::cpu(), {n});
-  b.targets = Tensor(h.targets.data(), DType::i32, Device::cpu(), {n});
-  b.positions = Tensor(h.positions.data(), DType::i32, Device::cpu(), {n});
-  b.cu_seqlens = Tensor(h.cu_seqlens.data(), DType::i32, Device::cpu(), {g.num_seqs + 1});
-  b.num_tokens = n;
-  b.num_docs = g.num_seqs;
-  b.num_targets = g.num_seqs * (g.seq_len - 1);
-  return h;
+test::PackedBatch pack(const Golden& g) {
+  std::vector<std::vector<int32_t>> docs(g.num_seqs);
+  for (int64_t s = 0; s < g.num_seqs; ++s)
+    for (int64_t t = 0; t < g.seq_len; ++t) docs[s].push_back(static_cast<int32_t>(g.input_ids[s * g.seq_len + t]));
+  return test::pack_documents(docs);
 }
 
 class GoldenDense : public ::testing::TestWithParam<const char*> {};
@@ -95,7 +75,7 @@ TEST_P(GoldenDense, LogitsAndLossMatchTransformers) {
   const TeacherInfo info = inspect_teacher(dir);
   ASSERT_EQ(info.config.vocab_size, g.vocab);
 
-  const HostBatch hb = pack(g);
+  const test::PackedBatch hb = pack(g);
   DenseModel model(info.config, Device::cpu(), hb.batch.num_tokens);
   load_teacher_weights(dir, model);
   ExecContext ctx(Device::cpu());
@@ -141,13 +121,9 @@ TEST_P(GoldenDense, CudaBf16NearTransformers) {
   const std::string dir = std::string(HYD_SOURCE_DIR) + "/tests/golden/data/" + GetParam();
   const Golden g = read_golden(dir + "/golden.safetensors");
   const TeacherInfo info = inspect_teacher(dir);
-  HostBatch hb = pack(g);
+  const test::PackedBatch hb = pack(g);
   test::DeviceBuffers buffers(Device::cuda(0), size_t(1) << 20);
-  Batch b = hb.batch;
-  b.tokens = buffers.upload_i32(hb.tokens, {b.num_tokens});
-  b.targets = buffers.upload_i32(hb.targets, {b.num_tokens});
-  b.positions = buffers.upload_i32(hb.positions, {b.num_tokens});
-  b.cu_seqlens = buffers.upload_i32(hb.cu_seqlens, {b.num_docs + 1});
+  const Batch b = test::upload_batch(buffers, hb);
 
   DenseModel model(info.config, Device::cuda(0), b.num_tokens);
   load_teacher_weights(dir, model);

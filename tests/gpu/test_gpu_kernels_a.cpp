@@ -8,10 +8,6 @@
 #include <string>
 #include <vector>
 
-#ifdef HYD_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
-
 #include "kernels/elementwise.h"
 #include "kernels/embedding.h"
 #include "kernels/rmsnorm.h"
@@ -23,7 +19,11 @@ namespace hyd::kernels {
 namespace {
 
 using test::all_finite;
+using test::cpu_f32;
+using test::cpu_i32;
+using test::device_sync;
 using test::DeviceBuffers;
+using test::expect_error_mentioning;
 using test::randint;
 using test::randn;
 using test::rel_err;
@@ -31,21 +31,6 @@ using test::round_bf16;
 
 constexpr double kBf16Tol = 1e-2;
 constexpr double kF32Tol = 1e-3;
-
-// DeviceBuffers copies with cudaMemcpy on the legacy default stream, which does not order with the
-// context's non-blocking stream: synchronise the whole device around every op under test.
-void device_sync() {
-#ifdef HYD_WITH_CUDA
-  CHECK_CUDA(cudaDeviceSynchronize());
-#endif
-}
-
-Tensor host_f32(std::vector<float>& v, std::initializer_list<int64_t> dims) {
-  return Tensor(v.data(), DType::f32, Device::cpu(), dims);
-}
-Tensor host_i32(std::vector<int32_t>& v, std::initializer_list<int64_t> dims) {
-  return Tensor(v.data(), DType::i32, Device::cpu(), dims);
-}
 
 class GpuKernelsA : public ::testing::Test {
  protected:
@@ -77,9 +62,8 @@ TEST_F(GpuKernelsA, EmbeddingForwardAndBackward) {
     std::vector<float> dtable0 = randn(s.vocab * s.dim);  // dtable accumulates
 
     std::vector<float> out_ref(s.n * s.dim), dtable_ref = dtable0;
-    embedding_forward(cpu(), host_i32(ids, {s.n}), host_f32(table, {s.vocab, s.dim}), host_f32(out_ref, {s.n, s.dim}));
-    embedding_backward(cpu(), host_i32(ids, {s.n}), host_f32(dout, {s.n, s.dim}),
-                       host_f32(dtable_ref, {s.vocab, s.dim}));
+    embedding_forward(cpu(), cpu_i32(ids, {s.n}), cpu_f32(table, {s.vocab, s.dim}), cpu_f32(out_ref, {s.n, s.dim}));
+    embedding_backward(cpu(), cpu_i32(ids, {s.n}), cpu_f32(dout, {s.n, s.dim}), cpu_f32(dtable_ref, {s.vocab, s.dim}));
 
     Tensor d_ids = buf().upload_i32(ids, {s.n});
     Tensor d_table = buf().upload(table, {s.vocab, s.dim}, DType::bf16);
@@ -110,10 +94,9 @@ TEST_F(GpuKernelsA, RmsnormForwardAndBackward) {
     std::vector<float> dy = round_bf16(randn(r * d)), dw0 = randn(d);
 
     std::vector<float> y_ref(r * d), rstd_ref(r), dx_ref(r * d), dw_ref = dw0;
-    rmsnorm_forward(cpu(), host_f32(x, {r, d}), host_f32(w, {d}), host_f32(y_ref, {r, d}), host_f32(rstd_ref, {r}),
-                    eps);
-    rmsnorm_backward(cpu(), host_f32(dy, {r, d}), host_f32(x, {r, d}), host_f32(w, {d}), host_f32(rstd_ref, {r}),
-                     host_f32(dx_ref, {r, d}), host_f32(dw_ref, {d}));
+    rmsnorm_forward(cpu(), cpu_f32(x, {r, d}), cpu_f32(w, {d}), cpu_f32(y_ref, {r, d}), cpu_f32(rstd_ref, {r}), eps);
+    rmsnorm_backward(cpu(), cpu_f32(dy, {r, d}), cpu_f32(x, {r, d}), cpu_f32(w, {d}), cpu_f32(rstd_ref, {r}),
+                     cpu_f32(dx_ref, {r, d}), cpu_f32(dw_ref, {d}));
 
     Tensor d_x = buf().upload(x, {r, d}, DType::bf16), d_w = buf().upload(w, {d}, DType::bf16);
     Tensor d_y = buf().poisoned({r, d}, DType::bf16), d_rstd = buf().poisoned({r}, DType::f32);
@@ -156,8 +139,8 @@ TEST_F(GpuKernelsA, SwigluForwardAndBackward) {
     const int64_t n = s.n, f = s.f;
     std::vector<float> in = round_bf16(randn(n * 2 * f, 2.0f)), dout = round_bf16(randn(n * f));
     std::vector<float> out_ref(n * f), din_ref(n * 2 * f);
-    swiglu_forward(cpu(), host_f32(in, {n, 2 * f}), host_f32(out_ref, {n, f}));
-    swiglu_backward(cpu(), host_f32(dout, {n, f}), host_f32(in, {n, 2 * f}), host_f32(din_ref, {n, 2 * f}));
+    swiglu_forward(cpu(), cpu_f32(in, {n, 2 * f}), cpu_f32(out_ref, {n, f}));
+    swiglu_backward(cpu(), cpu_f32(dout, {n, f}), cpu_f32(in, {n, 2 * f}), cpu_f32(din_ref, {n, 2 * f}));
 
     Tensor d_in = buf().upload(in, {n, 2 * f}, DType::bf16), d_out = buf().poisoned({n, f}, DType::bf16);
     Tensor d_dout = buf().upload(dout, {n, f}, DType::bf16), d_din = buf().poisoned({n, 2 * f}, DType::bf16);
@@ -198,10 +181,10 @@ TEST_F(GpuKernelsA, RopeForwardAndBackward) {
     const std::vector<float> x = round_bf16(randn(n * h * d)), dy = round_bf16(randn(n * h * d));
 
     std::vector<float> y_ref = x, dx_ref = dy;
-    rope_forward(cpu(), host_f32(y_ref, {n, h, d}), host_i32(pos, {n}), host_f32(cos, {max_pos, half}),
-                 host_f32(sin, {max_pos, half}));
-    rope_backward(cpu(), host_f32(dx_ref, {n, h, d}), host_i32(pos, {n}), host_f32(cos, {max_pos, half}),
-                  host_f32(sin, {max_pos, half}));
+    rope_forward(cpu(), cpu_f32(y_ref, {n, h, d}), cpu_i32(pos, {n}), cpu_f32(cos, {max_pos, half}),
+                 cpu_f32(sin, {max_pos, half}));
+    rope_backward(cpu(), cpu_f32(dx_ref, {n, h, d}), cpu_i32(pos, {n}), cpu_f32(cos, {max_pos, half}),
+                  cpu_f32(sin, {max_pos, half}));
 
     Tensor d_pos = buf().upload_i32(pos, {n});
     Tensor d_cos = buf().upload(cos, {max_pos, half}, DType::f32),
@@ -274,20 +257,10 @@ TEST_F(GpuKernelsA, ElementwiseOps) {
 TEST_F(GpuKernelsA, DispatcherRejectsWrongDtypesOnCuda) {
   Tensor x32 = buf().zeros({4, 8}, DType::f32), w = buf().zeros({8}, DType::bf16), y = buf().zeros({4, 8}, DType::bf16);
   Tensor rstd = buf().zeros({4}, DType::f32);
-  try {
-    rmsnorm_forward(gpu(), x32, w, y, rstd, 1e-6f);
-    ADD_FAILURE() << "expected a hyd::Error";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("'x'"), std::string::npos) << e.what();
-  }
+  expect_error_mentioning([&] { rmsnorm_forward(gpu(), x32, w, y, rstd, 1e-6f); }, "'x'");
   // CPU tensors with a CUDA tensor: a device mismatch, reported by the op.
   std::vector<float> host(32);
-  try {
-    swiglu_forward(gpu(), y, host_f32(host, {4, 4}));
-    ADD_FAILURE() << "expected a hyd::Error";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("swiglu_forward"), std::string::npos) << e.what();
-  }
+  expect_error_mentioning([&] { swiglu_forward(gpu(), y, cpu_f32(host, {4, 4})); }, "swiglu_forward");
   EXPECT_TRUE(all_finite(DeviceBuffers::download(y)));
 }
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "tests/common/test_util.h"
+#include "tests/common/tiny_model.h"
 #include "trainer/model.h"
 
 namespace hyd {
@@ -20,56 +21,16 @@ namespace {
 
 // The same packed batch on the host (for the CPU model) and uploaded to a device.
 struct TwinBatch {
-  std::vector<int32_t> tokens, targets, positions, cu_seqlens;
-  Batch cpu, gpu;
+  test::PackedBatch host;
   test::DeviceBuffers buffers{Device::cuda(0), size_t(1) << 20};
+  Batch gpu;
+  const Batch& cpu() const { return host.batch; }
 };
 
+// Random documents; target -1 at each document's end and at every 7th token from the 4th.
 void make_batch(TwinBatch& h, const std::vector<int32_t>& doc_lens, int64_t vocab) {
-  h.cu_seqlens.push_back(0);
-  for (int32_t len : doc_lens) {
-    const std::vector<int32_t> toks = test::randint(len, 0, static_cast<int32_t>(vocab));
-    for (int32_t i = 0; i < len; ++i) {
-      h.tokens.push_back(toks[i]);
-      h.positions.push_back(i);
-      h.targets.push_back(i + 1 < len ? toks[i + 1] : -1);
-    }
-    h.cu_seqlens.push_back(h.cu_seqlens.back() + len);
-  }
-  const int64_t n = static_cast<int64_t>(h.tokens.size()), docs = static_cast<int64_t>(doc_lens.size());
-  for (int64_t i = 3; i < n; i += 7) h.targets[i] = -1;
-  const int64_t num_targets = std::count_if(h.targets.begin(), h.targets.end(), [](int32_t t) { return t >= 0; });
-  h.cpu.tokens = Tensor(h.tokens.data(), DType::i32, Device::cpu(), {n});
-  h.cpu.targets = Tensor(h.targets.data(), DType::i32, Device::cpu(), {n});
-  h.cpu.positions = Tensor(h.positions.data(), DType::i32, Device::cpu(), {n});
-  h.cpu.cu_seqlens = Tensor(h.cu_seqlens.data(), DType::i32, Device::cpu(), {docs + 1});
-  h.gpu.tokens = h.buffers.upload_i32(h.tokens, {n});
-  h.gpu.targets = h.buffers.upload_i32(h.targets, {n});
-  h.gpu.positions = h.buffers.upload_i32(h.positions, {n});
-  h.gpu.cu_seqlens = h.buffers.upload_i32(h.cu_seqlens, {docs + 1});
-  for (Batch* b : {&h.cpu, &h.gpu}) {
-    b->num_tokens = n;
-    b->num_docs = docs;
-    b->num_targets = num_targets;
-  }
-}
-
-ModelConfig tiny_config(const std::string& variant) {
-  ModelConfig c;
-  c.family = variant == "qwen3" ? "qwen3" : variant == "qwen2" ? "qwen2" : "llama";
-  c.vocab_size = 61;
-  c.hidden_size = 32;
-  c.intermediate_size = 40;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  c.max_position_embeddings = 256;
-  c.qkv_bias = variant == "qwen2";
-  c.qk_norm = variant == "qwen3";
-  c.tie_word_embeddings = variant == "qwen3" || variant == "tied";
-  c.finalize("test");
-  return c;
+  h.host = test::pack_documents(test::random_documents(doc_lens, vocab), [](int64_t i) { return i % 7 == 3; });
+  h.gpu = test::upload_batch(h.buffers, h.host);
 }
 
 // Random weights with O(1) activations and logits (matrices N(0, 0.25 / fan_in), embeddings
@@ -99,14 +60,14 @@ void set_same_weights(DenseModel& cpu, DenseModel& gpu) {
 // Both models: loss (forward_loss and forward_backward), logits and every gradient agree.
 void compare_models(DenseModel& cpu, DenseModel& gpu, TwinBatch& b, bool check_logits, double grad_tol) {
   ExecContext cctx(Device::cpu()), gctx(Device::cuda(0));
-  const double l_cpu = cpu.forward_loss(cctx, b.cpu);
+  const double l_cpu = cpu.forward_loss(cctx, b.cpu());
   const double l_gpu = gpu.forward_loss(gctx, b.gpu);
   std::printf("  loss cpu %.6f gpu %.6f (rel %.2e)\n", l_cpu, l_gpu, std::abs(l_gpu - l_cpu) / l_cpu);
   ASSERT_TRUE(std::isfinite(l_gpu));
   EXPECT_LT(std::abs(l_gpu - l_cpu), 1e-2 * std::abs(l_cpu));
 
   if (check_logits) {
-    const std::vector<float> z_cpu = cpu.forward_logits(cctx, b.cpu);
+    const std::vector<float> z_cpu = cpu.forward_logits(cctx, b.cpu());
     const std::vector<float> z_gpu = gpu.forward_logits(gctx, b.gpu);
     const double e = test::rel_err(z_gpu, z_cpu);
     std::printf("  logits rel_err %.2e\n", e);
@@ -120,7 +81,7 @@ void compare_models(DenseModel& cpu, DenseModel& gpu, TwinBatch& b, bool check_l
     copy_tensor(g, Tensor(nan.data(), DType::f32, Device::cpu(), {g.numel()}));
     m->zero_grad();
   }
-  const double fb_cpu = cpu.forward_backward(cctx, b.cpu);
+  const double fb_cpu = cpu.forward_backward(cctx, b.cpu());
   const double fb_gpu = gpu.forward_backward(gctx, b.gpu);
   EXPECT_NEAR(fb_cpu, l_cpu, 1e-6 * l_cpu);
   EXPECT_LT(std::abs(fb_gpu - l_cpu), 1e-2 * std::abs(l_cpu));
@@ -136,7 +97,7 @@ class GpuModel : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GpuModel, MatchesCpuModel) {
   HYD_REQUIRE_GPU();
-  const ModelConfig cfg = tiny_config(GetParam());
+  const ModelConfig cfg = test::tiny_dense_variant(GetParam());
   TwinBatch b;
   make_batch(b, {21, 27}, cfg.vocab_size);
   DenseModel cpu(cfg, Device::cpu(), 48), gpu(cfg, Device::cuda(0), 48);
@@ -154,7 +115,7 @@ INSTANTIATE_TEST_SUITE_P(Variants, GpuModel, ::testing::Values("llama", "tied", 
 // model's, rounded to bf16.
 TEST(GpuModelInit, InitRandomIsTheBf16OfTheCpuInit) {
   HYD_REQUIRE_GPU();
-  const ModelConfig cfg = tiny_config("qwen2");
+  const ModelConfig cfg = test::tiny_dense_variant("qwen2");
   DenseModel cpu(cfg, Device::cpu(), 8), gpu(cfg, Device::cuda(0), 8);
   cpu.init_random(123, 0.3f);
   gpu.init_random(123, 0.3f);

@@ -9,62 +9,15 @@
 #include <vector>
 
 #include "tests/common/test_util.h"
+#include "tests/common/tiny_model.h"
 #include "trainer/model.h"
 
 namespace hyd {
 namespace {
 
-struct HostBatch {
-  std::vector<int32_t> tokens, targets, positions, cu_seqlens;
-  Batch batch;
-};
-
-// Packs the given documents (token lists) into one CPU batch; target = next token of the same
-// document, -1 at each document's end and wherever `ignore` says.
-HostBatch pack(const std::vector<std::vector<int32_t>>& docs, const std::function<bool(int64_t)>& ignore = nullptr) {
-  HostBatch h;
-  h.cu_seqlens.push_back(0);
-  for (const auto& doc : docs) {
-    const int32_t len = static_cast<int32_t>(doc.size());
-    for (int32_t i = 0; i < len; ++i) {
-      h.tokens.push_back(doc[i]);
-      h.positions.push_back(i);
-      h.targets.push_back(i + 1 < len ? doc[i + 1] : -1);
-    }
-    h.cu_seqlens.push_back(h.cu_seqlens.back() + len);
-  }
-  const int64_t n = static_cast<int64_t>(h.tokens.size());
-  if (ignore)
-    for (int64_t i = 0; i < n; ++i)
-      if (ignore(i)) h.targets[i] = -1;
-  Batch& b = h.batch;
-  b.tokens = Tensor(h.tokens.data(), DType::i32, Device::cpu(), {n});
-  b.targets = Tensor(h.targets.data(), DType::i32, Device::cpu(), {n});
-  b.positions = Tensor(h.positions.data(), DType::i32, Device::cpu(), {n});
-  b.cu_seqlens = Tensor(h.cu_seqlens.data(), DType::i32, Device::cpu(), {static_cast<int64_t>(docs.size()) + 1});
-  b.num_tokens = n;
-  b.num_docs = static_cast<int64_t>(docs.size());
-  b.num_targets = std::count_if(h.targets.begin(), h.targets.end(), [](int32_t t) { return t >= 0; });
-  return h;
-}
-
-ModelConfig tiny_config(bool qk_norm = false, bool qkv_bias = false, bool tied = false) {
-  ModelConfig c;
-  c.family = qk_norm ? "qwen3" : qkv_bias ? "qwen2" : "llama";
-  c.vocab_size = 61;
-  c.hidden_size = 32;
-  c.intermediate_size = 40;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  c.max_position_embeddings = 256;
-  c.qk_norm = qk_norm;
-  c.qkv_bias = qkv_bias;
-  c.tie_word_embeddings = tied;
-  c.finalize("test");
-  return c;
-}
+using test::pack_documents;
+using test::PackedBatch;
+using test::tiny_dense_config;
 
 // Mean CE over targets >= 0 from full logits [N, V], in double.
 double mean_ce(const std::vector<float>& logits, const std::vector<int32_t>& targets, int64_t vocab) {
@@ -91,12 +44,13 @@ std::vector<float> rows(const std::vector<float>& m, int64_t begin, int64_t end,
 // never crosses the boundary and RoPE positions restart per document.
 TEST(ModelBehaviour, PackedDocumentsMatchSeparateRuns) {
   for (const bool qk_norm : {false, true}) {
-    const ModelConfig cfg = tiny_config(qk_norm, !qk_norm);
+    const ModelConfig cfg = tiny_dense_config(qk_norm, !qk_norm);
     DenseModel model(cfg, Device::cpu(), 32);
     model.init_random(11, 0.2f);
     ExecContext ctx(Device::cpu());
     const std::vector<int32_t> a = test::randint(7, 0, 61), b = test::randint(9, 0, 61);
-    HostBatch ab = pack({a, b}), ba = pack({b, a}), only_a = pack({a}), only_b = pack({b});
+    PackedBatch ab = pack_documents({a, b}), ba = pack_documents({b, a}), only_a = pack_documents({a}),
+                only_b = pack_documents({b});
     const int64_t V = cfg.vocab_size;
     const std::vector<float> l_ab = model.forward_logits(ctx, ab.batch);
     const std::vector<float> l_ba = model.forward_logits(ctx, ba.batch);
@@ -111,7 +65,7 @@ TEST(ModelBehaviour, PackedDocumentsMatchSeparateRuns) {
     // Guard against a vacuous pass: the same tokens as one document must give different logits for b.
     std::vector<int32_t> joined = a;
     joined.insert(joined.end(), b.begin(), b.end());
-    HostBatch one = pack({joined});
+    PackedBatch one = pack_documents({joined});
     EXPECT_GT(test::rel_err(rows(model.forward_logits(ctx, one.batch), 7, 16, V), l_b), 1e-3);
   }
 }
@@ -125,7 +79,7 @@ TEST(ModelBehaviour, LossEqualsMeanCrossEntropyOfLogits) {
     std::vector<int32_t> doc_lens;
   };
   for (const Case& c : {Case{2, {12, 5, 15}}, Case{1, {700, 400}}}) {
-    ModelConfig cfg = tiny_config(false, false, c.layers == 2);
+    ModelConfig cfg = tiny_dense_config(false, false, c.layers == 2);
     cfg.num_layers = c.layers;
     cfg.max_position_embeddings = 1024;
     std::vector<std::vector<int32_t>> docs;
@@ -134,7 +88,7 @@ TEST(ModelBehaviour, LossEqualsMeanCrossEntropyOfLogits) {
       docs.push_back(test::randint(len, 0, 61));
       n += len;
     }
-    HostBatch hb = pack(docs, [](int64_t i) { return i % 7 == 3; });
+    PackedBatch hb = pack_documents(docs, [](int64_t i) { return i % 7 == 3; });
     DenseModel model(cfg, Device::cpu(), n);
     model.init_random(5, 0.5f);
     ExecContext ctx(Device::cpu());
@@ -152,11 +106,11 @@ TEST(ModelBehaviour, LossEqualsMeanCrossEntropyOfLogits) {
 
 // (c) Plain SGD on one repeated batch drives the loss down by a large factor.
 TEST(ModelBehaviour, SgdOverfitsOneBatch) {
-  const ModelConfig cfg = tiny_config(true, false, false);
+  const ModelConfig cfg = tiny_dense_config(true, false, false);
   DenseModel model(cfg, Device::cpu(), 32);
   model.init_random(3, 0.1f);
   ExecContext ctx(Device::cpu());
-  HostBatch hb = pack({test::randint(14, 0, 61), test::randint(10, 0, 61)});
+  PackedBatch hb = pack_documents({test::randint(14, 0, 61), test::randint(10, 0, 61)});
   const Tensor p = model.flat_params(), g = model.flat_grads();
   float* pv = p.ptr<float>();
   const float* gv = g.ptr<float>();
@@ -178,7 +132,7 @@ TEST(ModelBehaviour, SgdOverfitsOneBatch) {
 // (d) The parameter contract: names, shapes, order, weight-decay flags, non-overlapping aligned views,
 // and num_parameters() = sum of numels for every variant.
 TEST(ModelBehaviour, ParameterListMatchesContract) {
-  const ModelConfig cfg = tiny_config(true, true, false);
+  const ModelConfig cfg = tiny_dense_config(true, true, false);
   DenseModel model(cfg, Device::cpu(), 8);
   std::vector<std::string> names;
   for (const ParamInfo& p : model.params()) names.push_back(p.name);
@@ -203,12 +157,7 @@ TEST(ModelBehaviour, ParameterListMatchesContract) {
   EXPECT_FALSE(model.param("final_norm").weight_decay);
   EXPECT_TRUE(model.has_param("lm_head"));
   EXPECT_FALSE(model.has_param("layers.2.wo"));
-  try {
-    model.param("layers.0.nonsense");
-    ADD_FAILURE() << "unknown parameter accepted";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("layers.0.nonsense"), std::string::npos) << e.what();
-  }
+  test::expect_error([&] { model.param("layers.0.nonsense"); }, {"layers.0.nonsense"});
 
   int64_t end = 0;
   for (const ParamInfo& p : model.params()) {
@@ -226,7 +175,7 @@ TEST(ModelBehaviour, ParameterListMatchesContract) {
   for (const bool tied : {false, true})
     for (const bool qk : {false, true})
       for (const bool bias : {false, true}) {
-        const ModelConfig c = tiny_config(qk, bias, tied);
+        const ModelConfig c = tiny_dense_config(qk, bias, tied);
         DenseModel m(c, Device::cpu(), 4);
         int64_t sum = 0;
         for (const ParamInfo& p : m.params()) sum += p.numel;
@@ -235,7 +184,7 @@ TEST(ModelBehaviour, ParameterListMatchesContract) {
       }
 
   // FLOPs: 6 * (matmul params) + 6 L T q_dim.
-  const ModelConfig c = tiny_config();
+  const ModelConfig c = tiny_dense_config();
   const double expect_flops = 6.0 * double(c.num_parameters() - V * D) + 6.0 * 2 * 128 * 32;
   EXPECT_DOUBLE_EQ(c.train_flops_per_token(128), expect_flops);
 }
@@ -243,7 +192,7 @@ TEST(ModelBehaviour, ParameterListMatchesContract) {
 // init_random: deterministic in the seed; norms 1, biases 0, matrices N(0, std), output projections
 // N(0, std / sqrt(2 L)). set_param/get_param round-trip, and reject a wrong size.
 TEST(ModelBehaviour, InitRandomAndParamAccess) {
-  ModelConfig cfg = tiny_config(true, true, false);
+  ModelConfig cfg = tiny_dense_config(true, true, false);
   cfg.hidden_size = 64;
   cfg.num_layers = 4;
   cfg.head_dim = 16;
@@ -309,13 +258,13 @@ TEST(ModelBehaviour, MemoryMatchesFormulaOnPaper) {
 
 // Bad batches are rejected with a message, not run.
 TEST(ModelBehaviour, RejectsBadBatches) {
-  const ModelConfig cfg = tiny_config();
+  const ModelConfig cfg = tiny_dense_config();
   DenseModel model(cfg, Device::cpu(), 8);
   model.init_random(1);
   ExecContext ctx(Device::cpu());
-  HostBatch too_long = pack({test::randint(9, 0, 61)});
+  PackedBatch too_long = pack_documents({test::randint(9, 0, 61)});
   EXPECT_THROW(model.forward_loss(ctx, too_long.batch), Error);
-  HostBatch ok = pack({test::randint(6, 0, 61)});
+  PackedBatch ok = pack_documents({test::randint(6, 0, 61)});
   Batch bad = ok.batch;
   bad.num_docs = 2;  // cu_seqlens has 2 entries, not 3
   EXPECT_THROW(model.forward_loss(ctx, bad), Error);
@@ -350,20 +299,14 @@ TEST(ModelConfigTest, FinalizeRejectsBadFieldsNamingThem) {
       {"model.bos_token_id", [](ModelConfig& c) { c.bos_token_id = -2; }},
   };
   for (const Bad& b : cases) {
-    ModelConfig c = tiny_config();
+    ModelConfig c = tiny_dense_config();
     c.head_dim = 8;
     b.mutate(c);
-    try {
-      c.finalize("run.ini");
-      ADD_FAILURE() << "accepted a bad " << b.field;
-    } catch (const Error& e) {
-      const std::string what = e.what();
-      EXPECT_NE(what.find("run.ini"), std::string::npos) << what;
-      EXPECT_NE(what.find("'" + b.field + "'"), std::string::npos) << "expected " << b.field << " in: " << what;
-    }
+    SCOPED_TRACE("a bad " + b.field);
+    test::expect_error([&] { c.finalize("run.ini"); }, {"run.ini", "'" + b.field + "'"});
   }
   // head_dim 0 resolves to hidden / heads; a valid llama3 scaling passes.
-  ModelConfig c = tiny_config();
+  ModelConfig c = tiny_dense_config();
   c.head_dim = 0;
   c.rope_scaling.type = "llama3";
   c.rope_scaling.factor = 8;
@@ -371,7 +314,7 @@ TEST(ModelConfigTest, FinalizeRejectsBadFieldsNamingThem) {
   c.finalize("run.ini");
   EXPECT_EQ(c.head_dim, 8);
   // The model refuses an invalid config too.
-  ModelConfig bad = tiny_config();
+  ModelConfig bad = tiny_dense_config();
   bad.num_kv_heads = 3;
   EXPECT_THROW(DenseModel(bad, Device::cpu(), 4), Error);
 }

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "tests/common/test_util.h"
+#include "tests/common/tiny_model.h"
 #include "trainer/model.h"
 
 namespace hyd {
@@ -35,64 +36,10 @@ constexpr double kTolerance = 2e-2;
 // Absolute error allowed for a sampled gradient vector whose own norm is at the noise level.
 constexpr double kNoiseFloor = 1e-5;
 
-// A packed CPU batch backed by host vectors.
-struct HostBatch {
-  std::vector<int32_t> tokens, targets, positions, cu_seqlens;
-  Batch batch;
-};
-
 // Documents of the given lengths, random tokens; target = next token of the same document, -1 at
-// each document's end and at a few random places.
-HostBatch make_batch(const std::vector<int32_t>& doc_lens, int64_t vocab) {
-  HostBatch h;
-  h.cu_seqlens.push_back(0);
-  for (int32_t len : doc_lens) {
-    const std::vector<int32_t> toks = test::randint(len, 0, static_cast<int32_t>(vocab));
-    for (int32_t i = 0; i < len; ++i) {
-      h.tokens.push_back(toks[i]);
-      h.positions.push_back(i);
-      h.targets.push_back(i + 1 < len ? toks[i + 1] : -1);
-    }
-    h.cu_seqlens.push_back(h.cu_seqlens.back() + len);
-  }
-  const int64_t n = static_cast<int64_t>(h.tokens.size());
-  for (int64_t i = 0; i < n; i += 5) h.targets[i] = -1;  // ignored positions inside documents
-  Batch& b = h.batch;
-  b.tokens = Tensor(h.tokens.data(), DType::i32, Device::cpu(), {n});
-  b.targets = Tensor(h.targets.data(), DType::i32, Device::cpu(), {n});
-  b.positions = Tensor(h.positions.data(), DType::i32, Device::cpu(), {n});
-  b.cu_seqlens = Tensor(h.cu_seqlens.data(), DType::i32, Device::cpu(), {static_cast<int64_t>(doc_lens.size()) + 1});
-  b.num_tokens = n;
-  b.num_docs = static_cast<int64_t>(doc_lens.size());
-  b.num_targets = std::count_if(h.targets.begin(), h.targets.end(), [](int32_t t) { return t >= 0; });
-  return h;
-}
-
-ModelConfig tiny_config(const std::string& variant) {
-  ModelConfig c;
-  c.family = "llama";
-  c.vocab_size = 61;
-  c.hidden_size = 32;
-  c.intermediate_size = 40;
-  c.num_layers = 2;
-  c.num_heads = 4;
-  c.num_kv_heads = 2;
-  c.head_dim = 8;
-  c.rms_norm_eps = 1e-6;
-  c.rope_theta = 10000.0;
-  c.max_position_embeddings = 256;
-  if (variant == "tied") c.tie_word_embeddings = true;
-  if (variant == "qwen2") {
-    c.family = "qwen2";
-    c.qkv_bias = true;
-  }
-  if (variant == "qwen3") {
-    c.family = "qwen3";
-    c.qk_norm = true;
-    c.tie_word_embeddings = true;
-  }
-  c.finalize("test");
-  return c;
+// each document's end and at every 5th token (ignored positions inside documents).
+test::PackedBatch make_batch(const std::vector<int32_t>& doc_lens, int64_t vocab) {
+  return test::pack_documents(test::random_documents(doc_lens, vocab), [](int64_t i) { return i % 5 == 0; });
 }
 
 // Random weights of O(1) activations (not the tiny training init), so every path carries gradient:
@@ -174,8 +121,8 @@ void expect_gradients_match(const std::vector<GradCheck>& checks) {
 class ModelGrad : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(ModelGrad, EveryParameterMatchesFiniteDifferences) {
-  const ModelConfig cfg = tiny_config(GetParam());
-  HostBatch hb = make_batch({11, 13}, cfg.vocab_size);
+  const ModelConfig cfg = test::tiny_dense_variant(GetParam());
+  test::PackedBatch hb = make_batch({11, 13}, cfg.vocab_size);
   DenseModel model(cfg, Device::cpu(), 32);
   randomize(model);
   ExecContext ctx(Device::cpu());
@@ -188,10 +135,10 @@ INSTANTIATE_TEST_SUITE_P(Variants, ModelGrad, ::testing::Values("llama", "tied",
 // A batch longer than one LM-head chunk (1024 tokens): the chunked logits/CE/backward loop must
 // hand every chunk's d(normed) and dWlm on correctly. Checked on the tensors the LM head touches.
 TEST(ModelGradLong, LmHeadChunksMatchFiniteDifferences) {
-  ModelConfig cfg = tiny_config("llama");
+  ModelConfig cfg = test::tiny_dense_variant("llama");
   cfg.num_layers = 1;
   cfg.max_position_embeddings = 2048;
-  HostBatch hb = make_batch({600, 500}, cfg.vocab_size);
+  test::PackedBatch hb = make_batch({600, 500}, cfg.vocab_size);
   DenseModel model(cfg, Device::cpu(), 1100);
   randomize(model);
   ExecContext ctx(Device::cpu());
@@ -201,8 +148,8 @@ TEST(ModelGradLong, LmHeadChunksMatchFiniteDifferences) {
 
 // Gradients accumulate across calls and scale with loss_scale.
 TEST(ModelGradAccumulation, AccumulatesAndScales) {
-  const ModelConfig cfg = tiny_config("qwen2");
-  HostBatch hb = make_batch({9, 7}, cfg.vocab_size);
+  const ModelConfig cfg = test::tiny_dense_variant("qwen2");
+  test::PackedBatch hb = make_batch({9, 7}, cfg.vocab_size);
   DenseModel model(cfg, Device::cpu(), 16);
   model.init_random(7, 0.1f);
   ExecContext ctx(Device::cpu());

@@ -12,10 +12,11 @@
 namespace hyd::kernels {
 namespace {
 
+using test::cpu_f32;
+using test::expect_error_naming;
 using test::randn;
 using test::rel_err;
-
-Tensor cpu_f32(std::vector<float>& v) { return Tensor(v.data(), DType::f32, Device::cpu(), {int64_t(v.size())}); }
+using test::to_f64;
 
 TEST(OpsAdamW, OneStepMatchesHandComputation) {
   // p = 1, g = 0.5 * grad_scale 2 = 1, m = v = 0, step 1, lr 0.1, beta1 0.9, beta2 0.99, eps 1e-8, wd 0.1:
@@ -67,9 +68,9 @@ TEST(OpsAdamW, SeveralStepsMatchDoubleReference) {
       pd[i] -= double(s.lr) * (mh / (std::sqrt(vh) + double(s.eps)) + double(s.weight_decay) * pd[i]);
     }
   }
-  EXPECT_LT(rel_err(std::vector<double>(p.begin(), p.end()), pd), 1e-6);
-  EXPECT_LT(rel_err(std::vector<double>(m.begin(), m.end()), md), 1e-5);
-  EXPECT_LT(rel_err(std::vector<double>(v.begin(), v.end()), vd), 1e-5);
+  EXPECT_LT(rel_err(to_f64(p), pd), 1e-6);
+  EXPECT_LT(rel_err(to_f64(m), md), 1e-5);
+  EXPECT_LT(rel_err(to_f64(v), vd), 1e-5);
 
   // The double instantiation agrees with the same reference much more tightly.
   std::vector<double> p2(n, 0.5), m2(n, 0.0), v2(n, 0.0), g2(n, 0.25);
@@ -96,18 +97,6 @@ TEST(OpsAdamW, WorkingCopyFollowsMaster) {
   s.step = 2;
   adamw_update(ctx, cpu_f32(p), cpu_f32(g), cpu_f32(m), cpu_f32(v), cpu_f32(wf), s);
   EXPECT_EQ(wf, p);
-}
-
-template <class F>
-void expect_error_naming(F&& f, const std::string& op, const std::string& arg) {
-  try {
-    f();
-    ADD_FAILURE() << "no error thrown; expected one naming " << op << " and " << arg;
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    EXPECT_NE(msg.find(op), std::string::npos) << msg;
-    EXPECT_NE(msg.find(arg), std::string::npos) << msg;
-  }
 }
 
 TEST(OpsAdamW, DispatcherRejectsBadArguments) {

@@ -14,8 +14,12 @@
 namespace hyd::kernels {
 namespace {
 
+using test::central_differences;
+using test::expect_error_naming;
 using test::randn_f64;
 using test::rel_err;
+using test::to_f32;
+using test::to_f64;
 
 struct Problem {
   std::vector<int32_t> cu;  // [D + 1]
@@ -126,28 +130,12 @@ TEST(OpsAttention, BackwardMatchesFiniteDifferences) {
       for (size_t i = 0; i < oo.size(); ++i) s += dout[i] * oo[i];
       return s;
     };
-    auto numeric = [&](std::vector<double>& param) {
-      std::vector<double> g(param.size());
-      const double h = 1e-5;
-      for (size_t i = 0; i < param.size(); ++i) {
-        const double keep = param[i];
-        param[i] = keep + h;
-        const double lp = loss();
-        param[i] = keep - h;
-        const double lm = loss();
-        param[i] = keep;
-        g[i] = (lp - lm) / (2 * h);
-      }
-      return g;
-    };
+    auto numeric = [&](std::vector<double>& param) { return central_differences(param, 1e-5, loss); };
     EXPECT_LT(rel_err(dq, numeric(p.q)), 1e-7);
     EXPECT_LT(rel_err(dk, numeric(p.k)), 1e-7);
     EXPECT_LT(rel_err(dv, numeric(p.v)), 1e-7);
   }
 }
-
-std::vector<float> to_f32(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
-std::vector<double> to_f64(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
 
 TEST(OpsAttention, DispatcherFloatMatchesDouble) {
   ExecContext ctx(Device::cpu());
@@ -176,18 +164,6 @@ TEST(OpsAttention, DispatcherFloatMatchesDouble) {
   EXPECT_LT(rel_err(to_f64(dqf), dq), 1e-5);
   EXPECT_LT(rel_err(to_f64(dkf), dk), 1e-5);
   EXPECT_LT(rel_err(to_f64(dvf), dv), 1e-5);
-}
-
-template <class F>
-void expect_error_naming(F&& f, const std::string& op, const std::string& arg) {
-  try {
-    f();
-    ADD_FAILURE() << "no error thrown; expected one naming " << op << " and " << arg;
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    EXPECT_NE(msg.find(op), std::string::npos) << msg;
-    EXPECT_NE(msg.find(arg), std::string::npos) << msg;
-  }
 }
 
 TEST(OpsAttention, DispatcherRejectsBadArguments) {

@@ -12,26 +12,12 @@
 namespace hyd::kernels {
 namespace {
 
+using test::cpu_bf16;
+using test::cpu_f32;
+using test::expect_error_mentioning;
 using test::randn;
 using test::randn_f64;
 using test::round_bf16;
-
-Tensor cpu_f32(std::vector<float>& v, std::initializer_list<int64_t> dims) {
-  return Tensor(v.data(), DType::f32, Device::cpu(), dims);
-}
-Tensor cpu_bf16(std::vector<bf16>& v, std::initializer_list<int64_t> dims) {
-  return Tensor(v.data(), DType::bf16, Device::cpu(), dims);
-}
-
-template <class F>
-void expect_error_mentioning(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected a hyd::Error mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
 
 TEST(OpsElementwise, AddAndScale) {
   ExecContext ctx(Device::cpu());

@@ -11,27 +11,15 @@
 namespace hyd::kernels {
 namespace {
 
+using test::central_differences;
+using test::cpu_f32;
+using test::cpu_i32;
+using test::expect_error_mentioning;
 using test::randint;
 using test::randn;
 using test::randn_f64;
 using test::rel_err;
-
-Tensor cpu_f32(std::vector<float>& v, std::initializer_list<int64_t> dims) {
-  return Tensor(v.data(), DType::f32, Device::cpu(), dims);
-}
-Tensor cpu_i32(std::vector<int32_t>& v, std::initializer_list<int64_t> dims) {
-  return Tensor(v.data(), DType::i32, Device::cpu(), dims);
-}
-
-template <class F>
-void expect_error_mentioning(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected a hyd::Error mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using test::to_f64;
 
 TEST(OpsEmbedding, ForwardIsGather) {
   ExecContext ctx(Device::cpu());
@@ -58,17 +46,7 @@ TEST(OpsEmbedding, BackwardMatchesFiniteDifferences) {
     for (int64_t k = 0; k < n * dim; ++k) l += g[k] * out[k];
     return l;
   };
-  const double eps = 1e-6;
-  std::vector<double> numeric(vocab * dim);
-  for (int64_t k = 0; k < vocab * dim; ++k) {
-    const double keep = table[k];
-    table[k] = keep + eps;
-    const double lp = loss();
-    table[k] = keep - eps;
-    const double lm = loss();
-    table[k] = keep;
-    numeric[k] = (lp - lm) / (2 * eps);
-  }
+  const std::vector<double> numeric = central_differences(table, 1e-6, loss);
   // Accumulation: start from a non-zero dtable and subtract it afterwards.
   const std::vector<double> base = randn_f64(vocab * dim);
   std::vector<double> dtable = base;
@@ -86,7 +64,7 @@ TEST(OpsEmbedding, FloatDispatcherMatchesDouble) {
   std::vector<double> ref(vocab * dim, 0.0);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < dim; ++j) ref[ids[i] * dim + j] += dout[i * dim + j];
-  EXPECT_LT(rel_err(std::vector<double>(dtable.begin(), dtable.end()), ref), 1e-6);
+  EXPECT_LT(rel_err(to_f64(dtable), ref), 1e-6);
 }
 
 TEST(OpsEmbedding, DispatcherErrorsNameTheArgument) {

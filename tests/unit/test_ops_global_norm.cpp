@@ -12,9 +12,9 @@
 namespace hyd::kernels {
 namespace {
 
+using test::cpu_f32;
+using test::expect_error_naming;
 using test::randn;
-
-Tensor cpu_f32(std::vector<float>& v) { return Tensor(v.data(), DType::f32, Device::cpu(), {int64_t(v.size())}); }
 
 TEST(OpsGlobalNorm, SumSquaresAccumulatesOverTensors) {
   ExecContext ctx(Device::cpu());
@@ -43,18 +43,6 @@ TEST(OpsGlobalNorm, ClipScale) {
   EXPECT_EQ(clip_scale(100.0, -1.0), 1.f);
   // After clipping the norm is (just below) max_norm.
   EXPECT_NEAR(clip_scale(7.0, 1.0) * 7.0, 1.0, 1e-6);
-}
-
-template <class F>
-void expect_error_naming(F&& f, const std::string& op, const std::string& arg) {
-  try {
-    f();
-    ADD_FAILURE() << "no error thrown; expected one naming " << op << " and " << arg;
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    EXPECT_NE(msg.find(op), std::string::npos) << msg;
-    EXPECT_NE(msg.find(arg), std::string::npos) << msg;
-  }
 }
 
 TEST(OpsGlobalNorm, DispatcherRejectsBadArguments) {

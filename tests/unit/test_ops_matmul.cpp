@@ -12,13 +12,14 @@
 namespace hyd::kernels {
 namespace {
 
+using test::central_differences;
+using test::cpu_f32;
+using test::expect_error_naming;
 using test::randn;
 using test::randn_f64;
 using test::rel_err;
-
-Tensor cpu_f32(std::vector<float>& v, std::initializer_list<int64_t> dims) {
-  return Tensor(v.data(), DType::f32, Device::cpu(), dims);
-}
+using test::to_f32;
+using test::to_f64;
 
 // C = alpha op(A) op(B) + beta C, written independently of the implementation under test.
 std::vector<double> naive_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha,
@@ -33,9 +34,6 @@ std::vector<double> naive_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k
     }
   return out;
 }
-
-std::vector<float> to_f32(const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); }
-std::vector<double> to_f64(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
 
 TEST(OpsMatmul, GemmAllTransposesMatchNaive) {
   ExecContext ctx(Device::cpu());
@@ -95,20 +93,7 @@ TEST(OpsMatmul, LinearBackwardMatchesFiniteDifferences) {
   std::vector<double> x = randn_f64(m * k), w = randn_f64(n * k), bias = randn_f64(n), r = randn_f64(m * n);
   // L = <r, linear(x)>, so dL/dy = r.
   auto loss = [&] { return dot(r, linear_f64(x, w, bias, m, n, k)); };
-  auto numeric = [&](std::vector<double>& param) {
-    std::vector<double> g(param.size());
-    const double h = 1e-5;
-    for (size_t i = 0; i < param.size(); ++i) {
-      const double keep = param[i];
-      param[i] = keep + h;
-      const double lp = loss();
-      param[i] = keep - h;
-      const double lm = loss();
-      param[i] = keep;
-      g[i] = (lp - lm) / (2 * h);
-    }
-    return g;
-  };
+  auto numeric = [&](std::vector<double>& param) { return central_differences(param, 1e-5, loss); };
   std::vector<double> dx(m * k), dw0 = randn_f64(n * k), db0 = randn_f64(n);
   std::vector<double> dw = dw0, db = db0;
   cpu::gemm<double>(false, false, m, k, n, 1.0, r.data(), w.data(), 0.0, dx.data());
@@ -153,19 +138,6 @@ TEST(OpsMatmul, LinearDispatcherFloatMatchesDouble) {
                   Tensor{});
   for (auto& v : dx_ref) v *= 2;
   EXPECT_LT(rel_err(to_f64(dx), dx_ref), 1e-5);
-}
-
-// The error is a hyd::Error whose message names the op and the offending argument.
-template <class F>
-void expect_error_naming(F&& f, const std::string& op, const std::string& arg) {
-  try {
-    f();
-    ADD_FAILURE() << "no error thrown; expected one naming " << op << " and " << arg;
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    EXPECT_NE(msg.find(op), std::string::npos) << msg;
-    EXPECT_NE(msg.find(arg), std::string::npos) << msg;
-  }
 }
 
 TEST(OpsMatmul, DispatcherRejectsBadArguments) {

@@ -12,23 +12,13 @@
 namespace hyd::kernels {
 namespace {
 
+using test::central_differences;
+using test::cpu_f32;
+using test::expect_error_mentioning;
 using test::randn;
 using test::randn_f64;
 using test::rel_err;
-
-Tensor cpu_f32(std::vector<float>& v, std::initializer_list<int64_t> dims) {
-  return Tensor(v.data(), DType::f32, Device::cpu(), dims);
-}
-
-template <class F>
-void expect_error_mentioning(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected a hyd::Error mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using test::to_f64;
 
 TEST(OpsRmsnorm, ForwardHasUnitRmsAndMatchesFormula) {
   ExecContext ctx(Device::cpu());
@@ -62,21 +52,7 @@ TEST(OpsRmsnorm, BackwardMatchesFiniteDifferences) {
     for (int64_t k = 0; k < rows * dim; ++k) l += g[k] * y[k];
     return l;
   };
-  auto numeric_grad = [&](std::vector<double>& p) {
-    const double h = 1e-6;
-    std::vector<double> out(p.size());
-    for (size_t k = 0; k < p.size(); ++k) {
-      const double keep = p[k];
-      p[k] = keep + h;
-      const double lp = loss();
-      p[k] = keep - h;
-      const double lm = loss();
-      p[k] = keep;
-      out[k] = (lp - lm) / (2 * h);
-    }
-    return out;
-  };
-  const std::vector<double> dx_num = numeric_grad(x), dw_num = numeric_grad(w);
+  const std::vector<double> dx_num = central_differences(x, 1e-6, loss), dw_num = central_differences(w, 1e-6, loss);
 
   std::vector<double> y(rows * dim), rstd(rows);
   cpu::rmsnorm_forward<double>(x.data(), w.data(), y.data(), rstd.data(), rows, dim, eps_norm);
@@ -101,11 +77,10 @@ TEST(OpsRmsnorm, FloatDispatcherMatchesDouble) {
   rmsnorm_forward(ctx, cpu_f32(x, {rows, dim}), cpu_f32(w, {dim}), cpu_f32(y, {rows, dim}), cpu_f32(r, {rows}), 1e-6f);
   rmsnorm_backward(ctx, cpu_f32(g, {rows, dim}), cpu_f32(x, {rows, dim}), cpu_f32(w, {dim}), cpu_f32(r, {rows}),
                    cpu_f32(dx, {rows, dim}), cpu_f32(dw, {dim}));
-  auto f64 = [](const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); };
-  EXPECT_LT(rel_err(f64(y), yd), 1e-6);
-  EXPECT_LT(rel_err(f64(r), rd), 1e-6);
-  EXPECT_LT(rel_err(f64(dx), dxd), 1e-5);
-  EXPECT_LT(rel_err(f64(dw), dwd), 1e-5);
+  EXPECT_LT(rel_err(to_f64(y), yd), 1e-6);
+  EXPECT_LT(rel_err(to_f64(r), rd), 1e-6);
+  EXPECT_LT(rel_err(to_f64(dx), dxd), 1e-5);
+  EXPECT_LT(rel_err(to_f64(dw), dwd), 1e-5);
 }
 
 TEST(OpsRmsnorm, DispatcherErrorsNameTheArgument) {

@@ -15,29 +15,16 @@
 namespace hyd::kernels {
 namespace {
 
+using test::central_differences;
+using test::cpu_f32;
+using test::cpu_i32;
+using test::expect_error_mentioning;
 using test::randint;
 using test::randn;
 using test::randn_f64;
 using test::rel_err;
 
 constexpr double kPi = std::numbers::pi;
-
-Tensor cpu_f32(std::vector<float>& v, std::initializer_list<int64_t> dims) {
-  return Tensor(v.data(), DType::f32, Device::cpu(), dims);
-}
-Tensor cpu_i32(std::vector<int32_t>& v, std::initializer_list<int64_t> dims) {
-  return Tensor(v.data(), DType::i32, Device::cpu(), dims);
-}
-
-template <class F>
-void expect_error_mentioning(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected a hyd::Error mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
 
 void expect_rel_near(const std::vector<double>& got, const std::vector<double>& want, double tol) {
   ASSERT_EQ(got.size(), want.size());
@@ -265,17 +252,7 @@ TEST(OpsRope, BackwardMatchesFiniteDifferences) {
     for (size_t k = 0; k < y.size(); ++k) l += g[k] * y[k];
     return l;
   };
-  std::vector<double> numeric(x.size());
-  const double h = 1e-6;
-  for (size_t k = 0; k < x.size(); ++k) {
-    const double keep = x[k];
-    x[k] = keep + h;
-    const double lp = loss();
-    x[k] = keep - h;
-    const double lm = loss();
-    x[k] = keep;
-    numeric[k] = (lp - lm) / (2 * h);
-  }
+  const std::vector<double> numeric = central_differences(x, 1e-6, loss);
   std::vector<double> dx = g;
   cpu::rope_apply<double>(dx.data(), pos.data(), tb.cos.data(), tb.sin.data(), n, heads, d, -1);
   EXPECT_LT(rel_err(dx, numeric), 1e-8);

@@ -12,23 +12,13 @@
 namespace hyd::kernels {
 namespace {
 
+using test::central_differences;
+using test::cpu_f32;
+using test::expect_error_mentioning;
 using test::randn;
 using test::randn_f64;
 using test::rel_err;
-
-Tensor cpu_f32(std::vector<float>& v, std::initializer_list<int64_t> dims) {
-  return Tensor(v.data(), DType::f32, Device::cpu(), dims);
-}
-
-template <class F>
-void expect_error_mentioning(F&& f, const std::string& needle) {
-  try {
-    f();
-    ADD_FAILURE() << "expected a hyd::Error mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
+using test::to_f64;
 
 TEST(OpsSwiglu, ForwardIsSiluGateTimesUp) {
   ExecContext ctx(Device::cpu());
@@ -52,17 +42,7 @@ TEST(OpsSwiglu, BackwardMatchesFiniteDifferences) {
     for (int64_t k = 0; k < n * f; ++k) l += g[k] * out[k];
     return l;
   };
-  std::vector<double> numeric(in.size());
-  const double h = 1e-6;
-  for (size_t k = 0; k < in.size(); ++k) {
-    const double keep = in[k];
-    in[k] = keep + h;
-    const double lp = loss();
-    in[k] = keep - h;
-    const double lm = loss();
-    in[k] = keep;
-    numeric[k] = (lp - lm) / (2 * h);
-  }
+  const std::vector<double> numeric = central_differences(in, 1e-6, loss);
   std::vector<double> din(in.size(), std::nan(""));
   cpu::swiglu_backward<double>(g.data(), in.data(), din.data(), n, f);
   EXPECT_LT(rel_err(din, numeric), 1e-7);
@@ -83,8 +63,8 @@ TEST(OpsSwiglu, FloatDispatcherMatchesDouble) {
   std::vector<float> out(n * f, std::nanf("")), din(n * 2 * f, std::nanf(""));
   swiglu_forward(ctx, cpu_f32(in, {n, 2 * f}), cpu_f32(out, {n, f}));
   swiglu_backward(ctx, cpu_f32(g, {n, f}), cpu_f32(in, {n, 2 * f}), cpu_f32(din, {n, 2 * f}));
-  EXPECT_LT(rel_err(std::vector<double>(out.begin(), out.end()), outd), 1e-6);
-  EXPECT_LT(rel_err(std::vector<double>(din.begin(), din.end()), dind), 1e-6);
+  EXPECT_LT(rel_err(to_f64(out), outd), 1e-6);
+  EXPECT_LT(rel_err(to_f64(din), dind), 1e-6);
 }
 
 TEST(OpsSwiglu, DispatcherErrorsNameTheArgument) {

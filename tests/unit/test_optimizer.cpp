@@ -12,10 +12,6 @@
 #include "trainer/model.h"
 #include "trainer/optimizer.h"
 
-#ifdef HYD_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
-
 namespace hyd {
 namespace {
 
@@ -194,13 +190,6 @@ TEST(AdamW, NonFiniteGradientsSkipTheStep) {
   }
 }
 
-// copy_tensor's cudaMemcpy runs on the legacy stream, unordered with ExecContext's non-blocking one.
-void device_fence() {
-#ifdef HYD_WITH_CUDA
-  CHECK_CUDA(cudaDeviceSynchronize());
-#endif
-}
-
 // CUDA: f32 masters in the optimizer's arena start from the bf16 weights; every step updates the
 // masters like the formula (f32 math on the device) and rewrites the bf16 working weights as
 // bf16(master). Skipped on machines without a GPU.
@@ -230,7 +219,7 @@ TEST(AdamW, CudaKeepsF32MastersAndWritesBf16WorkingWeights) {
     p.grad = flat_grads.slice0(p.offset, p.offset + p.numel);
     infos.push_back(p);
   }
-  device_fence();
+  test::device_sync();
   const AdamWConfig cfg = test_config(2.0);
   AdamW opt(infos, Device::cuda(0), cfg);
   ExecContext ctx(Device::cuda(0));
@@ -244,7 +233,7 @@ TEST(AdamW, CudaKeepsF32MastersAndWritesBf16WorkingWeights) {
   for (int64_t t = 1; t <= 3; ++t) {
     const std::vector<float> g = test::randn(static_cast<size_t>(total), 0.3f);
     copy_tensor(flat_grads, Tensor(const_cast<float*>(g.data()), DType::f32, Device::cpu(), {total}));
-    device_fence();
+    test::device_sync();
     double sq = 0;
     for (const ParamInfo& p : infos)
       for (int64_t j = 0; j < p.numel; ++j) sq += static_cast<double>(g[p.offset + j]) * g[p.offset + j];

@@ -6,18 +6,16 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "checkpoint/safetensors.h"
 #include "distill/hf_config.h"
 #include "distill/teacher.h"
+#include "tests/common/test_util.h"
 #include "trainer/core/error.h"
 #include "trainer/model.h"
 
@@ -29,29 +27,19 @@ using json = nlohmann::json;
 
 const std::string kGolden = std::string(HYD_SOURCE_DIR) + "/tests/golden/data/";
 
-class TempDir {
+using test::expect_error;
+
+// A temp dir for broken teachers, made from writable copies of golden model folders.
+class TeacherDir : public test::TempDir {
  public:
-  TempDir() {
-    std::random_device rd;
-    path_ = fs::temp_directory_path() / ("hyd_teacher_" + std::to_string(rd()) + std::to_string(rd()));
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string str() const { return path_.string(); }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
+  TeacherDir() : test::TempDir("hyd_teacher_") {}
   // A writable copy of a golden model folder.
   std::string copy_of(const std::string& model) const {
-    const fs::path dst = path_ / model;
+    const fs::path dst = path() / model;
     fs::create_directories(dst);
     for (const char* f : {"config.json", "model.safetensors"}) fs::copy_file(kGolden + model + "/" + f, dst / f);
     return dst.string();
   }
-
- private:
-  fs::path path_;
 };
 
 json read_json(const std::string& path) {
@@ -75,19 +63,6 @@ void rewrite_safetensors(const std::string& path, Keep keep, Extra extra) {
   }
   extra(w);
   w.write(path);
-}
-
-// `fn` must throw a hyd::Error whose message holds every needle.
-template <class Fn>
-void expect_error(Fn fn, const std::vector<std::string>& needles) {
-  try {
-    fn();
-    ADD_FAILURE() << "no error thrown";
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    if (std::getenv("HYD_SHOW_ERRORS")) std::printf("error: %s\n", msg.c_str());  // to review the wording
-    for (const auto& n : needles) EXPECT_NE(msg.find(n), std::string::npos) << "'" << n << "' not in: " << msg;
-  }
 }
 
 ModelConfig parse(const json& j) { return model_config_from_hf_json(j, "cfg.json"); }
@@ -359,7 +334,7 @@ TEST(Teacher, InspectGoldenModels) {
 }
 
 TEST(Teacher, MissingTensor) {
-  TempDir tmp;
+  TeacherDir tmp;
   const std::string dir = tmp.copy_of("llama");
   const std::string st = dir + "/model.safetensors";
   rewrite_safetensors(
@@ -368,7 +343,7 @@ TEST(Teacher, MissingTensor) {
 }
 
 TEST(Teacher, WrongShape) {
-  TempDir tmp;
+  TeacherDir tmp;
   const std::string dir = tmp.copy_of("qwen3");
   const std::string st = dir + "/model.safetensors";
   rewrite_safetensors(
@@ -381,7 +356,7 @@ TEST(Teacher, WrongShape) {
 }
 
 TEST(Teacher, WrongDtype) {
-  TempDir tmp;
+  TeacherDir tmp;
   const std::string dir = tmp.copy_of("llama");
   const std::string st = dir + "/model.safetensors";
   rewrite_safetensors(
@@ -391,7 +366,7 @@ TEST(Teacher, WrongDtype) {
 }
 
 TEST(Teacher, UnexpectedTensor) {
-  TempDir tmp;
+  TeacherDir tmp;
   const std::string dir = tmp.copy_of("qwen2");
   const std::string st = dir + "/model.safetensors";
   // Harmless: rotary buffers (older exports) are ignored.
@@ -410,7 +385,7 @@ TEST(Teacher, UnexpectedTensor) {
 }
 
 TEST(Teacher, WrongModelTypeAndMissingFiles) {
-  TempDir tmp;
+  TeacherDir tmp;
   const std::string dir = tmp.copy_of("llama");
   const std::string cfg = dir + "/config.json";
   json j = read_json(cfg);
@@ -433,7 +408,7 @@ TEST(Teacher, WrongModelTypeAndMissingFiles) {
 }
 
 // The golden llama split into two shards (+ index, as save_pretrained writes above max_shard_size).
-std::string make_sharded_llama(const TempDir& tmp) {
+std::string make_sharded_llama(const TeacherDir& tmp) {
   const std::string dir = tmp.file("sharded");
   fs::create_directories(dir);
   fs::copy_file(kGolden + "llama/config.json", dir + "/config.json");
@@ -453,7 +428,7 @@ std::string make_sharded_llama(const TempDir& tmp) {
 }
 
 TEST(Teacher, ShardedCheckpointLoadsLikeSingleFile) {
-  TempDir tmp;
+  TeacherDir tmp;
   const std::string dir = make_sharded_llama(tmp);
   const TeacherInfo info = inspect_teacher(dir);
   EXPECT_EQ(info.num_parameters, 119104);

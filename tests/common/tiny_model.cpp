@@ -1,0 +1,73 @@
+#include "tests/common/tiny_model.h"
+
+#include <algorithm>
+
+namespace hyd::test {
+
+ModelConfig tiny_dense_config(bool qk_norm, bool qkv_bias, bool tied) {
+  ModelConfig c;
+  c.family = qk_norm ? "qwen3" : qkv_bias ? "qwen2" : "llama";
+  c.vocab_size = 61;
+  c.hidden_size = 32;
+  c.intermediate_size = 40;
+  c.num_layers = 2;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 8;
+  c.max_position_embeddings = 256;
+  c.qk_norm = qk_norm;
+  c.qkv_bias = qkv_bias;
+  c.tie_word_embeddings = tied;
+  c.finalize("test");
+  return c;
+}
+
+ModelConfig tiny_dense_variant(const std::string& variant) {
+  HYD_CHECK(variant == "llama" || variant == "tied" || variant == "qwen2" || variant == "qwen3",
+            "unknown tiny model variant '", variant, "'");
+  return tiny_dense_config(variant == "qwen3", variant == "qwen2", variant == "qwen3" || variant == "tied");
+}
+
+PackedBatch pack_documents(const std::vector<std::vector<int32_t>>& docs, const std::function<bool(int64_t)>& ignore) {
+  PackedBatch h;
+  h.cu_seqlens.push_back(0);
+  for (const auto& doc : docs) {
+    const int32_t len = static_cast<int32_t>(doc.size());
+    for (int32_t i = 0; i < len; ++i) {
+      h.tokens.push_back(doc[i]);
+      h.positions.push_back(i);
+      h.targets.push_back(i + 1 < len ? doc[i + 1] : -1);
+    }
+    h.cu_seqlens.push_back(h.cu_seqlens.back() + len);
+  }
+  const int64_t n = static_cast<int64_t>(h.tokens.size());
+  if (ignore)
+    for (int64_t i = 0; i < n; ++i)
+      if (ignore(i)) h.targets[i] = -1;
+  Batch& b = h.batch;
+  b.tokens = Tensor(h.tokens.data(), DType::i32, Device::cpu(), {n});
+  b.targets = Tensor(h.targets.data(), DType::i32, Device::cpu(), {n});
+  b.positions = Tensor(h.positions.data(), DType::i32, Device::cpu(), {n});
+  b.cu_seqlens = Tensor(h.cu_seqlens.data(), DType::i32, Device::cpu(), {static_cast<int64_t>(docs.size()) + 1});
+  b.num_tokens = n;
+  b.num_docs = static_cast<int64_t>(docs.size());
+  b.num_targets = std::count_if(h.targets.begin(), h.targets.end(), [](int32_t t) { return t >= 0; });
+  return h;
+}
+
+std::vector<std::vector<int32_t>> random_documents(const std::vector<int32_t>& lengths, int64_t vocab) {
+  std::vector<std::vector<int32_t>> docs;
+  for (int32_t len : lengths) docs.push_back(randint(len, 0, static_cast<int32_t>(vocab)));
+  return docs;
+}
+
+Batch upload_batch(DeviceBuffers& buffers, const PackedBatch& host) {
+  Batch b = host.batch;
+  b.tokens = buffers.upload_i32(host.tokens, {b.num_tokens});
+  b.targets = buffers.upload_i32(host.targets, {b.num_tokens});
+  b.positions = buffers.upload_i32(host.positions, {b.num_tokens});
+  b.cu_seqlens = buffers.upload_i32(host.cu_seqlens, {b.num_docs + 1});
+  return b;
+}
+
+}  // namespace hyd::test

@@ -1,0 +1,41 @@
+// Tiny dense-model configs and packed CPU batches shared by the model, golden and gpu tests.
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "tests/common/test_util.h"
+#include "trainer/model.h"
+
+namespace hyd::test {
+
+// The model tests' tiny config: V=61, D=32, F=40, L=2, Hq=4, Hkv=2, d=8, 256 positions, default
+// rms_norm_eps and rope_theta. The family is qwen3 with q/k norm, else qwen2 with a qkv bias, else llama.
+ModelConfig tiny_dense_config(bool qk_norm = false, bool qkv_bias = false, bool tied = false);
+// The same by variant: "llama", "tied" (tied embeddings), "qwen2" (qkv bias), "qwen3" (q/k norm, tied).
+ModelConfig tiny_dense_variant(const std::string& variant);
+
+// Documents packed into one CPU batch backed by host vectors: target = next token of the same
+// document, -1 at each document's end and wherever ignore(i) holds (i = token index in the batch).
+// Not copyable: `batch` views this object's vectors (moving keeps the views valid).
+struct PackedBatch {
+  std::vector<int32_t> tokens, targets, positions, cu_seqlens;
+  Batch batch;
+
+  PackedBatch() = default;
+  PackedBatch(PackedBatch&&) = default;
+  PackedBatch& operator=(PackedBatch&&) = default;
+  PackedBatch(const PackedBatch&) = delete;
+  PackedBatch& operator=(const PackedBatch&) = delete;
+};
+PackedBatch pack_documents(const std::vector<std::vector<int32_t>>& docs,
+                           const std::function<bool(int64_t)>& ignore = nullptr);
+
+// Documents of the given lengths with uniform random tokens in [0, vocab).
+std::vector<std::vector<int32_t>> random_documents(const std::vector<int32_t>& lengths, int64_t vocab);
+
+// The packed batch's tokens, targets, positions and cu_seqlens uploaded to `buffers`' device.
+Batch upload_batch(DeviceBuffers& buffers, const PackedBatch& host);
+
+}  // namespace hyd::test
