@@ -7,7 +7,8 @@
 
 namespace hyd {
 
-enum class DType : uint8_t { f32, bf16, i32, i64, u8 };
+// f64 exists for the CPU backend only: finite-difference harnesses run whole layers in double.
+enum class DType : uint8_t { f32, bf16, i32, i64, u8, f64 };
 
 constexpr size_t dtype_size(DType t) {
   switch (t) {
@@ -16,6 +17,7 @@ constexpr size_t dtype_size(DType t) {
     case DType::i32: return 4;
     case DType::i64: return 8;
     case DType::u8: return 1;
+    case DType::f64: return 8;
   }
   return 0;
 }
@@ -50,6 +52,7 @@ template <> constexpr DType dtype_of<bf16>() { return DType::bf16; }
 template <> constexpr DType dtype_of<int32_t>() { return DType::i32; }
 template <> constexpr DType dtype_of<int64_t>() { return DType::i64; }
 template <> constexpr DType dtype_of<uint8_t>() { return DType::u8; }
+template <> constexpr DType dtype_of<double>() { return DType::f64; }
 
 struct Device {
   enum class Kind : uint8_t { cpu, cuda };

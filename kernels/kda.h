@@ -1,0 +1,77 @@
+// Kimi Delta Attention core: the gated delta-rule recurrence (../shared/KDA.md is the contract).
+//
+// Per document, value head hv (q/k head h = hv / (HV / H)), token t, with alpha_t = exp(g_t):
+//   S' = Diag(alpha_t) S_{t-1}
+//   S_t = S' + beta_t k_t (v_t - S'^T k_t)^T
+//   o_t = S_t^T q_t
+// S_0 = initial_state of the document (zeros when not given). q is used as given: the layer has
+// already L2-normalised q and k and scaled q by d_k^-1/2.
+// Chunked form (chunk C = 64, KDA.md "Chunkwise form") computes the same function; the transition
+// of a span is the affine map S_out = M S_in + B (KDA.md "Chunk transition").
+//
+// Shapes (N = packed tokens, D = documents from cu_seqlens i32 [D+1]):
+//   q, k [N, H, dk]; v [N, HV, dv]; g [N, HV, dk] (log-decay, <= 0); beta [N, HV]
+//   initial_state, final_state, dinitial_state, dfinal_state [D, HV, dk, dv] (f32; may be empty)
+//   o, do [N, HV, dv]; M [D, HV, dk, dk]; B [D, HV, dk, dv]
+// dtypes: CPU f32 throughout. CUDA: q, k, v, o, do and dq, dk, dv bf16; g, beta, dg, dbeta, states,
+// M, B f32 (state arithmetic is always f32).
+#pragma once
+
+#include "trainer/core/exec_context.h"
+#include "trainer/core/tensor.h"
+
+namespace hyd::kernels {
+
+void kda_forward(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                 const Tensor& beta, const Tensor& cu_seqlens, const Tensor& initial_state, const Tensor& o,
+                 const Tensor& final_state);
+// dfinal_state / dinitial_state may be empty. All other gradients are overwritten (not accumulated).
+void kda_backward(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                  const Tensor& beta, const Tensor& cu_seqlens, const Tensor& initial_state, const Tensor& dout,
+                  const Tensor& dfinal_state, const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg,
+                  const Tensor& dbeta, const Tensor& dinitial_state);
+// Affine transition (M, B) of every document span.
+void kda_transition(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
+                    const Tensor& cu_seqlens, const Tensor& M, const Tensor& B);
+
+// Sizes shared by the raw entry points.
+struct KdaDims {
+  int64_t n = 0;         // packed tokens
+  int64_t num_docs = 0;  // documents (cu_seqlens has num_docs + 1 entries)
+  int64_t h = 0;         // q/k heads
+  int64_t hv = 0;        // value heads (multiple of h)
+  int64_t dk = 0;
+  int64_t dv = 0;
+};
+
+namespace cpu {
+// The definition: token by token. initial_state / final_state may be null.
+template <class T>
+void kda_recurrent_forward(const KdaDims& s, const T* q, const T* k, const T* v, const T* g, const T* beta,
+                           const int32_t* cu_seqlens, const T* initial_state, T* o, T* final_state);
+// The chunked form of KDA.md with chunk size `chunk` (64 in production; any size >= 1 must agree).
+template <class T>
+void kda_chunk_forward(const KdaDims& s, const T* q, const T* k, const T* v, const T* g, const T* beta,
+                       const int32_t* cu_seqlens, const T* initial_state, T* o, T* final_state, int64_t chunk);
+// Exact backward of the recurrence (reverse-time state adjoint). dfinal_state, dinitial_state,
+// initial_state may be null.
+template <class T>
+void kda_recurrent_backward(const KdaDims& s, const T* q, const T* k, const T* v, const T* g, const T* beta,
+                            const int32_t* cu_seqlens, const T* initial_state, const T* dout, const T* dfinal_state,
+                            T* dq, T* dk, T* dv, T* dg, T* dbeta, T* dinitial_state);
+template <class T>
+void kda_transition(const KdaDims& s, const T* k, const T* v, const T* g, const T* beta, const int32_t* cu_seqlens,
+                    T* M, T* B);
+}  // namespace cpu
+
+namespace cuda {
+void kda_forward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                 const int32_t* cu_seqlens, const float* initial_state, bf16* o, float* final_state, void* stream);
+void kda_backward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                  const int32_t* cu_seqlens, const float* initial_state, const bf16* dout, const float* dfinal_state,
+                  bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* dinitial_state, void* stream);
+void kda_transition(const KdaDims& s, const bf16* k, const bf16* v, const float* g, const float* beta,
+                    const int32_t* cu_seqlens, float* M, float* B, void* stream);
+}  // namespace cuda
+
+}  // namespace hyd::kernels
