@@ -5,9 +5,38 @@
 #include <cstdio>
 #include <cstring>
 
+#include <cstdlib>
+#include <string>
+
+#include "trainer/core/dtype.h"
 #include "trainer/core/error.h"
 
+#ifdef HYD_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
 namespace hyd {
+
+double device_peak_flops(const Device& device) {
+  if (const char* env = std::getenv("HYD_PEAK_TFLOPS")) {
+    const double tf = std::atof(env);
+    if (tf > 0) return tf * 1e12;
+  }
+  if (!device.is_cuda()) return 0;
+#ifdef HYD_WITH_CUDA
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, device.index) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  const std::string name = prop.name;
+  const bool pcie = name.find("PCIe") != std::string::npos;
+  if (name.find("H100") != std::string::npos) return pcie ? 756e12 : 989e12;
+  if (name.find("H200") != std::string::npos || name.find("GH200") != std::string::npos) return 989e12;
+  if (name.find("A100") != std::string::npos) return 312e12;
+#endif
+  return 0;
+}
 
 double estimate_eta(double seconds_so_far, int64_t done, int64_t total) {
   if (done <= 0 || done >= total) return 0;
@@ -21,6 +50,11 @@ std::string StepMetrics::line() const {
                 format_count(tokens_per_s).c_str(), static_cast<double>(memory_bytes) / 1e6,
                 format_duration(eta_s).c_str());
   std::string s = buf;
+  if (mfu >= 0) {
+    char m[32];
+    std::snprintf(m, sizeof m, " | mfu %.1f%%", 100.0 * mfu);
+    s.insert(s.find(" | mem "), m);
+  }
   if (skipped_steps > 0) s += " | skipped " + std::to_string(skipped_steps);
   return s;
 }
@@ -37,6 +71,7 @@ nlohmann::json StepMetrics::json() const {
   j["memory_bytes"] = memory_bytes;
   j["skipped_steps"] = skipped_steps;
   j["eta_s"] = eta_s;
+  if (mfu >= 0) j["mfu"] = mfu;
   return j;
 }
 

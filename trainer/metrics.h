@@ -1,6 +1,6 @@
 // Training metrics: the human progress line on stdout and the machine-readable metrics.jsonl.
 //
-//   step 120/200 | loss 3.412 | lr 2.9e-04 | gnorm 0.83 | 41.2k tok/s | mem 210 MB | eta 0:35
+//   step 120/200 | loss 3.412 | lr 2.9e-04 | gnorm 0.83 | 41.2k tok/s | mfu 38.1% | mem 210 MB | eta 0:35
 //   {"step":120,"loss":3.412,"lr":0.00029,"grad_norm":0.83,"tokens_per_s":41200.0,"tokens":...,"elapsed_s":...}
 #pragma once
 
@@ -8,6 +8,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+
+#include "trainer/core/dtype.h"
 
 namespace hyd {
 
@@ -23,10 +25,16 @@ struct StepMetrics {
   size_t memory_bytes = 0;    // parameters, gradients, activations, optimizer state, batch buffers
   int64_t skipped_steps = 0;  // steps whose update was skipped (non-finite loss or gradient) so far
   double eta_s = 0;           // estimated seconds to the end
+  double mfu = -1;            // model FLOPs utilisation in [0, 1]; < 0 when the device's peak is unknown
 
   std::string line() const;
   nlohmann::json json() const;
 };
+
+// Dense bf16 tensor-core peak of a device in FLOP/s, for MFU: HYD_PEAK_TFLOPS overrides; known
+// NVIDIA data-centre GPUs by name (H100/H200 SXM 989 TFLOP/s, H100 PCIe 756, A100 312); 0 when
+// unknown (CPUs included), in which case MFU is not reported.
+double device_peak_flops(const Device& device);
 
 // Seconds left for the remaining steps at the average pace of the `done` steps so far.
 double estimate_eta(double seconds_so_far, int64_t done, int64_t total);

@@ -244,6 +244,9 @@ TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, 
   }
 
   ExecContext ctx(device);
+  // MFU counts the model's forward + backward FLOPs (ModelConfig::train_flops_per_token).
+  const double peak_flops = device_peak_flops(device);
+  const double flops_per_token = mc.train_flops_per_token(T);
   DenseModel model(mc, device, micro_tokens);
   model.init_random(cfg.train.seed);
   AdamW optimizer(model, cfg.train.adamw());
@@ -358,6 +361,7 @@ TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, 
       sm.skipped_steps = skipped;
       // ETA from the training time only: evaluations are few and short.
       sm.eta_s = estimate_eta(sm.elapsed_s - eval_seconds, step + 1, steps);
+      if (peak_flops > 0) sm.mfu = sm.tokens_per_s * flops_per_token / peak_flops;
       out << sm.line() << std::endl;
       metrics.write(sm.json());
       result.final_train_loss = sm.loss;
