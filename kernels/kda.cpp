@@ -1,0 +1,223 @@
+// Dispatchers for the KDA core (see kernels/kda.h): argument validation naming the op and the
+// argument, then the CPU reference (f32 -> cpu::<float>, f64 -> cpu::<double>; the forward is the
+// token-by-token recurrence, the definition) or the CUDA kernels, chosen by the tensors' device.
+// cu_seqlens contents are checked here for CPU tensors; on CUDA they live on the device and are
+// trusted (the batch builder checks them on the host before upload).
+#include "kernels/kda.h"
+
+#include "kernels/dispatch.h"
+
+namespace hyd::kernels {
+
+namespace {
+
+// Validates one op's arguments against the sizes read from the leading tensors. CPU: every floating
+// tensor has the dtype of the first one (f32, or f64 for finite-difference harnesses). CUDA:
+// activations (q, k, v, o, dout, dq, dk, dv) bf16; gates, states and their gradients f32.
+class KdaArgs {
+ public:
+  KdaArgs(const char* op, const Tensor& lead, const char* lead_name) : op_(op), lead_(lead) {
+    if (lead.device.is_cpu()) {
+      if (lead.dtype != DType::f32 && lead.dtype != DType::f64)
+        HYD_THROW(op, ": argument '", lead_name, "' has dtype ", dtype_name(lead.dtype),
+                  ", expected f32 or f64 on the CPU");
+      activation_ = state_ = lead.dtype;
+    } else {
+      activation_ = DType::bf16;
+      state_ = DType::f32;
+    }
+  }
+
+  void activation(const Tensor& t, std::initializer_list<int64_t> dims, const char* name) const {
+    check(t, dims, activation_, name);
+  }
+  void state(const Tensor& t, std::initializer_list<int64_t> dims, const char* name) const {
+    check(t, dims, state_, name);
+  }
+  // Optional tensors (initial/final states and their gradients) may be empty.
+  void optional_state(const Tensor& t, std::initializer_list<int64_t> dims, const char* name) const {
+    if (!t.empty()) check(t, dims, state_, name);
+  }
+  // Offsets of the documents: i32 [D + 1], 0 = cu[0] <= cu[1] <= ... <= cu[D] = n (contents checked on the CPU only).
+  void cu_seqlens(const Tensor& t, int64_t n) const {
+    expect_shape(t, {-1}, op_, "cu_seqlens");
+    if (t.shape[0] < 1) HYD_THROW(op_, ": argument 'cu_seqlens' is empty, expected [num_docs + 1]");
+    expect_dtype(t, DType::i32, op_, "cu_seqlens");
+    same_device(t, "cu_seqlens");
+    if (!t.device.is_cpu()) return;
+    const int32_t* cu = t.ptr<int32_t>();
+    const int64_t docs = t.shape[0] - 1;
+    if (cu[0] != 0) HYD_THROW(op_, ": argument 'cu_seqlens' starts at ", cu[0], ", expected 0");
+    for (int64_t d = 0; d < docs; ++d)
+      if (cu[d + 1] < cu[d]) HYD_THROW(op_, ": argument 'cu_seqlens' decreases after document ", d);
+    if (cu[docs] != n) HYD_THROW(op_, ": argument 'cu_seqlens' ends at ", cu[docs], ", expected the token count ", n);
+  }
+
+ private:
+  void check(const Tensor& t, std::initializer_list<int64_t> dims, DType dtype, const char* name) const {
+    expect_shape(t, dims, op_, name);
+    expect_dtype(t, dtype, op_, name);
+    same_device(t, name);
+  }
+  void same_device(const Tensor& t, const char* name) const {
+    if (!(t.device == lead_.device))
+      HYD_THROW(op_, ": argument '", name, "' is on ", t.device.str(), " but the other tensors are on ",
+                lead_.device.str(), " (tensors on different devices)");
+  }
+
+  const char* op_;
+  const Tensor& lead_;
+  DType activation_, state_;
+};
+
+// Sizes from q/k [N, H, dk], v [N, HV, dv] (or, for the transition, k and v alone) and cu_seqlens.
+KdaDims read_dims(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, const char* op) {
+  expect_shape(k, {-1, -1, -1}, op, "k");
+  KdaDims s;
+  s.n = k.shape[0];
+  s.h = k.shape[1];
+  s.dk = k.shape[2];
+  expect_shape(v, {s.n, -1, -1}, op, "v");
+  s.hv = v.shape[1];
+  s.dv = v.shape[2];
+  if (s.h == 0 || s.hv % s.h != 0 || s.hv == 0)
+    HYD_THROW(op, ": argument 'v' has ", s.hv, " value heads, which must be a positive multiple of the ", s.h,
+              " q/k heads of 'k'");
+  if (s.dk == 0 || s.dv == 0) HYD_THROW(op, ": head dims of 'k' (", s.dk, ") and 'v' (", s.dv, ") must be positive");
+  expect_shape(cu_seqlens, {-1}, op, "cu_seqlens");
+  s.num_docs = cu_seqlens.shape[0] - 1;
+  return s;
+}
+
+// Arguments shared by forward and backward.
+void check_inputs(const KdaArgs& a, const KdaDims& s, const Tensor& q, const Tensor& k, const Tensor& v,
+                  const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens, const Tensor& initial_state) {
+  a.activation(q, {s.n, s.h, s.dk}, "q");
+  a.activation(k, {s.n, s.h, s.dk}, "k");
+  a.activation(v, {s.n, s.hv, s.dv}, "v");
+  a.state(g, {s.n, s.hv, s.dk}, "g");
+  a.state(beta, {s.n, s.hv}, "beta");
+  a.cu_seqlens(cu_seqlens, s.n);
+  a.optional_state(initial_state, {s.num_docs, s.hv, s.dk, s.dv}, "initial_state");
+}
+
+template <class T>
+const T* opt_ptr(const Tensor& t) {
+  return t.empty() ? nullptr : t.ptr<T>();
+}
+template <class T>
+T* opt_mut(const Tensor& t) {
+  return t.empty() ? nullptr : t.ptr<T>();
+}
+
+}  // namespace
+
+void kda_forward(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                 const Tensor& beta, const Tensor& cu_seqlens, const Tensor& initial_state, const Tensor& o,
+                 const Tensor& final_state) {
+  constexpr const char* op = "kda_forward";
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  const KdaArgs a(op, q, "q");
+  check_inputs(a, s, q, k, v, g, beta, cu_seqlens, initial_state);
+  a.activation(o, {s.n, s.hv, s.dv}, "o");
+  a.optional_state(final_state, {s.num_docs, s.hv, s.dk, s.dv}, "final_state");
+  if (q.device.is_cpu()) {
+    if (q.dtype == DType::f64)
+      cpu::kda_recurrent_forward<double>(s, q.ptr<double>(), k.ptr<double>(), v.ptr<double>(), g.ptr<double>(),
+                                         beta.ptr<double>(), cu_seqlens.ptr<int32_t>(), opt_ptr<double>(initial_state),
+                                         o.ptr<double>(), opt_mut<double>(final_state));
+    else
+      cpu::kda_recurrent_forward<float>(s, q.ptr<float>(), k.ptr<float>(), v.ptr<float>(), g.ptr<float>(),
+                                        beta.ptr<float>(), cu_seqlens.ptr<int32_t>(), opt_ptr<float>(initial_state),
+                                        o.ptr<float>(), opt_mut<float>(final_state));
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  if (q.device.is_cuda()) {
+    check_context(ctx, q, op);
+    cuda::kda_forward(s, q.ptr<bf16>(), k.ptr<bf16>(), v.ptr<bf16>(), g.ptr<float>(), beta.ptr<float>(),
+                      cu_seqlens.ptr<int32_t>(), opt_ptr<float>(initial_state), o.ptr<bf16>(),
+                      opt_mut<float>(final_state), ctx.stream());
+    return;
+  }
+#endif
+  unsupported(op, q);
+}
+
+void kda_backward(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                  const Tensor& beta, const Tensor& cu_seqlens, const Tensor& initial_state, const Tensor& dout,
+                  const Tensor& dfinal_state, const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg,
+                  const Tensor& dbeta, const Tensor& dinitial_state) {
+  constexpr const char* op = "kda_backward";
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  const KdaArgs a(op, q, "q");
+  check_inputs(a, s, q, k, v, g, beta, cu_seqlens, initial_state);
+  a.activation(dout, {s.n, s.hv, s.dv}, "dout");
+  a.optional_state(dfinal_state, {s.num_docs, s.hv, s.dk, s.dv}, "dfinal_state");
+  a.activation(dq, {s.n, s.h, s.dk}, "dq");
+  a.activation(dk, {s.n, s.h, s.dk}, "dk");
+  a.activation(dv, {s.n, s.hv, s.dv}, "dv");
+  a.state(dg, {s.n, s.hv, s.dk}, "dg");
+  a.state(dbeta, {s.n, s.hv}, "dbeta");
+  a.optional_state(dinitial_state, {s.num_docs, s.hv, s.dk, s.dv}, "dinitial_state");
+  if (q.device.is_cpu()) {
+    if (q.dtype == DType::f64)
+      cpu::kda_recurrent_backward<double>(s, q.ptr<double>(), k.ptr<double>(), v.ptr<double>(), g.ptr<double>(),
+                                          beta.ptr<double>(), cu_seqlens.ptr<int32_t>(), opt_ptr<double>(initial_state),
+                                          dout.ptr<double>(), opt_ptr<double>(dfinal_state), dq.ptr<double>(),
+                                          dk.ptr<double>(), dv.ptr<double>(), dg.ptr<double>(), dbeta.ptr<double>(),
+                                          opt_mut<double>(dinitial_state));
+    else
+      cpu::kda_recurrent_backward<float>(s, q.ptr<float>(), k.ptr<float>(), v.ptr<float>(), g.ptr<float>(),
+                                         beta.ptr<float>(), cu_seqlens.ptr<int32_t>(), opt_ptr<float>(initial_state),
+                                         dout.ptr<float>(), opt_ptr<float>(dfinal_state), dq.ptr<float>(),
+                                         dk.ptr<float>(), dv.ptr<float>(), dg.ptr<float>(), dbeta.ptr<float>(),
+                                         opt_mut<float>(dinitial_state));
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  if (q.device.is_cuda()) {
+    check_context(ctx, q, op);
+    cuda::kda_backward(s, q.ptr<bf16>(), k.ptr<bf16>(), v.ptr<bf16>(), g.ptr<float>(), beta.ptr<float>(),
+                       cu_seqlens.ptr<int32_t>(), opt_ptr<float>(initial_state), dout.ptr<bf16>(),
+                       opt_ptr<float>(dfinal_state), dq.ptr<bf16>(), dk.ptr<bf16>(), dv.ptr<bf16>(), dg.ptr<float>(),
+                       dbeta.ptr<float>(), opt_mut<float>(dinitial_state), ctx.stream());
+    return;
+  }
+#endif
+  unsupported(op, q);
+}
+
+void kda_transition(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
+                    const Tensor& cu_seqlens, const Tensor& M, const Tensor& B) {
+  constexpr const char* op = "kda_transition";
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  const KdaArgs a(op, k, "k");
+  a.activation(k, {s.n, s.h, s.dk}, "k");
+  a.activation(v, {s.n, s.hv, s.dv}, "v");
+  a.state(g, {s.n, s.hv, s.dk}, "g");
+  a.state(beta, {s.n, s.hv}, "beta");
+  a.cu_seqlens(cu_seqlens, s.n);
+  a.state(M, {s.num_docs, s.hv, s.dk, s.dk}, "M");
+  a.state(B, {s.num_docs, s.hv, s.dk, s.dv}, "B");
+  if (k.device.is_cpu()) {
+    if (k.dtype == DType::f64)
+      cpu::kda_transition<double>(s, k.ptr<double>(), v.ptr<double>(), g.ptr<double>(), beta.ptr<double>(),
+                                  cu_seqlens.ptr<int32_t>(), M.ptr<double>(), B.ptr<double>());
+    else
+      cpu::kda_transition<float>(s, k.ptr<float>(), v.ptr<float>(), g.ptr<float>(), beta.ptr<float>(),
+                                 cu_seqlens.ptr<int32_t>(), M.ptr<float>(), B.ptr<float>());
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  if (k.device.is_cuda()) {
+    check_context(ctx, k, op);
+    cuda::kda_transition(s, k.ptr<bf16>(), v.ptr<bf16>(), g.ptr<float>(), beta.ptr<float>(), cu_seqlens.ptr<int32_t>(),
+                         M.ptr<float>(), B.ptr<float>(), ctx.stream());
+    return;
+  }
+#endif
+  unsupported(op, k);
+}
+
+}  // namespace hyd::kernels
