@@ -1,0 +1,159 @@
+// CUDA KDA core (kernels/kda.h): the chunkwise form of ../shared/KDA.md with C = 64, first version
+// (correctness first: fp32 CUDA-core arithmetic everywhere, bf16 only as the storage of q, k, v, o,
+// do, dq, dk, dv). The kernels are the block programs of kernels/cuda/kda_chunk.cuh, run here with
+// one generic __global__ per program; the same programs run serially on the host in the emulation
+// test (tests/gpu/test_gpu_kda.cpp).
+//
+// ---- Forward (KDA.md notation; one document, one value head, chunk rows r, c in [0, L), L <= C;
+// rows past L are zero-padded, so G stays constant there and G_last = G_{C-1}):
+//   G_r = sum_{r' <= r} g_r'                    (per channel i)
+//   A[r,c] = beta_r sum_i k_r[i] k_c[i] exp(G_r[i] - G_c[i])          c < r
+//   X = (I + A)^-1 (forward substitution),  T = X Diag(beta)
+//   w = T (exp(G) * k),  u = T v,  Aqk[r,c] = sum_i q_r[i] k_c[i] exp(G_r[i] - G_c[i])   c <= r
+//   qg = q * exp(G),  kg = k * exp(G_last - G),  gl = exp(G_last)
+//   per chunk with incoming S:  v_new = u - w S;  o = qg S + Aqk v_new;  S' = Diag(gl) S + kg^T v_new
+// Kernel 1 (per chunk, value head) computes the state-free quantities into global scratch; kernel 2
+// (per document, value head, 32-column tile of the state) runs the state pass over the chunks.
+// Transition: B = the state pass from S = 0; M = the same pass with u = 0 from S = I (dk columns),
+// since S' = (Diag(gl) - kg^T w) S + kg^T u.
+//
+// ---- Backward: the chunked adjoint (write X̄ = dL/dX). The forward state pass is re-run keeping
+// S_in and v_new of every chunk; then, with S̄ = S̄_out of a chunk (dfinal_state for the last):
+//   v_new feeds o and S':     v̄_new = Aqk^T ō + kg S̄
+//   S feeds o, v_new, S':     S̄_in = Diag(gl) S̄ + qg^T ō - w^T v̄_new          (reverse pass, kernel 3)
+//   products over d_v (kernel 4):
+//     q̄g = ō S^T,  k̄g = v_new S̄^T,  w̄ = -v̄_new S^T,  ḡl[i] = exp(G_last[i]) sum_j S[i,j] S̄[i,j]
+//     Āqk = ō v_new^T (c <= r),  ū = v̄_new,  v̄ = T^T ū  (v enters only through u)
+//   through T and the UT transform (kernel 5):
+//     T̄ = ū v^T + w̄ kG^T (kG = exp(G) * k; only c <= r matters),  k̄G = T^T w̄
+//     T = X Diag(beta):   β̄_c += sum_r T̄[r,c] X[r,c],  X̄ = T̄ Diag(beta)
+//     X = (I + A)^-1:     Ā = -X^T X̄ X^T, kept strictly below the diagonal (A's free entries);
+//                         the upper part of X̄ cannot reach it because X^T is upper triangular
+//     A = Diag(beta) Ak:  β̄_r += sum_c Ā[r,c] Ak[r,c],  P = Diag(beta) Ā
+//   and per element (r, i), E_rc = exp(G_r[i] - G_c[i]):
+//     q̄_r += q̄g_r exp(G_r) + sum_{c<=r} Āqk[r,c] k_c E_rc
+//     k̄_r += k̄g_r exp(G_last - G_r) + k̄G_r exp(G_r) + sum_{c<r} P[r,c] k_c E_rc
+//            + sum_{r'>r} P[r',r] k_r' E_r'r + sum_{r'>=r} Āqk[r',r] q_r' E_r'r
+//     Ḡ_r  = q̄g q exp(G_r) - k̄g k exp(G_last - G_r) + k̄G k exp(G_r) + k_r sum_{c<r} P k_c E
+//            + q_r sum_{c<=r} Āqk k_c E - k_r sum_{r'>r} P k_r' E - k_r sum_{r'>=r} Āqk q_r' E
+//     Ḡ_last += ḡl + sum_r' k̄g_r' kg_r'   (added to row L-1)
+//     ḡ_r = sum_{r' >= r} Ḡ_r'   (G is a cumulative sum: reverse cumulative sum within the chunk)
+// dq and dk are summed over the value heads of each q/k head's group at the end (kernel 6).
+// The derivation was checked against finite differences of the recurrence in float64 (numpy) and the
+// programs against the CPU reference through the host emulation.
+//
+// Scratch: one cudaMallocAsync'd buffer per call (stream-ordered, freed after the last kernel),
+// sized from (max chunks, HV, dk, dv) by kda_chunk::carve_scratch; in the backward about
+// 480 KB per (chunk, value head) at dk = dv = 128 plus 8 N HV dk bytes.
+// TODO(perf), in the order they should pay: tensor-core (mma/wgmma, bf16 operands) products in all
+// kernels; state pass with the state in registers and all of dv per block (fewer w/kg reads);
+// fused backward (reverse pass + kernel 4 + kernel 5 per chunk) without the dS_out / v̄_new
+// round trips; bf16 scratch for w, u, qg, kg; a blocked inverse instead of 63 barrier steps.
+#include "kernels/cuda/common.cuh"
+#include "kernels/cuda/kda_chunk.cuh"
+#include "kernels/kda.h"
+
+namespace hyd::kernels::cuda {
+
+using namespace cuda_detail;
+
+namespace {
+
+using kda_chunk::BlockIdx;
+using kda_chunk::Grid;
+using kda_chunk::kThreads;
+
+template <class P>
+__global__ void __launch_bounds__(kThreads) kda_block_kernel(const P p) {
+  extern __shared__ float4 kda_smem[];
+  kda_chunk::DeviceExec ex;
+  p(ex, reinterpret_cast<char*>(kda_smem), BlockIdx{blockIdx.x, blockIdx.y, blockIdx.z});
+}
+
+constexpr size_t kMaxSmem = 227 * 1024;  // H100 opt-in limit per block
+
+struct DeviceLauncher {
+  cudaStream_t stream;
+  template <class P>
+  void launch(Grid g, size_t smem_bytes, const P& p) {
+    if (g.x == 0 || g.y == 0 || g.z == 0) return;
+    HYD_CHECK(g.x <= 0x7fffffffLL && g.y <= 65535 && g.z <= 65535, "kda: grid (", g.x, ", ", g.y, ", ", g.z,
+              ") exceeds the CUDA limits");
+    HYD_CHECK(smem_bytes <= kMaxSmem, "kda: ", smem_bytes, " bytes of shared memory exceed the per-block limit");
+    if (smem_bytes > 48 * 1024)
+      CHECK_CUDA(cudaFuncSetAttribute(kda_block_kernel<P>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem_bytes)));
+    const dim3 grid(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
+    kda_block_kernel<P><<<grid, kThreads, smem_bytes, stream>>>(p);
+    CHECK_LAUNCH();
+  }
+};
+
+// Stream-ordered scratch of one call: allocated on the stream, freed on it when the scope ends
+// (after every kernel that uses it has been enqueued).
+class StreamScratch {
+ public:
+  StreamScratch(size_t floats, cudaStream_t stream) : stream_(stream) {
+    CHECK_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&ptr_), floats * sizeof(float), stream));
+  }
+  ~StreamScratch() { (void)cudaFreeAsync(ptr_, stream_); }  // a destructor must not throw
+  StreamScratch(const StreamScratch&) = delete;
+  StreamScratch& operator=(const StreamScratch&) = delete;
+  float* get() const { return ptr_; }
+
+ private:
+  float* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
+void check_dims(const KdaDims& s, const char* op) {
+  HYD_CHECK(s.h > 0 && s.hv > 0 && s.hv % s.h == 0 && s.hv <= 65535, op, ": value heads ", s.hv,
+            " must be a positive multiple of the ", s.h, " q/k heads (and at most 65535)");
+  HYD_CHECK(s.dk == 32 || s.dk == 64 || s.dk == 128, op, ": the CUDA kernels support dk 32, 64 or 128, got ", s.dk);
+  HYD_CHECK(s.dv % kda_chunk::kTile == 0 && s.dv >= 32 && s.dv <= 128, op,
+            ": the CUDA kernels support dv 32, 64, 96 or 128, got ", s.dv);
+  HYD_CHECK(s.n >= 0 && s.num_docs >= 0 && s.n + (kda_chunk::kChunk - 1) * s.num_docs < (int64_t(1) << 31), op, ": ",
+            s.n, " tokens in ", s.num_docs, " documents exceed the 32-bit chunk index");
+}
+
+}  // namespace
+
+void kda_forward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                 const int32_t* cu_seqlens, const float* initial_state, bf16* o, float* final_state, void* stream) {
+  check_dims(s, "kda_forward");
+  if (s.num_docs == 0) return;
+  cudaStream_t st = as_stream(stream);
+  kda_chunk::Scratch sc;
+  StreamScratch buf(kda_chunk::carve_scratch(nullptr, s, kda_chunk::Pass::forward, sc), st);
+  kda_chunk::carve_scratch(buf.get(), s, kda_chunk::Pass::forward, sc);
+  DeviceLauncher launcher{st};
+  kda_chunk::run_forward(launcher, s, q, k, v, g, beta, cu_seqlens, initial_state, o, final_state, sc);
+}
+
+void kda_backward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                  const int32_t* cu_seqlens, const float* initial_state, const bf16* dout, const float* dfinal_state,
+                  bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* dinitial_state, void* stream) {
+  check_dims(s, "kda_backward");
+  if (s.num_docs == 0) return;
+  cudaStream_t st = as_stream(stream);
+  kda_chunk::Scratch sc;
+  StreamScratch buf(kda_chunk::carve_scratch(nullptr, s, kda_chunk::Pass::backward, sc), st);
+  kda_chunk::carve_scratch(buf.get(), s, kda_chunk::Pass::backward, sc);
+  DeviceLauncher launcher{st};
+  kda_chunk::run_backward(launcher, s, q, k, v, g, beta, cu_seqlens, initial_state, dout, dfinal_state, dq, dk, dv, dg,
+                          dbeta, dinitial_state, sc);
+}
+
+void kda_transition(const KdaDims& s, const bf16* k, const bf16* v, const float* g, const float* beta,
+                    const int32_t* cu_seqlens, float* M, float* B, void* stream) {
+  check_dims(s, "kda_transition");
+  if (s.num_docs == 0) return;
+  cudaStream_t st = as_stream(stream);
+  kda_chunk::Scratch sc;
+  StreamScratch buf(kda_chunk::carve_scratch(nullptr, s, kda_chunk::Pass::transition, sc), st);
+  kda_chunk::carve_scratch(buf.get(), s, kda_chunk::Pass::transition, sc);
+  DeviceLauncher launcher{st};
+  kda_chunk::run_transition(launcher, s, k, v, g, beta, cu_seqlens, M, B, sc);
+}
+
+}  // namespace hyd::kernels::cuda

@@ -1,0 +1,370 @@
+// CUDA KDA core (kernels/cuda/kda.cu) against the CPU reference (kernels/cpu/kda.cpp: the token-by-
+// token recurrence, its exact backward and the transition) on the same bf16-rounded inputs.
+// Inputs are fresh random numbers every run (HYD_TEST_SEED replays): q, k unit-norm per head (q
+// scaled by dk^-1/2, as the layer feeds them), log-decay g mixed per element (near 0, moderate,
+// down to -20) or all near 0 or all strong, beta mixed (near 0, near 1, uniform); documents of
+// lengths 1, 63, 64, 65, 200 and 1000 in one packed batch; GQA with HV = 2H; with and without
+// initial state / final-state gradient. Outputs are poisoned (NaN) before every run.
+// Tolerances (rel_err = ||out - ref|| / ||ref||, measured values are printed): bf16 outputs o, dq,
+// dk, dv < 1e-2 (rounded once from fp32: ~1.7e-3 measured); fp32 outputs final state, dg, dbeta,
+// dinitial_state, M, B < 2e-3 (they differ from the reference only by fp32 arithmetic in another
+// order, see kF32Tol).
+//
+// KdaChunkEmulation runs the very same block programs (kernels/cuda/kda_chunk.cuh) serially on the
+// host, shared memory and scratch filled with NaN, threads of a phase in both orders, so the kernels'
+// indexing and barriers are checked on machines without a GPU too (run the binary directly: under
+// ctest the gpu label skips it there).
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/kda_chunk.cuh"
+#include "kernels/kda.h"
+#include "tests/common/test_util.h"
+
+namespace hyd::kernels {
+namespace {
+
+using test::all_finite;
+using test::DeviceBuffers;
+using test::randn;
+using test::rel_err;
+using test::rng;
+using test::round_bf16;
+
+constexpr double kBf16Tol = 1e-2;
+// fp32 outputs: measured up to ~4e-4 (dg with all gates in [-20, -5]: the chunk form works with
+// cumulative sums |G| ~ 1e3 whose differences lose fp32 digits, and dg is a sum of cancelling
+// terms there); 1e-6 .. 1e-5 otherwise.
+constexpr double kF32Tol = 2e-3;
+
+enum class Gates { mixed, near_zero, strong };
+
+float uniform(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng()); }
+
+struct Problem {
+  KdaDims s;
+  std::vector<int32_t> cu;
+  // q, k, v, dout bf16-rounded; init / dfinal empty when absent.
+  std::vector<float> q, k, v, g, beta, init, dout, dfinal;
+  int64_t state_size() const { return s.num_docs * s.hv * s.dk * s.dv; }
+};
+
+Problem make_problem(const std::vector<int32_t>& lengths, int64_t h, int64_t hv, int64_t dk, int64_t dv, bool initial,
+                     Gates gates) {
+  Problem p;
+  p.cu = {0};
+  for (int32_t len : lengths) p.cu.push_back(p.cu.back() + len);
+  p.s = KdaDims{p.cu.back(), static_cast<int64_t>(lengths.size()), h, hv, dk, dv};
+  const int64_t n = p.s.n;
+  p.q = randn(n * h * dk);
+  p.k = randn(n * h * dk);
+  for (int64_t row = 0; row < n * h; ++row) {
+    double nq = 0, nk = 0;
+    for (int64_t i = 0; i < dk; ++i) {
+      nq += double(p.q[row * dk + i]) * p.q[row * dk + i];
+      nk += double(p.k[row * dk + i]) * p.k[row * dk + i];
+    }
+    for (int64_t i = 0; i < dk; ++i) {
+      p.q[row * dk + i] = static_cast<float>(p.q[row * dk + i] / std::sqrt(nq * static_cast<double>(dk)));
+      p.k[row * dk + i] = static_cast<float>(p.k[row * dk + i] / std::sqrt(nk));
+    }
+  }
+  p.q = round_bf16(p.q);
+  p.k = round_bf16(p.k);
+  p.v = round_bf16(randn(n * hv * dv));
+  p.dout = round_bf16(randn(n * hv * dv));
+  p.g.resize(n * hv * dk);
+  for (float& x : p.g) {
+    const int kind = gates == Gates::near_zero ? 0 : gates == Gates::strong ? 2 : static_cast<int>(uniform(0, 3));
+    x = kind == 0 ? -uniform(0, 1e-3f) : kind == 1 ? -uniform(0, 2) : -uniform(5, 20);
+  }
+  p.beta.resize(n * hv);
+  for (float& b : p.beta) {
+    const int kind = static_cast<int>(uniform(0, 3));
+    b = kind == 0 ? uniform(0, 1e-3f) : kind == 1 ? 1 - uniform(0, 1e-3f) : uniform(0, 1);
+  }
+  if (initial) {
+    p.init = randn(p.state_size(), 0.5f);
+    p.dfinal = randn(p.state_size(), 0.5f);
+  }
+  return p;
+}
+
+std::string describe(const Problem& p, const char* gates, bool initial) {
+  return "H=" + std::to_string(p.s.h) + " HV=" + std::to_string(p.s.hv) + " dk=" + std::to_string(p.s.dk) +
+         " dv=" + std::to_string(p.s.dv) + " N=" + std::to_string(p.s.n) + " gates=" + gates +
+         (initial ? " with initial state" : " no initial state");
+}
+
+// Every output of forward, backward and transition, as f32.
+struct Outputs {
+  std::vector<float> o, fin, dq, dk, dv, dg, dbeta, dinit, M, B;
+};
+
+const float* opt(const std::vector<float>& v) { return v.empty() ? nullptr : v.data(); }
+
+Outputs reference(const Problem& p) {
+  const KdaDims& s = p.s;
+  const int64_t n = s.n;
+  Outputs r;
+  r.o.assign(n * s.hv * s.dv, NAN);
+  r.fin.assign(p.state_size(), NAN);
+  r.dq.assign(n * s.h * s.dk, NAN);
+  r.dk.assign(n * s.h * s.dk, NAN);
+  r.dv.assign(n * s.hv * s.dv, NAN);
+  r.dg.assign(n * s.hv * s.dk, NAN);
+  r.dbeta.assign(n * s.hv, NAN);
+  r.dinit.assign(p.state_size(), NAN);
+  r.M.assign(s.num_docs * s.hv * s.dk * s.dk, NAN);
+  r.B.assign(p.state_size(), NAN);
+  cpu::kda_recurrent_forward<float>(s, p.q.data(), p.k.data(), p.v.data(), p.g.data(), p.beta.data(), p.cu.data(),
+                                    opt(p.init), r.o.data(), r.fin.data());
+  cpu::kda_recurrent_backward<float>(s, p.q.data(), p.k.data(), p.v.data(), p.g.data(), p.beta.data(), p.cu.data(),
+                                     opt(p.init), p.dout.data(), opt(p.dfinal), r.dq.data(), r.dk.data(), r.dv.data(),
+                                     r.dg.data(), r.dbeta.data(), r.dinit.data());
+  cpu::kda_transition<float>(s, p.k.data(), p.v.data(), p.g.data(), p.beta.data(), p.cu.data(), r.M.data(), r.B.data());
+  return r;
+}
+
+void expect_close(const std::vector<float>& out, const std::vector<float>& ref, double tol, const std::string& what) {
+  ASSERT_EQ(out.size(), ref.size()) << what;
+  const double e = rel_err(out, ref);
+  std::printf("  %-24s rel_err %.3g (tol %.0e)\n", what.c_str(), e, tol);
+  EXPECT_LT(e, tol) << what << ": rel_err " << e;
+  EXPECT_TRUE(all_finite(out)) << what << " holds NaN/Inf";
+}
+
+void compare(const Outputs& out, const Outputs& ref) {
+  expect_close(out.o, ref.o, kBf16Tol, "o (bf16)");
+  expect_close(out.fin, ref.fin, kF32Tol, "final_state (f32)");
+  expect_close(out.dq, ref.dq, kBf16Tol, "dq (bf16)");
+  expect_close(out.dk, ref.dk, kBf16Tol, "dk (bf16)");
+  expect_close(out.dv, ref.dv, kBf16Tol, "dv (bf16)");
+  expect_close(out.dg, ref.dg, kF32Tol, "dg (f32)");
+  expect_close(out.dbeta, ref.dbeta, kF32Tol, "dbeta (f32)");
+  expect_close(out.dinit, ref.dinit, kF32Tol, "dinitial_state (f32)");
+  expect_close(out.M, ref.M, kF32Tol, "transition M (f32)");
+  expect_close(out.B, ref.B, kF32Tol, "transition B (f32)");
+}
+
+// ---------------------------------------------------------------- host emulation of the kernels
+
+std::vector<bf16> to_bf16(const std::vector<float>& x) {
+  std::vector<bf16> r(x.size());
+  for (size_t i = 0; i < x.size(); ++i) r[i] = float_to_bf16(x[i]);
+  return r;
+}
+std::vector<float> from_bf16(const std::vector<bf16>& x) {
+  std::vector<float> r(x.size());
+  for (size_t i = 0; i < x.size(); ++i) r[i] = bf16_to_float(x[i]);
+  return r;
+}
+
+// Scratch of one pass on the host, NaN-filled so that reading an unwritten element shows.
+struct HostScratch {
+  std::vector<float> mem;
+  kda_chunk::Scratch sc;
+  HostScratch(const KdaDims& s, kda_chunk::Pass pass) {
+    mem.assign(kda_chunk::carve_scratch(nullptr, s, pass, sc), NAN);
+    kda_chunk::carve_scratch(mem.data(), s, pass, sc);
+  }
+};
+
+Outputs emulate(const Problem& p, bool reverse_threads) {
+  const KdaDims& s = p.s;
+  const int64_t n = s.n;
+  const bf16 nan_bf16 = float_to_bf16(NAN);
+  const std::vector<bf16> q = to_bf16(p.q), k = to_bf16(p.k), v = to_bf16(p.v), dout = to_bf16(p.dout);
+  std::vector<bf16> o(n * s.hv * s.dv, nan_bf16), dq(n * s.h * s.dk, nan_bf16), dk(n * s.h * s.dk, nan_bf16),
+      dv(n * s.hv * s.dv, nan_bf16);
+  Outputs r;
+  r.fin.assign(p.state_size(), NAN);
+  r.dg.assign(n * s.hv * s.dk, NAN);
+  r.dbeta.assign(n * s.hv, NAN);
+  r.dinit.assign(p.state_size(), NAN);
+  r.M.assign(s.num_docs * s.hv * s.dk * s.dk, NAN);
+  r.B.assign(p.state_size(), NAN);
+  kda_chunk::HostLauncher launcher;
+  launcher.reverse_threads = reverse_threads;
+  {
+    HostScratch hs(s, kda_chunk::Pass::forward);
+    kda_chunk::run_forward(launcher, s, q.data(), k.data(), v.data(), p.g.data(), p.beta.data(), p.cu.data(),
+                           opt(p.init), o.data(), r.fin.data(), hs.sc);
+  }
+  {
+    HostScratch hs(s, kda_chunk::Pass::backward);
+    kda_chunk::run_backward(launcher, s, q.data(), k.data(), v.data(), p.g.data(), p.beta.data(), p.cu.data(),
+                            opt(p.init), dout.data(), opt(p.dfinal), dq.data(), dk.data(), dv.data(), r.dg.data(),
+                            r.dbeta.data(), r.dinit.data(), hs.sc);
+  }
+  {
+    HostScratch hs(s, kda_chunk::Pass::transition);
+    kda_chunk::run_transition(launcher, s, k.data(), v.data(), p.g.data(), p.beta.data(), p.cu.data(), r.M.data(),
+                              r.B.data(), hs.sc);
+  }
+  EXPECT_EQ(launcher.overflow_blocks, 0) << "a block program wrote past its shared memory";
+  r.o = from_bf16(o);
+  r.dq = from_bf16(dq);
+  r.dk = from_bf16(dk);
+  r.dv = from_bf16(dv);
+  return r;
+}
+
+struct Case {
+  std::vector<int32_t> lengths;
+  int64_t h, hv, dk, dv;
+  bool initial;
+  Gates gates;
+  const char* gates_name;
+};
+
+TEST(KdaChunkEmulation, KernelProgramsOnHostMatchCpuReference) {
+  // Small shapes (the emulation is serial); every template dk, dv not a power of two, an empty document.
+  const std::vector<Case> cases = {
+      {{1, 63, 64, 65, 200}, 1, 2, 32, 32, true, Gates::mixed, "mixed"},
+      {{0, 1, 130, 64}, 2, 2, 64, 32, false, Gates::strong, "strong"},
+      {{65, 1}, 1, 1, 128, 96, true, Gates::near_zero, "near_zero"},
+  };
+  for (const Case& c : cases) {
+    const Problem p = make_problem(c.lengths, c.h, c.hv, c.dk, c.dv, c.initial, c.gates);
+    const std::string what = describe(p, c.gates_name, c.initial);
+    SCOPED_TRACE(what);
+    const Outputs ref = reference(p);
+    for (bool reverse : {false, true}) {
+      std::printf("emulation %s, threads %s\n", what.c_str(), reverse ? "last to first" : "first to last");
+      compare(emulate(p, reverse), ref);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- CUDA
+
+Outputs on_gpu(const Problem& p) {
+  const KdaDims& s = p.s;
+  const int64_t n = s.n, D = s.num_docs;
+  ExecContext ctx(Device::cuda(0));
+  DeviceBuffers buf(Device::cuda(0), size_t(256) << 20);
+  const Tensor q = buf.upload(p.q, {n, s.h, s.dk}, DType::bf16), k = buf.upload(p.k, {n, s.h, s.dk}, DType::bf16),
+               v = buf.upload(p.v, {n, s.hv, s.dv}, DType::bf16), g = buf.upload(p.g, {n, s.hv, s.dk}, DType::f32),
+               beta = buf.upload(p.beta, {n, s.hv}, DType::f32), cu = buf.upload_i32(p.cu, {D + 1}),
+               dout = buf.upload(p.dout, {n, s.hv, s.dv}, DType::bf16);
+  const Tensor init = p.init.empty() ? Tensor{} : buf.upload(p.init, {D, s.hv, s.dk, s.dv}, DType::f32);
+  const Tensor dfinal = p.dfinal.empty() ? Tensor{} : buf.upload(p.dfinal, {D, s.hv, s.dk, s.dv}, DType::f32);
+  const Tensor o = buf.poisoned({n, s.hv, s.dv}, DType::bf16), fin = buf.poisoned({D, s.hv, s.dk, s.dv}, DType::f32);
+  const Tensor dq = buf.poisoned({n, s.h, s.dk}, DType::bf16), dk = buf.poisoned({n, s.h, s.dk}, DType::bf16),
+               dv = buf.poisoned({n, s.hv, s.dv}, DType::bf16), dg = buf.poisoned({n, s.hv, s.dk}, DType::f32),
+               dbeta = buf.poisoned({n, s.hv}, DType::f32), dinit = buf.poisoned({D, s.hv, s.dk, s.dv}, DType::f32);
+  const Tensor M = buf.poisoned({D, s.hv, s.dk, s.dk}, DType::f32), B = buf.poisoned({D, s.hv, s.dk, s.dv}, DType::f32);
+  test::device_sync();
+  kda_forward(ctx, q, k, v, g, beta, cu, init, o, fin);
+  kda_backward(ctx, q, k, v, g, beta, cu, init, dout, dfinal, dq, dk, dv, dg, dbeta, dinit);
+  kda_transition(ctx, k, v, g, beta, cu, M, B);
+  ctx.synchronize();
+  Outputs r;
+  r.o = DeviceBuffers::download(o);
+  r.fin = DeviceBuffers::download(fin);
+  r.dq = DeviceBuffers::download(dq);
+  r.dk = DeviceBuffers::download(dk);
+  r.dv = DeviceBuffers::download(dv);
+  r.dg = DeviceBuffers::download(dg);
+  r.dbeta = DeviceBuffers::download(dbeta);
+  r.dinit = DeviceBuffers::download(dinit);
+  r.M = DeviceBuffers::download(M);
+  r.B = DeviceBuffers::download(B);
+  return r;
+}
+
+TEST(GpuKda, ForwardBackwardTransitionMatchCpu) {
+  HYD_REQUIRE_GPU();
+  const std::vector<int32_t> docs = {1, 63, 64, 65, 200, 1000};
+  const std::vector<Case> cases = {
+      {docs, 2, 2, 64, 64, true, Gates::mixed, "mixed"},
+      {docs, 1, 2, 64, 64, false, Gates::mixed, "mixed"},
+      {docs, 1, 2, 128, 128, true, Gates::near_zero, "near_zero"},
+      {docs, 2, 2, 128, 128, false, Gates::strong, "strong"},
+      {docs, 2, 4, 128, 128, true, Gates::mixed, "mixed"},
+      {docs, 1, 1, 128, 64, true, Gates::mixed, "mixed"},
+      {docs, 1, 2, 32, 128, false, Gates::mixed, "mixed"},
+  };
+  for (const Case& c : cases) {
+    const Problem p = make_problem(c.lengths, c.h, c.hv, c.dk, c.dv, c.initial, c.gates);
+    const std::string what = describe(p, c.gates_name, c.initial);
+    SCOPED_TRACE(what);
+    std::printf("cuda %s\n", what.c_str());
+    compare(on_gpu(p), reference(p));
+  }
+}
+
+TEST(GpuKda, LengthOneAndEmptyDocumentsGiveNoNaN) {
+  HYD_REQUIRE_GPU();
+  for (bool initial : {false, true}) {
+    const Problem p = make_problem({1, 1, 0, 1}, 1, 2, 64, 64, initial, Gates::mixed);
+    const std::string what = describe(p, "mixed", initial);
+    SCOPED_TRACE(what);
+    std::printf("cuda %s\n", what.c_str());
+    const Outputs out = on_gpu(p), ref = reference(p);
+    compare(out, ref);
+    // The empty document (index 2): final state = initial state (or 0), M = I, B = 0, dinit = dfinal.
+    const int64_t st = p.s.hv * p.s.dk * p.s.dv, mt = p.s.hv * p.s.dk * p.s.dk;
+    for (int64_t e = 0; e < st; ++e) {
+      ASSERT_EQ(out.fin[2 * st + e], initial ? p.init[2 * st + e] : 0.f);
+      ASSERT_EQ(out.B[2 * st + e], 0.f);
+      ASSERT_EQ(out.dinit[2 * st + e], initial ? p.dfinal[2 * st + e] : 0.f);
+    }
+    for (int64_t e = 0; e < mt; ++e) {
+      const int64_t i = (e / p.s.dk) % p.s.dk, j = e % p.s.dk;
+      ASSERT_EQ(out.M[2 * mt + e], i == j ? 1.f : 0.f);
+    }
+  }
+}
+
+TEST(GpuKda, LongSequenceTiming) {
+  HYD_REQUIRE_GPU();
+  // One document of 8192 tokens, H = HV = 16, dk = dv = 128: times only (no assertion on time).
+  const Problem p = make_problem({8192}, 16, 16, 128, 128, false, Gates::mixed);
+  const KdaDims& s = p.s;
+  const int64_t n = s.n;
+  ExecContext ctx(Device::cuda(0));
+  DeviceBuffers buf(Device::cuda(0), size_t(1) << 30);
+  const Tensor q = buf.upload(p.q, {n, s.h, s.dk}, DType::bf16), k = buf.upload(p.k, {n, s.h, s.dk}, DType::bf16),
+               v = buf.upload(p.v, {n, s.hv, s.dv}, DType::bf16), g = buf.upload(p.g, {n, s.hv, s.dk}, DType::f32),
+               beta = buf.upload(p.beta, {n, s.hv}, DType::f32), cu = buf.upload_i32(p.cu, {2}),
+               dout = buf.upload(p.dout, {n, s.hv, s.dv}, DType::bf16);
+  const Tensor o = buf.poisoned({n, s.hv, s.dv}, DType::bf16), fin = buf.poisoned({1, s.hv, s.dk, s.dv}, DType::f32);
+  const Tensor dq = buf.poisoned({n, s.h, s.dk}, DType::bf16), dk = buf.poisoned({n, s.h, s.dk}, DType::bf16),
+               dv = buf.poisoned({n, s.hv, s.dv}, DType::bf16), dg = buf.poisoned({n, s.hv, s.dk}, DType::f32),
+               dbeta = buf.poisoned({n, s.hv}, DType::f32);
+  test::device_sync();
+  auto fwd = [&] { kda_forward(ctx, q, k, v, g, beta, cu, Tensor{}, o, fin); };
+  auto bwd = [&] {
+    kda_backward(ctx, q, k, v, g, beta, cu, Tensor{}, dout, Tensor{}, dq, dk, dv, dg, dbeta, Tensor{});
+  };
+  auto time_ms = [&](auto&& f) {
+    ctx.synchronize();
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    ctx.synchronize();
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  };
+  time_ms([&] {  // warm-up (first-launch costs, allocator pool)
+    fwd();
+    bwd();
+  });
+  const double f_ms = time_ms(fwd);
+  const double fb_ms = time_ms([&] {
+    fwd();
+    bwd();
+  });
+  std::printf("kda T=8192 H=16 dk=dv=128: forward %.2f ms, forward+backward %.2f ms\n", f_ms, fb_ms);
+  for (const Tensor* t : {&o, &fin, &dq, &dk, &dv, &dg, &dbeta})
+    EXPECT_TRUE(all_finite(DeviceBuffers::download(*t))) << "long sequence output holds NaN/Inf";
+}
+
+}  // namespace
+}  // namespace hyd::kernels
