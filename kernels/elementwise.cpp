@@ -1,6 +1,7 @@
 // Tensor-level dispatch for the small elementwise ops (see kernels/elementwise.h). The CPU side also
 // handles bf16 (host-side conversions for loaders and exports); the CUDA side runs the kernels in
-// kernels/cuda/elementwise.cu.
+// kernels/cuda/elementwise.cu. add_inplace, fill and scale_inplace also take CPU f64 tensors (the
+// finite-difference harnesses of whole layers).
 #include "kernels/elementwise.h"
 
 #include <cstring>
@@ -26,6 +27,13 @@ void expect_same_numel(const Tensor& a, const Tensor& b, const char* op, const c
 
 void add_inplace(const ExecContext& ctx, const Tensor& y, const Tensor& x) {
   constexpr const char* op = "add_inplace";
+  if (y.device.is_cpu() && y.dtype == DType::f64) {  // f64: CPU finite-difference harnesses
+    expect_dtype(x, DType::f64, op, "x");
+    expect_same_numel(y, x, op, "y", "x");
+    expect_same_device(y, x, op);
+    cpu::add_inplace<double>(y.ptr<double>(), x.ptr<double>(), y.numel());
+    return;
+  }
   expect_float_dtype(y, op, "y");
   expect_dtype(x, y.dtype, op, "x");
   expect_same_numel(y, x, op, "y", "x");
@@ -100,6 +108,11 @@ void convert(const ExecContext& ctx, const Tensor& dst, const Tensor& src) {
 
 void fill(const ExecContext& ctx, const Tensor& t, float value) {
   constexpr const char* op = "fill";
+  if (t.device.is_cpu() && t.dtype == DType::f64) {
+    double* p = t.ptr<double>();
+    for (int64_t i = 0; i < t.numel(); ++i) p[i] = value;
+    return;
+  }
   expect_float_dtype(t, op, "t");
   check_context(ctx, t, op);
   const int64_t n = t.numel();
@@ -127,6 +140,10 @@ void fill(const ExecContext& ctx, const Tensor& t, float value) {
 
 void scale_inplace(const ExecContext& ctx, const Tensor& t, float s) {
   constexpr const char* op = "scale_inplace";
+  if (t.device.is_cpu() && t.dtype == DType::f64) {
+    cpu::scale_inplace<double>(t.ptr<double>(), s, t.numel());
+    return;
+  }
   expect_dtype(t, DType::f32, op, "t");
   check_context(ctx, t, op);
   const int64_t n = t.numel();

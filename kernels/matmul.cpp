@@ -1,5 +1,6 @@
 // Dispatchers for the matrix products (see kernels/matmul.h): argument validation, then the CPU
-// (OpenBLAS) or CUDA (cuBLAS) implementation chosen by the tensors' device.
+// (OpenBLAS) or CUDA (cuBLAS) implementation chosen by the tensors' device. CPU f64 tensors run the
+// double loops (finite-difference harnesses of whole layers; gradients are then f64 too).
 #include "kernels/matmul.h"
 
 #include "kernels/dispatch.h"
@@ -45,6 +46,12 @@ void gemm(const ExecContext& ctx, bool trans_a, bool trans_b, float alpha, const
   expect_same_device(a, b, op);
   expect_same_device(a, c, op);
   if (a.device.is_cpu()) {
+    if (a.dtype == DType::f64) {  // f64: CPU finite-difference harnesses
+      expect_dtype(b, DType::f64, op, "b");
+      expect_dtype(c, DType::f64, op, "c");
+      cpu::gemm<double>(trans_a, trans_b, m, n, k, alpha, a.ptr<double>(), b.ptr<double>(), beta, c.ptr<double>());
+      return;
+    }
     expect_dtype(a, DType::f32, op, "a");
     expect_dtype(b, DType::f32, op, "b");
     expect_dtype(c, DType::f32, op, "c");
@@ -78,6 +85,14 @@ void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, co
   }
   expect_same_device(x, w, op);
   expect_same_device(x, y, op);
+  if (x.device.is_cpu() && x.dtype == DType::f64) {  // f64: CPU finite-difference harnesses
+    expect_dtype(w, DType::f64, op, "w");
+    expect_dtype(y, DType::f64, op, "y");
+    if (!bias.empty()) expect_dtype(bias, DType::f64, op, "bias");
+    cpu::gemm<double>(false, true, m, n, k, 1.0, x.ptr<double>(), w.ptr<double>(), 0.0, y.ptr<double>());
+    if (!bias.empty()) cpu::bias_add<double>(y.ptr<double>(), bias.ptr<double>(), m, n);
+    return;
+  }
   if (x.device.is_cpu()) {
     expect_dtype(x, DType::f32, op, "x");
     expect_dtype(w, DType::f32, op, "w");
@@ -117,15 +132,30 @@ void linear_backward(const ExecContext& ctx, const Tensor& dy, const Tensor& x, 
     expect_same_rows(x, dx, k, op, "x", "dx");
     expect_same_device(x, dx, op);
   }
+  // Weight gradients are f32, except on the f64 CPU path (finite-difference harnesses), where all is f64.
+  const DType grad_dtype = x.device.is_cpu() && x.dtype == DType::f64 ? DType::f64 : DType::f32;
   if (!dw.empty()) {
     expect_shape(dw, {n, k}, op, "dw");
-    expect_dtype(dw, DType::f32, op, "dw");
+    expect_dtype(dw, grad_dtype, op, "dw");
     expect_same_device(x, dw, op);
   }
   if (!dbias.empty()) {
     expect_shape(dbias, {n}, op, "dbias");
-    expect_dtype(dbias, DType::f32, op, "dbias");
+    expect_dtype(dbias, grad_dtype, op, "dbias");
     expect_same_device(x, dbias, op);
+  }
+  if (x.device.is_cpu() && x.dtype == DType::f64) {
+    expect_dtype(dy, DType::f64, op, "dy");
+    expect_dtype(w, DType::f64, op, "w");
+    if (!dx.empty()) {
+      expect_dtype(dx, DType::f64, op, "dx");
+      cpu::gemm<double>(false, false, m, k, n, 1.0, dy.ptr<double>(), w.ptr<double>(), accumulate_dx ? 1.0 : 0.0,
+                        dx.ptr<double>());
+    }
+    if (!dw.empty())
+      cpu::gemm<double>(true, false, n, k, m, 1.0, dy.ptr<double>(), x.ptr<double>(), 1.0, dw.ptr<double>());
+    if (!dbias.empty()) cpu::bias_grad<double>(dy.ptr<double>(), dbias.ptr<double>(), m, n);
+    return;
   }
   if (x.device.is_cpu()) {
     expect_dtype(dy, DType::f32, op, "dy");

@@ -1,0 +1,248 @@
+// CUDA causal depthwise short convolution with SiLU (see kernels/short_conv.h for the math): bf16
+// x, w, y, dy, dx; f32 dw; f32 math.
+// Layout: blocks of 32 channels (threadIdx.x, coalesced along a token's row) x 8 token runs
+// (threadIdx.y). A thread walks a run of consecutive tokens of one channel with the last KMAX inputs
+// in registers (a sliding window), so each x is loaded once per run. KMAX (4 or 16) is the compile-
+// time window; a kernel size k < KMAX pads the taps with zero weights on the left.
+// Taps are right-aligned: wr[i] = w[c, k-1-lag] with lag = KMAX-1-i (zero for lag >= k), and
+// win[i] holds x at token t - lag, so u[t] = sum_i wr[i] win[i].
+// The window is zeroed at every document start (cu_seqlens), so no tap reads another document.
+// Backward: one pass per run computes du[s] for s in [t0, t1 + KMAX - 1) of the run's last document
+// (recomputing u from the window), adds w * du into KMAX pending dx accumulators (token s - lag), and
+// writes a token's dx once no later du can reach it. dw partial sums (du * window) are reduced over
+// the block's 8 runs in shared memory and added to dw with one f32 atomicAdd per (block, c, tap).
+#include <algorithm>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/short_conv.h"
+
+namespace hyd::kernels::cuda {
+
+namespace {
+
+using namespace cuda_detail;
+
+constexpr int kChannels = 32;  // threadIdx.x
+constexpr int kRuns = 8;       // threadIdx.y
+
+// The document holding token t: cu[doc] <= t < cu[doc + 1] (empty documents are skipped).
+__device__ __forceinline__ void find_document(const int32_t* cu, int64_t num_docs, int64_t t, int64_t& doc,
+                                              int64_t& begin, int64_t& end) {
+  int64_t lo = 0, hi = num_docs;  // invariant: cu[lo] <= t < cu[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (cu[mid] <= t)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  doc = lo;
+  begin = cu[lo];
+  end = cu[lo + 1];
+}
+
+// Moves to the document holding t >= end.
+__device__ __forceinline__ void advance_document(const int32_t* cu, int64_t t, int64_t& doc, int64_t& begin,
+                                                 int64_t& end) {
+  while (t >= end) {
+    ++doc;
+    begin = end;
+    end = cu[doc + 1];
+  }
+}
+
+template <int KMAX>
+__device__ __forceinline__ void load_taps(const __nv_bfloat16* w, int64_t c, int k, float (&wr)[KMAX]) {
+#pragma unroll
+  for (int i = 0; i < KMAX; ++i) {
+    const int lag = KMAX - 1 - i;
+    wr[i] = lag < k ? to_f(w[c * k + (k - 1 - lag)]) : 0.f;
+  }
+}
+
+// Window before token t0: win[i] = x[t0 - KMAX + i] for the k-1 tokens preceding t0 inside its
+// document (zero otherwise); the first shift moves x[t0] into win[KMAX-1].
+template <int KMAX>
+__device__ __forceinline__ void load_window(const __nv_bfloat16* x, int64_t t0, int64_t begin, int64_t c,
+                                            int64_t channels, int k, float (&win)[KMAX]) {
+#pragma unroll
+  for (int i = 0; i < KMAX; ++i) {
+    const int64_t s = t0 - KMAX + i;
+    win[i] = (s >= begin && t0 - s <= k - 1) ? to_f(x[s * channels + c]) : 0.f;
+  }
+}
+
+template <int KMAX>
+__device__ __forceinline__ void push(float (&win)[KMAX], float v) {
+#pragma unroll
+  for (int i = 0; i + 1 < KMAX; ++i) win[i] = win[i + 1];
+  win[KMAX - 1] = v;
+}
+
+template <int KMAX>
+__device__ __forceinline__ float dot_taps(const float (&wr)[KMAX], const float (&win)[KMAX]) {
+  float u = 0.f;
+#pragma unroll
+  for (int i = 0; i < KMAX; ++i) u = fmaf(wr[i], win[i], u);
+  return u;
+}
+
+template <int KMAX>
+__global__ void short_conv_forward_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
+                                          const int32_t* __restrict__ cu, int64_t num_docs,
+                                          __nv_bfloat16* __restrict__ y, int64_t n, int64_t channels, int k,
+                                          int64_t run_len) {
+  const int64_t c = int64_t(blockIdx.x) * kChannels + threadIdx.x;
+  const int64_t t0 = (int64_t(blockIdx.y) * kRuns + threadIdx.y) * run_len;
+  if (c >= channels || t0 >= n) return;
+  const int64_t t1 = std::min(n, t0 + run_len);
+  float wr[KMAX], win[KMAX];
+  load_taps<KMAX>(w, c, k, wr);
+  int64_t doc, begin, end;
+  find_document(cu, num_docs, t0, doc, begin, end);
+  load_window<KMAX>(x, t0, begin, c, channels, k, win);
+  for (int64_t t = t0; t < t1; ++t) {
+    if (t >= end) {  // a document starts at t: nothing before it is visible
+      advance_document(cu, t, doc, begin, end);
+#pragma unroll
+      for (int i = 0; i < KMAX; ++i) win[i] = 0.f;
+    }
+    push<KMAX>(win, to_f(x[t * channels + c]));
+    const float u = dot_taps<KMAX>(wr, win);
+    y[t * channels + c] = to_bf(u / (1.f + __expf(-u)));
+  }
+}
+
+template <int KMAX>
+__global__ void short_conv_backward_kernel(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ x,
+                                           const __nv_bfloat16* __restrict__ w, const int32_t* __restrict__ cu,
+                                           int64_t num_docs, __nv_bfloat16* __restrict__ dx, float* __restrict__ dw,
+                                           int64_t n, int64_t channels, int k, int64_t run_len) {
+  __shared__ float red[kRuns][KMAX][kChannels + 1];
+  const int64_t c = int64_t(blockIdx.x) * kChannels + threadIdx.x;
+  const int64_t t0 = (int64_t(blockIdx.y) * kRuns + threadIdx.y) * run_len;
+  float accw[KMAX];  // dw partial sums, right-aligned like wr
+#pragma unroll
+  for (int i = 0; i < KMAX; ++i) accw[i] = 0.f;
+
+  if (c < channels && t0 < n) {
+    const int64_t t1 = std::min(n, t0 + run_len);
+    float wr[KMAX], win[KMAX], acc[KMAX];  // acc[i]: pending dx of token s - KMAX + i
+    load_taps<KMAX>(w, c, k, wr);
+    int64_t doc, begin, end;
+    find_document(cu, num_docs, t0, doc, begin, end);
+    load_window<KMAX>(x, t0, begin, c, channels, k, win);
+#pragma unroll
+    for (int i = 0; i < KMAX; ++i) acc[i] = 0.f;
+    // Writes a finished dx if the token is this run's and in the current document.
+    auto emit = [&](float v, int64_t tok) {
+      if (tok >= t0 && tok < t1 && tok >= begin) dx[tok * channels + c] = to_bf(v);
+    };
+    const int64_t s_stop = std::min<int64_t>(n, t1 + KMAX - 1);
+    int64_t s = t0;
+    bool flushed = false;
+    for (; s < s_stop; ++s) {
+      if (s >= end) {  // the document ended: its pending tokens are complete
+#pragma unroll
+        for (int i = 0; i < KMAX; ++i) emit(acc[i], s - KMAX + i);
+        if (s >= t1) {
+          flushed = true;
+          break;
+        }
+        advance_document(cu, s, doc, begin, end);
+#pragma unroll
+        for (int i = 0; i < KMAX; ++i) win[i] = acc[i] = 0.f;
+      }
+      emit(acc[0], s - KMAX);  // no du at or after s reaches token s - KMAX
+      push<KMAX>(acc, 0.f);
+      push<KMAX>(win, to_f(x[s * channels + c]));
+      const float u = dot_taps<KMAX>(wr, win);
+      const float sg = 1.f / (1.f + __expf(-u));
+      const float du = to_f(dy[s * channels + c]) * sg * (1.f + u * (1.f - sg));
+#pragma unroll
+      for (int i = 0; i < KMAX; ++i) acc[i] = fmaf(wr[i], du, acc[i]);
+      if (s < t1) {
+#pragma unroll
+        for (int i = 0; i < KMAX; ++i) accw[i] = fmaf(du, win[i], accw[i]);
+      }
+    }
+    if (!flushed) {
+#pragma unroll
+      for (int i = 0; i < KMAX; ++i) emit(acc[i], s - KMAX + i);
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < KMAX; ++i) red[threadIdx.y][i][threadIdx.x] = accw[i];
+  __syncthreads();
+  if (threadIdx.y == 0 && c < channels) {
+#pragma unroll
+    for (int i = 0; i < KMAX; ++i) {
+      const int lag = KMAX - 1 - i;
+      if (lag >= k) continue;
+      float sum = 0.f;
+#pragma unroll
+      for (int r = 0; r < kRuns; ++r) sum += red[r][i][threadIdx.x];
+      atomicAdd(dw + c * k + (k - 1 - lag), sum);
+    }
+  }
+}
+
+struct ConvLaunch {
+  dim3 grid;
+  int64_t run_len;
+};
+
+// Runs of at least min_run tokens; the token dimension split into at most `max_chunks` blocks.
+ConvLaunch conv_launch(int64_t n, int64_t channels, int64_t min_run, int64_t max_chunks) {
+  const int64_t col_blocks = (channels + kChannels - 1) / kChannels;
+  const int64_t chunks = std::clamp<int64_t>((n + kRuns * min_run - 1) / (kRuns * min_run), 1, max_chunks);
+  const int64_t run_len = (n + chunks * kRuns - 1) / (chunks * kRuns);
+  const int64_t used_chunks = (n + run_len * kRuns - 1) / (run_len * kRuns);
+  return {dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(std::max<int64_t>(used_chunks, 1))), run_len};
+}
+
+}  // namespace
+
+void short_conv_forward(const bf16* x, const bf16* w, const int32_t* cu_seqlens, int64_t num_docs, bf16* y, int64_t n,
+                        int64_t channels, int64_t kernel, void* stream) {
+  if (n == 0 || channels == 0) return;
+  HYD_CHECK(kernel >= 1 && kernel <= kShortConvMaxKernel, "short_conv_forward: kernel size ", kernel, " outside [1, ",
+            kShortConvMaxKernel, "]");
+  HYD_CHECK(num_docs >= 1, "short_conv_forward: ", n, " tokens but no documents");
+  const ConvLaunch l = conv_launch(n, channels, 16, 65535);
+  const dim3 block(kChannels, kRuns);
+  if (kernel <= 4) {
+    short_conv_forward_kernel<4><<<l.grid, block, 0, as_stream(stream)>>>(
+        as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(y), n, channels, static_cast<int>(kernel), l.run_len);
+  } else {
+    short_conv_forward_kernel<16><<<l.grid, block, 0, as_stream(stream)>>>(
+        as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(y), n, channels, static_cast<int>(kernel), l.run_len);
+  }
+  CHECK_LAUNCH();
+}
+
+void short_conv_backward(const bf16* dy, const bf16* x, const bf16* w, const int32_t* cu_seqlens, int64_t num_docs,
+                         bf16* dx, float* dw, int64_t n, int64_t channels, int64_t kernel, void* stream) {
+  if (n == 0 || channels == 0) return;
+  HYD_CHECK(kernel >= 1 && kernel <= kShortConvMaxKernel, "short_conv_backward: kernel size ", kernel, " outside [1, ",
+            kShortConvMaxKernel, "]");
+  HYD_CHECK(num_docs >= 1, "short_conv_backward: ", n, " tokens but no documents");
+  // About 2048 blocks in all: enough to fill the GPU, few enough that the dw atomics stay cheap.
+  const int64_t col_blocks = (channels + kChannels - 1) / kChannels;
+  const ConvLaunch l =
+      conv_launch(n, channels, 16, std::clamp<int64_t>((2048 + col_blocks - 1) / col_blocks, 1, 65535));
+  const dim3 block(kChannels, kRuns);
+  if (kernel <= 4) {
+    short_conv_backward_kernel<4><<<l.grid, block, 0, as_stream(stream)>>>(as_nv(dy), as_nv(x), as_nv(w), cu_seqlens,
+                                                                           num_docs, as_nv(dx), dw, n, channels,
+                                                                           static_cast<int>(kernel), l.run_len);
+  } else {
+    short_conv_backward_kernel<16><<<l.grid, block, 0, as_stream(stream)>>>(as_nv(dy), as_nv(x), as_nv(w), cu_seqlens,
+                                                                            num_docs, as_nv(dx), dw, n, channels,
+                                                                            static_cast<int>(kernel), l.run_len);
+  }
+  CHECK_LAUNCH();
+}
+
+}  // namespace hyd::kernels::cuda

@@ -1,0 +1,115 @@
+// Tensor-level dispatch for the short convolution (see kernels/short_conv.h): validates, then runs
+// the CPU reference (f32 or f64) or the CUDA kernels (bf16 activations and weight, f32 dw).
+// cu_seqlens contents are checked by the CPU implementation; on CUDA they are trusted.
+#include "kernels/short_conv.h"
+
+#include "kernels/dispatch.h"
+
+namespace hyd::kernels {
+
+namespace {
+
+struct ConvDims {
+  int64_t n, channels, kernel, num_docs;
+};
+
+ConvDims check_common(const Tensor& x, const Tensor& w, const Tensor& cu_seqlens, const char* op) {
+  expect_shape(x, {-1, -1}, op, "x");
+  const int64_t n = x.shape[0], channels = x.shape[1];
+  expect_shape(w, {channels, -1}, op, "w");
+  if (w.shape[1] < 1) HYD_THROW(op, ": argument 'w' has shape ", w.shape_str(), ", expected a kernel size >= 1");
+  expect_shape(cu_seqlens, {-1}, op, "cu_seqlens");
+  if (cu_seqlens.shape[0] < 1) HYD_THROW(op, ": argument 'cu_seqlens' is empty, expected [num_docs + 1]");
+  expect_dtype(cu_seqlens, DType::i32, op, "cu_seqlens");
+  expect_same_device(x, w, op);
+  expect_same_device(x, cu_seqlens, op);
+  return {n, channels, w.shape[1], cu_seqlens.shape[0] - 1};
+}
+
+// CPU tensors are all f32 or all f64 (named by `x`'s dtype); CUDA activations and weight are bf16.
+void expect_value_dtype(const Tensor& x, const Tensor& t, const char* op, const char* arg) {
+  expect_dtype(t, x.device.is_cpu() ? x.dtype : DType::bf16, op, arg);
+}
+
+void expect_cpu_float(const Tensor& x, const char* op) {
+  if (x.dtype != DType::f32 && x.dtype != DType::f64)
+    HYD_THROW(op, ": argument 'x' has dtype ", dtype_name(x.dtype), ", expected f32 or f64 on the CPU");
+}
+
+}  // namespace
+
+void short_conv_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& cu_seqlens,
+                        const Tensor& y) {
+  constexpr const char* op = "short_conv_forward";
+  const ConvDims s = check_common(x, w, cu_seqlens, op);
+  expect_shape(y, {s.n, s.channels}, op, "y");
+  expect_same_device(x, y, op);
+  check_context(ctx, x, op);
+  if (x.device.is_cpu()) {
+    expect_cpu_float(x, op);
+    expect_value_dtype(x, w, op, "w");
+    expect_value_dtype(x, y, op, "y");
+    if (x.dtype == DType::f32) {
+      cpu::short_conv_forward<float>(x.ptr<float>(), w.ptr<float>(), cu_seqlens.ptr<int32_t>(), s.num_docs,
+                                     y.ptr<float>(), s.n, s.channels, s.kernel);
+    } else {
+      cpu::short_conv_forward<double>(x.ptr<double>(), w.ptr<double>(), cu_seqlens.ptr<int32_t>(), s.num_docs,
+                                      y.ptr<double>(), s.n, s.channels, s.kernel);
+    }
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  expect_dtype(x, DType::bf16, op, "x");
+  expect_value_dtype(x, w, op, "w");
+  expect_value_dtype(x, y, op, "y");
+  if (s.kernel > cuda::kShortConvMaxKernel)
+    HYD_THROW(op, ": argument 'w' has kernel size ", s.kernel,
+              ", the CUDA kernel supports <= ", cuda::kShortConvMaxKernel);
+  cuda::short_conv_forward(x.ptr<bf16>(), w.ptr<bf16>(), cu_seqlens.ptr<int32_t>(), s.num_docs, y.ptr<bf16>(), s.n,
+                           s.channels, s.kernel, ctx.stream());
+#else
+  unsupported(op, x);
+#endif
+}
+
+void short_conv_backward(const ExecContext& ctx, const Tensor& dy, const Tensor& x, const Tensor& w,
+                         const Tensor& cu_seqlens, const Tensor& dx, const Tensor& dw) {
+  constexpr const char* op = "short_conv_backward";
+  const ConvDims s = check_common(x, w, cu_seqlens, op);
+  expect_shape(dy, {s.n, s.channels}, op, "dy");
+  expect_shape(dx, {s.n, s.channels}, op, "dx");
+  expect_shape(dw, {s.channels, s.kernel}, op, "dw");
+  for (const Tensor* t : {&dy, &dx, &dw}) expect_same_device(x, *t, op);
+  check_context(ctx, x, op);
+  if (x.device.is_cpu()) {
+    expect_cpu_float(x, op);
+    expect_value_dtype(x, w, op, "w");
+    expect_value_dtype(x, dy, op, "dy");
+    expect_value_dtype(x, dx, op, "dx");
+    expect_dtype(dw, x.dtype, op, "dw");
+    if (x.dtype == DType::f32) {
+      cpu::short_conv_backward<float>(dy.ptr<float>(), x.ptr<float>(), w.ptr<float>(), cu_seqlens.ptr<int32_t>(),
+                                      s.num_docs, dx.ptr<float>(), dw.ptr<float>(), s.n, s.channels, s.kernel);
+    } else {
+      cpu::short_conv_backward<double>(dy.ptr<double>(), x.ptr<double>(), w.ptr<double>(), cu_seqlens.ptr<int32_t>(),
+                                       s.num_docs, dx.ptr<double>(), dw.ptr<double>(), s.n, s.channels, s.kernel);
+    }
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  expect_dtype(x, DType::bf16, op, "x");
+  expect_value_dtype(x, w, op, "w");
+  expect_value_dtype(x, dy, op, "dy");
+  expect_value_dtype(x, dx, op, "dx");
+  expect_dtype(dw, DType::f32, op, "dw");
+  if (s.kernel > cuda::kShortConvMaxKernel)
+    HYD_THROW(op, ": argument 'w' has kernel size ", s.kernel,
+              ", the CUDA kernel supports <= ", cuda::kShortConvMaxKernel);
+  cuda::short_conv_backward(dy.ptr<bf16>(), x.ptr<bf16>(), w.ptr<bf16>(), cu_seqlens.ptr<int32_t>(), s.num_docs,
+                            dx.ptr<bf16>(), dw.ptr<float>(), s.n, s.channels, s.kernel, ctx.stream());
+#else
+  unsupported(op, x);
+#endif
+}
+
+}  // namespace hyd::kernels

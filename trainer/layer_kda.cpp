@@ -1,0 +1,276 @@
+#include "trainer/layer_kda.h"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "kernels/gated_rmsnorm.h"
+#include "kernels/kda.h"
+#include "kernels/kda_gates.h"
+#include "kernels/l2norm.h"
+#include "kernels/matmul.h"
+#include "kernels/short_conv.h"
+
+namespace hyd {
+
+void KdaConfig::validate(const std::string& source) const {
+  auto positive = [&](int64_t v, const char* field) {
+    if (v <= 0) throw Error::at(source, field, "must be positive, got " + std::to_string(v));
+  };
+  positive(hidden, "hidden");
+  positive(heads, "heads");
+  positive(v_heads, "v_heads");
+  positive(dk, "dk");
+  positive(dv, "dv");
+  positive(conv_size, "conv_size");
+  if (v_heads % heads != 0)
+    throw Error::at(source, "v_heads",
+                    "must be a multiple of heads (" + std::to_string(heads) + "), got " + std::to_string(v_heads));
+  if (!(norm_eps >= 0.f)) throw Error::at(source, "norm_eps", "must be >= 0");
+}
+
+void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const Tensor& in, const Tensor& out, Saved& s,
+                       Arena& scratch) const {
+  NvtxRange range(nvtx_fwd.c_str());
+  const int64_t n = seq.num_tokens, h = cfg.heads, hv = cfg.v_heads;
+  const ForwardScratch t = alloc_forward_scratch(scratch, n, s.q.dtype);
+  s.x = in;
+
+  // q, k, v: projection, causal conv + SiLU, then the l2 norm of q and k in place.
+  kernels::linear_forward(ctx, in, q_proj.value, Tensor{}, s.q_lin);
+  kernels::linear_forward(ctx, in, k_proj.value, Tensor{}, s.k_lin);
+  kernels::linear_forward(ctx, in, v_proj.value, Tensor{}, s.v_lin);
+  kernels::short_conv_forward(ctx, s.q_lin, q_conv1d.value, seq.cu_seqlens, s.q.view({n, cfg.key_dim()}));
+  kernels::short_conv_forward(ctx, s.k_lin, k_conv1d.value, seq.cu_seqlens, s.k.view({n, cfg.key_dim()}));
+  kernels::short_conv_forward(ctx, s.v_lin, v_conv1d.value, seq.cu_seqlens, s.v.view({n, cfg.value_dim()}));
+  const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(cfg.dk)));
+  kernels::l2norm_forward(ctx, s.q.view({n * h, cfg.dk}), s.q.view({n * h, cfg.dk}), s.q_rstd, q_scale);
+  kernels::l2norm_forward(ctx, s.k.view({n * h, cfg.dk}), s.k.view({n * h, cfg.dk}), s.k_rstd, 1.0f);
+
+  // Gates.
+  kernels::linear_forward(ctx, in, f_proj0.value, Tensor{}, s.f_low);
+  kernels::linear_forward(ctx, s.f_low, f_proj1.value, Tensor{}, t.f);
+  kernels::linear_forward(ctx, in, b_proj.value, Tensor{}, t.b);
+  kernels::kda_gates_forward(ctx, t.f.view({n, hv, cfg.dk}), A_log.value, dt_bias.value, t.b, s.g, s.beta);
+
+  kernels::kda_forward(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, Tensor{}, s.o, Tensor{});
+
+  // Output gate, gated norm, projection.
+  kernels::linear_forward(ctx, in, g_proj0.value, Tensor{}, s.g_low);
+  kernels::linear_forward(ctx, s.g_low, g_proj1.value, g_proj1_bias.value, s.gate);
+  kernels::gated_rmsnorm_forward(ctx, s.o.view({n * hv, cfg.dv}), s.gate.view({n * hv, cfg.dv}), o_norm.value,
+                                 s.on.view({n * hv, cfg.dv}), s.o_rstd, cfg.norm_eps);
+  kernels::linear_forward(ctx, s.on, o_proj.value, Tensor{}, out);
+}
+
+void KdaLayer::backward(const ExecContext& ctx, const PackedSequence& seq, const Saved& s, const Tensor& dout,
+                        const Tensor& din, Arena& scratch) const {
+  NvtxRange range(nvtx_bwd.c_str());
+  const int64_t n = seq.num_tokens, h = cfg.heads, hv = cfg.v_heads;
+  const Scratch t = alloc_scratch(scratch, n, s.q.dtype);
+
+  // out = on Wo^T; on = gated_rmsnorm(o, gate); gate = g_low Wg1^T + bg; g_low = x Wg0^T (first write of din).
+  kernels::linear_backward(ctx, dout, s.on, o_proj.value, t.d_on, false, o_proj.grad, Tensor{});
+  kernels::gated_rmsnorm_backward(ctx, t.d_on.view({n * hv, cfg.dv}), s.o.view({n * hv, cfg.dv}),
+                                  s.gate.view({n * hv, cfg.dv}), o_norm.value, s.o_rstd, t.d_o.view({n * hv, cfg.dv}),
+                                  t.d_gate.view({n * hv, cfg.dv}), o_norm.grad);
+  kernels::linear_backward(ctx, t.d_gate, s.g_low, g_proj1.value, t.d_low, false, g_proj1.grad, g_proj1_bias.grad);
+  kernels::linear_backward(ctx, t.d_low, s.x, g_proj0.value, din, false, g_proj0.grad, Tensor{});
+
+  kernels::kda_backward(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, Tensor{}, t.d_o, Tensor{}, t.dq, t.dk, t.dv,
+                        t.dg, t.dbeta, Tensor{});
+
+  // Gates: g from f = f_low Wf1^T, f_low = x Wf0^T; beta from b = x Wb^T.
+  kernels::kda_gates_backward(ctx, t.dg, t.dbeta, s.g, s.beta, A_log.value, t.df, A_log.grad, dt_bias.grad, t.db);
+  kernels::linear_backward(ctx, t.db, s.x, b_proj.value, din, true, b_proj.grad, Tensor{});
+  kernels::linear_backward(ctx, t.df.view({n, cfg.gate_dim()}), s.f_low, f_proj1.value, t.d_low, false, f_proj1.grad,
+                           Tensor{});
+  kernels::linear_backward(ctx, t.d_low, s.x, f_proj0.value, din, true, f_proj0.grad, Tensor{});
+
+  // q, k: l2 norm backward in place, then conv, then projection; v: conv, projection.
+  const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(cfg.dk)));
+  kernels::l2norm_backward(ctx, t.dq.view({n * h, cfg.dk}), s.q.view({n * h, cfg.dk}), s.q_rstd,
+                           t.dq.view({n * h, cfg.dk}), q_scale);
+  kernels::l2norm_backward(ctx, t.dk.view({n * h, cfg.dk}), s.k.view({n * h, cfg.dk}), s.k_rstd,
+                           t.dk.view({n * h, cfg.dk}), 1.0f);
+  const Tensor d_key = t.d_lin.slice0(0, n * cfg.key_dim()).view({n, cfg.key_dim()});
+  const Tensor d_value = t.d_lin.slice0(0, n * cfg.value_dim()).view({n, cfg.value_dim()});
+  kernels::short_conv_backward(ctx, t.dq.view({n, cfg.key_dim()}), s.q_lin, q_conv1d.value, seq.cu_seqlens, d_key,
+                               q_conv1d.grad);
+  kernels::linear_backward(ctx, d_key, s.x, q_proj.value, din, true, q_proj.grad, Tensor{});
+  kernels::short_conv_backward(ctx, t.dk.view({n, cfg.key_dim()}), s.k_lin, k_conv1d.value, seq.cu_seqlens, d_key,
+                               k_conv1d.grad);
+  kernels::linear_backward(ctx, d_key, s.x, k_proj.value, din, true, k_proj.grad, Tensor{});
+  kernels::short_conv_backward(ctx, t.dv.view({n, cfg.value_dim()}), s.v_lin, v_conv1d.value, seq.cu_seqlens, d_value,
+                               v_conv1d.grad);
+  kernels::linear_backward(ctx, d_value, s.x, v_proj.value, din, true, v_proj.grad, Tensor{});
+}
+
+// ------------------------------------------------------------------------------------ KdaLayerWeights
+
+namespace {
+
+struct ParamSpec {
+  const char* name;
+  std::vector<int64_t> shape;         // storage shape
+  std::vector<int64_t> export_shape;  // PyTorch shape
+  bool weight_decay;
+  bool f32_on_cuda;  // A_log, dt_bias
+  WeightRef KdaLayer::*member;
+};
+
+std::vector<ParamSpec> param_specs(const KdaConfig& c) {
+  const int64_t D = c.hidden, kd = c.key_dim(), vd = c.value_dim(), gd = c.gate_dim(), K = c.conv_size;
+  return {
+      {"q_proj.weight", {kd, D}, {kd, D}, true, false, &KdaLayer::q_proj},
+      {"k_proj.weight", {kd, D}, {kd, D}, true, false, &KdaLayer::k_proj},
+      {"v_proj.weight", {vd, D}, {vd, D}, true, false, &KdaLayer::v_proj},
+      {"q_conv1d.weight", {kd, K}, {kd, 1, K}, true, false, &KdaLayer::q_conv1d},
+      {"k_conv1d.weight", {kd, K}, {kd, 1, K}, true, false, &KdaLayer::k_conv1d},
+      {"v_conv1d.weight", {vd, K}, {vd, 1, K}, true, false, &KdaLayer::v_conv1d},
+      {"f_proj.0.weight", {c.dv, D}, {c.dv, D}, true, false, &KdaLayer::f_proj0},
+      {"f_proj.1.weight", {gd, c.dv}, {gd, c.dv}, true, false, &KdaLayer::f_proj1},
+      {"b_proj.weight", {c.v_heads, D}, {c.v_heads, D}, true, false, &KdaLayer::b_proj},
+      {"A_log", {c.v_heads}, {c.v_heads}, false, true, &KdaLayer::A_log},
+      {"dt_bias", {gd}, {gd}, false, true, &KdaLayer::dt_bias},
+      {"g_proj.0.weight", {c.dv, D}, {c.dv, D}, true, false, &KdaLayer::g_proj0},
+      {"g_proj.1.weight", {vd, c.dv}, {vd, c.dv}, true, false, &KdaLayer::g_proj1},
+      {"g_proj.1.bias", {vd}, {vd}, false, false, &KdaLayer::g_proj1_bias},
+      {"o_norm.weight", {c.dv}, {c.dv}, false, false, &KdaLayer::o_norm},
+      {"o_proj.weight", {D, vd}, {D, vd}, true, false, &KdaLayer::o_proj},
+  };
+}
+
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t v : shape) n *= v;
+  return n;
+}
+
+// A tensor of `shape` carved from the arena (Arena::alloc takes an initializer list; the rank varies).
+Tensor alloc_shaped(Arena& arena, const std::vector<int64_t>& shape, DType dtype) {
+  Tensor t = arena.alloc({numel_of(shape)}, dtype);
+  t.ndim = static_cast<int>(shape.size());
+  for (size_t i = 0; i < shape.size(); ++i) t.shape[i] = shape[i];
+  return t;
+}
+
+size_t padded(size_t bytes) { return (bytes + ArenaSizer::kAlign - 1) / ArenaSizer::kAlign * ArenaSizer::kAlign; }
+
+// Host copy of a tensor's values as double (any float dtype, either device).
+std::vector<double> download(const Tensor& t) {
+  HostTensor h({t.numel()}, t.dtype);
+  copy_tensor(h.t, t.view({t.numel()}));
+  std::vector<double> out(static_cast<size_t>(t.numel()));
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    switch (t.dtype) {
+      case DType::f32:
+        out[i] = h.ptr<float>()[i];
+        break;
+      case DType::f64:
+        out[i] = h.ptr<double>()[i];
+        break;
+      case DType::bf16:
+        out[i] = bf16_to_float(h.ptr<bf16>()[i]);
+        break;
+      default:
+        HYD_THROW("KdaLayerWeights: unexpected dtype ", dtype_name(t.dtype));
+    }
+  }
+  return out;
+}
+
+void upload(const Tensor& t, const std::vector<double>& values) {
+  HostTensor h({t.numel()}, t.dtype);
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    switch (t.dtype) {
+      case DType::f32:
+        h.ptr<float>()[i] = static_cast<float>(values[i]);
+        break;
+      case DType::f64:
+        h.ptr<double>()[i] = values[i];
+        break;
+      case DType::bf16:
+        h.ptr<bf16>()[i] = float_to_bf16(static_cast<float>(values[i]));
+        break;
+      default:
+        HYD_THROW("KdaLayerWeights: unexpected dtype ", dtype_name(t.dtype));
+    }
+  }
+  copy_tensor(t.view({t.numel()}), h.t);
+}
+
+}  // namespace
+
+KdaLayerWeights::KdaLayerWeights(const KdaConfig& cfg, Device device, DType dtype) : dtype_(dtype) {
+  cfg.validate();
+  if (device.is_cpu() ? (dtype != DType::f32 && dtype != DType::f64) : dtype != DType::bf16)
+    HYD_THROW("KdaLayerWeights: dtype ", dtype_name(dtype), " on ", device.str(),
+              " (expected f32 or f64 on the CPU, bf16 on CUDA)");
+  const DType grad_dtype = dtype == DType::f64 ? DType::f64 : DType::f32;
+  const std::vector<ParamSpec> specs = param_specs(cfg);
+  auto value_dtype = [&](const ParamSpec& p) { return device.is_cuda() && p.f32_on_cuda ? DType::f32 : dtype; };
+  size_t bytes = 0;
+  for (const ParamSpec& p : specs) {
+    const size_t n = static_cast<size_t>(numel_of(p.shape));
+    bytes += padded(n * dtype_size(value_dtype(p))) + padded(n * dtype_size(grad_dtype));
+  }
+  arena_ = Arena("kda_layer_weights", device, bytes);
+  layer_.cfg = cfg;
+  for (const ParamSpec& p : specs) {
+    WeightRef& ref = layer_.*(p.member);
+    ref.value = alloc_shaped(arena_, p.shape, value_dtype(p));
+    ref.grad = alloc_shaped(arena_, p.shape, grad_dtype);
+    params_.push_back({p.name, p.export_shape, p.weight_decay, &ref});
+  }
+  arena_.zero();
+}
+
+const KdaLayerWeights::Param& KdaLayerWeights::param(const std::string& name) const {
+  for (const Param& p : params_)
+    if (p.name == name) return p;
+  HYD_THROW("KdaLayerWeights: no parameter named '", name, "'");
+}
+
+void KdaLayerWeights::init_random(uint64_t seed, float std) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<double> normal(0.0, std);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  for (const Param& p : params_) {
+    std::vector<double> v(static_cast<size_t>(p.ref->value.numel()));
+    if (p.name == "A_log") {
+      for (double& x : v) x = std::log(1.0 + 15.0 * unit(gen));
+    } else if (p.name == "dt_bias") {
+      for (double& x : v) {
+        const double dt = std::max(1e-4, std::exp(std::log(1e-3) + unit(gen) * (std::log(1e-1) - std::log(1e-3))));
+        x = dt + std::log(-std::expm1(-dt));  // softplus(x) = dt
+      }
+    } else if (p.name == "g_proj.1.bias") {
+      std::fill(v.begin(), v.end(), 0.0);
+    } else if (p.name == "o_norm.weight") {
+      std::fill(v.begin(), v.end(), 1.0);
+    } else {
+      for (double& x : v) x = normal(gen);
+    }
+    upload(p.ref->value, v);
+  }
+}
+
+void KdaLayerWeights::set_param(const std::string& name, const std::vector<double>& values) {
+  const Param& p = param(name);
+  if (static_cast<int64_t>(values.size()) != p.ref->value.numel())
+    HYD_THROW("KdaLayerWeights: parameter '", name, "' has ", p.ref->value.numel(), " values, got ", values.size());
+  upload(p.ref->value, values);
+}
+
+std::vector<double> KdaLayerWeights::get_param(const std::string& name) const {
+  return download(param(name).ref->value);
+}
+
+std::vector<double> KdaLayerWeights::get_grad(const std::string& name) const { return download(param(name).ref->grad); }
+
+void KdaLayerWeights::zero_grad() {
+  for (const Param& p : params_) zero_tensor(p.ref->grad);
+}
+
+}  // namespace hyd
