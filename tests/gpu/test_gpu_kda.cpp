@@ -16,6 +16,7 @@
 // ctest the gpu label skips it there).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -132,21 +133,36 @@ Outputs reference(const Problem& p) {
   return r;
 }
 
-void expect_close(const std::vector<float>& out, const std::vector<float>& ref, double tol, const std::string& what) {
+double norm(const std::vector<float>& x) {
+  double s = 0;
+  for (float v : x) s += double(v) * v;
+  return std::sqrt(s);
+}
+
+// rel_err = ||out - ref|| / max(||ref||, floor). The floor only matters where the exact gradient is
+// zero (e.g. dg of documents of length <= 1 with no initial state: the decay never touches a
+// non-zero state), where fp32 cancellation in the chunked form leaves ~1e-8 of noise that a plain
+// relative error would blow up to 1e+22.
+void expect_close(const std::vector<float>& out, const std::vector<float>& ref, double tol, const std::string& what,
+                  double floor = 0) {
   ASSERT_EQ(out.size(), ref.size()) << what;
-  const double e = rel_err(out, ref);
+  double num = 0;
+  for (size_t i = 0; i < out.size(); ++i) num += (double(out[i]) - ref[i]) * (double(out[i]) - ref[i]);
+  const double e = all_finite(out) ? std::sqrt(num) / std::max({norm(ref), floor, 1e-30}) : INFINITY;
   std::printf("  %-24s rel_err %.3g (tol %.0e)\n", what.c_str(), e, tol);
   EXPECT_LT(e, tol) << what << ": rel_err " << e;
   EXPECT_TRUE(all_finite(out)) << what << " holds NaN/Inf";
 }
 
 void compare(const Outputs& out, const Outputs& ref) {
+  // Scale for the zero-gradient floor: 1e-6 of the size of the q/k/v gradients.
+  const double floor = 1e-6 * (norm(ref.dq) + norm(ref.dk) + norm(ref.dv));
   expect_close(out.o, ref.o, kBf16Tol, "o (bf16)");
   expect_close(out.fin, ref.fin, kF32Tol, "final_state (f32)");
   expect_close(out.dq, ref.dq, kBf16Tol, "dq (bf16)");
   expect_close(out.dk, ref.dk, kBf16Tol, "dk (bf16)");
   expect_close(out.dv, ref.dv, kBf16Tol, "dv (bf16)");
-  expect_close(out.dg, ref.dg, kF32Tol, "dg (f32)");
+  expect_close(out.dg, ref.dg, kF32Tol, "dg (f32)", floor);
   expect_close(out.dbeta, ref.dbeta, kF32Tol, "dbeta (f32)");
   expect_close(out.dinit, ref.dinit, kF32Tol, "dinitial_state (f32)");
   expect_close(out.M, ref.M, kF32Tol, "transition M (f32)");

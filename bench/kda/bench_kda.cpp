@@ -1,0 +1,131 @@
+// Times HyDistill's CUDA KDA core (kernels::kda_forward / kda_backward) on the shapes of issue 3
+// and prints one line per shape; bench/kda/run.sh puts it beside FLA's chunk_kda measured in the
+// same call. Usage: bench_kda [B T]...   (default: 8 4096  2 16384  1 32768  1 131072), H=16, dk=dv=128.
+// Inputs: q, k unit-norm per head (q scaled by dk^-1/2, as the layer feeds them), v ~ N(0,1), g in
+// [-0.5, -0.01] (log-decay), beta in (0, 1); the B sequences are B documents of one packed batch.
+// Peak memory = the inputs, outputs and gradients we allocate + the high-water mark of the stream-
+// ordered pool the kernels take their scratch from.
+#include <cuda_runtime.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "kernels/kda.h"
+#include "trainer/core/arena.h"
+
+using namespace hyd;
+
+namespace {
+
+std::vector<bf16> unit_rows(int64_t rows, int64_t d, float scale, uint64_t seed) {
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> n(0.f, 1.f);
+  std::vector<bf16> out(rows * d);
+  std::vector<float> row(d);
+  for (int64_t r = 0; r < rows; ++r) {
+    double s = 0;
+    for (int64_t i = 0; i < d; ++i) s += double(row[i] = n(g)) * row[i];
+    const float inv = scale / static_cast<float>(std::sqrt(s));
+    for (int64_t i = 0; i < d; ++i) out[r * d + i] = float_to_bf16(row[i] * inv);
+  }
+  return out;
+}
+
+template <class T>
+Tensor upload(Arena& a, const std::vector<T>& host, std::initializer_list<int64_t> dims, DType dt) {
+  Tensor t = a.alloc(dims, dt);
+  CHECK_CUDA(cudaMemcpy(t.data, host.data(), t.nbytes(), cudaMemcpyHostToDevice));
+  return t;
+}
+
+size_t pool_high_water() {
+  cudaMemPool_t pool;
+  CHECK_CUDA(cudaDeviceGetDefaultMemPool(&pool, 0));
+  uint64_t v = 0;
+  CHECK_CUDA(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &v));
+  return v;
+}
+
+void reset_pool() {
+  cudaMemPool_t pool;
+  CHECK_CUDA(cudaDeviceGetDefaultMemPool(&pool, 0));
+  CHECK_CUDA(cudaDeviceSynchronize());
+  CHECK_CUDA(cudaMemPoolTrimTo(pool, 0));
+  uint64_t zero = 0;
+  CHECK_CUDA(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &zero));
+}
+
+void run(int64_t B, int64_t T) {
+  const int64_t H = 16, dk = 128, dv = 128, N = B * T;
+  std::mt19937_64 rng(B * 1000003 + T);
+  std::uniform_real_distribution<float> ug(-0.5f, -0.01f), ub(0.02f, 0.98f);
+  std::normal_distribution<float> nv(0.f, 1.f);
+  const auto q = unit_rows(N * H, dk, 1.0f / std::sqrt(float(dk)), 1), k = unit_rows(N * H, dk, 1.0f, 2);
+  std::vector<bf16> v(N * H * dv), dout(N * H * dv);
+  for (auto& x : v) x = float_to_bf16(nv(rng));
+  for (auto& x : dout) x = float_to_bf16(nv(rng));
+  std::vector<float> g(N * H * dk), beta(N * H);
+  for (auto& x : g) x = ug(rng);
+  for (auto& x : beta) x = ub(rng);
+  std::vector<int32_t> cu(B + 1);
+  for (int64_t b = 0; b <= B; ++b) cu[b] = static_cast<int32_t>(b * T);
+
+  const size_t act = size_t(N) * H * (2 * dk + 2 * dv) * 2 + size_t(N) * H * (dk + 1) * 4;  // q k v o + g beta
+  const size_t grads = size_t(N) * H * (2 * dk + dv) * 2 + size_t(N) * H * (dk + 1) * 4 + size_t(N) * H * dv * 2;
+  Arena a("bench", Device::cuda(0), act + grads + (size_t(64) << 20));
+  ExecContext ctx(Device::cuda(0));
+  const Tensor tq = upload(a, q, {N, H, dk}, DType::bf16), tk = upload(a, k, {N, H, dk}, DType::bf16),
+               tv = upload(a, v, {N, H, dv}, DType::bf16), tg = upload(a, g, {N, H, dk}, DType::f32),
+               tb = upload(a, beta, {N, H}, DType::f32), tcu = upload(a, cu, {B + 1}, DType::i32),
+               tdo = upload(a, dout, {N, H, dv}, DType::bf16);
+  const Tensor o = a.alloc({N, H, dv}, DType::bf16), dq = a.alloc({N, H, dk}, DType::bf16),
+               dkk = a.alloc({N, H, dk}, DType::bf16), dvv = a.alloc({N, H, dv}, DType::bf16),
+               dg = a.alloc({N, H, dk}, DType::f32), db = a.alloc({N, H}, DType::f32);
+  const Tensor none{};
+  auto fwd = [&] { kernels::kda_forward(ctx, tq, tk, tv, tg, tb, tcu, none, o, none); };
+  auto bwd = [&] { kernels::kda_backward(ctx, tq, tk, tv, tg, tb, tcu, none, tdo, none, dq, dkk, dvv, dg, db, none); };
+  cudaStream_t s = static_cast<cudaStream_t>(ctx.stream());
+  cudaEvent_t e0, e1;
+  CHECK_CUDA(cudaEventCreate(&e0));
+  CHECK_CUDA(cudaEventCreate(&e1));
+  auto time_ms = [&](auto&& f, int iters) {
+    f();  // warm-up
+    CHECK_CUDA(cudaStreamSynchronize(s));
+    CHECK_CUDA(cudaEventRecord(e0, s));
+    for (int i = 0; i < iters; ++i) f();
+    CHECK_CUDA(cudaEventRecord(e1, s));
+    CHECK_CUDA(cudaEventSynchronize(e1));
+    float ms = 0;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, e0, e1));
+    return ms / iters;
+  };
+  const int iters = N >= 65536 ? 3 : 10;
+  reset_pool();
+  const float f_ms = time_ms(fwd, iters);
+  const float fb_ms = time_ms([&] { fwd(); bwd(); }, iters);
+  const double peak_gib = double(a.used() + pool_high_water()) / double(1ull << 30);
+  std::printf("hydistill B=%lld T=%lld H=%lld d=%lld fwd_ms=%.3f fwdbwd_ms=%.3f peak_gib=%.2f\n", (long long)B,
+              (long long)T, (long long)H, (long long)dk, f_ms, fb_ms, peak_gib);
+  std::fflush(stdout);
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    std::vector<std::pair<int64_t, int64_t>> shapes;
+    for (int i = 1; i + 1 < argc; i += 2) shapes.emplace_back(std::atoll(argv[i]), std::atoll(argv[i + 1]));
+    if (shapes.empty()) shapes = {{8, 4096}, {2, 16384}, {1, 32768}, {1, 131072}};
+    for (auto [B, T] : shapes) run(B, T);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_kda: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
