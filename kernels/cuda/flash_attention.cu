@@ -1,0 +1,666 @@
+// CUDA FlashAttention-2 style causal GQA attention over packed varlen documents with query offsets
+// (math and mask in kernels/flash_attention.h). bf16 tensor-core MMAs (mma.sync m16n8k16, fp32
+// accumulate), operands staged in XOR-swizzled shared memory by cp.async and read with ldmatrix.
+//
+// Forward (grid: query tile x query head x document; 8 warps, 128 query rows, 16 rows per warp):
+//   for each 64-key tile j up to the causal limit of the tile:  S = Q K_j^T (registers, fp32),
+//   masked entries -inf, running max m and sum l per row (online softmax in base 2), O = O alpha + P V_j.
+//   K_j+1 is fetched while the softmax and P V_j run, V_j+1 while the next S runs.
+//   o = O / l, lse = (m + log2 l) ln 2; rows that see no key: l = 0, so o = 0 and lse = -inf.
+// Backward:
+//   1. preprocess per (token, head): Dsum = <do, o>, L2 = lse log2(e) (+inf where lse = -inf, so that
+//      P = exp2(s log2(e) - L2) is exactly 0 there), both [Hq, Nq]; the f32 dq accumulator is zeroed.
+//   2. main (grid: key tile x kv head x document; 4 warps, 64 keys, 16 keys per warp): dK, dV of the
+//      tile stay in registers while the block loops over the query heads of the kv group and the
+//      64-query tiles that can see the keys (Q, dO, L2, Dsum double-buffered by cp.async):
+//        S^T = K Q^T,  P^T = exp2(S^T log2(e) scale - L2),  dV += P^T dO,  dP^T = V dO^T,
+//        dS^T = P^T (dP^T - Dsum),  dK += dS^T Q,  dQ += dS K  (dS^T via shared memory, fp32 atomics).
+//   3. dq = bf16(scale dQ); dk = bf16(scale dK) is written by the main kernel.
+// Rows past a document's end are zero-filled on load (and their L2, Dsum are 0), so they add exactly
+// zero to every gradient; masked scores are -inf before the exp, so no NaN can arise.
+//
+// MMA fragment layouts (PTX ISA, m16n8k16 .bf16; lane = 4 g + t): A a0 (row g, k 2t..2t+1), a1 (row
+// g+8), a2 (row g, k 2t+8..), a3 (row g+8, k 2t+8..); B b0 (k 2t..2t+1, col g), b1 (k 2t+8..);
+// C c0,c1 (row g, cols 2t, 2t+1), c2,c3 (row g+8). ldmatrix x4: lanes 8i..8i+7 give the row
+// addresses of matrix i, register i returns matrix i (non-trans: row lane/4, elements 2t, 2t+1;
+// .trans: the transposed 8x8 block, i.e. stored rows 2t, 2t+1 of column lane/4).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/flash_attention.h"
+
+namespace hyd::kernels::cuda {
+
+using namespace cuda_detail;
+
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---------------------------------------------------------------- PTX wrappers
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy; with valid == false nothing is read and the destination is zeroed.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c += a b for one m16n8k16 tile (bf16 inputs, fp32 accumulators).
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats as a bf16 pair: `lo` in the low half (the lower column index of a fragment).
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, sizeof(u));
+  return u;
+}
+__device__ __forceinline__ float2 unpack_bf16(uint32_t u) {
+  __nv_bfloat162 v;
+  memcpy(&v, &u, sizeof(u));
+  return __bfloat1622float2(v);
+}
+
+// 2^x; exact 0 for x = -inf.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// ---------------------------------------------------------------- shared-memory tiles
+
+// Byte offset of 16-byte chunk c of row r in a row-major bf16 tile with CHUNKS chunks (8 elements)
+// per row. The chunk index is XORed with r mod 8, so the 8 rows an ldmatrix matrix reads (same
+// logical chunk, consecutive rows) hit 8 different bank groups. CHUNKS >= 8.
+template <int CHUNKS>
+__device__ __forceinline__ uint32_t swz(int r, int c) {
+  return static_cast<uint32_t>((r * CHUNKS + (c ^ (r & 7))) * 16);
+}
+
+// Starts copying rows [0, ROWS) of a ROWS x D bf16 tile (row r at src + r * stride elements) into
+// the swizzled tile at shared address dst; rows >= valid are zero-filled and not read. Row 0 must
+// be a valid address. All THREADS threads of the block call it.
+template <int ROWS, int D, int THREADS>
+__device__ __forceinline__ void load_tile_async(uint32_t dst, const __nv_bfloat16* src, int64_t stride, int valid) {
+  constexpr int kChunks = D / 8;
+  static_assert((ROWS * kChunks) % THREADS == 0, "tile copy must split evenly over the threads");
+#pragma unroll
+  for (int it = 0; it < ROWS * kChunks / THREADS; ++it) {
+    const int idx = it * THREADS + static_cast<int>(threadIdx.x);
+    const int r = idx / kChunks, c = idx % kChunks;
+    const bool ok = r < valid;
+    cp_async16(dst + swz<kChunks>(r, c), ok ? src + r * stride + c * 8 : src, ok);
+  }
+}
+
+// Writes the fp32 accumulator rows of one warp (16 rows x D, C layout, times `mult[r]` for row half
+// r) as bf16 into rows row0.. of a swizzled tile at generic pointer `tile`.
+template <int D>
+__device__ __forceinline__ void stage_rows(unsigned char* tile, int row0, const float (&acc)[D / 8][4], float mult0,
+                                           float mult1) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    *reinterpret_cast<uint32_t*>(tile + swz<D / 8>(row0 + g, dn) + 4 * t) =
+        pack_bf16(acc[dn][0] * mult0, acc[dn][1] * mult0);
+    *reinterpret_cast<uint32_t*>(tile + swz<D / 8>(row0 + g + 8, dn) + 4 * t) =
+        pack_bf16(acc[dn][2] * mult1, acc[dn][3] * mult1);
+  }
+}
+
+// Copies 16 staged rows (tile rows row0..row0+15) to global rows out + r * stride for r < valid, as
+// 16-byte stores by the 32 lanes of a warp.
+template <int D>
+__device__ __forceinline__ void store_rows(const unsigned char* tile, int row0, __nv_bfloat16* out, int64_t stride,
+                                           int valid) {
+  constexpr int kChunks = D / 8;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int it = 0; it < 16 * kChunks / 32; ++it) {
+    const int idx = it * 32 + lane, r = idx / kChunks, c = idx % kChunks;
+    if (r < valid)
+      *reinterpret_cast<uint4*>(out + r * stride + c * 8) =
+          *reinterpret_cast<const uint4*>(tile + swz<kChunks>(row0 + r, c));
+  }
+}
+
+// ---------------------------------------------------------------- forward
+
+template <int D>
+struct FwdConfig {
+  static constexpr int kWarps = 8, kThreads = 32 * kWarps;
+  static constexpr int kBM = 16 * kWarps;  // query rows per block
+  static constexpr int kBN = 64;           // keys per tile
+  static constexpr int kChunks = D / 8;
+  static constexpr int kSmemBytes = (kBM + 2 * kBN) * D * 2;  // Q, K, V tiles
+};
+
+template <int D>
+__global__ void __launch_bounds__(FwdConfig<D>::kThreads, 1)
+    flash_fwd_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                     const __nv_bfloat16* __restrict__ v, const int32_t* __restrict__ cu_q,
+                     const int32_t* __restrict__ cu_k, __nv_bfloat16* __restrict__ o, float* __restrict__ lse, int hq,
+                     int hkv, float scale_log2) {
+  using C = FwdConfig<D>;
+  constexpr int kBM = C::kBM, kBN = C::kBN, kChunks = C::kChunks, kT = C::kThreads;
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int doc = blockIdx.z, h = blockIdx.y;
+  const int q_begin = cu_q[doc], len_q = cu_q[doc + 1] - q_begin;
+  const int k_begin = cu_k[doc], len_k = cu_k[doc + 1] - k_begin;
+  const int m0 = (static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x)) * kBM;  // longest rows first
+  if (m0 >= len_q) return;
+  const int off = len_k - len_q;  // query i sees keys j <= i + off
+  const int hk = h / (hq / hkv);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int64_t q_stride = static_cast<int64_t>(hq) * D, kv_stride = static_cast<int64_t>(hkv) * D;
+  const __nv_bfloat16* k_doc = k + (static_cast<int64_t>(k_begin) * hkv + hk) * D;
+  const __nv_bfloat16* v_doc = v + (static_cast<int64_t>(k_begin) * hkv + hk) * D;
+  const uint32_t sQ = smem_addr(smem), sK = sQ + kBM * D * 2, sV = sK + kBN * D * 2;
+
+  const int n_end = min(len_k, m0 + kBM + off);  // keys that some row of the tile sees
+  const int n_tiles = n_end > 0 ? (n_end + kBN - 1) / kBN : 0;
+  const int row0 = m0 + warp * 16;  // this warp's first query (document-local)
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+  uint32_t qf[D / 16][4];
+
+  if (n_tiles > 0) {
+    load_tile_async<kBM, D, kT>(sQ, q + (static_cast<int64_t>(q_begin + m0) * hq + h) * D, q_stride, len_q - m0);
+    load_tile_async<kBN, D, kT>(sK, k_doc, kv_stride, len_k);
+    cp_async_commit();
+    load_tile_async<kBN, D, kT>(sV, v_doc, kv_stride, len_k);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) ldsm_x4(qf[ks], sQ + swz<kChunks>(warp * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+  }
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int n0 = j * kBN;
+    cp_async_wait<1>();  // K_j landed (V_j may still be in flight)
+    __syncthreads();
+    const bool active = n0 <= row0 + 15 + off;  // some row of this warp sees a key of the tile
+    float s[8][4];
+    if (active) {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          uint32_t b[4];
+          ldsm_x4(b, sK + swz<kChunks>(np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
+          mma_bf16(s[2 * np], qf[ks], b[0], b[1]);
+          mma_bf16(s[2 * np + 1], qf[ks], b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with K_j
+    if (j + 1 < n_tiles) load_tile_async<kBN, D, kT>(sK, k_doc + (n0 + kBN) * kv_stride, kv_stride, len_k - n0 - kBN);
+    cp_async_commit();
+
+    if (active) {
+      const bool need_mask = n0 + kBN - 1 > row0 + off || n0 + kBN > len_k;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float x = s[nt][e] * scale_log2;
+          if (need_mask) {
+            const int key = n0 + nt * 8 + 2 * t + (e & 1), row = row0 + g + 8 * (e >> 1);
+            if (key > row + off || key >= len_k) x = -INFINITY;
+          }
+          s[nt][e] = x;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_run[r], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: keep everything 0
+        const float alpha = exp2_approx(m_run[r] - m_use);
+        m_run[r] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          s[nt][2 * r] = exp2_approx(s[nt][2 * r] - m_use);
+          s[nt][2 * r + 1] = exp2_approx(s[nt][2 * r + 1] - m_use);
+          sum += s[nt][2 * r] + s[nt][2 * r + 1];
+        }
+        l_run[r] = l_run[r] * alpha + sum;  // per-thread partial; the quad is summed at the end
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+          acc[dn][2 * r] *= alpha;
+          acc[dn][2 * r + 1] *= alpha;
+        }
+      }
+    }
+
+    cp_async_wait<1>();  // V_j landed
+    __syncthreads();
+    if (active) {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                                pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t b[4];
+          ldsm_x4_trans(b, sV + swz<kChunks>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dp + (lane >> 4)));
+          mma_bf16(acc[2 * dp], pa, b[0], b[1]);
+          mma_bf16(acc[2 * dp + 1], pa, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with V_j
+    if (j + 1 < n_tiles) load_tile_async<kBN, D, kT>(sV, v_doc + (n0 + kBN) * kv_stride, kv_stride, len_k - n0 - kBN);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();  // only empty groups can remain; keeps the staging below clear of copies
+
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv[r] = l > 0.f ? 1.f / l : 0.f;
+    const int row = row0 + g + 8 * r;
+    if (t == 0 && row < len_q)
+      lse[static_cast<int64_t>(q_begin + row) * hq + h] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
+  }
+  // Stage O in this warp's own rows of the Q tile (Q lives in registers since the first tile).
+  stage_rows<D>(smem, warp * 16, acc, inv[0], inv[1]);
+  __syncwarp();
+  store_rows<D>(smem, warp * 16, o + (static_cast<int64_t>(q_begin + row0) * hq + h) * D, q_stride, len_q - row0);
+}
+
+// ---------------------------------------------------------------- backward
+
+// Dsum = <do, o> and L2 = lse log2(e) (+inf for lse = -inf) per (token, head), stored [Hq, Nq];
+// one warp per row.
+template <int D>
+__global__ void flash_bwd_preprocess_kernel(const __nv_bfloat16* __restrict__ dout,
+                                            const __nv_bfloat16* __restrict__ o, const float* __restrict__ lse,
+                                            float* __restrict__ dsum, float* __restrict__ lse2, int64_t nq, int hq) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= nq * hq) return;
+  float s = 0.f;
+#pragma unroll
+  for (int c = lane * 2; c < D; c += 64) {
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dout + row * D + c));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(o + row * D + c));
+    s += a.x * b.x + a.y * b.y;
+  }
+  s = warp_sum(s);
+  if (lane == 0) {
+    const int64_t token = row / hq, h = row % hq;
+    dsum[h * nq + token] = s;
+    const float l = lse[row];
+    lse2[h * nq + token] = l == -INFINITY ? INFINITY : l * kLog2e;
+  }
+}
+
+template <int D>
+struct BwdConfig {
+  static constexpr int kWarps = 4, kThreads = 32 * kWarps;
+  static constexpr int kBN = 16 * kWarps;  // keys per block (16 per warp)
+  static constexpr int kBM = 64;           // queries per inner tile
+  static constexpr int kChunks = D / 8;
+  static constexpr int kTileKV = kBN * D * 2, kTileQ = kBM * D * 2, kTileS = kBN * kBM * 2;
+  // K, V | Q, dO (x2 buffers) | dS^T | L2, Dsum (x2 buffers)
+  static constexpr int kOffV = kTileKV, kOffQ = 2 * kTileKV, kOffDo = kOffQ + 2 * kTileQ, kOffS = kOffDo + 2 * kTileQ,
+                       kOffL = kOffS + kTileS, kOffD = kOffL + 2 * kBM * 4;
+  static constexpr int kSmemBytes = kOffD + 2 * kBM * 4;
+};
+
+template <int D>
+__global__ void __launch_bounds__(BwdConfig<D>::kThreads)
+    flash_bwd_kernel(const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ q,
+                     const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
+                     const float* __restrict__ dsum, const float* __restrict__ lse2, const int32_t* __restrict__ cu_q,
+                     const int32_t* __restrict__ cu_k, float* __restrict__ dq_acc, __nv_bfloat16* __restrict__ dk,
+                     __nv_bfloat16* __restrict__ dv, int64_t nq, int hq, int hkv, float scale_log2, float scale) {
+  using C = BwdConfig<D>;
+  constexpr int kBM = C::kBM, kBN = C::kBN, kChunks = C::kChunks, kT = C::kThreads;
+  static_assert(kBM == 64, "dS^T rows are 64 queries = 8 chunks wide (swz<8>)");
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int doc = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * kBN;
+  const int q_begin = cu_q[doc], len_q = cu_q[doc + 1] - q_begin;
+  const int k_begin = cu_k[doc], len_k = cu_k[doc + 1] - k_begin;
+  if (n0 >= len_k) return;
+  const int off = len_k - len_q, group = hq / hkv;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int64_t q_stride = static_cast<int64_t>(hq) * D, kv_stride = static_cast<int64_t>(hkv) * D;
+  const uint32_t base = smem_addr(smem);
+  const uint32_t sK = base, sV = base + C::kOffV, sS = base + C::kOffS;
+
+  // Query tiles that see some key of this block: queries i >= n0 - off.
+  const int m_first = max(0, n0 - off);
+  const int mt_begin = m_first / kBM;
+  const int n_mt = m_first < len_q ? (len_q + kBM - 1) / kBM - mt_begin : 0;
+  const int iters = group * n_mt;
+
+  const int64_t kv_off = (static_cast<int64_t>(k_begin + n0) * hkv + hk) * D;
+  load_tile_async<kBN, D, kT>(sK, k + kv_off, kv_stride, len_k - n0);
+  load_tile_async<kBN, D, kT>(sV, v + kv_off, kv_stride, len_k - n0);
+
+  // Iteration `it` handles query head hk * group + it / n_mt and query tile mt_begin + it % n_mt.
+  auto load_query_tile = [&](int it, int buf) {
+    const int h = hk * group + it / n_mt, m0 = (mt_begin + it % n_mt) * kBM;
+    const int64_t row_off = (static_cast<int64_t>(q_begin + m0) * hq + h) * D;
+    load_tile_async<kBM, D, kT>(base + C::kOffQ + buf * C::kTileQ, q + row_off, q_stride, len_q - m0);
+    load_tile_async<kBM, D, kT>(base + C::kOffDo + buf * C::kTileQ, dout + row_off, q_stride, len_q - m0);
+    const int i = threadIdx.x & (kBM - 1);
+    const bool ok = m0 + i < len_q;
+    const int64_t src = h * nq + q_begin + m0 + (ok ? i : 0);
+    if (threadIdx.x < kBM)
+      cp_async4(base + C::kOffL + (buf * kBM + i) * 4, lse2 + src, ok);
+    else
+      cp_async4(base + C::kOffD + (buf * kBM + i) * 4, dsum + src, ok);
+  };
+  static_assert(kT == 2 * kBM, "one thread per L2 and per Dsum entry");
+  if (iters > 0) load_query_tile(0, 0);
+  cp_async_commit();
+
+  float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_acc[dn][e] = dv_acc[dn][e] = 0.f;
+
+  const int key0 = n0 + warp * 16;  // this warp's first key (document-local)
+  for (int it = 0; it < iters; ++it) {
+    const int buf = it & 1;
+    if (it + 1 < iters) load_query_tile(it + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // this iteration's tiles (and K, V) landed
+    __syncthreads();
+    const int h = hk * group + it / n_mt, m0 = (mt_begin + it % n_mt) * kBM;
+    const uint32_t sQ = base + C::kOffQ + buf * C::kTileQ, sDo = base + C::kOffDo + buf * C::kTileQ;
+    const float* sL = reinterpret_cast<const float*>(smem + C::kOffL) + buf * kBM;
+    const float* sD = reinterpret_cast<const float*>(smem + C::kOffD) + buf * kBM;
+
+    // S^T = K Q^T: this warp's 16 keys x 64 queries.
+    float st[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t a[4];
+      ldsm_x4(a, sK + swz<kChunks>(warp * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, sQ + swz<kChunks>(np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
+        mma_bf16(st[2 * np], a, b[0], b[1]);
+        mma_bf16(st[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    // P^T (bf16 A fragments over the query dimension): pp[kk] covers queries 16 kk .. 16 kk + 15.
+    const bool need_mask = key0 + 15 > m0 + off || key0 + 16 > len_k;
+    uint32_t pp[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * t + (e & 1);
+        float x = st[nt][e] * scale_log2;
+        if (need_mask) {
+          const int key = key0 + g + 8 * (e >> 1);
+          if (key > m0 + col + off || key >= len_k) x = -INFINITY;
+        }
+        p[e] = exp2_approx(x - sL[col]);
+      }
+      pp[nt >> 1][2 * (nt & 1)] = pack_bf16(p[0], p[1]);
+      pp[nt >> 1][2 * (nt & 1) + 1] = pack_bf16(p[2], p[3]);
+    }
+    // dV += P^T dO
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, sDo + swz<kChunks>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dp + (lane >> 4)));
+        mma_bf16(dv_acc[2 * dp], pp[kk], b[0], b[1]);
+        mma_bf16(dv_acc[2 * dp + 1], pp[kk], b[2], b[3]);
+      }
+    }
+    // dP^T = V dO^T (reuses st)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.f;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      uint32_t a[4];
+      ldsm_x4(a, sV + swz<kChunks>(warp * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t b[4];
+        ldsm_x4(b, sDo + swz<kChunks>(np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
+        mma_bf16(st[2 * np], a, b[0], b[1]);
+        mma_bf16(st[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    // dS^T = P^T (dP^T - Dsum), kept as bf16 A fragments in pp and written to shared memory for dQ.
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const int col = nt * 8 + 2 * t;
+      const float d0 = sD[col], d1 = sD[col + 1];
+      const float2 p_lo = unpack_bf16(pp[nt >> 1][2 * (nt & 1)]), p_hi = unpack_bf16(pp[nt >> 1][2 * (nt & 1) + 1]);
+      const uint32_t ds_lo = pack_bf16(p_lo.x * (st[nt][0] - d0), p_lo.y * (st[nt][1] - d1));
+      const uint32_t ds_hi = pack_bf16(p_hi.x * (st[nt][2] - d0), p_hi.y * (st[nt][3] - d1));
+      pp[nt >> 1][2 * (nt & 1)] = ds_lo;
+      pp[nt >> 1][2 * (nt & 1) + 1] = ds_hi;
+      *reinterpret_cast<uint32_t*>(smem + C::kOffS + swz<8>(warp * 16 + g, nt) + 4 * t) = ds_lo;
+      *reinterpret_cast<uint32_t*>(smem + C::kOffS + swz<8>(warp * 16 + g + 8, nt) + 4 * t) = ds_hi;
+    }
+    // dK += dS^T Q
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, sQ + swz<kChunks>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dp + (lane >> 4)));
+        mma_bf16(dk_acc[2 * dp], pp[kk], b[0], b[1]);
+        mma_bf16(dk_acc[2 * dp + 1], pp[kk], b[2], b[3]);
+      }
+    }
+    __syncthreads();  // dS^T of all warps is in shared memory
+    // dQ += dS K for this warp's 16 queries of the tile, 32 head dims at a time, into the f32 accumulator.
+    const int qrow = m0 + warp * 16;
+#pragma unroll 1  // rolled: fewer live registers (d = 128 spills 104 bytes unrolled, 72 rolled)
+    for (int dc = 0; dc < D / 32; ++dc) {
+      float qa[4][4];
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) qa[nt][0] = qa[nt][1] = qa[nt][2] = qa[nt][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        uint32_t a[4];
+        ldsm_x4_trans(a, sS + swz<8>(kk * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * warp + ((lane >> 3) & 1)));
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          uint32_t b[4];
+          ldsm_x4_trans(b, sK + swz<kChunks>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                             dc * 4 + 2 * np + (lane >> 4)));
+          mma_bf16(qa[2 * np], a, b[0], b[1]);
+          mma_bf16(qa[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = qrow + g + 8 * r;
+        if (i < len_q) {
+          float* dst = dq_acc + (static_cast<int64_t>(q_begin + i) * hq + h) * D + dc * 32 + 2 * t;
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+            atomicAdd(reinterpret_cast<float2*>(dst + nt * 8), make_float2(qa[nt][2 * r], qa[nt][2 * r + 1]));
+        }
+      }
+    }
+    __syncthreads();  // this iteration's buffers and dS^T may be overwritten
+  }
+  cp_async_wait<0>();  // with no query tile, K and V copies may still be in flight
+  __syncthreads();
+
+  // dk = scale dK, dv = dV, staged in this warp's own rows of the K and V tiles.
+  stage_rows<D>(smem, warp * 16, dk_acc, scale, scale);
+  stage_rows<D>(smem + C::kOffV, warp * 16, dv_acc, 1.f, 1.f);
+  __syncwarp();
+  const int64_t out_off = (static_cast<int64_t>(k_begin + key0) * hkv + hk) * D;
+  store_rows<D>(smem, warp * 16, dk + out_off, kv_stride, len_k - key0);
+  store_rows<D>(smem + C::kOffV, warp * 16, dv + out_off, kv_stride, len_k - key0);
+}
+
+// dq = bf16(scale * acc), 4 elements per thread (the element count is a multiple of 64).
+__global__ void flash_bwd_convert_dq_kernel(const float* __restrict__ acc, __nv_bfloat16* __restrict__ dq, int64_t n4,
+                                            float scale) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n4;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float4 a = reinterpret_cast<const float4*>(acc)[i];
+    Bf16Pack<4> out;
+    out.v[0] = to_bf(a.x * scale);
+    out.v[1] = to_bf(a.y * scale);
+    out.v[2] = to_bf(a.z * scale);
+    out.v[3] = to_bf(a.w * scale);
+    reinterpret_cast<Bf16Pack<4>*>(dq)[i] = out;
+  }
+}
+
+// ---------------------------------------------------------------- launchers
+
+template <int D>
+void launch_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q, const int32_t* cu_k,
+                    int64_t num_docs, int64_t max_len_q, bf16* o, float* lse, int64_t hq, int64_t hkv, float scale,
+                    cudaStream_t stream) {
+  using C = FwdConfig<D>;
+  const int64_t tiles = (max_len_q + C::kBM - 1) / C::kBM;
+  if (tiles == 0 || num_docs == 0) return;
+  HYD_CHECK(num_docs <= 65535 && hq <= 65535, "flash_attention_forward: grid too large (", num_docs,
+            " documents, ", hq, " heads)");
+  CHECK_CUDA(cudaFuncSetAttribute(flash_fwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(hq), static_cast<unsigned>(num_docs));
+  flash_fwd_kernel<D><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+      as_nv(q), as_nv(k), as_nv(v), cu_q, cu_k, as_nv(o), lse, static_cast<int>(hq), static_cast<int>(hkv),
+      scale * kLog2e);
+  CHECK_LAUNCH();
+}
+
+template <int D>
+void launch_backward(const bf16* dout, const bf16* q, const bf16* k, const bf16* v, const bf16* o, const float* lse,
+                     const int32_t* cu_q, const int32_t* cu_k, int64_t num_docs, int64_t max_len_k, bf16* dq,
+                     bf16* dk, bf16* dv, int64_t nq, int64_t hq, int64_t hkv, float scale, cudaStream_t stream) {
+  using C = BwdConfig<D>;
+  if (nq > 0 && (max_len_k == 0 || num_docs == 0)) {  // no keys anywhere: every query is fully masked
+    CHECK_CUDA(cudaMemsetAsync(dq, 0, static_cast<size_t>(nq * hq * D) * sizeof(bf16), stream));
+    return;
+  }
+  HYD_CHECK(num_docs <= 65535 && hkv <= 65535, "flash_attention_backward: grid too large (", num_docs,
+            " documents, ", hkv, " kv heads)");
+  const size_t rows = static_cast<size_t>(nq * hq);
+  float *dq_acc = nullptr, *stats = nullptr;
+  CHECK_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&dq_acc), std::max<size_t>(rows * D, 1) * sizeof(float), stream));
+  CHECK_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&stats), std::max<size_t>(2 * rows, 1) * sizeof(float), stream));
+  float* dsum = stats;
+  float* lse2 = stats + rows;
+  if (rows > 0) {
+    CHECK_CUDA(cudaMemsetAsync(dq_acc, 0, rows * D * sizeof(float), stream));
+    constexpr int kPreWarps = 8;
+    flash_bwd_preprocess_kernel<D><<<static_cast<unsigned>((rows + kPreWarps - 1) / kPreWarps), 32 * kPreWarps, 0,
+                                     stream>>>(as_nv(dout), as_nv(o), lse, dsum, lse2, nq, static_cast<int>(hq));
+    CHECK_LAUNCH();
+  }
+  CHECK_CUDA(cudaFuncSetAttribute(flash_bwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+  const dim3 grid(static_cast<unsigned>((max_len_k + C::kBN - 1) / C::kBN), static_cast<unsigned>(hkv),
+                  static_cast<unsigned>(num_docs));
+  flash_bwd_kernel<D><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+      as_nv(dout), as_nv(q), as_nv(k), as_nv(v), dsum, lse2, cu_q, cu_k, dq_acc, as_nv(dk), as_nv(dv), nq,
+      static_cast<int>(hq), static_cast<int>(hkv), scale * kLog2e, scale);
+  CHECK_LAUNCH();
+  if (rows > 0) {
+    const int64_t n4 = static_cast<int64_t>(rows) * D / 4;
+    flash_bwd_convert_dq_kernel<<<grid_for(n4, 256), 256, 0, stream>>>(dq_acc, as_nv(dq), n4, scale);
+    CHECK_LAUNCH();
+  }
+  CHECK_CUDA(cudaFreeAsync(dq_acc, stream));
+  CHECK_CUDA(cudaFreeAsync(stats, stream));
+}
+
+}  // namespace
+
+void flash_attention_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q, const int32_t* cu_k,
+                             int64_t num_docs, int64_t max_len_q, int64_t max_len_k, bf16* o, float* lse, int64_t nq,
+                             int64_t nk, int64_t hq, int64_t hkv, int64_t d, float scale, void* stream) {
+  (void)max_len_k;  // the forward grid runs over queries; each block finds its key range from cu_k
+  (void)nq;
+  (void)nk;
+  if (d == 64)
+    launch_forward<64>(q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse, hq, hkv, scale, as_stream(stream));
+  else if (d == 128)
+    launch_forward<128>(q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse, hq, hkv, scale, as_stream(stream));
+  else
+    HYD_THROW("flash_attention_forward: head dim ", d, " is not supported (64, 128)");
+}
+
+void flash_attention_backward(const bf16* dout, const bf16* q, const bf16* k, const bf16* v, const bf16* o,
+                              const float* lse, const int32_t* cu_q, const int32_t* cu_k, int64_t num_docs,
+                              int64_t max_len_q, int64_t max_len_k, bf16* dq, bf16* dk, bf16* dv, int64_t nq,
+                              int64_t nk, int64_t hq, int64_t hkv, int64_t d, float scale, void* stream) {
+  (void)max_len_q;  // the main backward grid runs over keys; each block loops over its queries
+  (void)nk;
+  if (d == 64)
+    launch_backward<64>(dout, q, k, v, o, lse, cu_q, cu_k, num_docs, max_len_k, dq, dk, dv, nq, hq, hkv, scale,
+                        as_stream(stream));
+  else if (d == 128)
+    launch_backward<128>(dout, q, k, v, o, lse, cu_q, cu_k, num_docs, max_len_k, dq, dk, dv, nq, hq, hkv, scale,
+                         as_stream(stream));
+  else
+    HYD_THROW("flash_attention_backward: head dim ", d, " is not supported (64, 128)");
+}
+
+}  // namespace hyd::kernels::cuda
