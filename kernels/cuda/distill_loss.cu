@@ -1,0 +1,203 @@
+// CUDA fused distillation loss (see kernels/distill_loss.h): one block per token row, bf16 logits
+// in, fp32 math and statistics, dlogits written over the student row in bf16.
+//
+// Pass 1 (reads s and t): per-thread online statistics over a strided slice of the row, rescaled
+// whenever the running maximum grows:
+//   Ms = max s, Zs = sum exp((s - Ms)/tau), Zs1 = sum exp(s - Ms)  (the latter only with a label),
+//   Mt = max t, Zt = sum exp((t - Mt)/tau), and both argmaxes (first index on ties);
+// merged across the block. Then log p_s = (s - Ms)/tau - log Zs, log p_t = (t - Mt)/tau - log Zt,
+// log q = (s - Ms) - log Zs1 and c = lse_t - lse_s = (Mt - Ms)/tau + log Zt - log Zs.
+// Pass 2 (reads s and t, writes s): KL summed in its generalised form, whose terms are all >= 0:
+//   KL / tau^2 = sum_v [ p_t d - p_t + p_s ],   d = log p_t - log p_s = (t - s)/tau - c
+// (sum p_s = sum p_t = 1, so the extra terms add 0). For |d| < 1/2 the term is p_t (d + expm1(-d)),
+// which keeps its relative precision when the distributions nearly agree (an error in the row
+// constant c enters only to second order); p_t == 0 gives p_s (0 log 0 = 0). The same pass writes
+//   ds = grad_scale (w_kl tau (p_s - p_t) + w_ce (q - onehot(label)))
+// element by element: each element is read and then written by the same thread, and the label's
+// logit is read before pass 1's barriers, so no thread reads an overwritten value.
+// Rows of any length (V up to 2^31 - 1, e.g. 151936): 8-wide bf16 loads when the row allows.
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "kernels/cuda/common.cuh"
+#include "kernels/distill_loss.h"
+
+namespace hyd::kernels::cuda {
+
+using namespace cuda_detail;
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kNoIndex = INT_MAX;  // argmax of an empty slice: loses every tie-break
+
+// Online (max, argmax, sum of exp) of one logit row, seen by one thread in increasing index order.
+struct OnlineSoftmax {
+  float m = -INFINITY;
+  float z = 0.f;   // sum exp((x - m) * inv_tau)
+  float z1 = 0.f;  // sum exp(x - m), when with_z1
+  int arg = kNoIndex;
+
+  __device__ __forceinline__ void add(float x, int idx, float inv_tau, bool with_z1) {
+    if (x > m) {  // the new maximum: rescale what was summed so far (exp(-inf) = 0 on the first one)
+      z = z * expf((m - x) * inv_tau) + 1.f;
+      if (with_z1) z1 = z1 * expf(m - x) + 1.f;
+      m = x;
+      arg = idx;
+    } else if (x > -INFINITY) {  // -inf adds 0 (and would give NaN as -inf - -inf); NaN is caught in pass 2
+      z += expf((x - m) * inv_tau);
+      if (with_z1) z1 += expf(x - m);
+    }
+  }
+};
+
+// Block-wide argmax: the largest value, the smallest index among equal values. Every thread gets the
+// result. Contains __syncthreads: call from all threads.
+__device__ __forceinline__ int block_argmax(float v, int idx, float* sv, int* si) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  auto warp_reduce = [](float& val, int& id) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, val, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, id, o);
+      if (ov > val || (ov == val && oi < id)) {
+        val = ov;
+        id = oi;
+      }
+    }
+  };
+  warp_reduce(v, idx);
+  __syncthreads();
+  if (lane == 0) {
+    sv[warp] = v;
+    si[warp] = idx;
+  }
+  __syncthreads();
+  v = lane < nwarps ? sv[lane] : -INFINITY;
+  idx = lane < nwarps ? si[lane] : kNoIndex;
+  warp_reduce(v, idx);
+  return idx;
+}
+
+template <int VEC>
+__global__ void __launch_bounds__(kThreads)
+    distill_loss_kernel(__nv_bfloat16* student, const __nv_bfloat16* teacher, const int32_t* labels,
+                        const uint8_t* mask, float* kl, float* ce, uint8_t* top1, int64_t vocab,
+                        DistillLossOptions opt) {
+  __shared__ float red[32];
+  __shared__ float arg_v[32];
+  __shared__ int arg_i[32];
+  const int64_t row = blockIdx.x;
+  __nv_bfloat16* s = student + row * vocab;
+  const __nv_bfloat16* t = teacher + row * vocab;
+  using P = Pack<__nv_bfloat16, VEC>;
+  P* s_packs = reinterpret_cast<P*>(s);
+  const P* t_packs = reinterpret_cast<const P*>(t);
+  const int64_t npacks = vocab / VEC;
+
+  // Everything that decides the control flow below is the same for the whole block.
+  if (mask && mask[row] == 0) {
+    if (threadIdx.x == 0) {
+      kl[row] = 0.f;
+      ce[row] = 0.f;
+      if (top1) top1[row] = 0;
+    }
+    if (opt.write_grad) {
+      P zero;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) zero.v[j] = to_bf(0.f);
+      for (int64_t p = threadIdx.x; p < npacks; p += blockDim.x) s_packs[p] = zero;
+    }
+    return;
+  }
+  const int32_t label = labels ? labels[row] : -1;
+  const bool has_label = label >= 0 && label < vocab;
+  const float tau = opt.temperature, inv_tau = 1.f / tau;
+  const float s_label = has_label ? to_f(s[label]) : 0.f;  // read before any thread overwrites the row
+
+  // ---- pass 1: statistics
+  OnlineSoftmax st_s, st_t;
+  for (int64_t p = threadIdx.x; p < npacks; p += blockDim.x) {
+    const P sp = s_packs[p], tp = t_packs[p];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const int idx = static_cast<int>(p * VEC + j);
+      st_s.add(to_f(sp.v[j]), idx, inv_tau, has_label);
+      st_t.add(to_f(tp.v[j]), idx, inv_tau, false);
+    }
+  }
+  const float ms = block_max(st_s.m, red);
+  const float zs = block_sum(st_s.m > -INFINITY ? st_s.z * expf((st_s.m - ms) * inv_tau) : 0.f, red);
+  const float zs1 = has_label ? block_sum(st_s.m > -INFINITY ? st_s.z1 * expf(st_s.m - ms) : 0.f, red) : 1.f;
+  const float mt = block_max(st_t.m, red);
+  const float zt = block_sum(st_t.m > -INFINITY ? st_t.z * expf((st_t.m - mt) * inv_tau) : 0.f, red);
+  if (top1) {
+    const int arg_s = block_argmax(st_s.m, st_s.arg, arg_v, arg_i);
+    const int arg_t = block_argmax(st_t.m, st_t.arg, arg_v, arg_i);
+    if (threadIdx.x == 0) top1[row] = arg_s == arg_t ? 1 : 0;
+  }
+  const float log_zs = logf(zs), log_zs1 = logf(zs1), log_zt = logf(zt);
+  const float c = (mt - ms) * inv_tau + (log_zt - log_zs);
+
+  // ---- pass 2: KL terms and (optionally) the gradient, element by element
+  const bool write_grad = opt.write_grad;
+  const bool grad_ce = has_label && opt.w_ce != 0.f;
+  const bool tau_is_one = tau == 1.f;
+  const float g_kl = opt.grad_scale * opt.w_kl * tau, g_ce = opt.grad_scale * opt.w_ce;
+  float kl_acc = 0.f;
+  for (int64_t p = threadIdx.x; p < npacks; p += blockDim.x) {
+    P sp = s_packs[p];
+    const P tp = t_packs[p];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float xs = to_f(sp.v[j]), xt = to_f(tp.v[j]);
+      const float ps = expf((xs - ms) * inv_tau - log_zs);
+      const float pt = expf((xt - mt) * inv_tau - log_zt);
+      float term;
+      if (pt == 0.f) {
+        term = ps;
+      } else {
+        const float d = (xt - xs) * inv_tau - c;
+        term = fabsf(d) < 0.5f ? pt * (d + expm1f(-d)) : pt * d + (ps - pt);
+      }
+      kl_acc += term;
+      if (write_grad) {
+        float g = g_kl * (ps - pt);
+        if (grad_ce) {
+          const float q = tau_is_one ? ps : expf((xs - ms) - log_zs1);
+          const int idx = static_cast<int>(p * VEC + j);
+          g += g_ce * (q - (idx == label ? 1.f : 0.f));
+        }
+        sp.v[j] = to_bf(g);
+      }
+    }
+    if (write_grad) s_packs[p] = sp;
+  }
+  const float kl_sum = block_sum(kl_acc, red) * tau * tau;
+  if (threadIdx.x == 0) {
+    kl[row] = kl_sum < 0.f ? 0.f : kl_sum;  // KL >= 0 against rounding; NaN passes through
+    ce[row] = has_label ? (ms - s_label) + log_zs1 : (label >= vocab ? NAN : 0.f);
+  }
+}
+
+}  // namespace
+
+void distill_loss(bf16* student, const bf16* teacher, const int32_t* labels, const uint8_t* mask, float* kl, float* ce,
+                  uint8_t* top1, int64_t n, int64_t vocab, const DistillLossOptions& opt, void* stream) {
+  if (n == 0) return;
+  HYD_CHECK(n <= INT32_MAX, "distill_loss: ", n, " rows exceed the grid limit");
+  HYD_CHECK(vocab >= 1 && vocab <= INT32_MAX, "distill_loss: vocabulary of ", vocab, " outside [1, 2^31)");
+  const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  const dim3 grid(static_cast<unsigned>(n));
+  if (vocab % 8 == 0 && aligned16(student) && aligned16(teacher)) {
+    distill_loss_kernel<8><<<grid, kThreads, 0, as_stream(stream)>>>(as_nv(student), as_nv(teacher), labels, mask, kl,
+                                                                     ce, top1, vocab, opt);
+  } else {
+    distill_loss_kernel<1><<<grid, kThreads, 0, as_stream(stream)>>>(as_nv(student), as_nv(teacher), labels, mask, kl,
+                                                                     ce, top1, vocab, opt);
+  }
+  CHECK_LAUNCH();
+}
+
+}  // namespace hyd::kernels::cuda
