@@ -1,0 +1,871 @@
+// HybridModel: pattern parsing, parameter list and flat buffers, the activation plan, forward, chunked
+// LM head + loss, backward, and the per-layer mixer entry points of stage 1. The math is written in
+// trainer/hybrid_model.h; the blocks live in layer_kda.*, layer_attention_mixer.* and layer_mlp.*.
+//
+// A mixer block (pre-norm + mixer + residual) is assembled here, in the order AttentionLayer uses:
+//   forward:  a, rstd = RMSNorm(x) ; out = Mixer(a) ; out += x
+//   backward: da = Mixer'(a)^T dh ; dh += RMSNorm'(x)^T da          (dh: the residual-stream gradient)
+// Memory (N = max_tokens, act = 4 bytes on the CPU / 2 on CUDA, every allocation rounded to 256 B):
+//   parameters P_pad * (4 | 2), gradients P_pad * 4 (P_pad: numels padded to 64 elements each)
+//   rope tables 2 * T * d/2 * 4 when some layer is T (T = max(max_position_embeddings, N))
+//   KDA gate working copies (CUDA only) per K layer 4 * (HV + HV dk)
+//   activations: h_0 and h after every block (2L + 1) [N, D]; per layer a, rstd and the mixer's
+//     Saved (AttentionMixer or KdaLayer), the MLP's Saved; final normed, its rstd, losses, d_normed, dh
+//   scratch: max( a mixer block's backward (da, dx [N, D] + the mixer's Scratch), the KDA forward
+//     scratch, the MLP backward, one logits chunk 4 * C * V )
+// Capacities come from running the same alloc code on an ArenaSizer.
+#include "trainer/hybrid_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <unordered_map>
+
+#include "kernels/cross_entropy.h"
+#include "kernels/elementwise.h"
+#include "kernels/embedding.h"
+#include "kernels/matmul.h"
+#include "kernels/rmsnorm.h"
+#include "kernels/rope.h"
+#include "trainer/layer_attention_mixer.h"
+#include "trainer/layer_mlp.h"
+
+#ifdef HYD_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace hyd {
+
+// ------------------------------------------------------------------------------------------ pattern
+
+namespace {
+
+bool mixer_letter(char c, MixerKind& kind) {
+  switch (c) {
+    case 'K':
+      kind = MixerKind::kda;
+      return true;
+    case 'A':
+      kind = MixerKind::nope_attention;
+      return true;
+    case 'T':
+      kind = MixerKind::teacher_attention;
+      return true;
+    default:
+      return false;
+  }
+}
+
+std::string trim(const std::string& s) {
+  const size_t b = s.find_first_not_of(" \t");
+  if (b == std::string::npos) return "";
+  const size_t e = s.find_last_not_of(" \t");
+  return s.substr(b, e - b + 1);
+}
+
+}  // namespace
+
+std::vector<MixerKind> parse_layer_pattern(const std::string& pattern, int64_t num_layers, const std::string& source) {
+  constexpr const char* field = "student.pattern";
+  auto fail = [&](const std::string& msg) { throw Error::at(source, field, msg); };
+  if (num_layers <= 0) fail("needs a positive num_layers, got " + std::to_string(num_layers));
+  const std::string p = trim(pattern);
+  if (p.empty()) fail("is empty; expected letters K (KDA), A (NoPE attention), T (teacher attention)");
+
+  std::vector<MixerKind> layers;
+  auto bad_letter = [&](const std::string& item) {
+    fail("'" + item + "' in \"" + pattern + "\" is not a layer letter: expected K (KDA), A (NoPE attention) or T " +
+         "(teacher attention)");
+  };
+  if (p.find(',') != std::string::npos) {
+    // Explicit list: one letter per layer.
+    size_t start = 0;
+    while (true) {
+      const size_t comma = p.find(',', start);
+      const std::string item = trim(p.substr(start, comma == std::string::npos ? std::string::npos : comma - start));
+      MixerKind k{};
+      if (item.size() != 1 || !mixer_letter(item[0], k)) bad_letter(item);
+      layers.push_back(k);
+      if (comma == std::string::npos) break;
+      start = comma + 1;
+    }
+    if (static_cast<int64_t>(layers.size()) != num_layers)
+      fail("the explicit list \"" + pattern + "\" has " + std::to_string(layers.size()) + " layers, the model has " +
+           std::to_string(num_layers) + " (num_layers)");
+    return layers;
+  }
+
+  // Short pattern, repeated (one letter per layer when it is exactly num_layers long).
+  std::vector<MixerKind> unit;
+  bool has_a = false;
+  for (char c : p) {
+    MixerKind k{};
+    if (!mixer_letter(c, k)) bad_letter(std::string(1, c));
+    unit.push_back(k);
+    has_a = has_a || k == MixerKind::nope_attention;
+  }
+  if (static_cast<int64_t>(unit.size()) > num_layers)
+    fail("\"" + pattern + "\" is " + std::to_string(unit.size()) + " letters, longer than the model's " +
+         std::to_string(num_layers) + " layers (num_layers); give a shorter pattern to repeat or an explicit " +
+         "comma-separated list of " + std::to_string(num_layers) + " letters");
+  for (int64_t l = 0; l < num_layers; ++l) layers.push_back(unit[static_cast<size_t>(l) % unit.size()]);
+  if (has_a && static_cast<int64_t>(unit.size()) < num_layers) layers.back() = MixerKind::nope_attention;
+  return layers;
+}
+
+std::string layer_pattern_string(const std::vector<MixerKind>& layers) {
+  std::string s;
+  for (MixerKind k : layers) s += static_cast<char>(k);
+  return s;
+}
+
+void HybridConfig::finalize(const std::string& source) {
+  model.finalize(source);
+  layers = parse_layer_pattern(pattern, model.num_layers, source);
+  if (has(MixerKind::kda)) {
+    if (kda.hidden == 0) kda.hidden = model.hidden_size;
+    if (kda.hidden != model.hidden_size)
+      throw Error::at(
+          source, "student.kda.hidden",
+          "is " + std::to_string(kda.hidden) + ", the model's hidden_size is " + std::to_string(model.hidden_size));
+    kda.validate(source);
+  }
+}
+
+bool HybridConfig::has(MixerKind kind) const { return std::find(layers.begin(), layers.end(), kind) != layers.end(); }
+
+// ------------------------------------------------------------------------------------------ helpers
+
+namespace {
+
+// Every parameter view starts at a multiple of 64 elements of the flat buffers (aligned for vectorised
+// kernels and cuBLAS); padding elements are zero and belong to no parameter.
+constexpr int64_t kParamAlign = 64;
+// The LM head works on C tokens at a time, C * V * 4 bytes <= 64 MiB, 16 <= C <= 1024.
+constexpr size_t kLogitsChunkBytes = size_t(64) << 20;
+constexpr int64_t kMaxLogitsChunk = 1024;
+constexpr int64_t kMinLogitsChunk = 16;
+
+// copy_tensor / zero_tensor run on the legacy default stream, which does not order against the
+// contexts' non-blocking streams: host<->device transfers are fenced with a device synchronisation.
+void device_sync(Device d) {
+#ifdef HYD_WITH_CUDA
+  if (d.is_cuda()) CHECK_CUDA(cudaDeviceSynchronize());
+#else
+  (void)d;
+#endif
+}
+
+Tensor view_at(const Tensor& flat, int64_t offset, const std::vector<int64_t>& shape) {
+  char* p = static_cast<char*>(flat.data) + offset * static_cast<int64_t>(dtype_size(flat.dtype));
+  if (shape.size() == 1) return Tensor(p, flat.dtype, flat.device, {shape[0]});
+  HYD_CHECK(shape.size() == 2, "parameters are vectors or matrices");
+  return Tensor(p, flat.dtype, flat.device, {shape[0], shape[1]});
+}
+
+// Device tensor (f32 or bf16) -> host f32. The caller has synchronised the device.
+std::vector<float> download_f32(const Tensor& t) {
+  const int64_t n = t.numel();
+  std::vector<float> out(static_cast<size_t>(n));
+  if (t.dtype == DType::f32) {
+    copy_tensor(Tensor(out.data(), DType::f32, Device::cpu(), {n}), t.view({n}));
+  } else {
+    HYD_CHECK(t.dtype == DType::bf16, "download_f32: unsupported dtype ", dtype_name(t.dtype));
+    std::vector<bf16> tmp(static_cast<size_t>(n));
+    copy_tensor(Tensor(tmp.data(), DType::bf16, Device::cpu(), {n}), t.view({n}));
+    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(tmp[i]);
+  }
+  return out;
+}
+
+// Host f32 -> device tensor (f32 or bf16, rounded to nearest even).
+void upload_f32(const Tensor& t, const float* src) {
+  const int64_t n = t.numel();
+  if (t.dtype == DType::f32) {
+    copy_tensor(t.view({n}), Tensor(const_cast<float*>(src), DType::f32, Device::cpu(), {n}));
+  } else {
+    HYD_CHECK(t.dtype == DType::bf16, "upload_f32: unsupported dtype ", dtype_name(t.dtype));
+    std::vector<bf16> tmp(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) tmp[i] = float_to_bf16(src[i]);
+    copy_tensor(t.view({n}), Tensor(tmp.data(), DType::bf16, Device::cpu(), {n}));
+  }
+}
+
+// The KDA parameters: name suffix, storage shape, weight decay, member of KdaLayer. Names and shapes
+// are KdaLayerWeights' (trainer/layer_kda.h); tests/model/test_hybrid_model.cpp checks they agree.
+struct KdaParamSpec {
+  const char* name;
+  std::vector<int64_t> shape;
+  bool weight_decay;
+  WeightRef KdaLayer::*member;
+};
+
+std::vector<KdaParamSpec> kda_param_specs(const KdaConfig& c) {
+  const int64_t D = c.hidden, kd = c.key_dim(), vd = c.value_dim(), gd = c.gate_dim(), K = c.conv_size;
+  return {
+      {"q_proj.weight", {kd, D}, true, &KdaLayer::q_proj},
+      {"k_proj.weight", {kd, D}, true, &KdaLayer::k_proj},
+      {"v_proj.weight", {vd, D}, true, &KdaLayer::v_proj},
+      {"q_conv1d.weight", {kd, K}, true, &KdaLayer::q_conv1d},
+      {"k_conv1d.weight", {kd, K}, true, &KdaLayer::k_conv1d},
+      {"v_conv1d.weight", {vd, K}, true, &KdaLayer::v_conv1d},
+      {"f_proj.0.weight", {c.dv, D}, true, &KdaLayer::f_proj0},
+      {"f_proj.1.weight", {gd, c.dv}, true, &KdaLayer::f_proj1},
+      {"b_proj.weight", {c.v_heads, D}, true, &KdaLayer::b_proj},
+      {"A_log", {c.v_heads}, false, &KdaLayer::A_log},
+      {"dt_bias", {gd}, false, &KdaLayer::dt_bias},
+      {"g_proj.0.weight", {c.dv, D}, true, &KdaLayer::g_proj0},
+      {"g_proj.1.weight", {vd, c.dv}, true, &KdaLayer::g_proj1},
+      {"g_proj.1.bias", {vd}, false, &KdaLayer::g_proj1_bias},
+      {"o_norm.weight", {c.dv}, false, &KdaLayer::o_norm},
+      {"o_proj.weight", {D, vd}, true, &KdaLayer::o_proj},
+  };
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------ Impl
+
+struct HybridModel::Impl {
+  HybridConfig cfg;
+  Device device;
+  int64_t max_tokens = 0;
+  DType act = DType::f32;  // activations and parameters: f32 on the CPU, bf16 on CUDA
+  int64_t logits_chunk = 0;
+
+  std::vector<ParamInfo> params;
+  std::unordered_map<std::string, size_t> index;
+  std::vector<std::pair<size_t, size_t>> mixer_range;  // per layer: [first, last) index into params
+  Arena param_arena, grad_arena, table_arena, gate_arena, act_arena, scratch_arena;
+  Tensor flat_params, flat_grads, rope_cos, rope_sin;
+
+  WeightRef embed, final_norm, lm_head;
+  std::vector<WeightRef> mixer_norm;                 // layers.L.attn_norm
+  std::vector<AttentionMixer> attn;                  // used for A and T layers
+  std::vector<KdaLayer> kda;                         // used for K layers
+  std::vector<std::pair<Tensor, Tensor>> gate_bf16;  // CUDA, K layers: flat (bf16) A_log, dt_bias values
+  std::vector<MlpLayer> mlp;
+  std::vector<std::string> nvtx_fwd, nvtx_bwd;  // per mixer block
+
+  struct MixerSaved {
+    Tensor x, a, rstd;  // block input (view), normed input, its rstd
+    AttentionMixer::Saved attn;
+    KdaLayer::Saved kda;
+  };
+  // Activations of one micro-batch (activation arena, reset every call).
+  struct Step {
+    std::vector<Tensor> residual;  // 2L + 1 tensors [N, D]: h_0, then h after every block
+    std::vector<MixerSaved> mix;
+    std::vector<MlpLayer::Saved> mlp;
+    Tensor final_normed, final_rstd, losses, d_normed, d_residual;
+  };
+  Step step;
+  // Stage-1 state: the activation arena holds a Step for `mixer_tokens` tokens whose mixer slots are
+  // filled by mixer_forward (mixer_ready[l]); any full-model call ends it.
+  bool mixer_mode = false;
+  int64_t mixer_tokens = 0;
+  std::vector<bool> mixer_ready;
+
+  bool is_kda(int64_t l) const { return cfg.layers[static_cast<size_t>(l)] == MixerKind::kda; }
+  bool uses_rope(int64_t l) const { return cfg.layers[static_cast<size_t>(l)] == MixerKind::teacher_attention; }
+
+  template <class Alloc>
+  Step alloc_step(Alloc& a, int64_t n) const {
+    Step s;
+    const int64_t D = cfg.model.hidden_size;
+    s.residual.push_back(a.alloc({n, D}, act));
+    for (int64_t l = 0; l < cfg.model.num_layers; ++l) {
+      s.residual.push_back(a.alloc({n, D}, act));
+      s.residual.push_back(a.alloc({n, D}, act));
+      MixerSaved m;
+      m.a = a.alloc({n, D}, act);
+      m.rstd = a.alloc({n}, DType::f32);
+      if (is_kda(l))
+        m.kda = kda[l].alloc_saved(a, n, act);
+      else
+        m.attn = attn[l].alloc_saved(a, n, act);
+      s.mix.push_back(m);
+      s.mlp.push_back(mlp[l].alloc_saved(a, n, act));
+    }
+    s.final_normed = a.alloc({n, D}, act);
+    s.final_rstd = a.alloc({n}, DType::f32);
+    s.losses = a.alloc({n}, DType::f32);
+    s.d_normed = a.alloc({n, D}, act);
+    s.d_residual = a.alloc({n, D}, act);
+    return s;
+  }
+
+  // The scratch of a mixer block's backward: da and dx [N, D], then the mixer's own Scratch.
+  template <class Alloc>
+  std::pair<Tensor, Tensor> alloc_block_grads(Alloc& a, int64_t n) const {
+    const int64_t D = cfg.model.hidden_size;
+    Tensor da = a.alloc({n, D}, act);
+    Tensor dx = a.alloc({n, D}, act);
+    return {da, dx};
+  }
+
+  size_t scratch_bytes(int64_t n) const {
+    size_t bytes = 0;
+    for (int64_t l = 0; l < cfg.model.num_layers; ++l) {
+      ArenaSizer sb, sf, sm;
+      alloc_block_grads(sb, n);
+      if (is_kda(l)) {
+        kda[l].alloc_scratch(sb, n, act);
+        kda[l].alloc_forward_scratch(sf, n, act);
+      } else {
+        attn[l].alloc_scratch(sb, n, act);
+      }
+      mlp[l].alloc_scratch(sm, n, act);
+      bytes = std::max({bytes, sb.used(), sf.used(), sm.used()});
+    }
+    ArenaSizer sl;
+    sl.alloc({std::min(logits_chunk, n), cfg.model.vocab_size}, DType::f32);
+    sl.alloc({n}, DType::f32);  // mixer_input_norm's rstd never meets a logits chunk; counted generously
+    return std::max(bytes, sl.used());
+  }
+
+  void add_param(const std::string& name, std::vector<int64_t> shape, bool weight_decay, int64_t& offset) {
+    ParamInfo p;
+    p.name = name;
+    p.shape = std::move(shape);
+    p.weight_decay = weight_decay;
+    p.numel = 1;
+    for (int64_t v : p.shape) p.numel *= v;
+    p.offset = offset;
+    offset += (p.numel + kParamAlign - 1) / kParamAlign * kParamAlign;
+    index[name] = params.size();
+    params.push_back(std::move(p));
+  }
+
+  WeightRef ref(const std::string& name) const {
+    const ParamInfo& p = params[index.at(name)];
+    return {p.value, p.grad};
+  }
+
+  void build();
+  void check_layer(int64_t layer, const char* what) const;
+  void check_sequence(const ExecContext& ctx, const Batch& b, bool need_tokens, bool need_positions,
+                      const char* what) const;
+  void check_batch(const ExecContext& ctx, const Batch& b) const;
+  void check_activation(const Tensor& t, int64_t n, const char* what, const char* arg) const;
+  PackedSequence sequence(const Batch& b) const;
+  void refresh_gates(const ExecContext& ctx, int64_t layer) const;
+  void mixer_run(const ExecContext& ctx, const PackedSequence& seq, int64_t l, const Tensor& a, const Tensor& out,
+                 MixerSaved& s);
+  void mixer_grad(const ExecContext& ctx, const PackedSequence& seq, int64_t l, const MixerSaved& s, const Tensor& dout,
+                  const Tensor& da);
+  void begin_step(const Batch& b);
+  void forward(const ExecContext& ctx, const Batch& b);
+  void lm_head_loss(const ExecContext& ctx, const Batch& b, bool with_grad, float loss_scale);
+  double mean_loss(const ExecContext& ctx, const Batch& b) const;
+  void backward(const ExecContext& ctx, const Batch& b);
+};
+
+void HybridModel::Impl::build() {
+  const ModelConfig& mc = cfg.model;
+  const int64_t V = mc.vocab_size, D = mc.hidden_size, F = mc.intermediate_size, L = mc.num_layers;
+  const int64_t d = mc.head_dim;
+  const std::vector<KdaParamSpec> kspecs = kda_param_specs(cfg.kda);
+
+  // Parameter list, in the fixed order of the flat buffers.
+  int64_t offset = 0;
+  add_param("embed", {V, D}, true, offset);
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    add_param(p + "attn_norm", {D}, false, offset);
+    const size_t first = params.size();
+    if (is_kda(l)) {
+      for (const KdaParamSpec& s : kspecs) add_param(p + s.name, s.shape, s.weight_decay, offset);
+    } else {
+      add_param(p + "wqkv", {mc.qkv_dim(), D}, true, offset);
+      if (mc.qkv_bias) add_param(p + "bqkv", {mc.qkv_dim()}, false, offset);
+      if (mc.qk_norm) {
+        add_param(p + "q_norm", {d}, false, offset);
+        add_param(p + "k_norm", {d}, false, offset);
+      }
+      add_param(p + "wo", {D, mc.q_dim()}, true, offset);
+    }
+    mixer_range.emplace_back(first, params.size());
+    add_param(p + "mlp_norm", {D}, false, offset);
+    add_param(p + "w_gate_up", {2 * F, D}, true, offset);
+    add_param(p + "w_down", {D, F}, true, offset);
+  }
+  add_param("final_norm", {D}, false, offset);
+  if (!mc.tie_word_embeddings) add_param("lm_head", {V, D}, true, offset);
+  const int64_t total = offset;
+
+  param_arena = Arena("params", device, static_cast<size_t>(total) * dtype_size(act));
+  grad_arena = Arena("grads", device, static_cast<size_t>(total) * 4);
+  flat_params = param_arena.alloc({total}, act);
+  flat_grads = grad_arena.alloc({total}, DType::f32);
+  zero_tensor(flat_params);  // padding stays zero forever
+  zero_tensor(flat_grads);
+  for (ParamInfo& p : params) {
+    p.value = view_at(flat_params, p.offset, p.shape);
+    p.grad = view_at(flat_grads, p.offset, p.shape);
+  }
+
+  // CUDA: f32 working copies of every K layer's A_log and dt_bias (the KDA gate kernels read f32).
+  if (device.is_cuda() && cfg.has(MixerKind::kda)) {
+    ArenaSizer gs;
+    for (int64_t l = 0; l < L; ++l)
+      if (is_kda(l)) {
+        gs.alloc({cfg.kda.v_heads}, DType::f32);
+        gs.alloc({cfg.kda.gate_dim()}, DType::f32);
+      }
+    gate_arena = Arena("kda_gate_params", device, gs.used());
+  }
+
+  const float eps = static_cast<float>(mc.rms_norm_eps);
+  embed = ref("embed");
+  final_norm = ref("final_norm");
+  lm_head = mc.tie_word_embeddings ? embed : ref("lm_head");
+  attn.resize(static_cast<size_t>(L));
+  kda.resize(static_cast<size_t>(L));
+  gate_bf16.resize(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string ls = std::to_string(l), p = "layers." + ls + ".";
+    const MixerKind kind = cfg.layers[static_cast<size_t>(l)];
+    mixer_norm.push_back(ref(p + "attn_norm"));
+    const std::string tag = kind == MixerKind::kda ? "kda" : kind == MixerKind::nope_attention ? "nope_attn" : "attn";
+    nvtx_fwd.push_back("layer." + ls + "." + tag + ".fwd");
+    nvtx_bwd.push_back("layer." + ls + "." + tag + ".bwd");
+    if (kind == MixerKind::kda) {
+      KdaLayer& k = kda[l];
+      k.cfg = cfg.kda;
+      k.nvtx_fwd = "layer." + ls + ".kda.core.fwd";
+      k.nvtx_bwd = "layer." + ls + ".kda.core.bwd";
+      for (const KdaParamSpec& s : kspecs) k.*(s.member) = ref(p + s.name);
+      if (device.is_cuda()) {
+        gate_bf16[l] = {k.A_log.value, k.dt_bias.value};
+        k.A_log.value = gate_arena.alloc({cfg.kda.v_heads}, DType::f32);
+        k.dt_bias.value = gate_arena.alloc({cfg.kda.gate_dim()}, DType::f32);
+      }
+    } else {
+      AttentionMixer& a = attn[l];
+      a.hidden = D;
+      a.heads = mc.num_heads;
+      a.kv_heads = mc.num_kv_heads;
+      a.head_dim = d;
+      a.eps = eps;
+      a.qk_norm = mc.qk_norm;
+      a.qkv_bias = mc.qkv_bias;
+      a.rope = kind == MixerKind::teacher_attention;
+      a.nvtx_fwd = "layer." + ls + "." + tag + ".core.fwd";
+      a.nvtx_bwd = "layer." + ls + "." + tag + ".core.bwd";
+      a.wqkv = ref(p + "wqkv");
+      if (mc.qkv_bias) a.bqkv = ref(p + "bqkv");
+      if (mc.qk_norm) {
+        a.q_norm = ref(p + "q_norm");
+        a.k_norm = ref(p + "k_norm");
+      }
+      a.wo = ref(p + "wo");
+    }
+    MlpLayer m;
+    m.hidden = D;
+    m.intermediate = F;
+    m.eps = eps;
+    m.nvtx_fwd = "layer." + ls + ".mlp.fwd";
+    m.nvtx_bwd = "layer." + ls + ".mlp.bwd";
+    m.norm = ref(p + "mlp_norm");
+    m.w_gate_up = ref(p + "w_gate_up");
+    m.w_down = ref(p + "w_down");
+    mlp.push_back(std::move(m));
+  }
+
+  // RoPE tables, only when some layer keeps the teacher's rotary attention.
+  if (cfg.has(MixerKind::teacher_attention)) {
+    const int64_t table_len = std::max(mc.max_position_embeddings, max_tokens);
+    double attention_factor = 1.0;
+    const std::vector<double> inv_freq =
+        kernels::rope_inv_freq(mc.rope_theta, static_cast<int>(d), mc.rope_scaling, &attention_factor);
+    std::vector<float> cos_host(static_cast<size_t>(table_len * d / 2)), sin_host(cos_host.size());
+    kernels::rope_build_tables(inv_freq, attention_factor, table_len, cos_host.data(), sin_host.data());
+    ArenaSizer ts;
+    ts.alloc({table_len, d / 2}, DType::f32);
+    ts.alloc({table_len, d / 2}, DType::f32);
+    table_arena = Arena("rope_tables", device, ts.used());
+    rope_cos = table_arena.alloc({table_len, d / 2}, DType::f32);
+    rope_sin = table_arena.alloc({table_len, d / 2}, DType::f32);
+    upload_f32(rope_cos, cos_host.data());
+    upload_f32(rope_sin, sin_host.data());
+  }
+
+  logits_chunk = static_cast<int64_t>(kLogitsChunkBytes / (static_cast<size_t>(V) * 4));
+  logits_chunk = std::clamp(logits_chunk / kMinLogitsChunk * kMinLogitsChunk, kMinLogitsChunk, kMaxLogitsChunk);
+  ArenaSizer as;
+  alloc_step(as, max_tokens);
+  act_arena = Arena("activations", device, as.used());
+  scratch_arena = Arena("scratch", device, scratch_bytes(max_tokens));
+  mixer_ready.assign(static_cast<size_t>(L), false);
+  device_sync(device);
+}
+
+void HybridModel::Impl::check_layer(int64_t layer, const char* what) const {
+  if (layer < 0 || layer >= cfg.model.num_layers)
+    HYD_THROW("HybridModel::", what, ": layer ", layer, " outside 0..", cfg.model.num_layers - 1);
+}
+
+// Also fences the caller's uploads (copy_tensor runs on the legacy default stream).
+void HybridModel::Impl::check_sequence(const ExecContext& ctx, const Batch& b, bool need_tokens, bool need_positions,
+                                       const char* what) const {
+  device_sync(device);
+  if (!(ctx.device() == device))
+    HYD_THROW("HybridModel::", what, " on ", device.str(), " called with an execution context on ", ctx.device().str());
+  if (b.num_tokens <= 0 || b.num_tokens > max_tokens)
+    HYD_THROW("HybridModel::", what, ": batch of ", b.num_tokens, " tokens; the model was built for 1..", max_tokens);
+  if (b.num_docs <= 0) HYD_THROW("HybridModel::", what, ": batch has ", b.num_docs, " documents");
+  std::vector<std::pair<const Tensor*, const char*>> ids;
+  if (need_tokens) {
+    if (b.num_targets < 0 || b.num_targets > b.num_tokens)
+      HYD_THROW("HybridModel::", what, ": batch has ", b.num_targets, " targets for ", b.num_tokens, " tokens");
+    ids.push_back({&b.tokens, "tokens"});
+    ids.push_back({&b.targets, "targets"});
+  }
+  if (need_positions) ids.push_back({&b.positions, "positions"});
+  for (const auto& [t, name] : ids) {
+    expect_shape(*t, {b.num_tokens}, "HybridModel", name);
+    expect_dtype(*t, DType::i32, "HybridModel", name);
+    if (!(t->device == device))
+      HYD_THROW("HybridModel: batch tensor '", name, "' on ", t->device.str(), ", model on ", device.str());
+  }
+  expect_shape(b.cu_seqlens, {b.num_docs + 1}, "HybridModel", "cu_seqlens");
+  expect_dtype(b.cu_seqlens, DType::i32, "HybridModel", "cu_seqlens");
+  if (!(b.cu_seqlens.device == device))
+    HYD_THROW("HybridModel: batch tensor 'cu_seqlens' on ", b.cu_seqlens.device.str(), ", model on ", device.str());
+}
+
+void HybridModel::Impl::check_batch(const ExecContext& ctx, const Batch& b) const {
+  check_sequence(ctx, b, true, cfg.has(MixerKind::teacher_attention), "forward");
+}
+
+void HybridModel::Impl::check_activation(const Tensor& t, int64_t n, const char* what, const char* arg) const {
+  const std::string op = std::string("HybridModel::") + what;
+  expect_shape(t, {n, cfg.model.hidden_size}, op.c_str(), arg);
+  expect_dtype(t, act, op.c_str(), arg);
+  if (!(t.device == device)) HYD_THROW(op, ": argument '", arg, "' on ", t.device.str(), ", model on ", device.str());
+}
+
+PackedSequence HybridModel::Impl::sequence(const Batch& b) const {
+  PackedSequence s;
+  s.num_tokens = b.num_tokens;
+  s.num_docs = b.num_docs;
+  s.positions = b.positions;
+  s.cu_seqlens = b.cu_seqlens;
+  s.rope_cos = rope_cos;
+  s.rope_sin = rope_sin;
+  return s;
+}
+
+// CUDA: the f32 working copies of layer l's A_log and dt_bias from their bf16 flat values (on the
+// context's stream, so they are ordered before the layer's kernels). Nothing to do on the CPU.
+void HybridModel::Impl::refresh_gates(const ExecContext& ctx, int64_t l) const {
+  if (!device.is_cuda() || !is_kda(l)) return;
+  kernels::convert(ctx, kda[l].A_log.value, gate_bf16[l].first);
+  kernels::convert(ctx, kda[l].dt_bias.value, gate_bf16[l].second);
+}
+
+void HybridModel::Impl::mixer_run(const ExecContext& ctx, const PackedSequence& seq, int64_t l, const Tensor& a,
+                                  const Tensor& out, MixerSaved& s) {
+  if (is_kda(l)) {
+    scratch_arena.reset();
+    kda[l].forward(ctx, seq, a, out, s.kda, scratch_arena);
+  } else {
+    attn[l].forward(ctx, seq, a, out, s.attn);
+  }
+}
+
+void HybridModel::Impl::mixer_grad(const ExecContext& ctx, const PackedSequence& seq, int64_t l, const MixerSaved& s,
+                                   const Tensor& dout, const Tensor& da) {
+  if (is_kda(l))
+    kda[l].backward(ctx, seq, s.kda, dout, da, scratch_arena);
+  else
+    attn[l].backward(ctx, seq, s.attn, dout, da, scratch_arena);
+}
+
+void HybridModel::Impl::begin_step(const Batch& b) {
+  mixer_mode = false;
+  act_arena.reset();
+  step = alloc_step(act_arena, b.num_tokens);
+}
+
+void HybridModel::Impl::forward(const ExecContext& ctx, const Batch& b) {
+  const PackedSequence seq = sequence(b);
+  Step& st = step;
+  {
+    NvtxRange range("embed.fwd");
+    kernels::embedding_forward(ctx, b.tokens, embed.value, st.residual[0]);
+  }
+  const float eps = static_cast<float>(cfg.model.rms_norm_eps);
+  for (int64_t l = 0; l < cfg.model.num_layers; ++l) {
+    const Tensor& in = st.residual[2 * l];
+    const Tensor& out = st.residual[2 * l + 1];
+    MixerSaved& s = st.mix[l];
+    {
+      NvtxRange range(nvtx_fwd[l].c_str());
+      refresh_gates(ctx, l);
+      s.x = in;
+      kernels::rmsnorm_forward(ctx, in, mixer_norm[l].value, s.a, s.rstd, eps);
+      mixer_run(ctx, seq, l, s.a, out, s);
+      kernels::add_inplace(ctx, out, in);
+    }
+    mlp[l].forward(ctx, out, st.residual[2 * l + 2], st.mlp[l]);
+  }
+  NvtxRange range("final_norm.fwd");
+  kernels::rmsnorm_forward(ctx, st.residual.back(), final_norm.value, st.final_normed, st.final_rstd, eps);
+}
+
+// Chunk by chunk: logits = normed Wlm^T; CE (dlogits in place, scaled by loss_scale / num_targets);
+// then d(normed) = dlogits Wlm and dWlm += dlogits^T normed, before the next chunk reuses the buffer.
+void HybridModel::Impl::lm_head_loss(const ExecContext& ctx, const Batch& b, bool with_grad, float loss_scale) {
+  NvtxRange range(with_grad ? "lm_head_loss.fwd_bwd" : "lm_head_loss.fwd");
+  Step& st = step;
+  const int64_t n = b.num_tokens, V = cfg.model.vocab_size;
+  const float grad_scale = b.num_targets > 0 ? loss_scale / static_cast<float>(b.num_targets) : 0.0f;
+  for (int64_t c0 = 0; c0 < n; c0 += logits_chunk) {
+    const int64_t c1 = std::min(n, c0 + logits_chunk);
+    scratch_arena.reset();
+    const Tensor logits = scratch_arena.alloc({c1 - c0, V}, act);
+    const Tensor x = st.final_normed.slice0(c0, c1);
+    kernels::linear_forward(ctx, x, lm_head.value, Tensor{}, logits);
+    kernels::cross_entropy(ctx, logits, b.targets.slice0(c0, c1), st.losses.slice0(c0, c1), with_grad, grad_scale);
+    if (with_grad)
+      kernels::linear_backward(ctx, logits, x, lm_head.value, st.d_normed.slice0(c0, c1), false, lm_head.grad,
+                               Tensor{});
+  }
+}
+
+double HybridModel::Impl::mean_loss(const ExecContext& ctx, const Batch& b) const {
+  ctx.synchronize();
+  device_sync(device);
+  if (b.num_targets == 0) return 0.0;
+  const std::vector<float> losses = download_f32(step.losses);
+  double sum = 0;
+  for (float v : losses) sum += v;  // ignored tokens contribute exactly 0
+  return sum / static_cast<double>(b.num_targets);
+}
+
+void HybridModel::Impl::backward(const ExecContext& ctx, const Batch& b) {
+  const PackedSequence seq = sequence(b);
+  Step& st = step;
+  {
+    NvtxRange range("final_norm.bwd");
+    kernels::rmsnorm_backward(ctx, st.d_normed, st.residual.back(), final_norm.value, st.final_rstd, st.d_residual,
+                              final_norm.grad);
+  }
+  // The residual-stream gradient is updated in place, block by block.
+  for (int64_t l = cfg.model.num_layers - 1; l >= 0; --l) {
+    scratch_arena.reset();
+    mlp[l].backward(ctx, st.mlp[l], st.d_residual, st.d_residual, scratch_arena);
+    NvtxRange range(nvtx_bwd[l].c_str());
+    scratch_arena.reset();
+    const auto [da, dx] = alloc_block_grads(scratch_arena, b.num_tokens);
+    const MixerSaved& s = st.mix[l];
+    mixer_grad(ctx, seq, l, s, st.d_residual, da);
+    prenorm_residual_backward(ctx, da, s.x, mixer_norm[l], s.rstd, st.d_residual, st.d_residual, dx);
+  }
+  NvtxRange range("embed.bwd");
+  kernels::embedding_backward(ctx, b.tokens, st.d_residual, embed.grad);
+}
+
+// ------------------------------------------------------------------------------------------ public
+
+HybridModel::HybridModel(const HybridConfig& cfg, Device device, int64_t max_tokens) : impl_(std::make_unique<Impl>()) {
+  impl_->cfg = cfg;
+  impl_->cfg.finalize("HybridModel");  // idempotent: resolves dims, parses the pattern, validates
+  impl_->device = device;
+  if (max_tokens <= 0) HYD_THROW("HybridModel: max_tokens must be positive, got ", max_tokens);
+  impl_->max_tokens = max_tokens;
+  impl_->act = device.is_cpu() ? DType::f32 : DType::bf16;
+  impl_->build();
+}
+
+HybridModel::~HybridModel() = default;
+
+const HybridConfig& HybridModel::config() const { return impl_->cfg; }
+Device HybridModel::device() const { return impl_->device; }
+int64_t HybridModel::num_layers() const { return impl_->cfg.model.num_layers; }
+
+MixerKind HybridModel::layer_kind(int64_t layer) const {
+  impl_->check_layer(layer, "layer_kind");
+  return impl_->cfg.layers[static_cast<size_t>(layer)];
+}
+
+std::vector<ParamInfo>& HybridModel::params() { return impl_->params; }
+
+const ParamInfo& HybridModel::param(const std::string& name) const {
+  auto it = impl_->index.find(name);
+  if (it == impl_->index.end()) HYD_THROW("HybridModel: no parameter named '", name, "'");
+  return impl_->params[it->second];
+}
+
+bool HybridModel::has_param(const std::string& name) const { return impl_->index.count(name) > 0; }
+
+std::vector<ParamInfo> HybridModel::mixer_params(int64_t layer) const {
+  impl_->check_layer(layer, "mixer_params");
+  const auto [first, last] = impl_->mixer_range[static_cast<size_t>(layer)];
+  return {impl_->params.begin() + static_cast<std::ptrdiff_t>(first),
+          impl_->params.begin() + static_cast<std::ptrdiff_t>(last)};
+}
+
+Tensor HybridModel::flat_params() const { return impl_->flat_params; }
+Tensor HybridModel::flat_grads() const { return impl_->flat_grads; }
+
+void HybridModel::init_random(uint64_t seed, float std) {
+  const ModelConfig& c = impl_->cfg.model;
+  const double out_scale = 1.0 / std::sqrt(2.0 * static_cast<double>(c.num_layers));
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  std::vector<float> host(static_cast<size_t>(impl_->flat_params.numel()), 0.0f);
+  for (const ParamInfo& p : impl_->params) {
+    float* v = host.data() + p.offset;
+    const std::string& n = p.name;
+    if (n.ends_with("norm") || n.ends_with("o_norm.weight")) {
+      std::fill(v, v + p.numel, 1.0f);
+    } else if (n.ends_with("bqkv") || n.ends_with("g_proj.1.bias")) {
+      std::fill(v, v + p.numel, 0.0f);
+    } else if (n.ends_with(".A_log")) {
+      for (int64_t i = 0; i < p.numel; ++i) v[i] = static_cast<float>(std::log(1.0 + 15.0 * unit(gen)));
+    } else if (n.ends_with(".dt_bias")) {
+      for (int64_t i = 0; i < p.numel; ++i) {
+        const double dt = std::max(1e-4, std::exp(std::log(1e-3) + unit(gen) * (std::log(1e-1) - std::log(1e-3))));
+        v[i] = static_cast<float>(dt + std::log(-std::expm1(-dt)));  // softplus(v) = dt
+      }
+    } else {
+      const bool out_proj = n.ends_with(".wo") || n.ends_with(".w_down") || n.ends_with(".o_proj.weight");
+      const float s = out_proj ? static_cast<float>(std * out_scale) : std;
+      for (int64_t i = 0; i < p.numel; ++i) v[i] = s * normal(gen);
+    }
+  }
+  device_sync(impl_->device);
+  upload_f32(impl_->flat_params, host.data());
+  device_sync(impl_->device);
+}
+
+void HybridModel::set_param(const std::string& name, const float* data, int64_t n) {
+  const ParamInfo& p = param(name);
+  if (n != p.numel) HYD_THROW("HybridModel::set_param('", name, "'): ", n, " values for ", p.numel, " elements");
+  device_sync(impl_->device);
+  upload_f32(p.value, data);
+  device_sync(impl_->device);
+}
+
+std::vector<float> HybridModel::get_param(const std::string& name) const {
+  const ParamInfo& p = param(name);
+  device_sync(impl_->device);
+  return download_f32(p.value);
+}
+
+std::vector<float> HybridModel::get_grad(const std::string& name) const {
+  const ParamInfo& p = param(name);
+  device_sync(impl_->device);
+  return download_f32(p.grad);
+}
+
+void HybridModel::zero_grad() {
+  device_sync(impl_->device);
+  zero_tensor(impl_->flat_grads);
+  device_sync(impl_->device);
+}
+
+double HybridModel::forward_backward(ExecContext& ctx, const Batch& batch, float loss_scale) {
+  Impl& m = *impl_;
+  m.check_batch(ctx, batch);
+  m.begin_step(batch);
+  m.forward(ctx, batch);
+  m.lm_head_loss(ctx, batch, true, loss_scale);
+  m.backward(ctx, batch);
+  return m.mean_loss(ctx, batch);  // synchronises: gradients are complete on return
+}
+
+double HybridModel::forward_loss(ExecContext& ctx, const Batch& batch) {
+  Impl& m = *impl_;
+  m.check_batch(ctx, batch);
+  m.begin_step(batch);
+  m.forward(ctx, batch);
+  m.lm_head_loss(ctx, batch, false, 1.0f);
+  return m.mean_loss(ctx, batch);
+}
+
+std::vector<float> HybridModel::forward_logits(ExecContext& ctx, const Batch& batch) {
+  Impl& m = *impl_;
+  m.check_batch(ctx, batch);
+  m.begin_step(batch);
+  m.forward(ctx, batch);
+  const int64_t n = batch.num_tokens, V = m.cfg.model.vocab_size;
+  std::vector<float> out(static_cast<size_t>(n * V));
+  for (int64_t c0 = 0; c0 < n; c0 += m.logits_chunk) {
+    const int64_t c1 = std::min(n, c0 + m.logits_chunk);
+    m.scratch_arena.reset();
+    // f32 output (cuBLAS accumulates in f32 and writes it unrounded): the exact logits the bf16 inputs give.
+    const Tensor logits = m.scratch_arena.alloc({c1 - c0, V}, DType::f32);
+    kernels::gemm(ctx, false, true, 1.0f, m.step.final_normed.slice0(c0, c1), m.lm_head.value, 0.0f, logits);
+    ctx.synchronize();
+    device_sync(m.device);
+    const std::vector<float> chunk = download_f32(logits);
+    std::copy(chunk.begin(), chunk.end(), out.begin() + c0 * V);
+  }
+  return out;
+}
+
+void HybridModel::mixer_input_norm(ExecContext& ctx, int64_t layer, const Batch& batch, const Tensor& hidden,
+                                   const Tensor& normed) {
+  Impl& m = *impl_;
+  m.check_layer(layer, "mixer_input_norm");
+  m.check_sequence(ctx, batch, false, false, "mixer_input_norm");
+  m.check_activation(hidden, batch.num_tokens, "mixer_input_norm", "hidden");
+  m.check_activation(normed, batch.num_tokens, "mixer_input_norm", "normed");
+  m.scratch_arena.reset();
+  const Tensor rstd = m.scratch_arena.alloc({batch.num_tokens}, DType::f32);
+  kernels::rmsnorm_forward(ctx, hidden, m.mixer_norm[layer].value, normed, rstd,
+                           static_cast<float>(m.cfg.model.rms_norm_eps));
+}
+
+void HybridModel::mixer_forward(ExecContext& ctx, int64_t layer, const Batch& batch, const Tensor& normed_input,
+                                const Tensor& out) {
+  Impl& m = *impl_;
+  m.check_layer(layer, "mixer_forward");
+  m.check_sequence(ctx, batch, false, m.uses_rope(layer), "mixer_forward");
+  m.check_activation(normed_input, batch.num_tokens, "mixer_forward", "normed_input");
+  m.check_activation(out, batch.num_tokens, "mixer_forward", "out");
+  if (out.data == normed_input.data) HYD_THROW("HybridModel::mixer_forward: 'out' must not alias 'normed_input'");
+  if (!m.mixer_mode || m.mixer_tokens != batch.num_tokens) {
+    m.act_arena.reset();
+    m.step = m.alloc_step(m.act_arena, batch.num_tokens);
+    m.mixer_mode = true;
+    m.mixer_tokens = batch.num_tokens;
+    m.mixer_ready.assign(m.mixer_ready.size(), false);
+  }
+  NvtxRange range(m.nvtx_fwd[layer].c_str());
+  m.refresh_gates(ctx, layer);
+  Impl::MixerSaved& s = m.step.mix[layer];
+  s.x = Tensor{};
+  m.mixer_run(ctx, m.sequence(batch), layer, normed_input, out, s);
+  m.mixer_ready[layer] = true;
+}
+
+void HybridModel::mixer_backward(ExecContext& ctx, int64_t layer, const Batch& batch, const Tensor& dout,
+                                 const Tensor& d_input) {
+  Impl& m = *impl_;
+  m.check_layer(layer, "mixer_backward");
+  m.check_sequence(ctx, batch, false, m.uses_rope(layer), "mixer_backward");
+  if (!m.mixer_mode || m.mixer_tokens != batch.num_tokens || !m.mixer_ready[layer])
+    HYD_THROW("HybridModel::mixer_backward: layer ", layer, " has no mixer_forward for this ", batch.num_tokens,
+              "-token batch since the last full-model call");
+  m.check_activation(dout, batch.num_tokens, "mixer_backward", "dout");
+  if (!d_input.empty()) m.check_activation(d_input, batch.num_tokens, "mixer_backward", "d_input");
+  NvtxRange range(m.nvtx_bwd[layer].c_str());
+  m.scratch_arena.reset();
+  const auto [da, dx] = m.alloc_block_grads(m.scratch_arena, batch.num_tokens);
+  (void)dx;
+  m.mixer_grad(ctx, m.sequence(batch), layer, m.step.mix[layer], dout, d_input.empty() ? da : d_input);
+}
+
+size_t HybridModel::memory_bytes() const {
+  const Impl& m = *impl_;
+  return m.param_arena.capacity() + m.grad_arena.capacity() + m.table_arena.capacity() + m.gate_arena.capacity() +
+         m.act_arena.capacity() + m.scratch_arena.capacity();
+}
+
+}  // namespace hyd

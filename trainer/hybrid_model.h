@@ -1,0 +1,131 @@
+// Hybrid student model (DISTILL.md "Students"): the dense teacher's skeleton with each layer's token
+// mixer chosen by a pattern, explicit forward and backward.
+//
+//   h_0 = embed[tokens]
+//   per layer l:  a = RMSNorm(h) ; h = h + Mixer_l(a)
+//                 m = RMSNorm(h) ; h = h + SwiGLU(m Wgate_up^T) Wdown^T
+//   logits = RMSNorm(h) Wlm^T  (Wlm = embed when tied);  loss = mean CE over tokens with target >= 0
+// Mixer_l by the pattern's letter:
+//   K  Kimi Delta Attention (trainer/layer_kda.h, dims from HybridConfig::kda)
+//   A  NoPE causal softmax attention: the teacher's attention block without RoPE (q/k norm and qkv bias
+//      as the family has them)
+//   T  the teacher's attention as is (with RoPE)
+// (trainer/layer_attention_mixer.h has the attention math.) A student made only of T layers is the
+// DenseModel with the same weights, kernel for kernel.
+//
+// Parameters (names as DenseModel where shared), in flat-buffer order:
+//   embed [V, D]
+//   per layer L: layers.L.attn_norm [D], then the mixer's
+//       K: layers.L.q_proj.weight, k_proj.weight, v_proj.weight, q_conv1d.weight, k_conv1d.weight,
+//          v_conv1d.weight, f_proj.0.weight, f_proj.1.weight, b_proj.weight, A_log, dt_bias,
+//          g_proj.0.weight, g_proj.1.weight, g_proj.1.bias, o_norm.weight, o_proj.weight
+//          (names and storage shapes as KdaLayerWeights: conv weights [C, K])
+//       A, T: layers.L.wqkv [(Hq + 2 Hkv) d, D], layers.L.bqkv (qkv_bias), layers.L.q_norm, k_norm [d]
+//          (qk_norm), layers.L.wo [D, Hq d]
+//     then layers.L.mlp_norm [D], layers.L.w_gate_up [2F, D], layers.L.w_down [D, F]
+//   final_norm [D], lm_head [V, D] (absent when tied)
+// All values live in one flat buffer (f32 on the CPU, bf16 on CUDA, so the AdamW of trainer/optimizer.h
+// takes params() as they are) and all gradients in one flat f32 buffer. The KDA gate parameters A_log
+// and dt_bias are f32 in the KDA kernels on CUDA: the model keeps f32 working copies of their (bf16)
+// values, refreshed at the start of every forward; their gradients are the flat buffer's f32 views.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "trainer/layer_kda.h"
+#include "trainer/model.h"
+
+namespace hyd {
+
+enum class MixerKind : char { kda = 'K', nope_attention = 'A', teacher_attention = 'T' };
+
+// student.pattern -> one mixer per layer. Two forms:
+//   * a pattern without commas ("KKKA", "K", "KA"), repeated to num_layers; when it is shorter than
+//     num_layers and contains A, the last layer is made A (a repeated hybrid always ends with full
+//     attention, DISTILL.md), so "KKKA" over 6 layers is KKKAKA; patterns without A ("K", "T", "KT")
+//     repeat as written. A pattern of exactly num_layers letters is taken as written ("KAKK" over 4
+//     layers is KAKK); one longer than num_layers is an error.
+//   * an explicit comma-separated list of exactly num_layers letters ("K,K,A,T"; spaces allowed),
+//     taken as written.
+// Letters: K, A, T. Errors are hyd::Error naming `source` and the field 'student.pattern'.
+std::vector<MixerKind> parse_layer_pattern(const std::string& pattern, int64_t num_layers,
+                                           const std::string& source = "student");
+// One letter per layer, e.g. "KKKA".
+std::string layer_pattern_string(const std::vector<MixerKind>& layers);
+
+struct HybridConfig {
+  ModelConfig model;  // the skeleton (embedding, norms, MLP, attention dims of A and T layers)
+  KdaConfig kda;      // K layers; hidden 0 = model.hidden_size
+  std::string pattern = "KKKA";
+  std::vector<MixerKind> layers;  // filled by finalize
+
+  // Finalizes the model config, parses the pattern and validates kda (only when some layer is K).
+  // Errors name `source` and the field.
+  void finalize(const std::string& source);
+  bool has(MixerKind kind) const;
+};
+
+class HybridModel {
+ public:
+  // max_tokens: the largest micro-batch (sum of document lengths) any call will see.
+  HybridModel(const HybridConfig& cfg, Device device, int64_t max_tokens);
+  ~HybridModel();
+  HybridModel(const HybridModel&) = delete;
+  HybridModel& operator=(const HybridModel&) = delete;
+
+  const HybridConfig& config() const;
+  Device device() const;
+  int64_t num_layers() const;
+  MixerKind layer_kind(int64_t layer) const;
+
+  std::vector<ParamInfo>& params();
+  const ParamInfo& param(const std::string& name) const;  // throws hyd::Error naming an unknown parameter
+  bool has_param(const std::string& name) const;
+  // The parameters of layer `layer`'s token mixer (not its attn_norm), in flat-buffer order: what
+  // stage 1 trains (e.g. AdamW(mixer_params(l) of every K layer, ...)).
+  std::vector<ParamInfo> mixer_params(int64_t layer) const;
+  Tensor flat_params() const;  // [P] f32 (CPU) / bf16 (CUDA)
+  Tensor flat_grads() const;   // [P] f32
+
+  // Matrices and embeddings Normal(0, std), output projections (wo, o_proj, w_down) scaled by
+  // 1/sqrt(2 L); norms 1, biases 0; A_log and dt_bias as FLA initialises them (KdaLayerWeights).
+  void init_random(uint64_t seed, float std = 0.02f);
+  // Host f32 values converted to the parameter's dtype; n must equal the parameter's numel.
+  void set_param(const std::string& name, const float* data, int64_t n);
+  std::vector<float> get_param(const std::string& name) const;
+  std::vector<float> get_grad(const std::string& name) const;
+
+  void zero_grad();
+  // As DenseModel: mean CE over the batch's targets; gradients (scaled by loss_scale) accumulate.
+  double forward_backward(ExecContext& ctx, const Batch& batch, float loss_scale = 1.0f);
+  double forward_loss(ExecContext& ctx, const Batch& batch);
+  std::vector<float> forward_logits(ExecContext& ctx, const Batch& batch);  // [N, V] host f32
+
+  // ---- Stage 1 (alignment): one layer's token mixer alone, teacher-forced.
+  // The batch gives the packed documents (num_tokens, num_docs, cu_seqlens; positions for T layers;
+  // tokens and targets are not read). Tensors are [N, D] on the model's device in its activation dtype
+  // (f32 CPU / bf16 CUDA).
+  // normed = RMSNorm(hidden) with layers.L.attn_norm: the mixer's input for the layer input `hidden`.
+  void mixer_input_norm(ExecContext& ctx, int64_t layer, const Batch& batch, const Tensor& hidden,
+                        const Tensor& normed);
+  // out = Mixer_l(normed_input). Keeps what mixer_backward needs for this layer until the next
+  // full-model call or a mixer_forward with another token count; `normed_input` is read again by
+  // mixer_backward and must stay unchanged until then. Several layers may be run before their backwards.
+  void mixer_forward(ExecContext& ctx, int64_t layer, const Batch& batch, const Tensor& normed_input,
+                     const Tensor& out);
+  // Backward of the last mixer_forward of this layer: the mixer's parameter gradients accumulate
+  // (nothing else is touched); d_input = d(out)/d(input)^T dout is written when not empty.
+  void mixer_backward(ExecContext& ctx, int64_t layer, const Batch& batch, const Tensor& dout,
+                      const Tensor& d_input = Tensor{});
+
+  // Bytes held by the parameter, gradient, table, activation and scratch arenas.
+  size_t memory_bytes() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace hyd
