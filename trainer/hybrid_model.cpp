@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <unordered_map>
 
@@ -178,6 +179,21 @@ std::vector<float> download_f32(const Tensor& t) {
   return out;
 }
 
+// dst = src (same dtype and numel, both on the device of ctx), ordered on ctx's stream.
+void copy_on_stream(const ExecContext& ctx, const Tensor& dst, const Tensor& src) {
+  const size_t bytes = static_cast<size_t>(src.numel()) * dtype_size(src.dtype);
+#ifdef HYD_WITH_CUDA
+  if (dst.device.is_cuda()) {
+    CHECK_CUDA(
+        cudaMemcpyAsync(dst.data, src.data, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(ctx.stream())));
+    return;
+  }
+#else
+  (void)ctx;
+#endif
+  std::memcpy(dst.data, src.data, bytes);
+}
+
 // Host f32 -> device tensor (f32 or bf16, rounded to nearest even).
 void upload_f32(const Tensor& t, const float* src) {
   const int64_t n = t.numel();
@@ -231,7 +247,8 @@ struct HybridModel::Impl {
   Device device;
   int64_t max_tokens = 0;
   DType act = DType::f32;  // activations and parameters: f32 on the CPU, bf16 on CUDA
-  int64_t logits_chunk = 0;
+  int64_t logits_chunk = 0;          // tokens per LM-head chunk (set_logits_chunk_size)
+  int64_t default_logits_chunk = 0;  // what the scratch arena is sized for
 
   std::vector<ParamInfo> params;
   std::unordered_map<std::string, size_t> index;
@@ -265,6 +282,10 @@ struct HybridModel::Impl {
   bool mixer_mode = false;
   int64_t mixer_tokens = 0;
   std::vector<bool> mixer_ready;
+  // step.final_normed holds the last forward's final hidden states for `hidden_tokens` tokens
+  // (lm_head_logits); cleared whenever the activation arena is re-planned.
+  bool hidden_ready = false;
+  int64_t hidden_tokens = 0;
 
   bool is_kda(int64_t l) const { return cfg.layers[static_cast<size_t>(l)] == MixerKind::kda; }
   bool uses_rope(int64_t l) const { return cfg.layers[static_cast<size_t>(l)] == MixerKind::teacher_attention; }
@@ -355,8 +376,31 @@ struct HybridModel::Impl {
   void mixer_grad(const ExecContext& ctx, const PackedSequence& seq, int64_t l, const MixerSaved& s, const Tensor& dout,
                   const Tensor& da);
   void begin_step(const Batch& b);
-  void forward(const ExecContext& ctx, const Batch& b);
+  // mix_out (optional): per layer, an empty tensor or [N, D] receiving the mixer's output before the
+  // residual add.
+  void forward(const ExecContext& ctx, const Batch& b, const std::vector<Tensor>* mix_out = nullptr);
   void lm_head_loss(const ExecContext& ctx, const Batch& b, bool with_grad, float loss_scale);
+
+  // The chunked LM head over the last forward's final hidden states: per chunk [c0, c1), logits =
+  // normed Wlm^T into a scratch buffer, chunk_fn(c0, c1, logits) and, when with_grad (chunk_fn has
+  // then written dlogits in place), d(normed) = dlogits Wlm and dWlm += dlogits^T normed, before the
+  // next chunk reuses the buffer.
+  template <class ChunkFn>
+  void lm_head_chunks(const ExecContext& ctx, int64_t n, bool with_grad, ChunkFn&& chunk_fn) {
+    Step& st = step;
+    const int64_t V = cfg.model.vocab_size;
+    for (int64_t c0 = 0; c0 < n; c0 += logits_chunk) {
+      const int64_t c1 = std::min(n, c0 + logits_chunk);
+      scratch_arena.reset();
+      const Tensor logits = scratch_arena.alloc({c1 - c0, V}, act);
+      const Tensor x = st.final_normed.slice0(c0, c1);
+      kernels::linear_forward(ctx, x, lm_head.value, Tensor{}, logits);
+      chunk_fn(c0, c1, logits);
+      if (with_grad)
+        kernels::linear_backward(ctx, logits, x, lm_head.value, st.d_normed.slice0(c0, c1), false, lm_head.grad,
+                                 Tensor{});
+    }
+  }
   double mean_loss(const ExecContext& ctx, const Batch& b) const;
   void backward(const ExecContext& ctx, const Batch& b);
 };
@@ -493,6 +537,7 @@ void HybridModel::Impl::build() {
 
   logits_chunk = static_cast<int64_t>(kLogitsChunkBytes / (static_cast<size_t>(V) * 4));
   logits_chunk = std::clamp(logits_chunk / kMinLogitsChunk * kMinLogitsChunk, kMinLogitsChunk, kMaxLogitsChunk);
+  default_logits_chunk = logits_chunk;
   ArenaSizer as;
   alloc_step(as, max_tokens);
   act_arena = Arena("activations", device, as.used());
@@ -585,11 +630,12 @@ void HybridModel::Impl::mixer_grad(const ExecContext& ctx, const PackedSequence&
 
 void HybridModel::Impl::begin_step(const Batch& b) {
   mixer_mode = false;
+  hidden_ready = false;
   act_arena.reset();
   step = alloc_step(act_arena, b.num_tokens);
 }
 
-void HybridModel::Impl::forward(const ExecContext& ctx, const Batch& b) {
+void HybridModel::Impl::forward(const ExecContext& ctx, const Batch& b, const std::vector<Tensor>* mix_out) {
   const PackedSequence seq = sequence(b);
   Step& st = step;
   {
@@ -607,32 +653,25 @@ void HybridModel::Impl::forward(const ExecContext& ctx, const Batch& b) {
       s.x = in;
       kernels::rmsnorm_forward(ctx, in, mixer_norm[l].value, s.a, s.rstd, eps);
       mixer_run(ctx, seq, l, s.a, out, s);
+      if (mix_out != nullptr && !(*mix_out)[l].empty()) copy_on_stream(ctx, (*mix_out)[l], out);
       kernels::add_inplace(ctx, out, in);
     }
     mlp[l].forward(ctx, out, st.residual[2 * l + 2], st.mlp[l]);
   }
   NvtxRange range("final_norm.fwd");
   kernels::rmsnorm_forward(ctx, st.residual.back(), final_norm.value, st.final_normed, st.final_rstd, eps);
+  hidden_ready = true;
+  hidden_tokens = b.num_tokens;
 }
 
 // Chunk by chunk: logits = normed Wlm^T; CE (dlogits in place, scaled by loss_scale / num_targets);
 // then d(normed) = dlogits Wlm and dWlm += dlogits^T normed, before the next chunk reuses the buffer.
 void HybridModel::Impl::lm_head_loss(const ExecContext& ctx, const Batch& b, bool with_grad, float loss_scale) {
   NvtxRange range(with_grad ? "lm_head_loss.fwd_bwd" : "lm_head_loss.fwd");
-  Step& st = step;
-  const int64_t n = b.num_tokens, V = cfg.model.vocab_size;
   const float grad_scale = b.num_targets > 0 ? loss_scale / static_cast<float>(b.num_targets) : 0.0f;
-  for (int64_t c0 = 0; c0 < n; c0 += logits_chunk) {
-    const int64_t c1 = std::min(n, c0 + logits_chunk);
-    scratch_arena.reset();
-    const Tensor logits = scratch_arena.alloc({c1 - c0, V}, act);
-    const Tensor x = st.final_normed.slice0(c0, c1);
-    kernels::linear_forward(ctx, x, lm_head.value, Tensor{}, logits);
-    kernels::cross_entropy(ctx, logits, b.targets.slice0(c0, c1), st.losses.slice0(c0, c1), with_grad, grad_scale);
-    if (with_grad)
-      kernels::linear_backward(ctx, logits, x, lm_head.value, st.d_normed.slice0(c0, c1), false, lm_head.grad,
-                               Tensor{});
-  }
+  lm_head_chunks(ctx, b.num_tokens, with_grad, [&](int64_t c0, int64_t c1, const Tensor& logits) {
+    kernels::cross_entropy(ctx, logits, b.targets.slice0(c0, c1), step.losses.slice0(c0, c1), with_grad, grad_scale);
+  });
 }
 
 double HybridModel::Impl::mean_loss(const ExecContext& ctx, const Batch& b) const {
@@ -809,6 +848,106 @@ std::vector<float> HybridModel::forward_logits(ExecContext& ctx, const Batch& ba
   return out;
 }
 
+int64_t HybridModel::logits_chunk_size() const { return impl_->logits_chunk; }
+
+void HybridModel::set_logits_chunk_size(int64_t tokens) {
+  if (tokens < 1 || tokens > impl_->default_logits_chunk)
+    HYD_THROW("HybridModel::set_logits_chunk_size: ", tokens, " tokens; must be 1..", impl_->default_logits_chunk,
+              " (the default, which the scratch arena is sized for)");
+  impl_->logits_chunk = tokens;
+}
+
+double HybridModel::forward_backward_logits(ExecContext& ctx, const Batch& batch, const LogitsChunkLoss& loss_fn) {
+  Impl& m = *impl_;
+  if (!loss_fn) HYD_THROW("HybridModel::forward_backward_logits: empty loss function");
+  m.check_batch(ctx, batch);
+  m.begin_step(batch);
+  m.forward(ctx, batch);
+  double total = 0;
+  {
+    NvtxRange range("lm_head_loss.fwd_bwd");
+    m.lm_head_chunks(ctx, batch.num_tokens, true,
+                     [&](int64_t c0, int64_t c1, const Tensor& logits) { total += loss_fn(ctx, c0, c1, logits); });
+  }
+  m.backward(ctx, batch);
+  ctx.synchronize();  // gradients are complete on return
+  device_sync(m.device);
+  return total;
+}
+
+void HybridModel::forward_logits_chunks(ExecContext& ctx, const Batch& batch, const LogitsChunkVisit& visit) {
+  Impl& m = *impl_;
+  if (!visit) HYD_THROW("HybridModel::forward_logits_chunks: empty visit function");
+  m.check_batch(ctx, batch);
+  m.begin_step(batch);
+  m.forward(ctx, batch);
+  NvtxRange range("lm_head.fwd");
+  m.lm_head_chunks(ctx, batch.num_tokens, false, visit);
+}
+
+void HybridModel::forward_hidden(ExecContext& ctx, const Batch& batch) { forward_layer_inputs(ctx, batch, {}, {}); }
+
+void HybridModel::lm_head_logits(ExecContext& ctx, int64_t t0, int64_t t1, const Tensor& logits) {
+  Impl& m = *impl_;
+  if (!(ctx.device() == m.device))
+    HYD_THROW("HybridModel::lm_head_logits on ", m.device.str(), " called with an execution context on ",
+              ctx.device().str());
+  if (!m.hidden_ready)
+    HYD_THROW("HybridModel::lm_head_logits: no final hidden states (run a forward of this model first; a "
+              "mixer_forward discards them)");
+  if (t0 < 0 || t1 <= t0 || t1 > m.hidden_tokens)
+    HYD_THROW("HybridModel::lm_head_logits: tokens [", t0, ", ", t1, ") outside the last forward's ", m.hidden_tokens,
+              " tokens");
+  expect_shape(logits, {t1 - t0, m.cfg.model.vocab_size}, "HybridModel::lm_head_logits", "logits");
+  expect_dtype(logits, m.act, "HybridModel::lm_head_logits", "logits");
+  if (!(logits.device == m.device))
+    HYD_THROW("HybridModel::lm_head_logits: argument 'logits' on ", logits.device.str(), ", model on ",
+              m.device.str());
+  NvtxRange range("lm_head.fwd");
+  kernels::linear_forward(ctx, m.step.final_normed.slice0(t0, t1), m.lm_head.value, Tensor{}, logits);
+}
+
+void HybridModel::forward_layer_inputs(ExecContext& ctx, const Batch& batch, const std::vector<Tensor>& layer_inputs,
+                                       const std::vector<Tensor>& mixer_outputs) {
+  Impl& m = *impl_;
+  const int64_t L = m.cfg.model.num_layers;
+  m.check_batch(ctx, batch);
+  // Every given tensor: [N, D], activation dtype, model's device, no two overlapping.
+  std::vector<std::pair<char*, char*>> ranges;
+  for (const auto& [vec, arg] : {std::pair<const std::vector<Tensor>*, const char*>{&layer_inputs, "layer_inputs"},
+                                 std::pair<const std::vector<Tensor>*, const char*>{&mixer_outputs, "mixer_outputs"}}) {
+    if (vec->empty()) continue;
+    if (static_cast<int64_t>(vec->size()) != L)
+      HYD_THROW("HybridModel::forward_layer_inputs: '", arg, "' has ", vec->size(), " tensors for ", L,
+                " layers (give none or one per layer)");
+    for (const Tensor& t : *vec) {
+      if (t.empty()) continue;
+      m.check_activation(t, batch.num_tokens, "forward_layer_inputs", arg);
+      char* b = static_cast<char*>(t.data);
+      char* e = b + t.numel() * static_cast<int64_t>(dtype_size(t.dtype));
+      for (const auto& [ob, oe] : ranges)
+        if (b < oe && ob < e) HYD_THROW("HybridModel::forward_layer_inputs: overlapping tensors in '", arg, "'");
+      ranges.emplace_back(b, e);
+    }
+  }
+  m.begin_step(batch);
+  // The residual stream is written straight into the caller's tensors (h_0 by the embedding, layer l's
+  // input by layer l-1's MLP); the blocks read them from there.
+  for (int64_t l = 0; l < static_cast<int64_t>(layer_inputs.size()); ++l)
+    if (!layer_inputs[l].empty()) m.step.residual[2 * l] = layer_inputs[l];
+  m.forward(ctx, batch, mixer_outputs.empty() ? nullptr : &mixer_outputs);
+}
+
+std::vector<std::vector<float>> HybridModel::forward_layer_inputs_host(ExecContext& ctx, const Batch& batch) {
+  Impl& m = *impl_;
+  forward_layer_inputs(ctx, batch, {}, {});
+  ctx.synchronize();
+  device_sync(m.device);
+  std::vector<std::vector<float>> out;
+  for (int64_t l = 0; l < m.cfg.model.num_layers; ++l) out.push_back(download_f32(m.step.residual[2 * l]));
+  return out;
+}
+
 void HybridModel::mixer_input_norm(ExecContext& ctx, int64_t layer, const Batch& batch, const Tensor& hidden,
                                    const Tensor& normed) {
   Impl& m = *impl_;
@@ -836,6 +975,7 @@ void HybridModel::mixer_forward(ExecContext& ctx, int64_t layer, const Batch& ba
     m.mixer_mode = true;
     m.mixer_tokens = batch.num_tokens;
     m.mixer_ready.assign(m.mixer_ready.size(), false);
+    m.hidden_ready = false;
   }
   NvtxRange range(m.nvtx_fwd[layer].c_str());
   m.refresh_gates(ctx, layer);

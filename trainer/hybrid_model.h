@@ -30,6 +30,7 @@
 // values, refreshed at the start of every forward; their gradients are the flat buffer's f32 views.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -102,6 +103,69 @@ class HybridModel {
   double forward_backward(ExecContext& ctx, const Batch& batch, float loss_scale = 1.0f);
   double forward_loss(ExecContext& ctx, const Batch& batch);
   std::vector<float> forward_logits(ExecContext& ctx, const Batch& batch);  // [N, V] host f32
+
+  // ---- Distillation (DISTILL.md stages 1 and 2) ------------------------------------------------------
+  //
+  // The LM head works on token chunks [t0, t1) of logits_chunk_size() tokens (the last chunk may be
+  // shorter); a chunk's logits are [t1 - t0, V] in the activation dtype (f32 CPU / bf16 CUDA) on the
+  // model's device, and are valid only inside the callback that receives them.
+  //
+  // Stage 2 pairs the teacher's and the student's chunks for the same tokens without ever holding
+  // either model's full [N, V] logits:
+  //   teacher.forward_hidden(ctx, batch);                       // final hidden states kept by the teacher
+  //   student.forward_backward_logits(ctx, batch, [&](ExecContext& c, int64_t t0, int64_t t1, const Tensor& s) {
+  //     const Tensor t = teacher_chunk.slice0(0, t1 - t0);      // the loop's [C, V] buffer, C >= the
+  //     teacher.lm_head_logits(c, t0, t1, t);                    //   student's logits_chunk_size()
+  //     kernels::distill_loss(c, s, t, labels.slice0(t0, t1), mask.slice0(t0, t1), kl.slice0(t0, t1), ...);
+  //     return 0.0;  // per-token kl / ce stay on the device, reduced once after the call
+  //   });
+  // Both models run on the same context (stream), so the teacher's chunk is ordered before the loss.
+
+  // A chunk's loss: `logits` holds the student's logits of tokens [t0, t1). The function must overwrite
+  // them in place with dLoss/dlogits (every scaling included: the model scales nothing) and returns the
+  // chunk's loss contribution (summed into forward_backward_logits' result; a function that keeps its
+  // per-token losses on the device may return 0 and reduce them after the call, which avoids a host
+  // synchronisation per chunk).
+  using LogitsChunkLoss = std::function<double(ExecContext& ctx, int64_t t0, int64_t t1, const Tensor& logits)>;
+  // A forward-only visit of one chunk's logits.
+  using LogitsChunkVisit = std::function<void(int64_t t0, int64_t t1, const Tensor& logits)>;
+
+  // Tokens per LM-head chunk. The default comes from the vocabulary (a chunk of f32 logits <= 64 MiB,
+  // 16..1024 tokens); set_logits_chunk_size accepts 1..that default (the scratch arena is sized for it).
+  int64_t logits_chunk_size() const;
+  void set_logits_chunk_size(int64_t tokens);
+
+  // Forward, then per chunk: logits = RMSNorm(h_L) Wlm^T, loss_fn (dlogits in place), and the chunk's
+  // backward through the LM head (d final-hidden, dWlm) before the next chunk reuses the buffer; then
+  // the full backward. Gradients accumulate. Returns the sum of loss_fn's results. Batch as for
+  // forward_backward (tokens; targets are checked but only loss_fn reads labels). forward_backward is
+  // this call with a loss_fn of kernels::cross_entropy (same kernels in the same order).
+  double forward_backward_logits(ExecContext& ctx, const Batch& batch, const LogitsChunkLoss& loss_fn);
+  // Forward only; visit(t0, t1, logits) for every chunk in order (evaluation; a teacher whose chunks
+  // are consumed one at a time).
+  void forward_logits_chunks(ExecContext& ctx, const Batch& batch, const LogitsChunkVisit& visit);
+  // Forward only, keeping the final hidden states for lm_head_logits.
+  void forward_hidden(ExecContext& ctx, const Batch& batch);
+  // logits = RMSNorm(h_L)[t0:t1] Wlm^T of the last forward of this model (any forward_*, forward_backward
+  // or forward_layer_inputs; not after a mixer_forward), written to `logits` [t1 - t0, V] (activation
+  // dtype, model's device; any 0 <= t0 < t1 <= N, not limited to logits_chunk_size()). Asynchronous on ctx.
+  void lm_head_logits(ExecContext& ctx, int64_t t0, int64_t t1, const Tensor& logits);
+
+  // Stage 1's teacher-forced inputs, from a forward-only pass of this model (the teacher: an all-T
+  // HybridModel is the DenseModel kernel for kernel):
+  //   layer_inputs[l]  = h entering layer l (the residual stream before its attn_norm; [0] = embed[tokens])
+  //   mixer_outputs[l] = Mixer_l(RMSNorm(layer_inputs[l])): the mixer's output before the residual add,
+  //                      i.e. what mixer_forward(l, mixer_input_norm(l, layer_inputs[l])) gives.
+  // Each vector is empty (not wanted) or num_layers() distinct, non-overlapping tensors [N, D] in the
+  // activation dtype on the model's device, owned by the caller (e.g. carved from an arena of the
+  // distill loop): the forward writes the residual stream straight into layer_inputs (no copy), so
+  // they stay valid whatever this model runs next, including its own mixer_forward. An empty tensor in
+  // a vector skips that layer. The final hidden states are kept too (lm_head_logits works after it).
+  // Asynchronous on ctx.
+  void forward_layer_inputs(ExecContext& ctx, const Batch& batch, const std::vector<Tensor>& layer_inputs,
+                            const std::vector<Tensor>& mixer_outputs = {});
+  // Host f32 copies of every layer input ([l] is N * D values), for tests and tools.
+  std::vector<std::vector<float>> forward_layer_inputs_host(ExecContext& ctx, const Batch& batch);
 
   // ---- Stage 1 (alignment): one layer's token mixer alone, teacher-forced.
   // The batch gives the packed documents (num_tokens, num_docs, cu_seqlens; positions for T layers;
