@@ -24,7 +24,7 @@ const char* kUsage =
     "\n"
     "commands:\n"
     "  train     train a dense model (llama / qwen2 / qwen3) on an HDF5 token dataset: next-token LM\n"
-    "  distill   distill a teacher into a hybrid KDA student (not implemented yet)\n"
+    "  distill   distill a teacher into a hybrid KDA student (stage 1 alignment, stage 2 KL; one device)\n"
     "  eval      evaluate a checkpoint (not implemented yet)\n"
     "  export    export a checkpoint as a Hugging Face directory (not implemented yet)\n"
     "  inspect   summarise a dataset (.h5) or a teacher directory (config.json + *.safetensors)\n"
@@ -57,6 +57,16 @@ int train_command(const std::vector<std::string>& args, std::ostream& out) {
     return 0;
   }
   run_training(parsed.config, parsed.to_ini(), out);
+  return 0;
+}
+
+int distill_command(const std::vector<std::string>& args, std::ostream& out) {
+  const ParsedDistillArgs parsed = parse_distill_args(args);
+  if (parsed.help) {
+    out << distill_help();
+    return 0;
+  }
+  run_distillation(parsed.config, parsed.to_ini(), out);
   return 0;
 }
 
@@ -102,7 +112,8 @@ int hydistill_main(const std::vector<std::string>& args, std::ostream& out, std:
     }
     if (cmd == "train") return train_command(rest, out);
     if (cmd == "inspect") return inspect_command(rest, out);
-    if (cmd == "distill" || cmd == "eval" || cmd == "export") {
+    if (cmd == "distill") return distill_command(rest, out);
+    if (cmd == "eval" || cmd == "export") {
       err << "hydistill: error: " << cmd << ": not implemented yet\n";
       return 2;
     }

@@ -1,4 +1,4 @@
-// The hydistill command line: subcommands train, inspect (and, not yet implemented, distill, eval,
+// The hydistill command line: subcommands train, distill, inspect (and, not yet implemented, eval,
 // export). main() is a thin wrapper so that tests can drive the same code.
 //
 // Exit codes: 0 success, 2 usage or configuration errors (ConfigError), 1 everything else. Errors are

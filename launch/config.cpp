@@ -78,6 +78,60 @@ class TrainOptionTable : public OptionTable {
   }
 };
 
+
+// Every option of `hydistill distill`, bound to the fields of one DistillConfig (defaults = its values).
+class DistillOptionTable : public OptionTable {
+ public:
+  explicit DistillOptionTable(DistillConfig& c) : OptionTable("hydistill distill") {
+    group("Top-level keys (before any [section] in the config file)");
+    add("device", &c.device, "compute device: cpu | cuda | cuda:N");
+
+    group("[run]");
+    add_required("run.dir", &c.run.dir, "run directory: config.ini, metrics.jsonl");
+    add("run.overwrite", &c.run.overwrite, "reuse a run directory that already holds metrics.jsonl");
+
+    group("[teacher]");
+    add_required("teacher.dir", &c.teacher_dir, "teacher: Hugging Face directory (config.json + *.safetensors)");
+
+    group("[student]");
+    add("student.pattern", &c.student_pattern,
+        "token mixer per layer: K = KDA, A = NoPE attention, T = teacher attention; repeated to the teacher's "
+        "layers (e.g. KKKA), or an explicit comma-separated list");
+
+    group("[data]");
+    add_required("data.path", &c.data.path, "HDF5 token dataset tokenized for the teacher (data/prepare.py)");
+    add("data.val_fraction", &c.data.val_fraction, "fraction of documents held out (not trained on)");
+    add("data.seq_len", &c.data.seq_len, "tokens per packed sequence");
+    add("data.batch_size", &c.data.batch_size, "sequences per batch");
+    add("data.seed", &c.data.seed, "seed of the train/validation split and the shuffling");
+
+    TrainOptions& t = c.train;
+    group("[train]");
+    add("train.weight_decay", &t.weight_decay, "AdamW decoupled weight decay (matrices and embeddings)");
+    add("train.beta1", &t.beta1, "AdamW beta1");
+    add("train.beta2", &t.beta2, "AdamW beta2");
+    add("train.eps", &t.eps, "AdamW epsilon");
+    add("train.grad_clip", &t.grad_clip, "max global gradient norm; 0 = no clipping");
+    add("train.seed", &t.seed, "seed of the student's new (non-transferred) parameters");
+    add("train.max_bad_steps", &t.max_bad_steps, "consecutive non-finite steps that stop the run");
+
+    DistillStageOptions& d = c.distill;
+    group("[distill]");
+    add("distill.stage1_steps", &d.stage1_steps, "stage 1 (alignment MSE of the K layers) steps; 0 = skip");
+    add("distill.stage1_lr", &d.stage1_lr, "stage 1 peak learning rate");
+    add("distill.stage2_steps", &d.stage2_steps, "stage 2 (end-to-end KL [+ CE]) steps; 0 = skip");
+    add("distill.stage2_lr", &d.stage2_lr, "stage 2 peak learning rate");
+    add("distill.min_lr_ratio", &d.min_lr_ratio, "cosine floor of each stage as a fraction of its peak");
+    add("distill.warmup_steps", &d.warmup_steps, "linear warmup steps of each stage");
+    add("distill.temperature", &d.temperature, "KL temperature tau (the KL term is scaled by tau^2)");
+    add("distill.w_kl", &d.w_kl, "stage 2 weight of KL(teacher || student)");
+    add("distill.w_ce", &d.w_ce, "stage 2 weight of the cross-entropy with the data labels");
+
+    group("[log]");
+    add("log.interval", &c.log.interval, "steps per progress line and metrics record");
+  }
+};
+
 }  // namespace
 
 std::string ParsedTrainArgs::to_ini() const {
@@ -117,6 +171,45 @@ std::string train_help() {
          "Trains a dense decoder (llama / qwen2 / qwen3) on an HDF5 token dataset with AdamW. Every option below is\n"
          "a key of the config file (`lr = 2e-3` under [train] is train.lr; `device` comes before any section) and\n"
          "is also accepted on the command line, which wins over the file. Unknown keys are errors.\n\n" +
+         general_options_help() + "\nOptions (config file keys; each also as --KEY VALUE):\n\n" + table.help();
+}
+
+std::string ParsedDistillArgs::to_ini() const {
+  return write_ini(effective,
+                   {"Effective configuration of this run (defaults, then the config file, then the command line).",
+                    "Re-run it with: hydistill distill --config config.ini"});
+}
+
+ParsedDistillArgs parse_distill_args(const std::vector<std::string>& args) {
+  ParsedDistillArgs out;
+  DistillConfig& cfg = out.config;
+  const DistillOptionTable table(cfg);
+  const ParsedOptions parsed = parse_options(table, args);
+  if (parsed.help) {
+    out.help = true;
+    return out;
+  }
+  out.config_path = parsed.config_path;
+  cfg.source = parsed.source();
+  try {
+    validate_distill_config(cfg);
+  } catch (const ConfigError& e) {
+    if (!e.key().empty() && parsed.command_line_keys.count(e.key()))
+      throw ConfigError::at(kCommandLineSource, e.key(), e.message());
+    throw;
+  }
+  out.effective = table.values();
+  return out;
+}
+
+std::string distill_help() {
+  DistillConfig defaults;
+  const DistillOptionTable table(defaults);
+  return "usage: hydistill distill --config FILE [--section.key VALUE ...]\n\n"
+         "Distills a teacher (Hugging Face directory) into a hybrid KDA student on one device: stage 1 aligns each\n"
+         "KDA layer's output to the teacher's attention output (MSE, only the new mixers train), stage 2 trains every\n"
+         "student parameter on KL(teacher || student) [+ cross-entropy]. Every option below is a key of the config\n"
+         "file and is also accepted on the command line, which wins over the file. Unknown keys are errors.\n\n" +
          general_options_help() + "\nOptions (config file keys; each also as --KEY VALUE):\n\n" + table.help();
 }
 

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "distill/distill_loop.h"
 #include "trainer/train_loop.h"
 
 namespace hyd {
@@ -33,5 +34,20 @@ ParsedTrainArgs parse_train_args(const std::vector<std::string>& args);
 
 // Usage line and every option of `hydistill train` with its default, grouped by section.
 std::string train_help();
+
+// `hydistill distill`: the same grammar and precedence. Sections: top-level device, [run], [teacher],
+// [student], [data], [train] (optimizer settings, student seed, max_bad_steps), [distill], [log]
+// (DistillConfig, distill/distill_loop.h).
+struct ParsedDistillArgs {
+  bool help = false;
+  std::string config_path;
+  DistillConfig config;
+  std::vector<std::pair<std::string, std::string>> effective;
+
+  std::string to_ini() const;
+};
+
+ParsedDistillArgs parse_distill_args(const std::vector<std::string>& args);
+std::string distill_help();
 
 }  // namespace hyd
