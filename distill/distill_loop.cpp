@@ -16,6 +16,7 @@
 #include "kernels/distill_loss.h"
 #include "kernels/elementwise.h"
 #include "kernels/global_norm.h"
+#include "trainer/batch_upload.h"
 #include "trainer/core/arena.h"
 #include "trainer/core/exec_context.h"
 #include "trainer/hybrid_model.h"
@@ -40,24 +41,6 @@ constexpr size_t kPad = 512;  // per-allocation slack for the arena's alignment
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-std::string fmt(const char* f, double x) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, x);
-  return buf;
-}
-
-std::string megabytes(size_t bytes) { return fmt("%.1f MB", static_cast<double>(bytes) / 1e6); }
-
-// copy_tensor runs on the legacy default stream, which does not order against the context's stream:
-// host <-> device transfers are fenced with a full device synchronisation (as trainer/train_loop.cpp).
-void device_fence(Device d) {
-#ifdef HYD_WITH_CUDA
-  if (d.is_cuda()) CHECK_CUDA(cudaDeviceSynchronize());
-#else
-  (void)d;
-#endif
-}
-
 // Host f32 copy of a device f32 tensor, after everything queued on ctx has finished.
 std::vector<float> download_f32(ExecContext& ctx, const Tensor& t) {
   HYD_CHECK(t.dtype == DType::f32, "download_f32: expected an f32 tensor");
@@ -74,66 +57,6 @@ void to_f32(ExecContext& ctx, const Tensor& dst, const Tensor& src) {
     copy_tensor(dst, src);
   else
     kernels::convert(ctx, dst, src);
-}
-
-// Device buffers of one micro-batch (tokens, targets, positions, cu_seqlens, and the loss mask
-// targets >= 0 as u8); reset and refilled for every batch.
-class DistillBatchUploader {
- public:
-  DistillBatchUploader(Device device, int64_t max_tokens)
-      : arena_("distill batch", device, static_cast<size_t>(4 * (4 * max_tokens + 1) + max_tokens) + 5 * kPad),
-        max_tokens_(max_tokens) {}
-
-  Batch upload(ExecContext& ctx, const HostBatch& hb) {
-    const auto n = static_cast<int64_t>(hb.tokens.size());
-    HYD_CHECK(n <= max_tokens_ && hb.targets.size() == hb.tokens.size() && hb.positions.size() == hb.tokens.size() &&
-                  static_cast<int64_t>(hb.cu_seqlens.size()) == hb.num_docs + 1,
-              "malformed host batch: ", n, " tokens, ", hb.num_docs, " documents (at most ", max_tokens_, " tokens)");
-    ctx.synchronize();  // the previous batch's kernels may still read these buffers
-    device_fence(arena_.device());
-    arena_.reset();
-    Batch b;
-    b.tokens = put(hb.tokens);
-    b.targets = put(hb.targets);
-    b.positions = put(hb.positions);
-    b.cu_seqlens = put(hb.cu_seqlens);
-    mask_host_.resize(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i)
-      mask_host_[static_cast<size_t>(i)] = hb.targets[static_cast<size_t>(i)] >= 0 ? 1 : 0;
-    mask_ = arena_.alloc({n}, DType::u8);
-    copy_tensor(mask_, Tensor(mask_host_.data(), DType::u8, Device::cpu(), {n}));
-    device_fence(arena_.device());
-    b.num_tokens = n;
-    b.num_docs = hb.num_docs;
-    b.num_targets = hb.num_targets;
-    return b;
-  }
-  const Tensor& mask() const { return mask_; }  // u8 [N] of the last upload
-  size_t bytes() const { return arena_.capacity(); }
-
- private:
-  Tensor put(const std::vector<int32_t>& v) {
-    const auto n = static_cast<int64_t>(v.size());
-    Tensor t = arena_.alloc({n}, DType::i32);
-    copy_tensor(t, Tensor(const_cast<int32_t*>(v.data()), DType::i32, Device::cpu(), {n}));
-    return t;
-  }
-  Arena arena_;
-  int64_t max_tokens_;
-  std::vector<uint8_t> mask_host_;
-  Tensor mask_;
-};
-
-// "SOURCE: 'KEY': MESSAGE" (Error::at) as a ConfigError keeping the key.
-ConfigError as_config_error(const Error& e, const std::string& source) {
-  const std::string what = e.what();
-  const std::string head = source + ": '";
-  if (what.rfind(head, 0) == 0) {
-    const size_t end = what.find("': ", head.size());
-    if (end != std::string::npos)
-      return ConfigError::at(source, what.substr(head.size(), end - head.size()), what.substr(end + 3));
-  }
-  return ConfigError(what);
 }
 
 LrSchedule stage_schedule(double lr, int64_t steps, const DistillStageOptions& d) {
@@ -161,31 +84,31 @@ void validate_distill_config(const DistillConfig& cfg) {
   require(cfg.data.seq_len >= 2, "data.seq_len", "must be >= 2, got " + std::to_string(cfg.data.seq_len));
   require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1, got " + std::to_string(cfg.data.batch_size));
   require(cfg.data.val_fraction >= 0 && cfg.data.val_fraction < 1, "data.val_fraction",
-          "must lie in [0, 1), got " + fmt("%g", cfg.data.val_fraction));
+          "must lie in [0, 1), got " + format_number("%g", cfg.data.val_fraction));
   const DistillStageOptions& d = cfg.distill;
   require(d.stage1_steps >= 0, "distill.stage1_steps", "must be >= 0, got " + std::to_string(d.stage1_steps));
   require(d.stage2_steps >= 0, "distill.stage2_steps", "must be >= 0, got " + std::to_string(d.stage2_steps));
   require(d.stage1_steps + d.stage2_steps >= 1, "distill.stage2_steps",
           "distill.stage1_steps and distill.stage2_steps are both 0: nothing to do");
   require(d.stage1_lr > 0 && std::isfinite(d.stage1_lr), "distill.stage1_lr",
-          "must be > 0, got " + fmt("%g", d.stage1_lr));
+          "must be > 0, got " + format_number("%g", d.stage1_lr));
   require(d.stage2_lr > 0 && std::isfinite(d.stage2_lr), "distill.stage2_lr",
-          "must be > 0, got " + fmt("%g", d.stage2_lr));
+          "must be > 0, got " + format_number("%g", d.stage2_lr));
   require(d.min_lr_ratio >= 0 && d.min_lr_ratio <= 1, "distill.min_lr_ratio",
-          "must lie in [0, 1], got " + fmt("%g", d.min_lr_ratio));
+          "must lie in [0, 1], got " + format_number("%g", d.min_lr_ratio));
   require(d.warmup_steps >= 0, "distill.warmup_steps", "must be >= 0, got " + std::to_string(d.warmup_steps));
   require(d.temperature > 0 && std::isfinite(d.temperature), "distill.temperature",
-          "must be > 0, got " + fmt("%g", d.temperature));
-  require(d.w_kl >= 0 && std::isfinite(d.w_kl), "distill.w_kl", "must be >= 0, got " + fmt("%g", d.w_kl));
-  require(d.w_ce >= 0 && std::isfinite(d.w_ce), "distill.w_ce", "must be >= 0, got " + fmt("%g", d.w_ce));
+          "must be > 0, got " + format_number("%g", d.temperature));
+  require(d.w_kl >= 0 && std::isfinite(d.w_kl), "distill.w_kl", "must be >= 0, got " + format_number("%g", d.w_kl));
+  require(d.w_ce >= 0 && std::isfinite(d.w_ce), "distill.w_ce", "must be >= 0, got " + format_number("%g", d.w_ce));
   require(d.stage2_steps == 0 || d.w_kl + d.w_ce > 0, "distill.w_kl",
           "distill.w_kl and distill.w_ce are both 0: stage 2 would have no loss");
   const TrainOptions& t = cfg.train;
-  require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0, got " + fmt("%g", t.weight_decay));
-  require(t.beta1 >= 0 && t.beta1 < 1, "train.beta1", "must lie in [0, 1), got " + fmt("%g", t.beta1));
-  require(t.beta2 >= 0 && t.beta2 < 1, "train.beta2", "must lie in [0, 1), got " + fmt("%g", t.beta2));
-  require(t.eps > 0, "train.eps", "must be > 0, got " + fmt("%g", t.eps));
-  require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping), got " + fmt("%g", t.grad_clip));
+  require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0, got " + format_number("%g", t.weight_decay));
+  require(t.beta1 >= 0 && t.beta1 < 1, "train.beta1", "must lie in [0, 1), got " + format_number("%g", t.beta1));
+  require(t.beta2 >= 0 && t.beta2 < 1, "train.beta2", "must lie in [0, 1), got " + format_number("%g", t.beta2));
+  require(t.eps > 0, "train.eps", "must be > 0, got " + format_number("%g", t.eps));
+  require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping), got " + format_number("%g", t.grad_clip));
   require(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1, got " + std::to_string(t.max_bad_steps));
   require(cfg.log.interval >= 1, "log.interval", "must be >= 1, got " + std::to_string(cfg.log.interval));
   try {
@@ -246,7 +169,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const std::string& conf
   } catch (const ConfigError&) {
     throw;
   } catch (const Error& e) {
-    throw as_config_error(e, src);
+    throw ConfigError::from(e, src);
   }
 
   const int64_t B = cfg.data.batch_size, T = cfg.data.seq_len, N = B * T;
@@ -270,7 +193,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const std::string& conf
     }
     report = init_student_from_teacher(dense, student, cfg.train.seed);
   }
-  DistillBatchUploader uploader(device, N);
+  BatchUploader uploader(device, N, /*with_loss_mask=*/true);
   const DType act = device.is_cuda() ? DType::bf16 : DType::f32;
   const int64_t D = tc.hidden_size, V = tc.vocab_size, L = tc.num_layers;
   std::vector<int64_t> k_layers;
@@ -299,13 +222,13 @@ DistillResult run_distillation(const DistillConfig& cfg, const std::string& conf
        << "tokens/step      " << N << " (" << B << " sequences x " << T << " tokens)\n"
        << data.summary() << "train split      " << sampler.num_docs() << " documents, " << sampler.tokens_per_epoch()
        << " tokens\n"
-       << "stage 1          " << stage1_steps << " steps, lr " << fmt("%.3g", cfg.distill.stage1_lr) << " ("
+       << "stage 1          " << stage1_steps << " steps, lr " << format_number("%.3g", cfg.distill.stage1_lr) << " ("
        << k_layers.size() << " KDA layers align to the teacher's attention)\n"
-       << "stage 2          " << stage2_steps << " steps, lr " << fmt("%.3g", cfg.distill.stage2_lr) << ", tau "
-       << fmt("%g", cfg.distill.temperature) << ", w_kl " << fmt("%g", cfg.distill.w_kl) << ", w_ce "
-       << fmt("%g", cfg.distill.w_ce) << "\n"
-       << "memory           " << megabytes(teacher.memory_bytes() + student.memory_bytes() + uploader.bytes())
-       << " (teacher " << megabytes(teacher.memory_bytes()) << ", student " << megabytes(student.memory_bytes())
+       << "stage 2          " << stage2_steps << " steps, lr " << format_number("%.3g", cfg.distill.stage2_lr) << ", tau "
+       << format_number("%g", cfg.distill.temperature) << ", w_kl " << format_number("%g", cfg.distill.w_kl) << ", w_ce "
+       << format_number("%g", cfg.distill.w_ce) << "\n"
+       << "memory           " << format_megabytes(teacher.memory_bytes() + student.memory_bytes() + uploader.bytes())
+       << " (teacher " << format_megabytes(teacher.memory_bytes()) << ", student " << format_megabytes(student.memory_bytes())
        << ", before optimizer state)\n"
        << "run dir          " << run_dir.string() << "\n";
     out << "hydistill distill\n";
@@ -396,8 +319,8 @@ DistillResult run_distillation(const DistillConfig& cfg, const std::string& conf
         const double s = seconds_since(t_interval);
         const double tps = s > 0 ? static_cast<double>(interval_tokens) / s : 0;
         const double m = interval_steps > 0 ? interval_mse / static_cast<double>(interval_steps) : NAN;
-        out << "stage 1 step " << step + 1 << "/" << stage1_steps << " | mse " << fmt("%.6g", m) << " | lr "
-            << fmt("%.2e", lr) << " | gnorm " << fmt("%.3g", last_norm) << " | " << format_count(tps) << " tok/s"
+        out << "stage 1 step " << step + 1 << "/" << stage1_steps << " | mse " << format_number("%.6g", m) << " | lr "
+            << format_number("%.2e", lr) << " | gnorm " << format_number("%.3g", last_norm) << " | " << format_count(tps) << " tok/s"
             << std::endl;
         metrics.write({{"stage", 1},
                        {"step", step + 1},
@@ -445,7 +368,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const std::string& conf
       const double lr = schedule.at(step);
       const HostBatch hb = sampler.batch(batch_index);
       const Batch batch = uploader.upload(ctx, hb);
-      const Tensor mask = uploader.mask();
+      const Tensor mask = uploader.loss_mask();
       double kl_mean = NAN, ce_mean = NAN;
       bool good = hb.num_targets > 0;
       if (good) {
@@ -495,8 +418,8 @@ DistillResult run_distillation(const DistillConfig& cfg, const std::string& conf
         const double k = interval_steps > 0 ? interval_kl / static_cast<double>(interval_steps) : NAN;
         const double e = interval_steps > 0 ? interval_ce / static_cast<double>(interval_steps) : NAN;
         const double loss = cfg.distill.w_kl * k + cfg.distill.w_ce * e;
-        out << "stage 2 step " << step + 1 << "/" << stage2_steps << " | kl " << fmt("%.5g", k) << " | ce "
-            << fmt("%.4f", e) << " | lr " << fmt("%.2e", lr) << " | gnorm " << fmt("%.3g", last_norm) << " | "
+        out << "stage 2 step " << step + 1 << "/" << stage2_steps << " | kl " << format_number("%.5g", k) << " | ce "
+            << format_number("%.4f", e) << " | lr " << format_number("%.2e", lr) << " | gnorm " << format_number("%.3g", last_norm) << " | "
             << format_count(tps) << " tok/s" << std::endl;
         metrics.write({{"stage", 2},
                        {"step", step + 1},
@@ -526,10 +449,10 @@ DistillResult run_distillation(const DistillConfig& cfg, const std::string& conf
   result.elapsed_s = seconds_since(t_start);
   out << "done: stage 1 " << result.stage1_steps << " steps";
   if (result.last_mse >= 0)
-    out << " (mse " << fmt("%.6g", result.first_mse) << " -> " << fmt("%.6g", result.last_mse) << ")";
+    out << " (mse " << format_number("%.6g", result.first_mse) << " -> " << format_number("%.6g", result.last_mse) << ")";
   out << ", stage 2 " << result.stage2_steps << " steps";
   if (result.last_kl >= 0)
-    out << " (kl " << fmt("%.5g", result.first_kl) << " -> " << fmt("%.5g", result.last_kl) << ")";
+    out << " (kl " << format_number("%.5g", result.first_kl) << " -> " << format_number("%.5g", result.last_kl) << ")";
   out << ", " << format_count(static_cast<double>(result.tokens)) << " tokens in " << format_duration(result.elapsed_s)
       << std::endl;
   return result;

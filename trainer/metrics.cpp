@@ -38,6 +38,14 @@ double device_peak_flops(const Device& device) {
   return 0;
 }
 
+std::string format_number(const char* printf_format, double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, printf_format, x);
+  return buf;
+}
+
+std::string format_megabytes(size_t bytes) { return format_number("%.1f MB", static_cast<double>(bytes) / 1e6); }
+
 double estimate_eta(double seconds_so_far, int64_t done, int64_t total) {
   if (done <= 0 || done >= total) return 0;
   return seconds_so_far / static_cast<double>(done) * static_cast<double>(total - done);

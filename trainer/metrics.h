@@ -40,6 +40,10 @@ double device_peak_flops(const Device& device);
 double estimate_eta(double seconds_so_far, int64_t done, int64_t total);
 // "0:35", "12:03", "1:02:03" (h:mm:ss from one hour on).
 std::string format_duration(double seconds);
+// One number through a printf format ("%.3g", "%.2e", ...).
+std::string format_number(const char* printf_format, double x);
+// "166.1 MB" (decimal megabytes).
+std::string format_megabytes(size_t bytes);
 // "950", "41.2k", "1.35M" (per-second rates, counts).
 std::string format_count(double x);
 

@@ -1,5 +1,7 @@
 #include "trainer/train_loop.h"
 
+#include "trainer/batch_upload.h"
+
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -50,78 +52,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-std::string fmt(const char* f, double x) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, x);
-  return buf;
-}
-
-std::string megabytes(size_t bytes) { return fmt("%.1f MB", static_cast<double>(bytes) / 1e6); }
-
-// copy_tensor runs on the legacy default stream, which does not order against the context's
-// non-blocking stream (and a pageable host-to-device cudaMemcpy may return before the DMA lands):
-// transfers are fenced with a full device synchronisation.
-void device_fence(Device d) {
-#ifdef HYD_WITH_CUDA
-  if (d.is_cuda()) CHECK_CUDA(cudaDeviceSynchronize());
-#else
-  (void)d;
-#endif
-}
-
-// Device buffers for one micro-batch; reset and refilled for every micro-batch.
-class BatchUploader {
- public:
-  BatchUploader(Device device, int64_t max_tokens)
-      // tokens, targets, positions [N] and cu_seqlens [<= N + 1], each rounded up to the arena alignment.
-      : arena_("batch", device, static_cast<size_t>(4 * (4 * max_tokens + 1)) + 4 * 256), max_tokens_(max_tokens) {}
-
-  Batch upload(ExecContext& ctx, const HostBatch& hb) {
-    const auto n = static_cast<int64_t>(hb.tokens.size());
-    HYD_CHECK(n <= max_tokens_ && hb.targets.size() == hb.tokens.size() && hb.positions.size() == hb.tokens.size() &&
-                  static_cast<int64_t>(hb.cu_seqlens.size()) == hb.num_docs + 1,
-              "malformed host batch: ", n, " tokens, ", hb.num_docs, " documents, ", hb.cu_seqlens.size(),
-              " boundaries (at most ", max_tokens_, " tokens)");
-    ctx.synchronize();  // the previous micro-batch's kernels may still read these buffers
-    device_fence(arena_.device());
-    arena_.reset();
-    Batch b;
-    b.tokens = put(hb.tokens);
-    b.targets = put(hb.targets);
-    b.positions = put(hb.positions);
-    b.cu_seqlens = put(hb.cu_seqlens);
-    device_fence(arena_.device());
-    b.num_tokens = n;
-    b.num_docs = hb.num_docs;
-    b.num_targets = hb.num_targets;
-    return b;
-  }
-  size_t bytes() const { return arena_.capacity(); }
-
- private:
-  Tensor put(const std::vector<int32_t>& v) {
-    const auto n = static_cast<int64_t>(v.size());
-    Tensor t = arena_.alloc({n}, DType::i32);
-    copy_tensor(t, Tensor(const_cast<int32_t*>(v.data()), DType::i32, Device::cpu(), {n}));
-    return t;
-  }
-  Arena arena_;
-  int64_t max_tokens_;
-};
-
-// An Error of the form "SOURCE: 'KEY': MESSAGE" (Error::at, as ModelConfig::finalize throws) as a
-// ConfigError that keeps the key.
-ConfigError as_config_error(const Error& e, const std::string& source) {
-  const std::string what = e.what();
-  const std::string head = source + ": '";
-  if (what.rfind(head, 0) == 0) {
-    const size_t end = what.find("': ", head.size());
-    if (end != std::string::npos)
-      return ConfigError::at(source, what.substr(head.size(), end - head.size()), what.substr(end + 3));
-  }
-  return ConfigError(what);
-}
-
 }  // namespace
 
 void validate_train_config(const TrainConfig& cfg) {
@@ -134,23 +64,23 @@ void validate_train_config(const TrainConfig& cfg) {
   require(cfg.data.seq_len >= 2, "data.seq_len", "must be >= 2, got " + std::to_string(cfg.data.seq_len));
   require(cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1, got " + std::to_string(cfg.data.batch_size));
   require(cfg.data.val_fraction >= 0 && cfg.data.val_fraction < 1, "data.val_fraction",
-          "must lie in [0, 1), got " + fmt("%g", cfg.data.val_fraction));
+          "must lie in [0, 1), got " + format_number("%g", cfg.data.val_fraction));
   const TrainOptions& t = cfg.train;
   require(t.steps >= 1, "train.steps", "must be >= 1, got " + std::to_string(t.steps));
   require(t.grad_accum >= 1, "train.grad_accum", "must be >= 1, got " + std::to_string(t.grad_accum));
-  require(t.lr > 0 && std::isfinite(t.lr), "train.lr", "must be > 0, got " + fmt("%g", t.lr));
+  require(t.lr > 0 && std::isfinite(t.lr), "train.lr", "must be > 0, got " + format_number("%g", t.lr));
   require(t.min_lr >= 0 && t.min_lr <= t.lr, "train.min_lr",
-          "must lie in [0, train.lr = " + fmt("%g", t.lr) + "], got " + fmt("%g", t.min_lr));
+          "must lie in [0, train.lr = " + format_number("%g", t.lr) + "], got " + format_number("%g", t.min_lr));
   require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0, got " + std::to_string(t.warmup_steps));
   require(t.schedule == "cosine" || t.schedule == "wsd" || t.schedule == "constant", "train.schedule",
           "unknown schedule '" + t.schedule + "' (expected cosine, wsd or constant)");
   require(t.wsd_decay_fraction >= 0 && t.wsd_decay_fraction <= 1, "train.wsd_decay_fraction",
-          "must lie in [0, 1], got " + fmt("%g", t.wsd_decay_fraction));
-  require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0, got " + fmt("%g", t.weight_decay));
-  require(t.beta1 >= 0 && t.beta1 < 1, "train.beta1", "must lie in [0, 1), got " + fmt("%g", t.beta1));
-  require(t.beta2 >= 0 && t.beta2 < 1, "train.beta2", "must lie in [0, 1), got " + fmt("%g", t.beta2));
-  require(t.eps > 0, "train.eps", "must be > 0, got " + fmt("%g", t.eps));
-  require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping), got " + fmt("%g", t.grad_clip));
+          "must lie in [0, 1], got " + format_number("%g", t.wsd_decay_fraction));
+  require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0, got " + format_number("%g", t.weight_decay));
+  require(t.beta1 >= 0 && t.beta1 < 1, "train.beta1", "must lie in [0, 1), got " + format_number("%g", t.beta1));
+  require(t.beta2 >= 0 && t.beta2 < 1, "train.beta2", "must lie in [0, 1), got " + format_number("%g", t.beta2));
+  require(t.eps > 0, "train.eps", "must be > 0, got " + format_number("%g", t.eps));
+  require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping), got " + format_number("%g", t.grad_clip));
   require(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1, got " + std::to_string(t.max_bad_steps));
   require(cfg.log.interval >= 1, "log.interval", "must be >= 1, got " + std::to_string(cfg.log.interval));
   require(cfg.log.eval_interval >= 0, "log.eval_interval",
@@ -168,7 +98,7 @@ void validate_train_config(const TrainConfig& cfg) {
   try {
     m.finalize(src);
   } catch (const Error& e) {
-    throw as_config_error(e, src);
+    throw ConfigError::from(e, src);
   }
 }
 
@@ -182,7 +112,7 @@ std::string model_summary(const ModelConfig& m) {
   if (m.tie_word_embeddings) s += ", tied embeddings";
   if (m.qk_norm) s += ", qk-norm";
   if (m.qkv_bias) s += ", qkv bias";
-  if (m.rope_scaling.type != "default") s += ", rope " + m.rope_scaling.type + " x" + fmt("%g", m.rope_scaling.factor);
+  if (m.rope_scaling.type != "default") s += ", rope " + m.rope_scaling.type + " x" + format_number("%g", m.rope_scaling.factor);
   return s;
 }
 
@@ -221,7 +151,7 @@ TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, 
   try {
     mc.finalize(src);
   } catch (const Error& e) {
-    throw as_config_error(e, src);
+    throw ConfigError::from(e, src);
   }
   if (cfg.data.seq_len > mc.max_position_embeddings)
     throw ConfigError::at(src, "data.seq_len",
@@ -279,11 +209,11 @@ TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, 
     if (val_sampler)
       os << "validation split " << val_sampler->num_docs() << " documents, " << val_sampler->tokens_per_epoch()
          << " tokens (" << cfg.log.eval_batches << " batches per evaluation)\n";
-    os << "schedule         " << schedule_kind_name(schedule.kind) << ", lr " << fmt("%.3g", schedule.lr) << " -> "
-       << fmt("%.3g", schedule.min_lr) << ", warmup " << schedule.warmup_steps << ", " << schedule.total_steps
+    os << "schedule         " << schedule_kind_name(schedule.kind) << ", lr " << format_number("%.3g", schedule.lr) << " -> "
+       << format_number("%.3g", schedule.min_lr) << ", warmup " << schedule.warmup_steps << ", " << schedule.total_steps
        << " steps (" << format_count(static_cast<double>(schedule.total_steps * micro_tokens * ga)) << " tokens)\n"
-       << "memory           " << megabytes(memory) << " (model " << megabytes(model.memory_bytes()) << ", optimizer "
-       << megabytes(optimizer.memory_bytes()) << ")\n"
+       << "memory           " << format_megabytes(memory) << " (model " << format_megabytes(model.memory_bytes()) << ", optimizer "
+       << format_megabytes(optimizer.memory_bytes()) << ")\n"
        << "run dir          " << run_dir.string() << "\n";
     out << "hydistill train\n";
     std::istringstream lines(os.str());
@@ -304,8 +234,8 @@ TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, 
     }
     const double val_loss = targets > 0 ? loss_sum / static_cast<double>(targets) : NAN;
     result.final_val_loss = val_loss;
-    out << "eval step " << step << " | val_loss " << fmt("%.4f", val_loss) << " | ppl "
-        << fmt("%.2f", std::exp(val_loss)) << " | unigram entropy " << fmt("%.4f", result.unigram_entropy) << std::endl;
+    out << "eval step " << step << " | val_loss " << format_number("%.4f", val_loss) << " | ppl "
+        << format_number("%.2f", std::exp(val_loss)) << " | unigram entropy " << format_number("%.4f", result.unigram_entropy) << std::endl;
     metrics.write({{"step", step}, {"val_loss", val_loss}, {"val_tokens", targets}});
   };
 
@@ -381,9 +311,9 @@ TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, 
   result.tokens = tokens;
   result.elapsed_s = seconds_since(t_start);
   out << "done: " << steps << " steps, " << format_count(static_cast<double>(tokens)) << " tokens in "
-      << format_duration(result.elapsed_s) << " | train loss " << fmt("%.4f", result.final_train_loss);
-  if (result.final_val_loss >= 0) out << " | val_loss " << fmt("%.4f", result.final_val_loss);
-  out << " | unigram entropy " << fmt("%.4f", result.unigram_entropy) << std::endl;
+      << format_duration(result.elapsed_s) << " | train loss " << format_number("%.4f", result.final_train_loss);
+  if (result.final_val_loss >= 0) out << " | val_loss " << format_number("%.4f", result.final_val_loss);
+  out << " | unigram entropy " << format_number("%.4f", result.unigram_entropy) << std::endl;
   return result;
 }
 

@@ -30,6 +30,18 @@ class ConfigError : public Error {
     e.message_ = message;
     return e;
   }
+  // An Error of the form "SOURCE: 'KEY': MESSAGE" (Error::at, as ModelConfig::finalize throws) as a
+  // ConfigError that keeps the key; any other message is kept whole.
+  static ConfigError from(const Error& e, const std::string& source) {
+    const std::string what = e.what();
+    const std::string head = source + ": '";
+    if (what.rfind(head, 0) == 0) {
+      const size_t end = what.find("': ", head.size());
+      if (end != std::string::npos)
+        return at(source, what.substr(head.size(), end - head.size()), what.substr(end + 3));
+    }
+    return ConfigError(what);
+  }
   const std::string& key() const { return key_; }  // empty when not about one key
   const std::string& message() const { return message_; }
 
