@@ -6,16 +6,41 @@ namespace hyd {
 
 namespace {
 
+// Sections that `train` and `distill` share; each table adds them in its own order.
+void add_device_and_run(OptionTable& t, std::string* device, RunOptions& run) {
+  t.group("Top-level keys (before any [section] in the config file)");
+  t.add("device", device, "compute device: cpu | cuda | cuda:N");
+
+  t.group("[run]");
+  t.add_required("run.dir", &run.dir, "run directory: config.ini, metrics.jsonl");
+  t.add("run.overwrite", &run.overwrite, "reuse a run directory that already holds metrics.jsonl");
+}
+
+void add_data(OptionTable& t, DataOptions& data, const char* path_help) {
+  t.group("[data]");
+  t.add_required("data.path", &data.path, path_help);
+  t.add("data.val_fraction", &data.val_fraction, "fraction of documents held out for validation");
+  t.add("data.seq_len", &data.seq_len, "tokens per packed sequence");
+  t.add("data.batch_size", &data.batch_size, "sequences per micro-batch");
+  t.add("data.seed", &data.seed, "seed of the train/validation split and the shuffling");
+}
+
+// The AdamW, clipping, seed and divergence keys of [train] (the group title is the caller's).
+void add_optimizer(OptionTable& t, TrainOptions& o, const char* seed_help) {
+  t.add("train.weight_decay", &o.weight_decay, "AdamW decoupled weight decay (matrices and embeddings)");
+  t.add("train.beta1", &o.beta1, "AdamW beta1");
+  t.add("train.beta2", &o.beta2, "AdamW beta2");
+  t.add("train.eps", &o.eps, "AdamW epsilon");
+  t.add("train.grad_clip", &o.grad_clip, "max global gradient norm; 0 = no clipping");
+  t.add("train.seed", &o.seed, seed_help);
+  t.add("train.max_bad_steps", &o.max_bad_steps, "consecutive non-finite steps that stop the run");
+}
+
 // Every option of `hydistill train`, bound to the fields of one TrainConfig (defaults = its values).
 class TrainOptionTable : public OptionTable {
  public:
   explicit TrainOptionTable(TrainConfig& c) : OptionTable("hydistill train") {
-    group("Top-level keys (before any [section] in the config file)");
-    add("device", &c.device, "compute device: cpu | cuda | cuda:N");
-
-    group("[run]");
-    add_required("run.dir", &c.run.dir, "run directory: config.ini, metrics.jsonl");
-    add("run.overwrite", &c.run.overwrite, "reuse a run directory that already holds metrics.jsonl");
+    add_device_and_run(*this, &c.device, c.run);
 
     ModelConfig& m = c.model;
     group("[model]");
@@ -47,12 +72,7 @@ class TrainOptionTable : public OptionTable {
     add("model.rope_scaling.attention_factor", &r.attention_factor, "yarn; 0 = 0.1 ln(factor) + 1");
     add("model.rope_scaling.truncate", &r.truncate, "yarn: round the correction range to whole dims");
 
-    group("[data]");
-    add_required("data.path", &c.data.path, "HDF5 token dataset (data/prepare.py)");
-    add("data.val_fraction", &c.data.val_fraction, "fraction of documents held out for validation");
-    add("data.seq_len", &c.data.seq_len, "tokens per packed sequence");
-    add("data.batch_size", &c.data.batch_size, "sequences per micro-batch");
-    add("data.seed", &c.data.seed, "seed of the train/validation split and the shuffling");
+    add_data(*this, c.data, "HDF5 token dataset (data/prepare.py)");
 
     TrainOptions& t = c.train;
     group("[train]");
@@ -63,13 +83,7 @@ class TrainOptionTable : public OptionTable {
     add("train.warmup_steps", &t.warmup_steps, "linear warmup steps");
     add("train.schedule", &t.schedule, "cosine | wsd | constant");
     add("train.wsd_decay_fraction", &t.wsd_decay_fraction, "wsd: fraction of the steps spent decaying");
-    add("train.weight_decay", &t.weight_decay, "AdamW decoupled weight decay (matrices and embeddings)");
-    add("train.beta1", &t.beta1, "AdamW beta1");
-    add("train.beta2", &t.beta2, "AdamW beta2");
-    add("train.eps", &t.eps, "AdamW epsilon");
-    add("train.grad_clip", &t.grad_clip, "max global gradient norm; 0 = no clipping");
-    add("train.seed", &t.seed, "seed of the parameter initialisation");
-    add("train.max_bad_steps", &t.max_bad_steps, "consecutive non-finite steps that stop the run");
+    add_optimizer(*this, t, "seed of the parameter initialisation");
 
     group("[log]");
     add("log.interval", &c.log.interval, "steps per progress line and metrics record");
@@ -83,12 +97,7 @@ class TrainOptionTable : public OptionTable {
 class DistillOptionTable : public OptionTable {
  public:
   explicit DistillOptionTable(DistillConfig& c) : OptionTable("hydistill distill") {
-    group("Top-level keys (before any [section] in the config file)");
-    add("device", &c.device, "compute device: cpu | cuda | cuda:N");
-
-    group("[run]");
-    add_required("run.dir", &c.run.dir, "run directory: config.ini, metrics.jsonl");
-    add("run.overwrite", &c.run.overwrite, "reuse a run directory that already holds metrics.jsonl");
+    add_device_and_run(*this, &c.device, c.run);
 
     group("[teacher]");
     add_required("teacher.dir", &c.teacher_dir, "teacher: Hugging Face directory (config.json + *.safetensors)");
@@ -98,22 +107,10 @@ class DistillOptionTable : public OptionTable {
         "token mixer per layer: K = KDA, A = NoPE attention, T = teacher attention; repeated to the teacher's "
         "layers (e.g. KKKA), or an explicit comma-separated list");
 
-    group("[data]");
-    add_required("data.path", &c.data.path, "HDF5 token dataset tokenized for the teacher (data/prepare.py)");
-    add("data.val_fraction", &c.data.val_fraction, "fraction of documents held out (not trained on)");
-    add("data.seq_len", &c.data.seq_len, "tokens per packed sequence");
-    add("data.batch_size", &c.data.batch_size, "sequences per batch");
-    add("data.seed", &c.data.seed, "seed of the train/validation split and the shuffling");
+    add_data(*this, c.data, "HDF5 token dataset tokenized for the teacher (data/prepare.py)");
 
-    TrainOptions& t = c.train;
     group("[train]");
-    add("train.weight_decay", &t.weight_decay, "AdamW decoupled weight decay (matrices and embeddings)");
-    add("train.beta1", &t.beta1, "AdamW beta1");
-    add("train.beta2", &t.beta2, "AdamW beta2");
-    add("train.eps", &t.eps, "AdamW epsilon");
-    add("train.grad_clip", &t.grad_clip, "max global gradient norm; 0 = no clipping");
-    add("train.seed", &t.seed, "seed of the student's new (non-transferred) parameters");
-    add("train.max_bad_steps", &t.max_bad_steps, "consecutive non-finite steps that stop the run");
+    add_optimizer(*this, c.train, "seed of the student's new (non-transferred) parameters");
 
     DistillStageOptions& d = c.distill;
     group("[distill]");
@@ -132,6 +129,30 @@ class DistillOptionTable : public OptionTable {
   }
 };
 
+// Defaults, then the config file, then the command line into Parsed::config; then the range checks,
+// where a bad value that came from the command line is reported as such.
+template <class Parsed, class Table, class Validate>
+Parsed parse_command_args(const std::vector<std::string>& args, Validate validate) {
+  Parsed out;
+  const Table table(out.config);
+  const ParsedOptions parsed = parse_options(table, args);
+  if (parsed.help) {
+    out.help = true;
+    return out;
+  }
+  out.config_path = parsed.config_path;
+  out.config.source = parsed.source();
+  try {
+    validate(out.config);
+  } catch (const ConfigError& e) {
+    if (!e.key().empty() && parsed.command_line_keys.count(e.key()))
+      throw ConfigError::at(kCommandLineSource, e.key(), e.message());
+    throw;
+  }
+  out.effective = table.values();
+  return out;
+}
+
 }  // namespace
 
 std::string ParsedTrainArgs::to_ini() const {
@@ -141,27 +162,7 @@ std::string ParsedTrainArgs::to_ini() const {
 }
 
 ParsedTrainArgs parse_train_args(const std::vector<std::string>& args) {
-  ParsedTrainArgs out;
-  TrainConfig& cfg = out.config;
-  const TrainOptionTable table(cfg);
-  const ParsedOptions parsed = parse_options(table, args);
-  if (parsed.help) {
-    out.help = true;
-    return out;
-  }
-  out.config_path = parsed.config_path;
-  cfg.source = parsed.source();
-
-  // Range and choice checks; a bad value that came from the command line is reported as such.
-  try {
-    validate_train_config(cfg);
-  } catch (const ConfigError& e) {
-    if (!e.key().empty() && parsed.command_line_keys.count(e.key()))
-      throw ConfigError::at(kCommandLineSource, e.key(), e.message());
-    throw;
-  }
-  out.effective = table.values();
-  return out;
+  return parse_command_args<ParsedTrainArgs, TrainOptionTable>(args, validate_train_config);
 }
 
 std::string train_help() {
@@ -181,25 +182,7 @@ std::string ParsedDistillArgs::to_ini() const {
 }
 
 ParsedDistillArgs parse_distill_args(const std::vector<std::string>& args) {
-  ParsedDistillArgs out;
-  DistillConfig& cfg = out.config;
-  const DistillOptionTable table(cfg);
-  const ParsedOptions parsed = parse_options(table, args);
-  if (parsed.help) {
-    out.help = true;
-    return out;
-  }
-  out.config_path = parsed.config_path;
-  cfg.source = parsed.source();
-  try {
-    validate_distill_config(cfg);
-  } catch (const ConfigError& e) {
-    if (!e.key().empty() && parsed.command_line_keys.count(e.key()))
-      throw ConfigError::at(kCommandLineSource, e.key(), e.message());
-    throw;
-  }
-  out.effective = table.values();
-  return out;
+  return parse_command_args<ParsedDistillArgs, DistillOptionTable>(args, validate_distill_config);
 }
 
 std::string distill_help() {
