@@ -1,6 +1,7 @@
 #include "tests/common/tiny_model.h"
 
 #include <algorithm>
+#include <cmath>
 
 namespace hyd::test {
 
@@ -68,6 +69,42 @@ Batch upload_batch(DeviceBuffers& buffers, const PackedBatch& host) {
   b.positions = buffers.upload_i32(host.positions, {b.num_tokens});
   b.cu_seqlens = buffers.upload_i32(host.cu_seqlens, {b.num_docs + 1});
   return b;
+}
+
+HybridConfig tiny_hybrid_config(const std::string& pattern, int64_t layers, const std::string& variant) {
+  HybridConfig c;
+  c.model = tiny_dense_variant(variant);
+  c.model.num_layers = layers;
+  c.kda.heads = 2;
+  c.kda.v_heads = 4;
+  c.kda.dk = 8;
+  c.kda.dv = 8;
+  c.kda.conv_size = 4;
+  c.pattern = pattern;
+  c.finalize("test");
+  return c;
+}
+
+void randomize_hybrid(HybridModel& m) {
+  for (const ParamInfo& p : m.params()) {
+    const std::string& n = p.name;
+    std::vector<float> v;
+    if (n.ends_with("A_log"))
+      v = randn(p.numel, 0.5f);
+    else if (n.ends_with("dt_bias"))
+      v = randn(p.numel, 0.5f, -1.0f);
+    else if (n.ends_with("norm") || n.ends_with("norm.weight"))
+      v = randn(p.numel, 0.2f, 1.0f);
+    else if (n.ends_with("bqkv") || n.ends_with("bias"))
+      v = randn(p.numel, 0.2f);
+    else if (n.ends_with("conv1d.weight"))
+      v = randn(p.numel, 0.5f);
+    else if (n == "embed")
+      v = randn(p.numel, 1.0f);
+    else
+      v = randn(p.numel, 1.0f / std::sqrt(static_cast<float>(p.shape.at(1))));
+    m.set_param(n, v.data(), p.numel);
+  }
 }
 
 }  // namespace hyd::test

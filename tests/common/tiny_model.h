@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "tests/common/test_util.h"
+#include "trainer/hybrid_model.h"
 #include "trainer/model.h"
 
 namespace hyd::test {
@@ -37,5 +38,15 @@ std::vector<std::vector<int32_t>> random_documents(const std::vector<int32_t>& l
 
 // The packed batch's tokens, targets, positions and cu_seqlens uploaded to `buffers`' device.
 Batch upload_batch(DeviceBuffers& buffers, const PackedBatch& host);
+
+// A hybrid student on the tiny skeleton (tiny_dense_variant(variant) with `layers` layers) and KDA with
+// H=2 q/k heads, HV=4 value heads (two per q/k head), dk=dv=8, conv 4.
+HybridConfig tiny_hybrid_config(const std::string& pattern, int64_t layers, const std::string& variant = "llama");
+
+// Weights with O(1) activations so every path carries gradient and every value is distinct: matrices
+// N(0, 1/fan_in), embeddings N(0, 1), norms 1 + N(0, 0.2), biases N(0, 0.2), conv taps N(0, 0.5),
+// A_log N(0, 0.5) (decay rates exp(A_log) ~ 1), dt_bias N(-1, 0.5) (softplus ~ 0.3: per-token decays
+// exp(g) ~ 0.7, far from 0 and 1).
+void randomize_hybrid(HybridModel& m);
 
 }  // namespace hyd::test

@@ -54,44 +54,6 @@ float step_for(const std::string& name) {
 constexpr double kTolerance = 2e-2;
 constexpr double kNoiseFloor = 1e-5;
 
-// The tiny skeleton of tests/common/tiny_model.h with `layers` layers; KDA H=2, HV=4, dk=dv=8, conv 4.
-HybridConfig tiny_hybrid(const std::string& pattern, int64_t layers, const std::string& variant) {
-  HybridConfig c;
-  c.model = test::tiny_dense_variant(variant);
-  c.model.num_layers = layers;
-  c.kda.heads = 2;
-  c.kda.v_heads = 4;
-  c.kda.dk = 8;
-  c.kda.dv = 8;
-  c.kda.conv_size = 4;
-  c.pattern = pattern;
-  c.finalize("test");
-  return c;
-}
-
-// O(1) activations on every path (as test_hybrid_model.cpp).
-void randomize(HybridModel& m) {
-  for (const ParamInfo& p : m.params()) {
-    const std::string& n = p.name;
-    std::vector<float> v;
-    if (n.ends_with("A_log"))
-      v = test::randn(p.numel, 0.5f);
-    else if (n.ends_with("dt_bias"))
-      v = test::randn(p.numel, 0.5f, -1.0f);
-    else if (n.ends_with("norm") || n.ends_with("norm.weight"))
-      v = test::randn(p.numel, 0.2f, 1.0f);
-    else if (n.ends_with("bqkv") || n.ends_with("bias"))
-      v = test::randn(p.numel, 0.2f);
-    else if (n.ends_with("conv1d.weight"))
-      v = test::randn(p.numel, 0.5f);
-    else if (n == "embed")
-      v = test::randn(p.numel, 1.0f);
-    else
-      v = test::randn(p.numel, 1.0f / std::sqrt(static_cast<float>(p.shape[1])));
-    m.set_param(n, v.data(), p.numel);
-  }
-}
-
 void copy_weights(const HybridModel& from, HybridModel& to) {
   for (const ParamInfo& p : to.params()) {
     const std::vector<float> v = from.get_param(p.name);
@@ -129,10 +91,10 @@ TEST(HybridDistillApi, CrossEntropyCallbackIsForwardBackward) {
   for (const auto& [pattern, variant] : {std::pair<std::string, std::string>{"KA", "llama"}, {"KTA", "qwen3"}}) {
     for (int64_t chunk : {int64_t{0}, int64_t{7}}) {
       SCOPED_TRACE(pattern + " chunk " + std::to_string(chunk));
-      const HybridConfig cfg = tiny_hybrid(pattern, static_cast<int64_t>(pattern.size()), variant);
+      const HybridConfig cfg = test::tiny_hybrid_config(pattern, static_cast<int64_t>(pattern.size()), variant);
       test::PackedBatch hb = make_batch({11, 13}, cfg.model.vocab_size);
       HybridModel model(cfg, Device::cpu(), 32);
-      randomize(model);
+      test::randomize_hybrid(model);
       if (chunk > 0) model.set_logits_chunk_size(chunk);
       ExecContext ctx(Device::cpu());
       model.zero_grad();
@@ -161,10 +123,10 @@ TEST(HybridDistillApi, CrossEntropyCallbackIsForwardBackward) {
 // ------------------------------------------------------------------------------ chunk size
 
 TEST(HybridDistillApi, UnevenChunksChangeOnlyRounding) {
-  const HybridConfig cfg = tiny_hybrid("KTA", 3, "qwen2");
+  const HybridConfig cfg = test::tiny_hybrid_config("KTA", 3, "qwen2");
   test::PackedBatch hb = make_batch({9, 15}, cfg.model.vocab_size);
   HybridModel model(cfg, Device::cpu(), 32);
-  randomize(model);
+  test::randomize_hybrid(model);
   ExecContext ctx(Device::cpu());
   ASSERT_GE(model.logits_chunk_size(), 24);  // the default is one chunk here
 
@@ -220,11 +182,11 @@ double richardson(float& x, Eval eval, float h) {
 }
 
 TEST(HybridDistillApi, DistillLossGradientMatchesFiniteDifferences) {
-  const HybridConfig cfg = tiny_hybrid("KTA", 3, "llama");
+  const HybridConfig cfg = test::tiny_hybrid_config("KTA", 3, "llama");
   const int64_t V = cfg.model.vocab_size, N = 24;
   test::PackedBatch hb = make_batch({10, 14}, V);
   HybridModel model(cfg, Device::cpu(), 32);
-  randomize(model);
+  test::randomize_hybrid(model);
   model.set_logits_chunk_size(7);
   ExecContext ctx(Device::cpu());
 
@@ -309,11 +271,11 @@ TEST(HybridDistillApi, DistillLossGradientMatchesFiniteDifferences) {
 // ------------------------------------------------------------------------------ teacher/student pairing
 
 TEST(HybridDistillApi, TeacherChunksPairWithStudentChunks) {
-  const HybridConfig tcfg = tiny_hybrid("T", 2, "qwen3");
+  const HybridConfig tcfg = test::tiny_hybrid_config("T", 2, "qwen3");
   const int64_t V = tcfg.model.vocab_size, N = 24;
   test::PackedBatch hb = make_batch({13, 11}, V);
   HybridModel teacher(tcfg, Device::cpu(), 32);
-  randomize(teacher);
+  test::randomize_hybrid(teacher);
   ExecContext ctx(Device::cpu());
   const std::vector<float> teacher_logits = teacher.forward_logits(ctx, hb.batch);
 
@@ -367,9 +329,9 @@ TEST(HybridDistillApi, TeacherChunksPairWithStudentChunks) {
   }
 
   // A hybrid student: positive KL, nonzero gradients, and the teacher's chunks are still its logits.
-  const HybridConfig scfg = tiny_hybrid("KA", 2, "qwen3");
+  const HybridConfig scfg = test::tiny_hybrid_config("KA", 2, "qwen3");
   HybridModel student(scfg, Device::cpu(), 32);
-  randomize(student);
+  test::randomize_hybrid(student);
   std::fill(seen.begin(), seen.end(), NAN);
   const double loss = run(student, kl_sum, agree, seen);
   EXPECT_GT(loss, 0.0);
@@ -386,11 +348,11 @@ TEST(HybridDistillApi, TeacherChunksPairWithStudentChunks) {
 // ------------------------------------------------------------------------------ layer inputs
 
 TEST(HybridDistillApi, LayerInputsOfAnAllTeacherModel) {
-  const HybridConfig cfg = tiny_hybrid("T", 3, "qwen2");
+  const HybridConfig cfg = test::tiny_hybrid_config("T", 3, "qwen2");
   const int64_t L = 3, D = cfg.model.hidden_size, N = 24;
   test::PackedBatch hb = make_batch({12, 12}, cfg.model.vocab_size);
   HybridModel teacher(cfg, Device::cpu(), 32);
-  randomize(teacher);
+  test::randomize_hybrid(teacher);
   ExecContext ctx(Device::cpu());
 
   const std::vector<std::vector<float>> host = teacher.forward_layer_inputs_host(ctx, hb.batch);
@@ -448,11 +410,11 @@ TEST(HybridDistillApi, LayerInputsOfAnAllTeacherModel) {
 // ------------------------------------------------------------------------------ errors
 
 TEST(HybridDistillApi, ArgumentErrors) {
-  const HybridConfig cfg = tiny_hybrid("KA", 2, "llama");
+  const HybridConfig cfg = test::tiny_hybrid_config("KA", 2, "llama");
   const int64_t D = cfg.model.hidden_size, V = cfg.model.vocab_size, N = 24;
   test::PackedBatch hb = make_batch({12, 12}, V);
   HybridModel model(cfg, Device::cpu(), 32);
-  randomize(model);
+  test::randomize_hybrid(model);
   ExecContext ctx(Device::cpu());
   test::expect_error_mentioning([&] { model.set_logits_chunk_size(0); }, "set_logits_chunk_size");
   test::expect_error_mentioning([&] { model.set_logits_chunk_size(model.logits_chunk_size() + 1); },

@@ -49,47 +49,6 @@ float step_for(const std::string& name) {
 constexpr double kTolerance = 2e-2;
 constexpr double kNoiseFloor = 1e-5;
 
-// The tiny dense skeleton (V=61, D=32, F=40, Hq=4, Hkv=2, d=8) with `layers` layers, and KDA with
-// H=2 q/k heads, HV=4 value heads (two per q/k head), dk=dv=8, conv 4.
-HybridConfig tiny_hybrid(const std::string& pattern, int64_t layers, const std::string& variant = "llama") {
-  HybridConfig c;
-  c.model = test::tiny_dense_variant(variant);
-  c.model.num_layers = layers;
-  c.kda.heads = 2;
-  c.kda.v_heads = 4;
-  c.kda.dk = 8;
-  c.kda.dv = 8;
-  c.kda.conv_size = 4;
-  c.pattern = pattern;
-  c.finalize("test");
-  return c;
-}
-
-// Weights with O(1) activations so every path carries gradient: matrices N(0, 1/fan_in), embeddings
-// N(0, 1), norms 1 + N(0, 0.2), biases N(0, 0.2), conv taps N(0, 0.5), A_log N(0, 0.5) (decay rates
-// exp(A_log) ~ 1), dt_bias N(-1, 0.5) (softplus ~ 0.3: per-token decays exp(g) ~ 0.7, far from 0 and 1).
-void randomize(HybridModel& m) {
-  for (const ParamInfo& p : m.params()) {
-    const std::string& n = p.name;
-    std::vector<float> v;
-    if (n.ends_with("A_log"))
-      v = test::randn(p.numel, 0.5f);
-    else if (n.ends_with("dt_bias"))
-      v = test::randn(p.numel, 0.5f, -1.0f);
-    else if (n.ends_with("norm") || n.ends_with("norm.weight"))
-      v = test::randn(p.numel, 0.2f, 1.0f);
-    else if (n.ends_with("bqkv") || n.ends_with("bias"))
-      v = test::randn(p.numel, 0.2f);
-    else if (n.ends_with("conv1d.weight"))
-      v = test::randn(p.numel, 0.5f);
-    else if (n == "embed")
-      v = test::randn(p.numel, 1.0f);
-    else
-      v = test::randn(p.numel, 1.0f / std::sqrt(static_cast<float>(p.shape[1])));
-    m.set_param(n, v.data(), p.numel);
-  }
-}
-
 test::PackedBatch make_batch(const std::vector<int32_t>& doc_lens, int64_t vocab) {
   return test::pack_documents(test::random_documents(doc_lens, vocab), [](int64_t i) { return i % 5 == 0; });
 }
@@ -176,11 +135,11 @@ class HybridGrad : public ::testing::TestWithParam<std::pair<std::string, std::s
 
 TEST_P(HybridGrad, EveryParameterMatchesFiniteDifferences) {
   const auto& [pattern, variant] = GetParam();
-  const HybridConfig cfg = tiny_hybrid(pattern, static_cast<int64_t>(pattern.size()), variant);
+  const HybridConfig cfg = test::tiny_hybrid_config(pattern, static_cast<int64_t>(pattern.size()), variant);
   ASSERT_EQ(layer_pattern_string(cfg.layers), pattern);
   test::PackedBatch hb = make_batch({11, 13}, cfg.model.vocab_size);
   HybridModel model(cfg, Device::cpu(), 32);
-  randomize(model);
+  test::randomize_hybrid(model);
   ExecContext ctx(Device::cpu());
   model.zero_grad();
   const double loss = model.forward_backward(ctx, hb.batch);
@@ -242,9 +201,9 @@ std::vector<float> rows(const std::vector<float>& m, int64_t begin, int64_t end,
 // Two documents packed in one batch give each document's logits alone: KDA state, conv windows and
 // attention (NoPE and rotary) never cross the boundary.
 TEST(HybridModel, PackedDocumentsMatchSeparateRuns) {
-  const HybridConfig cfg = tiny_hybrid("KTA", 3, "qwen3");
+  const HybridConfig cfg = test::tiny_hybrid_config("KTA", 3, "qwen3");
   HybridModel model(cfg, Device::cpu(), 32);
-  randomize(model);
+  test::randomize_hybrid(model);
   ExecContext ctx(Device::cpu());
   const int64_t V = cfg.model.vocab_size;
   const std::vector<int32_t> a = test::randint(7, 0, 61), b = test::randint(9, 0, 61);
@@ -274,9 +233,9 @@ TEST(HybridModel, PackedDocumentsMatchSeparateRuns) {
 // mixer_forward of a K layer is the standalone KdaLayer with the same weights; backward vs finite
 // differences for the mixer's parameters and its input; no other gradient is touched.
 TEST(HybridModel, MixerForwardBackwardForStageOne) {
-  const HybridConfig cfg = tiny_hybrid("KA", 2, "qwen3");
+  const HybridConfig cfg = test::tiny_hybrid_config("KA", 2, "qwen3");
   HybridModel model(cfg, Device::cpu(), 32);
-  randomize(model);
+  test::randomize_hybrid(model);
   ExecContext ctx(Device::cpu());
   test::PackedBatch hb = make_batch({10, 12}, cfg.model.vocab_size);
   const Batch& b = hb.batch;
@@ -421,18 +380,18 @@ TEST(HybridPattern, BadPatternsNameTheField) {
                        {"run.ini", "'student.pattern'", c.needle});
   }
   // Through the config and the model.
-  HybridConfig bad = tiny_hybrid("KA", 2);
+  HybridConfig bad = test::tiny_hybrid_config("KA", 2);
   bad.pattern = "K,A,A";
   test::expect_error([&] { bad.finalize("run.ini"); }, {"run.ini", "'student.pattern'"});
   test::expect_error([&] { HybridModel(bad, Device::cpu(), 8); }, {"'student.pattern'"});
-  HybridConfig hid = tiny_hybrid("KA", 2);
+  HybridConfig hid = test::tiny_hybrid_config("KA", 2);
   hid.kda.hidden = 16;
   test::expect_error([&] { hid.finalize("run.ini"); }, {"run.ini", "'student.kda.hidden'"});
-  HybridConfig heads = tiny_hybrid("KA", 2);
+  HybridConfig heads = test::tiny_hybrid_config("KA", 2);
   heads.kda.v_heads = 3;
   test::expect_error([&] { heads.finalize("run.ini"); }, {"run.ini", "v_heads"});
   // KDA dims are not checked when no layer is K.
-  HybridConfig no_k = tiny_hybrid("TA", 2);
+  HybridConfig no_k = test::tiny_hybrid_config("TA", 2);
   no_k.kda.v_heads = 3;
   EXPECT_NO_THROW(no_k.finalize("run.ini"));
 }
@@ -440,7 +399,7 @@ TEST(HybridPattern, BadPatternsNameTheField) {
 // Names, shapes, order and flags: K layers use KdaLayerWeights' names and storage shapes under
 // layers.L., A/T layers the dense names; mixer_params(l) is exactly the layer's mixer.
 TEST(HybridModel, ParameterListMatchesContract) {
-  const HybridConfig cfg = tiny_hybrid("KTA", 3, "qwen3");
+  const HybridConfig cfg = test::tiny_hybrid_config("KTA", 3, "qwen3");
   HybridModel model(cfg, Device::cpu(), 8);
   EXPECT_EQ(model.layer_kind(0), MixerKind::kda);
   EXPECT_EQ(model.layer_kind(1), MixerKind::teacher_attention);
@@ -489,7 +448,7 @@ TEST(HybridModel, ParameterListMatchesContract) {
 // init_random: deterministic; norms 1, biases 0, FLA's A_log in [0, log 16] and dt_bias with
 // softplus(dt_bias) in [1e-3, 1e-1]; matrices N(0, std), output projections N(0, std / sqrt(2 L)).
 TEST(HybridModel, InitRandom) {
-  HybridConfig cfg = tiny_hybrid("KKA", 3);
+  HybridConfig cfg = test::tiny_hybrid_config("KKA", 3);
   cfg.model.hidden_size = 64;
   cfg.kda.hidden = 0;  // follow the model's hidden size
   cfg.finalize("test");
@@ -526,7 +485,7 @@ TEST(HybridModel, InitRandom) {
 
 // AdamW (trainer/optimizer.h) over params() on one repeated batch drives the loss far down.
 TEST(HybridModel, AdamWOverfitsOneBatch) {
-  const HybridConfig cfg = tiny_hybrid("KKA", 3);
+  const HybridConfig cfg = test::tiny_hybrid_config("KKA", 3);
   HybridModel model(cfg, Device::cpu(), 32);
   model.init_random(3, 0.1f);
   ExecContext ctx(Device::cpu());

@@ -61,31 +61,6 @@ HybridConfig tiny_hybrid(const std::string& variant, const std::string& pattern,
   return c;
 }
 
-// Every parameter random with O(1) activations (so a wrong tensor changes the logits and every value
-// is distinct): matrices N(0, 1/fan_in), embeddings N(0, 1), norms 1 + N(0, 0.2), biases N(0, 0.2), conv
-// taps N(0, 0.5), A_log N(0, 0.5), dt_bias N(-1, 0.5).
-void randomize(HybridModel& m) {
-  for (const ParamInfo& p : m.params()) {
-    const std::string& n = p.name;
-    std::vector<float> v;
-    if (n.ends_with("A_log"))
-      v = test::randn(p.numel, 0.5f);
-    else if (n.ends_with("dt_bias"))
-      v = test::randn(p.numel, 0.5f, -1.0f);
-    else if (n.ends_with("norm") || n.ends_with("norm.weight"))
-      v = test::randn(p.numel, 0.2f, 1.0f);
-    else if (n.ends_with("bias") || n.ends_with("bqkv"))
-      v = test::randn(p.numel, 0.2f);
-    else if (n.ends_with("conv1d.weight"))
-      v = test::randn(p.numel, 0.5f);
-    else if (n == "embed")
-      v = test::randn(p.numel, 1.0f);
-    else
-      v = test::randn(p.numel, 1.0f / std::sqrt(static_cast<float>(p.shape.at(1))));
-    m.set_param(n, v.data(), p.numel);
-  }
-}
-
 // docs/export.md's tensor table for this config, with the parameter slice each tensor comes from.
 struct Expected {
   std::vector<int64_t> shape;
@@ -246,7 +221,7 @@ TEST(Export, LayoutValuesAndConfig) {
   for (const Variant& v : kVariants) {
     const HybridConfig cfg = tiny_hybrid(v.skeleton, v.pattern);
     HybridModel model(cfg, Device::cpu(), 16);
-    randomize(model);
+    test::randomize_hybrid(model);
     for (const std::string dtype : {"float32", "bfloat16"}) {
       const std::string what = std::string(v.skeleton) + " " + v.pattern + " " + dtype;
       SCOPED_TRACE(what);
@@ -306,7 +281,7 @@ TEST(Export, LayoutValuesAndConfig) {
 TEST(Export, NoKdaLayersWritesSchemaDefaults) {
   const HybridConfig cfg = tiny_hybrid("llama", "T,A", 2);
   HybridModel model(cfg, Device::cpu(), 16);
-  randomize(model);
+  test::randomize_hybrid(model);
   test::TempDir tmp("hyd_export_");
   ExportOptions opt;
   opt.out_dir = tmp.file("out");
@@ -327,7 +302,7 @@ TEST(Export, NoKdaLayersWritesSchemaDefaults) {
 TEST(Export, ShardsWithIndex) {
   const HybridConfig cfg = tiny_hybrid("qwen2", "K,A,T,K");
   HybridModel model(cfg, Device::cpu(), 16);
-  randomize(model);
+  test::randomize_hybrid(model);
   for (const std::string dtype : {"float32", "bfloat16"}) {
     SCOPED_TRACE(dtype);
     test::TempDir tmp("hyd_export_");
@@ -381,7 +356,7 @@ TEST(Export, ShardsWithIndex) {
 TEST(Export, RefusesToOverwriteAndValidatesInputs) {
   const HybridConfig cfg = tiny_hybrid("llama", "K,A", 2);
   HybridModel model(cfg, Device::cpu(), 16);
-  randomize(model);
+  test::randomize_hybrid(model);
   test::TempDir tmp("hyd_export_");
   ExportOptions opt;
   opt.python_dir = kPythonDir;
@@ -468,7 +443,7 @@ void write_parity_case(const fs::path& dir, const std::string& skeleton, const s
 
   constexpr int64_t B = 3, T = 21;
   HybridModel model(cfg, Device::cpu(), B * T);
-  randomize(model);
+  test::randomize_hybrid(model);
   std::vector<std::vector<int32_t>> docs = test::random_documents(std::vector<int32_t>(B, T), cfg.model.vocab_size);
   const test::PackedBatch batch = test::pack_documents(docs);
   ExecContext ctx(Device::cpu());
