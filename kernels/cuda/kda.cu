@@ -49,8 +49,11 @@
 // kernels; state pass with the state in registers and all of dv per block (fewer w/kg reads);
 // fused backward (reverse pass + kernel 4 + kernel 5 per chunk) without the dS_out / v̄_new
 // round trips; bf16 scratch for w, u, qg, kg; a blocked inverse instead of 63 barrier steps.
+#include <cstdlib>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/kda_chunk.cuh"
+#include "kernels/cuda/kda_mma.h"
 #include "kernels/kda.h"
 
 namespace hyd::kernels::cuda {
@@ -106,6 +109,15 @@ class StreamScratch {
   cudaStream_t stream_;
 };
 
+// HYD_KDA_V1=1 selects the version-1 kernels everywhere (for comparisons and benchmarks).
+bool kda_force_v1() {
+  static const bool v1 = [] {
+    const char* e = std::getenv("HYD_KDA_V1");
+    return e != nullptr && e[0] == '1';
+  }();
+  return v1;
+}
+
 void check_dims(const KdaDims& s, const char* op) {
   HYD_CHECK(s.h > 0 && s.hv > 0 && s.hv % s.h == 0 && s.hv <= 65535, op, ": value heads ", s.hv,
             " must be a positive multiple of the ", s.h, " q/k heads (and at most 65535)");
@@ -123,6 +135,17 @@ void kda_forward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, 
   check_dims(s, "kda_forward");
   if (s.num_docs == 0) return;
   cudaStream_t st = as_stream(stream);
+  if (kda_mma::supports(s) && !kda_force_v1()) {
+    const size_t table_floats = (static_cast<size_t>(s.num_docs) + 1 + 3) / 4 * 4;
+    StreamScratch buf(table_floats + (kda_mma::forward_scratch_bytes(s) + 3) / 4, st);
+    kda_chunk::Scratch sc;
+    sc.chunk_off = reinterpret_cast<int32_t*>(buf.get());
+    DeviceLauncher launcher{st};
+    kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
+    kda_mma::forward(s, q, k, v, g, beta, cu_seqlens, sc.chunk_off, initial_state, o, final_state,
+                     buf.get() + table_floats, st);
+    return;
+  }
   kda_chunk::Scratch sc;
   StreamScratch buf(kda_chunk::carve_scratch(nullptr, s, kda_chunk::Pass::forward, sc), st);
   kda_chunk::carve_scratch(buf.get(), s, kda_chunk::Pass::forward, sc);

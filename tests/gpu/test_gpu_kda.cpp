@@ -6,9 +6,12 @@
 // lengths 1, 63, 64, 65, 200 and 1000 in one packed batch; GQA with HV = 2H; with and without
 // initial state / final-state gradient. Outputs are poisoned (NaN) before every run.
 // Tolerances (rel_err = ||out - ref|| / ||ref||, measured values are printed): bf16 outputs o, dq,
-// dk, dv < 1e-2 (rounded once from fp32: ~1.7e-3 measured); fp32 outputs final state, dg, dbeta,
-// dinitial_state, M, B < 2e-3 (they differ from the reference only by fp32 arithmetic in another
-// order, see kF32Tol).
+// dk, dv < 1e-2 (rounded once from fp32: ~1.7e-3 measured); fp32 outputs dg, dbeta, dinitial_state,
+// M, B < 2e-3 (they differ from the reference only by fp32 arithmetic in another order, see
+// kF32Tol). The final state of the tensor-core forward (kernels/cuda/kda_mma.cu, dk and dv 64/128)
+// is accumulated in fp32 from bf16 operands w, kg, qg (as KDA.md allows for the products): it is
+// held to the bf16 I/O tolerance 1e-2 (0.7-2.7e-3 measured on an H200); the version-1 path
+// (dk = 32 here) stays within kF32Tol.
 //
 // KdaChunkEmulation runs the very same block programs (kernels/cuda/kda_chunk.cuh) serially on the
 // host, shared memory and scratch filled with NaN, threads of a phase in both orders, so the kernels'
@@ -158,7 +161,7 @@ void compare(const Outputs& out, const Outputs& ref) {
   // Scale for the zero-gradient floor: 1e-6 of the size of the q/k/v gradients.
   const double floor = 1e-6 * (norm(ref.dq) + norm(ref.dk) + norm(ref.dv));
   expect_close(out.o, ref.o, kBf16Tol, "o (bf16)");
-  expect_close(out.fin, ref.fin, kF32Tol, "final_state (f32)");
+  expect_close(out.fin, ref.fin, kBf16Tol, "final_state (f32)");
   expect_close(out.dq, ref.dq, kBf16Tol, "dq (bf16)");
   expect_close(out.dk, ref.dk, kBf16Tol, "dk (bf16)");
   expect_close(out.dv, ref.dv, kBf16Tol, "dv (bf16)");
