@@ -1,5 +1,7 @@
 #include "trainer/batch_upload.h"
 
+#include <algorithm>
+
 #ifdef HYD_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -12,6 +14,13 @@ void device_fence(Device d) {
 #else
   (void)d;
 #endif
+}
+
+int64_t max_doc_len(const std::vector<int32_t>& cu_seqlens) {
+  int64_t longest = 0;
+  for (size_t d = 1; d < cu_seqlens.size(); ++d)
+    longest = std::max<int64_t>(longest, cu_seqlens[d] - cu_seqlens[d - 1]);
+  return longest;
 }
 
 namespace {
@@ -48,6 +57,7 @@ Batch BatchUploader::upload(ExecContext& ctx, const HostBatch& hb) {
   device_fence(arena_.device());
   b.num_tokens = n;
   b.num_docs = hb.num_docs;
+  b.max_doc_len = max_doc_len(hb.cu_seqlens);
   b.num_targets = hb.num_targets;
   return b;
 }

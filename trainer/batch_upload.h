@@ -16,6 +16,9 @@ namespace hyd {
 // host <-> device transfers are fenced with a full device synchronisation. No-op on the CPU.
 void device_fence(Device d);
 
+// The longest document of host boundaries cu [D+1] (0 for none): Batch::max_doc_len.
+int64_t max_doc_len(const std::vector<int32_t>& cu_seqlens);
+
 // Device buffers for one micro-batch (tokens, targets, positions, cu_seqlens and, when asked for, the
 // loss mask targets >= 0 as u8); reset and refilled for every micro-batch.
 class BatchUploader {

@@ -560,6 +560,9 @@ void HybridModel::Impl::check_sequence(const ExecContext& ctx, const Batch& b, b
   if (b.num_tokens <= 0 || b.num_tokens > max_tokens)
     HYD_THROW("HybridModel::", what, ": batch of ", b.num_tokens, " tokens; the model was built for 1..", max_tokens);
   if (b.num_docs <= 0) HYD_THROW("HybridModel::", what, ": batch has ", b.num_docs, " documents");
+  if (b.max_doc_len <= 0 || b.max_doc_len > b.num_tokens)
+    HYD_THROW("HybridModel::", what, ": batch has max_doc_len ", b.max_doc_len, ", expected 1..", b.num_tokens,
+              " (its tokens)");
   std::vector<std::pair<const Tensor*, const char*>> ids;
   if (need_tokens) {
     if (b.num_targets < 0 || b.num_targets > b.num_tokens)
@@ -595,6 +598,7 @@ PackedSequence HybridModel::Impl::sequence(const Batch& b) const {
   PackedSequence s;
   s.num_tokens = b.num_tokens;
   s.num_docs = b.num_docs;
+  s.max_doc_len = b.max_doc_len;
   s.positions = b.positions;
   s.cu_seqlens = b.cu_seqlens;
   s.rope_cos = rope_cos;

@@ -43,7 +43,7 @@ void AttentionMixer::forward(const ExecContext& ctx, const PackedSequence& seq, 
   }
 
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  kernels::attention_forward(ctx, s.q, s.k, s.v, seq.cu_seqlens, s.o, s.lse, scale);
+  kernels::attention_forward(ctx, s.q, s.k, s.v, seq.cu_seqlens, seq.max_doc_len, s.o, s.lse, scale);
   kernels::linear_forward(ctx, s.o.view({n, qd}), wo.value, Tensor{}, out);
 }
 
@@ -55,7 +55,8 @@ void AttentionMixer::backward(const ExecContext& ctx, const PackedSequence& seq,
 
   kernels::linear_backward(ctx, dout, s.o.view({n, qd}), wo.value, t.d_o.view({n, qd}), false, wo.grad, Tensor{});
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  kernels::attention_backward(ctx, t.d_o, s.q, s.k, s.v, s.o, s.lse, seq.cu_seqlens, t.dq, t.dk, t.dv, scale);
+  kernels::attention_backward(ctx, t.d_o, s.q, s.k, s.v, s.o, s.lse, seq.cu_seqlens, seq.max_doc_len, t.dq, t.dk, t.dv,
+                              scale);
 
   // RoPE is a rotation: its backward rotates the gradient back, in place.
   if (rope) {

@@ -22,6 +22,8 @@ struct WeightRef {
 struct PackedSequence {
   int64_t num_tokens = 0;
   int64_t num_docs = 0;
+  // The longest document's token count (host-side: it sizes the CUDA attention kernels' grids).
+  int64_t max_doc_len = 0;
   Tensor positions;   // i32 [N]
   Tensor cu_seqlens;  // i32 [D+1]
   Tensor rope_cos;    // f32 [max_pos, head_dim / 2]

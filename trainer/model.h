@@ -34,6 +34,9 @@ struct Batch {
   Tensor cu_seqlens;  // i32 [D+1], document boundaries; cu_seqlens[D] = N
   int64_t num_tokens = 0;
   int64_t num_docs = 0;
+  // The longest document, 1..num_tokens, computed on the host from cu_seqlens (max_doc_len() of
+  // trainer/batch_upload.h): the attention kernels' grid bound, which they cannot read from the device.
+  int64_t max_doc_len = 0;
   int64_t num_targets = 0;  // tokens with target >= 0: the loss is their mean
 };
 

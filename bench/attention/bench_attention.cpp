@@ -1,6 +1,7 @@
-// Times HyDistill's FlashAttention-style CUDA kernels (kernels::flash_attention_forward / _backward)
-// on the shapes of issue 4 and prints one line per shape; bench/attention/run.sh puts it beside
-// PyTorch's scaled_dot_product_attention measured in the same call.
+// Times HyDistill's FlashAttention-style CUDA kernels (kernels/flash_attention.h, run by
+// kernels::attention_forward / _backward for d = 128, as the models call them) on the shapes of
+// issue 4 and prints one line per shape; bench/attention/run.sh puts it beside PyTorch's
+// scaled_dot_product_attention measured in the same call.
 // Usage: bench_attention [B T]...   (default: 8 4096  2 16384  1 32768), H=16 (query and kv heads),
 // d=128, causal; the B sequences are B documents of one packed batch (cu_seqlens 0, T, 2T, ...).
 // Inputs: q, k, v, dout ~ approximately N(0, 1) from a counter hash (Irwin-Hall sum of four
@@ -14,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernels/attention.h"
 #include "kernels/flash_attention.h"
 #include "trainer/core/arena.h"
 
@@ -70,10 +72,10 @@ void run(int64_t B, int64_t T) {
                dq = a.alloc({N, H, d}, DType::bf16), dk = a.alloc({N, H, d}, DType::bf16),
                dv = a.alloc({N, H, d}, DType::bf16);
   const float scale = 1.f / std::sqrt(float(d));
-  auto fwd = [&] { kernels::flash_attention_forward(ctx, tq, tk, tv, tcu, tcu, T, T, o, lse, scale); };
-  auto bwd = [&] {
-    kernels::flash_attention_backward(ctx, tdo, tq, tk, tv, o, lse, tcu, tcu, T, T, dq, dk, dv, scale);
-  };
+  HYD_CHECK(kernels::flash_attention_supported(d, DType::bf16), "bench_attention: d = ", d,
+            " would not run the flash kernels");
+  auto fwd = [&] { kernels::attention_forward(ctx, tq, tk, tv, tcu, T, o, lse, scale); };
+  auto bwd = [&] { kernels::attention_backward(ctx, tdo, tq, tk, tv, o, lse, tcu, T, dq, dk, dv, scale); };
   cudaStream_t s = static_cast<cudaStream_t>(ctx.stream());
   cudaEvent_t e0, e1;
   CHECK_CUDA(cudaEventCreate(&e0));

@@ -10,14 +10,14 @@
 
 namespace hyd::kernels::cpu {
 
-namespace {
-
 void check_cu_seqlens(const int32_t* cu, int64_t num_docs, int64_t n, const char* op, const char* arg) {
   HYD_CHECK(num_docs >= 0 && cu[0] == 0, op, ": argument '", arg, "' must start at 0");
   for (int64_t d = 0; d < num_docs; ++d)
     HYD_CHECK(cu[d + 1] >= cu[d], op, ": argument '", arg, "' is not non-decreasing at document ", d);
   HYD_CHECK(cu[num_docs] == n, op, ": argument '", arg, "' ends at ", cu[num_docs], ", expected the token count ", n);
 }
+
+namespace {
 
 // Both boundary arrays; with one array for both (cu_q == cu_k) the messages name 'cu_seqlens'.
 void check_boundaries(const int32_t* cu_q, const int32_t* cu_k, int64_t num_docs, int64_t n_q, int64_t n_k,

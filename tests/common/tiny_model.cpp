@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "trainer/batch_upload.h"
+
 namespace hyd::test {
 
 ModelConfig tiny_dense_config(bool qk_norm, bool qkv_bias, bool tied) {
@@ -52,6 +54,7 @@ PackedBatch pack_documents(const std::vector<std::vector<int32_t>>& docs, const 
   b.cu_seqlens = Tensor(h.cu_seqlens.data(), DType::i32, Device::cpu(), {static_cast<int64_t>(docs.size()) + 1});
   b.num_tokens = n;
   b.num_docs = static_cast<int64_t>(docs.size());
+  b.max_doc_len = max_doc_len(h.cu_seqlens);
   b.num_targets = std::count_if(h.targets.begin(), h.targets.end(), [](int32_t t) { return t >= 0; });
   return h;
 }

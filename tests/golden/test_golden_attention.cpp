@@ -13,9 +13,12 @@
 // Tolerances (||out - ref|| / ||ref|| per tensor):
 //   double CPU reference vs the golden: 1e-7 (the golden is float64 rounded to f32: 2^-24 = 6e-8 per element);
 //   f32 CPU reference through the dispatcher: 1e-5;
-//   CUDA (bf16 in/out, f32 lse) on the golden's own inputs: o, dq, dk, dv 1e-2, lse 1e-3 (skipped without a GPU).
+//   CUDA (bf16 in/out, f32 lse) on the golden's own inputs: o, dq, dk, dv 1e-2, lse 1e-3 (skipped without a GPU),
+//   for both CUDA kernels: the FlashAttention-2 kernels (what the dispatcher runs for d = 64) and the simple
+//   kernels (what it runs for other head dims), called directly.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <map>
@@ -25,6 +28,7 @@
 
 #include "checkpoint/safetensors.h"
 #include "kernels/attention.h"
+#include "kernels/flash_attention.h"
 #include "tests/common/test_util.h"
 #include "trainer/core/exec_context.h"
 
@@ -46,6 +50,7 @@ const std::vector<std::string> kOutputs = {"o", "lse", "dq", "dk", "dv"};
 struct Golden {
   std::string name;
   int64_t n_q = 0, n_k = 0, hq = 0, hkv = 0, d = 0, num_docs = 0;
+  int64_t max_len_q = 0, max_len_k = 0;  // the longest document's queries / keys
   double scale = 0;
   std::vector<int32_t> cu_q, cu_k;
   std::map<std::string, std::vector<double>> t;
@@ -70,6 +75,10 @@ Golden read_golden(const std::string& name) {
   for (int64_t c : f.read_i64("cu_seqlens_q")) g.cu_q.push_back(static_cast<int32_t>(c));
   for (int64_t c : f.read_i64("cu_seqlens_k")) g.cu_k.push_back(static_cast<int32_t>(c));
   g.num_docs = static_cast<int64_t>(g.cu_q.size()) - 1;
+  for (size_t i = 1; i < g.cu_q.size() && i < g.cu_k.size(); ++i) {
+    g.max_len_q = std::max<int64_t>(g.max_len_q, g.cu_q[i] - g.cu_q[i - 1]);
+    g.max_len_k = std::max<int64_t>(g.max_len_k, g.cu_k[i] - g.cu_k[i - 1]);
+  }
   EXPECT_EQ(g.cu_k.size(), g.cu_q.size());
   const nlohmann::json meta = nlohmann::json::parse(f.metadata().at("golden"));
   g.scale = meta.at("scale").get<double>();
@@ -131,8 +140,12 @@ TEST(GoldenAttention, CpuDoubleMatchesSdpa) {
   }
 }
 
-// Runs the Tensor-level ops on `dev` (CPU f32 or CUDA bf16) over the golden's inputs; returns the outputs in double.
-std::map<std::string, std::vector<double>> run_dispatcher(const Golden& g, Device dev) {
+// Which code runs: the Tensor-level dispatcher (CPU f32 reference, or on CUDA the kernel it picks for the head
+// dim), or on CUDA the simple kernels called directly.
+enum class Path { dispatcher, cuda_simple_kernel };
+
+// Runs `path` on `dev` (CPU f32 or CUDA bf16) over the golden's inputs; returns the outputs in double.
+std::map<std::string, std::vector<double>> run_attention(const Golden& g, Device dev, Path path = Path::dispatcher) {
   ExecContext ctx(dev);
   DeviceBuffers buf(dev, size_t(16) << 20);
   const DType act = dev.is_cpu() ? DType::f32 : DType::bf16;
@@ -148,12 +161,23 @@ std::map<std::string, std::vector<double>> run_dispatcher(const Golden& g, Devic
                tdv = buf.poisoned({g.n_k, g.hkv, g.d}, act);
   if (dev.is_cuda()) test::device_sync();  // uploads went through the legacy default stream
   const float scale = static_cast<float>(g.scale);
-  if (g.offset()) {
-    attention_forward(ctx, tq, tk, tv, tcq, tck, to, tlse, scale);
-    attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcq, tck, tdq, tdk, tdv, scale);
+  if (path == Path::cuda_simple_kernel) {
+#ifdef HYD_WITH_CUDA
+    cuda::attention_forward(tq.ptr<bf16>(), tk.ptr<bf16>(), tv.ptr<bf16>(), tcq.ptr<int32_t>(), tck.ptr<int32_t>(),
+                            g.num_docs, to.ptr<bf16>(), tlse.ptr<float>(), g.n_q, g.n_k, g.hq, g.hkv, g.d, scale,
+                            ctx.stream());
+    cuda::attention_backward(tdo.ptr<bf16>(), tq.ptr<bf16>(), tk.ptr<bf16>(), tv.ptr<bf16>(), to.ptr<bf16>(),
+                             tlse.ptr<float>(), tcq.ptr<int32_t>(), tck.ptr<int32_t>(), g.num_docs, tdq.ptr<bf16>(),
+                             tdk.ptr<bf16>(), tdv.ptr<bf16>(), g.n_q, g.n_k, g.hq, g.hkv, g.d, scale, ctx.stream());
+#else
+    ADD_FAILURE() << "the simple CUDA kernels need a CUDA build";
+#endif
+  } else if (g.offset()) {
+    attention_forward(ctx, tq, tk, tv, tcq, tck, g.max_len_q, g.max_len_k, to, tlse, scale);
+    attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcq, tck, g.max_len_q, g.max_len_k, tdq, tdk, tdv, scale);
   } else {
-    attention_forward(ctx, tq, tk, tv, tcq, to, tlse, scale);
-    attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcq, tdq, tdk, tdv, scale);
+    attention_forward(ctx, tq, tk, tv, tcq, g.max_len_q, to, tlse, scale);
+    attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcq, g.max_len_q, tdq, tdk, tdv, scale);
   }
   ctx.synchronize();
   std::map<std::string, std::vector<double>> out;
@@ -169,18 +193,30 @@ std::map<std::string, std::vector<double>> run_dispatcher(const Golden& g, Devic
 TEST(GoldenAttention, CpuFloatDispatcherMatchesSdpa) {
   for (const std::string& name : kCases) {
     const Golden g = read_golden(name);
-    const auto out = run_dispatcher(g, Device::cpu());
+    const auto out = run_attention(g, Device::cpu());
     for (const std::string& n : kOutputs) expect_close(g, n, out.at(n), kF32Tol, "cpu f32");
   }
 }
 
-TEST(GoldenAttention, CudaMatchesSdpa) {
+// The dispatcher on CUDA runs the FlashAttention-2 kernels for the golden's d = 64.
+TEST(GoldenAttention, CudaFlashMatchesSdpa) {
   HYD_REQUIRE_GPU();
   for (const std::string& name : kCases) {
     const Golden g = read_golden(name);
-    const auto out = run_dispatcher(g, Device::cuda(0));
+    ASSERT_TRUE(flash_attention_supported(g.d, DType::bf16)) << "d = " << g.d;
+    const auto out = run_attention(g, Device::cuda(0));
     for (const std::string& n : kOutputs)
-      expect_close(g, n, out.at(n), n == "lse" ? kCudaLseTol : kCudaBf16Tol, "cuda");
+      expect_close(g, n, out.at(n), n == "lse" ? kCudaLseTol : kCudaBf16Tol, "cuda flash");
+  }
+}
+
+TEST(GoldenAttention, CudaSimpleKernelMatchesSdpa) {
+  HYD_REQUIRE_GPU();
+  for (const std::string& name : kCases) {
+    const Golden g = read_golden(name);
+    const auto out = run_attention(g, Device::cuda(0), Path::cuda_simple_kernel);
+    for (const std::string& n : kOutputs)
+      expect_close(g, n, out.at(n), n == "lse" ? kCudaLseTol : kCudaBf16Tol, "cuda simple");
   }
 }
 

@@ -2,8 +2,9 @@
 // gate (kernels/output_gate.h) against the CPU f32 references on the same bf16-rounded inputs.
 // Outputs are poisoned (NaN) before every run; inputs are fresh random numbers (HYD_TEST_SEED replays).
 //
-// Attention: GQA ratios 1, 4, 8 (Hq/Hkv = 2/2, 8/2, 8/1), head dims 64 and 128, over three layouts of
-// one packed batch of documents of 1, 17, 128 and 1000 tokens:
+// Attention: GQA ratios 1, 4, 8 (Hq/Hkv = 2/2, 8/2, 8/1), head dims 64 and 128 (the flash kernels), and
+// GQA 4 with d 32 (the simple kernels), over three layouts of one packed batch of documents of 1, 17,
+// 128 and 1000 tokens:
 //   plain      no offset (the single-boundary overload the dense model uses);
 //   slice      LASP-2H: the query slice [10, 700) against the keys [0, 700) (q = document ∩ slice,
 //              k = document ∩ [0, slice end)); the 1-token document has keys and no queries;
@@ -71,6 +72,14 @@ struct Layout {
   int64_t n_q() const { return cu_q.back(); }
   int64_t n_k() const { return cu_k.back(); }
   int64_t num_docs() const { return static_cast<int64_t>(cu_q.size()) - 1; }
+  // The longest document's queries / keys: the flash kernels' grid bounds.
+  static int64_t longest(const std::vector<int32_t>& cu) {
+    int64_t m = 0;
+    for (size_t i = 1; i < cu.size(); ++i) m = std::max<int64_t>(m, cu[i] - cu[i - 1]);
+    return m;
+  }
+  int64_t max_len_q() const { return longest(cu_q); }
+  int64_t max_len_k() const { return longest(cu_k); }
 };
 
 const std::vector<int32_t> kLengths = {1, 17, 128, 1000};
@@ -148,12 +157,13 @@ void run_and_compare(const Job& j) {
                tdq = buf.poisoned({nq, hq, d}, DType::bf16), tdk = buf.poisoned({nk, hkv, d}, DType::bf16),
                tdv = buf.poisoned({nk, hkv, d}, DType::bf16);
   test::device_sync();
+  const int64_t max_q = l.max_len_q(), max_k = l.max_len_k();
   if (l.offset) {
-    attention_forward(ctx, tq, tk, tv, tcq, tck, to, tlse, j.scale);
-    attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcq, tck, tdq, tdk, tdv, j.scale);
+    attention_forward(ctx, tq, tk, tv, tcq, tck, max_q, max_k, to, tlse, j.scale);
+    attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcq, tck, max_q, max_k, tdq, tdk, tdv, j.scale);
   } else {
-    attention_forward(ctx, tq, tk, tv, tcq, to, tlse, j.scale);
-    attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcq, tdq, tdk, tdv, j.scale);
+    attention_forward(ctx, tq, tk, tv, tcq, max_q, to, tlse, j.scale);
+    attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcq, max_q, tdq, tdk, tdv, j.scale);
   }
   ctx.synchronize();
   const std::vector<float> o = DeviceBuffers::download(to), lse = DeviceBuffers::download(tlse),
@@ -199,7 +209,9 @@ void run_and_compare(const Job& j) {
 TEST(GpuAttentionOffset, ForwardBackwardMatchesCpuAllLayouts) {
   HYD_REQUIRE_GPU();
   const std::vector<Layout> layouts = {plain_layout(), slice_layout(10, 700), mixed_layout()};
-  const std::vector<HeadCase> heads = {{2, 2, 64}, {2, 2, 128}, {8, 2, 64}, {8, 2, 128}, {8, 1, 64}, {8, 1, 128}};
+  // d 64 and 128 run the flash kernels, d 32 the simple ones (the dispatcher's choice, kernels/attention.h).
+  const std::vector<HeadCase> heads = {{2, 2, 64}, {2, 2, 128}, {8, 2, 64}, {8, 2, 128},
+                                       {8, 1, 64}, {8, 1, 128}, {4, 1, 32}};
   // Inputs drawn here (the random generator is not thread-safe), references computed concurrently.
   std::vector<Job> jobs;
   for (const Layout& l : layouts) {

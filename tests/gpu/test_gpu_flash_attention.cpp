@@ -1,11 +1,12 @@
-// FlashAttention-style CUDA kernels (kernels/flash_attention.h) against the CPU f32 reference on the
-// same bf16-rounded inputs, outputs poisoned (NaN) before every run, fresh random inputs
-// (HYD_TEST_SEED replays): GQA ratios 1, 4, 8; head dims 64, 128; packed documents of lengths 1, 17,
-// 128, 1000; query offsets (len_q < len_k) and fully masked rows (len_q > len_k, len_k = 0); a long
-// document against the simple CUDA kernel. Tolerances: bf16 outputs and gradients rel_err < 1e-2,
-// lse 1e-3. The FlashAttentionCpu tests need no GPU: they check the CPU path (the attention
-// reference with query offsets) against a direct float64 evaluation of the end-aligned mask, and
-// run with --gtest_filter=FlashAttentionCpu.* on any machine.
+// FlashAttention-style CUDA kernels (kernels/flash_attention.h), reached through the attention
+// dispatcher of kernels/attention.h (which runs them for bf16 head dims 64 and 128), against the CPU
+// f32 reference on the same bf16-rounded inputs, outputs poisoned (NaN) before every run, fresh random
+// inputs (HYD_TEST_SEED replays): GQA ratios 1, 4, 8; head dims 64, 128; packed documents of lengths
+// 1, 17, 128, 1000; query offsets (len_q < len_k) and fully masked rows (len_q > len_k, len_k = 0); a
+// long document against the simple CUDA kernel. Tolerances: bf16 outputs and gradients rel_err <
+// 1e-2, lse 1e-3. The FlashAttentionCpu tests need no GPU: they check the dispatcher's CPU path (the
+// attention reference with query offsets) against a direct float64 evaluation of the end-aligned
+// mask, and run with --gtest_filter=FlashAttentionCpu.* on any machine.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -141,23 +142,28 @@ void expect_masked_rows_zero(const Layout& L, const std::vector<float>& o, const
 
 // ---------------------------------------------------------------- CPU path (no GPU needed)
 
+// Two equal boundary arrays through the dispatcher (the query-offset overload) give the causal reference.
 TEST(FlashAttentionCpu, SameBoundariesIsTheCausalReference) {
-  const std::vector<int32_t> cu = {0, 1, 18, 60};
+  std::vector<int32_t> cu = {0, 1, 18, 60}, cu_q = cu, cu_k = cu;
   const int64_t n = 60, hq = 4, hkv = 2, d = 8;
-  const double scale = 0.3;
+  const float scale = 0.3f;  // the dispatcher takes a float: the reference gets the same value
   std::vector<float> q = randn(n * hq * d), k = randn(n * hkv * d), v = randn(n * hkv * d), dout = randn(n * hq * d);
   std::vector<float> o1(q.size()), o2(q.size()), l1(n * hq), l2(n * hq);
   cpu::attention_forward<float>(q.data(), k.data(), v.data(), cu.data(), 3, o1.data(), l1.data(), n, hq, hkv, d,
                                 scale);
-  cpu::flash_attention_forward<float>(q.data(), k.data(), v.data(), cu.data(), cu.data(), 3, o2.data(), l2.data(), n, n,
-                                      hq, hkv, d, scale);
+  ExecContext ctx(Device::cpu());
+  const Tensor tq = test::cpu_f32(q, {n, hq, d}), tk = test::cpu_f32(k, {n, hkv, d}),
+               tv = test::cpu_f32(v, {n, hkv, d}), tcq = test::cpu_i32(cu_q, {4}), tck = test::cpu_i32(cu_k, {4});
+  attention_forward(ctx, tq, tk, tv, tcq, tck, 42, 42, test::cpu_f32(o2, {n, hq, d}), test::cpu_f32(l2, {n, hq}),
+                    scale);
   EXPECT_EQ(o1, o2);
   EXPECT_EQ(l1, l2);
   std::vector<float> dq1(q.size()), dk1(k.size()), dv1(v.size()), dq2(q.size()), dk2(k.size()), dv2(v.size());
   cpu::attention_backward<float>(dout.data(), q.data(), k.data(), v.data(), o1.data(), l1.data(), cu.data(), 3,
                                  dq1.data(), dk1.data(), dv1.data(), n, hq, hkv, d, scale);
-  cpu::flash_attention_backward<float>(dout.data(), q.data(), k.data(), v.data(), o1.data(), l1.data(), cu.data(),
-                                       cu.data(), 3, dq2.data(), dk2.data(), dv2.data(), n, n, hq, hkv, d, scale);
+  attention_backward(ctx, test::cpu_f32(dout, {n, hq, d}), tq, tk, tv, test::cpu_f32(o1, {n, hq, d}),
+                     test::cpu_f32(l1, {n, hq}), tcq, tck, 42, 42, test::cpu_f32(dq2, {n, hq, d}),
+                     test::cpu_f32(dk2, {n, hkv, d}), test::cpu_f32(dv2, {n, hkv, d}), scale);
   EXPECT_EQ(dq1, dq2);
   EXPECT_EQ(dk1, dk2);
   EXPECT_EQ(dv1, dv2);
@@ -176,14 +182,14 @@ TEST(FlashAttentionCpu, QueryOffsetsAndMaskedRowsMatchDirectEvaluation) {
   ExecContext ctx(Device::cpu());
   std::vector<int32_t> cq = L.cu_q, ck = L.cu_k;
   const Tensor tcq = test::cpu_i32(cq, {L.docs() + 1}), tck = test::cpu_i32(ck, {L.docs() + 1});
-  flash_attention_forward(ctx, test::cpu_f32(q, {L.nq(), hq, d}), test::cpu_f32(k, {L.nk(), hkv, d}),
-                          test::cpu_f32(v, {L.nk(), hkv, d}), tcq, tck, L.max_q, L.max_k,
-                          test::cpu_f32(o, {L.nq(), hq, d}), test::cpu_f32(lse, {L.nq(), hq}), float(scale));
-  flash_attention_backward(ctx, test::cpu_f32(dout, {L.nq(), hq, d}), test::cpu_f32(q, {L.nq(), hq, d}),
-                           test::cpu_f32(k, {L.nk(), hkv, d}), test::cpu_f32(v, {L.nk(), hkv, d}),
-                           test::cpu_f32(o, {L.nq(), hq, d}), test::cpu_f32(lse, {L.nq(), hq}), tcq, tck, L.max_q,
-                           L.max_k, test::cpu_f32(dq, {L.nq(), hq, d}), test::cpu_f32(dk, {L.nk(), hkv, d}),
-                           test::cpu_f32(dv, {L.nk(), hkv, d}), float(scale));
+  attention_forward(ctx, test::cpu_f32(q, {L.nq(), hq, d}), test::cpu_f32(k, {L.nk(), hkv, d}),
+                    test::cpu_f32(v, {L.nk(), hkv, d}), tcq, tck, L.max_q, L.max_k, test::cpu_f32(o, {L.nq(), hq, d}),
+                    test::cpu_f32(lse, {L.nq(), hq}), float(scale));
+  attention_backward(ctx, test::cpu_f32(dout, {L.nq(), hq, d}), test::cpu_f32(q, {L.nq(), hq, d}),
+                     test::cpu_f32(k, {L.nk(), hkv, d}), test::cpu_f32(v, {L.nk(), hkv, d}),
+                     test::cpu_f32(o, {L.nq(), hq, d}), test::cpu_f32(lse, {L.nq(), hq}), tcq, tck, L.max_q, L.max_k,
+                     test::cpu_f32(dq, {L.nq(), hq, d}), test::cpu_f32(dk, {L.nk(), hkv, d}),
+                     test::cpu_f32(dv, {L.nk(), hkv, d}), float(scale));
   expect_close(o, test::to_f32(ref.o), 1e-5, "cpu flash o");
   expect_lse(lse, test::to_f32(ref.lse), 1e-5, "cpu flash lse");
   expect_close(dq, test::to_f32(ref.dq), 1e-5, "cpu flash dq");
@@ -199,18 +205,23 @@ TEST(FlashAttentionCpu, DispatcherNamesBadArguments) {
   const Tensor tq = test::cpu_f32(q, {4, 2, 8}), tk = test::cpu_f32(k, {6, 1, 8}), tv = test::cpu_f32(v, {6, 1, 8}),
                to = test::cpu_f32(o, {4, 2, 8}), tl = test::cpu_f32(lse, {4, 2});
   const Tensor tcq = test::cpu_i32(cq, {2}), tck = test::cpu_i32(ck, {2}), tbad = test::cpu_i32(ck_bad, {3});
-  flash_attention_forward(ctx, tq, tk, tv, tcq, tck, 4, 6, to, tl, 0.5f);  // valid
+  attention_forward(ctx, tq, tk, tv, tcq, tck, 4, 6, to, tl, 0.5f);  // valid
   EXPECT_TRUE(all_finite(o));
-  test::expect_error_naming([&] { flash_attention_forward(ctx, tq, tk, tv, tcq, tbad, 4, 6, to, tl, 0.5f); },
-                            "flash_attention_forward", "cu_seqlens_k");
-  test::expect_error_naming([&] { flash_attention_forward(ctx, tq, tk, tv, tcq, tck, 4, 6, to, tk, 0.5f); },
-                            "flash_attention_forward", "lse");
-  test::expect_error_naming([&] { flash_attention_forward(ctx, tq, tk, tv, tcq, tck, -1, 6, to, tl, 0.5f); },
-                            "flash_attention_forward", "max_len_q");
+  test::expect_error_naming([&] { attention_forward(ctx, tq, tk, tv, tcq, tbad, 4, 6, to, tl, 0.5f); },
+                            "attention_forward", "cu_seqlens_k");
+  test::expect_error_naming([&] { attention_forward(ctx, tq, tk, tv, tcq, tck, 4, 6, to, tk, 0.5f); },
+                            "attention_forward", "lse");
+  test::expect_error_naming([&] { attention_forward(ctx, tq, tk, tv, tcq, tck, -1, 6, to, tl, 0.5f); },
+                            "attention_forward", "max_len_q");
+  // Bounds below the documents' lengths would leave CUDA rows unwritten: the CPU path refuses them.
+  test::expect_error_naming([&] { attention_forward(ctx, tq, tk, tv, tcq, tck, 3, 6, to, tl, 0.5f); },
+                            "attention_forward", "max_len_q");
+  test::expect_error_naming([&] { attention_forward(ctx, tq, tk, tv, tcq, tck, 4, 5, to, tl, 0.5f); },
+                            "attention_forward", "max_len_k");
   std::vector<int32_t> ck_short = {0, 5};
   test::expect_error_naming(
-      [&] { flash_attention_forward(ctx, tq, tk, tv, tcq, test::cpu_i32(ck_short, {2}), 4, 6, to, tl, 0.5f); },
-      "flash_attention_forward", "cu_seqlens_k");
+      [&] { attention_forward(ctx, tq, tk, tv, tcq, test::cpu_i32(ck_short, {2}), 4, 6, to, tl, 0.5f); },
+      "attention_forward", "cu_seqlens_k");
   EXPECT_TRUE(flash_attention_supported(128, DType::bf16));
   EXPECT_TRUE(flash_attention_supported(64, DType::bf16));
   EXPECT_FALSE(flash_attention_supported(80, DType::bf16));
@@ -232,12 +243,13 @@ void compare_with_cpu(const Layout& L, Heads c, const std::string& what) {
   const int64_t nq = L.nq(), nk = L.nk();
   const std::vector<float> q = round_bf16(randn(nq * c.hq * c.d)), k = round_bf16(randn(nk * c.hkv * c.d)),
                            v = round_bf16(randn(nk * c.hkv * c.d)), dout = round_bf16(randn(nq * c.hq * c.d));
+  ASSERT_TRUE(flash_attention_supported(c.d, DType::bf16)) << "the dispatcher would not run the flash kernels";
   std::vector<float> o_ref(q.size()), lse_ref(nq * c.hq), dq_ref(q.size()), dk_ref(k.size()), dv_ref(v.size());
-  cpu::flash_attention_forward<float>(q.data(), k.data(), v.data(), L.cu_q.data(), L.cu_k.data(), L.docs(),
-                                      o_ref.data(), lse_ref.data(), nq, nk, c.hq, c.hkv, c.d, scale);
-  cpu::flash_attention_backward<float>(dout.data(), q.data(), k.data(), v.data(), o_ref.data(), lse_ref.data(),
-                                       L.cu_q.data(), L.cu_k.data(), L.docs(), dq_ref.data(), dk_ref.data(),
-                                       dv_ref.data(), nq, nk, c.hq, c.hkv, c.d, scale);
+  cpu::attention_forward<float>(q.data(), k.data(), v.data(), L.cu_q.data(), L.cu_k.data(), L.docs(), o_ref.data(),
+                                lse_ref.data(), nq, nk, c.hq, c.hkv, c.d, scale);
+  cpu::attention_backward<float>(dout.data(), q.data(), k.data(), v.data(), o_ref.data(), lse_ref.data(), L.cu_q.data(),
+                                 L.cu_k.data(), L.docs(), dq_ref.data(), dk_ref.data(), dv_ref.data(), nq, nk, c.hq,
+                                 c.hkv, c.d, scale);
 
   const Tensor tq = buf.upload(q, {nq, c.hq, c.d}, DType::bf16), tk = buf.upload(k, {nk, c.hkv, c.d}, DType::bf16),
                tv = buf.upload(v, {nk, c.hkv, c.d}, DType::bf16), tdo = buf.upload(dout, {nq, c.hq, c.d}, DType::bf16),
@@ -246,8 +258,8 @@ void compare_with_cpu(const Layout& L, Heads c, const std::string& what) {
   const Tensor tdq = buf.poisoned({nq, c.hq, c.d}, DType::bf16), tdk = buf.poisoned({nk, c.hkv, c.d}, DType::bf16),
                tdv = buf.poisoned({nk, c.hkv, c.d}, DType::bf16);
   test::device_sync();
-  flash_attention_forward(ctx, tq, tk, tv, tcq, tck, L.max_q, L.max_k, to, tlse, scale);
-  flash_attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcq, tck, L.max_q, L.max_k, tdq, tdk, tdv, scale);
+  attention_forward(ctx, tq, tk, tv, tcq, tck, L.max_q, L.max_k, to, tlse, scale);
+  attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcq, tck, L.max_q, L.max_k, tdq, tdk, tdv, scale);
   ctx.synchronize();
   const std::vector<float> o = DeviceBuffers::download(to), dq = DeviceBuffers::download(tdq);
   expect_close(o, o_ref, kBf16Tol, what + " o");
@@ -282,7 +294,8 @@ TEST(GpuFlashAttention, QueryOffsetsAndFullyMaskedRows) {
 
 TEST(GpuFlashAttention, LongDocumentMatchesSimpleKernel) {
   HYD_REQUIRE_GPU();
-  // One 4096-token document, H=16, d=128: flash vs the simple CUDA kernel of kernels/attention.h.
+  // One 4096-token document, H=16, d=128: flash (the dispatcher's choice for d = 128) vs the simple CUDA
+  // kernel of kernels/attention.h, called directly.
   ExecContext ctx(Device::cuda(0));
   DeviceBuffers buf(Device::cuda(0), size_t(512) << 20);
   const int64_t n = 4096, h = 16, d = 128;
@@ -299,16 +312,21 @@ TEST(GpuFlashAttention, LongDocumentMatchesSimpleKernel) {
   };
   const std::vector<Tensor> ref = outputs(), fl = outputs();
   test::device_sync();
-  attention_forward(ctx, tq, tk, tv, tcu, ref[0], ref[1], scale);
-  attention_backward(ctx, tdo, tq, tk, tv, ref[0], ref[1], tcu, ref[2], ref[3], ref[4], scale);
+#ifdef HYD_WITH_CUDA
+  cuda::attention_forward(tq.ptr<bf16>(), tk.ptr<bf16>(), tv.ptr<bf16>(), tcu.ptr<int32_t>(), tcu.ptr<int32_t>(), 1,
+                          ref[0].ptr<bf16>(), ref[1].ptr<float>(), n, n, h, h, d, scale, ctx.stream());
+  cuda::attention_backward(tdo.ptr<bf16>(), tq.ptr<bf16>(), tk.ptr<bf16>(), tv.ptr<bf16>(), ref[0].ptr<bf16>(),
+                           ref[1].ptr<float>(), tcu.ptr<int32_t>(), tcu.ptr<int32_t>(), 1, ref[2].ptr<bf16>(),
+                           ref[3].ptr<bf16>(), ref[4].ptr<bf16>(), n, n, h, h, d, scale, ctx.stream());
+#endif
   ctx.synchronize();
-  flash_attention_forward(ctx, tq, tk, tv, tcu, tcu, n, n, fl[0], fl[1], scale);  // warm-up
+  attention_forward(ctx, tq, tk, tv, tcu, n, fl[0], fl[1], scale);  // warm-up
   ctx.synchronize();
   const auto t0 = std::chrono::steady_clock::now();
-  flash_attention_forward(ctx, tq, tk, tv, tcu, tcu, n, n, fl[0], fl[1], scale);
+  attention_forward(ctx, tq, tk, tv, tcu, n, fl[0], fl[1], scale);
   ctx.synchronize();
   const auto t1 = std::chrono::steady_clock::now();
-  flash_attention_backward(ctx, tdo, tq, tk, tv, fl[0], fl[1], tcu, tcu, n, n, fl[2], fl[3], fl[4], scale);
+  attention_backward(ctx, tdo, tq, tk, tv, fl[0], fl[1], tcu, n, fl[2], fl[3], fl[4], scale);
   ctx.synchronize();
   const auto t2 = std::chrono::steady_clock::now();
   std::printf("flash T=4096 H=16 d=128: fwd %.2f ms, bwd %.2f ms (first bwd call)\n",

@@ -125,6 +125,7 @@ TEST(GpuKernelsB, AttentionForwardBackwardMatchesCpu) {
   std::vector<int32_t> cu = {0};
   for (int32_t l : lengths) cu.push_back(cu.back() + l);
   const int64_t n = cu.back(), num_docs = static_cast<int64_t>(lengths.size());
+  // Head dims 64 and 128 run the flash kernels, 256 and 80 the simple ones (kernels/attention.h).
   for (AttnCase c : {AttnCase{4, 4, 64}, AttnCase{8, 2, 128}, AttnCase{8, 1, 64}, AttnCase{8, 8, 128},
                      AttnCase{4, 1, 128}, AttnCase{2, 2, 256}, AttnCase{4, 2, 80}}) {
     const std::string what =
@@ -146,8 +147,8 @@ TEST(GpuKernelsB, AttentionForwardBackwardMatchesCpu) {
     const Tensor to = buf.poisoned({n, c.hq, c.d}, DType::bf16), tlse = buf.poisoned({n, c.hq}, DType::f32);
     const Tensor tdq = buf.poisoned({n, c.hq, c.d}, DType::bf16), tdk = buf.poisoned({n, c.hkv, c.d}, DType::bf16),
                  tdv = buf.poisoned({n, c.hkv, c.d}, DType::bf16);
-    attention_forward(ctx, tq, tk, tv, tcu, to, tlse, scale);
-    attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcu, tdq, tdk, tdv, scale);
+    attention_forward(ctx, tq, tk, tv, tcu, 300, to, tlse, scale);
+    attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcu, 300, tdq, tdk, tdv, scale);
     ctx.synchronize();
     const std::vector<float> o = DeviceBuffers::download(to), lse = DeviceBuffers::download(tlse);
     expect_close(o, o_ref, kBf16Tol, what + " o");
@@ -178,11 +179,11 @@ TEST(GpuKernelsB, AttentionLongDocumentFinishesQuickly) {
                tdq = buf.poisoned({n, hq, d}, DType::bf16), tdk = buf.poisoned({n, hkv, d}, DType::bf16),
                tdv = buf.poisoned({n, hkv, d}, DType::bf16);
   const float scale = 1.f / std::sqrt(float(d));
-  attention_forward(ctx, tq, tk, tv, tcu, to, tlse, scale);  // warm-up
+  attention_forward(ctx, tq, tk, tv, tcu, n, to, tlse, scale);  // warm-up
   ctx.synchronize();
   const auto t0 = std::chrono::steady_clock::now();
-  attention_forward(ctx, tq, tk, tv, tcu, to, tlse, scale);
-  attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcu, tdq, tdk, tdv, scale);
+  attention_forward(ctx, tq, tk, tv, tcu, n, to, tlse, scale);
+  attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcu, n, tdq, tdk, tdv, scale);
   ctx.synchronize();
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   std::printf("attention T=4096 Hq=16 Hkv=4 d=128 fwd+bwd: %.1f ms\n", ms);

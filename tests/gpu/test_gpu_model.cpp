@@ -3,7 +3,8 @@
 // difference is the CUDA path's bf16 activations and its kernels, nothing else.
 // Bounds (from the brief): loss rel diff < 1e-2, logits rel_err < 2e-2, every gradient rel_err < 5e-2.
 // A second case runs a 512-token batch of two documents with a 50k vocabulary, so the LM head loops
-// over two logits chunks on the device.
+// over two logits chunks on the device; a third uses head dims 64 and 128, where attention runs the
+// FlashAttention-2 kernels (the others run the simple attention kernels).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/flash_attention.h"
 #include "tests/common/test_util.h"
 #include "tests/common/tiny_model.h"
 #include "trainer/model.h"
@@ -149,6 +151,25 @@ TEST(GpuModelLong, LongSequenceLossAgrees) {
     cpu.set_param(p.name, v.data(), p.numel);
   }
   compare_models(cpu, gpu, b, false, 5e-2);
+}
+
+// Head dims 64 and 128 (GQA 2): the model's attention runs the flash kernels, over documents of 1, 17,
+// 150 and 40 tokens (one longer than a 128-query tile; Batch::max_doc_len = 150 sizes their grids).
+TEST(GpuModelFlash, HeadDims64And128MatchCpuModel) {
+  HYD_REQUIRE_GPU();
+  for (const int64_t head_dim : {int64_t(64), int64_t(128)}) {
+    SCOPED_TRACE("head_dim " + std::to_string(head_dim));
+    ModelConfig cfg = test::tiny_dense_variant("llama");
+    cfg.head_dim = head_dim;
+    cfg.finalize("test");
+    ASSERT_TRUE(kernels::flash_attention_supported(cfg.head_dim, DType::bf16));
+    TwinBatch b;
+    make_batch(b, {1, 17, 150, 40}, cfg.vocab_size);
+    ASSERT_EQ(b.gpu.max_doc_len, 150);
+    DenseModel cpu(cfg, Device::cpu(), b.gpu.num_tokens), gpu(cfg, Device::cuda(0), b.gpu.num_tokens);
+    set_same_weights(cpu, gpu);
+    compare_models(cpu, gpu, b, true, 5e-2);
+  }
 }
 
 }  // namespace

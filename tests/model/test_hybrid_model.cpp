@@ -338,6 +338,10 @@ TEST(HybridModel, MixerForwardBackwardForStageOne) {
         model.mixer_forward(ctx, 0, b, test::cpu_f32(small, {4, D}), test::cpu_f32(out, {n, D}));
       },
       {"normed_input"});
+  // The attention kernels' grid bound must come with the batch.
+  Batch no_len = full.batch;
+  no_len.max_doc_len = 0;
+  test::expect_error([&] { model.forward_loss(ctx, no_len); }, {"HybridModel::forward", "max_doc_len"});
 }
 
 // ------------------------------------------------------------------------------ pattern and contract

@@ -268,6 +268,14 @@ TEST(ModelBehaviour, RejectsBadBatches) {
   Batch bad = ok.batch;
   bad.num_docs = 2;  // cu_seqlens has 2 entries, not 3
   EXPECT_THROW(model.forward_loss(ctx, bad), Error);
+  for (const int64_t max_len : {int64_t(0), int64_t(7)}) {  // outside 1..num_tokens
+    Batch bad_len = ok.batch;
+    bad_len.max_doc_len = max_len;
+    test::expect_error_naming([&] { model.forward_loss(ctx, bad_len); }, "DenseModel", "max_doc_len");
+  }
+  Batch short_len = ok.batch;
+  short_len.max_doc_len = 5;  // the document has 6 tokens: the attention op checks the bound on the CPU
+  test::expect_error_naming([&] { model.forward_loss(ctx, short_len); }, "attention_forward", "max_len");
   EXPECT_TRUE(std::isfinite(model.forward_loss(ctx, ok.batch)));
 }
 

@@ -157,8 +157,8 @@ TEST(OpsAttention, DispatcherFloatMatchesDouble) {
       tl(lf.data(), DType::f32, cpu, {p.n, p.hq}), tcu(cu.data(), DType::i32, cpu, {int64_t(cu.size())}),
       tdo(df.data(), DType::f32, cpu, {p.n, p.hq, p.d}), tdq(dqf.data(), DType::f32, cpu, {p.n, p.hq, p.d}),
       tdk(dkf.data(), DType::f32, cpu, {p.n, p.hkv, p.d}), tdv(dvf.data(), DType::f32, cpu, {p.n, p.hkv, p.d});
-  attention_forward(ctx, tq, tk, tv, tcu, to, tl, float(p.scale));
-  attention_backward(ctx, tdo, tq, tk, tv, to, tl, tcu, tdq, tdk, tdv, float(p.scale));
+  attention_forward(ctx, tq, tk, tv, tcu, p.n, to, tl, float(p.scale));
+  attention_backward(ctx, tdo, tq, tk, tv, to, tl, tcu, p.n, tdq, tdk, tdv, float(p.scale));
   EXPECT_LT(rel_err(to_f64(of), o), 1e-6);
   EXPECT_LT(rel_err(to_f64(lf), lse), 1e-6);
   EXPECT_LT(rel_err(to_f64(dqf), dq), 1e-5);
@@ -179,45 +179,45 @@ TEST(OpsAttention, DispatcherRejectsBadArguments) {
   // 4 query heads over 3 kv heads.
   expect_error_naming(
       [&] {
-        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 3, d}), t(v, {n, 3, d}), tcu, t(o, {n, 4, d}), t(lse, {n, 4}),
-                          1.f);
+        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 3, d}), t(v, {n, 3, d}), tcu, n, t(o, {n, 4, d}),
+                          t(lse, {n, 4}), 1.f);
       },
       "attention_forward", "'k'");
   expect_error_naming(
       [&] {
-        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 4, d}), tcu, t(o, {n, 4, d}), t(lse, {n, 4}),
-                          1.f);
+        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 4, d}), tcu, n, t(o, {n, 4, d}),
+                          t(lse, {n, 4}), 1.f);
       },
       "attention_forward", "'v'");
   expect_error_naming(
       [&] {
-        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 2, d}), tcu, t(o, {n, 2, d}), t(lse, {n, 4}),
-                          1.f);
+        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 2, d}), tcu, n, t(o, {n, 2, d}),
+                          t(lse, {n, 4}), 1.f);
       },
       "attention_forward", "'o'");
   expect_error_naming(
       [&] {
-        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 2, d}), tcu, t(o, {n, 4, d}), t(lse, {n, 2}),
-                          1.f);
+        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 2, d}), tcu, n, t(o, {n, 4, d}),
+                          t(lse, {n, 2}), 1.f);
       },
       "attention_forward", "'lse'");
   const Tensor cu_f32(lse.data(), DType::f32, cpu, {3});
   expect_error_naming(
       [&] {
-        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 2, d}), cu_f32, t(o, {n, 4, d}),
+        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 2, d}), cu_f32, n, t(o, {n, 4, d}),
                           t(lse, {n, 4}), 1.f);
       },
       "attention_forward", "'cu_seqlens'");
   const Tensor tcu_bad(cu_bad.data(), DType::i32, cpu, {3}), tcu_dec(cu_dec.data(), DType::i32, cpu, {4});
   expect_error_naming(
       [&] {
-        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 2, d}), tcu_bad, t(o, {n, 4, d}),
+        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 2, d}), tcu_bad, n, t(o, {n, 4, d}),
                           t(lse, {n, 4}), 1.f);
       },
       "attention_forward", "'cu_seqlens'");
   expect_error_naming(
       [&] {
-        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 2, d}), tcu_dec, t(o, {n, 4, d}),
+        attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 2, d}), tcu_dec, n, t(o, {n, 4, d}),
                           t(lse, {n, 4}), 1.f);
       },
       "attention_forward", "'cu_seqlens'");
@@ -225,9 +225,19 @@ TEST(OpsAttention, DispatcherRejectsBadArguments) {
   expect_error_naming(
       [&] {
         attention_backward(ctx, t(dout, {n, 4, d}), t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 2, d}), t(o, {n, 4, d}),
-                           t(lse, {n, 4}), tcu, t(dq, {n, 4, d}), t(dk, {n, 4, d}), t(dv, {n, 2, d}), 1.f);
+                           t(lse, {n, 4}), tcu, n, t(dq, {n, 4, d}), t(dk, {n, 4, d}), t(dv, {n, 2, d}), 1.f);
       },
       "attention_backward", "'dk'");
+  // The max-length bound: negative, or shorter than a document (the second holds 4 tokens).
+  for (const int64_t max_len : {int64_t(-1), int64_t(3)})
+    expect_error_naming(
+        [&] {
+          attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 2, d}), tcu, max_len, t(o, {n, 4, d}),
+                            t(lse, {n, 4}), 1.f);
+        },
+        "attention_forward", "'max_len'");
+  attention_forward(ctx, t(q, {n, 4, d}), t(k, {n, 2, d}), t(v, {n, 2, d}), tcu, 4, t(o, {n, 4, d}), t(lse, {n, 4}),
+                    1.f);  // the exact bound is valid
 }
 
 }  // namespace

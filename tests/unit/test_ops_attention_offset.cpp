@@ -303,8 +303,9 @@ TEST(OpsAttentionOffset, DispatcherFloatMatchesDouble) {
                tl = test::cpu_f32(lf, {p.n_q, p.hq}), tcq = test::cpu_i32(cu_q, {nd}), tck = test::cpu_i32(cu_k, {nd}),
                tdo = test::cpu_f32(df, {p.n_q, p.hq, p.d}), tdq = test::cpu_f32(dqf, {p.n_q, p.hq, p.d}),
                tdk = test::cpu_f32(dkf, {p.n_k, p.hkv, p.d}), tdv = test::cpu_f32(dvf, {p.n_k, p.hkv, p.d});
-  attention_forward(ctx, tq, tk, tv, tcq, tck, to, tl, float(p.scale));
-  attention_backward(ctx, tdo, tq, tk, tv, to, tl, tcq, tck, tdq, tdk, tdv, float(p.scale));
+  // The exact bounds (30 queries, 40 keys): the CPU path checks them against the boundaries.
+  attention_forward(ctx, tq, tk, tv, tcq, tck, 30, 40, to, tl, float(p.scale));
+  attention_backward(ctx, tdo, tq, tk, tv, to, tl, tcq, tck, 30, 40, tdq, tdk, tdv, float(p.scale));
   EXPECT_LT(rel_err(to_f64(of), o), 1e-6);
   EXPECT_LT(lse_rel_err(lf, lse), 1e-6);
   EXPECT_LT(rel_err(to_f64(dqf), dq), 1e-5);
@@ -326,9 +327,15 @@ TEST(OpsAttentionOffset, DispatcherRejectsBadArguments) {
   auto c = [](std::vector<int32_t>& x) { return test::cpu_i32(x, {int64_t(x.size())}); };
   const Tensor tq = t(q, {nq, 4, d}), tk = t(k, {nk, 2, d}), tv = t(v, {nk, 2, d}), to = t(o, {nq, 4, d}),
                tl = t(lse, {nq, 4});
-  auto fwd = [&](const Tensor& cq, const Tensor& ck) { attention_forward(ctx, tq, tk, tv, cq, ck, to, tl, 1.f); };
-  // The valid call works.
+  auto fwd = [&](const Tensor& cq, const Tensor& ck, int64_t max_q = 3, int64_t max_k = 4) {
+    attention_forward(ctx, tq, tk, tv, cq, ck, max_q, max_k, to, tl, 1.f);
+  };
+  // The valid call works (documents of 1 and 3 queries, 2 and 4 keys).
   fwd(c(cu_q), c(cu_k));
+  // Length bounds: negative, or below a document's length.
+  expect_error_naming([&] { fwd(c(cu_q), c(cu_k), -1, 4); }, "attention_forward", "'max_len_q'");
+  expect_error_naming([&] { fwd(c(cu_q), c(cu_k), 2, 4); }, "attention_forward", "'max_len_q'");
+  expect_error_naming([&] { fwd(c(cu_q), c(cu_k), 3, 3); }, "attention_forward", "'max_len_k'");
   expect_error_naming([&] { fwd(c(cu_q), c(cu_k_short)); }, "attention_forward", "'cu_seqlens_k'");
   expect_error_naming([&] { fwd(c(cu_q), c(cu_k_end)); }, "attention_forward", "'cu_seqlens_k'");
   expect_error_naming([&] { fwd(c(cu_q), c(cu_k_dec)); }, "attention_forward", "'cu_seqlens_k'");
@@ -336,25 +343,26 @@ TEST(OpsAttentionOffset, DispatcherRejectsBadArguments) {
   // k and v with different row counts; lse with N_k rows; o with N_k rows.
   expect_error_naming(
       [&] {
-        attention_forward(ctx, tq, tk, t(v, {nk - 1, 2, d}), c(cu_q), c(cu_k), to, tl, 1.f);
+        attention_forward(ctx, tq, tk, t(v, {nk - 1, 2, d}), c(cu_q), c(cu_k), nq, nk, to, tl, 1.f);
       },
       "attention_forward", "'v'");
   std::vector<float> big(nk * 4 * d);
   expect_error_naming(
       [&] {
-        attention_forward(ctx, tq, tk, tv, c(cu_q), c(cu_k), to, t(big, {nk, 4}), 1.f);
+        attention_forward(ctx, tq, tk, tv, c(cu_q), c(cu_k), nq, nk, to, t(big, {nk, 4}), 1.f);
       },
       "attention_forward", "'lse'");
   expect_error_naming(
       [&] {
-        attention_forward(ctx, tq, tk, tv, c(cu_q), c(cu_k), t(big, {nk, 4, d}), tl, 1.f);
+        attention_forward(ctx, tq, tk, tv, c(cu_q), c(cu_k), nq, nk, t(big, {nk, 4, d}), tl, 1.f);
       },
       "attention_forward", "'o'");
   // One boundary array: q and k must have the same rows.
-  expect_error_naming([&] { attention_forward(ctx, tq, tk, tv, c(cu_q), to, tl, 1.f); }, "attention_forward", "'k'");
+  expect_error_naming([&] { attention_forward(ctx, tq, tk, tv, c(cu_q), nq, to, tl, 1.f); }, "attention_forward",
+                      "'k'");
   // Backward: dk/dv have N_k rows, dq N_q rows.
   auto bwd = [&](const Tensor& tdq, const Tensor& tdk, const Tensor& tdv) {
-    attention_backward(ctx, t(dout, {nq, 4, d}), tq, tk, tv, to, tl, c(cu_q), c(cu_k), tdq, tdk, tdv, 1.f);
+    attention_backward(ctx, t(dout, {nq, 4, d}), tq, tk, tv, to, tl, c(cu_q), c(cu_k), nq, nk, tdq, tdk, tdv, 1.f);
   };
   bwd(t(dq, {nq, 4, d}), t(dk, {nk, 2, d}), t(dv, {nk, 2, d}));
   expect_error_naming(
@@ -374,8 +382,8 @@ TEST(OpsAttentionOffset, DispatcherRejectsBadArguments) {
       "attention_backward", "'dq'");
   expect_error_naming(
       [&] {
-        attention_backward(ctx, t(dout, {nq, 4, d}), tq, tk, tv, to, tl, c(cu_q), c(cu_k_end), t(dq, {nq, 4, d}),
-                           t(dk, {nk, 2, d}), t(dv, {nk, 2, d}), 1.f);
+        attention_backward(ctx, t(dout, {nq, 4, d}), tq, tk, tv, to, tl, c(cu_q), c(cu_k_end), nq, nk,
+                           t(dq, {nq, 4, d}), t(dk, {nk, 2, d}), t(dv, {nk, 2, d}), 1.f);
       },
       "attention_backward", "'cu_seqlens_k'");
 }

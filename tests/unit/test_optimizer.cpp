@@ -280,6 +280,7 @@ TEST(AdamW, UpdatesADenseModelAfterBackward) {
   b.cu_seqlens = buf.upload_i32({0, static_cast<int32_t>(n)}, {2});
   b.num_tokens = n;
   b.num_docs = 1;
+  b.max_doc_len = n;
   b.num_targets = n - 1;
   model.zero_grad();
   const double loss = model.forward_backward(ctx, b);
