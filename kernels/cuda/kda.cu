@@ -159,6 +159,18 @@ void kda_backward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v,
   check_dims(s, "kda_backward");
   if (s.num_docs == 0) return;
   cudaStream_t st = as_stream(stream);
+  if (kda_mma::supports(s) && !kda_force_v1()) {
+    kda_chunk::Scratch sc;
+    const size_t floats = kda_chunk::carve_scratch(nullptr, s, kda_chunk::Pass::backward_mma, sc);
+    StreamScratch buf(floats + (kda_mma::forward_scratch_bytes(s) + 3) / 4, st);
+    kda_chunk::carve_scratch(buf.get(), s, kda_chunk::Pass::backward_mma, sc);
+    DeviceLauncher launcher{st};
+    kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
+    kda_mma::backward_products(s, q, k, v, g, beta, cu_seqlens, sc.chunk_off, initial_state, dout, dfinal_state, dv,
+                               dg, dbeta, dinitial_state, sc, buf.get() + floats, st);
+    kda_chunk::launch_group_reduce(launcher, s, dq, dk, sc);
+    return;
+  }
   kda_chunk::Scratch sc;
   StreamScratch buf(kda_chunk::carve_scratch(nullptr, s, kda_chunk::Pass::backward, sc), st);
   kda_chunk::carve_scratch(buf.get(), s, kda_chunk::Pass::backward, sc);

@@ -117,7 +117,9 @@ struct HostExec {
 
 // ---------------------------------------------------------------- scratch
 
-enum class Pass { forward, transition, backward };
+// backward_mma: only the buffers the tensor-core backward (kernels/cuda/kda_mma.cu) shares with the
+// version-1 intra-chunk gradient and group reduction programs (its own bf16 operands live elsewhere).
+enum class Pass { forward, transition, backward, backward_mma };
 
 // Global scratch of one call, carved from one buffer (f32 unless noted); nullptr = not used by the pass.
 struct Scratch {
@@ -156,6 +158,22 @@ inline size_t carve_scratch(float* base, const KdaDims& s, Pass pass, Scratch& s
   const size_t dk = static_cast<size_t>(s.dk), dv = static_cast<size_t>(s.dv), ch = mc * hv;
   sc = Scratch{};
   sc.chunk_off = reinterpret_cast<int32_t*>(take(static_cast<size_t>(s.num_docs) + 1));
+  if (pass == Pass::backward_mma) {
+    sc.x = take(ch * kMat);
+    sc.states = take(ch * dk * dv);
+    sc.vn = take(ch * kChunk * dv);
+    sc.dstates = take(ch * dk * dv);
+    sc.dvn = take(ch * kChunk * dv);
+    sc.dqg = take(ch * kChunk * dk);
+    sc.dkg = take(ch * kChunk * dk);
+    sc.dw = take(ch * kChunk * dk);
+    sc.dgls = take(ch * dk);
+    sc.daqk = take(ch * kMat);
+    sc.dtv = take(ch * kMat);
+    sc.dq_hv = take(static_cast<size_t>(s.n) * hv * dk);
+    sc.dk_hv = take(static_cast<size_t>(s.n) * hv * dk);
+    return used;
+  }
   sc.w = take(ch * kChunk * dk);
   sc.u = take(ch * kChunk * dv);
   sc.kg = take(ch * kChunk * dk);
@@ -965,6 +983,47 @@ void run_transition(Launcher& L, const KdaDims& s, const bf16* k, const bf16* v,
   });
 }
 
+// dq, dk = the sums of sc.dq_hv, sc.dk_hv over each GQA group, in bf16.
+template <class Launcher>
+void launch_group_reduce(Launcher& L, const KdaDims& s, bf16* dq, bf16* dk, const Scratch& sc) {
+  const int64_t elems = s.n * s.h * s.dk;
+  if (elems > 0)
+    L.launch(Grid{(elems + kThreads - 1) / kThreads, 1, 1}, GroupReduceProgram::smem_bytes(),
+             GroupReduceProgram{.s = s, .dq_hv = sc.dq_hv, .dk_hv = sc.dk_hv, .dq = dq, .dk = dk});
+}
+
+// The last two steps of the backward, given sc.x, daqk, dtv, dqg, dkg, dw, dgls: intra-chunk
+// gradients (dq, dk per value head, dg, dbeta) and the sum of dq, dk over each GQA group.
+template <class Launcher>
+void launch_intra_and_reduce(Launcher& L, const KdaDims& s, const bf16* q, const bf16* k, const float* g,
+                             const float* beta, const int32_t* cu, bf16* dq, bf16* dk, float* dg, float* dbeta,
+                             const Scratch& sc) {
+  const int64_t mc = max_chunks(s);
+  if (mc > 0)
+    with_dk(s.dk, [&]<int DK>() {
+      const IntraGradProgram<DK> ig{.s = s,
+                                    .q = q,
+                                    .k = k,
+                                    .g = g,
+                                    .beta = beta,
+                                    .cu = cu,
+                                    .chunk_off = sc.chunk_off,
+                                    .x = sc.x,
+                                    .daqk = sc.daqk,
+                                    .dtv = sc.dtv,
+                                    .dqg = sc.dqg,
+                                    .dkg = sc.dkg,
+                                    .dw = sc.dw,
+                                    .dgls = sc.dgls,
+                                    .dq_hv = sc.dq_hv,
+                                    .dk_hv = sc.dk_hv,
+                                    .dg = dg,
+                                    .dbeta = dbeta};
+      L.launch(Grid{mc, s.hv, 1}, IntraGradProgram<DK>::smem_bytes(), ig);
+    });
+  launch_group_reduce(L, s, dq, dk, sc);
+}
+
 template <class Launcher>
 void run_backward(Launcher& L, const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
                   const float* beta, const int32_t* cu, const float* initial_state, const bf16* dout,
@@ -1022,31 +1081,9 @@ void run_backward(Launcher& L, const KdaDims& s, const bf16* q, const bf16* k, c
                                     .dtv = sc.dtv,
                                     .dv_out = dv};
       L.launch(Grid{mc, s.hv, DK / kTile + 1}, StateGradProgram<DK>::smem_bytes(s.dv), sg);
-      const IntraGradProgram<DK> ig{.s = s,
-                                    .q = q,
-                                    .k = k,
-                                    .g = g,
-                                    .beta = beta,
-                                    .cu = cu,
-                                    .chunk_off = sc.chunk_off,
-                                    .x = sc.x,
-                                    .daqk = sc.daqk,
-                                    .dtv = sc.dtv,
-                                    .dqg = sc.dqg,
-                                    .dkg = sc.dkg,
-                                    .dw = sc.dw,
-                                    .dgls = sc.dgls,
-                                    .dq_hv = sc.dq_hv,
-                                    .dk_hv = sc.dk_hv,
-                                    .dg = dg,
-                                    .dbeta = dbeta};
-      L.launch(Grid{mc, s.hv, 1}, IntraGradProgram<DK>::smem_bytes(), ig);
     }
   });
-  const int64_t elems = s.n * s.h * s.dk;
-  if (elems > 0)
-    L.launch(Grid{(elems + kThreads - 1) / kThreads, 1, 1}, GroupReduceProgram::smem_bytes(),
-             GroupReduceProgram{.s = s, .dq_hv = sc.dq_hv, .dk_hv = sc.dk_hv, .dq = dq, .dk = dk});
+  launch_intra_and_reduce(L, s, q, k, g, beta, cu, dq, dk, dg, dbeta, sc);
 }
 
 // Runs programs serially on the host (tests). Shared memory is filled with NaN before every block

@@ -82,10 +82,118 @@ __device__ __forceinline__ void zero(float (&a)[4]) { a[0] = a[1] = a[2] = a[3] 
 
 // ---------------------------------------------------------------- prep
 
+// Row strides of the per-chunk staging shared by prep and the intra-chunk gradient: G f32 and
+// k, q bf16, DK + 8 elements (fragment reads of pairs hit distinct banks).
+template <int DK>
+constexpr int kLdG = DK + 8;
+template <int DK>
+constexpr int kLdB = DK + 8;
+
+// (x[r][i], x[r][i+1]) exp(G_r - R) (minus_ref) or exp(R - G_r), as a bf16 pair: R = reference row.
+template <int DK>
+__device__ __forceinline__ uint32_t decayed_pair(const __nv_bfloat16* x, const float* gs, const float* R, int r, int i,
+                                                 bool minus_ref) {
+  const float2 xv = unpack_bf16(*reinterpret_cast<const uint32_t*>(x + r * kLdB<DK> + i));
+  const float2 G = *reinterpret_cast<const float2*>(gs + r * kLdG<DK> + i);
+  const float2 Rv = *reinterpret_cast<const float2*>(R + i);
+  return minus_ref ? pack_bf16(xv.x * __expf(G.x - Rv.x), xv.y * __expf(G.y - Rv.y))
+                   : pack_bf16(xv.x * __expf(Rv.x - G.x), xv.y * __expf(Rv.y - G.y));
+}
+
+// (x[c][i] e, x[c+1][i] e') with e = exp(R[i] - G_c[i]) (ref_minus_g) or exp(G_c[i] - R[i]): the
+// B fragment of a product that contracts over the chunk rows c.
+template <int DK>
+__device__ __forceinline__ uint32_t decayed_col_pair(const __nv_bfloat16* x, const float* gs, const float* R, int c,
+                                                     int i, bool ref_minus_g) {
+  const float x0 = __bfloat162float(x[c * kLdB<DK> + i]), x1 = __bfloat162float(x[(c + 1) * kLdB<DK> + i]);
+  const float g0 = gs[c * kLdG<DK> + i], g1 = gs[(c + 1) * kLdG<DK> + i], rv = R[i];
+  return ref_minus_g ? pack_bf16(x0 * __expf(rv - g0), x1 * __expf(rv - g1))
+                     : pack_bf16(x0 * __expf(g0 - rv), x1 * __expf(g1 - rv));
+}
+
+// sum_i x_r[i] k_c[i] exp(G_r[i] - G_c[i]) exactly (fp32, exp of the difference).
+template <int DK>
+__device__ __forceinline__ float decay_dot(const __nv_bfloat16* x, const __nv_bfloat16* k, const float* gs, int r,
+                                           int c) {
+  float sum = 0.f;
+  for (int i = 0; i < DK; ++i)
+    sum += __bfloat162float(x[r * kLdB<DK> + i]) * __bfloat162float(k[c * kLdB<DK> + i]) *
+           expf(gs[r * kLdG<DK> + i] - gs[c * kLdG<DK> + i]);
+  return sum;
+}
+
+// For the rows of 16-row block I (one warp): acc[nt] (nt < 2 (I + 1), columns c < 16 (I + 1)) =
+// sum_i x_r[i] k_c[i] exp(G_r[i] - G_c[i]) on tensor cores, factored at the reference R = G_{16 I}:
+// (x_r exp(G_r - R)) . (k_c exp(R - G_c)). Returns span = max_i (G_{16I} - G_{16I+15}); the
+// diagonal 16 x 16 block is only trustworthy when span <= kSafeSpan.
+template <int DK>
+__device__ __forceinline__ float decay_gram(const __nv_bfloat16* x, const __nv_bfloat16* k, const float* gs, int I,
+                                            float (&acc)[8][4]) {
+  const int lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+  const float* R = gs + 16 * I * kLdG<DK>;
+  const int ntn = 2 * (I + 1);
+  const int ra = 16 * I + gq, rb = ra + 8;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) zero(acc[nt]);
+#pragma unroll 2
+  for (int kst = 0; kst < DK / 16; ++kst) {
+    const int i0 = 16 * kst + 2 * tq, i1 = i0 + 8;
+    const uint32_t a[4] = {decayed_pair<DK>(x, gs, R, ra, i0, true), decayed_pair<DK>(x, gs, R, rb, i0, true),
+                           decayed_pair<DK>(x, gs, R, ra, i1, true), decayed_pair<DK>(x, gs, R, rb, i1, true)};
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      if (nt < ntn) {
+        const int cc = 8 * nt + gq;
+        mma_bf16(acc[nt], a, decayed_pair<DK>(k, gs, R, cc, i0, false), decayed_pair<DK>(k, gs, R, cc, i1, false));
+      }
+    }
+  }
+  float span = 0.f;
+  for (int i = lane; i < DK; i += 32) span = fmaxf(span, R[i] - gs[(16 * I + 15) * kLdG<DK> + i]);
+  return warp_max(span);
+}
+
+// A fragments (hi + lo bf16 split) of a product whose A operand comes from an fp32 C x C matrix M in
+// shared memory (row stride LDM), for rows ra, rb = ra + 8 and the k block kk (k0 = 16 kk + 2 tq):
+//   afrag_rows: A[m][k] = M[m][k] * (m == ra ? sa : sb)
+//   afrag_cols: A[m][k] = M[k][m] * (m == ra ? sa : sb) * (kscale ? kscale[k] : 1)
+template <int LDM>
+__device__ __forceinline__ void afrag_rows(const float* M, int ra, int kk, float sa, float sb, uint32_t (&hi)[4],
+                                           uint32_t (&lo)[4]) {
+  const int k0 = 16 * kk + 2 * (threadIdx.x & 3), k1 = k0 + 8, rb = ra + 8;
+  split_pair(M[ra * LDM + k0] * sa, M[ra * LDM + k0 + 1] * sa, hi[0], lo[0]);
+  split_pair(M[rb * LDM + k0] * sb, M[rb * LDM + k0 + 1] * sb, hi[1], lo[1]);
+  split_pair(M[ra * LDM + k1] * sa, M[ra * LDM + k1 + 1] * sa, hi[2], lo[2]);
+  split_pair(M[rb * LDM + k1] * sb, M[rb * LDM + k1 + 1] * sb, hi[3], lo[3]);
+}
+template <int LDM>
+__device__ __forceinline__ void afrag_cols(const float* M, const float* kscale, int ra, int kk, float sa, float sb,
+                                           uint32_t (&hi)[4], uint32_t (&lo)[4]) {
+  const int k0 = 16 * kk + 2 * (threadIdx.x & 3), k1 = k0 + 8, rb = ra + 8;
+  auto ks = [&](int kx) { return kscale ? kscale[kx] : 1.f; };
+  split_pair(M[k0 * LDM + ra] * sa * ks(k0), M[(k0 + 1) * LDM + ra] * sa * ks(k0 + 1), hi[0], lo[0]);
+  split_pair(M[k0 * LDM + rb] * sb * ks(k0), M[(k0 + 1) * LDM + rb] * sb * ks(k0 + 1), hi[1], lo[1]);
+  split_pair(M[k1 * LDM + ra] * sa * ks(k1), M[(k1 + 1) * LDM + ra] * sa * ks(k1 + 1), hi[2], lo[2]);
+  split_pair(M[k1 * LDM + rb] * sb * ks(k1), M[(k1 + 1) * LDM + rb] * sb * ks(k1 + 1), hi[3], lo[3]);
+}
+
+// Calls f(r, c, exact) for the 136 entries c <= r of the diagonal 16 x 16 block I (one warp, lanes
+// split the entries): exact = sum_i x_r[i] k_c[i] exp(G_r[i] - G_c[i]) in fp32.
+template <int DK, class F>
+__device__ __forceinline__ void exact_diag_gram(const __nv_bfloat16* x, const __nv_bfloat16* k, const float* gs, int I,
+                                                F&& f) {
+  for (int p = static_cast<int>(threadIdx.x & 31); p < 16 * 17 / 2; p += 32) {
+    int rl = 0;
+    while ((rl + 1) * (rl + 2) / 2 <= p) ++rl;
+    const int r = 16 * I + rl, c = 16 * I + (p - rl * (rl + 1) / 2);
+    f(r, c, decay_dot<DK>(x, k, gs, r, c));
+  }
+}
+
 template <int DK, int DV>
 struct PrepLayout {
-  static constexpr int kLdG = DK + 8;  // f32 row stride of G (float2 fragment reads: no bank conflicts)
-  static constexpr int kLdB = DK + 8;  // bf16 row stride of k, q
+  static constexpr int kLdG = hyd::kernels::cuda::kda_mma::kLdG<DK>;
+  static constexpr int kLdB = hyd::kernels::cuda::kda_mma::kLdB<DK>;
   static constexpr int kLdM = C + 1;   // f32 64 x 64 matrices
   static constexpr size_t oG = 0;
   static constexpr size_t oK = oG + size_t{C} * kLdG * 4;
@@ -144,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                 const __nv_bfloat16* __restrict__ v, const float* __restrict__ g, const float* __restrict__ beta,
                 const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off, __nv_bfloat16* w_out,
                 float* u_out, __nv_bfloat16* qg_out, __nv_bfloat16* kg_out, __nv_bfloat16* aqk_out,
-                float* gl_out) {
+                float* gl_out, float* x_out) {
   using Lt = PrepLayout<DK, DV>;
   constexpr int kLdG = Lt::kLdG, kLdB = Lt::kLdB, kLdM = Lt::kLdM;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -226,36 +334,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const bool qjob = warp >= 4;
     if (!qjob || has_q) {
       const __nv_bfloat16* xr = qjob ? qs : ks;
-      const float* R = gs + 16 * I * kLdG;
-      // (x[r][i], x[r][i+1]) exp(G_r - R) or (k[r][i], k[r][i+1]) exp(R - G_r), as a bf16 pair.
-      auto row_pair = [&](const __nv_bfloat16* x, int r, int i, bool minus_ref) {
-        const float2 xv = unpack_bf16(*reinterpret_cast<const uint32_t*>(x + r * kLdB + i));
-        const float2 G = *reinterpret_cast<const float2*>(gs + r * kLdG + i);
-        const float2 Rv = *reinterpret_cast<const float2*>(R + i);
-        return minus_ref ? pack_bf16(xv.x * __expf(G.x - Rv.x), xv.y * __expf(G.y - Rv.y))
-                         : pack_bf16(xv.x * __expf(Rv.x - G.x), xv.y * __expf(Rv.y - G.y));
-      };
       const int ntn = 2 * (I + 1);
-      const int ra = 16 * I + gq, rb = ra + 8;
+      const int ra = 16 * I + gq;
       float acc[8][4];
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) zero(acc[nt]);
-#pragma unroll 2
-      for (int kst = 0; kst < DK / 16; ++kst) {
-        const int i0 = 16 * kst + 2 * tq, i1 = i0 + 8;
-        const uint32_t a[4] = {row_pair(xr, ra, i0, true), row_pair(xr, rb, i0, true), row_pair(xr, ra, i1, true),
-                               row_pair(xr, rb, i1, true)};
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          if (nt < ntn) {
-            const int cc = 8 * nt + gq;
-            mma_bf16(acc[nt], a, row_pair(ks, cc, i0, false), row_pair(ks, cc, i1, false));
-          }
-        }
-      }
-      float span = 0.f;
-      for (int i = lane; i < DK; i += 32) span = fmaxf(span, R[i] - gs[(16 * I + 15) * kLdG + i]);
-      span = warp_max(span);
+      const float span = decay_gram<DK>(xr, ks, gs, I, acc);
       __nv_bfloat16* aqk_c = aqk_out + ch * C * C;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) {
@@ -274,19 +356,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       if (span > kSafeSpan) {  // strong decay inside the block: its diagonal part exactly
         __syncwarp();
-        for (int p = lane; p < 16 * 17 / 2; p += 32) {
-          int rl = 0;
-          while ((rl + 1) * (rl + 2) / 2 <= p) ++rl;
-          const int r = 16 * I + rl, cc = 16 * I + (p - rl * (rl + 1) / 2);
-          float sum = 0.f;
-          for (int i = 0; i < DK; ++i)
-            sum += __bfloat162float(xr[r * kLdB + i]) * __bfloat162float(ks[cc * kLdB + i]) *
-                   expf(gs[r * kLdG + i] - gs[cc * kLdG + i]);
+        exact_diag_gram<DK>(xr, ks, gs, I, [&](int r, int cc, float sum) {
           if (qjob)
             aqk_c[r * C + cc] = __float2bfloat16_rn(sum);
           else if (cc < r)
             as[r * kLdM + cc] = bs[r] * sum;
-        }
+        });
       }
     }
   }
@@ -330,6 +405,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     t_times_tile<DK, kLdM>(xs, bs, s_kg, warp, w_out + ch * C * DK);
   else
     t_times_tile<DV, kLdM>(xs, bs, s_v, warp - 4, u_out + ch * C * DV);  // u in f32: it is not an MMA operand
+  if (x_out)  // X for the backward (f32 [C][C])
+    for (int idx = tid; idx < C * C; idx += kThreads) x_out[ch * C * C + idx] = xs[(idx / C) * kLdM + idx % C];
 }
 
 // ---------------------------------------------------------------- state pass
@@ -353,7 +430,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                  const __nv_bfloat16* __restrict__ w, const float* __restrict__ u,
                  const __nv_bfloat16* __restrict__ qg, const __nv_bfloat16* __restrict__ kg,
                  const __nv_bfloat16* __restrict__ aqk, const float* __restrict__ gl, const float* __restrict__ initial,
-                 __nv_bfloat16* __restrict__ o, float* __restrict__ final_state) {
+                 __nv_bfloat16* __restrict__ o, float* __restrict__ final_state, float* __restrict__ states,
+                 float* __restrict__ vn) {
   using Lt = StateLayout<DK>;
   constexpr int MT = DK / 16;       // m-tiles of the state
   constexpr int SN = 4 * MT / 8;    // n-tiles (of 8 columns) of the state per warp
@@ -418,6 +496,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     const unsigned char* gbase = smem + b * Lt::buf;
     const int64_t start = cu[d] + (c - c0) * C;
     const int L = static_cast<int>(min(static_cast<int64_t>(C), cu[d + 1] - start));
+    const int64_t ch = c * HV + hv;
+    if (states)  // S entering the chunk, for the backward
+#pragma unroll
+      for (int n = 0; n < SN; ++n)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = 16 * sm + gq + 8 * half, j = 8 * (sn0 + n) + 2 * tq;
+          *reinterpret_cast<float2*>(states + (ch * DK + i) * DV + j0 + j) =
+              make_float2(st[n][2 * half], st[n][2 * half + 1]);
+        }
 
     // (a) v_new = u - w S
     {
@@ -442,8 +530,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int half = 0; half < 2; ++half) {
           const int r = 16 * I + gq + 8 * half, col = 8 * (nb + n) + 2 * tq;
           const float2 uu = *reinterpret_cast<const float2*>(gbase + Lt::oU + (r * Lt::kLdU + col) * 4);
+          const float v0 = uu.x - acc[n][2 * half], v1 = uu.y - acc[n][2 * half + 1];
+          if (vn) *reinterpret_cast<float2*>(vn + (ch * C + r) * DV + j0 + col) = make_float2(v0, v1);
           uint32_t hi, lo;
-          split_pair(uu.x - acc[n][2 * half], uu.y - acc[n][2 * half + 1], hi, lo);
+          split_pair(v0, v1, hi, lo);
           *reinterpret_cast<uint32_t*>(smem + Lt::oVhi + eoff<kBV>(r, col)) = hi;
           *reinterpret_cast<uint32_t*>(smem + Lt::oVlo + eoff<kBV>(r, col)) = lo;
         }
@@ -529,6 +619,749 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// ---------------------------------------------------------------- backward: reverse state pass
+
+template <int DK>
+struct ReverseLayout {
+  // One buffer per chunk in flight: w, qg, kg [C][DK], Aqk [C][C], do [C][kBV] (swizzled bf16), gl [DK] f32.
+  static constexpr size_t oW = 0, oQG = oW + size_t{C} * DK * 2, oKG = oQG + size_t{C} * DK * 2,
+                          oAQK = oKG + size_t{C} * DK * 2, oDO = oAQK + size_t{C} * C * 2,
+                          oGL = oDO + size_t{C} * kBV * 2, buf = oGL + size_t{DK} * 4;
+  // dS staging (hi, lo) [DK][kBV], -dv_new staging (hi, lo) [C][kBV].
+  static constexpr size_t oShi = 2 * buf, oSlo = oShi + size_t{DK} * kBV * 2, oVhi = oSlo + size_t{DK} * kBV * 2,
+                          oVlo = oVhi + size_t{C} * kBV * 2, bytes = oVlo + size_t{C} * kBV * 2;
+};
+
+// The state adjoint backwards over the chunks of one document (grid as state_kernel). With dS the
+// adjoint of the state leaving chunk c (dfinal_state for the last):
+//   dv_new = Aqk^T do + kg dS,   dS <- Diag(gl) dS + qg^T do - w^T dv_new.
+// Writes dS_out of every chunk (dstates), dv_new (dvn) and dinitial_state.
+template <int DK, int DV>
+__global__ void __launch_bounds__(kThreads, 1)
+    reverse_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
+                   const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ qg,
+                   const __nv_bfloat16* __restrict__ kg, const __nv_bfloat16* __restrict__ aqk,
+                   const float* __restrict__ gl, const __nv_bfloat16* __restrict__ dout,
+                   const float* __restrict__ dfinal, float* __restrict__ dstates, float* __restrict__ dvn,
+                   float* __restrict__ dinit) {
+  using Lt = ReverseLayout<DK>;
+  constexpr int MT = DK / 16, SN = 4 * MT / 8;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t d = blockIdx.x;
+  const int hv = static_cast<int>(blockIdx.y), j0 = static_cast<int>(blockIdx.z) * kBV;
+  const int HV = static_cast<int>(s.hv);
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int64_t c0 = chunk_off[d], c1 = chunk_off[d + 1];
+  const int64_t sbase = (d * HV + hv) * DK * DV + j0;
+  const uint32_t s0 = smem_addr(smem);
+  const uint32_t s_shi = s0 + Lt::oShi, s_slo = s0 + Lt::oSlo, s_vhi = s0 + Lt::oVhi, s_vlo = s0 + Lt::oVlo;
+  const int sm = warp % MT, sn0 = (warp / MT) * SN;
+
+  float ds[SN][4];
+#pragma unroll
+  for (int n = 0; n < SN; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = 16 * sm + gq + 8 * (e >> 1), j = 8 * (sn0 + n) + 2 * tq + (e & 1);
+      ds[n][e] = dfinal ? dfinal[sbase + i * DV + j] : 0.f;
+    }
+  auto stage = [&]() {
+#pragma unroll
+    for (int n = 0; n < SN; ++n)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int i = 16 * sm + gq + 8 * half, j = 8 * (sn0 + n) + 2 * tq;
+        uint32_t hi, lo;
+        split_pair(ds[n][2 * half], ds[n][2 * half + 1], hi, lo);
+        *reinterpret_cast<uint32_t*>(smem + Lt::oShi + eoff<kBV>(i, j)) = hi;
+        *reinterpret_cast<uint32_t*>(smem + Lt::oSlo + eoff<kBV>(i, j)) = lo;
+      }
+  };
+  stage();
+
+  auto load_chunk = [&](int64_t c, int b) {
+    const int64_t ch = c * HV + hv;
+    const int64_t start = cu[d] + (c - c0) * C;
+    const int L = static_cast<int>(min(static_cast<int64_t>(C), cu[d + 1] - start));
+    const uint32_t base = s0 + static_cast<uint32_t>(b * Lt::buf);
+    copy_tile<C, DK>(base + Lt::oW, w + ch * C * DK, DK, C);
+    copy_tile<C, DK>(base + Lt::oQG, qg + ch * C * DK, DK, C);
+    copy_tile<C, DK>(base + Lt::oKG, kg + ch * C * DK, DK, C);
+    copy_tile<C, C>(base + Lt::oAQK, aqk + ch * C * C, C, C);
+    copy_tile<C, kBV>(base + Lt::oDO, dout + (start * HV + hv) * DV + j0, static_cast<int64_t>(HV) * DV, L);
+    for (int idx = tid; idx < DK / 4; idx += kThreads) cp_async16(base + Lt::oGL + idx * 16, gl + ch * DK + idx * 4, true);
+  };
+  if (c0 < c1) load_chunk(c1 - 1, 0);
+  cp_async_commit();
+
+  const int I = warp & 3, nb = 2 * (warp >> 2);
+  for (int64_t c = c1 - 1; c >= c0; --c) {
+    const int b = static_cast<int>((c1 - 1 - c) & 1);
+    if (c - 1 >= c0) load_chunk(c - 1, b ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const uint32_t base = s0 + static_cast<uint32_t>(b * Lt::buf);
+    const unsigned char* gbase = smem + b * Lt::buf;
+    const int64_t ch = c * HV + hv;
+    if (dstates)
+#pragma unroll
+      for (int n = 0; n < SN; ++n)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int i = 16 * sm + gq + 8 * half, j = 8 * (sn0 + n) + 2 * tq;
+          *reinterpret_cast<float2*>(dstates + (ch * DK + i) * DV + j0 + j) =
+              make_float2(ds[n][2 * half], ds[n][2 * half + 1]);
+        }
+
+    // (a) dv_new = Aqk^T do + kg dS   (Aqk^T is upper triangular: row block I sees blocks kk >= I)
+    {
+      float acc[2][4];
+      zero(acc[0]);
+      zero(acc[1]);
+      for (int kk = I; kk < C / 16; ++kk) {
+        uint32_t a[4], bo[4];
+        ldsm_x4_trans(a, base + Lt::oAQK + toff<C / 8>(16 * kk + (lane & 7) + ((lane >> 4) << 3), 2 * I + ((lane >> 3) & 1)));
+        ldsm_x4_trans(bo, base + Lt::oDO + toff<kBV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4)));
+        mma_bf16(acc[0], a, bo[0], bo[1]);
+        mma_bf16(acc[1], a, bo[2], bo[3]);
+      }
+#pragma unroll
+      for (int kst = 0; kst < DK / 16; ++kst) {
+        uint32_t a[4], bh[4], bl[4];
+        ldsm_x4(a, base + Lt::oKG + toff<DK / 8>(16 * I + (lane & 15), 2 * kst + (lane >> 4)));
+        const uint32_t so = toff<kBV / 8>(16 * kst + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4));
+        ldsm_x4_trans(bh, s_shi + so);
+        ldsm_x4_trans(bl, s_slo + so);
+        mma_bf16(acc[0], a, bh[0], bh[1]);
+        mma_bf16(acc[1], a, bh[2], bh[3]);
+        mma_bf16(acc[0], a, bl[0], bl[1]);
+        mma_bf16(acc[1], a, bl[2], bl[3]);
+      }
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = 16 * I + gq + 8 * half, col = 8 * (nb + n) + 2 * tq;
+          const float v0 = acc[n][2 * half], v1 = acc[n][2 * half + 1];
+          if (dvn) *reinterpret_cast<float2*>(dvn + (ch * C + r) * DV + j0 + col) = make_float2(v0, v1);
+          uint32_t hi, lo;
+          split_pair(-v0, -v1, hi, lo);
+          *reinterpret_cast<uint32_t*>(smem + Lt::oVhi + eoff<kBV>(r, col)) = hi;
+          *reinterpret_cast<uint32_t*>(smem + Lt::oVlo + eoff<kBV>(r, col)) = lo;
+        }
+    }
+    __syncthreads();
+
+    // (b) dS <- Diag(gl) dS + qg^T do + w^T (-dv_new)
+    {
+      const float* glc = reinterpret_cast<const float*>(gbase + Lt::oGL);
+      const float ga = glc[16 * sm + gq], gb = glc[16 * sm + gq + 8];
+#pragma unroll
+      for (int n = 0; n < SN; ++n) {
+        ds[n][0] *= ga;
+        ds[n][1] *= ga;
+        ds[n][2] *= gb;
+        ds[n][3] *= gb;
+      }
+#pragma unroll
+      for (int kc = 0; kc < C / 16; ++kc) {
+        uint32_t aq[4], aw[4];
+        const uint32_t ao = toff<DK / 8>(16 * kc + (lane & 7) + ((lane >> 4) << 3), 2 * sm + ((lane >> 3) & 1));
+        ldsm_x4_trans(aq, base + Lt::oQG + ao);
+        ldsm_x4_trans(aw, base + Lt::oW + ao);
+#pragma unroll
+        for (int np = 0; np < SN / 2; ++np) {
+          uint32_t bo[4], bh[4], bl[4];
+          const uint32_t vo =
+              toff<kBV / 8>(16 * kc + (lane & 7) + (((lane >> 3) & 1) << 3), sn0 + 2 * np + (lane >> 4));
+          ldsm_x4_trans(bo, base + Lt::oDO + vo);
+          ldsm_x4_trans(bh, s_vhi + vo);
+          ldsm_x4_trans(bl, s_vlo + vo);
+          mma_bf16(ds[2 * np], aq, bo[0], bo[1]);
+          mma_bf16(ds[2 * np + 1], aq, bo[2], bo[3]);
+          mma_bf16(ds[2 * np], aw, bh[0], bh[1]);
+          mma_bf16(ds[2 * np + 1], aw, bh[2], bh[3]);
+          mma_bf16(ds[2 * np], aw, bl[0], bl[1]);
+          mma_bf16(ds[2 * np + 1], aw, bl[2], bl[3]);
+        }
+      }
+    }
+    __syncthreads();
+    stage();
+  }
+  cp_async_wait<0>();
+  if (dinit) {
+#pragma unroll
+    for (int n = 0; n < SN; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 16 * sm + gq + 8 * (e >> 1), j = 8 * (sn0 + n) + 2 * tq + (e & 1);
+        dinit[sbase + i * DV + j] = ds[n][e];
+      }
+  }
+}
+
+// ---------------------------------------------------------------- backward: products over dv
+
+template <int DK, int DV>
+struct ProductsLayout {
+  // bf16 swizzled tiles: do, v_new, dv_new, v [C][DV]; S, dS (hi and lo) [DK][DV]; X f32 [C][C + 1]; beta.
+  static constexpr size_t oDO = 0, oVN = oDO + size_t{C} * DV * 2, oDVN = oVN + size_t{C} * DV * 2,
+                          oV = oDVN + size_t{C} * DV * 2, oShi = oV + size_t{C} * DV * 2,
+                          oSlo = oShi + size_t{DK} * DV * 2, oDhi = oSlo + size_t{DK} * DV * 2,
+                          oDlo = oDhi + size_t{DK} * DV * 2, oX = oDlo + size_t{DK} * DV * 2,
+                          oBeta = oX + size_t{C} * (C + 1) * 4, bytes = oBeta + C * 4;
+};
+
+// Per chunk and value head (S = S_in, dS = dS_out of the chunk):
+//   dqg = do S^T,  dkg = v_new dS^T,  dw = -dv_new S^T   [C x DK];   dgls[i] = sum_j S[i,j] dS[i,j]
+//   dAqk = do v_new^T,  dT_v = dv_new v^T   (c <= r, zero above)
+//   dv = T^T dv_new (dv[c] = beta_c sum_{r >= c} X[r,c] dv_new[r]), the finished value gradient.
+// S and dS enter the products as hi + lo bf16 pairs; do is exact, v_new and dv_new are rounded once.
+template <int DK, int DV>
+__global__ void __launch_bounds__(kThreads, 1)
+    products_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
+                    const float* __restrict__ states, const float* __restrict__ dstates, const float* __restrict__ vn,
+                    const float* __restrict__ dvn, const float* __restrict__ x, const float* __restrict__ beta,
+                    const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ v,
+                    float* __restrict__ dqg, float* __restrict__ dkg, float* __restrict__ dw, float* __restrict__ dgls,
+                    float* __restrict__ daqk, float* __restrict__ dtv, __nv_bfloat16* __restrict__ dv_out) {
+  using Lt = ProductsLayout<DK, DV>;
+  constexpr int kLdX = C + 1;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t c = blockIdx.x;
+  const int hv = static_cast<int>(blockIdx.y);
+  if (c >= chunk_off[s.num_docs]) return;
+  const kda_chunk::ChunkSpan sp = kda_chunk::locate_chunk(cu, chunk_off, s.num_docs, c);
+  const int L = sp.len, HV = static_cast<int>(s.hv);
+  const int64_t ch = c * HV + hv;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const uint32_t s0 = smem_addr(smem);
+  float* xs = reinterpret_cast<float*>(smem + Lt::oX);
+  float* bs = reinterpret_cast<float*>(smem + Lt::oBeta);
+
+  const int64_t row_stride = static_cast<int64_t>(HV) * DV;
+  copy_tile<C, DV>(s0 + Lt::oDO, dout + (sp.start * HV + hv) * DV, row_stride, L);
+  copy_tile<C, DV>(s0 + Lt::oV, v + (sp.start * HV + hv) * DV, row_stride, L);
+  cp_async_commit();
+  for (int idx = tid; idx < C * DV / 4; idx += kThreads) {
+    const int r = idx / (DV / 4), j = (idx % (DV / 4)) * 4;
+    const float4 a = *reinterpret_cast<const float4*>(vn + (ch * C + r) * DV + j);
+    const float4 e = *reinterpret_cast<const float4*>(dvn + (ch * C + r) * DV + j);
+    *reinterpret_cast<uint2*>(smem + Lt::oVN + eoff<DV>(r, j)) = make_uint2(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w));
+    *reinterpret_cast<uint2*>(smem + Lt::oDVN + eoff<DV>(r, j)) = make_uint2(pack_bf16(e.x, e.y), pack_bf16(e.z, e.w));
+  }
+  for (int idx = tid; idx < DK * DV / 4; idx += kThreads) {
+    const int i = idx / (DV / 4), j = (idx % (DV / 4)) * 4;
+    const float4 a = *reinterpret_cast<const float4*>(states + (ch * DK + i) * DV + j);
+    const float4 e = *reinterpret_cast<const float4*>(dstates + (ch * DK + i) * DV + j);
+    uint32_t h0, l0, h1, l1;
+    split_pair(a.x, a.y, h0, l0);
+    split_pair(a.z, a.w, h1, l1);
+    *reinterpret_cast<uint2*>(smem + Lt::oShi + eoff<DV>(i, j)) = make_uint2(h0, h1);
+    *reinterpret_cast<uint2*>(smem + Lt::oSlo + eoff<DV>(i, j)) = make_uint2(l0, l1);
+    split_pair(e.x, e.y, h0, l0);
+    split_pair(e.z, e.w, h1, l1);
+    *reinterpret_cast<uint2*>(smem + Lt::oDhi + eoff<DV>(i, j)) = make_uint2(h0, h1);
+    *reinterpret_cast<uint2*>(smem + Lt::oDlo + eoff<DV>(i, j)) = make_uint2(l0, l1);
+  }
+  for (int idx = tid; idx < C * C; idx += kThreads) xs[(idx / C) * kLdX + idx % C] = x[ch * C * C + idx];
+  if (tid < C) bs[tid] = tid < L ? beta[(sp.start + tid) * HV + hv] : 0.f;
+  for (int i = warp; i < DK; i += kThreads / 32) {
+    float acc = 0.f;
+    for (int j = lane; j < DV; j += 32) acc += states[(ch * DK + i) * DV + j] * dstates[(ch * DK + i) * DV + j];
+    acc = warp_sum(acc);
+    if (lane == 0) dgls[ch * DK + i] = acc;
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  const int I = warp & 3, half = warp >> 2;
+  const int ra = 16 * I + gq, rb = ra + 8;
+  // out[r][i] = sign * sum_j A[r][j] B[i][j] for this warp's rows and half of the DK columns.
+  auto dk_product = [&](size_t a_off, size_t b_hi, size_t b_lo, float sign, float* out) {
+    constexpr int NT = DK / 16;  // 8-column tiles per warp
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) zero(acc[nt]);
+#pragma unroll
+    for (int ks = 0; ks < DV / 16; ++ks) {
+      uint32_t a[4];
+      ldsm_x4(a, s0 + a_off + toff<DV / 8>(16 * I + (lane & 15), 2 * ks + (lane >> 4)));
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        const uint32_t off = toff<DV / 8>(half * (DK / 2) + 16 * np + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1));
+        uint32_t b[4];
+        ldsm_x4(b, s0 + b_hi + off);
+        mma_bf16(acc[2 * np], a, b[0], b[1]);
+        mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+        ldsm_x4(b, s0 + b_lo + off);
+        mma_bf16(acc[2 * np], a, b[0], b[1]);
+        mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int col = half * (DK / 2) + 8 * nt + 2 * tq;
+      *reinterpret_cast<float2*>(out + (ch * C + ra) * DK + col) = make_float2(sign * acc[nt][0], sign * acc[nt][1]);
+      *reinterpret_cast<float2*>(out + (ch * C + rb) * DK + col) = make_float2(sign * acc[nt][2], sign * acc[nt][3]);
+    }
+  };
+  dk_product(Lt::oDO, Lt::oShi, Lt::oSlo, 1.f, dqg);
+  dk_product(Lt::oVN, Lt::oDhi, Lt::oDlo, 1.f, dkg);
+  dk_product(Lt::oDVN, Lt::oShi, Lt::oSlo, -1.f, dw);
+
+  // out[r][c] = sum_j A[r][j] B[c][j] for c <= r (zero above), columns c in [32 half, 32 half + 32).
+  auto cc_product = [&](size_t a_off, size_t b_off, float* out) {
+    float acc[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) zero(acc[nt]);
+    if (32 * half <= 16 * I + 15) {
+#pragma unroll
+      for (int ks = 0; ks < DV / 16; ++ks) {
+        uint32_t a[4];
+        ldsm_x4(a, s0 + a_off + toff<DV / 8>(16 * I + (lane & 15), 2 * ks + (lane >> 4)));
+#pragma unroll
+        for (int np = 0; np < 2; ++np) {
+          uint32_t b[4];
+          ldsm_x4(b, s0 + b_off + toff<DV / 8>(32 * half + 16 * np + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
+          mma_bf16(acc[2 * np], a, b[0], b[1]);
+          mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      const int col = 32 * half + 8 * nt + 2 * tq;
+      *reinterpret_cast<float2*>(out + (ch * C + ra) * C + col) =
+          make_float2(col <= ra ? acc[nt][0] : 0.f, col + 1 <= ra ? acc[nt][1] : 0.f);
+      *reinterpret_cast<float2*>(out + (ch * C + rb) * C + col) =
+          make_float2(col <= rb ? acc[nt][2] : 0.f, col + 1 <= rb ? acc[nt][3] : 0.f);
+    }
+  };
+  cc_product(Lt::oDO, Lt::oVN, daqk);
+  cc_product(Lt::oDVN, Lt::oV, dtv);
+
+  // dv = T^T dv_new: rows c of block I, columns j in [DV/2 half, DV/2 half + DV/2); T^T[c][r] = X[r][c] beta_c.
+  {
+    constexpr int NV = DV / 16;
+    float acc[NV][4];
+#pragma unroll
+    for (int nt = 0; nt < NV; ++nt) zero(acc[nt]);
+    for (int kk = I; kk < C / 16; ++kk) {
+      uint32_t hi[4], lo[4];
+      afrag_cols<kLdX>(xs, nullptr, ra, kk, bs[ra], bs[rb], hi, lo);
+#pragma unroll
+      for (int np = 0; np < NV / 2; ++np) {
+        uint32_t b[4];
+        ldsm_x4_trans(b, s0 + Lt::oDVN +
+                             toff<DV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), half * (DV / 16) + 2 * np + (lane >> 4)));
+        mma_bf16(acc[2 * np], hi, b[0], b[1]);
+        mma_bf16(acc[2 * np + 1], hi, b[2], b[3]);
+        mma_bf16(acc[2 * np], lo, b[0], b[1]);
+        mma_bf16(acc[2 * np + 1], lo, b[2], b[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NV; ++nt) {
+      const int col = half * (DV / 2) + 8 * nt + 2 * tq;
+      if (ra < L)
+        *reinterpret_cast<uint32_t*>(dv_out + ((sp.start + ra) * HV + hv) * DV + col) = pack_bf16(acc[nt][0], acc[nt][1]);
+      if (rb < L)
+        *reinterpret_cast<uint32_t*>(dv_out + ((sp.start + rb) * HV + hv) * DV + col) = pack_bf16(acc[nt][2], acc[nt][3]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward: intra-chunk gradients
+
+template <int DK>
+struct IntraLayout {
+  static constexpr int kLdM = C + 1;
+  static constexpr size_t kMat = size_t{C} * kLdM * 4;
+  static constexpr size_t oG = 0;                                   // f32 [C][kLdG]: G, later dG
+  static constexpr size_t oK = oG + size_t{C} * kLdG<DK> * 4;       // bf16 [C][kLdB] k
+  static constexpr size_t oQ = oK + size_t{C} * kLdB<DK> * 2;       // bf16 [C][kLdB] q
+  static constexpr size_t oX = oQ + size_t{C} * kLdB<DK> * 2;       // X
+  static constexpr size_t oQA = oX + kMat;                          // dAqk
+  static constexpr size_t oT = oQA + kMat;                          // dT, dX, then dA
+  static constexpr size_t oAk = oT + kMat;                          // Ak (A without beta)
+  static constexpr size_t oZ = oAk + kMat;                          // Z = dX X^T
+  static constexpr size_t oWhi = oZ + kMat;                         // dw (hi, lo), swizzled bf16 [C][DK]
+  static constexpr size_t oWlo = oWhi + size_t{C} * DK * 2;
+  static constexpr size_t oBeta = oWlo + size_t{C} * DK * 2;        // beta [C]
+  static constexpr size_t oDbT = oBeta + C * 4;                     // dbeta through T [C]
+  static constexpr size_t oExtra = oDbT + C * 4;                    // dG_last terms [DK]
+  static constexpr size_t bytes = oExtra + DK * 4;
+};
+
+// Intra-chunk gradients of one chunk and value head (grid: chunk x value head), the tensor-core
+// version of kda_chunk::IntraGradProgram (same inputs and outputs; the formulas are there):
+//   dT = dT_v + dw kG^T;  dbeta_c += sum_r dT X;  dX = dT Diag(beta);  dA = -(X^T dX X^T) (c < r);
+//   dbeta_r += sum_c dA Ak;  P = Diag(beta) dA;  dkG = T^T dw;
+//   row sums  s1 = sum_{c<r} P[r,c] k_c E_rc,  s2 = sum_{c<=r} dAqk[r,c] k_c E_rc   (reference G_{16I})
+//   col sums  s3 = sum_{r'>r} P[r',r] k_r' E_r'r, s4 = sum_{r'>=r} dAqk[r',r] q_r' E_r'r (reference G_{16I+15})
+//   dq = dqg e^G + s2;  dk = dkg e^{G_last - G} + dkG e^G + s1 + s3 + s4;
+//   dG = dqg q e^G - dkg k e^{G_last - G} + dkG k e^G + k s1 + q s2 - k (s3 + s4);  dg = reverse cumsum of dG
+//   (+ e^{G_last} dgls + sum_r' dkg k e^{G_last - G} on every row).
+// Ak, the E-weighted sums and dkG run on tensor cores (the fp32 operands split hi + lo); the 64 x 64
+// products of the inverse's adjoint (X^T dX X^T) on CUDA cores in fp32. Warp w: rows 16 (w % 4) ..,
+// channels [DK/2 (w / 4), DK/2 (w / 4) + DK/2) of the outputs.
+template <int DK>
+__global__ void __launch_bounds__(kThreads, 1)
+    intra_kernel(KdaDims s, const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                 const float* __restrict__ g, const float* __restrict__ beta, const int32_t* __restrict__ cu,
+                 const int32_t* __restrict__ chunk_off, const float* __restrict__ x, const float* __restrict__ daqk,
+                 const float* __restrict__ dtv, const float* __restrict__ dqg, const float* __restrict__ dkg,
+                 const float* __restrict__ dw, const float* __restrict__ dgls, float* __restrict__ dq_hv,
+                 float* __restrict__ dk_hv, float* __restrict__ dg, float* __restrict__ dbeta) {
+  using Lt = IntraLayout<DK>;
+  constexpr int LDG = kLdG<DK>, LDB = kLdB<DK>, LDM = Lt::kLdM;
+  constexpr int NT = DK / 16;  // 8-channel tiles per warp
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t c = blockIdx.x;
+  const int hv = static_cast<int>(blockIdx.y);
+  if (c >= chunk_off[s.num_docs]) return;
+  const kda_chunk::ChunkSpan sp = kda_chunk::locate_chunk(cu, chunk_off, s.num_docs, c);
+  const int L = sp.len, H = static_cast<int>(s.h), HV = static_cast<int>(s.hv);
+  const int h = hv / (HV / H);
+  const int64_t ch = c * HV + hv;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+
+  float* gs = reinterpret_cast<float*>(smem + Lt::oG);
+  __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem + Lt::oK);
+  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem + Lt::oQ);
+  float* xm = reinterpret_cast<float*>(smem + Lt::oX);
+  float* qa = reinterpret_cast<float*>(smem + Lt::oQA);
+  float* tm = reinterpret_cast<float*>(smem + Lt::oT);
+  float* ak = reinterpret_cast<float*>(smem + Lt::oAk);
+  float* zm = reinterpret_cast<float*>(smem + Lt::oZ);
+  float* bs = reinterpret_cast<float*>(smem + Lt::oBeta);
+  float* dbt = reinterpret_cast<float*>(smem + Lt::oDbT);
+  float* extra = reinterpret_cast<float*>(smem + Lt::oExtra);
+  const uint32_t s_whi = smem_addr(smem + Lt::oWhi), s_wlo = smem_addr(smem + Lt::oWlo);
+  const float* dwc = dw + ch * C * DK;
+  const float* dqgc = dqg + ch * C * DK;
+  const float* dkgc = dkg + ch * C * DK;
+
+  // 1. Loads, G = cumsum(g).
+  for (int idx = tid; idx < C * DK / 8; idx += kThreads) {
+    const int r = idx / (DK / 8), c8 = idx % (DK / 8);
+    uint4 kv = make_uint4(0, 0, 0, 0), qv = make_uint4(0, 0, 0, 0);
+    if (r < L) {
+      const int64_t off = ((sp.start + r) * H + h) * DK + c8 * 8;
+      kv = *reinterpret_cast<const uint4*>(k + off);
+      qv = *reinterpret_cast<const uint4*>(q + off);
+    }
+    *reinterpret_cast<uint4*>(ks + r * LDB + c8 * 8) = kv;
+    *reinterpret_cast<uint4*>(qs + r * LDB + c8 * 8) = qv;
+  }
+  for (int idx = tid; idx < C * DK / 4; idx += kThreads) {
+    const int r = idx / (DK / 4), c4 = idx % (DK / 4);
+    float4 gv = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < L) gv = *reinterpret_cast<const float4*>(g + ((sp.start + r) * HV + hv) * DK + c4 * 4);
+    *reinterpret_cast<float4*>(gs + r * LDG + c4 * 4) = gv;
+    const float4 w4 = *reinterpret_cast<const float4*>(dwc + r * DK + c4 * 4);
+    uint32_t h0, l0, h1, l1;
+    split_pair(w4.x, w4.y, h0, l0);
+    split_pair(w4.z, w4.w, h1, l1);
+    *reinterpret_cast<uint2*>(smem + Lt::oWhi + eoff<DK>(r, c4 * 4)) = make_uint2(h0, h1);
+    *reinterpret_cast<uint2*>(smem + Lt::oWlo + eoff<DK>(r, c4 * 4)) = make_uint2(l0, l1);
+  }
+  for (int idx = tid; idx < C * C; idx += kThreads) {
+    const int r = idx / C, cc = idx % C;
+    xm[r * LDM + cc] = x[ch * C * C + idx];
+    qa[r * LDM + cc] = daqk[ch * C * C + idx];
+    tm[r * LDM + cc] = dtv[ch * C * C + idx];
+  }
+  if (tid < C) bs[tid] = tid < L ? beta[(sp.start + tid) * HV + hv] : 0.f;
+  __syncthreads();
+  if (tid < DK) {
+    float acc = 0.f;
+    for (int r = 0; r < C; ++r) {
+      acc += gs[r * LDG + tid];
+      gs[r * LDG + tid] = acc;
+    }
+  }
+  __syncthreads();
+
+  // 2. Ak (warps 0-3, row block I) and dT = dT_v + dw kG^T (warps 4-7), on tensor cores.
+  {
+    const int I = warp & 3, ra = 16 * I + gq, ntn = 2 * (I + 1);
+    float acc[8][4];
+    if (warp < 4) {
+      const float span = decay_gram<DK>(ks, ks, gs, I, acc);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = ra + 8 * (e >> 1), col = 8 * nt + 2 * tq + (e & 1);
+          ak[r * LDM + col] = nt < ntn && col < r ? acc[nt][e] : 0.f;
+        }
+      if (span > kSafeSpan) {
+        __syncwarp();
+        exact_diag_gram<DK>(ks, ks, gs, I, [&](int r, int cc, float v) {
+          if (cc < r) ak[r * LDM + cc] = v;
+        });
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) zero(acc[nt]);
+#pragma unroll 2
+      for (int kst = 0; kst < DK / 16; ++kst) {
+        uint32_t ah[4], al[4];
+        const uint32_t ao = toff<DK / 8>(16 * I + (lane & 15), 2 * kst + (lane >> 4));
+        ldsm_x4(ah, s_whi + ao);
+        ldsm_x4(al, s_wlo + ao);
+        const int i0 = 16 * kst + 2 * tq, i1 = i0 + 8;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          if (nt < ntn) {
+            const int cc = 8 * nt + gq;
+            auto kg_pair = [&](int i) {  // k_c exp(G_c) at channels i, i + 1
+              const float2 kv = unpack_bf16(*reinterpret_cast<const uint32_t*>(ks + cc * LDB + i));
+              const float2 G = *reinterpret_cast<const float2*>(gs + cc * LDG + i);
+              return pack_bf16(kv.x * __expf(G.x), kv.y * __expf(G.y));
+            };
+            const uint32_t b0 = kg_pair(i0), b1 = kg_pair(i1);
+            mma_bf16(acc[nt], ah, b0, b1);
+            mma_bf16(acc[nt], al, b0, b1);
+          }
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = ra + 8 * (e >> 1), col = 8 * nt + 2 * tq + (e & 1);
+          tm[r * LDM + col] = nt < ntn && col <= r ? tm[r * LDM + col] + acc[nt][e] : 0.f;
+        }
+    }
+  }
+  __syncthreads();
+
+  // 3. dbeta through T and dX = dT Diag(beta) (thread = column); the dG_last terms (thread = channel).
+  if (tid < C) {
+    float acc = 0.f;
+    for (int r = tid; r < C; ++r) acc += tm[r * LDM + tid] * xm[r * LDM + tid];
+    dbt[tid] = acc;
+    for (int r = 0; r < C; ++r) tm[r * LDM + tid] *= bs[tid];
+  } else if (tid >= 128 && tid < 128 + DK) {
+    const int i = tid - 128;
+    const float gl = gs[(C - 1) * LDG + i];
+    float acc = __expf(gl) * dgls[ch * DK + i];
+    for (int r = 0; r < L; ++r)
+      acc += dkgc[r * DK + i] * __bfloat162float(ks[r * LDB + i]) * __expf(gl - gs[r * LDG + i]);
+    extra[i] = acc;
+  }
+  __syncthreads();
+  // 4. Z = dX X^T (dX[a][b] = 0 for b > a, X[c][b] = 0 for b > c).
+  for (int idx = tid; idx < C * C; idx += kThreads) {
+    const int a = idx / C, cc = idx % C, last = min(a, cc);
+    float acc = 0.f;
+    for (int b = 0; b <= last; ++b) acc += tm[a * LDM + b] * xm[cc * LDM + b];
+    zm[a * LDM + cc] = acc;
+  }
+  __syncthreads();
+  // 5. dA = -(X^T Z) strictly below the diagonal, into tm.
+  for (int idx = tid; idx < C * C; idx += kThreads) {
+    const int r = idx / C, cc = idx % C;
+    float acc = 0.f;
+    if (cc < r)
+      for (int m = r; m < C; ++m) acc += xm[m * LDM + r] * zm[m * LDM + cc];
+    tm[r * LDM + cc] = -acc;
+  }
+  __syncthreads();
+
+  // 6. dbeta (thread = row); per-warp outputs.
+  if (tid < C) {
+    float acc = dbt[tid];
+    for (int cc = 0; cc < tid; ++cc) acc += tm[tid * LDM + cc] * ak[tid * LDM + cc];
+    if (tid < L) dbeta[(sp.start + tid) * HV + hv] = acc;
+  }
+  const int I = warp & 3, half = warp >> 2;
+  const int ra = 16 * I + gq, rb = ra + 8, col0 = half * (DK / 2);
+  const float* Rrow = gs + 16 * I * LDG;          // reference of the row sums
+  const float* Rcol = gs + (16 * I + 15) * LDG;   // reference of the column sums
+  float span = 0.f;
+  for (int i = lane; i < DK; i += 32) span = fmaxf(span, Rrow[i] - Rcol[i]);
+  const bool safe = warp_max(span) <= kSafeSpan;
+  const float* Gl = gs + (C - 1) * LDG;
+  // Element (nt, e) of this warp's fragments: row ra + 8 (e >> 1), channel col0 + 8 nt + 2 tq + (e & 1).
+  auto row_of = [&](int e) { return ra + 8 * (e >> 1); };
+  auto chan_of = [&](int nt, int e) { return col0 + 8 * nt + 2 * tq + (e & 1); };
+  float ok[NT][4], oG[NT][4];
+  {
+    float oq[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = row_of(e), i = chan_of(nt, e);
+        const float Gr = gs[r * LDG + i], eG = __expf(Gr), eL = __expf(Gl[i] - Gr);
+        const float kr = __bfloat162float(ks[r * LDB + i]), qr = __bfloat162float(qs[r * LDB + i]);
+        const float aq = dqgc[r * DK + i], akg = dkgc[r * DK + i];
+        oq[nt][e] = aq * eG;
+        ok[nt][e] = akg * eL;
+        oG[nt][e] = aq * qr * eG - akg * kr * eL;
+      }
+    // dkG = T^T dw: A[m = c][k = r] = X[r][c] beta_c (blocks kk >= I), B = dw (hi + lo).
+    {
+      float acc[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) zero(acc[nt]);
+      for (int kk = I; kk < C / 16; ++kk) {
+        uint32_t hi[4], lo[4];
+        afrag_cols<LDM>(xm, nullptr, ra, kk, bs[ra], bs[rb], hi, lo);
+#pragma unroll
+        for (int np = 0; np < NT / 2; ++np) {
+          const uint32_t off =
+              toff<DK / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), col0 / 8 + 2 * np + (lane >> 4));
+          uint32_t bh[4], bl[4];
+          ldsm_x4_trans(bh, s_whi + off);
+          ldsm_x4_trans(bl, s_wlo + off);
+          mma_bf16(acc[2 * np], hi, bh[0], bh[1]);
+          mma_bf16(acc[2 * np + 1], hi, bh[2], bh[3]);
+          mma_bf16(acc[2 * np], lo, bh[0], bh[1]);
+          mma_bf16(acc[2 * np + 1], lo, bh[2], bh[3]);
+          mma_bf16(acc[2 * np], hi, bl[0], bl[1]);
+          mma_bf16(acc[2 * np + 1], hi, bl[2], bl[3]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = row_of(e), i = chan_of(nt, e);
+          const float eG = __expf(gs[r * LDG + i]), kr = __bfloat162float(ks[r * LDB + i]);
+          ok[nt][e] += acc[nt][e] * eG;
+          oG[nt][e] += acc[nt][e] * kr * eG;
+        }
+    }
+    // Row sums s1 (P) and s2 (dAqk) against k_c exp(R - G_c), R = G_{16 I}.
+    {
+      float s1[NT][4], s2[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        zero(s1[nt]);
+        zero(s2[nt]);
+      }
+      const int kk_end = safe ? I : I - 1;
+      for (int kk = 0; kk <= kk_end; ++kk) {
+        uint32_t ph[4], pl[4], qh[4], ql[4];
+        afrag_rows<LDM>(tm, ra, kk, bs[ra], bs[rb], ph, pl);
+        afrag_rows<LDM>(qa, ra, kk, 1.f, 1.f, qh, ql);
+        const int c0 = 16 * kk + 2 * tq;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int i = col0 + 8 * nt + gq;
+          const uint32_t b0 = decayed_col_pair<DK>(ks, gs, Rrow, c0, i, true);
+          const uint32_t b1 = decayed_col_pair<DK>(ks, gs, Rrow, c0 + 8, i, true);
+          mma_bf16(s1[nt], ph, b0, b1);
+          mma_bf16(s1[nt], pl, b0, b1);
+          mma_bf16(s2[nt], qh, b0, b1);
+          mma_bf16(s2[nt], ql, b0, b1);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = row_of(e), i = chan_of(nt, e);
+          const float Gr = gs[r * LDG + i], sc = __expf(Gr - Rrow[i]);
+          float v1 = s1[nt][e] * sc, v2 = s2[nt][e] * sc;
+          if (!safe)  // the diagonal block exactly
+            for (int cc = 16 * I; cc <= r; ++cc) {
+              const float kc = __bfloat162float(ks[cc * LDB + i]) * expf(Gr - gs[cc * LDG + i]);
+              v1 += bs[r] * tm[r * LDM + cc] * kc;
+              v2 += qa[r * LDM + cc] * kc;
+            }
+          const float kr = __bfloat162float(ks[r * LDB + i]), qr = __bfloat162float(qs[r * LDB + i]);
+          ok[nt][e] += v1;
+          oq[nt][e] += v2;
+          oG[nt][e] += kr * v1 + qr * v2;
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int half_r = 0; half_r < 2; ++half_r) {
+        const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
+        if (r < L)
+          *reinterpret_cast<float2*>(dq_hv + ((sp.start + r) * HV + hv) * DK + i) =
+              make_float2(oq[nt][2 * half_r], oq[nt][2 * half_r + 1]);
+      }
+  }
+  // Column sums s3 (P^T against k) and s4 (dAqk^T against q), factors x_r' exp(G_r' - R'), R' = G_{16 I + 15}.
+  {
+    float s3[NT][4], s4[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      zero(s3[nt]);
+      zero(s4[nt]);
+    }
+    for (int kk = safe ? I : I + 1; kk < C / 16; ++kk) {
+      uint32_t ph[4], pl[4], qh[4], ql[4];
+      afrag_cols<LDM>(tm, bs, ra, kk, 1.f, 1.f, ph, pl);
+      afrag_cols<LDM>(qa, nullptr, ra, kk, 1.f, 1.f, qh, ql);
+      const int c0 = 16 * kk + 2 * tq;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int i = col0 + 8 * nt + gq;
+        const uint32_t bk0 = decayed_col_pair<DK>(ks, gs, Rcol, c0, i, false);
+        const uint32_t bk1 = decayed_col_pair<DK>(ks, gs, Rcol, c0 + 8, i, false);
+        const uint32_t bq0 = decayed_col_pair<DK>(qs, gs, Rcol, c0, i, false);
+        const uint32_t bq1 = decayed_col_pair<DK>(qs, gs, Rcol, c0 + 8, i, false);
+        mma_bf16(s3[nt], ph, bk0, bk1);
+        mma_bf16(s3[nt], pl, bk0, bk1);
+        mma_bf16(s4[nt], qh, bq0, bq1);
+        mma_bf16(s4[nt], ql, bq0, bq1);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = row_of(e), i = chan_of(nt, e);
+        const float Gr = gs[r * LDG + i], sc = __expf(Rcol[i] - Gr);
+        float v = (s3[nt][e] + s4[nt][e]) * sc;
+        if (!safe)
+          for (int r2 = r; r2 < 16 * I + 16; ++r2) {
+            const float e2 = expf(gs[r2 * LDG + i] - Gr);
+            v += (bs[r2] * tm[r2 * LDM + r] * __bfloat162float(ks[r2 * LDB + i]) +
+                  qa[r2 * LDM + r] * __bfloat162float(qs[r2 * LDB + i])) * e2;
+          }
+        const float kr = __bfloat162float(ks[r * LDB + i]);
+        ok[nt][e] += v;
+        oG[nt][e] -= kr * v;
+      }
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int half_r = 0; half_r < 2; ++half_r) {
+      const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
+      if (r < L)
+        *reinterpret_cast<float2*>(dk_hv + ((sp.start + r) * HV + hv) * DK + i) =
+            make_float2(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
+    }
+  __syncthreads();  // every warp is done reading G
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) gs[row_of(e) * LDG + chan_of(nt, e)] = oG[nt][e];
+  __syncthreads();
+  // 7. dg = reverse cumulative sum of dG over the rows, plus the dG_last terms on every row.
+  if (tid < DK) {
+    float acc = extra[tid];
+    for (int r = C - 1; r >= 0; --r) {
+      acc += gs[r * LDG + tid];
+      if (r < L) dg[((sp.start + r) * HV + hv) * DK + tid] = acc;
+    }
+  }
+}
+
 struct FwdBuffers {
   __nv_bfloat16 *w, *qg, *kg, *aqk;
   float *u, *gl;
@@ -570,15 +1403,69 @@ void forward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v,
     using PL = PrepLayout<DK, DV>;
     set_smem(prep_kernel<DK, DV>, PL::bytes);
     prep_kernel<DK, DV><<<dim3(static_cast<unsigned>(mc), static_cast<unsigned>(s.hv)), kThreads, PL::bytes, st>>>(
-        s, as_nv(q), as_nv(k), as_nv(v), g, beta, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl);
+        s, as_nv(q), as_nv(k), as_nv(v), g, beta, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, nullptr);
     CHECK_LAUNCH();
   }
   using SL = StateLayout<DK>;
   set_smem(state_kernel<DK, DV>, SL::bytes);
   state_kernel<DK, DV><<<dim3(static_cast<unsigned>(s.num_docs), static_cast<unsigned>(s.hv), DV / kBV), kThreads,
                          SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, initial_state,
-                                          as_nv(o), final_state);
+                                          as_nv(o), final_state, nullptr, nullptr);
   CHECK_LAUNCH();
+}
+
+template <int DK, int DV>
+void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                   const int32_t* cu, const int32_t* chunk_off, const float* initial_state, const bf16* dout,
+                   const float* dfinal_state, bf16* dv, float* dg, float* dbeta, float* dinitial_state,
+                   const kda_chunk::Scratch& sc, const FwdBuffers& f, cudaStream_t st) {
+  const int64_t mc = kda_chunk::max_chunks(s);
+  const dim3 chunk_grid(static_cast<unsigned>(mc), static_cast<unsigned>(s.hv));
+  const dim3 doc_grid(static_cast<unsigned>(s.num_docs), static_cast<unsigned>(s.hv), DV / kBV);
+  if (mc > 0) {
+    using PL = PrepLayout<DK, DV>;
+    set_smem(prep_kernel<DK, DV>, PL::bytes);
+    prep_kernel<DK, DV><<<chunk_grid, kThreads, PL::bytes, st>>>(s, as_nv(q), as_nv(k), as_nv(v), g, beta, cu,
+                                                                  chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, sc.x);
+    CHECK_LAUNCH();
+  }
+  using SL = StateLayout<DK>;
+  set_smem(state_kernel<DK, DV>, SL::bytes);
+  state_kernel<DK, DV><<<doc_grid, kThreads, SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl,
+                                                              initial_state, nullptr, nullptr, sc.states, sc.vn);
+  CHECK_LAUNCH();
+  using RL = ReverseLayout<DK>;
+  set_smem(reverse_kernel<DK, DV>, RL::bytes);
+  reverse_kernel<DK, DV><<<doc_grid, kThreads, RL::bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl,
+                                                                as_nv(dout), dfinal_state, sc.dstates, sc.dvn,
+                                                                dinitial_state);
+  CHECK_LAUNCH();
+  if (mc > 0) {
+    using QL = ProductsLayout<DK, DV>;
+    using IL = IntraLayout<DK>;
+    set_smem(products_kernel<DK, DV>, QL::bytes);
+    products_kernel<DK, DV><<<chunk_grid, kThreads, QL::bytes, st>>>(
+        s, cu, chunk_off, sc.states, sc.dstates, sc.vn, sc.dvn, sc.x, beta, as_nv(dout), as_nv(v), sc.dqg, sc.dkg,
+        sc.dw, sc.dgls, sc.daqk, sc.dtv, as_nv(dv));
+    CHECK_LAUNCH();
+    set_smem(intra_kernel<DK>, IL::bytes);
+    intra_kernel<DK><<<chunk_grid, kThreads, IL::bytes, st>>>(s, as_nv(q), as_nv(k), g, beta, cu, chunk_off, sc.x,
+                                                               sc.daqk, sc.dtv, sc.dqg, sc.dkg, sc.dw, sc.dgls,
+                                                               sc.dq_hv, sc.dk_hv, dg, dbeta);
+    CHECK_LAUNCH();
+  }
+}
+
+template <class F>
+void with_dims(const KdaDims& s, F&& f) {
+  if (s.dk == 128 && s.dv == 128)
+    f.template operator()<128, 128>();
+  else if (s.dk == 128)
+    f.template operator()<128, 64>();
+  else if (s.dv == 128)
+    f.template operator()<64, 128>();
+  else
+    f.template operator()<64, 64>();
 }
 
 }  // namespace
@@ -597,17 +1484,24 @@ void forward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, cons
   HYD_CHECK(s.num_docs <= 0x7fffffffLL && s.hv <= 65535, "kda_mma::forward: grid too large");
   FwdBuffers f{};
   carve(s, static_cast<unsigned char*>(scratch), f);
-  auto run = [&]<int DK, int DV>() {
+  with_dims(s, [&]<int DK, int DV>() {
     forward_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, chunk_off, initial_state, o, final_state, f, stream);
-  };
-  if (s.dk == 128 && s.dv == 128)
-    run.template operator()<128, 128>();
-  else if (s.dk == 128)
-    run.template operator()<128, 64>();
-  else if (s.dv == 128)
-    run.template operator()<64, 128>();
-  else
-    run.template operator()<64, 64>();
+  });
+}
+
+void backward_products(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                       const float* beta, const int32_t* cu_seqlens, const int32_t* chunk_off,
+                       const float* initial_state, const bf16* dout, const float* dfinal_state, bf16* dv,
+                       float* dg, float* dbeta, float* dinitial_state, const kda_chunk::Scratch& sc, void* scratch,
+                       cudaStream_t stream) {
+  HYD_CHECK(supports(s), "kda_mma::backward_products: dk ", s.dk, " / dv ", s.dv, " not supported");
+  HYD_CHECK(s.num_docs <= 0x7fffffffLL && s.hv <= 65535, "kda_mma::backward_products: grid too large");
+  FwdBuffers f{};
+  carve(s, static_cast<unsigned char*>(scratch), f);
+  with_dims(s, [&]<int DK, int DV>() {
+    backward_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, chunk_off, initial_state, dout, dfinal_state, dv, dg,
+                          dbeta, dinitial_state, sc, f, stream);
+  });
 }
 
 }  // namespace hyd::kernels::cuda::kda_mma

@@ -10,6 +10,10 @@
 
 #include "kernels/kda.h"
 
+namespace hyd::kernels::kda_chunk {
+struct Scratch;
+}
+
 namespace hyd::kernels::cuda::kda_mma {
 
 // dk and dv in {64, 128}.
@@ -23,5 +27,16 @@ size_t forward_scratch_bytes(const KdaDims& s);
 void forward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
              const int32_t* cu_seqlens, const int32_t* chunk_off, const float* initial_state, bf16* o,
              float* final_state, void* scratch, cudaStream_t stream);
+
+// The backward up to the GQA reduction: prep (keeping X in sc.x), the state pass keeping S_in and
+// v_new of every chunk, the reverse state pass (dS_out, dv_new, dinitial_state), the products over
+// dv (sc.dqg, dkg, dw, dgls, daqk, dtv and the finished dv) and the intra-chunk gradients (dq, dk
+// per value head in sc.dq_hv, sc.dk_hv; the finished dg, dbeta). sc holds the buffers of
+// kda_chunk::Pass::backward_mma; `scratch` holds forward_scratch_bytes(s) bytes.
+void backward_products(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                       const float* beta, const int32_t* cu_seqlens, const int32_t* chunk_off,
+                       const float* initial_state, const bf16* dout, const float* dfinal_state, bf16* dv,
+                       float* dg, float* dbeta, float* dinitial_state, const kda_chunk::Scratch& sc, void* scratch,
+                       cudaStream_t stream);
 
 }  // namespace hyd::kernels::cuda::kda_mma

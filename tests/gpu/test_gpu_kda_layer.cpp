@@ -9,7 +9,12 @@
 // those storage roundings on the CPU f32 path (the KDA core itself exact) gave out 5.5e-3, dx and
 // every weight gradient 5-6e-3, and dA_log up to 1.2e-2 (4 values, each a sum over N dk terms with
 // cancellation). The CUDA chunked KDA kernels add their own bf16 operand rounding, so: out < 1.5e-2,
-// dx and gradients < 2.5e-2, dA_log < 5e-2. The errors are printed.
+// dx and gradients < 2.5e-2, dA_log < 5e-2. The decay-gate parameters (f_proj.*, dt_bias, A_log)
+// get their gradient only through the log-decay gradient dg, which the tensor-core KDA core
+// (kernels/cuda/kda_mma.cu) computes from bf16 operands (1e-3 to 3.5e-3 relative in
+// gpu.test_gpu_kda, against ~3e-4 for the fp32 version 1); dt_bias and A_log sum it over every
+// token (cancellation): f_proj.* and dt_bias are held to 5e-2 like A_log (measured on an H200:
+// f_proj 1.4e-2, dt_bias 2.5e-2). The errors are printed.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -32,7 +37,7 @@ using test::rel_err;
 
 constexpr double kOutTol = 1.5e-2;
 constexpr double kGradTol = 2.5e-2;
-constexpr double kALogGradTol = 5e-2;
+constexpr double kGateGradTol = 5e-2;  // A_log, dt_bias, f_proj.* (see above)
 
 std::vector<double> to_double_bf16(const std::vector<float>& v) {
   std::vector<double> r(v.size());
@@ -129,7 +134,8 @@ void compare_layers(const KdaConfig& cfg) {
     const std::string& name = wc.params()[i].name;
     const double err = rel_err(got.grads[i], ref.grads[i]);
     std::printf("  %-18s rel err %.3e\n", name.c_str(), err);
-    EXPECT_LT(err, name == "A_log" ? kALogGradTol : kGradTol) << name;
+    const bool gate = name == "A_log" || name == "dt_bias" || name.starts_with("f_proj");
+    EXPECT_LT(err, gate ? kGateGradTol : kGradTol) << name;
   }
 }
 
