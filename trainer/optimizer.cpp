@@ -21,7 +21,7 @@ AdamW::AdamW(std::vector<ParamInfo> params, Device device, const AdamWConfig& cf
   HYD_CHECK(cfg.eps > 0, "AdamW: eps must be > 0, got ", cfg.eps);
   HYD_CHECK(cfg.weight_decay >= 0, "AdamW: weight_decay must be >= 0, got ", cfg.weight_decay);
   HYD_CHECK(cfg.grad_clip >= 0, "AdamW: grad_clip must be >= 0, got ", cfg.grad_clip);
-  const bool separate_master = device.is_cuda();
+  const bool separate_master = separate_masters();
   size_t bytes = kAlign;  // norm accumulator
   for (const ParamInfo& p : params_) {
     HYD_CHECK(p.value.numel() == p.numel && p.grad.numel() == p.numel, "AdamW: parameter '", p.name,
@@ -57,6 +57,13 @@ void AdamW::sync_masters(ExecContext& ctx) {
   if (!device_.is_cuda()) return;
   for (size_t i = 0; i < params_.size(); ++i)
     kernels::convert(ctx, master_[i], params_[i].value.view({params_[i].numel}));
+}
+
+void AdamW::restore_counters(int64_t steps_taken, int64_t skipped_steps) {
+  HYD_CHECK(steps_taken >= 0 && skipped_steps >= 0, "AdamW::restore_counters: negative counters (", steps_taken, ", ",
+            skipped_steps, ")");
+  t_ = steps_taken;
+  skipped_ = skipped_steps;
 }
 
 double AdamW::grad_norm(ExecContext& ctx) {

@@ -45,8 +45,16 @@ class AdamW {
 
   int64_t steps_taken() const { return t_; }  // updates applied (the bias-correction t of the last one)
   int64_t skipped_steps() const { return skipped_; }
+  // Resuming from a checkpoint: the counters as they were (the moments and masters are written through
+  // first_moments(), second_moments() and masters(), which view the optimizer's own buffers).
+  void restore_counters(int64_t steps_taken, int64_t skipped_steps);
   const AdamWConfig& config() const { return cfg_; }
   size_t memory_bytes() const { return state_.capacity(); }
+
+  const std::vector<ParamInfo>& params() const { return params_; }
+  Device device() const { return device_; }
+  // Whether the f32 masters are buffers of their own (CUDA) rather than the parameters (CPU).
+  bool separate_masters() const { return device_.is_cuda(); }
 
   // Optimizer state views (f32 [numel] per parameter, in params order), for tests and checkpoints.
   const std::vector<Tensor>& first_moments() const { return m_; }
