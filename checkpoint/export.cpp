@@ -175,19 +175,12 @@ std::vector<ExportTensorSpec> hf_hybrid_tensors(const HybridConfig& cfg, const s
   return out;
 }
 
-json hf_hybrid_config_json(const HybridConfig& cfg, const std::string& dtype, int64_t pad_token_id) {
+namespace {
+
+// The fields a hybrid and a dense config.json share: the skeleton's dimensions, RoPE, token ids.
+json skeleton_config_json(const ModelConfig& mc, const std::string& dtype, int64_t pad_token_id) {
   matrix_dtype(dtype);  // validates
-  const ModelConfig& mc = cfg.model;
-  json mixer_types = json::array();
-  for (MixerKind k : cfg.layers) mixer_types.push_back(mixer_type_name(k));
-  // Without K layers the KDA fields are unused: the schema's defaults keep the Python config valid.
-  const bool kda = cfg.has(MixerKind::kda);
-  const KdaConfig& k = cfg.kda;
   json j;
-  j["architectures"] = {"HydistillForCausalLM"};
-  j["model_type"] = "hydistill_hybrid";
-  j["auto_map"] = {{"AutoConfig", "configuration_hydistill.HydistillConfig"},
-                   {"AutoModelForCausalLM", "modeling_hydistill.HydistillForCausalLM"}};
   j["vocab_size"] = mc.vocab_size;
   j["hidden_size"] = mc.hidden_size;
   j["intermediate_size"] = mc.intermediate_size;
@@ -201,6 +194,27 @@ json hf_hybrid_config_json(const HybridConfig& cfg, const std::string& dtype, in
   j["rope_scaling"] = rope_scaling_json(mc);
   j["max_position_embeddings"] = mc.max_position_embeddings;
   j["tie_word_embeddings"] = mc.tie_word_embeddings;
+  j["bos_token_id"] = token_id(mc.bos_token_id);
+  j["eos_token_id"] = token_id(mc.eos_token_id);
+  j["pad_token_id"] = token_id(pad_token_id);
+  j["torch_dtype"] = dtype;
+  return j;
+}
+
+}  // namespace
+
+json hf_hybrid_config_json(const HybridConfig& cfg, const std::string& dtype, int64_t pad_token_id) {
+  const ModelConfig& mc = cfg.model;
+  json mixer_types = json::array();
+  for (MixerKind k : cfg.layers) mixer_types.push_back(mixer_type_name(k));
+  // Without K layers the KDA fields are unused: the schema's defaults keep the Python config valid.
+  const bool kda = cfg.has(MixerKind::kda);
+  const KdaConfig& k = cfg.kda;
+  json j = skeleton_config_json(mc, dtype, pad_token_id);
+  j["architectures"] = {"HydistillForCausalLM"};
+  j["model_type"] = "hydistill_hybrid";
+  j["auto_map"] = {{"AutoConfig", "configuration_hydistill.HydistillConfig"},
+                   {"AutoModelForCausalLM", "modeling_hydistill.HydistillForCausalLM"}};
   j["attention_bias"] = mc.qkv_bias;
   j["qk_norm"] = mc.qk_norm;
   j["mixer_types"] = mixer_types;
@@ -210,19 +224,50 @@ json hf_hybrid_config_json(const HybridConfig& cfg, const std::string& dtype, in
   j["kda_v_head_dim"] = kda ? k.dv : mc.head_dim;
   j["kda_conv_size"] = kda ? k.conv_size : int64_t(4);
   j["kda_norm_eps"] = kda ? float_as_decimal(k.norm_eps) : mc.rms_norm_eps;
-  j["bos_token_id"] = token_id(mc.bos_token_id);
-  j["eos_token_id"] = token_id(mc.eos_token_id);
-  j["pad_token_id"] = token_id(pad_token_id);
-  j["torch_dtype"] = dtype;
   j["use_cache"] = false;
   return j;
+}
+
+json hf_dense_config_json(const ModelConfig& mc, const std::string& dtype, int64_t pad_token_id) {
+  // transformers ties the biases and norms to the family: llama none, qwen2 q/k/v biases, qwen3 q/k norms.
+  const bool want_bias = mc.family == "qwen2", want_norm = mc.family == "qwen3";
+  if (mc.family != "llama" && mc.family != "qwen2" && mc.family != "qwen3")
+    throw Error::at("export", "model.family", "'" + mc.family + "' has no transformers model (llama, qwen2, qwen3)");
+  if (mc.qkv_bias != want_bias)
+    throw Error::at("export", "model.qkv_bias",
+                    std::string("a transformers ") + mc.family + " model " + (want_bias ? "has" : "has no") +
+                        " q/k/v biases; this model " + (mc.qkv_bias ? "has" : "has none"));
+  if (mc.qk_norm != want_norm)
+    throw Error::at("export", "model.qk_norm",
+                    std::string("a transformers ") + mc.family + " model " + (want_norm ? "has" : "has no") +
+                        " q/k norms; this model " + (mc.qk_norm ? "has" : "has none"));
+  static const std::map<std::string, std::string> kArchitecture = {
+      {"llama", "LlamaForCausalLM"}, {"qwen2", "Qwen2ForCausalLM"}, {"qwen3", "Qwen3ForCausalLM"}};
+  json j = skeleton_config_json(mc, dtype, pad_token_id);
+  j["architectures"] = {kArchitecture.at(mc.family)};
+  j["model_type"] = mc.family;
+  if (mc.family != "qwen2") j["attention_bias"] = false;
+  if (mc.family == "llama") j["mlp_bias"] = false;
+  j["use_cache"] = true;
+  return j;
+}
+
+bool has_tokenizer_files(const std::string& dir) {
+  std::error_code ec;
+  for (const char* f : kTokenizerFiles)
+    if (fs::is_regular_file(fs::path(dir) / f, ec)) return true;
+  return false;
 }
 
 void export_hf(const HybridModel& model, const ExportOptions& opt) {
   if (opt.out_dir.empty()) throw Error::at("export", "out", "no output directory given");
   const HybridConfig& cfg = model.config();
   const std::vector<ExportTensorSpec> specs = hf_hybrid_tensors(cfg, opt.dtype);
-  const json config = hf_hybrid_config_json(cfg, opt.dtype, opt.pad_token_id);
+  if (opt.dense && (cfg.has(MixerKind::kda) || cfg.has(MixerKind::nope_attention)))
+    throw Error::at("export", "dense",
+                    "a dense export needs a model of T layers only, this one is " + layer_pattern_string(cfg.layers));
+  const json config = opt.dense ? hf_dense_config_json(cfg.model, opt.dtype, opt.pad_token_id)
+                                : hf_hybrid_config_json(cfg, opt.dtype, opt.pad_token_id);
   if (opt.shard_bytes == 0) throw Error::at("export", "shard_bytes", "must be > 0");
 
   // Inputs first, so that a bad one writes nothing.
@@ -235,13 +280,15 @@ void export_hf(const HybridModel& model, const ExportOptions& opt) {
       throw Error::at(out.string(), "", "exists and is not empty; refusing to overwrite (choose another --out)");
     }
   }
-  if (opt.python_dir.empty())
-    throw Error::at("export", "python_dir", "not given (the source tree's checkpoint/python)");
   std::vector<fs::path> copies;
-  for (const char* f : kPythonFiles) {
-    const fs::path p = fs::path(opt.python_dir) / f;
-    if (!fs::is_regular_file(p, ec)) throw Error::at(p.string(), "", "missing: the export ships this modeling file");
-    copies.push_back(p);
+  if (!opt.dense) {  // a dense export uses transformers' own modeling code
+    if (opt.python_dir.empty())
+      throw Error::at("export", "python_dir", "not given (the source tree's checkpoint/python)");
+    for (const char* f : kPythonFiles) {
+      const fs::path p = fs::path(opt.python_dir) / f;
+      if (!fs::is_regular_file(p, ec)) throw Error::at(p.string(), "", "missing: the export ships this modeling file");
+      copies.push_back(p);
+    }
   }
   if (!opt.tokenizer_dir.empty()) {
     if (!fs::is_directory(opt.tokenizer_dir, ec))

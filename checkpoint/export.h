@@ -40,6 +40,9 @@ struct ExportOptions {
   uint64_t shard_bytes = 5000000000ull;  // tensors above this total are split into shards of at most this
                                          // size (a single larger tensor gets a shard of its own)
   int64_t pad_token_id = -1;             // the teacher's pad token; -1 writes null
+  // An all-T model exported as the teacher family's own HF model (model_type llama / qwen2 / qwen3,
+  // hf_dense_config_json, no modeling files): how `hydistill export` writes a `train` checkpoint.
+  bool dense = false;
 };
 
 // One stored tensor: its HF name, shape, dtype, and where its values come from (rows
@@ -58,6 +61,13 @@ struct ExportTensorSpec {
 std::vector<ExportTensorSpec> hf_hybrid_tensors(const HybridConfig& cfg, const std::string& dtype);
 // config.json of an export of `cfg` (docs/export.md).
 nlohmann::json hf_hybrid_config_json(const HybridConfig& cfg, const std::string& dtype, int64_t pad_token_id = -1);
+// config.json of a dense model in its family's transformers layout (LlamaConfig, Qwen2Config, Qwen3Config),
+// which distill/hf_config.h reads back to the same ModelConfig. A family without the model's biases or
+// norms (llama with qkv_bias, qwen2 without it, ...) is an error naming the field.
+nlohmann::json hf_dense_config_json(const ModelConfig& mc, const std::string& dtype, int64_t pad_token_id = -1);
+
+// Whether `dir` holds any of the tokenizer files an export copies.
+bool has_tokenizer_files(const std::string& dir);
 
 // Writes the export directory; errors are hyd::Error naming the file / folder and the field.
 void export_hf(const HybridModel& model, const ExportOptions& opt);

@@ -10,7 +10,11 @@
 #include <ostream>
 #include <sstream>
 
+#include "checkpoint/run_directory.h"
+#include "checkpoint/training_state.h"
 #include "data/dataset.h"
+#include "distill/evaluation.h"
+#include "distill/student_checkpoint.h"
 #include "distill/student_init.h"
 #include "distill/teacher.h"
 #include "kernels/distill_loss.h"
@@ -70,6 +74,117 @@ LrSchedule stage_schedule(double lr, int64_t steps, const DistillStageOptions& d
   return s;
 }
 
+using json = nlohmann::json;
+
+// What a distillation or an evaluation reads before it builds anything, checked against each other.
+struct DistillInputs {
+  TeacherInfo teacher;
+  std::unique_ptr<TokenDataset> data;
+  HybridConfig student_cfg, teacher_cfg;
+  std::unique_ptr<TokenDataset> passkey;    // eval.passkey_data; null when not given
+  std::unique_ptr<PackedSampler> held_out;  // the validation split for eval.batches; null when none
+  int64_t max_tokens = 0;                   // the models' micro-batch: B * T, or the longest passkey prompt
+};
+
+// The teacher directory, the dataset (its vocabulary within the teacher's), the student pattern against
+// the teacher's layers, the evaluation's data; ConfigError naming the option for every problem.
+DistillInputs open_inputs(const DistillConfig& cfg, const std::string& pattern) {
+  const std::string& src = cfg.source;
+  DistillInputs in;
+  if (!fs::is_directory(cfg.teacher_dir))
+    throw ConfigError::at(src, "teacher.dir", cfg.teacher_dir + ": no such directory");
+  try {
+    in.teacher = inspect_teacher(cfg.teacher_dir);
+  } catch (const Error& e) {
+    throw ConfigError::at(src, "teacher.dir", e.what());
+  }
+  const ModelConfig& tc = in.teacher.config;
+
+  if (!fs::exists(cfg.data.path)) throw ConfigError::at(src, "data.path", cfg.data.path + ": no such file");
+  in.data = std::make_unique<TokenDataset>(cfg.data.path);
+  const DatasetInfo& info = in.data->info();
+  if (info.vocab_size > tc.vocab_size)
+    throw ConfigError::at(src, "data.path",
+                          "the dataset " + info.path + " has vocab_size " + std::to_string(info.vocab_size) +
+                              ", larger than the vocab_size " + std::to_string(tc.vocab_size) + " of the teacher " +
+                              cfg.teacher_dir + " (teacher.dir): the dataset was not tokenized for this teacher");
+  if (cfg.data.seq_len > tc.max_position_embeddings)
+    throw ConfigError::at(src, "data.seq_len",
+                          std::to_string(cfg.data.seq_len) + " exceeds the teacher's max_position_embeddings = " +
+                              std::to_string(tc.max_position_embeddings));
+  try {
+    in.student_cfg = student_config_from_teacher(tc, pattern, KdaOptions{}, src);
+    in.teacher_cfg = teacher_hybrid_config(tc, src);
+  } catch (const ConfigError&) {
+    throw;
+  } catch (const Error& e) {
+    throw ConfigError::from(e, src);
+  }
+  in.max_tokens = cfg.data.batch_size * cfg.data.seq_len;
+
+  if (!cfg.eval.passkey_data.empty()) {
+    const std::string& path = cfg.eval.passkey_data;
+    if (!fs::is_regular_file(path)) throw ConfigError::at(src, "eval.passkey_data", path + ": no such file");
+    in.passkey = std::make_unique<TokenDataset>(path);
+    const DatasetInfo& p = in.passkey->info();
+    if (p.vocab_size > tc.vocab_size)
+      throw ConfigError::at(src, "eval.passkey_data",
+                            path + " has vocab_size " + std::to_string(p.vocab_size) + ", larger than the teacher's " +
+                                std::to_string(tc.vocab_size) + ": it was not tokenized for this teacher");
+    if (in.passkey->loss_mask().empty())
+      throw ConfigError::at(src, "eval.passkey_data",
+                            path + " has no /loss_mask marking the answers (make it with data/make_passkey.py)");
+    const int64_t longest = longest_document(*in.passkey);
+    if (longest > tc.max_position_embeddings)
+      throw ConfigError::at(
+          src, "eval.passkey_data",
+          path + " holds a prompt of " + std::to_string(longest) +
+              " tokens, beyond the teacher's max_position_embeddings = " + std::to_string(tc.max_position_embeddings));
+    in.max_tokens = std::max(in.max_tokens, longest);
+  }
+  if (cfg.eval.batches > 0 && cfg.data.val_fraction > 0) {
+    in.held_out = std::make_unique<PackedSampler>(*in.data, Split::validation, cfg.data.val_fraction, cfg.data.seq_len,
+                                                  cfg.data.batch_size, cfg.data.seed);
+    if (in.held_out->num_docs() == 0)
+      throw ConfigError::at(src, "data.val_fraction",
+                            "the validation split of " + info.path + " has no documents (" +
+                                std::to_string(info.num_docs) + " in the file); raise it or set eval.batches = 0");
+  }
+  return in;
+}
+
+// The loop's counters and running sums at a checkpoint (manifest.loop): with the student, the optimizer
+// of the current stage and the step they make a resumed run continue exactly as one that never stopped.
+struct DistillLoopState {
+  int64_t tokens = 0;
+  double first_mse = -1, last_mse = -1, first_kl = -1, last_kl = -1, last_ce = -1;
+  // The current stage's log interval.
+  double interval_mse = 0, interval_kl = 0, interval_ce = 0, last_norm = 0;
+  int64_t interval_steps = 0, interval_tokens = 0, bad_in_row = 0;
+
+  void start_stage() {
+    interval_mse = interval_kl = interval_ce = last_norm = 0;
+    interval_steps = interval_tokens = bad_in_row = 0;
+  }
+  template <class F>
+  void visit(F&& f) {
+    f("tokens", tokens), f("first_mse", first_mse), f("last_mse", last_mse), f("first_kl", first_kl);
+    f("last_kl", last_kl), f("last_ce", last_ce), f("interval_mse", interval_mse), f("interval_kl", interval_kl);
+    f("interval_ce", interval_ce), f("last_norm", last_norm), f("interval_steps", interval_steps);
+    f("interval_tokens", interval_tokens), f("bad_in_row", bad_in_row);
+  }
+};
+
+// The teacher's weights go through a DenseModel (the loader's target) into the all-T HybridModel
+// `teacher`; when `student` is given it is initialised from them, its transfer table in *report.
+void load_teacher(const std::string& dir, const ModelConfig& tc, Device device, int64_t max_tokens,
+                  HybridModel& teacher, HybridModel* student, uint64_t seed, TransferReport* report) {
+  DenseModel dense(tc, device, max_tokens);
+  load_teacher_weights(dir, dense);
+  copy_dense_weights(dense, teacher);
+  if (student) *report = init_student_from_teacher(dense, *student, seed);
+}
+
 }  // namespace
 
 void validate_distill_config(const DistillConfig& cfg) {
@@ -108,9 +223,14 @@ void validate_distill_config(const DistillConfig& cfg) {
   require(t.beta1 >= 0 && t.beta1 < 1, "train.beta1", "must lie in [0, 1), got " + format_number("%g", t.beta1));
   require(t.beta2 >= 0 && t.beta2 < 1, "train.beta2", "must lie in [0, 1), got " + format_number("%g", t.beta2));
   require(t.eps > 0, "train.eps", "must be > 0, got " + format_number("%g", t.eps));
-  require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping), got " + format_number("%g", t.grad_clip));
+  require(t.grad_clip >= 0, "train.grad_clip",
+          "must be >= 0 (0 = no clipping), got " + format_number("%g", t.grad_clip));
   require(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1, got " + std::to_string(t.max_bad_steps));
   require(cfg.log.interval >= 1, "log.interval", "must be >= 1, got " + std::to_string(cfg.log.interval));
+  require(cfg.eval.interval >= 0, "eval.interval",
+          "must be >= 0 (0 = only at the end), got " + std::to_string(cfg.eval.interval));
+  require(cfg.eval.batches >= 0, "eval.batches", "must be >= 0 (0 = none), got " + std::to_string(cfg.eval.batches));
+  validate_run_options(cfg.run, cfg.checkpoint, cfg.train.resume, src);
   try {
     (void)parse_device(cfg.device);
   } catch (const Error& e) {
@@ -118,81 +238,36 @@ void validate_distill_config(const DistillConfig& cfg) {
   }
 }
 
-DistillResult run_distillation(const DistillConfig& cfg, const std::string& config_ini, std::ostream& out) {
+DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& effective, std::ostream& out) {
   const std::string& src = cfg.source;
   validate_distill_config(cfg);
 
-  // Run directory: refuse to mix two runs' metrics before anything is read or written.
-  const fs::path run_dir(cfg.run.dir);
-  const fs::path metrics_path = run_dir / "metrics.jsonl";
-  if (fs::exists(run_dir) && !fs::is_directory(run_dir))
-    throw ConfigError::at(src, "run.dir", run_dir.string() + " exists and is not a directory");
-  if (fs::exists(metrics_path) && !cfg.run.overwrite)
-    throw ConfigError::at(
-        src, "run.dir",
-        metrics_path.string() + " already exists (an earlier run); choose another run.dir or set run.overwrite = true");
+  // Run directory and the checkpoint to resume from, before anything is read or written.
+  RunDirectory run("distill", cfg.run, cfg.checkpoint, cfg.train.resume, effective,
+                   {{"data.path", canonical_path(cfg.data.path)}, {"teacher.dir", canonical_path(cfg.teacher_dir)}},
+                   src, out);
+  const Checkpoint* resume = run.resume_from();
   const Device device = parse_device(cfg.device);
-
-  // Teacher: its directory must be complete and consistent before anything is built.
-  if (!fs::is_directory(cfg.teacher_dir))
-    throw ConfigError::at(src, "teacher.dir", cfg.teacher_dir + ": no such directory");
-  TeacherInfo tinfo;
-  try {
-    tinfo = inspect_teacher(cfg.teacher_dir);
-  } catch (const Error& e) {
-    throw ConfigError::at(src, "teacher.dir", e.what());
-  }
-  const ModelConfig& tc = tinfo.config;
-
-  // Dataset: its tokens must be in the teacher's vocabulary.
-  if (!fs::exists(cfg.data.path)) throw ConfigError::at(src, "data.path", cfg.data.path + ": no such file");
-  TokenDataset data(cfg.data.path);
-  const DatasetInfo& info = data.info();
-  if (info.vocab_size > tc.vocab_size)
-    throw ConfigError::at(src, "data.path",
-                          "the dataset " + info.path + " has vocab_size " + std::to_string(info.vocab_size) +
-                              ", larger than the vocab_size " + std::to_string(tc.vocab_size) + " of the teacher " +
-                              cfg.teacher_dir + " (teacher.dir): the dataset was not tokenized for this teacher");
-  if (cfg.data.seq_len > tc.max_position_embeddings)
-    throw ConfigError::at(src, "data.seq_len",
-                          std::to_string(cfg.data.seq_len) + " exceeds the teacher's max_position_embeddings = " +
-                              std::to_string(tc.max_position_embeddings));
-
-  // Student and teacher configs (the pattern is checked against the teacher's layers here).
-  HybridConfig student_cfg;
-  HybridConfig teacher_cfg;
-  try {
-    student_cfg = student_config_from_teacher(tc, cfg.student_pattern, KdaOptions{}, src);
-    teacher_cfg.model = tc;
-    teacher_cfg.pattern = std::string(static_cast<size_t>(tc.num_layers), 'T');
-    teacher_cfg.finalize(src);
-  } catch (const ConfigError&) {
-    throw;
-  } catch (const Error& e) {
-    throw ConfigError::from(e, src);
+  DistillInputs in = open_inputs(cfg, cfg.student_pattern);
+  const ModelConfig& tc = in.teacher.config;
+  const DatasetInfo& info = in.data->info();
+  if (resume) {
+    check_data_identity(*resume, info, src);
+    check_teacher_identity(*resume, cfg.teacher_dir, src, "teacher.dir");
   }
 
   const int64_t B = cfg.data.batch_size, T = cfg.data.seq_len, N = B * T;
-  PackedSampler sampler(data, Split::train, cfg.data.val_fraction, T, B, cfg.data.seed);
+  PackedSampler sampler(*in.data, Split::train, cfg.data.val_fraction, T, B, cfg.data.seed);
   if (sampler.num_docs() == 0)
     throw ConfigError::at(src, "data.val_fraction", "no training documents left in " + info.path);
 
-  // Build the models: teacher weights through a DenseModel (the loader's target), copied by name into
-  // the all-T HybridModel that serves stage 1's layer inputs and stage 2's logits; the student
-  // initialised from the DenseModel, which is then released.
+  // The teacher's weights go through a DenseModel (the loader's target) into the all-T HybridModel
+  // that serves stage 1's layer inputs and stage 2's logits; the student is initialised from it.
   ExecContext ctx(device);
-  HybridModel teacher(teacher_cfg, device, N);
-  HybridModel student(student_cfg, device, N);
+  HybridModel teacher(in.teacher_cfg, device, in.max_tokens);
+  HybridModel student(in.student_cfg, device, in.max_tokens);
   TransferReport report;
-  {
-    DenseModel dense(tc, device, N);
-    load_teacher_weights(cfg.teacher_dir, dense);
-    for (const ParamInfo& p : dense.params()) {
-      const std::vector<float> v = dense.get_param(p.name);
-      teacher.set_param(p.name, v.data(), static_cast<int64_t>(v.size()));
-    }
-    report = init_student_from_teacher(dense, student, cfg.train.seed);
-  }
+  load_teacher(cfg.teacher_dir, tc, device, N, teacher, &student, cfg.train.seed, &report);
   BatchUploader uploader(device, N, /*with_loss_mask=*/true);
   const DType act = device.is_cuda() ? DType::bf16 : DType::f32;
   const int64_t D = tc.hidden_size, V = tc.vocab_size, L = tc.num_layers;
@@ -201,61 +276,127 @@ DistillResult run_distillation(const DistillConfig& cfg, const std::string& conf
     if (student.layer_kind(l) == MixerKind::kda) k_layers.push_back(l);
   const int64_t stage1_steps = k_layers.empty() ? 0 : cfg.distill.stage1_steps;
   const int64_t stage2_steps = cfg.distill.stage2_steps;
+  const int64_t total = stage1_steps + stage2_steps;
+
+  // Resuming: the checkpoint's place in the stages, the student and the loop's sums (the optimizer
+  // state is restored when its stage starts below).
+  int64_t start = 0;  // global steps done
+  DistillLoopState st;
+  if (resume) {
+    const CheckpointManifest& m = resume->manifest;
+    const bool fits = m.stage == 1 ? m.stage_step == m.step && m.step <= stage1_steps
+                                   : m.stage == 2 && m.step == stage1_steps + m.stage_step && m.step <= total;
+    if (!fits || resume_next_batch(*resume) != m.step)
+      throw Error::at(resume->manifest_path(), "stage_step",
+                      "stage " + std::to_string(m.stage) + " step " + std::to_string(m.stage_step) + " (step " +
+                          std::to_string(m.step) + ") does not fit this run's stages of " +
+                          std::to_string(stage1_steps) + " and " + std::to_string(stage2_steps) + " steps");
+    restore_parameters(resume->tensors, student.params());
+    read_loop_state(*resume, st);
+    start = m.step;
+  }
+  // Resume the optimizer of `stage` when the checkpoint was taken inside it (after at least one step).
+  auto resume_optimizer = [&](int64_t stage, AdamW& optimizer) {
+    if (resume && resume->manifest.stage == stage && resume->manifest.stage_step > 0) {
+      restore_optimizer_state(resume->tensors, resume->manifest.optimizer, resume->manifest_path(), optimizer);
+    } else {
+      st.start_stage();
+    }
+  };
+  DistillEvaluator evaluator(teacher, student, in.max_tokens, in.held_out.get(), cfg.eval.batches, in.passkey.get());
 
   // Everything checked: now the run directory is written.
-  fs::create_directories(run_dir);
-  {
-    const fs::path ini_path = run_dir / "config.ini";
-    std::ofstream ini(ini_path, std::ios::out | std::ios::trunc);
-    ini << config_ini;
-    ini.flush();
-    if (!ini) throw Error::at(ini_path.string(), "", "cannot write the effective configuration");
-  }
-  MetricsWriter metrics(metrics_path.string(), /*truncate=*/true);
+  run.begin();
+  MetricsWriter metrics(run.file(kMetricsFile), /*truncate=*/false);
+  MetricsWriter evals(run.file(kEvalFile), /*truncate=*/false);
 
   {
     std::ostringstream os;
     os << "device           " << device.str() << "\n"
        << "teacher          " << cfg.teacher_dir << " (" << tc.family << ", " << L << " layers, hidden " << D
-       << ", vocab " << V << ", " << format_count(static_cast<double>(tinfo.num_parameters)) << " parameters)\n"
-       << "student          pattern " << layer_pattern_string(student_cfg.layers) << "\n"
+       << ", vocab " << V << ", " << format_count(static_cast<double>(in.teacher.num_parameters)) << " parameters)\n"
+       << "student          pattern " << layer_pattern_string(in.student_cfg.layers) << "\n"
        << "tokens/step      " << N << " (" << B << " sequences x " << T << " tokens)\n"
-       << data.summary() << "train split      " << sampler.num_docs() << " documents, " << sampler.tokens_per_epoch()
-       << " tokens\n"
+       << in.data->summary() << "train split      " << sampler.num_docs() << " documents, "
+       << sampler.tokens_per_epoch() << " tokens\n"
        << "stage 1          " << stage1_steps << " steps, lr " << format_number("%.3g", cfg.distill.stage1_lr) << " ("
        << k_layers.size() << " KDA layers align to the teacher's attention)\n"
-       << "stage 2          " << stage2_steps << " steps, lr " << format_number("%.3g", cfg.distill.stage2_lr) << ", tau "
-       << format_number("%g", cfg.distill.temperature) << ", w_kl " << format_number("%g", cfg.distill.w_kl) << ", w_ce "
-       << format_number("%g", cfg.distill.w_ce) << "\n"
+       << "stage 2          " << stage2_steps << " steps, lr " << format_number("%.3g", cfg.distill.stage2_lr)
+       << ", tau " << format_number("%g", cfg.distill.temperature) << ", w_kl " << format_number("%g", cfg.distill.w_kl)
+       << ", w_ce " << format_number("%g", cfg.distill.w_ce) << "\n"
+       << "evaluation       "
+       << (cfg.eval.interval > 0 ? "every " + std::to_string(cfg.eval.interval) + " steps and " : "")
+       << "at the end: " << (in.held_out ? std::to_string(cfg.eval.batches) + " held-out batches" : "no held-out data")
+       << ", " << (in.passkey ? "passkey " + cfg.eval.passkey_data : "no passkey data") << "\n"
        << "memory           " << format_megabytes(teacher.memory_bytes() + student.memory_bytes() + uploader.bytes())
-       << " (teacher " << format_megabytes(teacher.memory_bytes()) << ", student " << format_megabytes(student.memory_bytes())
-       << ", before optimizer state)\n"
-       << "run dir          " << run_dir.string() << "\n";
+       << " (teacher " << format_megabytes(teacher.memory_bytes()) << ", student "
+       << format_megabytes(student.memory_bytes()) << ", before optimizer state)\n"
+       << "run dir          " << run.dir() << "\n";
+    if (resume)
+      os << "resumed from     " << resume->dir << " (stage " << resume->manifest.stage << " step "
+         << resume->manifest.stage_step << ")\n";
     out << "hydistill distill\n";
     std::istringstream lines(os.str());
     for (std::string line; std::getline(lines, line);) out << "  " << line << "\n";
-    out << "student initialisation (transfer table)\n" << report.table();
-    if (!report.table().empty() && report.table().back() != '\n') out << "\n";
+    if (!resume) {
+      out << "student initialisation (transfer table)\n" << report.table();
+      if (!report.table().empty() && report.table().back() != '\n') out << "\n";
+    }
     out.flush();
   }
 
   DistillResult result;
   const auto t_start = Clock::now();
-  int64_t batch_index = 0;  // the sampler's step: stage 2 continues where stage 1 stopped
-  auto skip_or_throw = [&](int64_t& bad_in_row, int stage, int64_t step, double loss) {
-    if (++bad_in_row >= cfg.train.max_bad_steps)
-      HYD_THROW("distillation stage ", stage, " diverged: ", bad_in_row,
+  auto skip_or_throw = [&](int stage, int64_t step, double loss) {
+    if (++st.bad_in_row >= cfg.train.max_bad_steps)
+      HYD_THROW("distillation stage ", stage, " diverged: ", st.bad_in_row,
                 " consecutive steps with a non-finite loss or gradient (last: step ", step + 1, ", loss ", loss,
                 "); lower distill.stage", stage, "_lr or raise distill.warmup_steps");
   };
+  // After stage step `stage_step` of `stage`: evaluation, checkpoint, and whether run.stop_after ends
+  // the run here. optimizer: the stage's (nullptr before any step).
+  int64_t done = start;
+  auto after_step = [&](int64_t stage, int64_t stage_step, const AdamW* optimizer) {
+    const int64_t g = (stage == 1 ? 0 : stage1_steps) + stage_step;
+    done = g;
+    if ((cfg.eval.interval > 0 && g % cfg.eval.interval == 0) || g == total) {
+      DistillEvaluation e = evaluator.evaluate(ctx);
+      e.global_step = g;
+      e.stage = stage;
+      e.stage_step = stage_step;
+      out << e.table() << std::flush;
+      evals.write(e.json());
+    }
+    if (run.checkpoint_due(g, total)) {
+      CheckpointManifest m;
+      m.step = g;
+      m.stage = stage;
+      m.stage_step = stage_step;
+      m.data = data_position(info, cfg.data, g);
+      m.loop = loop_state_json(st);
+      m.teacher = teacher_identity(cfg.teacher_dir, in.teacher);
+      SafetensorsWriter w;
+      add_parameters(w, student.params());
+      if (optimizer) {
+        m.optimizer = optimizer_counters(*optimizer);
+        add_optimizer_state(w, *optimizer);
+      }
+      run.save(std::move(m), w, device.str());
+    }
+    if (!run.stop_due(g, total)) return false;
+    out << "stopped after step " << g << " (run.stop_after); continue with --train.resume auto" << std::endl;
+    return true;
+  };
+  bool stopped = false;
 
   // ---- Stage 1: alignment of the K layers' mixers to the teacher's attention outputs.
-  if (stage1_steps > 0) {
+  if (stage1_steps > 0 && start < stage1_steps) {
     const LrSchedule schedule = stage_schedule(cfg.distill.stage1_lr, stage1_steps, cfg.distill);
     std::vector<ParamInfo> trained;
     for (int64_t l : k_layers)
       for (const ParamInfo& p : student.mixer_params(l)) trained.push_back(p);
     AdamW optimizer(trained, device, cfg.train.adamw());
+    resume_optimizer(1, optimizer);
     const auto nk = static_cast<int64_t>(k_layers.size());
     const size_t act_bytes = static_cast<size_t>(N * D) * dtype_size(act);
     const size_t f32_bytes = static_cast<size_t>(N * D) * 4;
@@ -272,11 +413,9 @@ DistillResult run_distillation(const DistillConfig& cfg, const std::string& conf
     const double numel = static_cast<double>(N * D);
 
     auto t_interval = Clock::now();
-    double interval_mse = 0, last_norm = 0;
-    int64_t interval_steps = 0, interval_tokens = 0, bad_in_row = 0;
-    for (int64_t step = 0; step < stage1_steps; ++step, ++batch_index) {
+    for (int64_t step = start; step < stage1_steps && !stopped; ++step) {
       const double lr = schedule.at(step);
-      const HostBatch hb = sampler.batch(batch_index);
+      const HostBatch hb = sampler.batch(step);
       const Batch batch = uploader.upload(ctx, hb);
       student.zero_grad();
       teacher.forward_layer_inputs(ctx, batch, inputs, targets);
@@ -301,55 +440,55 @@ DistillResult run_distillation(const DistillConfig& cfg, const std::string& conf
       mse /= static_cast<double>(nk);
       bool good = std::isfinite(mse);
       if (good) {
-        last_norm = optimizer.step(ctx, lr);
-        good = std::isfinite(last_norm);
+        st.last_norm = optimizer.step(ctx, lr);
+        good = std::isfinite(st.last_norm);
       }
       if (good) {
-        bad_in_row = 0;
-        interval_mse += mse;
-        ++interval_steps;
+        st.bad_in_row = 0;
+        st.interval_mse += mse;
+        ++st.interval_steps;
       } else {
-        skip_or_throw(bad_in_row, 1, step, mse);
+        skip_or_throw(1, step, mse);
       }
-      interval_tokens += N;
-      result.tokens += N;
-      const bool last = step + 1 == stage1_steps;
-      if ((step + 1) % cfg.log.interval == 0 || last) {
+      st.interval_tokens += N;
+      st.tokens += N;
+      if ((step + 1) % cfg.log.interval == 0 || step + 1 == stage1_steps) {
         ctx.synchronize();
         const double s = seconds_since(t_interval);
-        const double tps = s > 0 ? static_cast<double>(interval_tokens) / s : 0;
-        const double m = interval_steps > 0 ? interval_mse / static_cast<double>(interval_steps) : NAN;
+        const double tps = s > 0 ? static_cast<double>(st.interval_tokens) / s : 0;
+        const double m = st.interval_steps > 0 ? st.interval_mse / static_cast<double>(st.interval_steps) : NAN;
         out << "stage 1 step " << step + 1 << "/" << stage1_steps << " | mse " << format_number("%.6g", m) << " | lr "
-            << format_number("%.2e", lr) << " | gnorm " << format_number("%.3g", last_norm) << " | " << format_count(tps) << " tok/s"
-            << std::endl;
+            << format_number("%.2e", lr) << " | gnorm " << format_number("%.3g", st.last_norm) << " | "
+            << format_count(tps) << " tok/s" << std::endl;
         metrics.write({{"stage", 1},
                        {"step", step + 1},
                        {"total_steps", stage1_steps},
                        {"mse", m},
                        {"lr", lr},
-                       {"grad_norm", last_norm},
+                       {"grad_norm", st.last_norm},
                        {"tokens_per_s", tps},
-                       {"tokens", result.tokens},
+                       {"tokens", st.tokens},
                        {"skipped_steps", optimizer.skipped_steps()},
                        {"elapsed_s", seconds_since(t_start)}});
-        if (result.first_mse < 0) result.first_mse = m;
-        result.last_mse = m;
-        interval_mse = 0;
-        interval_steps = 0;
-        interval_tokens = 0;
+        if (st.first_mse < 0) st.first_mse = m;
+        st.last_mse = m;
+        st.interval_mse = 0;
+        st.interval_steps = 0;
+        st.interval_tokens = 0;
         t_interval = Clock::now();
       }
+      ctx.synchronize();  // the update is complete before the next stage's optimizer or a checkpoint reads it
+      stopped = after_step(1, step + 1, &optimizer);
     }
-    ctx.synchronize();  // the last update is complete before stage 2's optimizer reads the weights
-    result.stage1_steps = stage1_steps;
-  } else if (cfg.distill.stage1_steps > 0) {
+  } else if (cfg.distill.stage1_steps > 0 && k_layers.empty()) {
     out << "stage 1 skipped: the student has no K layers" << std::endl;
   }
 
   // ---- Stage 2: end-to-end KL (+ CE) distillation of every student parameter.
-  if (stage2_steps > 0) {
+  if (stage2_steps > 0 && start < total && !stopped) {
     const LrSchedule schedule = stage_schedule(cfg.distill.stage2_lr, stage2_steps, cfg.distill);
     AdamW optimizer(student.params(), device, cfg.train.adamw());
+    resume_optimizer(2, optimizer);
     const int64_t C = student.logits_chunk_size();
     Arena work("distill stage 2", device,
                static_cast<size_t>(C * V) * dtype_size(act) + 2 * static_cast<size_t>(N) * 4 + 3 * kPad);
@@ -362,11 +501,9 @@ DistillResult run_distillation(const DistillConfig& cfg, const std::string& conf
     opt.write_grad = true;
 
     auto t_interval = Clock::now();
-    double interval_kl = 0, interval_ce = 0, last_norm = 0;
-    int64_t interval_steps = 0, interval_tokens = 0, bad_in_row = 0;
-    for (int64_t step = 0; step < stage2_steps; ++step, ++batch_index) {
+    for (int64_t step = std::max<int64_t>(0, start - stage1_steps); step < stage2_steps && !stopped; ++step) {
       const double lr = schedule.at(step);
-      const HostBatch hb = sampler.batch(batch_index);
+      const HostBatch hb = sampler.batch(stage1_steps + step);  // the sampler continues where stage 1 stopped
       const Batch batch = uploader.upload(ctx, hb);
       const Tensor mask = uploader.loss_mask();
       double kl_mean = NAN, ce_mean = NAN;
@@ -397,30 +534,29 @@ DistillResult run_distillation(const DistillConfig& cfg, const std::string& conf
         good = std::isfinite(kl_mean) && std::isfinite(ce_mean);
       }
       if (good) {
-        last_norm = optimizer.step(ctx, lr);
-        good = std::isfinite(last_norm);
+        st.last_norm = optimizer.step(ctx, lr);
+        good = std::isfinite(st.last_norm);
       }
       if (good) {
-        bad_in_row = 0;
-        interval_kl += kl_mean;
-        interval_ce += ce_mean;
-        ++interval_steps;
+        st.bad_in_row = 0;
+        st.interval_kl += kl_mean;
+        st.interval_ce += ce_mean;
+        ++st.interval_steps;
       } else if (hb.num_targets > 0) {
-        skip_or_throw(bad_in_row, 2, step, cfg.distill.w_kl * kl_mean + cfg.distill.w_ce * ce_mean);
+        skip_or_throw(2, step, cfg.distill.w_kl * kl_mean + cfg.distill.w_ce * ce_mean);
       }
-      interval_tokens += N;
-      result.tokens += N;
-      const bool last = step + 1 == stage2_steps;
-      if ((step + 1) % cfg.log.interval == 0 || last) {
+      st.interval_tokens += N;
+      st.tokens += N;
+      if ((step + 1) % cfg.log.interval == 0 || step + 1 == stage2_steps) {
         ctx.synchronize();
         const double s = seconds_since(t_interval);
-        const double tps = s > 0 ? static_cast<double>(interval_tokens) / s : 0;
-        const double k = interval_steps > 0 ? interval_kl / static_cast<double>(interval_steps) : NAN;
-        const double e = interval_steps > 0 ? interval_ce / static_cast<double>(interval_steps) : NAN;
+        const double tps = s > 0 ? static_cast<double>(st.interval_tokens) / s : 0;
+        const double k = st.interval_steps > 0 ? st.interval_kl / static_cast<double>(st.interval_steps) : NAN;
+        const double e = st.interval_steps > 0 ? st.interval_ce / static_cast<double>(st.interval_steps) : NAN;
         const double loss = cfg.distill.w_kl * k + cfg.distill.w_ce * e;
         out << "stage 2 step " << step + 1 << "/" << stage2_steps << " | kl " << format_number("%.5g", k) << " | ce "
-            << format_number("%.4f", e) << " | lr " << format_number("%.2e", lr) << " | gnorm " << format_number("%.3g", last_norm) << " | "
-            << format_count(tps) << " tok/s" << std::endl;
+            << format_number("%.4f", e) << " | lr " << format_number("%.2e", lr) << " | gnorm "
+            << format_number("%.3g", st.last_norm) << " | " << format_count(tps) << " tok/s" << std::endl;
         metrics.write({{"stage", 2},
                        {"step", step + 1},
                        {"total_steps", stage2_steps},
@@ -428,34 +564,96 @@ DistillResult run_distillation(const DistillConfig& cfg, const std::string& conf
                        {"kl", k},
                        {"ce", e},
                        {"lr", lr},
-                       {"grad_norm", last_norm},
+                       {"grad_norm", st.last_norm},
                        {"tokens_per_s", tps},
-                       {"tokens", result.tokens},
+                       {"tokens", st.tokens},
                        {"skipped_steps", optimizer.skipped_steps()},
                        {"elapsed_s", seconds_since(t_start)}});
-        if (result.first_kl < 0) result.first_kl = k;
-        result.last_kl = k;
-        result.last_ce = e;
-        interval_kl = interval_ce = 0;
-        interval_steps = 0;
-        interval_tokens = 0;
+        if (st.first_kl < 0) st.first_kl = k;
+        st.last_kl = k;
+        st.last_ce = e;
+        st.interval_kl = st.interval_ce = 0;
+        st.interval_steps = 0;
+        st.interval_tokens = 0;
         t_interval = Clock::now();
       }
+      ctx.synchronize();
+      stopped = after_step(2, step + 1, &optimizer);
     }
-    ctx.synchronize();
-    result.stage2_steps = stage2_steps;
   }
+  // A run with no step at all (a student without K layers and no stage 2) still evaluates and
+  // checkpoints its initial student, which is what later commands read.
+  if (total == 0 && !resume) after_step(1, 0, nullptr);
 
+  result.stage1_steps = std::min(done, stage1_steps);
+  result.stage2_steps = done - result.stage1_steps;
+  result.first_mse = st.first_mse;
+  result.last_mse = st.last_mse;
+  result.first_kl = st.first_kl;
+  result.last_kl = st.last_kl;
+  result.last_ce = st.last_ce;
+  result.tokens = st.tokens;
   result.elapsed_s = seconds_since(t_start);
-  out << "done: stage 1 " << result.stage1_steps << " steps";
+  out << (stopped ? "stopped: stage 1 " : "done: stage 1 ") << result.stage1_steps << " steps";
   if (result.last_mse >= 0)
-    out << " (mse " << format_number("%.6g", result.first_mse) << " -> " << format_number("%.6g", result.last_mse) << ")";
+    out << " (mse " << format_number("%.6g", result.first_mse) << " -> " << format_number("%.6g", result.last_mse)
+        << ")";
   out << ", stage 2 " << result.stage2_steps << " steps";
   if (result.last_kl >= 0)
     out << " (kl " << format_number("%.5g", result.first_kl) << " -> " << format_number("%.5g", result.last_kl) << ")";
   out << ", " << format_count(static_cast<double>(result.tokens)) << " tokens in " << format_duration(result.elapsed_s)
       << std::endl;
   return result;
+}
+
+void run_evaluation(const DistillConfig& cfg, const std::string& checkpoint_dir, std::ostream& out) {
+  const std::string& src = cfg.source;
+  validate_distill_config(cfg);
+  // The checkpoint first (a broken one names its file and field), then whether this configuration
+  // describes its student.
+  const StudentCheckpoint sc = open_student_checkpoint(checkpoint_dir);
+  const Checkpoint& ck = sc.checkpoint;
+  const std::string& pattern = *ck.manifest.config_value("student.pattern");
+  if (pattern != cfg.student_pattern)
+    throw ConfigError::at(src, "student.pattern",
+                          "'" + cfg.student_pattern + "' differs from the checkpoint's '" + pattern + "' (" +
+                              ck.manifest_path() + ", config)");
+  check_teacher_identity(ck, cfg.teacher_dir, src, "teacher.dir");
+  const Device device = parse_device(cfg.device);
+  DistillInputs in = open_inputs(cfg, pattern);
+
+  ExecContext ctx(device);
+  HybridModel teacher(in.teacher_cfg, device, in.max_tokens);
+  HybridModel student(in.student_cfg, device, in.max_tokens);
+  load_teacher(cfg.teacher_dir, in.teacher.config, device, cfg.data.batch_size * cfg.data.seq_len, teacher, nullptr, 0,
+               nullptr);
+  restore_parameters(ck.tensors, student.params());
+  DistillEvaluator evaluator(teacher, student, in.max_tokens, in.held_out.get(), cfg.eval.batches, in.passkey.get());
+
+  out << "hydistill eval\n"
+      << "  checkpoint       " << ck.dir << " (stage " << ck.manifest.stage << " step " << ck.manifest.stage_step
+      << ", step " << ck.manifest.step << " of the run)\n"
+      << "  teacher          " << cfg.teacher_dir << "\n"
+      << "  student          pattern " << layer_pattern_string(in.student_cfg.layers) << "\n"
+      << "  held-out data    "
+      << (in.held_out ? std::to_string(cfg.eval.batches) + " batches of the validation split of " + cfg.data.path
+                      : std::string("none"))
+      << "\n"
+      << "  passkey data     " << (in.passkey ? cfg.eval.passkey_data : std::string("none")) << "\n";
+  DistillEvaluation e = evaluator.evaluate(ctx);
+  e.global_step = ck.manifest.step;
+  e.stage = ck.manifest.stage;
+  e.stage_step = ck.manifest.stage_step;
+  e.checkpoint = ck.dir;
+  out << e.table() << std::flush;
+
+  // Written only now that every input was read.
+  std::error_code ec;
+  fs::create_directories(cfg.run.dir, ec);
+  if (ec) throw Error::at(cfg.run.dir, "", "cannot create the run directory: " + ec.message());
+  MetricsWriter evals((fs::path(cfg.run.dir) / kEvalFile).string(), /*truncate=*/false);
+  evals.write(e.json());
+  out << "appended to " << evals.path() << std::endl;
 }
 
 }  // namespace hyd

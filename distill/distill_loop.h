@@ -16,10 +16,19 @@
 // Each stage has its own AdamW state and cosine schedule (warmup distill.warmup_steps, peak
 // distill.stageK_lr, floor stageK_lr * distill.min_lr_ratio).
 //
+// Evaluation (distill/evaluation.h DistillEvaluator) every eval.interval steps (both stages counted)
+// and at the end: a table on `out` and one record per evaluation in RUN_DIR/eval.jsonl.
+// Checkpoints (checkpoint/run_directory.h) every checkpoint.interval steps, at the end of the run and
+// where run.stop_after stops it; a checkpoint's step counts both stages (step-00000150 is stage 2 step
+// 50 after 100 stage-1 steps), its manifest holds the stage and the step within it. train.resume
+// continues bit for bit, in either stage: the student, the AdamW state of the stage it was in, the
+// sampler position and the loop's running sums are all a run carries from step to step.
+//
 // Order of work, so that a bad configuration writes nothing (as trainer/train_loop.h): the run
-// directory, the teacher directory (inspect_teacher), the dataset and its vocabulary against the
-// teacher's, the student pattern against the teacher's layers; only then the run directory is created
-// and RUN_DIR/config.ini and RUN_DIR/metrics.jsonl are written.
+// directory and the checkpoint to resume from, the teacher directory (inspect_teacher), the dataset and
+// its vocabulary against the teacher's, the student pattern against the teacher's layers, the passkey
+// data, the models and the restored checkpoint; only then the run directory is created and
+// RUN_DIR/config.ini and RUN_DIR/metrics.jsonl are written.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +51,12 @@ struct DistillStageOptions {
   double w_ce = 0.0;
 };
 
+struct EvalOptions {
+  int64_t interval = 0;      // eval.interval: steps between evaluations (both stages counted); 0 = only at the end
+  int64_t batches = 4;       // eval.batches: held-out micro-batches; 0 = no held-out metrics
+  std::string passkey_data;  // eval.passkey_data: passkey prompts (data/make_passkey.py); empty = none
+};
+
 struct DistillConfig {
   std::string source = "command line";  // where the options came from (the config file), for errors
   std::string device = "cpu";           // cpu | cuda | cuda:N
@@ -50,14 +65,16 @@ struct DistillConfig {
   // Used: weight_decay, beta1, beta2, eps, grad_clip, seed (student init), max_bad_steps. The steps,
   // learning rates and schedule come from `distill`.
   TrainOptions train;
-  LogOptions log;                        // interval (eval_* are not used yet)
+  LogOptions log;                        // interval (evaluation is configured by `eval`)
   std::string teacher_dir;               // teacher.dir (required): HF directory (distill/teacher.h)
   std::string student_pattern = "KKKA";  // student.pattern (trainer/hybrid_model.h parse_layer_pattern)
   DistillStageOptions distill;
+  CheckpointOptions checkpoint;
+  EvalOptions eval;
 };
 
 struct DistillResult {
-  int64_t stage1_steps = 0;
+  int64_t stage1_steps = 0;  // steps done by the end of this invocation (a resumed run counts the earlier ones)
   int64_t stage2_steps = 0;
   double first_mse = -1, last_mse = -1;  // stage 1, first and last logged interval (-1: no stage 1)
   double first_kl = -1, last_kl = -1;    // stage 2 (-1: no stage 2)
@@ -69,8 +86,15 @@ struct DistillResult {
 // Range and choice checks that need neither the teacher nor the dataset; ConfigError naming the key.
 void validate_distill_config(const DistillConfig& cfg);
 
-// Runs both stages. config_ini is written verbatim to RUN_DIR/config.ini; progress goes to `out`.
-// Throws ConfigError for configuration problems (exit code 2) and hyd::Error otherwise.
-DistillResult run_distillation(const DistillConfig& cfg, const std::string& config_ini, std::ostream& out);
+// Runs both stages. effective: recorded in RUN_DIR/config.ini and every checkpoint; progress goes to
+// `out`. Throws ConfigError for configuration problems (exit code 2) and hyd::Error otherwise.
+DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& effective, std::ostream& out);
+
+// `hydistill eval`: the student of a distill checkpoint against its teacher, as the evaluations during
+// distill do (a table on `out`, one record appended to RUN_DIR/eval.jsonl). cfg supplies the data,
+// eval.* and run.dir; its teacher.dir and student.pattern must be the checkpoint's (ConfigError naming
+// the key otherwise). A missing or broken checkpoint is a hyd::Error naming the file and the field;
+// nothing is written before every input has been checked.
+void run_evaluation(const DistillConfig& cfg, const std::string& checkpoint_dir, std::ostream& out);
 
 }  // namespace hyd

@@ -6,11 +6,20 @@
 #include <hdf5/serial/hdf5.h>  // Debian/Ubuntu serial HDF5 (not on the default include path)
 #endif
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <map>
+#include <sstream>
 #include <string>
 
+#include "kernels/cross_entropy.h"
+#include "kernels/distill_loss.h"
+#include "kernels/elementwise.h"
+#include "trainer/batch_upload.h"
+#include "trainer/core/arena.h"
 #include "trainer/core/error.h"
+#include "trainer/metrics.h"
 
 namespace hyd {
 namespace {
@@ -193,6 +202,213 @@ KvCacheBytes kv_cache_bytes_per_token(const HybridConfig& cfg, int64_t bytes_per
     out.conv_state_per_sequence = out.state_layers * conv_values * bytes_per_element;
   }
   return out;
+}
+
+// ---------------------------------------------------------------- DistillEvaluator
+
+int64_t longest_document(const TokenDataset& data) {
+  const std::vector<int64_t>& off = data.doc_offsets();
+  int64_t longest = 0;
+  for (size_t d = 1; d < off.size(); ++d) longest = std::max(longest, off[d] - off[d - 1]);
+  return longest;
+}
+
+namespace {
+
+constexpr size_t kPad = 512;  // per-allocation slack for the arena's alignment
+
+// Sum of the first n values of a device tensor of T, after everything queued on ctx has finished.
+template <class T>
+double device_sum(ExecContext& ctx, const Tensor& t, int64_t n) {
+  HostTensor host({n}, t.dtype);
+  ctx.synchronize();
+  device_fence(t.device);
+  copy_tensor(host.t, t.slice0(0, n));
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(host.ptr<T>()[i]);
+  return sum;
+}
+
+// One document as a packed micro-batch: next-token targets, -1 at the end.
+HostBatch document_batch(const std::vector<int32_t>& tokens) {
+  HostBatch hb;
+  const auto n = static_cast<int32_t>(tokens.size());
+  hb.tokens = tokens;
+  hb.targets.resize(tokens.size());
+  hb.positions.resize(tokens.size());
+  for (int32_t i = 0; i < n; ++i) {
+    hb.targets[static_cast<size_t>(i)] = i + 1 < n ? tokens[static_cast<size_t>(i) + 1] : -1;
+    hb.positions[static_cast<size_t>(i)] = i;
+  }
+  hb.cu_seqlens = {0, n};
+  hb.num_docs = 1;
+  hb.num_targets = n > 0 ? n - 1 : 0;
+  return hb;
+}
+
+nlohmann::json finite_or_null(double x) { return std::isfinite(x) ? nlohmann::json(x) : nlohmann::json(nullptr); }
+
+std::string passkey_cell(const PasskeyResult& r) {
+  return std::to_string(r.correct) + "/" + std::to_string(r.total) + " (" +
+         format_number("%.0f", 100.0 * r.accuracy()) + "%)";
+}
+
+}  // namespace
+
+struct DistillEvaluator::Impl {
+  HybridModel& teacher;
+  HybridModel& student;
+  const PackedSampler* held_out;
+  int64_t batches;
+  const TokenDataset* passkey;
+  BatchUploader uploader;
+  Arena work;
+  Tensor teacher_chunk, kl, student_ce, teacher_ce, top1;
+
+  Impl(HybridModel& t, HybridModel& s, int64_t max_tokens, const PackedSampler* h, int64_t b, const TokenDataset* p)
+      : teacher(t),
+        student(s),
+        held_out(b > 0 ? h : nullptr),
+        batches(b),
+        passkey(p),
+        uploader(s.device(), max_tokens, /*with_loss_mask=*/true) {
+    HYD_CHECK(t.device() == s.device(), "DistillEvaluator: teacher on ", t.device().str(), ", student on ",
+              s.device().str());
+    const int64_t C = s.logits_chunk_size(), V = s.config().model.vocab_size, N = max_tokens;
+    const DType act = s.device().is_cuda() ? DType::bf16 : DType::f32;
+    work = Arena("evaluation", s.device(),
+                 static_cast<size_t>(C * V) * dtype_size(act) + 3 * static_cast<size_t>(N) * 4 +
+                     static_cast<size_t>(N) + 5 * kPad);
+    teacher_chunk = work.alloc({C, V}, act);
+    kl = work.alloc({N}, DType::f32);
+    student_ce = work.alloc({N}, DType::f32);
+    teacher_ce = work.alloc({N}, DType::f32);
+    top1 = work.alloc({N}, DType::u8);
+  }
+
+  HeldOutMetrics measure_held_out(ExecContext& ctx) {
+    HeldOutMetrics r;
+    if (!held_out) return r;
+    double kl_sum = 0, student_sum = 0, teacher_sum = 0, agree = 0;
+    kernels::DistillLossOptions opt;  // temperature 1, no gradient
+    for (int64_t i = 0; i < batches; ++i) {
+      const HostBatch hb = held_out->batch(i);
+      if (hb.num_targets == 0) continue;
+      const Batch batch = uploader.upload(ctx, hb);
+      const Tensor mask = uploader.loss_mask();
+      const int64_t n = batch.num_tokens;
+      teacher.forward_hidden(ctx, batch);
+      student.forward_logits_chunks(ctx, batch, [&](int64_t t0, int64_t t1, const Tensor& s) {
+        const Tensor t = teacher_chunk.slice0(0, t1 - t0);
+        teacher.lm_head_logits(ctx, t0, t1, t);
+        const Tensor labels = batch.targets.slice0(t0, t1);
+        kernels::distill_loss(ctx, s, t, labels, mask.slice0(t0, t1), kl.slice0(t0, t1), student_ce.slice0(t0, t1),
+                              top1.slice0(t0, t1), opt);
+        kernels::cross_entropy(ctx, t, labels, teacher_ce.slice0(t0, t1), /*write_grad=*/false, 1.0f);
+      });
+      kl_sum += device_sum<float>(ctx, kl, n);
+      student_sum += device_sum<float>(ctx, student_ce, n);
+      teacher_sum += device_sum<float>(ctx, teacher_ce, n);
+      agree += device_sum<uint8_t>(ctx, top1, n);
+      r.tokens += hb.num_targets;
+    }
+    if (r.tokens > 0) {
+      const auto n = static_cast<double>(r.tokens);
+      r.kl = kl_sum / n;
+      r.student_loss = student_sum / n;
+      r.teacher_loss = teacher_sum / n;
+      r.top1_agreement = agree / n;
+    }
+    return r;
+  }
+
+  std::vector<PasskeyResult> passkey_of(ExecContext& ctx, HybridModel& model) {
+    return passkey_accuracy(
+        [&](const std::vector<int32_t>& tokens) {
+          return model.forward_logits(ctx, uploader.upload(ctx, document_batch(tokens)));
+        },
+        *passkey);
+  }
+};
+
+DistillEvaluator::DistillEvaluator(HybridModel& teacher, HybridModel& student, int64_t max_tokens,
+                                   const PackedSampler* held_out, int64_t batches, const TokenDataset* passkey)
+    : impl_(std::make_unique<Impl>(teacher, student, max_tokens, held_out, batches, passkey)) {}
+
+DistillEvaluator::~DistillEvaluator() = default;
+
+DistillEvaluation DistillEvaluator::evaluate(ExecContext& ctx) {
+  Impl& m = *impl_;
+  DistillEvaluation e;
+  e.held_out = m.measure_held_out(ctx);
+  if (m.passkey) {
+    e.teacher_passkey = m.passkey_of(ctx, m.teacher);
+    e.student_passkey = m.passkey_of(ctx, m.student);
+  }
+  e.teacher_kv = kv_cache_bytes_per_token(m.teacher.config().model);
+  e.student_kv = kv_cache_bytes_per_token(m.student.config());
+  return e;
+}
+
+std::string DistillEvaluation::table() const {
+  std::ostringstream os;
+  char row[160];
+  auto line = [&](const std::string& name, const std::string& teacher, const std::string& student,
+                  const std::string& note = "") {
+    std::snprintf(row, sizeof row, "  %-26s %14s %14s", name.c_str(), teacher.c_str(), student.c_str());
+    os << row;
+    if (!note.empty()) os << "   (" << note << ")";
+    os << "\n";
+  };
+  os << "evaluation: stage " << stage << " step " << stage_step << " (step " << global_step << " of the run)";
+  if (!checkpoint.empty()) os << ", checkpoint " << checkpoint;
+  os << "\n";
+  line("", "teacher", "student");
+  if (held_out.tokens > 0) {
+    line("held-out loss", format_number("%.4f", held_out.teacher_loss), format_number("%.4f", held_out.student_loss),
+         std::to_string(held_out.tokens) + " tokens");
+    line("perplexity", format_number("%.2f", std::exp(held_out.teacher_loss)),
+         format_number("%.2f", std::exp(held_out.student_loss)));
+    line("KL(teacher || student)", "-", format_number("%.5f", held_out.kl));
+    line("top-1 agreement", "-", format_number("%.1f%%", 100.0 * held_out.top1_agreement));
+  }
+  for (size_t i = 0; i < student_passkey.size(); ++i)
+    line("passkey @" + std::to_string(student_passkey[i].length), passkey_cell(teacher_passkey[i]),
+         passkey_cell(student_passkey[i]));
+  line("KV cache bytes / token", std::to_string(teacher_kv.per_token), std::to_string(student_kv.per_token),
+       student_kv.state_layers > 0
+           ? "student + " + std::to_string(student_kv.state_per_sequence + student_kv.conv_state_per_sequence) +
+                 " bytes of KDA state per sequence"
+           : "");
+  return os.str();
+}
+
+nlohmann::json DistillEvaluation::json() const {
+  nlohmann::json passkey = nlohmann::json::array();
+  for (size_t i = 0; i < student_passkey.size(); ++i)
+    passkey.push_back({{"length", student_passkey[i].length},
+                       {"total", student_passkey[i].total},
+                       {"teacher_correct", teacher_passkey[i].correct},
+                       {"student_correct", student_passkey[i].correct},
+                       {"teacher_accuracy", teacher_passkey[i].accuracy()},
+                       {"student_accuracy", student_passkey[i].accuracy()}});
+  nlohmann::json j = {
+      {"stage", stage},
+      {"step", stage_step},
+      {"global_step", global_step},
+      {"held_out_tokens", held_out.tokens},
+      {"teacher_loss", finite_or_null(held_out.teacher_loss)},
+      {"student_loss", finite_or_null(held_out.student_loss)},
+      {"teacher_ppl", finite_or_null(std::exp(held_out.teacher_loss))},
+      {"student_ppl", finite_or_null(std::exp(held_out.student_loss))},
+      {"kl", finite_or_null(held_out.kl)},
+      {"top1_agreement", finite_or_null(held_out.top1_agreement)},
+      {"passkey", passkey},
+      {"teacher_kv_bytes_per_token", teacher_kv.per_token},
+      {"student_kv_bytes_per_token", student_kv.per_token},
+      {"student_state_bytes_per_sequence", student_kv.state_per_sequence + student_kv.conv_state_per_sequence}};
+  if (!checkpoint.empty()) j["checkpoint"] = checkpoint;
+  return j;
 }
 
 }  // namespace hyd

@@ -1,4 +1,5 @@
-// Evaluation building blocks for distillation: passkey retrieval accuracy and KV-cache sizes.
+// Evaluation of distillation (DISTILL.md "Evaluation"): passkey retrieval accuracy, KV-cache sizes, and
+// DistillEvaluator, which puts them together with held-out metrics of a student and its teacher.
 //
 // Passkey data comes from data/make_passkey.py: one document per prompt, /loss_mask = 1 exactly on
 // the answer tokens, /doc_lengths_target [D] int64 the nominal length each prompt was built for.
@@ -12,11 +13,16 @@
 //            convolutions' windows: (conv_size - 1) * (2 H dk + HV dv) values at bytes_per_element.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <functional>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
 #include <vector>
 
 #include "data/dataset.h"
+#include "trainer/core/exec_context.h"
 #include "trainer/hybrid_model.h"
 #include "trainer/model_config.h"
 
@@ -61,5 +67,61 @@ struct KvCacheBytes {
 KvCacheBytes kv_cache_bytes_per_token(const ModelConfig& cfg, int64_t bytes_per_element = 2);
 // Hybrid student: the pattern is parsed from cfg.pattern when cfg.layers is empty (not finalized).
 KvCacheBytes kv_cache_bytes_per_token(const HybridConfig& cfg, int64_t bytes_per_element = 2);
+
+// ---------------------------------------------------------------- a student against its teacher
+
+// Held-out next-token metrics of both models on the same tokens (those with a target), temperature 1:
+//   loss       mean cross-entropy with the data labels (nats/token); perplexity = exp(loss)
+//   kl         mean KL(p_teacher || p_student) per token (kernels/distill_loss.h)
+//   top1       fraction of tokens where both models' argmax agree
+struct HeldOutMetrics {
+  int64_t tokens = 0;  // 0: not measured (the other fields are NaN)
+  double teacher_loss = NAN, student_loss = NAN, kl = NAN, top1_agreement = NAN;
+};
+
+// One evaluation: where in the run it was taken, and its numbers.
+struct DistillEvaluation {
+  int64_t global_step = 0;  // steps of both stages
+  int64_t stage = 0;        // 1 or 2
+  int64_t stage_step = 0;
+  std::string checkpoint;  // the evaluated checkpoint (hydistill eval); empty during a run
+  HeldOutMetrics held_out;
+  // Per nominal length; teacher_passkey[i] and student_passkey[i] are the same prompts. Empty: no data.
+  std::vector<PasskeyResult> teacher_passkey, student_passkey;
+  KvCacheBytes teacher_kv, student_kv;  // bf16 caches (2 bytes per element)
+
+  // The printed table: one row per metric, one column per model.
+  std::string table() const;
+  // The eval.jsonl record: {"stage", "step" (= stage_step), "global_step", "held_out_tokens",
+  // "teacher_loss", "student_loss", "teacher_ppl", "student_ppl", "kl", "top1_agreement",
+  // "passkey": [{"length", "total", "teacher_correct", "student_correct", "teacher_accuracy",
+  // "student_accuracy"}], "teacher_kv_bytes_per_token", "student_kv_bytes_per_token",
+  // "student_state_bytes_per_sequence", "checkpoint" (hydistill eval only)}; NaN is written as null.
+  nlohmann::json json() const;
+};
+
+// Evaluates a student against its teacher (an all-T HybridModel with the teacher's weights), both on
+// the context's device. held_out: the validation split's sampler, read from its batch 0 on (the same
+// tokens every time), `batches` micro-batches; nullptr or 0 batches: no held-out metrics. passkey: a
+// passkey dataset (nullptr: none), whose documents must fit both models' max_tokens. The evaluator
+// owns its batch buffers and scratch (sized for max_tokens tokens); it leaves the models' parameters
+// and gradients untouched.
+class DistillEvaluator {
+ public:
+  DistillEvaluator(HybridModel& teacher, HybridModel& student, int64_t max_tokens, const PackedSampler* held_out,
+                   int64_t batches, const TokenDataset* passkey);
+  ~DistillEvaluator();
+  DistillEvaluator(const DistillEvaluator&) = delete;
+  DistillEvaluator& operator=(const DistillEvaluator&) = delete;
+
+  DistillEvaluation evaluate(ExecContext& ctx);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// The longest document of a dataset (tokens): what a model must hold to evaluate it document by document.
+int64_t longest_document(const TokenDataset& data);
 
 }  // namespace hyd

@@ -13,7 +13,26 @@ void add_device_and_run(OptionTable& t, std::string* device, RunOptions& run) {
 
   t.group("[run]");
   t.add_required("run.dir", &run.dir, "run directory: config.ini, metrics.jsonl");
-  t.add("run.overwrite", &run.overwrite, "reuse a run directory that already holds metrics.jsonl");
+  t.add("run.overwrite", &run.overwrite,
+        "start afresh in a run directory that holds an earlier run (its metrics and checkpoints are replaced)");
+  t.add("run.stop_after", &run.stop_after,
+        "stop after this step with a checkpoint, e.g. to split a run into time-limited jobs; 0 = run to the end");
+}
+
+// train.resume, in the [train] group of the caller.
+void add_resume(OptionTable& t, std::string* resume) {
+  t.add("train.resume", resume,
+        "none = start afresh; auto = continue from the newest valid checkpoint of run.dir (afresh when there is "
+        "none); or the path of a checkpoint (step-XXXXXXXX) or of a run directory to continue from");
+}
+
+void add_checkpoint(OptionTable& t, CheckpointOptions& c) {
+  t.group("[checkpoint]");
+  t.add("checkpoint.interval", &c.interval,
+        "steps between checkpoints (RUN_DIR/step-XXXXXXXX); 0 = only at the end (always written there)");
+  t.add("checkpoint.keep_last", &c.keep_last, "newest checkpoints kept; older ones are removed");
+  t.add("checkpoint.keep_every", &c.keep_every,
+        "also keep every M-th periodic checkpoint (steps that are multiples of M x checkpoint.interval); 0 = none");
 }
 
 void add_data(OptionTable& t, DataOptions& data, const char* path_help) {
@@ -84,11 +103,14 @@ class TrainOptionTable : public OptionTable {
     add("train.schedule", &t.schedule, "cosine | wsd | constant");
     add("train.wsd_decay_fraction", &t.wsd_decay_fraction, "wsd: fraction of the steps spent decaying");
     add_optimizer(*this, t, "seed of the parameter initialisation");
+    add_resume(*this, &t.resume);
 
     group("[log]");
     add("log.interval", &c.log.interval, "steps per progress line and metrics record");
     add("log.eval_interval", &c.log.eval_interval, "steps between held-out evaluations; 0 = only at the end");
     add("log.eval_batches", &c.log.eval_batches, "validation micro-batches per evaluation; 0 = none");
+
+    add_checkpoint(*this, c.checkpoint);
   }
 };
 
@@ -96,7 +118,8 @@ class TrainOptionTable : public OptionTable {
 // Every option of `hydistill distill`, bound to the fields of one DistillConfig (defaults = its values).
 class DistillOptionTable : public OptionTable {
  public:
-  explicit DistillOptionTable(DistillConfig& c) : OptionTable("hydistill distill") {
+  explicit DistillOptionTable(DistillConfig& c, std::string help_command = "hydistill distill")
+      : OptionTable(std::move(help_command)) {
     add_device_and_run(*this, &c.device, c.run);
 
     group("[teacher]");
@@ -111,6 +134,7 @@ class DistillOptionTable : public OptionTable {
 
     group("[train]");
     add_optimizer(*this, c.train, "seed of the student's new (non-transferred) parameters");
+    add_resume(*this, &c.train.resume);
 
     DistillStageOptions& d = c.distill;
     group("[distill]");
@@ -126,15 +150,58 @@ class DistillOptionTable : public OptionTable {
 
     group("[log]");
     add("log.interval", &c.log.interval, "steps per progress line and metrics record");
+
+    add_checkpoint(*this, c.checkpoint);
+
+    group("[eval]");
+    add("eval.interval", &c.eval.interval,
+        "steps (both stages counted) between evaluations (table + RUN_DIR/eval.jsonl); 0 = only at the end");
+    add("eval.batches", &c.eval.batches,
+        "held-out micro-batches (the data.val_fraction split) for loss, KL and top-1 agreement; 0 = none");
+    add("eval.passkey_data", &c.eval.passkey_data,
+        "passkey prompts (data/make_passkey.py, tokenized for the teacher) for retrieval accuracy by length; "
+        "empty = none");
   }
 };
+
+// `hydistill eval`: the distill options and the checkpoint to evaluate.
+class EvalOptionTable : public DistillOptionTable {
+ public:
+  EvalOptionTable(DistillConfig& c, std::string* checkpoint) : DistillOptionTable(c, "hydistill eval") {
+    group("Checkpoint (a top-level key, usually given on the command line)");
+    add_required("checkpoint", checkpoint, "the distill checkpoint (RUN_DIR/step-XXXXXXXX) whose student is evaluated");
+  }
+};
+
+class ExportOptionTable : public OptionTable {
+ public:
+  explicit ExportOptionTable(ExportArgs& a) : OptionTable("hydistill export") {
+    group("Options (top-level keys)");
+    add_required("checkpoint", &a.checkpoint, "checkpoint to export (RUN_DIR/step-XXXXXXXX of train or distill)");
+    add_required("out", &a.out, "output directory (must not exist or be empty)");
+    add("dtype", &a.dtype, "dtype of the stored matrices: bfloat16 | float32");
+    add("tokenizer", &a.tokenizer,
+        "directory whose tokenizer files are copied; empty = the teacher's (distill) or, for train, the "
+        "tokenizer.json next to the dataset when its sha256 matches the dataset's");
+  }
+};
+
+// The option table that parses into `p`.
+template <class Table, class Parsed>
+Table table_for(Parsed& p) {
+  return Table(p.config);
+}
+template <>
+EvalOptionTable table_for<EvalOptionTable, ParsedEvalArgs>(ParsedEvalArgs& p) {
+  return EvalOptionTable(p.config, &p.checkpoint);
+}
 
 // Defaults, then the config file, then the command line into Parsed::config; then the range checks,
 // where a bad value that came from the command line is reported as such.
 template <class Parsed, class Table, class Validate>
 Parsed parse_command_args(const std::vector<std::string>& args, Validate validate) {
   Parsed out;
-  const Table table(out.config);
+  const Table table = table_for<Table>(out);
   const ParsedOptions parsed = parse_options(table, args);
   if (parsed.help) {
     out.help = true;
@@ -149,8 +216,13 @@ Parsed parse_command_args(const std::vector<std::string>& args, Validate validat
       throw ConfigError::at(kCommandLineSource, e.key(), e.message());
     throw;
   }
-  out.effective = table.values();
+  if constexpr (requires { out.effective; }) out.effective = table.values();  // what train and distill record
   return out;
+}
+
+// A command's --help: its usage and description, the general options, then every option of its table.
+std::string command_help(const std::string& intro, const OptionTable& table) {
+  return intro + general_options_help() + "\nOptions (config file keys; each also as --KEY VALUE):\n\n" + table.help();
 }
 
 }  // namespace
@@ -168,11 +240,12 @@ ParsedTrainArgs parse_train_args(const std::vector<std::string>& args) {
 std::string train_help() {
   TrainConfig defaults;
   const TrainOptionTable table(defaults);
-  return "usage: hydistill train --config FILE [--section.key VALUE ...]\n\n"
-         "Trains a dense decoder (llama / qwen2 / qwen3) on an HDF5 token dataset with AdamW. Every option below is\n"
-         "a key of the config file (`lr = 2e-3` under [train] is train.lr; `device` comes before any section) and\n"
-         "is also accepted on the command line, which wins over the file. Unknown keys are errors.\n\n" +
-         general_options_help() + "\nOptions (config file keys; each also as --KEY VALUE):\n\n" + table.help();
+  return command_help(
+      "usage: hydistill train --config FILE [--section.key VALUE ...]\n\n"
+      "Trains a dense decoder (llama / qwen2 / qwen3) on an HDF5 token dataset with AdamW. Every option below is\n"
+      "a key of the config file (`lr = 2e-3` under [train] is train.lr; `device` comes before any section) and\n"
+      "is also accepted on the command line, which wins over the file. Unknown keys are errors.\n\n",
+      table);
 }
 
 std::string ParsedDistillArgs::to_ini() const {
@@ -188,12 +261,51 @@ ParsedDistillArgs parse_distill_args(const std::vector<std::string>& args) {
 std::string distill_help() {
   DistillConfig defaults;
   const DistillOptionTable table(defaults);
-  return "usage: hydistill distill --config FILE [--section.key VALUE ...]\n\n"
-         "Distills a teacher (Hugging Face directory) into a hybrid KDA student on one device: stage 1 aligns each\n"
-         "KDA layer's output to the teacher's attention output (MSE, only the new mixers train), stage 2 trains every\n"
-         "student parameter on KL(teacher || student) [+ cross-entropy]. Every option below is a key of the config\n"
-         "file and is also accepted on the command line, which wins over the file. Unknown keys are errors.\n\n" +
-         general_options_help() + "\nOptions (config file keys; each also as --KEY VALUE):\n\n" + table.help();
+  return command_help(
+      "usage: hydistill distill --config FILE [--section.key VALUE ...]\n\n"
+      "Distills a teacher (Hugging Face directory) into a hybrid KDA student on one device: stage 1 aligns each\n"
+      "KDA layer's output to the teacher's attention output (MSE, only the new mixers train), stage 2 trains every\n"
+      "student parameter on KL(teacher || student) [+ cross-entropy]. Every option below is a key of the config\n"
+      "file and is also accepted on the command line, which wins over the file. Unknown keys are errors.\n\n",
+      table);
+}
+
+ParsedEvalArgs parse_eval_args(const std::vector<std::string>& args) {
+  return parse_command_args<ParsedEvalArgs, EvalOptionTable>(args, validate_distill_config);
+}
+
+std::string eval_help() {
+  DistillConfig defaults;
+  std::string checkpoint;
+  const EvalOptionTable table(defaults, &checkpoint);
+  return command_help(
+      "usage: hydistill eval --config FILE --checkpoint RUN_DIR/step-XXXXXXXX [--section.key VALUE ...]\n\n"
+      "Evaluates the student of a distill checkpoint against its teacher, as the evaluations during distill do:\n"
+      "held-out loss and perplexity of both, KL(teacher || student), top-1 agreement, passkey retrieval accuracy by\n"
+      "length (eval.passkey_data), KV-cache bytes per token. Prints a table and appends one JSON record to\n"
+      "RUN_DIR/eval.jsonl (run.dir). The config file is the run's distill config; its teacher.dir and\n"
+      "student.pattern must be the checkpoint's.\n\n",
+      table);
+}
+
+ParsedExportArgs parse_export_args(const std::vector<std::string>& args) {
+  ParsedExportArgs out;
+  const ExportOptionTable table(out.args);
+  const ParsedOptions parsed = parse_options(table, args);
+  out.help = parsed.help;
+  if (!out.help && out.args.dtype != "bfloat16" && out.args.dtype != "float32")
+    throw ConfigError::at(parsed.source(), "dtype", "'" + out.args.dtype + "' is not bfloat16 or float32");
+  return out;
+}
+
+std::string export_help() {
+  ExportArgs defaults;
+  const ExportOptionTable table(defaults);
+  return "usage: hydistill export --checkpoint RUN_DIR/step-XXXXXXXX --out DIR [--dtype bfloat16|float32]\n\n"
+         "Writes a checkpoint as a Hugging Face directory (docs/export.md). A distill checkpoint becomes the hybrid\n"
+         "student (model_type hydistill_hybrid, loaded with trust_remote_code=True) with the teacher's tokenizer; a\n"
+         "train checkpoint becomes a plain llama / qwen2 / qwen3 model, usable as a distillation teacher.\n\n" +
+         general_options_help() + "\n" + table.help();
 }
 
 }  // namespace hyd

@@ -27,6 +27,7 @@ struct ParsedTrainArgs {
 
   // The effective values as an INI file that `--config` reads back to the same TrainConfig.
   std::string to_ini() const;
+  EffectiveConfig effective_config() const { return {effective, to_ini()}; }
 };
 
 // args: the arguments after `train`, e.g. {"--config", "run.ini", "--train.lr", "1e-3"}.
@@ -45,9 +46,35 @@ struct ParsedDistillArgs {
   std::vector<std::pair<std::string, std::string>> effective;
 
   std::string to_ini() const;
+  EffectiveConfig effective_config() const { return {effective, to_ini()}; }
 };
 
 ParsedDistillArgs parse_distill_args(const std::vector<std::string>& args);
 std::string distill_help();
+
+// `hydistill eval`: the options of `distill` (the same config file serves both) plus the top-level key
+// `checkpoint` (required): the distill checkpoint whose student is evaluated.
+struct ParsedEvalArgs {
+  bool help = false;
+  std::string config_path;
+  DistillConfig config;
+  std::string checkpoint;
+};
+ParsedEvalArgs parse_eval_args(const std::vector<std::string>& args);
+std::string eval_help();
+
+// `hydistill export`: top-level keys only (checkpoint, out, dtype, tokenizer), usually on the command line.
+struct ExportArgs {
+  std::string checkpoint;          // a step-XXXXXXXX folder of `train` or `distill`
+  std::string out;                 // the directory to write (must not exist or be empty)
+  std::string dtype = "bfloat16";  // bfloat16 | float32
+  std::string tokenizer;           // tokenizer files to copy; empty = the teacher's (distill) or the dataset's (train)
+};
+struct ParsedExportArgs {
+  bool help = false;
+  ExportArgs args;
+};
+ParsedExportArgs parse_export_args(const std::vector<std::string>& args);
+std::string export_help();
 
 }  // namespace hyd

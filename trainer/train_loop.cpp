@@ -1,7 +1,5 @@
 #include "trainer/train_loop.h"
 
-#include "trainer/batch_upload.h"
-
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -11,7 +9,10 @@
 #include <ostream>
 #include <sstream>
 
+#include "checkpoint/run_directory.h"
+#include "checkpoint/training_state.h"
 #include "data/dataset.h"
+#include "trainer/batch_upload.h"
 #include "trainer/core/arena.h"
 #include "trainer/core/exec_context.h"
 #include "trainer/metrics.h"
@@ -80,13 +81,15 @@ void validate_train_config(const TrainConfig& cfg) {
   require(t.beta1 >= 0 && t.beta1 < 1, "train.beta1", "must lie in [0, 1), got " + format_number("%g", t.beta1));
   require(t.beta2 >= 0 && t.beta2 < 1, "train.beta2", "must lie in [0, 1), got " + format_number("%g", t.beta2));
   require(t.eps > 0, "train.eps", "must be > 0, got " + format_number("%g", t.eps));
-  require(t.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 = no clipping), got " + format_number("%g", t.grad_clip));
+  require(t.grad_clip >= 0, "train.grad_clip",
+          "must be >= 0 (0 = no clipping), got " + format_number("%g", t.grad_clip));
   require(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1, got " + std::to_string(t.max_bad_steps));
   require(cfg.log.interval >= 1, "log.interval", "must be >= 1, got " + std::to_string(cfg.log.interval));
   require(cfg.log.eval_interval >= 0, "log.eval_interval",
           "must be >= 0 (0 = only at the end), got " + std::to_string(cfg.log.eval_interval));
   require(cfg.log.eval_batches >= 0, "log.eval_batches",
           "must be >= 0 (0 = no evaluation), got " + std::to_string(cfg.log.eval_batches));
+  validate_run_options(cfg.run, cfg.checkpoint, cfg.train.resume, src);
   try {
     (void)parse_device(cfg.device);
   } catch (const Error& e) {
@@ -102,7 +105,37 @@ void validate_train_config(const TrainConfig& cfg) {
   }
 }
 
+void validate_run_options(const RunOptions& run, const CheckpointOptions& checkpoint, const std::string& resume,
+                          const std::string& source) {
+  auto require = [&](bool ok, const char* key, const std::string& msg) {
+    if (!ok) throw ConfigError::at(source, key, msg);
+  };
+  require(run.stop_after >= 0, "run.stop_after",
+          "must be >= 0 (0 = run to the end), got " + std::to_string(run.stop_after));
+  require(checkpoint.interval >= 0, "checkpoint.interval",
+          "must be >= 0 (0 = only at the end), got " + std::to_string(checkpoint.interval));
+  require(checkpoint.keep_last >= 1, "checkpoint.keep_last",
+          "must be >= 1 (the newest checkpoint is always kept), got " + std::to_string(checkpoint.keep_last));
+  require(checkpoint.keep_every >= 0, "checkpoint.keep_every",
+          "must be >= 0 (0 = none), got " + std::to_string(checkpoint.keep_every));
+  require(!resume.empty(), "train.resume", "must be none, auto or a checkpoint path");
+}
+
 namespace {
+
+// The loop's counters and running sums at a checkpoint (manifest.loop): with the model, the optimizer
+// and the step they make a resumed run continue exactly as one that never stopped.
+struct TrainLoopState {
+  int64_t tokens = 0, interval_steps = 0, interval_tokens = 0, bad_in_row = 0, skipped = 0;
+  double interval_loss = 0, last_norm = 0, final_train_loss = 0, final_val_loss = -1;
+
+  template <class F>
+  void visit(F&& f) {
+    f("tokens", tokens), f("interval_steps", interval_steps), f("interval_tokens", interval_tokens);
+    f("bad_in_row", bad_in_row), f("skipped", skipped), f("interval_loss", interval_loss);
+    f("last_norm", last_norm), f("final_train_loss", final_train_loss), f("final_val_loss", final_val_loss);
+  }
+};
 
 std::string model_summary(const ModelConfig& m) {
   std::string s = m.family + ": " + std::to_string(m.num_layers) + " layers, hidden " + std::to_string(m.hidden_size) +
@@ -112,25 +145,21 @@ std::string model_summary(const ModelConfig& m) {
   if (m.tie_word_embeddings) s += ", tied embeddings";
   if (m.qk_norm) s += ", qk-norm";
   if (m.qkv_bias) s += ", qkv bias";
-  if (m.rope_scaling.type != "default") s += ", rope " + m.rope_scaling.type + " x" + format_number("%g", m.rope_scaling.factor);
+  if (m.rope_scaling.type != "default")
+    s += ", rope " + m.rope_scaling.type + " x" + format_number("%g", m.rope_scaling.factor);
   return s;
 }
 
 }  // namespace
 
-TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, std::ostream& out) {
+TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effective, std::ostream& out) {
   const std::string& src = cfg.source;
   validate_train_config(cfg);
 
-  // Run directory: refuse to mix two runs' metrics before anything is read or written.
-  const fs::path run_dir(cfg.run.dir);
-  const fs::path metrics_path = run_dir / "metrics.jsonl";
-  if (fs::exists(run_dir) && !fs::is_directory(run_dir))
-    throw ConfigError::at(src, "run.dir", run_dir.string() + " exists and is not a directory");
-  if (fs::exists(metrics_path) && !cfg.run.overwrite)
-    throw ConfigError::at(
-        src, "run.dir",
-        metrics_path.string() + " already exists (an earlier run); choose another run.dir or set run.overwrite = true");
+  // Run directory and the checkpoint to resume from, before anything is read or written.
+  RunDirectory run("train", cfg.run, cfg.checkpoint, cfg.train.resume, effective,
+                   {{"data.path", canonical_path(cfg.data.path)}}, src, out);
+  const Checkpoint* resume = run.resume_from();
 
   const Device device = parse_device(cfg.device);
   const LrSchedule schedule = cfg.train.lr_schedule();
@@ -139,6 +168,7 @@ TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, 
   if (!fs::exists(cfg.data.path)) throw ConfigError::at(src, "data.path", cfg.data.path + ": no such file");
   TokenDataset data(cfg.data.path);
   const DatasetInfo& info = data.info();
+  if (resume) check_data_identity(*resume, info, src);
   ModelConfig mc = cfg.model;
   if (mc.vocab_size == 0) {
     mc.vocab_size = info.vocab_size;
@@ -183,16 +213,25 @@ TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, 
   BatchUploader uploader(device, micro_tokens);
   const size_t memory = model.memory_bytes() + optimizer.memory_bytes() + uploader.bytes();
 
-  // Everything checked: now the run directory is written.
-  fs::create_directories(run_dir);
-  {
-    const fs::path ini_path = run_dir / "config.ini";
-    std::ofstream ini(ini_path, std::ios::out | std::ios::trunc);
-    ini << config_ini;
-    ini.flush();
-    if (!ini) throw Error::at(ini_path.string(), "", "cannot write the effective configuration");
+  const int64_t steps = cfg.train.steps;
+  int64_t start_step = 0;
+  TrainLoopState st;
+  if (resume) {
+    const CheckpointManifest& m = resume->manifest;
+    if (m.step > steps || resume_next_batch(*resume) != m.step * ga)
+      throw Error::at(
+          resume->manifest_path(), "step",
+          "step " + std::to_string(m.step) + " with data.next_batch " + std::to_string(resume_next_batch(*resume)) +
+              " does not fit train.steps = " + std::to_string(steps) + " x train.grad_accum = " + std::to_string(ga));
+    restore_parameters(resume->tensors, model.params());
+    restore_optimizer_state(resume->tensors, m.optimizer, resume->manifest_path(), optimizer);
+    read_loop_state(*resume, st);
+    start_step = m.step;
   }
-  MetricsWriter metrics(metrics_path.string(), /*truncate=*/true);
+
+  // Everything checked: now the run directory is written.
+  run.begin();
+  MetricsWriter metrics(run.file(kMetricsFile), /*truncate=*/false);
 
   TrainResult result;
   result.unigram_entropy = data.unigram_entropy();
@@ -209,12 +248,14 @@ TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, 
     if (val_sampler)
       os << "validation split " << val_sampler->num_docs() << " documents, " << val_sampler->tokens_per_epoch()
          << " tokens (" << cfg.log.eval_batches << " batches per evaluation)\n";
-    os << "schedule         " << schedule_kind_name(schedule.kind) << ", lr " << format_number("%.3g", schedule.lr) << " -> "
-       << format_number("%.3g", schedule.min_lr) << ", warmup " << schedule.warmup_steps << ", " << schedule.total_steps
-       << " steps (" << format_count(static_cast<double>(schedule.total_steps * micro_tokens * ga)) << " tokens)\n"
-       << "memory           " << format_megabytes(memory) << " (model " << format_megabytes(model.memory_bytes()) << ", optimizer "
-       << format_megabytes(optimizer.memory_bytes()) << ")\n"
-       << "run dir          " << run_dir.string() << "\n";
+    os << "schedule         " << schedule_kind_name(schedule.kind) << ", lr " << format_number("%.3g", schedule.lr)
+       << " -> " << format_number("%.3g", schedule.min_lr) << ", warmup " << schedule.warmup_steps << ", "
+       << schedule.total_steps << " steps ("
+       << format_count(static_cast<double>(schedule.total_steps * micro_tokens * ga)) << " tokens)\n"
+       << "memory           " << format_megabytes(memory) << " (model " << format_megabytes(model.memory_bytes())
+       << ", optimizer " << format_megabytes(optimizer.memory_bytes()) << ")\n"
+       << "run dir          " << run.dir() << "\n";
+    if (resume) os << "resumed from     " << resume->dir << " (step " << start_step << ")\n";
     out << "hydistill train\n";
     std::istringstream lines(os.str());
     for (std::string line; std::getline(lines, line);) out << "  " << line << "\n";
@@ -233,43 +274,54 @@ TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, 
       targets += hb.num_targets;
     }
     const double val_loss = targets > 0 ? loss_sum / static_cast<double>(targets) : NAN;
-    result.final_val_loss = val_loss;
+    st.final_val_loss = val_loss;
     out << "eval step " << step << " | val_loss " << format_number("%.4f", val_loss) << " | ppl "
-        << format_number("%.2f", std::exp(val_loss)) << " | unigram entropy " << format_number("%.4f", result.unigram_entropy) << std::endl;
+        << format_number("%.2f", std::exp(val_loss)) << " | unigram entropy "
+        << format_number("%.4f", result.unigram_entropy) << std::endl;
     metrics.write({{"step", step}, {"val_loss", val_loss}, {"val_tokens", targets}});
   };
 
-  const int64_t steps = cfg.train.steps;
+  auto save_checkpoint = [&](int64_t step) {
+    CheckpointManifest m;
+    m.step = m.stage_step = step;
+    m.data = data_position(info, cfg.data, step * ga);
+    m.loop = loop_state_json(st);
+    m.optimizer = optimizer_counters(optimizer);
+    SafetensorsWriter w;
+    add_parameters(w, model.params());
+    add_optimizer_state(w, optimizer);
+    run.save(std::move(m), w, device.str());
+  };
+
   const auto t_start = Clock::now();
   auto t_interval = t_start;
-  double interval_loss = 0, eval_seconds = 0;
-  int64_t interval_steps = 0, interval_tokens = 0, tokens = 0, bad_in_row = 0, skipped = 0;
-  double last_norm = 0;
-  for (int64_t step = 0; step < steps; ++step) {
+  double eval_seconds = 0;
+  int64_t end_step = steps;
+  for (int64_t step = start_step; step < steps; ++step) {
     const double lr = schedule.at(step);
     model.zero_grad();
     double loss_sum = 0;
     for (int64_t micro = 0; micro < ga; ++micro) {
       const HostBatch hb = train_sampler.batch(step * ga + micro);
       loss_sum += model.forward_backward(ctx, uploader.upload(ctx, hb), 1.0f / static_cast<float>(ga));
-      interval_tokens += static_cast<int64_t>(hb.tokens.size());
-      tokens += static_cast<int64_t>(hb.tokens.size());
+      st.interval_tokens += static_cast<int64_t>(hb.tokens.size());
+      st.tokens += static_cast<int64_t>(hb.tokens.size());
     }
     const double loss = loss_sum / static_cast<double>(ga);
     // A non-finite loss or gradient skips the update; too many in a row end the run.
     bool good = std::isfinite(loss);
     if (good) {
-      last_norm = optimizer.step(ctx, lr);
-      good = std::isfinite(last_norm);
+      st.last_norm = optimizer.step(ctx, lr);
+      good = std::isfinite(st.last_norm);
     }
     if (good) {
-      bad_in_row = 0;
-      interval_loss += loss;
-      ++interval_steps;
+      st.bad_in_row = 0;
+      st.interval_loss += loss;
+      ++st.interval_steps;
     } else {
-      ++skipped;
-      if (++bad_in_row >= cfg.train.max_bad_steps)
-        HYD_THROW("training diverged: ", bad_in_row,
+      ++st.skipped;
+      if (++st.bad_in_row >= cfg.train.max_bad_steps)
+        HYD_THROW("training diverged: ", st.bad_in_row,
                   " consecutive steps with a non-finite loss or gradient (last: step ", step + 1, ", loss ", loss,
                   ", lr ", lr, "); lower train.lr or raise train.warmup_steps");
     }
@@ -281,23 +333,23 @@ TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, 
       StepMetrics sm;
       sm.step = step + 1;
       sm.total_steps = steps;
-      sm.loss = interval_steps > 0 ? interval_loss / static_cast<double>(interval_steps) : NAN;
+      sm.loss = st.interval_steps > 0 ? st.interval_loss / static_cast<double>(st.interval_steps) : NAN;
       sm.lr = lr;
-      sm.grad_norm = last_norm;
-      sm.tokens_per_s = interval_s > 0 ? static_cast<double>(interval_tokens) / interval_s : 0;
-      sm.tokens = tokens;
+      sm.grad_norm = st.last_norm;
+      sm.tokens_per_s = interval_s > 0 ? static_cast<double>(st.interval_tokens) / interval_s : 0;
+      sm.tokens = st.tokens;
       sm.elapsed_s = seconds_since(t_start);
       sm.memory_bytes = memory;
-      sm.skipped_steps = skipped;
+      sm.skipped_steps = st.skipped;
       // ETA from the training time only: evaluations are few and short.
-      sm.eta_s = estimate_eta(sm.elapsed_s - eval_seconds, step + 1, steps);
+      sm.eta_s = estimate_eta(sm.elapsed_s - eval_seconds, step + 1 - start_step, steps - start_step);
       if (peak_flops > 0) sm.mfu = sm.tokens_per_s * flops_per_token / peak_flops;
       out << sm.line() << std::endl;
       metrics.write(sm.json());
-      result.final_train_loss = sm.loss;
-      interval_loss = 0;
-      interval_steps = 0;
-      interval_tokens = 0;
+      st.final_train_loss = sm.loss;
+      st.interval_loss = 0;
+      st.interval_steps = 0;
+      st.interval_tokens = 0;
       t_interval = Clock::now();
     }
     if ((cfg.log.eval_interval > 0 && (step + 1) % cfg.log.eval_interval == 0) || last) {
@@ -306,11 +358,23 @@ TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, 
       eval_seconds += seconds_since(t_eval);
       t_interval += Clock::now() - t_eval;  // keep evaluation out of the throughput
     }
+    if (run.checkpoint_due(step + 1, steps)) {
+      const auto t_save = Clock::now();
+      save_checkpoint(step + 1);
+      t_interval += Clock::now() - t_save;
+    }
+    if (run.stop_due(step + 1, steps)) {
+      end_step = step + 1;
+      out << "stopped after step " << end_step << " (run.stop_after); continue with --train.resume auto" << std::endl;
+      break;
+    }
   }
-  result.steps = steps;
-  result.tokens = tokens;
+  result.steps = end_step;
+  result.tokens = st.tokens;
+  result.final_train_loss = st.final_train_loss;
+  result.final_val_loss = st.final_val_loss;
   result.elapsed_s = seconds_since(t_start);
-  out << "done: " << steps << " steps, " << format_count(static_cast<double>(tokens)) << " tokens in "
+  out << "done: " << end_step << " steps, " << format_count(static_cast<double>(st.tokens)) << " tokens in "
       << format_duration(result.elapsed_s) << " | train loss " << format_number("%.4f", result.final_train_loss);
   if (result.final_val_loss >= 0) out << " | val_loss " << format_number("%.4f", result.final_val_loss);
   out << " | unigram entropy " << format_number("%.4f", result.unigram_entropy) << std::endl;

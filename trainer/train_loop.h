@@ -1,15 +1,22 @@
 // Plain next-token language-model training (`hydistill train`): a DenseModel on one device, AdamW,
 // an LR schedule, packed batches from an HDF5 token dataset, periodic held-out evaluation.
 //
-// Order of work, so that a bad configuration writes nothing: check the run directory (an existing
-// metrics.jsonl without run.overwrite is an error naming it), open and validate the dataset, resolve
-// and check the model configuration against it, build the model; only then create the run directory
-// and write RUN_DIR/config.ini and RUN_DIR/metrics.jsonl.
+// Checkpoints (checkpoint/run_directory.h): RUN_DIR/step-XXXXXXXX/ every checkpoint.interval steps
+// and at the end; train.resume = auto | PATH continues from one bit for bit (the sampler is a pure
+// function of the step, so the model, the AdamW state and the loop's running sums are all there is).
+//
+// Order of work, so that a bad configuration writes nothing: check the run directory and the
+// checkpoint to resume from (an earlier run's metrics.jsonl without run.overwrite or train.resume is
+// an error naming it), open and validate the dataset, resolve and check the model configuration against
+// it, build the model and restore the checkpoint; only then create the run directory and write
+// RUN_DIR/config.ini and RUN_DIR/metrics.jsonl.
 #pragma once
 
 #include <cstdint>
 #include <iosfwd>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "trainer/core/error.h"
 #include "trainer/model_config.h"
@@ -52,7 +59,21 @@ class ConfigError : public Error {
 
 struct RunOptions {
   std::string dir;         // run.dir (required)
-  bool overwrite = false;  // run.overwrite: allow a run dir that already holds metrics.jsonl
+  bool overwrite = false;  // run.overwrite: replace an earlier run in the run dir (its metrics and checkpoints)
+  int64_t stop_after = 0;  // run.stop_after: stop after this step with a checkpoint (0: run to the end)
+};
+
+struct CheckpointOptions {
+  int64_t interval = 0;    // checkpoint.interval: steps between checkpoints; 0 = only at the end
+  int64_t keep_last = 3;   // checkpoint.keep_last: newest checkpoints kept
+  int64_t keep_every = 0;  // checkpoint.keep_every: also keep every M-th periodic checkpoint for good; 0 = none
+};
+
+// The effective configuration of a run: every option as (key, value text), after the defaults, the
+// config file and the command line, and the same as INI text (RUN_DIR/config.ini).
+struct EffectiveConfig {
+  std::vector<std::pair<std::string, std::string>> values;
+  std::string ini;
 };
 
 struct DataOptions {
@@ -76,8 +97,9 @@ struct TrainOptions {
   double beta2 = 0.95;
   double eps = 1e-8;
   double grad_clip = 1.0;
-  uint64_t seed = 42;         // parameter initialisation
-  int64_t max_bad_steps = 5;  // consecutive non-finite steps that stop the run
+  uint64_t seed = 42;           // parameter initialisation
+  int64_t max_bad_steps = 5;    // consecutive non-finite steps that stop the run
+  std::string resume = "none";  // none | auto | PATH (checkpoint/run_directory.h)
 
   LrSchedule lr_schedule() const;
   AdamWConfig adamw() const;
@@ -97,10 +119,11 @@ struct TrainConfig {
   DataOptions data;
   TrainOptions train;
   LogOptions log;
+  CheckpointOptions checkpoint;
 };
 
 struct TrainResult {
-  int64_t steps = 0;
+  int64_t steps = 0;  // the step the run ended at (run.stop_after may end it early)
   int64_t tokens = 0;
   double final_train_loss = 0;  // mean over the last log interval
   double final_val_loss = -1;   // -1 when no evaluation ran
@@ -111,10 +134,13 @@ struct TrainResult {
 // Checks every option that can be checked without the dataset (ranges, choices, the model's fields
 // with a placeholder vocabulary); throws ConfigError naming cfg.source and the key.
 void validate_train_config(const TrainConfig& cfg);
+// The run.*, checkpoint.* and train.resume checks that `train` and `distill` share.
+void validate_run_options(const RunOptions& run, const CheckpointOptions& checkpoint, const std::string& resume,
+                          const std::string& source);
 
-// Runs the training described by cfg. config_ini: the effective configuration, written verbatim to
-// RUN_DIR/config.ini. Progress goes to `out`. Throws ConfigError for configuration problems and
-// hyd::Error for everything else (unreadable data, device failures, diverged training).
-TrainResult run_training(const TrainConfig& cfg, const std::string& config_ini, std::ostream& out);
+// Runs the training described by cfg. effective: recorded in RUN_DIR/config.ini and every checkpoint.
+// Progress goes to `out`. Throws ConfigError for configuration problems and hyd::Error for everything
+// else (unreadable data, a broken checkpoint, device failures, diverged training).
+TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effective, std::ostream& out);
 
 }  // namespace hyd
