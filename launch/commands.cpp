@@ -60,43 +60,13 @@ int inspect_command(const std::vector<std::string>& args, std::ostream& out) {
   return 0;
 }
 
-int train_command(const std::vector<std::string>& args, std::ostream& out) {
-  const ParsedTrainArgs parsed = parse_train_args(args);
-  if (parsed.help) {
-    out << train_help();
-    return 0;
-  }
-  run_training(parsed.config, parsed.effective_config(), out);
-  return 0;
-}
-
-int distill_command(const std::vector<std::string>& args, std::ostream& out) {
-  const ParsedDistillArgs parsed = parse_distill_args(args);
-  if (parsed.help) {
-    out << distill_help();
-    return 0;
-  }
-  run_distillation(parsed.config, parsed.effective_config(), out);
-  return 0;
-}
-
-int eval_command(const std::vector<std::string>& args, std::ostream& out) {
-  const ParsedEvalArgs parsed = parse_eval_args(args);
-  if (parsed.help) {
-    out << eval_help();
-    return 0;
-  }
-  run_evaluation(parsed.config, parsed.checkpoint, out);
-  return 0;
-}
-
-int export_command(const std::vector<std::string>& args, std::ostream& out) {
-  const ParsedExportArgs parsed = parse_export_args(args);
-  if (parsed.help) {
-    out << export_help();
-    return 0;
-  }
-  export_checkpoint(parsed.args, out);
+// A subcommand whose arguments were parsed into `parsed`: --help prints `help`, anything else runs it.
+template <class Parsed, class Run>
+int subcommand(const Parsed& parsed, std::string (*help)(), std::ostream& out, Run run) {
+  if (parsed.help)
+    out << help();
+  else
+    run(parsed);
   return 0;
 }
 
@@ -198,11 +168,19 @@ int hydistill_main(const std::vector<std::string>& args, std::ostream& out, std:
       out << kUsage << "\n" << train_help();
       return 0;
     }
-    if (cmd == "train") return train_command(rest, out);
     if (cmd == "inspect") return inspect_command(rest, out);
-    if (cmd == "distill") return distill_command(rest, out);
-    if (cmd == "eval") return eval_command(rest, out);
-    if (cmd == "export") return export_command(rest, out);
+    if (cmd == "train")
+      return subcommand(parse_train_args(rest), train_help, out,
+                        [&](const ParsedTrainArgs& p) { run_training(p.config, p.effective_config(), out); });
+    if (cmd == "distill")
+      return subcommand(parse_distill_args(rest), distill_help, out,
+                        [&](const ParsedDistillArgs& p) { run_distillation(p.config, p.effective_config(), out); });
+    if (cmd == "eval")
+      return subcommand(parse_eval_args(rest), eval_help, out,
+                        [&](const ParsedEvalArgs& p) { run_evaluation(p.config, p.checkpoint, out); });
+    if (cmd == "export")
+      return subcommand(parse_export_args(rest), export_help, out,
+                        [&](const ParsedExportArgs& p) { export_checkpoint(p.args, out); });
     err << "hydistill: error: unknown command '" << cmd << "'\n\n" << kUsage;
     return 2;
   } catch (const ConfigError& e) {

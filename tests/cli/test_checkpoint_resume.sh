@@ -4,7 +4,8 @@
 #            the final checkpoint's state file is byte-identical (parameters, AdamW moments) and
 #            metrics.jsonl holds the same records (losses, grad norms, lr, tokens; timings aside). The kept
 #            checkpoints follow keep_last / keep_every; every manifest lists its files with their real
-#            sizes and sha256sum digests.
+#            sizes and sha256sum digests; `hydistill inspect CHECKPOINT` verifies and summarises one (a
+#            corrupt one is an error naming the file and 'sha256').
 #   distill  the same across the stage boundary (stopped after the last stage-1 step) and inside stage 2,
 #            eval.jsonl included.
 #   refusals a second run into a run directory without train.resume (names metrics.jsonl), a resume with a
@@ -96,6 +97,10 @@ for f in m["files"]:
 print("manifest ok:", {k: m[k] for k in ("step", "stage", "library_version")})
 PY
 
+"$HYD" inspect "$WORK/train_split/step-00000012" >"$WORK/out.txt" 2>&1 || { cat "$WORK/out.txt"; fail "inspect CHECKPOINT"; }
+grep -q "(verified)" "$WORK/out.txt" && grep -q "^command *train" "$WORK/out.txt" &&
+  grep -q "rank-00000.safetensors .*sha256" "$WORK/out.txt" || { cat "$WORK/out.txt"; fail "inspect CHECKPOINT output"; }
+
 # Refusals leave the run directory as it was.
 cp "$WORK/train_straight/metrics.jsonl" "$WORK/metrics.before"
 expect_error "second run without train.resume" 2 "metrics.jsonl" "train.resume" "run.dir" -- \
@@ -106,6 +111,8 @@ cmp -s "$WORK/train_straight/metrics.jsonl" "$WORK/metrics.before" || fail "a re
 
 # A corrupt newest checkpoint: named by train.resume it is an error; auto skips it.
 printf 'x' | dd of="$WORK/train_split_copy/step-00000006/rank-00000.safetensors" bs=1 seek=100 conv=notrunc 2>/dev/null
+expect_error "inspect a corrupt checkpoint" nz "step-00000006/rank-00000.safetensors" "'sha256'" -- \
+  "$HYD" inspect "$WORK/train_split_copy/step-00000006"
 cp "$WORK/train_split_copy/metrics.jsonl" "$WORK/metrics.before"
 expect_error "resume from a corrupt checkpoint" nz "step-00000006/rank-00000.safetensors" "'sha256'" -- \
   "$HYD" train --config "$WORK/train.ini" --run.dir "$WORK/train_split_copy" \
