@@ -166,9 +166,9 @@ void kda_backward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v,
     kda_chunk::carve_scratch(buf.get(), s, kda_chunk::Pass::backward_mma, sc);
     DeviceLauncher launcher{st};
     kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
-    kda_mma::backward_products(s, q, k, v, g, beta, cu_seqlens, sc.chunk_off, initial_state, dout, dfinal_state, dv,
-                               dg, dbeta, dinitial_state, sc, buf.get() + floats, st);
-    kda_chunk::launch_group_reduce(launcher, s, dq, dk, sc);
+    kda_mma::backward_products(s, q, k, v, g, beta, cu_seqlens, sc.chunk_off, initial_state, dout, dfinal_state, dq,
+                               dk, dv, dg, dbeta, dinitial_state, sc, buf.get() + floats, st);
+    if (s.hv != s.h) kda_chunk::launch_group_reduce(launcher, s, dq, dk, sc);
     return;
   }
   kda_chunk::Scratch sc;

@@ -170,8 +170,10 @@ inline size_t carve_scratch(float* base, const KdaDims& s, Pass pass, Scratch& s
     sc.dgls = take(ch * dk);
     sc.daqk = take(ch * kMat);
     sc.dtv = take(ch * kMat);
-    sc.dq_hv = take(static_cast<size_t>(s.n) * hv * dk);
-    sc.dk_hv = take(static_cast<size_t>(s.n) * hv * dk);
+    if (s.hv != s.h) {  // per value head dq, dk only where a GQA group is summed
+      sc.dq_hv = take(static_cast<size_t>(s.n) * hv * dk);
+      sc.dk_hv = take(static_cast<size_t>(s.n) * hv * dk);
+    }
     return used;
   }
   sc.w = take(ch * kChunk * dk);

@@ -190,6 +190,35 @@ __device__ __forceinline__ void exact_diag_gram(const __nv_bfloat16* x, const __
   }
 }
 
+// Starts the cp.async copies of one chunk's k, q (bf16 [C][kLdB]) and g (f32 [C][kLdG]) into
+// shared memory (byte addresses s_k, s_q, s_g); rows >= L, and q when q == nullptr, are zero-filled.
+template <int DK>
+__device__ __forceinline__ void stage_kqg(uint32_t s_k, uint32_t s_q, uint32_t s_g, const __nv_bfloat16* k,
+                                          const __nv_bfloat16* q, const float* g, int64_t start, int L, int H, int h,
+                                          int HV, int hv) {
+  for (int idx = static_cast<int>(threadIdx.x); idx < C * DK / 8; idx += kThreads) {
+    const int r = idx / (DK / 8), c8 = idx % (DK / 8);
+    const bool ok = r < L;
+    const int64_t off = ((start + r) * H + h) * DK + c8 * 8;
+    const uint32_t so = static_cast<uint32_t>((r * kLdB<DK> + c8 * 8) * 2);
+    cp_async16(s_k + so, ok ? k + off : k, ok);
+    cp_async16(s_q + so, ok && q ? q + off : k, ok && q);
+  }
+  for (int idx = static_cast<int>(threadIdx.x); idx < C * DK / 4; idx += kThreads) {
+    const int r = idx / (DK / 4), c4 = idx % (DK / 4);
+    const bool ok = r < L;
+    cp_async16(s_g + static_cast<uint32_t>((r * kLdG<DK> + c4 * 4) * 4),
+               ok ? g + ((start + r) * HV + hv) * DK + c4 * 4 : g, ok);
+  }
+}
+
+// Starts 4-byte cp.async copies of a dense fp32 C x C matrix into shared rows of stride LDM.
+template <int LDM>
+__device__ __forceinline__ void stage_matrix(uint32_t dst, const float* src) {
+  for (int idx = static_cast<int>(threadIdx.x); idx < C * C; idx += kThreads)
+    cp_async4(dst + static_cast<uint32_t>(((idx / C) * LDM + idx % C) * 4), src + idx, true);
+}
+
 template <int DK, int DV>
 struct PrepLayout {
   static constexpr int kLdG = hyd::kernels::cuda::kda_mma::kLdG<DK>;
@@ -277,27 +306,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
 
   // 1. Loads (rows past the chunk's end are zero).
+  stage_kqg<DK>(smem_addr(ks), smem_addr(qs), smem_addr(gs), k, q, g, sp.start, L, H, h, HV, hv);
   copy_tile<C, DV>(s_v, v + (sp.start * HV + hv) * DV, static_cast<int64_t>(HV) * DV, L);
   cp_async_commit();
-  for (int idx = tid; idx < C * DK / 8; idx += kThreads) {
-    const int r = idx / (DK / 8), c8 = idx % (DK / 8);
-    uint4 kv = make_uint4(0, 0, 0, 0), qv = make_uint4(0, 0, 0, 0);
-    if (r < L) {
-      const int64_t off = ((sp.start + r) * H + h) * DK + c8 * 8;
-      kv = *reinterpret_cast<const uint4*>(k + off);
-      if (has_q) qv = *reinterpret_cast<const uint4*>(q + off);
-    }
-    *reinterpret_cast<uint4*>(ks + r * kLdB + c8 * 8) = kv;
-    *reinterpret_cast<uint4*>(qs + r * kLdB + c8 * 8) = qv;
-  }
-  for (int idx = tid; idx < C * DK / 4; idx += kThreads) {
-    const int r = idx / (DK / 4), c4 = idx % (DK / 4);
-    float4 gv = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r < L) gv = *reinterpret_cast<const float4*>(g + ((sp.start + r) * HV + hv) * DK + c4 * 4);
-    *reinterpret_cast<float4*>(gs + r * kLdG + c4 * 4) = gv;
-  }
   if (tid < C) bs[tid] = tid < L ? beta[(sp.start + tid) * HV + hv] : 0.f;
   for (int idx = tid; idx < C * kLdM; idx += kThreads) xs[idx] = 0.f;
+  cp_async_wait<0>();
   __syncthreads();
 
   // 2. G = cumulative sum of g over the rows, per channel.
@@ -365,7 +379,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   }
-  cp_async_wait<0>();  // the v tile
   __syncthreads();
 
   // 4. X = (I + A)^-1: diagonal blocks by substitution (warps 0-3), then the blocks below.
@@ -845,34 +858,54 @@ __global__ void __launch_bounds__(kThreads, 1)
   copy_tile<C, DV>(s0 + Lt::oDO, dout + (sp.start * HV + hv) * DV, row_stride, L);
   copy_tile<C, DV>(s0 + Lt::oV, v + (sp.start * HV + hv) * DV, row_stride, L);
   cp_async_commit();
-  for (int idx = tid; idx < C * DV / 4; idx += kThreads) {
-    const int r = idx / (DV / 4), j = (idx % (DV / 4)) * 4;
-    const float4 a = *reinterpret_cast<const float4*>(vn + (ch * C + r) * DV + j);
-    const float4 e = *reinterpret_cast<const float4*>(dvn + (ch * C + r) * DV + j);
-    *reinterpret_cast<uint2*>(smem + Lt::oVN + eoff<DV>(r, j)) = make_uint2(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w));
-    *reinterpret_cast<uint2*>(smem + Lt::oDVN + eoff<DV>(r, j)) = make_uint2(pack_bf16(e.x, e.y), pack_bf16(e.z, e.w));
-  }
-  for (int idx = tid; idx < DK * DV / 4; idx += kThreads) {
-    const int i = idx / (DV / 4), j = (idx % (DV / 4)) * 4;
-    const float4 a = *reinterpret_cast<const float4*>(states + (ch * DK + i) * DV + j);
-    const float4 e = *reinterpret_cast<const float4*>(dstates + (ch * DK + i) * DV + j);
-    uint32_t h0, l0, h1, l1;
-    split_pair(a.x, a.y, h0, l0);
-    split_pair(a.z, a.w, h1, l1);
-    *reinterpret_cast<uint2*>(smem + Lt::oShi + eoff<DV>(i, j)) = make_uint2(h0, h1);
-    *reinterpret_cast<uint2*>(smem + Lt::oSlo + eoff<DV>(i, j)) = make_uint2(l0, l1);
-    split_pair(e.x, e.y, h0, l0);
-    split_pair(e.z, e.w, h1, l1);
-    *reinterpret_cast<uint2*>(smem + Lt::oDhi + eoff<DV>(i, j)) = make_uint2(h0, h1);
-    *reinterpret_cast<uint2*>(smem + Lt::oDlo + eoff<DV>(i, j)) = make_uint2(l0, l1);
-  }
-  for (int idx = tid; idx < C * C; idx += kThreads) xs[(idx / C) * kLdX + idx % C] = x[ch * C * C + idx];
+  stage_matrix<kLdX>(s0 + Lt::oX, x + ch * C * C);
+  cp_async_commit();
   if (tid < C) bs[tid] = tid < L ? beta[(sp.start + tid) * HV + hv] : 0.f;
-  for (int i = warp; i < DK; i += kThreads / 32) {
-    float acc = 0.f;
-    for (int j = lane; j < DV; j += 32) acc += states[(ch * DK + i) * DV + j] * dstates[(ch * DK + i) * DV + j];
-    acc = warp_sum(acc);
-    if (lane == 0) dgls[ch * DK + i] = acc;
+  // v_new, dv_new -> bf16 tiles (loads batched 4 float4 per thread at a time).
+  constexpr int kB = 4;
+  for (int base = 0; base < C * DV / 4; base += kB * kThreads) {
+    float4 a[kB], e[kB];
+#pragma unroll
+    for (int u = 0; u < kB; ++u) {
+      const int idx = base + tid + u * kThreads;
+      a[u] = *reinterpret_cast<const float4*>(vn + ch * C * DV + idx * 4);
+      e[u] = *reinterpret_cast<const float4*>(dvn + ch * C * DV + idx * 4);
+    }
+#pragma unroll
+    for (int u = 0; u < kB; ++u) {
+      const int idx = base + tid + u * kThreads, r = idx / (DV / 4), j = (idx % (DV / 4)) * 4;
+      *reinterpret_cast<uint2*>(smem + Lt::oVN + eoff<DV>(r, j)) =
+          make_uint2(pack_bf16(a[u].x, a[u].y), pack_bf16(a[u].z, a[u].w));
+      *reinterpret_cast<uint2*>(smem + Lt::oDVN + eoff<DV>(r, j)) =
+          make_uint2(pack_bf16(e[u].x, e[u].y), pack_bf16(e[u].z, e[u].w));
+    }
+  }
+  // S, dS -> hi + lo bf16 tiles, and dgls[i] = sum_j S[i,j] dS[i,j] (DV / 4 consecutive lanes per row).
+  for (int base = 0; base < DK * DV / 4; base += kB * kThreads) {
+    float4 a[kB], e[kB];
+#pragma unroll
+    for (int u = 0; u < kB; ++u) {
+      const int idx = base + tid + u * kThreads;
+      a[u] = *reinterpret_cast<const float4*>(states + ch * DK * DV + idx * 4);
+      e[u] = *reinterpret_cast<const float4*>(dstates + ch * DK * DV + idx * 4);
+    }
+#pragma unroll
+    for (int u = 0; u < kB; ++u) {
+      const int idx = base + tid + u * kThreads, i = idx / (DV / 4), j = (idx % (DV / 4)) * 4;
+      uint32_t h0, l0, h1, l1;
+      split_pair(a[u].x, a[u].y, h0, l0);
+      split_pair(a[u].z, a[u].w, h1, l1);
+      *reinterpret_cast<uint2*>(smem + Lt::oShi + eoff<DV>(i, j)) = make_uint2(h0, h1);
+      *reinterpret_cast<uint2*>(smem + Lt::oSlo + eoff<DV>(i, j)) = make_uint2(l0, l1);
+      split_pair(e[u].x, e[u].y, h0, l0);
+      split_pair(e[u].z, e[u].w, h1, l1);
+      *reinterpret_cast<uint2*>(smem + Lt::oDhi + eoff<DV>(i, j)) = make_uint2(h0, h1);
+      *reinterpret_cast<uint2*>(smem + Lt::oDlo + eoff<DV>(i, j)) = make_uint2(l0, l1);
+      float dot = a[u].x * e[u].x + a[u].y * e[u].y + a[u].z * e[u].z + a[u].w * e[u].w;
+#pragma unroll
+      for (int o = 1; o < DV / 4; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+      if (idx % (DV / 4) == 0) dgls[ch * DK + i] = dot;
+    }
   }
   cp_async_wait<0>();
   __syncthreads();
@@ -1007,7 +1040,8 @@ struct IntraLayout {
 //   (+ e^{G_last} dgls + sum_r' dkg k e^{G_last - G} on every row).
 // Ak, the E-weighted sums and dkG run on tensor cores (the fp32 operands split hi + lo); the 64 x 64
 // products of the inverse's adjoint (X^T dX X^T) on CUDA cores in fp32. Warp w: rows 16 (w % 4) ..,
-// channels [DK/2 (w / 4), DK/2 (w / 4) + DK/2) of the outputs.
+// channels [DK/2 (w / 4), DK/2 (w / 4) + DK/2) of the outputs. dq_out, dk_out (HV == H only): the
+// finished bf16 dq, dk instead of dq_hv, dk_hv.
 template <int DK>
 __global__ void __launch_bounds__(kThreads, 1)
     intra_kernel(KdaDims s, const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
@@ -1015,7 +1049,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                  const int32_t* __restrict__ chunk_off, const float* __restrict__ x, const float* __restrict__ daqk,
                  const float* __restrict__ dtv, const float* __restrict__ dqg, const float* __restrict__ dkg,
                  const float* __restrict__ dw, const float* __restrict__ dgls, float* __restrict__ dq_hv,
-                 float* __restrict__ dk_hv, float* __restrict__ dg, float* __restrict__ dbeta) {
+                 float* __restrict__ dk_hv, __nv_bfloat16* __restrict__ dq_out, __nv_bfloat16* __restrict__ dk_out,
+                 float* __restrict__ dg, float* __restrict__ dbeta) {
   using Lt = IntraLayout<DK>;
   constexpr int LDG = kLdG<DK>, LDB = kLdB<DK>, LDM = Lt::kLdM;
   constexpr int NT = DK / 16;  // 8-channel tiles per warp
@@ -1045,37 +1080,29 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float* dqgc = dqg + ch * C * DK;
   const float* dkgc = dkg + ch * C * DK;
 
-  // 1. Loads, G = cumsum(g).
-  for (int idx = tid; idx < C * DK / 8; idx += kThreads) {
-    const int r = idx / (DK / 8), c8 = idx % (DK / 8);
-    uint4 kv = make_uint4(0, 0, 0, 0), qv = make_uint4(0, 0, 0, 0);
-    if (r < L) {
-      const int64_t off = ((sp.start + r) * H + h) * DK + c8 * 8;
-      kv = *reinterpret_cast<const uint4*>(k + off);
-      qv = *reinterpret_cast<const uint4*>(q + off);
+  // 1. Loads (k, q, g, X, dAqk, dT_v asynchronously; dw split into hi + lo), G = cumsum(g).
+  stage_kqg<DK>(smem_addr(ks), smem_addr(qs), smem_addr(gs), k, q, g, sp.start, L, H, h, HV, hv);
+  stage_matrix<LDM>(smem_addr(xm), x + ch * C * C);
+  stage_matrix<LDM>(smem_addr(qa), daqk + ch * C * C);
+  stage_matrix<LDM>(smem_addr(tm), dtv + ch * C * C);
+  cp_async_commit();
+  {
+    constexpr int kPer = C * DK / 4 / kThreads;
+    float4 w4[kPer];
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) w4[u] = *reinterpret_cast<const float4*>(dwc + (tid + u * kThreads) * 4);
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int idx = tid + u * kThreads, r = idx / (DK / 4), c4 = idx % (DK / 4);
+      uint32_t h0, l0, h1, l1;
+      split_pair(w4[u].x, w4[u].y, h0, l0);
+      split_pair(w4[u].z, w4[u].w, h1, l1);
+      *reinterpret_cast<uint2*>(smem + Lt::oWhi + eoff<DK>(r, c4 * 4)) = make_uint2(h0, h1);
+      *reinterpret_cast<uint2*>(smem + Lt::oWlo + eoff<DK>(r, c4 * 4)) = make_uint2(l0, l1);
     }
-    *reinterpret_cast<uint4*>(ks + r * LDB + c8 * 8) = kv;
-    *reinterpret_cast<uint4*>(qs + r * LDB + c8 * 8) = qv;
-  }
-  for (int idx = tid; idx < C * DK / 4; idx += kThreads) {
-    const int r = idx / (DK / 4), c4 = idx % (DK / 4);
-    float4 gv = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (r < L) gv = *reinterpret_cast<const float4*>(g + ((sp.start + r) * HV + hv) * DK + c4 * 4);
-    *reinterpret_cast<float4*>(gs + r * LDG + c4 * 4) = gv;
-    const float4 w4 = *reinterpret_cast<const float4*>(dwc + r * DK + c4 * 4);
-    uint32_t h0, l0, h1, l1;
-    split_pair(w4.x, w4.y, h0, l0);
-    split_pair(w4.z, w4.w, h1, l1);
-    *reinterpret_cast<uint2*>(smem + Lt::oWhi + eoff<DK>(r, c4 * 4)) = make_uint2(h0, h1);
-    *reinterpret_cast<uint2*>(smem + Lt::oWlo + eoff<DK>(r, c4 * 4)) = make_uint2(l0, l1);
-  }
-  for (int idx = tid; idx < C * C; idx += kThreads) {
-    const int r = idx / C, cc = idx % C;
-    xm[r * LDM + cc] = x[ch * C * C + idx];
-    qa[r * LDM + cc] = daqk[ch * C * C + idx];
-    tm[r * LDM + cc] = dtv[ch * C * C + idx];
   }
   if (tid < C) bs[tid] = tid < L ? beta[(sp.start + tid) * HV + hv] : 0.f;
+  cp_async_wait<0>();
   __syncthreads();
   if (tid < DK) {
     float acc = 0.f;
@@ -1141,20 +1168,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  // 3. dbeta through T and dX = dT Diag(beta) (thread = column); the dG_last terms (thread = channel).
-  if (tid < C) {
+  // 3. dbeta through T and dX = dT Diag(beta) (4 threads per column c, rows c + part, c + part + 4, ...);
+  // extra[i] starts as e^{G_last} dgls (the sum over the rows is added in step 6).
+  {
+    const int col = tid >> 2, part = tid & 3;
     float acc = 0.f;
-    for (int r = tid; r < C; ++r) acc += tm[r * LDM + tid] * xm[r * LDM + tid];
-    dbt[tid] = acc;
-    for (int r = 0; r < C; ++r) tm[r * LDM + tid] *= bs[tid];
-  } else if (tid >= 128 && tid < 128 + DK) {
-    const int i = tid - 128;
-    const float gl = gs[(C - 1) * LDG + i];
-    float acc = __expf(gl) * dgls[ch * DK + i];
-    for (int r = 0; r < L; ++r)
-      acc += dkgc[r * DK + i] * __bfloat162float(ks[r * LDB + i]) * __expf(gl - gs[r * LDG + i]);
-    extra[i] = acc;
+    for (int r = col + part; r < C; r += 4) acc += tm[r * LDM + col] * xm[r * LDM + col];
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    if (part == 0) dbt[col] = acc;
+    __syncwarp();
+    for (int r = col + part; r < C; r += 4) tm[r * LDM + col] *= bs[col];
   }
+  if (tid < DK) extra[tid] = __expf(gs[(C - 1) * LDG + tid]) * dgls[ch * DK + tid];
   __syncthreads();
   // 4. Z = dX X^T (dX[a][b] = 0 for b > a, X[c][b] = 0 for b > c).
   for (int idx = tid; idx < C * C; idx += kThreads) {
@@ -1195,7 +1221,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   {
     float oq[NT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < NT; ++nt) {
+      float last[2] = {0.f, 0.f};  // sum over this warp's rows of dkg k e^{G_last - G}, channels +0, +1
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = row_of(e), i = chan_of(nt, e);
@@ -1205,7 +1232,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         oq[nt][e] = aq * eG;
         ok[nt][e] = akg * eL;
         oG[nt][e] = aq * qr * eG - akg * kr * eL;
+        last[e & 1] += akg * kr * eL;
       }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float v = last[j];
+        v += __shfl_xor_sync(0xffffffffu, v, 4);
+        v += __shfl_xor_sync(0xffffffffu, v, 8);
+        v += __shfl_xor_sync(0xffffffffu, v, 16);
+        if (gq == 0) atomicAdd(extra + col0 + 8 * nt + 2 * tq + j, v);
+      }
+    }
     // dkG = T^T dw: A[m = c][k = r] = X[r][c] beta_c (blocks kk >= I), B = dw (hi + lo).
     {
       float acc[NT][4];
@@ -1288,9 +1325,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int half_r = 0; half_r < 2; ++half_r) {
         const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
-        if (r < L)
-          *reinterpret_cast<float2*>(dq_hv + ((sp.start + r) * HV + hv) * DK + i) =
-              make_float2(oq[nt][2 * half_r], oq[nt][2 * half_r + 1]);
+        const int64_t o = ((sp.start + r) * HV + hv) * DK + i;
+        if (r < L && dq_out)
+          *reinterpret_cast<uint32_t*>(dq_out + o) = pack_bf16(oq[nt][2 * half_r], oq[nt][2 * half_r + 1]);
+        else if (r < L)
+          *reinterpret_cast<float2*>(dq_hv + o) = make_float2(oq[nt][2 * half_r], oq[nt][2 * half_r + 1]);
       }
   }
   // Column sums s3 (P^T against k) and s4 (dAqk^T against q), factors x_r' exp(G_r' - R'), R' = G_{16 I + 15}.
@@ -1342,9 +1381,11 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int half_r = 0; half_r < 2; ++half_r) {
       const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
-      if (r < L)
-        *reinterpret_cast<float2*>(dk_hv + ((sp.start + r) * HV + hv) * DK + i) =
-            make_float2(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
+      const int64_t o = ((sp.start + r) * HV + hv) * DK + i;
+      if (r < L && dk_out)
+        *reinterpret_cast<uint32_t*>(dk_out + o) = pack_bf16(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
+      else if (r < L)
+        *reinterpret_cast<float2*>(dk_hv + o) = make_float2(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
     }
   __syncthreads();  // every warp is done reading G
 #pragma unroll
@@ -1417,8 +1458,8 @@ void forward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v,
 template <int DK, int DV>
 void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
                    const int32_t* cu, const int32_t* chunk_off, const float* initial_state, const bf16* dout,
-                   const float* dfinal_state, bf16* dv, float* dg, float* dbeta, float* dinitial_state,
-                   const kda_chunk::Scratch& sc, const FwdBuffers& f, cudaStream_t st) {
+                   const float* dfinal_state, bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta,
+                   float* dinitial_state, const kda_chunk::Scratch& sc, const FwdBuffers& f, cudaStream_t st) {
   const int64_t mc = kda_chunk::max_chunks(s);
   const dim3 chunk_grid(static_cast<unsigned>(mc), static_cast<unsigned>(s.hv));
   const dim3 doc_grid(static_cast<unsigned>(s.num_docs), static_cast<unsigned>(s.hv), DV / kBV);
@@ -1451,7 +1492,7 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
     set_smem(intra_kernel<DK>, IL::bytes);
     intra_kernel<DK><<<chunk_grid, kThreads, IL::bytes, st>>>(s, as_nv(q), as_nv(k), g, beta, cu, chunk_off, sc.x,
                                                                sc.daqk, sc.dtv, sc.dqg, sc.dkg, sc.dw, sc.dgls,
-                                                               sc.dq_hv, sc.dk_hv, dg, dbeta);
+                                                               sc.dq_hv, sc.dk_hv, as_nv(dq), as_nv(dk), dg, dbeta);
     CHECK_LAUNCH();
   }
 }
@@ -1470,8 +1511,6 @@ void with_dims(const KdaDims& s, F&& f) {
 
 }  // namespace
 
-bool supports(const KdaDims& s) { return (s.dk == 64 || s.dk == 128) && (s.dv == 64 || s.dv == 128); }
-
 size_t forward_scratch_bytes(const KdaDims& s) {
   FwdBuffers f{};
   return carve(s, nullptr, f);
@@ -1479,7 +1518,8 @@ size_t forward_scratch_bytes(const KdaDims& s) {
 
 void forward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
              const int32_t* cu_seqlens, const int32_t* chunk_off, const float* initial_state, bf16* o,
-             float* final_state, void* scratch, cudaStream_t stream) {
+             float* final_state, void* scratch, void* stream_ptr) {
+  cudaStream_t stream = as_stream(stream_ptr);
   HYD_CHECK(supports(s), "kda_mma::forward: dk ", s.dk, " / dv ", s.dv, " not supported");
   HYD_CHECK(s.num_docs <= 0x7fffffffLL && s.hv <= 65535, "kda_mma::forward: grid too large");
   FwdBuffers f{};
@@ -1491,16 +1531,20 @@ void forward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, cons
 
 void backward_products(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
                        const float* beta, const int32_t* cu_seqlens, const int32_t* chunk_off,
-                       const float* initial_state, const bf16* dout, const float* dfinal_state, bf16* dv,
-                       float* dg, float* dbeta, float* dinitial_state, const kda_chunk::Scratch& sc, void* scratch,
-                       cudaStream_t stream) {
+                       const float* initial_state, const bf16* dout, const float* dfinal_state, bf16* dq, bf16* dk,
+                       bf16* dv, float* dg, float* dbeta, float* dinitial_state, const kda_chunk::Scratch& sc,
+                       void* scratch, void* stream_ptr) {
+  cudaStream_t stream = as_stream(stream_ptr);
   HYD_CHECK(supports(s), "kda_mma::backward_products: dk ", s.dk, " / dv ", s.dv, " not supported");
   HYD_CHECK(s.num_docs <= 0x7fffffffLL && s.hv <= 65535, "kda_mma::backward_products: grid too large");
   FwdBuffers f{};
   carve(s, static_cast<unsigned char*>(scratch), f);
   with_dims(s, [&]<int DK, int DV>() {
-    backward_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, chunk_off, initial_state, dout, dfinal_state, dv, dg,
-                          dbeta, dinitial_state, sc, f, stream);
+    // dq, dk straight from the intra-chunk kernel when there is no GQA group to sum over.
+    bf16* dq_direct = s.hv == s.h ? dq : nullptr;
+    bf16* dk_direct = s.hv == s.h ? dk : nullptr;
+    backward_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, chunk_off, initial_state, dout, dfinal_state, dq_direct,
+                          dk_direct, dv, dg, dbeta, dinitial_state, sc, f, stream);
   });
 }
 

@@ -3,8 +3,6 @@
 // where these do not apply.
 #pragma once
 
-#include <cuda_runtime.h>
-
 #include <cstddef>
 #include <cstdint>
 
@@ -16,8 +14,8 @@ struct Scratch;
 
 namespace hyd::kernels::cuda::kda_mma {
 
-// dk and dv in {64, 128}.
-bool supports(const KdaDims& s);
+// dk and dv in {64, 128} (inline: tests of CPU-only builds ask too).
+inline bool supports(const KdaDims& s) { return (s.dk == 64 || s.dk == 128) && (s.dv == 64 || s.dv == 128); }
 
 // Bytes of scratch the forward needs (16-byte aligned pieces), beside the chunk table.
 size_t forward_scratch_bytes(const KdaDims& s);
@@ -26,17 +24,18 @@ size_t forward_scratch_bytes(const KdaDims& s);
 // cu_seqlens (kda_chunk::ChunkTableProgram), already computed on `stream`.
 void forward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
              const int32_t* cu_seqlens, const int32_t* chunk_off, const float* initial_state, bf16* o,
-             float* final_state, void* scratch, cudaStream_t stream);
+             float* final_state, void* scratch, void* stream);
 
 // The backward up to the GQA reduction: prep (keeping X in sc.x), the state pass keeping S_in and
 // v_new of every chunk, the reverse state pass (dS_out, dv_new, dinitial_state), the products over
-// dv (sc.dqg, dkg, dw, dgls, daqk, dtv and the finished dv) and the intra-chunk gradients (dq, dk
-// per value head in sc.dq_hv, sc.dk_hv; the finished dg, dbeta). sc holds the buffers of
-// kda_chunk::Pass::backward_mma; `scratch` holds forward_scratch_bytes(s) bytes.
+// dv (sc.dqg, dkg, dw, dgls, daqk, dtv and the finished dv) and the intra-chunk gradients (the
+// finished dg, dbeta; dq, dk finished when HV == H, else per value head in sc.dq_hv, sc.dk_hv for
+// the caller's group reduction). sc holds the buffers of kda_chunk::Pass::backward_mma; `scratch`
+// holds forward_scratch_bytes(s) bytes.
 void backward_products(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
                        const float* beta, const int32_t* cu_seqlens, const int32_t* chunk_off,
-                       const float* initial_state, const bf16* dout, const float* dfinal_state, bf16* dv,
-                       float* dg, float* dbeta, float* dinitial_state, const kda_chunk::Scratch& sc, void* scratch,
-                       cudaStream_t stream);
+                       const float* initial_state, const bf16* dout, const float* dfinal_state, bf16* dq, bf16* dk,
+                       bf16* dv, float* dg, float* dbeta, float* dinitial_state, const kda_chunk::Scratch& sc,
+                       void* scratch, void* stream);
 
 }  // namespace hyd::kernels::cuda::kda_mma
