@@ -34,6 +34,29 @@ namespace hyd::kernels::cuda::kda_mma {
 using namespace cuda_detail;
 using namespace ptx;
 
+// Phase clocks of one block for profiling builds (-DHYD_KDA_PHASE_CLOCKS): thread 0 of block
+// (300, 5) prints the cycles between marks.
+#ifdef HYD_KDA_PHASE_CLOCKS
+#define KDA_CLOCKS_BEGIN() \
+  long long kda_clk[12];   \
+  kda_clk[0] = clock64()
+#define KDA_CLOCK(i) kda_clk[i] = clock64()
+#define KDA_CLOCKS_PRINT(name, n)                                                          \
+  if (threadIdx.x == 0 && blockIdx.x == 300 && blockIdx.y == 5) {                          \
+    for (int m = 1; m < (n); ++m) printf("%s phase %d: %lld cycles\n", name, m, kda_clk[m] - kda_clk[m - 1]); \
+  }
+#else
+#define KDA_CLOCKS_BEGIN() \
+  do {                     \
+  } while (0)
+#define KDA_CLOCK(i) \
+  do {               \
+  } while (0)
+#define KDA_CLOCKS_PRINT(name, n) \
+  do {                            \
+  } while (0)
+#endif
+
 namespace {
 
 constexpr int C = 64;
@@ -79,6 +102,21 @@ __device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& hi, uin
 }
 
 __device__ __forceinline__ void zero(float (&a)[4]) { a[0] = a[1] = a[2] = a[3] = 0.f; }
+
+// sum_{m = lo}^{hi - 1} a[m sa] b[m sb] with four independent partial sums (the shared-memory loops
+// of the inverse and its adjoint are latency-bound).
+__device__ __forceinline__ float dot_strided(const float* a, int sa, const float* b, int sb, int lo, int hi) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  int m = lo;
+  for (; m + 3 < hi; m += 4) {
+    s0 += a[m * sa] * b[m * sb];
+    s1 += a[(m + 1) * sa] * b[(m + 1) * sb];
+    s2 += a[(m + 2) * sa] * b[(m + 2) * sb];
+    s3 += a[(m + 3) * sa] * b[(m + 3) * sb];
+  }
+  for (; m < hi; ++m) s0 += a[m * sa] * b[m * sb];
+  return (s0 + s1) + (s2 + s3);
+}
 
 // ---------------------------------------------------------------- prep
 
@@ -304,6 +342,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   float* bs = reinterpret_cast<float*>(smem + Lt::oBeta);
   const uint32_t s_kg = smem_addr(kgt), s_v = smem_addr(smem + Lt::oV);
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  KDA_CLOCKS_BEGIN();
 
   // 1. Loads (rows past the chunk's end are zero).
   stage_kqg<DK>(smem_addr(ks), smem_addr(qs), smem_addr(gs), k, q, g, sp.start, L, H, h, HV, hv);
@@ -314,6 +353,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   cp_async_wait<0>();
   __syncthreads();
 
+  KDA_CLOCK(1);
   // 2. G = cumulative sum of g over the rows, per channel.
   if (tid < DK) {
     float acc = 0.f;
@@ -324,6 +364,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
+  KDA_CLOCK(2);
   // 3a. Elementwise: the kG = k exp(G) operand tile; qg, kg, gl to global.
   const float* glast = gs + (C - 1) * kLdG;
   for (int idx = tid; idx < C * DK / 2; idx += kThreads) {
@@ -381,38 +422,34 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
+  KDA_CLOCK(3);
   // 4. X = (I + A)^-1: diagonal blocks by substitution (warps 0-3), then the blocks below.
   if (warp < 4 && lane < 16) {
     const int b0 = 16 * warp, j = lane;
     xs[(b0 + j) * kLdM + b0 + j] = 1.f;
     __syncwarp(0xffffu);
     for (int rl = 1; rl < 16; ++rl) {
-      if (j < rl) {
-        float sum = 0.f;
-        for (int m = j; m < rl; ++m) sum += as[(b0 + rl) * kLdM + b0 + m] * xs[(b0 + m) * kLdM + b0 + j];
-        xs[(b0 + rl) * kLdM + b0 + j] = -sum;
-      }
+      if (j < rl) xs[(b0 + rl) * kLdM + b0 + j] = -dot_strided(as + (b0 + rl) * kLdM + b0, 1, xs + b0 * kLdM + b0 + j, kLdM, j, rl);
       __syncwarp(0xffffu);
     }
   }
   __syncthreads();
+  KDA_CLOCK(4);
   for (int I = 1; I < 4; ++I) {
     for (int idx = tid; idx < I * 256; idx += kThreads) {
       const int J = idx >> 8, rr = (idx >> 4) & 15, cc = idx & 15;
-      float sum = 0.f;
-      for (int m = 16 * J; m < 16 * I; ++m) sum += as[(16 * I + rr) * kLdM + m] * xs[m * kLdM + 16 * J + cc];
-      ys[(J * 16 + rr) * 17 + cc] = sum;
+      ys[(J * 16 + rr) * 17 + cc] = dot_strided(as + (16 * I + rr) * kLdM, 1, xs + 16 * J + cc, kLdM, 16 * J, 16 * I);
     }
     __syncthreads();
     for (int idx = tid; idx < I * 256; idx += kThreads) {
       const int J = idx >> 8, rr = (idx >> 4) & 15, cc = idx & 15;
-      float sum = 0.f;
-      for (int m = 0; m <= rr; ++m) sum += xs[(16 * I + rr) * kLdM + 16 * I + m] * ys[(J * 16 + m) * 17 + cc];
-      xs[(16 * I + rr) * kLdM + 16 * J + cc] = -sum;
+      xs[(16 * I + rr) * kLdM + 16 * J + cc] =
+          -dot_strided(xs + (16 * I + rr) * kLdM + 16 * I, 1, ys + J * 16 * 17 + cc, 17, 0, rr + 1);
     }
     __syncthreads();
   }
 
+  KDA_CLOCK(5);
   // 5. w = T kG (warps 0-3), u = T v (warps 4-7).
   if (warp < 4)
     t_times_tile<DK, kLdM>(xs, bs, s_kg, warp, w_out + ch * C * DK);
@@ -420,6 +457,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     t_times_tile<DV, kLdM>(xs, bs, s_v, warp - 4, u_out + ch * C * DV);  // u in f32: it is not an MMA operand
   if (x_out)  // X for the backward (f32 [C][C])
     for (int idx = tid; idx < C * C; idx += kThreads) x_out[ch * C * C + idx] = xs[(idx / C) * kLdM + idx % C];
+  KDA_CLOCK(6);
+  KDA_CLOCKS_PRINT("prep", 7);
 }
 
 // ---------------------------------------------------------------- state pass
@@ -437,14 +476,25 @@ struct StateLayout {
                           oVlo = oVhi + size_t{C} * kBV * 2, bytes = oVlo + size_t{C} * kBV * 2;
 };
 
+// Copies a staged swizzled bf16 tile [ROWS][kBV] to global rows dst + r * stride (16-byte stores).
+template <int ROWS>
+__device__ __forceinline__ void store_staged(const unsigned char* tile, __nv_bfloat16* dst, int64_t stride) {
+  constexpr int CH = kBV / 8;
+  for (int idx = static_cast<int>(threadIdx.x); idx < ROWS * CH; idx += kThreads) {
+    const int r = idx / CH, c = idx % CH;
+    *reinterpret_cast<uint4*>(dst + r * stride + c * 8) = *reinterpret_cast<const uint4*>(tile + toff<CH>(r, c));
+  }
+}
+
 template <int DK, int DV>
 __global__ void __launch_bounds__(kThreads, 1)
     state_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
                  const __nv_bfloat16* __restrict__ w, const float* __restrict__ u,
                  const __nv_bfloat16* __restrict__ qg, const __nv_bfloat16* __restrict__ kg,
                  const __nv_bfloat16* __restrict__ aqk, const float* __restrict__ gl, const float* __restrict__ initial,
-                 __nv_bfloat16* __restrict__ o, float* __restrict__ final_state, float* __restrict__ states,
-                 float* __restrict__ vn) {
+                 __nv_bfloat16* __restrict__ o, float* __restrict__ final_state,
+                 __nv_bfloat16* __restrict__ states_hi, __nv_bfloat16* __restrict__ states_lo,
+                 __nv_bfloat16* __restrict__ vn) {
   using Lt = StateLayout<DK>;
   constexpr int MT = DK / 16;       // m-tiles of the state
   constexpr int SN = 4 * MT / 8;    // n-tiles (of 8 columns) of the state per warp
@@ -510,15 +560,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int64_t start = cu[d] + (c - c0) * C;
     const int L = static_cast<int>(min(static_cast<int64_t>(C), cu[d + 1] - start));
     const int64_t ch = c * HV + hv;
-    if (states)  // S entering the chunk, for the backward
-#pragma unroll
-      for (int n = 0; n < SN; ++n)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int i = 16 * sm + gq + 8 * half, j = 8 * (sn0 + n) + 2 * tq;
-          *reinterpret_cast<float2*>(states + (ch * DK + i) * DV + j0 + j) =
-              make_float2(st[n][2 * half], st[n][2 * half + 1]);
-        }
+    if (states_hi) {  // S entering the chunk (hi + lo), for the backward
+      store_staged<DK>(smem + Lt::oShi, states_hi + ch * DK * DV + j0, DV);
+      store_staged<DK>(smem + Lt::oSlo, states_lo + ch * DK * DV + j0, DV);
+    }
 
     // (a) v_new = u - w S
     {
@@ -544,7 +589,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int r = 16 * I + gq + 8 * half, col = 8 * (nb + n) + 2 * tq;
           const float2 uu = *reinterpret_cast<const float2*>(gbase + Lt::oU + (r * Lt::kLdU + col) * 4);
           const float v0 = uu.x - acc[n][2 * half], v1 = uu.y - acc[n][2 * half + 1];
-          if (vn) *reinterpret_cast<float2*>(vn + (ch * C + r) * DV + j0 + col) = make_float2(v0, v1);
           uint32_t hi, lo;
           split_pair(v0, v1, hi, lo);
           *reinterpret_cast<uint32_t*>(smem + Lt::oVhi + eoff<kBV>(r, col)) = hi;
@@ -552,6 +596,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
     }
     __syncthreads();  // v_new staged
+    if (vn) store_staged<C>(smem + Lt::oVhi, vn + ch * C * DV + j0, DV);  // v_new (bf16) for the backward
 
     // (b) o = qg S + Aqk v_new
     if (o) {
@@ -648,14 +693,15 @@ struct ReverseLayout {
 // The state adjoint backwards over the chunks of one document (grid as state_kernel). With dS the
 // adjoint of the state leaving chunk c (dfinal_state for the last):
 //   dv_new = Aqk^T do + kg dS,   dS <- Diag(gl) dS + qg^T do - w^T dv_new.
-// Writes dS_out of every chunk (dstates), dv_new (dvn) and dinitial_state.
+// Writes dS_out of every chunk (dstates, as hi + lo bf16), -dv_new (ndvn, bf16) and dinitial_state.
 template <int DK, int DV>
 __global__ void __launch_bounds__(kThreads, 1)
     reverse_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
                    const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ qg,
                    const __nv_bfloat16* __restrict__ kg, const __nv_bfloat16* __restrict__ aqk,
                    const float* __restrict__ gl, const __nv_bfloat16* __restrict__ dout,
-                   const float* __restrict__ dfinal, float* __restrict__ dstates, float* __restrict__ dvn,
+                   const float* __restrict__ dfinal, __nv_bfloat16* __restrict__ dstates_hi,
+                   __nv_bfloat16* __restrict__ dstates_lo, __nv_bfloat16* __restrict__ ndvn,
                    float* __restrict__ dinit) {
   using Lt = ReverseLayout<DK>;
   constexpr int MT = DK / 16, SN = 4 * MT / 8;
@@ -717,15 +763,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint32_t base = s0 + static_cast<uint32_t>(b * Lt::buf);
     const unsigned char* gbase = smem + b * Lt::buf;
     const int64_t ch = c * HV + hv;
-    if (dstates)
-#pragma unroll
-      for (int n = 0; n < SN; ++n)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int i = 16 * sm + gq + 8 * half, j = 8 * (sn0 + n) + 2 * tq;
-          *reinterpret_cast<float2*>(dstates + (ch * DK + i) * DV + j0 + j) =
-              make_float2(ds[n][2 * half], ds[n][2 * half + 1]);
-        }
+    if (dstates_hi) {  // dS_out of the chunk (hi + lo)
+      store_staged<DK>(smem + Lt::oShi, dstates_hi + ch * DK * DV + j0, DV);
+      store_staged<DK>(smem + Lt::oSlo, dstates_lo + ch * DK * DV + j0, DV);
+    }
 
     // (a) dv_new = Aqk^T do + kg dS   (Aqk^T is upper triangular: row block I sees blocks kk >= I)
     {
@@ -756,15 +797,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int r = 16 * I + gq + 8 * half, col = 8 * (nb + n) + 2 * tq;
-          const float v0 = acc[n][2 * half], v1 = acc[n][2 * half + 1];
-          if (dvn) *reinterpret_cast<float2*>(dvn + (ch * C + r) * DV + j0 + col) = make_float2(v0, v1);
           uint32_t hi, lo;
-          split_pair(-v0, -v1, hi, lo);
+          split_pair(-acc[n][2 * half], -acc[n][2 * half + 1], hi, lo);
           *reinterpret_cast<uint32_t*>(smem + Lt::oVhi + eoff<kBV>(r, col)) = hi;
           *reinterpret_cast<uint32_t*>(smem + Lt::oVlo + eoff<kBV>(r, col)) = lo;
         }
     }
     __syncthreads();
+    if (ndvn) store_staged<C>(smem + Lt::oVhi, ndvn + ch * C * DV + j0, DV);  // -dv_new (bf16)
 
     // (b) dS <- Diag(gl) dS + qg^T do + w^T (-dv_new)
     {
@@ -831,12 +871,15 @@ struct ProductsLayout {
 //   dqg = do S^T,  dkg = v_new dS^T,  dw = -dv_new S^T   [C x DK];   dgls[i] = sum_j S[i,j] dS[i,j]
 //   dAqk = do v_new^T,  dT_v = dv_new v^T   (c <= r, zero above)
 //   dv = T^T dv_new (dv[c] = beta_c sum_{r >= c} X[r,c] dv_new[r]), the finished value gradient.
-// S and dS enter the products as hi + lo bf16 pairs; do is exact, v_new and dv_new are rounded once.
+// S and dS enter the products as hi + lo bf16 pairs (stored so by the state passes); do is exact,
+// v_new and dv_new are rounded once (dv_new is stored negated: ndvn = -dv_new).
 template <int DK, int DV>
 __global__ void __launch_bounds__(kThreads, 1)
     products_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
-                    const float* __restrict__ states, const float* __restrict__ dstates, const float* __restrict__ vn,
-                    const float* __restrict__ dvn, const float* __restrict__ x, const float* __restrict__ beta,
+                    const __nv_bfloat16* __restrict__ states_hi, const __nv_bfloat16* __restrict__ states_lo,
+                    const __nv_bfloat16* __restrict__ dstates_hi, const __nv_bfloat16* __restrict__ dstates_lo,
+                    const __nv_bfloat16* __restrict__ vn, const __nv_bfloat16* __restrict__ ndvn,
+                    const float* __restrict__ x, const float* __restrict__ beta,
                     const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ v,
                     float* __restrict__ dqg, float* __restrict__ dkg, float* __restrict__ dw, float* __restrict__ dgls,
                     float* __restrict__ daqk, float* __restrict__ dtv, __nv_bfloat16* __restrict__ dv_out) {
@@ -858,57 +901,32 @@ __global__ void __launch_bounds__(kThreads, 1)
   copy_tile<C, DV>(s0 + Lt::oDO, dout + (sp.start * HV + hv) * DV, row_stride, L);
   copy_tile<C, DV>(s0 + Lt::oV, v + (sp.start * HV + hv) * DV, row_stride, L);
   cp_async_commit();
+  copy_tile<C, DV>(s0 + Lt::oVN, vn + ch * C * DV, DV, C);
+  copy_tile<C, DV>(s0 + Lt::oDVN, ndvn + ch * C * DV, DV, C);
+  copy_tile<DK, DV>(s0 + Lt::oShi, states_hi + ch * DK * DV, DV, DK);
+  copy_tile<DK, DV>(s0 + Lt::oSlo, states_lo + ch * DK * DV, DV, DK);
+  copy_tile<DK, DV>(s0 + Lt::oDhi, dstates_hi + ch * DK * DV, DV, DK);
+  copy_tile<DK, DV>(s0 + Lt::oDlo, dstates_lo + ch * DK * DV, DV, DK);
   stage_matrix<kLdX>(s0 + Lt::oX, x + ch * C * C);
   cp_async_commit();
   if (tid < C) bs[tid] = tid < L ? beta[(sp.start + tid) * HV + hv] : 0.f;
-  // v_new, dv_new -> bf16 tiles (loads batched 4 float4 per thread at a time).
-  constexpr int kB = 4;
-  for (int base = 0; base < C * DV / 4; base += kB * kThreads) {
-    float4 a[kB], e[kB];
-#pragma unroll
-    for (int u = 0; u < kB; ++u) {
-      const int idx = base + tid + u * kThreads;
-      a[u] = *reinterpret_cast<const float4*>(vn + ch * C * DV + idx * 4);
-      e[u] = *reinterpret_cast<const float4*>(dvn + ch * C * DV + idx * 4);
-    }
-#pragma unroll
-    for (int u = 0; u < kB; ++u) {
-      const int idx = base + tid + u * kThreads, r = idx / (DV / 4), j = (idx % (DV / 4)) * 4;
-      *reinterpret_cast<uint2*>(smem + Lt::oVN + eoff<DV>(r, j)) =
-          make_uint2(pack_bf16(a[u].x, a[u].y), pack_bf16(a[u].z, a[u].w));
-      *reinterpret_cast<uint2*>(smem + Lt::oDVN + eoff<DV>(r, j)) =
-          make_uint2(pack_bf16(e[u].x, e[u].y), pack_bf16(e[u].z, e[u].w));
-    }
-  }
-  // S, dS -> hi + lo bf16 tiles, and dgls[i] = sum_j S[i,j] dS[i,j] (DV / 4 consecutive lanes per row).
-  for (int base = 0; base < DK * DV / 4; base += kB * kThreads) {
-    float4 a[kB], e[kB];
-#pragma unroll
-    for (int u = 0; u < kB; ++u) {
-      const int idx = base + tid + u * kThreads;
-      a[u] = *reinterpret_cast<const float4*>(states + ch * DK * DV + idx * 4);
-      e[u] = *reinterpret_cast<const float4*>(dstates + ch * DK * DV + idx * 4);
-    }
-#pragma unroll
-    for (int u = 0; u < kB; ++u) {
-      const int idx = base + tid + u * kThreads, i = idx / (DV / 4), j = (idx % (DV / 4)) * 4;
-      uint32_t h0, l0, h1, l1;
-      split_pair(a[u].x, a[u].y, h0, l0);
-      split_pair(a[u].z, a[u].w, h1, l1);
-      *reinterpret_cast<uint2*>(smem + Lt::oShi + eoff<DV>(i, j)) = make_uint2(h0, h1);
-      *reinterpret_cast<uint2*>(smem + Lt::oSlo + eoff<DV>(i, j)) = make_uint2(l0, l1);
-      split_pair(e[u].x, e[u].y, h0, l0);
-      split_pair(e[u].z, e[u].w, h1, l1);
-      *reinterpret_cast<uint2*>(smem + Lt::oDhi + eoff<DV>(i, j)) = make_uint2(h0, h1);
-      *reinterpret_cast<uint2*>(smem + Lt::oDlo + eoff<DV>(i, j)) = make_uint2(l0, l1);
-      float dot = a[u].x * e[u].x + a[u].y * e[u].y + a[u].z * e[u].z + a[u].w * e[u].w;
-#pragma unroll
-      for (int o = 1; o < DV / 4; o <<= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-      if (idx % (DV / 4) == 0) dgls[ch * DK + i] = dot;
-    }
-  }
   cp_async_wait<0>();
   __syncthreads();
+  // dgls[i] = sum_j S[i,j] dS[i,j] from the hi + lo tiles (warp = row).
+  for (int i = warp; i < DK; i += kThreads / 32) {
+    float acc = 0.f;
+    for (int j = 2 * lane; j < DV; j += 64) {
+      auto val = [&](size_t hi_off, size_t lo_off) {
+        const float2 hv2 = unpack_bf16(*reinterpret_cast<const uint32_t*>(smem + hi_off + eoff<DV>(i, j)));
+        const float2 lv2 = unpack_bf16(*reinterpret_cast<const uint32_t*>(smem + lo_off + eoff<DV>(i, j)));
+        return make_float2(hv2.x + lv2.x, hv2.y + lv2.y);
+      };
+      const float2 sv = val(Lt::oShi, Lt::oSlo), dv2 = val(Lt::oDhi, Lt::oDlo);
+      acc += sv.x * dv2.x + sv.y * dv2.y;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) dgls[ch * DK + i] = acc;
+  }
 
   const int I = warp & 3, half = warp >> 2;
   const int ra = 16 * I + gq, rb = ra + 8;
@@ -943,10 +961,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   dk_product(Lt::oDO, Lt::oShi, Lt::oSlo, 1.f, dqg);
   dk_product(Lt::oVN, Lt::oDhi, Lt::oDlo, 1.f, dkg);
-  dk_product(Lt::oDVN, Lt::oShi, Lt::oSlo, -1.f, dw);
+  dk_product(Lt::oDVN, Lt::oShi, Lt::oSlo, 1.f, dw);  // dw = -dv_new S^T = ndvn S^T
 
   // out[r][c] = sum_j A[r][j] B[c][j] for c <= r (zero above), columns c in [32 half, 32 half + 32).
-  auto cc_product = [&](size_t a_off, size_t b_off, float* out) {
+  auto cc_product = [&](size_t a_off, size_t b_off, float sign, float* out) {
     float acc[4][4];
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt) zero(acc[nt]);
@@ -968,13 +986,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int nt = 0; nt < 4; ++nt) {
       const int col = 32 * half + 8 * nt + 2 * tq;
       *reinterpret_cast<float2*>(out + (ch * C + ra) * C + col) =
-          make_float2(col <= ra ? acc[nt][0] : 0.f, col + 1 <= ra ? acc[nt][1] : 0.f);
+          make_float2(col <= ra ? sign * acc[nt][0] : 0.f, col + 1 <= ra ? sign * acc[nt][1] : 0.f);
       *reinterpret_cast<float2*>(out + (ch * C + rb) * C + col) =
-          make_float2(col <= rb ? acc[nt][2] : 0.f, col + 1 <= rb ? acc[nt][3] : 0.f);
+          make_float2(col <= rb ? sign * acc[nt][2] : 0.f, col + 1 <= rb ? sign * acc[nt][3] : 0.f);
     }
   };
-  cc_product(Lt::oDO, Lt::oVN, daqk);
-  cc_product(Lt::oDVN, Lt::oV, dtv);
+  cc_product(Lt::oDO, Lt::oVN, 1.f, daqk);
+  cc_product(Lt::oDVN, Lt::oV, -1.f, dtv);  // dT_v = dv_new v^T = -(ndvn v^T)
 
   // dv = T^T dv_new: rows c of block I, columns j in [DV/2 half, DV/2 half + DV/2); T^T[c][r] = X[r][c] beta_c.
   {
@@ -999,10 +1017,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int nt = 0; nt < NV; ++nt) {
       const int col = half * (DV / 2) + 8 * nt + 2 * tq;
-      if (ra < L)
-        *reinterpret_cast<uint32_t*>(dv_out + ((sp.start + ra) * HV + hv) * DV + col) = pack_bf16(acc[nt][0], acc[nt][1]);
+      if (ra < L)  // dv = T^T dv_new = -(T^T ndvn)
+        *reinterpret_cast<uint32_t*>(dv_out + ((sp.start + ra) * HV + hv) * DV + col) = pack_bf16(-acc[nt][0], -acc[nt][1]);
       if (rb < L)
-        *reinterpret_cast<uint32_t*>(dv_out + ((sp.start + rb) * HV + hv) * DV + col) = pack_bf16(acc[nt][2], acc[nt][3]);
+        *reinterpret_cast<uint32_t*>(dv_out + ((sp.start + rb) * HV + hv) * DV + col) = pack_bf16(-acc[nt][2], -acc[nt][3]);
     }
   }
 }
@@ -1079,6 +1097,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float* dwc = dw + ch * C * DK;
   const float* dqgc = dqg + ch * C * DK;
   const float* dkgc = dkg + ch * C * DK;
+  KDA_CLOCKS_BEGIN();
 
   // 1. Loads (k, q, g, X, dAqk, dT_v asynchronously; dw split into hi + lo), G = cumsum(g).
   stage_kqg<DK>(smem_addr(ks), smem_addr(qs), smem_addr(gs), k, q, g, sp.start, L, H, h, HV, hv);
@@ -1113,6 +1132,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
+  KDA_CLOCK(1);
   // 2. Ak (warps 0-3, row block I) and dT = dT_v + dw kG^T (warps 4-7), on tensor cores.
   {
     const int I = warp & 3, ra = 16 * I + gq, ntn = 2 * (I + 1);
@@ -1168,6 +1188,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
+  KDA_CLOCK(2);
   // 3. dbeta through T and dX = dT Diag(beta) (4 threads per column c, rows c + part, c + part + 4, ...);
   // extra[i] starts as e^{G_last} dgls (the sum over the rows is added in step 6).
   {
@@ -1182,28 +1203,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (tid < DK) extra[tid] = __expf(gs[(C - 1) * LDG + tid]) * dgls[ch * DK + tid];
   __syncthreads();
+  KDA_CLOCK(3);
   // 4. Z = dX X^T (dX[a][b] = 0 for b > a, X[c][b] = 0 for b > c).
   for (int idx = tid; idx < C * C; idx += kThreads) {
-    const int a = idx / C, cc = idx % C, last = min(a, cc);
-    float acc = 0.f;
-    for (int b = 0; b <= last; ++b) acc += tm[a * LDM + b] * xm[cc * LDM + b];
-    zm[a * LDM + cc] = acc;
+    const int a = idx / C, cc = idx % C;
+    zm[a * LDM + cc] = dot_strided(tm + a * LDM, 1, xm + cc * LDM, 1, 0, min(a, cc) + 1);
   }
   __syncthreads();
+  KDA_CLOCK(4);
   // 5. dA = -(X^T Z) strictly below the diagonal, into tm.
   for (int idx = tid; idx < C * C; idx += kThreads) {
     const int r = idx / C, cc = idx % C;
-    float acc = 0.f;
-    if (cc < r)
-      for (int m = r; m < C; ++m) acc += xm[m * LDM + r] * zm[m * LDM + cc];
-    tm[r * LDM + cc] = -acc;
+    tm[r * LDM + cc] = cc < r ? -dot_strided(xm + r, LDM, zm + cc, LDM, r, C) : 0.f;
   }
   __syncthreads();
 
+  KDA_CLOCK(5);
   // 6. dbeta (thread = row); per-warp outputs.
   if (tid < C) {
-    float acc = dbt[tid];
-    for (int cc = 0; cc < tid; ++cc) acc += tm[tid * LDM + cc] * ak[tid * LDM + cc];
+    const float acc = dbt[tid] + dot_strided(tm + tid * LDM, 1, ak + tid * LDM, 1, 0, tid);
     if (tid < L) dbeta[(sp.start + tid) * HV + hv] = acc;
   }
   const int I = warp & 3, half = warp >> 2;
@@ -1276,6 +1294,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           oG[nt][e] += acc[nt][e] * kr * eG;
         }
     }
+    KDA_CLOCK(6);
     // Row sums s1 (P) and s2 (dAqk) against k_c exp(R - G_c), R = G_{16 I}.
     {
       float s1[NT][4], s2[NT][4];
@@ -1332,6 +1351,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<float2*>(dq_hv + o) = make_float2(oq[nt][2 * half_r], oq[nt][2 * half_r + 1]);
       }
   }
+  KDA_CLOCK(7);
   // Column sums s3 (P^T against k) and s4 (dAqk^T against q), factors x_r' exp(G_r' - R'), R' = G_{16 I + 15}.
   {
     float s3[NT][4], s4[NT][4];
@@ -1393,6 +1413,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int e = 0; e < 4; ++e) gs[row_of(e) * LDG + chan_of(nt, e)] = oG[nt][e];
   __syncthreads();
+  KDA_CLOCK(8);
   // 7. dg = reverse cumulative sum of dG over the rows, plus the dG_last terms on every row.
   if (tid < DK) {
     float acc = extra[tid];
@@ -1401,6 +1422,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (r < L) dg[((sp.start + r) * HV + hv) * DK + tid] = acc;
     }
   }
+  KDA_CLOCK(9);
+  KDA_CLOCKS_PRINT("intra", 10);
 }
 
 struct FwdBuffers {
@@ -1451,7 +1474,7 @@ void forward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v,
   set_smem(state_kernel<DK, DV>, SL::bytes);
   state_kernel<DK, DV><<<dim3(static_cast<unsigned>(s.num_docs), static_cast<unsigned>(s.hv), DV / kBV), kThreads,
                          SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, initial_state,
-                                          as_nv(o), final_state, nullptr, nullptr);
+                                          as_nv(o), final_state, nullptr, nullptr, nullptr);
   CHECK_LAUNCH();
 }
 
@@ -1470,23 +1493,32 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
                                                                   chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, sc.x);
     CHECK_LAUNCH();
   }
+  // S_in / dS_out of every chunk as hi + lo bf16 pairs in the f32-sized buffers of sc; v_new and
+  // -dv_new as bf16 in the first half of theirs.
+  const size_t state_elems = static_cast<size_t>(mc) * static_cast<size_t>(s.hv) * DK * DV;
+  __nv_bfloat16* states_hi = reinterpret_cast<__nv_bfloat16*>(sc.states);
+  __nv_bfloat16* dstates_hi = reinterpret_cast<__nv_bfloat16*>(sc.dstates);
+  __nv_bfloat16* vn = reinterpret_cast<__nv_bfloat16*>(sc.vn);
+  __nv_bfloat16* ndvn = reinterpret_cast<__nv_bfloat16*>(sc.dvn);
   using SL = StateLayout<DK>;
   set_smem(state_kernel<DK, DV>, SL::bytes);
   state_kernel<DK, DV><<<doc_grid, kThreads, SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl,
-                                                              initial_state, nullptr, nullptr, sc.states, sc.vn);
+                                                              initial_state, nullptr, nullptr, states_hi,
+                                                              states_hi + state_elems, vn);
   CHECK_LAUNCH();
   using RL = ReverseLayout<DK>;
   set_smem(reverse_kernel<DK, DV>, RL::bytes);
   reverse_kernel<DK, DV><<<doc_grid, kThreads, RL::bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl,
-                                                                as_nv(dout), dfinal_state, sc.dstates, sc.dvn,
-                                                                dinitial_state);
+                                                                as_nv(dout), dfinal_state, dstates_hi,
+                                                                dstates_hi + state_elems, ndvn, dinitial_state);
   CHECK_LAUNCH();
   if (mc > 0) {
     using QL = ProductsLayout<DK, DV>;
     using IL = IntraLayout<DK>;
     set_smem(products_kernel<DK, DV>, QL::bytes);
     products_kernel<DK, DV><<<chunk_grid, kThreads, QL::bytes, st>>>(
-        s, cu, chunk_off, sc.states, sc.dstates, sc.vn, sc.dvn, sc.x, beta, as_nv(dout), as_nv(v), sc.dqg, sc.dkg,
+        s, cu, chunk_off, states_hi, states_hi + state_elems, dstates_hi, dstates_hi + state_elems, vn, ndvn, sc.x,
+        beta, as_nv(dout), as_nv(v), sc.dqg, sc.dkg,
         sc.dw, sc.dgls, sc.daqk, sc.dtv, as_nv(dv));
     CHECK_LAUNCH();
     set_smem(intra_kernel<DK>, IL::bytes);

@@ -13,8 +13,9 @@
 // get their gradient only through the log-decay gradient dg, which the tensor-core KDA core
 // (kernels/cuda/kda_mma.cu) computes from bf16 operands (1e-3 to 3.5e-3 relative in
 // gpu.test_gpu_kda, against ~3e-4 for the fp32 version 1); dt_bias and A_log sum it over every
-// token (cancellation): f_proj.* and dt_bias are held to 5e-2 like A_log (measured on an H200:
-// f_proj 1.4e-2, dt_bias 2.5e-2). The errors are printed.
+// token (cancellation): f_proj.* < 5e-2, dt_bias and A_log < 1e-1 (measured on an H200 over six
+// runs of fresh inputs: f_proj up to 1.5e-2, dt_bias up to 2.7e-2, A_log up to 4.7e-2). The errors
+// are printed.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -37,7 +38,8 @@ using test::rel_err;
 
 constexpr double kOutTol = 1.5e-2;
 constexpr double kGradTol = 2.5e-2;
-constexpr double kGateGradTol = 5e-2;  // A_log, dt_bias, f_proj.* (see above)
+constexpr double kGateGradTol = 5e-2;         // f_proj.* (see above)
+constexpr double kSummedGateGradTol = 1e-1;   // A_log, dt_bias
 
 std::vector<double> to_double_bf16(const std::vector<float>& v) {
   std::vector<double> r(v.size());
@@ -134,8 +136,8 @@ void compare_layers(const KdaConfig& cfg) {
     const std::string& name = wc.params()[i].name;
     const double err = rel_err(got.grads[i], ref.grads[i]);
     std::printf("  %-18s rel err %.3e\n", name.c_str(), err);
-    const bool gate = name == "A_log" || name == "dt_bias" || name.starts_with("f_proj");
-    EXPECT_LT(err, gate ? kGateGradTol : kGradTol) << name;
+    const bool summed = name == "A_log" || name == "dt_bias";
+    EXPECT_LT(err, summed ? kSummedGateGradTol : name.starts_with("f_proj") ? kGateGradTol : kGradTol) << name;
   }
 }
 
