@@ -268,10 +268,12 @@ struct PrepLayout {
   static constexpr size_t oA = oQ + size_t{C} * kLdB * 2;
   static constexpr size_t oX = oA + size_t{C} * kLdM * 4;
   static constexpr size_t oY = oX + size_t{C} * kLdM * 4;  // 3 blocks of 16 x 17
-  static constexpr size_t oKG = oY + (3 * 16 * 17 * 4 + 15) / 16 * 16;
-  static constexpr size_t oV = oKG + size_t{C} * DK * 2;
-  static constexpr size_t oBeta = oV + size_t{C} * DV * 2;
+  static constexpr size_t oBeta = oY + (3 * 16 * 17 * 4 + 15) / 16 * 16;
   static constexpr size_t bytes = oBeta + C * 4;
+  // Reused regions (two blocks fit on an SM): the kG operand tile [C][DK] goes where q was (q is dead
+  // after Aqk), the v tile [C][DV] where G was (G is dead once kG is formed).
+  static constexpr size_t oKG = oQ, oV = oG;
+  static_assert(size_t{C} * DK * 2 <= size_t{C} * kLdB * 2 && size_t{C} * DV * 2 <= size_t{C} * kLdG * 4);
 };
 
 // rows ra, rb = ra + 8 of T = X Diag(beta) times the swizzled [C][N] bf16 tile at `tile`, for the
@@ -314,7 +316,7 @@ __device__ __forceinline__ void t_times_tile(const float* xs, const float* bs, u
 }
 
 template <int DK, int DV>
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, 2)
     prep_kernel(KdaDims s, const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                 const __nv_bfloat16* __restrict__ v, const float* __restrict__ g, const float* __restrict__ beta,
                 const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off, __nv_bfloat16* w_out,
@@ -344,9 +346,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   KDA_CLOCKS_BEGIN();
 
-  // 1. Loads (rows past the chunk's end are zero).
+  // 1. Loads (rows past the chunk's end are zero; v comes later, into G's place).
   stage_kqg<DK>(smem_addr(ks), smem_addr(qs), smem_addr(gs), k, q, g, sp.start, L, H, h, HV, hv);
-  copy_tile<C, DV>(s_v, v + (sp.start * HV + hv) * DV, static_cast<int64_t>(HV) * DV, L);
   cp_async_commit();
   if (tid < C) bs[tid] = tid < L ? beta[(sp.start + tid) * HV + hv] : 0.f;
   for (int idx = tid; idx < C * kLdM; idx += kThreads) xs[idx] = 0.f;
@@ -365,7 +366,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   KDA_CLOCK(2);
-  // 3a. Elementwise: the kG = k exp(G) operand tile; qg, kg, gl to global.
+  // 3a. Elementwise: qg, kg, gl to global.
   const float* glast = gs + (C - 1) * kLdG;
   for (int idx = tid; idx < C * DK / 2; idx += kThreads) {
     const int r = idx / (DK / 2), i = (idx % (DK / 2)) * 2;
@@ -373,7 +374,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float2 GL = *reinterpret_cast<const float2*>(glast + i);
     const float2 kf = unpack_bf16(*reinterpret_cast<const uint32_t*>(ks + r * kLdB + i));
     const float e0 = __expf(G.x), e1 = __expf(G.y);
-    *reinterpret_cast<uint32_t*>(kgt + eoff<DK>(r, i)) = pack_bf16(kf.x * e0, kf.y * e1);
     const int64_t o = (ch * C + r) * DK + i;
     *reinterpret_cast<uint32_t*>(kg_out + o) = pack_bf16(kf.x * __expf(GL.x - G.x), kf.y * __expf(GL.y - G.y));
     if (has_q) {
@@ -423,8 +423,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   KDA_CLOCK(3);
-  // 4. X = (I + A)^-1: diagonal blocks by substitution (warps 0-3), then the blocks below.
-  if (warp < 4 && lane < 16) {
+  // 4. X = (I + A)^-1: diagonal blocks by substitution (warps 0-3), then the blocks below. Meanwhile
+  // warps 4-7 form the kG = k exp(G) operand tile in q's place, and v is fetched into G's place.
+  if (warp >= 4) {
+    for (int idx = tid - 128; idx < C * DK / 2; idx += kThreads - 128) {
+      const int r = idx / (DK / 2), i = (idx % (DK / 2)) * 2;
+      const float2 G = *reinterpret_cast<const float2*>(gs + r * kLdG + i);
+      const float2 kf = unpack_bf16(*reinterpret_cast<const uint32_t*>(ks + r * kLdB + i));
+      *reinterpret_cast<uint32_t*>(kgt + eoff<DK>(r, i)) = pack_bf16(kf.x * __expf(G.x), kf.y * __expf(G.y));
+    }
+  } else if (lane < 16) {
     const int b0 = 16 * warp, j = lane;
     xs[(b0 + j) * kLdM + b0 + j] = 1.f;
     __syncwarp(0xffffu);
@@ -435,6 +443,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   KDA_CLOCK(4);
+  copy_tile<C, DV>(s_v, v + (sp.start * HV + hv) * DV, static_cast<int64_t>(HV) * DV, L);
+  cp_async_commit();
   for (int I = 1; I < 4; ++I) {
     for (int idx = tid; idx < I * 256; idx += kThreads) {
       const int J = idx >> 8, rr = (idx >> 4) & 15, cc = idx & 15;
@@ -449,6 +459,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
   }
 
+  cp_async_wait<0>();  // the v tile
+  __syncthreads();
   KDA_CLOCK(5);
   // 5. w = T kG (warps 0-3), u = T v (warps 4-7).
   if (warp < 4)
