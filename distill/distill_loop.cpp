@@ -161,9 +161,13 @@ struct DistillLoopState {
   // The current stage's log interval.
   double interval_mse = 0, interval_kl = 0, interval_ce = 0, last_norm = 0;
   int64_t interval_steps = 0, interval_tokens = 0, bad_in_row = 0;
+  // Stage 2's hidden-state term (distill.w_hidden > 0 only: a run without it keeps the manifest it had,
+  // so its checkpoints and those written before the option existed resume alike).
+  bool with_hidden = false;
+  double interval_hidden = 0;
 
   void start_stage() {
-    interval_mse = interval_kl = interval_ce = last_norm = 0;
+    interval_mse = interval_kl = interval_ce = last_norm = interval_hidden = 0;
     interval_steps = interval_tokens = bad_in_row = 0;
   }
   template <class F>
@@ -172,6 +176,7 @@ struct DistillLoopState {
     f("last_kl", last_kl), f("last_ce", last_ce), f("interval_mse", interval_mse), f("interval_kl", interval_kl);
     f("interval_ce", interval_ce), f("last_norm", last_norm), f("interval_steps", interval_steps);
     f("interval_tokens", interval_tokens), f("bad_in_row", bad_in_row);
+    if (with_hidden) f("interval_hidden", interval_hidden);
   }
 };
 
@@ -216,6 +221,8 @@ void validate_distill_config(const DistillConfig& cfg) {
           "must be > 0, got " + format_number("%g", d.temperature));
   require(d.w_kl >= 0 && std::isfinite(d.w_kl), "distill.w_kl", "must be >= 0, got " + format_number("%g", d.w_kl));
   require(d.w_ce >= 0 && std::isfinite(d.w_ce), "distill.w_ce", "must be >= 0, got " + format_number("%g", d.w_ce));
+  require(d.w_hidden >= 0 && std::isfinite(d.w_hidden), "distill.w_hidden",
+          "must be >= 0 (0 = off), got " + format_number("%g", d.w_hidden));
   require(d.stage2_steps == 0 || d.w_kl + d.w_ce > 0, "distill.w_kl",
           "distill.w_kl and distill.w_ce are both 0: stage 2 would have no loss");
   const TrainOptions& t = cfg.train;
@@ -282,6 +289,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   // state is restored when its stage starts below).
   int64_t start = 0;  // global steps done
   DistillLoopState st;
+  st.with_hidden = cfg.distill.w_hidden > 0;
   if (resume) {
     const CheckpointManifest& m = resume->manifest;
     const bool fits = m.stage == 1 ? m.stage_step == m.step && m.step <= stage1_steps
@@ -323,7 +331,8 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
        << k_layers.size() << " KDA layers align to the teacher's attention)\n"
        << "stage 2          " << stage2_steps << " steps, lr " << format_number("%.3g", cfg.distill.stage2_lr)
        << ", tau " << format_number("%g", cfg.distill.temperature) << ", w_kl " << format_number("%g", cfg.distill.w_kl)
-       << ", w_ce " << format_number("%g", cfg.distill.w_ce) << "\n"
+       << ", w_ce " << format_number("%g", cfg.distill.w_ce)
+       << (cfg.distill.w_hidden > 0 ? ", w_hidden " + format_number("%g", cfg.distill.w_hidden) : std::string()) << "\n"
        << "evaluation       "
        << (cfg.eval.interval > 0 ? "every " + std::to_string(cfg.eval.interval) + " steps and " : "")
        << "at the end: " << (in.held_out ? std::to_string(cfg.eval.batches) + " held-out batches" : "no held-out data")
@@ -490,10 +499,18 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     AdamW optimizer(student.params(), device, cfg.train.adamw());
     resume_optimizer(2, optimizer);
     const int64_t C = student.logits_chunk_size();
+    const bool with_hidden = cfg.distill.w_hidden > 0;
+    const size_t hidden_bytes =
+        with_hidden ? static_cast<size_t>(L) * (static_cast<size_t>(N * D) * dtype_size(act) + kPad) : 0;
     Arena work("distill stage 2", device,
-               static_cast<size_t>(C * V) * dtype_size(act) + 2 * static_cast<size_t>(N) * 4 + 3 * kPad);
+               static_cast<size_t>(C * V) * dtype_size(act) + 2 * static_cast<size_t>(N) * 4 + 3 * kPad + hidden_bytes);
     const Tensor teacher_chunk = work.alloc({C, V}, act);
     const Tensor kl = work.alloc({N}, DType::f32), ce = work.alloc({N}, DType::f32);
+    // distill.w_hidden > 0: the teacher's layer outputs h_t[l], the targets of the hidden-state term.
+    HybridModel::HiddenStateMatch hidden;
+    hidden.weight = static_cast<float>(cfg.distill.w_hidden);
+    if (with_hidden)
+      for (int64_t l = 0; l < L; ++l) hidden.targets.push_back(work.alloc({N, D}, act));
     kernels::DistillLossOptions opt;
     opt.temperature = static_cast<float>(cfg.distill.temperature);
     opt.w_kl = static_cast<float>(cfg.distill.w_kl);
@@ -506,23 +523,35 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       const HostBatch hb = sampler.batch(stage1_steps + step);  // the sampler continues where stage 1 stopped
       const Batch batch = uploader.upload(ctx, hb);
       const Tensor mask = uploader.loss_mask();
-      double kl_mean = NAN, ce_mean = NAN;
+      double kl_mean = NAN, ce_mean = NAN, hidden_mse = 0;
       bool good = hb.num_targets > 0;
       if (good) {
         student.zero_grad();
-        teacher.forward_hidden(ctx, batch);
+        if (with_hidden) {
+          teacher.forward_layer_outputs(ctx, batch, hidden.targets);  // also keeps the final hidden states
+          hidden.token_mask.resize(hb.targets.size());                // the KL's tokens: those with a target
+          for (size_t i = 0; i < hb.targets.size(); ++i) hidden.token_mask[i] = hb.targets[i] >= 0 ? 1 : 0;
+        } else {
+          teacher.forward_hidden(ctx, batch);
+        }
         opt.grad_scale = 1.0f / static_cast<float>(hb.num_targets);
         kernels::fill(ctx, kl, 0.0f);
         kernels::fill(ctx, ce, 0.0f);
         // Per-token kl / ce stay on the device; they are summed once after the call (no host
         // synchronisation per chunk), so the callback returns 0.
-        student.forward_backward_logits(ctx, batch, [&](ExecContext& c, int64_t t0, int64_t t1, const Tensor& s) {
+        const HybridModel::LogitsChunkLoss chunk_loss = [&](ExecContext& c, int64_t t0, int64_t t1, const Tensor& s) {
           const Tensor t = teacher_chunk.slice0(0, t1 - t0);
           teacher.lm_head_logits(c, t0, t1, t);
           kernels::distill_loss(c, s, t, batch.targets.slice0(t0, t1), mask.slice0(t0, t1), kl.slice0(t0, t1),
                                 ce.slice0(t0, t1), Tensor{}, opt);
           return 0.0;
-        });
+        };
+        if (with_hidden) {
+          student.forward_backward_logits(ctx, batch, chunk_loss, &hidden);
+          hidden_mse = hidden.mse;
+        } else {
+          student.forward_backward_logits(ctx, batch, chunk_loss);
+        }
         const std::vector<float> kl_host = download_f32(ctx, kl), ce_host = download_f32(ctx, ce);
         double kl_sum = 0, ce_sum = 0;
         for (size_t i = 0; i < kl_host.size(); ++i) {
@@ -531,7 +560,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         }
         kl_mean = kl_sum / static_cast<double>(hb.num_targets);
         ce_mean = ce_sum / static_cast<double>(hb.num_targets);
-        good = std::isfinite(kl_mean) && std::isfinite(ce_mean);
+        good = std::isfinite(kl_mean) && std::isfinite(ce_mean) && std::isfinite(hidden_mse);
       }
       if (good) {
         st.last_norm = optimizer.step(ctx, lr);
@@ -541,9 +570,11 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         st.bad_in_row = 0;
         st.interval_kl += kl_mean;
         st.interval_ce += ce_mean;
+        st.interval_hidden += hidden_mse;
         ++st.interval_steps;
       } else if (hb.num_targets > 0) {
-        skip_or_throw(2, step, cfg.distill.w_kl * kl_mean + cfg.distill.w_ce * ce_mean);
+        skip_or_throw(2, step,
+                      cfg.distill.w_kl * kl_mean + cfg.distill.w_ce * ce_mean + cfg.distill.w_hidden * hidden_mse);
       }
       st.interval_tokens += N;
       st.tokens += N;
@@ -553,11 +584,14 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         const double tps = s > 0 ? static_cast<double>(st.interval_tokens) / s : 0;
         const double k = st.interval_steps > 0 ? st.interval_kl / static_cast<double>(st.interval_steps) : NAN;
         const double e = st.interval_steps > 0 ? st.interval_ce / static_cast<double>(st.interval_steps) : NAN;
-        const double loss = cfg.distill.w_kl * k + cfg.distill.w_ce * e;
+        const double hm = st.interval_steps > 0 ? st.interval_hidden / static_cast<double>(st.interval_steps) : NAN;
+        const double loss = cfg.distill.w_kl * k + cfg.distill.w_ce * e + (with_hidden ? cfg.distill.w_hidden * hm : 0);
         out << "stage 2 step " << step + 1 << "/" << stage2_steps << " | kl " << format_number("%.5g", k) << " | ce "
-            << format_number("%.4f", e) << " | lr " << format_number("%.2e", lr) << " | gnorm "
-            << format_number("%.3g", st.last_norm) << " | " << format_count(tps) << " tok/s" << std::endl;
-        metrics.write({{"stage", 2},
+            << format_number("%.4f", e);
+        if (with_hidden) out << " | hidden_mse " << format_number("%.5g", hm);
+        out << " | lr " << format_number("%.2e", lr) << " | gnorm " << format_number("%.3g", st.last_norm) << " | "
+            << format_count(tps) << " tok/s" << std::endl;
+        json record = {{"stage", 2},
                        {"step", step + 1},
                        {"total_steps", stage2_steps},
                        {"loss", loss},
@@ -568,11 +602,13 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
                        {"tokens_per_s", tps},
                        {"tokens", st.tokens},
                        {"skipped_steps", optimizer.skipped_steps()},
-                       {"elapsed_s", seconds_since(t_start)}});
+                       {"elapsed_s", seconds_since(t_start)}};
+        if (with_hidden) record["hidden_mse"] = hm;
+        metrics.write(record);
         if (st.first_kl < 0) st.first_kl = k;
         st.last_kl = k;
         st.last_ce = e;
-        st.interval_kl = st.interval_ce = 0;
+        st.interval_kl = st.interval_ce = st.interval_hidden = 0;
         st.interval_steps = 0;
         st.interval_tokens = 0;
         t_interval = Clock::now();

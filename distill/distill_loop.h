@@ -9,8 +9,9 @@
 //                        The logged mse is the mean of mse_l over the K layers; the optimizer holds the K
 //                        layers' mixer parameters only (everything else is frozen).
 //   stage 2 (end-to-end) every student parameter trains on
-//                        L = (1 / n) sum_i [ w_kl tau^2 KL(p_t,i || p_s,i) + w_ce CE_i ]
-//                        over the n tokens with a target (kernels/distill_loss.h), chunk by chunk over
+//                        L = (1 / n) sum_i [ w_kl tau^2 KL(p_t,i || p_s,i) + w_ce CE_i ]  [+ w_hidden H]
+//                        over the n tokens with a target (kernels/distill_loss.h; H: the hidden-state MSE
+//                        of DistillStageOptions::w_hidden, logged as hidden_mse), chunk by chunk over
 //                        the LM head: the teacher's logits for the same chunk are recomputed from its kept
 //                        final hidden states, so neither model's full [N, V] logits ever exist.
 // Each stage has its own AdamW state and cosine schedule (warmup distill.warmup_steps, peak
@@ -49,6 +50,12 @@ struct DistillStageOptions {
   double temperature = 1.0;   // tau of the KL term
   double w_kl = 1.0;
   double w_ce = 0.0;
+  // Weight of the hidden-state term (0 = off, nothing computed):
+  //   H = (1 / (L n)) sum_l sum_t ||h_s[l,t] - h_t[l,t]||^2 / D
+  // over the student's L layers and the n loss tokens t (target >= 0, the tokens of the KL), h[l] the
+  // residual stream after layer l (h[L-1] before final_norm); the stage-2 loss gains w_hidden * H
+  // (HybridModel::HiddenStateMatch).
+  double w_hidden = 0.0;
 };
 
 struct EvalOptions {

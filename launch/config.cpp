@@ -147,6 +147,10 @@ class DistillOptionTable : public OptionTable {
     add("distill.temperature", &d.temperature, "KL temperature tau (the KL term is scaled by tau^2)");
     add("distill.w_kl", &d.w_kl, "stage 2 weight of KL(teacher || student)");
     add("distill.w_ce", &d.w_ce, "stage 2 weight of the cross-entropy with the data labels");
+    add("distill.w_hidden", &d.w_hidden,
+        "stage 2 weight w of the hidden-state MSE; 0 = off. Adds w * H, H = mean over the student's layers l and "
+        "the loss tokens t (target >= 0, as the KL) of ||h_s[l,t] - h_t[l,t]||^2 / D, h[l] = residual stream after "
+        "layer l (the last one before final_norm), D = hidden size");
 
     group("[log]");
     add("log.interval", &c.log.interval, "steps per progress line and metrics record");

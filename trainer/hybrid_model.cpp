@@ -25,6 +25,7 @@
 #include "kernels/cross_entropy.h"
 #include "kernels/elementwise.h"
 #include "kernels/embedding.h"
+#include "kernels/global_norm.h"
 #include "kernels/matmul.h"
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
@@ -275,6 +276,7 @@ struct HybridModel::Impl {
     std::vector<MixerSaved> mix;
     std::vector<MlpLayer::Saved> mlp;
     Tensor final_normed, final_rstd, losses, d_normed, d_residual;
+    Tensor hidden_sq;  // f32 [1]: sum of the hidden-state term's squared differences (HiddenStateMatch)
   };
   Step step;
   // Stage-1 state: the activation arena holds a Step for `mixer_tokens` tokens whose mixer slots are
@@ -313,6 +315,7 @@ struct HybridModel::Impl {
     s.losses = a.alloc({n}, DType::f32);
     s.d_normed = a.alloc({n, D}, act);
     s.d_residual = a.alloc({n, D}, act);
+    s.hidden_sq = a.alloc({1}, DType::f32);
     return s;
   }
 
@@ -325,8 +328,24 @@ struct HybridModel::Impl {
     return {da, dx};
   }
 
+  // The scratch of the hidden-state term at one layer boundary: the f32 difference and the f32 target,
+  // plus the gradient in the activation dtype when that is not f32.
+  template <class Alloc>
+  std::pair<Tensor, Tensor> alloc_hidden_scratch(Alloc& a, int64_t n) const {
+    const int64_t D = cfg.model.hidden_size;
+    Tensor diff = a.alloc({n, D}, DType::f32);
+    Tensor target = a.alloc({n, D}, DType::f32);
+    return {diff, target};
+  }
+
   size_t scratch_bytes(int64_t n) const {
     size_t bytes = 0;
+    {
+      ArenaSizer sh;
+      alloc_hidden_scratch(sh, n);
+      if (act != DType::f32) sh.alloc({n, cfg.model.hidden_size}, act);
+      bytes = sh.used();
+    }
     for (int64_t l = 0; l < cfg.model.num_layers; ++l) {
       ArenaSizer sb, sf, sm;
       alloc_block_grads(sb, n);
@@ -402,7 +421,11 @@ struct HybridModel::Impl {
     }
   }
   double mean_loss(const ExecContext& ctx, const Batch& b) const;
-  void backward(const ExecContext& ctx, const Batch& b);
+  // hidden (optional): the hidden-state term (HybridModel::HiddenStateMatch); its squared differences
+  // accumulate into step.hidden_sq and, when hidden->weight != 0, its gradient joins d_residual.
+  void backward(const ExecContext& ctx, const Batch& b, const HiddenStateMatch* hidden = nullptr);
+  void hidden_term(const ExecContext& ctx, int64_t l, int64_t n, const HiddenStateMatch& hidden, float grad_scale,
+                   const std::vector<std::pair<int64_t, int64_t>>& skipped);
 };
 
 void HybridModel::Impl::build() {
@@ -688,7 +711,40 @@ double HybridModel::Impl::mean_loss(const ExecContext& ctx, const Batch& b) cons
   return sum / static_cast<double>(b.num_targets);
 }
 
-void HybridModel::Impl::backward(const ExecContext& ctx, const Batch& b) {
+// Layer l's share of the hidden-state term: diff = h_s[l] - h_t[l] in f32, rows of uncounted tokens
+// (`skipped`: [t0, t1) runs with token_mask 0) zeroed; hidden_sq += sum diff^2; when the weight is not 0,
+// d_residual (= dLoss/dh_s[l] at this point of the backward) += grad_scale * diff, grad_scale =
+// 2 w / (L n D).
+void HybridModel::Impl::hidden_term(const ExecContext& ctx, int64_t l, int64_t n, const HiddenStateMatch& hidden,
+                                    float grad_scale, const std::vector<std::pair<int64_t, int64_t>>& skipped) {
+  NvtxRange range("hidden_mse.bwd");
+  const Tensor& h_s = step.residual[2 * l + 2];
+  const Tensor& h_t = hidden.targets[static_cast<size_t>(l)];
+  scratch_arena.reset();
+  const auto [diff, target] = alloc_hidden_scratch(scratch_arena, n);
+  if (act == DType::f32) {
+    copy_on_stream(ctx, diff, h_s);
+    copy_on_stream(ctx, target, h_t);
+  } else {
+    kernels::convert(ctx, diff, h_s);
+    kernels::convert(ctx, target, h_t);
+  }
+  kernels::scale_inplace(ctx, target, -1.0f);
+  kernels::add_inplace(ctx, diff, target);
+  for (const auto& [t0, t1] : skipped) kernels::fill(ctx, diff.slice0(t0, t1), 0.0f);
+  kernels::sum_squares_accumulate(ctx, diff.view({diff.numel()}), step.hidden_sq);
+  if (hidden.weight == 0.0f) return;
+  kernels::scale_inplace(ctx, diff, grad_scale);
+  if (act == DType::f32) {
+    kernels::add_inplace(ctx, step.d_residual, diff);
+  } else {
+    const Tensor g = scratch_arena.alloc({n, cfg.model.hidden_size}, act);
+    kernels::convert(ctx, g, diff);
+    kernels::add_inplace(ctx, step.d_residual, g);
+  }
+}
+
+void HybridModel::Impl::backward(const ExecContext& ctx, const Batch& b, const HiddenStateMatch* hidden) {
   const PackedSequence seq = sequence(b);
   Step& st = step;
   {
@@ -696,8 +752,33 @@ void HybridModel::Impl::backward(const ExecContext& ctx, const Batch& b) {
     kernels::rmsnorm_backward(ctx, st.d_normed, st.residual.back(), final_norm.value, st.final_rstd, st.d_residual,
                               final_norm.grad);
   }
-  // The residual-stream gradient is updated in place, block by block.
+  // The hidden-state term: its token count n and the runs of tokens it skips.
+  const int64_t L = cfg.model.num_layers, n_tok = b.num_tokens;
+  std::vector<std::pair<int64_t, int64_t>> skipped;
+  int64_t counted = n_tok;
+  if (hidden && !hidden->token_mask.empty()) {
+    counted = 0;
+    for (int64_t t = 0; t < n_tok;) {
+      if (hidden->token_mask[static_cast<size_t>(t)] != 0) {
+        ++counted;
+        ++t;
+        continue;
+      }
+      const int64_t t0 = t;
+      while (t < n_tok && hidden->token_mask[static_cast<size_t>(t)] == 0) ++t;
+      skipped.emplace_back(t0, t);
+    }
+  }
+  const bool with_hidden = hidden != nullptr && counted > 0;
+  const float hidden_scale = with_hidden ? static_cast<float>(2.0 * hidden->weight /
+                                                              (static_cast<double>(L) * static_cast<double>(counted) *
+                                                               static_cast<double>(cfg.model.hidden_size)))
+                                         : 0.0f;
+  if (hidden) kernels::fill(ctx, st.hidden_sq, 0.0f);
+  // The residual-stream gradient is updated in place, block by block. At the top of iteration l it is
+  // dLoss/dh[l] (h[l] = residual[2 l + 2], the output of layer l), where the hidden-state term joins it.
   for (int64_t l = cfg.model.num_layers - 1; l >= 0; --l) {
+    if (with_hidden) hidden_term(ctx, l, n_tok, *hidden, hidden_scale, skipped);
     scratch_arena.reset();
     mlp[l].backward(ctx, st.mlp[l], st.d_residual, st.d_residual, scratch_arena);
     NvtxRange range(nvtx_bwd[l].c_str());
@@ -861,10 +942,24 @@ void HybridModel::set_logits_chunk_size(int64_t tokens) {
   impl_->logits_chunk = tokens;
 }
 
-double HybridModel::forward_backward_logits(ExecContext& ctx, const Batch& batch, const LogitsChunkLoss& loss_fn) {
+double HybridModel::forward_backward_logits(ExecContext& ctx, const Batch& batch, const LogitsChunkLoss& loss_fn,
+                                            HiddenStateMatch* hidden) {
   Impl& m = *impl_;
   if (!loss_fn) HYD_THROW("HybridModel::forward_backward_logits: empty loss function");
   m.check_batch(ctx, batch);
+  if (hidden) {
+    const int64_t L = m.cfg.model.num_layers;
+    if (static_cast<int64_t>(hidden->targets.size()) != L)
+      HYD_THROW("HybridModel::forward_backward_logits: hidden.targets has ", hidden->targets.size(), " tensors for ", L,
+                " layers");
+    for (const Tensor& t : hidden->targets)
+      m.check_activation(t, batch.num_tokens, "forward_backward_logits", "hidden.targets");
+    if (!hidden->token_mask.empty() && static_cast<int64_t>(hidden->token_mask.size()) != batch.num_tokens)
+      HYD_THROW("HybridModel::forward_backward_logits: hidden.token_mask has ", hidden->token_mask.size(),
+                " entries for ", batch.num_tokens, " tokens");
+    if (!(hidden->weight >= 0.0f) || !std::isfinite(hidden->weight))
+      HYD_THROW("HybridModel::forward_backward_logits: hidden.weight must be finite and >= 0, got ", hidden->weight);
+  }
   m.begin_step(batch);
   m.forward(ctx, batch);
   double total = 0;
@@ -873,9 +968,22 @@ double HybridModel::forward_backward_logits(ExecContext& ctx, const Batch& batch
     m.lm_head_chunks(ctx, batch.num_tokens, true,
                      [&](int64_t c0, int64_t c1, const Tensor& logits) { total += loss_fn(ctx, c0, c1, logits); });
   }
-  m.backward(ctx, batch);
+  m.backward(ctx, batch, hidden);
   ctx.synchronize();  // gradients are complete on return
   device_sync(m.device);
+  if (hidden) {
+    // H = sum of squares / (L n D); n from the mask as in backward.
+    int64_t counted = batch.num_tokens;
+    if (!hidden->token_mask.empty())
+      counted = std::count_if(hidden->token_mask.begin(), hidden->token_mask.end(), [](uint8_t v) { return v != 0; });
+    hidden->mse = 0;
+    if (counted > 0) {
+      const double sq = download_f32(m.step.hidden_sq)[0];
+      hidden->mse = sq / (static_cast<double>(m.cfg.model.num_layers) * static_cast<double>(counted) *
+                          static_cast<double>(m.cfg.model.hidden_size));
+    }
+    if (hidden->weight != 0.0f) total += static_cast<double>(hidden->weight) * hidden->mse;
+  }
   return total;
 }
 
@@ -940,6 +1048,30 @@ void HybridModel::forward_layer_inputs(ExecContext& ctx, const Batch& batch, con
   for (int64_t l = 0; l < static_cast<int64_t>(layer_inputs.size()); ++l)
     if (!layer_inputs[l].empty()) m.step.residual[2 * l] = layer_inputs[l];
   m.forward(ctx, batch, mixer_outputs.empty() ? nullptr : &mixer_outputs);
+}
+
+void HybridModel::forward_layer_outputs(ExecContext& ctx, const Batch& batch,
+                                        const std::vector<Tensor>& layer_outputs) {
+  Impl& m = *impl_;
+  const int64_t L = m.cfg.model.num_layers;
+  m.check_batch(ctx, batch);
+  if (static_cast<int64_t>(layer_outputs.size()) != L)
+    HYD_THROW("HybridModel::forward_layer_outputs: 'layer_outputs' has ", layer_outputs.size(), " tensors for ", L,
+              " layers");
+  std::vector<std::pair<char*, char*>> ranges;
+  for (const Tensor& t : layer_outputs) {
+    m.check_activation(t, batch.num_tokens, "forward_layer_outputs", "layer_outputs");
+    char* b = static_cast<char*>(t.data);
+    char* e = b + t.numel() * static_cast<int64_t>(dtype_size(t.dtype));
+    for (const auto& [ob, oe] : ranges)
+      if (b < oe && ob < e) HYD_THROW("HybridModel::forward_layer_outputs: overlapping tensors in 'layer_outputs'");
+    ranges.emplace_back(b, e);
+  }
+  m.begin_step(batch);
+  // The output of layer l (its MLP block's residual sum) is written straight into the caller's tensor;
+  // layer l + 1 and final_norm read it from there.
+  for (int64_t l = 0; l < L; ++l) m.step.residual[2 * l + 2] = layer_outputs[static_cast<size_t>(l)];
+  m.forward(ctx, batch);
 }
 
 std::vector<std::vector<float>> HybridModel::forward_layer_inputs_host(ExecContext& ctx, const Batch& batch) {

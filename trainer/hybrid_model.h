@@ -30,6 +30,7 @@
 // values, refreshed at the start of every forward; their gradients are the flat buffer's f32 views.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -140,7 +141,25 @@ class HybridModel {
   // the full backward. Gradients accumulate. Returns the sum of loss_fn's results. Batch as for
   // forward_backward (tokens; targets are checked but only loss_fn reads labels). forward_backward is
   // this call with a loss_fn of kernels::cross_entropy (same kernels in the same order).
-  double forward_backward_logits(ExecContext& ctx, const Batch& batch, const LogitsChunkLoss& loss_fn);
+  //
+  // Stage 2's optional hidden-state term (DISTILL.md "plus optional hidden-state MSE"), when `hidden` is
+  // given. With h[l] the residual stream after layer l (after its MLP block; h[L-1] is the input of
+  // final_norm), S the tokens t with token_mask[t] != 0 (all N tokens when token_mask is empty), n = |S|:
+  //   H = (1 / (L n)) sum_{l < L} sum_{t in S} ||h_s[l, t] - h_t[l, t]||^2 / D
+  // i.e. the mean over layers and counted tokens of the per-token squared error divided by D. The call
+  // returns loss_fn's sum + weight * H, writes H (unweighted) to hidden->mse, and during the backward
+  // adds weight * dH/dh_s[l] = 2 weight (h_s[l] - h_t[l]) / (L n D) (zero rows outside S) to the
+  // residual-stream gradient at each layer boundary. weight == 0: H is still computed, but nothing is
+  // added to the result or the gradients (bit for bit the call without `hidden`). n == 0: H = 0.
+  // The differences are taken in f32 (also from bf16 activations on CUDA).
+  struct HiddenStateMatch {
+    std::vector<Tensor> targets;      // num_layers() tensors [N, D], activation dtype, model's device: h_t[l]
+    float weight = 0;                 // w >= 0
+    std::vector<uint8_t> token_mask;  // host, N entries, or empty (every token counts)
+    double mse = 0;                   // out: H
+  };
+  double forward_backward_logits(ExecContext& ctx, const Batch& batch, const LogitsChunkLoss& loss_fn,
+                                 HiddenStateMatch* hidden = nullptr);
   // Forward only; visit(t0, t1, logits) for every chunk in order (evaluation; a teacher whose chunks
   // are consumed one at a time).
   void forward_logits_chunks(ExecContext& ctx, const Batch& batch, const LogitsChunkVisit& visit);
@@ -164,6 +183,13 @@ class HybridModel {
   // Asynchronous on ctx.
   void forward_layer_inputs(ExecContext& ctx, const Batch& batch, const std::vector<Tensor>& layer_inputs,
                             const std::vector<Tensor>& mixer_outputs = {});
+  // Stage 2's hidden-state targets, from a forward-only pass of this model (the teacher):
+  //   layer_outputs[l] = h leaving layer l (the residual stream after its MLP block; [L-1] is the input of
+  //                      final_norm), so layer_outputs[l] is what forward_layer_inputs gives as input l + 1.
+  // num_layers() distinct, non-overlapping caller-owned tensors [N, D] (activation dtype, model's device),
+  // written in place by the forward as forward_layer_inputs does. The final hidden states are kept too.
+  // Asynchronous on ctx.
+  void forward_layer_outputs(ExecContext& ctx, const Batch& batch, const std::vector<Tensor>& layer_outputs);
   // Host f32 copies of every layer input ([l] is N * D values), for tests and tools.
   std::vector<std::vector<float>> forward_layer_inputs_host(ExecContext& ctx, const Batch& batch);
 

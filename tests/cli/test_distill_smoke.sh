@@ -6,7 +6,8 @@
 # last record), metrics.jsonl holds stage 1 and stage 2 records with finite values, and bad inputs fail
 # with exit 2 naming the item: a pattern longer than the teacher's layers (student.pattern), a missing
 # teacher directory (teacher.dir), a dataset whose vocabulary exceeds the teacher's (both vocab sizes),
-# nothing written in the run directory by a refused run.
+# nothing written in the run directory by a refused run. distill.w_hidden: no hidden_mse when 0; with 0.5
+# a finite positive hidden_mse that does not grow, loss = kl + 0.5 hidden_mse; exactly 0 for pattern T.
 # Usage: bash test_distill_smoke.sh HYDISTILL SOURCE_DIR
 #   HYD_SMOKE_DEVICE=cuda runs the same on a GPU (default cpu).
 set -u
@@ -99,6 +100,7 @@ for r in s1:
 for r in s2:
     for k in ("step", "kl", "ce", "loss", "lr", "grad_norm", "tokens_per_s"):
         assert isinstance(r.get(k), (int, float)) and math.isfinite(r[k]), f"stage 2 '{k}' in {r}"
+    assert "hidden_mse" not in r, f"distill.w_hidden = 0 logs no hidden_mse: {r}"
 assert [r["step"] for r in s1] == list(range(10, 61, 10)) and [r["step"] for r in s2] == list(range(10, 61, 10))
 m0, m1 = s1[0]["mse"], s1[-1]["mse"]
 k0, k1 = s2[0]["kl"], s2[-1]["kl"]
@@ -138,5 +140,33 @@ assert [r["stage"] for r in recs] == [2], recs
 assert 0 <= recs[0]["kl"] < 1e-5, recs[0]
 print(f"pattern T: kl {recs[0]['kl']:.3g}, ce {recs[0]['ce']:.4f}")
 PY
+# The stage-2 hidden-state term (distill.w_hidden): a KA student logs a finite, positive hidden_mse in
+# every stage-2 record, the loss includes 0.5 * hidden_mse, and the term does not grow over the run.
+"$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/run_h" --distill.w_hidden 0.5 --distill.stage1_steps 10 \
+  --distill.stage2_steps 30 >"$WORK/out_h.txt" 2>"$WORK/err_h.txt" || { cat "$WORK/err_h.txt"; fail "w_hidden run failed"; }
+grep -q "| hidden_mse " "$WORK/out_h.txt" || fail "w_hidden: no hidden_mse in the stage 2 progress lines"
+python3 - "$WORK/run_h/metrics.jsonl" <<'PY' || fail "w_hidden: hidden_mse check failed"
+import json, math, sys
+s2 = [r for r in map(json.loads, open(sys.argv[1])) if r.get("stage") == 2]
+assert len(s2) == 3, s2
+for r in s2:
+    h = r.get("hidden_mse")
+    assert isinstance(h, (int, float)) and math.isfinite(h) and h > 0, f"hidden_mse in {r}"
+    assert abs(r["loss"] - (r["kl"] + 0.5 * h)) <= 1e-9 * max(1.0, abs(r["loss"])), f"loss != kl + 0.5 hidden_mse: {r}"
+h0, h1 = s2[0]["hidden_mse"], s2[-1]["hidden_mse"]
+print(f"w_hidden 0.5: hidden_mse {h0:.4g} -> {h1:.4g}")
+assert h1 <= h0, f"hidden_mse grew: {h0} -> {h1}"
+PY
+# The teacher distilled into itself (pattern T): hidden_mse is exactly 0.
+"$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/run_th" --student.pattern T --distill.stage2_steps 1 \
+  --distill.w_hidden 0.5 --log.interval 1 >"$WORK/out_th.txt" 2>"$WORK/err_th.txt" || { cat "$WORK/err_th.txt"; fail "pattern T w_hidden run failed"; }
+python3 - "$WORK/run_th/metrics.jsonl" <<'PY' || fail "pattern T: hidden_mse of the teacher against itself is not 0"
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+assert [r["stage"] for r in recs] == [2] and recs[0]["hidden_mse"] == 0, recs
+print("pattern T: hidden_mse 0")
+PY
+expect_fail "negative w_hidden" "distill.w_hidden" --distill.w_hidden -1
+"$HYD" distill --help | grep -q "distill.w_hidden" || fail "distill --help does not list distill.w_hidden"
 "$HYD" distill --help | grep -q "distill.stage1_steps" || fail "distill --help does not list distill.stage1_steps"
 echo "PASS"

@@ -15,6 +15,10 @@
 //     finite and differ between layers, caller-owned tensors receive exactly the host helper's values,
 //     and each mixer output is exactly mixer_forward(mixer_input_norm(layer input)), i.e. what stage 1
 //     computes for the teacher target, while the caller's inputs survive those mixer_forward calls;
+//   * forward_layer_outputs: output l is input l + 1 and the final hidden states are kept;
+//   * the stage-2 hidden-state term (HiddenStateMatch): its gradients match central finite differences
+//     of H computed on the host (KTA student, masked tokens), loss = w * H; weight 0 is bit for bit the
+//     call without it; a T student with its teacher's weights has H exactly 0 and zero gradients;
 //   * argument errors (chunk size, tensor counts, lm_head_logits without a forward).
 // Not checked here: that layer_inputs[l + 1] = layer_inputs[l] + mixer output + MLP(...) (the MLP block
 // is not exposed on its own); the full logits/loss path built on those inputs is covered by the
@@ -31,6 +35,7 @@
 
 #include "kernels/cross_entropy.h"
 #include "kernels/distill_loss.h"
+#include "kernels/elementwise.h"
 #include "tests/common/test_util.h"
 #include "tests/common/tiny_model.h"
 #include "trainer/hybrid_model.h"
@@ -405,6 +410,195 @@ TEST(HybridDistillApi, LayerInputsOfAnAllTeacherModel) {
   std::vector<float> only1(N * D, NAN);
   teacher.forward_layer_inputs(ctx, hb.batch, {Tensor{}, test::cpu_f32(only1, {N, D}), Tensor{}});
   EXPECT_EQ(only1, host[1]);
+}
+
+// ------------------------------------------------------------------------------ hidden-state term
+
+// Host H of HybridModel::HiddenStateMatch: (1 / (L n)) sum_l sum_{t: mask} ||h_s[l,t] - h_t[l,t]||^2 / D.
+double hidden_mse_host(const std::vector<std::vector<float>>& hs, const std::vector<std::vector<float>>& ht,
+                       const std::vector<uint8_t>& mask, int64_t D) {
+  const int64_t L = static_cast<int64_t>(hs.size()), N = static_cast<int64_t>(mask.size());
+  double sum = 0;
+  int64_t n = 0;
+  for (int64_t t = 0; t < N; ++t) {
+    if (!mask[t]) continue;
+    ++n;
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t j = 0; j < D; ++j) {
+        const double d = double(hs[l][t * D + j]) - double(ht[l][t * D + j]);
+        sum += d * d;
+      }
+  }
+  return sum / (double(L) * double(n) * double(D));
+}
+
+// The layer outputs of `m` on the host, through forward_layer_outputs into caller-owned tensors.
+std::vector<std::vector<float>> layer_outputs_host(HybridModel& m, ExecContext& ctx, const test::PackedBatch& hb) {
+  const int64_t L = m.num_layers(), D = m.config().model.hidden_size, N = hb.batch.num_tokens;
+  std::vector<std::vector<float>> out(L, std::vector<float>(N * D, NAN));
+  std::vector<Tensor> t;
+  for (int64_t l = 0; l < L; ++l) t.push_back(test::cpu_f32(out[l], {N, D}));
+  m.forward_layer_outputs(ctx, hb.batch, t);
+  return out;
+}
+
+// A chunk loss of zero: only the hidden-state term remains.
+double zero_chunk_loss(ExecContext& ctx, int64_t, int64_t, const Tensor& logits) {
+  kernels::fill(ctx, logits, 0.0f);
+  return 0.0;
+}
+
+// forward_layer_outputs: output l is forward_layer_inputs' input l + 1; the last is before final_norm.
+TEST(HybridDistillApi, LayerOutputsAreTheNextLayersInputs) {
+  const HybridConfig cfg = test::tiny_hybrid_config("T", 3, "qwen3");
+  test::PackedBatch hb = make_batch({12, 12}, cfg.model.vocab_size);
+  HybridModel teacher(cfg, Device::cpu(), 32);
+  test::randomize_hybrid(teacher);
+  ExecContext ctx(Device::cpu());
+  const auto ins = teacher.forward_layer_inputs_host(ctx, hb.batch);
+  const auto outs = layer_outputs_host(teacher, ctx, hb);
+  for (int64_t l = 0; l + 1 < 3; ++l) EXPECT_EQ(outs[l], ins[l + 1]) << l;
+  EXPECT_TRUE(test::all_finite(outs[2]));
+  EXPECT_GT(test::rel_err(outs[2], outs[1]), 1e-3);
+  const int64_t V = cfg.model.vocab_size, N = 24;
+  std::vector<float> z(static_cast<size_t>(N * V), NAN);
+  teacher.lm_head_logits(ctx, 0, N, test::cpu_f32(z, {N, V}));  // final hidden states kept
+  EXPECT_EQ(z, teacher.forward_logits(ctx, hb.batch));
+}
+
+// The hidden-state term's student gradients (KTA student, a random all-T teacher's layer outputs as
+// targets, a token mask with holes) against Richardson central differences of H computed on the host
+// from forward_layer_outputs; the returned loss is w * H and hidden.mse is H.
+TEST(HybridDistillApi, HiddenStateGradientMatchesFiniteDifferences) {
+  const HybridConfig cfg = test::tiny_hybrid_config("KTA", 3, "llama");
+  const HybridConfig tcfg = test::tiny_hybrid_config("T", 3, "llama");
+  const int64_t D = cfg.model.hidden_size, N = 24, L = 3;
+  test::PackedBatch hb = make_batch({10, 14}, cfg.model.vocab_size);
+  HybridModel model(cfg, Device::cpu(), 32), teacher(tcfg, Device::cpu(), 32);
+  test::randomize_hybrid(model);
+  test::randomize_hybrid(teacher);
+  ExecContext ctx(Device::cpu());
+  auto target_host = layer_outputs_host(teacher, ctx, hb);
+
+  HybridModel::HiddenStateMatch hidden;
+  hidden.weight = 0.75f;
+  for (int64_t l = 0; l < L; ++l) hidden.targets.push_back(test::cpu_f32(target_host[l], {N, D}));
+  hidden.token_mask.resize(N);
+  for (int64_t i = 0; i < N; ++i) hidden.token_mask[i] = (i % 7 == 3 || i == 23) ? 0 : 1;
+  auto eval = [&] {
+    return hidden.weight * hidden_mse_host(layer_outputs_host(model, ctx, hb), target_host, hidden.token_mask, D);
+  };
+
+  model.zero_grad();
+  const double loss = model.forward_backward_logits(ctx, hb.batch, zero_chunk_loss, &hidden);
+  ASSERT_TRUE(std::isfinite(loss));
+  ASSERT_GT(hidden.mse, 0.0);
+  EXPECT_NEAR(loss, hidden.weight * hidden.mse, 1e-12 * loss);
+  EXPECT_NEAR(loss, eval(), 1e-5 * loss);
+
+  constexpr int kSamples = 8;
+  for (const ParamInfo& p : model.params()) {
+    const std::vector<float> g = model.get_grad(p.name);
+    ASSERT_TRUE(test::all_finite(g)) << p.name;
+    if (p.name == "final_norm" || p.name == "lm_head") {  // after the last layer output: no gradient
+      for (float v : g) ASSERT_EQ(v, 0.0f) << p.name;
+      continue;
+    }
+    std::vector<float> value = model.get_param(p.name);
+    std::vector<int64_t> idx(p.numel);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::shuffle(idx.begin(), idx.end(), test::rng());
+    idx.resize(std::min<int64_t>(kSamples, p.numel));
+    if (p.name == "embed") {  // rows of counted tokens in the batch (other rows have zero gradient)
+      const int64_t Dm = p.shape[1];
+      for (size_t j = 0; j < idx.size(); ++j) {
+        int32_t t = test::randint(1, 0, static_cast<int32_t>(N))[0];
+        while (!hidden.token_mask[t]) t = (t + 1) % N;
+        idx[j] = hb.tokens[t] * Dm + test::randint(1, 0, static_cast<int32_t>(Dm))[0];
+      }
+    }
+    double num = 0, den = 0;
+    for (int64_t i : idx) {
+      const double fd = richardson(
+          value[i],
+          [&] {
+            model.set_param(p.name, value.data(), p.numel);
+            return eval();
+          },
+          step_for(p.name));
+      num += (g[i] - fd) * (g[i] - fd);
+      den += fd * fd;
+    }
+    model.set_param(p.name, value.data(), p.numel);
+    const double err = std::sqrt(num), ref = std::sqrt(den);
+    std::printf("  %-28s |g_fd| %.3e  |g - g_fd| %.3e  rel %.2e\n", p.name.c_str(), ref, err,
+                err / std::max(ref, 1e-30));
+    EXPECT_TRUE(std::isfinite(err)) << p.name;
+    EXPECT_LT(err, std::max(kTolerance * ref, kNoiseFloor)) << p.name << ": gradient differs from FD";
+    EXPECT_GT(ref, 0.0) << p.name << ": gradient sample is exactly zero; the check would be vacuous";
+  }
+}
+
+// weight 0 (what distill.w_hidden = 0 means) changes nothing: the loss and every gradient are bit for
+// bit those of the call without the term, while H is still reported; an empty mask counts every token.
+TEST(HybridDistillApi, HiddenStateWeightZeroIsBitIdentical) {
+  const HybridConfig cfg = test::tiny_hybrid_config("KA", 2, "qwen3");
+  const int64_t D = cfg.model.hidden_size, N = 24;
+  test::PackedBatch hb = make_batch({11, 13}, cfg.model.vocab_size);
+  HybridModel model(cfg, Device::cpu(), 32), teacher(test::tiny_hybrid_config("T", 2, "qwen3"), Device::cpu(), 32);
+  test::randomize_hybrid(model);
+  test::randomize_hybrid(teacher);
+  ExecContext ctx(Device::cpu());
+  auto target_host = layer_outputs_host(teacher, ctx, hb);
+  model.zero_grad();
+  const double ref = model.forward_backward_logits(ctx, hb.batch, ce_loss(hb, nullptr));
+  const auto g_ref = all_grads(model);
+
+  HybridModel::HiddenStateMatch hidden;
+  for (int64_t l = 0; l < 2; ++l) hidden.targets.push_back(test::cpu_f32(target_host[l], {N, D}));
+  hidden.weight = 0.0f;
+  model.zero_grad();
+  EXPECT_EQ(model.forward_backward_logits(ctx, hb.batch, ce_loss(hb, nullptr), &hidden), ref);
+  EXPECT_EQ(all_grads(model), g_ref);
+  const double h_all = hidden_mse_host(layer_outputs_host(model, ctx, hb), target_host, std::vector<uint8_t>(N, 1), D);
+  EXPECT_NEAR(hidden.mse, h_all, 1e-5 * h_all);
+  EXPECT_GT(hidden.mse, 0.0);
+
+  // With a weight the gradients change; errors name the argument.
+  hidden.weight = 1.0f;
+  model.zero_grad();
+  model.forward_backward_logits(ctx, hb.batch, ce_loss(hb, nullptr), &hidden);
+  EXPECT_NE(all_grads(model), g_ref);
+  hidden.token_mask.assign(N - 1, 1);
+  test::expect_error_mentioning([&] { model.forward_backward_logits(ctx, hb.batch, zero_chunk_loss, &hidden); },
+                                "token_mask");
+  hidden.token_mask.clear();
+  hidden.targets.pop_back();
+  test::expect_error_mentioning([&] { model.forward_backward_logits(ctx, hb.batch, zero_chunk_loss, &hidden); },
+                                "hidden.targets");
+}
+
+// An all-T student with its teacher's weights: h_s == h_t at every layer, so H is exactly 0 and so is
+// every gradient (the chunk loss is zero too).
+TEST(HybridDistillApi, HiddenStateOfTheTeacherItselfIsZero) {
+  const HybridConfig cfg = test::tiny_hybrid_config("T", 3, "qwen2");
+  const int64_t D = cfg.model.hidden_size, N = 24;
+  test::PackedBatch hb = make_batch({13, 11}, cfg.model.vocab_size);
+  HybridModel teacher(cfg, Device::cpu(), 32), student(cfg, Device::cpu(), 32);
+  test::randomize_hybrid(teacher);
+  copy_weights(teacher, student);
+  ExecContext ctx(Device::cpu());
+  std::vector<std::vector<float>> buf(3, std::vector<float>(N * D, NAN));
+  HybridModel::HiddenStateMatch hidden;
+  for (auto& b : buf) hidden.targets.push_back(test::cpu_f32(b, {N, D}));
+  teacher.forward_layer_outputs(ctx, hb.batch, hidden.targets);
+  hidden.weight = 0.5f;
+  hidden.mse = -1;
+  student.zero_grad();
+  EXPECT_EQ(student.forward_backward_logits(ctx, hb.batch, zero_chunk_loss, &hidden), 0.0);
+  EXPECT_EQ(hidden.mse, 0.0);
+  for (const auto& g : all_grads(student))
+    for (float v : g) ASSERT_EQ(v, 0.0f);
 }
 
 // ------------------------------------------------------------------------------ errors
