@@ -111,6 +111,13 @@ class TrainOptionTable : public OptionTable {
     add("log.eval_batches", &c.log.eval_batches, "validation micro-batches per evaluation; 0 = none");
 
     add_checkpoint(*this, c.checkpoint);
+
+    group("[parallel]");
+    add("parallel.dp", &c.parallel.dp,
+        "data-parallel ranks (mpirun -np dp*sp); dp > 1: ZeRO-1 on the CPU, data.batch_size sequences per rank; "
+        "not yet implemented on CUDA; checkpoints and train.resume are refused for dp > 1 (sharded checkpoints "
+        "are a later piece), the run ends without a checkpoint");
+    add("parallel.sp", &c.parallel.sp, "sequence-parallel ranks; only 1: sequence parallelism is a later piece");
   }
 };
 

@@ -72,7 +72,9 @@ double AdamW::grad_norm(ExecContext& ctx) {
   HostTensor host({1}, DType::f32);
   ctx.synchronize();  // copy_tensor does not order with the context's (non-blocking) stream
   copy_tensor(host.t, norm_acc_);
-  return std::sqrt(static_cast<double>(*host.ptr<float>()));
+  double sum_squares = static_cast<double>(*host.ptr<float>());
+  if (reduce_sum_squares_) sum_squares = reduce_sum_squares_(sum_squares);
+  return std::sqrt(sum_squares);
 }
 
 double AdamW::step(ExecContext& ctx, double lr) {

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "trainer/core/arena.h"
@@ -34,6 +35,9 @@ class AdamW {
 
   // Global L2 norm of all gradients (sum_squares_accumulate over every parameter's gradient).
   double grad_norm(ExecContext& ctx);
+  // ZeRO-1: the optimizer holds one shard of the gradients; `reduce` maps this shard's sum of squares
+  // to the sum over all shards (an all-reduce), so clipping uses the norm of the full gradient.
+  void set_sum_squares_reduction(std::function<double(double)> reduce) { reduce_sum_squares_ = std::move(reduce); }
   // One update with learning rate lr. Returns the global gradient norm before clipping. When the
   // norm is not finite (NaN/Inf gradients) nothing is updated, the step counter does not advance
   // and skipped_steps() grows.
@@ -70,6 +74,7 @@ class AdamW {
   Tensor norm_acc_;  // f32 [1] on the device
   int64_t t_ = 0;
   int64_t skipped_ = 0;
+  std::function<double(double)> reduce_sum_squares_;
 };
 
 }  // namespace hyd

@@ -6,12 +6,15 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <sstream>
 
 #include "checkpoint/run_directory.h"
 #include "checkpoint/training_state.h"
 #include "data/dataset.h"
+#include "parallel/checks.h"
+#include "parallel/grid.h"
 #include "trainer/batch_upload.h"
 #include "trainer/core/arena.h"
 #include "trainer/core/exec_context.h"
@@ -84,6 +87,21 @@ void validate_train_config(const TrainConfig& cfg) {
   require(t.grad_clip >= 0, "train.grad_clip",
           "must be >= 0 (0 = no clipping), got " + format_number("%g", t.grad_clip));
   require(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1, got " + std::to_string(t.max_bad_steps));
+  const ParallelOptions& par = cfg.parallel;
+  require(par.dp >= 1 && par.dp <= 65536, "parallel.dp", "must lie in [1, 65536], got " + std::to_string(par.dp));
+  require(par.sp >= 1 && par.sp <= 65536, "parallel.sp", "must lie in [1, 65536], got " + std::to_string(par.sp));
+  require(par.sp == 1, "parallel.sp",
+          "= " + std::to_string(par.sp) + ": sequence parallelism is a later piece of the parallel runtime; only 1");
+  if (par.dp > 1) {
+    require(cfg.device == "cpu", "parallel.dp",
+            "= " + std::to_string(par.dp) + " is not yet implemented on CUDA (device = " + cfg.device +
+                "); data parallelism runs on the CPU only for now");
+    const std::string later = " is not supported with parallel.dp > 1 (sharded checkpoints are a later piece)";
+    require(t.resume == "none", "train.resume", "= " + t.resume + later);
+    require(cfg.checkpoint.interval == 0, "checkpoint.interval",
+            "= " + std::to_string(cfg.checkpoint.interval) + later);
+    require(cfg.run.stop_after == 0, "run.stop_after", "= " + std::to_string(cfg.run.stop_after) + later);
+  }
   require(cfg.log.interval >= 1, "log.interval", "must be >= 1, got " + std::to_string(cfg.log.interval));
   require(cfg.log.eval_interval >= 0, "log.eval_interval",
           "must be >= 0 (0 = only at the end), got " + std::to_string(cfg.log.eval_interval));
@@ -152,14 +170,35 @@ std::string model_summary(const ModelConfig& m) {
 
 }  // namespace
 
-TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effective, std::ostream& out) {
+TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effective, std::ostream& all_out) {
   const std::string& src = cfg.source;
   validate_train_config(cfg);
+
+  // The process grid: world size 1 when MPI is not running (a plain call of run_training).
+  int mpi_up = 0;
+  CHECK_MPI(MPI_Initialized(&mpi_up));
+  std::optional<Communicator> world;
+  if (mpi_up) world = Communicator::world();
+  const int dp = static_cast<int>(cfg.parallel.dp);
+  try {
+    validate_grid(dp, static_cast<int>(cfg.parallel.sp), world ? world->size() : 1);
+  } catch (const Error& e) {
+    throw ConfigError::at(src, "parallel.dp", e.what());
+  }
+  std::optional<ProcessGrid> grid;
+  if (world) grid.emplace(*world, dp, static_cast<int>(cfg.parallel.sp));
+  const int dp_rank = grid ? grid->dp_rank() : 0;
+  const bool rank0 = !world || world->rank() == 0;
+  // Only rank 0 prints and writes the run directory.
+  std::ostream null_out(nullptr);
+  std::ostream& out = rank0 ? all_out : null_out;
 
   // Run directory and the checkpoint to resume from, before anything is read or written.
   RunDirectory run("train", cfg.run, cfg.checkpoint, cfg.train.resume, effective,
                    {{"data.path", canonical_path(cfg.data.path)}}, src, out);
   const Checkpoint* resume = run.resume_from();
+  // Every rank has checked the run directory before rank 0 creates it.
+  if (world) world->barrier();
 
   const Device device = parse_device(cfg.device);
   const LrSchedule schedule = cfg.train.lr_schedule();
@@ -190,13 +229,18 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
 
   const int64_t B = cfg.data.batch_size, T = cfg.data.seq_len, ga = cfg.train.grad_accum;
   const int64_t micro_tokens = B * T;
-  PackedSampler train_sampler(data, Split::train, cfg.data.val_fraction, T, B, cfg.data.seed);
+  PackedSampler train_sampler(data, Split::train, cfg.data.val_fraction, T, B, cfg.data.seed, dp_rank, dp);
   if (train_sampler.num_docs() == 0)
     throw ConfigError::at(src, "data.val_fraction", "no training documents left in " + info.path);
   const bool evaluate = cfg.log.eval_batches > 0 && cfg.data.val_fraction > 0;
   std::unique_ptr<PackedSampler> val_sampler;
+  // Held-out evaluation runs on rank 0 alone, over the same sequences as one process: with dp > 1 an
+  // evaluation batch is the dp shards of B sequences each (dp samplers, one per dp rank).
+  std::vector<PackedSampler> val_shards;
   if (evaluate) {
     val_sampler = std::make_unique<PackedSampler>(data, Split::validation, cfg.data.val_fraction, T, B, cfg.data.seed);
+    for (int r = 0; dp > 1 && r < dp; ++r)
+      val_shards.emplace_back(data, Split::validation, cfg.data.val_fraction, T, B, cfg.data.seed, r, dp);
     if (val_sampler->num_docs() == 0)
       throw ConfigError::at(src, "data.val_fraction",
                             "the validation split of " + info.path + " has no documents (" +
@@ -209,7 +253,42 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
   const double flops_per_token = mc.train_flops_per_token(T);
   DenseModel model(mc, device, micro_tokens);
   model.init_random(cfg.train.seed);
-  AdamW optimizer(model, cfg.train.adamw());
+  // ZeRO-1 (dp > 1, CPU): the flat buffers of P elements are cut into dp contiguous shards of S =
+  // ceil(P / dp) elements (the last one padded); this rank's AdamW sees only the parts of the
+  // parameters inside [shard_lo, shard_lo + S) and keeps moments for those alone.
+  const int64_t flat_numel = model.flat_params().numel();
+  const int64_t shard_numel = (flat_numel + dp - 1) / dp;
+  const int64_t shard_lo = static_cast<int64_t>(dp_rank) * shard_numel;
+  std::vector<float> grad_send, grad_shard, param_shard, param_full;
+  std::vector<ParamInfo> opt_params = model.params();
+  if (dp > 1) {
+    HYD_CHECK(!device.is_cuda(), "parallel.dp > 1 runs on the CPU only");
+    grad_send.assign(static_cast<size_t>(shard_numel * dp), 0.0f);
+    grad_shard.assign(static_cast<size_t>(shard_numel), 0.0f);
+    param_shard.assign(static_cast<size_t>(shard_numel), 0.0f);
+    param_full.assign(static_cast<size_t>(shard_numel * dp), 0.0f);
+    const Tensor flat = model.flat_params();
+    const Tensor shard_grads(grad_shard.data(), DType::f32, flat.device, {shard_numel});
+    opt_params.clear();
+    for (const ParamInfo& p : model.params()) {
+      const int64_t a = std::max(p.offset, shard_lo), b = std::min(p.offset + p.numel, shard_lo + shard_numel);
+      if (a >= b) continue;
+      ParamInfo q = p;
+      q.name = p.name + "[" + std::to_string(a - p.offset) + ":" + std::to_string(b - p.offset) + "]";
+      q.shape = {b - a};
+      q.offset = a;
+      q.numel = b - a;
+      q.value = flat.slice0(a, b);
+      q.grad = shard_grads.slice0(a - shard_lo, b - shard_lo);
+      opt_params.push_back(std::move(q));
+    }
+  }
+  AdamW optimizer(std::move(opt_params), device, cfg.train.adamw());
+  if (dp > 1)
+    optimizer.set_sum_squares_reduction([&](double ss) {
+      world->all_reduce(std::span<double>(&ss, 1), ReduceOp::kSum);
+      return ss;
+    });
   BatchUploader uploader(device, micro_tokens);
   const size_t memory = model.memory_bytes() + optimizer.memory_bytes() + uploader.bytes();
 
@@ -230,8 +309,11 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
   }
 
   // Everything checked: now the run directory is written.
-  run.begin();
-  MetricsWriter metrics(run.file(kMetricsFile), /*truncate=*/false);
+  std::optional<MetricsWriter> metrics;
+  if (rank0) {
+    run.begin();
+    metrics.emplace(run.file(kMetricsFile), /*truncate=*/false);
+  }
 
   TrainResult result;
   result.unigram_entropy = data.unigram_entropy();
@@ -241,8 +323,8 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
        << "model            " << model_summary(mc) << "\n"
        << "parameters       " << mc.num_parameters() << " (" << format_count(static_cast<double>(mc.num_parameters()))
        << ")\n"
-       << "tokens/step      " << micro_tokens * ga << " (" << B << " sequences x " << T << " tokens x " << ga
-       << " micro-batches)\n"
+       << "tokens/step      " << micro_tokens * ga * dp << " (" << B << " sequences x " << T << " tokens x " << ga
+       << " micro-batches" << (dp > 1 ? " x " + std::to_string(dp) + " data-parallel ranks, ZeRO-1" : "") << ")\n"
        << data.summary() << "train split      " << train_sampler.num_docs() << " documents, "
        << train_sampler.tokens_per_epoch() << " tokens\n";
     if (val_sampler)
@@ -255,6 +337,7 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
        << "memory           " << format_megabytes(memory) << " (model " << format_megabytes(model.memory_bytes())
        << ", optimizer " << format_megabytes(optimizer.memory_bytes()) << ")\n"
        << "run dir          " << run.dir() << "\n";
+    if (dp > 1) os << "checkpoints      none (parallel.dp > 1: sharded checkpoints are a later piece)\n";
     if (resume) os << "resumed from     " << resume->dir << " (step " << start_step << ")\n";
     out << "hydistill train\n";
     std::istringstream lines(os.str());
@@ -267,18 +350,20 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
     double loss_sum = 0;
     int64_t targets = 0;
     for (int64_t i = 0; i < cfg.log.eval_batches; ++i) {
-      const HostBatch hb = val_sampler->batch(i);
-      if (hb.num_targets == 0) continue;
-      const double l = model.forward_loss(ctx, uploader.upload(ctx, hb));
-      loss_sum += l * static_cast<double>(hb.num_targets);
-      targets += hb.num_targets;
+      for (int r = 0; r < dp; ++r) {
+        const HostBatch hb = dp > 1 ? val_shards[static_cast<size_t>(r)].batch(i) : val_sampler->batch(i);
+        if (hb.num_targets == 0) continue;
+        const double l = model.forward_loss(ctx, uploader.upload(ctx, hb));
+        loss_sum += l * static_cast<double>(hb.num_targets);
+        targets += hb.num_targets;
+      }
     }
     const double val_loss = targets > 0 ? loss_sum / static_cast<double>(targets) : NAN;
     st.final_val_loss = val_loss;
     out << "eval step " << step << " | val_loss " << format_number("%.4f", val_loss) << " | ppl "
         << format_number("%.2f", std::exp(val_loss)) << " | unigram entropy "
         << format_number("%.4f", result.unigram_entropy) << std::endl;
-    metrics.write({{"step", step}, {"val_loss", val_loss}, {"val_tokens", targets}});
+    metrics->write({{"step", step}, {"val_loss", val_loss}, {"val_tokens", targets}});
   };
 
   auto save_checkpoint = [&](int64_t step) {
@@ -301,16 +386,49 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
     const double lr = schedule.at(step);
     model.zero_grad();
     double loss_sum = 0;
+    int64_t step_tokens = 0;
     for (int64_t micro = 0; micro < ga; ++micro) {
       const HostBatch hb = train_sampler.batch(step * ga + micro);
-      loss_sum += model.forward_backward(ctx, uploader.upload(ctx, hb), 1.0f / static_cast<float>(ga));
-      st.interval_tokens += static_cast<int64_t>(hb.tokens.size());
-      st.tokens += static_cast<int64_t>(hb.tokens.size());
+      step_tokens += static_cast<int64_t>(hb.tokens.size());
+      if (dp == 1) {
+        loss_sum += model.forward_backward(ctx, uploader.upload(ctx, hb), 1.0f / static_cast<float>(ga));
+        continue;
+      }
+      // The single-rank loss is the mean over the micro-batch's targets; over dp ranks that mean is
+      // sum_r n_r * mean_r / N, so this rank's gradients are scaled by n_r / N (and 1 / ga).
+      int64_t global_targets = hb.num_targets;
+      world->all_reduce(std::span<int64_t>(&global_targets, 1), ReduceOp::kSum);
+      const double weight =
+          global_targets > 0 ? static_cast<double>(hb.num_targets) / static_cast<double>(global_targets) : 0.0;
+      const double l = model.forward_backward(ctx, uploader.upload(ctx, hb), static_cast<float>(weight / ga));
+      if (weight > 0) loss_sum += l * weight;
     }
+    if (dp > 1) {
+      double sums[2] = {loss_sum, static_cast<double>(step_tokens)};
+      world->all_reduce(std::span<double>(sums, 2), ReduceOp::kSum);
+      loss_sum = sums[0];
+      step_tokens = static_cast<int64_t>(sums[1]);
+    }
+    st.interval_tokens += step_tokens;
+    st.tokens += step_tokens;
     const double loss = loss_sum / static_cast<double>(ga);
     // A non-finite loss or gradient skips the update; too many in a row end the run.
     bool good = std::isfinite(loss);
-    if (good) {
+    if (good && dp > 1) {
+      // ZeRO-1: sum the gradients into this rank's shard, update the shard, all-gather the parameters.
+      ctx.synchronize();
+      const float* g = model.flat_grads().ptr<float>();
+      std::copy(g, g + flat_numel, grad_send.begin());
+      world->reduce_scatter(std::span<const float>(grad_send), std::span<float>(grad_shard));
+      st.last_norm = optimizer.step(ctx, lr);
+      good = std::isfinite(st.last_norm);
+      float* w = model.flat_params().ptr<float>();
+      const int64_t n = std::max<int64_t>(0, std::min(shard_numel, flat_numel - shard_lo));
+      std::fill(param_shard.begin(), param_shard.end(), 0.0f);
+      std::copy(w + shard_lo, w + shard_lo + n, param_shard.begin());
+      world->all_gather(std::span<const float>(param_shard), std::span<float>(param_full));
+      std::copy(param_full.begin(), param_full.begin() + flat_numel, w);
+    } else if (good) {
       st.last_norm = optimizer.step(ctx, lr);
       good = std::isfinite(st.last_norm);
     }
@@ -345,20 +463,20 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
       sm.eta_s = estimate_eta(sm.elapsed_s - eval_seconds, step + 1 - start_step, steps - start_step);
       if (peak_flops > 0) sm.mfu = sm.tokens_per_s * flops_per_token / peak_flops;
       out << sm.line() << std::endl;
-      metrics.write(sm.json());
+      if (metrics) metrics->write(sm.json());
       st.final_train_loss = sm.loss;
       st.interval_loss = 0;
       st.interval_steps = 0;
       st.interval_tokens = 0;
       t_interval = Clock::now();
     }
-    if ((cfg.log.eval_interval > 0 && (step + 1) % cfg.log.eval_interval == 0) || last) {
+    if (rank0 && ((cfg.log.eval_interval > 0 && (step + 1) % cfg.log.eval_interval == 0) || last)) {
       const auto t_eval = Clock::now();
       run_eval(step + 1);
       eval_seconds += seconds_since(t_eval);
       t_interval += Clock::now() - t_eval;  // keep evaluation out of the throughput
     }
-    if (run.checkpoint_due(step + 1, steps)) {
+    if (dp == 1 && run.checkpoint_due(step + 1, steps)) {
       const auto t_save = Clock::now();
       save_checkpoint(step + 1);
       t_interval += Clock::now() - t_save;

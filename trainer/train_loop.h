@@ -111,6 +111,15 @@ struct LogOptions {
   int64_t eval_batches = 8;     // validation micro-batches per evaluation; 0 = no evaluation
 };
 
+// The dp x sp process grid (parallel/grid.h). dp > 1: data parallel with ZeRO-1 on the CPU (MPI):
+// each rank trains on its dp shard of every batch (data.batch_size sequences per rank), gradients are
+// reduce-scattered, AdamW runs on each rank's contiguous shard of the flat parameters and the
+// parameters are all-gathered. Not yet on CUDA; sp > 1 (sequence parallelism) is a later piece.
+struct ParallelOptions {
+  int64_t dp = 1;  // parallel.dp
+  int64_t sp = 1;  // parallel.sp
+};
+
 struct TrainConfig {
   std::string source = "command line";  // where the options came from (the config file), for errors
   std::string device = "cpu";           // cpu | cuda | cuda:N
@@ -120,6 +129,7 @@ struct TrainConfig {
   TrainOptions train;
   LogOptions log;
   CheckpointOptions checkpoint;
+  ParallelOptions parallel;
 };
 
 struct TrainResult {

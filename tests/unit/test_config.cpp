@@ -156,7 +156,7 @@ TEST(Config, EffectiveIniReadsBackToTheSameValues) {
   EXPECT_DOUBLE_EQ(q.config.train.lr, 1.25e-3);
   EXPECT_EQ(q.config.data.seed, 77u);
   // Every option is recorded, each once.
-  EXPECT_EQ(p.effective.size(), 55u);
+  EXPECT_EQ(p.effective.size(), 57u);  // 55 + parallel.dp, parallel.sp
   for (size_t i = 0; i < p.effective.size(); ++i)
     for (size_t j = i + 1; j < p.effective.size(); ++j) EXPECT_NE(p.effective[i].first, p.effective[j].first);
 }
