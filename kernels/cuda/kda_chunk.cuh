@@ -241,6 +241,37 @@ struct ChunkTableProgram {
   }
 };
 
+// Thread t's share of loading one chunk's rows of k, q (if q != nullptr; else zeros) and g into
+// f32 staging [C][ld] (rows past the chunk's end are zero), and of beta into bs [C]. Called inside
+// a phase by the chunk programs.
+template <int DK>
+HYD_HD void load_chunk_rows(int t, const KdaDims& s, const ChunkSpan& sp, int hv, const bf16* q, const bf16* k,
+                            const float* g, const float* beta, int ld, float* ks, float* qs, float* gs, float* bs) {
+  const int H = static_cast<int>(s.h), HV = static_cast<int>(s.hv), h = hv / (HV / H);
+  for (int idx = t; idx < kChunk * DK; idx += kThreads) {
+    const int r = idx / DK, i = idx % DK;
+    const bool in = r < sp.len;
+    const int64_t tok = sp.start + r;
+    ks[r * ld + i] = in ? load_bf16(k + (tok * H + h) * DK + i) : 0.f;
+    qs[r * ld + i] = in && q ? load_bf16(q + (tok * H + h) * DK + i) : 0.f;
+    gs[r * ld + i] = in ? g[(tok * HV + hv) * DK + i] : 0.f;
+  }
+  if (t < kChunk) bs[t] = t < sp.len ? beta[(sp.start + t) * HV + hv] : 0.f;
+}
+
+// The phase G = cumulative sum of g over the chunk's rows, per channel (thread = channel).
+template <int DK, class Exec>
+HYD_HD void cumsum_rows_phase(Exec& ex, int ld, float* gs) {
+  ex.phase([&](int t) {
+    if (t >= DK) return;
+    float acc = 0.f;
+    for (int r = 0; r < kChunk; ++r) {
+      acc += gs[r * ld + t];
+      gs[r * ld + t] = acc;
+    }
+  });
+}
+
 // Intra-chunk quantities, independent of the state. Grid (max_chunks, HV). Rows r >= len are padded
 // with k = q = v = g = beta = 0, which makes their rows of A, X - I, w, u, kg, qg and Aqk zero and
 // keeps G constant past the end (so G_63 = G_last).
@@ -276,8 +307,7 @@ struct ChunkPrepProgram {
     const int hv = static_cast<int>(b.y);
     if (c >= chunk_off[s.num_docs]) return;
     const ChunkSpan sp = locate_chunk(cu, chunk_off, s.num_docs, c);
-    const int L = sp.len, H = static_cast<int>(s.h), HV = static_cast<int>(s.hv), dv = static_cast<int>(s.dv);
-    const int h = hv / (HV / H);
+    const int L = sp.len, HV = static_cast<int>(s.hv), dv = static_cast<int>(s.dv);
     const int64_t ch = c * HV + hv;
     float* ks = reinterpret_cast<float*>(smem);  // [C][kLdK] k, later beta * k * exp(G)
     float* gs = ks + kChunk * kLdK;              // [C][kLdK] g, then G
@@ -286,25 +316,8 @@ struct ChunkPrepProgram {
     float* xm = am + kChunk * kLdM;              // [C][kLdM] X
     float* bs = xm + kChunk * kLdM;              // [C] beta
 
-    ex.phase([&](int t) {
-      for (int idx = t; idx < kChunk * DK; idx += kThreads) {
-        const int r = idx / DK, i = idx % DK;
-        const bool in = r < L;
-        const int64_t tok = sp.start + r;
-        ks[r * kLdK + i] = in ? load_bf16(k + (tok * H + h) * DK + i) : 0.f;
-        qs[r * kLdK + i] = in && q ? load_bf16(q + (tok * H + h) * DK + i) : 0.f;
-        gs[r * kLdK + i] = in ? g[(tok * HV + hv) * DK + i] : 0.f;
-      }
-      if (t < kChunk) bs[t] = t < L ? beta[(sp.start + t) * HV + hv] : 0.f;
-    });
-    ex.phase([&](int t) {
-      if (t >= DK) return;
-      float acc = 0.f;
-      for (int r = 0; r < kChunk; ++r) {
-        acc += gs[r * kLdK + t];
-        gs[r * kLdK + t] = acc;
-      }
-    });
+    ex.phase([&](int t) { load_chunk_rows<DK>(t, s, sp, hv, q, k, g, beta, kLdK, ks, qs, gs, bs); });
+    cumsum_rows_phase<DK>(ex, kLdK, gs);
     // A (strictly lower, times beta_r), Aqk (lower with diagonal), X = I to start the substitution.
     ex.phase([&](int t) {
       for (int idx = t; idx < kMat; idx += kThreads) {
@@ -701,8 +714,7 @@ struct IntraGradProgram {
     const int hv = static_cast<int>(b.y);
     if (c >= chunk_off[s.num_docs]) return;
     const ChunkSpan sp = locate_chunk(cu, chunk_off, s.num_docs, c);
-    const int L = sp.len, H = static_cast<int>(s.h), HV = static_cast<int>(s.hv);
-    const int h = hv / (HV / H);
+    const int L = sp.len, HV = static_cast<int>(s.hv);
     const int64_t ch = c * HV + hv;
     float* ks = reinterpret_cast<float*>(smem);  // [C][kLdK]
     float* qs = ks + kChunk * kLdK;              // [C][kLdK]
@@ -718,30 +730,15 @@ struct IntraGradProgram {
     const float* dkgc = dkg + ch * kChunk * DK;
 
     ex.phase([&](int t) {
-      for (int idx = t; idx < kChunk * DK; idx += kThreads) {
-        const int r = idx / DK, i = idx % DK;
-        const bool in = r < L;
-        const int64_t tok = sp.start + r;
-        ks[r * kLdK + i] = in ? load_bf16(k + (tok * H + h) * DK + i) : 0.f;
-        qs[r * kLdK + i] = in ? load_bf16(q + (tok * H + h) * DK + i) : 0.f;
-        gs[r * kLdK + i] = in ? g[(tok * HV + hv) * DK + i] : 0.f;
-      }
+      load_chunk_rows<DK>(t, s, sp, hv, q, k, g, beta, kLdK, ks, qs, gs, bs);
       for (int idx = t; idx < kMat; idx += kThreads) {
         const int o = (idx / kChunk) * kLdM + idx % kChunk;
         xs[o] = x[ch * kMat + idx];
         m2[o] = daqk[ch * kMat + idx];
         m3[o] = dtv[ch * kMat + idx];
       }
-      if (t < kChunk) bs[t] = t < L ? beta[(sp.start + t) * HV + hv] : 0.f;
     });
-    ex.phase([&](int t) {
-      if (t >= DK) return;
-      float acc = 0.f;
-      for (int r = 0; r < kChunk; ++r) {
-        acc += gs[r * kLdK + t];
-        gs[r * kLdK + t] = acc;
-      }
-    });
+    cumsum_rows_phase<DK>(ex, kLdK, gs);
     // dT = dT_v + dw kG^T on and below the diagonal (T is lower triangular).
     ex.phase([&](int t) {
       for (int idx = t; idx < kMat; idx += kThreads) {
