@@ -186,6 +186,33 @@ double richardson(float& x, Eval eval, float h) {
   return (4 * d2 - d1) / 3;
 }
 
+// Compares the gradient g of parameter p at the sampled entries idx with Richardson central
+// differences of eval() (p restored afterwards) and asserts the agreement.
+template <class Eval>
+void expect_sampled_gradient(HybridModel& model, const ParamInfo& p, const std::vector<float>& g,
+                             const std::vector<int64_t>& idx, Eval eval) {
+  std::vector<float> value = model.get_param(p.name);
+  double num = 0, den = 0;
+  for (int64_t i : idx) {
+    const double fd = richardson(
+        value[i],
+        [&] {
+          model.set_param(p.name, value.data(), p.numel);
+          return eval();
+        },
+        step_for(p.name));
+    num += (g[i] - fd) * (g[i] - fd);
+    den += fd * fd;
+  }
+  model.set_param(p.name, value.data(), p.numel);
+  const double err = std::sqrt(num), ref = std::sqrt(den);
+  std::printf("  %-28s |g_fd| %.3e  |g - g_fd| %.3e  rel %.2e\n", p.name.c_str(), ref, err,
+              err / std::max(ref, 1e-30));
+  EXPECT_TRUE(std::isfinite(err)) << p.name;
+  EXPECT_LT(err, std::max(kTolerance * ref, kNoiseFloor)) << p.name << ": gradient differs from FD";
+  EXPECT_GT(ref, 0.0) << p.name << ": gradient sample is exactly zero; the check would be vacuous";
+}
+
 TEST(HybridDistillApi, DistillLossGradientMatchesFiniteDifferences) {
   const HybridConfig cfg = test::tiny_hybrid_config("KTA", 3, "llama");
   const int64_t V = cfg.model.vocab_size, N = 24;
@@ -240,7 +267,6 @@ TEST(HybridDistillApi, DistillLossGradientMatchesFiniteDifferences) {
   for (const ParamInfo& p : model.params()) {
     const std::vector<float> g = model.get_grad(p.name);
     ASSERT_TRUE(test::all_finite(g)) << p.name;
-    std::vector<float> value = model.get_param(p.name);
     std::vector<int64_t> idx(p.numel);
     std::iota(idx.begin(), idx.end(), 0);
     std::shuffle(idx.begin(), idx.end(), test::rng());
@@ -251,25 +277,7 @@ TEST(HybridDistillApi, DistillLossGradientMatchesFiniteDifferences) {
         idx[j] = hb.tokens[test::randint(1, 0, static_cast<int32_t>(N))[0]] * D +
                  test::randint(1, 0, static_cast<int32_t>(D))[0];
     }
-    double num = 0, den = 0;
-    for (int64_t i : idx) {
-      const double fd = richardson(
-          value[i],
-          [&] {
-            model.set_param(p.name, value.data(), p.numel);
-            return eval();
-          },
-          step_for(p.name));
-      num += (g[i] - fd) * (g[i] - fd);
-      den += fd * fd;
-    }
-    model.set_param(p.name, value.data(), p.numel);
-    const double err = std::sqrt(num), ref = std::sqrt(den);
-    std::printf("  %-28s |g_fd| %.3e  |g - g_fd| %.3e  rel %.2e\n", p.name.c_str(), ref, err,
-                err / std::max(ref, 1e-30));
-    EXPECT_TRUE(std::isfinite(err)) << p.name;
-    EXPECT_LT(err, std::max(kTolerance * ref, kNoiseFloor)) << p.name << ": gradient differs from FD";
-    EXPECT_GT(ref, 0.0) << p.name << ": gradient sample is exactly zero; the check would be vacuous";
+    expect_sampled_gradient(model, p, g, idx, eval);
   }
 }
 
@@ -504,7 +512,6 @@ TEST(HybridDistillApi, HiddenStateGradientMatchesFiniteDifferences) {
       for (float v : g) ASSERT_EQ(v, 0.0f) << p.name;
       continue;
     }
-    std::vector<float> value = model.get_param(p.name);
     std::vector<int64_t> idx(p.numel);
     std::iota(idx.begin(), idx.end(), 0);
     std::shuffle(idx.begin(), idx.end(), test::rng());
@@ -517,25 +524,7 @@ TEST(HybridDistillApi, HiddenStateGradientMatchesFiniteDifferences) {
         idx[j] = hb.tokens[t] * Dm + test::randint(1, 0, static_cast<int32_t>(Dm))[0];
       }
     }
-    double num = 0, den = 0;
-    for (int64_t i : idx) {
-      const double fd = richardson(
-          value[i],
-          [&] {
-            model.set_param(p.name, value.data(), p.numel);
-            return eval();
-          },
-          step_for(p.name));
-      num += (g[i] - fd) * (g[i] - fd);
-      den += fd * fd;
-    }
-    model.set_param(p.name, value.data(), p.numel);
-    const double err = std::sqrt(num), ref = std::sqrt(den);
-    std::printf("  %-28s |g_fd| %.3e  |g - g_fd| %.3e  rel %.2e\n", p.name.c_str(), ref, err,
-                err / std::max(ref, 1e-30));
-    EXPECT_TRUE(std::isfinite(err)) << p.name;
-    EXPECT_LT(err, std::max(kTolerance * ref, kNoiseFloor)) << p.name << ": gradient differs from FD";
-    EXPECT_GT(ref, 0.0) << p.name << ": gradient sample is exactly zero; the check would be vacuous";
+    expect_sampled_gradient(model, p, g, idx, eval);
   }
 }
 
