@@ -1,6 +1,7 @@
 // Tensor-level dispatch for the short convolution (see kernels/short_conv.h): validates, then runs
 // the CPU reference (f32 or f64) or the CUDA kernels (bf16 activations and weight, f32 dw).
-// cu_seqlens contents are checked by the CPU implementation; on CUDA they are trusted.
+// cu_seqlens contents are checked by the CPU implementation; on CUDA they are trusted. The optional
+// halo and dhalo are checked here (shape [D, K-1, C], dtype and device).
 #include "kernels/short_conv.h"
 
 #include "kernels/dispatch.h"
@@ -36,14 +37,28 @@ void expect_cpu_float(const Tensor& x, const char* op) {
     HYD_THROW(op, ": argument 'x' has dtype ", dtype_name(x.dtype), ", expected f32 or f64 on the CPU");
 }
 
+// A halo tensor is given when it has data or a shape: [D, 0, C] (K = 1) may come without data.
+bool given(const Tensor& t) { return !t.empty() || t.ndim > 0; }
+
+void check_halo(const Tensor& x, const ConvDims& s, const Tensor& halo, const Tensor& value_like, const char* op,
+                const char* arg) {
+  expect_shape(halo, {s.num_docs, s.kernel - 1, s.channels}, op, arg);
+  if (halo.empty() && halo.numel() > 0)
+    HYD_THROW(op, ": argument '", arg, "' has shape ", halo.shape_str(), " but no data");
+  expect_dtype(halo, value_like.dtype, op, arg);
+  expect_same_device(x, halo, op);
+}
+
 }  // namespace
 
 void short_conv_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& cu_seqlens,
-                        const Tensor& y) {
+                        const Tensor& y, const Tensor& halo) {
   constexpr const char* op = "short_conv_forward";
   const ConvDims s = check_common(x, w, cu_seqlens, op);
   expect_shape(y, {s.n, s.channels}, op, "y");
   expect_same_device(x, y, op);
+  const bool has_halo = given(halo);
+  if (has_halo) check_halo(x, s, halo, x, op, "halo");
   check_context(ctx, x, op);
   if (x.device.is_cpu()) {
     expect_cpu_float(x, op);
@@ -51,10 +66,11 @@ void short_conv_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w
     expect_value_dtype(x, y, op, "y");
     if (x.dtype == DType::f32) {
       cpu::short_conv_forward<float>(x.ptr<float>(), w.ptr<float>(), cu_seqlens.ptr<int32_t>(), s.num_docs,
-                                     y.ptr<float>(), s.n, s.channels, s.kernel);
+                                     y.ptr<float>(), s.n, s.channels, s.kernel, has_halo ? halo.ptr<float>() : nullptr);
     } else {
       cpu::short_conv_forward<double>(x.ptr<double>(), w.ptr<double>(), cu_seqlens.ptr<int32_t>(), s.num_docs,
-                                      y.ptr<double>(), s.n, s.channels, s.kernel);
+                                      y.ptr<double>(), s.n, s.channels, s.kernel,
+                                      has_halo ? halo.ptr<double>() : nullptr);
     }
     return;
   }
@@ -66,20 +82,26 @@ void short_conv_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w
     HYD_THROW(op, ": argument 'w' has kernel size ", s.kernel,
               ", the CUDA kernel supports <= ", cuda::kShortConvMaxKernel);
   cuda::short_conv_forward(x.ptr<bf16>(), w.ptr<bf16>(), cu_seqlens.ptr<int32_t>(), s.num_docs, y.ptr<bf16>(), s.n,
-                           s.channels, s.kernel, ctx.stream());
+                           s.channels, s.kernel, has_halo ? halo.ptr<bf16>() : nullptr, ctx.stream());
 #else
   unsupported(op, x);
 #endif
 }
 
 void short_conv_backward(const ExecContext& ctx, const Tensor& dy, const Tensor& x, const Tensor& w,
-                         const Tensor& cu_seqlens, const Tensor& dx, const Tensor& dw) {
+                         const Tensor& cu_seqlens, const Tensor& dx, const Tensor& dw, const Tensor& halo,
+                         const Tensor& dhalo) {
   constexpr const char* op = "short_conv_backward";
   const ConvDims s = check_common(x, w, cu_seqlens, op);
   expect_shape(dy, {s.n, s.channels}, op, "dy");
   expect_shape(dx, {s.n, s.channels}, op, "dx");
   expect_shape(dw, {s.channels, s.kernel}, op, "dw");
   for (const Tensor* t : {&dy, &dx, &dw}) expect_same_device(x, *t, op);
+  const bool has_halo = given(halo), has_dhalo = given(dhalo);
+  if (has_dhalo && !has_halo)
+    HYD_THROW(op, ": argument 'dhalo' is given without 'halo' (the halo gradient needs the halo)");
+  if (has_halo) check_halo(x, s, halo, x, op, "halo");
+  if (has_dhalo) check_halo(x, s, dhalo, dx, op, "dhalo");
   check_context(ctx, x, op);
   if (x.device.is_cpu()) {
     expect_cpu_float(x, op);
@@ -89,10 +111,13 @@ void short_conv_backward(const ExecContext& ctx, const Tensor& dy, const Tensor&
     expect_dtype(dw, x.dtype, op, "dw");
     if (x.dtype == DType::f32) {
       cpu::short_conv_backward<float>(dy.ptr<float>(), x.ptr<float>(), w.ptr<float>(), cu_seqlens.ptr<int32_t>(),
-                                      s.num_docs, dx.ptr<float>(), dw.ptr<float>(), s.n, s.channels, s.kernel);
+                                      s.num_docs, dx.ptr<float>(), dw.ptr<float>(), s.n, s.channels, s.kernel,
+                                      has_halo ? halo.ptr<float>() : nullptr, has_dhalo ? dhalo.ptr<float>() : nullptr);
     } else {
       cpu::short_conv_backward<double>(dy.ptr<double>(), x.ptr<double>(), w.ptr<double>(), cu_seqlens.ptr<int32_t>(),
-                                       s.num_docs, dx.ptr<double>(), dw.ptr<double>(), s.n, s.channels, s.kernel);
+                                       s.num_docs, dx.ptr<double>(), dw.ptr<double>(), s.n, s.channels, s.kernel,
+                                       has_halo ? halo.ptr<double>() : nullptr,
+                                       has_dhalo ? dhalo.ptr<double>() : nullptr);
     }
     return;
   }
@@ -106,7 +131,9 @@ void short_conv_backward(const ExecContext& ctx, const Tensor& dy, const Tensor&
     HYD_THROW(op, ": argument 'w' has kernel size ", s.kernel,
               ", the CUDA kernel supports <= ", cuda::kShortConvMaxKernel);
   cuda::short_conv_backward(dy.ptr<bf16>(), x.ptr<bf16>(), w.ptr<bf16>(), cu_seqlens.ptr<int32_t>(), s.num_docs,
-                            dx.ptr<bf16>(), dw.ptr<float>(), s.n, s.channels, s.kernel, ctx.stream());
+                            dx.ptr<bf16>(), dw.ptr<float>(), s.n, s.channels, s.kernel,
+                            has_halo ? halo.ptr<bf16>() : nullptr, has_dhalo ? dhalo.ptr<bf16>() : nullptr,
+                            ctx.stream());
 #else
   unsupported(op, x);
 #endif

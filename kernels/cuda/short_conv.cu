@@ -6,11 +6,15 @@
 // time window; a kernel size k < KMAX pads the taps with zero weights on the left.
 // Taps are right-aligned: wr[i] = w[c, k-1-lag] with lag = KMAX-1-i (zero for lag >= k), and
 // win[i] holds x at token t - lag, so u[t] = sum_i wr[i] win[i].
-// The window is zeroed at every document start (cu_seqlens), so no tap reads another document.
+// The window is zeroed at every document start (cu_seqlens), so no tap reads another document, or,
+// with a halo, loaded with the document's halo rows (only there: later tokens never read the halo).
 // Backward: one pass per run computes du[s] for s in [t0, t1 + KMAX - 1) of the run's last document
 // (recomputing u from the window), adds w * du into KMAX pending dx accumulators (token s - lag), and
 // writes a token's dx once no later du can reach it. dw partial sums (du * window) are reduced over
 // the block's 8 runs in shared memory and added to dw with one f32 atomicAdd per (block, c, tap).
+// dhalo: the pending dx accumulators of the K-1 tokens before a document's start hold dhalo once
+// complete; the run holding the document's first token writes them (dhalo is zeroed first, for the
+// empty documents no run visits).
 #include <algorithm>
 
 #include "kernels/cuda/common.cuh"
@@ -60,15 +64,35 @@ __device__ __forceinline__ void load_taps(const __nv_bfloat16* w, int64_t c, int
   }
 }
 
-// Window before token t0: win[i] = x[t0 - KMAX + i] for the k-1 tokens preceding t0 inside its
-// document (zero otherwise); the first shift moves x[t0] into win[KMAX-1].
+// Window before token t0 of document `doc` starting at `begin`: win[i] = xx[t0 - KMAX + i] for the
+// k-1 tokens preceding t0 (x inside the document, halo[doc, s - begin + k - 1] before it, zero without
+// a halo; zero beyond k-1 tokens); the first shift moves x[t0] into win[KMAX-1].
 template <int KMAX>
-__device__ __forceinline__ void load_window(const __nv_bfloat16* x, int64_t t0, int64_t begin, int64_t c,
-                                            int64_t channels, int k, float (&win)[KMAX]) {
+__device__ __forceinline__ void load_window(const __nv_bfloat16* x, const __nv_bfloat16* halo, int64_t t0, int64_t doc,
+                                            int64_t begin, int64_t c, int64_t channels, int k, float (&win)[KMAX]) {
 #pragma unroll
   for (int i = 0; i < KMAX; ++i) {
     const int64_t s = t0 - KMAX + i;
-    win[i] = (s >= begin && t0 - s <= k - 1) ? to_f(x[s * channels + c]) : 0.f;
+    float v = 0.f;
+    if (t0 - s <= k - 1) {
+      if (s >= begin)
+        v = to_f(x[s * channels + c]);
+      else if (halo != nullptr)
+        v = to_f(halo[(doc * (k - 1) + (s - begin + k - 1)) * channels + c]);
+    }
+    win[i] = v;
+  }
+}
+
+// Window at the start of document `doc` (token `begin`): its halo rows, or zeros.
+template <int KMAX>
+__device__ __forceinline__ void start_window(const __nv_bfloat16* halo, int64_t doc, int64_t begin, int64_t c,
+                                             int64_t channels, int k, float (&win)[KMAX]) {
+  if (halo == nullptr) {
+#pragma unroll
+    for (int i = 0; i < KMAX; ++i) win[i] = 0.f;
+  } else {
+    load_window<KMAX>(nullptr, halo, begin, doc, begin, c, channels, k, win);
   }
 }
 
@@ -90,8 +114,8 @@ __device__ __forceinline__ float dot_taps(const float (&wr)[KMAX], const float (
 template <int KMAX>
 __global__ void short_conv_forward_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
                                           const int32_t* __restrict__ cu, int64_t num_docs,
-                                          __nv_bfloat16* __restrict__ y, int64_t n, int64_t channels, int k,
-                                          int64_t run_len) {
+                                          const __nv_bfloat16* __restrict__ halo, __nv_bfloat16* __restrict__ y,
+                                          int64_t n, int64_t channels, int k, int64_t run_len) {
   const int64_t c = int64_t(blockIdx.x) * kChannels + threadIdx.x;
   const int64_t t0 = (int64_t(blockIdx.y) * kRuns + threadIdx.y) * run_len;
   if (c >= channels || t0 >= n) return;
@@ -100,12 +124,11 @@ __global__ void short_conv_forward_kernel(const __nv_bfloat16* __restrict__ x, c
   load_taps<KMAX>(w, c, k, wr);
   int64_t doc, begin, end;
   find_document(cu, num_docs, t0, doc, begin, end);
-  load_window<KMAX>(x, t0, begin, c, channels, k, win);
+  load_window<KMAX>(x, halo, t0, doc, begin, c, channels, k, win);
   for (int64_t t = t0; t < t1; ++t) {
-    if (t >= end) {  // a document starts at t: nothing before it is visible
+    if (t >= end) {  // a document starts at t: nothing before it is visible but its halo
       advance_document(cu, t, doc, begin, end);
-#pragma unroll
-      for (int i = 0; i < KMAX; ++i) win[i] = 0.f;
+      start_window<KMAX>(halo, doc, begin, c, channels, k, win);
     }
     push<KMAX>(win, to_f(x[t * channels + c]));
     const float u = dot_taps<KMAX>(wr, win);
@@ -116,8 +139,10 @@ __global__ void short_conv_forward_kernel(const __nv_bfloat16* __restrict__ x, c
 template <int KMAX>
 __global__ void short_conv_backward_kernel(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ x,
                                            const __nv_bfloat16* __restrict__ w, const int32_t* __restrict__ cu,
-                                           int64_t num_docs, __nv_bfloat16* __restrict__ dx, float* __restrict__ dw,
-                                           int64_t n, int64_t channels, int k, int64_t run_len) {
+                                           int64_t num_docs, const __nv_bfloat16* __restrict__ halo,
+                                           __nv_bfloat16* __restrict__ dx, float* __restrict__ dw,
+                                           __nv_bfloat16* __restrict__ dhalo, int64_t n, int64_t channels, int k,
+                                           int64_t run_len) {
   __shared__ float red[kRuns][KMAX][kChannels + 1];
   const int64_t c = int64_t(blockIdx.x) * kChannels + threadIdx.x;
   const int64_t t0 = (int64_t(blockIdx.y) * kRuns + threadIdx.y) * run_len;
@@ -131,12 +156,17 @@ __global__ void short_conv_backward_kernel(const __nv_bfloat16* __restrict__ dy,
     load_taps<KMAX>(w, c, k, wr);
     int64_t doc, begin, end;
     find_document(cu, num_docs, t0, doc, begin, end);
-    load_window<KMAX>(x, t0, begin, c, channels, k, win);
+    load_window<KMAX>(x, halo, t0, doc, begin, c, channels, k, win);
 #pragma unroll
     for (int i = 0; i < KMAX; ++i) acc[i] = 0.f;
-    // Writes a finished dx if the token is this run's and in the current document.
+    // Writes a finished dx if the token is this run's and in the current document, or a finished
+    // dhalo row if the token is one of the k-1 before a document that starts in this run.
     auto emit = [&](float v, int64_t tok) {
-      if (tok >= t0 && tok < t1 && tok >= begin) dx[tok * channels + c] = to_bf(v);
+      if (tok >= begin) {
+        if (tok >= t0 && tok < t1) dx[tok * channels + c] = to_bf(v);
+      } else if (dhalo != nullptr && begin >= t0 && tok >= begin - (k - 1)) {
+        dhalo[(doc * (k - 1) + (tok - begin + k - 1)) * channels + c] = to_bf(v);
+      }
     };
     const int64_t s_stop = std::min<int64_t>(n, t1 + KMAX - 1);
     int64_t s = t0;
@@ -150,8 +180,9 @@ __global__ void short_conv_backward_kernel(const __nv_bfloat16* __restrict__ dy,
           break;
         }
         advance_document(cu, s, doc, begin, end);
+        start_window<KMAX>(halo, doc, begin, c, channels, k, win);
 #pragma unroll
-        for (int i = 0; i < KMAX; ++i) win[i] = acc[i] = 0.f;
+        for (int i = 0; i < KMAX; ++i) acc[i] = 0.f;
       }
       emit(acc[0], s - KMAX);  // no du at or after s reaches token s - KMAX
       push<KMAX>(acc, 0.f);
@@ -205,28 +236,38 @@ ConvLaunch conv_launch(int64_t n, int64_t channels, int64_t min_run, int64_t max
 }  // namespace
 
 void short_conv_forward(const bf16* x, const bf16* w, const int32_t* cu_seqlens, int64_t num_docs, bf16* y, int64_t n,
-                        int64_t channels, int64_t kernel, void* stream) {
+                        int64_t channels, int64_t kernel, const bf16* halo, void* stream) {
   if (n == 0 || channels == 0) return;
   HYD_CHECK(kernel >= 1 && kernel <= kShortConvMaxKernel, "short_conv_forward: kernel size ", kernel, " outside [1, ",
             kShortConvMaxKernel, "]");
   HYD_CHECK(num_docs >= 1, "short_conv_forward: ", n, " tokens but no documents");
   const ConvLaunch l = conv_launch(n, channels, 16, 65535);
   const dim3 block(kChannels, kRuns);
+  if (kernel == 1) halo = nullptr;  // no halo rows
   if (kernel <= 4) {
-    short_conv_forward_kernel<4><<<l.grid, block, 0, as_stream(stream)>>>(
-        as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(y), n, channels, static_cast<int>(kernel), l.run_len);
+    short_conv_forward_kernel<4><<<l.grid, block, 0, as_stream(stream)>>>(as_nv(x), as_nv(w), cu_seqlens, num_docs,
+                                                                          as_nv(halo), as_nv(y), n, channels,
+                                                                          static_cast<int>(kernel), l.run_len);
   } else {
-    short_conv_forward_kernel<16><<<l.grid, block, 0, as_stream(stream)>>>(
-        as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(y), n, channels, static_cast<int>(kernel), l.run_len);
+    short_conv_forward_kernel<16><<<l.grid, block, 0, as_stream(stream)>>>(as_nv(x), as_nv(w), cu_seqlens, num_docs,
+                                                                           as_nv(halo), as_nv(y), n, channels,
+                                                                           static_cast<int>(kernel), l.run_len);
   }
   CHECK_LAUNCH();
 }
 
 void short_conv_backward(const bf16* dy, const bf16* x, const bf16* w, const int32_t* cu_seqlens, int64_t num_docs,
-                         bf16* dx, float* dw, int64_t n, int64_t channels, int64_t kernel, void* stream) {
-  if (n == 0 || channels == 0) return;
+                         bf16* dx, float* dw, int64_t n, int64_t channels, int64_t kernel, const bf16* halo,
+                         bf16* dhalo, void* stream) {
   HYD_CHECK(kernel >= 1 && kernel <= kShortConvMaxKernel, "short_conv_backward: kernel size ", kernel, " outside [1, ",
             kShortConvMaxKernel, "]");
+  HYD_CHECK(dhalo == nullptr || halo != nullptr || kernel == 1,
+            "short_conv_backward: argument 'dhalo' given without a halo");
+  if (kernel == 1) halo = dhalo = nullptr;  // no halo rows
+  // Rows of empty documents are never visited by a run: zero them all first (before the n == 0 exit).
+  const size_t dhalo_bytes = static_cast<size_t>(num_docs * (kernel - 1) * channels) * sizeof(bf16);
+  if (dhalo != nullptr && dhalo_bytes > 0) CHECK_CUDA(cudaMemsetAsync(dhalo, 0, dhalo_bytes, as_stream(stream)));
+  if (n == 0 || channels == 0) return;
   HYD_CHECK(num_docs >= 1, "short_conv_backward: ", n, " tokens but no documents");
   // About 2048 blocks in all: enough to fill the GPU, few enough that the dw atomics stay cheap.
   const int64_t col_blocks = (channels + kChannels - 1) / kChannels;
@@ -234,13 +275,13 @@ void short_conv_backward(const bf16* dy, const bf16* x, const bf16* w, const int
       conv_launch(n, channels, 16, std::clamp<int64_t>((2048 + col_blocks - 1) / col_blocks, 1, 65535));
   const dim3 block(kChannels, kRuns);
   if (kernel <= 4) {
-    short_conv_backward_kernel<4><<<l.grid, block, 0, as_stream(stream)>>>(as_nv(dy), as_nv(x), as_nv(w), cu_seqlens,
-                                                                           num_docs, as_nv(dx), dw, n, channels,
-                                                                           static_cast<int>(kernel), l.run_len);
+    short_conv_backward_kernel<4><<<l.grid, block, 0, as_stream(stream)>>>(
+        as_nv(dy), as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(halo), as_nv(dx), dw, as_nv(dhalo), n, channels,
+        static_cast<int>(kernel), l.run_len);
   } else {
-    short_conv_backward_kernel<16><<<l.grid, block, 0, as_stream(stream)>>>(as_nv(dy), as_nv(x), as_nv(w), cu_seqlens,
-                                                                            num_docs, as_nv(dx), dw, n, channels,
-                                                                            static_cast<int>(kernel), l.run_len);
+    short_conv_backward_kernel<16><<<l.grid, block, 0, as_stream(stream)>>>(
+        as_nv(dy), as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(halo), as_nv(dx), dw, as_nv(dhalo), n, channels,
+        static_cast<int>(kernel), l.run_len);
   }
   CHECK_LAUNCH();
 }

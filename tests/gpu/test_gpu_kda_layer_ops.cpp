@@ -2,9 +2,10 @@
 // reference. Both sides see the same bf16-rounded inputs (and the same f32 gate parameters and gate
 // gradients); outputs are poisoned (NaN) before every run; inputs are fresh random numbers each run.
 // Shapes include odd sizes (scalar paths), multiples of 8 (vector paths), empty and one-token
-// documents, kernel sizes on both sides of the 4-tap fast path, and head boundaries inside a 32-column
-// block. Tolerances: bf16 outputs rel_err < 1e-2; f32 outputs computed from the same inputs (g, beta,
-// rstd) < 1e-4; f32 sums over tokens (dw, dA_log, ddt_bias) < 1e-3.
+// documents, kernel sizes on both sides of the 4-tap fast path, short conv halos (dhalo included),
+// and head boundaries inside a 32-column block. Tolerances: bf16 outputs rel_err < 1e-2; f32 outputs
+// computed from the same inputs (g, beta, rstd) < 1e-4; f32 sums over tokens (dw, dA_log, ddt_bias)
+// < 1e-3.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -103,6 +104,65 @@ TEST_F(GpuKdaLayerOps, ShortConvForwardAndBackward) {
     EXPECT_LT(rel_err(DeviceBuffers::download(d_y), y_ref), kBf16Tol);
     EXPECT_LT(rel_err(DeviceBuffers::download(d_dx), dx_ref), kBf16Tol);
     EXPECT_LT(rel_err(increment(DeviceBuffers::download(d_dw), dw0), increment(dw_ref, dw0)), kF32SumTol);
+  }
+}
+
+// With a halo (the K-1 rows before each document, sequence parallelism): y, dx, dhalo and dw against
+// the CPU. Documents shorter than K-1 and empty ones (dhalo rows zero), K = 1 (a halo of no rows),
+// runs that start inside a document's first K-1 tokens (the many short documents); dhalo poisoned.
+TEST_F(GpuKdaLayerOps, ShortConvWithHaloForwardAndBackward) {
+  struct Case {
+    std::vector<int32_t> lengths;
+    int64_t channels, kernel;
+  };
+  std::vector<int32_t> many;  // 150 documents of 0..20 tokens (empty ones included)
+  for (int32_t l : randint(150, 0, 21)) many.push_back(l);
+  const std::vector<Case> cases = {
+      {{1, 63, 64, 65, 7}, 96, 4}, {{3, 0, 1, 2, 7}, 5, 4}, {{200}, 64, 1},    {{2, 30, 1}, 40, 3},
+      {{17, 1, 2, 40}, 24, 7},     {{50, 2, 9}, 33, 16},    {many, 48, 4},     {many, 40, 2},
+      {{1500, 1, 499}, 1024, 4},   {{2, 1, 0, 5}, 32, 2},   {{0, 3, 0}, 8, 4},
+  };
+  for (const Case& cs : cases) {
+    const std::vector<int32_t> cu = offsets(cs.lengths);
+    const int64_t n = cu.back(), ch = cs.channels, k = cs.kernel, docs = static_cast<int64_t>(cs.lengths.size());
+    const int64_t h = k - 1;
+    SCOPED_TRACE("n=" + std::to_string(n) + " docs=" + std::to_string(docs) + " C=" + std::to_string(ch) +
+                 " K=" + std::to_string(k));
+    buf().arena().reset();
+    std::vector<float> x = round_bf16(randn(n * ch, 1.5f)), w = round_bf16(randn(ch * k, 0.5f));
+    std::vector<float> halo = round_bf16(randn(docs * h * ch, 1.5f));
+    std::vector<float> dy = round_bf16(randn(n * ch)), dw0 = randn(ch * k);
+    std::vector<int32_t> cu_host = cu;
+
+    std::vector<float> y_ref(n * ch), dx_ref(n * ch), dhalo_ref(docs * h * ch), dw_ref = dw0;
+    short_conv_forward(cpu(), cpu_f32(x, {n, ch}), cpu_f32(w, {ch, k}), cpu_i32(cu_host, {docs + 1}),
+                       cpu_f32(y_ref, {n, ch}), cpu_f32(halo, {docs, h, ch}));
+    short_conv_backward(cpu(), cpu_f32(dy, {n, ch}), cpu_f32(x, {n, ch}), cpu_f32(w, {ch, k}),
+                        cpu_i32(cu_host, {docs + 1}), cpu_f32(dx_ref, {n, ch}), cpu_f32(dw_ref, {ch, k}),
+                        cpu_f32(halo, {docs, h, ch}), cpu_f32(dhalo_ref, {docs, h, ch}));
+
+    Tensor d_x = buf().upload(x, {n, ch}, DType::bf16), d_w = buf().upload(w, {ch, k}, DType::bf16);
+    Tensor d_halo = buf().upload(halo, {docs, h, ch}, DType::bf16), d_cu = buf().upload_i32(cu, {docs + 1});
+    Tensor d_y = buf().poisoned({n, ch}, DType::bf16), d_dy = buf().upload(dy, {n, ch}, DType::bf16);
+    Tensor d_dx = buf().poisoned({n, ch}, DType::bf16), d_dw = buf().upload(dw0, {ch, k}, DType::f32);
+    Tensor d_dhalo = buf().poisoned({docs, h, ch}, DType::bf16);
+    device_sync();
+    short_conv_forward(gpu(), d_x, d_w, d_cu, d_y, d_halo);
+    short_conv_backward(gpu(), d_dy, d_x, d_w, d_cu, d_dx, d_dw, d_halo, d_dhalo);
+    device_sync();
+    EXPECT_LT(rel_err(DeviceBuffers::download(d_y), y_ref), kBf16Tol);
+    const std::vector<float> dx = DeviceBuffers::download(d_dx);
+    EXPECT_LT(rel_err(dx, dx_ref), kBf16Tol);
+    EXPECT_LT(rel_err(DeviceBuffers::download(d_dhalo), dhalo_ref), kBf16Tol);
+    EXPECT_LT(rel_err(increment(DeviceBuffers::download(d_dw), dw0), increment(dw_ref, dw0)), kF32SumTol);
+
+    // Without dhalo: the same dx and dw.
+    Tensor d_dx2 = buf().poisoned({n, ch}, DType::bf16), d_dw2 = buf().upload(dw0, {ch, k}, DType::f32);
+    device_sync();
+    short_conv_backward(gpu(), d_dy, d_x, d_w, d_cu, d_dx2, d_dw2, d_halo);
+    device_sync();
+    EXPECT_EQ(rel_err(DeviceBuffers::download(d_dx2), dx), 0.0);
+    EXPECT_LT(rel_err(increment(DeviceBuffers::download(d_dw2), dw0), increment(dw_ref, dw0)), kF32SumTol);
   }
 }
 
@@ -249,6 +309,11 @@ TEST_F(GpuKdaLayerOps, CudaDtypeErrorsNameTheArgument) {
   expect_error_mentioning([&] { short_conv_forward(gpu(), x, w, cu, x32); }, "'y'");
   Tensor w17 = buf().zeros({8, 17}, DType::bf16);
   expect_error_mentioning([&] { short_conv_forward(gpu(), x, w17, cu, x); }, "kernel size");
+  Tensor halo32 = buf().zeros({1, 3, 8}, DType::f32), halo = buf().zeros({1, 3, 8}, DType::bf16);
+  Tensor dw = buf().zeros({8, 4}, DType::f32);
+  expect_error_mentioning([&] { short_conv_forward(gpu(), x, w, cu, x, halo32); }, "'halo'");
+  expect_error_mentioning([&] { short_conv_backward(gpu(), x, x, w, cu, x, dw, Tensor{}, halo); }, "'dhalo'");
+  expect_error_mentioning([&] { short_conv_backward(gpu(), x, x, w, cu, x, dw, halo, halo32); }, "'dhalo'");
   Tensor r_bf16 = buf().zeros({4}, DType::bf16);
   expect_error_mentioning([&] { l2norm_forward(gpu(), x, x, r_bf16, 1.f); }, "'rstd'");
   expect_error_mentioning([&] { l2norm_forward(*cpu_, x, x, r_bf16, 1.f); }, "context");
