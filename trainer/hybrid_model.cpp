@@ -247,7 +247,7 @@ struct HybridModel::Impl {
   HybridConfig cfg;
   Device device;
   int64_t max_tokens = 0;
-  DType act = DType::f32;  // activations and parameters: f32 on the CPU, bf16 on CUDA
+  DType act = DType::f32;            // activations and parameters: f32 on the CPU, bf16 on CUDA
   int64_t logits_chunk = 0;          // tokens per LM-head chunk (set_logits_chunk_size)
   int64_t default_logits_chunk = 0;  // what the scratch arena is sized for
 
@@ -626,6 +626,7 @@ PackedSequence HybridModel::Impl::sequence(const Batch& b) const {
   s.cu_seqlens = b.cu_seqlens;
   s.rope_cos = rope_cos;
   s.rope_sin = rope_sin;
+  s.sp = b.sp;
   return s;
 }
 
@@ -1005,16 +1006,16 @@ void HybridModel::lm_head_logits(ExecContext& ctx, int64_t t0, int64_t t1, const
     HYD_THROW("HybridModel::lm_head_logits on ", m.device.str(), " called with an execution context on ",
               ctx.device().str());
   if (!m.hidden_ready)
-    HYD_THROW("HybridModel::lm_head_logits: no final hidden states (run a forward of this model first; a "
-              "mixer_forward discards them)");
+    HYD_THROW(
+        "HybridModel::lm_head_logits: no final hidden states (run a forward of this model first; a "
+        "mixer_forward discards them)");
   if (t0 < 0 || t1 <= t0 || t1 > m.hidden_tokens)
     HYD_THROW("HybridModel::lm_head_logits: tokens [", t0, ", ", t1, ") outside the last forward's ", m.hidden_tokens,
               " tokens");
   expect_shape(logits, {t1 - t0, m.cfg.model.vocab_size}, "HybridModel::lm_head_logits", "logits");
   expect_dtype(logits, m.act, "HybridModel::lm_head_logits", "logits");
   if (!(logits.device == m.device))
-    HYD_THROW("HybridModel::lm_head_logits: argument 'logits' on ", logits.device.str(), ", model on ",
-              m.device.str());
+    HYD_THROW("HybridModel::lm_head_logits: argument 'logits' on ", logits.device.str(), ", model on ", m.device.str());
   NvtxRange range("lm_head.fwd");
   kernels::linear_forward(ctx, m.step.final_normed.slice0(t0, t1), m.lm_head.value, Tensor{}, logits);
 }

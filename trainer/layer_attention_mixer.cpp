@@ -7,6 +7,7 @@
 #include "kernels/rmsnorm.h"
 #include "kernels/rope.h"
 #include "trainer/core/arena.h"
+#include "trainer/lasp.h"
 
 namespace hyd {
 
@@ -43,7 +44,10 @@ void AttentionMixer::forward(const ExecContext& ctx, const PackedSequence& seq, 
   }
 
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  kernels::attention_forward(ctx, s.q, s.k, s.v, seq.cu_seqlens, seq.max_doc_len, s.o, s.lse, scale);
+  if (seq.sp != nullptr)
+    lasp_attention_forward(ctx, *seq.sp, this, s.q, s.k, s.v, s.o, s.lse, scale);
+  else
+    kernels::attention_forward(ctx, s.q, s.k, s.v, seq.cu_seqlens, seq.max_doc_len, s.o, s.lse, scale);
   kernels::linear_forward(ctx, s.o.view({n, qd}), wo.value, Tensor{}, out);
 }
 
@@ -55,8 +59,11 @@ void AttentionMixer::backward(const ExecContext& ctx, const PackedSequence& seq,
 
   kernels::linear_backward(ctx, dout, s.o.view({n, qd}), wo.value, t.d_o.view({n, qd}), false, wo.grad, Tensor{});
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
-  kernels::attention_backward(ctx, t.d_o, s.q, s.k, s.v, s.o, s.lse, seq.cu_seqlens, seq.max_doc_len, t.dq, t.dk, t.dv,
-                              scale);
+  if (seq.sp != nullptr)
+    lasp_attention_backward(ctx, *seq.sp, this, t.d_o, s.q, s.k, s.v, s.o, s.lse, t.dq, t.dk, t.dv, scale);
+  else
+    kernels::attention_backward(ctx, t.d_o, s.q, s.k, s.v, s.o, s.lse, seq.cu_seqlens, seq.max_doc_len, t.dq, t.dk,
+                                t.dv, scale);
 
   // RoPE is a rotation: its backward rotates the gradient back, in place.
   if (rope) {

@@ -11,6 +11,8 @@
 
 namespace hyd {
 
+class SequenceParallel;  // parallel/sequence_parallel.h
+
 // A parameter and its gradient: views into the model's flat buffers. value is f32 (CPU) or bf16
 // (CUDA); grad is f32 on both and is always accumulated into (+=), never overwritten.
 struct WeightRef {
@@ -28,6 +30,9 @@ struct PackedSequence {
   Tensor cu_seqlens;  // i32 [D+1]
   Tensor rope_cos;    // f32 [max_pos, head_dim / 2]
   Tensor rope_sin;    // f32 [max_pos, head_dim / 2]
+  // Sequence parallelism: this is one rank's slice of the micro-batch (its layout and the SP group's
+  // collectives); null for a whole batch. KDA layers run LASP-2, attention layers LASP-2H (trainer/lasp.h).
+  const SequenceParallel* sp = nullptr;
 };
 
 // Backward through the input side of a pre-norm residual block, out = in + f(RMSNorm(in)), given

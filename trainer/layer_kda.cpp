@@ -10,6 +10,8 @@
 #include "kernels/l2norm.h"
 #include "kernels/matmul.h"
 #include "kernels/short_conv.h"
+#include "parallel/sequence_parallel.h"
+#include "trainer/lasp.h"
 
 namespace hyd {
 
@@ -29,6 +31,35 @@ void KdaConfig::validate(const std::string& source) const {
   if (!(norm_eps >= 0.f)) throw Error::at(source, "norm_eps", "must be >= 0");
 }
 
+namespace {
+
+// Sequence parallel only (empty otherwise): the conv input rows before each local document, from the
+// previous rank where the document continues (trainer/lasp.h). Buffers are keyed by the conv weight, slot
+// 0 the halo (read again by the backward), slot 1 its gradient.
+Tensor conv_halo(const ExecContext& ctx, const PackedSequence& seq, const WeightRef& w, const Tensor& x, int slot) {
+  const int64_t K = w.value.size(1);
+  if (seq.sp == nullptr || K < 2) return Tensor{};
+  const Tensor halo = seq.sp->buffer(&w, slot, {seq.num_docs, K - 1, x.size(1)}, x.dtype);
+  if (slot == 0) lasp_conv_halo(ctx, *seq.sp, x, K, halo);
+  return halo;
+}
+
+// Short-conv backward; under sequence parallelism also the halo gradient's exchange (this rank's goes
+// to the previous rank, the next rank's is added to dx's last rows).
+void conv_backward(const ExecContext& ctx, const PackedSequence& seq, const WeightRef& w, const Tensor& dy,
+                   const Tensor& x, const Tensor& dx) {
+  const Tensor halo = conv_halo(ctx, seq, w, x, 1);
+  if (halo.empty()) {
+    kernels::short_conv_backward(ctx, dy, x, w.value, seq.cu_seqlens, dx, w.grad);
+    return;
+  }
+  const Tensor kept = seq.sp->buffer(&w, 0, {halo.size(0), halo.size(1), halo.size(2)}, x.dtype);
+  kernels::short_conv_backward(ctx, dy, x, w.value, seq.cu_seqlens, dx, w.grad, kept, halo);
+  lasp_conv_return_dhalo(ctx, *seq.sp, halo, dx);
+}
+
+}  // namespace
+
 void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const Tensor& in, const Tensor& out, Saved& s,
                        Arena& scratch) const {
   NvtxRange range(nvtx_fwd.c_str());
@@ -40,9 +71,14 @@ void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const 
   kernels::linear_forward(ctx, in, q_proj.value, Tensor{}, s.q_lin);
   kernels::linear_forward(ctx, in, k_proj.value, Tensor{}, s.k_lin);
   kernels::linear_forward(ctx, in, v_proj.value, Tensor{}, s.v_lin);
-  kernels::short_conv_forward(ctx, s.q_lin, q_conv1d.value, seq.cu_seqlens, s.q.view({n, cfg.key_dim()}));
-  kernels::short_conv_forward(ctx, s.k_lin, k_conv1d.value, seq.cu_seqlens, s.k.view({n, cfg.key_dim()}));
-  kernels::short_conv_forward(ctx, s.v_lin, v_conv1d.value, seq.cu_seqlens, s.v.view({n, cfg.value_dim()}));
+  // Sequence parallel: the rows before a document continuing from the previous rank (its halo, kept for
+  // the backward in the SP buffers of the conv weight).
+  const Tensor hq = conv_halo(ctx, seq, q_conv1d, s.q_lin, 0);
+  const Tensor hk = conv_halo(ctx, seq, k_conv1d, s.k_lin, 0);
+  const Tensor hvl = conv_halo(ctx, seq, v_conv1d, s.v_lin, 0);
+  kernels::short_conv_forward(ctx, s.q_lin, q_conv1d.value, seq.cu_seqlens, s.q.view({n, cfg.key_dim()}), hq);
+  kernels::short_conv_forward(ctx, s.k_lin, k_conv1d.value, seq.cu_seqlens, s.k.view({n, cfg.key_dim()}), hk);
+  kernels::short_conv_forward(ctx, s.v_lin, v_conv1d.value, seq.cu_seqlens, s.v.view({n, cfg.value_dim()}), hvl);
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(cfg.dk)));
   kernels::l2norm_forward(ctx, s.q.view({n * h, cfg.dk}), s.q.view({n * h, cfg.dk}), s.q_rstd, q_scale);
   kernels::l2norm_forward(ctx, s.k.view({n * h, cfg.dk}), s.k.view({n * h, cfg.dk}), s.k_rstd, 1.0f);
@@ -53,7 +89,10 @@ void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const 
   kernels::linear_forward(ctx, in, b_proj.value, Tensor{}, t.b);
   kernels::kda_gates_forward(ctx, t.f.view({n, hv, cfg.dk}), A_log.value, dt_bias.value, t.b, s.g, s.beta);
 
-  kernels::kda_forward(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, Tensor{}, s.o, Tensor{});
+  if (seq.sp != nullptr)
+    lasp_kda_forward(ctx, *seq.sp, this, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, s.o);
+  else
+    kernels::kda_forward(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, Tensor{}, s.o, Tensor{});
 
   // Output gate, gated norm, projection.
   kernels::linear_forward(ctx, in, g_proj0.value, Tensor{}, s.g_low);
@@ -77,8 +116,12 @@ void KdaLayer::backward(const ExecContext& ctx, const PackedSequence& seq, const
   kernels::linear_backward(ctx, t.d_gate, s.g_low, g_proj1.value, t.d_low, false, g_proj1.grad, g_proj1_bias.grad);
   kernels::linear_backward(ctx, t.d_low, s.x, g_proj0.value, din, false, g_proj0.grad, Tensor{});
 
-  kernels::kda_backward(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, Tensor{}, t.d_o, Tensor{}, t.dq, t.dk, t.dv,
-                        t.dg, t.dbeta, Tensor{});
+  if (seq.sp != nullptr)
+    lasp_kda_backward(ctx, *seq.sp, this, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, t.d_o, t.dq, t.dk, t.dv, t.dg,
+                      t.dbeta);
+  else
+    kernels::kda_backward(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, Tensor{}, t.d_o, Tensor{}, t.dq, t.dk, t.dv,
+                          t.dg, t.dbeta, Tensor{});
 
   // Gates: g from f = f_low Wf1^T, f_low = x Wf0^T; beta from b = x Wb^T.
   kernels::kda_gates_backward(ctx, t.dg, t.dbeta, s.g, s.beta, A_log.value, t.df, A_log.grad, dt_bias.grad, t.db);
@@ -95,14 +138,11 @@ void KdaLayer::backward(const ExecContext& ctx, const PackedSequence& seq, const
                            t.dk.view({n * h, cfg.dk}), 1.0f);
   const Tensor d_key = t.d_lin.slice0(0, n * cfg.key_dim()).view({n, cfg.key_dim()});
   const Tensor d_value = t.d_lin.slice0(0, n * cfg.value_dim()).view({n, cfg.value_dim()});
-  kernels::short_conv_backward(ctx, t.dq.view({n, cfg.key_dim()}), s.q_lin, q_conv1d.value, seq.cu_seqlens, d_key,
-                               q_conv1d.grad);
+  conv_backward(ctx, seq, q_conv1d, t.dq.view({n, cfg.key_dim()}), s.q_lin, d_key);
   kernels::linear_backward(ctx, d_key, s.x, q_proj.value, din, true, q_proj.grad, Tensor{});
-  kernels::short_conv_backward(ctx, t.dk.view({n, cfg.key_dim()}), s.k_lin, k_conv1d.value, seq.cu_seqlens, d_key,
-                               k_conv1d.grad);
+  conv_backward(ctx, seq, k_conv1d, t.dk.view({n, cfg.key_dim()}), s.k_lin, d_key);
   kernels::linear_backward(ctx, d_key, s.x, k_proj.value, din, true, k_proj.grad, Tensor{});
-  kernels::short_conv_backward(ctx, t.dv.view({n, cfg.value_dim()}), s.v_lin, v_conv1d.value, seq.cu_seqlens, d_value,
-                               v_conv1d.grad);
+  conv_backward(ctx, seq, v_conv1d, t.dv.view({n, cfg.value_dim()}), s.v_lin, d_value);
   kernels::linear_backward(ctx, d_value, s.x, v_proj.value, din, true, v_proj.grad, Tensor{});
 }
 

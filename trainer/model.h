@@ -26,6 +26,8 @@
 
 namespace hyd {
 
+class SequenceParallel;  // parallel/sequence_parallel.h
+
 // One packed micro-batch, on the model's device. Documents never attend across boundaries.
 struct Batch {
   Tensor tokens;      // i32 [N]
@@ -38,6 +40,9 @@ struct Batch {
   // trainer/batch_upload.h): the attention kernels' grid bound, which they cannot read from the device.
   int64_t max_doc_len = 0;
   int64_t num_targets = 0;  // tokens with target >= 0: the loss is their mean
+  // Sequence parallelism (HybridModel only): the batch is this rank's slice (trainer/lasp.h,
+  // slice_batch_for_sp) and sp holds the group and the layout; null for a whole batch.
+  const SequenceParallel* sp = nullptr;
 };
 
 struct ParamInfo {
@@ -46,8 +51,8 @@ struct ParamInfo {
   bool weight_decay = false;  // matrices yes; norms, biases, no
   int64_t offset = 0;         // elements into the flat buffers
   int64_t numel = 0;
-  Tensor value;               // view into flat_params()
-  Tensor grad;                // view into flat_grads()
+  Tensor value;  // view into flat_params()
+  Tensor grad;   // view into flat_grads()
 };
 
 class DenseModel {

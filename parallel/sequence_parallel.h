@@ -1,0 +1,106 @@
+// Sequence parallelism (PARALLEL.md "LASP-2 for KDA layers", "LASP-2H for NoPE attention layers"): what one
+// rank of an SP group holds of a micro-batch, and the tensor collectives the layers run over the group.
+//
+// Layout. A micro-batch is `rows` sequences of `seq_len` tokens. SP rank r holds tokens
+// [r * slice, (r + 1) * slice) of every sequence (slice = seq_len / size), packed row after row, so its
+// local batch has rows * slice tokens; documents are cut at the slice boundaries (a piece of a document
+// that started on an earlier rank is a local document whose state / keys come from the earlier ranks).
+// SpLayout records, per row, which local documents touch the slice's ends and how they continue; the
+// per-layer algorithms are in trainer/lasp.h.
+//
+// Traffic. Every collective counts the bytes this rank contributes (its input), per kind (KDA state
+// transitions and adjoints, convolution halos, attention K/V): the KDA kinds do not grow with T.
+//
+// Devices. Tensors live on the layers' device. On the CPU the collectives are MPI on the tensors' memory;
+// on CUDA they are staged through host memory (device -> host, MPI, host -> device) until the NCCL
+// backend takes over: correct, not fast.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <map>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#include "trainer/core/arena.h"
+#include "trainer/core/exec_context.h"
+#include "trainer/core/tensor.h"
+
+namespace hyd {
+
+class Communicator;
+
+struct SpLayout {
+  int rank = 0, size = 1;
+  int64_t rows = 0;     // B sequences
+  int64_t seq_len = 0;  // T tokens per sequence (all ranks together)
+  int64_t slice = 0;    // T / size tokens per sequence on each rank
+  // Per row b (local document indices into the rank's cu_seqlens):
+  std::vector<int32_t> first_doc, last_doc;
+  // Tokens of the row's first local document that lie on earlier ranks (0: it starts in this slice).
+  std::vector<int32_t> lead;
+  // 1 when the row's last local document goes on into rank + 1's slice.
+  std::vector<uint8_t> cont_out;
+  // LASP-2H: query / key document boundaries over the gathered keys, laid out [rows, seq_len] row-major.
+  // Local document d attends keys from its document's start (possibly on an earlier rank) to its own
+  // end; keys no local query may see (later ranks' tokens, other rows' prefixes) form key-only
+  // documents with no queries, so both arrays cover all their rows.
+  std::vector<int32_t> cu_q, cu_k;
+  int64_t max_len_q = 0, max_len_k = 0;
+};
+
+enum class SpTraffic { kda_state = 0, conv_halo = 1, attention_kv = 2 };
+constexpr int kSpTrafficKinds = 3;
+const char* sp_traffic_name(SpTraffic kind);
+
+class SequenceParallel {
+ public:
+  struct Traffic {
+    int64_t calls = 0;
+    int64_t bytes = 0;
+  };
+
+  // `group` is the SP group (its rank order is the slice order) and must outlive this object.
+  SequenceParallel(const Communicator& group, Device device);
+  ~SequenceParallel();
+  SequenceParallel(const SequenceParallel&) = delete;
+  SequenceParallel& operator=(const SequenceParallel&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  Device device() const { return device_; }
+
+  // The current micro-batch's layout (from slice_batch_for_sp, trainer/lasp.h); uploads the LASP-2H
+  // boundaries to the device. Must be the same rows / seq_len / size on every rank of the group.
+  void set_layout(SpLayout layout);
+  const SpLayout& layout() const { return layout_; }
+  const Tensor& cu_q() const { return cu_q_; }  // i32 [layout().cu_q.size()] on the device
+  const Tensor& cu_k() const { return cu_k_; }
+
+  // A buffer owned by (owner, slot) that keeps its contents between calls (a layer's forward leaves
+  // what its backward reads); reallocated, contents lost, when a call asks for more bytes than it has.
+  Tensor buffer(const void* owner, int slot, std::initializer_list<int64_t> dims, DType dtype) const;
+
+  // out [size * in.numel()] (any shape with that many elements): block r = rank r's in. Any dtype.
+  void all_gather(const ExecContext& ctx, const Tensor& in, const Tensor& out, SpTraffic kind) const;
+  // in [size * out.numel()]: out = sum over ranks of block rank() of their in. f32, f64, bf16 (bf16 summed
+  // in f32).
+  void reduce_scatter(const ExecContext& ctx, const Tensor& in, const Tensor& out, SpTraffic kind) const;
+
+  Traffic traffic(SpTraffic kind) const { return traffic_[static_cast<int>(kind)]; }
+  void reset_traffic();
+
+ private:
+  void count(SpTraffic kind, const Tensor& in) const;
+  const Communicator* group_;
+  Device device_;
+  int rank_ = 0, size_ = 1;
+  SpLayout layout_;
+  Arena layout_arena_;
+  Tensor cu_q_, cu_k_;
+  mutable std::map<std::pair<const void*, int>, Arena> buffers_;
+  mutable Traffic traffic_[kSpTrafficKinds];
+};
+
+}  // namespace hyd

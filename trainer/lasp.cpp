@@ -1,0 +1,383 @@
+#include "trainer/lasp.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/elementwise.h"
+#include "kernels/kda.h"
+#include "trainer/core/arena.h"
+
+#ifdef HYD_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace hyd {
+
+namespace {
+
+// Buffer slots of SequenceParallel::buffer. Per-layer state (owner = the layer): kept between forward
+// and backward. Temporaries use owner = &kTemp.
+enum Slot : int {
+  kTransM = 0,  // local M of every document (forward)
+  kTransB,      // local B of every document (forward)
+  kGathered,    // all ranks' (M, B) per row: what the backward composes with
+  kInitState,   // the true incoming state per local document
+  kDState,      // dS_in / dS_out per local document (backward)
+  kMine,        // this rank's contribution to an all-gather
+  kAllL,        // all ranks' L per row (backward)
+  kKAll,
+  kVAll,  // LASP-2H gathered keys / values (layout [size][rows][slice])
+  kKRows,
+  kVRows,  // the same in row order [rows][seq_len] (rows > 1 only)
+  kHaloTails,
+  kHaloAll,
+  kDKAll,
+  kDVAll,  // LASP-2H key / value gradients over the gathered keys
+};
+const int kTemp = 0;
+
+// dst = src on ctx's stream (device to device) or by memcpy (host); mixed devices synchronise.
+void copy_on(const ExecContext& ctx, const Tensor& dst, const Tensor& src) {
+  HYD_CHECK(dst.nbytes() == src.nbytes() && dst.dtype == src.dtype, "lasp: copy of ", src.nbytes(), " bytes into ",
+            dst.nbytes());
+  if (src.nbytes() == 0) return;
+  if (dst.device.is_cpu() && src.device.is_cpu()) {
+    std::memcpy(dst.data, src.data, src.nbytes());
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  if (dst.device.is_cuda() && src.device.is_cuda()) {
+    CHECK_CUDA(cudaMemcpyAsync(dst.data, src.data, src.nbytes(), cudaMemcpyDeviceToDevice,
+                               static_cast<cudaStream_t>(ctx.stream())));
+    return;
+  }
+#endif
+  ctx.synchronize();
+  copy_tensor(dst.view({dst.numel()}), src.view({src.numel()}));
+}
+
+// Rows [r0, r0 + n) of a tensor viewed as [rows, row_elems].
+Tensor rows_of(const Tensor& t, int64_t row_elems, int64_t r0, int64_t n) {
+  return t.view({t.numel() / row_elems, row_elems}).slice0(r0, r0 + n);
+}
+
+std::vector<float> download(const ExecContext& ctx, const Tensor& t) {
+  HYD_CHECK(t.dtype == DType::f32, "lasp: expected an f32 tensor, got ", dtype_name(t.dtype));
+  std::vector<float> h(static_cast<size_t>(t.numel()));
+  ctx.synchronize();
+  copy_tensor(Tensor(h.data(), DType::f32, Device::cpu(), {t.numel()}), t.view({t.numel()}));
+  return h;
+}
+
+void upload(const Tensor& t, std::vector<float>& h) {
+  copy_tensor(t.view({t.numel()}), Tensor(h.data(), DType::f32, Device::cpu(), {t.numel()}));
+}
+
+struct Dims {
+  int64_t docs, hv, dk, dv;
+};
+
+Dims kda_dims(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens) {
+  return {cu_seqlens.numel() - 1, v.size(1), k.size(2), v.size(2)};
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------ slicing
+
+HostBatch slice_batch_for_sp(const HostBatch& global, int64_t rows, int64_t seq_len, int rank, int size,
+                             SpLayout& layout) {
+  HYD_CHECK(size >= 1 && rank >= 0 && rank < size, "slice_batch_for_sp: rank ", rank, " of ", size);
+  HYD_CHECK(rows >= 1 && seq_len >= 1 && seq_len % size == 0, "slice_batch_for_sp: seq_len ", seq_len,
+            " is not a multiple of the SP size ", size);
+  HYD_CHECK(static_cast<int64_t>(global.tokens.size()) == rows * seq_len &&
+                global.targets.size() == global.tokens.size() && global.positions.size() == global.tokens.size(),
+            "slice_batch_for_sp: batch of ", global.tokens.size(), " tokens, expected ", rows, " x ", seq_len);
+  const std::vector<int32_t>& cu = global.cu_seqlens;
+  const int64_t ts = seq_len / size;
+  layout = SpLayout{};
+  layout.rank = rank;
+  layout.size = size;
+  layout.rows = rows;
+  layout.seq_len = seq_len;
+  layout.slice = ts;
+
+  HostBatch out;
+  out.cu_seqlens.push_back(0);
+  layout.cu_q.push_back(0);
+  layout.cu_k.push_back(0);
+  int64_t key_cursor = 0;
+  auto add_key_doc = [&](int64_t q_end, int64_t k_end) {
+    layout.max_len_q = std::max<int64_t>(layout.max_len_q, q_end - layout.cu_q.back());
+    layout.max_len_k = std::max<int64_t>(layout.max_len_k, k_end - layout.cu_k.back());
+    layout.cu_q.push_back(static_cast<int32_t>(q_end));
+    layout.cu_k.push_back(static_cast<int32_t>(k_end));
+    key_cursor = k_end;
+  };
+  for (int64_t b = 0; b < rows; ++b) {
+    const int64_t lo = b * seq_len + rank * ts, hi = lo + ts;
+    const int64_t local0 = b * ts;  // this row's first token in the local batch
+    for (int64_t t = lo; t < hi; ++t) {
+      out.tokens.push_back(global.tokens[t]);
+      out.targets.push_back(global.targets[t]);
+      out.positions.push_back(global.positions[t]);
+      if (global.targets[t] >= 0) ++out.num_targets;
+    }
+    // The global document holding token lo, then every document until hi.
+    auto it = std::upper_bound(cu.begin(), cu.end(), static_cast<int32_t>(lo));
+    HYD_CHECK(it != cu.begin() && it != cu.end(), "slice_batch_for_sp: cu_seqlens do not cover token ", lo);
+    int64_t d = (it - cu.begin()) - 1;
+    bool first = true;
+    int32_t last = -1;
+    for (; d < global.num_docs && cu[d] < hi; ++d) {
+      const int64_t st = cu[d], e = cu[d + 1];
+      const int64_t a = std::max(st, lo), z = std::min(e, hi);
+      if (z <= a) continue;  // empty, or ends before the slice
+      last = static_cast<int32_t>(out.cu_seqlens.size() - 1);
+      out.cu_seqlens.push_back(static_cast<int32_t>(local0 + (z - lo)));
+      if (first) {
+        layout.first_doc.push_back(last);
+        layout.lead.push_back(static_cast<int32_t>(a - st));
+        first = false;
+      }
+      // Keys of this document: from its start (maybe on an earlier rank) to the end of its piece, in the
+      // gathered [rows, seq_len] layout, whose row b starts at b * seq_len: the same index as the global batch.
+      if (st > key_cursor) add_key_doc(layout.cu_q.back(), st);
+      add_key_doc(local0 + (z - lo), z);
+      if (z == hi) layout.cont_out.push_back(e > hi ? 1 : 0);
+    }
+    layout.last_doc.push_back(last);
+    HYD_CHECK(layout.cont_out.size() == static_cast<size_t>(b + 1), "slice_batch_for_sp: row ", b,
+              " is not covered by documents");
+  }
+  if (key_cursor < rows * seq_len) add_key_doc(layout.cu_q.back(), rows * seq_len);
+  out.num_docs = static_cast<int64_t>(out.cu_seqlens.size()) - 1;
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------ KDA core
+
+void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
+                      const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens,
+                      const Tensor& o) {
+  const SpLayout& L = sp.layout();
+  const Dims s = kda_dims(k, v, cu_seqlens);
+  const int64_t mm = s.dk * s.dk, mb = s.dk * s.dv, per_head = mm + mb, per_row = s.hv * per_head;
+  const Tensor M = sp.buffer(owner, kTransM, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
+  const Tensor B = sp.buffer(owner, kTransB, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
+  kernels::kda_transition(ctx, k, v, g, beta, cu_seqlens, M, B);
+  const std::vector<float> hM = download(ctx, M), hB = download(ctx, B);
+
+  // This rank's (M_r, B_r) per row and head: M only when the row's slice is one continuing document,
+  // both zero when the last document stops at the slice end.
+  std::vector<float> mine(static_cast<size_t>(L.rows * per_row), 0.0f);
+  for (int64_t b = 0; b < L.rows; ++b) {
+    if (!L.cont_out[b]) continue;
+    const bool through = L.first_doc[b] == L.last_doc[b] && L.lead[b] > 0;
+    for (int64_t h = 0; h < s.hv; ++h) {
+      float* dst = mine.data() + b * per_row + h * per_head;
+      const int64_t slot = L.last_doc[b] * s.hv + h;
+      if (through) std::copy_n(hM.data() + slot * mm, mm, dst);
+      std::copy_n(hB.data() + slot * mb, mb, dst + mm);
+    }
+  }
+  const Tensor all = sp.buffer(owner, kGathered, {sp.size() * L.rows * per_row}, DType::f32);
+  sp.all_gather(ctx, Tensor(mine.data(), DType::f32, Device::cpu(), {L.rows * per_row}), all, SpTraffic::kda_state);
+  const std::vector<float> hall = download(ctx, all);
+
+  // S_in(r) = M_{r-1}(... (M_0 0 + B_0) ...) + B_{r-1}, for the row's first document when it continues.
+  std::vector<float> init(static_cast<size_t>(s.docs * s.hv * mb), 0.0f), S(mb), next(mb);
+  for (int64_t b = 0; b < L.rows; ++b) {
+    if (L.lead[b] == 0) continue;
+    for (int64_t h = 0; h < s.hv; ++h) {
+      std::fill(S.begin(), S.end(), 0.0f);
+      for (int p = 0; p < sp.rank(); ++p) {
+        const float* Mp = hall.data() + (p * L.rows + b) * per_row + h * per_head;
+        const float* Bp = Mp + mm;
+        for (int64_t i = 0; i < s.dk; ++i) {
+          for (int64_t c = 0; c < s.dv; ++c) {
+            double acc = Bp[i * s.dv + c];
+            for (int64_t j = 0; j < s.dk; ++j) acc += static_cast<double>(Mp[i * s.dk + j]) * S[j * s.dv + c];
+            next[i * s.dv + c] = static_cast<float>(acc);
+          }
+        }
+        S.swap(next);
+      }
+      std::copy(S.begin(), S.end(), init.begin() + (L.first_doc[b] * s.hv + h) * mb);
+    }
+  }
+  const Tensor init_t = sp.buffer(owner, kInitState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
+  upload(init_t, init);
+  kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, init_t, o, Tensor{});
+}
+
+void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
+                       const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens,
+                       const Tensor& dout, const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg,
+                       const Tensor& dbeta) {
+  const SpLayout& L = sp.layout();
+  const Dims s = kda_dims(k, v, cu_seqlens);
+  const int64_t mm = s.dk * s.dk, mb = s.dk * s.dv, per_head = mm + mb, per_row = s.hv * per_head;
+  const Tensor init_t = sp.buffer(owner, kInitState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
+  const Tensor dstate = sp.buffer(owner, kDState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
+
+  // L_r: the incoming-state adjoint with a zero outgoing adjoint (it does not depend on the state).
+  kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init_t, dout, Tensor{}, dq, dk, dv, dg, dbeta, dstate);
+  const std::vector<float> dinit = download(ctx, dstate);
+  std::vector<float> mine(static_cast<size_t>(L.rows * s.hv * mb), 0.0f);
+  for (int64_t b = 0; b < L.rows; ++b) {
+    if (L.lead[b] == 0) continue;
+    std::copy_n(dinit.data() + L.first_doc[b] * s.hv * mb, s.hv * mb, mine.data() + b * s.hv * mb);
+  }
+  const Tensor all_l = sp.buffer(owner, kAllL, {sp.size() * L.rows * s.hv * mb}, DType::f32);
+  sp.all_gather(ctx, Tensor(mine.data(), DType::f32, Device::cpu(), {L.rows * s.hv * mb}), all_l, SpTraffic::kda_state);
+  const std::vector<float> hl = download(ctx, all_l);
+  const std::vector<float> hall =
+      download(ctx, sp.buffer(owner, kGathered, {sp.size() * L.rows * per_row}, DType::f32));
+
+  // dS_out(r) = sum over later ranks, composed from the last: G <- M_p^T G + L_p for p = P-1 .. r+1.
+  std::vector<float> dfinal(static_cast<size_t>(s.docs * s.hv * mb), 0.0f), G(mb), next(mb);
+  for (int64_t b = 0; b < L.rows; ++b) {
+    if (!L.cont_out[b]) continue;
+    for (int64_t h = 0; h < s.hv; ++h) {
+      std::fill(G.begin(), G.end(), 0.0f);
+      for (int p = sp.size() - 1; p > sp.rank(); --p) {
+        const float* Mp = hall.data() + (p * L.rows + b) * per_row + h * per_head;
+        const float* Lp = hl.data() + ((p * L.rows + b) * s.hv + h) * mb;
+        for (int64_t j = 0; j < s.dk; ++j) {
+          for (int64_t c = 0; c < s.dv; ++c) {
+            double acc = Lp[j * s.dv + c];
+            for (int64_t i = 0; i < s.dk; ++i) acc += static_cast<double>(Mp[i * s.dk + j]) * G[i * s.dv + c];
+            next[j * s.dv + c] = static_cast<float>(acc);
+          }
+        }
+        G.swap(next);
+      }
+      std::copy(G.begin(), G.end(), dfinal.begin() + (L.last_doc[b] * s.hv + h) * mb);
+    }
+  }
+  upload(dstate, dfinal);
+  kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init_t, dout, dstate, dq, dk, dv, dg, dbeta, Tensor{});
+}
+
+// ------------------------------------------------------------------------------------------ conv halo
+
+void lasp_conv_halo(const ExecContext& ctx, const SequenceParallel& sp, const Tensor& x, int64_t kernel,
+                    const Tensor& halo) {
+  const SpLayout& L = sp.layout();
+  const int64_t h = kernel - 1, c = x.size(-1);
+  HYD_CHECK(h >= 1 && h <= L.slice, "lasp_conv_halo: kernel ", kernel, " with slices of ", L.slice, " tokens");
+  const Tensor tails = sp.buffer(&kTemp, kHaloTails, {L.rows * h, c}, x.dtype);
+  for (int64_t b = 0; b < L.rows; ++b)
+    copy_on(ctx, rows_of(tails, c, b * h, h), rows_of(x, c, b * L.slice + L.slice - h, h));
+  const Tensor all = sp.buffer(&kTemp, kHaloAll, {sp.size() * L.rows * h, c}, x.dtype);
+  sp.all_gather(ctx, tails, all, SpTraffic::conv_halo);
+  kernels::fill(ctx, halo, 0.0f);
+  for (int64_t b = 0; b < L.rows; ++b) {
+    if (L.lead[b] == 0) continue;
+    const int64_t valid = std::min<int64_t>(L.lead[b], h);
+    copy_on(ctx, rows_of(halo, c, L.first_doc[b] * h + h - valid, valid),
+            rows_of(all, c, (static_cast<int64_t>(sp.rank() - 1) * L.rows + b) * h + h - valid, valid));
+  }
+}
+
+void lasp_conv_return_dhalo(const ExecContext& ctx, const SequenceParallel& sp, const Tensor& dhalo, const Tensor& dx) {
+  const SpLayout& L = sp.layout();
+  const int64_t c = dx.size(-1), h = dhalo.numel() / c / (dhalo.size(0));
+  // This rank's halo gradient per row (rows before the document start, which the forward read as zero,
+  // are dropped), then every rank's.
+  const Tensor mine = sp.buffer(&kTemp, kHaloTails, {L.rows * h, c}, dx.dtype);
+  kernels::fill(ctx, mine, 0.0f);
+  for (int64_t b = 0; b < L.rows; ++b) {
+    if (L.lead[b] == 0) continue;
+    const int64_t valid = std::min<int64_t>(L.lead[b], h);
+    copy_on(ctx, rows_of(mine, c, b * h + h - valid, valid), rows_of(dhalo, c, L.first_doc[b] * h + h - valid, valid));
+  }
+  const Tensor all = sp.buffer(&kTemp, kHaloAll, {sp.size() * L.rows * h, c}, dx.dtype);
+  sp.all_gather(ctx, mine, all, SpTraffic::conv_halo);
+  if (sp.rank() + 1 == sp.size()) return;
+  for (int64_t b = 0; b < L.rows; ++b) {
+    if (!L.cont_out[b]) continue;
+    kernels::add_inplace(ctx, rows_of(dx, c, b * L.slice + L.slice - h, h),
+                         rows_of(all, c, (static_cast<int64_t>(sp.rank() + 1) * L.rows + b) * h, h));
+  }
+}
+
+// ------------------------------------------------------------------------------------------ LASP-2H
+
+namespace {
+
+void gather_kv(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& k, const Tensor& v,
+               Tensor& k_all, Tensor& v_all) {
+  const SpLayout& L = sp.layout();
+  const int64_t n = k.size(0), hkv = k.size(1), d = k.size(2), total = L.rows * L.seq_len, row = hkv * d;
+  HYD_CHECK(n == L.rows * L.slice, "lasp_gather_kv: ", n, " tokens, the layout has ", L.rows, " x ", L.slice);
+  const Tensor kg = sp.buffer(owner, kKAll, {total, hkv, d}, k.dtype);
+  const Tensor vg = sp.buffer(owner, kVAll, {total, hkv, d}, v.dtype);
+  sp.all_gather(ctx, k, kg, SpTraffic::attention_kv);
+  sp.all_gather(ctx, v, vg, SpTraffic::attention_kv);
+  if (L.rows == 1) {
+    k_all = kg;
+    v_all = vg;
+    return;
+  }
+  // [size][rows][slice] -> [rows][size][slice].
+  k_all = sp.buffer(owner, kKRows, {total, hkv, d}, k.dtype);
+  v_all = sp.buffer(owner, kVRows, {total, hkv, d}, v.dtype);
+  for (int p = 0; p < sp.size(); ++p) {
+    for (int64_t b = 0; b < L.rows; ++b) {
+      const int64_t src = (p * L.rows + b) * L.slice, dst = b * L.seq_len + p * L.slice;
+      copy_on(ctx, rows_of(k_all, row, dst, L.slice), rows_of(kg, row, src, L.slice));
+      copy_on(ctx, rows_of(v_all, row, dst, L.slice), rows_of(vg, row, src, L.slice));
+    }
+  }
+}
+
+void scatter_dkv(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& dk_all,
+                 const Tensor& dv_all, const Tensor& dk, const Tensor& dv) {
+  const SpLayout& L = sp.layout();
+  const int64_t hkv = dk.size(1), d = dk.size(2), total = L.rows * L.seq_len, row = hkv * d;
+  Tensor dks = dk_all, dvs = dv_all;
+  if (L.rows > 1) {
+    // [rows][size][slice] -> [size][rows][slice] (the gathered buffers are free again: reuse them).
+    dks = sp.buffer(owner, kKAll, {total, hkv, d}, dk_all.dtype);
+    dvs = sp.buffer(owner, kVAll, {total, hkv, d}, dv_all.dtype);
+    for (int p = 0; p < sp.size(); ++p) {
+      for (int64_t b = 0; b < L.rows; ++b) {
+        const int64_t dst = (p * L.rows + b) * L.slice, src = b * L.seq_len + p * L.slice;
+        copy_on(ctx, rows_of(dks, row, dst, L.slice), rows_of(dk_all, row, src, L.slice));
+        copy_on(ctx, rows_of(dvs, row, dst, L.slice), rows_of(dv_all, row, src, L.slice));
+      }
+    }
+  }
+  sp.reduce_scatter(ctx, dks, dk, SpTraffic::attention_kv);
+  sp.reduce_scatter(ctx, dvs, dv, SpTraffic::attention_kv);
+}
+
+}  // namespace
+
+void lasp_attention_forward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
+                            const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse, float scale) {
+  const SpLayout& L = sp.layout();
+  Tensor k_all, v_all;
+  gather_kv(ctx, sp, owner, k, v, k_all, v_all);
+  kernels::attention_forward(ctx, q, k_all, v_all, sp.cu_q(), sp.cu_k(), L.max_len_q, L.max_len_k, o, lse, scale);
+}
+
+void lasp_attention_backward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& dout,
+                             const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
+                             const Tensor& dq, const Tensor& dk, const Tensor& dv, float scale) {
+  const SpLayout& L = sp.layout();
+  Tensor k_all, v_all;
+  gather_kv(ctx, sp, owner, k, v, k_all, v_all);
+  const int64_t total = L.rows * L.seq_len;
+  const Tensor dk_all = sp.buffer(owner, kDKAll, {total, k.size(1), k.size(2)}, k.dtype);
+  const Tensor dv_all = sp.buffer(owner, kDVAll, {total, v.size(1), v.size(2)}, v.dtype);
+  kernels::attention_backward(ctx, dout, q, k_all, v_all, o, lse, sp.cu_q(), sp.cu_k(), L.max_len_q, L.max_len_k, dq,
+                              dk_all, dv_all, scale);
+  scatter_dkv(ctx, sp, owner, dk_all, dv_all, dk, dv);
+}
+
+}  // namespace hyd
