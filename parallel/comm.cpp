@@ -105,7 +105,10 @@ Communicator::~Communicator() {
 }
 
 Communicator::Communicator(Communicator&& o) noexcept
-    : comm_(std::exchange(o.comm_, MPI_COMM_NULL)), rank_(o.rank_), size_(o.size_) {}
+    : comm_(std::exchange(o.comm_, MPI_COMM_NULL)),
+      rank_(o.rank_),
+      size_(o.size_),
+      counters_(std::exchange(o.counters_, CommCounters{})) {}
 
 Communicator& Communicator::operator=(Communicator&& o) noexcept {
   if (this != &o) {
@@ -113,6 +116,7 @@ Communicator& Communicator::operator=(Communicator&& o) noexcept {
     comm_ = std::exchange(o.comm_, MPI_COMM_NULL);
     rank_ = o.rank_;
     size_ = o.size_;
+    counters_ = std::exchange(o.counters_, CommCounters{});
   }
   return *this;
 }
@@ -133,6 +137,7 @@ template <class T>
 void Communicator::all_reduce(std::span<T> buf, ReduceOp op) const {
   CHECK_MPI(MPI_Allreduce(MPI_IN_PLACE, buf.data(), mpi_count(buf.size(), "all_reduce: buf"), mpi_type<T>(), mpi_op(op),
                           comm_));
+  count(buf.size_bytes());
 }
 
 template <class T>
@@ -143,6 +148,7 @@ void Communicator::reduce_scatter(std::span<const T> in, std::span<T> out) const
             " elements, expected in.size() / group size = ", in.size() / static_cast<size_t>(size_));
   CHECK_MPI(MPI_Reduce_scatter_block(in.data(), out.data(), mpi_count(out.size(), "reduce_scatter: out"), mpi_type<T>(),
                                      MPI_SUM, comm_));
+  count(in.size_bytes());
 }
 
 template <class T>
@@ -152,6 +158,7 @@ void Communicator::all_gather(std::span<const T> in, std::span<T> out) const {
   const int n = mpi_count(in.size(), "all_gather: in");
   mpi_count(out.size(), "all_gather: out");
   CHECK_MPI(MPI_Allgather(in.data(), n, mpi_type<T>(), out.data(), n, mpi_type<T>(), comm_));
+  count(in.size_bytes());
 }
 
 template <class T>
@@ -162,6 +169,7 @@ void Communicator::all_to_all(std::span<const T> in, std::span<T> out) const {
   const int n = mpi_count(in.size() / static_cast<size_t>(size_), "all_to_all: in block");
   mpi_count(in.size(), "all_to_all: in");
   CHECK_MPI(MPI_Alltoall(in.data(), n, mpi_type<T>(), out.data(), n, mpi_type<T>(), comm_));
+  count(in.size_bytes());
 }
 
 template <class T>
@@ -190,12 +198,14 @@ void Communicator::all_to_all_v(std::span<const T> in, std::span<const int64_t> 
             " elements, recv_counts sum to ", r_total);
   CHECK_MPI(MPI_Alltoallv(in.data(), sc.data(), sd.data(), mpi_type<T>(), out.data(), rc.data(), rd.data(),
                           mpi_type<T>(), comm_));
+  count(in.size_bytes());  // == sum(send_counts) * sizeof(T), checked above
 }
 
 template <class T>
 void Communicator::send(std::span<const T> buf, int dest, int tag) const {
   check_peer(dest, "send: dest");
   CHECK_MPI(MPI_Send(buf.data(), mpi_count(buf.size(), "send: buf"), mpi_type<T>(), dest, tag, comm_));
+  count(buf.size_bytes());
 }
 
 template <class T>
@@ -207,15 +217,20 @@ void Communicator::recv(std::span<T> buf, int source, int tag) const {
   CHECK_MPI(MPI_Get_count(&status, mpi_type<T>(), &got));
   HYD_CHECK(static_cast<size_t>(got) == buf.size(), "recv: buf expects ", buf.size(), " elements from rank ", source,
             ", received ", got);
+  count(0);
 }
 
 template <class T>
 void Communicator::broadcast(std::span<T> buf, int root) const {
   check_peer(root, "broadcast: root");
   CHECK_MPI(MPI_Bcast(buf.data(), mpi_count(buf.size(), "broadcast: buf"), mpi_type<T>(), root, comm_));
+  count(rank_ == root ? buf.size_bytes() : 0);
 }
 
-void Communicator::barrier() const { CHECK_MPI(MPI_Barrier(comm_)); }
+void Communicator::barrier() const {
+  CHECK_MPI(MPI_Barrier(comm_));
+  count(0);
+}
 
 #define HYD_COMM_INSTANTIATE(T)                                                                           \
   template void Communicator::all_reduce<T>(std::span<T>, ReduceOp) const;                                \

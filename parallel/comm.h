@@ -6,7 +6,8 @@
 // Communicator: owns one MPI_Comm (errors returned, not fatal, so CHECK_MPI turns them into
 // hyd::Error) and runs the collectives of the trainer on host buffers of float, double, int32, int64.
 // Every collective is called by all ranks of the communicator with the same sizes; the argument checks
-// below name the argument that is wrong.
+// below name the argument that is wrong. Each communicator counts its traffic (CommCounters) so tests
+// can assert communication volumes (PARALLEL.md: the KDA exchange must not grow with T).
 #pragma once
 
 #include <mpi.h>
@@ -40,6 +41,21 @@ class MpiRuntime {
 int run_or_abort(const std::function<int()>& body);
 
 enum class ReduceOp { kSum, kMax };
+
+// Traffic of one communicator as seen by one rank, the same definition for every backend (MPI here,
+// NCCL in parallel/nccl_comm.h):
+//   calls: +1 per completed operation: all_reduce, reduce_scatter, all_gather, all_to_all, all_to_all_v,
+//          send, recv, broadcast, barrier (split, construction and the NCCL bootstrap are not traffic
+//          and are not counted; a call rejected by its argument checks counts nothing).
+//   bytes: + the bytes THIS rank hands over as input, whatever the algorithm moves underneath:
+//          all_reduce: buf; reduce_scatter, all_gather, all_to_all: in (all blocks, its own included);
+//          all_to_all_v: the sum of send_counts; send: buf; broadcast: buf on the root, 0 elsewhere;
+//          recv and barrier: 0.
+// So the bytes summed over the ranks of a group are the volume the group put into the operation.
+struct CommCounters {
+  uint64_t calls = 0;
+  uint64_t bytes = 0;
+};
 
 class Communicator {
  public:
@@ -84,11 +100,22 @@ class Communicator {
   void broadcast(std::span<T> buf, int root) const;
   void barrier() const;
 
+  // Since construction or the last reset_counters(); a moved-from communicator keeps nothing, a split
+  // starts at zero.
+  const CommCounters& counters() const { return counters_; }
+  void reset_counters() { counters_ = {}; }
+
  private:
   Communicator(MPI_Comm comm);  // takes ownership
   void check_peer(int peer, const char* what) const;
+  void count(uint64_t bytes) const {
+    counters_.calls += 1;
+    counters_.bytes += bytes;
+  }
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 0;
+  // The collectives are const (they do not change which group this is); their traffic still counts.
+  mutable CommCounters counters_;
 };
 
 }  // namespace hyd

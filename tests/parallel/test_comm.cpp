@@ -184,6 +184,108 @@ TEST(Comm, BadSizesNameTheArgument) {
   c.barrier();  // all ranks still agree after the failed calls
 }
 
+// CommCounters (comm.h): one call per operation, the bytes this rank hands over as input.
+TEST(CommCounters, ExactCallsAndBytesPerOperation) {
+  Communicator c = Communicator::world();
+  const int P = c.size(), r = c.rank();
+  const uint64_t p = static_cast<uint64_t>(P);
+  auto expect = [&](uint64_t calls, uint64_t bytes, const char* after) {
+    EXPECT_EQ(c.counters().calls, calls) << "after " << after;
+    EXPECT_EQ(c.counters().bytes, bytes) << "after " << after;
+  };
+  expect(0, 0, "construction");
+
+  std::vector<float> f(5, 1.0f);
+  c.all_reduce(std::span<float>(f), ReduceOp::kSum);
+  expect(1, 20, "all_reduce of 5 floats");
+  std::vector<double> rs_in(P * 3, 1.0), rs_out(3);
+  c.reduce_scatter(std::span<const double>(rs_in), std::span<double>(rs_out));
+  expect(2, 20 + 24 * p, "reduce_scatter of 3P doubles");
+  std::vector<int32_t> g_in(2, r), g_out(2 * P);
+  c.all_gather(std::span<const int32_t>(g_in), std::span<int32_t>(g_out));
+  expect(3, 28 + 24 * p, "all_gather of 2 int32");
+  std::vector<int64_t> a_in(2 * P, r), a_out(2 * P);
+  c.all_to_all(std::span<const int64_t>(a_in), std::span<int64_t>(a_out));
+  expect(4, 28 + 40 * p, "all_to_all of 2P int64");
+
+  // all_to_all_v: rank r sends (r + q) % 3 floats to q; its bytes are 4 * that sum, the receive side adds nothing.
+  std::vector<int64_t> sc(P), rc(P);
+  int64_t s_total = 0, r_total = 0;
+  for (int q = 0; q < P; ++q) {
+    sc[q] = (r + q) % 3;
+    rc[q] = (q + r) % 3;
+    s_total += sc[q];
+    r_total += rc[q];
+  }
+  std::vector<float> v_in(static_cast<size_t>(s_total)), v_out(static_cast<size_t>(r_total));
+  c.all_to_all_v(std::span<const float>(v_in), std::span<const int64_t>(sc), std::span<float>(v_out),
+                 std::span<const int64_t>(rc));
+  const uint64_t before_bcast = 28 + 40 * p + 4 * static_cast<uint64_t>(s_total);
+  expect(5, before_bcast, "all_to_all_v");
+
+  std::vector<int64_t> b(4, 0);
+  c.broadcast(std::span<int64_t>(b), P - 1);  // only the root sends
+  const uint64_t after_bcast = before_bcast + (r == P - 1 ? 32 : 0);
+  expect(6, after_bcast, "broadcast of 4 int64 from the last rank");
+  c.barrier();
+  expect(7, after_bcast, "barrier");
+
+  // send counts its buffer, recv nothing (even/odd ring as in SendRecvRing).
+  uint64_t calls = 7, bytes = after_bcast;
+  if (P % 2 == 0) {
+    const int next = (r + 1) % P, prev = (r + P - 1) % P;
+    std::vector<double> mine(3, r), got(3);
+    if (r % 2 == 0) {
+      c.send(std::span<const double>(mine), next, 3);
+      c.recv(std::span<double>(got), prev, 3);
+    } else {
+      c.recv(std::span<double>(got), prev, 3);
+      c.send(std::span<const double>(mine), next, 3);
+    }
+    calls += 2;
+    bytes += 24;
+    expect(calls, bytes, "send + recv of 3 doubles");
+  }
+
+  // The bytes summed over the group are the volume put in: all_reduce of 5 floats on every rank = 20 P.
+  c.reset_counters();
+  expect(0, 0, "reset_counters");
+  c.all_reduce(std::span<float>(f), ReduceOp::kMax);
+  std::vector<int64_t> mine = {static_cast<int64_t>(c.counters().bytes)};
+  Communicator probe = Communicator::world();  // its own counters, so the check does not count itself in c
+  probe.all_reduce(std::span<int64_t>(mine), ReduceOp::kSum);
+  EXPECT_EQ(mine[0], int64_t(20) * P);
+  expect(1, 20, "all_reduce after reset (the probe communicator counts separately)");
+  EXPECT_EQ(probe.counters().calls, 1u);
+  EXPECT_EQ(probe.counters().bytes, 8u);
+}
+
+TEST(CommCounters, RejectedCallsCountNothingAndMovesCarryTheCounts) {
+  Communicator c = Communicator::world();
+  const int P = c.size();
+  std::vector<float> in(P * 2 + 1), out(2);
+  EXPECT_NE(error_of([&] { c.reduce_scatter(std::span<const float>(in), std::span<float>(out)); }), "");
+  EXPECT_NE(error_of([&] { c.send(std::span<const float>(out), P, 0); }), "");
+  EXPECT_EQ(c.counters().calls, 0u);
+  EXPECT_EQ(c.counters().bytes, 0u);
+
+  std::vector<int32_t> x(3, 1);
+  c.all_reduce(std::span<int32_t>(x), ReduceOp::kSum);
+  Communicator moved = std::move(c);
+  EXPECT_EQ(moved.counters().calls, 1u);
+  EXPECT_EQ(moved.counters().bytes, 12u);
+  // The moved-from communicator holds nothing.
+  EXPECT_EQ(c.counters().calls, 0u);  // NOLINT(bugprone-use-after-move,clang-analyzer-cplusplus.Move)
+
+  Communicator half = moved.split(moved.rank() % 2, moved.rank());  // split is not traffic, on either side
+  EXPECT_EQ(half.counters().calls, 0u);
+  EXPECT_EQ(moved.counters().calls, 1u);
+  half.barrier();
+  EXPECT_EQ(half.counters().calls, 1u);
+  EXPECT_EQ(half.counters().bytes, 0u);
+  moved.barrier();
+}
+
 TEST(ProcessGrid, ValidationNamesTheOptionAndWorldSize) {
   std::string e = error_of([] { validate_grid(3, 1, 4); });
   EXPECT_NE(e.find("parallel.dp * parallel.sp = 3 * 1 = 3"), std::string::npos) << e;
