@@ -2,12 +2,15 @@
 
 #include <mpi.h>
 
+#include <chrono>
+#include <cstdlib>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include "parallel/checks.h"
 #include "parallel/comm.h"
+#include "parallel/nccl_comm.h"
 
 namespace hyd {
 
@@ -54,6 +57,9 @@ const char* sp_traffic_name(SpTraffic kind) {
 SequenceParallel::SequenceParallel(const Communicator& group, Device device)
     : group_(&group), device_(device), rank_(group.rank()), size_(group.size()) {
   HYD_CHECK(size_ >= 1, "SequenceParallel: empty group");
+  const char* staged = std::getenv("HYD_SP_STAGED");
+  if (device.is_cuda() && !(staged != nullptr && std::string(staged) == "1"))
+    nccl_ = std::make_unique<NcclCommunicator>(group);
 }
 
 SequenceParallel::~SequenceParallel() = default;
@@ -83,11 +89,25 @@ Tensor SequenceParallel::buffer(const void* owner, int slot, std::initializer_li
   return a.alloc(dims, dtype);
 }
 
-void SequenceParallel::count(SpTraffic kind, const Tensor& in) const {
+Tensor SequenceParallel::on_device(const Tensor& t, int slot) const {
+  if (t.device.is_cuda()) return t.view({t.numel()});
+  const Tensor d = buffer(this, slot, {t.numel()}, t.dtype);
+  copy_tensor(d, t.view({t.numel()}));
+  return d;
+}
+
+void SequenceParallel::count(SpTraffic kind, const Tensor& in, double seconds) const {
   Traffic& t = traffic_[static_cast<int>(kind)];
   t.calls += 1;
   t.bytes += static_cast<int64_t>(in.nbytes());
+  t.seconds += seconds;
 }
+
+namespace {
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
 
 void SequenceParallel::reset_traffic() {
   for (Traffic& t : traffic_) t = Traffic{};
@@ -98,13 +118,39 @@ void SequenceParallel::all_gather(const ExecContext& ctx, const Tensor& in, cons
             dtype_name(out.dtype));
   HYD_CHECK(out.numel() == in.numel() * size_, "SequenceParallel::all_gather: out has ", out.numel(),
             " elements, expected ", size_, " x ", in.numel());
-  count(kind, in);
   ctx.synchronize();
+  const auto t0 = std::chrono::steady_clock::now();
+  if (nccl_) {
+    const Tensor din = on_device(in, -1),
+                 dout = out.device.is_cuda() ? out : buffer(this, -2, {out.numel()}, out.dtype);
+    const auto n = static_cast<size_t>(in.numel());
+    switch (in.dtype) {
+      case DType::f32:
+        nccl_->all_gather<float>({din.ptr<float>(), n}, {dout.ptr<float>(), n * size_}, ctx.stream());
+        break;
+      case DType::bf16:
+        nccl_->all_gather<bf16>({din.ptr<bf16>(), n}, {dout.ptr<bf16>(), n * size_}, ctx.stream());
+        break;
+      case DType::i32:
+        nccl_->all_gather<int32_t>({din.ptr<int32_t>(), n}, {dout.ptr<int32_t>(), n * size_}, ctx.stream());
+        break;
+      case DType::f64:
+        nccl_->all_gather<double>({din.ptr<double>(), n}, {dout.ptr<double>(), n * size_}, ctx.stream());
+        break;
+      default:
+        HYD_THROW("SequenceParallel::all_gather: dtype ", dtype_name(in.dtype), " on CUDA");
+    }
+    if (!out.device.is_cuda()) copy_tensor(out.view({out.numel()}), dout);
+    ctx.synchronize();
+    count(kind, in, seconds_since(t0));
+    return;
+  }
   const HostSide src(in, true);
   HostSide dst(out, false);
   const int n = byte_count(in.nbytes(), "all_gather");
   CHECK_MPI(MPI_Allgather(src.t.data, n, MPI_BYTE, dst.t.data, n, MPI_BYTE, group_->handle()));
   dst.write_back(out);
+  count(kind, in, seconds_since(t0));
 }
 
 void SequenceParallel::reduce_scatter(const ExecContext& ctx, const Tensor& in, const Tensor& out,
@@ -113,8 +159,30 @@ void SequenceParallel::reduce_scatter(const ExecContext& ctx, const Tensor& in, 
             dtype_name(out.dtype));
   HYD_CHECK(in.numel() == out.numel() * size_, "SequenceParallel::reduce_scatter: in has ", in.numel(),
             " elements, expected ", size_, " x ", out.numel());
-  count(kind, in);
   ctx.synchronize();
+  const auto t0 = std::chrono::steady_clock::now();
+  if (nccl_) {
+    const Tensor din = on_device(in, -1),
+                 dout = out.device.is_cuda() ? out : buffer(this, -2, {out.numel()}, out.dtype);
+    const auto n = static_cast<size_t>(out.numel());
+    switch (in.dtype) {
+      case DType::f32:
+        nccl_->reduce_scatter<float>({din.ptr<float>(), n * size_}, {dout.ptr<float>(), n}, ctx.stream());
+        break;
+      case DType::bf16:
+        nccl_->reduce_scatter<bf16>({din.ptr<bf16>(), n * size_}, {dout.ptr<bf16>(), n}, ctx.stream());
+        break;
+      case DType::f64:
+        nccl_->reduce_scatter<double>({din.ptr<double>(), n * size_}, {dout.ptr<double>(), n}, ctx.stream());
+        break;
+      default:
+        HYD_THROW("SequenceParallel::reduce_scatter: dtype ", dtype_name(in.dtype), " on CUDA");
+    }
+    if (!out.device.is_cuda()) copy_tensor(out.view({out.numel()}), dout);
+    ctx.synchronize();
+    count(kind, in, seconds_since(t0));
+    return;
+  }
   const HostSide src(in, true);
   HostSide dst(out, false);
   const auto n = static_cast<size_t>(out.numel());
@@ -138,6 +206,7 @@ void SequenceParallel::reduce_scatter(const ExecContext& ctx, const Tensor& in, 
       HYD_THROW("SequenceParallel::reduce_scatter: dtype ", dtype_name(in.dtype), " (f32, f64 or bf16)");
   }
   dst.write_back(out);
+  count(kind, in, seconds_since(t0));
 }
 
 }  // namespace hyd

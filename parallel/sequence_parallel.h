@@ -12,8 +12,10 @@
 // transitions and adjoints, convolution halos, attention K/V): the KDA kinds do not grow with T.
 //
 // Devices. Tensors live on the layers' device. On the CPU the collectives are MPI on the tensors' memory;
-// on CUDA they are staged through host memory (device -> host, MPI, host -> device) until the NCCL
-// backend takes over: correct, not fast.
+// on CUDA they are NCCL (parallel/nccl_comm.h, a communicator of the same group) ordered on the caller's
+// stream (HYD_SP_STAGED=1 stages them through host memory and MPI instead, for debugging). Each collective
+// waits for the device before and after it (the LASP steps around it compose on the host today), so no
+// communication overlaps compute yet.
 #pragma once
 
 #include <cstdint>
@@ -30,6 +32,7 @@
 namespace hyd {
 
 class Communicator;
+class NcclCommunicator;
 
 struct SpLayout {
   int rank = 0, size = 1;
@@ -59,6 +62,7 @@ class SequenceParallel {
   struct Traffic {
     int64_t calls = 0;
     int64_t bytes = 0;
+    double seconds = 0;  // wall time in the collective, after the producer's work finished (staging included)
   };
 
   // `group` is the SP group (its rank order is the slice order) and must outlive this object.
@@ -92,8 +96,10 @@ class SequenceParallel {
   void reset_traffic();
 
  private:
-  void count(SpTraffic kind, const Tensor& in) const;
+  void count(SpTraffic kind, const Tensor& in, double seconds) const;
+  Tensor on_device(const Tensor& t, int slot) const;  // t itself on the device, else a copy in buffer(this, slot)
   const Communicator* group_;
+  std::unique_ptr<NcclCommunicator> nccl_;  // CUDA only
   Device device_;
   int rank_ = 0, size_ = 1;
   SpLayout layout_;

@@ -1,0 +1,181 @@
+// bench/scaling: tokens/s of the hybrid student's training step (forward + backward, no optimizer) under
+// sequence parallelism, one GPU per rank, launched by bench/scaling/run.sh with mpirun.
+//
+//   mpirun -np W bench_scaling --sp S --tokens-per-gpu T [--layers 12] [--pattern KKKA] [--steps 6]
+//          [--warmup 2] [--docs 1]
+//
+// Model: the student of issue 9 (hidden 1024, 8 attention heads of 128 (NoPE layers), KDA 8 heads,
+// dk = dv = 128, SwiGLU 2816, vocab 32000), random weights. W / S data-parallel groups each run one
+// sequence of S * T tokens (cut into --docs equal documents) split over their S ranks; the gradients are
+// not reduced over the data-parallel groups here (ZeRO-1 is the train loop's, this times the SP layers).
+// Prints one line per run: step time (median), tokens/s in all and per GPU, the SP collectives' time
+// share and bytes per step by kind, and per KDA / attention layer.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "parallel/checks.h"
+#include "parallel/comm.h"
+#include "parallel/grid.h"
+#include "parallel/sequence_parallel.h"
+#include "trainer/batch_upload.h"
+#include "trainer/hybrid_model.h"
+#include "trainer/lasp.h"
+
+using namespace hyd;
+
+namespace {
+
+struct Args {
+  int sp = 1;
+  int64_t tokens_per_gpu = 16384;
+  int64_t layers = 12;
+  std::string pattern = "KKKA";
+  int steps = 6, warmup = 2;
+  int64_t docs = 1;
+};
+
+Args parse(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i < argc; ++i) {
+    const std::string k = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) HYD_THROW("bench_scaling: ", k, " needs a value");
+      return argv[++i];
+    };
+    if (k == "--sp")
+      a.sp = std::stoi(next());
+    else if (k == "--tokens-per-gpu")
+      a.tokens_per_gpu = std::stoll(next());
+    else if (k == "--layers")
+      a.layers = std::stoll(next());
+    else if (k == "--pattern")
+      a.pattern = next();
+    else if (k == "--steps")
+      a.steps = std::stoi(next());
+    else if (k == "--warmup")
+      a.warmup = std::stoi(next());
+    else if (k == "--docs")
+      a.docs = std::stoll(next());
+    else
+      HYD_THROW("bench_scaling: unknown argument ", k);
+  }
+  return a;
+}
+
+HostBatch one_sequence(int64_t T, int64_t docs, int64_t vocab, uint64_t seed) {
+  HostBatch hb;
+  uint64_t x = seed;
+  hb.cu_seqlens.push_back(0);
+  const int64_t len = T / docs;
+  for (int64_t d = 0; d < docs; ++d) {
+    const int64_t n = d + 1 < docs ? len : T - len * (docs - 1);
+    const auto start = static_cast<int32_t>(hb.tokens.size());
+    for (int64_t i = 0; i < n; ++i) {
+      x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+      hb.tokens.push_back(static_cast<int32_t>((x >> 33) % static_cast<uint64_t>(vocab)));
+      hb.positions.push_back(static_cast<int32_t>(i));
+    }
+    for (int64_t i = 0; i < n; ++i) hb.targets.push_back(i + 1 < n ? hb.tokens[start + i + 1] : -1);
+    hb.cu_seqlens.push_back(static_cast<int32_t>(start + n));
+  }
+  hb.num_docs = docs;
+  for (int32_t t : hb.targets) hb.num_targets += t >= 0;
+  return hb;
+}
+
+int run(int argc, char** argv, const MpiRuntime& mpi) {
+  const Args a = parse(argc, argv);
+  Communicator world = Communicator::world();
+  const int W = world.size();
+  if (a.sp < 1 || W % a.sp != 0) HYD_THROW("bench_scaling: --sp ", a.sp, " does not divide the world size ", W);
+  int gpus = 0;
+  CHECK_CUDA(cudaGetDeviceCount(&gpus));
+  if (gpus < mpi.local_size()) HYD_THROW("bench_scaling: ", mpi.local_size(), " ranks on this node, ", gpus, " GPUs");
+  const Device dev = Device::cuda(mpi.local_rank());
+  CHECK_CUDA(cudaSetDevice(dev.index));
+  ProcessGrid grid(world, W / a.sp, a.sp);
+
+  HybridConfig cfg;
+  cfg.model.family = "llama";
+  cfg.model.vocab_size = 32000;
+  cfg.model.hidden_size = 1024;
+  cfg.model.intermediate_size = 2816;
+  cfg.model.num_layers = a.layers;
+  cfg.model.num_heads = 8;
+  cfg.model.num_kv_heads = 8;
+  cfg.model.head_dim = 128;
+  cfg.model.max_position_embeddings = std::max<int64_t>(4096, a.tokens_per_gpu * a.sp);
+  cfg.kda.heads = 8;
+  cfg.kda.v_heads = 8;
+  cfg.kda.dk = 128;
+  cfg.kda.dv = 128;
+  cfg.pattern = a.pattern;
+  cfg.finalize("bench_scaling");
+
+  const int64_t T = a.tokens_per_gpu * a.sp, n_local = a.tokens_per_gpu;
+  HybridModel model(cfg, dev, n_local);
+  model.init_random(7);
+  ExecContext ctx(dev);
+  SequenceParallel sp(grid.sp_group(), dev);
+  BatchUploader up(dev, n_local);
+  const HostBatch global = one_sequence(T, a.docs, cfg.model.vocab_size, 1000 + grid.dp_rank());
+  HostBatch local = global;
+  SpLayout layout;
+  if (a.sp > 1) {
+    local = slice_batch_for_sp(global, 1, T, grid.sp_rank(), a.sp, layout);
+    sp.set_layout(layout);
+  }
+  Batch b = up.upload(ctx, local);
+  if (a.sp > 1) b.sp = &sp;
+
+  std::vector<double> times;
+  for (int s = 0; s < a.warmup + a.steps; ++s) {
+    if (s == a.warmup) sp.reset_traffic();
+    world.barrier();
+    const auto t0 = std::chrono::steady_clock::now();
+    model.zero_grad();
+    model.forward_backward(ctx, b, 1.0f);
+    ctx.synchronize();
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::vector<double> worst{dt};
+    world.all_reduce(std::span<double>(worst), ReduceOp::kMax);
+    if (s >= a.warmup) times.push_back(worst[0]);
+  }
+  std::sort(times.begin(), times.end());
+  const double step = times[times.size() / 2];
+  int64_t k_layers = 0, a_layers = 0;
+  for (int64_t l = 0; l < cfg.model.num_layers; ++l) (model.layer_kind(l) == MixerKind::kda ? k_layers : a_layers)++;
+  const auto per = [&](SpTraffic k) { return sp.traffic(k); };
+  const double comm_s =
+      (per(SpTraffic::kda_state).seconds + per(SpTraffic::conv_halo).seconds + per(SpTraffic::attention_kv).seconds) /
+      a.steps;
+  if (world.rank() == 0) {
+    const double tok = static_cast<double>(n_local) * W / step;
+    std::printf(
+        "scaling gpus=%d sp=%d dp=%d tokens_per_gpu=%lld T=%lld docs=%lld pattern=%s layers=%lld step_ms=%.2f "
+        "tokens_per_s=%.0f per_gpu=%.0f comm_share=%.3f kda_bytes_per_layer=%lld halo_bytes_per_layer=%lld "
+        "attn_bytes_per_layer=%lld mem_gib=%.2f\n",
+        W, a.sp, W / a.sp, static_cast<long long>(n_local), static_cast<long long>(T), static_cast<long long>(a.docs),
+        layer_pattern_string(cfg.layers).c_str(), static_cast<long long>(cfg.model.num_layers), step * 1e3, tok,
+        tok / W, comm_s / step,
+        static_cast<long long>(k_layers ? per(SpTraffic::kda_state).bytes / a.steps / k_layers : 0),
+        static_cast<long long>(k_layers ? per(SpTraffic::conv_halo).bytes / a.steps / k_layers : 0),
+        static_cast<long long>(a_layers ? per(SpTraffic::attention_kv).bytes / a.steps / a_layers : 0),
+        static_cast<double>(model.memory_bytes()) / (1 << 30));
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  MpiRuntime mpi(&argc, &argv);
+  return run_or_abort([&] { return run(argc, argv, mpi); });
+}
