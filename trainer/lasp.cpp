@@ -7,6 +7,7 @@
 #include "kernels/attention.h"
 #include "kernels/elementwise.h"
 #include "kernels/kda.h"
+#include "kernels/kda_compose.h"
 #include "trainer/core/arena.h"
 
 #ifdef HYD_WITH_CUDA
@@ -20,12 +21,14 @@ namespace {
 // Buffer slots of SequenceParallel::buffer. Per-layer state (owner = the layer): kept between forward
 // and backward. Temporaries use owner = &kTemp.
 enum Slot : int {
-  kTransM = 0,  // local M of every document (forward)
-  kTransB,      // local B of every document (forward)
+  kTransM = 0,  // local M of every document (forward; temporary)
+  kTransB,      // local B of every document (forward; temporary)
   kGathered,    // all ranks' (M, B) per row: what the backward composes with
   kInitState,   // the true incoming state per local document
   kDState,      // dS_in / dS_out per local document (backward)
   kMine,        // this rank's contribution to an all-gather
+  kSin,         // the composed state / adjoint per row
+  kWork,        // the composition's scratch
   kAllL,        // all ranks' L per row (backward)
   kKAll,
   kVAll,  // LASP-2H gathered keys / values (layout [size][rows][slice])
@@ -61,18 +64,6 @@ void copy_on(const ExecContext& ctx, const Tensor& dst, const Tensor& src) {
 // Rows [r0, r0 + n) of a tensor viewed as [rows, row_elems].
 Tensor rows_of(const Tensor& t, int64_t row_elems, int64_t r0, int64_t n) {
   return t.view({t.numel() / row_elems, row_elems}).slice0(r0, r0 + n);
-}
-
-std::vector<float> download(const ExecContext& ctx, const Tensor& t) {
-  HYD_CHECK(t.dtype == DType::f32, "lasp: expected an f32 tensor, got ", dtype_name(t.dtype));
-  std::vector<float> h(static_cast<size_t>(t.numel()));
-  ctx.synchronize();
-  copy_tensor(Tensor(h.data(), DType::f32, Device::cpu(), {t.numel()}), t.view({t.numel()}));
-  return h;
-}
-
-void upload(const Tensor& t, std::vector<float>& h) {
-  copy_tensor(t.view({t.numel()}), Tensor(h.data(), DType::f32, Device::cpu(), {t.numel()}));
 }
 
 struct Dims {
@@ -159,58 +150,60 @@ HostBatch slice_batch_for_sp(const HostBatch& global, int64_t rows, int64_t seq_
 
 // ------------------------------------------------------------------------------------------ KDA core
 
+namespace {
+
+// `height` blocks of `width` elements: block i from src + i * src_pitch to dst + i * dst_pitch (f32 elements),
+// on ctx's stream (CUDA) or by memcpy.
+void copy_blocks(const ExecContext& ctx, float* dst, int64_t dst_pitch, const float* src, int64_t src_pitch,
+                 int64_t width, int64_t height) {
+  if (ctx.device().is_cpu()) {
+    for (int64_t i = 0; i < height; ++i) std::memcpy(dst + i * dst_pitch, src + i * src_pitch, width * sizeof(float));
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  CHECK_CUDA(cudaMemcpy2DAsync(dst, dst_pitch * sizeof(float), src, src_pitch * sizeof(float), width * sizeof(float),
+                               height, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(ctx.stream())));
+#endif
+}
+
+}  // namespace
+
 void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
                       const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens,
                       const Tensor& o) {
   const SpLayout& L = sp.layout();
   const Dims s = kda_dims(k, v, cu_seqlens);
-  const int64_t mm = s.dk * s.dk, mb = s.dk * s.dv, per_head = mm + mb, per_row = s.hv * per_head;
-  const Tensor M = sp.buffer(owner, kTransM, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
-  const Tensor B = sp.buffer(owner, kTransB, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
+  const int64_t mm = s.dk * s.dk, mb = s.dk * s.dv, per = mm + mb, P = sp.size();
+  const Tensor M = sp.buffer(&kTemp, kTransM, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
+  const Tensor B = sp.buffer(&kTemp, kTransB, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
   kernels::kda_transition(ctx, k, v, g, beta, cu_seqlens, M, B);
-  const std::vector<float> hM = download(ctx, M), hB = download(ctx, B);
 
   // This rank's (M_r, B_r) per row and head: M only when the row's slice is one continuing document,
   // both zero when the last document stops at the slice end.
-  std::vector<float> mine(static_cast<size_t>(L.rows * per_row), 0.0f);
+  const Tensor mine = sp.buffer(&kTemp, kMine, {L.rows * s.hv * per}, DType::f32);
+  kernels::fill(ctx, mine, 0.0f);
+  float* m_out = mine.ptr<float>();
   for (int64_t b = 0; b < L.rows; ++b) {
     if (!L.cont_out[b]) continue;
-    const bool through = L.first_doc[b] == L.last_doc[b] && L.lead[b] > 0;
-    for (int64_t h = 0; h < s.hv; ++h) {
-      float* dst = mine.data() + b * per_row + h * per_head;
-      const int64_t slot = L.last_doc[b] * s.hv + h;
-      if (through) std::copy_n(hM.data() + slot * mm, mm, dst);
-      std::copy_n(hB.data() + slot * mb, mb, dst + mm);
-    }
+    float* dst = m_out + b * s.hv * per;
+    if (L.first_doc[b] == L.last_doc[b] && L.lead[b] > 0)
+      copy_blocks(ctx, dst, per, M.ptr<float>() + L.last_doc[b] * s.hv * mm, mm, mm, s.hv);
+    copy_blocks(ctx, dst + mm, per, B.ptr<float>() + L.last_doc[b] * s.hv * mb, mb, mb, s.hv);
   }
-  const Tensor all = sp.buffer(owner, kGathered, {sp.size() * L.rows * per_row}, DType::f32);
-  sp.all_gather(ctx, Tensor(mine.data(), DType::f32, Device::cpu(), {L.rows * per_row}), all, SpTraffic::kda_state);
-  const std::vector<float> hall = download(ctx, all);
+  const Tensor all = sp.buffer(owner, kGathered, {P, L.rows * s.hv, s.dk, s.dk + s.dv}, DType::f32);
+  sp.all_gather(ctx, mine, all, SpTraffic::kda_state);
 
-  // S_in(r) = M_{r-1}(... (M_0 0 + B_0) ...) + B_{r-1}, for the row's first document when it continues.
-  std::vector<float> init(static_cast<size_t>(s.docs * s.hv * mb), 0.0f), S(mb), next(mb);
-  for (int64_t b = 0; b < L.rows; ++b) {
-    if (L.lead[b] == 0) continue;
-    for (int64_t h = 0; h < s.hv; ++h) {
-      std::fill(S.begin(), S.end(), 0.0f);
-      for (int p = 0; p < sp.rank(); ++p) {
-        const float* Mp = hall.data() + (p * L.rows + b) * per_row + h * per_head;
-        const float* Bp = Mp + mm;
-        for (int64_t i = 0; i < s.dk; ++i) {
-          for (int64_t c = 0; c < s.dv; ++c) {
-            double acc = Bp[i * s.dv + c];
-            for (int64_t j = 0; j < s.dk; ++j) acc += static_cast<double>(Mp[i * s.dk + j]) * S[j * s.dv + c];
-            next[i * s.dv + c] = static_cast<float>(acc);
-          }
-        }
-        S.swap(next);
-      }
-      std::copy(S.begin(), S.end(), init.begin() + (L.first_doc[b] * s.hv + h) * mb);
-    }
-  }
-  const Tensor init_t = sp.buffer(owner, kInitState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
-  upload(init_t, init);
-  kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, init_t, o, Tensor{});
+  // S_in(r) = M_{r-1}(... (M_0 0 + B_0) ...) + B_{r-1}, for each row's first document when it continues.
+  const Tensor S = sp.buffer(&kTemp, kSin, {L.rows * s.hv, s.dk, s.dv}, DType::f32);
+  const Tensor work = sp.buffer(&kTemp, kWork, {L.rows * s.hv, s.dk, s.dv}, DType::f32);
+  kernels::kda_compose_prefix(ctx, all, sp.rank(), S, work);
+  const Tensor init = sp.buffer(owner, kInitState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
+  kernels::fill(ctx, init, 0.0f);
+  for (int64_t b = 0; b < L.rows; ++b)
+    if (L.lead[b] > 0)
+      copy_blocks(ctx, init.ptr<float>() + L.first_doc[b] * s.hv * mb, 0, S.ptr<float>() + b * s.hv * mb, 0, s.hv * mb,
+                  1);
+  kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, init, o, Tensor{});
 }
 
 void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
@@ -219,47 +212,32 @@ void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const
                        const Tensor& dbeta) {
   const SpLayout& L = sp.layout();
   const Dims s = kda_dims(k, v, cu_seqlens);
-  const int64_t mm = s.dk * s.dk, mb = s.dk * s.dv, per_head = mm + mb, per_row = s.hv * per_head;
-  const Tensor init_t = sp.buffer(owner, kInitState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
-  const Tensor dstate = sp.buffer(owner, kDState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
+  const int64_t mb = s.dk * s.dv, P = sp.size();
+  const Tensor init = sp.buffer(owner, kInitState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
+  const Tensor dstate = sp.buffer(&kTemp, kDState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
 
   // L_r: the incoming-state adjoint with a zero outgoing adjoint (it does not depend on the state).
-  kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init_t, dout, Tensor{}, dq, dk, dv, dg, dbeta, dstate);
-  const std::vector<float> dinit = download(ctx, dstate);
-  std::vector<float> mine(static_cast<size_t>(L.rows * s.hv * mb), 0.0f);
-  for (int64_t b = 0; b < L.rows; ++b) {
-    if (L.lead[b] == 0) continue;
-    std::copy_n(dinit.data() + L.first_doc[b] * s.hv * mb, s.hv * mb, mine.data() + b * s.hv * mb);
-  }
-  const Tensor all_l = sp.buffer(owner, kAllL, {sp.size() * L.rows * s.hv * mb}, DType::f32);
-  sp.all_gather(ctx, Tensor(mine.data(), DType::f32, Device::cpu(), {L.rows * s.hv * mb}), all_l, SpTraffic::kda_state);
-  const std::vector<float> hl = download(ctx, all_l);
-  const std::vector<float> hall =
-      download(ctx, sp.buffer(owner, kGathered, {sp.size() * L.rows * per_row}, DType::f32));
+  kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init, dout, Tensor{}, dq, dk, dv, dg, dbeta, dstate);
+  const Tensor mine = sp.buffer(&kTemp, kMine, {L.rows * s.hv * mb}, DType::f32);
+  kernels::fill(ctx, mine, 0.0f);
+  for (int64_t b = 0; b < L.rows; ++b)
+    if (L.lead[b] > 0)
+      copy_blocks(ctx, mine.ptr<float>() + b * s.hv * mb, 0, dstate.ptr<float>() + L.first_doc[b] * s.hv * mb, 0,
+                  s.hv * mb, 1);
+  const Tensor all_l = sp.buffer(&kTemp, kAllL, {P, L.rows * s.hv, s.dk, s.dv}, DType::f32);
+  sp.all_gather(ctx, mine, all_l, SpTraffic::kda_state);
 
-  // dS_out(r) = sum over later ranks, composed from the last: G <- M_p^T G + L_p for p = P-1 .. r+1.
-  std::vector<float> dfinal(static_cast<size_t>(s.docs * s.hv * mb), 0.0f), G(mb), next(mb);
-  for (int64_t b = 0; b < L.rows; ++b) {
-    if (!L.cont_out[b]) continue;
-    for (int64_t h = 0; h < s.hv; ++h) {
-      std::fill(G.begin(), G.end(), 0.0f);
-      for (int p = sp.size() - 1; p > sp.rank(); --p) {
-        const float* Mp = hall.data() + (p * L.rows + b) * per_row + h * per_head;
-        const float* Lp = hl.data() + ((p * L.rows + b) * s.hv + h) * mb;
-        for (int64_t j = 0; j < s.dk; ++j) {
-          for (int64_t c = 0; c < s.dv; ++c) {
-            double acc = Lp[j * s.dv + c];
-            for (int64_t i = 0; i < s.dk; ++i) acc += static_cast<double>(Mp[i * s.dk + j]) * G[i * s.dv + c];
-            next[j * s.dv + c] = static_cast<float>(acc);
-          }
-        }
-        G.swap(next);
-      }
-      std::copy(G.begin(), G.end(), dfinal.begin() + (L.last_doc[b] * s.hv + h) * mb);
-    }
-  }
-  upload(dstate, dfinal);
-  kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init_t, dout, dstate, dq, dk, dv, dg, dbeta, Tensor{});
+  // dS_out(r): G <- M_p^T G + L_p for p = P-1 .. r+1, with the forward's gathered M.
+  const Tensor all = sp.buffer(owner, kGathered, {P, L.rows * s.hv, s.dk, s.dk + s.dv}, DType::f32);
+  const Tensor G = sp.buffer(&kTemp, kSin, {L.rows * s.hv, s.dk, s.dv}, DType::f32);
+  const Tensor work = sp.buffer(&kTemp, kWork, {L.rows * s.hv, s.dk, s.dv}, DType::f32);
+  kernels::kda_compose_suffix(ctx, all, all_l, sp.rank(), G, work);
+  kernels::fill(ctx, dstate, 0.0f);
+  for (int64_t b = 0; b < L.rows; ++b)
+    if (L.cont_out[b])
+      copy_blocks(ctx, dstate.ptr<float>() + L.last_doc[b] * s.hv * mb, 0, G.ptr<float>() + b * s.hv * mb, 0, s.hv * mb,
+                  1);
+  kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init, dout, dstate, dq, dk, dv, dg, dbeta, Tensor{});
 }
 
 // ------------------------------------------------------------------------------------------ conv halo

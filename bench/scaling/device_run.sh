@@ -20,7 +20,7 @@ echo "== ctest gpu_parallel + ops"
 ctest --test-dir build --output-on-failure -L gpu_parallel -R "gpu_parallel|kda_layer_ops|attention_offset" >"$out/ctest.log" 2>&1
 echo "ctest rc=$?"
 grep -E "tests passed|tests failed|Passed|Failed|\*\*\*|^SP |rel\. err" "$out/ctest.log" | head -n 30
-ctest --test-dir build --output-on-failure -R "kda_layer_ops|attention_offset" >"$out/ctest_ops.log" 2>&1
+ctest --test-dir build --output-on-failure -R "kda_layer_ops|attention_offset|kda_compose" >"$out/ctest_ops.log" 2>&1
 echo "ops ctest rc=$?"; grep -E "tests passed|Failed|\*\*\*" "$out/ctest_ops.log" | head
 if [ "$gpus" -ge 4 ]; then
   echo "== SP GPU test, 4 ranks"
