@@ -119,6 +119,7 @@ void SequenceParallel::all_gather(const ExecContext& ctx, const Tensor& in, cons
   HYD_CHECK(out.numel() == in.numel() * size_, "SequenceParallel::all_gather: out has ", out.numel(),
             " elements, expected ", size_, " x ", in.numel());
   ctx.synchronize();
+  group_->barrier();  // waiting for peers' compute is not communication time
   const auto t0 = std::chrono::steady_clock::now();
   if (nccl_) {
     const Tensor din = on_device(in, -1),
@@ -160,6 +161,7 @@ void SequenceParallel::reduce_scatter(const ExecContext& ctx, const Tensor& in, 
   HYD_CHECK(in.numel() == out.numel() * size_, "SequenceParallel::reduce_scatter: in has ", in.numel(),
             " elements, expected ", size_, " x ", out.numel());
   ctx.synchronize();
+  group_->barrier();  // waiting for peers' compute is not communication time
   const auto t0 = std::chrono::steady_clock::now();
   if (nccl_) {
     const Tensor din = on_device(in, -1),

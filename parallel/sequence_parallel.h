@@ -62,7 +62,7 @@ class SequenceParallel {
   struct Traffic {
     int64_t calls = 0;
     int64_t bytes = 0;
-    double seconds = 0;  // wall time in the collective, after the producer's work finished (staging included)
+    double seconds = 0;  // wall time in the collective after a barrier of the group (staging included)
   };
 
   // `group` is the SP group (its rank order is the slice order) and must outlive this object.

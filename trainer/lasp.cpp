@@ -29,7 +29,11 @@ enum Slot : int {
   kMine,        // this rank's contribution to an all-gather
   kSin,         // the composed state / adjoint per row
   kWork,        // the composition's scratch
-  kAllL,        // all ranks' L per row (backward)
+  kOScratch,    // outputs of the transition passes (not used)
+  kOScratch2,
+  kIdentity,  // identity incoming states of the M pass
+  kZeroV,     // zero values of the M pass
+  kAllL,      // all ranks' L per row (backward)
   kKAll,
   kVAll,  // LASP-2H gathered keys / values (layout [size][rows][slice])
   kKRows,
@@ -174,9 +178,36 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   const SpLayout& L = sp.layout();
   const Dims s = kda_dims(k, v, cu_seqlens);
   const int64_t mm = s.dk * s.dk, mb = s.dk * s.dv, per = mm + mb, P = sp.size();
-  const Tensor M = sp.buffer(&kTemp, kTransM, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
+  // (M, B) of each row's last document, from two passes of the forward (the recurrence is linear in the
+  // state and the values): B = the final state from a zero state with the true values; M = the final state
+  // from the identity with zero values (dv = dk), computed only when some row's slice is one continuing
+  // document. (The chunked tensor-core forward does both at full speed; kernels::kda_transition's
+  // version-1 kernels would serialise over tokens.)
+  auto through = [&](int64_t b) { return L.cont_out[b] && L.first_doc[b] == L.last_doc[b] && L.lead[b] > 0; };
+  bool any_through = false;
+  for (int64_t b = 0; b < L.rows; ++b) any_through = any_through || through(b);
   const Tensor B = sp.buffer(&kTemp, kTransB, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
-  kernels::kda_transition(ctx, k, v, g, beta, cu_seqlens, M, B);
+  kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, Tensor{},
+                       sp.buffer(&kTemp, kOScratch, {o.shape[0], s.hv, s.dv}, o.dtype), B);
+  Tensor M;
+  if (any_through) {
+    M = sp.buffer(&kTemp, kTransM, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
+    const Tensor eye = sp.buffer(&kTemp, kIdentity, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
+    const Tensor zero_v = sp.buffer(&kTemp, kZeroV, {o.shape[0], s.hv, s.dk}, v.dtype);
+    kernels::fill(ctx, eye, 0.0f);
+    kernels::fill(ctx, zero_v, 0.0f);
+    std::vector<float> one(static_cast<size_t>(s.hv * mm), 0.0f);
+    for (int64_t h = 0; h < s.hv; ++h)
+      for (int64_t i = 0; i < s.dk; ++i) one[h * mm + i * s.dk + i] = 1.0f;
+    for (int64_t b = 0; b < L.rows; ++b)
+      if (through(b)) {
+        ctx.synchronize();
+        copy_tensor(eye.view({s.docs * s.hv * mm}).slice0(L.last_doc[b] * s.hv * mm, (L.last_doc[b] + 1) * s.hv * mm),
+                    Tensor(one.data(), DType::f32, Device::cpu(), {s.hv * mm}));
+      }
+    kernels::kda_forward(ctx, q, k, zero_v, g, beta, cu_seqlens, eye,
+                         sp.buffer(&kTemp, kOScratch2, {o.shape[0], s.hv, s.dk}, o.dtype), M);
+  }
 
   // This rank's (M_r, B_r) per row and head: M only when the row's slice is one continuing document,
   // both zero when the last document stops at the slice end.
@@ -186,8 +217,7 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   for (int64_t b = 0; b < L.rows; ++b) {
     if (!L.cont_out[b]) continue;
     float* dst = m_out + b * s.hv * per;
-    if (L.first_doc[b] == L.last_doc[b] && L.lead[b] > 0)
-      copy_blocks(ctx, dst, per, M.ptr<float>() + L.last_doc[b] * s.hv * mm, mm, mm, s.hv);
+    if (through(b)) copy_blocks(ctx, dst, per, M.ptr<float>() + L.last_doc[b] * s.hv * mm, mm, mm, s.hv);
     copy_blocks(ctx, dst + mm, per, B.ptr<float>() + L.last_doc[b] * s.hv * mb, mb, mb, s.hv);
   }
   const Tensor all = sp.buffer(owner, kGathered, {P, L.rows * s.hv, s.dk, s.dk + s.dv}, DType::f32);
@@ -348,9 +378,11 @@ void lasp_attention_backward(const ExecContext& ctx, const SequenceParallel& sp,
                              const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
                              const Tensor& dq, const Tensor& dk, const Tensor& dv, float scale) {
   const SpLayout& L = sp.layout();
-  Tensor k_all, v_all;
-  gather_kv(ctx, sp, owner, k, v, k_all, v_all);
+  // The forward's gathered keys and values (kept per layer: no second all-gather).
   const int64_t total = L.rows * L.seq_len;
+  const int slot_k = L.rows == 1 ? kKAll : kKRows, slot_v = L.rows == 1 ? kVAll : kVRows;
+  const Tensor k_all = sp.buffer(owner, slot_k, {total, k.size(1), k.size(2)}, k.dtype);
+  const Tensor v_all = sp.buffer(owner, slot_v, {total, v.size(1), v.size(2)}, v.dtype);
   const Tensor dk_all = sp.buffer(owner, kDKAll, {total, k.size(1), k.size(2)}, k.dtype);
   const Tensor dv_all = sp.buffer(owner, kDVAll, {total, v.size(1), v.size(2)}, v.dtype);
   kernels::attention_backward(ctx, dout, q, k_all, v_all, o, lse, sp.cu_q(), sp.cu_k(), L.max_len_q, L.max_len_k, dq,

@@ -54,8 +54,9 @@ void lasp_conv_return_dhalo(const ExecContext& ctx, const SequenceParallel& sp, 
 // keys and values k, v [N, Hkv, d] (all-gathered), with the key ranges of SpLayout.
 void lasp_attention_forward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
                             const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse, float scale);
-// Backward: K and V gathered again, the attention backward over the gathered keys, dK and dV
-// reduce-scattered to their owners. dq, dk, dv [N, ...] are overwritten.
+// Backward (after lasp_attention_forward of the same owner, whose gathered K and V it reuses: memory of the
+// whole sequence's K and V per attention layer, as PARALLEL.md says): the attention backward over the
+// gathered keys, dK and dV reduce-scattered to their owners. dq, dk, dv [N, ...] are overwritten.
 void lasp_attention_backward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& dout,
                              const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
                              const Tensor& dq, const Tensor& dk, const Tensor& dv, float scale);
