@@ -1,7 +1,12 @@
 #include "trainer/lasp.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <map>
+#include <string>
 #include <vector>
 
 #include "kernels/attention.h"
@@ -183,12 +188,14 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   // from the identity with zero values (dv = dk), computed only when some row's slice is one continuing
   // document. (The chunked tensor-core forward does both at full speed; kernels::kda_transition's
   // version-1 kernels would serialise over tokens.)
+  lasp_profile_start(ctx);
   auto through = [&](int64_t b) { return L.cont_out[b] && L.first_doc[b] == L.last_doc[b] && L.lead[b] > 0; };
   bool any_through = false;
   for (int64_t b = 0; b < L.rows; ++b) any_through = any_through || through(b);
   const Tensor B = sp.buffer(&kTemp, kTransB, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
   kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, Tensor{},
                        sp.buffer(&kTemp, kOScratch, {o.shape[0], s.hv, s.dv}, o.dtype), B);
+  lasp_profile_mark(ctx, "kda.fwd.B_pass");
   Tensor M;
   if (any_through) {
     M = sp.buffer(&kTemp, kTransM, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
@@ -209,6 +216,7 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
                          sp.buffer(&kTemp, kOScratch2, {o.shape[0], s.hv, s.dk}, o.dtype), M);
   }
 
+  lasp_profile_mark(ctx, "kda.fwd.M_pass");
   // This rank's (M_r, B_r) per row and head: M only when the row's slice is one continuing document,
   // both zero when the last document stops at the slice end.
   const Tensor mine = sp.buffer(&kTemp, kMine, {L.rows * s.hv * per}, DType::f32);
@@ -226,6 +234,7 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   // S_in(r) = M_{r-1}(... (M_0 0 + B_0) ...) + B_{r-1}, for each row's first document when it continues.
   const Tensor S = sp.buffer(&kTemp, kSin, {L.rows * s.hv, s.dk, s.dv}, DType::f32);
   const Tensor work = sp.buffer(&kTemp, kWork, {L.rows * s.hv, s.dk, s.dv}, DType::f32);
+  lasp_profile_mark(ctx, "kda.fwd.exchange");
   kernels::kda_compose_prefix(ctx, all, sp.rank(), S, work);
   const Tensor init = sp.buffer(owner, kInitState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
   kernels::fill(ctx, init, 0.0f);
@@ -233,7 +242,9 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
     if (L.lead[b] > 0)
       copy_blocks(ctx, init.ptr<float>() + L.first_doc[b] * s.hv * mb, 0, S.ptr<float>() + b * s.hv * mb, 0, s.hv * mb,
                   1);
+  lasp_profile_mark(ctx, "kda.fwd.compose");
   kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, init, o, Tensor{});
+  lasp_profile_mark(ctx, "kda.fwd.true_pass");
 }
 
 void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
@@ -247,7 +258,9 @@ void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const
   const Tensor dstate = sp.buffer(&kTemp, kDState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
 
   // L_r: the incoming-state adjoint with a zero outgoing adjoint (it does not depend on the state).
+  lasp_profile_start(ctx);
   kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init, dout, Tensor{}, dq, dk, dv, dg, dbeta, dstate);
+  lasp_profile_mark(ctx, "kda.bwd.zero_adjoint_pass");
   const Tensor mine = sp.buffer(&kTemp, kMine, {L.rows * s.hv * mb}, DType::f32);
   kernels::fill(ctx, mine, 0.0f);
   for (int64_t b = 0; b < L.rows; ++b)
@@ -261,13 +274,16 @@ void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const
   const Tensor all = sp.buffer(owner, kGathered, {P, L.rows * s.hv, s.dk, s.dk + s.dv}, DType::f32);
   const Tensor G = sp.buffer(&kTemp, kSin, {L.rows * s.hv, s.dk, s.dv}, DType::f32);
   const Tensor work = sp.buffer(&kTemp, kWork, {L.rows * s.hv, s.dk, s.dv}, DType::f32);
+  lasp_profile_mark(ctx, "kda.bwd.exchange");
   kernels::kda_compose_suffix(ctx, all, all_l, sp.rank(), G, work);
   kernels::fill(ctx, dstate, 0.0f);
   for (int64_t b = 0; b < L.rows; ++b)
     if (L.cont_out[b])
       copy_blocks(ctx, dstate.ptr<float>() + L.last_doc[b] * s.hv * mb, 0, G.ptr<float>() + b * s.hv * mb, 0, s.hv * mb,
                   1);
+  lasp_profile_mark(ctx, "kda.bwd.compose");
   kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init, dout, dstate, dq, dk, dv, dg, dbeta, Tensor{});
+  lasp_profile_mark(ctx, "kda.bwd.true_pass");
 }
 
 // ------------------------------------------------------------------------------------------ conv halo
@@ -370,8 +386,11 @@ void lasp_attention_forward(const ExecContext& ctx, const SequenceParallel& sp, 
                             const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse, float scale) {
   const SpLayout& L = sp.layout();
   Tensor k_all, v_all;
+  lasp_profile_start(ctx);
   gather_kv(ctx, sp, owner, k, v, k_all, v_all);
+  lasp_profile_mark(ctx, "attn.fwd.gather");
   kernels::attention_forward(ctx, q, k_all, v_all, sp.cu_q(), sp.cu_k(), L.max_len_q, L.max_len_k, o, lse, scale);
+  lasp_profile_mark(ctx, "attn.fwd.attention");
 }
 
 void lasp_attention_backward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& dout,
@@ -385,9 +404,64 @@ void lasp_attention_backward(const ExecContext& ctx, const SequenceParallel& sp,
   const Tensor v_all = sp.buffer(owner, slot_v, {total, v.size(1), v.size(2)}, v.dtype);
   const Tensor dk_all = sp.buffer(owner, kDKAll, {total, k.size(1), k.size(2)}, k.dtype);
   const Tensor dv_all = sp.buffer(owner, kDVAll, {total, v.size(1), v.size(2)}, v.dtype);
+  lasp_profile_start(ctx);
   kernels::attention_backward(ctx, dout, q, k_all, v_all, o, lse, sp.cu_q(), sp.cu_k(), L.max_len_q, L.max_len_k, dq,
                               dk_all, dv_all, scale);
+  lasp_profile_mark(ctx, "attn.bwd.attention");
   scatter_dkv(ctx, sp, owner, dk_all, dv_all, dk, dv);
+  lasp_profile_mark(ctx, "attn.bwd.scatter");
 }
+
+// ------------------------------------------------------------------------------------------ profile
+
+namespace {
+
+struct Profile {
+  bool on = false;
+  std::map<std::string, double> seconds;
+  std::chrono::steady_clock::time_point last;
+};
+
+Profile& profile() {
+  static Profile p = [] {
+    Profile q;
+    const char* e = std::getenv("HYD_SP_PROFILE");
+    q.on = e != nullptr && std::string(e) == "1";
+    return q;
+  }();
+  return p;
+}
+
+}  // namespace
+
+bool lasp_profile_on() { return profile().on; }
+
+void lasp_profile_start(const ExecContext& ctx) {
+  Profile& p = profile();
+  if (!p.on) return;
+  ctx.synchronize();
+  p.last = std::chrono::steady_clock::now();
+}
+
+void lasp_profile_mark(const ExecContext& ctx, const char* phase) {
+  Profile& p = profile();
+  if (!p.on) return;
+  ctx.synchronize();
+  const auto now = std::chrono::steady_clock::now();
+  p.seconds[phase] += std::chrono::duration<double>(now - p.last).count();
+  p.last = now;
+}
+
+std::string lasp_profile_report(double divide_by) {
+  std::string out;
+  char buf[96];
+  for (const auto& [phase, sec] : profile().seconds) {
+    std::snprintf(buf, sizeof buf, "%s%s=%.2f", out.empty() ? "" : " ", phase.c_str(), sec * 1e3 / divide_by);
+    out += buf;
+  }
+  return out;
+}
+
+void lasp_profile_reset() { profile().seconds.clear(); }
 
 }  // namespace hyd

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "data/dataset.h"
 #include "parallel/sequence_parallel.h"
@@ -60,5 +61,14 @@ void lasp_attention_forward(const ExecContext& ctx, const SequenceParallel& sp, 
 void lasp_attention_backward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& dout,
                              const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
                              const Tensor& dq, const Tensor& dk, const Tensor& dv, float scale);
+
+// Phase timing for benchmarks (HYD_SP_PROFILE=1 in the environment; otherwise free): lasp_profile_start
+// synchronises the context and starts a phase; lasp_profile_mark synchronises and charges the time since
+// the last start / mark to `phase`. lasp_profile_report: "phase=ms ..." totals since the last reset.
+bool lasp_profile_on();
+void lasp_profile_start(const ExecContext& ctx);
+void lasp_profile_mark(const ExecContext& ctx, const char* phase);
+std::string lasp_profile_report(double divide_by = 1.0);
+void lasp_profile_reset();
 
 }  // namespace hyd

@@ -91,8 +91,11 @@ void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const 
 
   if (seq.sp != nullptr)
     lasp_kda_forward(ctx, *seq.sp, this, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, s.o);
-  else
+  else {
+    lasp_profile_start(ctx);
     kernels::kda_forward(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, Tensor{}, s.o, Tensor{});
+    lasp_profile_mark(ctx, "kda.fwd.core");
+  }
 
   // Output gate, gated norm, projection.
   kernels::linear_forward(ctx, in, g_proj0.value, Tensor{}, s.g_low);
@@ -119,9 +122,12 @@ void KdaLayer::backward(const ExecContext& ctx, const PackedSequence& seq, const
   if (seq.sp != nullptr)
     lasp_kda_backward(ctx, *seq.sp, this, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, t.d_o, t.dq, t.dk, t.dv, t.dg,
                       t.dbeta);
-  else
+  else {
+    lasp_profile_start(ctx);
     kernels::kda_backward(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, Tensor{}, t.d_o, Tensor{}, t.dq, t.dk, t.dv,
                           t.dg, t.dbeta, Tensor{});
+    lasp_profile_mark(ctx, "kda.bwd.core");
+  }
 
   // Gates: g from f = f_low Wf1^T, f_low = x Wf0^T; beta from b = x Wb^T.
   kernels::kda_gates_backward(ctx, t.dg, t.dbeta, s.g, s.beta, A_log.value, t.df, A_log.grad, dt_bias.grad, t.db);

@@ -137,7 +137,10 @@ int run(int argc, char** argv, const MpiRuntime& mpi) {
 
   std::vector<double> times;
   for (int s = 0; s < a.warmup + a.steps; ++s) {
-    if (s == a.warmup) sp.reset_traffic();
+    if (s == a.warmup) {
+      sp.reset_traffic();
+      lasp_profile_reset();
+    }
     world.barrier();
     const auto t0 = std::chrono::steady_clock::now();
     model.zero_grad();
@@ -169,6 +172,15 @@ int run(int argc, char** argv, const MpiRuntime& mpi) {
         static_cast<long long>(k_layers ? per(SpTraffic::conv_halo).bytes / a.steps / k_layers : 0),
         static_cast<long long>(a_layers ? per(SpTraffic::attention_kv).bytes / a.steps / a_layers : 0),
         static_cast<double>(model.memory_bytes()) / (1 << 30));
+  }
+  if (lasp_profile_on()) {
+    // Per step, summed over layers, for the first and the last rank of the first SP group.
+    const std::string rep = lasp_profile_report(a.steps);
+    if (world.rank() == 0) std::printf("profile rank 0 (ms per step): %s\n", rep.c_str());
+    std::fflush(stdout);
+    world.barrier();
+    if (world.rank() == a.sp - 1 && a.sp > 1) std::printf("profile rank %d (ms per step): %s\n", a.sp - 1, rep.c_str());
+    std::fflush(stdout);
   }
   return 0;
 }
