@@ -1,5 +1,7 @@
 #include "trainer/core/exec_context.h"
 
+#include <cstdint>
+
 #include "trainer/core/error.h"
 
 #ifdef HYD_WITH_CUDA
@@ -28,6 +30,14 @@ ExecContext::ExecContext(Device device) : device_(device) {
   workspace_bytes_ = size_t(32) << 20;
   CHECK_CUDA(cudaMalloc(&workspace_, workspace_bytes_));
   CHECK_CUBLAS(cublasSetWorkspace(h, workspace_, workspace_bytes_));
+  // Stream-ordered scratch (cudaMallocAsync, e.g. the KDA kernels') stays mapped across synchronisations:
+  // with the default release threshold 0 every synchronize hands the pool's memory back to the driver
+  // and the next allocation maps it again, which is slow when a loop synchronises often (sequence
+  // parallelism synchronises around every collective).
+  cudaMemPool_t pool;
+  CHECK_CUDA(cudaDeviceGetDefaultMemPool(&pool, device.index));
+  uint64_t keep = UINT64_MAX;
+  CHECK_CUDA(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
 #else
   HYD_THROW("device ", device.str(), " requested but this build has no CUDA support (configure with -DHYD_CUDA=ON)");
 #endif
