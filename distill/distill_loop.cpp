@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <sstream>
 
@@ -20,10 +21,15 @@
 #include "kernels/distill_loss.h"
 #include "kernels/elementwise.h"
 #include "kernels/global_norm.h"
+#include "parallel/checks.h"
+#include "parallel/comm.h"
+#include "parallel/grid.h"
+#include "parallel/sequence_parallel.h"
 #include "trainer/batch_upload.h"
 #include "trainer/core/arena.h"
 #include "trainer/core/exec_context.h"
 #include "trainer/hybrid_model.h"
+#include "trainer/lasp.h"
 #include "trainer/metrics.h"
 #include "trainer/model.h"
 #include "trainer/optimizer.h"
@@ -237,6 +243,10 @@ void validate_distill_config(const DistillConfig& cfg) {
   require(cfg.eval.interval >= 0, "eval.interval",
           "must be >= 0 (0 = only at the end), got " + std::to_string(cfg.eval.interval));
   require(cfg.eval.batches >= 0, "eval.batches", "must be >= 0 (0 = none), got " + std::to_string(cfg.eval.batches));
+  require(cfg.parallel.dp >= 1 && cfg.parallel.dp <= 65536, "parallel.dp",
+          "must lie in [1, 65536], got " + std::to_string(cfg.parallel.dp));
+  require(cfg.parallel.sp >= 1 && cfg.parallel.sp <= 65536, "parallel.sp",
+          "must lie in [1, 65536], got " + std::to_string(cfg.parallel.sp));
   validate_run_options(cfg.run, cfg.checkpoint, cfg.train.resume, src);
   try {
     (void)parse_device(cfg.device);
@@ -245,15 +255,50 @@ void validate_distill_config(const DistillConfig& cfg) {
   }
 }
 
-DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& effective, std::ostream& out) {
+DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& effective, std::ostream& all_out) {
   const std::string& src = cfg.source;
   validate_distill_config(cfg);
+
+  // The dp x sp process grid (world size 1 when MPI is not running). Every rank holds the whole teacher
+  // and student; the dp ranks take different sequences, the sp ranks slices of the same sequences (LASP-2
+  // for the K layers, LASP-2H for the A and T layers of both models); the gradients are summed over all
+  // ranks, so every rank applies the same update and rank 0 alone prints, evaluates and checkpoints.
+  int mpi_up = 0;
+  CHECK_MPI(MPI_Initialized(&mpi_up));
+  std::optional<Communicator> world;
+  if (mpi_up) world = Communicator::world();
+  const int dp = static_cast<int>(cfg.parallel.dp), sp = static_cast<int>(cfg.parallel.sp);
+  try {
+    validate_grid(dp, sp, world ? world->size() : 1);
+  } catch (const Error& e) {
+    throw ConfigError::at(src, "parallel.dp", e.what());
+  }
+  if (dp * sp > 1) {
+    if (cfg.device != "cpu")
+      throw ConfigError::at(src, "parallel.dp",
+                            "parallel.dp x parallel.sp = " + std::to_string(dp * sp) + " with device = " + cfg.device +
+                                ": multi-rank distillation runs on the CPU for now (the sequence-parallel model "
+                                "is verified on GPUs, this loop is not yet)");
+    if (cfg.distill.w_hidden > 0)
+      throw ConfigError::at(src, "distill.w_hidden", "> 0 is not supported with parallel.dp x parallel.sp > 1 yet");
+  }
+  if (sp > 1 && (cfg.data.seq_len % sp != 0 || cfg.data.seq_len / sp < 4))
+    throw ConfigError::at(src, "parallel.sp",
+                          std::to_string(sp) + " must divide data.seq_len = " + std::to_string(cfg.data.seq_len) +
+                              " into slices of at least 4 tokens");
+  std::optional<ProcessGrid> grid;
+  if (world) grid.emplace(*world, dp, sp);
+  const int dp_rank = grid ? grid->dp_rank() : 0, sp_rank = grid ? grid->sp_rank() : 0;
+  const bool rank0 = !world || world->rank() == 0;
+  std::ostream null_out(nullptr);
+  std::ostream& out = rank0 ? all_out : null_out;
 
   // Run directory and the checkpoint to resume from, before anything is read or written.
   RunDirectory run("distill", cfg.run, cfg.checkpoint, cfg.train.resume, effective,
                    {{"data.path", canonical_path(cfg.data.path)}, {"teacher.dir", canonical_path(cfg.teacher_dir)}},
                    src, out);
   const Checkpoint* resume = run.resume_from();
+  if (world) world->barrier();  // every rank has read the run directory before rank 0 writes it
   const Device device = parse_device(cfg.device);
   DistillInputs in = open_inputs(cfg, cfg.student_pattern);
   const ModelConfig& tc = in.teacher.config;
@@ -263,8 +308,32 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     check_teacher_identity(*resume, cfg.teacher_dir, src, "teacher.dir");
   }
 
-  const int64_t B = cfg.data.batch_size, T = cfg.data.seq_len, N = B * T;
-  PackedSampler sampler(*in.data, Split::train, cfg.data.val_fraction, T, B, cfg.data.seed);
+  // N: this rank's tokens per step (its slice of B sequences of T tokens); the step moves dp B T tokens.
+  const int64_t B = cfg.data.batch_size, T = cfg.data.seq_len, N = B * T / sp, step_tokens = B * T * dp;
+  PackedSampler sampler(*in.data, Split::train, cfg.data.val_fraction, T, B, cfg.data.seed, dp_rank, dp);
+  std::optional<SequenceParallel> sp_ctx;
+  if (sp > 1) sp_ctx.emplace(grid->sp_group(), parse_device(cfg.device));
+  // This rank's part of step `s`'s micro-batch, uploaded; with sp > 1 the batch carries the SP layout.
+  auto batch_for = [&](ExecContext& c, BatchUploader& up, int64_t s, HostBatch& hb) {
+    hb = sampler.batch(s);
+    if (sp > 1) {
+      SpLayout layout;
+      hb = slice_batch_for_sp(hb, B, T, sp_rank, sp, layout);
+      sp_ctx->set_layout(std::move(layout));
+    }
+    Batch b = up.upload(c, hb);
+    if (sp > 1) b.sp = &*sp_ctx;
+    return b;
+  };
+  // Sums over all ranks (no-op on one).
+  auto sum_all = [&](std::span<double> v) {
+    if (world && world->size() > 1) world->all_reduce(v, ReduceOp::kSum);
+  };
+  auto sum_grads = [&](HybridModel& m) {
+    if (!world || world->size() == 1) return;
+    const Tensor g = m.flat_grads();
+    world->all_reduce(std::span<float>(g.ptr<float>(), static_cast<size_t>(g.numel())), ReduceOp::kSum);
+  };
   if (sampler.num_docs() == 0)
     throw ConfigError::at(src, "data.val_fraction", "no training documents left in " + info.path);
 
@@ -314,9 +383,12 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   DistillEvaluator evaluator(teacher, student, in.max_tokens, in.held_out.get(), cfg.eval.batches, in.passkey.get());
 
   // Everything checked: now the run directory is written.
-  run.begin();
-  MetricsWriter metrics(run.file(kMetricsFile), /*truncate=*/false);
-  MetricsWriter evals(run.file(kEvalFile), /*truncate=*/false);
+  std::optional<MetricsWriter> metrics, evals;
+  if (rank0) {
+    run.begin();
+    metrics.emplace(run.file(kMetricsFile), /*truncate=*/false);
+    evals.emplace(run.file(kEvalFile), /*truncate=*/false);
+  }
 
   {
     std::ostringstream os;
@@ -324,7 +396,11 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
        << "teacher          " << cfg.teacher_dir << " (" << tc.family << ", " << L << " layers, hidden " << D
        << ", vocab " << V << ", " << format_count(static_cast<double>(in.teacher.num_parameters)) << " parameters)\n"
        << "student          pattern " << layer_pattern_string(in.student_cfg.layers) << "\n"
-       << "tokens/step      " << N << " (" << B << " sequences x " << T << " tokens)\n"
+       << "tokens/step      " << step_tokens << " (" << B << " sequences x " << T << " tokens"
+       << (dp > 1 ? " x " + std::to_string(dp) + " data-parallel ranks" : std::string())
+       << (sp > 1 ? ", each sequence over " + std::to_string(sp) + " sequence-parallel ranks (LASP-2 / LASP-2H)"
+                  : std::string())
+       << ")\n"
        << in.data->summary() << "train split      " << sampler.num_docs() << " documents, "
        << sampler.tokens_per_epoch() << " tokens\n"
        << "stage 1          " << stage1_steps << " steps, lr " << format_number("%.3g", cfg.distill.stage1_lr) << " ("
@@ -368,15 +444,15 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   auto after_step = [&](int64_t stage, int64_t stage_step, const AdamW* optimizer) {
     const int64_t g = (stage == 1 ? 0 : stage1_steps) + stage_step;
     done = g;
-    if ((cfg.eval.interval > 0 && g % cfg.eval.interval == 0) || g == total) {
+    if (rank0 && ((cfg.eval.interval > 0 && g % cfg.eval.interval == 0) || g == total)) {
       DistillEvaluation e = evaluator.evaluate(ctx);
       e.global_step = g;
       e.stage = stage;
       e.stage_step = stage_step;
       out << e.table() << std::flush;
-      evals.write(e.json());
+      evals->write(e.json());
     }
-    if (run.checkpoint_due(g, total)) {
+    if (rank0 && run.checkpoint_due(g, total)) {
       CheckpointManifest m;
       m.step = g;
       m.stage = stage;
@@ -418,14 +494,14 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     const Tensor normed = work.alloc({N, D}, act), mixed = work.alloc({N, D}, act);
     const Tensor diff = work.alloc({N, D}, DType::f32), target32 = work.alloc({N, D}, DType::f32);
     const Tensor dout = act == DType::f32 ? diff : work.alloc({N, D}, act);
-    const Tensor sq = work.alloc({nk}, DType::f32);  // per K layer: sum (o - y)^2
-    const double numel = static_cast<double>(N * D);
+    const Tensor sq = work.alloc({nk}, DType::f32);             // per K layer: sum (o - y)^2
+    const double numel = static_cast<double>(N * D) * sp * dp;  // the mean runs over every rank's elements
 
     auto t_interval = Clock::now();
     for (int64_t step = start; step < stage1_steps && !stopped; ++step) {
       const double lr = schedule.at(step);
-      const HostBatch hb = sampler.batch(step);
-      const Batch batch = uploader.upload(ctx, hb);
+      HostBatch hb;
+      const Batch batch = batch_for(ctx, uploader, step, hb);
       student.zero_grad();
       teacher.forward_layer_inputs(ctx, batch, inputs, targets);
       kernels::fill(ctx, sq, 0.0f);
@@ -447,6 +523,8 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       double mse = 0;
       for (float s : sums) mse += static_cast<double>(s) / numel;
       mse /= static_cast<double>(nk);
+      sum_all(std::span<double>(&mse, 1));
+      sum_grads(student);
       bool good = std::isfinite(mse);
       if (good) {
         st.last_norm = optimizer.step(ctx, lr);
@@ -459,8 +537,8 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       } else {
         skip_or_throw(1, step, mse);
       }
-      st.interval_tokens += N;
-      st.tokens += N;
+      st.interval_tokens += step_tokens;
+      st.tokens += step_tokens;
       if ((step + 1) % cfg.log.interval == 0 || step + 1 == stage1_steps) {
         ctx.synchronize();
         const double s = seconds_since(t_interval);
@@ -469,16 +547,17 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         out << "stage 1 step " << step + 1 << "/" << stage1_steps << " | mse " << format_number("%.6g", m) << " | lr "
             << format_number("%.2e", lr) << " | gnorm " << format_number("%.3g", st.last_norm) << " | "
             << format_count(tps) << " tok/s" << std::endl;
-        metrics.write({{"stage", 1},
-                       {"step", step + 1},
-                       {"total_steps", stage1_steps},
-                       {"mse", m},
-                       {"lr", lr},
-                       {"grad_norm", st.last_norm},
-                       {"tokens_per_s", tps},
-                       {"tokens", st.tokens},
-                       {"skipped_steps", optimizer.skipped_steps()},
-                       {"elapsed_s", seconds_since(t_start)}});
+        if (metrics)
+          metrics->write({{"stage", 1},
+                          {"step", step + 1},
+                          {"total_steps", stage1_steps},
+                          {"mse", m},
+                          {"lr", lr},
+                          {"grad_norm", st.last_norm},
+                          {"tokens_per_s", tps},
+                          {"tokens", st.tokens},
+                          {"skipped_steps", optimizer.skipped_steps()},
+                          {"elapsed_s", seconds_since(t_start)}});
         if (st.first_mse < 0) st.first_mse = m;
         st.last_mse = m;
         st.interval_mse = 0;
@@ -520,11 +599,13 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     auto t_interval = Clock::now();
     for (int64_t step = std::max<int64_t>(0, start - stage1_steps); step < stage2_steps && !stopped; ++step) {
       const double lr = schedule.at(step);
-      const HostBatch hb = sampler.batch(stage1_steps + step);  // the sampler continues where stage 1 stopped
-      const Batch batch = uploader.upload(ctx, hb);
+      HostBatch hb;  // the sampler continues where stage 1 stopped
+      const Batch batch = batch_for(ctx, uploader, stage1_steps + step, hb);
       const Tensor mask = uploader.loss_mask();
       double kl_mean = NAN, ce_mean = NAN, hidden_mse = 0;
-      bool good = hb.num_targets > 0;
+      double targets = static_cast<double>(hb.num_targets);  // over every rank: the means' denominator
+      sum_all(std::span<double>(&targets, 1));
+      bool good = targets > 0;
       if (good) {
         student.zero_grad();
         if (with_hidden) {
@@ -534,7 +615,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         } else {
           teacher.forward_hidden(ctx, batch);
         }
-        opt.grad_scale = 1.0f / static_cast<float>(hb.num_targets);
+        opt.grad_scale = static_cast<float>(1.0 / targets);
         kernels::fill(ctx, kl, 0.0f);
         kernels::fill(ctx, ce, 0.0f);
         // Per-token kl / ce stay on the device; they are summed once after the call (no host
@@ -558,8 +639,11 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
           kl_sum += kl_host[i];
           ce_sum += ce_host[i];
         }
-        kl_mean = kl_sum / static_cast<double>(hb.num_targets);
-        ce_mean = ce_sum / static_cast<double>(hb.num_targets);
+        double sums[2] = {kl_sum, ce_sum};
+        sum_all(std::span<double>(sums, 2));
+        sum_grads(student);
+        kl_mean = sums[0] / targets;
+        ce_mean = sums[1] / targets;
         good = std::isfinite(kl_mean) && std::isfinite(ce_mean) && std::isfinite(hidden_mse);
       }
       if (good) {
@@ -572,12 +656,12 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         st.interval_ce += ce_mean;
         st.interval_hidden += hidden_mse;
         ++st.interval_steps;
-      } else if (hb.num_targets > 0) {
+      } else if (targets > 0) {
         skip_or_throw(2, step,
                       cfg.distill.w_kl * kl_mean + cfg.distill.w_ce * ce_mean + cfg.distill.w_hidden * hidden_mse);
       }
-      st.interval_tokens += N;
-      st.tokens += N;
+      st.interval_tokens += step_tokens;
+      st.tokens += step_tokens;
       if ((step + 1) % cfg.log.interval == 0 || step + 1 == stage2_steps) {
         ctx.synchronize();
         const double s = seconds_since(t_interval);
@@ -604,7 +688,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
                        {"skipped_steps", optimizer.skipped_steps()},
                        {"elapsed_s", seconds_since(t_start)}};
         if (with_hidden) record["hidden_mse"] = hm;
-        metrics.write(record);
+        if (metrics) metrics->write(record);
         if (st.first_kl < 0) st.first_kl = k;
         st.last_kl = k;
         st.last_ce = e;

@@ -78,6 +78,10 @@ struct DistillConfig {
   DistillStageOptions distill;
   CheckpointOptions checkpoint;
   EvalOptions eval;
+  // parallel.dp x parallel.sp ranks (mpirun -np dp*sp; the CPU for now): dp ranks take different sequences
+  // (data.batch_size each), sp ranks slices of the same sequences; gradients are summed over all ranks,
+  // every rank holds the whole models and optimizer state, rank 0 prints, evaluates and checkpoints.
+  ParallelOptions parallel;
 };
 
 struct DistillResult {

@@ -121,7 +121,6 @@ class TrainOptionTable : public OptionTable {
   }
 };
 
-
 // Every option of `hydistill distill`, bound to the fields of one DistillConfig (defaults = its values).
 class DistillOptionTable : public OptionTable {
  public:
@@ -163,6 +162,14 @@ class DistillOptionTable : public OptionTable {
     add("log.interval", &c.log.interval, "steps per progress line and metrics record");
 
     add_checkpoint(*this, c.checkpoint);
+
+    group("[parallel]");
+    add("parallel.dp", &c.parallel.dp,
+        "data-parallel ranks (mpirun -np dp*sp): data.batch_size sequences per rank, gradients summed over "
+        "the ranks; the CPU only for now");
+    add("parallel.sp", &c.parallel.sp,
+        "sequence-parallel ranks: each sequence split into sp slices (LASP-2 for K layers, LASP-2H for "
+        "attention, teacher included); must divide data.seq_len; the CPU only for now");
 
     group("[eval]");
     add("eval.interval", &c.eval.interval,
