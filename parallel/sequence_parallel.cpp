@@ -4,8 +4,10 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <functional>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "parallel/checks.h"
@@ -113,45 +115,65 @@ void SequenceParallel::reset_traffic() {
   for (Traffic& t : traffic_) t = Traffic{};
 }
 
+namespace {
+
+// Calls f(T{}) with T the C++ type of `dt` (f32, bf16, i32, f64); `what` names the caller in the error.
+template <class F>
+void with_type(DType dt, const char* what, F&& f) {
+  switch (dt) {
+    case DType::f32:
+      return f(float{});
+    case DType::bf16:
+      return f(bf16{});
+    case DType::i32:
+      return f(int32_t{});
+    case DType::f64:
+      return f(double{});
+    default:
+      HYD_THROW("SequenceParallel::", what, ": dtype ", dtype_name(dt));
+  }
+}
+
+}  // namespace
+
+void SequenceParallel::collective(const ExecContext& ctx, const Tensor& in, const Tensor& out, SpTraffic kind,
+                                  const std::function<void(const Tensor&, const Tensor&)>& run) const {
+  ctx.synchronize();
+  group_->barrier();  // waiting for peers' compute is not communication time
+  const auto t0 = std::chrono::steady_clock::now();
+  if (nccl_) {
+    // NCCL on device memory, ordered on ctx's stream; host tensors are staged through device buffers.
+    const Tensor din = on_device(in, -1);
+    const Tensor dout = out.device.is_cuda() ? out.view({out.numel()}) : buffer(this, -2, {out.numel()}, out.dtype);
+    run(din, dout);
+    if (!out.device.is_cuda()) copy_tensor(out.view({out.numel()}), dout);
+    ctx.synchronize();
+  } else {
+    // MPI on host memory; CUDA tensors (HYD_SP_STAGED=1) are staged through host copies.
+    const HostSide src(in, true);
+    HostSide dst(out, false);
+    run(src.t, dst.t);
+    dst.write_back(out);
+  }
+  count(kind, in, seconds_since(t0));
+}
+
 void SequenceParallel::all_gather(const ExecContext& ctx, const Tensor& in, const Tensor& out, SpTraffic kind) const {
   HYD_CHECK(in.dtype == out.dtype, "SequenceParallel::all_gather: dtypes ", dtype_name(in.dtype), " and ",
             dtype_name(out.dtype));
   HYD_CHECK(out.numel() == in.numel() * size_, "SequenceParallel::all_gather: out has ", out.numel(),
             " elements, expected ", size_, " x ", in.numel());
-  ctx.synchronize();
-  group_->barrier();  // waiting for peers' compute is not communication time
-  const auto t0 = std::chrono::steady_clock::now();
-  if (nccl_) {
-    const Tensor din = on_device(in, -1),
-                 dout = out.device.is_cuda() ? out : buffer(this, -2, {out.numel()}, out.dtype);
-    const auto n = static_cast<size_t>(in.numel());
-    switch (in.dtype) {
-      case DType::f32:
-        nccl_->all_gather<float>({din.ptr<float>(), n}, {dout.ptr<float>(), n * size_}, ctx.stream());
-        break;
-      case DType::bf16:
-        nccl_->all_gather<bf16>({din.ptr<bf16>(), n}, {dout.ptr<bf16>(), n * size_}, ctx.stream());
-        break;
-      case DType::i32:
-        nccl_->all_gather<int32_t>({din.ptr<int32_t>(), n}, {dout.ptr<int32_t>(), n * size_}, ctx.stream());
-        break;
-      case DType::f64:
-        nccl_->all_gather<double>({din.ptr<double>(), n}, {dout.ptr<double>(), n * size_}, ctx.stream());
-        break;
-      default:
-        HYD_THROW("SequenceParallel::all_gather: dtype ", dtype_name(in.dtype), " on CUDA");
+  collective(ctx, in, out, kind, [&](const Tensor& a, const Tensor& b) {
+    if (!nccl_) {
+      const int n = byte_count(in.nbytes(), "all_gather");
+      CHECK_MPI(MPI_Allgather(a.data, n, MPI_BYTE, b.data, n, MPI_BYTE, group_->handle()));
+      return;
     }
-    if (!out.device.is_cuda()) copy_tensor(out.view({out.numel()}), dout);
-    ctx.synchronize();
-    count(kind, in, seconds_since(t0));
-    return;
-  }
-  const HostSide src(in, true);
-  HostSide dst(out, false);
-  const int n = byte_count(in.nbytes(), "all_gather");
-  CHECK_MPI(MPI_Allgather(src.t.data, n, MPI_BYTE, dst.t.data, n, MPI_BYTE, group_->handle()));
-  dst.write_back(out);
-  count(kind, in, seconds_since(t0));
+    with_type(in.dtype, "all_gather", [&]<class T>(T) {
+      const auto n = static_cast<size_t>(a.numel());
+      nccl_->all_gather<T>({a.ptr<T>(), n}, {b.ptr<T>(), n * size_}, ctx.stream());
+    });
+  });
 }
 
 void SequenceParallel::reduce_scatter(const ExecContext& ctx, const Tensor& in, const Tensor& out,
@@ -160,55 +182,25 @@ void SequenceParallel::reduce_scatter(const ExecContext& ctx, const Tensor& in, 
             dtype_name(out.dtype));
   HYD_CHECK(in.numel() == out.numel() * size_, "SequenceParallel::reduce_scatter: in has ", in.numel(),
             " elements, expected ", size_, " x ", out.numel());
-  ctx.synchronize();
-  group_->barrier();  // waiting for peers' compute is not communication time
-  const auto t0 = std::chrono::steady_clock::now();
-  if (nccl_) {
-    const Tensor din = on_device(in, -1),
-                 dout = out.device.is_cuda() ? out : buffer(this, -2, {out.numel()}, out.dtype);
+  HYD_CHECK(in.dtype != DType::i32, "SequenceParallel::reduce_scatter: dtype i32 (f32, f64 or bf16)");
+  collective(ctx, in, out, kind, [&](const Tensor& a, const Tensor& b) {
     const auto n = static_cast<size_t>(out.numel());
-    switch (in.dtype) {
-      case DType::f32:
-        nccl_->reduce_scatter<float>({din.ptr<float>(), n * size_}, {dout.ptr<float>(), n}, ctx.stream());
-        break;
-      case DType::bf16:
-        nccl_->reduce_scatter<bf16>({din.ptr<bf16>(), n * size_}, {dout.ptr<bf16>(), n}, ctx.stream());
-        break;
-      case DType::f64:
-        nccl_->reduce_scatter<double>({din.ptr<double>(), n * size_}, {dout.ptr<double>(), n}, ctx.stream());
-        break;
-      default:
-        HYD_THROW("SequenceParallel::reduce_scatter: dtype ", dtype_name(in.dtype), " on CUDA");
+    if (nccl_) {
+      with_type(in.dtype, "reduce_scatter", [&]<class T>(T) {
+        nccl_->reduce_scatter<T>({a.ptr<T>(), n * size_}, {b.ptr<T>(), n}, ctx.stream());
+      });
+    } else if (in.dtype == DType::bf16) {  // summed in f32
+      std::vector<float> x(n * size_), y(n);
+      for (size_t i = 0; i < x.size(); ++i) x[i] = bf16_to_float(a.ptr<bf16>()[i]);
+      group_->reduce_scatter<float>(x, y);
+      for (size_t i = 0; i < n; ++i) b.ptr<bf16>()[i] = float_to_bf16(y[i]);
+    } else {
+      with_type(in.dtype, "reduce_scatter", [&]<class T>(T) {
+        if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
+          group_->reduce_scatter<T>({a.ptr<T>(), n * size_}, {b.ptr<T>(), n});
+      });
     }
-    if (!out.device.is_cuda()) copy_tensor(out.view({out.numel()}), dout);
-    ctx.synchronize();
-    count(kind, in, seconds_since(t0));
-    return;
-  }
-  const HostSide src(in, true);
-  HostSide dst(out, false);
-  const auto n = static_cast<size_t>(out.numel());
-  switch (in.dtype) {
-    case DType::f32:
-      group_->reduce_scatter<float>({src.t.ptr<float>(), n * size_}, {dst.t.ptr<float>(), n});
-      break;
-    case DType::f64:
-      group_->reduce_scatter<double>({src.t.ptr<double>(), n * size_}, {dst.t.ptr<double>(), n});
-      break;
-    case DType::bf16: {
-      std::vector<float> a(n * size_), b(n);
-      const bf16* s = src.t.ptr<bf16>();
-      for (size_t i = 0; i < a.size(); ++i) a[i] = bf16_to_float(s[i]);
-      group_->reduce_scatter<float>(a, b);
-      bf16* d = dst.t.ptr<bf16>();
-      for (size_t i = 0; i < n; ++i) d[i] = float_to_bf16(b[i]);
-      break;
-    }
-    default:
-      HYD_THROW("SequenceParallel::reduce_scatter: dtype ", dtype_name(in.dtype), " (f32, f64 or bf16)");
-  }
-  dst.write_back(out);
-  count(kind, in, seconds_since(t0));
+  });
 }
 
 }  // namespace hyd

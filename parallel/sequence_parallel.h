@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <map>
 #include <memory>
@@ -97,6 +98,10 @@ class SequenceParallel {
 
  private:
   void count(SpTraffic kind, const Tensor& in, double seconds) const;
+  // Synchronises ctx, waits for the group, runs run(in', out') on device (NCCL) or host (MPI) views of in
+  // and out (staged where the memory is on the other side), writes back, counts the traffic.
+  void collective(const ExecContext& ctx, const Tensor& in, const Tensor& out, SpTraffic kind,
+                  const std::function<void(const Tensor&, const Tensor&)>& run) const;
   Tensor on_device(const Tensor& t, int slot) const;  // t itself on the device, else a copy in buffer(this, slot)
   const Communicator* group_;
   std::unique_ptr<NcclCommunicator> nccl_;  // CUDA only

@@ -333,10 +333,23 @@ void lasp_conv_return_dhalo(const ExecContext& ctx, const SequenceParallel& sp, 
 
 namespace {
 
+// The gathered layout [size][rows][slice] (rank-major, as all-gather and reduce-scatter see it) to the
+// sequence layout [rows][size][slice] = [rows][seq_len] (to_rows), or back. `row` elements per token.
+void permute_slices(const ExecContext& ctx, const SpLayout& L, int size, int64_t row, const Tensor& src,
+                    const Tensor& dst, bool to_rows) {
+  for (int p = 0; p < size; ++p) {
+    for (int64_t b = 0; b < L.rows; ++b) {
+      const int64_t ranked = (p * L.rows + b) * L.slice, ordered = b * L.seq_len + p * L.slice;
+      copy_on(ctx, rows_of(dst, row, to_rows ? ordered : ranked, L.slice),
+              rows_of(src, row, to_rows ? ranked : ordered, L.slice));
+    }
+  }
+}
+
 void gather_kv(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& k, const Tensor& v,
                Tensor& k_all, Tensor& v_all) {
   const SpLayout& L = sp.layout();
-  const int64_t n = k.size(0), hkv = k.size(1), d = k.size(2), total = L.rows * L.seq_len, row = hkv * d;
+  const int64_t n = k.size(0), hkv = k.size(1), d = k.size(2), total = L.rows * L.seq_len;
   HYD_CHECK(n == L.rows * L.slice, "lasp_gather_kv: ", n, " tokens, the layout has ", L.rows, " x ", L.slice);
   const Tensor kg = sp.buffer(owner, kKAll, {total, hkv, d}, k.dtype);
   const Tensor vg = sp.buffer(owner, kVAll, {total, hkv, d}, v.dtype);
@@ -347,34 +360,23 @@ void gather_kv(const ExecContext& ctx, const SequenceParallel& sp, const void* o
     v_all = vg;
     return;
   }
-  // [size][rows][slice] -> [rows][size][slice].
   k_all = sp.buffer(owner, kKRows, {total, hkv, d}, k.dtype);
   v_all = sp.buffer(owner, kVRows, {total, hkv, d}, v.dtype);
-  for (int p = 0; p < sp.size(); ++p) {
-    for (int64_t b = 0; b < L.rows; ++b) {
-      const int64_t src = (p * L.rows + b) * L.slice, dst = b * L.seq_len + p * L.slice;
-      copy_on(ctx, rows_of(k_all, row, dst, L.slice), rows_of(kg, row, src, L.slice));
-      copy_on(ctx, rows_of(v_all, row, dst, L.slice), rows_of(vg, row, src, L.slice));
-    }
-  }
+  permute_slices(ctx, L, sp.size(), hkv * d, kg, k_all, true);
+  permute_slices(ctx, L, sp.size(), hkv * d, vg, v_all, true);
 }
 
 void scatter_dkv(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& dk_all,
                  const Tensor& dv_all, const Tensor& dk, const Tensor& dv) {
   const SpLayout& L = sp.layout();
-  const int64_t hkv = dk.size(1), d = dk.size(2), total = L.rows * L.seq_len, row = hkv * d;
+  const int64_t hkv = dk.size(1), d = dk.size(2), total = L.rows * L.seq_len;
   Tensor dks = dk_all, dvs = dv_all;
   if (L.rows > 1) {
-    // [rows][size][slice] -> [size][rows][slice] (the gathered buffers are free again: reuse them).
+    // Back to the rank-major layout (the gathered buffers are free again: reuse them).
     dks = sp.buffer(owner, kKAll, {total, hkv, d}, dk_all.dtype);
     dvs = sp.buffer(owner, kVAll, {total, hkv, d}, dv_all.dtype);
-    for (int p = 0; p < sp.size(); ++p) {
-      for (int64_t b = 0; b < L.rows; ++b) {
-        const int64_t dst = (p * L.rows + b) * L.slice, src = b * L.seq_len + p * L.slice;
-        copy_on(ctx, rows_of(dks, row, dst, L.slice), rows_of(dk_all, row, src, L.slice));
-        copy_on(ctx, rows_of(dvs, row, dst, L.slice), rows_of(dv_all, row, src, L.slice));
-      }
-    }
+    permute_slices(ctx, L, sp.size(), hkv * d, dk_all, dks, false);
+    permute_slices(ctx, L, sp.size(), hkv * d, dv_all, dvs, false);
   }
   sp.reduce_scatter(ctx, dks, dk, SpTraffic::attention_kv);
   sp.reduce_scatter(ctx, dvs, dv, SpTraffic::attention_kv);

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Small synthetic token datasets for the CLI tests (format: docs/formats.md).
 
-    synthetic_data.py markov OUT.h5 --vocab V [--docs N] [--seed S]
+    synthetic_data.py markov OUT.h5 --vocab V [--docs N] [--seed S] [--min-len A --max-len B]
         documents from a sparse random Markov chain over tokens 1..V-1 (two likely successors per
-        token), 20 to 60 tokens each, ending with EOS = 0: learnable, so losses fall.
+        token), A to B-1 tokens each (default 20 to 59) plus the EOS = 0: learnable, so losses fall.
     synthetic_data.py passkey OUT.h5 --vocab V --lengths 24,40 [--per-length N] [--seed S]
         passkey-style prompts (the layout of data/make_passkey.py): random filler, then the last
         3 tokens before the EOS are the answer (/loss_mask = 1), /doc_lengths_target the nominal length.
@@ -33,7 +33,7 @@ def markov(args):
     docs = []
     for _ in range(args.docs):
         t = [int(rng.integers(1, args.vocab))]
-        for _ in range(int(rng.integers(20, 60)) - 1):
+        for _ in range(int(rng.integers(args.min_len, args.max_len)) - 1):
             t.append(int(succ[t[-1], rng.integers(0, 2)]))
         docs.append(t + [0])
     write(args.out, docs, args.vocab)
@@ -59,6 +59,8 @@ def main():
     p.add_argument("--lengths", default="24,40")
     p.add_argument("--per-length", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-len", type=int, default=20)
+    p.add_argument("--max-len", type=int, default=60)
     args = p.parse_args()
     (markov if args.kind == "markov" else passkey)(args)
 

@@ -25,30 +25,9 @@ python3 -c "import h5py" 2>/dev/null || { echo "SKIP: python3 h5py not available
 TEACHER="$SRC/tests/golden/data/llama"
 [ -f "$TEACHER/config.json" ] || fail "missing teacher $TEACHER"
 
-python3 - "$WORK/tiny.h5" <<'PY' || fail "could not write the synthetic dataset"
-import sys
-import h5py
-import numpy as np
-
-rng = np.random.default_rng(0)
-V, eos = 200, 0
-succ = rng.integers(1, V, size=(V, 2))
-docs = []
-for _ in range(300):
-    n = int(rng.integers(3, 90))  # documents shorter and longer than a slice
-    t = [int(rng.integers(1, V))]
-    for _ in range(n - 1):
-        t.append(int(succ[t[-1], rng.integers(0, 2)]))
-    docs.append(t + [eos])
-tokens = np.concatenate([np.asarray(d, dtype=np.int32) for d in docs])
-offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
-with h5py.File(sys.argv[1], "w") as f:
-    f.create_dataset("tokens", data=tokens)
-    f.create_dataset("doc_offsets", data=offsets)
-    f.attrs["vocab_size"] = V
-    f.attrs["eos_id"] = eos
-    f.attrs["tokenizer_sha256"] = "0" * 64
-PY
+# Documents of 3..89 tokens: shorter than a slice, and across one or several slice boundaries.
+python3 "$SRC/tests/cli/synthetic_data.py" markov "$WORK/tiny.h5" --vocab 200 --docs 300 --min-len 3 --max-len 90 \
+  || fail "could not write the synthetic dataset"
 
 cat > "$WORK/distill.ini" <<EOF2
 device = cpu
