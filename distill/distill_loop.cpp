@@ -279,8 +279,6 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
                             "parallel.dp x parallel.sp = " + std::to_string(dp * sp) + " with device = " + cfg.device +
                                 ": multi-rank distillation runs on the CPU for now (the sequence-parallel model "
                                 "is verified on GPUs, this loop is not yet)");
-    if (cfg.distill.w_hidden > 0)
-      throw ConfigError::at(src, "distill.w_hidden", "> 0 is not supported with parallel.dp x parallel.sp > 1 yet");
   }
   if (sp > 1 && (cfg.data.seq_len % sp != 0 || cfg.data.seq_len / sp < 4))
     throw ConfigError::at(src, "parallel.sp",
@@ -612,6 +610,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
           teacher.forward_layer_outputs(ctx, batch, hidden.targets);  // also keeps the final hidden states
           hidden.token_mask.resize(hb.targets.size());                // the KL's tokens: those with a target
           for (size_t i = 0; i < hb.targets.size(); ++i) hidden.token_mask[i] = hb.targets[i] >= 0 ? 1 : 0;
+          hidden.count = static_cast<int64_t>(targets);  // the mean runs over every rank's tokens
         } else {
           teacher.forward_hidden(ctx, batch);
         }
@@ -639,8 +638,9 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
           kl_sum += kl_host[i];
           ce_sum += ce_host[i];
         }
-        double sums[2] = {kl_sum, ce_sum};
-        sum_all(std::span<double>(sums, 2));
+        double sums[3] = {kl_sum, ce_sum, hidden_mse};
+        sum_all(std::span<double>(sums, 3));
+        hidden_mse = sums[2];
         sum_grads(student);
         kl_mean = sums[0] / targets;
         ce_mean = sums[1] / targets;

@@ -771,10 +771,12 @@ void HybridModel::Impl::backward(const ExecContext& ctx, const Batch& b, const H
     }
   }
   const bool with_hidden = hidden != nullptr && counted > 0;
-  const float hidden_scale = with_hidden ? static_cast<float>(2.0 * hidden->weight /
-                                                              (static_cast<double>(L) * static_cast<double>(counted) *
-                                                               static_cast<double>(cfg.model.hidden_size)))
-                                         : 0.0f;
+  const int64_t denominator = hidden != nullptr && hidden->count > 0 ? hidden->count : counted;
+  const float hidden_scale = with_hidden
+                                 ? static_cast<float>(2.0 * hidden->weight /
+                                                      (static_cast<double>(L) * static_cast<double>(denominator) *
+                                                       static_cast<double>(cfg.model.hidden_size)))
+                                 : 0.0f;
   if (hidden) kernels::fill(ctx, st.hidden_sq, 0.0f);
   // The residual-stream gradient is updated in place, block by block. At the top of iteration l it is
   // dLoss/dh[l] (h[l] = residual[2 l + 2], the output of layer l), where the hidden-state term joins it.
@@ -980,7 +982,8 @@ double HybridModel::forward_backward_logits(ExecContext& ctx, const Batch& batch
     hidden->mse = 0;
     if (counted > 0) {
       const double sq = download_f32(m.step.hidden_sq)[0];
-      hidden->mse = sq / (static_cast<double>(m.cfg.model.num_layers) * static_cast<double>(counted) *
+      const int64_t denominator = hidden->count > 0 ? hidden->count : counted;
+      hidden->mse = sq / (static_cast<double>(m.cfg.model.num_layers) * static_cast<double>(denominator) *
                           static_cast<double>(m.cfg.model.hidden_size));
     }
     if (hidden->weight != 0.0f) total += static_cast<double>(hidden->weight) * hidden->mse;

@@ -157,6 +157,10 @@ class HybridModel {
     float weight = 0;                 // w >= 0
     std::vector<uint8_t> token_mask;  // host, N entries, or empty (every token counts)
     double mse = 0;                   // out: H
+    // n of the mean when it runs over several ranks' tokens (sequence or data parallelism): every rank's
+    // H and gradient then use this n, and the ranks' H add up to the whole mean. 0 = this call's counted
+    // tokens (one rank).
+    int64_t count = 0;
   };
   double forward_backward_logits(ExecContext& ctx, const Batch& batch, const LogitsChunkLoss& loss_fn,
                                  HiddenStateMatch* hidden = nullptr);

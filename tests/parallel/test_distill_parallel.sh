@@ -5,7 +5,8 @@
 #   sp = 2 (each sequence split over 2 ranks: LASP-2 / LASP-2H for student and teacher)  == one process
 #   dp = 2 with data.batch_size B                                                       == one process with 2B
 #   dp = 2 x sp = 2 (4 ranks)                                                           == one process with 2B
-# Asserts: stage 1 mse and stage 2 kl / ce of every step agree to rel. err < 1e-4 (fp32, different summation
+#   dp = 2 x sp = 2 with data.batch_size 1 and distill.w_hidden 0.5 == one process with 2 and w_hidden 0.5
+# Asserts: stage 1 mse and stage 2 kl / ce (/ hidden_mse) of every step agree to rel. err < 1e-4 (fp32, different summation
 # orders, 8 optimizer steps), the token counts are equal, only rank 0 prints (one header) and writes;
 # the final held-out evaluation (rank 0, whole sequences) of the sp = 2 student gives the same student loss
 # and KL as the single process's to rel. 1e-4; an sp = 2 run stopped at step 6 and resumed
@@ -71,6 +72,8 @@ run one_b4 -- --data.batch_size 4
 run sp2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.sp 2
 run dp2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2
 run dp2sp2 "${MPIRUN4[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.sp 2
+run one_h -- --data.batch_size 2 --distill.w_hidden 0.5
+run sp2dp2_h "${MPIRUN4[@]}" -- --data.batch_size 1 --parallel.dp 2 --parallel.sp 2 --distill.w_hidden 0.5
 for r in sp2 dp2 dp2sp2; do
   [ "$(grep -c '^hydistill distill' "$WORK/$r.out")" = 1 ] || { cat "$WORK/$r.out"; fail "$r: the header is not printed once"; }
 done
@@ -86,12 +89,14 @@ def evals(name):
 def rel(a, b):
     return abs(a - b) / max(abs(b), 1e-12)
 worst = 0.0
-for got_name, ref_name in [("sp2", "one"), ("dp2", "one_b4"), ("dp2sp2", "one_b4")]:
+for got_name, ref_name in [("sp2", "one"), ("dp2", "one_b4"), ("dp2sp2", "one_b4"), ("sp2dp2_h", "one_h")]:
     got, ref = load(got_name), load(ref_name)
     assert len(got) == len(ref) == 8, (got_name, len(got), len(ref))
     for g, r in zip(got, ref):
         assert (g["stage"], g["step"], g["tokens"]) == (r["stage"], r["step"], r["tokens"]), (got_name, g, r)
-        for key in (["mse"] if g["stage"] == 1 else ["kl", "ce", "loss"]) + ["grad_norm"]:
+        keys = ["mse"] if g["stage"] == 1 else ["kl", "ce", "loss"] + (["hidden_mse"] if "hidden_mse" in r else [])
+        assert ("hidden_mse" in r) == ("hidden_mse" in g), (got_name, g, r)
+        for key in keys + ["grad_norm"]:
             e = rel(g[key], r[key])
             worst = max(worst, e)
             assert e < 1e-4, f"{got_name} stage {g['stage']} step {g['step']} {key}: {g[key]} vs {r[key]} (rel {e:.2e})"
