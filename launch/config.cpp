@@ -114,10 +114,12 @@ class TrainOptionTable : public OptionTable {
 
     group("[parallel]");
     add("parallel.dp", &c.parallel.dp,
-        "data-parallel ranks (mpirun -np dp*sp); dp > 1: ZeRO-1 on the CPU, data.batch_size sequences per rank; "
-        "not yet implemented on CUDA; checkpoints and train.resume are refused for dp > 1 (sharded checkpoints "
-        "are a later piece), the run ends without a checkpoint");
-    add("parallel.sp", &c.parallel.sp, "sequence-parallel ranks; only 1: sequence parallelism is a later piece");
+        "data-parallel ranks (mpirun -np dp*sp): data.batch_size sequences per rank; dp x sp > 1: ZeRO-1 over all "
+        "ranks on the CPU, not yet on CUDA; checkpoints and train.resume are refused for dp x sp > 1 (sharded "
+        "checkpoints are a later piece), the run ends without a checkpoint");
+    add("parallel.sp", &c.parallel.sp,
+        "sequence-parallel ranks: each sequence split into sp slices (LASP-2H attention over the slices); must "
+        "divide data.seq_len; the CPU only for now");
   }
 };
 

@@ -15,9 +15,12 @@
 #include "data/dataset.h"
 #include "parallel/checks.h"
 #include "parallel/grid.h"
+#include "parallel/sequence_parallel.h"
 #include "trainer/batch_upload.h"
 #include "trainer/core/arena.h"
 #include "trainer/core/exec_context.h"
+#include "trainer/hybrid_model.h"
+#include "trainer/lasp.h"
 #include "trainer/metrics.h"
 #include "trainer/model.h"
 
@@ -56,6 +59,40 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
+// The network `hydistill train` trains: the DenseModel, or for sequence parallelism the all-T HybridModel
+// (kernel for kernel the same network, with the same parameter list and initialisation), whose attention
+// layers run LASP-2H on sequence slices.
+class TrainModel {
+ public:
+  TrainModel(const ModelConfig& mc, Device device, int64_t max_tokens, bool hybrid, const std::string& src) {
+    if (!hybrid) {
+      dense_ = std::make_unique<DenseModel>(mc, device, max_tokens);
+      return;
+    }
+    HybridConfig h;
+    h.model = mc;
+    h.pattern = std::string(static_cast<size_t>(mc.num_layers), 'T');
+    h.finalize(src);
+    hybrid_ = std::make_unique<HybridModel>(h, device, max_tokens);
+  }
+  void init_random(uint64_t seed) { dense_ ? dense_->init_random(seed) : hybrid_->init_random(seed); }
+  std::vector<ParamInfo>& params() { return dense_ ? dense_->params() : hybrid_->params(); }
+  Tensor flat_params() const { return dense_ ? dense_->flat_params() : hybrid_->flat_params(); }
+  Tensor flat_grads() const { return dense_ ? dense_->flat_grads() : hybrid_->flat_grads(); }
+  size_t memory_bytes() const { return dense_ ? dense_->memory_bytes() : hybrid_->memory_bytes(); }
+  void zero_grad() { dense_ ? dense_->zero_grad() : hybrid_->zero_grad(); }
+  double forward_backward(ExecContext& ctx, const Batch& b, float loss_scale) {
+    return dense_ ? dense_->forward_backward(ctx, b, loss_scale) : hybrid_->forward_backward(ctx, b, loss_scale);
+  }
+  double forward_loss(ExecContext& ctx, const Batch& b) {
+    return dense_ ? dense_->forward_loss(ctx, b) : hybrid_->forward_loss(ctx, b);
+  }
+
+ private:
+  std::unique_ptr<DenseModel> dense_;
+  std::unique_ptr<HybridModel> hybrid_;
+};
+
 }  // namespace
 
 void validate_train_config(const TrainConfig& cfg) {
@@ -90,13 +127,17 @@ void validate_train_config(const TrainConfig& cfg) {
   const ParallelOptions& par = cfg.parallel;
   require(par.dp >= 1 && par.dp <= 65536, "parallel.dp", "must lie in [1, 65536], got " + std::to_string(par.dp));
   require(par.sp >= 1 && par.sp <= 65536, "parallel.sp", "must lie in [1, 65536], got " + std::to_string(par.sp));
-  require(par.sp == 1, "parallel.sp",
-          "= " + std::to_string(par.sp) + ": sequence parallelism is a later piece of the parallel runtime; only 1");
-  if (par.dp > 1) {
+  if (par.sp > 1)
+    require(cfg.data.seq_len % par.sp == 0 && cfg.data.seq_len / par.sp >= 4, "parallel.sp",
+            std::to_string(par.sp) + " must divide data.seq_len = " + std::to_string(cfg.data.seq_len) +
+                " into slices of at least 4 tokens");
+  if (par.dp * par.sp > 1) {
     require(cfg.device == "cpu", "parallel.dp",
-            "= " + std::to_string(par.dp) + " is not yet implemented on CUDA (device = " + cfg.device +
-                "); data parallelism runs on the CPU only for now");
-    const std::string later = " is not supported with parallel.dp > 1 (sharded checkpoints are a later piece)";
+            "x parallel.sp = " + std::to_string(par.dp * par.sp) + " is not yet implemented on CUDA (device = " +
+                cfg.device + "); multi-rank training runs on the CPU only for now");
+    const std::string later =
+        " is not supported with parallel.dp x parallel.sp > 1 (ZeRO-1 shards the optimizer state; sharded "
+        "checkpoints are a later piece)";
     require(t.resume == "none", "train.resume", "= " + t.resume + later);
     require(cfg.checkpoint.interval == 0, "checkpoint.interval",
             "= " + std::to_string(cfg.checkpoint.interval) + later);
@@ -187,7 +228,8 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
   }
   std::optional<ProcessGrid> grid;
   if (world) grid.emplace(*world, dp, static_cast<int>(cfg.parallel.sp));
-  const int dp_rank = grid ? grid->dp_rank() : 0;
+  const int dp_rank = grid ? grid->dp_rank() : 0, sp = static_cast<int>(cfg.parallel.sp);
+  const int ranks = dp * sp;  // ZeRO-1 shards and gradient sums run over all of them
   const bool rank0 = !world || world->rank() == 0;
   // Only rank 0 prints and writes the run directory.
   std::ostream null_out(nullptr);
@@ -251,22 +293,27 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
   // MFU counts the model's forward + backward FLOPs (ModelConfig::train_flops_per_token).
   const double peak_flops = device_peak_flops(device);
   const double flops_per_token = mc.train_flops_per_token(T);
-  DenseModel model(mc, device, micro_tokens);
+  // sp > 1: the all-T HybridModel, the same network kernel for kernel and the same initialisation, whose
+  // attention layers run LASP-2H on sequence slices; the micro-batch size stays B x T so that rank 0
+  // evaluates whole sequences.
+  TrainModel model(mc, device, micro_tokens, sp > 1, src);
   model.init_random(cfg.train.seed);
-  // ZeRO-1 (dp > 1, CPU): the flat buffers of P elements are cut into dp contiguous shards of S =
-  // ceil(P / dp) elements (the last one padded); this rank's AdamW sees only the parts of the
+  std::optional<SequenceParallel> sp_ctx;
+  if (sp > 1) sp_ctx.emplace(grid->sp_group(), device);
+  // ZeRO-1 (dp x sp > 1 ranks, CPU): the flat buffers of P elements are cut into one contiguous shard per
+  // rank, S = ceil(P / ranks) elements (the last one padded); this rank's AdamW sees only the parts of the
   // parameters inside [shard_lo, shard_lo + S) and keeps moments for those alone.
   const int64_t flat_numel = model.flat_params().numel();
-  const int64_t shard_numel = (flat_numel + dp - 1) / dp;
-  const int64_t shard_lo = static_cast<int64_t>(dp_rank) * shard_numel;
+  const int64_t shard_numel = (flat_numel + ranks - 1) / ranks;
+  const int64_t shard_lo = static_cast<int64_t>(world ? world->rank() : 0) * shard_numel;
   std::vector<float> grad_send, grad_shard, param_shard, param_full;
   std::vector<ParamInfo> opt_params = model.params();
-  if (dp > 1) {
-    HYD_CHECK(!device.is_cuda(), "parallel.dp > 1 runs on the CPU only");
-    grad_send.assign(static_cast<size_t>(shard_numel * dp), 0.0f);
+  if (ranks > 1) {
+    HYD_CHECK(!device.is_cuda(), "parallel.dp x parallel.sp > 1 runs on the CPU only");
+    grad_send.assign(static_cast<size_t>(shard_numel * ranks), 0.0f);
     grad_shard.assign(static_cast<size_t>(shard_numel), 0.0f);
     param_shard.assign(static_cast<size_t>(shard_numel), 0.0f);
-    param_full.assign(static_cast<size_t>(shard_numel * dp), 0.0f);
+    param_full.assign(static_cast<size_t>(shard_numel * ranks), 0.0f);
     const Tensor flat = model.flat_params();
     const Tensor shard_grads(grad_shard.data(), DType::f32, flat.device, {shard_numel});
     opt_params.clear();
@@ -284,7 +331,7 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
     }
   }
   AdamW optimizer(std::move(opt_params), device, cfg.train.adamw());
-  if (dp > 1)
+  if (ranks > 1)
     optimizer.set_sum_squares_reduction([&](double ss) {
       world->all_reduce(std::span<double>(&ss, 1), ReduceOp::kSum);
       return ss;
@@ -324,7 +371,9 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
        << "parameters       " << mc.num_parameters() << " (" << format_count(static_cast<double>(mc.num_parameters()))
        << ")\n"
        << "tokens/step      " << micro_tokens * ga * dp << " (" << B << " sequences x " << T << " tokens x " << ga
-       << " micro-batches" << (dp > 1 ? " x " + std::to_string(dp) + " data-parallel ranks, ZeRO-1" : "") << ")\n"
+       << " micro-batches" << (dp > 1 ? " x " + std::to_string(dp) + " data-parallel ranks" : "")
+       << (sp > 1 ? ", each sequence over " + std::to_string(sp) + " sequence-parallel ranks (LASP-2H)" : "")
+       << (ranks > 1 ? ", ZeRO-1 over " + std::to_string(ranks) + " ranks" : "") << ")\n"
        << data.summary() << "train split      " << train_sampler.num_docs() << " documents, "
        << train_sampler.tokens_per_epoch() << " tokens\n";
     if (val_sampler)
@@ -337,7 +386,8 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
        << "memory           " << format_megabytes(memory) << " (model " << format_megabytes(model.memory_bytes())
        << ", optimizer " << format_megabytes(optimizer.memory_bytes()) << ")\n"
        << "run dir          " << run.dir() << "\n";
-    if (dp > 1) os << "checkpoints      none (parallel.dp > 1: sharded checkpoints are a later piece)\n";
+    if (ranks > 1)
+      os << "checkpoints      none (parallel.dp x parallel.sp > 1: sharded checkpoints are a later piece)\n";
     if (resume) os << "resumed from     " << resume->dir << " (step " << start_step << ")\n";
     out << "hydistill train\n";
     std::istringstream lines(os.str());
@@ -388,22 +438,31 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
     double loss_sum = 0;
     int64_t step_tokens = 0;
     for (int64_t micro = 0; micro < ga; ++micro) {
-      const HostBatch hb = train_sampler.batch(step * ga + micro);
+      HostBatch hb = train_sampler.batch(step * ga + micro);
+      if (sp > 1) {  // this rank's slice of every sequence
+        SpLayout layout;
+        hb = slice_batch_for_sp(hb, B, T, grid->sp_rank(), sp, layout);
+        sp_ctx->set_layout(std::move(layout));
+      }
+      Batch batch = uploader.upload(ctx, hb);
+      if (sp > 1) batch.sp = &*sp_ctx;
       step_tokens += static_cast<int64_t>(hb.tokens.size());
-      if (dp == 1) {
-        loss_sum += model.forward_backward(ctx, uploader.upload(ctx, hb), 1.0f / static_cast<float>(ga));
+      if (ranks == 1) {
+        loss_sum += model.forward_backward(ctx, batch, 1.0f / static_cast<float>(ga));
         continue;
       }
-      // The single-rank loss is the mean over the micro-batch's targets; over dp ranks that mean is
-      // sum_r n_r * mean_r / N, so this rank's gradients are scaled by n_r / N (and 1 / ga).
+      // The single-rank loss is the mean over the micro-batch's targets; over the ranks (different sequences
+      // or slices of the same ones) that mean is sum_r n_r * mean_r / N, so this rank's gradients are scaled
+      // by n_r / N (and 1 / ga): under sequence parallelism the gradients that cross ranks carry the same
+      // scale, since every rank's loss is its share of the one mean.
       int64_t global_targets = hb.num_targets;
       world->all_reduce(std::span<int64_t>(&global_targets, 1), ReduceOp::kSum);
       const double weight =
           global_targets > 0 ? static_cast<double>(hb.num_targets) / static_cast<double>(global_targets) : 0.0;
-      const double l = model.forward_backward(ctx, uploader.upload(ctx, hb), static_cast<float>(weight / ga));
+      const double l = model.forward_backward(ctx, batch, static_cast<float>(weight / ga));
       if (weight > 0) loss_sum += l * weight;
     }
-    if (dp > 1) {
+    if (ranks > 1) {
       double sums[2] = {loss_sum, static_cast<double>(step_tokens)};
       world->all_reduce(std::span<double>(sums, 2), ReduceOp::kSum);
       loss_sum = sums[0];
@@ -414,7 +473,7 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
     const double loss = loss_sum / static_cast<double>(ga);
     // A non-finite loss or gradient skips the update; too many in a row end the run.
     bool good = std::isfinite(loss);
-    if (good && dp > 1) {
+    if (good && ranks > 1) {
       // ZeRO-1: sum the gradients into this rank's shard, update the shard, all-gather the parameters.
       ctx.synchronize();
       const float* g = model.flat_grads().ptr<float>();
@@ -476,7 +535,7 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
       eval_seconds += seconds_since(t_eval);
       t_interval += Clock::now() - t_eval;  // keep evaluation out of the throughput
     }
-    if (dp == 1 && run.checkpoint_due(step + 1, steps)) {
+    if (ranks == 1 && run.checkpoint_due(step + 1, steps)) {
       const auto t_save = Clock::now();
       save_checkpoint(step + 1);
       t_interval += Clock::now() - t_save;

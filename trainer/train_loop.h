@@ -111,10 +111,11 @@ struct LogOptions {
   int64_t eval_batches = 8;     // validation micro-batches per evaluation; 0 = no evaluation
 };
 
-// The dp x sp process grid (parallel/grid.h). dp > 1: data parallel with ZeRO-1 on the CPU (MPI):
-// each rank trains on its dp shard of every batch (data.batch_size sequences per rank), gradients are
-// reduce-scattered, AdamW runs on each rank's contiguous shard of the flat parameters and the
-// parameters are all-gathered. Not yet on CUDA; sp > 1 (sequence parallelism) is a later piece.
+// The dp x sp process grid (parallel/grid.h). dp ranks take different sequences, sp ranks slices of the
+// same sequences (train: the all-T HybridModel with LASP-2H; distill: LASP-2 / LASP-2H in student and
+// teacher). train: gradients reduce-scattered over all dp x sp ranks, AdamW on each rank's contiguous shard
+// of the flat parameters (ZeRO-1), parameters all-gathered; distill: gradients summed, optimizer state
+// replicated. The CPU only for now.
 struct ParallelOptions {
   int64_t dp = 1;  // parallel.dp
   int64_t sp = 1;  // parallel.sp

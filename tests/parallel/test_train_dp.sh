@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# `hydistill train` with ZeRO-1 data parallelism on the CPU: parallel.dp = 2 under mpirun with
-# data.batch_size B per rank against one process with batch 2B, same seeds, 5 optimizer steps, one
-# metrics record per step. Asserts: the loss and grad_norm of every step and the final held-out
+# `hydistill train` over 2 ranks on the CPU against one process with batch 4, same seeds, 5 optimizer steps
+# (2 micro-batches each), one metrics record per step: parallel.dp = 2 (ZeRO-1) with data.batch_size 2 per
+# rank, and parallel.sp = 2 (each sequence split over the ranks: the all-T hybrid model with LASP-2H,
+# ZeRO-1 over both ranks) with batch 4. Asserts: the loss and grad_norm of every step and the final held-out
 # val_loss (a function of the final parameters) agree to rel. err < 1e-5; the token counts are equal
 # (global, summed over ranks); only rank 0 writes (one metrics.jsonl, one progress header);
-# parallel.dp * parallel.sp != world size exits 2 naming parallel.dp; parallel.sp = 2 and train.resume
-# with dp = 2 exit 2 naming their keys.
+# parallel.dp * parallel.sp != world size exits 2 naming parallel.dp; parallel.sp = 3 (not dividing
+# seq_len) and train.resume with dp = 2 exit 2 naming their keys.
 # Usage: bash test_train_dp.sh HYDISTILL MPIRUN [MPIRUN FLAGS...]   (MPIRUN runs 2 ranks: "mpirun -np 2 ...")
 set -u
 HYD="$1"
@@ -74,8 +75,13 @@ OMP_NUM_THREADS=1 "${MPIRUN[@]}" "$HYD" train --config "$WORK/tiny.ini" --run.di
   --parallel.dp 2 >"$WORK/dp2.out" 2>&1 || { cat "$WORK/dp2.out"; fail "dp=2 run failed"; }
 [ "$(grep -c '^hydistill train' "$WORK/dp2.out")" = 1 ] || { cat "$WORK/dp2.out"; fail "dp=2: the header is not printed once"; }
 [ ! -e "$WORK/dp2/step-00000005" ] || fail "dp=2 wrote a checkpoint"
+# Two ranks, each sequence of the batch of 4 split over both (sequence parallelism, LASP-2H).
+OMP_NUM_THREADS=1 "${MPIRUN[@]}" "$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/sp2" --data.batch_size 4 \
+  --parallel.sp 2 >"$WORK/sp2.out" 2>&1 || { cat "$WORK/sp2.out"; fail "sp=2 run failed"; }
+grep -q "sequence-parallel ranks (LASP-2H)" "$WORK/sp2.out" || { cat "$WORK/sp2.out"; fail "sp=2: header"; }
 
-python3 - "$WORK/single/metrics.jsonl" "$WORK/dp2/metrics.jsonl" <<'PY' || fail "dp=2 differs from dp=1 with the doubled batch"
+for run in dp2 sp2; do
+python3 - "$WORK/single/metrics.jsonl" "$WORK/$run/metrics.jsonl" <<'PY' || fail "$run differs from one process with batch 4"
 import json, sys
 def load(p):
     return [json.loads(l) for l in open(p) if l.strip()]
@@ -97,6 +103,7 @@ for x, y in zip(a, b):
 assert steps == 5, steps
 assert any("val_loss" in x for x in a)
 PY
+done
 
 # dp * sp != world size: exit 2 naming parallel.dp, nothing written.
 OMP_NUM_THREADS=1 "${MPIRUN[@]}" "$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/bad" --parallel.dp 3 \
@@ -109,8 +116,12 @@ grep -q "parallel.dp" "$WORK/bad.out" || { cat "$WORK/bad.out"; fail "dp=3 on 2 
 "$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/bad" --parallel.dp 2 >"$WORK/bad1.out" 2>&1
 rc=$?
 [ "$rc" = 2 ] && grep -q "parallel.dp" "$WORK/bad1.out" || { cat "$WORK/bad1.out"; fail "dp=2 without mpirun: exit $rc"; }
-# sp > 1 is a later piece; resume with dp > 1 is refused.
+# sp = 2 without mpirun (world size 1) and sp = 3 (does not divide seq_len): exit 2 naming parallel.sp; resume
+# with dp > 1 is refused.
 "$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/bad" --parallel.sp 2 >"$WORK/bad2.out" 2>&1
+rc=$?
+[ "$rc" = 2 ] && grep -q "parallel.sp" "$WORK/bad2.out" || { cat "$WORK/bad2.out"; fail "sp=2 without mpirun: exit $rc"; }
+"$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/bad" --parallel.sp 3 >"$WORK/bad2.out" 2>&1
 rc=$?
 [ "$rc" = 2 ] && grep -q "parallel.sp" "$WORK/bad2.out" || { cat "$WORK/bad2.out"; fail "sp=2: exit $rc"; }
 OMP_NUM_THREADS=1 "${MPIRUN[@]}" "$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/bad" --parallel.dp 2 \
