@@ -29,7 +29,8 @@ enum Slot : int {
   kTransM = 0,  // local M of every document (forward; temporary)
   kTransB,      // local B of every document (forward; temporary)
   kGathered,    // all ranks' (M, B) per row: what the backward composes with
-  kInitState,   // the true incoming state per local document
+  kRowState,    // the true incoming state per row (kept for the backward: rows x HV x dk x dv, not per document)
+  kInitState,   // the incoming state per local document, expanded from kRowState (temporary)
   kDState,      // dS_in / dS_out per local document (backward)
   kMine,        // this rank's contribution to an all-gather
   kSin,         // the composed state / adjoint per row
@@ -177,6 +178,25 @@ void copy_blocks(const ExecContext& ctx, float* dst, int64_t dst_pitch, const fl
 
 }  // namespace
 
+namespace {
+
+// The incoming state of every local document (zero but for each row's first document when it continues)
+// from the per-row states `rows_state` [rows * HV, dk, dv], in a temporary buffer.
+Tensor expand_row_states(const ExecContext& ctx, const SequenceParallel& sp, const Tensor& rows_state, int64_t docs,
+                         int64_t hv, int64_t dk, int64_t dv) {
+  const SpLayout& L = sp.layout();
+  const int64_t mb = dk * dv;
+  const Tensor init = sp.buffer(&kTemp, kInitState, {docs, hv, dk, dv}, DType::f32);
+  kernels::fill(ctx, init, 0.0f);
+  for (int64_t b = 0; b < L.rows; ++b)
+    if (L.lead[b] > 0)
+      copy_blocks(ctx, init.ptr<float>() + L.first_doc[b] * hv * mb, 0, rows_state.ptr<float>() + b * hv * mb, 0,
+                  hv * mb, 1);
+  return init;
+}
+
+}  // namespace
+
 void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
                       const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens,
                       const Tensor& o) {
@@ -232,16 +252,11 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   sp.all_gather(ctx, mine, all, SpTraffic::kda_state);
 
   // S_in(r) = M_{r-1}(... (M_0 0 + B_0) ...) + B_{r-1}, for each row's first document when it continues.
-  const Tensor S = sp.buffer(&kTemp, kSin, {L.rows * s.hv, s.dk, s.dv}, DType::f32);
+  const Tensor S = sp.buffer(owner, kRowState, {L.rows * s.hv, s.dk, s.dv}, DType::f32);
   const Tensor work = sp.buffer(&kTemp, kWork, {L.rows * s.hv, s.dk, s.dv}, DType::f32);
   lasp_profile_mark(ctx, "kda.fwd.exchange");
   kernels::kda_compose_prefix(ctx, all, sp.rank(), S, work);
-  const Tensor init = sp.buffer(owner, kInitState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
-  kernels::fill(ctx, init, 0.0f);
-  for (int64_t b = 0; b < L.rows; ++b)
-    if (L.lead[b] > 0)
-      copy_blocks(ctx, init.ptr<float>() + L.first_doc[b] * s.hv * mb, 0, S.ptr<float>() + b * s.hv * mb, 0, s.hv * mb,
-                  1);
+  const Tensor init = expand_row_states(ctx, sp, S, s.docs, s.hv, s.dk, s.dv);
   lasp_profile_mark(ctx, "kda.fwd.compose");
   kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, init, o, Tensor{});
   lasp_profile_mark(ctx, "kda.fwd.true_pass");
@@ -254,7 +269,8 @@ void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const
   const SpLayout& L = sp.layout();
   const Dims s = kda_dims(k, v, cu_seqlens);
   const int64_t mb = s.dk * s.dv, P = sp.size();
-  const Tensor init = sp.buffer(owner, kInitState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
+  const Tensor init = expand_row_states(ctx, sp, sp.buffer(owner, kRowState, {L.rows * s.hv, s.dk, s.dv}, DType::f32),
+                                        s.docs, s.hv, s.dk, s.dv);
   const Tensor dstate = sp.buffer(&kTemp, kDState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
 
   // L_r: the incoming-state adjoint with a zero outgoing adjoint (it does not depend on the state).
