@@ -208,13 +208,20 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   // from the identity with zero values (dv = dk), computed only when some row's slice is one continuing
   // document. (The chunked tensor-core forward does both at full speed; kernels::kda_transition's
   // version-1 kernels would serialise over tokens.)
+  // Passes a rank does not need are skipped: without a continuing first document (rank 0) the B pass is the
+  // true pass; without a document going on into the next rank (the last rank) there is no B pass.
   lasp_profile_start(ctx);
   auto through = [&](int64_t b) { return L.cont_out[b] && L.first_doc[b] == L.last_doc[b] && L.lead[b] > 0; };
-  bool any_through = false;
-  for (int64_t b = 0; b < L.rows; ++b) any_through = any_through || through(b);
+  bool any_through = false, any_lead = false, any_cont = false;
+  for (int64_t b = 0; b < L.rows; ++b) {
+    any_through = any_through || through(b);
+    any_lead = any_lead || L.lead[b] > 0;
+    any_cont = any_cont || L.cont_out[b] != 0;
+  }
   const Tensor B = sp.buffer(&kTemp, kTransB, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
-  kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, Tensor{},
-                       sp.buffer(&kTemp, kOScratch, {o.shape[0], s.hv, s.dv}, o.dtype), B);
+  if (any_cont)
+    kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, Tensor{},
+                         any_lead ? sp.buffer(&kTemp, kOScratch, {o.shape[0], s.hv, s.dv}, o.dtype) : o, B);
   lasp_profile_mark(ctx, "kda.fwd.B_pass");
   Tensor M;
   if (any_through) {
@@ -256,9 +263,12 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   const Tensor work = sp.buffer(&kTemp, kWork, {L.rows * s.hv, s.dk, s.dv}, DType::f32);
   lasp_profile_mark(ctx, "kda.fwd.exchange");
   kernels::kda_compose_prefix(ctx, all, sp.rank(), S, work);
-  const Tensor init = expand_row_states(ctx, sp, S, s.docs, s.hv, s.dk, s.dv);
   lasp_profile_mark(ctx, "kda.fwd.compose");
-  kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, init, o, Tensor{});
+  if (any_lead)
+    kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, expand_row_states(ctx, sp, S, s.docs, s.hv, s.dk, s.dv), o,
+                         Tensor{});
+  else if (!any_cont)
+    kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, Tensor{}, o, Tensor{});
   lasp_profile_mark(ctx, "kda.fwd.true_pass");
 }
 
@@ -269,13 +279,23 @@ void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const
   const SpLayout& L = sp.layout();
   const Dims s = kda_dims(k, v, cu_seqlens);
   const int64_t mb = s.dk * s.dv, P = sp.size();
-  const Tensor init = expand_row_states(ctx, sp, sp.buffer(owner, kRowState, {L.rows * s.hv, s.dk, s.dv}, DType::f32),
-                                        s.docs, s.hv, s.dk, s.dv);
+  bool any_lead = false, any_cont = false;
+  for (int64_t b = 0; b < L.rows; ++b) {
+    any_lead = any_lead || L.lead[b] > 0;
+    any_cont = any_cont || L.cont_out[b] != 0;
+  }
+  const Tensor init =
+      any_lead ? expand_row_states(ctx, sp, sp.buffer(owner, kRowState, {L.rows * s.hv, s.dk, s.dv}, DType::f32),
+                                   s.docs, s.hv, s.dk, s.dv)
+               : Tensor{};
   const Tensor dstate = sp.buffer(&kTemp, kDState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
 
-  // L_r: the incoming-state adjoint with a zero outgoing adjoint (it does not depend on the state).
+  // L_r: the incoming-state adjoint with a zero outgoing adjoint (it does not depend on the state); only a
+  // rank with a continuing first document needs it, and without a document going on into the next rank
+  // this pass is already the true backward.
   lasp_profile_start(ctx);
-  kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init, dout, Tensor{}, dq, dk, dv, dg, dbeta, dstate);
+  if (any_lead)
+    kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init, dout, Tensor{}, dq, dk, dv, dg, dbeta, dstate);
   lasp_profile_mark(ctx, "kda.bwd.zero_adjoint_pass");
   const Tensor mine = sp.buffer(&kTemp, kMine, {L.rows * s.hv * mb}, DType::f32);
   kernels::fill(ctx, mine, 0.0f);
@@ -298,7 +318,9 @@ void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const
       copy_blocks(ctx, dstate.ptr<float>() + L.last_doc[b] * s.hv * mb, 0, G.ptr<float>() + b * s.hv * mb, 0, s.hv * mb,
                   1);
   lasp_profile_mark(ctx, "kda.bwd.compose");
-  kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init, dout, dstate, dq, dk, dv, dg, dbeta, Tensor{});
+  if (any_cont || !any_lead)
+    kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init, dout, any_cont ? dstate : Tensor{}, dq, dk, dv, dg,
+                          dbeta, Tensor{});
   lasp_profile_mark(ctx, "kda.bwd.true_pass");
 }
 

@@ -170,12 +170,19 @@ TEST(SequenceParallel, SliceLayoutOfTheDocumentPlan) {
 
 // The KDA core alone: LASP-2 over the slices equals the whole sequences (outputs and every input gradient,
 // compared on this rank's tokens), for gates from near 0 to strong decay.
-TEST(SequenceParallel, KdaCoreMatchesTheWholeSequences) {
+// Plans: the crossing documents of test::doc_plan, and documents that end on every slice boundary (no rank
+// passes a state on: each rank then runs its single forward and backward).
+class KdaCore : public ::testing::TestWithParam<bool> {};
+
+TEST_P(KdaCore, LaspMatchesTheWholeSequences) {
   Communicator world = Communicator::world();
   const int P = world.size(), r = world.rank();
   const int32_t slice = 32;
   const int64_t T = static_cast<int64_t>(P) * slice, rows = 2, N = rows * T, H = 2, HV = 4, dk = 8, dv = 8;
-  HostBatch global = test::make_global(T, test::doc_plan(P, slice), 10, 3);
+  const bool aligned = GetParam();
+  HostBatch global = test::make_global(
+      T, aligned ? std::vector<std::vector<int32_t>>(2, std::vector<int32_t>(P, slice)) : test::doc_plan(P, slice), 10,
+      3);
   std::mt19937_64 gen(11);  // the same inputs on every rank
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::uniform_real_distribution<float> ud(0.0f, 1.0f);
@@ -258,6 +265,9 @@ TEST(SequenceParallel, KdaCoreMatchesTheWholeSequences) {
               e_dv, e_dg, e_db);
   for (double e : {e_o, e_dq, e_dk, e_dv, e_dg, e_db}) EXPECT_LT(e, 1e-5) << "rank " << r;
 }
+
+INSTANTIATE_TEST_SUITE_P(Plans, KdaCore, ::testing::Values(false, true),
+                         [](const auto& info) { return info.param ? "AlignedDocuments" : "CrossingDocuments"; });
 
 TEST(SequenceParallel, HybridMatchesTheWholeBatch) {
   Communicator world = Communicator::world();
