@@ -276,8 +276,10 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
     throw ConfigError::at(src, "data.val_fraction", "no training documents left in " + info.path);
   const bool evaluate = cfg.log.eval_batches > 0 && cfg.data.val_fraction > 0;
   std::unique_ptr<PackedSampler> val_sampler;
-  // Held-out evaluation runs on rank 0 alone, over the same sequences as one process: with dp > 1 an
-  // evaluation batch is the dp shards of B sequences each (dp samplers, one per dp rank).
+  // Held-out evaluation covers the same sequences as one process: with dp > 1 an evaluation batch is the
+  // dp shards of B sequences each (dp samplers, one per dp rank). One rank evaluates every shard; over
+  // several ranks each evaluates its own shard (its slice of it under sequence parallelism) and the sums
+  // are all-reduced.
   std::vector<PackedSampler> val_shards;
   if (evaluate) {
     val_sampler = std::make_unique<PackedSampler>(data, Split::validation, cfg.data.val_fraction, T, B, cfg.data.seed);
@@ -294,9 +296,8 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
   const double peak_flops = device_peak_flops(device);
   const double flops_per_token = mc.train_flops_per_token(T);
   // sp > 1: the all-T HybridModel, the same network kernel for kernel and the same initialisation, whose
-  // attention layers run LASP-2H on sequence slices; the micro-batch size stays B x T so that rank 0
-  // evaluates whole sequences.
-  TrainModel model(mc, device, micro_tokens, sp > 1, src);
+  // attention layers run LASP-2H on sequence slices of B x T / sp tokens.
+  TrainModel model(mc, device, micro_tokens / sp, sp > 1, src);
   model.init_random(cfg.train.seed);
   std::optional<SequenceParallel> sp_ctx;
   if (sp > 1) sp_ctx.emplace(grid->sp_group(), device);
@@ -401,19 +402,36 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
     int64_t targets = 0;
     for (int64_t i = 0; i < cfg.log.eval_batches; ++i) {
       for (int r = 0; r < dp; ++r) {
-        const HostBatch hb = dp > 1 ? val_shards[static_cast<size_t>(r)].batch(i) : val_sampler->batch(i);
-        if (hb.num_targets == 0) continue;
-        const double l = model.forward_loss(ctx, uploader.upload(ctx, hb));
-        loss_sum += l * static_cast<double>(hb.num_targets);
+        if (ranks > 1 && r != dp_rank) continue;
+        HostBatch hb = dp > 1 ? val_shards[static_cast<size_t>(r)].batch(i) : val_sampler->batch(i);
+        if (hb.num_targets == 0) continue;  // the whole sequences' count: the same on every SP rank
+        Batch batch;
+        if (sp > 1) {
+          SpLayout layout;
+          hb = slice_batch_for_sp(hb, B, T, grid->sp_rank(), sp, layout);
+          sp_ctx->set_layout(std::move(layout));
+          batch = uploader.upload(ctx, hb);
+          batch.sp = &*sp_ctx;
+        } else {
+          batch = uploader.upload(ctx, hb);
+        }
+        const double l = model.forward_loss(ctx, batch);
+        if (hb.num_targets > 0) loss_sum += l * static_cast<double>(hb.num_targets);
         targets += hb.num_targets;
       }
+    }
+    if (ranks > 1) {
+      double sums[2] = {loss_sum, static_cast<double>(targets)};
+      world->all_reduce(std::span<double>(sums, 2), ReduceOp::kSum);
+      loss_sum = sums[0];
+      targets = static_cast<int64_t>(sums[1]);
     }
     const double val_loss = targets > 0 ? loss_sum / static_cast<double>(targets) : NAN;
     st.final_val_loss = val_loss;
     out << "eval step " << step << " | val_loss " << format_number("%.4f", val_loss) << " | ppl "
         << format_number("%.2f", std::exp(val_loss)) << " | unigram entropy "
         << format_number("%.4f", result.unigram_entropy) << std::endl;
-    metrics->write({{"step", step}, {"val_loss", val_loss}, {"val_tokens", targets}});
+    if (metrics) metrics->write({{"step", step}, {"val_loss", val_loss}, {"val_tokens", targets}});
   };
 
   auto save_checkpoint = [&](int64_t step) {
@@ -529,7 +547,7 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
       st.interval_tokens = 0;
       t_interval = Clock::now();
     }
-    if (rank0 && ((cfg.log.eval_interval > 0 && (step + 1) % cfg.log.eval_interval == 0) || last)) {
+    if ((rank0 || ranks > 1) && ((cfg.log.eval_interval > 0 && (step + 1) % cfg.log.eval_interval == 0) || last)) {
       const auto t_eval = Clock::now();
       run_eval(step + 1);
       eval_seconds += seconds_since(t_eval);
