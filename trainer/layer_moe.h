@@ -1,0 +1,218 @@
+// Mixture-of-Experts FFN layer (issue 7; ../shared/PARALLEL.md "Expert parallelism for MoE layers"): the
+// CPU reference, forward and backward. No pre-norm and no residual: the block that holds it adds those.
+// Per token t (x [N, D], router weight W_r [E, D], selection bias b [E]):
+//   logits = x W_r^T                                  (fp32 router, whatever the activations' dtype)
+//   s = softmax(logits) over the E experts | sigmoid(logits) element-wise          (score_func)
+//   sel = s + b (b only with use_selection_bias: it steers the choice, never the combine weights)
+//   e_1..e_k = top-k of sel (descending; ties go to the lower expert index); slot j holds e_j
+//   w_j = s[e_j];  if norm_topk_prob: w_j /= sum_i s[e_i];  w_j *= route_scale
+//   FFN_e(x) = (silu(x G_e^T) * (x U_e^T)) W_down_e^T   with W_gate_up_e = [G_e; U_e] [2F, D], W_down_e [D, F]
+//   out[t] = sum_j w_j FFN_{e_j}(x[t]) + sum_{s < S} FFN^shared_s(x[t])     (shared experts: no gate)
+//   L_aux = coef E sum_e f_e P_e  (aux_loss_coef > 0; Switch / Qwen style), f_e = #(t, j) with e_j = e / (N k)
+//           (a constant: no gradient), P_e = mean_t s[t, e]. Returned by forward; backward adds its gradient.
+// Dispatch (dropless): the N k (token, slot) pairs are sorted stably by expert (MoeRouting), the token rows
+// gathered in that order (moe_permute), each expert's SwiGLU runs on its contiguous rows (an expert with
+// zero rows is skipped), and the rows are scattered back and combined with w (moe_combine). Expert
+// parallelism later exchanges the permuted rows between ranks with all-to-all-v, expert by expert.
+// Backward: through the experts (row by row), the combine weights (the norm_topk_prob normalisation, then
+// softmax / sigmoid), and P_e of L_aux, into W_r and x. Top-k is piecewise constant and b gets no gradient.
+// Shapes: x, out [N, D]; scores [N, E]; per pair: expert, weight [N, k]; permuted rows xp, yp [N k, D],
+// gate_up [N k, 2F], act [N k, F]; shared expert s: gate_up [N, 2 F_s], act [N, F_s].
+// dtypes: values, activations, scores and gradients all f32 or all f64 (finite-difference harnesses) on the
+// CPU; indices i32. CUDA (bf16 activations, f32 router, grouped GEMM) is a later piece and throws here.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "trainer/core/arena.h"
+#include "trainer/core/exec_context.h"
+#include "trainer/layer_common.h"
+
+namespace hyd {
+
+struct MoeConfig {
+  int64_t hidden = 0;                  // D
+  int64_t num_experts = 0;             // E (routed experts)
+  int64_t top_k = 0;                   // k <= E
+  int64_t expert_ffn = 0;              // F: SwiGLU intermediate size of a routed expert
+  int64_t num_shared_experts = 0;      // S >= 0: run on every token, outputs summed (no gate)
+  int64_t shared_ffn = 0;              // F_s: intermediate size of each shared expert (needed when S > 0)
+  std::string score_func = "softmax";  // "softmax" | "sigmoid"
+  bool norm_topk_prob = false;         // renormalise the k chosen scores to sum 1 (before route_scale)
+  float route_scale = 1.0f;            // multiplies the combine weights
+  bool use_selection_bias = false;     // DeepSeek-V3 auxiliary-loss-free balancing bias (selection only)
+  float aux_loss_coef = 0.0f;          // load-balancing loss coefficient; 0 = off
+
+  bool sigmoid() const { return score_func == "sigmoid"; }
+  // Throws hyd::Error naming `source` (a config file, or the caller) and the offending field.
+  void validate(const std::string& source = "MoeConfig") const;
+};
+
+// Who goes where: the router's decisions for N tokens, and the stable expert-major order of the N k
+// (token, slot) pairs (pair index t k + j). Tensors on the CPU, i32 except `weight`.
+struct MoeRouting {
+  int64_t tokens = 0, top_k = 0, num_experts = 0;
+  Tensor expert;    // i32 [N, k]: slot j's expert (slots in descending selection order)
+  Tensor weight;    // [N, k] (the scores' dtype): combine weight w_j
+  Tensor counts;    // i32 [E]: pairs assigned to each expert (the load; sums to N k)
+  Tensor offsets;   // i32 [E + 1]: exclusive prefix sum of counts; expert e owns permuted rows [off_e, off_e+1)
+  Tensor order;     // i32 [N k]: permuted row p -> pair index t k + j (pairs of one expert in token order)
+  Tensor position;  // i32 [N k]: pair index -> permuted row (the inverse of order)
+
+  template <class Alloc>
+  static MoeRouting alloc(Alloc& arena, int64_t n, int64_t k, int64_t e, DType score_dtype) {
+    MoeRouting r;
+    r.tokens = n;
+    r.top_k = k;
+    r.num_experts = e;
+    r.expert = arena.alloc({n, k}, DType::i32);
+    r.weight = arena.alloc({n, k}, score_dtype);
+    r.counts = arena.alloc({e}, DType::i32);
+    r.offsets = arena.alloc({e + 1}, DType::i32);
+    r.order = arena.alloc({n * k}, DType::i32);
+    r.position = arena.alloc({n * k}, DType::i32);
+    return r;
+  }
+  std::vector<int64_t> counts_host() const;  // the load per expert, as host integers
+};
+
+// The router step: scores [N, E] (softmax / sigmoid of x W_r^T) and the routing (top-k by scores + bias,
+// combine weights, permutation). router_w [E, D]; bias [E] or empty (used only when
+// cfg.use_selection_bias). x, router_w, bias, scores and r.weight share one dtype (f32 | f64).
+void moe_route(const MoeConfig& cfg, const Tensor& x, const Tensor& router_w, const Tensor& bias, const Tensor& scores,
+               const MoeRouting& r);
+// xp[p] = x[token of order[p]]: the token rows in expert-major order. x [N, D], xp [N k, D].
+void moe_permute(const MoeRouting& r, const Tensor& x, const Tensor& xp);
+// pairs[t k + j] = xp[position[t k + j]]: the permuted rows back in pair order. xp, pairs [N k, D].
+// (moe_unpermute(moe_permute(x)) holds k copies of every row of x.)
+void moe_unpermute(const MoeRouting& r, const Tensor& xp, const Tensor& pairs);
+// out[t] (= or +=) sum_j w_tj yp[position[t k + j]]. yp [N k, D], out [N, D].
+void moe_combine(const MoeRouting& r, const Tensor& yp, const Tensor& out, bool accumulate);
+// dx[t] (= or +=) sum_j dxp[position[t k + j]]: the adjoint of moe_permute. dxp [N k, D], dx [N, D].
+void moe_permute_backward(const MoeRouting& r, const Tensor& dxp, const Tensor& dx, bool accumulate);
+
+// Auxiliary-loss-free load balancing (DeepSeek-V3, after each optimizer step), on the selection bias:
+//   bias_e += rate * sign(mean_load - load_e),   mean_load = (sum_e load_e) / E,   sign(0) = 0
+// load_e: pairs routed to expert e during the step (MoeRouting::counts summed over micro-batches and the
+// data-parallel ranks, so that every replica applies the same update). bias [E] f32 | f64 on the CPU.
+void moe_update_selection_bias(const Tensor& bias, const std::vector<int64_t>& load, double rate);
+
+struct MoeLayer {
+  MoeConfig cfg;
+  std::string nvtx_fwd = "moe.fwd", nvtx_bwd = "moe.bwd";
+
+  // Parameters (storage shape; MoeLayerWeights maps them to the HF qwen3_moe names):
+  WeightRef router;          // [E, D]            mlp.gate.weight
+  WeightRef gate_up;         // [E, 2F, D]        expert e: rows [0, F) gate_proj, [F, 2F) up_proj
+  WeightRef down;            // [E, D, F]         down_proj
+  WeightRef shared_gate_up;  // [S, 2F_s, D]      (empty when S = 0)
+  WeightRef shared_down;     // [S, D, F_s]
+  Tensor selection_bias;     // [E] (a buffer, not trained by gradients; empty without use_selection_bias)
+
+  // Exactly what backward needs; x is a view of the layer input, owned by the caller.
+  struct Saved {
+    Tensor x;
+    Tensor scores;  // [N, E]
+    MoeRouting routing;
+    Tensor xp, gate_up, act, yp;        // permuted rows: [N k, D], [N k, 2F], [N k, F], [N k, D]
+    Tensor shared_gate_up, shared_act;  // [S N, 2F_s], [S N, F_s] (empty when S = 0)
+    Tensor aux_frac;                    // [E]: f_e of L_aux (the scores' dtype)
+  };
+  struct Scratch {
+    Tensor d_yp, d_act, d_gate_up, d_xp;  // permuted rows
+    Tensor d_weight;                      // [N, k]
+    Tensor d_scores;                      // [N, E]: then d_logits in place
+    Tensor d_shared_act, d_shared_gate_up;
+  };
+
+  template <class Alloc>
+  Saved alloc_saved(Alloc& arena, int64_t n, DType act) const {
+    const int64_t nk = n * cfg.top_k, D = cfg.hidden, F = cfg.expert_ffn, S = cfg.num_shared_experts;
+    Saved s;
+    s.scores = arena.alloc({n, cfg.num_experts}, act);
+    s.routing = MoeRouting::alloc(arena, n, cfg.top_k, cfg.num_experts, act);
+    s.xp = arena.alloc({nk, D}, act);
+    s.gate_up = arena.alloc({nk, 2 * F}, act);
+    s.act = arena.alloc({nk, F}, act);
+    s.yp = arena.alloc({nk, D}, act);
+    if (S > 0) {
+      s.shared_gate_up = arena.alloc({S * n, 2 * cfg.shared_ffn}, act);
+      s.shared_act = arena.alloc({S * n, cfg.shared_ffn}, act);
+    }
+    s.aux_frac = arena.alloc({cfg.num_experts}, act);
+    return s;
+  }
+  template <class Alloc>
+  Scratch alloc_scratch(Alloc& arena, int64_t n, DType act) const {
+    const int64_t nk = n * cfg.top_k, D = cfg.hidden, F = cfg.expert_ffn;
+    Scratch s;
+    s.d_yp = arena.alloc({nk, D}, act);
+    s.d_act = arena.alloc({nk, F}, act);
+    s.d_gate_up = arena.alloc({nk, 2 * F}, act);
+    s.d_xp = arena.alloc({nk, D}, act);
+    s.d_weight = arena.alloc({n, cfg.top_k}, act);
+    s.d_scores = arena.alloc({n, cfg.num_experts}, act);
+    if (cfg.num_shared_experts > 0) {
+      s.d_shared_act = arena.alloc({n, cfg.shared_ffn}, act);
+      s.d_shared_gate_up = arena.alloc({n, 2 * cfg.shared_ffn}, act);
+    }
+    return s;
+  }
+
+  // out = MoE(in) (overwritten; must not alias in). Fills `saved` (from alloc_saved for the same N).
+  // Returns L_aux (0 when aux_loss_coef is 0).
+  double forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& saved) const;
+  // din = d(out)/d(in)^T dout + d_aux dL_aux/d(in) (overwritten, not accumulated); every weight gradient
+  // is accumulated into. d_aux: the gradient of the total loss w.r.t. L_aux (1 when the loss adds it
+  // as is). Temporaries come from `scratch`.
+  void backward(const ExecContext& ctx, const Saved& saved, const Tensor& dout, const Tensor& din, Arena& scratch,
+                double d_aux = 1.0) const;
+};
+
+// Parameter and gradient memory of one standalone MoE layer (a later piece moves them into the model's flat
+// buffers). Values and gradients f32 or f64, CPU only for now. Named views (HF qwen3_moe names; the
+// shared experts follow DeepSeek's "shared_experts", one set per shared expert):
+//   mlp.gate.weight [E, D]                           = router
+//   mlp.experts.{e}.gate_proj.weight [F, D]          = gate_up[e, 0:F]
+//   mlp.experts.{e}.up_proj.weight [F, D]            = gate_up[e, F:2F]
+//   mlp.experts.{e}.down_proj.weight [D, F]          = down[e]
+//   mlp.shared_experts.{s}.{gate,up,down}_proj.weight  likewise from shared_gate_up / shared_down
+//   mlp.gate.e_score_correction_bias [E]             = selection_bias (buffer: no gradient, not trainable;
+//                                                      only with use_selection_bias)
+// Every name is a contiguous view of the concatenated storage.
+class MoeLayerWeights {
+ public:
+  struct Param {
+    std::string name;
+    std::vector<int64_t> shape;
+    bool trainable = true;  // false for the selection bias
+    Tensor value, grad;     // views (grad empty when not trainable)
+  };
+
+  MoeLayerWeights(const MoeConfig& cfg, Device device, DType dtype);
+  MoeLayerWeights(const MoeLayerWeights&) = delete;
+  MoeLayerWeights& operator=(const MoeLayerWeights&) = delete;
+
+  const MoeLayer& layer() const { return layer_; }
+  DType dtype() const { return dtype_; }
+  const std::vector<Param>& params() const { return params_; }
+  const Param& param(const std::string& name) const;  // throws hyd::Error naming an unknown parameter
+
+  // Every matrix normal(0, std); the selection bias 0.
+  void init_random(uint64_t seed, float std = 0.02f);
+  // Host values converted to the parameter's dtype; size must equal numel.
+  void set_param(const std::string& name, const std::vector<double>& values);
+  std::vector<double> get_param(const std::string& name) const;
+  std::vector<double> get_grad(const std::string& name) const;  // throws for the selection bias
+  void zero_grad();
+
+ private:
+  DType dtype_;
+  Arena arena_;
+  MoeLayer layer_;
+  std::vector<Param> params_;
+};
+
+}  // namespace hyd
