@@ -4,7 +4,8 @@
 // differences in float64, with inputs redrawn until the top-k choice is stable under the step; an expert
 // with zero tokens and a selection bias that sends every token to one expert; the permutation (counts,
 // grouping, inverse, un-permute of permute); the auxiliary-loss-free bias update on hand-made loads;
-// config errors; the parameter names and their views of the concatenated storage.
+// config errors; the parameter names and their views of the concatenated storage; d_aux scaling of the aux
+// gradient; ArenaSizer sizes of alloc_saved / alloc_scratch.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -370,6 +371,57 @@ TEST(MoeLayer, Float32ForwardMatchesNaive) {
     if (p.trainable) {
       EXPECT_LT(rel_err(w32.get_grad(p.name), w64.get_grad(p.name)), 1e-5) << p.name;
     }
+}
+
+// d_aux scales the aux loss's gradient: d_aux = 0 gives the gradients of the same layer without the aux
+// loss; the aux term is linear in d_aux. ArenaSizer counts what alloc_saved / alloc_scratch take.
+TEST(MoeLayer, AuxGradientScaleAndArenaSizes) {
+  MoeConfig c = base_config();
+  c.norm_topk_prob = true;
+  c.aux_loss_coef = 0.05f;
+  MoeLayerWeights w(c, Device::cpu(), DType::f64);
+  const std::vector<double> x = stable_input(c, w, 6, 21, 1e-3);
+  ASSERT_FALSE(x.empty());
+  MoeConfig c0 = c;
+  c0.aux_loss_coef = 0.f;
+  MoeLayerWeights w0(c0, Device::cpu(), DType::f64);
+  for (const MoeLayerWeights::Param& p : w.params()) w0.set_param(p.name, w.get_param(p.name));
+  const int64_t n = 6;
+  const std::vector<double> dout = randn_f64(x.size());
+  auto run = [&](MoeLayerWeights& weights, double d_aux, std::vector<double>& dx) {
+    ExecContext ctx(Device::cpu());
+    Arena act("act", Device::cpu(), 1 << 20), scratch("scratch", Device::cpu(), 1 << 20);
+    weights.zero_grad();
+    MoeLayer::Saved s = weights.layer().alloc_saved(act, n, DType::f64);
+    std::vector<double> xv = x, out(x.size()), d = dout;
+    dx.assign(x.size(), 0.0);
+    weights.layer().forward(ctx, Tensor(xv.data(), DType::f64, Device::cpu(), {n, c.hidden}),
+                            Tensor(out.data(), DType::f64, Device::cpu(), {n, c.hidden}), s);
+    weights.layer().backward(ctx, s, Tensor(d.data(), DType::f64, Device::cpu(), {n, c.hidden}),
+                             Tensor(dx.data(), DType::f64, Device::cpu(), {n, c.hidden}), scratch, d_aux);
+    return weights.get_grad("mlp.gate.weight");
+  };
+  std::vector<double> dx0, dxa, dx1, dx2;
+  const std::vector<double> g0 = run(w0, 1.0, dx0), ga = run(w, 0.0, dxa), g1 = run(w, 1.0, dx1), g2 = run(w, 2.0, dx2);
+  EXPECT_LT(rel_err(ga, g0), 1e-14);
+  EXPECT_LT(rel_err(dxa, dx0), 1e-14);
+  EXPECT_GT(rel_err(g1, g0), 1e-6);  // the aux term is there
+  for (size_t i = 0; i < g0.size(); ++i) EXPECT_NEAR(g2[i] - g1[i], g1[i] - g0[i], 1e-13);
+
+  ArenaSizer sizer;
+  w.layer().alloc_saved(sizer, n, DType::f64);
+  const size_t saved_bytes = sizer.used();
+  w.layer().alloc_scratch(sizer, n, DType::f64);
+  Arena act("act", Device::cpu(), saved_bytes), scratch("scratch", Device::cpu(), sizer.used() - saved_bytes);
+  MoeLayer::Saved s = w.layer().alloc_saved(act, n, DType::f64);
+  EXPECT_EQ(act.used(), saved_bytes);
+  std::vector<double> xv = x, out(x.size()), d = dout, dx(x.size());
+  ExecContext ctx(Device::cpu());
+  w.layer().forward(ctx, Tensor(xv.data(), DType::f64, Device::cpu(), {n, c.hidden}),
+                    Tensor(out.data(), DType::f64, Device::cpu(), {n, c.hidden}), s);
+  w.layer().backward(ctx, s, Tensor(d.data(), DType::f64, Device::cpu(), {n, c.hidden}),
+                     Tensor(dx.data(), DType::f64, Device::cpu(), {n, c.hidden}), scratch);  // fits exactly
+  EXPECT_EQ(scratch.used(), scratch.capacity());
 }
 
 // The permutation on its own: counts, grouping, inverse, un-permute(permute(x)), combine, adjoint.
