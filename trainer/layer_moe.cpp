@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <numeric>
 #include <random>
 
 #include "kernels/matmul.h"
+#include "parallel/comm.h"
 
 namespace hyd {
 
@@ -189,19 +191,185 @@ void gather_sum(const MoeRouting& r, const T* weight, const Tensor& yp, const Te
   }
 }
 
+// ------------------------------------------------------------------------------------ expert parallelism
+
+}  // namespace
+
+struct MoeExpertParallel::Impl {
+  const Communicator* group = nullptr;
+  int rank = 0, size = 1;
+  // What one layer's forward leaves for its backward.
+  struct Saved {
+    std::vector<int64_t> send_rows, recv_rows;  // per peer: rows sent / received
+    std::vector<int64_t> recv_cnt;              // [P][El]: rows from source s for local expert e
+    std::vector<char> xe, gu, act;              // received rows regrouped expert-major, and their intermediates
+    int64_t rows = 0;
+  };
+  std::map<const MoeLayer*, Saved> saved;
+};
+
+MoeExpertParallel::MoeExpertParallel(const Communicator& group) : impl(std::make_unique<Impl>()) {
+  impl->group = &group;
+  impl->rank = group.rank();
+  impl->size = group.size();
+}
+MoeExpertParallel::~MoeExpertParallel() = default;
+int MoeExpertParallel::rank() const { return impl->rank; }
+int MoeExpertParallel::size() const { return impl->size; }
+int64_t MoeExpertParallel::last_received_rows(const MoeLayer& layer) const {
+  auto it = impl->saved.find(&layer);
+  return it == impl->saved.end() ? 0 : it->second.rows;
+}
+
+namespace {
+
 template <class T>
-double forward_impl(const MoeLayer& L, const Tensor& in, const Tensor& out, MoeLayer::Saved& s) {
+T* as(std::vector<char>& v, int64_t n) {
+  v.resize(static_cast<size_t>(n) * sizeof(T));
+  return reinterpret_cast<T*>(v.data());
+}
+
+// Rows exchanged with the owners of the experts: `xp` [N k, D] expert-major (this rank's tokens) goes to the
+// owners; `recv` [R, D] comes back grouped by source. `back` reverses the direction (recv -> xp).
+template <class T>
+void exchange_rows(const MoeExpertParallel::Impl& ep, const MoeExpertParallel::Impl::Saved& sv, int64_t D, T* xp,
+                   T* recv, bool back) {
+  const auto P = static_cast<size_t>(ep.size);
+  std::vector<int64_t> sc(P), rc(P);
+  for (size_t p = 0; p < P; ++p) {
+    sc[p] = sv.send_rows[p] * D;
+    rc[p] = sv.recv_rows[p] * D;
+  }
+  int64_t ns = 0, nr = 0;
+  for (size_t p = 0; p < P; ++p) {
+    ns += sc[p];
+    nr += rc[p];
+  }
+  if (!back)
+    ep.group->all_to_all_v<T>({xp, static_cast<size_t>(ns)}, sc, {recv, static_cast<size_t>(nr)}, rc);
+  else
+    ep.group->all_to_all_v<T>({recv, static_cast<size_t>(nr)}, rc, {xp, static_cast<size_t>(ns)}, sc);
+}
+
+// Source-grouped rows [R, D] <-> expert-major rows (for each local expert, its rows from every source in
+// source order). to_expert: src grouped -> dst expert-major.
+template <class T>
+void regroup(const MoeExpertParallel::Impl::Saved& sv, int P, int64_t El, int64_t D, const T* src, T* dst,
+             bool to_expert) {
+  std::vector<int64_t> src_off(static_cast<size_t>(P) * El);  // offset of block (s, e) in the source-grouped rows
+  int64_t o = 0;
+  for (int s = 0; s < P; ++s)
+    for (int64_t e = 0; e < El; ++e) {
+      src_off[s * El + e] = o;
+      o += sv.recv_cnt[s * El + e];
+    }
+  int64_t d = 0;
+  for (int64_t e = 0; e < El; ++e)
+    for (int s = 0; s < P; ++s) {
+      const int64_t m = sv.recv_cnt[s * El + e] * D, a = src_off[s * El + e] * D;
+      if (to_expert)
+        std::copy_n(src + a, m, dst + d);
+      else
+        std::copy_n(src + d, m, dst + a);
+      d += m;
+    }
+}
+
+template <class T>
+void ep_forward(MoeExpertParallel::Impl& ep, const MoeLayer& L, const MoeRouting& r, T* xp, T* yp) {
+  const MoeConfig& c = L.cfg;
+  const int P = ep.size;
+  const int64_t E = c.num_experts, El = E / P, D = c.hidden, F = c.expert_ffn;
+  HYD_CHECK(E % P == 0, "MoeExpertParallel: ", E, " experts over ", P, " ranks (num_experts must be a multiple)");
+  const int32_t* off = r.offsets.ptr<int32_t>();
+  MoeExpertParallel::Impl::Saved& sv = ep.saved[&L];
+  // Counts per (destination, its local expert) -> per (source, my local expert).
+  std::vector<int64_t> cnt(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) cnt[e] = off[e + 1] - off[e];
+  sv.recv_cnt.assign(static_cast<size_t>(E), 0);
+  ep.group->all_to_all<int64_t>(cnt, sv.recv_cnt);
+  sv.send_rows.assign(static_cast<size_t>(P), 0);
+  sv.recv_rows.assign(static_cast<size_t>(P), 0);
+  for (int p = 0; p < P; ++p)
+    for (int64_t e = 0; e < El; ++e) {
+      sv.send_rows[p] += cnt[p * El + e];
+      sv.recv_rows[p] += sv.recv_cnt[p * El + e];
+    }
+  int64_t R = 0;
+  for (int p = 0; p < P; ++p) R += sv.recv_rows[p];
+  sv.rows = R;
+  std::vector<T> recv(static_cast<size_t>(R * D)), ye(static_cast<size_t>(R * D));
+  exchange_rows<T>(ep, sv, D, xp, recv.data(), false);
+  T* xe = as<T>(sv.xe, R * D);
+  T* gu = as<T>(sv.gu, R * 2 * F);
+  T* act = as<T>(sv.act, R * F);
+  regroup<T>(sv, P, El, D, recv.data(), xe, true);
+  int64_t row = 0;
+  for (int64_t e = 0; e < El; ++e) {
+    int64_t m = 0;
+    for (int s = 0; s < P; ++s) m += sv.recv_cnt[s * El + e];
+    const int64_t g = ep.rank * El + e;  // the global expert index
+    if (m > 0)
+      ffn_forward(xe + row * D, L.gate_up.value.ptr<T>() + g * 2 * F * D, L.down.value.ptr<T>() + g * D * F,
+                  gu + row * 2 * F, act + row * F, ye.data() + row * D, m, D, F);
+    row += m;
+  }
+  regroup<T>(sv, P, El, D, ye.data(), recv.data(), false);
+  exchange_rows<T>(ep, sv, D, yp, recv.data(), true);
+}
+
+template <class T>
+void ep_backward(MoeExpertParallel::Impl& ep, const MoeLayer& L, const MoeRouting& r, T* d_yp, T* d_xp) {
+  (void)r;
+  const MoeConfig& c = L.cfg;
+  const int P = ep.size;
+  const int64_t El = c.num_experts / P, D = c.hidden, F = c.expert_ffn;
+  auto it = ep.saved.find(&L);
+  HYD_CHECK(it != ep.saved.end(), "MoeExpertParallel: backward of a layer without its forward");
+  MoeExpertParallel::Impl::Saved& sv = it->second;
+  const int64_t R = sv.rows;
+  std::vector<T> recv(static_cast<size_t>(R * D)), dye(static_cast<size_t>(R * D)), dxe(static_cast<size_t>(R * D));
+  std::vector<T> d_act(static_cast<size_t>(R * F)), d_gu(static_cast<size_t>(R * 2 * F));
+  exchange_rows<T>(ep, sv, D, d_yp, recv.data(), false);
+  regroup<T>(sv, P, El, D, recv.data(), dye.data(), true);
+  const T* xe = reinterpret_cast<const T*>(sv.xe.data());
+  const T* gu = reinterpret_cast<const T*>(sv.gu.data());
+  const T* act = reinterpret_cast<const T*>(sv.act.data());
+  int64_t row = 0;
+  for (int64_t e = 0; e < El; ++e) {
+    int64_t m = 0;
+    for (int s = 0; s < P; ++s) m += sv.recv_cnt[s * El + e];
+    const int64_t g = ep.rank * El + e;
+    if (m > 0)
+      ffn_backward(dye.data() + row * D, xe + row * D, L.gate_up.value.ptr<T>() + g * 2 * F * D,
+                   L.down.value.ptr<T>() + g * D * F, gu + row * 2 * F, act + row * F, d_act.data() + row * F,
+                   d_gu.data() + row * 2 * F, dxe.data() + row * D, false, L.gate_up.grad.ptr<T>() + g * 2 * F * D,
+                   L.down.grad.ptr<T>() + g * D * F, m, D, F);
+    row += m;
+  }
+  regroup<T>(sv, P, El, D, dxe.data(), recv.data(), false);
+  exchange_rows<T>(ep, sv, D, d_xp, recv.data(), true);
+}
+
+template <class T>
+double forward_impl(const MoeLayer& L, const Tensor& in, const Tensor& out, MoeLayer::Saved& s,
+                    const MoeExpertParallel* ep) {
   const MoeConfig& c = L.cfg;
   const int64_t N = in.size(0), D = c.hidden, E = c.num_experts, K = c.top_k, F = c.expert_ffn;
   const MoeRouting& r = s.routing;
   moe_route(c, in, L.router.value, L.selection_bias, s.scores, r);
   moe_permute(r, in, s.xp);
   const int32_t* off = r.offsets.ptr<int32_t>();
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t m = off[e + 1] - off[e];
-    if (m == 0) continue;  // an expert without tokens does nothing (and gets a zero gradient)
-    ffn_forward(s.xp.ptr<T>() + off[e] * D, L.gate_up.value.ptr<T>() + e * 2 * F * D, L.down.value.ptr<T>() + e * D * F,
-                s.gate_up.ptr<T>() + off[e] * 2 * F, s.act.ptr<T>() + off[e] * F, s.yp.ptr<T>() + off[e] * D, m, D, F);
+  if (ep != nullptr) {
+    ep_forward<T>(*ep->impl, L, r, s.xp.ptr<T>(), s.yp.ptr<T>());
+  } else {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t m = off[e + 1] - off[e];
+      if (m == 0) continue;  // an expert without tokens does nothing (and gets a zero gradient)
+      ffn_forward(s.xp.ptr<T>() + off[e] * D, L.gate_up.value.ptr<T>() + e * 2 * F * D,
+                  L.down.value.ptr<T>() + e * D * F, s.gate_up.ptr<T>() + off[e] * 2 * F, s.act.ptr<T>() + off[e] * F,
+                  s.yp.ptr<T>() + off[e] * D, m, D, F);
+    }
   }
   gather_sum<T>(r, r.weight.ptr<T>(), s.yp, out, false);
   const int64_t Fs = c.shared_ffn;
@@ -230,7 +398,7 @@ double forward_impl(const MoeLayer& L, const Tensor& in, const Tensor& out, MoeL
 
 template <class T>
 void backward_impl(const MoeLayer& L, const MoeLayer::Saved& s, const Tensor& dout, const Tensor& din,
-                   const MoeLayer::Scratch& t, double d_aux) {
+                   const MoeLayer::Scratch& t, double d_aux, const MoeExpertParallel* ep) {
   const MoeConfig& c = L.cfg;
   const int64_t N = s.x.size(0), D = c.hidden, E = c.num_experts, K = c.top_k, F = c.expert_ffn;
   const MoeRouting& r = s.routing;
@@ -255,13 +423,17 @@ void backward_impl(const MoeLayer& L, const MoeLayer::Saved& s, const Tensor& do
     dw[q] = dot;
   }
   // Experts, each on its rows; d_xp then scatters back to the tokens.
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t m = off[e + 1] - off[e];
-    if (m == 0) continue;
-    ffn_backward(t.d_yp.ptr<T>() + off[e] * D, s.xp.ptr<T>() + off[e] * D, L.gate_up.value.ptr<T>() + e * 2 * F * D,
-                 L.down.value.ptr<T>() + e * D * F, s.gate_up.ptr<T>() + off[e] * 2 * F, s.act.ptr<T>() + off[e] * F,
-                 t.d_act.ptr<T>() + off[e] * F, t.d_gate_up.ptr<T>() + off[e] * 2 * F, t.d_xp.ptr<T>() + off[e] * D,
-                 false, L.gate_up.grad.ptr<T>() + e * 2 * F * D, L.down.grad.ptr<T>() + e * D * F, m, D, F);
+  if (ep != nullptr) {
+    ep_backward<T>(*ep->impl, L, r, t.d_yp.ptr<T>(), t.d_xp.ptr<T>());
+  } else {
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t m = off[e + 1] - off[e];
+      if (m == 0) continue;
+      ffn_backward(t.d_yp.ptr<T>() + off[e] * D, s.xp.ptr<T>() + off[e] * D, L.gate_up.value.ptr<T>() + e * 2 * F * D,
+                   L.down.value.ptr<T>() + e * D * F, s.gate_up.ptr<T>() + off[e] * 2 * F, s.act.ptr<T>() + off[e] * F,
+                   t.d_act.ptr<T>() + off[e] * F, t.d_gate_up.ptr<T>() + off[e] * 2 * F, t.d_xp.ptr<T>() + off[e] * D,
+                   false, L.gate_up.grad.ptr<T>() + e * 2 * F * D, L.down.grad.ptr<T>() + e * D * F, m, D, F);
+    }
   }
   moe_permute_backward(r, t.d_xp, din, false);
 
@@ -414,7 +586,8 @@ void moe_update_selection_bias(const Tensor& bias, const std::vector<int64_t>& l
   }
 }
 
-double MoeLayer::forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& saved) const {
+double MoeLayer::forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& saved,
+                         const MoeExpertParallel* ep) const {
   constexpr const char* op = "MoeLayer::forward";
   NvtxRange range(nvtx_fwd.c_str());
   (void)ctx;
@@ -427,11 +600,12 @@ double MoeLayer::forward(const ExecContext& ctx, const Tensor& in, const Tensor&
   expect_cpu_float(saved.xp, dt, op, "saved.xp");
   expect_shape(saved.xp, {in.size(0) * cfg.top_k, cfg.hidden}, op, "saved.xp");
   saved.x = in;
-  return dt == DType::f64 ? forward_impl<double>(*this, in, out, saved) : forward_impl<float>(*this, in, out, saved);
+  return dt == DType::f64 ? forward_impl<double>(*this, in, out, saved, ep)
+                          : forward_impl<float>(*this, in, out, saved, ep);
 }
 
 void MoeLayer::backward(const ExecContext& ctx, const Saved& saved, const Tensor& dout, const Tensor& din,
-                        Arena& scratch, double d_aux) const {
+                        Arena& scratch, double d_aux, const MoeExpertParallel* ep) const {
   constexpr const char* op = "MoeLayer::backward";
   NvtxRange range(nvtx_bwd.c_str());
   (void)ctx;
@@ -444,9 +618,9 @@ void MoeLayer::backward(const ExecContext& ctx, const Saved& saved, const Tensor
   expect_cpu_float(router.grad, dt, op, "router.grad");
   const Scratch t = alloc_scratch(scratch, n, dt);
   if (dt == DType::f64)
-    backward_impl<double>(*this, saved, dout, din, t, d_aux);
+    backward_impl<double>(*this, saved, dout, din, t, d_aux, ep);
   else
-    backward_impl<float>(*this, saved, dout, din, t, d_aux);
+    backward_impl<float>(*this, saved, dout, din, t, d_aux, ep);
 }
 
 // ------------------------------------------------------------------------------------ MoeLayerWeights

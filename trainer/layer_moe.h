@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -99,6 +100,35 @@ void moe_permute_backward(const MoeRouting& r, const Tensor& dxp, const Tensor& 
 // data-parallel ranks, so that every replica applies the same update). bias [E] f32 | f64 on the CPU.
 void moe_update_selection_bias(const Tensor& bias, const std::vector<int64_t>& load, double rate);
 
+class Communicator;  // parallel/comm.h
+struct MoeLayer;
+
+// Expert parallelism over an EP group of P ranks (PARALLEL.md; the CPU, MPI, for now): rank p computes the
+// routed experts [p E/P, (p+1) E/P) (E must be a multiple of P) for the tokens of every rank of the group.
+// Per MoE layer and micro-batch, forward: the per-(destination, local expert) row counts go through one
+// all-to-all, the permuted token rows (already expert-major, so each destination's rows are contiguous)
+// through one all-to-all-v; each rank regroups what it received expert by expert (rows of one expert
+// from every source, in source order), runs its experts, and the outputs go back by the mirror
+// all-to-all-v; the combine runs where the tokens live. Backward runs the same exchanges for the output
+// gradients and back for the input gradients. Dropless: an expert may receive no row, or every row.
+// Router and shared experts are computed locally (replicated weights); a routed expert's gradient exists
+// only on its owner rank (zero elsewhere), so summing expert gradients over the group gives each expert's
+// gradient once. The load-balancing loss (aux_loss_coef > 0) is computed per rank on its own tokens.
+class MoeExpertParallel {
+ public:
+  explicit MoeExpertParallel(const Communicator& group);  // group must outlive this object
+  ~MoeExpertParallel();
+  MoeExpertParallel(const MoeExpertParallel&) = delete;
+  MoeExpertParallel& operator=(const MoeExpertParallel&) = delete;
+  int rank() const;
+  int size() const;
+  // Rows this rank's experts processed in the last forward of `layer` (all sources together).
+  int64_t last_received_rows(const MoeLayer& layer) const;
+
+  struct Impl;  // the exchanges and the saved rows, per layer (layer_moe.cpp)
+  std::unique_ptr<Impl> impl;
+};
+
 struct MoeLayer {
   MoeConfig cfg;
   std::string nvtx_fwd = "moe.fwd", nvtx_bwd = "moe.bwd";
@@ -163,12 +193,15 @@ struct MoeLayer {
 
   // out = MoE(in) (overwritten; must not alias in). Fills `saved` (from alloc_saved for the same N).
   // Returns L_aux (0 when aux_loss_coef is 0).
-  double forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& saved) const;
+  // ep: expert parallelism over its group (nullptr: every expert here).
+  double forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& saved,
+                 const MoeExpertParallel* ep = nullptr) const;
   // din = d(out)/d(in)^T dout + d_aux dL_aux/d(in) (overwritten, not accumulated); every weight gradient
   // is accumulated into. d_aux: the gradient of the total loss w.r.t. L_aux (1 when the loss adds it
   // as is). Temporaries come from `scratch`.
+  // ep: the same as the forward's.
   void backward(const ExecContext& ctx, const Saved& saved, const Tensor& dout, const Tensor& din, Arena& scratch,
-                double d_aux = 1.0) const;
+                double d_aux = 1.0, const MoeExpertParallel* ep = nullptr) const;
 };
 
 // Parameter and gradient memory of one standalone MoE layer (a later piece moves them into the model's flat
