@@ -729,6 +729,15 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
 void run_evaluation(const DistillConfig& cfg, const std::string& checkpoint_dir, std::ostream& out) {
   const std::string& src = cfg.source;
   validate_distill_config(cfg);
+  // One process: every rank would evaluate everything and append to the same eval.jsonl.
+  int mpi_up = 0, world_size = 1;
+  CHECK_MPI(MPI_Initialized(&mpi_up));
+  if (mpi_up) CHECK_MPI(MPI_Comm_size(MPI_COMM_WORLD, &world_size));
+  if (world_size > 1 || cfg.parallel.dp * cfg.parallel.sp > 1)
+    throw ConfigError::at(src, "parallel.dp",
+                          "hydistill eval runs in one process (got " + std::to_string(world_size) +
+                              " ranks, parallel.dp x parallel.sp = " +
+                              std::to_string(cfg.parallel.dp * cfg.parallel.sp) + "); start it without mpirun");
   // The checkpoint first (a broken one names its file and field), then whether this configuration
   // describes its student.
   const StudentCheckpoint sc = open_student_checkpoint(checkpoint_dir);

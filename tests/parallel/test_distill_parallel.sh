@@ -137,4 +137,8 @@ OMP_NUM_THREADS=1 "$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/b
   >"$WORK/bad2.out" 2>&1
 [ $? -eq 2 ] && grep -q "parallel.dp" "$WORK/bad2.out" || { cat "$WORK/bad2.out"; fail "dp=0 not refused with exit 2"; }
 [ ! -e "$WORK/bad2" ] || fail "a refused run created its run directory"
+# `hydistill eval` is one process: parallel options are refused before anything is read.
+"$HYD" eval --config "$WORK/distill.ini" --run.dir "$WORK/bad3" --checkpoint "$WORK/none" --parallel.sp 2 \
+  >"$WORK/bad3.out" 2>&1
+[ $? -eq 2 ] && grep -q "parallel.dp" "$WORK/bad3.out" || { cat "$WORK/bad3.out"; fail "eval with sp=2 not refused"; }
 echo "PASS"
