@@ -178,6 +178,45 @@ void parse_rope(const json& root, const ConfigReader& top, const std::string& so
   }
 }
 
+// Qwen3MoeConfig's expert keys (defaults as its class has them). transformers 5.x writes the expert count
+// as num_local_experts; num_experts (4.x and the released checkpoints) wins when both are present.
+void parse_moe(const json& j, const ConfigReader& r, ModelConfig& cfg) {
+  const char* experts_key = r.has("num_experts") || !r.has("num_local_experts") ? "num_experts" : "num_local_experts";
+  cfg.num_experts = r.get_int(experts_key, 128);
+  if (cfg.num_experts < 0) r.fail(experts_key, "must be >= 0, got " + std::to_string(cfg.num_experts));
+  cfg.num_experts_per_tok = r.get_int("num_experts_per_tok", 8);
+  cfg.moe_intermediate_size = r.get_int("moe_intermediate_size", 768);
+  cfg.norm_topk_prob = r.get_bool("norm_topk_prob", false);
+  cfg.decoder_sparse_step = r.get_int("decoder_sparse_step", 1);
+  cfg.router_aux_loss_coef = r.get_number("router_aux_loss_coef", 0.001);
+  if (cfg.num_experts > 0) {
+    if (cfg.num_experts_per_tok <= 0 || cfg.num_experts_per_tok > cfg.num_experts)
+      r.fail("num_experts_per_tok", "must be in 1.." + std::to_string(cfg.num_experts) + " (" + experts_key +
+                                        "), got " + std::to_string(cfg.num_experts_per_tok));
+    if (cfg.moe_intermediate_size <= 0)
+      r.fail("moe_intermediate_size", "must be > 0, got " + std::to_string(cfg.moe_intermediate_size));
+    if (cfg.decoder_sparse_step <= 0)
+      r.fail("decoder_sparse_step", "must be > 0, got " + std::to_string(cfg.decoder_sparse_step));
+  }
+  if (!(cfg.router_aux_loss_coef >= 0)) r.fail("router_aux_loss_coef", "must be >= 0");
+  if (r.has("mlp_only_layers")) {
+    const json& v = j.at("mlp_only_layers");
+    if (!v.is_array()) r.fail("mlp_only_layers", "expected a list of layer indices, got " + v.dump());
+    for (size_t i = 0; i < v.size(); ++i) {
+      const std::string key = "mlp_only_layers[" + std::to_string(i) + "]";
+      if (!v[i].is_number_integer()) r.fail(key, "expected a layer index, got " + v[i].dump());
+      const int64_t l = v[i].get<int64_t>();
+      if (l < 0 || l >= cfg.num_layers)
+        r.fail(key, "layer " + std::to_string(l) + " does not exist (num_hidden_layers " +
+                        std::to_string(cfg.num_layers) + ")");
+      cfg.mlp_only_layers.push_back(l);
+    }
+  }
+  // output_router_logits only makes HF add coef * L_aux to its training loss; the teacher's logits do not
+  // depend on it, and the model's loss here is the plain CE (router_aux_loss_coef is kept, unused).
+  (void)r.get_bool("output_router_logits", false);
+}
+
 }  // namespace
 
 ModelConfig model_config_from_hf_json(const json& j, const std::string& source) {
@@ -185,11 +224,12 @@ ModelConfig model_config_from_hf_json(const json& j, const std::string& source) 
   ConfigReader r(j, source);
   ModelConfig cfg;
 
-  if (!r.has("model_type")) r.fail("model_type", "missing (expected llama, qwen2 or qwen3)");
+  if (!r.has("model_type")) r.fail("model_type", "missing (expected llama, qwen2, qwen3 or qwen3_moe)");
   const std::string family = r.get_string("model_type", "");
-  if (family != "llama" && family != "qwen2" && family != "qwen3") {
-    r.fail("model_type", "unsupported model_type '" + family + "' (supported: llama, qwen2, qwen3)");
+  if (family != "llama" && family != "qwen2" && family != "qwen3" && family != "qwen3_moe") {
+    r.fail("model_type", "unsupported model_type '" + family + "' (supported: llama, qwen2, qwen3, qwen3_moe)");
   }
+  const bool qwen3_like = family == "qwen3" || family == "qwen3_moe";  // q/k norm, head_dim default 128
   cfg.family = family;
 
   if (r.has("quantization_config")) r.fail("quantization_config", "quantized checkpoints are not supported");
@@ -217,7 +257,7 @@ ModelConfig model_config_from_hf_json(const json& j, const std::string& source) 
   }
   // head_dim: explicit when present; Qwen3's config class defaults it to 128, the others derive it.
   const int64_t derived_head_dim = cfg.hidden_size / cfg.num_heads;
-  cfg.head_dim = r.get_int("head_dim", family == "qwen3" ? 128 : derived_head_dim);
+  cfg.head_dim = r.get_int("head_dim", qwen3_like ? 128 : derived_head_dim);
   if (cfg.head_dim <= 0 || cfg.head_dim % 2 != 0) {
     r.fail("head_dim", "must be positive and even (RoPE rotates halves), got " + std::to_string(cfg.head_dim));
   }
@@ -235,8 +275,9 @@ ModelConfig model_config_from_hf_json(const json& j, const std::string& source) 
   } else if (r.get_bool("attention_bias", false)) {
     r.fail("attention_bias", "true adds an o_proj bias, which the dense model does not implement");
   }
-  cfg.qk_norm = (family == "qwen3");
+  cfg.qk_norm = qwen3_like;
   if (r.get_bool("mlp_bias", false)) r.fail("mlp_bias", "MLP biases are not supported");
+  if (family == "qwen3_moe") parse_moe(j, r, cfg);
 
   // Sliding-window attention: the explicit per-layer list when present, else the Qwen rule
   // (layers >= max_window_layers slide when use_sliding_window and sliding_window are set).

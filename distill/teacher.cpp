@@ -124,6 +124,13 @@ OpenTeacher open_teacher(const std::string& dir) {
      << (cfg.qkv_bias ? " (qkv bias)" : "") << "\n";
   os << "  layers            " << cfg.num_layers << "\n";
   os << "  hidden / ffn      " << cfg.hidden_size << " / " << cfg.intermediate_size << "\n";
+  if (cfg.num_experts > 0) {
+    int64_t sparse = 0;
+    for (int64_t l = 0; l < cfg.num_layers; ++l) sparse += cfg.is_moe_layer(l) ? 1 : 0;
+    os << "  experts           " << cfg.num_experts << " (top " << cfg.num_experts_per_tok << ", ffn "
+       << cfg.moe_intermediate_size << (cfg.norm_topk_prob ? ", normalised top-k" : "") << ") in " << sparse << " of "
+       << cfg.num_layers << " layers\n";
+  }
   os << "  heads / kv heads  " << cfg.num_heads << " / " << cfg.num_kv_heads << ", head_dim " << cfg.head_dim << "\n";
   os << "  vocab             " << cfg.vocab_size
      << (cfg.tie_word_embeddings ? " (tied embeddings)" : " (untied lm_head)") << "\n";
@@ -186,9 +193,20 @@ std::vector<HfTensorSpec> hf_dense_tensors(const ModelConfig& cfg) {
     }
     out.push_back({p + "self_attn.o_proj.weight", {D, cfg.q_dim()}});
     out.push_back({p + "post_attention_layernorm.weight", {D}});
-    out.push_back({p + "mlp.gate_proj.weight", {F, D}});
-    out.push_back({p + "mlp.up_proj.weight", {F, D}});
-    out.push_back({p + "mlp.down_proj.weight", {D, F}});
+    if (cfg.is_moe_layer(l)) {
+      const int64_t Fe = cfg.moe_intermediate_size;
+      out.push_back({p + "mlp.gate.weight", {cfg.num_experts, D}});
+      for (int64_t e = 0; e < cfg.num_experts; ++e) {
+        const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
+        out.push_back({x + "gate_proj.weight", {Fe, D}});
+        out.push_back({x + "up_proj.weight", {Fe, D}});
+        out.push_back({x + "down_proj.weight", {D, Fe}});
+      }
+    } else {
+      out.push_back({p + "mlp.gate_proj.weight", {F, D}});
+      out.push_back({p + "mlp.up_proj.weight", {F, D}});
+      out.push_back({p + "mlp.down_proj.weight", {D, F}});
+    }
   }
   out.push_back({"model.norm.weight", {D}});
   if (!cfg.tie_word_embeddings) out.push_back({"lm_head.weight", {V, D}});
@@ -214,8 +232,22 @@ std::vector<HfParamSource> hf_dense_param_sources(const ModelConfig& cfg) {
     }
     out.push_back({q + "wo", {p + "self_attn.o_proj.weight"}});
     out.push_back({q + "mlp_norm", {p + "post_attention_layernorm.weight"}});
-    out.push_back({q + "w_gate_up", {p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"}});
-    out.push_back({q + "w_down", {p + "mlp.down_proj.weight"}});
+    if (cfg.is_moe_layer(l)) {
+      // Stacked expert storage (trainer/model.h): per expert gate rows then up rows; then the down matrices.
+      HfParamSource gate_up{q + "mlp.gate_up", {}}, down{q + "mlp.down", {}};
+      for (int64_t e = 0; e < cfg.num_experts; ++e) {
+        const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
+        gate_up.hf_names.push_back(x + "gate_proj.weight");
+        gate_up.hf_names.push_back(x + "up_proj.weight");
+        down.hf_names.push_back(x + "down_proj.weight");
+      }
+      out.push_back({q + "mlp.gate.weight", {p + "mlp.gate.weight"}});
+      out.push_back(std::move(gate_up));
+      out.push_back(std::move(down));
+    } else {
+      out.push_back({q + "w_gate_up", {p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"}});
+      out.push_back({q + "w_down", {p + "mlp.down_proj.weight"}});
+    }
   }
   out.push_back({"final_norm", {"model.norm.weight"}});
   if (!cfg.tie_word_embeddings) out.push_back({"lm_head", {"lm_head.weight"}});
@@ -248,6 +280,16 @@ void load_teacher_weights(const std::string& dir, DenseModel& model) {
   same("tie_word_embeddings", tc.tie_word_embeddings, mc.tie_word_embeddings);
   same("model_type (q/k norm)", tc.qk_norm, mc.qk_norm);
   same("model_type (qkv bias)", tc.qkv_bias, mc.qkv_bias);
+  same("num_experts", tc.num_experts, mc.num_experts);
+  if (tc.num_experts > 0) {
+    same("num_experts_per_tok", tc.num_experts_per_tok, mc.num_experts_per_tok);
+    same("moe_intermediate_size", tc.moe_intermediate_size, mc.moe_intermediate_size);
+    same("norm_topk_prob", tc.norm_topk_prob, mc.norm_topk_prob);
+    for (int64_t l = 0; l < tc.num_layers; ++l) {
+      same(("decoder_sparse_step / mlp_only_layers (layer " + std::to_string(l) + " is MoE)").c_str(),
+           tc.is_moe_layer(l), mc.is_moe_layer(l));
+    }
+  }
 
   std::set<std::string> filled;
   for (const auto& src : hf_dense_param_sources(tc)) {
@@ -266,7 +308,10 @@ void load_teacher_weights(const std::string& dir, DenseModel& model) {
     }
     std::vector<int64_t> shape = t.ckpt.info(src.hf_names.front()).shape;
     shape[0] = rows;
-    if (shape != p.shape || static_cast<int64_t>(buf.size()) != p.numel) {
+    // Stacked expert parameters [E, R, C] are filled from R x C matrices concatenated to [E R, C].
+    std::vector<int64_t> want = p.shape;
+    if (want.size() == 3) want = {want[0] * want[1], want[2]};
+    if (shape != want || static_cast<int64_t>(buf.size()) != p.numel) {
       throw Error::at(t.ckpt.file_of(src.hf_names.front()), src.hf_names.front(),
                       "assembles parameter '" + src.param + "' of shape " + shape_to_string(shape) +
                           " but the model's is " + shape_to_string(p.shape));

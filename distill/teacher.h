@@ -1,5 +1,5 @@
 // Teacher checkpoints in Hugging Face layout (config.json + model.safetensors, or shards listed by
-// model.safetensors.index.json) for the dense families llama / qwen2 / qwen3.
+// model.safetensors.index.json) for the dense families llama / qwen2 / qwen3 and for qwen3_moe.
 //
 // HF tensor names and how they land on DenseModel parameters (trainer/model.h):
 //   model.embed_tokens.weight                              -> embed
@@ -11,6 +11,11 @@
 //   model.layers.L.post_attention_layernorm.weight         -> layers.L.mlp_norm
 //   model.layers.L.mlp.{gate,up}_proj.weight               -> layers.L.w_gate_up (rows gate; up)
 //   model.layers.L.mlp.down_proj.weight                    -> layers.L.w_down
+// qwen3_moe, sparse layers (ModelConfig::is_moe_layer; the others are dense as above):
+//   model.layers.L.mlp.gate.weight [E, D]                  -> layers.L.mlp.gate.weight
+//   model.layers.L.mlp.experts.e.{gate,up}_proj.weight     -> layers.L.mlp.gate_up [E, 2F, D] (expert e: gate; up)
+//   model.layers.L.mlp.experts.e.down_proj.weight          -> layers.L.mlp.down [E, D, F]
+// (the per-expert layout transformers' save_pretrained writes; fused gate_up_proj tensors are refused).
 //   model.norm.weight                                      -> final_norm
 //   lm_head.weight (absent when tied)                      -> lm_head
 // Stored dtypes F32, BF16, F16 (F64) are accepted and converted.

@@ -123,6 +123,11 @@ std::string layer_pattern_string(const std::vector<MixerKind>& layers) {
 
 void HybridConfig::finalize(const std::string& source) {
   model.finalize(source);
+  if (model.num_experts > 0)
+    throw Error::at(source, "model.num_experts",
+                    "is " + std::to_string(model.num_experts) + " (family " + model.family +
+                        "): hybrid students with MoE layers are not supported yet (a student from a MoE teacher "
+                        "is a later piece of issue 7)");
   layers = parse_layer_pattern(pattern, model.num_layers, source);
   if (has(MixerKind::kda)) {
     if (kda.hidden == 0) kda.hidden = model.hidden_size;

@@ -9,12 +9,15 @@
 //   activations act * N * [ (2L + 1) D                      residual stream h_0, h after each block
 //                           + L (D + q + 2 kv + q)            a, q, k, v, o          (q = Hq d, kv = Hkv d)
 //                           + L (q + kv)                      q, k before the norm   (qk_norm only)
-//                           + L (D + 2F + F)                  m, gate_up, swiglu out
+//                           + L (D + 2F + F)                  m, gate_up, swiglu out   (dense layers)
+//                           + L (D + MoeLayer::alloc_saved)   m, router scores, routing, permuted rows
+//                                                             (N k rows of D, 2F_moe, F_moe, D)   (MoE layers)
 //                           + 3 D ]                           final normed, its grad, residual grad
 //               + 4 * N * [ L (1 + Hq + 1) + L (Hq + Hkv) [qk_norm] + 1 + 1 ]   rstd, lse, q/k rstd, final rstd,
 //                                                                               per-token losses
 //   scratch     max( attention backward temporaries act * N (2 q + 2 kv + 2 D [+ q + kv]),
 //                    MLP backward temporaries      act * N (3 F + 2 D),
+//                    MoE block backward             act * N (2 D) + MoeLayer::alloc_scratch,
 //                    one logits chunk              4 * C * V )
 // The capacities are computed by running the same alloc_* code on an ArenaSizer, so this comment and
 // the arenas cannot disagree by more than the comment's own mistakes.
@@ -24,6 +27,7 @@
 #include <cmath>
 #include <random>
 #include <unordered_map>
+#include <utility>
 
 #include "kernels/cross_entropy.h"
 #include "kernels/elementwise.h"
@@ -33,6 +37,7 @@
 #include "kernels/rope.h"
 #include "trainer/layer_attention.h"
 #include "trainer/layer_mlp.h"
+#include "trainer/layer_moe.h"
 
 #ifdef HYD_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -66,7 +71,8 @@ void device_sync(Device d) {
 Tensor view_at(const Tensor& flat, int64_t offset, const std::vector<int64_t>& shape) {
   char* p = static_cast<char*>(flat.data) + offset * static_cast<int64_t>(dtype_size(flat.dtype));
   if (shape.size() == 1) return Tensor(p, flat.dtype, flat.device, {shape[0]});
-  HYD_CHECK(shape.size() == 2, "parameters are vectors or matrices");
+  if (shape.size() == 3) return Tensor(p, flat.dtype, flat.device, {shape[0], shape[1], shape[2]});  // experts
+  HYD_CHECK(shape.size() == 2, "parameters are vectors, matrices or stacks of expert matrices");
   return Tensor(p, flat.dtype, flat.device, {shape[0], shape[1]});
 }
 
@@ -114,16 +120,28 @@ struct DenseModel::Impl {
 
   WeightRef embed, final_norm, lm_head;
   std::vector<AttentionLayer> attn;
+  // Per layer, the FFN block: the dense MLP (mlp[l]) or, where cfg.is_moe_layer(l), pre-norm moe_norm[l],
+  // the MoE FFN moe[l] and the residual (the other vector's entry is then unused and empty).
   std::vector<MlpLayer> mlp;
+  std::vector<MoeLayer> moe;
+  std::vector<WeightRef> moe_norm;
+  std::vector<bool> sparse;
+
+  // What an MoE block's backward needs beyond MoeLayer::Saved: its input and the pre-norm.
+  struct MoeBlockSaved {
+    Tensor x, m, rstd;  // [N, D], [N, D], f32 [N]
+    MoeLayer::Saved moe;
+  };
 
   // Activations of one micro-batch, allocated from the activation arena (reset every step).
   struct Step {
     std::vector<Tensor> residual;  // 2L + 1 tensors [N, D]: h_0, then h after each attention / MLP block
     std::vector<AttentionLayer::Saved> attn;
-    std::vector<MlpLayer::Saved> mlp;
-    Tensor final_normed, final_rstd;  // [N, D], f32 [N]
-    Tensor losses;                    // f32 [N]
-    Tensor d_normed, d_residual;      // [N, D]
+    std::vector<MlpLayer::Saved> mlp;  // dense layers (empty entries for MoE layers)
+    std::vector<MoeBlockSaved> moe;    // MoE layers (empty entries for dense layers)
+    Tensor final_normed, final_rstd;   // [N, D], f32 [N]
+    Tensor losses;                     // f32 [N]
+    Tensor d_normed, d_residual;       // [N, D]
   };
 
   template <class Alloc>
@@ -135,7 +153,17 @@ struct DenseModel::Impl {
       s.residual.push_back(a.alloc({n, D}, act));
       s.residual.push_back(a.alloc({n, D}, act));
       s.attn.push_back(attn[l].alloc_saved(a, n, act));
-      s.mlp.push_back(mlp[l].alloc_saved(a, n, act));
+      if (sparse[l]) {
+        MoeBlockSaved b;
+        b.m = a.alloc({n, D}, act);
+        b.rstd = a.alloc({n}, DType::f32);
+        b.moe = moe[l].alloc_saved(a, n, act);
+        s.mlp.emplace_back();
+        s.moe.push_back(std::move(b));
+      } else {
+        s.mlp.push_back(mlp[l].alloc_saved(a, n, act));
+        s.moe.emplace_back();
+      }
     }
     s.final_normed = a.alloc({n, D}, act);
     s.final_rstd = a.alloc({n}, DType::f32);
@@ -145,14 +173,31 @@ struct DenseModel::Impl {
     return s;
   }
 
+  // The MoE block's own backward temporaries, before MoeLayer::backward takes its scratch after them.
+  template <class Alloc>
+  std::pair<Tensor, Tensor> alloc_moe_block_scratch(Alloc& a, int64_t n) const {
+    Tensor dm = a.alloc({n, cfg.hidden_size}, act);
+    Tensor dx = a.alloc({n, cfg.hidden_size}, act);
+    return {dm, dx};
+  }
+
   // Scratch: the largest of one layer's backward temporaries and one f32 logits chunk.
   size_t scratch_bytes(int64_t n) const {
     size_t bytes = 0;
     if (cfg.num_layers > 0) {
-      ArenaSizer sa, sm;
+      ArenaSizer sa;
       attn[0].alloc_scratch(sa, n, act);
-      mlp[0].alloc_scratch(sm, n, act);
-      bytes = std::max(sa.used(), sm.used());
+      bytes = sa.used();
+    }
+    for (int64_t l = 0; l < cfg.num_layers; ++l) {
+      ArenaSizer sm;
+      if (sparse[l]) {
+        alloc_moe_block_scratch(sm, n);
+        moe[l].alloc_scratch(sm, n, act);
+      } else {
+        mlp[l].alloc_scratch(sm, n, act);
+      }
+      bytes = std::max(bytes, sm.used());
     }
     ArenaSizer sl;
     sl.alloc({std::min(logits_chunk, n), cfg.vocab_size}, DType::f32);
@@ -184,6 +229,10 @@ struct DenseModel::Impl {
   void lm_head_loss(const ExecContext& ctx, const Batch& b, Step& st, bool with_grad, float loss_scale);
   double mean_loss(const ExecContext& ctx, const Batch& b, const Step& st) const;
   void backward(const ExecContext& ctx, const Batch& b, Step& st);
+  // out = in + MoE(RMSNorm(in)) (out must not alias in).
+  void moe_block_forward(const ExecContext& ctx, int64_t l, const Tensor& in, const Tensor& out, MoeBlockSaved& s);
+  // d_residual += RMSNorm'(x)^T MoE'(m)^T d_residual (in place); weight gradients accumulate.
+  void moe_block_backward(const ExecContext& ctx, int64_t l, const MoeBlockSaved& s, const Tensor& d_residual);
 };
 
 void DenseModel::Impl::build() {
@@ -204,8 +253,15 @@ void DenseModel::Impl::build() {
     }
     add_param(p + "wo", {D, cfg.q_dim()}, true, offset);
     add_param(p + "mlp_norm", {D}, false, offset);
-    add_param(p + "w_gate_up", {2 * F, D}, true, offset);
-    add_param(p + "w_down", {D, F}, true, offset);
+    if (cfg.is_moe_layer(l)) {
+      const int64_t E = cfg.num_experts, Fe = cfg.moe_intermediate_size;
+      add_param(p + "mlp.gate.weight", {E, D}, true, offset);
+      add_param(p + "mlp.gate_up", {E, 2 * Fe, D}, true, offset);
+      add_param(p + "mlp.down", {E, D, Fe}, true, offset);
+    } else {
+      add_param(p + "w_gate_up", {2 * F, D}, true, offset);
+      add_param(p + "w_down", {D, F}, true, offset);
+    }
   }
   add_param("final_norm", {D}, false, offset);
   if (!cfg.tie_word_embeddings) add_param("lm_head", {V, D}, true, offset);
@@ -249,16 +305,39 @@ void DenseModel::Impl::build() {
     a.wo = ref(p + "wo");
     attn.push_back(std::move(a));
 
+    sparse.push_back(cfg.is_moe_layer(l));
     MlpLayer m;
-    m.hidden = D;
-    m.intermediate = F;
-    m.eps = eps;
-    m.nvtx_fwd = "layer." + std::to_string(l) + ".mlp.fwd";
-    m.nvtx_bwd = "layer." + std::to_string(l) + ".mlp.bwd";
-    m.norm = ref(p + "mlp_norm");
-    m.w_gate_up = ref(p + "w_gate_up");
-    m.w_down = ref(p + "w_down");
+    MoeLayer e;
+    WeightRef e_norm;
+    if (sparse[l]) {
+      // HF Qwen3MoeSparseMoeBlock: softmax router, top-k, optional renormalisation, no shared experts, no
+      // biases. The aux loss stays out of the model's loss (aux_loss_coef 0: forward returns 0).
+      e.cfg.hidden = D;
+      e.cfg.num_experts = cfg.num_experts;
+      e.cfg.top_k = cfg.num_experts_per_tok;
+      e.cfg.expert_ffn = cfg.moe_intermediate_size;
+      e.cfg.score_func = "softmax";
+      e.cfg.norm_topk_prob = cfg.norm_topk_prob;
+      e.cfg.validate("DenseModel layer " + std::to_string(l));
+      e.nvtx_fwd = "layer." + std::to_string(l) + ".moe.fwd";
+      e.nvtx_bwd = "layer." + std::to_string(l) + ".moe.bwd";
+      e.router = ref(p + "mlp.gate.weight");
+      e.gate_up = ref(p + "mlp.gate_up");
+      e.down = ref(p + "mlp.down");
+      e_norm = ref(p + "mlp_norm");
+    } else {
+      m.hidden = D;
+      m.intermediate = F;
+      m.eps = eps;
+      m.nvtx_fwd = "layer." + std::to_string(l) + ".mlp.fwd";
+      m.nvtx_bwd = "layer." + std::to_string(l) + ".mlp.bwd";
+      m.norm = ref(p + "mlp_norm");
+      m.w_gate_up = ref(p + "w_gate_up");
+      m.w_down = ref(p + "w_down");
+    }
     mlp.push_back(std::move(m));
+    moe.push_back(std::move(e));
+    moe_norm.push_back(e_norm);
   }
 
   // RoPE tables: positions inside a document never exceed max_tokens - 1 in one micro-batch, and a
@@ -338,7 +417,10 @@ void DenseModel::Impl::forward(const ExecContext& ctx, const Batch& b, Step& st)
   }
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
     attn[l].forward(ctx, seq, st.residual[2 * l], st.residual[2 * l + 1], st.attn[l]);
-    mlp[l].forward(ctx, st.residual[2 * l + 1], st.residual[2 * l + 2], st.mlp[l]);
+    if (sparse[l])
+      moe_block_forward(ctx, l, st.residual[2 * l + 1], st.residual[2 * l + 2], st.moe[l]);
+    else
+      mlp[l].forward(ctx, st.residual[2 * l + 1], st.residual[2 * l + 2], st.mlp[l]);
   }
   NvtxRange range("final_norm.fwd");
   kernels::rmsnorm_forward(ctx, st.residual.back(), final_norm.value, st.final_normed, st.final_rstd,
@@ -377,6 +459,21 @@ double DenseModel::Impl::mean_loss(const ExecContext& ctx, const Batch& b, const
   return sum / static_cast<double>(b.num_targets);
 }
 
+void DenseModel::Impl::moe_block_forward(const ExecContext& ctx, int64_t l, const Tensor& in, const Tensor& out,
+                                         MoeBlockSaved& s) {
+  s.x = in;
+  kernels::rmsnorm_forward(ctx, in, moe_norm[l].value, s.m, s.rstd, static_cast<float>(cfg.rms_norm_eps));
+  moe[l].forward(ctx, s.m, out, s.moe);  // L_aux is 0: aux_loss_coef is 0 here
+  kernels::add_inplace(ctx, out, in);
+}
+
+void DenseModel::Impl::moe_block_backward(const ExecContext& ctx, int64_t l, const MoeBlockSaved& s,
+                                          const Tensor& d_residual) {
+  const auto [dm, dx] = alloc_moe_block_scratch(scratch_arena, s.x.size(0));
+  moe[l].backward(ctx, s.moe, d_residual, dm, scratch_arena, /*d_aux=*/0.0);
+  prenorm_residual_backward(ctx, dm, s.x, moe_norm[l], s.rstd, d_residual, d_residual, dx);
+}
+
 void DenseModel::Impl::backward(const ExecContext& ctx, const Batch& b, Step& st) {
   const PackedSequence seq = sequence(b);
   {
@@ -387,7 +484,10 @@ void DenseModel::Impl::backward(const ExecContext& ctx, const Batch& b, Step& st
   // The residual-stream gradient is updated in place, block by block.
   for (int64_t l = cfg.num_layers - 1; l >= 0; --l) {
     scratch_arena.reset();
-    mlp[l].backward(ctx, st.mlp[l], st.d_residual, st.d_residual, scratch_arena);
+    if (sparse[l])
+      moe_block_backward(ctx, l, st.moe[l], st.d_residual);
+    else
+      mlp[l].backward(ctx, st.mlp[l], st.d_residual, st.d_residual, scratch_arena);
     scratch_arena.reset();
     attn[l].backward(ctx, seq, st.attn[l], st.d_residual, st.d_residual, scratch_arena);
   }
@@ -403,6 +503,9 @@ DenseModel::DenseModel(const ModelConfig& cfg, Device device, int64_t max_tokens
   impl_->device = device;
   if (max_tokens <= 0) HYD_THROW("DenseModel: max_tokens must be positive, got ", max_tokens);
   impl_->max_tokens = max_tokens;
+  if (!device.is_cpu() && impl_->cfg.has_moe_layers())
+    HYD_THROW("DenseModel on ", device.str(), ": the config (family ", impl_->cfg.family,
+              ") has MoE layers, and MoE layers run on the CPU only so far");
   impl_->act = device.is_cpu() ? DType::f32 : DType::bf16;
   impl_->build();
 }
@@ -436,7 +539,8 @@ void DenseModel::init_random(uint64_t seed, float std) {
     const bool is_norm = n.ends_with("norm");
     const bool is_bias = n.ends_with("bqkv");
     float s = std;
-    if (n.ends_with(".wo") || n.ends_with(".w_down")) s = static_cast<float>(std * out_scale);
+    if (n.ends_with(".wo") || n.ends_with(".w_down") || n.ends_with(".mlp.down"))
+      s = static_cast<float>(std * out_scale);
     for (int64_t i = 0; i < p.numel; ++i) v[i] = is_norm ? 1.0f : is_bias ? 0.0f : s * normal(gen);
   }
   device_sync(impl_->device);

@@ -3,7 +3,11 @@
 //   h_0 = embed[tokens]
 //   per layer l:  a = RMSNorm(h) ; q,k,v = a Wqkv^T (+b) ; [q,k = per-head RMSNorm] ; q,k = RoPE(q,k)
 //                 h = h + Attention(q,k,v) Wo^T
-//                 m = RMSNorm(h) ; h = h + SwiGLU(m Wgate_up^T) Wdown^T
+//                 m = RMSNorm(h) ; h = h + SwiGLU(m Wgate_up^T) Wdown^T      (dense layer)
+//                              or  h = h + MoE(m)                          (cfg.is_moe_layer(l): qwen3_moe)
+//   MoE(m) (trainer/layer_moe.h): softmax(m Wr^T) over E experts, top-k, optionally renormalised to sum 1,
+//   sum over the k chosen experts of weight * SwiGLU expert; no shared experts, no biases, no aux loss
+//   in the loss (router_aux_loss_coef is stored, unused). CPU only: on CUDA, construction throws.
 //   logits = RMSNorm(h) Wlm^T  (Wlm = embed when tied);  loss = mean CE over tokens with target >= 0
 //
 // Parameters live in one contiguous buffer (f32 on the CPU, bf16 on CUDA) and their gradients in
@@ -14,6 +18,13 @@
 // Other names: embed [V, D]; layers.L.attn_norm [D]; layers.L.q_norm, k_norm [d] (qk_norm only);
 // layers.L.wo [D, Hq d]; layers.L.mlp_norm [D]; layers.L.w_down [D, F]; final_norm [D]; lm_head [V, D]
 // (absent when tied).
+// MoE layers have, instead of w_gate_up / w_down, the layer's experts as stacked storage (one parameter
+// per kind, so that params() stays short and the names stable whatever E is; distill/teacher.cpp maps
+// HF's per-expert tensors onto them, MoeLayerWeights documents the same layout):
+// (F = moe_intermediate_size):
+//   layers.L.mlp.gate.weight [E, D]       router (HF mlp.gate.weight)
+//   layers.L.mlp.gate_up     [E, 2F, D]   expert e: rows [0, F) gate_proj, [F, 2F) up_proj
+//   layers.L.mlp.down        [E, D, F]    expert e: down_proj
 #pragma once
 
 #include <memory>

@@ -1,5 +1,6 @@
 #include "trainer/model_config.h"
 
+#include <algorithm>
 #include <string>
 
 #include "trainer/core/error.h"
@@ -23,9 +24,21 @@ void require_positive(const std::string& source, const char* field, double v) {
 
 }  // namespace
 
+bool ModelConfig::is_moe_layer(int64_t l) const {
+  if (num_experts <= 0 || decoder_sparse_step <= 0) return false;
+  if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), l) != mlp_only_layers.end()) return false;
+  return (l + 1) % decoder_sparse_step == 0;
+}
+
+bool ModelConfig::has_moe_layers() const {
+  for (int64_t l = 0; l < num_layers; ++l)
+    if (is_moe_layer(l)) return true;
+  return false;
+}
+
 void ModelConfig::finalize(const std::string& source) {
-  if (family != "llama" && family != "qwen2" && family != "qwen3")
-    config_error(source, "family", "unknown model family '" + family + "' (expected llama, qwen2 or qwen3)");
+  if (family != "llama" && family != "qwen2" && family != "qwen3" && family != "qwen3_moe")
+    config_error(source, "family", "unknown model family '" + family + "' (expected llama, qwen2, qwen3 or qwen3_moe)");
   require_positive(source, "vocab_size", vocab_size);
   require_positive(source, "hidden_size", hidden_size);
   require_positive(source, "intermediate_size", intermediate_size);
@@ -69,6 +82,28 @@ void ModelConfig::finalize(const std::string& source) {
     if (rs.attention_factor < 0) config_error(source, "rope_scaling.attention_factor", "must not be negative");
   }
 
+  // Mixture of Experts: only the qwen3_moe family has it; num_experts 0 leaves every layer dense.
+  if (num_experts < 0) config_error(source, "num_experts", "must be >= 0, got " + std::to_string(num_experts));
+  if (num_experts > 0 && family != "qwen3_moe")
+    config_error(source, "num_experts",
+                 "is " + std::to_string(num_experts) + " but family '" + family + "' has no experts (only qwen3_moe)");
+  if (num_experts > 0) {
+    if (num_experts_per_tok <= 0 || num_experts_per_tok > num_experts)
+      config_error(source, "num_experts_per_tok",
+                   "must be in 1..num_experts (" + std::to_string(num_experts) + "), got " +
+                       std::to_string(num_experts_per_tok));
+    require_positive(source, "moe_intermediate_size", moe_intermediate_size);
+    require_positive(source, "decoder_sparse_step", decoder_sparse_step);
+    for (size_t i = 0; i < mlp_only_layers.size(); ++i) {
+      const int64_t l = mlp_only_layers[i];
+      if (l < 0 || l >= num_layers)
+        config_error(source, "mlp_only_layers[" + std::to_string(i) + "]",
+                     "layer " + std::to_string(l) + " does not exist (num_layers " + std::to_string(num_layers) + ")");
+    }
+    if (!(router_aux_loss_coef >= 0))
+      config_error(source, "router_aux_loss_coef", "must be >= 0, got " + std::to_string(router_aux_loss_coef));
+  }
+
   if (bos_token_id < -1 || bos_token_id >= vocab_size)
     config_error(source, "bos_token_id",
                  "must be -1 (none) or a token id below vocab_size (" + std::to_string(vocab_size) + "), got " +
@@ -80,21 +115,34 @@ void ModelConfig::finalize(const std::string& source) {
 }
 
 // Mirrors DenseModel's parameter list (trainer/model.cpp): embed, per layer attn_norm, wqkv, [bqkv],
-// [q_norm, k_norm], wo, mlp_norm, w_gate_up, w_down; final_norm; lm_head unless tied.
-int64_t ModelConfig::num_parameters() const {
-  const int64_t D = hidden_size, F = intermediate_size, V = vocab_size;
-  int64_t per_layer = D                // attn_norm
-                      + qkv_dim() * D  // wqkv
-                      + D * q_dim()    // wo
-                      + D              // mlp_norm
-                      + 2 * F * D      // w_gate_up
-                      + D * F;         // w_down
-  if (qkv_bias) per_layer += qkv_dim();
-  if (qk_norm) per_layer += 2 * head_dim;
-  int64_t n = V * D + num_layers * per_layer + D;
-  if (!tie_word_embeddings) n += V * D;
+// [q_norm, k_norm], wo, mlp_norm, then w_gate_up, w_down (dense layer) or mlp.gate.weight, mlp.gate_up,
+// mlp.down (MoE layer: router [E, D] and E experts of 3 F_moe D); final_norm; lm_head unless tied.
+namespace {
+
+int64_t count_parameters(const ModelConfig& c, int64_t active_experts) {
+  const int64_t D = c.hidden_size, F = c.intermediate_size, V = c.vocab_size;
+  int64_t n = V * D + D;
+  if (!c.tie_word_embeddings) n += V * D;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    n += D                  // attn_norm
+         + c.qkv_dim() * D  // wqkv
+         + D * c.q_dim()    // wo
+         + D;               // mlp_norm
+    if (c.qkv_bias) n += c.qkv_dim();
+    if (c.qk_norm) n += 2 * c.head_dim;
+    if (c.is_moe_layer(l)) {
+      const int64_t E = active_experts < 0 ? c.num_experts : active_experts;
+      n += c.num_experts * D + E * 3 * c.moe_intermediate_size * D;  // router, gate_up + down per expert
+    } else {
+      n += 3 * F * D;  // w_gate_up, w_down
+    }
+  }
   return n;
 }
+
+}  // namespace
+
+int64_t ModelConfig::num_parameters() const { return count_parameters(*this, -1); }
 
 // 6 FLOPs per parameter per token for the matrix multiplies (2 forward, 4 backward), counted over
 // every parameter that takes part in a matmul: all non-embedding weights plus the LM head (which is
@@ -105,10 +153,11 @@ int64_t ModelConfig::num_parameters() const {
 // (2 * seq_len * q_dim) and backward doubles that again, so fwd+bwd = 6 * seq_len * q_dim per layer.
 // seq_len is the (packed) sequence length; with document masking the true cost is lower, and the
 // MFU convention of counting the full causal length is kept on purpose.
+// MoE layers: a token runs through the router and num_experts_per_tok experts, so only those count.
 double ModelConfig::train_flops_per_token(int64_t seq_len) const {
   const double embed = static_cast<double>(vocab_size) * static_cast<double>(hidden_size);
-  const double matmul_params =
-      static_cast<double>(num_parameters()) - (tie_word_embeddings ? 0.0 : embed);  // non-embedding + LM head
+  const double matmul_params = static_cast<double>(count_parameters(*this, num_experts_per_tok)) -
+                               (tie_word_embeddings ? 0.0 : embed);  // non-embedding + LM head
   const double attention =
       6.0 * static_cast<double>(num_layers) * static_cast<double>(seq_len) * static_cast<double>(q_dim());
   return 6.0 * matmul_params + attention;

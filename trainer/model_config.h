@@ -1,15 +1,16 @@
-// Dense decoder configuration (Llama / Qwen2 / Qwen3 family).
+// Decoder configuration (Llama / Qwen2 / Qwen3 dense, Qwen3-MoE).
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "kernels/rope.h"
 
 namespace hyd {
 
 struct ModelConfig {
-  std::string family = "llama";  // llama | qwen2 | qwen3 (HF model_type)
+  std::string family = "llama";  // llama | qwen2 | qwen3 | qwen3_moe (HF model_type)
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -27,13 +28,31 @@ struct ModelConfig {
   int32_t bos_token_id = -1;
   int32_t eos_token_id = -1;
 
+  // Mixture of Experts (family qwen3_moe; HF Qwen3MoeConfig names). num_experts == 0: every layer dense.
+  // Sparse layers (is_moe_layer) replace the SwiGLU MLP by the MoE FFN of trainer/layer_moe.h: softmax
+  // router, top num_experts_per_tok, no shared experts, no biases; dense ones keep intermediate_size.
+  int64_t num_experts = 0;
+  int64_t num_experts_per_tok = 0;       // top_k
+  int64_t moe_intermediate_size = 0;     // F of each routed expert
+  bool norm_topk_prob = false;           // renormalise the top-k probabilities to sum 1
+  int64_t decoder_sparse_step = 1;       // every step-th layer is sparse: (l + 1) % step == 0
+  std::vector<int64_t> mlp_only_layers;  // layers that stay dense whatever the step
+  // Stored, not used yet: the model's loss is the plain CE (HF adds coef * aux only with
+  // output_router_logits, which its checkpoints leave off).
+  double router_aux_loss_coef = 0.0;
+
   int64_t q_dim() const { return num_heads * head_dim; }
   int64_t kv_dim() const { return num_kv_heads * head_dim; }
   int64_t qkv_dim() const { return q_dim() + 2 * kv_dim(); }
+  // HF Qwen3MoeDecoderLayer: layer l is sparse iff l is not in mlp_only_layers, num_experts > 0 and
+  // (l + 1) % decoder_sparse_step == 0.
+  bool is_moe_layer(int64_t l) const;
+  bool has_moe_layers() const;
   // Resolves head_dim and checks every field; errors name `source` (a file) and the field.
   void finalize(const std::string& source);
   int64_t num_parameters() const;
-  // Model FLOPs per token for forward+backward (6N + attention), for MFU.
+  // Model FLOPs per token for forward+backward (6N + attention), for MFU; MoE layers count their router
+  // and the num_experts_per_tok active experts only.
   double train_flops_per_token(int64_t seq_len) const;
 };
 

@@ -1,0 +1,307 @@
+// Qwen3-MoE teachers (issue 7): ModelConfig's MoE fields (the HF sparse-layer rule, finalize errors naming
+// the field, parameter and FLOP counts), config.json parsing of the qwen3_moe keys, the DenseModel's
+// MoE parameters (names, shapes, count), the teacher loader's per-expert tensor mapping and its errors
+// naming the tensor, and the refusals: MoE layers on CUDA, students from MoE teachers.
+// The logits themselves are checked against transformers in golden.test_golden_dense (qwen3_moe).
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "checkpoint/safetensors.h"
+#include "distill/hf_config.h"
+#include "distill/student_init.h"
+#include "distill/teacher.h"
+#include "tests/common/test_util.h"
+#include "tests/common/tiny_model.h"
+#include "trainer/core/error.h"
+#include "trainer/hybrid_model.h"
+#include "trainer/model.h"
+
+namespace hyd {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using test::expect_error;
+
+const std::string kMoeDir = std::string(HYD_SOURCE_DIR) + "/tests/golden/data/qwen3_moe";
+
+json moe_json() {
+  std::ifstream in(kMoeDir + "/config.json");
+  return json::parse(in);
+}
+ModelConfig parse(const json& j) { return model_config_from_hf_json(j, "cfg.json"); }
+
+// The tiny qwen3_moe config of the model tests: 3 layers, layer 1 dense, 4 experts of F = 16, top 2.
+ModelConfig tiny_moe() {
+  ModelConfig c = test::tiny_dense_variant("qwen3");
+  c.family = "qwen3_moe";
+  c.num_layers = 3;
+  c.num_experts = 4;
+  c.num_experts_per_tok = 2;
+  c.moe_intermediate_size = 16;
+  c.norm_topk_prob = true;
+  c.mlp_only_layers = {1};
+  c.finalize("test");
+  return c;
+}
+
+TEST(MoeConfig, SparseLayerRuleIsHfs) {
+  ModelConfig c = tiny_moe();
+  c.num_layers = 8;
+  c.decoder_sparse_step = 2;
+  c.mlp_only_layers = {3};
+  // HF: sparse iff l not in mlp_only_layers and num_experts > 0 and (l + 1) % step == 0.
+  const std::vector<bool> want{false, true, false, false, false, true, false, true};
+  for (int64_t l = 0; l < 8; ++l) EXPECT_EQ(c.is_moe_layer(l), want[l]) << l;
+  c.num_experts = 0;
+  for (int64_t l = 0; l < 8; ++l) EXPECT_FALSE(c.is_moe_layer(l)) << l;
+  EXPECT_FALSE(test::tiny_dense_variant("qwen3").has_moe_layers());
+}
+
+TEST(MoeConfig, FinalizeNamesTheField) {
+  auto bad = [](const std::function<void(ModelConfig&)>& edit, const std::string& field) {
+    ModelConfig c = tiny_moe();
+    edit(c);
+    expect_error([&] { c.finalize("src"); }, {"src", field});
+  };
+  bad([](ModelConfig& c) { c.num_experts_per_tok = 0; }, "model.num_experts_per_tok");
+  bad([](ModelConfig& c) { c.num_experts_per_tok = 5; }, "model.num_experts_per_tok");
+  bad([](ModelConfig& c) { c.moe_intermediate_size = 0; }, "model.moe_intermediate_size");
+  bad([](ModelConfig& c) { c.decoder_sparse_step = 0; }, "model.decoder_sparse_step");
+  bad([](ModelConfig& c) { c.mlp_only_layers = {3}; }, "model.mlp_only_layers[0]");
+  bad([](ModelConfig& c) { c.router_aux_loss_coef = -1; }, "model.router_aux_loss_coef");
+  bad([](ModelConfig& c) { c.num_experts = -1; }, "model.num_experts");
+  bad([](ModelConfig& c) { c.family = "qwen3"; }, "model.num_experts");  // experts only in qwen3_moe
+  bad([](ModelConfig& c) { c.family = "mixtral"; }, "model.family");
+}
+
+TEST(MoeConfig, ParameterCountMatchesTheModelAndFlopsCountActiveExperts) {
+  const ModelConfig c = tiny_moe();
+  DenseModel m(c, Device::cpu(), 8);
+  int64_t n = 0;
+  for (const ParamInfo& p : m.params()) n += p.numel;
+  EXPECT_EQ(c.num_parameters(), n);
+  const int64_t D = c.hidden_size, Fe = c.moe_intermediate_size;
+  // Dropping the 2 inactive experts of each of the 2 sparse layers from the 6N term.
+  const double inactive = 2.0 * 2.0 * 3.0 * static_cast<double>(Fe * D);
+  EXPECT_DOUBLE_EQ(c.train_flops_per_token(16),
+                   6.0 * (static_cast<double>(c.num_parameters()) - inactive) + 6.0 * 3 * 16 * c.q_dim());
+  // Dense configs are unchanged: no expert fields, same count as before (golden llama: 119104 + lm_head).
+  EXPECT_EQ(test::tiny_dense_variant("llama").num_experts, 0);
+}
+
+TEST(MoeModel, ParametersNamesAndShapes) {
+  const ModelConfig c = tiny_moe();
+  DenseModel m(c, Device::cpu(), 8);
+  const int64_t D = c.hidden_size, E = 4, Fe = 16, F = c.intermediate_size;
+  for (int64_t l : {0, 2}) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    EXPECT_EQ(m.param(p + "mlp.gate.weight").shape, (std::vector<int64_t>{E, D}));
+    EXPECT_EQ(m.param(p + "mlp.gate_up").shape, (std::vector<int64_t>{E, 2 * Fe, D}));
+    EXPECT_EQ(m.param(p + "mlp.down").shape, (std::vector<int64_t>{E, D, Fe}));
+    EXPECT_TRUE(m.param(p + "mlp.gate_up").weight_decay);
+    EXPECT_TRUE(m.has_param(p + "mlp_norm"));
+    EXPECT_FALSE(m.has_param(p + "w_gate_up"));
+    EXPECT_FALSE(m.has_param(p + "w_down"));
+  }
+  EXPECT_EQ(m.param("layers.1.w_gate_up").shape, (std::vector<int64_t>{2 * F, D}));
+  EXPECT_FALSE(m.has_param("layers.1.mlp.gate_up"));
+  // init_random: experts' down stacks scaled like w_down (std / sqrt(2 L)), the router like other matrices.
+  m.init_random(3, 0.02f);
+  auto stddev = [&](const std::string& name) {
+    double s = 0;
+    const std::vector<float> v = m.get_param(name);
+    for (float x : v) s += double(x) * x;
+    return std::sqrt(s / static_cast<double>(v.size()));
+  };
+  EXPECT_NEAR(stddev("layers.0.mlp.gate_up"), 0.02, 0.002);
+  EXPECT_NEAR(stddev("layers.0.mlp.gate.weight"), 0.02, 0.004);
+  EXPECT_NEAR(stddev("layers.2.mlp.down"), 0.02 / std::sqrt(6.0), 0.001);
+}
+
+TEST(MoeModel, CudaRefusesMoeLayersClearly) {
+  // Thrown before any device memory is touched: runs without a GPU as well.
+  expect_error([] { DenseModel m(tiny_moe(), Device::cuda(0), 8); }, {"MoE layers run on the CPU only so far"});
+}
+
+TEST(MoeModel, StudentsFromMoeTeachersAreRefused) {
+  expect_error([] { (void)student_config_from_teacher(tiny_moe(), "KA"); }, {"teacher", "Mixture-of-Experts"});
+  HybridConfig h = test::tiny_hybrid_config("KA", 2, "qwen3");
+  h.model.family = "qwen3_moe";
+  h.model.num_experts = 4;
+  h.model.num_experts_per_tok = 2;
+  h.model.moe_intermediate_size = 16;
+  expect_error([&] { HybridModel s(h, Device::cpu(), 8); }, {"model.num_experts", "MoE"});
+}
+
+// ----------------------------------------------------------------------------------------- config.json
+
+TEST(MoeHfConfig, GoldenConfig) {
+  const ModelConfig c = read_hf_config(kMoeDir + "/config.json");
+  EXPECT_EQ(c.family, "qwen3_moe");
+  EXPECT_TRUE(c.qk_norm);
+  EXPECT_FALSE(c.qkv_bias);
+  EXPECT_EQ(c.head_dim, 16);
+  EXPECT_EQ(c.intermediate_size, 96);
+  EXPECT_EQ(c.num_experts, 8);  // written as num_local_experts by transformers 5.x
+  EXPECT_EQ(c.num_experts_per_tok, 2);
+  EXPECT_EQ(c.moe_intermediate_size, 32);
+  EXPECT_TRUE(c.norm_topk_prob);
+  EXPECT_EQ(c.decoder_sparse_step, 1);
+  EXPECT_EQ(c.mlp_only_layers, (std::vector<int64_t>{0}));
+  EXPECT_DOUBLE_EQ(c.router_aux_loss_coef, 0.001);
+  EXPECT_FALSE(c.is_moe_layer(0));
+  EXPECT_TRUE(c.is_moe_layer(1));
+}
+
+TEST(MoeHfConfig, KeysAndDefaults) {
+  json j = moe_json();
+  j.erase("num_local_experts");
+  j["num_experts"] = 4;  // the 4.x / released-checkpoint name
+  j.erase("head_dim");   // Qwen3MoeConfig's default, like qwen3's
+  j.erase("mlp_only_layers");
+  j["decoder_sparse_step"] = 2;
+  const ModelConfig c = parse(j);
+  EXPECT_EQ(c.num_experts, 4);
+  EXPECT_EQ(c.head_dim, 128);
+  EXPECT_TRUE(c.mlp_only_layers.empty());
+  EXPECT_FALSE(c.is_moe_layer(0));
+  EXPECT_TRUE(c.is_moe_layer(1));
+  j["num_experts"] = 0;  // HF: every layer dense
+  EXPECT_FALSE(parse(j).has_moe_layers());
+}
+
+TEST(MoeHfConfig, ErrorsNameTheKey) {
+  auto bad = [](const std::function<void(json&)>& edit, const std::string& key) {
+    json j = moe_json();
+    edit(j);
+    expect_error([&] { (void)parse(j); }, {"cfg.json", "'" + key + "'"});
+  };
+  bad([](json& j) { j["num_experts_per_tok"] = 9; }, "num_experts_per_tok");
+  bad([](json& j) { j["num_experts_per_tok"] = 1.5; }, "num_experts_per_tok");
+  bad([](json& j) { j["moe_intermediate_size"] = 0; }, "moe_intermediate_size");
+  bad([](json& j) { j["decoder_sparse_step"] = 0; }, "decoder_sparse_step");
+  bad([](json& j) { j["norm_topk_prob"] = "yes"; }, "norm_topk_prob");
+  bad([](json& j) { j["mlp_only_layers"] = 0; }, "mlp_only_layers");
+  bad([](json& j) { j["mlp_only_layers"] = {0, 2}; }, "mlp_only_layers[1]");
+  bad([](json& j) { j["mlp_only_layers"] = {"a"}; }, "mlp_only_layers[0]");
+  bad([](json& j) { j["router_aux_loss_coef"] = -0.5; }, "router_aux_loss_coef");
+  bad([](json& j) { j["num_local_experts"] = -2; }, "num_local_experts");
+  bad([](json& j) { j["num_experts"] = -2; }, "num_experts");
+}
+
+// ------------------------------------------------------------------------------------------- teacher
+
+TEST(MoeTeacher, MapsEveryExpertTensor) {
+  const TeacherInfo info = inspect_teacher(kMoeDir);
+  EXPECT_NE(info.summary.find("experts           8 (top 2"), std::string::npos) << info.summary;
+  EXPECT_EQ(info.num_parameters, info.config.num_parameters());
+  const std::vector<HfTensorSpec> specs = hf_dense_tensors(info.config);
+  int experts = 0;
+  for (const auto& s : specs) experts += s.name.find(".mlp.experts.") != std::string::npos;
+  EXPECT_EQ(experts, 8 * 3);
+
+  DenseModel m(info.config, Device::cpu(), 8);
+  load_teacher_weights(kMoeDir, m);
+  SafetensorsFile f(kMoeDir + "/model.safetensors");
+  const int64_t D = 64, Fe = 32;
+  const std::vector<float> gu = m.get_param("layers.1.mlp.gate_up"), dn = m.get_param("layers.1.mlp.down");
+  for (int64_t e : {0, 5, 7}) {
+    const std::string x = "model.layers.1.mlp.experts." + std::to_string(e) + ".";
+    const std::vector<float> g = f.read_f32(x + "gate_proj.weight"), u = f.read_f32(x + "up_proj.weight"),
+                             d = f.read_f32(x + "down_proj.weight");
+    for (int64_t i : {int64_t(0), Fe * D - 1, int64_t(77)}) {
+      EXPECT_EQ(gu[e * 2 * Fe * D + i], g[i]) << e;
+      EXPECT_EQ(gu[e * 2 * Fe * D + Fe * D + i], u[i]) << e;
+      EXPECT_EQ(dn[e * D * Fe + i], d[i]) << e;
+    }
+  }
+  EXPECT_EQ(m.get_param("layers.1.mlp.gate.weight"), f.read_f32("model.layers.1.mlp.gate.weight"));
+}
+
+class MoeTeacherDir : public test::TempDir {
+ public:
+  MoeTeacherDir() : test::TempDir("hyd_moe_teacher_") {
+    fs::create_directories(path() / "t");
+    for (const char* f : {"config.json", "model.safetensors"}) fs::copy_file(kMoeDir + "/" + f, path() / "t" / f);
+  }
+  std::string dir() const { return (path() / "t").string(); }
+  // Rewrites model.safetensors without `drop`, adding `add` (F32 zeros of `shape`, or `dtype` bytes) when non-empty.
+  void rewrite(const std::string& drop, const std::string& add = "", std::vector<int64_t> shape = {},
+               SafetensorsDType dtype = SafetensorsDType::F32) const {
+    const std::string p = dir() + "/model.safetensors";
+    SafetensorsWriter w;
+    {
+      SafetensorsFile f(p);
+      for (const auto& name : f.names()) {
+        if (name == drop) continue;
+        const auto& info = f.info(name);
+        const std::vector<char> bytes = f.read_bytes(name);
+        w.add(name, info.dtype, info.shape, bytes.data(), bytes.size());
+      }
+    }
+    if (!add.empty()) {
+      int64_t n = 1;
+      for (int64_t v : shape) n *= v;
+      std::vector<char> zeros(static_cast<size_t>(n) * safetensors_dtype_size(dtype), 0);
+      w.add(add, dtype, shape, zeros.data(), zeros.size());
+    }
+    w.write(p);
+  }
+};
+
+TEST(MoeTeacher, ErrorsNameTheTensor) {
+  const std::string e3 = "model.layers.1.mlp.experts.3.up_proj.weight";
+  {
+    MoeTeacherDir t;
+    t.rewrite(e3);
+    expect_error([&] { (void)inspect_teacher(t.dir()); }, {e3, "missing tensor", "qwen3_moe"});
+  }
+  {
+    MoeTeacherDir t;
+    t.rewrite(e3, e3, {32, 63});
+    expect_error([&] { (void)inspect_teacher(t.dir()); }, {e3, "shape"});
+  }
+  {
+    MoeTeacherDir t;
+    t.rewrite(e3, e3, {32, 64}, SafetensorsDType::I32);
+    expect_error([&] { (void)inspect_teacher(t.dir()); }, {e3, "dtype"});
+  }
+  {
+    MoeTeacherDir t;  // an expert the config does not have
+    t.rewrite("", "model.layers.1.mlp.experts.8.gate_proj.weight", {32, 64});
+    expect_error([&] { (void)inspect_teacher(t.dir()); },
+                 {"model.layers.1.mlp.experts.8.gate_proj.weight", "unexpected"});
+  }
+  {
+    MoeTeacherDir t;  // a dense MLP tensor in a sparse layer
+    t.rewrite("", "model.layers.1.mlp.gate_proj.weight", {96, 64});
+    expect_error([&] { (void)inspect_teacher(t.dir()); }, {"model.layers.1.mlp.gate_proj.weight", "unexpected"});
+  }
+  {
+    MoeTeacherDir t;  // the router missing
+    t.rewrite("model.layers.1.mlp.gate.weight");
+    expect_error([&] { (void)inspect_teacher(t.dir()); }, {"model.layers.1.mlp.gate.weight", "missing"});
+  }
+  {
+    // A model built with different expert settings is refused naming the config field.
+    ModelConfig c = read_hf_config(kMoeDir + "/config.json");
+    c.num_experts_per_tok = 3;
+    DenseModel m(c, Device::cpu(), 8);
+    expect_error([&] { load_teacher_weights(kMoeDir, m); }, {"num_experts_per_tok"});
+    ModelConfig c2 = read_hf_config(kMoeDir + "/config.json");
+    c2.mlp_only_layers = {};
+    DenseModel m2(c2, Device::cpu(), 8);
+    expect_error([&] { load_teacher_weights(kMoeDir, m2); }, {"layer 0 is MoE"});
+  }
+}
+
+}  // namespace
+}  // namespace hyd
