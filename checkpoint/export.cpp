@@ -262,6 +262,12 @@ bool has_tokenizer_files(const std::string& dir) {
 void export_hf(const HybridModel& model, const ExportOptions& opt) {
   if (opt.out_dir.empty()) throw Error::at("export", "out", "no output directory given");
   const HybridConfig& cfg = model.config();
+  // MoE FFN layers (qwen3_moe teachers' students) have no export mapping yet (neither the modeling file nor
+  // the per-expert tensor split): refused before anything is written.
+  if (cfg.model.has_moe_layers())
+    throw Error::at("export", "model.family",
+                    "'" + cfg.model.family + "' (" + std::to_string(cfg.model.num_experts) +
+                        " experts): exporting a model with MoE layers is not supported yet");
   const std::vector<ExportTensorSpec> specs = hf_hybrid_tensors(cfg, opt.dtype);
   if (opt.dense && (cfg.has(MixerKind::kda) || cfg.has(MixerKind::nope_attention)))
     throw Error::at("export", "dense",

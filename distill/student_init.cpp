@@ -81,10 +81,8 @@ class TransferPlanner {
       : teacher_(teacher), student_(student), seed_(seed), tc_(teacher.config()), sc_(student.config()) {}
 
   std::vector<PlannedParam> plan() {
-    if (tc_.has_moe_layers())
-      throw Error::at(kSource, "teacher",
-                      "is a Mixture-of-Experts model (" + tc_.family + ", " + std::to_string(tc_.num_experts) +
-                          " experts): students from MoE teachers are not supported yet");
+    // MoE teachers: the MoE FFN parameters (layers.L.mlp.gate.weight, mlp.gate_up, mlp.down) have the same
+    // names and stacked storage in both models and are copied by plan_copy like the dense MLP's.
     if (sc_.model.num_layers != tc_.num_layers)
       throw Error::at(kSource, "num_layers",
                       "the student has " + std::to_string(sc_.model.num_layers) + " layers, the teacher " +
@@ -306,10 +304,6 @@ HybridConfig student_config_from_teacher(const ModelConfig& teacher, const std::
   c.model = teacher;
   c.pattern = pattern;
   c.model.finalize(source);  // resolves head_dim before the KDA defaults read it
-  if (c.model.num_experts > 0)
-    throw Error::at(source, "teacher",
-                    "is a Mixture-of-Experts model (" + c.model.family + ", " + std::to_string(c.model.num_experts) +
-                        " experts): students from MoE teachers are not supported yet (a later piece of issue 7)");
   c.kda.hidden = c.model.hidden_size;
   c.kda.heads = kda.heads > 0 ? kda.heads : c.model.num_heads;
   c.kda.v_heads = kda.v_heads > 0 ? kda.v_heads : c.model.num_heads;

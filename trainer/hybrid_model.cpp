@@ -10,9 +10,11 @@
 //   rope tables 2 * T * d/2 * 4 when some layer is T (T = max(max_position_embeddings, N))
 //   KDA gate working copies (CUDA only) per K layer 4 * (HV + HV dk)
 //   activations: h_0 and h after every block (2L + 1) [N, D]; per layer a, rstd and the mixer's
-//     Saved (AttentionMixer or KdaLayer), the MLP's Saved; final normed, its rstd, losses, d_normed, dh
+//     Saved (AttentionMixer or KdaLayer), the MLP's Saved (dense layers) or, for a MoE layer, m [N, D],
+//     rstd and MoeLayer::alloc_saved; final normed, its rstd, losses, d_normed, dh
 //   scratch: max( a mixer block's backward (da, dx [N, D] + the mixer's Scratch), the KDA forward
-//     scratch, the MLP backward, one logits chunk 4 * C * V )
+//     scratch, the MLP backward or a MoE block's (dm, dx [N, D] + MoeLayer::alloc_scratch), one logits
+//     chunk 4 * C * V )
 // Capacities come from running the same alloc code on an ArenaSizer.
 #include "trainer/hybrid_model.h"
 
@@ -31,6 +33,7 @@
 #include "kernels/rope.h"
 #include "trainer/layer_attention_mixer.h"
 #include "trainer/layer_mlp.h"
+#include "trainer/layer_moe.h"
 
 #ifdef HYD_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -123,11 +126,6 @@ std::string layer_pattern_string(const std::vector<MixerKind>& layers) {
 
 void HybridConfig::finalize(const std::string& source) {
   model.finalize(source);
-  if (model.num_experts > 0)
-    throw Error::at(source, "model.num_experts",
-                    "is " + std::to_string(model.num_experts) + " (family " + model.family +
-                        "): hybrid students with MoE layers are not supported yet (a student from a MoE teacher "
-                        "is a later piece of issue 7)");
   layers = parse_layer_pattern(pattern, model.num_layers, source);
   if (has(MixerKind::kda)) {
     if (kda.hidden == 0) kda.hidden = model.hidden_size;
@@ -166,7 +164,8 @@ void device_sync(Device d) {
 Tensor view_at(const Tensor& flat, int64_t offset, const std::vector<int64_t>& shape) {
   char* p = static_cast<char*>(flat.data) + offset * static_cast<int64_t>(dtype_size(flat.dtype));
   if (shape.size() == 1) return Tensor(p, flat.dtype, flat.device, {shape[0]});
-  HYD_CHECK(shape.size() == 2, "parameters are vectors or matrices");
+  if (shape.size() == 3) return Tensor(p, flat.dtype, flat.device, {shape[0], shape[1], shape[2]});  // experts
+  HYD_CHECK(shape.size() == 2, "parameters are vectors, matrices or stacks of expert matrices");
   return Tensor(p, flat.dtype, flat.device, {shape[0], shape[1]});
 }
 
@@ -267,7 +266,12 @@ struct HybridModel::Impl {
   std::vector<AttentionMixer> attn;                  // used for A and T layers
   std::vector<KdaLayer> kda;                         // used for K layers
   std::vector<std::pair<Tensor, Tensor>> gate_bf16;  // CUDA, K layers: flat (bf16) A_log, dt_bias values
+  // Per layer, the FFN block: the dense MLP (mlp[l]) or, where cfg.model.is_moe_layer(l), pre-norm
+  // moe_norm[l], the MoE FFN moe[l] and the residual (as DenseModel; the other entry is unused and empty).
   std::vector<MlpLayer> mlp;
+  std::vector<MoeLayer> moe;
+  std::vector<WeightRef> moe_norm;
+  std::vector<bool> sparse;
   std::vector<std::string> nvtx_fwd, nvtx_bwd;  // per mixer block
 
   struct MixerSaved {
@@ -275,11 +279,17 @@ struct HybridModel::Impl {
     AttentionMixer::Saved attn;
     KdaLayer::Saved kda;
   };
+  // What an MoE block's backward needs beyond MoeLayer::Saved: its input and the pre-norm.
+  struct MoeBlockSaved {
+    Tensor x, m, rstd;  // [N, D], [N, D], f32 [N]
+    MoeLayer::Saved moe;
+  };
   // Activations of one micro-batch (activation arena, reset every call).
   struct Step {
     std::vector<Tensor> residual;  // 2L + 1 tensors [N, D]: h_0, then h after every block
     std::vector<MixerSaved> mix;
-    std::vector<MlpLayer::Saved> mlp;
+    std::vector<MlpLayer::Saved> mlp;  // dense layers (empty entries for MoE layers)
+    std::vector<MoeBlockSaved> moe;    // MoE layers (empty entries for dense layers)
     Tensor final_normed, final_rstd, losses, d_normed, d_residual;
     Tensor hidden_sq;  // f32 [1]: sum of the hidden-state term's squared differences (HiddenStateMatch)
   };
@@ -313,7 +323,17 @@ struct HybridModel::Impl {
       else
         m.attn = attn[l].alloc_saved(a, n, act);
       s.mix.push_back(m);
-      s.mlp.push_back(mlp[l].alloc_saved(a, n, act));
+      if (sparse[l]) {
+        MoeBlockSaved b;
+        b.m = a.alloc({n, D}, act);
+        b.rstd = a.alloc({n}, DType::f32);
+        b.moe = moe[l].alloc_saved(a, n, act);
+        s.mlp.emplace_back();
+        s.moe.push_back(std::move(b));
+      } else {
+        s.mlp.push_back(mlp[l].alloc_saved(a, n, act));
+        s.moe.emplace_back();
+      }
     }
     s.final_normed = a.alloc({n, D}, act);
     s.final_rstd = a.alloc({n}, DType::f32);
@@ -331,6 +351,14 @@ struct HybridModel::Impl {
     Tensor da = a.alloc({n, D}, act);
     Tensor dx = a.alloc({n, D}, act);
     return {da, dx};
+  }
+
+  // The MoE block's own backward temporaries, before MoeLayer::backward takes its scratch after them.
+  template <class Alloc>
+  std::pair<Tensor, Tensor> alloc_moe_block_scratch(Alloc& a, int64_t n) const {
+    Tensor dm = a.alloc({n, cfg.model.hidden_size}, act);
+    Tensor dx = a.alloc({n, cfg.model.hidden_size}, act);
+    return {dm, dx};
   }
 
   // The scratch of the hidden-state term at one layer boundary: the f32 difference and the f32 target,
@@ -360,7 +388,12 @@ struct HybridModel::Impl {
       } else {
         attn[l].alloc_scratch(sb, n, act);
       }
-      mlp[l].alloc_scratch(sm, n, act);
+      if (sparse[l]) {
+        alloc_moe_block_scratch(sm, n);
+        moe[l].alloc_scratch(sm, n, act);
+      } else {
+        mlp[l].alloc_scratch(sm, n, act);
+      }
       bytes = std::max({bytes, sb.used(), sf.used(), sm.used()});
     }
     ArenaSizer sl;
@@ -429,6 +462,10 @@ struct HybridModel::Impl {
   // hidden (optional): the hidden-state term (HybridModel::HiddenStateMatch); its squared differences
   // accumulate into step.hidden_sq and, when hidden->weight != 0, its gradient joins d_residual.
   void backward(const ExecContext& ctx, const Batch& b, const HiddenStateMatch* hidden = nullptr);
+  // The FFN block of layer l: out = in + FFN(RMSNorm(in)) (out must not alias in), dense or MoE.
+  void ffn_forward(const ExecContext& ctx, int64_t l, const Tensor& in, const Tensor& out);
+  // d_residual += the FFN block's input gradient (in place); weight gradients accumulate. Uses scratch.
+  void ffn_backward(const ExecContext& ctx, int64_t l, const Tensor& d_residual);
   void hidden_term(const ExecContext& ctx, int64_t l, int64_t n, const HiddenStateMatch& hidden, float grad_scale,
                    const std::vector<std::pair<int64_t, int64_t>>& skipped);
 };
@@ -459,8 +496,15 @@ void HybridModel::Impl::build() {
     }
     mixer_range.emplace_back(first, params.size());
     add_param(p + "mlp_norm", {D}, false, offset);
-    add_param(p + "w_gate_up", {2 * F, D}, true, offset);
-    add_param(p + "w_down", {D, F}, true, offset);
+    if (mc.is_moe_layer(l)) {
+      const int64_t E = mc.num_experts, Fe = mc.moe_intermediate_size;
+      add_param(p + "mlp.gate.weight", {E, D}, true, offset);
+      add_param(p + "mlp.gate_up", {E, 2 * Fe, D}, true, offset);
+      add_param(p + "mlp.down", {E, D, Fe}, true, offset);
+    } else {
+      add_param(p + "w_gate_up", {2 * F, D}, true, offset);
+      add_param(p + "w_down", {D, F}, true, offset);
+    }
   }
   add_param("final_norm", {D}, false, offset);
   if (!mc.tie_word_embeddings) add_param("lm_head", {V, D}, true, offset);
@@ -533,16 +577,39 @@ void HybridModel::Impl::build() {
       }
       a.wo = ref(p + "wo");
     }
+    sparse.push_back(mc.is_moe_layer(l));
     MlpLayer m;
-    m.hidden = D;
-    m.intermediate = F;
-    m.eps = eps;
-    m.nvtx_fwd = "layer." + ls + ".mlp.fwd";
-    m.nvtx_bwd = "layer." + ls + ".mlp.bwd";
-    m.norm = ref(p + "mlp_norm");
-    m.w_gate_up = ref(p + "w_gate_up");
-    m.w_down = ref(p + "w_down");
+    MoeLayer e;
+    WeightRef e_norm;
+    if (sparse[l]) {
+      // As DenseModel (HF Qwen3MoeSparseMoeBlock): softmax router, top-k, optional renormalisation, no
+      // shared experts, no biases, the aux loss out of the loss.
+      e.cfg.hidden = D;
+      e.cfg.num_experts = mc.num_experts;
+      e.cfg.top_k = mc.num_experts_per_tok;
+      e.cfg.expert_ffn = mc.moe_intermediate_size;
+      e.cfg.score_func = "softmax";
+      e.cfg.norm_topk_prob = mc.norm_topk_prob;
+      e.cfg.validate("HybridModel layer " + ls);
+      e.nvtx_fwd = "layer." + ls + ".moe.fwd";
+      e.nvtx_bwd = "layer." + ls + ".moe.bwd";
+      e.router = ref(p + "mlp.gate.weight");
+      e.gate_up = ref(p + "mlp.gate_up");
+      e.down = ref(p + "mlp.down");
+      e_norm = ref(p + "mlp_norm");
+    } else {
+      m.hidden = D;
+      m.intermediate = F;
+      m.eps = eps;
+      m.nvtx_fwd = "layer." + ls + ".mlp.fwd";
+      m.nvtx_bwd = "layer." + ls + ".mlp.bwd";
+      m.norm = ref(p + "mlp_norm");
+      m.w_gate_up = ref(p + "w_gate_up");
+      m.w_down = ref(p + "w_down");
+    }
     mlp.push_back(std::move(m));
+    moe.push_back(std::move(e));
+    moe_norm.push_back(e_norm);
   }
 
   // RoPE tables, only when some layer keeps the teacher's rotary attention.
@@ -689,12 +756,35 @@ void HybridModel::Impl::forward(const ExecContext& ctx, const Batch& b, const st
       if (mix_out != nullptr && !(*mix_out)[l].empty()) copy_on_stream(ctx, (*mix_out)[l], out);
       kernels::add_inplace(ctx, out, in);
     }
-    mlp[l].forward(ctx, out, st.residual[2 * l + 2], st.mlp[l]);
+    ffn_forward(ctx, l, out, st.residual[2 * l + 2]);
   }
   NvtxRange range("final_norm.fwd");
   kernels::rmsnorm_forward(ctx, st.residual.back(), final_norm.value, st.final_normed, st.final_rstd, eps);
   hidden_ready = true;
   hidden_tokens = b.num_tokens;
+}
+
+void HybridModel::Impl::ffn_forward(const ExecContext& ctx, int64_t l, const Tensor& in, const Tensor& out) {
+  if (!sparse[l]) {
+    mlp[l].forward(ctx, in, out, step.mlp[l]);
+    return;
+  }
+  MoeBlockSaved& s = step.moe[l];
+  s.x = in;
+  kernels::rmsnorm_forward(ctx, in, moe_norm[l].value, s.m, s.rstd, static_cast<float>(cfg.model.rms_norm_eps));
+  moe[l].forward(ctx, s.m, out, s.moe);  // L_aux is 0: aux_loss_coef is 0 here
+  kernels::add_inplace(ctx, out, in);
+}
+
+void HybridModel::Impl::ffn_backward(const ExecContext& ctx, int64_t l, const Tensor& d_residual) {
+  if (!sparse[l]) {
+    mlp[l].backward(ctx, step.mlp[l], d_residual, d_residual, scratch_arena);
+    return;
+  }
+  const MoeBlockSaved& s = step.moe[l];
+  const auto [dm, dx] = alloc_moe_block_scratch(scratch_arena, s.x.size(0));
+  moe[l].backward(ctx, s.moe, d_residual, dm, scratch_arena, /*d_aux=*/0.0);
+  prenorm_residual_backward(ctx, dm, s.x, moe_norm[l], s.rstd, d_residual, d_residual, dx);
 }
 
 // Chunk by chunk: logits = normed Wlm^T; CE (dlogits in place, scaled by loss_scale / num_targets);
@@ -788,7 +878,7 @@ void HybridModel::Impl::backward(const ExecContext& ctx, const Batch& b, const H
   for (int64_t l = cfg.model.num_layers - 1; l >= 0; --l) {
     if (with_hidden) hidden_term(ctx, l, n_tok, *hidden, hidden_scale, skipped);
     scratch_arena.reset();
-    mlp[l].backward(ctx, st.mlp[l], st.d_residual, st.d_residual, scratch_arena);
+    ffn_backward(ctx, l, st.d_residual);
     NvtxRange range(nvtx_bwd[l].c_str());
     scratch_arena.reset();
     const auto [da, dx] = alloc_block_grads(scratch_arena, b.num_tokens);
@@ -808,6 +898,9 @@ HybridModel::HybridModel(const HybridConfig& cfg, Device device, int64_t max_tok
   impl_->device = device;
   if (max_tokens <= 0) HYD_THROW("HybridModel: max_tokens must be positive, got ", max_tokens);
   impl_->max_tokens = max_tokens;
+  if (!device.is_cpu() && impl_->cfg.model.has_moe_layers())
+    HYD_THROW("HybridModel on ", device.str(), ": the config (family ", impl_->cfg.model.family,
+              ") has MoE layers, and MoE layers run on the CPU only so far");
   impl_->act = device.is_cpu() ? DType::f32 : DType::bf16;
   impl_->build();
 }
@@ -865,7 +958,8 @@ void HybridModel::init_random(uint64_t seed, float std) {
         v[i] = static_cast<float>(dt + std::log(-std::expm1(-dt)));  // softplus(v) = dt
       }
     } else {
-      const bool out_proj = n.ends_with(".wo") || n.ends_with(".w_down") || n.ends_with(".o_proj.weight");
+      const bool out_proj = n.ends_with(".wo") || n.ends_with(".w_down") || n.ends_with(".mlp.down") ||
+                            n.ends_with(".o_proj.weight");
       const float s = out_proj ? static_cast<float>(std * out_scale) : std;
       for (int64_t i = 0; i < p.numel; ++i) v[i] = s * normal(gen);
     }

@@ -3,7 +3,11 @@
 //
 //   h_0 = embed[tokens]
 //   per layer l:  a = RMSNorm(h) ; h = h + Mixer_l(a)
-//                 m = RMSNorm(h) ; h = h + SwiGLU(m Wgate_up^T) Wdown^T
+//                 m = RMSNorm(h) ; h = h + SwiGLU(m Wgate_up^T) Wdown^T      (dense layer)
+//                              or  h = h + MoE(m)                          (cfg.model.is_moe_layer(l))
+//   MoE(m): the DenseModel's qwen3_moe FFN (trainer/model.h, trainer/layer_moe.h), same parameters and
+//   kernels; CPU only so far (construction on CUDA throws). A student of a MoE teacher keeps the
+//   teacher's MoE FFNs (copied by distill/student_init.cpp, trained in stage 2).
 //   logits = RMSNorm(h) Wlm^T  (Wlm = embed when tied);  loss = mean CE over tokens with target >= 0
 // Mixer_l by the pattern's letter:
 //   K  Kimi Delta Attention (trainer/layer_kda.h, dims from HybridConfig::kda)
@@ -11,7 +15,7 @@
 //      as the family has them)
 //   T  the teacher's attention as is (with RoPE)
 // (trainer/layer_attention_mixer.h has the attention math.) A student made only of T layers is the
-// DenseModel with the same weights, kernel for kernel.
+// DenseModel with the same weights, kernel for kernel (MoE layers included).
 //
 // Parameters (names as DenseModel where shared), in flat-buffer order:
 //   embed [V, D]
@@ -22,7 +26,9 @@
 //          (names and storage shapes as KdaLayerWeights: conv weights [C, K])
 //       A, T: layers.L.wqkv [(Hq + 2 Hkv) d, D], layers.L.bqkv (qkv_bias), layers.L.q_norm, k_norm [d]
 //          (qk_norm), layers.L.wo [D, Hq d]
-//     then layers.L.mlp_norm [D], layers.L.w_gate_up [2F, D], layers.L.w_down [D, F]
+//     then layers.L.mlp_norm [D], layers.L.w_gate_up [2F, D], layers.L.w_down [D, F]; a MoE layer has
+//     instead (as DenseModel, F_e = moe_intermediate_size) layers.L.mlp.gate.weight [E, D],
+//     layers.L.mlp.gate_up [E, 2F_e, D], layers.L.mlp.down [E, D, F_e]
 //   final_norm [D], lm_head [V, D] (absent when tied)
 // All values live in one flat buffer (f32 on the CPU, bf16 on CUDA, so the AdamW of trainer/optimizer.h
 // takes params() as they are) and all gradients in one flat f32 buffer. The KDA gate parameters A_log

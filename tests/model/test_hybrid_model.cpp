@@ -2,7 +2,9 @@
 // patterns KA and KTA; a student of T layers is the dense model (same logits, loss and gradients,
 // bit for bit); packed documents == documents run alone; the stage-1 mixer entry points (forward ==
 // standalone KdaLayer, backward vs finite differences, touching only the mixer's gradients); pattern
-// parsing and its errors; the parameter contract; overfitting one batch with AdamW.
+// parsing and its errors; the parameter contract; overfitting one batch with AdamW. MoE FFN layers
+// (qwen3_moe): an all-T model is the MoE DenseModel bit for bit (layer taps included), a KA student over a
+// dense and a MoE layer vs finite differences (routing-swap guard, HybridMoeGrad), CUDA construction refused.
 //
 // Finite differences: sampled entries per tensor compared as one vector, ||g - g_fd|| / ||g_fd|| < 2e-2,
 // with an absolute noise floor for tensors whose sampled gradient is at rounding level (as
@@ -22,6 +24,7 @@
 #include <cmath>
 #include <cstdio>
 #include <numeric>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -156,6 +159,156 @@ INSTANTIATE_TEST_SUITE_P(Patterns, HybridGrad,
                                            std::pair<std::string, std::string>{"AKT", "qwen2"}),
                          [](const auto& info) { return info.param.first + "_" + info.param.second; });
 
+// ------------------------------------------------------------------------------ MoE FFN layers
+
+// qwen3_moe skeleton (tiny qwen3: q/k norm, tied), 2 layers: layer 0 dense through mlp_only_layers, layer 1
+// a MoE FFN of 4 experts (F = 16), top 2. Top-k routing is piecewise constant (see ModelMoeGrad in
+// tests/model/test_model_grad.cpp): the weights come from a fixed seed with large router weights (wide
+// top-k gaps) and every sample whose D(h) and D(h/2) differ by more than max(kKinkThreshold, kKinkRelative
+// |D(h/2)|) is dropped as straddling a routing swap (at most a quarter of a tensor's samples); the survivors
+// are Richardson-extrapolated as in sampled_fd.
+ModelConfig tiny_moe_config(int64_t layers, std::vector<int64_t> mlp_only) {
+  ModelConfig c = test::tiny_dense_variant("qwen3");
+  c.family = "qwen3_moe";
+  c.num_layers = layers;
+  c.num_experts = 4;
+  c.num_experts_per_tok = 2;
+  c.moe_intermediate_size = 16;
+  c.norm_topk_prob = true;
+  c.decoder_sparse_step = 1;
+  c.mlp_only_layers = std::move(mlp_only);
+  return c;
+}
+
+constexpr uint64_t kMoeSeed = 5;
+constexpr double kKinkThreshold = 2e-3;
+constexpr double kKinkRelative = 5e-2;
+
+void randomize_moe_hybrid(HybridModel& m, std::mt19937_64& gen) {
+  auto randn = [&](int64_t n, float sd, float mean = 0.0f) {
+    std::normal_distribution<float> d(mean, sd);
+    std::vector<float> v(static_cast<size_t>(n));
+    for (float& x : v) x = d(gen);
+    return v;
+  };
+  for (const ParamInfo& p : m.params()) {
+    const std::string& n = p.name;
+    std::vector<float> v;
+    if (n.ends_with("A_log"))
+      v = randn(p.numel, 0.5f);
+    else if (n.ends_with("dt_bias"))
+      v = randn(p.numel, 0.5f, -1.0f);
+    else if (n.ends_with("norm") || n.ends_with("norm.weight"))
+      v = randn(p.numel, 0.2f, 1.0f);
+    else if (n.ends_with("bqkv") || n.ends_with("bias"))
+      v = randn(p.numel, 0.2f);
+    else if (n.ends_with("conv1d.weight"))
+      v = randn(p.numel, 0.5f);
+    else if (n == "embed")
+      v = randn(p.numel, 1.0f);
+    else if (n.ends_with("mlp.gate.weight"))
+      v = randn(p.numel, 3.0f / std::sqrt(static_cast<float>(p.shape.back())));
+    else
+      v = randn(p.numel, 1.0f / std::sqrt(static_cast<float>(p.shape.back())));
+    m.set_param(n, v.data(), p.numel);
+  }
+}
+
+TEST(HybridMoeGrad, KdaAndAttentionOverDenseAndMoeLayers) {
+  HybridConfig cfg;
+  cfg.model = tiny_moe_config(2, {0});
+  cfg.kda.heads = 2;
+  cfg.kda.v_heads = 4;
+  cfg.kda.dk = 8;
+  cfg.kda.dv = 8;
+  cfg.kda.conv_size = 4;
+  cfg.pattern = "KA";
+  cfg.finalize("test");
+  ASSERT_FALSE(cfg.model.is_moe_layer(0));
+  ASSERT_TRUE(cfg.model.is_moe_layer(1));
+  std::mt19937_64 gen(kMoeSeed);
+  std::vector<std::vector<int32_t>> docs;
+  for (int32_t len : {11, 13}) {
+    std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(cfg.model.vocab_size) - 1);
+    docs.emplace_back();
+    for (int32_t t = 0; t < len; ++t) docs.back().push_back(tok(gen));
+  }
+  test::PackedBatch hb = test::pack_documents(docs, [](int64_t i) { return i % 5 == 0; });
+  HybridModel model(cfg, Device::cpu(), 32);
+  ASSERT_TRUE(model.has_param("layers.0.w_gate_up"));
+  ASSERT_TRUE(model.has_param("layers.1.mlp.gate.weight"));
+  ASSERT_TRUE(model.has_param("layers.1.mlp.gate_up"));
+  ASSERT_TRUE(model.has_param("layers.1.mlp.down"));
+  ASSERT_FALSE(model.has_param("layers.1.w_down"));
+  EXPECT_EQ(model.param("layers.1.mlp.gate_up").shape, (std::vector<int64_t>{4, 32, cfg.model.hidden_size}));
+  randomize_moe_hybrid(model, gen);
+  ExecContext ctx(Device::cpu());
+  model.zero_grad();
+  const double loss = model.forward_backward(ctx, hb.batch);
+  ASSERT_TRUE(std::isfinite(loss));
+  EXPECT_NEAR(loss, model.forward_loss(ctx, hb.batch), 1e-6 * loss);
+  for (const ParamInfo& p : model.params()) {
+    const std::vector<float> g = model.get_grad(p.name);
+    std::vector<float> value = model.get_param(p.name);
+    std::vector<int64_t> idx(p.numel);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::shuffle(idx.begin(), idx.end(), test::rng());
+    idx.resize(std::min<int64_t>(12, p.numel));
+    if (p.name == "embed") {
+      const int64_t D = p.shape[1];
+      for (size_t j = 0; j < idx.size() * 2 / 3; ++j) {
+        const int32_t t = hb.tokens[test::randint(1, 0, static_cast<int32_t>(hb.tokens.size()))[0]];
+        idx[j] = t * D + test::randint(1, 0, static_cast<int32_t>(D))[0];
+      }
+    }
+    const float h = step_for(p.name);
+    double num = 0, den = 0;
+    int kept = 0, dropped = 0;
+    for (int64_t i : idx) {
+      const float orig = value[i];
+      auto central = [&](float hh) {
+        value[i] = orig + hh;
+        model.set_param(p.name, value.data(), p.numel);
+        const double lp = model.forward_loss(ctx, hb.batch);
+        value[i] = orig - hh;
+        model.set_param(p.name, value.data(), p.numel);
+        const double lm = model.forward_loss(ctx, hb.batch);
+        value[i] = orig;
+        return (lp - lm) / (static_cast<double>(orig + hh) - static_cast<double>(orig - hh));
+      };
+      const double d1 = central(h), d2 = central(h / 2);
+      // The KDA path's own curvature moves D(h) vs D(h/2) by a few percent (what Richardson cancels):
+      // the guard is relative above the absolute threshold.
+      if (!(std::fabs(d1 - d2) <= std::max(kKinkThreshold, kKinkRelative * std::fabs(d2)))) {
+        std::printf("  %s[%lld]: D(h) %.4e vs D(h/2) %.4e: straddles a routing swap, dropped\n", p.name.c_str(),
+                    static_cast<long long>(i), d1, d2);
+        ++dropped;
+        continue;
+      }
+      const double fd = (4 * d2 - d1) / 3;
+      num += (g[i] - fd) * (g[i] - fd);
+      den += fd * fd;
+      ++kept;
+    }
+    model.set_param(p.name, value.data(), p.numel);
+    report({{p.name, std::sqrt(num), std::sqrt(den)}});
+    EXPECT_LE(4 * dropped, kept + dropped) << p.name << ": too many samples straddle routing swaps";
+  }
+}
+
+// A hybrid model with a MoE layer on CUDA is refused at construction (MoE runs on the CPU only so far).
+TEST(HybridModel, MoeLayersOnCudaAreRefused) {
+  HybridConfig cfg;
+  cfg.model = tiny_moe_config(2, {0});
+  cfg.pattern = "TT";
+  try {
+    HybridModel m(cfg, Device::cuda(0), 16);
+    FAIL() << "expected an error";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("MoE layers run on the CPU only"), std::string::npos) << e.what();
+  }
+}
+
 // ------------------------------------------------------------------------------ T layers == dense
 
 // A student made only of T layers, with the dense model's weights copied by name, is the dense model:
@@ -190,6 +343,61 @@ TEST(HybridModel, TeacherLayersReproduceTheDenseModelExactly) {
     EXPECT_EQ(dense.forward_backward(ctx, hb.batch, 0.5f), hybrid.forward_backward(ctx, hb.batch, 0.5f));
     for (const ParamInfo& p : dense.params()) EXPECT_EQ(dense.get_grad(p.name), hybrid.get_grad(p.name)) << p.name;
   }
+}
+
+// The same for qwen3_moe (layer 0 dense through mlp_only_layers, layers 1 and 2 MoE): the MoE FFN
+// parameters (mlp.gate.weight, mlp.gate_up, mlp.down) have DenseModel's names and storage, and the
+// all-T hybrid runs the same MoE kernels: logits, loss, gradients and the stage-1 / stage-2 layer taps
+// (forward_layer_inputs / forward_layer_outputs) bit for bit.
+TEST(HybridModel, TeacherLayersReproduceTheMoeDenseModelExactly) {
+  const ModelConfig dc = tiny_moe_config(3, {0});
+  ASSERT_TRUE(dc.is_moe_layer(1));
+  HybridConfig hc;
+  hc.model = dc;
+  hc.pattern = "T";
+  DenseModel dense(dc, Device::cpu(), 32);
+  HybridModel hybrid(hc, Device::cpu(), 32);
+  dense.init_random(21, 0.3f);
+  ASSERT_EQ(dense.params().size(), hybrid.params().size());
+  for (size_t i = 0; i < dense.params().size(); ++i) {
+    const ParamInfo& p = dense.params()[i];
+    EXPECT_EQ(p.name, hybrid.params()[i].name);
+    EXPECT_EQ(p.shape, hybrid.params()[i].shape);
+    EXPECT_EQ(p.weight_decay, hybrid.params()[i].weight_decay);
+    const std::vector<float> v = dense.get_param(p.name);
+    hybrid.set_param(p.name, v.data(), p.numel);
+  }
+  ASSERT_TRUE(hybrid.has_param("layers.1.mlp.gate.weight"));
+  ASSERT_TRUE(hybrid.has_param("layers.0.w_gate_up"));
+  test::PackedBatch hb = make_batch({10, 14}, dc.vocab_size);
+  ExecContext ctx(Device::cpu());
+  const std::vector<float> zd = dense.forward_logits(ctx, hb.batch), zh = hybrid.forward_logits(ctx, hb.batch);
+  ASSERT_TRUE(test::all_finite(zd));
+  EXPECT_EQ(zd, zh);
+  EXPECT_EQ(dense.forward_loss(ctx, hb.batch), hybrid.forward_loss(ctx, hb.batch));
+  dense.zero_grad();
+  hybrid.zero_grad();
+  EXPECT_EQ(dense.forward_backward(ctx, hb.batch, 0.5f), hybrid.forward_backward(ctx, hb.batch, 0.5f));
+  for (const ParamInfo& p : dense.params()) {
+    const std::vector<float> g = dense.get_grad(p.name);
+    EXPECT_EQ(g, hybrid.get_grad(p.name)) << p.name;
+    if (p.name.find("mlp.") != std::string::npos) {
+      double sq = 0;
+      for (float x : g) sq += double(x) * x;
+      EXPECT_GT(sq, 0.0) << p.name << ": no gradient reaches the MoE parameter";
+    }
+  }
+  // Layer taps: the input of layer l + 1 is the output of layer l, the last output feeds final_norm.
+  const int64_t n = hb.batch.num_tokens, D = dc.hidden_size;
+  const std::vector<std::vector<float>> ins = hybrid.forward_layer_inputs_host(ctx, hb.batch);
+  std::vector<std::vector<float>> outs(3, std::vector<float>(static_cast<size_t>(n * D), NAN));
+  std::vector<Tensor> out_t;
+  for (auto& o : outs) out_t.push_back(Tensor(o.data(), DType::f32, Device::cpu(), {n, D}));
+  hybrid.forward_layer_outputs(ctx, hb.batch, out_t);
+  ctx.synchronize();
+  EXPECT_EQ(outs[0], ins[1]);
+  EXPECT_EQ(outs[1], ins[2]);
+  ASSERT_TRUE(test::all_finite(outs[2]));
 }
 
 // ------------------------------------------------------------------------------ documents

@@ -131,14 +131,49 @@ TEST(MoeModel, CudaRefusesMoeLayersClearly) {
   expect_error([] { DenseModel m(tiny_moe(), Device::cuda(0), 8); }, {"MoE layers run on the CPU only so far"});
 }
 
-TEST(MoeModel, StudentsFromMoeTeachersAreRefused) {
-  expect_error([] { (void)student_config_from_teacher(tiny_moe(), "KA"); }, {"teacher", "Mixture-of-Experts"});
-  HybridConfig h = test::tiny_hybrid_config("KA", 2, "qwen3");
-  h.model.family = "qwen3_moe";
-  h.model.num_experts = 4;
-  h.model.num_experts_per_tok = 2;
-  h.model.moe_intermediate_size = 16;
-  expect_error([&] { HybridModel s(h, Device::cpu(), 8); }, {"model.num_experts", "MoE"});
+// A student of a MoE teacher keeps the teacher's MoE settings and gets the MoE FFN parameters (router and
+// stacked experts) copied like the dense MLP's, each listed in the transfer table; the KDA layers' mixers
+// are initialised as for a dense teacher, and the A / T layers' attention is copied.
+TEST(MoeModel, StudentFromMoeTeacherCopiesTheExperts) {
+  const ModelConfig tc = tiny_moe();  // layers 0 and 2 MoE, 1 dense
+  DenseModel teacher(tc, Device::cpu(), 16);
+  teacher.init_random(7, 0.3f);
+  const HybridConfig sc = student_config_from_teacher(tc, "K,A,K");
+  EXPECT_EQ(sc.model.family, "qwen3_moe");
+  EXPECT_EQ(sc.model.num_experts, tc.num_experts);
+  EXPECT_EQ(sc.model.num_experts_per_tok, tc.num_experts_per_tok);
+  EXPECT_EQ(sc.model.moe_intermediate_size, tc.moe_intermediate_size);
+  EXPECT_EQ(sc.model.norm_topk_prob, tc.norm_topk_prob);
+  EXPECT_EQ(sc.model.mlp_only_layers, tc.mlp_only_layers);
+  HybridModel student(sc, Device::cpu(), 16);
+  for (const ParamInfo& p : student.params()) {
+    const std::vector<float> nan(static_cast<size_t>(p.numel), NAN);
+    student.set_param(p.name, nan.data(), p.numel);
+  }
+  const TransferReport rep = init_student_from_teacher(teacher, student, 3);
+  ASSERT_EQ(rep.rows.size(), student.params().size());
+  int moe_params = 0;
+  for (const ParamInfo& p : student.params()) {
+    const std::vector<float> v = student.get_param(p.name);
+    for (float x : v) ASSERT_TRUE(std::isfinite(x)) << p.name << " was not written";
+    if (p.name.find(".mlp.") == std::string::npos) continue;
+    ++moe_params;
+    EXPECT_EQ(p.shape, teacher.param(p.name).shape) << p.name;
+    EXPECT_EQ(v, teacher.get_param(p.name)) << p.name;
+    EXPECT_TRUE(rep.row(p.name).from_teacher) << p.name;
+    EXPECT_EQ(rep.row(p.name).source, "teacher:" + p.name);
+  }
+  EXPECT_EQ(moe_params, 6);  // router, gate_up, down of layers 0 and 2
+  for (const char* n : {"layers.1.w_gate_up", "layers.1.w_down", "layers.0.mlp_norm", "layers.1.wqkv"})
+    EXPECT_EQ(student.get_param(n), teacher.get_param(n)) << n;
+  EXPECT_NE(rep.table().find("layers.2.mlp.gate_up"), std::string::npos);
+  // mixer_params: the mixer only, no FFN parameter.
+  for (int64_t l = 0; l < 3; ++l)
+    for (const ParamInfo& p : student.mixer_params(l)) EXPECT_EQ(p.name.find("mlp"), std::string::npos) << p.name;
+  // The student runs (CPU) and its loss is finite.
+  test::PackedBatch hb = test::pack_documents({{1, 5, 9, 3, 7, 2}, {4, 4, 8, 1}});
+  ExecContext ctx(Device::cpu());
+  EXPECT_TRUE(std::isfinite(student.forward_loss(ctx, hb.batch)));
 }
 
 // ----------------------------------------------------------------------------------------- config.json

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# `hydistill distill` on the CPU from a Mixture-of-Experts teacher: the golden tiny qwen3_moe teacher
+# (tests/golden/data/qwen3_moe: 2 layers, layer 0 dense through mlp_only_layers, layer 1 a MoE FFN of 8
+# experts, top 2; vocab 256, random weights) and a small Markov dataset (vocab 200). A KA student keeps the
+# teacher's MoE FFN (copied, trained in stage 2) and runs a few stage-1 and stage-2 steps. Asserts: exit 0,
+# the transfer table lists the router and expert stacks copied from the teacher, stage-1 and stage-2
+# records are finite, the stage-2 KL does not grow (first vs last record), the checkpoint is written, and
+# `hydistill export` refuses the MoE student (naming qwen3_moe: not supported yet).
+# Usage: bash test_distill_moe.sh HYDISTILL SOURCE_DIR
+set -u
+HYD="$1"
+SRC="$2"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/hyd_distill_moe.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+TEACHER="$SRC/tests/golden/data/qwen3_moe"
+[ -f "$TEACHER/config.json" ] || fail "missing teacher $TEACHER"
+python3 "$SRC/tests/cli/synthetic_data.py" markov "$WORK/tiny.h5" --vocab 200 --docs 200 --seed 0 ||
+  fail "could not write the synthetic dataset"
+
+cat > "$WORK/distill.ini" <<EOF2
+device = cpu
+[run]
+dir = $WORK/run
+[teacher]
+dir = $TEACHER
+[student]
+pattern = KA
+[data]
+path = $WORK/tiny.h5
+val_fraction = 0.05
+seq_len = 32
+batch_size = 2
+[train]
+weight_decay = 0.0
+[distill]
+stage1_steps = 20
+stage1_lr = 1e-2
+stage2_steps = 30
+stage2_lr = 1e-2
+warmup_steps = 2
+min_lr_ratio = 0.5
+[log]
+interval = 10
+EOF2
+
+"$HYD" distill --config "$WORK/distill.ini" >"$WORK/out.txt" 2>"$WORK/err.txt"
+rc=$?
+cat "$WORK/out.txt"
+[ "$rc" -eq 0 ] || { cat "$WORK/err.txt"; fail "distill exited with $rc"; }
+grep -q "transfer table" "$WORK/out.txt" || fail "no transfer table header in stdout"
+for p in mlp.gate.weight mlp.gate_up mlp.down; do
+  grep -Eq " $p +\[.*\] +teacher:layers.1.$p$" "$WORK/out.txt" ||
+    fail "the transfer table does not show layers.1.$p copied from the teacher"
+done
+grep -Eq " w_gate_up +\[.*\] +teacher:layers.0.w_gate_up$" "$WORK/out.txt" ||
+  fail "the transfer table does not show the dense layer's w_gate_up from the teacher"
+grep -q "stage 1 step 20/20 | mse" "$WORK/out.txt" || fail "no stage 1 progress line for step 20/20"
+grep -q "stage 2 step 30/30 | kl" "$WORK/out.txt" || fail "no stage 2 progress line for step 30/30"
+
+python3 - "$WORK/run/metrics.jsonl" <<'PY' || fail "metrics.jsonl check failed"
+import json, math, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+s1 = [r for r in recs if r.get("stage") == 1]
+s2 = [r for r in recs if r.get("stage") == 2]
+assert len(s1) == 2 and len(s2) == 3, (len(s1), len(s2))
+for r in s1:
+    for k in ("step", "mse", "lr", "grad_norm"):
+        assert isinstance(r.get(k), (int, float)) and math.isfinite(r[k]), f"stage 1 '{k}' in {r}"
+for r in s2:
+    for k in ("step", "kl", "ce", "loss", "lr", "grad_norm"):
+        assert isinstance(r.get(k), (int, float)) and math.isfinite(r[k]), f"stage 2 '{k}' in {r}"
+k0, k1 = s2[0]["kl"], s2[-1]["kl"]
+print(f"stage 1 mse {s1[0]['mse']:.4g} -> {s1[-1]['mse']:.4g}; stage 2 kl {k0:.4g} -> {k1:.4g}")
+assert k0 >= 0 and k1 <= k0 * 1.05, f"stage 2 kl grew: {k0} -> {k1}"
+PY
+# Export of a qwen3_moe student is not there yet: refused (exit 1, an error of the model, not of the
+# command line) naming the family, nothing written.
+"$HYD" export --checkpoint "$WORK/run/step-00000050" --out "$WORK/export" >"$WORK/ex_out.txt" 2>"$WORK/ex_err.txt"
+rc=$?
+[ "$rc" -eq 1 ] || { cat "$WORK/ex_out.txt" "$WORK/ex_err.txt"; fail "export of a MoE student: exit $rc, expected 1"; }
+[ ! -e "$WORK/export" ] || fail "the refused export wrote $WORK/export"
+grep -q "qwen3_moe" "$WORK/ex_err.txt" || { cat "$WORK/ex_err.txt"; fail "the export refusal does not name qwen3_moe"; }
+echo "ok: export refused: $(head -c 200 "$WORK/ex_err.txt")"
+echo "ok"
