@@ -266,11 +266,10 @@ struct HybridModel::Impl {
   std::vector<AttentionMixer> attn;                  // used for A and T layers
   std::vector<KdaLayer> kda;                         // used for K layers
   std::vector<std::pair<Tensor, Tensor>> gate_bf16;  // CUDA, K layers: flat (bf16) A_log, dt_bias values
-  // Per layer, the FFN block: the dense MLP (mlp[l]) or, where cfg.model.is_moe_layer(l), pre-norm
-  // moe_norm[l], the MoE FFN moe[l] and the residual (as DenseModel; the other entry is unused and empty).
+  // Per layer, the FFN block: the dense MLP (mlp[l]) or, where cfg.model.is_moe_layer(l), the MoE block
+  // moe[l] (as DenseModel; the other entry is unused and empty).
   std::vector<MlpLayer> mlp;
-  std::vector<MoeLayer> moe;
-  std::vector<WeightRef> moe_norm;
+  std::vector<MoeBlock> moe;
   std::vector<bool> sparse;
   std::vector<std::string> nvtx_fwd, nvtx_bwd;  // per mixer block
 
@@ -279,17 +278,12 @@ struct HybridModel::Impl {
     AttentionMixer::Saved attn;
     KdaLayer::Saved kda;
   };
-  // What an MoE block's backward needs beyond MoeLayer::Saved: its input and the pre-norm.
-  struct MoeBlockSaved {
-    Tensor x, m, rstd;  // [N, D], [N, D], f32 [N]
-    MoeLayer::Saved moe;
-  };
   // Activations of one micro-batch (activation arena, reset every call).
   struct Step {
     std::vector<Tensor> residual;  // 2L + 1 tensors [N, D]: h_0, then h after every block
     std::vector<MixerSaved> mix;
     std::vector<MlpLayer::Saved> mlp;  // dense layers (empty entries for MoE layers)
-    std::vector<MoeBlockSaved> moe;    // MoE layers (empty entries for dense layers)
+    std::vector<MoeBlock::Saved> moe;  // MoE layers (empty entries for dense layers)
     Tensor final_normed, final_rstd, losses, d_normed, d_residual;
     Tensor hidden_sq;  // f32 [1]: sum of the hidden-state term's squared differences (HiddenStateMatch)
   };
@@ -324,12 +318,8 @@ struct HybridModel::Impl {
         m.attn = attn[l].alloc_saved(a, n, act);
       s.mix.push_back(m);
       if (sparse[l]) {
-        MoeBlockSaved b;
-        b.m = a.alloc({n, D}, act);
-        b.rstd = a.alloc({n}, DType::f32);
-        b.moe = moe[l].alloc_saved(a, n, act);
         s.mlp.emplace_back();
-        s.moe.push_back(std::move(b));
+        s.moe.push_back(moe[l].alloc_saved(a, n, act));
       } else {
         s.mlp.push_back(mlp[l].alloc_saved(a, n, act));
         s.moe.emplace_back();
@@ -351,14 +341,6 @@ struct HybridModel::Impl {
     Tensor da = a.alloc({n, D}, act);
     Tensor dx = a.alloc({n, D}, act);
     return {da, dx};
-  }
-
-  // The MoE block's own backward temporaries, before MoeLayer::backward takes its scratch after them.
-  template <class Alloc>
-  std::pair<Tensor, Tensor> alloc_moe_block_scratch(Alloc& a, int64_t n) const {
-    Tensor dm = a.alloc({n, cfg.model.hidden_size}, act);
-    Tensor dx = a.alloc({n, cfg.model.hidden_size}, act);
-    return {dm, dx};
   }
 
   // The scratch of the hidden-state term at one layer boundary: the f32 difference and the f32 target,
@@ -389,7 +371,6 @@ struct HybridModel::Impl {
         attn[l].alloc_scratch(sb, n, act);
       }
       if (sparse[l]) {
-        alloc_moe_block_scratch(sm, n);
         moe[l].alloc_scratch(sm, n, act);
       } else {
         mlp[l].alloc_scratch(sm, n, act);
@@ -579,24 +560,9 @@ void HybridModel::Impl::build() {
     }
     sparse.push_back(mc.is_moe_layer(l));
     MlpLayer m;
-    MoeLayer e;
-    WeightRef e_norm;
+    MoeBlock e;
     if (sparse[l]) {
-      // As DenseModel (HF Qwen3MoeSparseMoeBlock): softmax router, top-k, optional renormalisation, no
-      // shared experts, no biases, the aux loss out of the loss.
-      e.cfg.hidden = D;
-      e.cfg.num_experts = mc.num_experts;
-      e.cfg.top_k = mc.num_experts_per_tok;
-      e.cfg.expert_ffn = mc.moe_intermediate_size;
-      e.cfg.score_func = "softmax";
-      e.cfg.norm_topk_prob = mc.norm_topk_prob;
-      e.cfg.validate("HybridModel layer " + ls);
-      e.nvtx_fwd = "layer." + ls + ".moe.fwd";
-      e.nvtx_bwd = "layer." + ls + ".moe.bwd";
-      e.router = ref(p + "mlp.gate.weight");
-      e.gate_up = ref(p + "mlp.gate_up");
-      e.down = ref(p + "mlp.down");
-      e_norm = ref(p + "mlp_norm");
+      e = MoeBlock::for_model(mc, l, eps, [&](const std::string& name) { return ref(p + name); });
     } else {
       m.hidden = D;
       m.intermediate = F;
@@ -609,7 +575,6 @@ void HybridModel::Impl::build() {
     }
     mlp.push_back(std::move(m));
     moe.push_back(std::move(e));
-    moe_norm.push_back(e_norm);
   }
 
   // RoPE tables, only when some layer keeps the teacher's rotary attention.
@@ -769,11 +734,7 @@ void HybridModel::Impl::ffn_forward(const ExecContext& ctx, int64_t l, const Ten
     mlp[l].forward(ctx, in, out, step.mlp[l]);
     return;
   }
-  MoeBlockSaved& s = step.moe[l];
-  s.x = in;
-  kernels::rmsnorm_forward(ctx, in, moe_norm[l].value, s.m, s.rstd, static_cast<float>(cfg.model.rms_norm_eps));
-  moe[l].forward(ctx, s.m, out, s.moe);  // L_aux is 0: aux_loss_coef is 0 here
-  kernels::add_inplace(ctx, out, in);
+  moe[l].forward(ctx, in, out, step.moe[l]);
 }
 
 void HybridModel::Impl::ffn_backward(const ExecContext& ctx, int64_t l, const Tensor& d_residual) {
@@ -781,10 +742,7 @@ void HybridModel::Impl::ffn_backward(const ExecContext& ctx, int64_t l, const Te
     mlp[l].backward(ctx, step.mlp[l], d_residual, d_residual, scratch_arena);
     return;
   }
-  const MoeBlockSaved& s = step.moe[l];
-  const auto [dm, dx] = alloc_moe_block_scratch(scratch_arena, s.x.size(0));
-  moe[l].backward(ctx, s.moe, d_residual, dm, scratch_arena, /*d_aux=*/0.0);
-  prenorm_residual_backward(ctx, dm, s.x, moe_norm[l], s.rstd, d_residual, d_residual, dx);
+  moe[l].backward(ctx, step.moe[l], d_residual, scratch_arena);
 }
 
 // Chunk by chunk: logits = normed Wlm^T; CE (dlogits in place, scaled by loss_scale / num_targets);
@@ -958,8 +916,8 @@ void HybridModel::init_random(uint64_t seed, float std) {
         v[i] = static_cast<float>(dt + std::log(-std::expm1(-dt)));  // softplus(v) = dt
       }
     } else {
-      const bool out_proj = n.ends_with(".wo") || n.ends_with(".w_down") || n.ends_with(".mlp.down") ||
-                            n.ends_with(".o_proj.weight");
+      const bool out_proj =
+          n.ends_with(".wo") || n.ends_with(".w_down") || n.ends_with(".mlp.down") || n.ends_with(".o_proj.weight");
       const float s = out_proj ? static_cast<float>(std * out_scale) : std;
       for (int64_t i = 0; i < p.numel; ++i) v[i] = s * normal(gen);
     }

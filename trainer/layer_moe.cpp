@@ -6,7 +6,9 @@
 #include <numeric>
 #include <random>
 
+#include "kernels/elementwise.h"
 #include "kernels/matmul.h"
+#include "kernels/rmsnorm.h"
 #include "parallel/comm.h"
 
 namespace hyd {
@@ -621,6 +623,32 @@ void MoeLayer::backward(const ExecContext& ctx, const Saved& saved, const Tensor
     backward_impl<double>(*this, saved, dout, din, t, d_aux, ep);
   else
     backward_impl<float>(*this, saved, dout, din, t, d_aux, ep);
+}
+
+// ------------------------------------------------------------------------------------ MoeBlock
+
+MoeConfig MoeBlock::config_for_model(const ModelConfig& mc) {
+  MoeConfig c;
+  c.hidden = mc.hidden_size;
+  c.num_experts = mc.num_experts;
+  c.top_k = mc.num_experts_per_tok;
+  c.expert_ffn = mc.moe_intermediate_size;
+  c.score_func = "softmax";
+  c.norm_topk_prob = mc.norm_topk_prob;
+  return c;
+}
+
+void MoeBlock::forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& s) const {
+  s.x = in;
+  kernels::rmsnorm_forward(ctx, in, norm.value, s.m, s.rstd, eps);
+  moe.forward(ctx, s.m, out, s.moe);  // L_aux is 0: aux_loss_coef is 0 here
+  kernels::add_inplace(ctx, out, in);
+}
+
+void MoeBlock::backward(const ExecContext& ctx, const Saved& s, const Tensor& d_residual, Arena& scratch) const {
+  const auto [dm, dx] = alloc_own_scratch(scratch, s.x.size(0), s.m.dtype);
+  moe.backward(ctx, s.moe, d_residual, dm, scratch, /*d_aux=*/0.0);
+  prenorm_residual_backward(ctx, dm, s.x, norm, s.rstd, d_residual, d_residual, dx);
 }
 
 // ------------------------------------------------------------------------------------ MoeLayerWeights

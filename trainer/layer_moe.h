@@ -25,11 +25,13 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "trainer/core/arena.h"
 #include "trainer/core/exec_context.h"
 #include "trainer/layer_common.h"
+#include "trainer/model_config.h"
 
 namespace hyd {
 
@@ -203,6 +205,69 @@ struct MoeLayer {
   void backward(const ExecContext& ctx, const Saved& saved, const Tensor& dout, const Tensor& din, Arena& scratch,
                 double d_aux = 1.0, const MoeExpertParallel* ep = nullptr) const;
 };
+
+// The decoder's MoE FFN block with its residual, the sparse counterpart of MlpLayer (trainer/layer_mlp.h):
+//   m = RMSNorm(x) ; out = x + MoE(m)
+// shared by DenseModel and HybridModel. for_model builds it from a qwen3_moe ModelConfig (HF
+// Qwen3MoeSparseMoeBlock: softmax router, top-k, optional renormalisation, no shared experts, no selection
+// bias; the load-balancing loss stays out of the model's loss: aux_loss_coef 0).
+struct MoeBlock {
+  float eps = 1e-6f;
+  WeightRef norm;  // mlp_norm [D]
+  MoeLayer moe;
+
+  struct Saved {
+    Tensor x, m, rstd;  // block input (view), normed input [N, D], its rstd f32 [N]
+    MoeLayer::Saved moe;
+  };
+  template <class Alloc>
+  Saved alloc_saved(Alloc& arena, int64_t n, DType act) const {
+    Saved s;
+    s.m = arena.alloc({n, moe.cfg.hidden}, act);
+    s.rstd = arena.alloc({n}, DType::f32);
+    s.moe = moe.alloc_saved(arena, n, act);
+    return s;
+  }
+  // The block's own backward temporaries (dm, dx [N, D]); MoeLayer::backward takes its scratch after them.
+  template <class Alloc>
+  std::pair<Tensor, Tensor> alloc_own_scratch(Alloc& arena, int64_t n, DType act) const {
+    Tensor dm = arena.alloc({n, moe.cfg.hidden}, act);
+    Tensor dx = arena.alloc({n, moe.cfg.hidden}, act);
+    return {dm, dx};
+  }
+  // Everything backward takes from its scratch arena (for sizing).
+  template <class Alloc>
+  void alloc_scratch(Alloc& arena, int64_t n, DType act) const {
+    alloc_own_scratch(arena, n, act);
+    moe.alloc_scratch(arena, n, act);
+  }
+  // ref(name) gives the weight named `prefix + name` (mlp_norm, mlp.gate.weight, mlp.gate_up, mlp.down).
+  template <class Ref>
+  static MoeBlock for_model(const ModelConfig& mc, int64_t layer, float eps, Ref&& ref);
+  // out = in + MoE(RMSNorm(in)); out must not alias in.
+  void forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& saved) const;
+  // d_residual += RMSNorm'(x)^T MoE'(m)^T d_residual, in place; weight gradients accumulate.
+  void backward(const ExecContext& ctx, const Saved& saved, const Tensor& d_residual, Arena& scratch) const;
+
+ private:
+  static MoeConfig config_for_model(const ModelConfig& mc);
+};
+
+template <class Ref>
+MoeBlock MoeBlock::for_model(const ModelConfig& mc, int64_t layer, float eps, Ref&& ref) {
+  const std::string ls = std::to_string(layer);
+  MoeBlock b;
+  b.eps = eps;
+  b.norm = ref("mlp_norm");
+  b.moe.cfg = config_for_model(mc);
+  b.moe.cfg.validate("layer " + ls + " (MoE FFN)");
+  b.moe.nvtx_fwd = "layer." + ls + ".moe.fwd";
+  b.moe.nvtx_bwd = "layer." + ls + ".moe.bwd";
+  b.moe.router = ref("mlp.gate.weight");
+  b.moe.gate_up = ref("mlp.gate_up");
+  b.moe.down = ref("mlp.down");
+  return b;
+}
 
 // Parameter and gradient memory of one standalone MoE layer (a later piece moves them into the model's flat
 // buffers). Values and gradients f32 or f64, CPU only for now. Named views (HF qwen3_moe names; the

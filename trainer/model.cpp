@@ -120,25 +120,18 @@ struct DenseModel::Impl {
 
   WeightRef embed, final_norm, lm_head;
   std::vector<AttentionLayer> attn;
-  // Per layer, the FFN block: the dense MLP (mlp[l]) or, where cfg.is_moe_layer(l), pre-norm moe_norm[l],
-  // the MoE FFN moe[l] and the residual (the other vector's entry is then unused and empty).
+  // Per layer, the FFN block: the dense MLP (mlp[l]) or, where cfg.is_moe_layer(l), the MoE block moe[l]
+  // (the other vector's entry is then unused and empty).
   std::vector<MlpLayer> mlp;
-  std::vector<MoeLayer> moe;
-  std::vector<WeightRef> moe_norm;
+  std::vector<MoeBlock> moe;
   std::vector<bool> sparse;
-
-  // What an MoE block's backward needs beyond MoeLayer::Saved: its input and the pre-norm.
-  struct MoeBlockSaved {
-    Tensor x, m, rstd;  // [N, D], [N, D], f32 [N]
-    MoeLayer::Saved moe;
-  };
 
   // Activations of one micro-batch, allocated from the activation arena (reset every step).
   struct Step {
     std::vector<Tensor> residual;  // 2L + 1 tensors [N, D]: h_0, then h after each attention / MLP block
     std::vector<AttentionLayer::Saved> attn;
     std::vector<MlpLayer::Saved> mlp;  // dense layers (empty entries for MoE layers)
-    std::vector<MoeBlockSaved> moe;    // MoE layers (empty entries for dense layers)
+    std::vector<MoeBlock::Saved> moe;  // MoE layers (empty entries for dense layers)
     Tensor final_normed, final_rstd;   // [N, D], f32 [N]
     Tensor losses;                     // f32 [N]
     Tensor d_normed, d_residual;       // [N, D]
@@ -154,12 +147,8 @@ struct DenseModel::Impl {
       s.residual.push_back(a.alloc({n, D}, act));
       s.attn.push_back(attn[l].alloc_saved(a, n, act));
       if (sparse[l]) {
-        MoeBlockSaved b;
-        b.m = a.alloc({n, D}, act);
-        b.rstd = a.alloc({n}, DType::f32);
-        b.moe = moe[l].alloc_saved(a, n, act);
         s.mlp.emplace_back();
-        s.moe.push_back(std::move(b));
+        s.moe.push_back(moe[l].alloc_saved(a, n, act));
       } else {
         s.mlp.push_back(mlp[l].alloc_saved(a, n, act));
         s.moe.emplace_back();
@@ -173,14 +162,6 @@ struct DenseModel::Impl {
     return s;
   }
 
-  // The MoE block's own backward temporaries, before MoeLayer::backward takes its scratch after them.
-  template <class Alloc>
-  std::pair<Tensor, Tensor> alloc_moe_block_scratch(Alloc& a, int64_t n) const {
-    Tensor dm = a.alloc({n, cfg.hidden_size}, act);
-    Tensor dx = a.alloc({n, cfg.hidden_size}, act);
-    return {dm, dx};
-  }
-
   // Scratch: the largest of one layer's backward temporaries and one f32 logits chunk.
   size_t scratch_bytes(int64_t n) const {
     size_t bytes = 0;
@@ -192,7 +173,6 @@ struct DenseModel::Impl {
     for (int64_t l = 0; l < cfg.num_layers; ++l) {
       ArenaSizer sm;
       if (sparse[l]) {
-        alloc_moe_block_scratch(sm, n);
         moe[l].alloc_scratch(sm, n, act);
       } else {
         mlp[l].alloc_scratch(sm, n, act);
@@ -229,10 +209,6 @@ struct DenseModel::Impl {
   void lm_head_loss(const ExecContext& ctx, const Batch& b, Step& st, bool with_grad, float loss_scale);
   double mean_loss(const ExecContext& ctx, const Batch& b, const Step& st) const;
   void backward(const ExecContext& ctx, const Batch& b, Step& st);
-  // out = in + MoE(RMSNorm(in)) (out must not alias in).
-  void moe_block_forward(const ExecContext& ctx, int64_t l, const Tensor& in, const Tensor& out, MoeBlockSaved& s);
-  // d_residual += RMSNorm'(x)^T MoE'(m)^T d_residual (in place); weight gradients accumulate.
-  void moe_block_backward(const ExecContext& ctx, int64_t l, const MoeBlockSaved& s, const Tensor& d_residual);
 };
 
 void DenseModel::Impl::build() {
@@ -307,24 +283,9 @@ void DenseModel::Impl::build() {
 
     sparse.push_back(cfg.is_moe_layer(l));
     MlpLayer m;
-    MoeLayer e;
-    WeightRef e_norm;
+    MoeBlock e;
     if (sparse[l]) {
-      // HF Qwen3MoeSparseMoeBlock: softmax router, top-k, optional renormalisation, no shared experts, no
-      // biases. The aux loss stays out of the model's loss (aux_loss_coef 0: forward returns 0).
-      e.cfg.hidden = D;
-      e.cfg.num_experts = cfg.num_experts;
-      e.cfg.top_k = cfg.num_experts_per_tok;
-      e.cfg.expert_ffn = cfg.moe_intermediate_size;
-      e.cfg.score_func = "softmax";
-      e.cfg.norm_topk_prob = cfg.norm_topk_prob;
-      e.cfg.validate("DenseModel layer " + std::to_string(l));
-      e.nvtx_fwd = "layer." + std::to_string(l) + ".moe.fwd";
-      e.nvtx_bwd = "layer." + std::to_string(l) + ".moe.bwd";
-      e.router = ref(p + "mlp.gate.weight");
-      e.gate_up = ref(p + "mlp.gate_up");
-      e.down = ref(p + "mlp.down");
-      e_norm = ref(p + "mlp_norm");
+      e = MoeBlock::for_model(cfg, l, eps, [&](const std::string& name) { return ref(p + name); });
     } else {
       m.hidden = D;
       m.intermediate = F;
@@ -337,7 +298,6 @@ void DenseModel::Impl::build() {
     }
     mlp.push_back(std::move(m));
     moe.push_back(std::move(e));
-    moe_norm.push_back(e_norm);
   }
 
   // RoPE tables: positions inside a document never exceed max_tokens - 1 in one micro-batch, and a
@@ -418,7 +378,7 @@ void DenseModel::Impl::forward(const ExecContext& ctx, const Batch& b, Step& st)
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
     attn[l].forward(ctx, seq, st.residual[2 * l], st.residual[2 * l + 1], st.attn[l]);
     if (sparse[l])
-      moe_block_forward(ctx, l, st.residual[2 * l + 1], st.residual[2 * l + 2], st.moe[l]);
+      moe[l].forward(ctx, st.residual[2 * l + 1], st.residual[2 * l + 2], st.moe[l]);
     else
       mlp[l].forward(ctx, st.residual[2 * l + 1], st.residual[2 * l + 2], st.mlp[l]);
   }
@@ -459,21 +419,6 @@ double DenseModel::Impl::mean_loss(const ExecContext& ctx, const Batch& b, const
   return sum / static_cast<double>(b.num_targets);
 }
 
-void DenseModel::Impl::moe_block_forward(const ExecContext& ctx, int64_t l, const Tensor& in, const Tensor& out,
-                                         MoeBlockSaved& s) {
-  s.x = in;
-  kernels::rmsnorm_forward(ctx, in, moe_norm[l].value, s.m, s.rstd, static_cast<float>(cfg.rms_norm_eps));
-  moe[l].forward(ctx, s.m, out, s.moe);  // L_aux is 0: aux_loss_coef is 0 here
-  kernels::add_inplace(ctx, out, in);
-}
-
-void DenseModel::Impl::moe_block_backward(const ExecContext& ctx, int64_t l, const MoeBlockSaved& s,
-                                          const Tensor& d_residual) {
-  const auto [dm, dx] = alloc_moe_block_scratch(scratch_arena, s.x.size(0));
-  moe[l].backward(ctx, s.moe, d_residual, dm, scratch_arena, /*d_aux=*/0.0);
-  prenorm_residual_backward(ctx, dm, s.x, moe_norm[l], s.rstd, d_residual, d_residual, dx);
-}
-
 void DenseModel::Impl::backward(const ExecContext& ctx, const Batch& b, Step& st) {
   const PackedSequence seq = sequence(b);
   {
@@ -485,7 +430,7 @@ void DenseModel::Impl::backward(const ExecContext& ctx, const Batch& b, Step& st
   for (int64_t l = cfg.num_layers - 1; l >= 0; --l) {
     scratch_arena.reset();
     if (sparse[l])
-      moe_block_backward(ctx, l, st.moe[l], st.d_residual);
+      moe[l].backward(ctx, st.moe[l], st.d_residual, scratch_arena);
     else
       mlp[l].backward(ctx, st.mlp[l], st.d_residual, st.d_residual, scratch_arena);
     scratch_arena.reset();
