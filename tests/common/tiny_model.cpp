@@ -88,7 +88,14 @@ HybridConfig tiny_hybrid_config(const std::string& pattern, int64_t layers, cons
   return c;
 }
 
-void randomize_hybrid(HybridModel& m) {
+void randomize_hybrid(HybridModel& m, std::mt19937_64* gen) {
+  auto randn = [&](int64_t n, float sd, float mean = 0.0f) {
+    if (gen == nullptr) return test::randn(static_cast<size_t>(n), sd, mean);
+    std::normal_distribution<float> d(mean, sd);
+    std::vector<float> v(static_cast<size_t>(n));
+    for (float& x : v) x = d(*gen);
+    return v;
+  };
   for (const ParamInfo& p : m.params()) {
     const std::string& n = p.name;
     std::vector<float> v;
@@ -104,8 +111,10 @@ void randomize_hybrid(HybridModel& m) {
       v = randn(p.numel, 0.5f);
     else if (n == "embed")
       v = randn(p.numel, 1.0f);
+    else if (n.ends_with("mlp.gate.weight"))
+      v = randn(p.numel, 3.0f / std::sqrt(static_cast<float>(p.shape.back())));
     else
-      v = randn(p.numel, 1.0f / std::sqrt(static_cast<float>(p.shape.at(1))));
+      v = randn(p.numel, 1.0f / std::sqrt(static_cast<float>(p.shape.back())));
     m.set_param(n, v.data(), p.numel);
   }
 }

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <functional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -46,7 +47,9 @@ HybridConfig tiny_hybrid_config(const std::string& pattern, int64_t layers, cons
 // Weights with O(1) activations so every path carries gradient and every value is distinct: matrices
 // N(0, 1/fan_in), embeddings N(0, 1), norms 1 + N(0, 0.2), biases N(0, 0.2), conv taps N(0, 0.5),
 // A_log N(0, 0.5) (decay rates exp(A_log) ~ 1), dt_bias N(-1, 0.5) (softplus ~ 0.3: per-token decays
-// exp(g) ~ 0.7, far from 0 and 1).
-void randomize_hybrid(HybridModel& m);
+// exp(g) ~ 0.7, far from 0 and 1). MoE routers (mlp.gate.weight) N(0, 9/fan_in): wide top-k gaps. fan_in is
+// the last dimension (stacked expert weights [E, rows, fan_in] included). gen: the draws' source (the
+// test's rng() when null), e.g. a fixed seed where routing must stay stable.
+void randomize_hybrid(HybridModel& m, std::mt19937_64* gen = nullptr);
 
 }  // namespace hyd::test

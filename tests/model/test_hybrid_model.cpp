@@ -184,36 +184,6 @@ constexpr uint64_t kMoeSeed = 5;
 constexpr double kKinkThreshold = 2e-3;
 constexpr double kKinkRelative = 5e-2;
 
-void randomize_moe_hybrid(HybridModel& m, std::mt19937_64& gen) {
-  auto randn = [&](int64_t n, float sd, float mean = 0.0f) {
-    std::normal_distribution<float> d(mean, sd);
-    std::vector<float> v(static_cast<size_t>(n));
-    for (float& x : v) x = d(gen);
-    return v;
-  };
-  for (const ParamInfo& p : m.params()) {
-    const std::string& n = p.name;
-    std::vector<float> v;
-    if (n.ends_with("A_log"))
-      v = randn(p.numel, 0.5f);
-    else if (n.ends_with("dt_bias"))
-      v = randn(p.numel, 0.5f, -1.0f);
-    else if (n.ends_with("norm") || n.ends_with("norm.weight"))
-      v = randn(p.numel, 0.2f, 1.0f);
-    else if (n.ends_with("bqkv") || n.ends_with("bias"))
-      v = randn(p.numel, 0.2f);
-    else if (n.ends_with("conv1d.weight"))
-      v = randn(p.numel, 0.5f);
-    else if (n == "embed")
-      v = randn(p.numel, 1.0f);
-    else if (n.ends_with("mlp.gate.weight"))
-      v = randn(p.numel, 3.0f / std::sqrt(static_cast<float>(p.shape.back())));
-    else
-      v = randn(p.numel, 1.0f / std::sqrt(static_cast<float>(p.shape.back())));
-    m.set_param(n, v.data(), p.numel);
-  }
-}
-
 TEST(HybridMoeGrad, KdaAndAttentionOverDenseAndMoeLayers) {
   HybridConfig cfg;
   cfg.model = tiny_moe_config(2, {0});
@@ -241,7 +211,7 @@ TEST(HybridMoeGrad, KdaAndAttentionOverDenseAndMoeLayers) {
   ASSERT_TRUE(model.has_param("layers.1.mlp.down"));
   ASSERT_FALSE(model.has_param("layers.1.w_down"));
   EXPECT_EQ(model.param("layers.1.mlp.gate_up").shape, (std::vector<int64_t>{4, 32, cfg.model.hidden_size}));
-  randomize_moe_hybrid(model, gen);
+  test::randomize_hybrid(model, &gen);
   ExecContext ctx(Device::cpu());
   model.zero_grad();
   const double loss = model.forward_backward(ctx, hb.batch);
