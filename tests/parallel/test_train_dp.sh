@@ -17,30 +17,9 @@ trap 'rm -rf "$WORK"' EXIT
 fail() { echo "FAIL: $*"; exit 1; }
 python3 -c "import h5py" 2>/dev/null || { echo "SKIP: python3 h5py not available"; exit 77; }
 
-python3 - "$WORK/tiny.h5" <<'PY' || fail "could not write the synthetic dataset"
-import sys
-import h5py
-import numpy as np
-
-rng = np.random.default_rng(0)
-V, eos = 64, 0
-succ = rng.integers(1, V, size=(V, 2))
-docs = []
-for _ in range(200):
-    n = int(rng.integers(10, 60))
-    t = [int(rng.integers(1, V))]
-    for _ in range(n - 1):
-        t.append(int(succ[t[-1], rng.integers(0, 2)]))
-    docs.append(t + [eos])
-tokens = np.concatenate([np.asarray(d, dtype=np.int32) for d in docs])
-offsets = np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
-with h5py.File(sys.argv[1], "w") as f:
-    f.create_dataset("tokens", data=tokens)
-    f.create_dataset("doc_offsets", data=offsets)
-    f.attrs["vocab_size"] = V
-    f.attrs["eos_id"] = eos
-    f.attrs["tokenizer_sha256"] = "0" * 64
-PY
+# Markov-chain documents of 10..59 tokens (tests/cli/synthetic_data.py).
+python3 "$(dirname "${BASH_SOURCE[0]}")/../cli/synthetic_data.py" markov "$WORK/tiny.h5" --vocab 64 --docs 200 \
+  --min-len 10 --max-len 60 || fail "could not write the synthetic dataset"
 
 cat > "$WORK/tiny.ini" <<EOF2
 device = cpu
