@@ -286,7 +286,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
                               " into slices of at least 4 tokens");
   std::optional<ProcessGrid> grid;
   if (world) grid.emplace(*world, dp, sp);
-  const int dp_rank = grid ? grid->dp_rank() : 0, sp_rank = grid ? grid->sp_rank() : 0;
+  const int dp_rank = grid ? grid->dp_rank() : 0;
   const bool rank0 = !world || world->rank() == 0;
   std::ostream null_out(nullptr);
   std::ostream& out = rank0 ? all_out : null_out;
@@ -314,14 +314,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   // This rank's part of step `s`'s micro-batch, uploaded; with sp > 1 the batch carries the SP layout.
   auto batch_for = [&](ExecContext& c, BatchUploader& up, int64_t s, HostBatch& hb) {
     hb = sampler.batch(s);
-    if (sp > 1) {
-      SpLayout layout;
-      hb = slice_batch_for_sp(hb, B, T, sp_rank, sp, layout);
-      sp_ctx->set_layout(std::move(layout));
-    }
-    Batch b = up.upload(c, hb);
-    if (sp > 1) b.sp = &*sp_ctx;
-    return b;
+    return upload_sp_batch(c, up, sp_ctx ? &*sp_ctx : nullptr, B, T, hb);
   };
   // Sums over all ranks (no-op on one).
   auto sum_all = [&](std::span<double> v) {

@@ -158,6 +158,19 @@ HostBatch slice_batch_for_sp(const HostBatch& global, int64_t rows, int64_t seq_
   return out;
 }
 
+Batch upload_sp_batch(ExecContext& ctx, BatchUploader& uploader, SequenceParallel* sp, int64_t rows, int64_t seq_len,
+                      HostBatch& hb) {
+  const bool sliced = sp != nullptr && sp->size() > 1;
+  if (sliced) {
+    SpLayout layout;
+    hb = slice_batch_for_sp(hb, rows, seq_len, sp->rank(), sp->size(), layout);
+    sp->set_layout(std::move(layout));
+  }
+  Batch b = uploader.upload(ctx, hb);
+  if (sliced) b.sp = sp;
+  return b;
+}
+
 // ------------------------------------------------------------------------------------------ KDA core
 
 namespace {

@@ -21,6 +21,7 @@
 
 #include "data/dataset.h"
 #include "parallel/sequence_parallel.h"
+#include "trainer/batch_upload.h"
 #include "trainer/core/exec_context.h"
 #include "trainer/core/tensor.h"
 
@@ -32,6 +33,12 @@ namespace hyd {
 // slice). seq_len must be a multiple of size. Fills `layout`.
 HostBatch slice_batch_for_sp(const HostBatch& global, int64_t rows, int64_t seq_len, int rank, int size,
                              SpLayout& layout);
+
+// `hb` (rows sequences of seq_len tokens) as this rank sees it, uploaded: with `sp` (size > 1) hb is replaced
+// by this rank's slice (slice_batch_for_sp), sp's layout set and the batch carries sp; without it (or with
+// one rank) hb is uploaded as it is.
+Batch upload_sp_batch(ExecContext& ctx, BatchUploader& uploader, SequenceParallel* sp, int64_t rows, int64_t seq_len,
+                      HostBatch& hb);
 
 // KDA core over this rank's slice (shapes and dtypes as kernels/kda.h, cu_seqlens = the local documents).
 void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,

@@ -405,16 +405,7 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
         if (ranks > 1 && r != dp_rank) continue;
         HostBatch hb = dp > 1 ? val_shards[static_cast<size_t>(r)].batch(i) : val_sampler->batch(i);
         if (hb.num_targets == 0) continue;  // the whole sequences' count: the same on every SP rank
-        Batch batch;
-        if (sp > 1) {
-          SpLayout layout;
-          hb = slice_batch_for_sp(hb, B, T, grid->sp_rank(), sp, layout);
-          sp_ctx->set_layout(std::move(layout));
-          batch = uploader.upload(ctx, hb);
-          batch.sp = &*sp_ctx;
-        } else {
-          batch = uploader.upload(ctx, hb);
-        }
+        const Batch batch = upload_sp_batch(ctx, uploader, sp_ctx ? &*sp_ctx : nullptr, B, T, hb);
         const double l = model.forward_loss(ctx, batch);
         if (hb.num_targets > 0) loss_sum += l * static_cast<double>(hb.num_targets);
         targets += hb.num_targets;
@@ -457,13 +448,8 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
     int64_t step_tokens = 0;
     for (int64_t micro = 0; micro < ga; ++micro) {
       HostBatch hb = train_sampler.batch(step * ga + micro);
-      if (sp > 1) {  // this rank's slice of every sequence
-        SpLayout layout;
-        hb = slice_batch_for_sp(hb, B, T, grid->sp_rank(), sp, layout);
-        sp_ctx->set_layout(std::move(layout));
-      }
-      Batch batch = uploader.upload(ctx, hb);
-      if (sp > 1) batch.sp = &*sp_ctx;
+      // With sp > 1: this rank's slice of every sequence.
+      const Batch batch = upload_sp_batch(ctx, uploader, sp_ctx ? &*sp_ctx : nullptr, B, T, hb);
       step_tokens += static_cast<int64_t>(hb.tokens.size());
       if (ranks == 1) {
         loss_sum += model.forward_backward(ctx, batch, 1.0f / static_cast<float>(ga));

@@ -125,15 +125,8 @@ int run(int argc, char** argv, const MpiRuntime& mpi) {
   ExecContext ctx(dev);
   SequenceParallel sp(grid.sp_group(), dev);
   BatchUploader up(dev, n_local);
-  const HostBatch global = one_sequence(T, a.docs, cfg.model.vocab_size, 1000 + grid.dp_rank());
-  HostBatch local = global;
-  SpLayout layout;
-  if (a.sp > 1) {
-    local = slice_batch_for_sp(global, 1, T, grid.sp_rank(), a.sp, layout);
-    sp.set_layout(layout);
-  }
-  Batch b = up.upload(ctx, local);
-  if (a.sp > 1) b.sp = &sp;
+  HostBatch local = one_sequence(T, a.docs, cfg.model.vocab_size, 1000 + grid.dp_rank());
+  const Batch b = upload_sp_batch(ctx, up, &sp, 1, T, local);
 
   std::vector<double> times;
   for (int s = 0; s < a.warmup + a.steps; ++s) {
