@@ -856,9 +856,6 @@ HybridModel::HybridModel(const HybridConfig& cfg, Device device, int64_t max_tok
   impl_->device = device;
   if (max_tokens <= 0) HYD_THROW("HybridModel: max_tokens must be positive, got ", max_tokens);
   impl_->max_tokens = max_tokens;
-  if (!device.is_cpu() && impl_->cfg.model.has_moe_layers())
-    HYD_THROW("HybridModel on ", device.str(), ": the config (family ", impl_->cfg.model.family,
-              ") has MoE layers, and MoE layers run on the CPU only so far");
   impl_->act = device.is_cpu() ? DType::f32 : DType::bf16;
   impl_->build();
 }

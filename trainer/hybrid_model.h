@@ -6,7 +6,7 @@
 //                 m = RMSNorm(h) ; h = h + SwiGLU(m Wgate_up^T) Wdown^T      (dense layer)
 //                              or  h = h + MoE(m)                          (cfg.model.is_moe_layer(l))
 //   MoE(m): the DenseModel's qwen3_moe FFN (trainer/model.h, trainer/layer_moe.h), same parameters and
-//   kernels; CPU only so far (construction on CUDA throws). A student of a MoE teacher keeps the
+//   kernels (CPU and one GPU). A student of a MoE teacher keeps the
 //   teacher's MoE FFNs (copied by distill/student_init.cpp, trained in stage 2).
 //   logits = RMSNorm(h) Wlm^T  (Wlm = embed when tied);  loss = mean CE over tokens with target >= 0
 // Mixer_l by the pattern's letter:

@@ -8,7 +8,9 @@
 
 #include "kernels/elementwise.h"
 #include "kernels/matmul.h"
+#include "kernels/moe.h"
 #include "kernels/rmsnorm.h"
+#include "kernels/swiglu.h"
 #include "parallel/comm.h"
 
 namespace hyd {
@@ -49,12 +51,6 @@ DType float_dtype(const Tensor& t, const char* op, const char* arg) {
   if (t.dtype != DType::f32 && t.dtype != DType::f64)
     HYD_THROW(op, ": argument '", arg, "' has dtype ", dtype_name(t.dtype), ", expected f32 or f64");
   return t.dtype;
-}
-
-void expect_routing(const MoeRouting& r, const char* op) {
-  if (r.expert.empty() || r.weight.empty() || r.counts.empty() || r.offsets.empty() || r.order.empty() ||
-      r.position.empty())
-    HYD_THROW(op, ": routing tensors missing (MoeRouting::alloc)");
 }
 
 template <class T>
@@ -109,88 +105,6 @@ void ffn_backward(const T* dy, const T* x, const T* wgu, const T* wd, const T* g
   linear_bwd(dy, act, wd, d_act, false, dwd, m, d, f);
   swiglu_bwd(d_act, gu, d_gu, m, f);
   linear_bwd(d_gu, x, wgu, dx, acc, dwgu, m, 2 * f, d);
-}
-
-template <class T>
-void route_impl(const MoeConfig& cfg, const Tensor& x, const Tensor& router_w, const Tensor& bias, const Tensor& scores,
-                const MoeRouting& r) {
-  const int64_t N = x.size(0), D = cfg.hidden, E = cfg.num_experts, K = cfg.top_k;
-  const T* xs = x.ptr<T>();
-  T* s = scores.ptr<T>();
-  linear(xs, router_w.ptr<T>(), s, N, E, D);  // logits, turned into scores in place
-  const T* b = cfg.use_selection_bias ? bias.ptr<T>() : nullptr;
-  int32_t* expert = r.expert.ptr<int32_t>();
-  T* weight = r.weight.ptr<T>();
-  std::vector<int64_t> idx(static_cast<size_t>(E));
-  std::vector<T> sel(static_cast<size_t>(E));
-  for (int64_t t = 0; t < N; ++t) {
-    T* st = s + t * E;
-    if (cfg.sigmoid()) {
-      for (int64_t e = 0; e < E; ++e) st[e] = sigmoid(st[e]);
-    } else {
-      const T mx = *std::max_element(st, st + E);
-      T sum = 0;
-      for (int64_t e = 0; e < E; ++e) sum += (st[e] = std::exp(st[e] - mx));
-      for (int64_t e = 0; e < E; ++e) st[e] /= sum;
-    }
-    for (int64_t e = 0; e < E; ++e) sel[e] = st[e] + (b ? b[e] : T(0));
-    std::iota(idx.begin(), idx.end(), int64_t(0));
-    std::partial_sort(idx.begin(), idx.begin() + K, idx.end(),
-                      [&](int64_t a, int64_t c) { return sel[a] > sel[c] || (sel[a] == sel[c] && a < c); });
-    T norm = 0;
-    for (int64_t j = 0; j < K; ++j) norm += st[idx[j]];
-    const T scale = (cfg.norm_topk_prob ? T(1) / norm : T(1)) * static_cast<T>(cfg.route_scale);
-    for (int64_t j = 0; j < K; ++j) {
-      expert[t * K + j] = static_cast<int32_t>(idx[j]);
-      weight[t * K + j] = st[idx[j]] * scale;
-    }
-  }
-  // Stable counting sort of the pairs by expert.
-  int32_t* counts = r.counts.ptr<int32_t>();
-  int32_t* offsets = r.offsets.ptr<int32_t>();
-  int32_t* order = r.order.ptr<int32_t>();
-  int32_t* position = r.position.ptr<int32_t>();
-  std::fill(counts, counts + E, 0);
-  for (int64_t p = 0; p < N * K; ++p) ++counts[expert[p]];
-  offsets[0] = 0;
-  for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + counts[e];
-  std::vector<int32_t> next(offsets, offsets + E);
-  for (int64_t p = 0; p < N * K; ++p) {
-    const int32_t row = next[expert[p]]++;
-    order[row] = static_cast<int32_t>(p);
-    position[p] = row;
-  }
-}
-
-template <class T>
-void permute_impl(const MoeRouting& r, const Tensor& x, const Tensor& xp) {
-  const int64_t D = x.size(1), K = r.top_k;
-  const int32_t* order = r.order.ptr<int32_t>();
-  for (int64_t p = 0; p < r.tokens * K; ++p) std::copy_n(x.ptr<T>() + (order[p] / K) * D, D, xp.ptr<T>() + p * D);
-}
-
-template <class T>
-void unpermute_impl(const MoeRouting& r, const Tensor& xp, const Tensor& pairs) {
-  const int64_t D = xp.size(1);
-  const int32_t* position = r.position.ptr<int32_t>();
-  for (int64_t q = 0; q < r.tokens * r.top_k; ++q)
-    std::copy_n(xp.ptr<T>() + position[q] * D, D, pairs.ptr<T>() + q * D);
-}
-
-// out[t] (= | +=) sum_j w_tj yp[position[t k + j]] (w = 1 when weight is null).
-template <class T>
-void gather_sum(const MoeRouting& r, const T* weight, const Tensor& yp, const Tensor& out, bool accumulate) {
-  const int64_t D = yp.size(1), K = r.top_k;
-  const int32_t* position = r.position.ptr<int32_t>();
-  for (int64_t t = 0; t < r.tokens; ++t) {
-    T* o = out.ptr<T>() + t * D;
-    if (!accumulate) std::fill(o, o + D, T(0));
-    for (int64_t j = 0; j < K; ++j) {
-      const T w = weight ? weight[t * K + j] : T(1);
-      const T* y = yp.ptr<T>() + position[t * K + j] * D;
-      for (int64_t i = 0; i < D; ++i) o[i] += w * y[i];
-    }
-  }
 }
 
 // ------------------------------------------------------------------------------------ expert parallelism
@@ -353,6 +267,15 @@ void ep_backward(MoeExpertParallel::Impl& ep, const MoeLayer& L, const MoeRoutin
   exchange_rows<T>(ep, sv, D, d_xp, recv.data(), true);
 }
 
+kernels::MoeRouterOptions router_options(const MoeConfig& c) {
+  kernels::MoeRouterOptions o;
+  o.sigmoid = c.sigmoid();
+  o.norm_topk_prob = c.norm_topk_prob;
+  o.route_scale = c.route_scale;
+  return o;
+}
+
+// The CPU layer: f32 or f64 throughout (kernels/cpu/moe.cpp is the reference of every MoE op).
 template <class T>
 double forward_impl(const MoeLayer& L, const Tensor& in, const Tensor& out, MoeLayer::Saved& s,
                     const MoeExpertParallel* ep) {
@@ -365,15 +288,14 @@ double forward_impl(const MoeLayer& L, const Tensor& in, const Tensor& out, MoeL
   if (ep != nullptr) {
     ep_forward<T>(*ep->impl, L, r, s.xp.ptr<T>(), s.yp.ptr<T>());
   } else {
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t m = off[e + 1] - off[e];
-      if (m == 0) continue;  // an expert without tokens does nothing (and gets a zero gradient)
-      ffn_forward(s.xp.ptr<T>() + off[e] * D, L.gate_up.value.ptr<T>() + e * 2 * F * D,
-                  L.down.value.ptr<T>() + e * D * F, s.gate_up.ptr<T>() + off[e] * 2 * F, s.act.ptr<T>() + off[e] * F,
-                  s.yp.ptr<T>() + off[e] * D, m, D, F);
-    }
+    // Each expert's SwiGLU on its rows (an expert without rows does nothing and gets a zero gradient).
+    kernels::cpu::moe_grouped_linear_forward<T>(off, s.xp.ptr<T>(), L.gate_up.value.ptr<T>(), s.gate_up.ptr<T>(), E,
+                                                2 * F, D);
+    swiglu_fwd(s.gate_up.ptr<T>(), s.act.ptr<T>(), N * K, F);
+    kernels::cpu::moe_grouped_linear_forward<T>(off, s.act.ptr<T>(), L.down.value.ptr<T>(), s.yp.ptr<T>(), E, D, F);
   }
-  gather_sum<T>(r, r.weight.ptr<T>(), s.yp, out, false);
+  kernels::cpu::moe_gather_sum<T>(r.position.ptr<int32_t>(), r.weight.ptr<T>(), s.yp.ptr<T>(), out.ptr<T>(), N, K, D,
+                                  false);
   const int64_t Fs = c.shared_ffn;
   std::vector<T> ys(static_cast<size_t>(N * D));
   for (int64_t sh = 0; sh < c.num_shared_experts; ++sh) {
@@ -384,17 +306,12 @@ double forward_impl(const MoeLayer& L, const Tensor& in, const Tensor& out, MoeL
     for (int64_t i = 0; i < N * D; ++i) o[i] += ys[i];
   }
   // Load-balancing loss: f_e = count_e / (N k), P_e = mean_t s[t, e].
-  T* frac = s.aux_frac.ptr<T>();
-  const int32_t* counts = r.counts.ptr<int32_t>();
+  kernels::cpu::moe_aux_stats<T>(r.counts.ptr<int32_t>(), s.scores.ptr<T>(), s.aux_frac.ptr<T>(),
+                                 c.aux_loss_coef > 0.f ? s.aux_prob.ptr<T>() : nullptr, N, E, K);
   double aux = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    frac[e] = N > 0 ? static_cast<T>(counts[e]) / static_cast<T>(N * K) : T(0);
-    if (c.aux_loss_coef > 0.f && N > 0) {
-      double p = 0;
-      for (int64_t t = 0; t < N; ++t) p += static_cast<double>(s.scores.ptr<T>()[t * E + e]);
-      aux += static_cast<double>(frac[e]) * p / static_cast<double>(N);
-    }
-  }
+  if (c.aux_loss_coef > 0.f && N > 0)
+    for (int64_t e = 0; e < E; ++e)
+      aux += static_cast<double>(s.aux_frac.ptr<T>()[e]) * static_cast<double>(s.aux_prob.ptr<T>()[e]);
   return static_cast<double>(c.aux_loss_coef) * static_cast<double>(E) * aux;
 }
 
@@ -405,71 +322,29 @@ void backward_impl(const MoeLayer& L, const MoeLayer::Saved& s, const Tensor& do
   const int64_t N = s.x.size(0), D = c.hidden, E = c.num_experts, K = c.top_k, F = c.expert_ffn;
   const MoeRouting& r = s.routing;
   const int32_t* off = r.offsets.ptr<int32_t>();
-  const int32_t* order = r.order.ptr<int32_t>();
-  const int32_t* expert = r.expert.ptr<int32_t>();
-  const T* w = r.weight.ptr<T>();
   const T* g = dout.ptr<T>();
 
-  // Combine: out[t] += w_tj yp[p]  ->  d_yp[p] = w_tj dout[t];  d_w_tj = dout[t] . yp[p].
-  T* dw = t.d_weight.ptr<T>();
-  for (int64_t p = 0; p < N * K; ++p) {
-    const int64_t q = order[p], tok = q / K;
-    const T* gt = g + tok * D;
-    const T* y = s.yp.ptr<T>() + p * D;
-    T* dy = t.d_yp.ptr<T>() + p * D;
-    T dot = 0;
-    for (int64_t i = 0; i < D; ++i) {
-      dy[i] = w[q] * gt[i];
-      dot += gt[i] * y[i];
-    }
-    dw[q] = dot;
-  }
+  // Combine: d_yp[p] = w_tj dout[t];  d_w_tj = dout[t] . yp[p].
+  kernels::cpu::moe_combine_backward<T>(r.order.ptr<int32_t>(), r.weight.ptr<T>(), g, s.yp.ptr<T>(), t.d_yp.ptr<T>(),
+                                        t.d_weight.ptr<T>(), N, K, D);
   // Experts, each on its rows; d_xp then scatters back to the tokens.
   if (ep != nullptr) {
     ep_backward<T>(*ep->impl, L, r, t.d_yp.ptr<T>(), t.d_xp.ptr<T>());
   } else {
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t m = off[e + 1] - off[e];
-      if (m == 0) continue;
-      ffn_backward(t.d_yp.ptr<T>() + off[e] * D, s.xp.ptr<T>() + off[e] * D, L.gate_up.value.ptr<T>() + e * 2 * F * D,
-                   L.down.value.ptr<T>() + e * D * F, s.gate_up.ptr<T>() + off[e] * 2 * F, s.act.ptr<T>() + off[e] * F,
-                   t.d_act.ptr<T>() + off[e] * F, t.d_gate_up.ptr<T>() + off[e] * 2 * F, t.d_xp.ptr<T>() + off[e] * D,
-                   false, L.gate_up.grad.ptr<T>() + e * 2 * F * D, L.down.grad.ptr<T>() + e * D * F, m, D, F);
-    }
+    kernels::cpu::moe_grouped_linear_backward<T>(off, t.d_yp.ptr<T>(), s.act.ptr<T>(), L.down.value.ptr<T>(),
+                                                 t.d_act.ptr<T>(), L.down.grad.ptr<T>(), E, D, F);
+    swiglu_bwd(t.d_act.ptr<T>(), s.gate_up.ptr<T>(), t.d_gate_up.ptr<T>(), N * K, F);
+    kernels::cpu::moe_grouped_linear_backward<T>(off, t.d_gate_up.ptr<T>(), s.xp.ptr<T>(), L.gate_up.value.ptr<T>(),
+                                                 t.d_xp.ptr<T>(), L.gate_up.grad.ptr<T>(), E, 2 * F, D);
   }
-  moe_permute_backward(r, t.d_xp, din, false);
+  kernels::cpu::moe_gather_sum<T>(r.position.ptr<int32_t>(), static_cast<const T*>(nullptr), t.d_xp.ptr<T>(),
+                                  din.ptr<T>(), N, K, D, false);
 
-  // Combine weights -> scores. w_j = rs s_j / Z (Z = sum_i s_i over the chosen; Z = 1 without norm_topk_prob):
-  //   dL/ds_i = rs / Z (dw_i - sum_j dw_j s_j / Z).  Then L_aux: dL/ds[t, e] += d_aux coef E f_e / N.
-  T* ds = t.d_scores.ptr<T>();
-  const T* sc = s.scores.ptr<T>();
-  const T rs = static_cast<T>(c.route_scale);
+  // Combine weights -> scores (norm_topk_prob, L_aux: dL/ds[t, e] += d_aux coef E f_e / N) -> logits.
   const T aux_scale = N > 0 ? static_cast<T>(d_aux * c.aux_loss_coef * static_cast<double>(E) / N) : T(0);
-  for (int64_t tok = 0; tok < N; ++tok) {
-    T* dst = ds + tok * E;
-    for (int64_t e = 0; e < E; ++e) dst[e] = aux_scale * s.aux_frac.ptr<T>()[e];
-    const int32_t* ex = expert + tok * K;
-    const T* dwt = dw + tok * K;
-    if (c.norm_topk_prob) {
-      T z = 0, dot = 0;
-      for (int64_t j = 0; j < K; ++j) {
-        z += sc[tok * E + ex[j]];
-        dot += dwt[j] * sc[tok * E + ex[j]];
-      }
-      for (int64_t j = 0; j < K; ++j) dst[ex[j]] += rs / z * (dwt[j] - dot / z);
-    } else {
-      for (int64_t j = 0; j < K; ++j) dst[ex[j]] += rs * dwt[j];
-    }
-    // Scores -> logits, in place.
-    const T* st = sc + tok * E;
-    if (c.sigmoid()) {
-      for (int64_t e = 0; e < E; ++e) dst[e] *= st[e] * (T(1) - st[e]);
-    } else {
-      T dot = 0;
-      for (int64_t e = 0; e < E; ++e) dot += st[e] * dst[e];
-      for (int64_t e = 0; e < E; ++e) dst[e] = st[e] * (dst[e] - dot);
-    }
-  }
+  T* ds = t.d_scores.ptr<T>();
+  kernels::cpu::moe_router_backward<T>(router_options(c), s.scores.ptr<T>(), r.expert.ptr<int32_t>(),
+                                       t.d_weight.ptr<T>(), s.aux_frac.ptr<T>(), aux_scale, ds, N, E, K);
   linear_bwd(ds, s.x.ptr<T>(), L.router.value.ptr<T>(), din.ptr<T>(), true, L.router.grad.ptr<T>(), N, E, D);
 
   // Shared experts on every token.
@@ -482,13 +357,103 @@ void backward_impl(const MoeLayer& L, const MoeLayer::Saved& s, const Tensor& do
                  L.shared_down.grad.ptr<T>() + sh * D * Fs, N, D, Fs);
 }
 
-}  // namespace
+// ------------------------------------------------------------------------------------ CUDA (one GPU)
 
-std::vector<int64_t> MoeRouting::counts_host() const {
-  if (counts.empty() || !counts.device.is_cpu()) HYD_THROW("MoeRouting::counts_host: counts missing or not on the CPU");
-  const int32_t* c = counts.ptr<int32_t>();
-  return std::vector<int64_t>(c, c + num_experts);
+// Shared expert sh's matrix out of the stacked [S, rows, cols] storage.
+Tensor stacked(const Tensor& t, int64_t sh) { return t.slice0(sh, sh + 1).view({t.size(1), t.size(2)}); }
+
+// The layer through the dispatching ops of kernels/moe.h (bf16 rows, f32 router, f32 weight gradients);
+// the same steps as forward_impl. The shared experts are the dense MLP's path (linear, swiglu, linear).
+double forward_device(const ExecContext& ctx, const MoeLayer& L, const Tensor& in, const Tensor& out,
+                      MoeLayer::Saved& s) {
+  const MoeConfig& c = L.cfg;
+  const int64_t N = in.size(0), E = c.num_experts;
+  const MoeRouting& r = s.routing;
+  // logits = x W_r^T with f32 output (bf16 inputs, f32 accumulation), turned into scores in place.
+  kernels::gemm(ctx, false, true, 1.f, in, L.router.value, 0.f, s.scores);
+  kernels::moe_route(ctx, router_options(c), s.scores, c.use_selection_bias ? L.selection_bias : Tensor{}, r);
+  kernels::moe_permute(ctx, r, in, s.xp);
+  kernels::moe_grouped_linear_forward(ctx, r.offsets, s.xp, L.gate_up.value, s.gate_up);
+  kernels::swiglu_forward(ctx, s.gate_up, s.act);
+  kernels::moe_grouped_linear_forward(ctx, r.offsets, s.act, L.down.value, s.yp);
+  kernels::moe_combine(ctx, r, s.yp, out, false);
+  for (int64_t sh = 0; sh < c.num_shared_experts; ++sh) {
+    const Tensor gu = s.shared_gate_up.slice0(sh * N, (sh + 1) * N), act = s.shared_act.slice0(sh * N, (sh + 1) * N);
+    kernels::linear_forward(ctx, in, stacked(L.shared_gate_up.value, sh), Tensor{}, gu);
+    kernels::swiglu_forward(ctx, gu, act);
+    kernels::gemm(ctx, false, true, 1.f, act, stacked(L.shared_down.value, sh), 1.f, out);  // out += act W_d^T
+  }
+  kernels::moe_aux_stats(ctx, r, s.scores, s.aux_frac, c.aux_loss_coef > 0.f ? s.aux_prob : Tensor{});
+  if (!(c.aux_loss_coef > 0.f) || N == 0) return 0.0;
+  // The value of L_aux is wanted on the host: the one synchronising copy of this layer (two [E] vectors).
+  ctx.synchronize();
+  std::vector<float> frac(static_cast<size_t>(E)), prob(static_cast<size_t>(E));
+  copy_tensor(Tensor(frac.data(), DType::f32, Device::cpu(), {E}), s.aux_frac);
+  copy_tensor(Tensor(prob.data(), DType::f32, Device::cpu(), {E}), s.aux_prob);
+  double aux = 0;
+  for (int64_t e = 0; e < E; ++e) aux += static_cast<double>(frac[e]) * static_cast<double>(prob[e]);
+  return static_cast<double>(c.aux_loss_coef) * static_cast<double>(E) * aux;
 }
+
+void backward_device(const ExecContext& ctx, const MoeLayer& L, const MoeLayer::Saved& s, const Tensor& dout,
+                     const Tensor& din, const MoeLayer::Scratch& t, double d_aux) {
+  const MoeConfig& c = L.cfg;
+  const int64_t N = s.x.size(0), E = c.num_experts;
+  const MoeRouting& r = s.routing;
+  kernels::moe_combine_backward(ctx, r, dout, s.yp, t.d_yp, t.d_weight);
+  kernels::moe_grouped_linear_backward(ctx, r.offsets, t.d_yp, s.act, L.down.value, t.d_act, L.down.grad);
+  kernels::swiglu_backward(ctx, t.d_act, s.gate_up, t.d_gate_up);
+  kernels::moe_grouped_linear_backward(ctx, r.offsets, t.d_gate_up, s.xp, L.gate_up.value, t.d_xp, L.gate_up.grad);
+  kernels::moe_permute_backward(ctx, r, t.d_xp, din, false);
+  const double aux_scale = N > 0 ? d_aux * c.aux_loss_coef * static_cast<double>(E) / static_cast<double>(N) : 0.0;
+  kernels::moe_router_backward(ctx, router_options(c), s.scores, r, t.d_weight, s.aux_frac, aux_scale, t.d_scores);
+  // d_logits (f32) rounded to bf16 for the GEMMs: din += d_logits W_r, dW_r += d_logits^T x (f32).
+  const Tensor d_logits = t.d_logits_lp.empty() ? t.d_scores : t.d_logits_lp;
+  if (!t.d_logits_lp.empty()) kernels::convert(ctx, t.d_logits_lp, t.d_scores);
+  kernels::linear_backward(ctx, d_logits, s.x, L.router.value, din, true, L.router.grad, Tensor{});
+  for (int64_t sh = 0; sh < c.num_shared_experts; ++sh) {
+    const Tensor gu = s.shared_gate_up.slice0(sh * N, (sh + 1) * N), act = s.shared_act.slice0(sh * N, (sh + 1) * N);
+    kernels::linear_backward(ctx, dout, act, stacked(L.shared_down.value, sh), t.d_shared_act, false,
+                             stacked(L.shared_down.grad, sh), Tensor{});
+    kernels::swiglu_backward(ctx, t.d_shared_act, gu, t.d_shared_gate_up);
+    kernels::linear_backward(ctx, t.d_shared_gate_up, s.x, stacked(L.shared_gate_up.value, sh), din, true,
+                             stacked(L.shared_gate_up.grad, sh), Tensor{});
+  }
+}
+
+// Arguments of the device layer: bf16 activations and weights, f32 gradients, all on the context's device.
+void expect_device_layer(const MoeLayer& L, const ExecContext& ctx, const Tensor& x, const char* op) {
+  const std::pair<const Tensor*, const char*> weights[] = {{&L.router.value, "router"},
+                                                           {&L.gate_up.value, "gate_up"},
+                                                           {&L.down.value, "down"},
+                                                           {&L.shared_gate_up.value, "shared_gate_up"},
+                                                           {&L.shared_down.value, "shared_down"}};
+  const std::pair<const Tensor*, const char*> grads[] = {{&L.router.grad, "router.grad"},
+                                                         {&L.gate_up.grad, "gate_up.grad"},
+                                                         {&L.down.grad, "down.grad"},
+                                                         {&L.shared_gate_up.grad, "shared_gate_up.grad"},
+                                                         {&L.shared_down.grad, "shared_down.grad"}};
+  const bool shared = L.cfg.num_shared_experts > 0;
+  for (int i = 0; i < 5; ++i) {
+    if (i >= 3 && !shared) break;
+    if (weights[i].first->empty()) HYD_THROW(op, ": weight '", weights[i].second, "' is empty");
+    expect_dtype(*weights[i].first, DType::bf16, op, weights[i].second);
+    expect_same_device(x, *weights[i].first, op);
+    if (!grads[i].first->empty()) {
+      expect_dtype(*grads[i].first, DType::f32, op, grads[i].second);
+      expect_same_device(x, *grads[i].first, op);
+    }
+  }
+  if (L.cfg.use_selection_bias) {
+    if (L.selection_bias.empty()) HYD_THROW(op, ": selection_bias is empty (use_selection_bias)");
+    expect_dtype(L.selection_bias, DType::f32, op, "selection_bias");
+    expect_same_device(x, L.selection_bias, op);
+  }
+  if (!(ctx.device() == x.device))
+    HYD_THROW(op, ": tensors on ", x.device.str(), " but the context is on ", ctx.device().str());
+}
+
+}  // namespace
 
 void moe_route(const MoeConfig& cfg, const Tensor& x, const Tensor& router_w, const Tensor& bias, const Tensor& scores,
                const MoeRouting& r) {
@@ -505,68 +470,40 @@ void moe_route(const MoeConfig& cfg, const Tensor& x, const Tensor& router_w, co
   }
   expect_cpu_float(scores, dt, op, "scores");
   expect_shape(scores, {N, E}, op, "scores");
-  expect_routing(r, op);
   if (r.tokens != N || r.top_k != K || r.num_experts != E)
     HYD_THROW(op, ": routing allocated for N=", r.tokens, " k=", r.top_k, " E=", r.num_experts, ", called with N=", N,
               " k=", K, " E=", E);
-  expect_cpu_float(r.weight, dt, op, "routing.weight");
+  // logits, turned into scores in place by the router op.
   if (dt == DType::f64)
-    route_impl<double>(cfg, x, router_w, bias, scores, r);
+    linear(x.ptr<double>(), router_w.ptr<double>(), scores.ptr<double>(), N, E, cfg.hidden);
   else
-    route_impl<float>(cfg, x, router_w, bias, scores, r);
+    linear(x.ptr<float>(), router_w.ptr<float>(), scores.ptr<float>(), N, E, cfg.hidden);
+  const ExecContext cpu(Device::cpu());
+  kernels::moe_route(cpu, router_options(cfg), scores, cfg.use_selection_bias ? bias : Tensor{}, r);
 }
 
 void moe_permute(const MoeRouting& r, const Tensor& x, const Tensor& xp) {
-  constexpr const char* op = "moe_permute";
-  expect_routing(r, op);
-  const DType dt = float_dtype(x, op, "x");
-  expect_cpu_float(x, dt, op, "x");
-  expect_shape(x, {r.tokens, -1}, op, "x");
-  expect_cpu_float(xp, dt, op, "xp");
-  expect_shape(xp, {r.tokens * r.top_k, x.size(1)}, op, "xp");
-  if (dt == DType::f64)
-    permute_impl<double>(r, x, xp);
-  else
-    permute_impl<float>(r, x, xp);
+  const DType dt = float_dtype(x, "moe_permute", "x");
+  expect_cpu_float(x, dt, "moe_permute", "x");
+  kernels::moe_permute(ExecContext(Device::cpu()), r, x, xp);
 }
 
 void moe_unpermute(const MoeRouting& r, const Tensor& xp, const Tensor& pairs) {
-  constexpr const char* op = "moe_unpermute";
-  expect_routing(r, op);
-  const DType dt = float_dtype(xp, op, "xp");
-  expect_cpu_float(xp, dt, op, "xp");
-  expect_shape(xp, {r.tokens * r.top_k, -1}, op, "xp");
-  expect_cpu_float(pairs, dt, op, "pairs");
-  expect_shape(pairs, {r.tokens * r.top_k, xp.size(1)}, op, "pairs");
-  if (dt == DType::f64)
-    unpermute_impl<double>(r, xp, pairs);
-  else
-    unpermute_impl<float>(r, xp, pairs);
+  const DType dt = float_dtype(xp, "moe_unpermute", "xp");
+  expect_cpu_float(xp, dt, "moe_unpermute", "xp");
+  kernels::moe_unpermute(ExecContext(Device::cpu()), r, xp, pairs);
 }
-
-namespace {
-void gather_checked(const char* op, const MoeRouting& r, bool weighted, const Tensor& yp, const Tensor& out,
-                    bool accumulate) {
-  expect_routing(r, op);
-  const DType dt = float_dtype(yp, op, "rows");
-  expect_cpu_float(yp, dt, op, "rows");
-  expect_shape(yp, {r.tokens * r.top_k, -1}, op, "rows");
-  expect_cpu_float(out, dt, op, "out");
-  expect_shape(out, {r.tokens, yp.size(1)}, op, "out");
-  if (weighted) expect_cpu_float(r.weight, dt, op, "routing.weight");
-  if (dt == DType::f64)
-    gather_sum<double>(r, weighted ? r.weight.ptr<double>() : nullptr, yp, out, accumulate);
-  else
-    gather_sum<float>(r, weighted ? r.weight.ptr<float>() : nullptr, yp, out, accumulate);
-}
-}  // namespace
 
 void moe_combine(const MoeRouting& r, const Tensor& yp, const Tensor& out, bool accumulate) {
-  gather_checked("moe_combine", r, true, yp, out, accumulate);
+  const DType dt = float_dtype(yp, "moe_combine", "rows");
+  expect_cpu_float(yp, dt, "moe_combine", "rows");
+  kernels::moe_combine(ExecContext(Device::cpu()), r, yp, out, accumulate);
 }
 
 void moe_permute_backward(const MoeRouting& r, const Tensor& dxp, const Tensor& dx, bool accumulate) {
-  gather_checked("moe_permute_backward", r, false, dxp, dx, accumulate);
+  const DType dt = float_dtype(dxp, "moe_permute_backward", "rows");
+  expect_cpu_float(dxp, dt, "moe_permute_backward", "rows");
+  kernels::moe_permute_backward(ExecContext(Device::cpu()), r, dxp, dx, accumulate);
 }
 
 void moe_update_selection_bias(const Tensor& bias, const std::vector<int64_t>& load, double rate) {
@@ -592,7 +529,22 @@ double MoeLayer::forward(const ExecContext& ctx, const Tensor& in, const Tensor&
                          const MoeExpertParallel* ep) const {
   constexpr const char* op = "MoeLayer::forward";
   NvtxRange range(nvtx_fwd.c_str());
-  (void)ctx;
+  if (in.empty()) HYD_THROW(op, ": argument 'in' is empty");
+  if (in.device.is_cuda()) {
+    if (ep != nullptr)
+      HYD_THROW(op, ": expert parallelism runs on the CPU only so far (the layer's input is on ", in.device.str(),
+                "); call with ep = nullptr on one GPU");
+    expect_dtype(in, DType::bf16, op, "in");
+    expect_shape(in, {-1, cfg.hidden}, op, "in");
+    expect_dtype(out, DType::bf16, op, "out");
+    expect_shape(out, {in.size(0), cfg.hidden}, op, "out");
+    expect_same_device(in, out, op);
+    expect_device_layer(*this, ctx, in, op);
+    expect_shape(saved.xp, {in.size(0) * cfg.top_k, cfg.hidden}, op, "saved.xp");
+    expect_dtype(saved.scores, DType::f32, op, "saved.scores");
+    saved.x = in;
+    return forward_device(ctx, *this, in, out, saved);
+  }
   const DType dt = float_dtype(in, op, "in");
   expect_cpu_float(in, dt, op, "in");
   expect_shape(in, {-1, cfg.hidden}, op, "in");
@@ -610,9 +562,26 @@ void MoeLayer::backward(const ExecContext& ctx, const Saved& saved, const Tensor
                         Arena& scratch, double d_aux, const MoeExpertParallel* ep) const {
   constexpr const char* op = "MoeLayer::backward";
   NvtxRange range(nvtx_bwd.c_str());
-  (void)ctx;
-  const DType dt = float_dtype(saved.x, op, "saved.x");
+  if (saved.x.empty()) HYD_THROW(op, ": saved.x is empty (backward without forward)");
   const int64_t n = saved.x.size(0);
+  if (saved.x.device.is_cuda()) {
+    if (ep != nullptr)
+      HYD_THROW(op, ": expert parallelism runs on the CPU only so far (the layer's input is on ", saved.x.device.str(),
+                "); call with ep = nullptr on one GPU");
+    expect_dtype(dout, DType::bf16, op, "dout");
+    expect_shape(dout, {n, cfg.hidden}, op, "dout");
+    expect_dtype(din, DType::bf16, op, "din");
+    expect_shape(din, {n, cfg.hidden}, op, "din");
+    expect_same_device(saved.x, dout, op);
+    expect_same_device(saved.x, din, op);
+    expect_device_layer(*this, ctx, saved.x, op);
+    if (router.grad.empty() || gate_up.grad.empty() || down.grad.empty())
+      HYD_THROW(op, ": the router and expert gradients must be present on CUDA");
+    const Scratch t = alloc_scratch(scratch, n, DType::bf16);
+    backward_device(ctx, *this, saved, dout, din, t, d_aux);
+    return;
+  }
+  const DType dt = float_dtype(saved.x, op, "saved.x");
   expect_cpu_float(dout, dt, op, "dout");
   expect_shape(dout, {n, cfg.hidden}, op, "dout");
   expect_cpu_float(din, dt, op, "din");

@@ -19,7 +19,12 @@
 // Shapes: x, out [N, D]; scores [N, E]; per pair: expert, weight [N, k]; permuted rows xp, yp [N k, D],
 // gate_up [N k, 2F], act [N k, F]; shared expert s: gate_up [N, 2 F_s], act [N, F_s].
 // dtypes: values, activations, scores and gradients all f32 or all f64 (finite-difference harnesses) on the
-// CPU; indices i32. CUDA (bf16 activations, f32 router, grouped GEMM) is a later piece and throws here.
+// CPU; indices i32. CUDA (one GPU; expert parallelism throws there): activations and weights bf16, weight
+// gradients f32 (the master gradients, as the dense MLP), the router in f32 (logits by a GEMM with f32
+// output, scores [N, E], combine weights and their gradients f32; d_logits is rounded to bf16 for the GEMMs
+// into W_r and x). The ops are kernels/moe.h (one CPU reference, CUDA kernels): routing built on the device,
+// grouped expert GEMMs reading the device offsets (no host synchronisation unless aux_loss_coef > 0, whose
+// value forward returns: two [E] vectors are copied to the host).
 #pragma once
 
 #include <cstdint>
@@ -28,6 +33,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/moe.h"
 #include "trainer/core/arena.h"
 #include "trainer/core/exec_context.h"
 #include "trainer/layer_common.h"
@@ -53,34 +59,7 @@ struct MoeConfig {
   void validate(const std::string& source = "MoeConfig") const;
 };
 
-// Who goes where: the router's decisions for N tokens, and the stable expert-major order of the N k
-// (token, slot) pairs (pair index t k + j). Tensors on the CPU, i32 except `weight`.
-struct MoeRouting {
-  int64_t tokens = 0, top_k = 0, num_experts = 0;
-  Tensor expert;    // i32 [N, k]: slot j's expert (slots in descending selection order)
-  Tensor weight;    // [N, k] (the scores' dtype): combine weight w_j
-  Tensor counts;    // i32 [E]: pairs assigned to each expert (the load; sums to N k)
-  Tensor offsets;   // i32 [E + 1]: exclusive prefix sum of counts; expert e owns permuted rows [off_e, off_e+1)
-  Tensor order;     // i32 [N k]: permuted row p -> pair index t k + j (pairs of one expert in token order)
-  Tensor position;  // i32 [N k]: pair index -> permuted row (the inverse of order)
-
-  template <class Alloc>
-  static MoeRouting alloc(Alloc& arena, int64_t n, int64_t k, int64_t e, DType score_dtype) {
-    MoeRouting r;
-    r.tokens = n;
-    r.top_k = k;
-    r.num_experts = e;
-    r.expert = arena.alloc({n, k}, DType::i32);
-    r.weight = arena.alloc({n, k}, score_dtype);
-    r.counts = arena.alloc({e}, DType::i32);
-    r.offsets = arena.alloc({e + 1}, DType::i32);
-    r.order = arena.alloc({n * k}, DType::i32);
-    r.position = arena.alloc({n * k}, DType::i32);
-    return r;
-  }
-  std::vector<int64_t> counts_host() const;  // the load per expert, as host integers
-};
-
+// CPU conveniences over the ops of kernels/moe.h (which the layer calls on either device):
 // The router step: scores [N, E] (softmax / sigmoid of x W_r^T) and the routing (top-k by scores + bias,
 // combine weights, permutation). router_w [E, D]; bias [E] or empty (used only when
 // cfg.use_selection_bias). x, router_w, bias, scores and r.weight share one dtype (f32 | f64).
@@ -151,20 +130,23 @@ struct MoeLayer {
     Tensor xp, gate_up, act, yp;        // permuted rows: [N k, D], [N k, 2F], [N k, F], [N k, D]
     Tensor shared_gate_up, shared_act;  // [S N, 2F_s], [S N, F_s] (empty when S = 0)
     Tensor aux_frac;                    // [E]: f_e of L_aux (the scores' dtype)
+    Tensor aux_prob;                    // [E]: P_e of L_aux (the scores' dtype)
   };
   struct Scratch {
     Tensor d_yp, d_act, d_gate_up, d_xp;  // permuted rows
     Tensor d_weight;                      // [N, k]
     Tensor d_scores;                      // [N, E]: then d_logits in place
     Tensor d_shared_act, d_shared_gate_up;
+    Tensor d_logits_lp;  // [N, E] bf16: d_logits rounded for the router's GEMMs (bf16 activations only)
   };
 
   template <class Alloc>
   Saved alloc_saved(Alloc& arena, int64_t n, DType act) const {
     const int64_t nk = n * cfg.top_k, D = cfg.hidden, F = cfg.expert_ffn, S = cfg.num_shared_experts;
+    const DType sd = moe_score_dtype(act);  // the router's dtype: f32 for bf16 activations
     Saved s;
-    s.scores = arena.alloc({n, cfg.num_experts}, act);
-    s.routing = MoeRouting::alloc(arena, n, cfg.top_k, cfg.num_experts, act);
+    s.scores = arena.alloc({n, cfg.num_experts}, sd);
+    s.routing = MoeRouting::alloc(arena, n, cfg.top_k, cfg.num_experts, sd);
     s.xp = arena.alloc({nk, D}, act);
     s.gate_up = arena.alloc({nk, 2 * F}, act);
     s.act = arena.alloc({nk, F}, act);
@@ -173,7 +155,8 @@ struct MoeLayer {
       s.shared_gate_up = arena.alloc({S * n, 2 * cfg.shared_ffn}, act);
       s.shared_act = arena.alloc({S * n, cfg.shared_ffn}, act);
     }
-    s.aux_frac = arena.alloc({cfg.num_experts}, act);
+    s.aux_frac = arena.alloc({cfg.num_experts}, sd);
+    s.aux_prob = arena.alloc({cfg.num_experts}, sd);
     return s;
   }
   template <class Alloc>
@@ -184,18 +167,20 @@ struct MoeLayer {
     s.d_act = arena.alloc({nk, F}, act);
     s.d_gate_up = arena.alloc({nk, 2 * F}, act);
     s.d_xp = arena.alloc({nk, D}, act);
-    s.d_weight = arena.alloc({n, cfg.top_k}, act);
-    s.d_scores = arena.alloc({n, cfg.num_experts}, act);
+    const DType sd = moe_score_dtype(act);
+    s.d_weight = arena.alloc({n, cfg.top_k}, sd);
+    s.d_scores = arena.alloc({n, cfg.num_experts}, sd);
     if (cfg.num_shared_experts > 0) {
       s.d_shared_act = arena.alloc({n, cfg.shared_ffn}, act);
       s.d_shared_gate_up = arena.alloc({n, 2 * cfg.shared_ffn}, act);
     }
+    if (act == DType::bf16) s.d_logits_lp = arena.alloc({n, cfg.num_experts}, DType::bf16);
     return s;
   }
 
   // out = MoE(in) (overwritten; must not alias in). Fills `saved` (from alloc_saved for the same N).
   // Returns L_aux (0 when aux_loss_coef is 0).
-  // ep: expert parallelism over its group (nullptr: every expert here).
+  // ep: expert parallelism over its group (nullptr: every expert here; on CUDA it must be nullptr).
   double forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& saved,
                  const MoeExpertParallel* ep = nullptr) const;
   // din = d(out)/d(in)^T dout + d_aux dL_aux/d(in) (overwritten, not accumulated); every weight gradient

@@ -448,9 +448,6 @@ DenseModel::DenseModel(const ModelConfig& cfg, Device device, int64_t max_tokens
   impl_->device = device;
   if (max_tokens <= 0) HYD_THROW("DenseModel: max_tokens must be positive, got ", max_tokens);
   impl_->max_tokens = max_tokens;
-  if (!device.is_cpu() && impl_->cfg.has_moe_layers())
-    HYD_THROW("DenseModel on ", device.str(), ": the config (family ", impl_->cfg.family,
-              ") has MoE layers, and MoE layers run on the CPU only so far");
   impl_->act = device.is_cpu() ? DType::f32 : DType::bf16;
   impl_->build();
 }

@@ -7,7 +7,7 @@
 //                              or  h = h + MoE(m)                          (cfg.is_moe_layer(l): qwen3_moe)
 //   MoE(m) (trainer/layer_moe.h): softmax(m Wr^T) over E experts, top-k, optionally renormalised to sum 1,
 //   sum over the k chosen experts of weight * SwiGLU expert; no shared experts, no biases, no aux loss
-//   in the loss (router_aux_loss_coef is stored, unused). CPU only: on CUDA, construction throws.
+//   in the loss (router_aux_loss_coef is stored, unused). On CUDA: one GPU, f32 router, bf16 experts.
 //   logits = RMSNorm(h) Wlm^T  (Wlm = embed when tied);  loss = mean CE over tokens with target >= 0
 //
 // Parameters live in one contiguous buffer (f32 on the CPU, bf16 on CUDA) and their gradients in

@@ -130,9 +130,9 @@ TEST_P(GoldenDense, CudaBf16NearTransformers) {
   const Golden g = read_golden(dir + "/golden.safetensors");
   const TeacherInfo info = inspect_teacher(dir);
   if (info.config.has_moe_layers()) {
-    // MoE layers are CPU-only so far: construction on CUDA must refuse clearly.
-    EXPECT_THROW(DenseModel(info.config, Device::cuda(0), 66), Error);
-    GTEST_SKIP() << "MoE layers run on the CPU only so far";
+    // MoE on CUDA is held to the CPU model in tests/gpu/test_gpu_moe.cpp; against the f32 HF reference a
+    // bf16 router may swap near-tied experts of a token, which this test's bounds do not allow for.
+    GTEST_SKIP() << "qwen3_moe on CUDA: see gpu.test_gpu_moe";
   }
   const test::PackedBatch hb = pack(g);
   test::DeviceBuffers buffers(Device::cuda(0), size_t(1) << 20);

@@ -4,7 +4,7 @@
 // standalone KdaLayer, backward vs finite differences, touching only the mixer's gradients); pattern
 // parsing and its errors; the parameter contract; overfitting one batch with AdamW. MoE FFN layers
 // (qwen3_moe): an all-T model is the MoE DenseModel bit for bit (layer taps included), a KA student over a
-// dense and a MoE layer vs finite differences (routing-swap guard, HybridMoeGrad), CUDA construction refused.
+// dense and a MoE layer vs finite differences (routing-swap guard, HybridMoeGrad). (MoE on CUDA: tests/gpu/test_gpu_moe.cpp.)
 //
 // Finite differences: sampled entries per tensor compared as one vector, ||g - g_fd|| / ||g_fd|| < 2e-2,
 // with an absolute noise floor for tensors whose sampled gradient is at rounding level (as
@@ -263,19 +263,6 @@ TEST(HybridMoeGrad, KdaAndAttentionOverDenseAndMoeLayers) {
     model.set_param(p.name, value.data(), p.numel);
     report({{p.name, std::sqrt(num), std::sqrt(den)}});
     EXPECT_LE(4 * dropped, kept + dropped) << p.name << ": too many samples straddle routing swaps";
-  }
-}
-
-// A hybrid model with a MoE layer on CUDA is refused at construction (MoE runs on the CPU only so far).
-TEST(HybridModel, MoeLayersOnCudaAreRefused) {
-  HybridConfig cfg;
-  cfg.model = tiny_moe_config(2, {0});
-  cfg.pattern = "TT";
-  try {
-    HybridModel m(cfg, Device::cuda(0), 16);
-    FAIL() << "expected an error";
-  } catch (const std::exception& e) {
-    EXPECT_NE(std::string(e.what()).find("MoE layers run on the CPU only"), std::string::npos) << e.what();
   }
 }
 

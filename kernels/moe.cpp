@@ -1,0 +1,404 @@
+// Tensor-level dispatch of the MoE ops (see kernels/moe.h): argument validation, then the CPU reference
+// (f32 | f64) or the CUDA kernels (bf16 rows, f32 router) chosen by the tensors' device.
+#include "kernels/moe.h"
+
+#include "kernels/dispatch.h"
+#include "trainer/core/arena.h"
+
+namespace hyd {
+
+std::vector<int64_t> MoeRouting::counts_host() const {
+  if (counts.empty()) HYD_THROW("MoeRouting::counts_host: counts missing (MoeRouting::alloc)");
+  std::vector<int32_t> c(static_cast<size_t>(num_experts));
+  if (counts.device.is_cpu()) {
+    const int32_t* p = counts.ptr<int32_t>();
+    c.assign(p, p + num_experts);
+  } else {
+    copy_tensor(Tensor(c.data(), DType::i32, Device::cpu(), {num_experts}), counts);
+  }
+  return std::vector<int64_t>(c.begin(), c.end());
+}
+
+namespace kernels {
+
+namespace {
+
+void expect_present(const Tensor& t, const char* op, const char* arg) {
+  if (t.empty()) HYD_THROW(op, ": argument '", arg, "' is empty");
+}
+
+void expect_routing(const MoeRouting& r, const Tensor& like, const char* op) {
+  if (r.expert.empty() || r.weight.empty() || r.counts.empty() || r.offsets.empty() || r.order.empty() ||
+      r.position.empty())
+    HYD_THROW(op, ": routing tensors missing (MoeRouting::alloc)");
+  const int64_t n = r.tokens, k = r.top_k, e = r.num_experts;
+  const std::pair<const Tensor*, const char*> idx[] = {{&r.expert, "routing.expert"},
+                                                       {&r.counts, "routing.counts"},
+                                                       {&r.offsets, "routing.offsets"},
+                                                       {&r.order, "routing.order"},
+                                                       {&r.position, "routing.position"}};
+  for (const auto& [t, name] : idx) {
+    expect_dtype(*t, DType::i32, op, name);
+    expect_same_device(like, *t, op);
+  }
+  expect_shape(r.expert, {n, k}, op, "routing.expert");
+  expect_shape(r.weight, {n, k}, op, "routing.weight");
+  expect_shape(r.counts, {e}, op, "routing.counts");
+  expect_shape(r.offsets, {e + 1}, op, "routing.offsets");
+  expect_shape(r.order, {n * k}, op, "routing.order");
+  expect_shape(r.position, {n * k}, op, "routing.position");
+  expect_same_device(like, r.weight, op);
+}
+
+// CPU: f32 or f64 (the dtype of `t`); CUDA: `cuda_dtype`.
+DType value_dtype(const Tensor& t, DType cuda_dtype, const char* op, const char* arg) {
+  expect_present(t, op, arg);
+  if (t.device.is_cpu()) {
+    if (t.dtype != DType::f32 && t.dtype != DType::f64)
+      HYD_THROW(op, ": argument '", arg, "' has dtype ", dtype_name(t.dtype), ", expected f32 or f64 on the CPU");
+    return t.dtype;
+  }
+  expect_dtype(t, cuda_dtype, op, arg);
+  return cuda_dtype;
+}
+
+// Row tensors (bf16 on CUDA) and score-like tensors (f32 on CUDA) of one call agree: on the CPU both
+// have the rows' dtype.
+DType score_dtype_for(const Tensor& rows) { return rows.device.is_cpu() ? rows.dtype : DType::f32; }
+
+}  // namespace
+
+void moe_route(const ExecContext& ctx, const MoeRouterOptions& opt, const Tensor& scores, const Tensor& bias,
+               const MoeRouting& r) {
+  constexpr const char* op = "moe_route";
+  const DType dt = value_dtype(scores, DType::f32, op, "scores");
+  expect_routing(r, scores, op);
+  const int64_t N = r.tokens, E = r.num_experts, K = r.top_k;
+  expect_shape(scores, {N, E}, op, "scores");
+  expect_dtype(r.weight, dt, op, "routing.weight");
+  if (K < 1 || K > E) HYD_THROW(op, ": top_k ", K, " must be in 1..", E, " (the experts)");
+  if (!bias.empty()) {
+    expect_shape(bias, {E}, op, "bias");
+    expect_dtype(bias, dt, op, "bias");
+    expect_same_device(scores, bias, op);
+  }
+  check_context(ctx, scores, op);
+  if (scores.device.is_cpu()) {
+    if (dt == DType::f64)
+      cpu::moe_route<double>(opt, scores.ptr<double>(), bias.empty() ? nullptr : bias.ptr<double>(), N, E, K,
+                             r.expert.ptr<int32_t>(), r.weight.ptr<double>(), r.counts.ptr<int32_t>(),
+                             r.offsets.ptr<int32_t>(), r.order.ptr<int32_t>(), r.position.ptr<int32_t>());
+    else
+      cpu::moe_route<float>(opt, scores.ptr<float>(), bias.empty() ? nullptr : bias.ptr<float>(), N, E, K,
+                            r.expert.ptr<int32_t>(), r.weight.ptr<float>(), r.counts.ptr<int32_t>(),
+                            r.offsets.ptr<int32_t>(), r.order.ptr<int32_t>(), r.position.ptr<int32_t>());
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  if (K > kMoeMaxTopK) HYD_THROW(op, ": top_k ", K, " exceeds the CUDA router's limit of ", kMoeMaxTopK);
+  cuda::moe_route(opt, scores.ptr<float>(), bias.empty() ? nullptr : bias.ptr<float>(), N, E, K,
+                  r.expert.ptr<int32_t>(), r.weight.ptr<float>(), r.counts.ptr<int32_t>(), r.offsets.ptr<int32_t>(),
+                  r.order.ptr<int32_t>(), r.position.ptr<int32_t>(), ctx.stream());
+#else
+  unsupported(op, scores);
+#endif
+}
+
+void moe_permute(const ExecContext& ctx, const MoeRouting& r, const Tensor& x, const Tensor& xp) {
+  constexpr const char* op = "moe_permute";
+  const DType dt = value_dtype(x, DType::bf16, op, "x");
+  expect_routing(r, x, op);
+  expect_shape(x, {r.tokens, -1}, op, "x");
+  const int64_t D = x.size(1), N = r.tokens, K = r.top_k;
+  expect_shape(xp, {N * K, D}, op, "xp");
+  expect_dtype(xp, dt, op, "xp");
+  expect_same_device(x, xp, op);
+  check_context(ctx, x, op);
+  if (x.device.is_cpu()) {
+    if (dt == DType::f64)
+      cpu::moe_permute<double>(r.order.ptr<int32_t>(), x.ptr<double>(), xp.ptr<double>(), N, K, D);
+    else
+      cpu::moe_permute<float>(r.order.ptr<int32_t>(), x.ptr<float>(), xp.ptr<float>(), N, K, D);
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  cuda::moe_permute(r.order.ptr<int32_t>(), x.ptr<bf16>(), xp.ptr<bf16>(), N, K, D, ctx.stream());
+#else
+  unsupported(op, x);
+#endif
+}
+
+void moe_unpermute(const ExecContext& ctx, const MoeRouting& r, const Tensor& xp, const Tensor& pairs) {
+  constexpr const char* op = "moe_unpermute";
+  const DType dt = value_dtype(xp, DType::bf16, op, "xp");
+  expect_routing(r, xp, op);
+  const int64_t N = r.tokens, K = r.top_k;
+  expect_shape(xp, {N * K, -1}, op, "xp");
+  const int64_t D = xp.size(1);
+  expect_shape(pairs, {N * K, D}, op, "pairs");
+  expect_dtype(pairs, dt, op, "pairs");
+  expect_same_device(xp, pairs, op);
+  check_context(ctx, xp, op);
+  if (xp.device.is_cpu()) {
+    if (dt == DType::f64)
+      cpu::moe_unpermute<double>(r.position.ptr<int32_t>(), xp.ptr<double>(), pairs.ptr<double>(), N, K, D);
+    else
+      cpu::moe_unpermute<float>(r.position.ptr<int32_t>(), xp.ptr<float>(), pairs.ptr<float>(), N, K, D);
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  cuda::moe_unpermute(r.position.ptr<int32_t>(), xp.ptr<bf16>(), pairs.ptr<bf16>(), N, K, D, ctx.stream());
+#else
+  unsupported(op, xp);
+#endif
+}
+
+namespace {
+
+void gather_sum(const ExecContext& ctx, const char* op, const MoeRouting& r, bool weighted, const Tensor& rows,
+                const Tensor& out, bool accumulate) {
+  const DType dt = value_dtype(rows, DType::bf16, op, "rows");
+  expect_routing(r, rows, op);
+  const int64_t N = r.tokens, K = r.top_k;
+  expect_shape(rows, {N * K, -1}, op, "rows");
+  const int64_t D = rows.size(1);
+  expect_shape(out, {N, D}, op, "out");
+  expect_dtype(out, dt, op, "out");
+  expect_same_device(rows, out, op);
+  if (weighted) expect_dtype(r.weight, score_dtype_for(rows), op, "routing.weight");
+  check_context(ctx, rows, op);
+  const int32_t* pos = r.position.ptr<int32_t>();
+  if (rows.device.is_cpu()) {
+    if (dt == DType::f64)
+      cpu::moe_gather_sum<double>(pos, weighted ? r.weight.ptr<double>() : nullptr, rows.ptr<double>(),
+                                  out.ptr<double>(), N, K, D, accumulate);
+    else
+      cpu::moe_gather_sum<float>(pos, weighted ? r.weight.ptr<float>() : nullptr, rows.ptr<float>(), out.ptr<float>(),
+                                 N, K, D, accumulate);
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  cuda::moe_gather_sum(pos, weighted ? r.weight.ptr<float>() : nullptr, rows.ptr<bf16>(), out.ptr<bf16>(), N, K, D,
+                       accumulate, ctx.stream());
+#else
+  unsupported(op, rows);
+#endif
+}
+
+}  // namespace
+
+void moe_combine(const ExecContext& ctx, const MoeRouting& r, const Tensor& yp, const Tensor& out, bool accumulate) {
+  gather_sum(ctx, "moe_combine", r, true, yp, out, accumulate);
+}
+
+void moe_permute_backward(const ExecContext& ctx, const MoeRouting& r, const Tensor& dxp, const Tensor& dx,
+                          bool accumulate) {
+  gather_sum(ctx, "moe_permute_backward", r, false, dxp, dx, accumulate);
+}
+
+void moe_combine_backward(const ExecContext& ctx, const MoeRouting& r, const Tensor& dout, const Tensor& yp,
+                          const Tensor& d_yp, const Tensor& d_weight) {
+  constexpr const char* op = "moe_combine_backward";
+  const DType dt = value_dtype(dout, DType::bf16, op, "dout");
+  expect_routing(r, dout, op);
+  const int64_t N = r.tokens, K = r.top_k;
+  expect_shape(dout, {N, -1}, op, "dout");
+  const int64_t D = dout.size(1);
+  expect_shape(yp, {N * K, D}, op, "yp");
+  expect_shape(d_yp, {N * K, D}, op, "d_yp");
+  expect_shape(d_weight, {N, K}, op, "d_weight");
+  expect_dtype(yp, dt, op, "yp");
+  expect_dtype(d_yp, dt, op, "d_yp");
+  const DType st = score_dtype_for(dout);
+  expect_dtype(d_weight, st, op, "d_weight");
+  expect_dtype(r.weight, st, op, "routing.weight");
+  expect_same_device(dout, yp, op);
+  expect_same_device(dout, d_yp, op);
+  expect_same_device(dout, d_weight, op);
+  check_context(ctx, dout, op);
+  const int32_t* order = r.order.ptr<int32_t>();
+  if (dout.device.is_cpu()) {
+    if (dt == DType::f64)
+      cpu::moe_combine_backward<double>(order, r.weight.ptr<double>(), dout.ptr<double>(), yp.ptr<double>(),
+                                        d_yp.ptr<double>(), d_weight.ptr<double>(), N, K, D);
+    else
+      cpu::moe_combine_backward<float>(order, r.weight.ptr<float>(), dout.ptr<float>(), yp.ptr<float>(),
+                                       d_yp.ptr<float>(), d_weight.ptr<float>(), N, K, D);
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  cuda::moe_combine_backward(order, r.weight.ptr<float>(), dout.ptr<bf16>(), yp.ptr<bf16>(), d_yp.ptr<bf16>(),
+                             d_weight.ptr<float>(), N, K, D, ctx.stream());
+#else
+  unsupported(op, dout);
+#endif
+}
+
+void moe_router_backward(const ExecContext& ctx, const MoeRouterOptions& opt, const Tensor& scores, const MoeRouting& r,
+                         const Tensor& d_weight, const Tensor& aux_frac, double aux_scale, const Tensor& d_logits) {
+  constexpr const char* op = "moe_router_backward";
+  const DType dt = value_dtype(scores, DType::f32, op, "scores");
+  expect_routing(r, scores, op);
+  const int64_t N = r.tokens, K = r.top_k, E = r.num_experts;
+  expect_shape(scores, {N, E}, op, "scores");
+  expect_shape(d_weight, {N, K}, op, "d_weight");
+  expect_shape(aux_frac, {E}, op, "aux_frac");
+  expect_shape(d_logits, {N, E}, op, "d_logits");
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&d_weight, "d_weight"},
+                                {&aux_frac, "aux_frac"},
+                                {&d_logits, "d_logits"}}) {
+    expect_dtype(*t, dt, op, name);
+    expect_same_device(scores, *t, op);
+  }
+  check_context(ctx, scores, op);
+  const int32_t* ex = r.expert.ptr<int32_t>();
+  if (scores.device.is_cpu()) {
+    if (dt == DType::f64)
+      cpu::moe_router_backward<double>(opt, scores.ptr<double>(), ex, d_weight.ptr<double>(), aux_frac.ptr<double>(),
+                                       aux_scale, d_logits.ptr<double>(), N, E, K);
+    else
+      cpu::moe_router_backward<float>(opt, scores.ptr<float>(), ex, d_weight.ptr<float>(), aux_frac.ptr<float>(),
+                                      static_cast<float>(aux_scale), d_logits.ptr<float>(), N, E, K);
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  cuda::moe_router_backward(opt, scores.ptr<float>(), ex, d_weight.ptr<float>(), aux_frac.ptr<float>(),
+                            static_cast<float>(aux_scale), d_logits.ptr<float>(), N, E, K, ctx.stream());
+#else
+  unsupported(op, scores);
+#endif
+}
+
+void moe_aux_stats(const ExecContext& ctx, const MoeRouting& r, const Tensor& scores, const Tensor& aux_frac,
+                   const Tensor& aux_prob) {
+  constexpr const char* op = "moe_aux_stats";
+  const DType dt = value_dtype(scores, DType::f32, op, "scores");
+  expect_routing(r, scores, op);
+  const int64_t N = r.tokens, K = r.top_k, E = r.num_experts;
+  expect_shape(scores, {N, E}, op, "scores");
+  expect_shape(aux_frac, {E}, op, "aux_frac");
+  expect_dtype(aux_frac, dt, op, "aux_frac");
+  expect_same_device(scores, aux_frac, op);
+  if (!aux_prob.empty()) {
+    expect_shape(aux_prob, {E}, op, "aux_prob");
+    expect_dtype(aux_prob, dt, op, "aux_prob");
+    expect_same_device(scores, aux_prob, op);
+  }
+  check_context(ctx, scores, op);
+  const int32_t* counts = r.counts.ptr<int32_t>();
+  if (scores.device.is_cpu()) {
+    if (dt == DType::f64)
+      cpu::moe_aux_stats<double>(counts, scores.ptr<double>(), aux_frac.ptr<double>(),
+                                 aux_prob.empty() ? nullptr : aux_prob.ptr<double>(), N, E, K);
+    else
+      cpu::moe_aux_stats<float>(counts, scores.ptr<float>(), aux_frac.ptr<float>(),
+                                aux_prob.empty() ? nullptr : aux_prob.ptr<float>(), N, E, K);
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  cuda::moe_aux_stats(counts, scores.ptr<float>(), aux_frac.ptr<float>(),
+                      aux_prob.empty() ? nullptr : aux_prob.ptr<float>(), N, E, K, ctx.stream());
+#else
+  unsupported(op, scores);
+#endif
+}
+
+namespace {
+
+// w [E, n, k]; offsets i32 [E + 1] on w's device. Returns {E, n, k}.
+struct GroupedDims {
+  int64_t e, n, k;
+};
+GroupedDims grouped_dims(const Tensor& offsets, const Tensor& w, const char* op) {
+  expect_present(w, op, "w");
+  expect_shape(w, {-1, -1, -1}, op, "w");
+  const int64_t E = w.size(0);
+  expect_present(offsets, op, "offsets");
+  expect_shape(offsets, {E + 1}, op, "offsets");
+  expect_dtype(offsets, DType::i32, op, "offsets");
+  expect_same_device(w, offsets, op);
+  return {E, w.size(1), w.size(2)};
+}
+
+}  // namespace
+
+void moe_grouped_linear_forward(const ExecContext& ctx, const Tensor& offsets, const Tensor& x, const Tensor& w,
+                                const Tensor& y) {
+  constexpr const char* op = "moe_grouped_linear_forward";
+  const GroupedDims g = grouped_dims(offsets, w, op);
+  const DType dt = value_dtype(x, DType::bf16, op, "x");
+  expect_shape(x, {-1, g.k}, op, "x");
+  const int64_t R = x.size(0);
+  expect_shape(y, {R, g.n}, op, "y");
+  expect_dtype(w, dt, op, "w");
+  expect_dtype(y, dt, op, "y");
+  expect_same_device(x, w, op);
+  expect_same_device(x, y, op);
+  check_context(ctx, x, op);
+  if (x.device.is_cpu()) {
+    // offsets[E] must equal R (the permutation covers every row).
+    if (offsets.ptr<int32_t>()[g.e] != R)
+      HYD_THROW(op, ": offsets end at ", offsets.ptr<int32_t>()[g.e], " but x has ", R, " rows");
+    if (dt == DType::f64)
+      cpu::moe_grouped_linear_forward<double>(offsets.ptr<int32_t>(), x.ptr<double>(), w.ptr<double>(), y.ptr<double>(),
+                                              g.e, g.n, g.k);
+    else
+      cpu::moe_grouped_linear_forward<float>(offsets.ptr<int32_t>(), x.ptr<float>(), w.ptr<float>(), y.ptr<float>(),
+                                             g.e, g.n, g.k);
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  cuda::moe_grouped_linear_forward(offsets.ptr<int32_t>(), x.ptr<bf16>(), w.ptr<bf16>(), y.ptr<bf16>(), R, g.e, g.n,
+                                   g.k, ctx.stream());
+#else
+  unsupported(op, x);
+#endif
+}
+
+void moe_grouped_linear_backward(const ExecContext& ctx, const Tensor& offsets, const Tensor& dy, const Tensor& x,
+                                 const Tensor& w, const Tensor& dx, const Tensor& dw) {
+  constexpr const char* op = "moe_grouped_linear_backward";
+  const GroupedDims g = grouped_dims(offsets, w, op);
+  const DType dt = value_dtype(x, DType::bf16, op, "x");
+  expect_shape(x, {-1, g.k}, op, "x");
+  const int64_t R = x.size(0);
+  expect_shape(dy, {R, g.n}, op, "dy");
+  expect_dtype(dy, dt, op, "dy");
+  expect_dtype(w, dt, op, "w");
+  expect_same_device(x, dy, op);
+  expect_same_device(x, w, op);
+  if (!dx.empty()) {
+    expect_shape(dx, {R, g.k}, op, "dx");
+    expect_dtype(dx, dt, op, "dx");
+    expect_same_device(x, dx, op);
+  }
+  if (!dw.empty()) {
+    expect_shape(dw, {g.e, g.n, g.k}, op, "dw");
+    expect_dtype(dw, x.device.is_cpu() ? dt : DType::f32, op, "dw");  // master gradients: f32 on CUDA
+    expect_same_device(x, dw, op);
+  }
+  check_context(ctx, x, op);
+  if (x.device.is_cpu()) {
+    if (offsets.ptr<int32_t>()[g.e] != R)
+      HYD_THROW(op, ": offsets end at ", offsets.ptr<int32_t>()[g.e], " but x has ", R, " rows");
+    if (dt == DType::f64)
+      cpu::moe_grouped_linear_backward<double>(offsets.ptr<int32_t>(), dy.ptr<double>(), x.ptr<double>(),
+                                               w.ptr<double>(), dx.empty() ? nullptr : dx.ptr<double>(),
+                                               dw.empty() ? nullptr : dw.ptr<double>(), g.e, g.n, g.k);
+    else
+      cpu::moe_grouped_linear_backward<float>(offsets.ptr<int32_t>(), dy.ptr<float>(), x.ptr<float>(), w.ptr<float>(),
+                                              dx.empty() ? nullptr : dx.ptr<float>(),
+                                              dw.empty() ? nullptr : dw.ptr<float>(), g.e, g.n, g.k);
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  cuda::moe_grouped_linear_backward(offsets.ptr<int32_t>(), dy.ptr<bf16>(), x.ptr<bf16>(), w.ptr<bf16>(),
+                                    dx.empty() ? nullptr : dx.ptr<bf16>(), dw.empty() ? nullptr : dw.ptr<float>(), R,
+                                    g.e, g.n, g.k, ctx.stream());
+#else
+  unsupported(op, x);
+#endif
+}
+
+}  // namespace kernels
+}  // namespace hyd

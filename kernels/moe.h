@@ -1,0 +1,164 @@
+// Mixture-of-Experts ops (issue 7): the router's top-k and the stable expert-major permutation of the
+// (token, slot) pairs, the row gathers around the experts, the grouped expert GEMMs, and the backward of
+// the combine and the router. The layer (trainer/layer_moe.h) writes the whole math; per op here:
+//   route:    scores[t, :] = softmax(logits[t, :]) | sigmoid(logits[t, :])   (in place, over the E experts)
+//             sel = scores + bias (bias only steers the choice); e_1..e_k = top-k of sel, descending, ties to
+//             the lower expert index; w_j = scores[e_j] (/ sum_i scores[e_i] if norm_topk_prob) * route_scale
+//             counts[e] = #pairs with expert e; offsets = exclusive prefix sum; order: permuted row ->
+//             pair index t k + j, the pairs of one expert in token order (a stable counting sort: the
+//             result is a function of the expert ids only); position = order^-1.
+//   permute:           xp[p] = x[order[p] / k]
+//   unpermute:         pairs[q] = xp[position[q]]
+//   combine:           out[t] (= | +=) sum_j w_tj yp[position[t k + j]]
+//   permute_backward:  dx[t] (= | +=) sum_j dxp[position[t k + j]]          (the adjoint of permute)
+//   combine_backward:  d_yp[position[q]] = w_q dout[q / k];  d_weight[q] = dout[q / k] . yp[position[q]]
+//   router_backward:   ds[t, e] = aux_scale aux_frac[e] + sum_j [e_j = e] dw_tj-term (below), then
+//                      d_logits = softmax'^T ds | sigmoid' ds. With w_j = rs s_j / Z (Z = sum_i s_{e_i},
+//                      Z = 1 without norm_topk_prob): dL/ds_{e_i} += rs / Z (dw_i - sum_j dw_j s_{e_j} / Z).
+//   aux_stats:         aux_frac[e] = counts[e] / (N k);  aux_prob[e] = mean_t scores[t, e]
+//   grouped linear:    for every expert e with rows R_e = [offsets[e], offsets[e+1]):
+//                      y[R_e] = x[R_e] w_e^T;  dx[R_e] = dy[R_e] w_e;  dw_e += dy[R_e]^T x[R_e]
+//                      (w [E, n, k] stacked; an expert without rows writes nothing and leaves dw_e as is).
+// Every gather is a row gather (each output row has one writer, fixed summation order), so all outputs,
+// gradients included, are deterministic: no float atomics.
+// dtypes: CPU: every floating tensor f32 or f64 (one dtype per call). CUDA: rows (x, xp, yp, out, dx, ...)
+// bf16 with f32 math; logits, scores, combine weights, their gradients and the aux statistics f32;
+// grouped-GEMM weights bf16 and weight gradients f32 (the master gradients). Indices i32 on both.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "trainer/core/exec_context.h"
+#include "trainer/core/tensor.h"
+
+namespace hyd {
+
+// Who goes where: the router's decisions for N tokens, and the stable expert-major order of the N k
+// (token, slot) pairs (pair index t k + j). i32 tensors except `weight`, on the device of the layer.
+struct MoeRouting {
+  int64_t tokens = 0, top_k = 0, num_experts = 0;
+  Tensor expert;    // i32 [N, k]: slot j's expert (slots in descending selection order)
+  Tensor weight;    // [N, k] (the scores' dtype: f32 on CUDA): combine weight w_j
+  Tensor counts;    // i32 [E]: pairs assigned to each expert (the load; sums to N k)
+  Tensor offsets;   // i32 [E + 1]: exclusive prefix sum of counts; expert e owns permuted rows [off_e, off_e+1)
+  Tensor order;     // i32 [N k]: permuted row p -> pair index t k + j (pairs of one expert in token order)
+  Tensor position;  // i32 [N k]: pair index -> permuted row (the inverse of order)
+
+  template <class Alloc>
+  static MoeRouting alloc(Alloc& arena, int64_t n, int64_t k, int64_t e, DType score_dtype) {
+    MoeRouting r;
+    r.tokens = n;
+    r.top_k = k;
+    r.num_experts = e;
+    r.expert = arena.alloc({n, k}, DType::i32);
+    r.weight = arena.alloc({n, k}, score_dtype);
+    r.counts = arena.alloc({e}, DType::i32);
+    r.offsets = arena.alloc({e + 1}, DType::i32);
+    r.order = arena.alloc({n * k}, DType::i32);
+    r.position = arena.alloc({n * k}, DType::i32);
+    return r;
+  }
+  // The load per expert, as host integers (on CUDA: a synchronising device-to-host copy).
+  std::vector<int64_t> counts_host() const;
+};
+
+// The router's scores, weights, ... dtype for activations of dtype `act`: the router runs in f32 when the
+// activations are bf16, else in the activations' dtype (f32 | f64 on the CPU).
+inline DType moe_score_dtype(DType act) { return act == DType::bf16 ? DType::f32 : act; }
+
+namespace kernels {
+
+struct MoeRouterOptions {
+  bool sigmoid = false;         // score function: sigmoid (else softmax)
+  bool norm_topk_prob = false;  // renormalise the k chosen scores to sum 1 (before route_scale)
+  float route_scale = 1.0f;     // multiplies the combine weights
+};
+
+// Limits of the CUDA router (one thread per token keeps its k choices in registers).
+constexpr int64_t kMoeMaxTopK = 32;
+
+// scores [N, E]: the router logits on entry, the scores on return. bias [E] (same dtype) or empty.
+// Fills every tensor of r (allocated for N, k, E).
+void moe_route(const ExecContext& ctx, const MoeRouterOptions& opt, const Tensor& scores, const Tensor& bias,
+               const MoeRouting& r);
+// x [N, D] -> xp [N k, D].
+void moe_permute(const ExecContext& ctx, const MoeRouting& r, const Tensor& x, const Tensor& xp);
+// xp [N k, D] -> pairs [N k, D].
+void moe_unpermute(const ExecContext& ctx, const MoeRouting& r, const Tensor& xp, const Tensor& pairs);
+// yp [N k, D] -> out [N, D], weighted by r.weight.
+void moe_combine(const ExecContext& ctx, const MoeRouting& r, const Tensor& yp, const Tensor& out, bool accumulate);
+// dxp [N k, D] -> dx [N, D].
+void moe_permute_backward(const ExecContext& ctx, const MoeRouting& r, const Tensor& dxp, const Tensor& dx,
+                          bool accumulate);
+// dout [N, D], yp [N k, D] -> d_yp [N k, D], d_weight [N, k] (the scores' dtype). Both overwritten.
+void moe_combine_backward(const ExecContext& ctx, const MoeRouting& r, const Tensor& dout, const Tensor& yp,
+                          const Tensor& d_yp, const Tensor& d_weight);
+// scores [N, E], d_weight [N, k], aux_frac [E] -> d_logits [N, E] (overwritten), all the scores' dtype.
+// aux_scale = d_aux coef E / N (0 without the load-balancing loss).
+void moe_router_backward(const ExecContext& ctx, const MoeRouterOptions& opt, const Tensor& scores, const MoeRouting& r,
+                         const Tensor& d_weight, const Tensor& aux_frac, double aux_scale, const Tensor& d_logits);
+// aux_frac [E] and aux_prob [E] (the scores' dtype; aux_prob may be empty).
+void moe_aux_stats(const ExecContext& ctx, const MoeRouting& r, const Tensor& scores, const Tensor& aux_frac,
+                   const Tensor& aux_prob);
+// offsets i32 [E + 1] (r.offsets); x [R, k], w [E, n, k], y [R, n] with R = offsets[E] = rows of x.
+void moe_grouped_linear_forward(const ExecContext& ctx, const Tensor& offsets, const Tensor& x, const Tensor& w,
+                                const Tensor& y);
+// dy [R, n], x [R, k], w [E, n, k]; dx [R, k] overwritten (empty: not computed); dw [E, n, k] accumulated
+// into (f32 on CUDA, empty: not computed).
+void moe_grouped_linear_backward(const ExecContext& ctx, const Tensor& offsets, const Tensor& dy, const Tensor& x,
+                                 const Tensor& w, const Tensor& dx, const Tensor& dw);
+
+namespace cpu {
+// The CPU reference (the meaning of every op). Index arrays as in MoeRouting; sizes N, k, E, D.
+template <class T>
+void moe_route(const MoeRouterOptions& opt, T* scores, const T* bias, int64_t n, int64_t e, int64_t k, int32_t* expert,
+               T* weight, int32_t* counts, int32_t* offsets, int32_t* order, int32_t* position);
+template <class T>
+void moe_permute(const int32_t* order, const T* x, T* xp, int64_t n, int64_t k, int64_t d);
+template <class T>
+void moe_unpermute(const int32_t* position, const T* xp, T* pairs, int64_t n, int64_t k, int64_t d);
+// out[t] (= | +=) sum_j w_tj rows[position[t k + j]] (w = 1 when weight is null).
+template <class T>
+void moe_gather_sum(const int32_t* position, const T* weight, const T* rows, T* out, int64_t n, int64_t k, int64_t d,
+                    bool accumulate);
+template <class T>
+void moe_combine_backward(const int32_t* order, const T* weight, const T* dout, const T* yp, T* d_yp, T* d_weight,
+                          int64_t n, int64_t k, int64_t d);
+template <class T>
+void moe_router_backward(const MoeRouterOptions& opt, const T* scores, const int32_t* expert, const T* d_weight,
+                         const T* aux_frac, T aux_scale, T* d_logits, int64_t n, int64_t e, int64_t k);
+template <class T>
+void moe_aux_stats(const int32_t* counts, const T* scores, T* aux_frac, T* aux_prob, int64_t n, int64_t e, int64_t k);
+template <class T>
+void moe_grouped_linear_forward(const int32_t* offsets, const T* x, const T* w, T* y, int64_t e, int64_t n, int64_t k);
+template <class T>
+void moe_grouped_linear_backward(const int32_t* offsets, const T* dy, const T* x, const T* w, T* dx, T* dw, int64_t e,
+                                 int64_t n, int64_t k);
+}  // namespace cpu
+
+namespace cuda {
+void moe_route(const MoeRouterOptions& opt, float* scores, const float* bias, int64_t n, int64_t e, int64_t k,
+               int32_t* expert, float* weight, int32_t* counts, int32_t* offsets, int32_t* order, int32_t* position,
+               void* stream);
+void moe_permute(const int32_t* order, const bf16* x, bf16* xp, int64_t n, int64_t k, int64_t d, void* stream);
+void moe_unpermute(const int32_t* position, const bf16* xp, bf16* pairs, int64_t n, int64_t k, int64_t d, void* stream);
+void moe_gather_sum(const int32_t* position, const float* weight, const bf16* rows, bf16* out, int64_t n, int64_t k,
+                    int64_t d, bool accumulate, void* stream);
+void moe_combine_backward(const int32_t* order, const float* weight, const bf16* dout, const bf16* yp, bf16* d_yp,
+                          float* d_weight, int64_t n, int64_t k, int64_t d, void* stream);
+void moe_router_backward(const MoeRouterOptions& opt, const float* scores, const int32_t* expert, const float* d_weight,
+                         const float* aux_frac, float aux_scale, float* d_logits, int64_t n, int64_t e, int64_t k,
+                         void* stream);
+void moe_aux_stats(const int32_t* counts, const float* scores, float* aux_frac, float* aux_prob, int64_t n, int64_t e,
+                   int64_t k, void* stream);
+// rows = offsets[E] (host-known upper bound of the rows: the grid is sized by it, the kernels read the
+// device offsets; no host synchronisation).
+void moe_grouped_linear_forward(const int32_t* offsets, const bf16* x, const bf16* w, bf16* y, int64_t rows, int64_t e,
+                                int64_t n, int64_t k, void* stream);
+void moe_grouped_linear_backward(const int32_t* offsets, const bf16* dy, const bf16* x, const bf16* w, bf16* dx,
+                                 float* dw, int64_t rows, int64_t e, int64_t n, int64_t k, void* stream);
+}  // namespace cuda
+
+}  // namespace kernels
+}  // namespace hyd
