@@ -86,10 +86,13 @@ void copy_tensor(const Tensor& dst, const Tensor& src) {
     return;
   }
 #ifdef HYD_WITH_CUDA
-  // Ops run on non-blocking streams, which the legacy-stream cudaMemcpy does not wait for: finish
-  // all device work first. These copies are for setup, uploads and read-backs, not the hot path.
+  // Ops run on non-blocking streams, which the legacy-stream cudaMemcpy is not ordered with: finish all
+  // device work first, and again after the copy, because a copy from pageable host memory returns once
+  // the data is staged, before it has reached the device (a kernel launched next on another stream could
+  // read the old contents). These copies are for setup, uploads and read-backs, not the hot path.
   CHECK_CUDA(cudaDeviceSynchronize());
   CHECK_CUDA(cudaMemcpy(dst.data, src.data, src.nbytes(), cudaMemcpyDefault));
+  if (!dst.device.is_cpu()) CHECK_CUDA(cudaDeviceSynchronize());
 #else
   HYD_THROW("copy_tensor: CUDA tensor in a CPU-only build");
 #endif
