@@ -24,6 +24,7 @@
 #include "parallel/checks.h"
 #include "parallel/comm.h"
 #include "parallel/grid.h"
+#include "parallel/nccl_comm.h"
 #include "parallel/sequence_parallel.h"
 #include "trainer/batch_upload.h"
 #include "trainer/core/arena.h"
@@ -273,13 +274,6 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   } catch (const Error& e) {
     throw ConfigError::at(src, "parallel.dp", e.what());
   }
-  if (dp * sp > 1) {
-    if (cfg.device != "cpu")
-      throw ConfigError::at(src, "parallel.dp",
-                            "parallel.dp x parallel.sp = " + std::to_string(dp * sp) + " with device = " + cfg.device +
-                                ": multi-rank distillation runs on the CPU for now (the sequence-parallel model "
-                                "is verified on GPUs, this loop is not yet)");
-  }
   if (sp > 1 && (cfg.data.seq_len % sp != 0 || cfg.data.seq_len / sp < 4))
     throw ConfigError::at(src, "parallel.sp",
                           std::to_string(sp) + " must divide data.seq_len = " + std::to_string(cfg.data.seq_len) +
@@ -297,7 +291,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
                    src, out);
   const Checkpoint* resume = run.resume_from();
   if (world) world->barrier();  // every rank has read the run directory before rank 0 writes it
-  const Device device = parse_device(cfg.device);
+  const Device device = rank_device(cfg.device, world ? world->size() : 1, src);
   DistillInputs in = open_inputs(cfg, cfg.student_pattern);
   const ModelConfig& tc = in.teacher.config;
   const DatasetInfo& info = in.data->info();
@@ -310,7 +304,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   const int64_t B = cfg.data.batch_size, T = cfg.data.seq_len, N = B * T / sp, step_tokens = B * T * dp;
   PackedSampler sampler(*in.data, Split::train, cfg.data.val_fraction, T, B, cfg.data.seed, dp_rank, dp);
   std::optional<SequenceParallel> sp_ctx;
-  if (sp > 1) sp_ctx.emplace(grid->sp_group(), parse_device(cfg.device));
+  if (sp > 1) sp_ctx.emplace(grid->sp_group(), device);
   // This rank's part of step `s`'s micro-batch, uploaded; with sp > 1 the batch carries the SP layout.
   auto batch_for = [&](ExecContext& c, BatchUploader& up, int64_t s, HostBatch& hb) {
     hb = sampler.batch(s);
@@ -320,10 +314,17 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   auto sum_all = [&](std::span<double> v) {
     if (world && world->size() > 1) world->all_reduce(v, ReduceOp::kSum);
   };
-  auto sum_grads = [&](HybridModel& m) {
+  // The students' gradients: MPI on host memory, NCCL on the device (ordered on the caller's stream).
+  std::unique_ptr<NcclCommunicator> world_nccl;
+  if (device.is_cuda() && world && world->size() > 1) world_nccl = std::make_unique<NcclCommunicator>(*world);
+  auto sum_grads = [&](const ExecContext& c, HybridModel& m) {
     if (!world || world->size() == 1) return;
     const Tensor g = m.flat_grads();
-    world->all_reduce(std::span<float>(g.ptr<float>(), static_cast<size_t>(g.numel())), ReduceOp::kSum);
+    const std::span<float> all(g.ptr<float>(), static_cast<size_t>(g.numel()));
+    if (world_nccl)
+      world_nccl->all_reduce(all, ReduceOp::kSum, c.stream());
+    else
+      world->all_reduce(all, ReduceOp::kSum);
   };
   if (sampler.num_docs() == 0)
     throw ConfigError::at(src, "data.val_fraction", "no training documents left in " + info.path);
@@ -515,7 +516,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       for (float s : sums) mse += static_cast<double>(s) / numel;
       mse /= static_cast<double>(nk);
       sum_all(std::span<double>(&mse, 1));
-      sum_grads(student);
+      sum_grads(ctx, student);
       bool good = std::isfinite(mse);
       if (good) {
         st.last_norm = optimizer.step(ctx, lr);
@@ -634,7 +635,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         double sums[3] = {kl_sum, ce_sum, hidden_mse};
         sum_all(std::span<double>(sums, 3));
         hidden_mse = sums[2];
-        sum_grads(student);
+        sum_grads(ctx, student);
         kl_mean = sums[0] / targets;
         ce_mean = sums[1] / targets;
         good = std::isfinite(kl_mean) && std::isfinite(ce_mean) && std::isfinite(hidden_mse);

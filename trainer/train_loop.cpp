@@ -15,6 +15,7 @@
 #include "data/dataset.h"
 #include "parallel/checks.h"
 #include "parallel/grid.h"
+#include "parallel/nccl_comm.h"
 #include "parallel/sequence_parallel.h"
 #include "trainer/batch_upload.h"
 #include "trainer/core/arena.h"
@@ -23,6 +24,7 @@
 #include "trainer/lasp.h"
 #include "trainer/metrics.h"
 #include "trainer/model.h"
+#include "trainer/zero1.h"
 
 #ifdef HYD_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -132,9 +134,6 @@ void validate_train_config(const TrainConfig& cfg) {
             std::to_string(par.sp) + " must divide data.seq_len = " + std::to_string(cfg.data.seq_len) +
                 " into slices of at least 4 tokens");
   if (par.dp * par.sp > 1) {
-    require(cfg.device == "cpu", "parallel.dp",
-            "x parallel.sp = " + std::to_string(par.dp * par.sp) + " is not yet implemented on CUDA (device = " +
-                cfg.device + "); multi-rank training runs on the CPU only for now");
     const std::string later =
         " is not supported with parallel.dp x parallel.sp > 1 (ZeRO-1 shards the optimizer state; sharded "
         "checkpoints are a later piece)";
@@ -178,6 +177,33 @@ void validate_run_options(const RunOptions& run, const CheckpointOptions& checkp
   require(checkpoint.keep_every >= 0, "checkpoint.keep_every",
           "must be >= 0 (0 = none), got " + std::to_string(checkpoint.keep_every));
   require(!resume.empty(), "train.resume", "must be none, auto or a checkpoint path");
+}
+
+Device rank_device(const std::string& option, int world_size, const std::string& source) {
+  Device d;
+  try {
+    d = parse_device(option);
+  } catch (const Error& e) {
+    throw ConfigError::at(source, "device", e.what());
+  }
+  if (!d.is_cuda() || world_size <= 1) return d;
+  const MpiRuntime rt(nullptr, nullptr);  // MPI is up: only reads the ranks
+  if (option != "cuda") {
+    if (rt.local_size() > 1)
+      throw ConfigError::at(source, "device",
+                            "= " + option + " with " + std::to_string(rt.local_size()) +
+                                " ranks on this node would put all of them on one GPU; use device = cuda (each rank "
+                                "takes the GPU of its node-local rank)");
+    return d;
+  }
+  const int visible = cuda_device_count();
+  if (visible < rt.local_size())
+    throw ConfigError::at(source, "device",
+                          "= cuda with " + std::to_string(rt.local_size()) + " ranks on this node but " +
+                              std::to_string(visible) +
+                              " visible GPUs: every rank needs a GPU of its own (start fewer ranks per node, or check "
+                              "CUDA_VISIBLE_DEVICES)");
+  return Device::cuda(bind_local_gpu(rt));
 }
 
 namespace {
@@ -242,7 +268,9 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
   // Every rank has checked the run directory before rank 0 creates it.
   if (world) world->barrier();
 
-  const Device device = parse_device(cfg.device);
+  // Several ranks on CUDA: one GPU per rank, the node-local rank's (device = cuda); cuda:N would put every
+  // rank of a node on GPU N.
+  const Device device = rank_device(cfg.device, world ? world->size() : 1, src);
   const LrSchedule schedule = cfg.train.lr_schedule();
 
   // Dataset and the model that must fit it.
@@ -301,44 +329,15 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
   model.init_random(cfg.train.seed);
   std::optional<SequenceParallel> sp_ctx;
   if (sp > 1) sp_ctx.emplace(grid->sp_group(), device);
-  // ZeRO-1 (dp x sp > 1 ranks, CPU): the flat buffers of P elements are cut into one contiguous shard per
-  // rank, S = ceil(P / ranks) elements (the last one padded); this rank's AdamW sees only the parts of the
-  // parameters inside [shard_lo, shard_lo + S) and keeps moments for those alone.
-  const int64_t flat_numel = model.flat_params().numel();
-  const int64_t shard_numel = (flat_numel + ranks - 1) / ranks;
-  const int64_t shard_lo = static_cast<int64_t>(world ? world->rank() : 0) * shard_numel;
-  std::vector<float> grad_send, grad_shard, param_shard, param_full;
-  std::vector<ParamInfo> opt_params = model.params();
-  if (ranks > 1) {
-    HYD_CHECK(!device.is_cuda(), "parallel.dp x parallel.sp > 1 runs on the CPU only");
-    grad_send.assign(static_cast<size_t>(shard_numel * ranks), 0.0f);
-    grad_shard.assign(static_cast<size_t>(shard_numel), 0.0f);
-    param_shard.assign(static_cast<size_t>(shard_numel), 0.0f);
-    param_full.assign(static_cast<size_t>(shard_numel * ranks), 0.0f);
-    const Tensor flat = model.flat_params();
-    const Tensor shard_grads(grad_shard.data(), DType::f32, flat.device, {shard_numel});
-    opt_params.clear();
-    for (const ParamInfo& p : model.params()) {
-      const int64_t a = std::max(p.offset, shard_lo), b = std::min(p.offset + p.numel, shard_lo + shard_numel);
-      if (a >= b) continue;
-      ParamInfo q = p;
-      q.name = p.name + "[" + std::to_string(a - p.offset) + ":" + std::to_string(b - p.offset) + "]";
-      q.shape = {b - a};
-      q.offset = a;
-      q.numel = b - a;
-      q.value = flat.slice0(a, b);
-      q.grad = shard_grads.slice0(a - shard_lo, b - shard_lo);
-      opt_params.push_back(std::move(q));
-    }
-  }
-  AdamW optimizer(std::move(opt_params), device, cfg.train.adamw());
-  if (ranks > 1)
-    optimizer.set_sum_squares_reduction([&](double ss) {
-      world->all_reduce(std::span<double>(&ss, 1), ReduceOp::kSum);
-      return ss;
-    });
+  // ZeRO-1 over all dp x sp ranks (trainer/zero1.h): this rank's AdamW keeps masters and moments for its
+  // shard of the flat parameters only.
+  std::optional<Zero1> zero;
+  if (ranks > 1) zero.emplace(*world, model.params(), model.flat_params(), model.flat_grads());
+  AdamW optimizer(zero ? zero->shard_params() : model.params(), device, cfg.train.adamw());
+  if (zero) optimizer.set_sum_squares_reduction([&](double ss) { return zero->all_reduce_sum(ss); });
   BatchUploader uploader(device, micro_tokens);
-  const size_t memory = model.memory_bytes() + optimizer.memory_bytes() + uploader.bytes();
+  const size_t memory =
+      model.memory_bytes() + optimizer.memory_bytes() + uploader.bytes() + (zero ? zero->memory_bytes() : 0);
 
   const int64_t steps = cfg.train.steps;
   int64_t start_step = 0;
@@ -477,20 +476,12 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
     const double loss = loss_sum / static_cast<double>(ga);
     // A non-finite loss or gradient skips the update; too many in a row end the run.
     bool good = std::isfinite(loss);
-    if (good && ranks > 1) {
+    if (good && zero) {
       // ZeRO-1: sum the gradients into this rank's shard, update the shard, all-gather the parameters.
-      ctx.synchronize();
-      const float* g = model.flat_grads().ptr<float>();
-      std::copy(g, g + flat_numel, grad_send.begin());
-      world->reduce_scatter(std::span<const float>(grad_send), std::span<float>(grad_shard));
+      zero->reduce_gradients(ctx);
       st.last_norm = optimizer.step(ctx, lr);
       good = std::isfinite(st.last_norm);
-      float* w = model.flat_params().ptr<float>();
-      const int64_t n = std::max<int64_t>(0, std::min(shard_numel, flat_numel - shard_lo));
-      std::fill(param_shard.begin(), param_shard.end(), 0.0f);
-      std::copy(w + shard_lo, w + shard_lo + n, param_shard.begin());
-      world->all_gather(std::span<const float>(param_shard), std::span<float>(param_full));
-      std::copy(param_full.begin(), param_full.begin() + flat_numel, w);
+      zero->gather_parameters(ctx);
     } else if (good) {
       st.last_norm = optimizer.step(ctx, lr);
       good = std::isfinite(st.last_norm);

@@ -152,6 +152,12 @@ void validate_run_options(const RunOptions& run, const CheckpointOptions& checkp
 // Runs the training described by cfg. effective: recorded in RUN_DIR/config.ini and every checkpoint.
 // Progress goes to `out`. Throws ConfigError for configuration problems and hyd::Error for everything
 // else (unreadable data, a broken checkpoint, device failures, diverged training).
+// This rank's device for the `device` option of `source` in a job of world_size ranks: the option itself
+// for one rank or the CPU. Several ranks on CUDA take one GPU each, the one of their node-local rank
+// (bind_local_gpu, which also makes it current); device = cuda:N is accepted only with one rank per node,
+// and a node with more ranks than visible GPUs is refused (ConfigError naming `device`).
+Device rank_device(const std::string& option, int world_size, const std::string& source);
+
 TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effective, std::ostream& out);
 
 }  // namespace hyd

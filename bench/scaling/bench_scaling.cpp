@@ -1,15 +1,19 @@
-// bench/scaling: tokens/s of the hybrid student's training step (forward + backward, no optimizer) under
-// sequence parallelism, one GPU per rank, launched by bench/scaling/run.sh with mpirun.
+// bench/scaling: tokens/s of the hybrid student's training step (forward + backward; with --optimizer 1 also
+// the ZeRO-1 exchange and the AdamW update) under sequence and data parallelism, one GPU per rank, launched
+// by bench/scaling/run.sh with mpirun.
 //
 //   mpirun -np W bench_scaling --sp S --tokens-per-gpu T [--layers 12] [--pattern KKKA] [--steps 6]
-//          [--warmup 2] [--docs 1]
+//          [--warmup 2] [--docs 1] [--optimizer 0|1]
 //
 // Model: the student of issue 9 (hidden 1024, 8 attention heads of 128 (NoPE layers), KDA 8 heads,
 // dk = dv = 128, SwiGLU 2816, vocab 32000), random weights. W / S data-parallel groups each run one
-// sequence of S * T tokens (cut into --docs equal documents) split over their S ranks; the gradients are
-// not reduced over the data-parallel groups here (ZeRO-1 is the train loop's, this times the SP layers).
+// sequence of S * T tokens (cut into --docs equal documents) split over their S ranks. With --optimizer 1
+// the step ends as `hydistill train`'s does: ZeRO-1 over all W ranks (trainer/zero1.h: reduce-scatter of the
+// f32 gradients, AdamW on this rank's shard, all-gather of the bf16 parameters; one AdamW over everything
+// when W = 1); without it the gradients are not reduced (the SP layers alone are timed).
 // Prints one line per run: step time (median), tokens/s in all and per GPU, the SP collectives' time
-// share and bytes per step by kind, and per KDA / attention layer.
+// share and bytes per step by kind, and per KDA / attention layer; the ZeRO-1 exchange's time (measured
+// between device synchronisations) and bytes per step.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -17,6 +21,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,6 +32,8 @@
 #include "trainer/batch_upload.h"
 #include "trainer/hybrid_model.h"
 #include "trainer/lasp.h"
+#include "trainer/optimizer.h"
+#include "trainer/zero1.h"
 
 using namespace hyd;
 
@@ -39,6 +46,7 @@ struct Args {
   std::string pattern = "KKKA";
   int steps = 6, warmup = 2;
   int64_t docs = 1;
+  bool optimizer = false;
 };
 
 Args parse(int argc, char** argv) {
@@ -63,6 +71,8 @@ Args parse(int argc, char** argv) {
       a.warmup = std::stoi(next());
     else if (k == "--docs")
       a.docs = std::stoll(next());
+    else if (k == "--optimizer")
+      a.optimizer = std::stoi(next()) != 0;
     else
       HYD_THROW("bench_scaling: unknown argument ", k);
   }
@@ -128,18 +138,43 @@ int run(int argc, char** argv, const MpiRuntime& mpi) {
   HostBatch local = one_sequence(T, a.docs, cfg.model.vocab_size, 1000 + grid.dp_rank());
   const Batch b = upload_sp_batch(ctx, up, &sp, 1, T, local);
 
+  std::optional<Zero1> zero;
+  std::optional<AdamW> opt;
+  if (a.optimizer) {
+    if (W > 1) zero.emplace(world, model.params(), model.flat_params(), model.flat_grads());
+    opt.emplace(zero ? zero->shard_params() : model.params(), dev, AdamWConfig{});
+    if (zero) opt->set_sum_squares_reduction([&](double ss) { return zero->all_reduce_sum(ss); });
+  }
+  const auto since = [](std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  };
   std::vector<double> times;
+  double zero_s = 0;
   for (int s = 0; s < a.warmup + a.steps; ++s) {
     if (s == a.warmup) {
       sp.reset_traffic();
       lasp_profile_reset();
+      zero_s = 0;
     }
     world.barrier();
     const auto t0 = std::chrono::steady_clock::now();
     model.zero_grad();
     model.forward_backward(ctx, b, 1.0f);
+    if (opt) {
+      ctx.synchronize();
+      auto tz = std::chrono::steady_clock::now();
+      if (zero) zero->reduce_gradients(ctx);
+      ctx.synchronize();
+      zero_s += since(tz);
+      opt->step(ctx, 1e-5);
+      ctx.synchronize();
+      tz = std::chrono::steady_clock::now();
+      if (zero) zero->gather_parameters(ctx);
+      ctx.synchronize();
+      zero_s += since(tz);
+    }
     ctx.synchronize();
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double dt = since(t0);
     std::vector<double> worst{dt};
     world.all_reduce(std::span<double>(worst), ReduceOp::kMax);
     if (s >= a.warmup) times.push_back(worst[0]);
@@ -157,14 +192,18 @@ int run(int argc, char** argv, const MpiRuntime& mpi) {
     std::printf(
         "scaling gpus=%d sp=%d dp=%d tokens_per_gpu=%lld T=%lld docs=%lld pattern=%s layers=%lld step_ms=%.2f "
         "tokens_per_s=%.0f per_gpu=%.0f comm_share=%.3f kda_bytes_per_layer=%lld halo_bytes_per_layer=%lld "
-        "attn_bytes_per_layer=%lld mem_gib=%.2f\n",
+        "attn_bytes_per_layer=%lld mem_gib=%.2f optimizer=%d zero1_ms=%.2f zero1_bytes=%lld\n",
         W, a.sp, W / a.sp, static_cast<long long>(n_local), static_cast<long long>(T), static_cast<long long>(a.docs),
         layer_pattern_string(cfg.layers).c_str(), static_cast<long long>(cfg.model.num_layers), step * 1e3, tok,
         tok / W, comm_s / step,
         static_cast<long long>(k_layers ? per(SpTraffic::kda_state).bytes / a.steps / k_layers : 0),
         static_cast<long long>(k_layers ? per(SpTraffic::conv_halo).bytes / a.steps / k_layers : 0),
         static_cast<long long>(a_layers ? per(SpTraffic::attention_kv).bytes / a.steps / a_layers : 0),
-        static_cast<double>(model.memory_bytes()) / (1 << 30));
+        static_cast<double>(model.memory_bytes() + (opt ? opt->memory_bytes() : 0) +
+                            (zero ? zero->memory_bytes() : 0)) /
+            (1 << 30),
+        a.optimizer ? 1 : 0, zero_s / a.steps * 1e3,
+        static_cast<long long>(zero ? zero->shard_numel() * W * 4 + zero->shard_numel() * 2 : 0));
   }
   if (lasp_profile_on()) {
     // Per step, summed over layers, for the first and the last rank of the first SP group.

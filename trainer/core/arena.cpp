@@ -114,18 +114,20 @@ void zero_tensor(const Tensor& t) {
 #endif
 }
 
-bool cuda_available() {
+int cuda_device_count() {
 #ifdef HYD_WITH_CUDA
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
     cudaGetLastError();  // clear the sticky "no device" error
-    return false;
+    return 0;
   }
-  return n > 0;
+  return n;
 #else
-  return false;
+  return 0;
 #endif
 }
+
+bool cuda_available() { return cuda_device_count() > 0; }
 
 HostTensor::HostTensor(std::initializer_list<int64_t> dims, DType dtype) {
   t = Tensor(nullptr, dtype, Device::cpu(), dims);

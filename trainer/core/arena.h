@@ -48,6 +48,7 @@ class Arena {
 void copy_tensor(const Tensor& dst, const Tensor& src);  // same dtype and numel
 void zero_tensor(const Tensor& t);
 bool cuda_available();  // a usable CUDA device is present (false in CPU-only builds)
+int cuda_device_count();  // visible CUDA devices (0 in CPU-only builds or without a driver)
 
 // Owning host buffer with a Tensor view, for tests and loaders.
 struct HostTensor {

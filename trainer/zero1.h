@@ -1,0 +1,72 @@
+// ZeRO-1 data parallelism (PARALLEL.md "Data parallel (ZeRO-1)"), for a model whose parameters and
+// gradients are flat buffers (DenseModel, HybridModel): every rank of `group` holds the whole model and
+// its own gradients; the optimizer state is sharded.
+//
+// The P elements of the flat buffers are cut into one contiguous shard per rank, S = ceil(P / R) elements
+// (the last shard padded with zeros). A step:
+//   1. reduce_gradients: the ranks' flat gradients are summed into this rank's shard (one reduce-scatter);
+//   2. the optimizer (AdamW over shard_params(): the parts of the parameters inside this rank's shard,
+//      with gradient views into the summed shard) updates the shard; its global-norm clipping takes the
+//      sum of squares over all shards through all_reduce_sum;
+//   3. gather_parameters: every rank's updated shard goes into every rank's flat parameters (one
+//      all-gather), so all replicas hold the same weights again.
+// On the CPU the collectives are MPI on host memory (f32 parameters, the masters themselves). On CUDA they
+// are NCCL on the device, ordered on the caller's stream (bf16 working weights are gathered; each rank keeps
+// f32 masters, m and v for its shard only, inside AdamW). The model's flat gradients are not modified.
+// Memory: gradient staging of S R f32 + S f32, parameter staging of S (R + 1) elements of the parameters'
+// dtype, on the model's device.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "trainer/core/arena.h"
+#include "trainer/core/exec_context.h"
+#include "trainer/model.h"
+
+namespace hyd {
+
+class Communicator;
+class NcclCommunicator;
+
+class Zero1 {
+ public:
+  // Collective over `group` (which must outlive this object). params: the model's parameter list (views
+  // into flat_params / flat_grads, offsets in elements); flat_params f32 (CPU) or bf16 (CUDA), flat_grads
+  // f32, on one device.
+  Zero1(const Communicator& group, const std::vector<ParamInfo>& params, const Tensor& flat_params,
+        const Tensor& flat_grads);
+  ~Zero1();
+  Zero1(const Zero1&) = delete;
+  Zero1& operator=(const Zero1&) = delete;
+
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  int64_t shard_numel() const { return shard_numel_; }  // S
+  int64_t shard_begin() const { return shard_lo_; }     // rank * S
+  // The parameters' parts inside this rank's shard (named "NAME[a:b]"), gradient views into the summed
+  // shard: what the optimizer updates.
+  const std::vector<ParamInfo>& shard_params() const { return shard_params_; }
+
+  // The sum over the ranks of the flat gradients, block rank() of it, into the shard (ordered on ctx).
+  void reduce_gradients(const ExecContext& ctx);
+  // Every rank's shard of the flat parameters into the flat parameters of every rank (ordered on ctx).
+  void gather_parameters(const ExecContext& ctx);
+  // The sum over the ranks of x (host; the optimizer's sum of squares).
+  double all_reduce_sum(double x) const;
+
+  size_t memory_bytes() const { return buffers_.capacity(); }
+
+ private:
+  const Communicator* group_;
+  std::unique_ptr<NcclCommunicator> nccl_;  // CUDA only
+  int rank_ = 0, size_ = 1;
+  int64_t numel_ = 0, shard_numel_ = 0, shard_lo_ = 0;
+  Tensor flat_params_, flat_grads_;
+  Arena buffers_;
+  Tensor grad_send_, grad_shard_, param_shard_, param_full_;
+  std::vector<ParamInfo> shard_params_;
+};
+
+}  // namespace hyd
