@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One device call covering the multi-GPU and MoE checks (issues 6 and 7): build (launch/setup.sh), the
+# gpu_parallel tests (NCCL, SP, multi-rank train / distill), the gpu label, the DP and SP scaling tables and
+# the MoE layer bench. Each part has its own time limit and log under OUT_DIR; a summary goes to stdout.
+# Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,moe
+set -uo pipefail
+out=${1:?usage: device_session.sh OUT_DIR [PARTS]}
+parts=${2:-gpu_parallel,gpu,dp,sp_k,moe}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0
+has() { [[ ",$parts," == *",$1,"* ]]; }
+echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null), $(nvidia-smi -L | wc -l) GPUs: $(nvidia-smi -L | head -1)"
+bash launch/setup.sh >"$out/setup.log" 2>&1 || { echo "setup failed"; tail -n 40 "$out/setup.log"; exit 1; }
+echo "setup ok"
+if has gpu_parallel; then
+  timeout 300 ctest --test-dir build --output-on-failure -L gpu_parallel >"$out/gpu_parallel.log" 2>&1
+  echo "gpu_parallel rc=$?"; grep -E "Test +#|tests passed|FAIL|worst rel" "$out/gpu_parallel.log" | head -n 30
+fi
+if has gpu; then
+  timeout 240 ctest --test-dir build --output-on-failure -L '^gpu$' -j4 >"$out/gpu.log" 2>&1
+  echo "gpu rc=$?"; grep -E "tests passed|Failed|\*\*\*|FAILED" "$out/gpu.log" | head -n 20
+fi
+if has dp; then
+  MODE=dp STEPS=4 timeout 200 bash bench/scaling/run.sh 16384 >"$out/dp.txt" 2>&1
+  echo "dp rc=$?"; tail -n 8 "$out/dp.txt"
+fi
+if has sp_k; then
+  MODE=sp PATTERN=K STEPS=4 timeout 150 bash bench/scaling/run.sh 16384 >"$out/sp_k.txt" 2>&1
+  echo "sp_k rc=$?"; tail -n 7 "$out/sp_k.txt"
+fi
+if has moe; then
+  timeout 200 bash bench/moe/run.sh build >"$out/moe.txt" 2>&1
+  echo "moe rc=$?"; tail -n 14 "$out/moe.txt"
+fi
