@@ -9,15 +9,15 @@
 //   sort:         one block per expert e: offsets[e] = sum of the lower counts, then a pass over the pairs in
 //                 pair order, a block-wide prefix count of "pair has expert e" (warp ballots) giving each such
 //                 pair its row: the pairs of one expert in token order, i.e. the CPU's stable counting sort.
-// The grouped GEMMs read the device offsets too. Forward / dX kernel: the grid's x dimension enumerates
-// (expert, 64-row tile) pairs; its size is bounded on the host by ceil(R / 64) + E without knowing the counts
-// (a block whose index is past the last tile exits). dW kernel: one block per (expert, 64x64 tile of dW_e),
+// The grouped GEMMs (block programs in moe_gemm.cuh, emulated on the host by the tests) read the device
+// offsets too: no host synchronisation and no per-expert launches. Forward / dX kernel: the grid's x
+// dimension enumerates (expert, 64-row tile) pairs, bounded on the host by ceil(R / 64) + E without knowing
+// the counts (a block past the last tile exits). dW kernel: one block per (expert, 64x64 tile of dW_e),
 // summing over that expert's rows; an expert without rows returns at once, leaving dW_e untouched. Each
 // output element has exactly one writer: deterministic, no atomics.
 // Every gather (combine, permute backward) is a row gather over the k slots of a token in slot order.
-#include <mma.h>
-
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/moe_gemm.cuh"
 #include "kernels/moe.h"
 
 namespace hyd::kernels::cuda {
@@ -225,125 +225,28 @@ __global__ void aux_stats_kernel(const int32_t* __restrict__ counts, const float
 
 // ------------------------------------------------------------------------------------------- grouped GEMMs
 
-// Block tile 64 x 64, k-step 32; 4 warps in a 2 x 2 grid, each 32 x 32 = 2 x 2 WMMA fragments.
-constexpr int BM = 64, BN = 64, BK = 32, kGemmThreads = 128;
-constexpr int LDA = BK + 8, LDB = BN + 8, LDC = BN + 4;  // padded rows (WMMA: multiples of 8 bf16 / 4 f32)
+using moe_gemm::BM;
+using moe_gemm::BN;
 
-struct __align__(128) GemmSmem {
-  __nv_bfloat16 a[BM][LDA];  // A tile (m, kk)
-  __nv_bfloat16 b[BK][LDB];  // B tile (kk, n)
-  float c[BM][LDC];          // the block's result
-};
-
-// C_tile[m, n] = sum_kk A(m, kk) B(kk, n) over kk in [0, kdim), into sm.c. load_a(m, kk) / load_b(kk, n)
-// return the element or 0 outside the operands. A_K_FAST / B_N_FAST pick which index consecutive threads
-// step through (the contiguous one in memory). Contains __syncthreads: every thread of the block calls it.
-template <bool A_K_FAST, bool B_N_FAST, class LoadA, class LoadB>
-__device__ void block_tile_product(int64_t kdim, LoadA load_a, LoadB load_b, GemmSmem& sm) {
-  using namespace nvcuda;
-  const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
-  for (int64_t k0 = 0; k0 < kdim; k0 += BK) {
-    for (int idx = threadIdx.x; idx < BM * BK; idx += kGemmThreads) {
-      const int m = A_K_FAST ? idx / BK : idx % BM, kk = A_K_FAST ? idx % BK : idx / BM;
-      sm.a[m][kk] = load_a(m, k0 + kk);
-    }
-    for (int idx = threadIdx.x; idx < BK * BN; idx += kGemmThreads) {
-      const int kk = B_N_FAST ? idx / BN : idx % BK, n = B_N_FAST ? idx % BN : idx / BK;
-      sm.b[kk][n] = load_b(k0 + kk, n);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int ks = 0; ks < BK; ks += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sm.a[wm * 32 + i * 16][ks], LDA);
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sm.b[ks][wn * 32 + j * 16], LDB);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&sm.c[wm * 32 + i * 16][wn * 32 + j * 16], acc[i][j], LDC, wmma::mem_row_major);
-  __syncthreads();
-}
-
-// Row-grouped product: for the expert e and the 64-row tile of its rows this block owns,
-//   c[rows, n0 : n0 + 64] = a[rows, 0 : kdim] op(W_e),   W_e = w + e * ncols * kdim,
-//   op(W_e)[kk, n] = W_e[n, kk] (B_TRANS: W_e [ncols, kdim], y = x W^T)  |  W_e[kk, n] (W_e [kdim, ncols], dx = dy W).
+// The programs of moe_gemm.cuh on the device. Shared memory as raw bytes (see GemmSmem).
 template <bool B_TRANS>
-__global__ void __launch_bounds__(kGemmThreads)
-    grouped_rows_kernel(const int32_t* __restrict__ offsets, int e_num, const __nv_bfloat16* __restrict__ a,
-                        const __nv_bfloat16* __restrict__ w, __nv_bfloat16* __restrict__ c, int64_t kdim,
-                        int64_t ncols) {
-  __shared__ GemmSmem sm;
-  __shared__ int s_expert, s_row0, s_rows;
-  if (threadIdx.x == 0) {
-    int tile = blockIdx.x, found = -1, row0 = 0, rows = 0;
-    for (int e = 0; e < e_num; ++e) {
-      const int cnt = offsets[e + 1] - offsets[e], tiles = (cnt + BM - 1) / BM;
-      if (tile < tiles) {
-        found = e;
-        row0 = offsets[e] + tile * BM;
-        rows = min(BM, cnt - tile * BM);
-        break;
-      }
-      tile -= tiles;
-    }
-    s_expert = found;
-    s_row0 = row0;
-    s_rows = rows;
-  }
-  __syncthreads();
-  const int e = s_expert;
-  if (e < 0) return;  // past the last tile: the whole block leaves
-  const int64_t row0 = s_row0, n0 = int64_t(blockIdx.y) * BN;
-  const int rows = s_rows;
-  const __nv_bfloat16* we = w + int64_t(e) * ncols * kdim;
-  const __nv_bfloat16 zero = to_bf(0.f);
-  auto load_a = [&](int m, int64_t kk) { return m < rows && kk < kdim ? a[(row0 + m) * kdim + kk] : zero; };
-  auto load_b = [&](int64_t kk, int n) {
-    if (kk >= kdim || n0 + n >= ncols) return zero;
-    return B_TRANS ? we[(n0 + n) * kdim + kk] : we[kk * ncols + n0 + n];
-  };
-  block_tile_product<true, !B_TRANS>(kdim, load_a, load_b, sm);
-  for (int idx = threadIdx.x; idx < BM * BN; idx += kGemmThreads) {
-    const int m = idx / BN, n = idx % BN;
-    if (m < rows && n0 + n < ncols) c[(row0 + m) * ncols + n0 + n] = to_bf(sm.c[m][n]);
-  }
+__global__ void __launch_bounds__(moe_gemm::kThreads)
+    grouped_rows_kernel(const int32_t* __restrict__ offsets, int e_num, const bf16* a, const bf16* w, bf16* c,
+                        int64_t kdim, int64_t ncols) {
+  __shared__ __align__(128) unsigned char smem[sizeof(moe_gemm::GemmSmem)];
+  __shared__ moe_gemm::RowTile tile;
+  moe_gemm::DeviceExec ex;
+  moe_gemm::grouped_rows_program<B_TRANS>(ex, blockIdx.x, blockIdx.y, offsets, e_num, a, w, c, kdim, ncols,
+                                          *reinterpret_cast<moe_gemm::GemmSmem*>(smem), tile);
 }
 
-// dW_e[n, k] += sum over the expert's rows r of dy[r, n] x[r, k]: block (blockIdx.x: 64 columns of k,
-// blockIdx.y: 64 rows of n, blockIdx.z: the expert). dy [R, n], x [R, k], dw [E, n, k] f32.
-__global__ void __launch_bounds__(kGemmThreads)
-    grouped_wgrad_kernel(const int32_t* __restrict__ offsets, const __nv_bfloat16* __restrict__ dy,
-                         const __nv_bfloat16* __restrict__ x, float* __restrict__ dw, int64_t n, int64_t k) {
-  __shared__ GemmSmem sm;
-  const int e = blockIdx.z;
-  const int64_t row0 = offsets[e], cnt = offsets[e + 1] - row0;
-  if (cnt == 0) return;  // no rows: dW_e untouched (uniform over the block)
-  const int64_t m0 = int64_t(blockIdx.y) * BM, c0 = int64_t(blockIdx.x) * BN;
-  const __nv_bfloat16 zero = to_bf(0.f);
-  auto load_a = [&](int m, int64_t kk) { return kk < cnt && m0 + m < n ? dy[(row0 + kk) * n + m0 + m] : zero; };
-  auto load_b = [&](int64_t kk, int cc) { return kk < cnt && c0 + cc < k ? x[(row0 + kk) * k + c0 + cc] : zero; };
-  block_tile_product<false, true>(cnt, load_a, load_b, sm);
-  float* dwe = dw + int64_t(e) * n * k;
-  for (int idx = threadIdx.x; idx < BM * BN; idx += kGemmThreads) {
-    const int m = idx / BN, cc = idx % BN;
-    if (m0 + m < n && c0 + cc < k) dwe[(m0 + m) * k + c0 + cc] += sm.c[m][cc];
-  }
+__global__ void __launch_bounds__(moe_gemm::kThreads)
+    grouped_wgrad_kernel(const int32_t* __restrict__ offsets, const bf16* dy, const bf16* x, float* dw, int64_t n,
+                         int64_t k) {
+  __shared__ __align__(128) unsigned char smem[sizeof(moe_gemm::GemmSmem)];
+  moe_gemm::DeviceExec ex;
+  moe_gemm::grouped_wgrad_program(ex, blockIdx.x, blockIdx.y, blockIdx.z, offsets, dy, x, dw, n, k,
+                                  *reinterpret_cast<moe_gemm::GemmSmem*>(smem));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -437,7 +340,7 @@ void moe_grouped_linear_forward(const int32_t* offsets, const bf16* x, const bf1
   if (k == 0) HYD_THROW("moe_grouped_linear_forward: k = 0");
   const dim3 grid(static_cast<unsigned>((rows + BM - 1) / BM + e), static_cast<unsigned>((n + BN - 1) / BN));
   grouped_rows_kernel<true>
-      <<<grid, kGemmThreads, 0, as_stream(stream)>>>(offsets, static_cast<int>(e), as_nv(x), as_nv(w), as_nv(y), k, n);
+      <<<grid, moe_gemm::kThreads, 0, as_stream(stream)>>>(offsets, static_cast<int>(e), x, w, y, k, n);
   CHECK_LAUNCH();
 }
 
@@ -449,14 +352,14 @@ void moe_grouped_linear_backward(const int32_t* offsets, const bf16* dy, const b
   if (dx != nullptr && k > 0) {
     // dx[R_e] = dy[R_e] W_e with W_e [n, k]: reduction over n, k output columns.
     const dim3 grid(static_cast<unsigned>((rows + BM - 1) / BM + e), static_cast<unsigned>((k + BN - 1) / BN));
-    grouped_rows_kernel<false><<<grid, kGemmThreads, 0, as_stream(stream)>>>(offsets, static_cast<int>(e), as_nv(dy),
-                                                                             as_nv(w), as_nv(dx), n, k);
+    grouped_rows_kernel<false>
+        <<<grid, moe_gemm::kThreads, 0, as_stream(stream)>>>(offsets, static_cast<int>(e), dy, w, dx, n, k);
     CHECK_LAUNCH();
   }
   if (dw != nullptr && n > 0 && k > 0) {
     const dim3 grid(static_cast<unsigned>((k + BN - 1) / BN), static_cast<unsigned>((n + BM - 1) / BM),
                     static_cast<unsigned>(e));
-    grouped_wgrad_kernel<<<grid, kGemmThreads, 0, as_stream(stream)>>>(offsets, as_nv(dy), as_nv(x), dw, n, k);
+    grouped_wgrad_kernel<<<grid, moe_gemm::kThreads, 0, as_stream(stream)>>>(offsets, dy, x, dw, n, k);
     CHECK_LAUNCH();
   }
 }

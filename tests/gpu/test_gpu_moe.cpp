@@ -8,7 +8,8 @@
 //            router backward (both score functions, with and without renormalisation and aux term), the
 //            aux statistics; D = 96 (vectorised copies) and D = 37;
 //   grouped GEMMs: y = x W_e^T, dx = dy W_e, dW_e += dy^T x over uneven groups incl. empty experts (their
-//            dW_e untouched, bit for bit), all rows in one expert, E = 64, odd sizes;
+//            dW_e untouched, bit for bit), all rows in one expert, E = 64, odd sizes; and the same block
+//            programs emulated on the host (MoeGemmEmulation: runs without a GPU);
 //   the whole MoeLayer forward / backward (out, L_aux, dx, router, expert and shared-expert gradients)
 //            against the CPU layer with the same bf16-representable weights and inputs; inputs are redrawn
 //            until every token's k-th / (k+1)-th selection margin is far above f32 rounding, so that both
@@ -24,12 +25,15 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <functional>
+#include <memory>
 #include <numeric>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "kernels/cuda/moe_gemm.cuh"
 #include "kernels/moe.h"
 #include "tests/common/test_util.h"
 #include "tests/common/tiny_model.h"
@@ -327,6 +331,81 @@ TEST(GpuMoe, GroupedLinearMatchesCpu) {
           << "expert " << e << " has no rows: its dW must stay untouched";
     }
     buf.arena().reset();
+  }
+}
+
+// The grouped-GEMM block programs (kernels/cuda/moe_gemm.cuh) run serially on the host over their whole
+// grids (the grid sizes of kernels/cuda/moe.cu), shared memory filled with NaN before every block, threads
+// of a phase in both orders: checks their indexing without a GPU (the binary runs it directly; ctest's
+// unit.moe_gemm_emulation runs it on every machine).
+TEST(MoeGemmEmulation, ProgramsOnHostMatchCpuReference) {
+  namespace g = kernels::moe_gemm;
+  auto to_bf16_vec = [](const std::vector<float>& v) {
+    std::vector<bf16> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = float_to_bf16(v[i]);
+    return o;
+  };
+  auto to_f32_vec = [](const std::vector<bf16>& v) {
+    std::vector<float> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = bf16_to_float(v[i]);
+    return o;
+  };
+  const auto sm = std::make_unique<g::GemmSmem>();
+  const auto ex = std::make_unique<g::HostExec>();
+  for (const GroupCase& c : {GroupCase{"uneven, experts 0 and 4 empty", {0, 1, 65, 130, 0, 7}, 80, 72},
+                             GroupCase{"every row in expert 2", {0, 0, 150, 0}, 64, 40},
+                             GroupCase{"odd sizes", {5, 70, 2}, 37, 19}, GroupCase{"one row, k < 32", {1}, 3, 5}}) {
+    for (const bool reverse : {false, true}) {
+      const std::string what = std::string(c.name) + (reverse ? ", threads last to first" : "");
+      SCOPED_TRACE(what);
+      std::printf(" %s\n", what.c_str());
+      ex->reverse = reverse;
+      const int64_t E = static_cast<int64_t>(c.counts.size()), n = c.n, k = c.k;
+      std::vector<int32_t> offsets(E + 1, 0);
+      for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + c.counts[e];
+      const int64_t R = offsets[E];
+      const std::vector<float> xf = round_bf16(randn(R * k)), wf = round_bf16(randn(E * n * k, 0.3f)),
+                               dyf = round_bf16(randn(R * n)), dw0 = randn(E * n * k);
+      std::vector<float> y_ref(R * n), dx_ref(R * k), dw_ref = dw0;
+      kernels::cpu::moe_grouped_linear_forward<float>(offsets.data(), xf.data(), wf.data(), y_ref.data(), E, n, k);
+      kernels::cpu::moe_grouped_linear_backward<float>(offsets.data(), dyf.data(), xf.data(), wf.data(), dx_ref.data(),
+                                                       dw_ref.data(), E, n, k);
+      const std::vector<bf16> x = to_bf16_vec(xf), w = to_bf16_vec(wf), dy = to_bf16_vec(dyf);
+      std::vector<bf16> y(R * n, bf16{0x7fc0}), dx(R * k, bf16{0x7fc0});
+      std::vector<float> dw = dw0;
+      g::RowTile tile{};
+      auto fresh = [&] {
+        std::memset(static_cast<void*>(sm.get()), 0xff, sizeof(g::GemmSmem));  // NaN everywhere
+        tile = g::RowTile{-2, -2, -2};
+      };
+      const int64_t row_tiles = (R + g::BM - 1) / g::BM + E;
+      for (int64_t bx = 0; bx < row_tiles; ++bx) {
+        for (int64_t by = 0; by < (n + g::BN - 1) / g::BN; ++by) {
+          fresh();
+          g::grouped_rows_program<true>(*ex, bx, by, offsets.data(), static_cast<int>(E), x.data(), w.data(), y.data(),
+                                        k, n, *sm, tile);
+        }
+        for (int64_t by = 0; by < (k + g::BN - 1) / g::BN; ++by) {
+          fresh();
+          g::grouped_rows_program<false>(*ex, bx, by, offsets.data(), static_cast<int>(E), dy.data(), w.data(),
+                                         dx.data(), n, k, *sm, tile);
+        }
+      }
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t by = 0; by < (n + g::BM - 1) / g::BM; ++by)
+          for (int64_t bx = 0; bx < (k + g::BN - 1) / g::BN; ++bx) {
+            fresh();
+            g::grouped_wgrad_program(*ex, bx, by, e, offsets.data(), dy.data(), x.data(), dw.data(), n, k, *sm);
+          }
+      expect_close(to_f32_vec(y), y_ref, kBf16Tol, "y = x W_e^T (rows program)");
+      expect_close(to_f32_vec(dx), dx_ref, kBf16Tol, "dx = dy W_e (rows program)");
+      expect_close(dw, dw_ref, 1e-5, "dW_e += dy^T x (weight-gradient program)");
+      for (int64_t e = 0; e < E; ++e) {
+        if (c.counts[e] != 0) continue;
+        EXPECT_TRUE(std::equal(dw.begin() + e * n * k, dw.begin() + (e + 1) * n * k, dw0.begin() + e * n * k))
+            << "expert " << e;
+      }
+    }
   }
 }
 
