@@ -229,24 +229,25 @@ using moe_gemm::BM;
 using moe_gemm::BN;
 
 // The programs of moe_gemm.cuh on the device. Shared memory as raw bytes (see GemmSmem).
-template <bool B_TRANS>
+template <bool B_TRANS, int V>
 __global__ void __launch_bounds__(moe_gemm::kThreads)
     grouped_rows_kernel(const int32_t* __restrict__ offsets, int e_num, const bf16* a, const bf16* w, bf16* c,
                         int64_t kdim, int64_t ncols) {
   __shared__ __align__(128) unsigned char smem[sizeof(moe_gemm::GemmSmem)];
   __shared__ moe_gemm::RowTile tile;
   moe_gemm::DeviceExec ex;
-  moe_gemm::grouped_rows_program<B_TRANS>(ex, blockIdx.x, blockIdx.y, offsets, e_num, a, w, c, kdim, ncols,
-                                          *reinterpret_cast<moe_gemm::GemmSmem*>(smem), tile);
+  moe_gemm::grouped_rows_program<B_TRANS, V>(ex, blockIdx.x, blockIdx.y, offsets, e_num, a, w, c, kdim, ncols,
+                                             *reinterpret_cast<moe_gemm::GemmSmem*>(smem), tile);
 }
 
+template <int V>
 __global__ void __launch_bounds__(moe_gemm::kThreads)
     grouped_wgrad_kernel(const int32_t* __restrict__ offsets, const bf16* dy, const bf16* x, float* dw, int64_t n,
                          int64_t k) {
   __shared__ __align__(128) unsigned char smem[sizeof(moe_gemm::GemmSmem)];
   moe_gemm::DeviceExec ex;
-  moe_gemm::grouped_wgrad_program(ex, blockIdx.x, blockIdx.y, blockIdx.z, offsets, dy, x, dw, n, k,
-                                  *reinterpret_cast<moe_gemm::GemmSmem*>(smem));
+  moe_gemm::grouped_wgrad_program<V>(ex, blockIdx.x, blockIdx.y, blockIdx.z, offsets, dy, x, dw, n, k,
+                                     *reinterpret_cast<moe_gemm::GemmSmem*>(smem));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -339,27 +340,36 @@ void moe_grouped_linear_forward(const int32_t* offsets, const bf16* x, const bf1
             ")");
   if (k == 0) HYD_THROW("moe_grouped_linear_forward: k = 0");
   const dim3 grid(static_cast<unsigned>((rows + BM - 1) / BM + e), static_cast<unsigned>((n + BN - 1) / BN));
-  grouped_rows_kernel<true>
-      <<<grid, moe_gemm::kThreads, 0, as_stream(stream)>>>(offsets, static_cast<int>(e), x, w, y, k, n);
+  const cudaStream_t s = as_stream(stream);
+  if (moe_gemm::rows_vec8(x, w, k, n, true))
+    grouped_rows_kernel<true, 8><<<grid, moe_gemm::kThreads, 0, s>>>(offsets, static_cast<int>(e), x, w, y, k, n);
+  else
+    grouped_rows_kernel<true, 1><<<grid, moe_gemm::kThreads, 0, s>>>(offsets, static_cast<int>(e), x, w, y, k, n);
   CHECK_LAUNCH();
 }
 
 void moe_grouped_linear_backward(const int32_t* offsets, const bf16* dy, const bf16* x, const bf16* w, bf16* dx,
                                  float* dw, int64_t rows, int64_t e, int64_t n, int64_t k, void* stream) {
   if (rows == 0) return;  // no rows: dx has none, dw gets nothing
+  const cudaStream_t s = as_stream(stream);
   HYD_CHECK(e <= 65535 && (n + BM - 1) / BM <= 65535 && (k + BN - 1) / BN <= 65535,
             "moe_grouped_linear_backward: grid too large (E=", e, ", n=", n, ", k=", k, ")");
   if (dx != nullptr && k > 0) {
     // dx[R_e] = dy[R_e] W_e with W_e [n, k]: reduction over n, k output columns.
     const dim3 grid(static_cast<unsigned>((rows + BM - 1) / BM + e), static_cast<unsigned>((k + BN - 1) / BN));
-    grouped_rows_kernel<false>
-        <<<grid, moe_gemm::kThreads, 0, as_stream(stream)>>>(offsets, static_cast<int>(e), dy, w, dx, n, k);
+    if (moe_gemm::rows_vec8(dy, w, n, k, false))
+      grouped_rows_kernel<false, 8><<<grid, moe_gemm::kThreads, 0, s>>>(offsets, static_cast<int>(e), dy, w, dx, n, k);
+    else
+      grouped_rows_kernel<false, 1><<<grid, moe_gemm::kThreads, 0, s>>>(offsets, static_cast<int>(e), dy, w, dx, n, k);
     CHECK_LAUNCH();
   }
   if (dw != nullptr && n > 0 && k > 0) {
     const dim3 grid(static_cast<unsigned>((k + BN - 1) / BN), static_cast<unsigned>((n + BM - 1) / BM),
                     static_cast<unsigned>(e));
-    grouped_wgrad_kernel<<<grid, moe_gemm::kThreads, 0, as_stream(stream)>>>(offsets, dy, x, dw, n, k);
+    if (moe_gemm::wgrad_vec8(dy, x, n, k))
+      grouped_wgrad_kernel<8><<<grid, moe_gemm::kThreads, 0, s>>>(offsets, dy, x, dw, n, k);
+    else
+      grouped_wgrad_kernel<1><<<grid, moe_gemm::kThreads, 0, s>>>(offsets, dy, x, dw, n, k);
     CHECK_LAUNCH();
   }
 }

@@ -84,21 +84,62 @@ HYD_MOE_HD RowTile find_row_tile(const int32_t* offsets, int e_num, int64_t tile
   return r;
 }
 
-// sm.c[m, n] = sum over kk < kdim of A(m, kk) B(kk, n); load_a(m, kk) / load_b(kk, n) give the element
-// (bf16 zero outside the operands). A_K_FAST / B_N_FAST: the index consecutive threads step through (the
-// one contiguous in memory).
-template <bool A_K_FAST, bool B_N_FAST, class Exec, class LoadA, class LoadB>
+// V consecutive elements along an operand's contiguous dimension, moved as one access (V = 8: 16 bytes).
+template <int V>
+struct alignas(2 * V) Bf16Vec {
+  bf16 v[V];
+};
+template <int V>
+HYD_MOE_HD Bf16Vec<V> load_vec(const bf16* p) {  // p aligned to 2 V bytes
+  return *reinterpret_cast<const Bf16Vec<V>*>(p);
+}
+template <int V>
+HYD_MOE_HD Bf16Vec<V> zero_vec() {
+  Bf16Vec<V> z;
+  for (int i = 0; i < V; ++i) z.v[i] = bf16_zero();
+  return z;
+}
+
+// Whether the programs may move V = 8 elements at a time: every contiguous extent a multiple of 8 (a pack
+// is then wholly inside or wholly outside an operand, and 16-byte aligned) and the bases 16-byte aligned.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+inline bool rows_vec8(const bf16* a, const bf16* w, int64_t kdim, int64_t ncols, bool b_trans) {
+  return kdim % 8 == 0 && (b_trans || ncols % 8 == 0) && aligned16(a) && aligned16(w);
+}
+inline bool wgrad_vec8(const bf16* dy, const bf16* x, int64_t n, int64_t k) {
+  return n % 8 == 0 && k % 8 == 0 && aligned16(dy) && aligned16(x);
+}
+
+// sm.c[m, n] = sum over kk < kdim of A(m, kk) B(kk, n). load_a(m, kk) / load_b(kk, n) give the V elements
+// starting there along the operand's contiguous dimension (zeros outside the operands): A_K_FAST / B_N_FAST
+// say which dimension that is (kk for A, n for B when true), and consecutive threads step along it.
+template <bool A_K_FAST, bool B_N_FAST, int V, class Exec, class LoadA, class LoadB>
 HYD_MOE_HD void tile_product(Exec& ex, int64_t kdim, const LoadA& load_a, const LoadB& load_b, GemmSmem& sm) {
+  static_assert(BK % V == 0 && BM % V == 0 && BN % V == 0, "pack width must divide the tile");
   ex.zero_acc();
   for (int64_t k0 = 0; k0 < kdim; k0 += BK) {
     ex.phase([&](int t) {
-      for (int idx = t; idx < BM * BK; idx += kThreads) {
-        const int m = A_K_FAST ? idx / BK : idx % BM, kk = A_K_FAST ? idx % BK : idx / BM;
-        sm.a[m][kk] = load_a(m, k0 + kk);
+      for (int idx = t; idx < BM * BK / V; idx += kThreads) {
+        const int m = A_K_FAST ? idx / (BK / V) : (idx % (BM / V)) * V;
+        const int kk = A_K_FAST ? (idx % (BK / V)) * V : idx / (BM / V);
+        const Bf16Vec<V> p = load_a(m, k0 + kk);
+        for (int i = 0; i < V; ++i) {
+          if (A_K_FAST)
+            sm.a[m][kk + i] = p.v[i];
+          else
+            sm.a[m + i][kk] = p.v[i];
+        }
       }
-      for (int idx = t; idx < BK * BN; idx += kThreads) {
-        const int kk = B_N_FAST ? idx / BN : idx % BK, n = B_N_FAST ? idx % BN : idx / BK;
-        sm.b[kk][n] = load_b(k0 + kk, n);
+      for (int idx = t; idx < BK * BN / V; idx += kThreads) {
+        const int kk = B_N_FAST ? idx / (BN / V) : (idx % (BK / V)) * V;
+        const int n = B_N_FAST ? (idx % (BN / V)) * V : idx / (BK / V);
+        const Bf16Vec<V> p = load_b(k0 + kk, n);
+        for (int i = 0; i < V; ++i) {
+          if (B_N_FAST)
+            sm.b[kk][n + i] = p.v[i];
+          else
+            sm.b[kk + i][n] = p.v[i];
+        }
       }
     });
     ex.mma(sm);  // reads the tiles, then a barrier (the next k-step overwrites them)
@@ -106,7 +147,8 @@ HYD_MOE_HD void tile_product(Exec& ex, int64_t kdim, const LoadA& load_a, const 
   ex.store_acc(sm);  // sm.c, then a barrier
 }
 
-template <bool B_TRANS, class Exec>
+// V = 8 only where rows_vec8 holds.
+template <bool B_TRANS, int V, class Exec>
 HYD_MOE_HD void grouped_rows_program(Exec& ex, int64_t bx, int64_t by, const int32_t* offsets, int e_num, const bf16* a,
                                      const bf16* w, bf16* c, int64_t kdim, int64_t ncols, GemmSmem& sm, RowTile& tile) {
   ex.phase([&](int t) {
@@ -117,12 +159,14 @@ HYD_MOE_HD void grouped_rows_program(Exec& ex, int64_t bx, int64_t by, const int
   const int64_t row0 = rt.row0, n0 = by * BN;
   const int rows = rt.rows;
   const bf16* we = w + int64_t(rt.expert) * ncols * kdim;
-  auto load_a = [&](int m, int64_t kk) { return m < rows && kk < kdim ? a[(row0 + m) * kdim + kk] : bf16_zero(); };
-  auto load_b = [&](int64_t kk, int n) {
-    if (kk >= kdim || n0 + n >= ncols) return bf16_zero();
-    return B_TRANS ? we[(n0 + n) * kdim + kk] : we[kk * ncols + n0 + n];
+  auto load_a = [&](int m, int64_t kk) {
+    return m < rows && kk < kdim ? load_vec<V>(a + (row0 + m) * kdim + kk) : zero_vec<V>();
   };
-  tile_product<true, !B_TRANS>(ex, kdim, load_a, load_b, sm);
+  auto load_b = [&](int64_t kk, int n) {
+    if (kk >= kdim || n0 + n >= ncols) return zero_vec<V>();
+    return load_vec<V>(B_TRANS ? we + (n0 + n) * kdim + kk : we + kk * ncols + n0 + n);
+  };
+  tile_product<true, !B_TRANS, V>(ex, kdim, load_a, load_b, sm);
   ex.phase([&](int t) {
     for (int idx = t; idx < BM * BN; idx += kThreads) {
       const int m = idx / BN, n = idx % BN;
@@ -131,18 +175,20 @@ HYD_MOE_HD void grouped_rows_program(Exec& ex, int64_t bx, int64_t by, const int
   });
 }
 
-// dy [R, n], x [R, k], dw [E, n, k] f32.
-template <class Exec>
+// dy [R, n], x [R, k], dw [E, n, k] f32. V = 8 only where wgrad_vec8 holds.
+template <int V, class Exec>
 HYD_MOE_HD void grouped_wgrad_program(Exec& ex, int64_t bx, int64_t by, int64_t e, const int32_t* offsets,
                                       const bf16* dy, const bf16* x, float* dw, int64_t n, int64_t k, GemmSmem& sm) {
   const int64_t row0 = offsets[e], cnt = offsets[e + 1] - row0;
   if (cnt == 0) return;  // no rows: dW_e untouched
   const int64_t m0 = by * BM, c0 = bx * BN;
-  auto load_a = [&](int m, int64_t kk) { return kk < cnt && m0 + m < n ? dy[(row0 + kk) * n + m0 + m] : bf16_zero(); };
-  auto load_b = [&](int64_t kk, int cc) {
-    return kk < cnt && c0 + cc < k ? x[(row0 + kk) * k + c0 + cc] : bf16_zero();
+  auto load_a = [&](int m, int64_t kk) {
+    return kk < cnt && m0 + m < n ? load_vec<V>(dy + (row0 + kk) * n + m0 + m) : zero_vec<V>();
   };
-  tile_product<false, true>(ex, cnt, load_a, load_b, sm);
+  auto load_b = [&](int64_t kk, int cc) {
+    return kk < cnt && c0 + cc < k ? load_vec<V>(x + (row0 + kk) * k + c0 + cc) : zero_vec<V>();
+  };
+  tile_product<false, true, V>(ex, cnt, load_a, load_b, sm);
   float* dwe = dw + e * n * k;
   ex.phase([&](int t) {
     for (int idx = t; idx < BM * BN; idx += kThreads) {

@@ -352,58 +352,79 @@ TEST(MoeGemmEmulation, ProgramsOnHostMatchCpuReference) {
   };
   const auto sm = std::make_unique<g::GemmSmem>();
   const auto ex = std::make_unique<g::HostExec>();
-  for (const GroupCase& c : {GroupCase{"uneven, experts 0 and 4 empty", {0, 1, 65, 130, 0, 7}, 80, 72},
-                             GroupCase{"every row in expert 2", {0, 0, 150, 0}, 64, 40},
-                             GroupCase{"odd sizes", {5, 70, 2}, 37, 19}, GroupCase{"one row, k < 32", {1}, 3, 5}}) {
-    for (const bool reverse : {false, true}) {
-      const std::string what = std::string(c.name) + (reverse ? ", threads last to first" : "");
-      SCOPED_TRACE(what);
-      std::printf(" %s\n", what.c_str());
-      ex->reverse = reverse;
-      const int64_t E = static_cast<int64_t>(c.counts.size()), n = c.n, k = c.k;
-      std::vector<int32_t> offsets(E + 1, 0);
-      for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + c.counts[e];
-      const int64_t R = offsets[E];
-      const std::vector<float> xf = round_bf16(randn(R * k)), wf = round_bf16(randn(E * n * k, 0.3f)),
-                               dyf = round_bf16(randn(R * n)), dw0 = randn(E * n * k);
-      std::vector<float> y_ref(R * n), dx_ref(R * k), dw_ref = dw0;
-      kernels::cpu::moe_grouped_linear_forward<float>(offsets.data(), xf.data(), wf.data(), y_ref.data(), E, n, k);
-      kernels::cpu::moe_grouped_linear_backward<float>(offsets.data(), dyf.data(), xf.data(), wf.data(), dx_ref.data(),
-                                                       dw_ref.data(), E, n, k);
-      const std::vector<bf16> x = to_bf16_vec(xf), w = to_bf16_vec(wf), dy = to_bf16_vec(dyf);
-      std::vector<bf16> y(R * n, bf16{0x7fc0}), dx(R * k, bf16{0x7fc0});
-      std::vector<float> dw = dw0;
-      g::RowTile tile{};
-      auto fresh = [&] {
-        std::memset(static_cast<void*>(sm.get()), 0xff, sizeof(g::GemmSmem));  // NaN everywhere
-        tile = g::RowTile{-2, -2, -2};
-      };
-      const int64_t row_tiles = (R + g::BM - 1) / g::BM + E;
-      for (int64_t bx = 0; bx < row_tiles; ++bx) {
-        for (int64_t by = 0; by < (n + g::BN - 1) / g::BN; ++by) {
-          fresh();
-          g::grouped_rows_program<true>(*ex, bx, by, offsets.data(), static_cast<int>(E), x.data(), w.data(), y.data(),
-                                        k, n, *sm, tile);
+  using V1 = std::integral_constant<int, 1>;
+  using V8 = std::integral_constant<int, 8>;
+  for (const GroupCase& c :
+       {GroupCase{"uneven, experts 0 and 4 empty", {0, 1, 65, 130, 0, 7}, 80, 72},
+        GroupCase{"every row in expert 2", {0, 0, 150, 0}, 64, 40}, GroupCase{"odd sizes", {5, 70, 2}, 37, 19},
+        GroupCase{"one row, k < 32", {1}, 3, 5}, GroupCase{"n aligned, k odd", {3, 0, 66}, 48, 21}}) {
+    // Packs of 8 where the CUDA launcher would take them (kernels/cuda/moe.cu), else, and always once, 1.
+    for (const bool allow_vec : {true, false}) {
+      for (const bool reverse : {false, true}) {
+        const int64_t E = static_cast<int64_t>(c.counts.size()), n = c.n, k = c.k;
+        std::vector<int32_t> offsets(E + 1, 0);
+        for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + c.counts[e];
+        const int64_t R = offsets[E];
+        const std::vector<float> xf = round_bf16(randn(R * k)), wf = round_bf16(randn(E * n * k, 0.3f)),
+                                 dyf = round_bf16(randn(R * n)), dw0 = randn(E * n * k);
+        std::vector<float> y_ref(R * n), dx_ref(R * k), dw_ref = dw0;
+        kernels::cpu::moe_grouped_linear_forward<float>(offsets.data(), xf.data(), wf.data(), y_ref.data(), E, n, k);
+        kernels::cpu::moe_grouped_linear_backward<float>(offsets.data(), dyf.data(), xf.data(), wf.data(),
+                                                         dx_ref.data(), dw_ref.data(), E, n, k);
+        const std::vector<bf16> x = to_bf16_vec(xf), w = to_bf16_vec(wf), dy = to_bf16_vec(dyf);
+        std::vector<bf16> y(R * n, bf16{0x7fc0}), dx(R * k, bf16{0x7fc0});
+        std::vector<float> dw = dw0;
+        const bool v_fwd = allow_vec && g::rows_vec8(x.data(), w.data(), k, n, true);
+        const bool v_dx = allow_vec && g::rows_vec8(dy.data(), w.data(), n, k, false);
+        const bool v_dw = allow_vec && g::wgrad_vec8(dy.data(), x.data(), n, k);
+        const std::string what = std::string(c.name) + ", packs fwd/dx/dw " + (v_fwd ? "8" : "1") + "/" +
+                                 (v_dx ? "8" : "1") + "/" + (v_dw ? "8" : "1") +
+                                 (reverse ? ", threads last to first" : "");
+        SCOPED_TRACE(what);
+        std::printf(" %s\n", what.c_str());
+        ex->reverse = reverse;
+        g::RowTile tile{};
+        auto fresh = [&] {
+          std::memset(static_cast<void*>(sm.get()), 0xff, sizeof(g::GemmSmem));  // NaN everywhere
+          tile = g::RowTile{-2, -2, -2};
+        };
+        const int64_t row_tiles = (R + g::BM - 1) / g::BM + E;
+        auto rows_fwd = [&](auto v) {
+          for (int64_t bx = 0; bx < row_tiles; ++bx)
+            for (int64_t by = 0; by < (n + g::BN - 1) / g::BN; ++by) {
+              fresh();
+              g::grouped_rows_program<true, decltype(v)::value>(*ex, bx, by, offsets.data(), static_cast<int>(E),
+                                                                x.data(), w.data(), y.data(), k, n, *sm, tile);
+            }
+        };
+        auto rows_dx = [&](auto v) {
+          for (int64_t bx = 0; bx < row_tiles; ++bx)
+            for (int64_t by = 0; by < (k + g::BN - 1) / g::BN; ++by) {
+              fresh();
+              g::grouped_rows_program<false, decltype(v)::value>(*ex, bx, by, offsets.data(), static_cast<int>(E),
+                                                                 dy.data(), w.data(), dx.data(), n, k, *sm, tile);
+            }
+        };
+        auto wgrad = [&](auto v) {
+          for (int64_t e = 0; e < E; ++e)
+            for (int64_t by = 0; by < (n + g::BM - 1) / g::BM; ++by)
+              for (int64_t bx = 0; bx < (k + g::BN - 1) / g::BN; ++bx) {
+                fresh();
+                g::grouped_wgrad_program<decltype(v)::value>(*ex, bx, by, e, offsets.data(), dy.data(), x.data(),
+                                                             dw.data(), n, k, *sm);
+              }
+        };
+        v_fwd ? rows_fwd(V8{}) : rows_fwd(V1{});
+        v_dx ? rows_dx(V8{}) : rows_dx(V1{});
+        v_dw ? wgrad(V8{}) : wgrad(V1{});
+        expect_close(to_f32_vec(y), y_ref, kBf16Tol, "y = x W_e^T (rows program)");
+        expect_close(to_f32_vec(dx), dx_ref, kBf16Tol, "dx = dy W_e (rows program)");
+        expect_close(dw, dw_ref, 1e-5, "dW_e += dy^T x (weight-gradient program)");
+        for (int64_t e = 0; e < E; ++e) {
+          if (c.counts[e] != 0) continue;
+          EXPECT_TRUE(std::equal(dw.begin() + e * n * k, dw.begin() + (e + 1) * n * k, dw0.begin() + e * n * k))
+              << "expert " << e;
         }
-        for (int64_t by = 0; by < (k + g::BN - 1) / g::BN; ++by) {
-          fresh();
-          g::grouped_rows_program<false>(*ex, bx, by, offsets.data(), static_cast<int>(E), dy.data(), w.data(),
-                                         dx.data(), n, k, *sm, tile);
-        }
-      }
-      for (int64_t e = 0; e < E; ++e)
-        for (int64_t by = 0; by < (n + g::BM - 1) / g::BM; ++by)
-          for (int64_t bx = 0; bx < (k + g::BN - 1) / g::BN; ++bx) {
-            fresh();
-            g::grouped_wgrad_program(*ex, bx, by, e, offsets.data(), dy.data(), x.data(), dw.data(), n, k, *sm);
-          }
-      expect_close(to_f32_vec(y), y_ref, kBf16Tol, "y = x W_e^T (rows program)");
-      expect_close(to_f32_vec(dx), dx_ref, kBf16Tol, "dx = dy W_e (rows program)");
-      expect_close(dw, dw_ref, 1e-5, "dW_e += dy^T x (weight-gradient program)");
-      for (int64_t e = 0; e < E; ++e) {
-        if (c.counts[e] != 0) continue;
-        EXPECT_TRUE(std::equal(dw.begin() + e * n * k, dw.begin() + (e + 1) * n * k, dw0.begin() + e * n * k))
-            << "expert " << e;
       }
     }
   }
