@@ -5,9 +5,11 @@
 #   distill dp = 2 (gradients all-reduced over NCCL) and sp = 2 (LASP-2 / LASP-2H for student and teacher)
 #           against one GPU: a random llama teacher (transformers, head dim 32 as the CUDA KDA kernels need)
 #           and a KKA student, 3 stage-1 + 3 stage-2 steps.
-# bf16 on GPUs: the runs do not agree to fp32 precision (the GEMMs see other shapes, the sums another order),
-# so the tolerances are bf16's: every step's train loss and grad_norm and the final val_loss rel. < 2e-2,
-# distill mse / kl / ce rel. < 5e-2 (or abs. < 2e-3 for values near 0); the token counts are exact. Also:
+# bf16 on GPUs: the runs do not agree to fp32 precision (the GEMMs see other shapes, the sums another order,
+# and after each update the bf16 working weights round from masters that differ in the last bits, so the
+# runs drift apart step by step). The first step of each stage starts from the same weights: there every
+# value agrees to rel. 2e-3; later steps to rel. 2e-2 for the train loss / val_loss and the distill values
+# (or abs. 2e-3 near 0), 1e-1 for the train grad_norm (the most sensitive). Token counts are exact. Also:
 # device = cuda:0 with 2 ranks on one node exits 2 naming `device` (both ranks would share GPU 0).
 # Usage: bash test_gpu_multirank.sh HYDISTILL SOURCE_DIR MPIRUN [MPIRUN FLAGS...]   (MPIRUN with -np 2)
 set -u
@@ -26,30 +28,36 @@ export NCCL_NVLS_ENABLE=0
 python3 "$SRC/tests/cli/synthetic_data.py" markov "$WORK/tiny.h5" --vocab 256 --docs 400 --min-len 20 --max-len 300 \
   || fail "could not write the synthetic dataset"
 
-compare() {  # compare A.jsonl B.jsonl KEYS REL ABS
+compare() {  # compare A.jsonl B.jsonl KEY:REL,... ABS   (first step of a stage: rel. 2e-3)
   python3 - "$@" <<'PY'
 import json, sys
-a_path, b_path, keys, rel_tol, abs_tol = sys.argv[1], sys.argv[2], sys.argv[3].split(","), float(sys.argv[4]), float(sys.argv[5])
+a_path, b_path, abs_tol = sys.argv[1], sys.argv[2], float(sys.argv[4])
+tols = {k: float(v) for k, v in (kv.split(":") for kv in sys.argv[3].split(","))}
 load = lambda p: [json.loads(l) for l in open(p) if l.strip()]
 a, b = load(a_path), load(b_path)
 assert len(a) == len(b) and len(a) > 0, (len(a), len(b))
-worst = 0.0
+bad = []
 for x, y in zip(a, b):
     assert x.get("step") == y.get("step") and x.get("stage") == y.get("stage"), (x, y)
-    for k in keys:
+    first = x["step"] == 1
+    for k, tol in tols.items():
         if k not in x:
             continue
         d = abs(x[k] - y[k])
         rel = d / max(abs(x[k]), 1e-30)
-        print(f"  stage {x.get('stage', '-')} step {x['step']} {k}: {x[k]:.6g} vs {y[k]:.6g} rel {rel:.2e}")
-        assert rel < rel_tol or d < abs_tol, (k, x[k], y[k])
-        worst = max(worst, rel if d >= abs_tol else 0.0)
+        limit = 2e-3 if first else tol
+        ok = rel < limit or d < abs_tol
+        print(f"  stage {x.get('stage', '-')} step {x['step']} {k}: {x[k]:.6g} vs {y[k]:.6g} rel {rel:.2e}"
+              f" (limit {limit:g}){'' if ok else '  <-- FAIL'}")
+        if not ok:
+            bad.append((x.get("stage"), x["step"], k))
     for k in ("tokens", "val_tokens"):
-        if k in x:
-            assert x[k] == y[k], (k, x, y)
-print(f"  worst rel. {worst:.2e}")
+        if k in x and x[k] != y[k]:
+            bad.append((x.get("stage"), x["step"], k))
+assert not bad, bad
 PY
 }
+failed=()
 
 # ---- train: a 4-layer llama (head dim 64), 6 steps.
 cat > "$WORK/train.ini" <<EOF2
@@ -68,8 +76,8 @@ seq_len = 256
 [train]
 steps = 6
 grad_accum = 2
-lr = 2e-3
-warmup_steps = 1
+lr = 1e-3
+warmup_steps = 2
 grad_clip = 1.0
 [log]
 interval = 1
@@ -85,8 +93,8 @@ EOF2
 grep -q "ZeRO-1 over 2 ranks" "$WORK/tdp.out" || { cat "$WORK/tdp.out"; fail "dp = 2: no ZeRO-1 in the header"; }
 for run in tdp tsp; do
   echo "train $run vs one GPU"
-  compare "$WORK/t1/metrics.jsonl" "$WORK/$run/metrics.jsonl" loss,grad_norm,val_loss 2e-2 0 \
-    || fail "train $run differs from one GPU"
+  compare "$WORK/t1/metrics.jsonl" "$WORK/$run/metrics.jsonl" loss:2e-2,grad_norm:1e-1,val_loss:2e-2 0 \
+    || failed+=("train $run")
 done
 "${MPIRUN[@]}" "$HYD" train --config "$WORK/train.ini" --run.dir "$WORK/bad" --parallel.dp 2 --device cuda:0 \
   >"$WORK/bad.out" 2>&1
@@ -140,10 +148,11 @@ EOF2
     >"$WORK/dsp.out" 2>&1 || { cat "$WORK/dsp.out"; fail "distill sp = 2 failed"; }
   for run in ddp dsp; do
     echo "distill $run vs one GPU"
-    compare "$WORK/d1/metrics.jsonl" "$WORK/$run/metrics.jsonl" mse,kl,ce 5e-2 2e-3 \
-      || fail "distill $run differs from one GPU"
+    compare "$WORK/d1/metrics.jsonl" "$WORK/$run/metrics.jsonl" mse:2e-2,kl:2e-2,ce:2e-2 2e-3 \
+      || failed+=("distill $run")
   done
 else
   echo "distill part skipped: python3 torch / transformers not available"
 fi
+[ ${#failed[@]} -eq 0 ] || fail "differ from one GPU: ${failed[*]}"
 echo "PASS"
