@@ -18,6 +18,7 @@
 // Every gather (combine, permute backward) is a row gather over the k slots of a token in slot order.
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/moe_gemm.cuh"
+#include "kernels/cuda/moe_router.cuh"
 #include "kernels/moe.h"
 
 namespace hyd::kernels::cuda {
@@ -30,48 +31,14 @@ constexpr int kThreads = 256;
 
 // ------------------------------------------------------------------------------------------- routing
 
+// One thread per token (moe_router.cuh).
 __global__ void route_topk_kernel(float* __restrict__ scores, const float* __restrict__ bias, int64_t n, int e_num,
                                   int k, bool use_sigmoid, bool norm_topk, float route_scale,
                                   int32_t* __restrict__ expert, float* __restrict__ weight) {
   const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (t >= n) return;
-  float* st = scores + t * e_num;
-  if (use_sigmoid) {
-    for (int e = 0; e < e_num; ++e) st[e] = 1.f / (1.f + expf(-st[e]));
-  } else {
-    float mx = st[0];
-    for (int e = 1; e < e_num; ++e) mx = fmaxf(mx, st[e]);
-    float sum = 0.f;
-    for (int e = 0; e < e_num; ++e) {
-      const float v = expf(st[e] - mx);
-      st[e] = v;
-      sum += v;
-    }
-    for (int e = 0; e < e_num; ++e) st[e] /= sum;
-  }
-  int chosen[kMoeMaxTopK];
-  for (int j = 0; j < k; ++j) {
-    int best = -1;
-    float best_v = 0.f;
-    for (int e = 0; e < e_num; ++e) {
-      bool taken = false;
-      for (int i = 0; i < j; ++i) taken |= chosen[i] == e;
-      if (taken) continue;
-      const float v = st[e] + (bias != nullptr ? bias[e] : 0.f);
-      if (best < 0 || v > best_v) {  // strict: the lower index keeps a tie
-        best = e;
-        best_v = v;
-      }
-    }
-    chosen[j] = best;
-  }
-  float norm = 0.f;
-  for (int j = 0; j < k; ++j) norm += st[chosen[j]];
-  const float scale = (norm_topk ? 1.f / norm : 1.f) * route_scale;
-  for (int j = 0; j < k; ++j) {
-    expert[t * k + j] = chosen[j];
-    weight[t * k + j] = st[chosen[j]] * scale;
-  }
+  moe_router::route_token(scores + t * e_num, bias, e_num, k, use_sigmoid, norm_topk, route_scale, expert + t * k,
+                          weight + t * k);
 }
 
 // counts[e] = #{p : expert[p] == e}; one block per expert.
@@ -177,35 +144,15 @@ __global__ void combine_backward_kernel(const int32_t* __restrict__ order, const
   if (lane == 0) d_weight[q] = dot;
 }
 
-// One thread per token: the CPU reference's loops (kernels/cpu/moe.cpp), in f32.
+// One thread per token (moe_router.cuh).
 __global__ void router_backward_kernel(const float* __restrict__ scores, const int32_t* __restrict__ expert,
                                        const float* __restrict__ d_weight, const float* __restrict__ aux_frac,
                                        float aux_scale, float* __restrict__ d_logits, int64_t n, int e_num, int k,
                                        bool use_sigmoid, bool norm_topk, float route_scale) {
   const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (t >= n) return;
-  const float* st = scores + t * e_num;
-  float* ds = d_logits + t * e_num;
-  const int32_t* ex = expert + t * k;
-  const float* dw = d_weight + t * k;
-  for (int e = 0; e < e_num; ++e) ds[e] = aux_scale * aux_frac[e];
-  if (norm_topk) {
-    float z = 0.f, dot = 0.f;
-    for (int j = 0; j < k; ++j) {
-      z += st[ex[j]];
-      dot += dw[j] * st[ex[j]];
-    }
-    for (int j = 0; j < k; ++j) ds[ex[j]] += route_scale / z * (dw[j] - dot / z);
-  } else {
-    for (int j = 0; j < k; ++j) ds[ex[j]] += route_scale * dw[j];
-  }
-  if (use_sigmoid) {
-    for (int e = 0; e < e_num; ++e) ds[e] *= st[e] * (1.f - st[e]);
-  } else {
-    float dot = 0.f;
-    for (int e = 0; e < e_num; ++e) dot += st[e] * ds[e];
-    for (int e = 0; e < e_num; ++e) ds[e] = st[e] * (ds[e] - dot);
-  }
+  moe_router::router_backward_token(scores + t * e_num, expert + t * k, d_weight + t * k, aux_frac, aux_scale,
+                                    d_logits + t * e_num, e_num, k, use_sigmoid, norm_topk, route_scale);
 }
 
 // One block per expert: aux_frac[e] = counts[e] / (N k); aux_prob[e] = mean_t scores[t, e] (block_sum).

@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "kernels/cuda/moe_gemm.cuh"
+#include "kernels/cuda/moe_router.cuh"
 #include "kernels/moe.h"
 #include "tests/common/test_util.h"
 #include "tests/common/tiny_model.h"
@@ -207,6 +208,50 @@ TEST(GpuMoe, RoutingMatchesCpu) {
       EXPECT_EQ(ref.counts.ptr<int32_t>()[5], c.n);
     }
     buf.arena().reset();
+  }
+}
+
+// The CUDA router's per-token programs (kernels/cuda/moe_router.cuh) on the host against the CPU reference:
+// the same choices (ties included) and weights, and the same logits gradient (runs without a GPU; ctest's
+// unit.moe_gemm_emulation runs it on every machine).
+TEST(MoeRouterEmulation, TokenProgramsMatchCpuReference) {
+  const ExecContext cpu(Device::cpu());
+  for (const RouteCase& c : {RouteCase{"softmax E8 k2", 37, 8, 2, false, false, 1.f, false, 0},
+                             RouteCase{"softmax norm E64 k8", 100, 64, 8, false, true, 1.f, false, 0},
+                             RouteCase{"sigmoid bias scale E16 k1", 50, 16, 1, true, false, 2.5f, true, 0},
+                             RouteCase{"every token to expert 5, k1", 33, 8, 1, false, false, 1.f, false, 2},
+                             RouteCase{"ties go to the lower index", 29, 6, 3, false, false, 1.f, false, 3},
+                             RouteCase{"sigmoid bias norm E64 k8", 200, 64, 8, true, true, 2.f, true, 0},
+                             RouteCase{"k = E", 9, 4, 4, false, true, 1.f, false, 0}}) {
+    SCOPED_TRACE(c.name);
+    std::printf(" %s\n", c.name);
+    const int64_t N = c.n, E = c.e, K = c.k;
+    const std::vector<float> logits = route_logits(c);
+    std::vector<float> bias = randn(E, 0.05f), scores = logits;
+    Arena host("host", Device::cpu(), size_t(4) << 20);
+    const MoeRouting ref = cpu_route(c, host, scores, bias);
+    std::vector<float> st = logits, weight(N * K);
+    std::vector<int32_t> expert(N * K);
+    for (int64_t t = 0; t < N; ++t)
+      kernels::moe_router::route_token(st.data() + t * E, c.bias ? bias.data() : nullptr, static_cast<int>(E),
+                                       static_cast<int>(K), c.sigmoid, c.norm, c.scale, expert.data() + t * K,
+                                       weight.data() + t * K);
+    expect_close(st, scores, 1e-6, "scores");
+    expect_close(weight, host_f32(ref.weight), 1e-6, "combine weights");
+    EXPECT_EQ(expert, host_i32(ref.expert)) << "expert ids";
+
+    std::vector<float> dweight = randn(N * K), frac(E), dl_ref(N * E), dl(N * E);
+    for (float& v : frac) v = static_cast<float>(test::randint(1, 0, 20)[0]) / 20.f;
+    for (const double aux_scale : {0.0, 0.37}) {
+      kernels::moe_router_backward(cpu, options(c), view(scores, {N, E}), ref, view(dweight, {N, K}), view(frac, {E}),
+                                   aux_scale, view(dl_ref, {N, E}));
+      for (int64_t t = 0; t < N; ++t)
+        kernels::moe_router::router_backward_token(scores.data() + t * E, expert.data() + t * K, dweight.data() + t * K,
+                                                   frac.data(), static_cast<float>(aux_scale), dl.data() + t * E,
+                                                   static_cast<int>(E), static_cast<int>(K), c.sigmoid, c.norm,
+                                                   c.scale);
+      expect_close(dl, dl_ref, 1e-6, "d_logits, aux_scale " + std::to_string(aux_scale));
+    }
   }
 }
 
