@@ -15,6 +15,8 @@
 #include <sstream>
 
 #include "checkpoint/sha256.h"
+#include "parallel/checks.h"
+#include "parallel/comm.h"
 #include "trainer/core/error.h"
 #include "trainer/train_loop.h"  // ConfigError
 
@@ -147,7 +149,7 @@ json CheckpointManifest::to_json() const {
           {"optimizer", optimizer},
           {"teacher", teacher},
           {"device", device},
-          {"topology", {{"world_size", world_size}, {"dp", world_size}, {"sp", 1}, {"ep", 1}}},
+          {"topology", {{"world_size", world_size}, {"dp", dp}, {"sp", sp}, {"ep", 1}}},
           {"files", files_json}};
 }
 
@@ -179,9 +181,10 @@ CheckpointManifest CheckpointManifest::from_json(const json& j, const std::strin
   m.device = r.string("device");
   const ManifestReader topology(r.object("topology"), path, "topology.");
   m.world_size = topology.count("world_size");
-  if (m.world_size != 1)
-    topology.fail("world_size", "this version reads single-rank checkpoints; this one has " +
-                                    std::to_string(m.world_size) + " ranks");
+  m.dp = topology.count("dp");
+  m.sp = topology.count("sp");
+  if (m.world_size < 1 || m.world_size > 99999) topology.fail("world_size", "must lie in [1, 99999]");
+  if (m.dp < 1 || m.sp < 1) topology.fail(m.dp < 1 ? "dp" : "sp", "must be >= 1");
   const json& files = r.at("files", json::value_t::array, "a list of files");
   for (size_t i = 0; i < files.size(); ++i) {
     const std::string field = "files[" + std::to_string(i) + "]";
@@ -199,7 +202,10 @@ CheckpointManifest CheckpointManifest::from_json(const json& j, const std::strin
   const auto listed = [&](const char* name) {
     return std::any_of(m.files.begin(), m.files.end(), [&](const CheckpointFile& f) { return f.name == name; });
   };
-  if (!listed(kCheckpointRankFile)) r.fail("files", std::string("does not list the state file ") + kCheckpointRankFile);
+  for (int64_t rank = 0; rank < m.world_size; ++rank)
+    if (!listed(checkpoint_rank_file(rank).c_str()))
+      r.fail("files", "does not list the state file " + checkpoint_rank_file(rank) + " (topology.world_size = " +
+                          std::to_string(m.world_size) + ")");
   return m;
 }
 
@@ -218,24 +224,12 @@ std::string checkpoint_dir_name(int64_t step) {
 
 // ---------------------------------------------------------------- writing
 
-std::string write_checkpoint(const std::string& run_dir, CheckpointManifest manifest, const SafetensorsWriter& tensors,
-                             const std::string& config_ini) {
-  const fs::path final_dir = fs::path(run_dir) / checkpoint_dir_name(manifest.step);
-  const fs::path tmp = final_dir.string() + ".tmp";
-  std::error_code ec;
-  fs::remove_all(tmp, ec);  // an interrupted write of this step: never a checkpoint
-  if (ec) throw Error::at(tmp.string(), "", "cannot remove a stale temporary folder: " + ec.message());
-  fs::create_directories(tmp, ec);
-  if (ec) throw Error::at(tmp.string(), "", "cannot create: " + ec.message());
+namespace {
 
-  tensors.write((tmp / kCheckpointRankFile).string());
-  write_file(tmp / kCheckpointConfig, config_ini);
-  manifest.files.clear();
-  for (const char* name : {kCheckpointRankFile, kCheckpointConfig}) {
-    const fs::path p = tmp / name;
-    fsync_path(p);
-    manifest.files.push_back({name, static_cast<uint64_t>(fs::file_size(p)), sha256_file(p.string())});
-  }
+// The manifest last, then the folder into place (replacing an older one of the same step).
+std::string publish(const std::string& run_dir, const CheckpointManifest& manifest, const fs::path& tmp,
+                         const fs::path& final_dir) {
+  std::error_code ec;
   write_file(tmp / kCheckpointManifest, manifest.to_json().dump(2) + "\n");
   fsync_path(tmp / kCheckpointManifest);
   fsync_path(tmp);
@@ -252,6 +246,62 @@ std::string write_checkpoint(const std::string& run_dir, CheckpointManifest mani
   fsync_path(run_dir);
   fs::remove_all(stale, ec);
   return final_dir.string();
+}
+
+}  // namespace
+
+std::string checkpoint_rank_file(int64_t rank) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "rank-%05lld.safetensors", static_cast<long long>(rank));
+  return buf;
+}
+
+std::string write_checkpoint(const std::string& run_dir, CheckpointManifest manifest, const SafetensorsWriter& tensors,
+                             const std::string& config_ini, const Communicator* world) {
+  const fs::path final_dir = fs::path(run_dir) / checkpoint_dir_name(manifest.step);
+  const fs::path tmp = final_dir.string() + ".tmp";
+  const int rank = world ? world->rank() : 0, ranks = world ? world->size() : 1;
+  std::error_code ec;
+  if (rank == 0) {
+    fs::remove_all(tmp, ec);  // an interrupted write of this step: never a checkpoint
+    if (ec) throw Error::at(tmp.string(), "", "cannot remove a stale temporary folder: " + ec.message());
+    fs::create_directories(tmp, ec);
+    if (ec) throw Error::at(tmp.string(), "", "cannot create: " + ec.message());
+  }
+  if (ranks > 1) world->barrier();  // the folder exists
+
+  // This rank's state file: written, fsynced, measured and hashed here; rank 0 gathers the records.
+  const std::string own = checkpoint_rank_file(rank);
+  tensors.write((tmp / own).string());
+  fsync_path(tmp / own);
+  struct Record {
+    uint64_t size;
+    char sha[65];
+  };
+  Record mine{static_cast<uint64_t>(fs::file_size(tmp / own)), {}};
+  const std::string sha = sha256_file((tmp / own).string());
+  std::memcpy(mine.sha, sha.c_str(), std::min<size_t>(sha.size(), 64));
+  std::vector<Record> all(static_cast<size_t>(ranks));
+  if (ranks > 1) {
+    CHECK_MPI(MPI_Gather(&mine, sizeof(Record), MPI_BYTE, all.data(), sizeof(Record), MPI_BYTE, 0, world->handle()));
+  } else {
+    all[0] = mine;
+  }
+  std::string done;
+  if (rank == 0) {
+    write_file(tmp / kCheckpointConfig, config_ini);
+    fsync_path(tmp / kCheckpointConfig);
+    manifest.world_size = ranks;
+    manifest.files.clear();
+    for (int r = 0; r < ranks; ++r)
+      manifest.files.push_back({checkpoint_rank_file(r), all[static_cast<size_t>(r)].size,
+                                std::string(all[static_cast<size_t>(r)].sha, 64)});
+    const fs::path cfg = tmp / kCheckpointConfig;
+    manifest.files.push_back({kCheckpointConfig, static_cast<uint64_t>(fs::file_size(cfg)), sha256_file(cfg.string())});
+    done = publish(run_dir, manifest, tmp, final_dir);
+  }
+  if (ranks > 1) world->barrier();  // complete (or rank 0 threw and the job ends) before anyone goes on
+  return rank == 0 ? done : final_dir.string();
 }
 
 // ---------------------------------------------------------------- reading
@@ -295,6 +345,12 @@ Checkpoint open_checkpoint(const std::string& dir) {
   }
   ck.tensors.open((fs::path(dir) / kCheckpointRankFile).string());
   return ck;
+}
+
+SafetensorsFile Checkpoint::open_rank(int64_t r) const {
+  HYD_CHECK(r >= 0 && r < manifest.world_size, manifest_path(), ": no state file of rank ", r, " (world_size ",
+            manifest.world_size, ")");
+  return SafetensorsFile((fs::path(dir) / checkpoint_rank_file(r)).string());
 }
 
 std::string checkpoint_summary(const Checkpoint& ck) {
@@ -363,9 +419,32 @@ std::vector<std::string> prune_checkpoints(const std::string& run_dir, int64_t k
 // ---------------------------------------------------------------- resuming
 
 bool option_may_change_on_resume(const std::string& key) {
-  for (const char* prefix : {"run.", "log.", "checkpoint.", "eval."})
+  for (const char* prefix : {"run.", "log.", "checkpoint.", "eval.", "parallel."})
     if (key.rfind(prefix, 0) == 0) return true;
-  return key == "device" || key == "train.resume";
+  return key == "device" || key == "train.resume" || key == "data.batch_size";
+}
+
+void check_resume_global_batch(const Checkpoint& ck, int64_t batch_size, int64_t dp, const std::string& source) {
+  const auto number = [&](const char* key, int64_t fallback) {
+    const std::string* v = ck.manifest.config_value(key);
+    if (v == nullptr) return fallback;
+    try {
+      size_t used = 0;
+      const int64_t x = std::stoll(*v, &used);
+      if (used == v->size() && x >= 1) return x;
+    } catch (const std::exception&) {
+    }
+    throw Error::at(ck.manifest_path(), std::string("config.") + key, "'" + *v + "' is not a positive integer");
+  };
+  const int64_t their_b = number("data.batch_size", -1), their_dp = number("parallel.dp", 1);
+  if (their_b < 0) throw Error::at(ck.manifest_path(), "config.data.batch_size", "missing");
+  if (their_b * their_dp != batch_size * dp)
+    throw ConfigError::at(source, "data.batch_size",
+                          std::to_string(batch_size) + " per rank x parallel.dp " + std::to_string(dp) + " = " +
+                              std::to_string(batch_size * dp) + " sequences per micro-batch, the checkpoint " +
+                              ck.manifest_path() + " was trained with " + std::to_string(their_b) + " x " +
+                              std::to_string(their_dp) + " = " + std::to_string(their_b * their_dp) +
+                              "; a resumed run may change how the batch is split over ranks, not its size");
 }
 
 void check_resume_config(const Checkpoint& ck, const std::vector<std::pair<std::string, std::string>>& effective,

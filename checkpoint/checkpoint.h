@@ -1,12 +1,17 @@
-// Checkpoint directories (DESIGN.md "Formats", single-rank version; docs/formats.md is the schema).
+// Checkpoint directories (DESIGN.md "Formats"; docs/formats.md is the schema).
 //
 //   RUN_DIR/step-XXXXXXXX/         XXXXXXXX = the optimizer steps the run has completed, 8 digits
 //     rank-00000.safetensors       the training state of rank 0 (checkpoint/training_state.h names it)
+//     rank-00001.safetensors ...   sharded checkpoints (topology.world_size > 1): one file per rank
 //     config.ini                   the effective configuration of the run that wrote it
 //     manifest.json                written last: what makes the folder a checkpoint
 //
 // Writing: every file goes to RUN_DIR/step-XXXXXXXX.tmp/ and is fsynced, the manifest (with each
 // file's size and SHA-256) last; then the folder is renamed to step-XXXXXXXX and RUN_DIR is fsynced.
+// Over several ranks (write_checkpoint with a communicator): rank 0 prepares the .tmp folder, every rank
+// writes, fsyncs and hashes its own file, rank 0 gathers the sizes and checksums, writes config.ini and
+// the manifest and renames after all ranks are done; a rank that dies mid-write leaves only the .tmp
+// folder.
 // A crash leaves at most a .tmp folder, which nothing reads (the next write of that step replaces it):
 // a folder without a valid manifest is not a checkpoint.
 // Reading (open_checkpoint): the manifest is parsed and checked field by field, then every file it
@@ -29,6 +34,8 @@ inline constexpr const char* kCheckpointManifest = "manifest.json";
 inline constexpr const char* kCheckpointRankFile = "rank-00000.safetensors";
 inline constexpr const char* kCheckpointConfig = "config.ini";
 inline constexpr int64_t kCheckpointFormatVersion = 1;
+// "rank-00003.safetensors".
+std::string checkpoint_rank_file(int64_t rank);
 
 // hydistill's version (CMake's project version), as manifests record it.
 const char* hydistill_version();
@@ -59,7 +66,9 @@ struct CheckpointManifest {
   nlohmann::json teacher = nullptr;                     // distill: the teacher's identity
   std::string device;                                   // where it was written (informative)
   std::string library_version = hydistill_version();
-  int64_t world_size = 1;  // ranks; this version writes and reads 1
+  // topology: ranks that wrote a state file each (1: rank-00000 alone, also for replicated multi-rank runs),
+  // and the run's dp x sp grid (informative; dp x sp = world_size for sharded checkpoints).
+  int64_t world_size = 1, dp = 1, sp = 1;
   std::vector<CheckpointFile> files;
 
   nlohmann::json to_json() const;
@@ -72,18 +81,24 @@ struct CheckpointManifest {
 // "step-00000040".
 std::string checkpoint_dir_name(int64_t step);
 
+class Communicator;
+
 // Writes RUN_DIR/step-XXXXXXXX as described above (RUN_DIR must exist) and returns its path. The
 // manifest's files are filled here. An existing folder of that step is replaced, only after the new
-// one is complete.
+// one is complete. With `world` (collective over its ranks; nullptr or one rank: a single-rank
+// checkpoint) every rank passes its own tensors and rank r's go to rank-r's file; the manifest
+// (world_size = world->size()) and config_ini are rank 0's.
 std::string write_checkpoint(const std::string& run_dir, CheckpointManifest manifest, const SafetensorsWriter& tensors,
-                             const std::string& config_ini);
+                             const std::string& config_ini, const Communicator* world = nullptr);
 
 // A verified checkpoint: the manifest and the opened state file.
 struct Checkpoint {
   std::string dir;
   CheckpointManifest manifest;
-  SafetensorsFile tensors;
+  SafetensorsFile tensors;  // rank-00000's
   std::string manifest_path() const;
+  // The state file of rank r < manifest.world_size (verified with the others by open_checkpoint).
+  SafetensorsFile open_rank(int64_t r) const;
 };
 
 // Reads and verifies `dir` (sizes and SHA-256 of every listed file, the state file's header).
@@ -124,9 +139,13 @@ std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string&
 std::vector<std::string> prune_checkpoints(const std::string& run_dir, int64_t keep_last, int64_t keep_every_steps);
 
 // Options that may differ between a checkpoint and the run resuming from it: where and how the run
-// writes and reports (run.*, train.resume, device, log.*, checkpoint.*, eval.*). Every other option
-// changes what the run computes.
+// writes and reports (run.*, train.resume, device, log.*, checkpoint.*, eval.*) and how it is spread over
+// ranks (parallel.*, data.batch_size). Every other option changes what the run computes.
+// parallel.* and data.batch_size may change as long as the global batch (data.batch_size x parallel.dp)
+// stays: check_resume_global_batch.
 bool option_may_change_on_resume(const std::string& key);
+// Throws ConfigError naming `source` and data.batch_size unless batch_size x dp equals the checkpoint's.
+void check_resume_global_batch(const Checkpoint& ck, int64_t batch_size, int64_t dp, const std::string& source);
 
 // Throws ConfigError naming `source` and the first option that differs from the checkpoint's
 // (both values and the checkpoint's manifest.json in the message), or that one side lacks. Path

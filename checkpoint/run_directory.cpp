@@ -1,5 +1,7 @@
 #include "checkpoint/run_directory.h"
 
+#include "parallel/comm.h"
+
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -170,21 +172,29 @@ bool RunDirectory::checkpoint_due(int64_t step, int64_t total) const {
   return step == total || (checkpoint_.interval > 0 && step % checkpoint_.interval == 0) || stop_due(step, total);
 }
 
-std::string RunDirectory::save(CheckpointManifest manifest, const SafetensorsWriter& tensors,
-                               const std::string& device) {
+std::string RunDirectory::save(CheckpointManifest manifest, const SafetensorsWriter& tensors, const std::string& device,
+                               const Communicator* world) {
   const auto t0 = std::chrono::steady_clock::now();
   manifest.command = command_;
   manifest.config = config_.values;
   manifest.paths = paths_;
   manifest.device = device;
-  const std::string dir = write_checkpoint(run_.dir, std::move(manifest), tensors, config_.ini);
+  const std::string dir = write_checkpoint(run_.dir, std::move(manifest), tensors, config_.ini, world);
+  if (world && world->rank() != 0) return dir;
   const int64_t keep_every_steps =
       checkpoint_.interval > 0 && checkpoint_.keep_every > 0 ? checkpoint_.interval * checkpoint_.keep_every : 0;
   const std::vector<std::string> removed = prune_checkpoints(run_.dir, checkpoint_.keep_last, keep_every_steps);
-  std::error_code ec;
-  const auto bytes = fs::file_size(fs::path(dir) / kCheckpointRankFile, ec);
-  out_ << "checkpoint " << dir << " (" << format_megabytes(ec ? 0 : bytes) << ", "
-       << format_number("%.2f", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()) << " s";
+  uint64_t bytes = 0;
+  const int ranks = world ? world->size() : 1;
+  for (int r = 0; r < ranks; ++r) {
+    std::error_code ec;
+    const auto b = fs::file_size(fs::path(dir) / checkpoint_rank_file(r), ec);
+    if (!ec) bytes += b;
+  }
+  out_ << "checkpoint " << dir << " (" << format_megabytes(bytes);
+  if (ranks > 1) out_ << " in " << ranks << " shards";
+  out_ << ", " << format_number("%.2f", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count())
+       << " s";
   if (!removed.empty()) out_ << "; removed " << removed.size() << " older";
   out_ << ")" << std::endl;
   return dir;

@@ -61,8 +61,11 @@ class RunDirectory {
   // run.stop_after: the run stops after this step (with a checkpoint), before its end.
   bool stop_due(int64_t step, int64_t total) const;
   // Completes the manifest (command, config, paths, device), writes the checkpoint, removes those the
-  // keep policy drops, and reports on `out`. Returns the checkpoint's folder.
-  std::string save(CheckpointManifest manifest, const SafetensorsWriter& tensors, const std::string& device);
+  // keep policy drops, and reports on `out`. Returns the checkpoint's folder. With `world` (more than one
+  // rank): collective, every rank passes its own tensors (a sharded checkpoint, write_checkpoint); rank 0
+  // prunes and reports.
+  std::string save(CheckpointManifest manifest, const SafetensorsWriter& tensors, const std::string& device,
+                   const Communicator* world = nullptr);
 
  private:
   void refuse_earlier_run(const std::string& why) const;

@@ -1,6 +1,8 @@
 #include "checkpoint/training_state.h"
 
+#include <algorithm>
 #include <cstring>
+#include <map>
 #include <string>
 
 #include "trainer/batch_upload.h"  // device_fence
@@ -114,6 +116,110 @@ void restore_optimizer_state(const SafetensorsFile& f, const nlohmann::json& cou
     restore_tensor(f, "adam_v/" + p.name, p.shape, opt.second_moments()[i]);
   }
   opt.restore_counters(counter("steps_taken"), counter("skipped_steps"));
+}
+
+nlohmann::json zero1_counters(const AdamW& opt, int64_t ranks, int64_t shard_numel, int64_t flat_numel,
+                              int64_t model_params) {
+  return {{"steps_taken", opt.steps_taken()},
+          {"skipped_steps", opt.skipped_steps()},
+          {"params", model_params},
+          {"zero1", {{"ranks", ranks}, {"shard_numel", shard_numel}, {"flat_numel", flat_numel}}}};
+}
+
+void restore_optimizer_resharded(const Checkpoint& ck, const std::vector<ParamInfo>& model_params, AdamW& opt) {
+  const std::string mpath = ck.manifest_path();
+  const nlohmann::json& counters = ck.manifest.optimizer;
+  auto count = [&](const nlohmann::json& j, const char* key, const char* field) {
+    const auto it = j.find(key);
+    if (it == j.end() || !it->is_number_integer() || it->get<int64_t>() < 0)
+      throw Error::at(mpath, std::string("optimizer.") + field, "missing or not a non-negative integer");
+    return it->get<int64_t>();
+  };
+  int64_t flat = 0;
+  std::map<std::string, const ParamInfo*> by_name;
+  for (const ParamInfo& p : model_params) {
+    by_name[p.name] = &p;
+    flat = std::max(flat, p.offset + p.numel);
+  }
+  // The old layout: R_old contiguous shards of S_old elements (one shard of the whole buffer when unsharded).
+  int64_t old_ranks = 1, old_shard = flat;
+  if (counters.contains("zero1")) {
+    const nlohmann::json& z = counters.at("zero1");
+    if (!z.is_object()) throw Error::at(mpath, "optimizer.zero1", "expected an object");
+    old_ranks = count(z, "ranks", "zero1.ranks");
+    old_shard = count(z, "shard_numel", "zero1.shard_numel");
+    const int64_t old_flat = count(z, "flat_numel", "zero1.flat_numel");
+    if (old_flat != flat)
+      throw Error::at(mpath, "optimizer.zero1.flat_numel",
+                      std::to_string(old_flat) + " parameters in the checkpoint, " + std::to_string(flat) +
+                          " in this run's model");
+    if (old_ranks != ck.manifest.world_size || old_shard * old_ranks < flat)
+      throw Error::at(mpath, "optimizer.zero1", "ranks x shard_numel does not cover flat_numel with world_size files");
+  } else if (ck.manifest.world_size != 1) {
+    throw Error::at(mpath, "optimizer.zero1", "missing in a checkpoint of " + std::to_string(ck.manifest.world_size) +
+                                                  " state files");
+  }
+  std::vector<SafetensorsFile> files;
+  for (int64_t r = 0; r < old_ranks; ++r) files.push_back(r == 0 ? SafetensorsFile(ck.tensors.path()) : ck.open_rank(r));
+
+  // Values [a, a + n) (elements of parameter `base`) of `kind` from the files that hold them.
+  auto gather = [&](const std::string& kind, const ParamInfo& base, int64_t a, int64_t n, bool* found) {
+    std::vector<float> out(static_cast<size_t>(n));
+    int64_t filled = 0;
+    *found = true;
+    for (int64_t q = 0; q < old_ranks; ++q) {
+      const int64_t oa = std::max(base.offset, q * old_shard) - base.offset;
+      const int64_t ob = std::min(base.offset + base.numel, (q + 1) * old_shard) - base.offset;
+      const int64_t lo = std::max(a, oa), hi = std::min(a + n, ob);
+      if (lo >= hi) continue;
+      const SafetensorsFile& f = files[static_cast<size_t>(q)];
+      std::string name = kind;
+      name.append("/").append(base.name);
+      if (old_ranks > 1) name.append("[").append(std::to_string(oa)).append(":").append(std::to_string(ob)).append("]");
+      if (!f.contains(name)) {
+        *found = false;
+        if (kind == "master") return out;  // optional
+        throw Error::at(f.path(), name, "missing from the checkpoint's state file");
+      }
+      const std::vector<float> v = f.read_f32(name);
+      if (static_cast<int64_t>(v.size()) != ob - oa)
+        throw Error::at(f.path(), name, "holds " + std::to_string(v.size()) + " values, expected " +
+                                            std::to_string(ob - oa));
+      std::copy(v.begin() + (lo - oa), v.begin() + (hi - oa), out.begin() + (lo - a));
+      filled += hi - lo;
+    }
+    if (filled != n)
+      throw Error::at(mpath, "optimizer.zero1", "the state files cover " + std::to_string(filled) + " of the " +
+                                                    std::to_string(n) + " values of " + base.name);
+    return out;
+  };
+  auto upload = [](const std::vector<float>& v, const Tensor& dst) {
+    device_fence(dst.device);
+    copy_tensor(dst.view({dst.numel()}), Tensor(const_cast<float*>(v.data()), DType::f32, Device::cpu(), {dst.numel()}));
+    device_fence(dst.device);
+  };
+  const std::vector<ParamInfo>& params = opt.params();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const ParamInfo& p = params[i];
+    const size_t bracket = p.name.find('[');
+    const std::string base_name = p.name.substr(0, bracket);
+    const auto it = by_name.find(base_name);
+    HYD_CHECK(it != by_name.end(), "restore_optimizer_resharded: '", p.name, "' is not a piece of a model parameter");
+    const ParamInfo& base = *it->second;
+    const int64_t a = p.offset - base.offset;
+    HYD_CHECK(a >= 0 && a + p.numel <= base.numel, "restore_optimizer_resharded: '", p.name, "' outside ", base.name);
+    bool found = false;
+    upload(gather("adam_m", base, a, p.numel, &found), opt.first_moments()[i]);
+    upload(gather("adam_v", base, a, p.numel, &found), opt.second_moments()[i]);
+    const std::vector<float> master = gather("master", base, a, p.numel, &found);
+    if (found) {
+      upload(master, opt.masters()[i]);
+    } else if (opt.separate_masters()) {  // a CPU checkpoint: its parameters were the masters
+      const std::vector<float> whole = files[0].read_f32("param/" + base.name);
+      upload(std::vector<float>(whole.begin() + a, whole.begin() + a + p.numel), opt.masters()[i]);
+    }
+  }
+  opt.restore_counters(count(counters, "steps_taken", "steps_taken"), count(counters, "skipped_steps", "skipped_steps"));
 }
 
 }  // namespace hyd

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "checkpoint/checkpoint.h"
 #include "checkpoint/safetensors.h"
 #include "trainer/model.h"
 #include "trainer/optimizer.h"
@@ -26,10 +27,26 @@ void add_parameters(SafetensorsWriter& w, const std::vector<ParamInfo>& params);
 void add_optimizer_state(SafetensorsWriter& w, const AdamW& opt);
 nlohmann::json optimizer_counters(const AdamW& opt);
 
+// ZeRO-1 runs (trainer/zero1.h) write sharded checkpoints: rank r's state file holds the optimizer state of
+// its shard under the shard parameters' names ("adam_m/NAME[a:b]", a and b in elements of NAME, as
+// add_optimizer_state writes them), rank 0's also param/NAME of every parameter; the manifest's optimizer
+// object is zero1_counters'. {"steps_taken", "skipped_steps", "params": the model's parameter count,
+// "zero1": {"ranks": R, "shard_numel": S, "flat_numel": P}}.
+nlohmann::json zero1_counters(const AdamW& opt, int64_t ranks, int64_t shard_numel, int64_t flat_numel,
+                              int64_t model_params);
+
 void restore_parameters(const SafetensorsFile& f, const std::vector<ParamInfo>& params);
 // The masters come from master/NAME where the file has it, else from param/NAME; counters is the
 // manifest's `optimizer` object (errors name `manifest_path`).
 void restore_optimizer_state(const SafetensorsFile& f, const nlohmann::json& counters, const std::string& manifest_path,
                              AdamW& opt);
+// Restores `opt`, whose parameters are any contiguous pieces of model_params in the flat layout (ZeRO-1
+// shards "NAME[a:b]" of this run's rank count, or whole parameters), from a checkpoint written with any
+// rank count: sharded (manifest optimizer.zero1) or single-rank. The pieces are cut from the files that
+// hold them, so a run resumed on another number of ranks re-shards the state. The masters come from
+// master/NAME... where the checkpoint has them (CUDA), else (CUDA runs) from param/NAME of rank 0's file;
+// on the CPU the parameters are the masters (restore_parameters first). Errors name the file and the
+// tensor, or the manifest and the field (a different flat layout: optimizer.zero1.flat_numel).
+void restore_optimizer_resharded(const Checkpoint& ck, const std::vector<ParamInfo>& model_params, AdamW& opt);
 
 }  // namespace hyd

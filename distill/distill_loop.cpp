@@ -297,6 +297,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   const DatasetInfo& info = in.data->info();
   if (resume) {
     check_data_identity(*resume, info, src);
+    check_resume_global_batch(*resume, cfg.data.batch_size, dp, src);
     check_teacher_identity(*resume, cfg.teacher_dir, src, "teacher.dir");
   }
 

@@ -133,15 +133,6 @@ void validate_train_config(const TrainConfig& cfg) {
     require(cfg.data.seq_len % par.sp == 0 && cfg.data.seq_len / par.sp >= 4, "parallel.sp",
             std::to_string(par.sp) + " must divide data.seq_len = " + std::to_string(cfg.data.seq_len) +
                 " into slices of at least 4 tokens");
-  if (par.dp * par.sp > 1) {
-    const std::string later =
-        " is not supported with parallel.dp x parallel.sp > 1 (ZeRO-1 shards the optimizer state; sharded "
-        "checkpoints are a later piece)";
-    require(t.resume == "none", "train.resume", "= " + t.resume + later);
-    require(cfg.checkpoint.interval == 0, "checkpoint.interval",
-            "= " + std::to_string(cfg.checkpoint.interval) + later);
-    require(cfg.run.stop_after == 0, "run.stop_after", "= " + std::to_string(cfg.run.stop_after) + later);
-  }
   require(cfg.log.interval >= 1, "log.interval", "must be >= 1, got " + std::to_string(cfg.log.interval));
   require(cfg.log.eval_interval >= 0, "log.eval_interval",
           "must be >= 0 (0 = only at the end), got " + std::to_string(cfg.log.eval_interval));
@@ -349,8 +340,16 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
           resume->manifest_path(), "step",
           "step " + std::to_string(m.step) + " with data.next_batch " + std::to_string(resume_next_batch(*resume)) +
               " does not fit train.steps = " + std::to_string(steps) + " x train.grad_accum = " + std::to_string(ga));
+    check_resume_global_batch(*resume, B, dp, src);
     restore_parameters(resume->tensors, model.params());
-    restore_optimizer_state(resume->tensors, m.optimizer, resume->manifest_path(), optimizer);
+    // ZeRO-1 state comes from whatever shards hold it (re-sharded when the rank count changed).
+    if (zero || m.world_size > 1)
+      restore_optimizer_resharded(*resume, model.params(), optimizer);
+    else
+      restore_optimizer_state(resume->tensors, m.optimizer, resume->manifest_path(), optimizer);
+    // Every rank's exact masters into every replica (a CUDA checkpoint's bf16 parameters on the CPU).
+    if (zero) zero->gather_parameters(ctx);
+    ctx.synchronize();
     read_loop_state(*resume, st);
     start_step = m.step;
   }
@@ -386,8 +385,7 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
        << "memory           " << format_megabytes(memory) << " (model " << format_megabytes(model.memory_bytes())
        << ", optimizer " << format_megabytes(optimizer.memory_bytes()) << ")\n"
        << "run dir          " << run.dir() << "\n";
-    if (ranks > 1)
-      os << "checkpoints      none (parallel.dp x parallel.sp > 1: sharded checkpoints are a later piece)\n";
+    if (ranks > 1) os << "checkpoints      sharded: one state file per rank (ZeRO-1)\n";
     if (resume) os << "resumed from     " << resume->dir << " (step " << start_step << ")\n";
     out << "hydistill train\n";
     std::istringstream lines(os.str());
@@ -429,11 +427,17 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
     m.step = m.stage_step = step;
     m.data = data_position(info, cfg.data, step * ga);
     m.loop = loop_state_json(st);
-    m.optimizer = optimizer_counters(optimizer);
+    m.dp = dp;
+    m.sp = sp;
     SafetensorsWriter w;
-    add_parameters(w, model.params());
+    // One process: rank-00000 holds everything. ZeRO-1: every rank writes its shard's optimizer state,
+    // rank 0 also the parameters (the same on every replica).
+    if (!zero || rank0) add_parameters(w, model.params());
     add_optimizer_state(w, optimizer);
-    run.save(std::move(m), w, device.str());
+    m.optimizer = zero ? zero1_counters(optimizer, ranks, zero->shard_numel(), model.flat_params().numel(),
+                                        static_cast<int64_t>(model.params().size()))
+                       : optimizer_counters(optimizer);
+    run.save(std::move(m), w, device.str(), zero ? &*world : nullptr);
   };
 
   const auto t_start = Clock::now();
@@ -530,7 +534,7 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
       eval_seconds += seconds_since(t_eval);
       t_interval += Clock::now() - t_eval;  // keep evaluation out of the throughput
     }
-    if (ranks == 1 && run.checkpoint_due(step + 1, steps)) {
+    if (run.checkpoint_due(step + 1, steps)) {
       const auto t_save = Clock::now();
       save_checkpoint(step + 1);
       t_interval += Clock::now() - t_save;

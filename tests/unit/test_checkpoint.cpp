@@ -175,7 +175,9 @@ TEST(Checkpoint, CorruptionIsNamedByFileAndField) {
   with("/format_version", 99);
   test::expect_error([&] { open_checkpoint(dir); }, {manifest, "'format_version'", "99"});
   with("/topology/world_size", 8);
-  test::expect_error([&] { open_checkpoint(dir); }, {manifest, "'topology.world_size'", "single-rank"});
+  test::expect_error([&] { open_checkpoint(dir); }, {manifest, "'files'", "rank-00001.safetensors", "world_size = 8"});
+  with("/topology/world_size", 0);
+  test::expect_error([&] { open_checkpoint(dir); }, {manifest, "'topology.world_size'"});
   with("/files/0/sha256", "xyz");
   test::expect_error([&] { open_checkpoint(dir); }, {manifest, "'files[0].sha256'"});
   with("/command", "serve");
