@@ -18,6 +18,7 @@
 #include "parallel/checks.h"
 #include "parallel/comm.h"
 #include "trainer/core/error.h"
+#include "trainer/stop_signal.h"
 #include "trainer/train_loop.h"  // ConfigError
 
 #ifndef HYD_VERSION
@@ -274,6 +275,7 @@ std::string write_checkpoint(const std::string& run_dir, CheckpointManifest mani
   const std::string own = checkpoint_rank_file(rank);
   tensors.write((tmp / own).string());
   fsync_path(tmp / own);
+  fault_point_in_checkpoint(manifest.step, rank, ranks);
   struct Record {
     uint64_t size;
     char sha[65];

@@ -25,6 +25,7 @@
 #include "parallel/comm.h"
 #include "parallel/grid.h"
 #include "parallel/nccl_comm.h"
+#include "trainer/stop_signal.h"
 #include "parallel/sequence_parallel.h"
 #include "trainer/batch_upload.h"
 #include "trainer/core/arena.h"
@@ -425,19 +426,26 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
 
   DistillResult result;
   const auto t_start = Clock::now();
-  auto skip_or_throw = [&](int stage, int64_t step, double loss) {
-    if (++st.bad_in_row >= cfg.train.max_bad_steps)
-      HYD_THROW("distillation stage ", stage, " diverged: ", st.bad_in_row,
-                " consecutive steps with a non-finite loss or gradient (last: step ", step + 1, ", loss ", loss,
-                "); lower distill.stage", stage, "_lr or raise distill.warmup_steps");
+  // A skipped step (non-finite loss or gradient) leaves the student and the optimizer as they were;
+  // train.max_bad_steps of them in a row end the run after a checkpoint of that state (after_step).
+  double bad_loss = 0;
+  auto skip_or_throw = [&](int, int64_t, double loss) {
+    ++st.bad_in_row;
+    bad_loss = loss;
   };
-  // After stage step `stage_step` of `stage`: evaluation, checkpoint, and whether run.stop_after ends
-  // the run here. optimizer: the stage's (nullptr before any step).
+  // SIGTERM / SIGUSR1 end the run after the current step, with a checkpoint.
+  const StopSignals signals;
+  // After stage step `stage_step` of `stage`: evaluation, checkpoint, and whether run.stop_after, a stop
+  // signal or divergence ends the run here. optimizer: the stage's (nullptr before any step).
   int64_t done = start;
   auto after_step = [&](int64_t stage, int64_t stage_step, const AdamW* optimizer) {
     const int64_t g = (stage == 1 ? 0 : stage1_steps) + stage_step;
     done = g;
-    if (rank0 && ((cfg.eval.interval > 0 && g % cfg.eval.interval == 0) || g == total)) {
+    fault_point_after_step(g);
+    const int signal = signals.agreed(world ? &*world : nullptr);
+    const bool diverged = st.bad_in_row >= cfg.train.max_bad_steps;
+    const bool stopping = signal != 0 || diverged;
+    if (rank0 && !stopping && ((cfg.eval.interval > 0 && g % cfg.eval.interval == 0) || g == total)) {
       DistillEvaluation e = evaluator.evaluate(ctx);
       e.global_step = g;
       e.stage = stage;
@@ -445,7 +453,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       out << e.table() << std::flush;
       evals->write(e.json());
     }
-    if (rank0 && run.checkpoint_due(g, total)) {
+    if (rank0 && (run.checkpoint_due(g, total) || stopping)) {
       CheckpointManifest m;
       m.step = g;
       m.stage = stage;
@@ -460,6 +468,18 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         add_optimizer_state(w, *optimizer);
       }
       run.save(std::move(m), w, device.str());
+    }
+    if (diverged) {
+      if (world && world->size() > 1) world->barrier();  // rank 0's checkpoint is complete
+      HYD_THROW("distillation stage ", stage, " diverged: ", st.bad_in_row,
+                " consecutive steps with a non-finite loss or gradient (last: step ", stage_step, ", loss ", bad_loss,
+                "); the state before them is checkpointed in ", run.dir(), "/", checkpoint_dir_name(g),
+                "; lower distill.stage", stage, "_lr or raise distill.warmup_steps and start afresh");
+    }
+    if (signal != 0) {
+      out << "received " << stop_signal_name(signal) << ": stopped after step " << g
+          << " with a checkpoint; continue with --train.resume auto" << std::endl;
+      return true;
     }
     if (!run.stop_due(g, total)) return false;
     out << "stopped after step " << g << " (run.stop_after); continue with --train.resume auto" << std::endl;

@@ -24,6 +24,7 @@
 #include "trainer/lasp.h"
 #include "trainer/metrics.h"
 #include "trainer/model.h"
+#include "trainer/stop_signal.h"
 #include "trainer/zero1.h"
 
 #ifdef HYD_WITH_CUDA
@@ -440,6 +441,9 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
     run.save(std::move(m), w, device.str(), zero ? &*world : nullptr);
   };
 
+  // SIGTERM / SIGUSR1 end the run after the current step, with a checkpoint.
+  const StopSignals signals;
+  double bad_loss = 0;
   const auto t_start = Clock::now();
   auto t_interval = t_start;
   double eval_seconds = 0;
@@ -496,10 +500,8 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
       ++st.interval_steps;
     } else {
       ++st.skipped;
-      if (++st.bad_in_row >= cfg.train.max_bad_steps)
-        HYD_THROW("training diverged: ", st.bad_in_row,
-                  " consecutive steps with a non-finite loss or gradient (last: step ", step + 1, ", loss ", loss,
-                  ", lr ", lr, "); lower train.lr or raise train.warmup_steps");
+      ++st.bad_in_row;
+      bad_loss = loss;
     }
 
     const bool last = step + 1 == steps;
@@ -534,10 +536,26 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
       eval_seconds += seconds_since(t_eval);
       t_interval += Clock::now() - t_eval;  // keep evaluation out of the throughput
     }
-    if (run.checkpoint_due(step + 1, steps)) {
+    fault_point_after_step(step + 1);
+    const int signal = signals.agreed(world ? &*world : nullptr);
+    const bool diverged = st.bad_in_row >= cfg.train.max_bad_steps;
+    if (run.checkpoint_due(step + 1, steps) || signal != 0 || diverged) {
       const auto t_save = Clock::now();
       save_checkpoint(step + 1);
       t_interval += Clock::now() - t_save;
+    }
+    // Skipped steps leave the parameters and the optimizer state as they were: the checkpoint just written
+    // holds the last good state.
+    if (diverged)
+      HYD_THROW("training diverged: ", st.bad_in_row,
+                " consecutive steps with a non-finite loss or gradient (last: step ", step + 1, ", loss ", bad_loss,
+                ", lr ", lr, "); the state before them is checkpointed in ", run.dir(), "/",
+                checkpoint_dir_name(step + 1), "; lower train.lr or raise train.warmup_steps and start afresh");
+    if (signal != 0) {
+      end_step = step + 1;
+      out << "received " << stop_signal_name(signal) << ": stopped after step " << end_step
+          << " with a checkpoint; continue with --train.resume auto" << std::endl;
+      break;
     }
     if (run.stop_due(step + 1, steps)) {
       end_step = step + 1;
