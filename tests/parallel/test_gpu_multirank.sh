@@ -2,6 +2,8 @@
 # Multi-rank `hydistill train` and `hydistill distill` on 2 GPUs (label gpu_parallel; NCCL, one GPU per rank):
 #   train   dp = 2 (ZeRO-1 over NCCL, data.batch_size 2 per rank) and sp = 2 (LASP-2H, batch 4)
 #           against one GPU with batch 4: 6 optimizer steps of 2 micro-batches, a metrics record per step;
+#   resume  dp = 2 stopped after step 3 (sharded checkpoint) and resumed vs uninterrupted: prints whether the
+#           metrics and the final state files are bitwise equal (the kernels' determinism), asserts rel. < 2e-2;
 #   distill dp = 2 (gradients all-reduced over NCCL) and sp = 2 (LASP-2 / LASP-2H for student and teacher)
 #           against one GPU: a random llama teacher (transformers, head dim 32 as the CUDA KDA kernels need)
 #           and a KKA student, 3 stage-1 + 3 stage-2 steps.
@@ -96,6 +98,28 @@ for run in tdp tsp; do
   compare "$WORK/t1/metrics.jsonl" "$WORK/$run/metrics.jsonl" loss:2e-2,grad_norm:1e-1,val_loss:2e-2 0 \
     || failed+=("train $run")
 done
+# Sharded checkpoints on GPUs: dp = 2 stopped after step 3 and resumed against the uninterrupted dp = 2 run.
+"${MPIRUN[@]}" "$HYD" train --config "$WORK/train.ini" --run.dir "$WORK/tres" --data.batch_size 2 --parallel.dp 2 \
+  --run.stop_after 3 >"$WORK/tres1.out" 2>&1 || { cat "$WORK/tres1.out"; fail "train dp = 2 stop_after 3 failed"; }
+"${MPIRUN[@]}" "$HYD" train --config "$WORK/train.ini" --run.dir "$WORK/tres" --data.batch_size 2 --parallel.dp 2 \
+  --train.resume auto >"$WORK/tres2.out" 2>&1 || { cat "$WORK/tres2.out"; fail "train dp = 2 resume failed"; }
+echo "train dp = 2 stopped after step 3 + resumed vs uninterrupted (GPU)"
+python3 - "$WORK/tdp" "$WORK/tres" <<'PY' || failed+=("train resume on GPUs")
+import json, sys
+load = lambda d: [json.loads(l) for l in open(d + "/metrics.jsonl") if l.strip()]
+a, b = load(sys.argv[1]), load(sys.argv[2])
+assert len(a) == len(b), (len(a), len(b))
+worst, bitwise = 0.0, True
+for x, y in zip(a, b):
+    for k in ("loss", "grad_norm", "val_loss"):
+        if k in x:
+            bitwise &= x[k] == y[k]
+            worst = max(worst, abs(x[k] - y[k]) / max(abs(x[k]), 1e-30))
+sha = lambda d: [f["sha256"] for f in json.load(open(d + "/step-00000006/manifest.json"))["files"] if f["name"].startswith("rank-")]
+same_state = sha(sys.argv[1]) == sha(sys.argv[2])
+print(f"  metrics bitwise: {bitwise}, worst rel. {worst:.2e}; final state files bitwise: {same_state}")
+assert worst < 2e-2, worst
+PY
 "${MPIRUN[@]}" "$HYD" train --config "$WORK/train.ini" --run.dir "$WORK/bad" --parallel.dp 2 --device cuda:0 \
   >"$WORK/bad.out" 2>&1
 rc=$?
