@@ -26,6 +26,7 @@
 #include "parallel/grid.h"
 #include "parallel/nccl_comm.h"
 #include "trainer/stop_signal.h"
+#include "trainer/zero1.h"
 #include "parallel/sequence_parallel.h"
 #include "trainer/batch_upload.h"
 #include "trainer/core/arena.h"
@@ -316,18 +317,6 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   auto sum_all = [&](std::span<double> v) {
     if (world && world->size() > 1) world->all_reduce(v, ReduceOp::kSum);
   };
-  // The students' gradients: MPI on host memory, NCCL on the device (ordered on the caller's stream).
-  std::unique_ptr<NcclCommunicator> world_nccl;
-  if (device.is_cuda() && world && world->size() > 1) world_nccl = std::make_unique<NcclCommunicator>(*world);
-  auto sum_grads = [&](const ExecContext& c, HybridModel& m) {
-    if (!world || world->size() == 1) return;
-    const Tensor g = m.flat_grads();
-    const std::span<float> all(g.ptr<float>(), static_cast<size_t>(g.numel()));
-    if (world_nccl)
-      world_nccl->all_reduce(all, ReduceOp::kSum, c.stream());
-    else
-      world->all_reduce(all, ReduceOp::kSum);
-  };
   if (sampler.num_docs() == 0)
     throw ConfigError::at(src, "data.val_fraction", "no training documents left in " + info.path);
 
@@ -338,6 +327,17 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   HybridModel student(in.student_cfg, device, in.max_tokens);
   TransferReport report;
   load_teacher(cfg.teacher_dir, tc, device, N, teacher, &student, cfg.train.seed, &report);
+  // Several ranks: ZeRO-1 over all of them (trainer/zero1.h): the student's gradients are reduce-scattered,
+  // each rank's optimizer keeps the state of its shard, the parameters are all-gathered after the update;
+  // checkpoints are sharded.
+  std::optional<Zero1> zero;
+  if (world && world->size() > 1) zero.emplace(*world, student.params(), student.flat_params(), student.flat_grads());
+  // The optimizer of a stage over `trained` (this rank's shard of it under ZeRO-1).
+  auto make_optimizer = [&](const std::vector<ParamInfo>& trained) {
+    auto opt = std::make_unique<AdamW>(zero ? zero->shard_params_of(trained) : trained, device, cfg.train.adamw());
+    if (zero) opt->set_sum_squares_reduction([&](double ss) { return zero->all_reduce_sum(ss); });
+    return opt;
+  };
   BatchUploader uploader(device, N, /*with_loss_mask=*/true);
   const DType act = device.is_cuda() ? DType::bf16 : DType::f32;
   const int64_t D = tc.hidden_size, V = tc.vocab_size, L = tc.num_layers;
@@ -369,7 +369,13 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   // Resume the optimizer of `stage` when the checkpoint was taken inside it (after at least one step).
   auto resume_optimizer = [&](int64_t stage, AdamW& optimizer) {
     if (resume && resume->manifest.stage == stage && resume->manifest.stage_step > 0) {
-      restore_optimizer_state(resume->tensors, resume->manifest.optimizer, resume->manifest_path(), optimizer);
+      if (zero || resume->manifest.world_size > 1) {
+        restore_optimizer_resharded(*resume, student.params(), optimizer);
+        if (zero) zero->gather_parameters(ctx);  // every rank's exact masters into every replica
+        ctx.synchronize();
+      } else {
+        restore_optimizer_state(resume->tensors, resume->manifest.optimizer, resume->manifest_path(), optimizer);
+      }
     } else {
       st.start_stage();
     }
@@ -453,7 +459,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       out << e.table() << std::flush;
       evals->write(e.json());
     }
-    if (rank0 && (run.checkpoint_due(g, total) || stopping)) {
+    if ((rank0 || zero) && (run.checkpoint_due(g, total) || stopping)) {
       CheckpointManifest m;
       m.step = g;
       m.stage = stage;
@@ -461,13 +467,20 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       m.data = data_position(info, cfg.data, g);
       m.loop = loop_state_json(st);
       m.teacher = teacher_identity(cfg.teacher_dir, in.teacher);
+      m.dp = dp;
+      m.sp = sp;
       SafetensorsWriter w;
-      add_parameters(w, student.params());
+      // ZeRO-1: a sharded checkpoint (rank 0: the parameters and its shard's optimizer state; the others:
+      // their shards'), written by every rank together.
+      if (rank0) add_parameters(w, student.params());
       if (optimizer) {
-        m.optimizer = optimizer_counters(*optimizer);
+        m.optimizer = zero ? zero1_counters(*optimizer, world->size(), zero->shard_numel(),
+                                            student.flat_params().numel(),
+                                            static_cast<int64_t>(student.params().size()))
+                           : optimizer_counters(*optimizer);
         add_optimizer_state(w, *optimizer);
       }
-      run.save(std::move(m), w, device.str());
+      run.save(std::move(m), w, device.str(), zero ? &*world : nullptr);
     }
     if (diverged) {
       if (world && world->size() > 1) world->barrier();  // rank 0's checkpoint is complete
@@ -493,7 +506,8 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     std::vector<ParamInfo> trained;
     for (int64_t l : k_layers)
       for (const ParamInfo& p : student.mixer_params(l)) trained.push_back(p);
-    AdamW optimizer(trained, device, cfg.train.adamw());
+    const std::unique_ptr<AdamW> optimizer_ptr = make_optimizer(trained);
+    AdamW& optimizer = *optimizer_ptr;
     resume_optimizer(1, optimizer);
     const auto nk = static_cast<int64_t>(k_layers.size());
     const size_t act_bytes = static_cast<size_t>(N * D) * dtype_size(act);
@@ -537,11 +551,12 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       for (float s : sums) mse += static_cast<double>(s) / numel;
       mse /= static_cast<double>(nk);
       sum_all(std::span<double>(&mse, 1));
-      sum_grads(ctx, student);
+      if (zero) zero->reduce_gradients(ctx);
       bool good = std::isfinite(mse);
       if (good) {
         st.last_norm = optimizer.step(ctx, lr);
         good = std::isfinite(st.last_norm);
+        if (zero) zero->gather_parameters(ctx);
       }
       if (good) {
         st.bad_in_row = 0;
@@ -588,7 +603,8 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   // ---- Stage 2: end-to-end KL (+ CE) distillation of every student parameter.
   if (stage2_steps > 0 && start < total && !stopped) {
     const LrSchedule schedule = stage_schedule(cfg.distill.stage2_lr, stage2_steps, cfg.distill);
-    AdamW optimizer(student.params(), device, cfg.train.adamw());
+    const std::unique_ptr<AdamW> optimizer_ptr = make_optimizer(student.params());
+    AdamW& optimizer = *optimizer_ptr;
     resume_optimizer(2, optimizer);
     const int64_t C = student.logits_chunk_size();
     const bool with_hidden = cfg.distill.w_hidden > 0;
@@ -656,7 +672,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         double sums[3] = {kl_sum, ce_sum, hidden_mse};
         sum_all(std::span<double>(sums, 3));
         hidden_mse = sums[2];
-        sum_grads(ctx, student);
+        if (zero) zero->reduce_gradients(ctx);
         kl_mean = sums[0] / targets;
         ce_mean = sums[1] / targets;
         good = std::isfinite(kl_mean) && std::isfinite(ce_mean) && std::isfinite(hidden_mse);
@@ -664,6 +680,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       if (good) {
         st.last_norm = optimizer.step(ctx, lr);
         good = std::isfinite(st.last_norm);
+        if (zero) zero->gather_parameters(ctx);
       }
       if (good) {
         st.bad_in_row = 0;

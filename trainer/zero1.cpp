@@ -54,6 +54,19 @@ Zero1::Zero1(const Communicator& group, const std::vector<ParamInfo>& params, co
 
 Zero1::~Zero1() = default;
 
+std::vector<ParamInfo> Zero1::shard_params_of(const std::vector<ParamInfo>& trained) const {
+  std::vector<ParamInfo> out;
+  for (const ParamInfo& q : shard_params_) {
+    const std::string base = q.name.substr(0, q.name.find('['));
+    for (const ParamInfo& p : trained)
+      if (p.name == base) {
+        out.push_back(q);
+        break;
+      }
+  }
+  return out;
+}
+
 void Zero1::reduce_gradients(const ExecContext& ctx) {
   NvtxRange range("zero1.reduce_scatter");
   kernels::convert(ctx, grad_send_.slice0(0, numel_), flat_grads_.view({numel_}));

@@ -37,6 +37,10 @@ class Zero1 {
   // f32, on one device.
   Zero1(const Communicator& group, const std::vector<ParamInfo>& params, const Tensor& flat_params,
         const Tensor& flat_grads);
+  // The parts of `trained` (a subset of the model's parameters, e.g. one stage's) inside this rank's shard:
+  // what an optimizer of only those parameters updates. Parameters outside the subset keep their values
+  // (gather_parameters moves them unchanged).
+  std::vector<ParamInfo> shard_params_of(const std::vector<ParamInfo>& trained) const;
   ~Zero1();
   Zero1(const Zero1&) = delete;
   Zero1& operator=(const Zero1&) = delete;
