@@ -2,6 +2,10 @@
 // (f32 | f64) or the CUDA kernels (bf16 rows, f32 router) chosen by the tensors' device.
 #include "kernels/moe.h"
 
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
 #include "kernels/dispatch.h"
 #include "trainer/core/arena.h"
 
@@ -20,6 +24,93 @@ std::vector<int64_t> MoeRouting::counts_host() const {
 }
 
 namespace kernels {
+
+MoeGemm moe_gemm_from_env() {
+  const char* v = std::getenv("HYD_MOE_GEMM");
+  if (v == nullptr || *v == '\0') return MoeGemm::loop;
+  const std::string s = v;
+  if (s == "grouped") return MoeGemm::grouped;
+  if (s == "loop") return MoeGemm::loop;
+  if (s == "wmma") return MoeGemm::wmma;
+  HYD_THROW("environment variable HYD_MOE_GEMM='", s, "': expected grouped, loop or wmma");
+}
+
+const char* moe_gemm_name(MoeGemm g) {
+  switch (g) {
+    case MoeGemm::grouped:
+      return "grouped";
+    case MoeGemm::loop:
+      return "loop";
+    case MoeGemm::wmma:
+      return "wmma";
+  }
+  return "?";
+}
+
+const char* moe_grouped_dw_path() {
+#ifdef HYD_WITH_CUDA
+  return cuda::moe_grouped_dw_path();
+#else
+  return "untried";
+#endif
+}
+
+MoeHostCounts::~MoeHostCounts() {
+#ifdef HYD_WITH_CUDA
+  if (event_ != nullptr) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
+  if (pinned_ != nullptr) cudaFreeHost(pinned_);
+#endif
+}
+
+void MoeHostCounts::start(const ExecContext& ctx, const Tensor& counts) {
+  constexpr const char* op = "MoeHostCounts::start";
+  if (counts.empty()) HYD_THROW(op, ": argument 'counts' is empty");
+  expect_dtype(counts, DType::i32, op, "counts");
+  size_ = counts.numel();
+  pending_ = true;
+  device_copy_ = !counts.device.is_cpu();
+  if (!device_copy_) {
+    const int32_t* p = counts.ptr<int32_t>();
+    host_.assign(p, p + size_);
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, counts, op);
+  if (size_ > capacity_) {
+    if (pinned_ != nullptr) CHECK_CUDA(cudaFreeHost(pinned_));
+    pinned_ = nullptr;
+    void* p = nullptr;
+    CHECK_CUDA(cudaMallocHost(&p, static_cast<size_t>(size_) * sizeof(int32_t)));
+    pinned_ = static_cast<int32_t*>(p);
+    capacity_ = size_;
+  }
+  if (event_ == nullptr) {
+    cudaEvent_t ev;
+    CHECK_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    event_ = ev;
+  }
+  const cudaStream_t s = static_cast<cudaStream_t>(ctx.stream());
+  CHECK_CUDA(
+      cudaMemcpyAsync(pinned_, counts.data, static_cast<size_t>(size_) * sizeof(int32_t), cudaMemcpyDeviceToHost, s));
+  CHECK_CUDA(cudaEventRecord(static_cast<cudaEvent_t>(event_), s));
+#else
+  pending_ = false;
+  unsupported(op, counts);
+#endif
+}
+
+void MoeHostCounts::wait(std::vector<int32_t>& out) {
+  if (!pending_) HYD_THROW("MoeHostCounts::wait: no copy started (MoeHostCounts::start)");
+  pending_ = false;
+  if (!device_copy_) {
+    out = host_;
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  CHECK_CUDA(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)));
+  out.assign(pinned_, pinned_ + size_);
+#endif
+}
 
 namespace {
 
@@ -320,10 +411,34 @@ GroupedDims grouped_dims(const Tensor& offsets, const Tensor& w, const char* op)
   return {E, w.size(1), w.size(2)};
 }
 
+// The plan's host counts: E entries; on the CPU each the difference of the offsets (which are there), on
+// CUDA non-negative and summing to the rows R (the device offsets are not read back: that is the point).
+// Returns them for the cuBLAS implementations on CUDA, nullptr otherwise.
+const int32_t* plan_counts(const MoeGemmPlan& plan, const Tensor& offsets, int64_t E, int64_t R, const char* op) {
+  const bool cpu = offsets.device.is_cpu();
+  if (plan.host_counts.empty() && (cpu || plan.impl == MoeGemm::wmma)) return nullptr;
+  if (static_cast<int64_t>(plan.host_counts.size()) != E)
+    HYD_THROW(op, ": the plan's host counts have ", plan.host_counts.size(), " entries, expected ", E,
+              " (one per expert; the cuBLAS implementation '", moe_gemm_name(plan.impl), "' needs them)");
+  int64_t sum = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t c = plan.host_counts[e];
+    if (c < 0) HYD_THROW(op, ": the plan's host count of expert ", e, " is negative (", c, ")");
+    if (cpu && c != offsets.ptr<int32_t>()[e + 1] - offsets.ptr<int32_t>()[e])
+      HYD_THROW(op, ": the plan's host count of expert ", e, " is ", c, " but the offsets give it ",
+                offsets.ptr<int32_t>()[e + 1] - offsets.ptr<int32_t>()[e], " rows");
+    sum += c;
+  }
+  if (sum != R)
+    HYD_THROW(op, ": the plan's host counts sum to ", sum, " rows but x has ", R,
+              " (counts of another routing? MoeHostCounts after moe_route)");
+  return cpu || plan.impl == MoeGemm::wmma ? nullptr : plan.host_counts.data();
+}
+
 }  // namespace
 
 void moe_grouped_linear_forward(const ExecContext& ctx, const Tensor& offsets, const Tensor& x, const Tensor& w,
-                                const Tensor& y) {
+                                const Tensor& y, const MoeGemmPlan& plan) {
   constexpr const char* op = "moe_grouped_linear_forward";
   const GroupedDims g = grouped_dims(offsets, w, op);
   const DType dt = value_dtype(x, DType::bf16, op, "x");
@@ -339,6 +454,7 @@ void moe_grouped_linear_forward(const ExecContext& ctx, const Tensor& offsets, c
     // offsets[E] must equal R (the permutation covers every row).
     if (offsets.ptr<int32_t>()[g.e] != R)
       HYD_THROW(op, ": offsets end at ", offsets.ptr<int32_t>()[g.e], " but x has ", R, " rows");
+    plan_counts(plan, offsets, g.e, R, op);
     if (dt == DType::f64)
       cpu::moe_grouped_linear_forward<double>(offsets.ptr<int32_t>(), x.ptr<double>(), w.ptr<double>(), y.ptr<double>(),
                                               g.e, g.n, g.k);
@@ -348,15 +464,19 @@ void moe_grouped_linear_forward(const ExecContext& ctx, const Tensor& offsets, c
     return;
   }
 #ifdef HYD_WITH_CUDA
-  cuda::moe_grouped_linear_forward(offsets.ptr<int32_t>(), x.ptr<bf16>(), w.ptr<bf16>(), y.ptr<bf16>(), R, g.e, g.n,
-                                   g.k, ctx.stream());
+  if (const int32_t* counts = plan_counts(plan, offsets, g.e, R, op))
+    cuda::moe_grouped_linear_forward_cublas(ctx.cublas(), ctx.stream(), plan.impl == MoeGemm::grouped, counts,
+                                            x.ptr<bf16>(), w.ptr<bf16>(), y.ptr<bf16>(), g.e, g.n, g.k);
+  else
+    cuda::moe_grouped_linear_forward(offsets.ptr<int32_t>(), x.ptr<bf16>(), w.ptr<bf16>(), y.ptr<bf16>(), R, g.e, g.n,
+                                     g.k, ctx.stream());
 #else
   unsupported(op, x);
 #endif
 }
 
 void moe_grouped_linear_backward(const ExecContext& ctx, const Tensor& offsets, const Tensor& dy, const Tensor& x,
-                                 const Tensor& w, const Tensor& dx, const Tensor& dw) {
+                                 const Tensor& w, const Tensor& dx, const Tensor& dw, const MoeGemmPlan& plan) {
   constexpr const char* op = "moe_grouped_linear_backward";
   const GroupedDims g = grouped_dims(offsets, w, op);
   const DType dt = value_dtype(x, DType::bf16, op, "x");
@@ -381,6 +501,7 @@ void moe_grouped_linear_backward(const ExecContext& ctx, const Tensor& offsets, 
   if (x.device.is_cpu()) {
     if (offsets.ptr<int32_t>()[g.e] != R)
       HYD_THROW(op, ": offsets end at ", offsets.ptr<int32_t>()[g.e], " but x has ", R, " rows");
+    plan_counts(plan, offsets, g.e, R, op);
     if (dt == DType::f64)
       cpu::moe_grouped_linear_backward<double>(offsets.ptr<int32_t>(), dy.ptr<double>(), x.ptr<double>(),
                                                w.ptr<double>(), dx.empty() ? nullptr : dx.ptr<double>(),
@@ -392,9 +513,14 @@ void moe_grouped_linear_backward(const ExecContext& ctx, const Tensor& offsets, 
     return;
   }
 #ifdef HYD_WITH_CUDA
-  cuda::moe_grouped_linear_backward(offsets.ptr<int32_t>(), dy.ptr<bf16>(), x.ptr<bf16>(), w.ptr<bf16>(),
-                                    dx.empty() ? nullptr : dx.ptr<bf16>(), dw.empty() ? nullptr : dw.ptr<float>(), R,
-                                    g.e, g.n, g.k, ctx.stream());
+  if (const int32_t* counts = plan_counts(plan, offsets, g.e, R, op))
+    cuda::moe_grouped_linear_backward_cublas(
+        ctx.cublas(), ctx.stream(), plan.impl == MoeGemm::grouped, counts, dy.ptr<bf16>(), x.ptr<bf16>(), w.ptr<bf16>(),
+        dx.empty() ? nullptr : dx.ptr<bf16>(), dw.empty() ? nullptr : dw.ptr<float>(), g.e, g.n, g.k);
+  else
+    cuda::moe_grouped_linear_backward(offsets.ptr<int32_t>(), dy.ptr<bf16>(), x.ptr<bf16>(), w.ptr<bf16>(),
+                                      dx.empty() ? nullptr : dx.ptr<bf16>(), dw.empty() ? nullptr : dw.ptr<float>(), R,
+                                      g.e, g.n, g.k, ctx.stream());
 #else
   unsupported(op, x);
 #endif

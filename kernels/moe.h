@@ -19,6 +19,10 @@
 //   grouped linear:    for every expert e with rows R_e = [offsets[e], offsets[e+1]):
 //                      y[R_e] = x[R_e] w_e^T;  dx[R_e] = dy[R_e] w_e;  dw_e += dy[R_e]^T x[R_e]
 //                      (w [E, n, k] stacked; an expert without rows writes nothing and leaves dw_e as is).
+//                      CUDA runs these products one of three ways (MoeGemm, below): cuBLAS over the experts
+//                      with rows, from their row counts on the host (grouped: cublasGemmGroupedBatchedEx;
+//                      loop: one cublasGemmEx per expert and product), or the WMMA kernels of moe_gemm.cuh
+//                      that read the device offsets (no host counts).
 // Every gather is a row gather (each output row has one writer, fixed summation order), so all outputs,
 // gradients included, are deterministic: no float atomics.
 // dtypes: CPU: every floating tensor f32 or f64 (one dtype per call). CUDA: rows (x, xp, yp, out, dx, ...)
@@ -27,6 +31,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "trainer/core/exec_context.h"
@@ -69,6 +74,58 @@ inline DType moe_score_dtype(DType act) { return act == DType::bf16 ? DType::f32
 
 namespace kernels {
 
+// How the CUDA grouped expert GEMMs run (the CPU ignores it). The cuBLAS ones skip every expert without
+// rows (its dW_e stays untouched, bit for bit) and need the per-expert row counts on the host.
+//   grouped: one cublasGemmGroupedBatchedEx per product (bf16 in, f32 accumulation), one group per expert
+//            with rows; its pointer arrays are written on the device by a small kernel (no synchronisation).
+//            cuBLAS documents bf16 -> bf16 but not bf16 -> f32 for it: the weight gradient, accumulated into
+//            f32, is tried grouped once and falls back to the loop when cuBLAS refuses (moe_grouped_dw_path).
+//            A product whose operands are not 16-byte aligned (a row length not a multiple of 8) takes the
+//            loop too: the grouped kernels cannot check the alignment of pointers that live on the device.
+//   loop:    one cublasGemmEx per expert with rows and product (kernels/cuda/matmul.cu's gemm).
+//   wmma:    the hand-written WMMA kernels (kernels/cuda/moe_gemm.cuh): read the device offsets, no host
+//            counts and no synchronisation; the slowest.
+enum class MoeGemm { grouped, loop, wmma };
+// HYD_MOE_GEMM = grouped | loop | wmma; unset or empty: loop (expected fastest at issue 7's shape, whose
+// per-expert GEMMs are large; not yet measured against grouped: MOE_GEMMS="grouped loop wmma"
+// bash bench/moe/run.sh times all three). Anything else throws a hyd::Error naming the variable.
+MoeGemm moe_gemm_from_env();
+const char* moe_gemm_name(MoeGemm g);
+// How the grouped implementation computed weight gradients so far in this process: "grouped" (cuBLAS took
+// the f32 output), "loop" (it refused: the per-expert loop), or "untried".
+const char* moe_grouped_dw_path();
+
+// A grouped GEMM call's implementation and, for the cuBLAS ones, every expert's row count on the host
+// (counts[e] = offsets[e + 1] - offsets[e], E entries; they must describe the same offsets: the CUDA
+// dispatcher checks their sum against the rows, the CPU one checks each against the offsets).
+struct MoeGemmPlan {
+  MoeGemm impl = MoeGemm::wmma;
+  std::span<const int32_t> host_counts;
+};
+
+// Page-locked host memory receiving a MoE layer's per-expert row counts (MoeRouting::counts): the one
+// device-to-host copy of a layer forward that runs the cuBLAS GEMMs. start() queues the copy on the
+// context's stream behind the router and records an event; wait() blocks on that event (the one host
+// synchronisation; work queued after start(), e.g. the permutation, keeps the GPU busy meanwhile) and
+// returns the counts (a second start() before wait() supersedes the first). Not thread-safe: one layer
+// forward at a time per object.
+class MoeHostCounts {
+ public:
+  MoeHostCounts() = default;
+  ~MoeHostCounts();
+  MoeHostCounts(const MoeHostCounts&) = delete;
+  MoeHostCounts& operator=(const MoeHostCounts&) = delete;
+  void start(const ExecContext& ctx, const Tensor& counts);  // counts: i32 [E]
+  void wait(std::vector<int32_t>& out);
+
+ private:
+  int32_t* pinned_ = nullptr;  // cudaMallocHost'ed (plain copy for CPU tensors)
+  int64_t capacity_ = 0, size_ = 0;
+  void* event_ = nullptr;  // cudaEvent_t, recorded after the copy
+  bool pending_ = false, device_copy_ = false;
+  std::vector<int32_t> host_;  // CPU tensors: copied at start()
+};
+
 struct MoeRouterOptions {
   bool sigmoid = false;         // score function: sigmoid (else softmax)
   bool norm_topk_prob = false;  // renormalise the k chosen scores to sum 1 (before route_scale)
@@ -102,12 +159,13 @@ void moe_router_backward(const ExecContext& ctx, const MoeRouterOptions& opt, co
 void moe_aux_stats(const ExecContext& ctx, const MoeRouting& r, const Tensor& scores, const Tensor& aux_frac,
                    const Tensor& aux_prob);
 // offsets i32 [E + 1] (r.offsets); x [R, k], w [E, n, k], y [R, n] with R = offsets[E] = rows of x.
+// plan: the CUDA implementation (default: the WMMA kernels) and, for the cuBLAS ones, the host counts.
 void moe_grouped_linear_forward(const ExecContext& ctx, const Tensor& offsets, const Tensor& x, const Tensor& w,
-                                const Tensor& y);
+                                const Tensor& y, const MoeGemmPlan& plan = {});
 // dy [R, n], x [R, k], w [E, n, k]; dx [R, k] overwritten (empty: not computed); dw [E, n, k] accumulated
 // into (f32 on CUDA, empty: not computed).
 void moe_grouped_linear_backward(const ExecContext& ctx, const Tensor& offsets, const Tensor& dy, const Tensor& x,
-                                 const Tensor& w, const Tensor& dx, const Tensor& dw);
+                                 const Tensor& w, const Tensor& dx, const Tensor& dw, const MoeGemmPlan& plan = {});
 
 namespace cpu {
 // The CPU reference (the meaning of every op). Index arrays as in MoeRouting; sizes N, k, E, D.
@@ -158,6 +216,14 @@ void moe_grouped_linear_forward(const int32_t* offsets, const bf16* x, const bf1
                                 int64_t n, int64_t k, void* stream);
 void moe_grouped_linear_backward(const int32_t* offsets, const bf16* dy, const bf16* x, const bf16* w, bf16* dx,
                                  float* dw, int64_t rows, int64_t e, int64_t n, int64_t k, void* stream);
+// The cuBLAS implementations (kernels/cuda/moe_cublas.cu): counts = the E host row counts; grouped selects
+// cublasGemmGroupedBatchedEx (else one cublasGemmEx per expert with rows). cublas: the context's handle.
+void moe_grouped_linear_forward_cublas(void* cublas, void* stream, bool grouped, const int32_t* counts, const bf16* x,
+                                       const bf16* w, bf16* y, int64_t e, int64_t n, int64_t k);
+void moe_grouped_linear_backward_cublas(void* cublas, void* stream, bool grouped, const int32_t* counts, const bf16* dy,
+                                        const bf16* x, const bf16* w, bf16* dx, float* dw, int64_t e, int64_t n,
+                                        int64_t k);
+const char* moe_grouped_dw_path();
 }  // namespace cuda
 
 }  // namespace kernels

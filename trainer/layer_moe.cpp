@@ -372,10 +372,22 @@ double forward_device(const ExecContext& ctx, const MoeLayer& L, const Tensor& i
   // logits = x W_r^T with f32 output (bf16 inputs, f32 accumulation), turned into scores in place.
   kernels::gemm(ctx, false, true, 1.f, in, L.router.value, 0.f, s.scores);
   kernels::moe_route(ctx, router_options(c), s.scores, c.use_selection_bias ? L.selection_bias : Tensor{}, r);
+  // The cuBLAS GEMMs take every expert's row count on the host: this is the layer forward's one host
+  // synchronisation (on an event right behind the router; the permutation queued meanwhile keeps the GPU
+  // busy). The counts stay in `s` for the backward of the same micro-batch. wmma reads the device offsets.
+  s.gemm = L.gemm;
+  s.counts_host.clear();
+  const bool cublas_gemm = s.gemm != kernels::MoeGemm::wmma;
+  if (cublas_gemm) {
+    if (!L.host_counts) HYD_THROW("MoeLayer::forward: host_counts is null (the cuBLAS GEMMs need its staging)");
+    L.host_counts->start(ctx, r.counts);
+  }
   kernels::moe_permute(ctx, r, in, s.xp);
-  kernels::moe_grouped_linear_forward(ctx, r.offsets, s.xp, L.gate_up.value, s.gate_up);
+  if (cublas_gemm) L.host_counts->wait(s.counts_host);
+  const kernels::MoeGemmPlan plan{s.gemm, s.counts_host};
+  kernels::moe_grouped_linear_forward(ctx, r.offsets, s.xp, L.gate_up.value, s.gate_up, plan);
   kernels::swiglu_forward(ctx, s.gate_up, s.act);
-  kernels::moe_grouped_linear_forward(ctx, r.offsets, s.act, L.down.value, s.yp);
+  kernels::moe_grouped_linear_forward(ctx, r.offsets, s.act, L.down.value, s.yp, plan);
   kernels::moe_combine(ctx, r, s.yp, out, false);
   for (int64_t sh = 0; sh < c.num_shared_experts; ++sh) {
     const Tensor gu = s.shared_gate_up.slice0(sh * N, (sh + 1) * N), act = s.shared_act.slice0(sh * N, (sh + 1) * N);
@@ -401,9 +413,12 @@ void backward_device(const ExecContext& ctx, const MoeLayer& L, const MoeLayer::
   const int64_t N = s.x.size(0), E = c.num_experts;
   const MoeRouting& r = s.routing;
   kernels::moe_combine_backward(ctx, r, dout, s.yp, t.d_yp, t.d_weight);
-  kernels::moe_grouped_linear_backward(ctx, r.offsets, t.d_yp, s.act, L.down.value, t.d_act, L.down.grad);
+  // The forward's implementation and host counts (no synchronisation here).
+  const kernels::MoeGemmPlan plan{s.gemm, s.counts_host};
+  kernels::moe_grouped_linear_backward(ctx, r.offsets, t.d_yp, s.act, L.down.value, t.d_act, L.down.grad, plan);
   kernels::swiglu_backward(ctx, t.d_act, s.gate_up, t.d_gate_up);
-  kernels::moe_grouped_linear_backward(ctx, r.offsets, t.d_gate_up, s.xp, L.gate_up.value, t.d_xp, L.gate_up.grad);
+  kernels::moe_grouped_linear_backward(ctx, r.offsets, t.d_gate_up, s.xp, L.gate_up.value, t.d_xp, L.gate_up.grad,
+                                       plan);
   kernels::moe_permute_backward(ctx, r, t.d_xp, din, false);
   const double aux_scale = N > 0 ? d_aux * c.aux_loss_coef * static_cast<double>(E) / static_cast<double>(N) : 0.0;
   kernels::moe_router_backward(ctx, router_options(c), s.scores, r, t.d_weight, s.aux_frac, aux_scale, t.d_scores);

@@ -23,8 +23,11 @@
 // gradients f32 (the master gradients, as the dense MLP), the router in f32 (logits by a GEMM with f32
 // output, scores [N, E], combine weights and their gradients f32; d_logits is rounded to bf16 for the GEMMs
 // into W_r and x). The ops are kernels/moe.h (one CPU reference, CUDA kernels): routing built on the device,
-// grouped expert GEMMs reading the device offsets (no host synchronisation unless aux_loss_coef > 0, whose
-// value forward returns: two [E] vectors are copied to the host).
+// grouped expert GEMMs by cuBLAS over the experts with rows (MoeLayer::gemm: grouped | loop, HYD_MOE_GEMM)
+// or by the WMMA kernels reading the device offsets (wmma). The cuBLAS ones need the per-expert row counts
+// on the host: forward copies them once (pinned memory, one host synchronisation per layer forward) and keeps
+// them in Saved for the backward of the same micro-batch; wmma synchronises nowhere. aux_loss_coef > 0 adds a
+// synchronisation (its value, which forward returns: two [E] vectors are copied to the host).
 #pragma once
 
 #include <cstdint>
@@ -122,6 +125,12 @@ struct MoeLayer {
   WeightRef shared_down;     // [S, D, F_s]
   Tensor selection_bias;     // [E] (a buffer, not trained by gradients; empty without use_selection_bias)
 
+  // How the routed experts' GEMMs run on CUDA (kernels/moe.h MoeGemm; HYD_MOE_GEMM when the layer is made).
+  kernels::MoeGemm gemm = kernels::moe_gemm_from_env();
+  // Pinned staging of the per-expert row counts for the cuBLAS GEMMs (shared by copies of the layer: the
+  // copy completes inside forward).
+  std::shared_ptr<kernels::MoeHostCounts> host_counts = std::make_shared<kernels::MoeHostCounts>();
+
   // Exactly what backward needs; x is a view of the layer input, owned by the caller.
   struct Saved {
     Tensor x;
@@ -131,6 +140,10 @@ struct MoeLayer {
     Tensor shared_gate_up, shared_act;  // [S N, 2F_s], [S N, F_s] (empty when S = 0)
     Tensor aux_frac;                    // [E]: f_e of L_aux (the scores' dtype)
     Tensor aux_prob;                    // [E]: P_e of L_aux (the scores' dtype)
+    // CUDA: the GEMM implementation forward ran (backward runs the same) and, for the cuBLAS ones, the rows
+    // of every expert on the host ([E], routing.counts; empty with wmma and on the CPU).
+    kernels::MoeGemm gemm = kernels::MoeGemm::wmma;
+    std::vector<int32_t> counts_host;
   };
   struct Scratch {
     Tensor d_yp, d_act, d_gate_up, d_xp;  // permuted rows

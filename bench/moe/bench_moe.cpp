@@ -21,7 +21,12 @@
 //   shared fwd   = 2 * N * S * D * 3F_s
 //   fwd = experts + router + shared;  fwd+bwd = 3 * fwd  (backward: input and weight gradient GEMMs, 2x fwd)
 // Times: the median over the timed iterations, each bracketed by its own pair of CUDA events on the
-// layer's stream (back to back, no host synchronisation between iterations).
+// layer's stream (back to back; the host synchronises only where the layer does: with a cuBLAS GEMM
+// implementation, once per forward for the per-expert row counts).
+// Expert GEMMs: HYD_MOE_GEMM = grouped | loop | wmma (kernels/moe.h MoeGemm; unset: loop), printed as
+// gemm=...; gemm_dw= says how the weight gradients ran (grouped may fall back to the loop there when
+// cuBLAS refuses an f32 output for cublasGemmGroupedBatchedEx). bench/moe/run.sh runs one line per
+// implementation with MOE_GEMMS="grouped loop wmma".
 // Peak memory: peak_mib = what the bench allocates (weights, gradients, x / out / dout / din, the saved
 // tensors, the high-water mark of the backward scratch arena) + the high-water mark of the stream-ordered
 // pool the kernels take their temporaries from; device_mib = the drop of cudaMemGetInfo's free memory
@@ -39,6 +44,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/moe.h"
 #include "trainer/core/arena.h"
 #include "trainer/core/exec_context.h"
 #include "trainer/layer_common.h"
@@ -267,11 +273,14 @@ void run(const Options& o) {
                            2.0 * double(N) * double(D) * double(cfg.num_experts) +
                            2.0 * double(N) * double(cfg.num_shared_experts) * double(D) * 3.0 * double(cfg.shared_ffn);
   const auto [lo, hi] = std::minmax_element(load.begin(), load.end());
+  const char* gemm = kernels::moe_gemm_name(L.gemm);
+  const char* gemm_dw = L.gemm == kernels::MoeGemm::grouped ? kernels::moe_grouped_dw_path() : gemm;
   std::printf(
-      "hydistill tokens=%lld hidden=%lld experts=%lld top_k=%lld ffn=%lld shared=%lld score=%s fwd_ms=%.3f "
-      "fwdbwd_ms=%.3f fwd_tflops=%.1f fwdbwd_tflops=%.1f peak_mib=%.0f device_mib=%.0f load_min=%lld load_max=%lld\n",
+      "hydistill tokens=%lld hidden=%lld experts=%lld top_k=%lld ffn=%lld shared=%lld score=%s gemm=%s gemm_dw=%s "
+      "fwd_ms=%.3f fwdbwd_ms=%.3f fwd_tflops=%.1f fwdbwd_tflops=%.1f peak_mib=%.0f device_mib=%.0f load_min=%lld "
+      "load_max=%lld\n",
       (long long)N, (long long)D, (long long)cfg.num_experts, (long long)cfg.top_k, (long long)cfg.expert_ffn,
-      (long long)cfg.num_shared_experts, cfg.score_func.c_str(), f_ms, fb_ms, fwd_flops / (f_ms * 1e9),
+      (long long)cfg.num_shared_experts, cfg.score_func.c_str(), gemm, gemm_dw, f_ms, fb_ms, fwd_flops / (f_ms * 1e9),
       3.0 * fwd_flops / (fb_ms * 1e9), double(peak) / double(1 << 20), device_bytes / double(1 << 20), (long long)*lo,
       (long long)*hi);
   std::fflush(stdout);

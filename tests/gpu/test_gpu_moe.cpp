@@ -7,11 +7,14 @@
 //   row ops: permute / unpermute (exact), combine and permute backward (= and +=), combine backward,
 //            router backward (both score functions, with and without renormalisation and aux term), the
 //            aux statistics; D = 96 (vectorised copies) and D = 37;
-//   grouped GEMMs: y = x W_e^T, dx = dy W_e, dW_e += dy^T x over uneven groups incl. empty experts (their
-//            dW_e untouched, bit for bit), all rows in one expert, E = 64, odd sizes; and the same block
-//            programs emulated on the host (MoeGemmEmulation: runs without a GPU);
-//   the whole MoeLayer forward / backward (out, L_aux, dx, router, expert and shared-expert gradients)
-//            against the CPU layer with the same bf16-representable weights and inputs; inputs are redrawn
+//   grouped GEMMs, every implementation (cuBLAS grouped, cuBLAS loop, WMMA; kernels/moe.h MoeGemm, chosen
+//            explicitly): y = x W_e^T, dx = dy W_e, dW_e += dy^T x over uneven groups incl. empty experts (their
+//            dW_e untouched, bit for bit), all rows in one expert, E = 64, odd sizes (the grouped path's loop
+//            fallback), host counts that do not match (an error); and the WMMA block programs emulated on the
+//            host, the HYD_MOE_GEMM choice and the host-count checks (MoeGemmEmulation: runs without a GPU);
+//   the whole MoeLayer forward / backward (out, L_aux, dx, router, expert and shared-expert gradients), once
+//            per GEMM implementation, against the CPU layer with the same bf16-representable weights and inputs
+//            (the host counts kept for the backward checked too); inputs are redrawn
 //            until every token's k-th / (k+1)-th selection margin is far above f32 rounding, so that both
 //            devices route identically (asserted);
 //   qwen3_moe models: HybridModel (all T) and DenseModel on CUDA against the CPU, loss, logits and every
@@ -26,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -353,6 +357,9 @@ struct GroupCase {
   int64_t n, k;
 };
 
+// Every CUDA implementation of the grouped GEMMs (kernels/moe.h MoeGemm), chosen explicitly.
+constexpr kernels::MoeGemm kAllGemms[] = {kernels::MoeGemm::grouped, kernels::MoeGemm::loop, kernels::MoeGemm::wmma};
+
 TEST(GpuMoe, GroupedLinearMatchesCpu) {
   HYD_REQUIRE_GPU();
   ExecContext ctx(Device::cuda(0));
@@ -360,48 +367,128 @@ TEST(GpuMoe, GroupedLinearMatchesCpu) {
   DeviceBuffers buf(Device::cuda(0));
   std::vector<int32_t> many(64);
   for (int32_t& v : many) v = test::randint(1, 0, 4)[0] == 0 ? 0 : test::randint(1, 1, 40)[0];
-  for (const GroupCase& c :
-       {GroupCase{"uneven, experts 0 and 4 empty", {0, 1, 65, 130, 0, 7}, 80, 72},
-        GroupCase{"every row in expert 2", {0, 0, 150, 0}, 64, 40}, GroupCase{"E=64, random loads", many, 48, 32},
-        GroupCase{"odd sizes", {5, 70, 2}, 37, 19}}) {
-    SCOPED_TRACE(c.name);
-    std::printf(" %s\n", c.name);
-    const int64_t E = static_cast<int64_t>(c.counts.size()), n = c.n, k = c.k;
-    std::vector<int32_t> offsets(E + 1, 0);
-    for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + c.counts[e];
-    const int64_t R = offsets[E];
-    std::vector<float> x = round_bf16(randn(R * k)), w = round_bf16(randn(E * n * k, 1.f / std::sqrt(float(k))));
-    std::vector<float> dy = round_bf16(randn(R * n)), dw0 = randn(E * n * k);
-    std::vector<float> y_ref(R * n), dx_ref(R * k), dw_ref = dw0;
-    kernels::cpu::moe_grouped_linear_forward<float>(offsets.data(), x.data(), w.data(), y_ref.data(), E, n, k);
-    kernels::cpu::moe_grouped_linear_backward<float>(offsets.data(), dy.data(), x.data(), w.data(), dx_ref.data(),
-                                                     dw_ref.data(), E, n, k);
-    // The dispatcher's CPU branch is the same reference.
-    std::vector<float> y_disp(R * n);
-    kernels::moe_grouped_linear_forward(cpu, test::cpu_i32(offsets, {E + 1}), view(x, {R, k}), view(w, {E, n, k}),
-                                        view(y_disp, {R, n}));
-    EXPECT_EQ(y_disp, y_ref);
+  // The cuBLAS grouped path needs n and k multiples of 8 (else it takes the loop): the first three cases
+  // run it, "odd sizes" checks the fallback.
+  for (const kernels::MoeGemm impl : kAllGemms)
+    for (const GroupCase& c :
+         {GroupCase{"uneven, experts 0 and 4 empty", {0, 1, 65, 130, 0, 7}, 80, 72},
+          GroupCase{"every row in expert 2", {0, 0, 150, 0}, 64, 40}, GroupCase{"E=64, random loads", many, 48, 32},
+          GroupCase{"odd sizes", {5, 70, 2}, 37, 19}}) {
+      const std::string what = std::string(c.name) + ", gemm " + kernels::moe_gemm_name(impl);
+      SCOPED_TRACE(what);
+      std::printf(" %s\n", what.c_str());
+      const int64_t E = static_cast<int64_t>(c.counts.size()), n = c.n, k = c.k;
+      std::vector<int32_t> offsets(E + 1, 0);
+      for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + c.counts[e];
+      const int64_t R = offsets[E];
+      std::vector<float> x = round_bf16(randn(R * k)), w = round_bf16(randn(E * n * k, 1.f / std::sqrt(float(k))));
+      std::vector<float> dy = round_bf16(randn(R * n)), dw0 = randn(E * n * k);
+      std::vector<float> y_ref(R * n), dx_ref(R * k), dw_ref = dw0;
+      kernels::cpu::moe_grouped_linear_forward<float>(offsets.data(), x.data(), w.data(), y_ref.data(), E, n, k);
+      kernels::cpu::moe_grouped_linear_backward<float>(offsets.data(), dy.data(), x.data(), w.data(), dx_ref.data(),
+                                                       dw_ref.data(), E, n, k);
+      // The dispatcher's CPU branch is the same reference.
+      std::vector<float> y_disp(R * n);
+      const kernels::MoeGemmPlan plan{impl, c.counts};
+      kernels::moe_grouped_linear_forward(cpu, test::cpu_i32(offsets, {E + 1}), view(x, {R, k}), view(w, {E, n, k}),
+                                          view(y_disp, {R, n}), plan);
+      EXPECT_EQ(y_disp, y_ref);
 
-    const Tensor off_d = buf.upload_i32(offsets, {E + 1});
-    const Tensor x_d = buf.upload(x, {R, k}, DType::bf16), w_d = buf.upload(w, {E, n, k}, DType::bf16),
-                 dy_d = buf.upload(dy, {R, n}, DType::bf16);
-    const Tensor y_d = buf.poisoned({R, n}, DType::bf16), dx_d = buf.poisoned({R, k}, DType::bf16),
-                 dw_d = buf.upload(dw0, {E, n, k}, DType::f32);
-    test::device_sync();
-    kernels::moe_grouped_linear_forward(ctx, off_d, x_d, w_d, y_d);
-    kernels::moe_grouped_linear_backward(ctx, off_d, dy_d, x_d, w_d, dx_d, dw_d);
-    ctx.synchronize();
-    expect_close(DeviceBuffers::download(y_d), y_ref, kBf16Tol, "y = x W_e^T");
-    expect_close(DeviceBuffers::download(dx_d), dx_ref, kBf16Tol, "dx = dy W_e");
-    const std::vector<float> dw = DeviceBuffers::download(dw_d);
-    expect_close(dw, dw_ref, kF32Tol, "dW_e += dy^T x (f32)");
-    for (int64_t e = 0; e < E; ++e) {
-      if (c.counts[e] != 0) continue;
-      EXPECT_TRUE(std::equal(dw.begin() + e * n * k, dw.begin() + (e + 1) * n * k, dw0.begin() + e * n * k))
-          << "expert " << e << " has no rows: its dW must stay untouched";
+      const Tensor off_d = buf.upload_i32(offsets, {E + 1});
+      const Tensor x_d = buf.upload(x, {R, k}, DType::bf16), w_d = buf.upload(w, {E, n, k}, DType::bf16),
+                   dy_d = buf.upload(dy, {R, n}, DType::bf16);
+      const Tensor y_d = buf.poisoned({R, n}, DType::bf16), dx_d = buf.poisoned({R, k}, DType::bf16),
+                   dw_d = buf.upload(dw0, {E, n, k}, DType::f32);
+      test::device_sync();
+      kernels::moe_grouped_linear_forward(ctx, off_d, x_d, w_d, y_d, plan);
+      kernels::moe_grouped_linear_backward(ctx, off_d, dy_d, x_d, w_d, dx_d, dw_d, plan);
+      ctx.synchronize();
+      if (impl == kernels::MoeGemm::grouped) std::printf("  grouped dW path: %s\n", kernels::moe_grouped_dw_path());
+      expect_close(DeviceBuffers::download(y_d), y_ref, kBf16Tol, "y = x W_e^T");
+      expect_close(DeviceBuffers::download(dx_d), dx_ref, kBf16Tol, "dx = dy W_e");
+      const std::vector<float> dw = DeviceBuffers::download(dw_d);
+      expect_close(dw, dw_ref, kF32Tol, "dW_e += dy^T x (f32)");
+      for (int64_t e = 0; e < E; ++e) {
+        if (c.counts[e] != 0) continue;
+        EXPECT_TRUE(std::equal(dw.begin() + e * n * k, dw.begin() + (e + 1) * n * k, dw0.begin() + e * n * k))
+            << "expert " << e << " has no rows: its dW must stay untouched";
+      }
+      // dx and dW alone (the other empty), as the layer never calls them but the op allows.
+      if (impl != kernels::MoeGemm::wmma) {
+        const Tensor dx2 = buf.poisoned({R, k}, DType::bf16), dw2 = buf.upload(dw0, {E, n, k}, DType::f32);
+        test::device_sync();
+        kernels::moe_grouped_linear_backward(ctx, off_d, dy_d, x_d, w_d, dx2, Tensor{}, plan);
+        kernels::moe_grouped_linear_backward(ctx, off_d, dy_d, x_d, w_d, Tensor{}, dw2, plan);
+        ctx.synchronize();
+        expect_close(DeviceBuffers::download(dx2), dx_ref, kBf16Tol, "dx alone");
+        expect_close(DeviceBuffers::download(dw2), dw_ref, kF32Tol, "dW alone");
+      }
+      // The cuBLAS implementations need host counts that describe these offsets.
+      if (impl != kernels::MoeGemm::wmma) {
+        test::expect_error_mentioning(
+            [&] {
+              kernels::moe_grouped_linear_forward(ctx, off_d, x_d, w_d, y_d, kernels::MoeGemmPlan{impl, {}});
+            },
+            "host counts");
+        std::vector<int32_t> wrong = c.counts;
+        wrong[0] += 1;
+        test::expect_error_mentioning(
+            [&] {
+              kernels::moe_grouped_linear_backward(ctx, off_d, dy_d, x_d, w_d, dx_d, dw_d, {impl, wrong});
+            },
+            "sum to");
+      }
+      buf.arena().reset();
     }
-    buf.arena().reset();
+}
+
+// The choice of implementation (HYD_MOE_GEMM) and the checks of a plan's host counts on the CPU, and the
+// host-count staging on CPU tensors (no GPU needed; ctest's unit.moe_gemm_emulation runs it everywhere).
+TEST(MoeGemmEmulation, ImplementationChoiceAndHostCounts) {
+  const char* saved = std::getenv("HYD_MOE_GEMM");
+  const std::string before = saved != nullptr ? saved : "";
+  for (const kernels::MoeGemm g : kAllGemms) {
+    ::setenv("HYD_MOE_GEMM", kernels::moe_gemm_name(g), 1);
+    EXPECT_EQ(kernels::moe_gemm_from_env(), g);
+    MoeLayer layer;
+    EXPECT_EQ(layer.gemm, g) << "a layer takes HYD_MOE_GEMM when made";
   }
+  ::setenv("HYD_MOE_GEMM", "", 1);
+  EXPECT_EQ(kernels::moe_gemm_from_env(), kernels::MoeGemm::loop);
+  ::setenv("HYD_MOE_GEMM", "cutlass", 1);
+  test::expect_error([] { kernels::moe_gemm_from_env(); }, {"HYD_MOE_GEMM", "cutlass", "grouped"});
+  ::unsetenv("HYD_MOE_GEMM");
+  EXPECT_EQ(kernels::moe_gemm_from_env(), kernels::MoeGemm::loop);
+  if (saved != nullptr) ::setenv("HYD_MOE_GEMM", before.c_str(), 1);
+
+  const ExecContext cpu(Device::cpu());
+  std::vector<int32_t> counts = {2, 0, 3}, offsets = {0, 2, 2, 5};
+  std::vector<float> x = randn(5 * 4), w = randn(3 * 6 * 4), y(5 * 6), y_ref(5 * 6);
+  const Tensor off = test::cpu_i32(offsets, {4});
+  kernels::moe_grouped_linear_forward(cpu, off, view(x, {5, 4}), view(w, {3, 6, 4}), view(y_ref, {5, 6}));
+  kernels::moe_grouped_linear_forward(cpu, off, view(x, {5, 4}), view(w, {3, 6, 4}), view(y, {5, 6}),
+                                      {kernels::MoeGemm::grouped, counts});
+  EXPECT_EQ(y, y_ref);
+  std::vector<int32_t> swapped = {0, 2, 3}, short_counts = {2, 3};
+  test::expect_error(
+      [&] {
+        kernels::moe_grouped_linear_forward(cpu, off, view(x, {5, 4}), view(w, {3, 6, 4}), view(y, {5, 6}),
+                                            {kernels::MoeGemm::loop, swapped});
+      },
+      {"expert 0", "offsets"});
+  test::expect_error(
+      [&] {
+        kernels::moe_grouped_linear_forward(cpu, off, view(x, {5, 4}), view(w, {3, 6, 4}), view(y, {5, 6}),
+                                            {kernels::MoeGemm::loop, short_counts});
+      },
+      {"2 entries", "expected 3"});
+
+  kernels::MoeHostCounts staging;
+  std::vector<int32_t> got;
+  staging.start(cpu, test::cpu_i32(counts, {3}));
+  staging.wait(got);
+  EXPECT_EQ(got, counts);
+  test::expect_error([&] { staging.wait(got); }, {"MoeHostCounts::wait"});
 }
 
 // The grouped-GEMM block programs (kernels/cuda/moe_gemm.cuh) run serially on the host over their whole
@@ -595,70 +682,87 @@ TEST(GpuMoe, LayerForwardBackwardMatchesCpu) {
     }
     ASSERT_FALSE(x.empty()) << "no input with a clear routing margin";
 
-    // The same layer on the device: bf16 weights, f32 gradients (zero), f32 selection bias.
-    DeviceBuffers buf(Device::cuda(0));
-    auto dev_weight = [&](const WeightRef& h) {
-      WeightRef d;
-      if (h.value.empty()) return d;
-      std::vector<float> v = host_f32(h.value);
-      d.value = buf.upload(v, {h.value.numel()}, DType::bf16);
-      d.value.ndim = h.value.ndim;
-      d.value.shape = h.value.shape;
-      d.grad = buf.zeros({h.value.numel()}, DType::f32);
-      d.grad.ndim = h.value.ndim;
-      d.grad.shape = h.value.shape;
-      return d;
-    };
-    MoeLayer G;
-    G.cfg = c;
-    G.router = dev_weight(L.router);
-    G.gate_up = dev_weight(L.gate_up);
-    G.down = dev_weight(L.down);
-    G.shared_gate_up = dev_weight(L.shared_gate_up);
-    G.shared_down = dev_weight(L.shared_down);
-    if (c.use_selection_bias) G.selection_bias = buf.upload(bias_host, {E}, DType::f32);
-    ExecContext gctx(Device::cuda(0));
-    ArenaSizer saved_size, scratch_size;
-    G.alloc_saved(saved_size, N, DType::bf16);
-    G.alloc_scratch(scratch_size, N, DType::bf16);
-    Arena gact("act", Device::cuda(0), saved_size.used()), gscr("scratch", Device::cuda(0), scratch_size.used());
-    MoeLayer::Saved sg = G.alloc_saved(gact, N, DType::bf16);
-    const Tensor x_d = buf.upload(x, {N, D}, DType::bf16), out_d = buf.poisoned({N, D}, DType::bf16);
-    test::device_sync();
-    const double aux_g = G.forward(gctx, x_d, out_d, sg);
-    gctx.synchronize();
-    EXPECT_EQ(download_i32(sg.routing.expert), host_i32(sc.routing.expert)) << "expert ids";
-    EXPECT_EQ(download_i32(sg.routing.order), host_i32(sc.routing.order)) << "order";
-    expect_close(DeviceBuffers::download(out_d), out_c, kBf16Tol, "out");
-    std::printf("  aux cpu %.6g gpu %.6g\n", aux_c, aux_g);
-    EXPECT_NEAR(aux_g, aux_c, 1e-4 * std::abs(aux_c) + 1e-12);
-
-    // Backward of sum(dout * out) + L_aux.
+    // The CPU backward of sum(dout * out) + L_aux.
     std::vector<float> dout = round_bf16(randn(N * D)), dx_c(N * D);
     w.zero_grad();
     L.backward(cctx, sc, view(dout, {N, D}), view(dx_c, {N, D}), cscr, 1.0);
-    const Tensor dout_d = buf.upload(dout, {N, D}, DType::bf16), dx_d = buf.poisoned({N, D}, DType::bf16);
-    test::device_sync();
-    G.backward(gctx, sg, dout_d, dx_d, gscr, 1.0);
-    gctx.synchronize();
-    expect_close(DeviceBuffers::download(dx_d), dx_c, 2e-2, "dx");
-    expect_close(DeviceBuffers::download(G.router.grad), host_f32(L.router.grad), 5e-2, "router grad");
-    expect_close(DeviceBuffers::download(G.gate_up.grad), host_f32(L.gate_up.grad), 2e-2, "experts gate_up grad");
-    expect_close(DeviceBuffers::download(G.down.grad), host_f32(L.down.grad), 2e-2, "experts down grad");
-    if (c.num_shared_experts > 0) {
-      expect_close(DeviceBuffers::download(G.shared_gate_up.grad), host_f32(L.shared_gate_up.grad), 2e-2,
-                   "shared gate_up grad");
-      expect_close(DeviceBuffers::download(G.shared_down.grad), host_f32(L.shared_down.grad), 2e-2, "shared down grad");
-    }
-    // An expert without rows has an exactly zero gradient on both devices.
     const std::vector<int64_t> load = sc.routing.counts_host();
     for (const auto& [e, v] : lc.bias_set) EXPECT_EQ(load[e], v < 0 ? 0 : N) << "expert " << e;
-    const std::vector<float> gu = DeviceBuffers::download(G.gate_up.grad);
-    const int64_t per = 2 * c.expert_ffn * D;
-    for (int64_t e = 0; e < E; ++e) {
-      if (load[e] != 0) continue;
-      EXPECT_TRUE(std::all_of(gu.begin() + e * per, gu.begin() + (e + 1) * per, [](float v) { return v == 0.f; }))
-          << "expert " << e;
+
+    // The same layer on the device, once per GEMM implementation: bf16 weights, f32 gradients (zero), f32
+    // selection bias.
+    for (const kernels::MoeGemm impl : kAllGemms) {
+      SCOPED_TRACE(kernels::moe_gemm_name(impl));
+      std::printf("  gemm %s\n", kernels::moe_gemm_name(impl));
+      DeviceBuffers buf(Device::cuda(0));
+      auto dev_weight = [&](const WeightRef& h) {
+        WeightRef d;
+        if (h.value.empty()) return d;
+        std::vector<float> v = host_f32(h.value);
+        d.value = buf.upload(v, {h.value.numel()}, DType::bf16);
+        d.value.ndim = h.value.ndim;
+        d.value.shape = h.value.shape;
+        d.grad = buf.zeros({h.value.numel()}, DType::f32);
+        d.grad.ndim = h.value.ndim;
+        d.grad.shape = h.value.shape;
+        return d;
+      };
+      MoeLayer G;
+      G.cfg = c;
+      G.gemm = impl;
+      G.router = dev_weight(L.router);
+      G.gate_up = dev_weight(L.gate_up);
+      G.down = dev_weight(L.down);
+      G.shared_gate_up = dev_weight(L.shared_gate_up);
+      G.shared_down = dev_weight(L.shared_down);
+      if (c.use_selection_bias) G.selection_bias = buf.upload(bias_host, {E}, DType::f32);
+      ExecContext gctx(Device::cuda(0));
+      ArenaSizer saved_size, scratch_size;
+      G.alloc_saved(saved_size, N, DType::bf16);
+      G.alloc_scratch(scratch_size, N, DType::bf16);
+      Arena gact("act", Device::cuda(0), saved_size.used()), gscr("scratch", Device::cuda(0), scratch_size.used());
+      MoeLayer::Saved sg = G.alloc_saved(gact, N, DType::bf16);
+      const Tensor x_d = buf.upload(x, {N, D}, DType::bf16), out_d = buf.poisoned({N, D}, DType::bf16);
+      test::device_sync();
+      const double aux_g = G.forward(gctx, x_d, out_d, sg);
+      gctx.synchronize();
+      EXPECT_EQ(download_i32(sg.routing.expert), host_i32(sc.routing.expert)) << "expert ids";
+      EXPECT_EQ(download_i32(sg.routing.order), host_i32(sc.routing.order)) << "order";
+      EXPECT_EQ(sg.gemm, impl);
+      if (impl == kernels::MoeGemm::wmma) {
+        EXPECT_TRUE(sg.counts_host.empty()) << "wmma needs no host counts";
+      } else {
+        EXPECT_EQ(std::vector<int64_t>(sg.counts_host.begin(), sg.counts_host.end()), load) << "saved host counts";
+      }
+      expect_close(DeviceBuffers::download(out_d), out_c, kBf16Tol, "out");
+      std::printf("  aux cpu %.6g gpu %.6g\n", aux_c, aux_g);
+      EXPECT_NEAR(aux_g, aux_c, 1e-4 * std::abs(aux_c) + 1e-12);
+
+      const Tensor dout_d = buf.upload(dout, {N, D}, DType::bf16), dx_d = buf.poisoned({N, D}, DType::bf16);
+      test::device_sync();
+      G.backward(gctx, sg, dout_d, dx_d, gscr, 1.0);
+      gctx.synchronize();
+      expect_close(DeviceBuffers::download(dx_d), dx_c, 2e-2, "dx");
+      expect_close(DeviceBuffers::download(G.router.grad), host_f32(L.router.grad), 5e-2, "router grad");
+      expect_close(DeviceBuffers::download(G.gate_up.grad), host_f32(L.gate_up.grad), 2e-2, "experts gate_up grad");
+      expect_close(DeviceBuffers::download(G.down.grad), host_f32(L.down.grad), 2e-2, "experts down grad");
+      if (c.num_shared_experts > 0) {
+        expect_close(DeviceBuffers::download(G.shared_gate_up.grad), host_f32(L.shared_gate_up.grad), 2e-2,
+                     "shared gate_up grad");
+        expect_close(DeviceBuffers::download(G.shared_down.grad), host_f32(L.shared_down.grad), 2e-2,
+                     "shared down grad");
+      }
+      // An expert without rows has an exactly zero gradient on both devices (its dW is never written).
+      const std::vector<float> gu = DeviceBuffers::download(G.gate_up.grad), dn = DeviceBuffers::download(G.down.grad);
+      const int64_t per = 2 * c.expert_ffn * D;
+      for (int64_t e = 0; e < E; ++e) {
+        if (load[e] != 0) continue;
+        EXPECT_TRUE(std::all_of(gu.begin() + e * per, gu.begin() + (e + 1) * per, [](float v) { return v == 0.f; }))
+            << "expert " << e << " gate_up";
+        EXPECT_TRUE(
+            std::all_of(dn.begin() + e * per / 2, dn.begin() + (e + 1) * per / 2, [](float v) { return v == 0.f; }))
+            << "expert " << e << " down";
+      }
     }
   }
 }
