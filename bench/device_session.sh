@@ -2,7 +2,7 @@
 # One device call covering the multi-GPU and MoE checks (issues 6 and 7): build (launch/setup.sh), the
 # gpu_parallel tests (NCCL, SP, multi-rank train / distill), the gpu label, the DP and SP scaling tables and
 # the MoE layer bench. Each part has its own time limit and log under OUT_DIR; a summary goes to stdout.
-# Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,moe
+# Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,gpu_moe,moe,e2e
 set -uo pipefail
 out=${1:?usage: device_session.sh OUT_DIR [PARTS]}
 parts=${2:-gpu_parallel,gpu,dp,sp_k,moe}
@@ -29,7 +29,19 @@ if has sp_k; then
   MODE=sp PATTERN=K STEPS=4 timeout 150 bash bench/scaling/run.sh 16384 >"$out/sp_k.txt" 2>&1
   echo "sp_k rc=$?"; tail -n 7 "$out/sp_k.txt"
 fi
+if has gpu_moe; then
+  timeout 240 ctest --test-dir build -R test_gpu_moe --output-on-failure >"$out/gpu_moe.log" 2>&1
+  echo "gpu_moe rc=$?"; grep -E "tests passed|Failed|FAILED|\*\*\*" "$out/gpu_moe.log" | head -n 20
+  for g in grouped loop wmma; do
+    HYD_MOE_GEMM=$g timeout 120 build/gpu_test_gpu_moe --gtest_filter=GpuMoe.Qwen3MoeModelsMatchCpu >"$out/gpu_moe_model_$g.log" 2>&1
+    echo "qwen3_moe models with $g: rc=$?"; grep -E "PASSED|FAILED" "$out/gpu_moe_model_$g.log" | head -n 3
+  done
+fi
 if has moe; then
-  timeout 200 bash bench/moe/run.sh build >"$out/moe.txt" 2>&1
-  echo "moe rc=$?"; tail -n 14 "$out/moe.txt"
+  MOE_GEMMS="${MOE_GEMMS:-grouped loop wmma}" timeout 300 bash bench/moe/run.sh build >"$out/moe.txt" 2>&1
+  echo "moe rc=$?"; tail -n 16 "$out/moe.txt"
+fi
+if has e2e; then
+  timeout 420 bash bench/e2e/run.sh >"$out/e2e.txt" 2>&1
+  echo "e2e rc=$?"; tail -n 20 "$out/e2e.txt"
 fi
