@@ -47,12 +47,14 @@
 // allocation (cudaMemGetInfo): the models' and the optimizer's arenas, the loop's buffers, the cuBLAS
 // workspaces and the stream-ordered pool of the kernels' scratch, which ExecContext never releases
 // (release threshold UINT64_MAX), so its reservation at the end is its high-water mark. It counts
-// reserved memory, more than PyTorch's max_memory_allocated on the other side. arenas_gib and
-// pool_gib split it (pool_gib: the pool's reserved high-water mark).
+// reserved memory, more than PyTorch's max_memory_allocated on the other side. arenas_gib (the models',
+// optimizer's, uploader's and stage-2 buffers' arenas) and pool_gib (the pool's reserved high-water
+// mark) are most of it; the rest is the cuBLAS handles' workspaces and what the libraries allocate.
 //
 // Prints one line per run:
 //   e2e impl=hydistill mode=distill batch=8 seq=2048 docs=1 step_ms=... tokens_per_s=... mfu=... peak_gib=...
-// followed by further key=value fields (parameters, FLOPs per token, loss, device).
+// followed by further key=value fields (parameters, FLOPs per token, loss, device; skipped = AdamW updates
+// skipped for a non-finite gradient norm, which would make a step look cheaper: it must be 0).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -373,12 +375,13 @@ int run(const Args& a) {
   std::printf(
       "e2e impl=hydistill mode=%s batch=%lld seq=%lld docs=%lld step_ms=%.2f tokens_per_s=%.0f mfu=%.4f "
       "peak_gib=%.2f arenas_gib=%.2f pool_gib=%.2f student_params=%lld teacher_params=%.0f "
-      "flops_per_token=%.4e peak_tflops=%.0f loss=%.5f steps=%d warmup=%d pattern=%s w_kl=%g w_ce=%g device=%s\n",
+      "flops_per_token=%.4e peak_tflops=%.0f loss=%.5f steps=%d warmup=%d pattern=%s w_kl=%g w_ce=%g skipped=%lld "
+      "device=%s\n",
       a.mode.c_str(), static_cast<long long>(B), static_cast<long long>(T), static_cast<long long>(a.docs),
       step_s * 1e3, tokens_per_s, tokens_per_s * flops_per_token / peak, peak_gib, static_cast<double>(arenas) / gib,
       pool_gib, static_cast<long long>(count_params(student)), teacher_params, flops_per_token, peak / 1e12, loss,
       a.steps, a.warmup, layer_pattern_string(student_cfg.layers).c_str(), a.w_kl, distill ? a.w_ce : 0.0,
-      device_name.c_str());
+      static_cast<long long>(optimizer.skipped_steps()), device_name.c_str());
   std::fflush(stdout);
   return 0;
 }

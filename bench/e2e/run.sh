@@ -14,6 +14,18 @@
 # MODES ("train distill"), RUN_TIMEOUT (seconds per run, 200; the first reference run compiles FLA's
 # Triton kernels), EXTRA_OURS / EXTRA_REF (extra arguments for one side).
 # Expected to finish in under ~6 minutes on an H100 (8 runs; not yet measured).
+#
+# Where the two sides do not do the same work (by design: each is what its user runs):
+#   * precision: ours keeps f32 gradients and f32 AdamW masters / moments beside the bf16 weights; the
+#     reference is pure bf16 (bf16 parameters, gradients and fused-AdamW moments, no masters).
+#   * loss: ours chunks the LM head and fuses KL (+ CE, always computed for the log) per chunk, never
+#     holding [tokens x vocab] logits; the reference materialises both models' full logits and their
+#     f32 log-softmaxes. Ours averages over the tokens with a target (B T - B: the last token of each
+#     sequence has none); the reference's KL averages over all B T tokens.
+#   * memory: ours = device memory in use above the bare context (reservations, cuBLAS workspaces, the
+#     teacher's unused gradient buffer included); the reference = max_memory_allocated (no cache slack).
+#   * the reference's A layers use our NoPEAttention (SDPA) since FLA's attention layer needs flash-attn;
+#     --docs > 1 (several documents per sequence) exists on our side only.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 BUILD=${BUILD:-build}
