@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cctype>
+#include <csignal>
+#include <cstdlib>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -18,7 +20,6 @@
 #include "parallel/checks.h"
 #include "parallel/comm.h"
 #include "trainer/core/error.h"
-#include "trainer/stop_signal.h"
 #include "trainer/train_loop.h"  // ConfigError
 
 #ifndef HYD_VERSION
@@ -247,6 +248,16 @@ std::string publish(const std::string& run_dir, const CheckpointManifest& manife
   fsync_path(run_dir);
   fs::remove_all(stale, ec);
   return final_dir.string();
+}
+
+// Fault injection for tests/parallel/test_faults.sh (trainer/stop_signal.h lists the variables):
+// HYD_FAULT_KILL_IN_CHECKPOINT=N kills rank 1 (rank 0 alone) after its state file of step N is written.
+void fault_point_in_checkpoint(int64_t step, int rank, int ranks) {
+  static const int64_t at = [] {
+    const char* v = std::getenv("HYD_FAULT_KILL_IN_CHECKPOINT");
+    return v != nullptr && *v != '\0' ? std::strtoll(v, nullptr, 10) : int64_t{-1};
+  }();
+  if (at >= 0 && step == at && rank == (ranks > 1 ? 1 : 0)) std::raise(SIGKILL);
 }
 
 }  // namespace

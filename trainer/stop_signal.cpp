@@ -77,9 +77,4 @@ void fault_point_after_step(int64_t step) {
   if (term_at >= 0 && step == term_at) std::raise(SIGTERM);
 }
 
-void fault_point_in_checkpoint(int64_t step, int rank, int ranks) {
-  static const int64_t at = env_step("HYD_FAULT_KILL_IN_CHECKPOINT");
-  if (at >= 0 && step == at && rank == (ranks > 1 ? 1 : 0)) std::raise(SIGKILL);
-}
-
 }  // namespace hyd

@@ -11,6 +11,7 @@
 //                                    stand-in for a scheduler's signal arriving during step N)
 //   HYD_FAULT_KILL_IN_CHECKPOINT=N   SIGKILL rank 1 (rank 0 with one rank) in the middle of writing the
 //                                    checkpoint of step N: its state file written, the manifest not yet
+//                                    (checkpoint/checkpoint.cpp reads this one)
 #pragma once
 
 #include <cstdint>
@@ -36,8 +37,7 @@ class StopSignals {
 // "SIGTERM", "SIGUSR1", or "signal N".
 const char* stop_signal_name(int sig);
 
-// Fault injection (see above): kill this process now when the variable names `step`.
+// Fault injection (see above): kill (or signal) this process now when a variable names `step`.
 void fault_point_after_step(int64_t step);
-void fault_point_in_checkpoint(int64_t step, int rank, int ranks);
 
 }  // namespace hyd
