@@ -224,6 +224,17 @@ json hf_hybrid_config_json(const HybridConfig& cfg, const std::string& dtype, in
   j["kda_v_head_dim"] = kda ? k.dv : mc.head_dim;
   j["kda_conv_size"] = kda ? k.conv_size : int64_t(4);
   j["kda_norm_eps"] = kda ? float_as_decimal(k.norm_eps) : mc.rms_norm_eps;
+  if (mc.has_moe_layers()) {
+    // qwen3_moe's keys and meaning (Qwen3MoeConfig): layer l has the MoE FFN iff l is not in mlp_only_layers
+    // and (l + 1) % decoder_sparse_step == 0; the others keep the SwiGLU MLP of intermediate_size.
+    j["num_experts"] = mc.num_experts;
+    j["num_experts_per_tok"] = mc.num_experts_per_tok;
+    j["moe_intermediate_size"] = mc.moe_intermediate_size;
+    j["norm_topk_prob"] = mc.norm_topk_prob;
+    j["decoder_sparse_step"] = mc.decoder_sparse_step;
+    j["mlp_only_layers"] = mc.mlp_only_layers;
+    j["router_aux_loss_coef"] = mc.router_aux_loss_coef;
+  }
   j["use_cache"] = false;
   return j;
 }
@@ -262,12 +273,6 @@ bool has_tokenizer_files(const std::string& dir) {
 void export_hf(const HybridModel& model, const ExportOptions& opt) {
   if (opt.out_dir.empty()) throw Error::at("export", "out", "no output directory given");
   const HybridConfig& cfg = model.config();
-  // MoE FFN layers (qwen3_moe teachers' students) have no export mapping yet (neither the modeling file nor
-  // the per-expert tensor split): refused before anything is written.
-  if (cfg.model.has_moe_layers())
-    throw Error::at("export", "model.family",
-                    "'" + cfg.model.family + "' (" + std::to_string(cfg.model.num_experts) +
-                        " experts): exporting a model with MoE layers is not supported yet");
   const std::vector<ExportTensorSpec> specs = hf_hybrid_tensors(cfg, opt.dtype);
   if (opt.dense && (cfg.has(MixerKind::kda) || cfg.has(MixerKind::nope_attention)))
     throw Error::at("export", "dense",

@@ -11,7 +11,11 @@
 // Tensor names: the dense parts as the teacher's HF names (distill/teacher.h's mapping: wqkv rows
 // q; k; v -> q_proj / k_proj / v_proj, w_gate_up rows gate; up -> gate_proj / up_proj, ...); every mixer
 // lives under `self_attn`, KDA mixers with FLA's KimiDeltaAttention names (conv weights [C, K] stored
-// as [C, 1, K]). Matrices are written in opt.dtype; A_log and dt_bias are always F32.
+// as [C, 1, K]). MoE FFN layers (students of qwen3_moe teachers) keep qwen3_moe's per-expert names: the
+// router layers.L.mlp.gate.weight as model.layers.L.mlp.gate.weight, and expert e's slices of the stacked
+// layers.L.mlp.gate_up [E, 2F, D] / mlp.down [E, D, F] as model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight;
+// config.json then carries Qwen3MoeConfig's expert keys. Matrices are written in opt.dtype; A_log and dt_bias
+// are always F32.
 //
 // Nothing is lost: an existing non-empty OUT is refused (error naming it); the directory is built as
 // OUT.tmp (a stale OUT.tmp from an interrupted export is removed first) and renamed to OUT at the end.

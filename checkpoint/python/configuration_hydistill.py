@@ -12,6 +12,14 @@ RMSNorm -> SwiGLU MLP -> residual, final RMSNorm, lm_head (tied or not). Only th
     "nope_attention"  the same softmax attention without rotary embeddings (full causal)
     "kda"             Kimi Delta Attention (weight names of FLA's KimiDeltaAttention layer)
 
+The FFN of a layer is the SwiGLU MLP (intermediate_size) or, for students of qwen3_moe teachers, the teacher's
+Mixture-of-Experts FFN, with Qwen3MoeConfig's keys and meaning: `num_experts` routed SwiGLU experts of
+`moe_intermediate_size`, a linear router (`mlp.gate`) whose softmax scores (fp32) pick the top `num_experts_per_tok`
+experts per token, their scores renormalised to sum 1 when `norm_topk_prob`. Layer l has the MoE FFN iff
+num_experts > 0, l is not in `mlp_only_layers` and (l + 1) % `decoder_sparse_step` == 0 (`is_moe_layer`).
+num_experts = 0 (the default): every layer dense. `num_local_experts` (transformers 5.x's spelling) is read as
+num_experts when num_experts is absent.
+
 RoPE parameters are accepted in both transformers layouts: 4.x (`rope_theta` + `rope_scaling` with "rope_type" or
 "type") and 5.x (`rope_parameters` with "rope_type" and "rope_theta"). `rope_settings()` returns them in one form
 whatever transformers version is installed; the modeling file reads them only through it.
@@ -93,6 +101,13 @@ class HydistillConfig(PretrainedConfig):
         kda_v_head_dim=None,
         kda_conv_size=4,
         kda_norm_eps=None,
+        num_experts=None,
+        num_experts_per_tok=0,
+        moe_intermediate_size=0,
+        norm_topk_prob=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=None,
+        router_aux_loss_coef=0.0,
         initializer_range=0.02,
         use_cache=False,
         pad_token_id=None,
@@ -122,6 +137,17 @@ class HydistillConfig(PretrainedConfig):
         self.kda_v_head_dim = self.kda_head_dim if kda_v_head_dim is None else kda_v_head_dim
         self.kda_conv_size = kda_conv_size
         self.kda_norm_eps = rms_norm_eps if kda_norm_eps is None else kda_norm_eps
+        if num_experts is None:
+            num_experts = kwargs.pop("num_local_experts", None) or 0
+        kwargs.pop("num_local_experts", None)
+        self.num_experts = int(num_experts)
+        self.num_experts_per_tok = num_experts_per_tok
+        self.moe_intermediate_size = moe_intermediate_size
+        self.norm_topk_prob = bool(norm_topk_prob)
+        self.decoder_sparse_step = decoder_sparse_step
+        self.mlp_only_layers = [] if mlp_only_layers is None else [int(i) for i in mlp_only_layers]
+        # Kept for reference (the teacher's); the modeling file never adds a router loss.
+        self.router_aux_loss_coef = router_aux_loss_coef
         self.initializer_range = initializer_range
         self.use_cache = use_cache
 
@@ -143,6 +169,12 @@ class HydistillConfig(PretrainedConfig):
         )
         # Set again after the base class: some transformers versions give tie_word_embeddings a default there.
         self.tie_word_embeddings = tie_word_embeddings
+
+    def is_moe_layer(self, layer_idx):
+        """Whether layer `layer_idx` has the MoE FFN (Qwen3MoeDecoderLayer's rule)."""
+        if self.num_experts <= 0 or self.decoder_sparse_step <= 0 or layer_idx in self.mlp_only_layers:
+            return False
+        return (layer_idx + 1) % self.decoder_sparse_step == 0
 
     def rope_settings(self):
         """(rope_theta, scaling) with scaling None for plain RoPE, else a dict with "rope_type" and its keys."""
@@ -168,6 +200,14 @@ class HydistillConfig(PretrainedConfig):
             fail("kda_num_v_heads", f"{self.kda_num_v_heads} is not a multiple of kda_num_heads {self.kda_num_heads}")
         if self.kda_conv_size < 1:
             fail("kda_conv_size", "must be >= 1")
+        if self.num_experts < 0:
+            fail("num_experts", f"must be >= 0, got {self.num_experts}")
+        if any(self.is_moe_layer(i) for i in range(self.num_hidden_layers)):
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                fail("num_experts_per_tok", f"must be in 1..{self.num_experts} (num_experts), got "
+                     f"{self.num_experts_per_tok}")
+            if self.moe_intermediate_size <= 0:
+                fail("moe_intermediate_size", f"must be > 0, got {self.moe_intermediate_size}")
 
 
 __all__ = ["HydistillConfig"]

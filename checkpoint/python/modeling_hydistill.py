@@ -13,6 +13,10 @@ config.mixer_types[l]:
   "nope_attention"  the same without RoPE.
   "kda"             Kimi Delta Attention with the weight names of FLA's KimiDeltaAttention layer.
 
+FFN: the SwiGLU MLP, or on the layers config.is_moe_layer names (students of qwen3_moe teachers) the
+Mixture-of-Experts FFN of HydistillSparseMoe (fp32 softmax router, top num_experts_per_tok, optional
+renormalisation), with qwen3_moe's weight names.
+
 Supported inputs: a plain causal batch, input_ids [B, T] (or inputs_embeds [B, T, D]), every row a single document
 starting at position 0 (position_ids may be given; they only move RoPE). Not supported:
   * padding: an attention_mask with zeros raises ValueError (KDA state and conv windows would have to skip pads);
@@ -183,14 +187,64 @@ class HydistillRMSNorm(nn.Module):
 
 
 class HydistillMLP(nn.Module):
-    def __init__(self, config):
+    """SwiGLU: down(silu(gate(x)) * up(x)); width config.intermediate_size unless `intermediate_size` is given."""
+
+    def __init__(self, config, intermediate_size=None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        F_ = config.intermediate_size if intermediate_size is None else intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, F_, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, F_, bias=False)
+        self.down_proj = nn.Linear(F_, config.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class HydistillSparseMoe(nn.Module):
+    """Mixture-of-Experts FFN of qwen3_moe students (HyDistill's trainer/layer_moe.h with a softmax router, no
+    shared experts, no selection bias), per token x [D]:
+
+        s = softmax(x W_r^T) over the E experts        router in fp32 whatever the weights' dtype
+        e_1..e_k = the k largest s (descending; equal scores: the lower expert index first)
+        w_j = s[e_j], divided by sum_i s[e_i] when norm_topk_prob
+        y = sum_j w_j expert_{e_j}(x),  expert_e = SwiGLU of width moe_intermediate_size
+
+    Weights (qwen3_moe's names): gate.weight [E, D] (the router), experts.{e}.{gate,up}_proj.weight [F, D],
+    experts.{e}.down_proj.weight [D, F]. Experts run on the rows routed to them only; the weighted sum is
+    accumulated in fp32 (float64 for float64 inputs) and returned in x's dtype.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            [HydistillMLP(config, config.moe_intermediate_size) for _ in range(config.num_experts)]
+        )
+
+    def route(self, x):
+        """x [N, D] -> (experts [N, k] int64, weights [N, k] fp32 (float64 for float64 x), scores [N, E])."""
+        acc = torch.promote_types(x.dtype, torch.float32)
+        scores = torch.softmax(F.linear(x.to(acc), self.gate.weight.to(acc)), dim=-1)
+        # A stable descending sort: among equal scores the lower expert index wins, as in the C++ top-k.
+        weights, experts = torch.sort(scores, dim=-1, descending=True, stable=True)
+        weights, experts = weights[:, : self.top_k], experts[:, : self.top_k]
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return experts, weights, scores
+
+    def forward(self, x):
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])
+        experts, weights, _ = self.route(xf)
+        out = torch.zeros(xf.shape, dtype=weights.dtype, device=x.device)
+        for e in experts.unique().tolist():
+            token, slot = (experts == e).nonzero(as_tuple=True)
+            y = self.experts[e](xf[token]).to(weights.dtype) * weights[token, slot].unsqueeze(-1)
+            out.index_add_(0, token, y)
+        return out.to(x.dtype).reshape(shape)
 
 
 class HydistillAttention(nn.Module):
@@ -397,7 +451,8 @@ class HydistillDecoderLayer(nn.Module):
         else:
             self.self_attn = HydistillAttention(config, use_rope=self.mixer_type == "rope_attention")
         self.post_attention_layernorm = HydistillRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = HydistillMLP(config)
+        # qwen3_moe students: the MoE FFN where config.is_moe_layer says so, the SwiGLU MLP elsewhere.
+        self.mlp = HydistillSparseMoe(config) if config.is_moe_layer(layer_idx) else HydistillMLP(config)
 
     def forward(self, h, cos, sin):
         x = self.input_layernorm(h)

@@ -9,7 +9,8 @@ ExportParity.WriteCase (tests/unit/test_export.cpp, run with HYD_EXPORT_PARITY_D
 Per case:
   1. safetensors.safe_open reads every tensor of both exports; the set of names, each shape and each dtype equal
      docs/export.md's table derived here from config.json (BF16 / F32 matrices, A_log and dt_bias F32 always,
-     lm_head absent when tied); every bf16 value is the f32 export's value rounded to bf16.
+     lm_head absent when tied, MoE layers with the router and per-expert matrices); every bf16 value is the f32
+     export's value rounded to bf16. (tests/python/check_export_moe.py reuses read_export for MoE students.)
   2. AutoModelForCausalLM.from_pretrained(model_f32, trust_remote_code=True) loads with no missing, unexpected or
      mismatched keys, as the class shipped in the folder; its fp32 logits match the C++ forward: rel < 1e-4
      (||out - ref|| / ||ref||).
@@ -48,6 +49,14 @@ def rel_err(out, ref):
     return ((out - ref).norm() / ref.norm()).item()
 
 
+def is_moe_layer(cfg, i):
+    """docs/export.md: layer i has the MoE FFN iff num_experts > 0, i not in mlp_only_layers and
+    (i + 1) % decoder_sparse_step == 0 (absent keys: a dense model)."""
+    step = cfg.get("decoder_sparse_step", 1)
+    return (cfg.get("num_experts", 0) > 0 and step > 0 and i not in cfg.get("mlp_only_layers", [])
+            and (i + 1) % step == 0)
+
+
 def expected_tensors(cfg):
     """docs/export.md's tensor table: name -> (shape, dtype) for this config.json."""
     mat = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["torch_dtype"]]
@@ -63,9 +72,17 @@ def expected_tensors(cfg):
         p = f"model.layers.{i}."
         e[p + "input_layernorm.weight"] = ([D], mat)
         e[p + "post_attention_layernorm.weight"] = ([D], mat)
-        e[p + "mlp.gate_proj.weight"] = ([F, D], mat)
-        e[p + "mlp.up_proj.weight"] = ([F, D], mat)
-        e[p + "mlp.down_proj.weight"] = ([D, F], mat)
+        if is_moe_layer(cfg, i):
+            E, Fe = cfg["num_experts"], cfg["moe_intermediate_size"]
+            e[p + "mlp.gate.weight"] = ([E, D], mat)
+            for x in range(E):
+                e[p + f"mlp.experts.{x}.gate_proj.weight"] = ([Fe, D], mat)
+                e[p + f"mlp.experts.{x}.up_proj.weight"] = ([Fe, D], mat)
+                e[p + f"mlp.experts.{x}.down_proj.weight"] = ([D, Fe], mat)
+        else:
+            e[p + "mlp.gate_proj.weight"] = ([F, D], mat)
+            e[p + "mlp.up_proj.weight"] = ([F, D], mat)
+            e[p + "mlp.down_proj.weight"] = ([D, F], mat)
         a = p + "self_attn."
         if kind == "kda":
             e.update({

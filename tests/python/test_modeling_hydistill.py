@@ -3,7 +3,10 @@
 
   1. rope_attention-only students with weights copied from small random transformers teachers give the teacher's
      logits (fp32, rel < 1e-5): Llama with every RoPE variant (default, linear, llama3, yarn; yarn also at
-     positions 3000+), Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorm, head_dim != hidden/heads, tied embeddings).
+     positions 3000+), Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorm, head_dim != hidden/heads, tied embeddings),
+     Qwen3Moe (the MoE FFN: top-2 renormalised with a dense layer from mlp_only_layers; top-3 not renormalised
+     with decoder_sparse_step 2 and tied embeddings; 5.x's fused expert tensors split into qwen3_moe's
+     per-expert names, which the student's state dict must take with no missing or unexpected key).
      Also the RoPE inverse frequencies and attention factor against transformers' own functions.
   2. kda_recurrence vs FLA's naive_recurrent_kda (fla/ops/kda/naive.py loaded from its file, run in float64) on
      random inputs with grouped value heads and extreme gate regimes: rel < 1e-10.
@@ -126,6 +129,62 @@ def teacher_parity(label, cls, rope_theta, rope_scaling, position_offset=0, **kw
     check_rel(f"parity {label}", out, ref, 1e-5)
 
 
+def per_expert_state_dict(sd):
+    """A qwen3_moe state dict with the experts as separate tensors (transformers 4.x's names, and what
+    save_pretrained writes): 5.x's fused mlp.experts.gate_up_proj [E, 2F, D] (rows gate; up) and down_proj
+    [E, D, F] split into mlp.experts.{e}.{gate,up,down}_proj.weight."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("mlp.experts.gate_up_proj"):
+            p, F_ = k[: -len("gate_up_proj")], v.shape[1] // 2
+            for e in range(v.shape[0]):
+                out[f"{p}{e}.gate_proj.weight"] = v[e, :F_]
+                out[f"{p}{e}.up_proj.weight"] = v[e, F_:]
+        elif k.endswith("mlp.experts.down_proj"):
+            p = k[: -len("down_proj")]
+            for e in range(v.shape[0]):
+                out[f"{p}{e}.down_proj.weight"] = v[e]
+        elif "rotary_emb" not in k:
+            out[k] = v
+    return out
+
+
+def qwen3_moe_parity(label, cls, kw):
+    """rope_attention student with the MoE FFN vs transformers' Qwen3Moe: same weights, same logits (fp32)."""
+    torch.manual_seed(hash(label) % 1000)
+    teacher = cls(hf_config(cls.config_class, 1e6, None, **kw)).float().eval()
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("mlp.gate.weight"):  # router logits O(3): distinct expert choices per token
+                p.copy_(torch.randn_like(p) * (3.0 / p.shape[-1] ** 0.5))
+            elif "experts" in name:
+                p.copy_(torch.randn_like(p) * (1.0 / p.shape[-1] ** 0.5))
+    fields = {k: v for k, v in kw.items() if k != "tie_word_embeddings"}
+    cfg = HydistillConfig(rope_theta=1e6, qk_norm=True, mixer_types=["rope_attention"] * kw["num_hidden_layers"],
+                          tie_word_embeddings=kw.get("tie_word_embeddings", False), **fields)
+    student = HydistillForCausalLM(cfg).eval()
+    sparse = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    want = [i for i, layer in enumerate(teacher.model.layers) if "experts" in dict(layer.named_modules())
+            or any("experts" in n for n, _ in layer.named_parameters())]
+    check(f"{label}: MoE layers {sparse} = transformers' {want}", sparse == want)
+    sd = per_expert_state_dict(teacher.state_dict())
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    missing, unexpected = student.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    check(f"{label}: state dict loads", not missing and not unexpected, f"missing {missing}, unexpected {unexpected}")
+    ids = torch.randint(0, kw["vocab_size"], (2, 17))
+    with torch.no_grad():
+        ref = teacher(input_ids=ids).logits
+        out = student(input_ids=ids).logits
+        x = torch.randn(34, kw["hidden_size"])
+        experts, _, _ = student.model.layers[sparse[0]].mlp.route(x)
+    check_rel(f"parity {label}", out, ref, 1e-5)
+    check(f"{label}: routing uses several experts", experts.unique().numel() > kw["num_experts_per_tok"])
+
+
 def test_teacher_parity():
     print("1. rope_attention students vs transformers teachers")
     from transformers import LlamaForCausalLM
@@ -145,6 +204,20 @@ def test_teacher_parity():
                        head_dim=24, tie_word_embeddings=True, **SKELETON)
     except ImportError:
         SKIPS.append("qwen3 parity: transformers has no Qwen3")
+
+    try:
+        from transformers import Qwen3MoeForCausalLM
+    except ImportError:
+        Qwen3MoeForCausalLM = None
+        SKIPS.append("qwen3_moe parity: transformers has no Qwen3Moe")
+    if Qwen3MoeForCausalLM is not None:
+        moe = dict(SKELETON, num_hidden_layers=4, head_dim=16, num_experts=6, num_experts_per_tok=2,
+                   moe_intermediate_size=24)
+        qwen3_moe_parity("qwen3_moe (top-2 of 6, renormalised, layer 1 dense)", Qwen3MoeForCausalLM,
+                         dict(moe, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1]))
+        qwen3_moe_parity("qwen3_moe (top-3 of 6, not renormalised, sparse step 2)", Qwen3MoeForCausalLM,
+                         dict(moe, num_experts_per_tok=3, norm_topk_prob=False, decoder_sparse_step=2,
+                              mlp_only_layers=[], tie_word_embeddings=True))
 
     # inv_freq and attention factor against transformers' own functions.
     from transformers import LlamaConfig
