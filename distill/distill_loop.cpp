@@ -25,6 +25,7 @@
 #include "parallel/comm.h"
 #include "parallel/grid.h"
 #include "parallel/nccl_comm.h"
+#include "trainer/layer_moe.h"
 #include "trainer/stop_signal.h"
 #include "trainer/zero1.h"
 #include "parallel/sequence_parallel.h"
@@ -250,6 +251,12 @@ void validate_distill_config(const DistillConfig& cfg) {
           "must lie in [1, 65536], got " + std::to_string(cfg.parallel.dp));
   require(cfg.parallel.sp >= 1 && cfg.parallel.sp <= 65536, "parallel.sp",
           "must lie in [1, 65536], got " + std::to_string(cfg.parallel.sp));
+  require(cfg.parallel.ep >= 1 && (cfg.parallel.dp * cfg.parallel.sp) % cfg.parallel.ep == 0, "parallel.ep",
+          "= " + std::to_string(cfg.parallel.ep) + " must be >= 1 and divide parallel.dp x parallel.sp = " +
+              std::to_string(cfg.parallel.dp * cfg.parallel.sp));
+  require(cfg.parallel.ep == 1 || cfg.device == "cpu", "parallel.ep",
+          "> 1 runs on the CPU only for now (expert parallelism on CUDA is not implemented; device = " + cfg.device +
+              ")");
   validate_run_options(cfg.run, cfg.checkpoint, cfg.train.resume, src);
   try {
     (void)parse_device(cfg.device);
@@ -309,9 +316,32 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   std::optional<SequenceParallel> sp_ctx;
   if (sp > 1) sp_ctx.emplace(grid->sp_group(), device);
   // This rank's part of step `s`'s micro-batch, uploaded; with sp > 1 the batch carries the SP layout.
+  // Expert parallelism: groups of parallel.ep consecutive ranks compute the MoE layers' routed experts
+  // together (trainer/layer_moe.h MoeExpertParallel: rank p of a group runs experts [p E/ep, (p+1) E/ep) for
+  // the tokens of the whole group). Every rank keeps every expert's weights (replicated; a routed expert's
+  // gradient is produced on its owner only, and ZeRO-1's sum over all ranks counts it once); evaluation
+  // (rank 0 alone) computes every expert locally.
+  const int ep = static_cast<int>(cfg.parallel.ep);
+  if (ep > 1) {
+    if (tc.num_experts == 0)
+      throw ConfigError::at(src, "parallel.ep",
+                            "= " + std::to_string(ep) + " but the teacher " + cfg.teacher_dir + " has no MoE layers");
+    if (tc.num_experts % ep != 0)
+      throw ConfigError::at(src, "parallel.ep",
+                            "= " + std::to_string(ep) + " must divide the teacher's " + std::to_string(tc.num_experts) +
+                                " experts");
+  }
+  std::optional<Communicator> ep_group;
+  std::unique_ptr<MoeExpertParallel> ep_ctx;
+  if (ep > 1) {
+    ep_group.emplace(world->split(world->rank() / ep, world->rank() % ep));
+    ep_ctx = std::make_unique<MoeExpertParallel>(*ep_group);
+  }
   auto batch_for = [&](ExecContext& c, BatchUploader& up, int64_t s, HostBatch& hb) {
     hb = sampler.batch(s);
-    return upload_sp_batch(c, up, sp_ctx ? &*sp_ctx : nullptr, B, T, hb);
+    Batch b = upload_sp_batch(c, up, sp_ctx ? &*sp_ctx : nullptr, B, T, hb);
+    b.ep = ep_ctx.get();
+    return b;
   };
   // Sums over all ranks (no-op on one).
   auto sum_all = [&](std::span<double> v) {
@@ -400,6 +430,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
        << (dp > 1 ? " x " + std::to_string(dp) + " data-parallel ranks" : std::string())
        << (sp > 1 ? ", each sequence over " + std::to_string(sp) + " sequence-parallel ranks (LASP-2 / LASP-2H)"
                   : std::string())
+       << (ep > 1 ? ", routed experts over groups of " + std::to_string(ep) + " expert-parallel ranks" : std::string())
        << ")\n"
        << in.data->summary() << "train split      " << sampler.num_docs() << " documents, "
        << sampler.tokens_per_epoch() << " tokens\n"
@@ -746,6 +777,9 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   result.last_ce = st.last_ce;
   result.tokens = st.tokens;
   result.elapsed_s = seconds_since(t_start);
+  if (ep_group)
+    out << "expert parallelism: rank 0 took part in " << ep_group->counters().calls << " exchanges of its group, "
+        << format_megabytes(static_cast<size_t>(ep_group->counters().bytes)) << " sent" << std::endl;
   out << (stopped ? "stopped: stage 1 " : "done: stage 1 ") << result.stage1_steps << " steps";
   if (result.last_mse >= 0)
     out << " (mse " << format_number("%.6g", result.first_mse) << " -> " << format_number("%.6g", result.last_mse)

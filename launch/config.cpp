@@ -115,11 +115,10 @@ class TrainOptionTable : public OptionTable {
     group("[parallel]");
     add("parallel.dp", &c.parallel.dp,
         "data-parallel ranks (mpirun -np dp*sp): data.batch_size sequences per rank; dp x sp > 1: ZeRO-1 over all "
-        "ranks on the CPU, not yet on CUDA; checkpoints and train.resume are refused for dp x sp > 1 (sharded "
-        "checkpoints are a later piece), the run ends without a checkpoint");
+        "ranks (CPU or one GPU per rank), sharded checkpoints, resume on another grid with the same global batch");
     add("parallel.sp", &c.parallel.sp,
         "sequence-parallel ranks: each sequence split into sp slices (LASP-2H attention over the slices); must "
-        "divide data.seq_len; the CPU only for now");
+        "divide data.seq_len");
   }
 };
 
@@ -167,11 +166,15 @@ class DistillOptionTable : public OptionTable {
 
     group("[parallel]");
     add("parallel.dp", &c.parallel.dp,
-        "data-parallel ranks (mpirun -np dp*sp): data.batch_size sequences per rank, gradients summed over "
-        "the ranks; the CPU only for now");
+        "data-parallel ranks (mpirun -np dp*sp): data.batch_size sequences per rank; ZeRO-1 over all ranks (CPU "
+        "or one GPU per rank), sharded checkpoints");
     add("parallel.sp", &c.parallel.sp,
         "sequence-parallel ranks: each sequence split into sp slices (LASP-2 for K layers, LASP-2H for "
-        "attention, teacher included); must divide data.seq_len; the CPU only for now");
+        "attention, teacher included); must divide data.seq_len");
+    add("parallel.ep", &c.parallel.ep,
+        "expert-parallel group size for MoE teachers and students: groups of ep consecutive ranks share the "
+        "routed experts' work (all-to-all of token rows); must divide dp x sp and the number of experts; the CPU "
+        "only for now");
 
     group("[eval]");
     add("eval.interval", &c.eval.interval,

@@ -445,6 +445,7 @@ struct HybridModel::Impl {
   void backward(const ExecContext& ctx, const Batch& b, const HiddenStateMatch* hidden = nullptr);
   // The FFN block of layer l: out = in + FFN(RMSNorm(in)) (out must not alias in), dense or MoE.
   void ffn_forward(const ExecContext& ctx, int64_t l, const Tensor& in, const Tensor& out);
+  const MoeExpertParallel* ep = nullptr;  // the last forward's batch's (Batch::ep)
   // d_residual += the FFN block's input gradient (in place); weight gradients accumulate. Uses scratch.
   void ffn_backward(const ExecContext& ctx, int64_t l, const Tensor& d_residual);
   void hidden_term(const ExecContext& ctx, int64_t l, int64_t n, const HiddenStateMatch& hidden, float grad_scale,
@@ -702,6 +703,7 @@ void HybridModel::Impl::begin_step(const Batch& b) {
 
 void HybridModel::Impl::forward(const ExecContext& ctx, const Batch& b, const std::vector<Tensor>* mix_out) {
   const PackedSequence seq = sequence(b);
+  ep = b.ep;  // the backward of this forward runs the same exchanges
   Step& st = step;
   {
     NvtxRange range("embed.fwd");
@@ -734,7 +736,7 @@ void HybridModel::Impl::ffn_forward(const ExecContext& ctx, int64_t l, const Ten
     mlp[l].forward(ctx, in, out, step.mlp[l]);
     return;
   }
-  moe[l].forward(ctx, in, out, step.moe[l]);
+  moe[l].forward(ctx, in, out, step.moe[l], ep);
 }
 
 void HybridModel::Impl::ffn_backward(const ExecContext& ctx, int64_t l, const Tensor& d_residual) {
@@ -742,7 +744,7 @@ void HybridModel::Impl::ffn_backward(const ExecContext& ctx, int64_t l, const Te
     mlp[l].backward(ctx, step.mlp[l], d_residual, d_residual, scratch_arena);
     return;
   }
-  moe[l].backward(ctx, step.moe[l], d_residual, scratch_arena);
+  moe[l].backward(ctx, step.moe[l], d_residual, scratch_arena, ep);
 }
 
 // Chunk by chunk: logits = normed Wlm^T; CE (dlogits in place, scaled by loss_scale / num_targets);

@@ -622,16 +622,18 @@ MoeConfig MoeBlock::config_for_model(const ModelConfig& mc) {
   return c;
 }
 
-void MoeBlock::forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& s) const {
+void MoeBlock::forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& s,
+                       const MoeExpertParallel* ep) const {
   s.x = in;
   kernels::rmsnorm_forward(ctx, in, norm.value, s.m, s.rstd, eps);
-  moe.forward(ctx, s.m, out, s.moe);  // L_aux is 0: aux_loss_coef is 0 here
+  moe.forward(ctx, s.m, out, s.moe, ep);  // L_aux is 0: aux_loss_coef is 0 here
   kernels::add_inplace(ctx, out, in);
 }
 
-void MoeBlock::backward(const ExecContext& ctx, const Saved& s, const Tensor& d_residual, Arena& scratch) const {
+void MoeBlock::backward(const ExecContext& ctx, const Saved& s, const Tensor& d_residual, Arena& scratch,
+                        const MoeExpertParallel* ep) const {
   const auto [dm, dx] = alloc_own_scratch(scratch, s.x.size(0), s.m.dtype);
-  moe.backward(ctx, s.moe, d_residual, dm, scratch, /*d_aux=*/0.0);
+  moe.backward(ctx, s.moe, d_residual, dm, scratch, /*d_aux=*/0.0, ep);
   prenorm_residual_backward(ctx, dm, s.x, norm, s.rstd, d_residual, d_residual, dx);
 }
 

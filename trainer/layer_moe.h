@@ -243,9 +243,12 @@ struct MoeBlock {
   template <class Ref>
   static MoeBlock for_model(const ModelConfig& mc, int64_t layer, float eps, Ref&& ref);
   // out = in + MoE(RMSNorm(in)); out must not alias in.
-  void forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& saved) const;
+  // ep: expert parallelism over its group (nullptr: every expert here).
+  void forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& saved,
+               const MoeExpertParallel* ep = nullptr) const;
   // d_residual += RMSNorm'(x)^T MoE'(m)^T d_residual, in place; weight gradients accumulate.
-  void backward(const ExecContext& ctx, const Saved& saved, const Tensor& d_residual, Arena& scratch) const;
+  void backward(const ExecContext& ctx, const Saved& saved, const Tensor& d_residual, Arena& scratch,
+                const MoeExpertParallel* ep = nullptr) const;
 
  private:
   static MoeConfig config_for_model(const ModelConfig& mc);

@@ -358,6 +358,8 @@ void DenseModel::Impl::check_batch(const ExecContext& ctx, const Batch& b) const
 PackedSequence DenseModel::Impl::sequence(const Batch& b) const {
   if (b.sp != nullptr)
     HYD_THROW("DenseModel: sequence-parallel batches run on the HybridModel (an all-T student is this model)");
+  if (b.ep != nullptr)
+    HYD_THROW("DenseModel: expert-parallel batches run on the HybridModel (an all-T student is this model)");
   PackedSequence s;
   s.num_tokens = b.num_tokens;
   s.num_docs = b.num_docs;

@@ -37,7 +37,8 @@
 
 namespace hyd {
 
-class SequenceParallel;  // parallel/sequence_parallel.h
+class SequenceParallel;   // parallel/sequence_parallel.h
+class MoeExpertParallel;  // trainer/layer_moe.h
 
 // One packed micro-batch, on the model's device. Documents never attend across boundaries.
 struct Batch {
@@ -54,6 +55,9 @@ struct Batch {
   // Sequence parallelism (HybridModel only): the batch is this rank's slice (trainer/lasp.h,
   // slice_batch_for_sp) and sp holds the group and the layout; null for a whole batch.
   const SequenceParallel* sp = nullptr;
+  // Expert parallelism (HybridModel only): the MoE layers' routed experts are computed across this EP group
+  // (every rank of it runs the same layers on its own tokens); null: every expert here.
+  const MoeExpertParallel* ep = nullptr;
 };
 
 struct ParamInfo {

@@ -119,6 +119,7 @@ struct LogOptions {
 struct ParallelOptions {
   int64_t dp = 1;  // parallel.dp
   int64_t sp = 1;  // parallel.sp
+  int64_t ep = 1;  // parallel.ep (distill with MoE models): expert-parallel group size, dividing dp x sp
 };
 
 struct TrainConfig {

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Expert parallelism in `hydistill distill` (CPU, MPI): the golden qwen3_moe teacher (tests/golden/data/qwen3_moe:
+# layer 1 a MoE FFN of 8 experts, top 2) and a KA student that keeps its MoE FFN, 4 stage-1 + 4 stage-2 steps.
+# The teacher's MoE layers (stage 1's layer inputs, stage 2's logits) and the student's (stage 2, forward and
+# backward) run their routed experts over groups of parallel.ep ranks. Against one process with the same global
+# batch (every step's mse / kl / ce / grad_norm, rel. < 1e-4, fp32 sums in other orders):
+#   dp 2 x ep 2 (2 ranks, one EP group over both data-parallel ranks), dp 2 x sp 2 x ep 2 and dp 4 x ep 4 (4 ranks);
+# also dp 2 x ep 2 == dp 2 x ep 1; a dp 2 x ep 2 run stopped after step 6 and resumed == uninterrupted, bit for
+# bit; parallel.ep = 3 on 2 ranks and parallel.ep = 2 with a dense teacher exit 2 naming parallel.ep.
+# Usage: bash test_distill_ep.sh HYDISTILL SOURCE_DIR MPIRUN [MPIRUN FLAGS...]   (MPIRUN with -np 4)
+set -u
+HYD="$1"
+SRC="$2"
+shift 2
+MPIRUN4=("$@")
+MPIRUN2=()
+for a in "${MPIRUN4[@]}"; do [ "$a" = 4 ] && MPIRUN2+=(2) || MPIRUN2+=("$a"); done
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/hyd_distill_ep.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+python3 -c "import h5py" 2>/dev/null || { echo "SKIP: python3 h5py not available"; exit 77; }
+TEACHER="$SRC/tests/golden/data/qwen3_moe"
+[ -f "$TEACHER/config.json" ] || fail "missing teacher $TEACHER"
+python3 "$SRC/tests/cli/synthetic_data.py" markov "$WORK/tiny.h5" --vocab 200 --docs 300 --min-len 3 --max-len 90 \
+  || fail "could not write the synthetic dataset"
+cat > "$WORK/distill.ini" <<EOF2
+device = cpu
+[teacher]
+dir = $TEACHER
+[student]
+pattern = KA
+[data]
+path = $WORK/tiny.h5
+val_fraction = 0.1
+seq_len = 64
+[train]
+seed = 3
+grad_clip = 1.0
+[distill]
+stage1_steps = 4
+stage1_lr = 3e-3
+stage2_steps = 4
+stage2_lr = 3e-3
+warmup_steps = 1
+w_ce = 0.5
+[log]
+interval = 1
+[checkpoint]
+interval = 0
+[eval]
+batches = 1
+EOF2
+run() {  # NAME [launcher...] -- hydistill args
+  local name=$1
+  shift
+  local launcher=()
+  while [ "$1" != "--" ]; do launcher+=("$1"); shift; done
+  shift
+  OMP_NUM_THREADS=1 "${launcher[@]}" "$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/$name" "$@" \
+    >"$WORK/$name.out" 2>&1 || { cat "$WORK/$name.out"; fail "$name run failed"; }
+}
+run one -- --data.batch_size 4
+run dp2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2
+run dp2ep2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2
+run dp2sp2ep2 "${MPIRUN4[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.sp 2 --parallel.ep 2
+run dp4ep4 "${MPIRUN4[@]}" -- --data.batch_size 1 --parallel.dp 4 --parallel.ep 4
+grep -q "routed experts over groups of 2 expert-parallel ranks" "$WORK/dp2ep2.out" || { cat "$WORK/dp2ep2.out"; fail "header"; }
+calls=$(sed -n 's/^expert parallelism: rank 0 took part in \([0-9]*\) exchanges.*/\1/p' "$WORK/dp2ep2.out")
+[ -n "$calls" ] && [ "$calls" -gt 0 ] || { cat "$WORK/dp2ep2.out"; fail "dp2 ep2: no expert-parallel exchange counted"; }
+echo "dp2 x ep2: rank 0 took part in $calls exchanges"
+
+python3 - "$WORK" <<'PY' || fail "an expert-parallel run differs from its reference"
+import json, sys
+w = sys.argv[1]
+load = lambda n: [json.loads(l) for l in open(f"{w}/{n}/metrics.jsonl")]
+worst = 0.0
+for got_name, ref_name in [("dp2ep2", "one"), ("dp2ep2", "dp2"), ("dp2sp2ep2", "one"), ("dp4ep4", "one")]:
+    got, ref = load(got_name), load(ref_name)
+    assert len(got) == len(ref) == 8, (got_name, len(got), len(ref))
+    for g, r in zip(got, ref):
+        assert (g["stage"], g["step"], g["tokens"]) == (r["stage"], r["step"], r["tokens"]), (got_name, g, r)
+        for key in (["mse"] if g["stage"] == 1 else ["kl", "ce"]) + ["grad_norm"]:
+            e = abs(g[key] - r[key]) / max(abs(r[key]), 1e-12)
+            worst = max(worst, e)
+            assert e < 1e-4, f"{got_name} vs {ref_name} stage {g['stage']} step {g['step']} {key}: {g[key]} vs {r[key]}"
+print(f"expert parallel == reference: worst rel. err {worst:.2e} over every step")
+PY
+
+# Stopped and resumed under dp 2 x ep 2: bit for bit.
+run part "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2 --checkpoint.interval 2 --run.stop_after 6
+run part "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2 --checkpoint.interval 2 --train.resume auto
+grep -q "resumed from .*step-00000006" "$WORK/part.out" || { cat "$WORK/part.out"; fail "dp2 ep2: did not resume"; }
+python3 - "$WORK/dp2ep2/metrics.jsonl" "$WORK/part/metrics.jsonl" <<'PY' || fail "dp2 ep2: the resumed run differs"
+import json, sys
+a = [json.loads(l) for l in open(sys.argv[1])]
+b = [json.loads(l) for l in open(sys.argv[2])]
+assert len(a) == len(b)
+for x, y in zip(a, b):
+    for k in ("mse", "kl", "ce", "grad_norm"):
+        assert x.get(k) == y.get(k), (k, x, y)
+print("dp2 x ep2 stopped at step 6 and resumed == uninterrupted, bit for bit")
+PY
+
+OMP_NUM_THREADS=1 "${MPIRUN2[@]}" "$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/bad" --parallel.dp 2 \
+  --parallel.ep 3 >"$WORK/bad.out" 2>&1
+rc=$?
+[ "$rc" = 2 ] && grep -q "parallel.ep" "$WORK/bad.out" || { cat "$WORK/bad.out"; fail "ep = 3 on 2 ranks: exit $rc"; }
+OMP_NUM_THREADS=1 "${MPIRUN2[@]}" "$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/bad2" --parallel.dp 2 \
+  --parallel.ep 2 --teacher.dir "$SRC/tests/golden/data/llama" >"$WORK/bad2.out" 2>&1
+rc=$?
+[ "$rc" = 2 ] && grep -q "parallel.ep" "$WORK/bad2.out" || { cat "$WORK/bad2.out"; fail "ep = 2, dense teacher: exit $rc"; }
+echo "PASS"
