@@ -13,57 +13,14 @@ HYD="$1"
 SRC="$2"
 shift 2
 MPIRUN4=("$@")
-MPIRUN2=()
-for a in "${MPIRUN4[@]}"; do [ "$a" = 4 ] && MPIRUN2+=(2) || MPIRUN2+=("$a"); done
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/hyd_distill_ep.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
-fail() { echo "FAIL: $*"; exit 1; }
-python3 -c "import h5py" 2>/dev/null || { echo "SKIP: python3 h5py not available"; exit 77; }
-TEACHER="$SRC/tests/golden/data/qwen3_moe"
-[ -f "$TEACHER/config.json" ] || fail "missing teacher $TEACHER"
-python3 "$SRC/tests/cli/synthetic_data.py" markov "$WORK/tiny.h5" --vocab 200 --docs 300 --min-len 3 --max-len 90 \
-  || fail "could not write the synthetic dataset"
-cat > "$WORK/distill.ini" <<EOF2
-device = cpu
-[teacher]
-dir = $TEACHER
-[student]
-pattern = KA
-[data]
-path = $WORK/tiny.h5
-val_fraction = 0.1
-seq_len = 64
-[train]
-seed = 3
-grad_clip = 1.0
-[distill]
-stage1_steps = 4
-stage1_lr = 3e-3
-stage2_steps = 4
-stage2_lr = 3e-3
-warmup_steps = 1
-w_ce = 0.5
-[log]
-interval = 1
-[checkpoint]
-interval = 0
-[eval]
-batches = 1
-EOF2
-run() {  # NAME [launcher...] -- hydistill args
-  local name=$1
-  shift
-  local launcher=()
-  while [ "$1" != "--" ]; do launcher+=("$1"); shift; done
-  shift
-  OMP_NUM_THREADS=1 "${launcher[@]}" "$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/$name" "$@" \
-    >"$WORK/$name.out" 2>&1 || { cat "$WORK/$name.out"; fail "$name run failed"; }
-}
-run one -- --data.batch_size 4
-run dp2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2
-run dp2ep2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2
-run dp2sp2ep2 "${MPIRUN4[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.sp 2 --parallel.ep 2
-run dp4ep4 "${MPIRUN4[@]}" -- --data.batch_size 1 --parallel.dp 4 --parallel.ep 4
+# shellcheck source=tests/parallel/par_lib.sh
+source "$SRC/tests/parallel/par_lib.sh"
+par_distill_setup "$SRC/tests/golden/data/qwen3_moe"
+par_run one -- --data.batch_size 4
+par_run dp2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2
+par_run dp2ep2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2
+par_run dp2sp2ep2 "${MPIRUN4[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.sp 2 --parallel.ep 2
+par_run dp4ep4 "${MPIRUN4[@]}" -- --data.batch_size 1 --parallel.dp 4 --parallel.ep 4
 grep -q "routed experts over groups of 2 expert-parallel ranks" "$WORK/dp2ep2.out" || { cat "$WORK/dp2ep2.out"; fail "header"; }
 calls=$(sed -n 's/^expert parallelism: rank 0 took part in \([0-9]*\) exchanges.*/\1/p' "$WORK/dp2ep2.out")
 [ -n "$calls" ] && [ "$calls" -gt 0 ] || { cat "$WORK/dp2ep2.out"; fail "dp2 ep2: no expert-parallel exchange counted"; }
@@ -87,8 +44,8 @@ print(f"expert parallel == reference: worst rel. err {worst:.2e} over every step
 PY
 
 # Stopped and resumed under dp 2 x ep 2: bit for bit.
-run part "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2 --checkpoint.interval 2 --run.stop_after 6
-run part "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2 --checkpoint.interval 2 --train.resume auto
+par_run part "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2 --checkpoint.interval 2 --run.stop_after 6
+par_run part "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2 --checkpoint.interval 2 --train.resume auto
 grep -q "resumed from .*step-00000006" "$WORK/part.out" || { cat "$WORK/part.out"; fail "dp2 ep2: did not resume"; }
 python3 - "$WORK/dp2ep2/metrics.jsonl" "$WORK/part/metrics.jsonl" <<'PY' || fail "dp2 ep2: the resumed run differs"
 import json, sys

@@ -17,63 +17,17 @@ HYD="$1"
 SRC="$2"
 shift 2
 MPIRUN4=("$@")
-MPIRUN2=()
-for a in "${MPIRUN4[@]}"; do [ "$a" = 4 ] && MPIRUN2+=(2) || MPIRUN2+=("$a"); done
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/hyd_distill_par.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
-fail() { echo "FAIL: $*"; exit 1; }
-python3 -c "import h5py" 2>/dev/null || { echo "SKIP: python3 h5py not available"; exit 77; }
+# shellcheck source=tests/parallel/par_lib.sh
+source "$SRC/tests/parallel/par_lib.sh"
 TEACHER="$SRC/tests/golden/data/llama"
-[ -f "$TEACHER/config.json" ] || fail "missing teacher $TEACHER"
-
-# Documents of 3..89 tokens: shorter than a slice, and across one or several slice boundaries.
-python3 "$SRC/tests/cli/synthetic_data.py" markov "$WORK/tiny.h5" --vocab 200 --docs 300 --min-len 3 --max-len 90 \
-  || fail "could not write the synthetic dataset"
-
-cat > "$WORK/distill.ini" <<EOF2
-device = cpu
-[teacher]
-dir = $TEACHER
-[student]
-pattern = KA
-[data]
-path = $WORK/tiny.h5
-val_fraction = 0.1
-seq_len = 128
-[train]
-seed = 3
-grad_clip = 1.0
-[distill]
-stage1_steps = 4
-stage1_lr = 3e-3
-stage2_steps = 4
-stage2_lr = 1e-3
-warmup_steps = 1
-w_ce = 0.5
-[log]
-interval = 1
-[checkpoint]
-interval = 0
-[eval]
-batches = 2
-EOF2
-
-run() {  # NAME [launcher...] -- hydistill args
-  local name=$1
-  shift
-  local launcher=()
-  while [ "$1" != "--" ]; do launcher+=("$1"); shift; done
-  shift
-  OMP_NUM_THREADS=1 "${launcher[@]}" "$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/$name" "$@" \
-    >"$WORK/$name.out" 2>&1 || { cat "$WORK/$name.out"; fail "$name run failed"; }
-}
-run one -- --data.batch_size 2
-run one_b4 -- --data.batch_size 4
-run sp2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.sp 2
-run dp2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2
-run dp2sp2 "${MPIRUN4[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.sp 2
-run one_h -- --data.batch_size 2 --distill.w_hidden 0.5
-run sp2dp2_h "${MPIRUN4[@]}" -- --data.batch_size 1 --parallel.dp 2 --parallel.sp 2 --distill.w_hidden 0.5
+par_distill_setup "$TEACHER"
+par_run one -- --data.batch_size 2
+par_run one_b4 -- --data.batch_size 4
+par_run sp2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.sp 2
+par_run dp2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2
+par_run dp2sp2 "${MPIRUN4[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.sp 2
+par_run one_h -- --data.batch_size 2 --distill.w_hidden 0.5
+par_run sp2dp2_h "${MPIRUN4[@]}" -- --data.batch_size 1 --parallel.dp 2 --parallel.sp 2 --distill.w_hidden 0.5
 for r in sp2 dp2 dp2sp2; do
   [ "$(grep -c '^hydistill distill' "$WORK/$r.out")" = 1 ] || { cat "$WORK/$r.out"; fail "$r: the header is not printed once"; }
 done
@@ -115,16 +69,16 @@ PY
 # records, bit for bit, as the uninterrupted sp = 2 run; also stopped inside stage 1 (step 2) and resumed
 # across the stage boundary; and the step-6 checkpoint of 2 ranks re-sharded onto one process and onto
 # dp 2 x sp 2 (4 ranks) continues as the uninterrupted run (rel. 1e-4: fp32 sums in other orders).
-run part "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.sp 2 --checkpoint.interval 2 --run.stop_after 6
+par_run part "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.sp 2 --checkpoint.interval 2 --run.stop_after 6
 [ -f "$WORK/part/step-00000006/rank-00001.safetensors" ] || fail "sp2: no sharded checkpoint at step 6"
 cp -r "$WORK/part/step-00000006" "$WORK/ck6"
-run part "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.sp 2 --checkpoint.interval 2 --train.resume auto
+par_run part "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.sp 2 --checkpoint.interval 2 --train.resume auto
 grep -q "resumed from .*step-00000006" "$WORK/part.out" || { cat "$WORK/part.out"; fail "sp2: did not resume"; }
-run part1 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.sp 2 --checkpoint.interval 2 --run.stop_after 2
-run part1 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.sp 2 --checkpoint.interval 2 --train.resume auto
+par_run part1 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.sp 2 --checkpoint.interval 2 --run.stop_after 2
+par_run part1 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.sp 2 --checkpoint.interval 2 --train.resume auto
 grep -q "resumed from .*step-00000002" "$WORK/part1.out" || { cat "$WORK/part1.out"; fail "sp2: did not resume in stage 1"; }
-run rs1 -- --data.batch_size 2 --train.resume "$WORK/ck6"
-run rs4 "${MPIRUN4[@]}" -- --data.batch_size 1 --parallel.dp 2 --parallel.sp 2 --train.resume "$WORK/ck6"
+par_run rs1 -- --data.batch_size 2 --train.resume "$WORK/ck6"
+par_run rs4 "${MPIRUN4[@]}" -- --data.batch_size 1 --parallel.dp 2 --parallel.sp 2 --train.resume "$WORK/ck6"
 python3 - "$WORK" <<'PY' || fail "sp2: a resumed run differs"
 import json, sys
 w = sys.argv[1]
