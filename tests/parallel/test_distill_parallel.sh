@@ -100,6 +100,10 @@ for name in ("rs1", "rs4"):
             print(f"{name} stage 2 step {k[1]} {key}: {b[k][key]:.9g} vs {a[k][key]:.9g} rel {e:.1e}")
             assert e < 1e-4, (name, k, key)
 PY
+# Export reads sharded checkpoints: rank 0's file holds every parameter.
+"$HYD" export --checkpoint "$WORK/part/step-00000008" --out "$WORK/export_sp2" >"$WORK/export.out" 2>&1 \
+  || { cat "$WORK/export.out"; fail "export of a sharded (2-rank) checkpoint"; }
+[ -f "$WORK/export_sp2/model.safetensors" ] || fail "export of a sharded checkpoint wrote no model.safetensors"
 
 # A grid that does not match the world, and a slice that does not divide seq_len: exit 2 naming the key.
 OMP_NUM_THREADS=1 "${MPIRUN2[@]}" "$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/bad" --parallel.sp 3 \

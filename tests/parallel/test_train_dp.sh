@@ -10,7 +10,7 @@
 # Sharded checkpoints (ZeRO-1, issue 8): the dp = 2 run's final checkpoint has one state file per rank
 # (manifest world_size 2, each file listed with its checksum); a dp = 2 run stopped after step 2 and resumed
 # (train.resume auto) logs the same values bit for bit as the uninterrupted one and ends with state files of
-# the same SHA-256 (parameters and optimizer state bitwise equal); its step-2 checkpoint resumed with other rank
+# the same SHA-256 (parameters and optimizer state bitwise equal), and so does a dp = 4 run over 4 ranks; its step-2 checkpoint resumed with other rank
 # counts re-shards the optimizer state: one process with batch 4, and dp = 4 with batch 1 (4 ranks), continue
 # as the uninterrupted dp = 2 run (rel. err < 1e-5, fp32 sums in other orders); a batch that changes the global
 # batch (dp 2 x 3) exits 2 naming data.batch_size.
@@ -141,6 +141,26 @@ mb = json.load(open(sys.argv[2] + "/step-00000005/manifest.json"))
 sha = lambda m: {f["name"]: f["sha256"] for f in m["files"] if f["name"].startswith("rank-")}
 assert sha(ma) == sha(mb), (sha(ma), sha(mb))
 print("dp=2 resumed == uninterrupted: metrics and state files bitwise")
+PY
+# 4 ranks (dp 4, batch 1): stopped after step 2 and resumed == uninterrupted, state files bitwise.
+OMP_NUM_THREADS=1 "${MPIRUN4[@]}" "$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/dp4" --data.batch_size 1 \
+  --parallel.dp 4 >"$WORK/dp4.out" 2>&1 || { cat "$WORK/dp4.out"; fail "dp=4 run"; }
+OMP_NUM_THREADS=1 "${MPIRUN4[@]}" "$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/dp4r" --data.batch_size 1 \
+  --parallel.dp 4 --run.stop_after 2 >"$WORK/dp4r_a.out" 2>&1 || { cat "$WORK/dp4r_a.out"; fail "dp=4 stop_after 2"; }
+OMP_NUM_THREADS=1 "${MPIRUN4[@]}" "$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/dp4r" --data.batch_size 1 \
+  --parallel.dp 4 --train.resume auto >"$WORK/dp4r_b.out" 2>&1 || { cat "$WORK/dp4r_b.out"; fail "dp=4 resume"; }
+python3 - "$WORK/dp4" "$WORK/dp4r" <<'PY' || fail "dp=4 stopped + resumed differs from the uninterrupted run"
+import json, sys
+load = lambda d: [json.loads(l) for l in open(d + "/metrics.jsonl") if l.strip()]
+a, b = load(sys.argv[1]), load(sys.argv[2])
+assert len(a) == len(b)
+for x, y in zip(a, b):
+    for k in ("step", "loss", "grad_norm", "val_loss", "tokens"):
+        assert x.get(k) == y.get(k), (k, x, y)
+sha = lambda d: {f["name"]: f["sha256"] for f in json.load(open(d + "/step-00000005/manifest.json"))["files"]
+                 if f["name"].startswith("rank-")}
+assert sha(sys.argv[1]) == sha(sys.argv[2]) and len(sha(sys.argv[1])) == 4
+print("dp=4 resumed == uninterrupted: metrics and 4 state files bitwise")
 PY
 # Re-sharding: the step-2 checkpoint of 2 ranks on 1 process (batch 4) and on 4 ranks (batch 1).
 "$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/r1" --data.batch_size 4 --train.resume "$WORK/ck2" \
