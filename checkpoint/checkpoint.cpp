@@ -377,10 +377,12 @@ std::string checkpoint_summary(const Checkpoint& ck) {
      << "written by       hydistill " << m.library_version << " on " << m.device << "\n"
      << "data position    " << m.data.dump() << "\n";
   if (!m.teacher.is_null()) os << "teacher          " << m.teacher.dump() << "\n";
+  os << "topology         " << m.world_size << (m.world_size == 1 ? " state file" : " state files (sharded, ZeRO-1)")
+     << ", written by dp " << m.dp << " x sp " << m.sp << " ranks\n";
   os << "optimizer        " << m.optimizer.dump() << "\n";
   for (const CheckpointFile& f : m.files)
     os << "file             " << f.name << "  " << f.size << " bytes  sha256 " << f.sha256 << "\n";
-  os << "tensors          " << ck.tensors.names().size() << "\n"
+  os << "tensors          " << ck.tensors.names().size() << (m.world_size > 1 ? " in rank-00000's file" : "") << "\n"
      << "config           " << m.config.size() << " options:\n";
   for (const auto& [k, v] : m.config) os << "  " << k << " = " << v << "\n";
   return os.str();

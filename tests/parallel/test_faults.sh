@@ -140,6 +140,7 @@ rm "$WORK/ref/step-00000004/rank-00001.safetensors"
 "$HYD" inspect "$WORK/ref/step-00000004" >"$WORK/i3.out" 2>&1 && fail "inspect accepted a missing shard"
 grep -q "rank-00001.safetensors.*missing" "$WORK/i3.out" || { cat "$WORK/i3.out"; fail "missing shard: not named"; }
 "$HYD" inspect "$WORK/ref/step-00000008" >"$WORK/i4.out" 2>&1 || { cat "$WORK/i4.out"; fail "inspect of a good sharded checkpoint"; }
+grep -q "topology         2 state files (sharded, ZeRO-1), written by dp 2 x sp 1 ranks" "$WORK/i4.out" || { cat "$WORK/i4.out"; fail "inspect: topology line"; }
 
 echo "5. divergence"
 train2 --run.dir "$WORK/nan" --train.lr 1e30 --train.max_bad_steps 2 --checkpoint.interval 0 >"$WORK/nan.out" 2>&1
