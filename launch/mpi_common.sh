@@ -41,16 +41,16 @@ hyd_check_count() {
   [[ "$2" =~ ^[1-9][0-9]*$ ]] || hyd_die "$1 must be a positive integer, got '$2'"
 }
 
-# hyd_parallel_args WORLD COMMAND: sets HYD_PAR_ARGS (--parallel.dp / --parallel.sp from the env
-# DP / SP when given) and refuses a world of several ranks for a command without parallel.* options
-# (e.g. distill today: every rank would run the whole job into the same run directory).
+# hyd_parallel_args WORLD COMMAND: sets HYD_PAR_ARGS (--parallel.dp / --parallel.sp / --parallel.ep from the
+# env DP / SP / EP when given) and refuses a world of several ranks for a command without parallel.* options
+# (every rank would run the whole job into the same run directory).
 hyd_parallel_args() {
   local world=$1 cmd=$2 has_par=0
   HYD_PAR_ARGS=()
   if "$HYD_BIN" "$cmd" --help 2>/dev/null | grep -q -- '--parallel\.dp'; then has_par=1; fi
   if ((!has_par)); then
-    if [[ -n "${DP:-}" || -n "${SP:-}" ]]; then
-      hyd_die "DP/SP given, but 'hydistill $cmd' has no parallel.* options ($HYD_BIN $cmd --help)"
+    if [[ -n "${DP:-}" || -n "${SP:-}" || -n "${EP:-}" ]]; then
+      hyd_die "DP/SP/EP given, but 'hydistill $cmd' has no parallel.* options ($HYD_BIN $cmd --help)"
     fi
     if ((world > 1)); then
       hyd_die "'hydistill $cmd' runs on one device only (no parallel.* options in $HYD_BIN $cmd --help): use 1 rank, not $world"
@@ -64,6 +64,12 @@ hyd_parallel_args() {
   if [[ -n "${SP:-}" ]]; then
     hyd_check_count SP "$SP"
     HYD_PAR_ARGS+=(--parallel.sp "$SP")
+  fi
+  if [[ -n "${EP:-}" ]]; then
+    hyd_check_count EP "$EP"
+    "$HYD_BIN" "$cmd" --help 2>/dev/null | grep -q -- '--parallel\.ep' ||
+      hyd_die "EP given, but 'hydistill $cmd' has no parallel.ep option (expert parallelism: distill only)"
+    HYD_PAR_ARGS+=(--parallel.ep "$EP")
   fi
   if [[ -n "${DP:-}" || -n "${SP:-}" ]] && ((${DP:-1} * ${SP:-1} != world)); then
     hyd_die "DP x SP = ${DP:-1} x ${SP:-1} = $((${DP:-1} * ${SP:-1})) must equal the number of ranks ($world)"

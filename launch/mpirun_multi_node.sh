@@ -19,7 +19,7 @@ checkout, binary and data at the same paths (a shared file system), and password
 node to the others. Run it from the repository root on one of the nodes (relative paths in the
 config, e.g. data.path, are taken from the current directory).
 
-  COMMAND   train | distill (distill runs on one device so far: it cannot run here)
+  COMMAND   train | distill
   CONFIG    INI config file
   OPTIONS   passed to hydistill unchanged, e.g. --run.dir runs/big
 
@@ -28,6 +28,7 @@ Environment:
   GPUS_PER_NODE  ranks per node (default: the number of GPUs nvidia-smi lists on this node)
   NNODES         use only the first NNODES hosts of the hostfile (default: all of them)
   DP, SP         add --parallel.dp DP / --parallel.sp SP (DP x SP must equal NODES x G)
+  EP             distill with MoE models: add --parallel.ep EP (divides NODES x G; CPU only so far)
   HYDISTILL      the binary (default: build/hydistill of this checkout, else hydistill on PATH)
   MPIRUN         mpirun command (default mpirun); MPIRUN_ARGS: more mpirun flags, split on spaces
   DRY_RUN=1      print the mpirun command without running it

@@ -17,13 +17,14 @@ Runs `hydistill COMMAND --config CONFIG [OPTIONS...]` as N MPI ranks on this mac
 rank -> GPU by node-local rank; or N CPU processes with device = cpu). Run it from the repository root
 (the configs' relative paths, e.g. data.path, are taken from the current directory).
 
-  COMMAND   train | distill (distill runs on one device so far: N must be 1)
+  COMMAND   train | distill
   CONFIG    INI config file, e.g. launch/configs/tiny-cpu-train.ini
   N         number of ranks (mpirun -np N); must equal parallel.dp x parallel.sp
   OPTIONS   passed to hydistill unchanged, e.g. --train.steps 50 --run.dir runs/dp2
 
 Environment:
   DP, SP        add --parallel.dp DP / --parallel.sp SP (DP x SP must equal N)
+  EP            distill with MoE models: add --parallel.ep EP (divides N; CPU only so far)
   HYDISTILL     the binary (default: build/hydistill of this checkout, else hydistill on PATH)
   BIND          none (default: no CPU binding) | socket (--map-by socket --bind-to socket, ranks spread
                 over the sockets) | core (--map-by core --bind-to core)
