@@ -12,7 +12,8 @@
 # (train.resume auto) logs the same values bit for bit as the uninterrupted one and ends with state files of
 # the same SHA-256 (parameters and optimizer state bitwise equal), and so does a dp = 4 run over 4 ranks; its step-2 checkpoint resumed with other rank
 # counts re-shards the optimizer state: one process with batch 4, and dp = 4 with batch 1 (4 ranks), continue
-# as the uninterrupted dp = 2 run (rel. err < 1e-5, fp32 sums in other orders); a batch that changes the global
+# as the uninterrupted dp = 2 run (rel. err < 1e-5, fp32 sums in other orders), as does a single-process
+# step-2 checkpoint resumed on dp = 2; a batch that changes the global
 # batch (dp 2 x 3) exits 2 naming data.batch_size.
 # Usage: bash test_train_dp.sh HYDISTILL MPIRUN [MPIRUN FLAGS...]   (MPIRUN runs 2 ranks: "mpirun -np 2 ...")
 set -u
@@ -167,7 +168,12 @@ PY
   >"$WORK/r1.out" 2>&1 || { cat "$WORK/r1.out"; fail "dp=2 checkpoint resumed on one process"; }
 OMP_NUM_THREADS=1 "${MPIRUN4[@]}" "$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/r4" --data.batch_size 1 \
   --parallel.dp 4 --train.resume "$WORK/ck2" >"$WORK/r4.out" 2>&1 || { cat "$WORK/r4.out"; fail "dp=2 checkpoint resumed on dp=4"; }
-for run in r1 r4; do
+# And the reverse: a single-process checkpoint (step 2, batch 4) resumed on dp = 2 (batch 2).
+"$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/s1" --data.batch_size 4 --run.stop_after 2 \
+  >"$WORK/s1.out" 2>&1 || { cat "$WORK/s1.out"; fail "single process stop_after 2"; }
+OMP_NUM_THREADS=1 "${MPIRUN[@]}" "$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/r2" --data.batch_size 2 \
+  --parallel.dp 2 --train.resume "$WORK/s1/step-00000002" >"$WORK/r2.out" 2>&1 || { cat "$WORK/r2.out"; fail "1 -> 2 ranks"; }
+for run in r1 r4 r2; do
 python3 - "$WORK/dp2/metrics.jsonl" "$WORK/$run/metrics.jsonl" <<'PY' || fail "$run: the re-sharded resume differs"
 import json, sys
 load = lambda p: [json.loads(l) for l in open(p) if l.strip()]
