@@ -352,9 +352,17 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
 
   // The teacher's weights go through a DenseModel (the loader's target) into the all-T HybridModel
   // that serves stage 1's layer inputs and stage 2's logits; the student is initialised from it.
+  // Under sequence parallelism both hold this rank's N = B x T / sp tokens (the held-out evaluation runs on
+  // the slices too); passkey prompts need whole documents, which sp > 1 does not offer yet.
+  if (sp > 1 && in.passkey)
+    throw ConfigError::at(src, "eval.passkey_data",
+                          "passkey evaluation is not available with parallel.sp = " + std::to_string(sp) +
+                              " (it needs whole prompts on one rank); evaluate checkpoints with `hydistill eval` "
+                              "in one process, or leave eval.passkey_data empty");
+  const int64_t model_tokens = sp > 1 ? N : in.max_tokens;
   ExecContext ctx(device);
-  HybridModel teacher(in.teacher_cfg, device, in.max_tokens);
-  HybridModel student(in.student_cfg, device, in.max_tokens);
+  HybridModel teacher(in.teacher_cfg, device, model_tokens);
+  HybridModel student(in.student_cfg, device, model_tokens);
   TransferReport report;
   load_teacher(cfg.teacher_dir, tc, device, N, teacher, &student, cfg.train.seed, &report);
   // Several ranks: ZeRO-1 over all of them (trainer/zero1.h): the student's gradients are reduce-scattered,
@@ -410,7 +418,10 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       st.start_stage();
     }
   };
-  DistillEvaluator evaluator(teacher, student, in.max_tokens, in.held_out.get(), cfg.eval.batches, in.passkey.get());
+  DistillEvaluator evaluator(teacher, student, model_tokens, in.held_out.get(), cfg.eval.batches, in.passkey.get(),
+                             sp > 1 ? &*sp_ctx : nullptr, B, T);
+  // Held-out evaluation: rank 0, or under sequence parallelism the ranks of its SP group (dp rank 0).
+  const bool evaluates = sp > 1 ? dp_rank == 0 : rank0;
 
   // Everything checked: now the run directory is written.
   std::optional<MetricsWriter> metrics, evals;
@@ -482,13 +493,13 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     const int signal = signals.agreed(world ? &*world : nullptr);
     const bool diverged = st.bad_in_row >= cfg.train.max_bad_steps;
     const bool stopping = signal != 0 || diverged;
-    if (rank0 && !stopping && ((cfg.eval.interval > 0 && g % cfg.eval.interval == 0) || g == total)) {
+    if (evaluates && !stopping && ((cfg.eval.interval > 0 && g % cfg.eval.interval == 0) || g == total)) {
       DistillEvaluation e = evaluator.evaluate(ctx);
       e.global_step = g;
       e.stage = stage;
       e.stage_step = stage_step;
       out << e.table() << std::flush;
-      evals->write(e.json());
+      if (evals) evals->write(e.json());
     }
     if ((rank0 || zero) && (run.checkpoint_due(g, total) || stopping)) {
       CheckpointManifest m;

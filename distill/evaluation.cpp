@@ -10,15 +10,19 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <span>
 #include <sstream>
 #include <string>
 
 #include "kernels/cross_entropy.h"
 #include "kernels/distill_loss.h"
 #include "kernels/elementwise.h"
+#include "parallel/comm.h"
+#include "parallel/sequence_parallel.h"
 #include "trainer/batch_upload.h"
 #include "trainer/core/arena.h"
 #include "trainer/core/error.h"
+#include "trainer/lasp.h"
 #include "trainer/metrics.h"
 
 namespace hyd {
@@ -265,13 +269,22 @@ struct DistillEvaluator::Impl {
   Arena work;
   Tensor teacher_chunk, kl, student_ce, teacher_ce, top1;
 
-  Impl(HybridModel& t, HybridModel& s, int64_t max_tokens, const PackedSampler* h, int64_t b, const TokenDataset* p)
+  SequenceParallel* sp = nullptr;
+  int64_t rows = 0, seq_len = 0;
+
+  Impl(HybridModel& t, HybridModel& s, int64_t max_tokens, const PackedSampler* h, int64_t b, const TokenDataset* p,
+       SequenceParallel* sp_, int64_t rows_, int64_t seq_len_)
       : teacher(t),
         student(s),
         held_out(b > 0 ? h : nullptr),
         batches(b),
         passkey(p),
-        uploader(s.device(), max_tokens, /*with_loss_mask=*/true) {
+        uploader(s.device(), max_tokens, /*with_loss_mask=*/true),
+        sp(sp_ != nullptr && sp_->size() > 1 ? sp_ : nullptr),
+        rows(rows_),
+        seq_len(seq_len_) {
+    HYD_CHECK(sp == nullptr || passkey == nullptr,
+              "DistillEvaluator: passkey evaluation under sequence parallelism is not supported");
     HYD_CHECK(t.device() == s.device(), "DistillEvaluator: teacher on ", t.device().str(), ", student on ",
               s.device().str());
     const int64_t C = s.logits_chunk_size(), V = s.config().model.vocab_size, N = max_tokens;
@@ -292,9 +305,11 @@ struct DistillEvaluator::Impl {
     double kl_sum = 0, student_sum = 0, teacher_sum = 0, agree = 0;
     kernels::DistillLossOptions opt;  // temperature 1, no gradient
     for (int64_t i = 0; i < batches; ++i) {
-      const HostBatch hb = held_out->batch(i);
-      if (hb.num_targets == 0) continue;
-      const Batch batch = uploader.upload(ctx, hb);
+      HostBatch hb = held_out->batch(i);
+      if (hb.num_targets == 0) continue;  // whole sequences: the same on every rank of an SP group
+      const int64_t targets = hb.num_targets;
+      // Under sequence parallelism hb becomes this rank's slice.
+      const Batch batch = sp ? upload_sp_batch(ctx, uploader, sp, rows, seq_len, hb) : uploader.upload(ctx, hb);
       const Tensor mask = uploader.loss_mask();
       const int64_t n = batch.num_tokens;
       teacher.forward_hidden(ctx, batch);
@@ -310,7 +325,12 @@ struct DistillEvaluator::Impl {
       student_sum += device_sum<float>(ctx, student_ce, n);
       teacher_sum += device_sum<float>(ctx, teacher_ce, n);
       agree += device_sum<uint8_t>(ctx, top1, n);
-      r.tokens += hb.num_targets;
+      r.tokens += targets;
+    }
+    if (sp) {
+      double sums[4] = {kl_sum, student_sum, teacher_sum, agree};
+      sp->group().all_reduce(std::span<double>(sums, 4), ReduceOp::kSum);
+      kl_sum = sums[0], student_sum = sums[1], teacher_sum = sums[2], agree = sums[3];
     }
     if (r.tokens > 0) {
       const auto n = static_cast<double>(r.tokens);
@@ -332,8 +352,9 @@ struct DistillEvaluator::Impl {
 };
 
 DistillEvaluator::DistillEvaluator(HybridModel& teacher, HybridModel& student, int64_t max_tokens,
-                                   const PackedSampler* held_out, int64_t batches, const TokenDataset* passkey)
-    : impl_(std::make_unique<Impl>(teacher, student, max_tokens, held_out, batches, passkey)) {}
+                                   const PackedSampler* held_out, int64_t batches, const TokenDataset* passkey,
+                                   SequenceParallel* sp, int64_t rows, int64_t seq_len)
+    : impl_(std::make_unique<Impl>(teacher, student, max_tokens, held_out, batches, passkey, sp, rows, seq_len)) {}
 
 DistillEvaluator::~DistillEvaluator() = default;
 

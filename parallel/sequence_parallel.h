@@ -75,6 +75,7 @@ class SequenceParallel {
   int rank() const { return rank_; }
   int size() const { return size_; }
   Device device() const { return device_; }
+  const Communicator& group() const { return *group_; }  // the SP group (host collectives)
 
   // The current micro-batch's layout (from slice_batch_for_sp, trainer/lasp.h); uploads the LASP-2H
   // boundaries to the device. Must be the same rows / seq_len / size on every rank of the group.

@@ -105,6 +105,23 @@ PY
   || { cat "$WORK/export.out"; fail "export of a sharded (2-rank) checkpoint"; }
 [ -f "$WORK/export_sp2/model.safetensors" ] || fail "export of a sharded checkpoint wrote no model.safetensors"
 
+# Sequence parallelism saves activation memory: the sp2 models hold B x T / 2 tokens (the held-out evaluation
+# runs on the slices too, and matched one process above), so the header's model memory is below one process's.
+python3 - "$WORK/one.out" "$WORK/sp2.out" <<'PY' || fail "sp2 does not report less model memory than one process"
+import re, sys
+mem = lambda p: float(re.search(r"^\s*memory\s+([0-9.]+) MB", open(p).read(), re.M).group(1))
+one, sp2 = mem(sys.argv[1]), mem(sys.argv[2])
+print(f"model memory: one process {one} MB, sp2 {sp2} MB per rank")
+assert sp2 < one, (one, sp2)
+PY
+# Passkey evaluation needs whole prompts: refused with sp > 1 (exit 2 naming eval.passkey_data).
+python3 "$SRC/tests/cli/synthetic_data.py" passkey "$WORK/passkey.h5" --vocab 200 --lengths 32 --per-length 2 \
+  || fail "could not write the passkey dataset"
+OMP_NUM_THREADS=1 "${MPIRUN2[@]}" "$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/badpk" --parallel.sp 2 \
+  --eval.passkey_data "$WORK/passkey.h5" >"$WORK/badpk.out" 2>&1
+rc=$?
+[ "$rc" = 2 ] && grep -q "eval.passkey_data.*not available with parallel.sp = 2" "$WORK/badpk.out" || { cat "$WORK/badpk.out"; fail "passkey with sp=2: exit $rc"; }
+
 # A grid that does not match the world, and a slice that does not divide seq_len: exit 2 naming the key.
 OMP_NUM_THREADS=1 "${MPIRUN2[@]}" "$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/bad" --parallel.sp 3 \
   >"$WORK/bad.out" 2>&1
