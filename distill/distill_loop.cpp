@@ -175,9 +175,12 @@ struct DistillLoopState {
   // so its checkpoints and those written before the option existed resume alike).
   bool with_hidden = false;
   double interval_hidden = 0;
+  // Stage 2's MoE load-balancing term (distill.router_aux_coef > 0 only, for the same reason).
+  bool with_aux = false;
+  double interval_aux = 0;
 
   void start_stage() {
-    interval_mse = interval_kl = interval_ce = last_norm = interval_hidden = 0;
+    interval_mse = interval_kl = interval_ce = last_norm = interval_hidden = interval_aux = 0;
     interval_steps = interval_tokens = bad_in_row = 0;
   }
   template <class F>
@@ -187,6 +190,7 @@ struct DistillLoopState {
     f("interval_ce", interval_ce), f("last_norm", last_norm), f("interval_steps", interval_steps);
     f("interval_tokens", interval_tokens), f("bad_in_row", bad_in_row);
     if (with_hidden) f("interval_hidden", interval_hidden);
+    if (with_aux) f("interval_aux", interval_aux);
   }
 };
 
@@ -233,6 +237,8 @@ void validate_distill_config(const DistillConfig& cfg) {
   require(d.w_ce >= 0 && std::isfinite(d.w_ce), "distill.w_ce", "must be >= 0, got " + format_number("%g", d.w_ce));
   require(d.w_hidden >= 0 && std::isfinite(d.w_hidden), "distill.w_hidden",
           "must be >= 0 (0 = off), got " + format_number("%g", d.w_hidden));
+  require(d.router_aux_coef >= 0 && std::isfinite(d.router_aux_coef), "distill.router_aux_coef",
+          "must be >= 0 (0 = off), got " + format_number("%g", d.router_aux_coef));
   require(d.stage2_steps == 0 || d.w_kl + d.w_ce > 0, "distill.w_kl",
           "distill.w_kl and distill.w_ce are both 0: stage 2 would have no loss");
   const TrainOptions& t = cfg.train;
@@ -391,6 +397,11 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   int64_t start = 0;  // global steps done
   DistillLoopState st;
   st.with_hidden = cfg.distill.w_hidden > 0;
+  st.with_aux = cfg.distill.router_aux_coef > 0;
+  if (st.with_aux && tc.num_experts == 0)
+    throw ConfigError::at(src, "distill.router_aux_coef",
+                          "= " + format_number("%g", cfg.distill.router_aux_coef) + " but the teacher " +
+                              cfg.teacher_dir + " has no MoE layers");
   if (resume) {
     const CheckpointManifest& m = resume->manifest;
     const bool fits = m.stage == 1 ? m.stage_step == m.step && m.step <= stage1_steps
@@ -666,6 +677,11 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     opt.w_kl = static_cast<float>(cfg.distill.w_kl);
     opt.w_ce = static_cast<float>(cfg.distill.w_ce);
     opt.write_grad = true;
+    // distill.router_aux_coef > 0: the student's MoE layers add their load-balancing loss; each rank's term is
+    // weighted 1 / ranks (the logged and optimised value is the mean over the ranks).
+    const bool with_aux = st.with_aux;
+    const int ranks = world ? world->size() : 1;
+    if (with_aux) student.set_moe_aux_loss(cfg.distill.router_aux_coef, 1.0 / ranks);
 
     auto t_interval = Clock::now();
     for (int64_t step = std::max<int64_t>(0, start - stage1_steps); step < stage2_steps && !stopped; ++step) {
@@ -673,7 +689,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       HostBatch hb;  // the sampler continues where stage 1 stopped
       const Batch batch = batch_for(ctx, uploader, stage1_steps + step, hb);
       const Tensor mask = uploader.loss_mask();
-      double kl_mean = NAN, ce_mean = NAN, hidden_mse = 0;
+      double kl_mean = NAN, ce_mean = NAN, hidden_mse = 0, aux = 0;
       double targets = static_cast<double>(hb.num_targets);  // over every rank: the means' denominator
       sum_all(std::span<double>(&targets, 1));
       bool good = targets > 0;
@@ -711,13 +727,14 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
           kl_sum += kl_host[i];
           ce_sum += ce_host[i];
         }
-        double sums[3] = {kl_sum, ce_sum, hidden_mse};
-        sum_all(std::span<double>(sums, 3));
+        double sums[4] = {kl_sum, ce_sum, hidden_mse, with_aux ? student.moe_aux_loss() : 0.0};
+        sum_all(std::span<double>(sums, 4));
         hidden_mse = sums[2];
+        aux = sums[3] / ranks;
         if (zero) zero->reduce_gradients(ctx);
         kl_mean = sums[0] / targets;
         ce_mean = sums[1] / targets;
-        good = std::isfinite(kl_mean) && std::isfinite(ce_mean) && std::isfinite(hidden_mse);
+        good = std::isfinite(kl_mean) && std::isfinite(ce_mean) && std::isfinite(hidden_mse) && std::isfinite(aux);
       }
       if (good) {
         st.last_norm = optimizer.step(ctx, lr);
@@ -729,10 +746,12 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         st.interval_kl += kl_mean;
         st.interval_ce += ce_mean;
         st.interval_hidden += hidden_mse;
+        st.interval_aux += aux;
         ++st.interval_steps;
       } else if (targets > 0) {
         skip_or_throw(2, step,
-                      cfg.distill.w_kl * kl_mean + cfg.distill.w_ce * ce_mean + cfg.distill.w_hidden * hidden_mse);
+                      cfg.distill.w_kl * kl_mean + cfg.distill.w_ce * ce_mean + cfg.distill.w_hidden * hidden_mse +
+                          aux);
       }
       st.interval_tokens += step_tokens;
       st.tokens += step_tokens;
@@ -743,10 +762,13 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         const double k = st.interval_steps > 0 ? st.interval_kl / static_cast<double>(st.interval_steps) : NAN;
         const double e = st.interval_steps > 0 ? st.interval_ce / static_cast<double>(st.interval_steps) : NAN;
         const double hm = st.interval_steps > 0 ? st.interval_hidden / static_cast<double>(st.interval_steps) : NAN;
-        const double loss = cfg.distill.w_kl * k + cfg.distill.w_ce * e + (with_hidden ? cfg.distill.w_hidden * hm : 0);
+        const double ax = st.interval_steps > 0 ? st.interval_aux / static_cast<double>(st.interval_steps) : NAN;
+        const double loss = cfg.distill.w_kl * k + cfg.distill.w_ce * e +
+                            (with_hidden ? cfg.distill.w_hidden * hm : 0) + (with_aux ? ax : 0);
         out << "stage 2 step " << step + 1 << "/" << stage2_steps << " | kl " << format_number("%.5g", k) << " | ce "
             << format_number("%.4f", e);
         if (with_hidden) out << " | hidden_mse " << format_number("%.5g", hm);
+        if (with_aux) out << " | aux " << format_number("%.5g", ax);
         out << " | lr " << format_number("%.2e", lr) << " | gnorm " << format_number("%.3g", st.last_norm) << " | "
             << format_count(tps) << " tok/s" << std::endl;
         json record = {{"stage", 2},
@@ -762,11 +784,12 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
                        {"skipped_steps", optimizer.skipped_steps()},
                        {"elapsed_s", seconds_since(t_start)}};
         if (with_hidden) record["hidden_mse"] = hm;
+        if (with_aux) record["aux"] = ax;
         if (metrics) metrics->write(record);
         if (st.first_kl < 0) st.first_kl = k;
         st.last_kl = k;
         st.last_ce = e;
-        st.interval_kl = st.interval_ce = st.interval_hidden = 0;
+        st.interval_kl = st.interval_ce = st.interval_hidden = st.interval_aux = 0;
         st.interval_steps = 0;
         st.interval_tokens = 0;
         t_interval = Clock::now();

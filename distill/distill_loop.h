@@ -56,6 +56,11 @@ struct DistillStageOptions {
   // residual stream after layer l (h[L-1] before final_norm); the stage-2 loss gains w_hidden * H
   // (HybridModel::HiddenStateMatch).
   double w_hidden = 0.0;
+  // Coefficient of the student's MoE load-balancing loss in stage 2 (0 = off; MoE teachers only): per MoE
+  // layer coef x E x sum_e f_e P_e (trainer/layer_moe.h L_aux), summed over the layers, averaged over the
+  // ranks (each computes it on its own tokens); the stage-2 loss gains that term. qwen3_moe models were
+  // trained with their config.json's router_aux_loss_coef (e.g. 0.001).
+  double router_aux_coef = 0.0;
 };
 
 struct EvalOptions {

@@ -158,6 +158,9 @@ class DistillOptionTable : public OptionTable {
         "stage 2 weight w of the hidden-state MSE; 0 = off. Adds w * H, H = mean over the student's layers l and "
         "the loss tokens t (target >= 0, as the KL) of ||h_s[l,t] - h_t[l,t]||^2 / D, h[l] = residual stream after "
         "layer l (the last one before final_norm), D = hidden size");
+    add("distill.router_aux_coef", &d.router_aux_coef,
+        "stage 2 coefficient of the student's MoE load-balancing loss (coef x E x sum_e f_e P_e per MoE layer, "
+        "summed over the layers; MoE teachers only); 0 = off");
 
     group("[log]");
     add("log.interval", &c.log.interval, "steps per progress line and metrics record");

@@ -446,6 +446,8 @@ struct HybridModel::Impl {
   // The FFN block of layer l: out = in + FFN(RMSNorm(in)) (out must not alias in), dense or MoE.
   void ffn_forward(const ExecContext& ctx, int64_t l, const Tensor& in, const Tensor& out);
   const MoeExpertParallel* ep = nullptr;  // the last forward's batch's (Batch::ep)
+  double aux_sum = 0;                     // the MoE layers' L_aux of the last forward
+  double aux_grad = 0;                    // d objective / d L_aux for the backward (set_moe_aux_loss)
   // d_residual += the FFN block's input gradient (in place); weight gradients accumulate. Uses scratch.
   void ffn_backward(const ExecContext& ctx, int64_t l, const Tensor& d_residual);
   void hidden_term(const ExecContext& ctx, int64_t l, int64_t n, const HiddenStateMatch& hidden, float grad_scale,
@@ -704,6 +706,7 @@ void HybridModel::Impl::begin_step(const Batch& b) {
 void HybridModel::Impl::forward(const ExecContext& ctx, const Batch& b, const std::vector<Tensor>* mix_out) {
   const PackedSequence seq = sequence(b);
   ep = b.ep;  // the backward of this forward runs the same exchanges
+  aux_sum = 0;
   Step& st = step;
   {
     NvtxRange range("embed.fwd");
@@ -736,7 +739,7 @@ void HybridModel::Impl::ffn_forward(const ExecContext& ctx, int64_t l, const Ten
     mlp[l].forward(ctx, in, out, step.mlp[l]);
     return;
   }
-  moe[l].forward(ctx, in, out, step.moe[l], ep);
+  aux_sum += moe[l].forward(ctx, in, out, step.moe[l], ep);
 }
 
 void HybridModel::Impl::ffn_backward(const ExecContext& ctx, int64_t l, const Tensor& d_residual) {
@@ -744,7 +747,7 @@ void HybridModel::Impl::ffn_backward(const ExecContext& ctx, int64_t l, const Te
     mlp[l].backward(ctx, step.mlp[l], d_residual, d_residual, scratch_arena);
     return;
   }
-  moe[l].backward(ctx, step.moe[l], d_residual, scratch_arena, ep);
+  moe[l].backward(ctx, step.moe[l], d_residual, scratch_arena, ep, aux_grad);
 }
 
 // Chunk by chunk: logits = normed Wlm^T; CE (dlogits in place, scaled by loss_scale / num_targets);
@@ -951,6 +954,18 @@ void HybridModel::zero_grad() {
   zero_tensor(impl_->flat_grads);
   device_sync(impl_->device);
 }
+
+void HybridModel::set_moe_aux_loss(double coef, double grad_scale) {
+  HYD_CHECK(coef >= 0 && std::isfinite(coef) && std::isfinite(grad_scale),
+            "HybridModel::set_moe_aux_loss: coefficient ", coef, " and scale ", grad_scale,
+            " must be finite, the coefficient >= 0");
+  Impl& m = *impl_;
+  for (size_t l = 0; l < m.moe.size(); ++l)
+    if (m.sparse[l]) m.moe[l].moe.cfg.aux_loss_coef = static_cast<float>(coef);
+  m.aux_grad = coef > 0 ? grad_scale : 0.0;
+}
+
+double HybridModel::moe_aux_loss() const { return impl_->aux_sum; }
 
 double HybridModel::forward_backward(ExecContext& ctx, const Batch& batch, float loss_scale) {
   Impl& m = *impl_;

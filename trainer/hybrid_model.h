@@ -111,6 +111,12 @@ class HybridModel {
   double forward_loss(ExecContext& ctx, const Batch& batch);
   std::vector<float> forward_logits(ExecContext& ctx, const Batch& batch);  // [N, V] host f32
 
+  // The MoE layers' load-balancing loss (trainer/layer_moe.h L_aux with coefficient `coef`, summed over the
+  // MoE layers): computed by every forward from now on (moe_aux_loss() reads the last one's), and every
+  // backward adds grad_scale x its gradient (the term's weight in the objective). coef 0: off (the default).
+  void set_moe_aux_loss(double coef, double grad_scale);
+  double moe_aux_loss() const;
+
   // ---- Distillation (DISTILL.md stages 1 and 2) ------------------------------------------------------
   //
   // The LM head works on token chunks [t0, t1) of logits_chunk_size() tokens (the last chunk may be

@@ -622,18 +622,19 @@ MoeConfig MoeBlock::config_for_model(const ModelConfig& mc) {
   return c;
 }
 
-void MoeBlock::forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& s,
-                       const MoeExpertParallel* ep) const {
+double MoeBlock::forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& s,
+                         const MoeExpertParallel* ep) const {
   s.x = in;
   kernels::rmsnorm_forward(ctx, in, norm.value, s.m, s.rstd, eps);
-  moe.forward(ctx, s.m, out, s.moe, ep);  // L_aux is 0: aux_loss_coef is 0 here
+  const double aux = moe.forward(ctx, s.m, out, s.moe, ep);
   kernels::add_inplace(ctx, out, in);
+  return aux;
 }
 
 void MoeBlock::backward(const ExecContext& ctx, const Saved& s, const Tensor& d_residual, Arena& scratch,
-                        const MoeExpertParallel* ep) const {
+                        const MoeExpertParallel* ep, double d_aux) const {
   const auto [dm, dx] = alloc_own_scratch(scratch, s.x.size(0), s.m.dtype);
-  moe.backward(ctx, s.moe, d_residual, dm, scratch, /*d_aux=*/0.0, ep);
+  moe.backward(ctx, s.moe, d_residual, dm, scratch, d_aux, ep);
   prenorm_residual_backward(ctx, dm, s.x, norm, s.rstd, d_residual, d_residual, dx);
 }
 

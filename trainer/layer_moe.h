@@ -243,12 +243,14 @@ struct MoeBlock {
   template <class Ref>
   static MoeBlock for_model(const ModelConfig& mc, int64_t layer, float eps, Ref&& ref);
   // out = in + MoE(RMSNorm(in)); out must not alias in.
-  // ep: expert parallelism over its group (nullptr: every expert here).
-  void forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& saved,
-               const MoeExpertParallel* ep = nullptr) const;
+  // ep: expert parallelism over its group (nullptr: every expert here). Returns the layer's L_aux (0 unless
+  // moe.cfg.aux_loss_coef > 0).
+  double forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& saved,
+                 const MoeExpertParallel* ep = nullptr) const;
   // d_residual += RMSNorm'(x)^T MoE'(m)^T d_residual, in place; weight gradients accumulate.
+  // d_aux: dObjective/dL_aux (the weight of the load-balancing term; 0 without it).
   void backward(const ExecContext& ctx, const Saved& saved, const Tensor& d_residual, Arena& scratch,
-                const MoeExpertParallel* ep = nullptr) const;
+                const MoeExpertParallel* ep = nullptr, double d_aux = 0.0) const;
 
  private:
   static MoeConfig config_for_model(const ModelConfig& mc);

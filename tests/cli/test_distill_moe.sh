@@ -5,7 +5,9 @@
 # teacher's MoE FFN (copied, trained in stage 2) and runs a few stage-1 and stage-2 steps. Asserts: exit 0,
 # the transfer table lists the router and expert stacks copied from the teacher, stage-1 and stage-2
 # records are finite, the stage-2 KL does not grow (first vs last record), the checkpoint is written, and
-# `hydistill export` writes the MoE student with the teacher's MoE fields in config.json.
+# `hydistill export` writes the MoE student with the teacher's MoE fields in config.json; with
+# distill.router_aux_coef the stage-2 records carry the load-balancing term ("aux", inside "loss"), and bad
+# values of it exit 2 naming the key.
 # Usage: bash test_distill_moe.sh HYDISTILL SOURCE_DIR
 set -u
 HYD="$1"
@@ -84,4 +86,27 @@ c = json.load(open(sys.argv[1]))
 assert (c["num_experts"], c["num_experts_per_tok"], c["mlp_only_layers"]) == (8, 2, [0]), c
 PY
 echo "ok: MoE student exported"
+
+# The student's MoE load-balancing term (distill.router_aux_coef): logged as "aux" in every stage-2 record,
+# positive and finite, and part of "loss"; a negative coefficient and a dense teacher exit 2 naming the key.
+"$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/aux" --distill.stage1_steps 2 \
+  --distill.stage2_steps 4 --log.interval 1 --distill.router_aux_coef 0.01 >"$WORK/aux.txt" 2>&1 ||
+  { cat "$WORK/aux.txt"; fail "distill with distill.router_aux_coef"; }
+grep -q "stage 2 step 4/4 | kl .* | aux " "$WORK/aux.txt" || { cat "$WORK/aux.txt"; fail "no aux in the progress line"; }
+python3 - "$WORK/aux/metrics.jsonl" <<'PY' || fail "the aux records"
+import json, math, sys
+s2 = [r for r in map(json.loads, open(sys.argv[1])) if r.get("stage") == 2]
+assert len(s2) == 4, len(s2)
+for r in s2:
+    assert math.isfinite(r["aux"]) and 0 < r["aux"] <= 0.01 * 8, r
+    assert abs(r["loss"] - (r["kl"] + r["aux"])) <= 1e-9 * abs(r["loss"]) + 1e-12, r  # w_kl 1, w_ce 0
+print("aux per stage-2 step:", [round(r["aux"], 6) for r in s2])
+PY
+"$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/bad1" --distill.router_aux_coef -1 >"$WORK/b1.txt" 2>&1
+rc=$?
+[ "$rc" = 2 ] && grep -q "distill.router_aux_coef" "$WORK/b1.txt" || { cat "$WORK/b1.txt"; fail "negative coef: exit $rc"; }
+"$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/bad2" --distill.router_aux_coef 0.01 \
+  --teacher.dir "$SRC/tests/golden/data/llama" >"$WORK/b2.txt" 2>&1
+rc=$?
+[ "$rc" = 2 ] && grep -q "distill.router_aux_coef.*no MoE layers" "$WORK/b2.txt" || { cat "$WORK/b2.txt"; fail "dense teacher: exit $rc"; }
 echo "ok"

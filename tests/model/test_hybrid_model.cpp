@@ -20,6 +20,9 @@
 // backward term (a skipped gate, a residual, a conv tap, a document leak) is 1e-1..1 off.
 #include <gtest/gtest.h>
 
+#include <functional>
+#include <memory>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -184,8 +187,16 @@ constexpr uint64_t kMoeSeed = 5;
 constexpr double kKinkThreshold = 2e-3;
 constexpr double kKinkRelative = 5e-2;
 
-TEST(HybridMoeGrad, KdaAndAttentionOverDenseAndMoeLayers) {
+// A KA student over a dense and a MoE layer (qwen3_moe skeleton), randomised: the model, its batch.
+struct MoeStudent {
   HybridConfig cfg;
+  test::PackedBatch hb;
+  std::unique_ptr<HybridModel> model;
+};
+
+MoeStudent make_moe_student() {
+  MoeStudent s;
+  HybridConfig& cfg = s.cfg;
   cfg.model = tiny_moe_config(2, {0});
   cfg.kda.heads = 2;
   cfg.kda.v_heads = 4;
@@ -194,8 +205,6 @@ TEST(HybridMoeGrad, KdaAndAttentionOverDenseAndMoeLayers) {
   cfg.kda.conv_size = 4;
   cfg.pattern = "KA";
   cfg.finalize("test");
-  ASSERT_FALSE(cfg.model.is_moe_layer(0));
-  ASSERT_TRUE(cfg.model.is_moe_layer(1));
   std::mt19937_64 gen(kMoeSeed);
   std::vector<std::vector<int32_t>> docs;
   for (int32_t len : {11, 13}) {
@@ -203,20 +212,15 @@ TEST(HybridMoeGrad, KdaAndAttentionOverDenseAndMoeLayers) {
     docs.emplace_back();
     for (int32_t t = 0; t < len; ++t) docs.back().push_back(tok(gen));
   }
-  test::PackedBatch hb = test::pack_documents(docs, [](int64_t i) { return i % 5 == 0; });
-  HybridModel model(cfg, Device::cpu(), 32);
-  ASSERT_TRUE(model.has_param("layers.0.w_gate_up"));
-  ASSERT_TRUE(model.has_param("layers.1.mlp.gate.weight"));
-  ASSERT_TRUE(model.has_param("layers.1.mlp.gate_up"));
-  ASSERT_TRUE(model.has_param("layers.1.mlp.down"));
-  ASSERT_FALSE(model.has_param("layers.1.w_down"));
-  EXPECT_EQ(model.param("layers.1.mlp.gate_up").shape, (std::vector<int64_t>{4, 32, cfg.model.hidden_size}));
-  test::randomize_hybrid(model, &gen);
-  ExecContext ctx(Device::cpu());
-  model.zero_grad();
-  const double loss = model.forward_backward(ctx, hb.batch);
-  ASSERT_TRUE(std::isfinite(loss));
-  EXPECT_NEAR(loss, model.forward_loss(ctx, hb.batch), 1e-6 * loss);
+  s.hb = test::pack_documents(docs, [](int64_t i) { return i % 5 == 0; });
+  s.model = std::make_unique<HybridModel>(cfg, Device::cpu(), 32);
+  test::randomize_hybrid(*s.model, &gen);
+  return s;
+}
+
+// Every parameter's gradient (already in the model) against Richardson-extrapolated central differences of
+// `objective` (evaluated with the current parameters), samples straddling a routing swap dropped.
+void check_moe_grads(HybridModel& model, const test::PackedBatch& hb, const std::function<double()>& objective) {
   for (const ParamInfo& p : model.params()) {
     const std::vector<float> g = model.get_grad(p.name);
     std::vector<float> value = model.get_param(p.name);
@@ -239,10 +243,10 @@ TEST(HybridMoeGrad, KdaAndAttentionOverDenseAndMoeLayers) {
       auto central = [&](float hh) {
         value[i] = orig + hh;
         model.set_param(p.name, value.data(), p.numel);
-        const double lp = model.forward_loss(ctx, hb.batch);
+        const double lp = objective();
         value[i] = orig - hh;
         model.set_param(p.name, value.data(), p.numel);
-        const double lm = model.forward_loss(ctx, hb.batch);
+        const double lm = objective();
         value[i] = orig;
         return (lp - lm) / (static_cast<double>(orig + hh) - static_cast<double>(orig - hh));
       };
@@ -264,6 +268,55 @@ TEST(HybridMoeGrad, KdaAndAttentionOverDenseAndMoeLayers) {
     report({{p.name, std::sqrt(num), std::sqrt(den)}});
     EXPECT_LE(4 * dropped, kept + dropped) << p.name << ": too many samples straddle routing swaps";
   }
+}
+
+TEST(HybridMoeGrad, KdaAndAttentionOverDenseAndMoeLayers) {
+  MoeStudent s = make_moe_student();
+  HybridModel& model = *s.model;
+  ASSERT_FALSE(s.cfg.model.is_moe_layer(0));
+  ASSERT_TRUE(s.cfg.model.is_moe_layer(1));
+  ASSERT_TRUE(model.has_param("layers.0.w_gate_up"));
+  ASSERT_TRUE(model.has_param("layers.1.mlp.gate.weight"));
+  ASSERT_TRUE(model.has_param("layers.1.mlp.gate_up"));
+  ASSERT_TRUE(model.has_param("layers.1.mlp.down"));
+  ASSERT_FALSE(model.has_param("layers.1.w_down"));
+  EXPECT_EQ(model.param("layers.1.mlp.gate_up").shape, (std::vector<int64_t>{4, 32, s.cfg.model.hidden_size}));
+  ExecContext ctx(Device::cpu());
+  model.zero_grad();
+  const double loss = model.forward_backward(ctx, s.hb.batch);
+  ASSERT_TRUE(std::isfinite(loss));
+  EXPECT_NEAR(loss, model.forward_loss(ctx, s.hb.batch), 1e-6 * loss);
+  EXPECT_EQ(model.moe_aux_loss(), 0.0);  // off by default
+  check_moe_grads(model, s.hb, [&] { return model.forward_loss(ctx, s.hb.batch); });
+}
+
+// With the load-balancing term on (set_moe_aux_loss): the gradients are those of CE + scale x L_aux, L_aux
+// summed over the MoE layers (the term moves the router's gradient by several percent, so the finite
+// differences would see it missing), and the term lies in (0, coef E].
+TEST(HybridMoeGrad, LoadBalancingTermJoinsTheObjective) {
+  MoeStudent s = make_moe_student();
+  HybridModel& model = *s.model;
+  constexpr double kCoef = 1.0, kScale = 2.0;
+  ExecContext ctx(Device::cpu());
+  const std::string router = "layers.1.mlp.gate.weight";
+  model.zero_grad();
+  model.forward_backward(ctx, s.hb.batch);
+  const std::vector<float> g_ce = model.get_grad(router);
+  model.set_moe_aux_loss(kCoef, kScale);
+  model.zero_grad();
+  const double loss = model.forward_backward(ctx, s.hb.batch);
+  const double aux = model.moe_aux_loss();
+  ASSERT_TRUE(std::isfinite(loss));
+  // The term moves the router's gradient (so the comparison below can tell it is there).
+  EXPECT_GT(test::rel_err(model.get_grad(router), g_ce), 0.02);
+  // 0 < coef E sum_e f_e P_e <= coef E (one MoE layer of E = 4 experts here).
+  EXPECT_GT(aux, 0.0);
+  EXPECT_LE(aux, kCoef * 4);
+  check_moe_grads(model, s.hb, [&] {
+    const double ce = model.forward_loss(ctx, s.hb.batch);
+    return ce + kScale * model.moe_aux_loss();
+  });
+  test::expect_error([&] { model.set_moe_aux_loss(-1.0, 1.0); }, {"set_moe_aux_loss", "coefficient"});
 }
 
 // ------------------------------------------------------------------------------ T layers == dense
