@@ -159,8 +159,12 @@ void restore_optimizer_resharded(const Checkpoint& ck, const std::vector<ParamIn
     throw Error::at(mpath, "optimizer.zero1", "missing in a checkpoint of " + std::to_string(ck.manifest.world_size) +
                                                   " state files");
   }
-  std::vector<SafetensorsFile> files;
-  for (int64_t r = 0; r < old_ranks; ++r) files.push_back(r == 0 ? SafetensorsFile(ck.tensors.path()) : ck.open_rank(r));
+  // Rank 0's file is the one open_checkpoint already opened; the others are opened here.
+  std::vector<SafetensorsFile> others;
+  for (int64_t r = 1; r < old_ranks; ++r) others.push_back(ck.open_rank(r));
+  auto file = [&](int64_t r) -> const SafetensorsFile& {
+    return r == 0 ? ck.tensors : others[static_cast<size_t>(r - 1)];
+  };
 
   // Values [a, a + n) (elements of parameter `base`) of `kind` from the files that hold them.
   auto gather = [&](const std::string& kind, const ParamInfo& base, int64_t a, int64_t n, bool* found) {
@@ -172,7 +176,7 @@ void restore_optimizer_resharded(const Checkpoint& ck, const std::vector<ParamIn
       const int64_t ob = std::min(base.offset + base.numel, (q + 1) * old_shard) - base.offset;
       const int64_t lo = std::max(a, oa), hi = std::min(a + n, ob);
       if (lo >= hi) continue;
-      const SafetensorsFile& f = files[static_cast<size_t>(q)];
+      const SafetensorsFile& f = file(q);
       std::string name = kind;
       name.append("/").append(base.name);
       if (old_ranks > 1) name.append("[").append(std::to_string(oa)).append(":").append(std::to_string(ob)).append("]");
@@ -215,7 +219,7 @@ void restore_optimizer_resharded(const Checkpoint& ck, const std::vector<ParamIn
     if (found) {
       upload(master, opt.masters()[i]);
     } else if (opt.separate_masters()) {  // a CPU checkpoint: its parameters were the masters
-      const std::vector<float> whole = files[0].read_f32("param/" + base.name);
+      const std::vector<float> whole = file(0).read_f32("param/" + base.name);
       upload(std::vector<float>(whole.begin() + a, whole.begin() + a + p.numel), opt.masters()[i]);
     }
   }

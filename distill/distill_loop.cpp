@@ -24,7 +24,6 @@
 #include "parallel/checks.h"
 #include "parallel/comm.h"
 #include "parallel/grid.h"
-#include "parallel/nccl_comm.h"
 #include "trainer/layer_moe.h"
 #include "trainer/stop_signal.h"
 #include "trainer/zero1.h"
