@@ -321,6 +321,20 @@ TEST(HybridMoeGrad, LoadBalancingTermJoinsTheObjective) {
 
 // ------------------------------------------------------------------------------ T layers == dense
 
+// The all-T hybrid's parameter list must be the dense model's (names, shapes, weight decay, in order);
+// the dense model's values are copied into it.
+void copy_dense_into_hybrid(DenseModel& dense, HybridModel& hybrid) {
+  ASSERT_EQ(dense.params().size(), hybrid.params().size());
+  for (size_t i = 0; i < dense.params().size(); ++i) {
+    const ParamInfo& p = dense.params()[i];
+    EXPECT_EQ(p.name, hybrid.params()[i].name);
+    EXPECT_EQ(p.shape, hybrid.params()[i].shape);
+    EXPECT_EQ(p.weight_decay, hybrid.params()[i].weight_decay);
+    const std::vector<float> v = dense.get_param(p.name);
+    hybrid.set_param(p.name, v.data(), p.numel);
+  }
+}
+
 // A student made only of T layers, with the dense model's weights copied by name, is the dense model:
 // same parameter list, and the same kernels in the same order give identical logits, loss and gradients.
 TEST(HybridModel, TeacherLayersReproduceTheDenseModelExactly) {
@@ -333,15 +347,7 @@ TEST(HybridModel, TeacherLayersReproduceTheDenseModelExactly) {
     DenseModel dense(dc, Device::cpu(), 32);
     HybridModel hybrid(hc, Device::cpu(), 32);
     dense.init_random(21, 0.3f);
-    ASSERT_EQ(dense.params().size(), hybrid.params().size());
-    for (size_t i = 0; i < dense.params().size(); ++i) {
-      const ParamInfo& p = dense.params()[i];
-      EXPECT_EQ(p.name, hybrid.params()[i].name);
-      EXPECT_EQ(p.shape, hybrid.params()[i].shape);
-      EXPECT_EQ(p.weight_decay, hybrid.params()[i].weight_decay);
-      const std::vector<float> v = dense.get_param(p.name);
-      hybrid.set_param(p.name, v.data(), p.numel);
-    }
+    ASSERT_NO_FATAL_FAILURE(copy_dense_into_hybrid(dense, hybrid));
     test::PackedBatch hb = make_batch({10, 14}, dc.vocab_size);
     ExecContext ctx(Device::cpu());
     const std::vector<float> zd = dense.forward_logits(ctx, hb.batch), zh = hybrid.forward_logits(ctx, hb.batch);
@@ -368,15 +374,7 @@ TEST(HybridModel, TeacherLayersReproduceTheMoeDenseModelExactly) {
   DenseModel dense(dc, Device::cpu(), 32);
   HybridModel hybrid(hc, Device::cpu(), 32);
   dense.init_random(21, 0.3f);
-  ASSERT_EQ(dense.params().size(), hybrid.params().size());
-  for (size_t i = 0; i < dense.params().size(); ++i) {
-    const ParamInfo& p = dense.params()[i];
-    EXPECT_EQ(p.name, hybrid.params()[i].name);
-    EXPECT_EQ(p.shape, hybrid.params()[i].shape);
-    EXPECT_EQ(p.weight_decay, hybrid.params()[i].weight_decay);
-    const std::vector<float> v = dense.get_param(p.name);
-    hybrid.set_param(p.name, v.data(), p.numel);
-  }
+  ASSERT_NO_FATAL_FAILURE(copy_dense_into_hybrid(dense, hybrid));
   ASSERT_TRUE(hybrid.has_param("layers.1.mlp.gate.weight"));
   ASSERT_TRUE(hybrid.has_param("layers.0.w_gate_up"));
   test::PackedBatch hb = make_batch({10, 14}, dc.vocab_size);

@@ -12,7 +12,7 @@ set -u
 HYD="$1"
 SRC="$2"
 shift 2
-MPIRUN4=("$@")
+PAR_MPIRUN=("$@")
 # shellcheck source=tests/parallel/par_lib.sh
 source "$SRC/tests/parallel/par_lib.sh"
 par_distill_setup "$SRC/tests/golden/data/qwen3_moe"

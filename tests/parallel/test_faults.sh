@@ -20,43 +20,16 @@ set -u
 HYD="$1"
 SRC="$2"
 shift 2
-MPIRUN=("$@")
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/hyd_faults.XXXXXX")"
-trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$WORK"' EXIT
-fail() { echo "FAIL: $*"; exit 1; }
-python3 -c "import h5py" 2>/dev/null || { echo "SKIP: python3 h5py not available"; exit 77; }
+PAR_MPIRUN=("$@")
+# shellcheck source=tests/parallel/par_lib.sh
+source "$SRC/tests/parallel/par_lib.sh"
+MPIRUN=("${MPIRUN2[@]}")
 export OMP_NUM_THREADS=1
-
-python3 "$SRC/tests/cli/synthetic_data.py" markov "$WORK/tiny.h5" --vocab 64 --docs 200 --min-len 10 --max-len 60 \
-  || fail "could not write the synthetic dataset"
-cat > "$WORK/tiny.ini" <<EOF2
-device = cpu
-[model]
-hidden_size = 32
-intermediate_size = 64
-num_layers = 2
-num_heads = 4
-num_kv_heads = 2
-max_position_embeddings = 32
-[data]
-path = $WORK/tiny.h5
-val_fraction = 0.1
-seq_len = 32
-batch_size = 2
-[train]
-steps = 8
-lr = 1e-2
-warmup_steps = 1
-[parallel]
+par_train_setup "batch_size = 2" "steps = 8" "[parallel]
 dp = 2
 [checkpoint]
 interval = 2
-keep_last = 10
-[log]
-interval = 1
-eval_interval = 0
-eval_batches = 2
-EOF2
+keep_last = 10"
 train2() { "${MPIRUN[@]}" "$HYD" train --config "$WORK/tiny.ini" "$@"; }
 same_as_ref() {  # RUN_DIR: metrics and the final checkpoint's state files bitwise equal to the reference
   python3 - "$WORK/ref" "$1" <<'PY'

@@ -19,42 +19,14 @@
 set -u
 HYD="$1"
 shift
-MPIRUN=("$@")
-MPIRUN4=()
-for a in "${MPIRUN[@]}"; do [ "$a" = 2 ] && MPIRUN4+=(4) || MPIRUN4+=("$a"); done
-WORK="$(mktemp -d "${TMPDIR:-/tmp}/hyd_train_dp.XXXXXX")"
-trap 'rm -rf "$WORK"' EXIT
-fail() { echo "FAIL: $*"; exit 1; }
-python3 -c "import h5py" 2>/dev/null || { echo "SKIP: python3 h5py not available"; exit 77; }
-
-# Markov-chain documents of 10..59 tokens (tests/cli/synthetic_data.py).
-python3 "$(dirname "${BASH_SOURCE[0]}")/../cli/synthetic_data.py" markov "$WORK/tiny.h5" --vocab 64 --docs 200 \
-  --min-len 10 --max-len 60 || fail "could not write the synthetic dataset"
-
-cat > "$WORK/tiny.ini" <<EOF2
-device = cpu
-[model]
-hidden_size = 32
-intermediate_size = 64
-num_layers = 2
-num_heads = 4
-num_kv_heads = 2
-max_position_embeddings = 32
-[data]
-path = $WORK/tiny.h5
-val_fraction = 0.1
-seq_len = 32
-[train]
-steps = 5
+SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+PAR_MPIRUN=("$@")
+# shellcheck source=tests/parallel/par_lib.sh
+source "$SRC/tests/parallel/par_lib.sh"
+MPIRUN=("${MPIRUN2[@]}")
+par_train_setup "" "steps = 5
 grad_accum = 2
-lr = 1e-2
-warmup_steps = 1
-grad_clip = 0.5
-[log]
-interval = 1
-eval_interval = 0
-eval_batches = 2
-EOF2
+grad_clip = 0.5" ""
 
 # One process, batch 4.
 OMP_NUM_THREADS=1 "$HYD" train --config "$WORK/tiny.ini" --run.dir "$WORK/single" --data.batch_size 4 \
