@@ -259,9 +259,6 @@ void validate_distill_config(const DistillConfig& cfg) {
   require(cfg.parallel.ep >= 1 && (cfg.parallel.dp * cfg.parallel.sp) % cfg.parallel.ep == 0, "parallel.ep",
           "= " + std::to_string(cfg.parallel.ep) + " must be >= 1 and divide parallel.dp x parallel.sp = " +
               std::to_string(cfg.parallel.dp * cfg.parallel.sp));
-  require(cfg.parallel.ep == 1 || cfg.device == "cpu", "parallel.ep",
-          "> 1 runs on the CPU only for now (expert parallelism on CUDA is not implemented; device = " + cfg.device +
-              ")");
   validate_run_options(cfg.run, cfg.checkpoint, cfg.train.resume, src);
   try {
     (void)parse_device(cfg.device);
@@ -340,7 +337,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   std::unique_ptr<MoeExpertParallel> ep_ctx;
   if (ep > 1) {
     ep_group.emplace(world->split(world->rank() / ep, world->rank() % ep));
-    ep_ctx = std::make_unique<MoeExpertParallel>(*ep_group);
+    ep_ctx = std::make_unique<MoeExpertParallel>(*ep_group, device);
   }
   auto batch_for = [&](ExecContext& c, BatchUploader& up, int64_t s, HostBatch& hb) {
     hb = sampler.batch(s);
@@ -812,7 +809,8 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   result.elapsed_s = seconds_since(t_start);
   if (ep_group)
     out << "expert parallelism: rank 0 took part in " << ep_group->counters().calls << " exchanges of its group, "
-        << format_megabytes(static_cast<size_t>(ep_group->counters().bytes)) << " sent" << std::endl;
+        << format_megabytes(static_cast<size_t>(ep_group->counters().bytes + ep_ctx->device_bytes_sent()))
+        << " sent" << (device.is_cuda() ? " (token rows over NCCL)" : "") << std::endl;
   out << (stopped ? "stopped: stage 1 " : "done: stage 1 ") << result.stage1_steps << " steps";
   if (result.last_mse >= 0)
     out << " (mse " << format_number("%.6g", result.first_mse) << " -> " << format_number("%.6g", result.last_mse)

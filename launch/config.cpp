@@ -176,8 +176,8 @@ class DistillOptionTable : public OptionTable {
         "attention, teacher included); must divide data.seq_len");
     add("parallel.ep", &c.parallel.ep,
         "expert-parallel group size for MoE teachers and students: groups of ep consecutive ranks share the "
-        "routed experts' work (all-to-all of token rows); must divide dp x sp and the number of experts; the CPU "
-        "only for now");
+        "routed experts' work (all-to-all of token rows: MPI on the CPU, NCCL on GPUs); must divide dp x sp and "
+        "the number of experts");
 
     group("[eval]");
     add("eval.interval", &c.eval.interval,

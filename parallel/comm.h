@@ -45,16 +45,24 @@ enum class ReduceOp { kSum, kMax };
 // Traffic of one communicator as seen by one rank, the same definition for every backend (MPI here,
 // NCCL in parallel/nccl_comm.h):
 //   calls: +1 per completed operation: all_reduce, reduce_scatter, all_gather, all_to_all, all_to_all_v,
-//          send, recv, broadcast, barrier (split, construction and the NCCL bootstrap are not traffic
-//          and are not counted; a call rejected by its argument checks counts nothing).
+//          all_to_all_blocks, send, recv, broadcast, barrier (split, construction and the NCCL bootstrap
+//          are not traffic and are not counted; a call rejected by its argument checks counts nothing).
 //   bytes: + the bytes THIS rank hands over as input, whatever the algorithm moves underneath:
 //          all_reduce: buf; reduce_scatter, all_gather, all_to_all: in (all blocks, its own included);
-//          all_to_all_v: the sum of send_counts; send: buf; broadcast: buf on the root, 0 elsewhere;
-//          recv and barrier: 0.
+//          all_to_all_v: the sum of send_counts; all_to_all_blocks (NCCL only): the send blocks' counts;
+//          send: buf; broadcast: buf on the root, 0 elsewhere; recv and barrier: 0.
 // So the bytes summed over the ranks of a group are the volume the group put into the operation.
 struct CommCounters {
   uint64_t calls = 0;
   uint64_t bytes = 0;
+};
+
+// One block of a block exchange (NcclCommunicator::all_to_all_blocks): `count` elements at element offset
+// `offset` of the local buffer, sent to / received from rank `peer` of the group.
+struct CommBlock {
+  int peer = 0;
+  int64_t offset = 0;
+  int64_t count = 0;
 };
 
 class Communicator {

@@ -10,6 +10,7 @@
 #include <nccl.h>
 
 #include <string>
+#include <vector>
 
 #include "parallel/checks.h"
 
@@ -47,9 +48,13 @@ ncclRedOp_t nccl_op(ReduceOp op) { return op == ReduceOp::kSum ? ncclSum : ncclM
 // Everything below is created in the constructor and released in ~Impl, in reverse order.
 struct NcclCommunicator::Impl {
   ncclComm_t comm = nullptr;
-  cudaStream_t stream = nullptr;    // the comm stream: non-blocking, highest priority
-  cudaEvent_t ready = nullptr;      // recorded on the caller stream, waited on by the comm stream
-  cudaEvent_t done = nullptr;       // recorded on the comm stream, waited on by the caller stream
+  cudaStream_t stream = nullptr;  // the comm stream: non-blocking, highest priority
+  cudaEvent_t ready = nullptr;    // recorded on the caller stream, waited on by the comm stream
+  cudaEvent_t done = nullptr;     // recorded on the comm stream, waited on by the caller stream
+  // Operations started without the caller waiting (all_to_all_blocks_start): ticket t's done event is
+  // pending[t % kMaxPending]; `issued` tickets so far.
+  std::vector<cudaEvent_t> pending;
+  uint64_t issued = 0;
   int32_t* barrier_word = nullptr;  // one device int32 = 0, barrier()'s all-reduce operand (a sum of zeros stays 0)
   // Set by any failed NCCL / CUDA call of an operation: the communicator may be half-way through a
   // collective that its peers never finish, so it is aborted, not destroyed collectively.
@@ -68,6 +73,7 @@ struct NcclCommunicator::Impl {
     }
     if (barrier_word) cudaFree(barrier_word);
     if (done) cudaEventDestroy(done);
+    for (cudaEvent_t e : pending) cudaEventDestroy(e);
     if (ready) cudaEventDestroy(ready);
     if (stream) cudaStreamDestroy(stream);
   }
@@ -105,15 +111,17 @@ namespace hyd {
 namespace {
 
 // The stream protocol of nccl_comm.h: comm stream after the caller's earlier work, `enqueue` (the NCCL
-// calls) on the comm stream, the caller's later work after it.
+// calls) on the comm stream, the caller's later work after it. With `done_event` the caller does not wait:
+// the event is recorded after the operation for a later wait (all_to_all_blocks_start).
 template <class F>
-void run_ordered(NcclCommunicator::Impl& s, const char* op, void* caller_stream, F&& enqueue) {
+void run_ordered(NcclCommunicator::Impl& s, const char* op, void* caller_stream, F&& enqueue,
+                 cudaEvent_t done_event = nullptr) {
   cudaStream_t caller = static_cast<cudaStream_t>(caller_stream);
   HYD_CUDA_OP_CHECK(s, op, cudaEventRecord(s.ready, caller));
   HYD_CUDA_OP_CHECK(s, op, cudaStreamWaitEvent(s.stream, s.ready, 0));
   enqueue(s.comm, s.stream);
-  HYD_CUDA_OP_CHECK(s, op, cudaEventRecord(s.done, s.stream));
-  HYD_CUDA_OP_CHECK(s, op, cudaStreamWaitEvent(caller, s.done, 0));
+  HYD_CUDA_OP_CHECK(s, op, cudaEventRecord(done_event ? done_event : s.done, s.stream));
+  if (!done_event) HYD_CUDA_OP_CHECK(s, op, cudaStreamWaitEvent(caller, s.done, 0));
 }
 
 }  // namespace
@@ -142,6 +150,8 @@ NcclCommunicator::NcclCommunicator(const Communicator& mpi_group)
   CHECK_CUDA(cudaStreamCreateWithPriority(&s.stream, cudaStreamNonBlocking, greatest));
   CHECK_CUDA(cudaEventCreateWithFlags(&s.ready, cudaEventDisableTiming));
   CHECK_CUDA(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+  s.pending.assign(kMaxPending, nullptr);
+  for (cudaEvent_t& e : s.pending) CHECK_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   CHECK_CUDA(cudaMalloc(&s.barrier_word, sizeof(int32_t)));
   CHECK_CUDA(cudaMemsetAsync(s.barrier_word, 0, sizeof(int32_t), s.stream));  // ordered before every barrier
 
@@ -291,6 +301,62 @@ void NcclCommunicator::all_to_all_v(std::span<const T> in, std::span<const int64
 }
 
 template <class T>
+uint64_t NcclCommunicator::all_to_all_blocks_start(std::span<const T> in, std::span<const CommBlock> sends,
+                                                   std::span<T> out, std::span<const CommBlock> recvs,
+                                                   void* stream) const {
+  HYD_CHECK(impl_ != nullptr, "all_to_all_blocks: NcclCommunicator used after it was moved from");
+  uint64_t sent = 0;
+  auto check = [&](std::span<const CommBlock> blocks, size_t size, const char* what) {
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const CommBlock& b = blocks[i];
+      check_peer(b.peer, what);
+      HYD_CHECK(b.offset >= 0 && b.count >= 0 && static_cast<uint64_t>(b.offset + b.count) <= size,
+                "all_to_all_blocks: ", what, " block ", i, " [", b.offset, ", ", b.offset + b.count,
+                ") is outside the buffer of ", size, " elements");
+    }
+  };
+  check(sends, in.size(), "sends");
+  check(recvs, out.size(), "recvs");
+  for (const CommBlock& b : sends) sent += static_cast<uint64_t>(b.count);
+  const uint64_t ticket = impl_->issued;
+  run_ordered(
+      *impl_, "all_to_all_blocks", stream,
+      [&](ncclComm_t comm, cudaStream_t s) {
+        HYD_NCCL_OP_CHECK(*impl_, "all_to_all_blocks", ncclGroupStart());
+        for (const CommBlock& b : sends)
+          if (b.count > 0)
+            HYD_NCCL_OP_CHECK(
+                *impl_, "all_to_all_blocks",
+                ncclSend(in.data() + b.offset, static_cast<size_t>(b.count), nccl_type<T>(), b.peer, comm, s));
+        for (const CommBlock& b : recvs)
+          if (b.count > 0)
+            HYD_NCCL_OP_CHECK(
+                *impl_, "all_to_all_blocks",
+                ncclRecv(out.data() + b.offset, static_cast<size_t>(b.count), nccl_type<T>(), b.peer, comm, s));
+        HYD_NCCL_OP_CHECK(*impl_, "all_to_all_blocks", ncclGroupEnd());
+      },
+      impl_->pending[ticket % kMaxPending]);
+  impl_->issued += 1;
+  count(sent * sizeof(T));
+  return ticket;
+}
+
+template <class T>
+void NcclCommunicator::all_to_all_blocks(std::span<const T> in, std::span<const CommBlock> sends, std::span<T> out,
+                                         std::span<const CommBlock> recvs, void* stream) const {
+  wait(all_to_all_blocks_start(in, sends, out, recvs, stream), stream);
+}
+
+void NcclCommunicator::wait(uint64_t ticket, void* stream) const {
+  HYD_CHECK(impl_ != nullptr, "wait: NcclCommunicator used after it was moved from");
+  HYD_CHECK(ticket < impl_->issued, "wait: ticket ", ticket, " was never issued (", impl_->issued, " so far)");
+  HYD_CHECK(impl_->issued - ticket <= kMaxPending, "wait: ticket ", ticket, " is older than the last ", kMaxPending,
+            " started operations (its event has been reused)");
+  HYD_CUDA_OP_CHECK(*impl_, "wait",
+                    cudaStreamWaitEvent(static_cast<cudaStream_t>(stream), impl_->pending[ticket % kMaxPending], 0));
+}
+
+template <class T>
 void NcclCommunicator::send(std::span<const T> buf, int dest, void* stream) const {
   check_peer(dest, "send: dest");
   run_ordered(*impl_, "send", stream, [&](ncclComm_t comm, cudaStream_t s) {
@@ -374,6 +440,17 @@ void NcclCommunicator::all_to_all_v(std::span<const T>, std::span<const int64_t>
   no_cuda("all_to_all_v");
 }
 template <class T>
+void NcclCommunicator::all_to_all_blocks(std::span<const T>, std::span<const CommBlock>, std::span<T>,
+                                         std::span<const CommBlock>, void*) const {
+  no_cuda("all_to_all_blocks");
+}
+template <class T>
+uint64_t NcclCommunicator::all_to_all_blocks_start(std::span<const T>, std::span<const CommBlock>, std::span<T>,
+                                                   std::span<const CommBlock>, void*) const {
+  no_cuda("all_to_all_blocks_start");
+}
+void NcclCommunicator::wait(uint64_t, void*) const { no_cuda("wait"); }
+template <class T>
 void NcclCommunicator::send(std::span<const T>, int, void*) const {
   no_cuda("send");
 }
@@ -393,15 +470,19 @@ void NcclCommunicator::barrier(void*) const { no_cuda("barrier"); }
 
 namespace hyd {
 
-#define HYD_NCCL_COMM_INSTANTIATE(T)                                                                          \
-  template void NcclCommunicator::all_reduce<T>(std::span<T>, ReduceOp, void*) const;                         \
-  template void NcclCommunicator::reduce_scatter<T>(std::span<const T>, std::span<T>, void*) const;           \
-  template void NcclCommunicator::all_gather<T>(std::span<const T>, std::span<T>, void*) const;               \
-  template void NcclCommunicator::all_to_all<T>(std::span<const T>, std::span<T>, void*) const;               \
-  template void NcclCommunicator::all_to_all_v<T>(std::span<const T>, std::span<const int64_t>, std::span<T>, \
-                                                  std::span<const int64_t>, void*) const;                     \
-  template void NcclCommunicator::send<T>(std::span<const T>, int, void*) const;                              \
-  template void NcclCommunicator::recv<T>(std::span<T>, int, void*) const;                                    \
+#define HYD_NCCL_COMM_INSTANTIATE(T)                                                                                 \
+  template void NcclCommunicator::all_reduce<T>(std::span<T>, ReduceOp, void*) const;                                \
+  template void NcclCommunicator::reduce_scatter<T>(std::span<const T>, std::span<T>, void*) const;                  \
+  template void NcclCommunicator::all_gather<T>(std::span<const T>, std::span<T>, void*) const;                      \
+  template void NcclCommunicator::all_to_all<T>(std::span<const T>, std::span<T>, void*) const;                      \
+  template void NcclCommunicator::all_to_all_v<T>(std::span<const T>, std::span<const int64_t>, std::span<T>,        \
+                                                  std::span<const int64_t>, void*) const;                            \
+  template void NcclCommunicator::all_to_all_blocks<T>(std::span<const T>, std::span<const CommBlock>, std::span<T>, \
+                                                       std::span<const CommBlock>, void*) const;                     \
+  template uint64_t NcclCommunicator::all_to_all_blocks_start<T>(                                                    \
+      std::span<const T>, std::span<const CommBlock>, std::span<T>, std::span<const CommBlock>, void*) const;        \
+  template void NcclCommunicator::send<T>(std::span<const T>, int, void*) const;                                     \
+  template void NcclCommunicator::recv<T>(std::span<T>, int, void*) const;                                           \
   template void NcclCommunicator::broadcast<T>(std::span<T>, int, void*) const;
 
 HYD_NCCL_COMM_INSTANTIATE(float)

@@ -82,6 +82,26 @@ class NcclCommunicator {
   template <class T>
   void all_to_all_v(std::span<const T> in, std::span<const int64_t> send_counts, std::span<T> out,
                     std::span<const int64_t> recv_counts, void* stream) const;
+  // A scattered all-to-all: every block of `sends` (elements [offset, offset + count) of in) goes to its
+  // peer, every block of `recvs` is filled from its peer, all in one NCCL group (no staging copies: the
+  // blocks land where the caller wants them, e.g. expert-major rows out of several sources). Blocks between
+  // one pair of ranks are matched in list order: rank a's i-th send to b is b's i-th receive from a, with
+  // the same count (not checkable with NCCL: a mismatch hangs or corrupts). Zero-count blocks are skipped
+  // and may be listed or not on either side. Blocks must lie inside in / out (checked) and receives must
+  // not overlap each other (not checked). A rank may exchange blocks with itself.
+  template <class T>
+  void all_to_all_blocks(std::span<const T> in, std::span<const CommBlock> sends, std::span<T> out,
+                         std::span<const CommBlock> recvs, void* stream) const;
+  // The same without ordering the caller stream's later work after it (so compute queued meanwhile
+  // overlaps the exchange): returns a ticket, and wait(ticket, stream) orders a stream's later work after
+  // the exchange. Until then `in` must not be overwritten nor `out` read. Started operations run one after
+  // another on the comm stream; at most kMaxPending of them may be started before a wait for the oldest
+  // (an older ticket's event has been reused: wait throws).
+  static constexpr uint64_t kMaxPending = 16;
+  template <class T>
+  uint64_t all_to_all_blocks_start(std::span<const T> in, std::span<const CommBlock> sends, std::span<T> out,
+                                   std::span<const CommBlock> recvs, void* stream) const;
+  void wait(uint64_t ticket, void* stream) const;
   // Point to point; the receiver's buf.size() must equal the sender's (not checkable with NCCL).
   template <class T>
   void send(std::span<const T> buf, int dest, void* stream) const;

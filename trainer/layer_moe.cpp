@@ -12,6 +12,7 @@
 #include "kernels/rmsnorm.h"
 #include "kernels/swiglu.h"
 #include "parallel/comm.h"
+#include "parallel/nccl_comm.h"
 
 namespace hyd {
 
@@ -114,20 +115,37 @@ void ffn_backward(const T* dy, const T* x, const T* wgu, const T* wd, const T* g
 struct MoeExpertParallel::Impl {
   const Communicator* group = nullptr;
   int rank = 0, size = 1;
+  std::unique_ptr<NcclCommunicator> nccl;  // CUDA layers: the rows' exchanges
+  // CUDA: local experts [e0, e1), their received rows [r0, r1) (expert-major), the blocks of their
+  // incoming exchange (in rows; the return exchange swaps the lists), where their offsets start in
+  // Saved::offsets_d.
+  struct Chunk {
+    int64_t e0 = 0, e1 = 0, r0 = 0, r1 = 0, offsets_at = 0;
+    std::vector<CommBlock> sends, recvs;
+  };
   // What one layer's forward leaves for its backward.
   struct Saved {
     std::vector<int64_t> send_rows, recv_rows;  // per peer: rows sent / received
     std::vector<int64_t> recv_cnt;              // [P][El]: rows from source s for local expert e
-    std::vector<char> xe, gu, act;              // received rows regrouped expert-major, and their intermediates
+    std::vector<char> xe, gu, act;              // CPU: received rows regrouped expert-major, their intermediates
     int64_t rows = 0;
+    // CUDA: the exchange per chunk of local experts, the rows per local expert, the received rows and
+    // intermediates (views of the layer's Saved or of `own`), the chunks' expert offsets on the device.
+    std::vector<Chunk> chunks;
+    std::vector<int32_t> local_counts;  // [El]
+    Tensor xe_d, gu_d, act_d, offsets_d;
+    std::unique_ptr<Arena> own, small;
   };
   std::map<const MoeLayer*, Saved> saved;
+  std::unique_ptr<Arena> scratch;  // CUDA: this rank's rows leaving (forward, used within one layer call)
+  std::unique_ptr<Arena> transit;  // CUDA: outputs / gradients in transit (used within one layer call)
 };
 
-MoeExpertParallel::MoeExpertParallel(const Communicator& group) : impl(std::make_unique<Impl>()) {
+MoeExpertParallel::MoeExpertParallel(const Communicator& group, Device device) : impl(std::make_unique<Impl>()) {
   impl->group = &group;
   impl->rank = group.rank();
   impl->size = group.size();
+  if (device.is_cuda()) impl->nccl = std::make_unique<NcclCommunicator>(group);
 }
 MoeExpertParallel::~MoeExpertParallel() = default;
 int MoeExpertParallel::rank() const { return impl->rank; }
@@ -136,6 +154,7 @@ int64_t MoeExpertParallel::last_received_rows(const MoeLayer& layer) const {
   auto it = impl->saved.find(&layer);
   return it == impl->saved.end() ? 0 : it->second.rows;
 }
+uint64_t MoeExpertParallel::device_bytes_sent() const { return impl->nccl ? impl->nccl->counters().bytes : 0; }
 
 namespace {
 
@@ -359,13 +378,186 @@ void backward_impl(const MoeLayer& L, const MoeLayer::Saved& s, const Tensor& do
 
 // ------------------------------------------------------------------------------------ CUDA (one GPU)
 
+// ------------------------------------------------------------------------------------ CUDA expert parallelism
+
+// `a` with room for at least `bytes` (reallocated when smaller, after the device has drained: memory of
+// the old one may still be read by queued kernels), reset.
+Arena& ensure_arena(std::unique_ptr<Arena>& a, const char* name, const ExecContext& ctx, size_t bytes) {
+  if (!a || a->capacity() < bytes) {
+    ctx.synchronize();
+    a.reset();
+    a = std::make_unique<Arena>(name, ctx.device(), bytes + bytes / 4 + 4096);
+  }
+  a->reset();
+  return *a;
+}
+
+// Bytes of bf16 tensors of `rows` x each width (with each allocation's alignment slack).
+size_t rows_bytes(int64_t rows, std::initializer_list<int64_t> widths) {
+  size_t b = 0;
+  for (int64_t w : widths) b += static_cast<size_t>(rows * w) * sizeof(bf16) + 512;
+  return b;
+}
+
+// Starts the exchange of rows `from` -> `to` ([*, D] bf16) along the block lists (in rows) over NCCL; the
+// caller's stream waits only at ep.nccl->wait(ticket).
+uint64_t start_rows_exchange(const MoeExpertParallel::Impl& ep, const ExecContext& ctx,
+                             const std::vector<CommBlock>& sends, const Tensor& from,
+                             const std::vector<CommBlock>& recvs, const Tensor& to) {
+  const int64_t D = from.size(1);
+  auto scaled = [D](const std::vector<CommBlock>& blocks) {
+    std::vector<CommBlock> out(blocks);
+    for (CommBlock& b : out) {
+      b.offset *= D;
+      b.count *= D;
+    }
+    return out;
+  };
+  return ep.nccl->all_to_all_blocks_start<bf16>({from.ptr<bf16>(), static_cast<size_t>(from.numel())}, scaled(sends),
+                                                {to.ptr<bf16>(), static_cast<size_t>(to.numel())}, scaled(recvs),
+                                                ctx.stream());
+}
+
+// The local experts are processed in up to this many chunks, so that the exchange of one chunk's rows
+// overlaps the GEMMs of another (forward and backward).
+constexpr int64_t kEpChunks = 4;
+
+// The routed experts under expert parallelism (forward): this rank's expert-major rows `xp_send` [N k, D]
+// (counts per global expert on the host) go to the experts' owners, the local experts run on what arrived,
+// the outputs come back into s.yp. Chunk by chunk of local experts: every chunk's incoming exchange is
+// started at once (they run in order on the communicator's stream), each chunk's GEMMs wait for its rows
+// only, and its outputs start back right after.
+void ep_forward_device(MoeExpertParallel::Impl& ep, const ExecContext& ctx, const MoeLayer& L, MoeLayer::Saved& s,
+                       const Tensor& xp_send) {
+  const MoeConfig& c = L.cfg;
+  const int P = ep.size;
+  const int64_t E = c.num_experts, El = E / P, D = c.hidden, F = c.expert_ffn, NK = xp_send.size(0);
+  HYD_CHECK(E % P == 0, "MoeExpertParallel: ", E, " experts over ", P, " ranks (num_experts must be a multiple)");
+  MoeExpertParallel::Impl::Saved& sv = ep.saved[&L];
+  std::vector<int64_t> cnt(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) cnt[e] = s.counts_host[e];
+  sv.recv_cnt.assign(static_cast<size_t>(E), 0);
+  ep.group->all_to_all<int64_t>(cnt, sv.recv_cnt);
+  // Where this rank's rows of global expert g start in xp_send.
+  std::vector<int64_t> at(static_cast<size_t>(E + 1), 0);
+  for (int64_t g = 0; g < E; ++g) at[g + 1] = at[g] + cnt[g];
+  // Chunk j: local experts [e0, e1). Its sends: this rank's rows of global experts p El + e (e in the
+  // chunk) to rank p; its receives: the rows of local expert e from source src, landing expert-major (e
+  // outer, src inner). Blocks between a pair of ranks are listed in expert order on both sides.
+  const int64_t C = std::min(kEpChunks, El);
+  sv.chunks.assign(static_cast<size_t>(C), {});
+  sv.local_counts.assign(static_cast<size_t>(El), 0);
+  std::vector<int32_t> offsets;  // per chunk: its experts' row offsets from the chunk's first row
+  int64_t R = 0;
+  for (int64_t j = 0; j < C; ++j) {
+    MoeExpertParallel::Impl::Chunk& ch = sv.chunks[j];
+    ch.e0 = j * El / C;
+    ch.e1 = (j + 1) * El / C;
+    ch.r0 = R;
+    ch.offsets_at = static_cast<int64_t>(offsets.size());
+    for (int p = 0; p < P; ++p)
+      for (int64_t e = ch.e0; e < ch.e1; ++e) ch.sends.push_back({p, at[p * El + e], cnt[p * El + e]});
+    offsets.push_back(0);
+    for (int64_t e = ch.e0; e < ch.e1; ++e) {
+      for (int src = 0; src < P; ++src) {
+        const int64_t m = sv.recv_cnt[src * El + e];
+        ch.recvs.push_back({src, R, m});
+        R += m;
+        sv.local_counts[e] += static_cast<int32_t>(m);
+      }
+      offsets.push_back(static_cast<int32_t>(R - ch.r0));
+    }
+    ch.r1 = R;
+  }
+  sv.rows = R;
+  const int64_t n_off = static_cast<int64_t>(offsets.size());
+  ensure_arena(sv.small, "moe ep offsets", ctx, static_cast<size_t>(n_off) * sizeof(int32_t) + 1024);
+  sv.offsets_d = sv.small->alloc({n_off}, DType::i32);
+  copy_tensor(sv.offsets_d, Tensor(offsets.data(), DType::i32, Device::cpu(), {n_off}));
+  // The received rows and their intermediates: the layer's own buffers when they fit, else buffers of this
+  // object (per layer, an unbalanced routing). The outputs ye are in transit (this object's scratch).
+  if (R <= NK) {
+    sv.xe_d = s.xp.slice0(0, R);
+    sv.gu_d = s.gate_up.slice0(0, R);
+    sv.act_d = s.act.slice0(0, R);
+  } else {
+    Arena& a = ensure_arena(sv.own, "moe ep rows", ctx, rows_bytes(R, {D, 2 * F, F}));
+    sv.xe_d = a.alloc({R, D}, DType::bf16);
+    sv.gu_d = a.alloc({R, 2 * F}, DType::bf16);
+    sv.act_d = a.alloc({R, F}, DType::bf16);
+  }
+  const Tensor ye = ensure_arena(ep.transit, "moe ep transit", ctx, rows_bytes(R, {D})).alloc({R, D}, DType::bf16);
+  std::vector<uint64_t> in(static_cast<size_t>(C)), out(static_cast<size_t>(C));
+  for (int64_t j = 0; j < C; ++j)
+    in[j] = start_rows_exchange(ep, ctx, sv.chunks[j].sends, xp_send, sv.chunks[j].recvs, sv.xe_d);
+  for (int64_t j = 0; j < C; ++j) {
+    const MoeExpertParallel::Impl::Chunk& ch = sv.chunks[j];
+    ep.nccl->wait(in[j], ctx.stream());
+    if (ch.r1 > ch.r0) {
+      const kernels::MoeGemmPlan plan{
+          s.gemm, std::span<const int32_t>(sv.local_counts.data() + ch.e0, static_cast<size_t>(ch.e1 - ch.e0))};
+      const Tensor off = sv.offsets_d.slice0(ch.offsets_at, ch.offsets_at + ch.e1 - ch.e0 + 1);
+      const int64_t g0 = ep.rank * El + ch.e0, g1 = ep.rank * El + ch.e1;
+      const Tensor gu = sv.gu_d.slice0(ch.r0, ch.r1), act = sv.act_d.slice0(ch.r0, ch.r1);
+      kernels::moe_grouped_linear_forward(ctx, off, sv.xe_d.slice0(ch.r0, ch.r1), L.gate_up.value.slice0(g0, g1), gu,
+                                          plan);
+      kernels::swiglu_forward(ctx, gu, act);
+      kernels::moe_grouped_linear_forward(ctx, off, act, L.down.value.slice0(g0, g1), ye.slice0(ch.r0, ch.r1), plan);
+    }
+    out[j] = start_rows_exchange(ep, ctx, ch.recvs, ye, ch.sends, s.yp);
+  }
+  for (int64_t j = 0; j < C; ++j) ep.nccl->wait(out[j], ctx.stream());
+}
+
+// The mirror of ep_forward_device, chunk by chunk as well: the output gradients d_yp [N k, D] go to the
+// owners, the local experts' backward runs (their weight gradients accumulate into this rank's slice of the
+// f32 gradients), and the input gradients come back into d_xp.
+void ep_backward_device(MoeExpertParallel::Impl& ep, const ExecContext& ctx, const MoeLayer& L, kernels::MoeGemm gemm,
+                        const MoeLayer::Scratch& t) {
+  const MoeConfig& c = L.cfg;
+  const int P = ep.size;
+  const int64_t El = c.num_experts / P, D = c.hidden, F = c.expert_ffn, NK = t.d_yp.size(0);
+  auto it = ep.saved.find(&L);
+  HYD_CHECK(it != ep.saved.end(), "MoeExpertParallel: backward of a layer without its forward");
+  MoeExpertParallel::Impl::Saved& sv = it->second;
+  const int64_t R = sv.rows, C = static_cast<int64_t>(sv.chunks.size());
+  // dye [R, D] in transit (each chunk's rows then hold its dxe); d_act and d_gu in the layer's scratch when
+  // they fit.
+  Arena& a =
+      ensure_arena(ep.transit, "moe ep transit", ctx, R <= NK ? rows_bytes(R, {D}) : rows_bytes(R, {D, F, 2 * F}));
+  const Tensor dye = a.alloc({R, D}, DType::bf16);
+  const Tensor d_act = R <= NK ? t.d_act.slice0(0, R) : a.alloc({R, F}, DType::bf16);
+  const Tensor d_gu = R <= NK ? t.d_gate_up.slice0(0, R) : a.alloc({R, 2 * F}, DType::bf16);
+  std::vector<uint64_t> in(static_cast<size_t>(C)), out(static_cast<size_t>(C));
+  for (int64_t j = 0; j < C; ++j)
+    in[j] = start_rows_exchange(ep, ctx, sv.chunks[j].sends, t.d_yp, sv.chunks[j].recvs, dye);
+  for (int64_t j = 0; j < C; ++j) {
+    const MoeExpertParallel::Impl::Chunk& ch = sv.chunks[j];
+    ep.nccl->wait(in[j], ctx.stream());
+    if (ch.r1 > ch.r0) {
+      const kernels::MoeGemmPlan plan{
+          gemm, std::span<const int32_t>(sv.local_counts.data() + ch.e0, static_cast<size_t>(ch.e1 - ch.e0))};
+      const Tensor off = sv.offsets_d.slice0(ch.offsets_at, ch.offsets_at + ch.e1 - ch.e0 + 1);
+      const int64_t g0 = ep.rank * El + ch.e0, g1 = ep.rank * El + ch.e1;
+      const Tensor dy = dye.slice0(ch.r0, ch.r1), da = d_act.slice0(ch.r0, ch.r1), dg = d_gu.slice0(ch.r0, ch.r1);
+      kernels::moe_grouped_linear_backward(ctx, off, dy, sv.act_d.slice0(ch.r0, ch.r1), L.down.value.slice0(g0, g1), da,
+                                           L.down.grad.slice0(g0, g1), plan);
+      kernels::swiglu_backward(ctx, da, sv.gu_d.slice0(ch.r0, ch.r1), dg);
+      kernels::moe_grouped_linear_backward(ctx, off, dg, sv.xe_d.slice0(ch.r0, ch.r1), L.gate_up.value.slice0(g0, g1),
+                                           dy, L.gate_up.grad.slice0(g0, g1), plan);
+    }
+    out[j] = start_rows_exchange(ep, ctx, ch.recvs, dye, ch.sends, t.d_xp);
+  }
+  for (int64_t j = 0; j < C; ++j) ep.nccl->wait(out[j], ctx.stream());
+}
+
 // Shared expert sh's matrix out of the stacked [S, rows, cols] storage.
 Tensor stacked(const Tensor& t, int64_t sh) { return t.slice0(sh, sh + 1).view({t.size(1), t.size(2)}); }
 
 // The layer through the dispatching ops of kernels/moe.h (bf16 rows, f32 router, f32 weight gradients);
 // the same steps as forward_impl. The shared experts are the dense MLP's path (linear, swiglu, linear).
 double forward_device(const ExecContext& ctx, const MoeLayer& L, const Tensor& in, const Tensor& out,
-                      MoeLayer::Saved& s) {
+                      MoeLayer::Saved& s, const MoeExpertParallel* ep) {
   const MoeConfig& c = L.cfg;
   const int64_t N = in.size(0), E = c.num_experts;
   const MoeRouting& r = s.routing;
@@ -375,19 +567,30 @@ double forward_device(const ExecContext& ctx, const MoeLayer& L, const Tensor& i
   // The cuBLAS GEMMs take every expert's row count on the host: this is the layer forward's one host
   // synchronisation (on an event right behind the router; the permutation queued meanwhile keeps the GPU
   // busy). The counts stay in `s` for the backward of the same micro-batch. wmma reads the device offsets.
+  // Expert parallelism needs the counts for its exchanges whatever the GEMMs.
   s.gemm = L.gemm;
   s.counts_host.clear();
-  const bool cublas_gemm = s.gemm != kernels::MoeGemm::wmma;
-  if (cublas_gemm) {
+  const bool host_counts = s.gemm != kernels::MoeGemm::wmma || ep != nullptr;
+  if (host_counts) {
     if (!L.host_counts) HYD_THROW("MoeLayer::forward: host_counts is null (the cuBLAS GEMMs need its staging)");
     L.host_counts->start(ctx, r.counts);
   }
-  kernels::moe_permute(ctx, r, in, s.xp);
-  if (cublas_gemm) L.host_counts->wait(s.counts_host);
-  const kernels::MoeGemmPlan plan{s.gemm, s.counts_host};
-  kernels::moe_grouped_linear_forward(ctx, r.offsets, s.xp, L.gate_up.value, s.gate_up, plan);
-  kernels::swiglu_forward(ctx, s.gate_up, s.act);
-  kernels::moe_grouped_linear_forward(ctx, r.offsets, s.act, L.down.value, s.yp, plan);
+  if (ep != nullptr) {
+    // The rows leave from a transit buffer; the received ones take s.xp (ep_forward_device).
+    const int64_t NK = N * c.top_k;
+    Arena& a = ensure_arena(ep->impl->scratch, "moe ep scratch", ctx, rows_bytes(NK, {c.hidden}));
+    const Tensor xp_send = a.alloc({NK, c.hidden}, DType::bf16);
+    kernels::moe_permute(ctx, r, in, xp_send);
+    L.host_counts->wait(s.counts_host);
+    ep_forward_device(*ep->impl, ctx, L, s, xp_send);
+  } else {
+    kernels::moe_permute(ctx, r, in, s.xp);
+    if (host_counts) L.host_counts->wait(s.counts_host);
+    const kernels::MoeGemmPlan plan{s.gemm, s.counts_host};
+    kernels::moe_grouped_linear_forward(ctx, r.offsets, s.xp, L.gate_up.value, s.gate_up, plan);
+    kernels::swiglu_forward(ctx, s.gate_up, s.act);
+    kernels::moe_grouped_linear_forward(ctx, r.offsets, s.act, L.down.value, s.yp, plan);
+  }
   kernels::moe_combine(ctx, r, s.yp, out, false);
   for (int64_t sh = 0; sh < c.num_shared_experts; ++sh) {
     const Tensor gu = s.shared_gate_up.slice0(sh * N, (sh + 1) * N), act = s.shared_act.slice0(sh * N, (sh + 1) * N);
@@ -408,17 +611,21 @@ double forward_device(const ExecContext& ctx, const MoeLayer& L, const Tensor& i
 }
 
 void backward_device(const ExecContext& ctx, const MoeLayer& L, const MoeLayer::Saved& s, const Tensor& dout,
-                     const Tensor& din, const MoeLayer::Scratch& t, double d_aux) {
+                     const Tensor& din, const MoeLayer::Scratch& t, double d_aux, const MoeExpertParallel* ep) {
   const MoeConfig& c = L.cfg;
   const int64_t N = s.x.size(0), E = c.num_experts;
   const MoeRouting& r = s.routing;
   kernels::moe_combine_backward(ctx, r, dout, s.yp, t.d_yp, t.d_weight);
   // The forward's implementation and host counts (no synchronisation here).
-  const kernels::MoeGemmPlan plan{s.gemm, s.counts_host};
-  kernels::moe_grouped_linear_backward(ctx, r.offsets, t.d_yp, s.act, L.down.value, t.d_act, L.down.grad, plan);
-  kernels::swiglu_backward(ctx, t.d_act, s.gate_up, t.d_gate_up);
-  kernels::moe_grouped_linear_backward(ctx, r.offsets, t.d_gate_up, s.xp, L.gate_up.value, t.d_xp, L.gate_up.grad,
-                                       plan);
+  if (ep != nullptr) {
+    ep_backward_device(*ep->impl, ctx, L, s.gemm, t);
+  } else {
+    const kernels::MoeGemmPlan plan{s.gemm, s.counts_host};
+    kernels::moe_grouped_linear_backward(ctx, r.offsets, t.d_yp, s.act, L.down.value, t.d_act, L.down.grad, plan);
+    kernels::swiglu_backward(ctx, t.d_act, s.gate_up, t.d_gate_up);
+    kernels::moe_grouped_linear_backward(ctx, r.offsets, t.d_gate_up, s.xp, L.gate_up.value, t.d_xp, L.gate_up.grad,
+                                         plan);
+  }
   kernels::moe_permute_backward(ctx, r, t.d_xp, din, false);
   const double aux_scale = N > 0 ? d_aux * c.aux_loss_coef * static_cast<double>(E) / static_cast<double>(N) : 0.0;
   kernels::moe_router_backward(ctx, router_options(c), s.scores, r, t.d_weight, s.aux_frac, aux_scale, t.d_scores);
@@ -546,9 +753,9 @@ double MoeLayer::forward(const ExecContext& ctx, const Tensor& in, const Tensor&
   NvtxRange range(nvtx_fwd.c_str());
   if (in.empty()) HYD_THROW(op, ": argument 'in' is empty");
   if (in.device.is_cuda()) {
-    if (ep != nullptr)
-      HYD_THROW(op, ": expert parallelism runs on the CPU only so far (the layer's input is on ", in.device.str(),
-                "); call with ep = nullptr on one GPU");
+    if (ep != nullptr && !ep->impl->nccl)
+      HYD_THROW(op, ": the MoeExpertParallel was made for the CPU but the layer's input is on ", in.device.str(),
+                " (construct it with the layers' device)");
     expect_dtype(in, DType::bf16, op, "in");
     expect_shape(in, {-1, cfg.hidden}, op, "in");
     expect_dtype(out, DType::bf16, op, "out");
@@ -558,7 +765,7 @@ double MoeLayer::forward(const ExecContext& ctx, const Tensor& in, const Tensor&
     expect_shape(saved.xp, {in.size(0) * cfg.top_k, cfg.hidden}, op, "saved.xp");
     expect_dtype(saved.scores, DType::f32, op, "saved.scores");
     saved.x = in;
-    return forward_device(ctx, *this, in, out, saved);
+    return forward_device(ctx, *this, in, out, saved, ep);
   }
   const DType dt = float_dtype(in, op, "in");
   expect_cpu_float(in, dt, op, "in");
@@ -580,9 +787,9 @@ void MoeLayer::backward(const ExecContext& ctx, const Saved& saved, const Tensor
   if (saved.x.empty()) HYD_THROW(op, ": saved.x is empty (backward without forward)");
   const int64_t n = saved.x.size(0);
   if (saved.x.device.is_cuda()) {
-    if (ep != nullptr)
-      HYD_THROW(op, ": expert parallelism runs on the CPU only so far (the layer's input is on ", saved.x.device.str(),
-                "); call with ep = nullptr on one GPU");
+    if (ep != nullptr && !ep->impl->nccl)
+      HYD_THROW(op, ": the MoeExpertParallel was made for the CPU but the layer's input is on ", saved.x.device.str(),
+                " (construct it with the layers' device)");
     expect_dtype(dout, DType::bf16, op, "dout");
     expect_shape(dout, {n, cfg.hidden}, op, "dout");
     expect_dtype(din, DType::bf16, op, "din");
@@ -593,7 +800,7 @@ void MoeLayer::backward(const ExecContext& ctx, const Saved& saved, const Tensor
     if (router.grad.empty() || gate_up.grad.empty() || down.grad.empty())
       HYD_THROW(op, ": the router and expert gradients must be present on CUDA");
     const Scratch t = alloc_scratch(scratch, n, DType::bf16);
-    backward_device(ctx, *this, saved, dout, din, t, d_aux);
+    backward_device(ctx, *this, saved, dout, din, t, d_aux, ep);
     return;
   }
   const DType dt = float_dtype(saved.x, op, "saved.x");

@@ -19,7 +19,7 @@
 // Shapes: x, out [N, D]; scores [N, E]; per pair: expert, weight [N, k]; permuted rows xp, yp [N k, D],
 // gate_up [N k, 2F], act [N k, F]; shared expert s: gate_up [N, 2 F_s], act [N, F_s].
 // dtypes: values, activations, scores and gradients all f32 or all f64 (finite-difference harnesses) on the
-// CPU; indices i32. CUDA (one GPU; expert parallelism throws there): activations and weights bf16, weight
+// CPU; indices i32. CUDA: activations and weights bf16, weight
 // gradients f32 (the master gradients, as the dense MLP), the router in f32 (logits by a GEMM with f32
 // output, scores [N, E], combine weights and their gradients f32; d_logits is rounded to bf16 for the GEMMs
 // into W_r and x). The ops are kernels/moe.h (one CPU reference, CUDA kernels): routing built on the device,
@@ -87,20 +87,29 @@ void moe_update_selection_bias(const Tensor& bias, const std::vector<int64_t>& l
 class Communicator;  // parallel/comm.h
 struct MoeLayer;
 
-// Expert parallelism over an EP group of P ranks (PARALLEL.md; the CPU, MPI, for now): rank p computes the
-// routed experts [p E/P, (p+1) E/P) (E must be a multiple of P) for the tokens of every rank of the group.
+// Expert parallelism over an EP group of P ranks (PARALLEL.md): rank p computes the routed experts
+// [p E/P, (p+1) E/P) (E must be a multiple of P) for the tokens of every rank of the group.
 // Per MoE layer and micro-batch, forward: the per-(destination, local expert) row counts go through one
-// all-to-all, the permuted token rows (already expert-major, so each destination's rows are contiguous)
-// through one all-to-all-v; each rank regroups what it received expert by expert (rows of one expert
-// from every source, in source order), runs its experts, and the outputs go back by the mirror
-// all-to-all-v; the combine runs where the tokens live. Backward runs the same exchanges for the output
-// gradients and back for the input gradients. Dropless: an expert may receive no row, or every row.
+// all-to-all (MPI, host), the permuted token rows (already expert-major, so each destination's rows are
+// contiguous) to the owners; each owner runs its experts on their rows (an expert's rows from every
+// source, in source order), and the outputs go back the mirror way; the combine runs where the tokens
+// live. Backward runs the same exchanges for the output gradients and back for the input gradients.
+// Dropless: an expert may receive no row, or every row.
+//   CPU: the rows travel by MPI all-to-all-v (grouped by source) and are regrouped expert by expert.
+//   CUDA: NCCL (a communicator made from the group at construction, so every rank of the group must
+//   construct it together, each on its own GPU); the rows travel by one all_to_all_blocks per exchange, each
+//   (source, expert) block landing directly at its expert-major place (no regrouping copies). The received
+//   rows and their SwiGLU intermediates reuse the layer's Saved buffers when they fit (received rows <= N k,
+//   the balanced case); more rows take buffers of this object (one set per layer, grown when needed, kept).
+//   One host synchronisation per layer forward (the counts, which the cuBLAS GEMMs need anyway); with
+//   HYD_MOE_GEMM=wmma the device offsets of the local experts are uploaded too.
 // Router and shared experts are computed locally (replicated weights); a routed expert's gradient exists
 // only on its owner rank (zero elsewhere), so summing expert gradients over the group gives each expert's
 // gradient once. The load-balancing loss (aux_loss_coef > 0) is computed per rank on its own tokens.
 class MoeExpertParallel {
  public:
-  explicit MoeExpertParallel(const Communicator& group);  // group must outlive this object
+  // group must outlive this object; device: where the layers run (CUDA: collective NCCL set-up over group).
+  explicit MoeExpertParallel(const Communicator& group, Device device = Device::cpu());
   ~MoeExpertParallel();
   MoeExpertParallel(const MoeExpertParallel&) = delete;
   MoeExpertParallel& operator=(const MoeExpertParallel&) = delete;
@@ -108,6 +117,9 @@ class MoeExpertParallel {
   int size() const;
   // Rows this rank's experts processed in the last forward of `layer` (all sources together).
   int64_t last_received_rows(const MoeLayer& layer) const;
+  // CUDA: bytes this rank has sent in the rows' exchanges so far (NCCL, the CommCounters definition of
+  // parallel/comm.h). CPU: 0 (the rows travel over the MPI group, whose counters the caller holds).
+  uint64_t device_bytes_sent() const;
 
   struct Impl;  // the exchanges and the saved rows, per layer (layer_moe.cpp)
   std::unique_ptr<Impl> impl;
@@ -193,7 +205,7 @@ struct MoeLayer {
 
   // out = MoE(in) (overwritten; must not alias in). Fills `saved` (from alloc_saved for the same N).
   // Returns L_aux (0 when aux_loss_coef is 0).
-  // ep: expert parallelism over its group (nullptr: every expert here; on CUDA it must be nullptr).
+  // ep: expert parallelism over its group (nullptr: every expert here); made for the layer's device.
   double forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& saved,
                  const MoeExpertParallel* ep = nullptr) const;
   // din = d(out)/d(in)^T dout + d_aux dL_aux/d(in) (overwritten, not accumulated); every weight gradient

@@ -113,9 +113,8 @@ struct LogOptions {
 
 // The dp x sp process grid (parallel/grid.h). dp ranks take different sequences, sp ranks slices of the
 // same sequences (train: the all-T HybridModel with LASP-2H; distill: LASP-2 / LASP-2H in student and
-// teacher). train: gradients reduce-scattered over all dp x sp ranks, AdamW on each rank's contiguous shard
-// of the flat parameters (ZeRO-1), parameters all-gathered; distill: gradients summed, optimizer state
-// replicated. The CPU only for now.
+// teacher). Gradients reduce-scattered over all dp x sp ranks, AdamW on each rank's contiguous shard of the
+// flat parameters (ZeRO-1, trainer/zero1.h), parameters all-gathered; MPI on the CPU, NCCL on GPUs.
 struct ParallelOptions {
   int64_t dp = 1;  // parallel.dp
   int64_t sp = 1;  // parallel.sp

@@ -2,6 +2,11 @@
 // routing, sorted dispatch, grouped SwiGLU experts) on CUDA with bf16 activations, on the shape of
 // issue 7, and prints one line per run; bench/moe/run.sh puts it beside bench/moe/torch_moe.py (the
 // same layer in PyTorch: argsort dispatch + torch._grouped_mm) measured in the same call.
+// Expert parallelism: under `mpirun -np P` (one GPU per rank) every rank holds N tokens of its own (weak
+// scaling: the tokens per GPU stay) and the routed experts run over EP = P (MoeExpertParallel over NCCL);
+// the weights are the same on every rank. Rank 0 prints the line with ep=P, the slowest rank's medians,
+// the rows the busiest rank's experts received and the bytes each rank sent per forward+backward;
+// bench/moe/run_ep.sh runs P = 1, 2, 4 and prints the efficiency table.
 //
 // Usage: bench_moe [--tokens N] [--hidden D] [--experts E] [--top_k k] [--ffn F] [--shared S]
 //                  [--shared_ffn F_s] [--score softmax|sigmoid] [--norm_topk 0|1] [--iters I] [--warmup W]
@@ -39,12 +44,16 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <span>
 #include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
 #include "kernels/moe.h"
+#include "parallel/comm.h"
+#include "parallel/nccl_comm.h"
 #include "trainer/core/arena.h"
 #include "trainer/core/exec_context.h"
 #include "trainer/layer_common.h"
@@ -140,9 +149,15 @@ void fill_normal(const Tensor& t, float stddev, uint64_t seed) {
   }
 }
 
+int current_device() {
+  int d = 0;
+  CHECK_CUDA(cudaGetDevice(&d));
+  return d;
+}
+
 size_t pool_high_water() {
   cudaMemPool_t pool;
-  CHECK_CUDA(cudaDeviceGetDefaultMemPool(&pool, 0));
+  CHECK_CUDA(cudaDeviceGetDefaultMemPool(&pool, current_device()));
   uint64_t v = 0;
   CHECK_CUDA(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &v));
   return v;
@@ -150,7 +165,7 @@ size_t pool_high_water() {
 
 void reset_pool() {
   cudaMemPool_t pool;
-  CHECK_CUDA(cudaDeviceGetDefaultMemPool(&pool, 0));
+  CHECK_CUDA(cudaDeviceGetDefaultMemPool(&pool, current_device()));
   CHECK_CUDA(cudaDeviceSynchronize());
   CHECK_CUDA(cudaMemPoolTrimTo(pool, 0));
   uint64_t zero = 0;
@@ -189,7 +204,7 @@ std::vector<int64_t> expert_load(const MoeRouting& r) {
   return {c.begin(), c.end()};
 }
 
-void run(const Options& o) {
+void run(const Options& o, const Communicator& world) {
   MoeConfig cfg;
   cfg.hidden = o.hidden;
   cfg.num_experts = o.experts;
@@ -202,7 +217,10 @@ void run(const Options& o) {
   cfg.validate("bench_moe (command line)");
   const int64_t N = o.tokens, D = cfg.hidden;
   const DType act = DType::bf16;
-  const Device dev = Device::cuda(0);
+  const Device dev = Device::cuda(current_device());
+  const int P = world.size();
+  std::unique_ptr<MoeExpertParallel> ep;
+  if (P > 1) ep = std::make_unique<MoeExpertParallel>(world, dev);
 
   reset_pool();
   const size_t used_before = device_used();
@@ -231,15 +249,15 @@ void run(const Options& o) {
   }
   const Tensor x = io.alloc({N, D}, act), out = io.alloc({N, D}, act), dout = io.alloc({N, D}, act),
                din = io.alloc({N, D}, act);
-  fill_normal(x, 1.0f, 6);
-  fill_normal(dout, 1.0f, 7);
+  fill_normal(x, 1.0f, 6 + 100 * static_cast<uint64_t>(world.rank()));  // every rank its own tokens
+  fill_normal(dout, 1.0f, 7 + 100 * static_cast<uint64_t>(world.rank()));
   MoeLayer::Saved saved = L.alloc_saved(saved_arena, N, act);
 
-  auto fwd = [&] { L.forward(ctx, x, out, saved); };
+  auto fwd = [&] { L.forward(ctx, x, out, saved, ep.get()); };
   auto fwdbwd = [&] {
-    L.forward(ctx, x, out, saved);
+    L.forward(ctx, x, out, saved, ep.get());
     scratch.reset();
-    L.backward(ctx, saved, dout, din, scratch);
+    L.backward(ctx, saved, dout, din, scratch, 1.0, ep.get());
   };
   cudaStream_t s = static_cast<cudaStream_t>(ctx.stream());
   std::vector<cudaEvent_t> ev(static_cast<size_t>(o.iters) + 1);
@@ -259,9 +277,17 @@ void run(const Options& o) {
     const size_t m = ms.size() / 2;
     return ms.size() % 2 ? ms[m] : 0.5f * (ms[m - 1] + ms[m]);
   };
-  const float f_ms = median_ms(fwd);
-  const float fb_ms = median_ms(fwdbwd);
+  float f_ms = median_ms(fwd);
+  const uint64_t sent0 = ep ? ep->device_bytes_sent() : 0;
+  float fb_ms = median_ms(fwdbwd);
   CHECK_CUDA(cudaDeviceSynchronize());
+  const double sent_per_step =
+      ep ? double(ep->device_bytes_sent() - sent0) / double(o.iters + o.warmup) : 0.0;  // per forward+backward
+  // The slowest rank's medians, the busiest rank's received rows.
+  std::vector<double> worst = {f_ms, fb_ms, ep ? double(ep->last_received_rows(L)) : double(N * cfg.top_k)};
+  world.all_reduce(std::span<double>(worst), ReduceOp::kMax);
+  f_ms = static_cast<float>(worst[0]);
+  fb_ms = static_cast<float>(worst[1]);
   const std::vector<int64_t> load = expert_load(saved.routing);  // the input is the same every iteration
   const size_t peak =
       values.used() + grads.used() + io.used() + saved_arena.used() + scratch.peak() + pool_high_water();
@@ -275,26 +301,27 @@ void run(const Options& o) {
   const auto [lo, hi] = std::minmax_element(load.begin(), load.end());
   const char* gemm = kernels::moe_gemm_name(L.gemm);
   const char* gemm_dw = L.gemm == kernels::MoeGemm::grouped ? kernels::moe_grouped_dw_path() : gemm;
+  if (world.rank() != 0) return;
   std::printf(
       "hydistill tokens=%lld hidden=%lld experts=%lld top_k=%lld ffn=%lld shared=%lld score=%s gemm=%s gemm_dw=%s "
       "fwd_ms=%.3f fwdbwd_ms=%.3f fwd_tflops=%.1f fwdbwd_tflops=%.1f peak_mib=%.0f device_mib=%.0f load_min=%lld "
-      "load_max=%lld\n",
+      "load_max=%lld ep=%d max_rows=%.0f sent_mib=%.1f\n",
       (long long)N, (long long)D, (long long)cfg.num_experts, (long long)cfg.top_k, (long long)cfg.expert_ffn,
       (long long)cfg.num_shared_experts, cfg.score_func.c_str(), gemm, gemm_dw, f_ms, fb_ms, fwd_flops / (f_ms * 1e9),
       3.0 * fwd_flops / (fb_ms * 1e9), double(peak) / double(1 << 20), device_bytes / double(1 << 20), (long long)*lo,
-      (long long)*hi);
+      (long long)*hi, P, worst[2], sent_per_step / double(1 << 20));
   std::fflush(stdout);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  MpiRuntime mpi(&argc, &argv);
   const Options o = parse(argc, argv);
-  try {
-    run(o);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "bench_moe: %s\n", e.what());
-    return 1;
-  }
-  return 0;
+  return run_or_abort([&] {
+    const Communicator world = Communicator::world();
+    if (world.size() > 1) bind_local_gpu(mpi);
+    run(o, world);
+    return 0;
+  });
 }

@@ -5,7 +5,7 @@
 // with zero tokens and a selection bias that sends every token to one expert; the permutation (counts,
 // grouping, inverse, un-permute of permute); the auxiliary-loss-free bias update on hand-made loads;
 // config errors; the parameter names and their views of the concatenated storage; d_aux scaling of the aux
-// gradient; ArenaSizer sizes of alloc_saved / alloc_scratch; expert parallelism refused on CUDA.
+// gradient; ArenaSizer sizes of alloc_saved / alloc_scratch.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -577,21 +577,5 @@ TEST(MoeLayerWeights, NamesShapesAndStorageMapping) {
 
 // Expert parallelism runs on the CPU only: a layer on CUDA refuses an ep before touching any memory (so this
 // runs without a GPU; the tensors' pointers and the ep are placeholders that are never dereferenced).
-TEST(MoeLayer, ExpertParallelOnCudaIsRefused) {
-  const MoeConfig c = base_config();
-  MoeLayer layer;
-  layer.cfg = c;
-  char placeholder[64] = {};
-  const Tensor x(placeholder, DType::bf16, Device::cuda(0), {2, c.hidden});
-  const auto* ep = reinterpret_cast<const MoeExpertParallel*>(placeholder);
-  ExecContext ctx(Device::cpu());
-  MoeLayer::Saved saved;
-  test::expect_error([&] { layer.forward(ctx, x, x, saved, ep); }, {"MoeLayer::forward", "expert parallelism"});
-  saved.x = x;
-  Arena scratch;
-  test::expect_error([&] { layer.backward(ctx, saved, x, x, scratch, 1.0, ep); },
-                     {"MoeLayer::backward", "expert parallelism"});
-}
-
 }  // namespace
 }  // namespace hyd
