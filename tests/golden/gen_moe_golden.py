@@ -3,7 +3,7 @@
 
 qwen3_moe: a tiny random Qwen3MoeForCausalLM (vocab 256, hidden 64, 2 layers, 4 heads / 2 kv heads, head_dim 16; 8 experts,
 top-2, moe_intermediate_size 32, norm_topk_prob true, decoder_sparse_step 1, mlp_only_layers [0] so that layer 0
-is a dense SwiGLU MLP with intermediate_size 96 and layer 1 is the sparse MoE block; untied lm_head):
+is a dense SwiGLU MLP with intermediate_size 96 and layer 1 is the sparse MoE block; untied lm_head).
 dots1: a tiny random Dots1ForCausalLM (Qwen3-style attention with q/k norm, head_dim derived = 16; DeepSeek-V3
 style MoE): vocab 256, hidden 64, 2 layers, 4 heads / 2 kv heads, first_k_dense_replace 1 (layer 0 dense SwiGLU
 with intermediate_size 96, layer 1 MoE), 8 routed experts top-2 with sigmoid scores, a non-zero random
@@ -12,7 +12,7 @@ norm_topk_prob true, routed_scaling_factor 2.5, n_shared_experts 2 (one shared M
 stores it), n_group = topk_group = 1; untied lm_head.
 For both:
   * every parameter overwritten with seeded random values (norm weights around 1; the router's weights large
-    enough that the softmax over the experts is far from uniform and different tokens pick different experts),
+    enough that the expert scores are far from uniform and different tokens pick different experts),
   * saved with save_pretrained (config.json + model.safetensors, float32) into data/<name>/,
   * two fixed token sequences of 33 tokens (those of gen_dense_goldens.py), each its own forward, float32, eager
     attention, output_router_logits off (HF's loss is then the plain CE: no router aux loss),
