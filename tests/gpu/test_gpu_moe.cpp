@@ -777,7 +777,7 @@ TEST(GpuMoe, LayerForwardBackwardMatchesCpu) {
 // 1 and 2 MoE.
 ModelConfig moe_model_config(bool dots1 = false) {
   ModelConfig m = test::tiny_dense_variant("qwen3");
-  m.family = dots1 ? "dots1" : "qwen3_moe";
+  m.family = "qwen3_moe";
   m.hidden_size = 64;
   m.intermediate_size = 80;
   m.head_dim = 16;
@@ -787,15 +787,10 @@ ModelConfig moe_model_config(bool dots1 = false) {
   m.moe_intermediate_size = 32;
   m.norm_topk_prob = true;
   m.decoder_sparse_step = 1;
-  if (dots1) {
-    m.moe_score_func = "sigmoid";
-    m.moe_selection_bias = true;
-    m.routed_scaling_factor = 2.5;
-    m.num_shared_experts = 1;
-    m.first_k_dense_replace = 1;
-  } else {
+  if (dots1)
+    test::make_dots1(m, 2.5, 1);
+  else
     m.mlp_only_layers = {1};
-  }
   m.finalize("test");
   return m;
 }

@@ -188,12 +188,7 @@ ModelConfig tiny_moe_config(int64_t layers, std::vector<int64_t> mlp_only) {
 // top 2, renormalised, a selection bias, routed scaling 1.7 and one shared expert (F_s = 16).
 ModelConfig tiny_dots1_config(int64_t layers) {
   ModelConfig c = tiny_moe_config(layers, {});
-  c.family = "dots1";
-  c.moe_score_func = "sigmoid";
-  c.moe_selection_bias = true;
-  c.routed_scaling_factor = 1.7;
-  c.num_shared_experts = 1;
-  c.first_k_dense_replace = 1;
+  test::make_dots1(c, 1.7, 1);
   return c;
 }
 

@@ -194,22 +194,17 @@ TEST_P(ModelMoeGrad, EveryParameterMatchesFiniteDifferences) {
   const std::string variant = GetParam();
   const bool dots1 = variant == "dots1";
   ModelConfig cfg = test::tiny_dense_variant("qwen3");
-  cfg.family = dots1 ? "dots1" : "qwen3_moe";
+  cfg.family = "qwen3_moe";
   cfg.num_layers = 3;
   cfg.num_experts = 4;
   cfg.num_experts_per_tok = 2;
   cfg.moe_intermediate_size = 16;
   cfg.norm_topk_prob = variant != "raw";
   cfg.decoder_sparse_step = 1;
-  if (dots1) {
-    cfg.moe_score_func = "sigmoid";
-    cfg.moe_selection_bias = true;
-    cfg.routed_scaling_factor = 1.7;
-    cfg.num_shared_experts = 2;
-    cfg.first_k_dense_replace = 1;
-  } else {
+  if (dots1)
+    test::make_dots1(cfg, 1.7, 2);
+  else
     cfg.mlp_only_layers = {1};
-  }
   const int64_t dense_layer = dots1 ? 0 : 1, sparse_layer = dots1 ? 1 : 0;
   for (int64_t l = 0; l < 3; ++l) ASSERT_EQ(cfg.is_moe_layer(l), l != dense_layer) << l;
   // Weights and tokens from a fixed seed (not HYD_TEST_SEED) whose routing has wide top-k gaps, so that few
