@@ -225,6 +225,15 @@ json hf_hybrid_config_json(const HybridConfig& cfg, const std::string& dtype, in
   j["kda_conv_size"] = kda ? k.conv_size : int64_t(4);
   j["kda_norm_eps"] = kda ? float_as_decimal(k.norm_eps) : mc.rms_norm_eps;
   if (mc.has_moe_layers()) {
+    // The exported modeling code (checkpoint/python) has qwen3_moe's MoE only: a dots1 student's sigmoid
+    // router, selection bias, routed scaling and shared experts would be dropped, so it is refused.
+    if (mc.moe_score_func != "softmax" || mc.moe_selection_bias || mc.num_shared_experts > 0 ||
+        mc.routed_scaling_factor != 1.0 || mc.first_k_dense_replace > 0)
+      throw Error::at("export", "model.family",
+                      "'" + mc.family +
+                          "': exporting a student of a dots1-style MoE teacher (sigmoid router, selection bias, "
+                          "routed scaling, shared experts, first_k_dense_replace) is not supported yet; only "
+                          "qwen3_moe-style MoE layers can be exported");
     // qwen3_moe's keys and meaning (Qwen3MoeConfig): layer l has the MoE FFN iff l is not in mlp_only_layers
     // and (l + 1) % decoder_sparse_step == 0; the others keep the SwiGLU MLP of intermediate_size.
     j["num_experts"] = mc.num_experts;

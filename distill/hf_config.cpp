@@ -217,6 +217,51 @@ void parse_moe(const json& j, const ConfigReader& r, ModelConfig& cfg) {
   (void)r.get_bool("output_router_logits", false);
 }
 
+// Dots1Config's expert keys (DeepSeek-V3-style router; defaults as its class has them, and required where it
+// has none that runs). transformers writes the expert count as n_routed_experts (num_local_experts is its alias).
+void parse_dots1_moe(const ConfigReader& r, ModelConfig& cfg) {
+  const char* experts_key =
+      r.has("n_routed_experts") || !r.has("num_local_experts") ? "n_routed_experts" : "num_local_experts";
+  cfg.num_experts = r.required_int(experts_key);
+  if (cfg.num_experts <= 0) r.fail(experts_key, "must be > 0, got " + std::to_string(cfg.num_experts));
+  cfg.num_experts_per_tok = r.required_int("num_experts_per_tok");
+  if (cfg.num_experts_per_tok <= 0 || cfg.num_experts_per_tok > cfg.num_experts)
+    r.fail("num_experts_per_tok", "must be in 1.." + std::to_string(cfg.num_experts) + " (" + experts_key + "), got " +
+                                      std::to_string(cfg.num_experts_per_tok));
+  cfg.moe_intermediate_size = r.get_int("moe_intermediate_size", 1408);
+  if (cfg.moe_intermediate_size <= 0)
+    r.fail("moe_intermediate_size", "must be > 0, got " + std::to_string(cfg.moe_intermediate_size));
+  // HF builds one shared MLP of width n_shared_experts * moe_intermediate_size (no default that runs).
+  cfg.num_shared_experts = r.required_int("n_shared_experts");
+  if (cfg.num_shared_experts < 0)
+    r.fail("n_shared_experts", "must be >= 0, got " + std::to_string(cfg.num_shared_experts));
+  cfg.first_k_dense_replace = r.get_int("first_k_dense_replace", 0);
+  if (cfg.first_k_dense_replace < 0)
+    r.fail("first_k_dense_replace", "must be >= 0, got " + std::to_string(cfg.first_k_dense_replace));
+  cfg.norm_topk_prob = r.get_bool("norm_topk_prob", false);
+  cfg.routed_scaling_factor = r.get_number("routed_scaling_factor", 1.0);
+  if (!(cfg.routed_scaling_factor > 0) || !std::isfinite(cfg.routed_scaling_factor))
+    r.fail("routed_scaling_factor", "must be a positive finite number, got " + r.at("routed_scaling_factor").dump());
+  // Dots1TopkRouter always uses sigmoid scores; an explicit scoring_func (DeepSeek-V3 configs) must agree.
+  const std::string scoring = r.get_string("scoring_func", "sigmoid");
+  if (scoring != "sigmoid")
+    r.fail("scoring_func", "'" + scoring + "' is not supported for dots1 (its router scores are sigmoid)");
+  cfg.moe_score_func = "sigmoid";
+  cfg.moe_selection_bias = true;  // mlp.gate.e_score_correction_bias
+  // Group-limited routing (top topk_group groups of n_group, then top-k inside them) is not implemented; with
+  // n_group = topk_group = 1 it is no limit at all.
+  for (const char* key : {"n_group", "topk_group"}) {
+    const int64_t v = r.get_int(key, 1);
+    if (v != 1)
+      r.fail(key, "is " + std::to_string(v) +
+                      ": group-limited expert routing is not supported (only n_group = 1 and topk_group = 1, i.e. "
+                      "no group limit)");
+  }
+  cfg.decoder_sparse_step = 1;
+  cfg.router_aux_loss_coef = 0.0;  // Dots1Config has no auxiliary loss
+  (void)r.get_bool("output_router_logits", false);
+}
+
 }  // namespace
 
 ModelConfig model_config_from_hf_json(const json& j, const std::string& source) {
@@ -224,12 +269,13 @@ ModelConfig model_config_from_hf_json(const json& j, const std::string& source) 
   ConfigReader r(j, source);
   ModelConfig cfg;
 
-  if (!r.has("model_type")) r.fail("model_type", "missing (expected llama, qwen2, qwen3 or qwen3_moe)");
+  if (!r.has("model_type")) r.fail("model_type", "missing (expected llama, qwen2, qwen3, qwen3_moe or dots1)");
   const std::string family = r.get_string("model_type", "");
-  if (family != "llama" && family != "qwen2" && family != "qwen3" && family != "qwen3_moe") {
-    r.fail("model_type", "unsupported model_type '" + family + "' (supported: llama, qwen2, qwen3, qwen3_moe)");
+  if (family != "llama" && family != "qwen2" && family != "qwen3" && family != "qwen3_moe" && family != "dots1") {
+    r.fail("model_type", "unsupported model_type '" + family + "' (supported: llama, qwen2, qwen3, qwen3_moe, dots1)");
   }
   const bool qwen3_like = family == "qwen3" || family == "qwen3_moe";  // q/k norm, head_dim default 128
+  const bool dots1 = family == "dots1";  // q/k norm too, head_dim default hidden_size / heads
   cfg.family = family;
 
   if (r.has("quantization_config")) r.fail("quantization_config", "quantized checkpoints are not supported");
@@ -275,9 +321,10 @@ ModelConfig model_config_from_hf_json(const json& j, const std::string& source) 
   } else if (r.get_bool("attention_bias", false)) {
     r.fail("attention_bias", "true adds an o_proj bias, which the dense model does not implement");
   }
-  cfg.qk_norm = qwen3_like;
+  cfg.qk_norm = qwen3_like || dots1;
   if (r.get_bool("mlp_bias", false)) r.fail("mlp_bias", "MLP biases are not supported");
   if (family == "qwen3_moe") parse_moe(j, r, cfg);
+  if (dots1) parse_dots1_moe(r, cfg);
 
   // Sliding-window attention: the explicit per-layer list when present, else the Qwen rule
   // (layers >= max_window_layers slide when use_sliding_window and sliding_window are set).
@@ -290,6 +337,14 @@ ModelConfig model_config_from_hf_json(const json& j, const std::string& source) 
                "layer type " + lt[i].dump() + " is not supported (only full_attention; no sliding window)");
       }
     }
+  } else if (dots1) {
+    // Dots1Config: layers >= max_window_layers slide whenever sliding_window is set (an absent key means its
+    // default 4096, an explicit null none); there is no use_sliding_window switch.
+    const bool window = !j.contains("sliding_window") || !j.at("sliding_window").is_null();
+    if (window && r.get_int("max_window_layers", 62) < cfg.num_layers)
+      r.fail("max_window_layers",
+             "is below num_hidden_layers with sliding_window set: sliding-window attention "
+             "is not supported");
   } else if (r.get_bool("use_sliding_window", false) && r.has("sliding_window") &&
              r.get_int("max_window_layers", 0) < cfg.num_layers) {
     r.fail("use_sliding_window", "sliding-window attention is not supported");

@@ -130,6 +130,11 @@ OpenTeacher open_teacher(const std::string& dir) {
     os << "  experts           " << cfg.num_experts << " (top " << cfg.num_experts_per_tok << ", ffn "
        << cfg.moe_intermediate_size << (cfg.norm_topk_prob ? ", normalised top-k" : "") << ") in " << sparse << " of "
        << cfg.num_layers << " layers\n";
+    if (cfg.family == "dots1") {
+      os << "  router            " << cfg.moe_score_func << (cfg.moe_selection_bias ? ", selection bias" : "")
+         << ", scale " << cfg.routed_scaling_factor << ", " << cfg.num_shared_experts << " shared experts (ffn "
+         << cfg.shared_expert_ffn() << "), first " << cfg.first_k_dense_replace << " layers dense\n";
+    }
   }
   os << "  heads / kv heads  " << cfg.num_heads << " / " << cfg.num_kv_heads << ", head_dim " << cfg.head_dim << "\n";
   os << "  vocab             " << cfg.vocab_size
@@ -196,11 +201,17 @@ std::vector<HfTensorSpec> hf_dense_tensors(const ModelConfig& cfg) {
     if (cfg.is_moe_layer(l)) {
       const int64_t Fe = cfg.moe_intermediate_size;
       out.push_back({p + "mlp.gate.weight", {cfg.num_experts, D}});
+      if (cfg.moe_selection_bias) out.push_back({p + "mlp.gate.e_score_correction_bias", {cfg.num_experts}});
       for (int64_t e = 0; e < cfg.num_experts; ++e) {
         const std::string x = p + "mlp.experts." + std::to_string(e) + ".";
         out.push_back({x + "gate_proj.weight", {Fe, D}});
         out.push_back({x + "up_proj.weight", {Fe, D}});
         out.push_back({x + "down_proj.weight", {D, Fe}});
+      }
+      if (const int64_t Fs = cfg.shared_expert_ffn(); Fs > 0) {
+        out.push_back({p + "mlp.shared_experts.gate_proj.weight", {Fs, D}});
+        out.push_back({p + "mlp.shared_experts.up_proj.weight", {Fs, D}});
+        out.push_back({p + "mlp.shared_experts.down_proj.weight", {D, Fs}});
       }
     } else {
       out.push_back({p + "mlp.gate_proj.weight", {F, D}});
@@ -244,6 +255,14 @@ std::vector<HfParamSource> hf_dense_param_sources(const ModelConfig& cfg) {
       out.push_back({q + "mlp.gate.weight", {p + "mlp.gate.weight"}});
       out.push_back(std::move(gate_up));
       out.push_back(std::move(down));
+      // dots1: HF's one shared MLP is the stack of one shared expert; the selection bias a [E] buffer.
+      if (cfg.shared_expert_ffn() > 0) {
+        const std::string x = p + "mlp.shared_experts.";
+        out.push_back({q + "mlp.shared_gate_up", {x + "gate_proj.weight", x + "up_proj.weight"}});
+        out.push_back({q + "mlp.shared_down", {x + "down_proj.weight"}});
+      }
+      if (cfg.moe_selection_bias)
+        out.push_back({q + "mlp.gate.e_score_correction_bias", {p + "mlp.gate.e_score_correction_bias"}});
     } else {
       out.push_back({q + "w_gate_up", {p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"}});
       out.push_back({q + "w_down", {p + "mlp.down_proj.weight"}});
@@ -285,9 +304,14 @@ void load_teacher_weights(const std::string& dir, DenseModel& model) {
     same("num_experts_per_tok", tc.num_experts_per_tok, mc.num_experts_per_tok);
     same("moe_intermediate_size", tc.moe_intermediate_size, mc.moe_intermediate_size);
     same("norm_topk_prob", tc.norm_topk_prob, mc.norm_topk_prob);
+    same("scoring_func", tc.moe_score_func, mc.moe_score_func);
+    same("e_score_correction_bias (selection bias)", tc.moe_selection_bias, mc.moe_selection_bias);
+    same("routed_scaling_factor", tc.routed_scaling_factor, mc.routed_scaling_factor);
+    same("n_shared_experts", tc.num_shared_experts, mc.num_shared_experts);
     for (int64_t l = 0; l < tc.num_layers; ++l) {
-      same(("decoder_sparse_step / mlp_only_layers (layer " + std::to_string(l) + " is MoE)").c_str(),
-           tc.is_moe_layer(l), mc.is_moe_layer(l));
+      const std::string field =
+          "decoder_sparse_step / mlp_only_layers / first_k_dense_replace (layer " + std::to_string(l) + " is MoE)";
+      same(field.c_str(), tc.is_moe_layer(l), mc.is_moe_layer(l));
     }
   }
 

@@ -1,5 +1,5 @@
 // Teacher checkpoints in Hugging Face layout (config.json + model.safetensors, or shards listed by
-// model.safetensors.index.json) for the dense families llama / qwen2 / qwen3 and for qwen3_moe.
+// model.safetensors.index.json) for the dense families llama / qwen2 / qwen3 and for qwen3_moe and dots1.
 //
 // HF tensor names and how they land on DenseModel parameters (trainer/model.h):
 //   model.embed_tokens.weight                              -> embed
@@ -11,10 +11,15 @@
 //   model.layers.L.post_attention_layernorm.weight         -> layers.L.mlp_norm
 //   model.layers.L.mlp.{gate,up}_proj.weight               -> layers.L.w_gate_up (rows gate; up)
 //   model.layers.L.mlp.down_proj.weight                    -> layers.L.w_down
-// qwen3_moe, sparse layers (ModelConfig::is_moe_layer; the others are dense as above):
+// qwen3_moe and dots1, sparse layers (ModelConfig::is_moe_layer; the others are dense as above):
 //   model.layers.L.mlp.gate.weight [E, D]                  -> layers.L.mlp.gate.weight
 //   model.layers.L.mlp.experts.e.{gate,up}_proj.weight     -> layers.L.mlp.gate_up [E, 2F, D] (expert e: gate; up)
 //   model.layers.L.mlp.experts.e.down_proj.weight          -> layers.L.mlp.down [E, D, F]
+// dots1 only (F_s = n_shared_experts * moe_intermediate_size: HF's one shared MLP):
+//   model.layers.L.mlp.shared_experts.{gate,up}_proj.weight -> layers.L.mlp.shared_gate_up [1, 2F_s, D] (gate; up)
+//   model.layers.L.mlp.shared_experts.down_proj.weight     -> layers.L.mlp.shared_down [1, D, F_s]
+//   model.layers.L.mlp.gate.e_score_correction_bias [E]    -> layers.L.mlp.gate.e_score_correction_bias (a buffer
+//                                                             in HF: its gradient here stays 0)
 // (the per-expert layout transformers' save_pretrained writes; fused gate_up_proj tensors are refused).
 //   model.norm.weight                                      -> final_norm
 //   lm_head.weight (absent when tied)                      -> lm_head

@@ -259,6 +259,7 @@ struct HybridModel::Impl {
   std::unordered_map<std::string, size_t> index;
   std::vector<std::pair<size_t, size_t>> mixer_range;  // per layer: [first, last) index into params
   Arena param_arena, grad_arena, table_arena, gate_arena, act_arena, scratch_arena;
+  Arena moe_bias_arena;  // CUDA: f32 working copies of the MoE selection biases (MoeBlock)
   Tensor flat_params, flat_grads, rope_cos, rope_sin;
 
   WeightRef embed, final_norm, lm_head;
@@ -481,10 +482,8 @@ void HybridModel::Impl::build() {
     mixer_range.emplace_back(first, params.size());
     add_param(p + "mlp_norm", {D}, false, offset);
     if (mc.is_moe_layer(l)) {
-      const int64_t E = mc.num_experts, Fe = mc.moe_intermediate_size;
-      add_param(p + "mlp.gate.weight", {E, D}, true, offset);
-      add_param(p + "mlp.gate_up", {E, 2 * Fe, D}, true, offset);
-      add_param(p + "mlp.down", {E, D, Fe}, true, offset);
+      for (const MoeBlock::ParamSpec& s : MoeBlock::param_specs(mc))
+        add_param(p + s.name, s.shape, s.weight_decay, offset);
     } else {
       add_param(p + "w_gate_up", {2 * F, D}, true, offset);
       add_param(p + "w_down", {D, F}, true, offset);
@@ -579,6 +578,7 @@ void HybridModel::Impl::build() {
     mlp.push_back(std::move(m));
     moe.push_back(std::move(e));
   }
+  moe_bias_arena = MoeBlock::make_selection_bias_copies(moe, device);
 
   // RoPE tables, only when some layer keeps the teacher's rotary attention.
   if (cfg.has(MixerKind::teacher_attention)) {
@@ -908,7 +908,7 @@ void HybridModel::init_random(uint64_t seed, float std) {
     const std::string& n = p.name;
     if (n.ends_with("norm") || n.ends_with("o_norm.weight")) {
       std::fill(v, v + p.numel, 1.0f);
-    } else if (n.ends_with("bqkv") || n.ends_with("g_proj.1.bias")) {
+    } else if (n.ends_with("bqkv") || n.ends_with("g_proj.1.bias") || n.ends_with(".e_score_correction_bias")) {
       std::fill(v, v + p.numel, 0.0f);
     } else if (n.ends_with(".A_log")) {
       for (int64_t i = 0; i < p.numel; ++i) v[i] = static_cast<float>(std::log(1.0 + 15.0 * unit(gen)));
@@ -918,8 +918,8 @@ void HybridModel::init_random(uint64_t seed, float std) {
         v[i] = static_cast<float>(dt + std::log(-std::expm1(-dt)));  // softplus(v) = dt
       }
     } else {
-      const bool out_proj =
-          n.ends_with(".wo") || n.ends_with(".w_down") || n.ends_with(".mlp.down") || n.ends_with(".o_proj.weight");
+      const bool out_proj = n.ends_with(".wo") || n.ends_with(".w_down") || n.ends_with(".mlp.down") ||
+                            n.ends_with(".mlp.shared_down") || n.ends_with(".o_proj.weight");
       const float s = out_proj ? static_cast<float>(std * out_scale) : std;
       for (int64_t i = 0; i < p.numel; ++i) v[i] = s * normal(gen);
     }

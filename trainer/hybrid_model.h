@@ -5,9 +5,10 @@
 //   per layer l:  a = RMSNorm(h) ; h = h + Mixer_l(a)
 //                 m = RMSNorm(h) ; h = h + SwiGLU(m Wgate_up^T) Wdown^T      (dense layer)
 //                              or  h = h + MoE(m)                          (cfg.model.is_moe_layer(l))
-//   MoE(m): the DenseModel's qwen3_moe FFN (trainer/model.h, trainer/layer_moe.h), same parameters and
-//   kernels (CPU and one GPU). A student of a MoE teacher keeps the
-//   teacher's MoE FFNs (copied by distill/student_init.cpp, trained in stage 2).
+//   MoE(m): the DenseModel's qwen3_moe / dots1 FFN (trainer/model.h, trainer/layer_moe.h), same parameters
+//   and kernels (CPU and one GPU). A student of a MoE teacher keeps the teacher's MoE FFNs, dots1's shared
+//   experts and selection bias included (copied by distill/student_init.cpp, trained in stage 2; the bias's
+//   gradient is 0, so it stays the teacher's).
 //   logits = RMSNorm(h) Wlm^T  (Wlm = embed when tied);  loss = mean CE over tokens with target >= 0
 // Mixer_l by the pattern's letter:
 //   K  Kimi Delta Attention (trainer/layer_kda.h, dims from HybridConfig::kda)
@@ -28,7 +29,8 @@
 //          (qk_norm), layers.L.wo [D, Hq d]
 //     then layers.L.mlp_norm [D], layers.L.w_gate_up [2F, D], layers.L.w_down [D, F]; a MoE layer has
 //     instead (as DenseModel, F_e = moe_intermediate_size) layers.L.mlp.gate.weight [E, D],
-//     layers.L.mlp.gate_up [E, 2F_e, D], layers.L.mlp.down [E, D, F_e]
+//     layers.L.mlp.gate_up [E, 2F_e, D], layers.L.mlp.down [E, D, F_e] (dots1 also layers.L.mlp.shared_gate_up,
+//     mlp.shared_down and mlp.gate.e_score_correction_bias)
 //   final_norm [D], lm_head [V, D] (absent when tied)
 // All values live in one flat buffer (f32 on the CPU, bf16 on CUDA, so the AdamW of trainer/optimizer.h
 // takes params() as they are) and all gradients in one flat f32 buffer. The KDA gate parameters A_log

@@ -824,13 +824,45 @@ MoeConfig MoeBlock::config_for_model(const ModelConfig& mc) {
   c.num_experts = mc.num_experts;
   c.top_k = mc.num_experts_per_tok;
   c.expert_ffn = mc.moe_intermediate_size;
-  c.score_func = "softmax";
+  c.score_func = mc.moe_score_func;
   c.norm_topk_prob = mc.norm_topk_prob;
+  c.route_scale = static_cast<float>(mc.routed_scaling_factor);
+  c.use_selection_bias = mc.moe_selection_bias;
+  // HF's n_shared_experts shared experts are one MLP of their summed width.
+  c.num_shared_experts = mc.num_shared_experts > 0 ? 1 : 0;
+  c.shared_ffn = mc.shared_expert_ffn();
   return c;
+}
+
+std::vector<MoeBlock::ParamSpec> MoeBlock::param_specs(const ModelConfig& mc) {
+  const int64_t D = mc.hidden_size, E = mc.num_experts, Fe = mc.moe_intermediate_size, Fs = mc.shared_expert_ffn();
+  std::vector<ParamSpec> out = {
+      {"mlp.gate.weight", {E, D}, true}, {"mlp.gate_up", {E, 2 * Fe, D}, true}, {"mlp.down", {E, D, Fe}, true}};
+  if (Fs > 0) {
+    out.push_back({"mlp.shared_gate_up", {1, 2 * Fs, D}, true});
+    out.push_back({"mlp.shared_down", {1, D, Fs}, true});
+  }
+  if (mc.moe_selection_bias) out.push_back({"mlp.gate.e_score_correction_bias", {E}, false});
+  return out;
+}
+
+Arena MoeBlock::make_selection_bias_copies(std::vector<MoeBlock>& blocks, Device device) {
+  if (!device.is_cuda()) return Arena();
+  ArenaSizer sizer;
+  for (const MoeBlock& b : blocks)
+    if (!b.selection_bias_param.empty()) sizer.alloc({b.moe.cfg.num_experts}, DType::f32);
+  if (sizer.used() == 0) return Arena();
+  Arena arena("moe_selection_bias", device, sizer.used());
+  for (MoeBlock& b : blocks)
+    if (!b.selection_bias_param.empty()) b.moe.selection_bias = arena.alloc({b.moe.cfg.num_experts}, DType::f32);
+  return arena;
 }
 
 double MoeBlock::forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& s,
                          const MoeExpertParallel* ep) const {
+  // CUDA: the f32 working copy of the (bf16) selection bias, on the context's stream before the router.
+  if (!selection_bias_param.empty() && selection_bias_param.data != moe.selection_bias.data)
+    kernels::convert(ctx, moe.selection_bias, selection_bias_param);
   s.x = in;
   kernels::rmsnorm_forward(ctx, in, norm.value, s.m, s.rstd, eps);
   const double aux = moe.forward(ctx, s.m, out, s.moe, ep);

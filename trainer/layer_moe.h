@@ -218,13 +218,24 @@ struct MoeLayer {
 
 // The decoder's MoE FFN block with its residual, the sparse counterpart of MlpLayer (trainer/layer_mlp.h):
 //   m = RMSNorm(x) ; out = x + MoE(m)
-// shared by DenseModel and HybridModel. for_model builds it from a qwen3_moe ModelConfig (HF
-// Qwen3MoeSparseMoeBlock: softmax router, top-k, optional renormalisation, no shared experts, no selection
-// bias; the load-balancing loss stays out of the model's loss: aux_loss_coef 0).
+// shared by DenseModel and HybridModel. for_model builds it from a MoE ModelConfig; the load-balancing loss
+// stays out of the model's loss (aux_loss_coef 0) for both families:
+//   qwen3_moe (HF Qwen3MoeSparseMoeBlock): softmax router, top-k, optional renormalisation, no shared experts,
+//     no selection bias, route_scale 1.
+//   dots1 (HF Dots1MoE): sigmoid router, top-k of scores + e_score_correction_bias, optional renormalisation,
+//     times routed_scaling_factor, plus one shared SwiGLU MLP of width F_s = n_shared_experts F_moe (HF stores
+//     it as one MLP: MoeConfig num_shared_experts 1, shared_ffn F_s; the sum of n FFNs of width F_moe is the
+//     FFN of their concatenated rows).
 struct MoeBlock {
   float eps = 1e-6f;
   WeightRef norm;  // mlp_norm [D]
   MoeLayer moe;
+  // The selection bias parameter (layers.L.mlp.gate.e_score_correction_bias [E], a view of the model's flat
+  // buffer; empty without a selection bias). On the CPU (f32) moe.selection_bias is this very view; on CUDA
+  // the flat value is bf16 and moe.selection_bias an f32 working copy (make_selection_bias_copies) that
+  // forward refreshes from it, as the KDA gates' A_log / dt_bias. Its gradient stays 0 (the bias only steers
+  // the top-k choice), so an optimizer step leaves it where it is.
+  Tensor selection_bias_param;
 
   struct Saved {
     Tensor x, m, rstd;  // block input (view), normed input [N, D], its rstd f32 [N]
@@ -251,9 +262,22 @@ struct MoeBlock {
     alloc_own_scratch(arena, n, act);
     moe.alloc_scratch(arena, n, act);
   }
-  // ref(name) gives the weight named `prefix + name` (mlp_norm, mlp.gate.weight, mlp.gate_up, mlp.down).
+  // ref(name) gives the weight named `prefix + name` (mlp_norm, mlp.gate.weight, mlp.gate_up, mlp.down; with
+  // shared experts mlp.shared_gate_up [1, 2F_s, D] and mlp.shared_down [1, D, F_s]; with a selection bias
+  // mlp.gate.e_score_correction_bias [E]).
   template <class Ref>
   static MoeBlock for_model(const ModelConfig& mc, int64_t layer, float eps, Ref&& ref);
+  // The model's MoE FFN parameters of one sparse layer, in flat-buffer order: (name, shape, weight decay).
+  struct ParamSpec {
+    std::string name;
+    std::vector<int64_t> shape;
+    bool weight_decay = true;
+  };
+  static std::vector<ParamSpec> param_specs(const ModelConfig& mc);
+  // CUDA: f32 working copies of the selection biases of `blocks` (the sparse ones with a selection bias;
+  // moe.selection_bias is rebound to them), carved from the returned arena, which the caller keeps as long as
+  // the blocks. On the CPU, or without any selection bias, nothing is rebound and the arena is empty.
+  static Arena make_selection_bias_copies(std::vector<MoeBlock>& blocks, Device device);
   // out = in + MoE(RMSNorm(in)); out must not alias in.
   // ep: expert parallelism over its group (nullptr: every expert here). Returns the layer's L_aux (0 unless
   // moe.cfg.aux_loss_coef > 0).
@@ -281,6 +305,14 @@ MoeBlock MoeBlock::for_model(const ModelConfig& mc, int64_t layer, float eps, Re
   b.moe.router = ref("mlp.gate.weight");
   b.moe.gate_up = ref("mlp.gate_up");
   b.moe.down = ref("mlp.down");
+  if (b.moe.cfg.num_shared_experts > 0) {
+    b.moe.shared_gate_up = ref("mlp.shared_gate_up");
+    b.moe.shared_down = ref("mlp.shared_down");
+  }
+  if (b.moe.cfg.use_selection_bias) {
+    b.selection_bias_param = ref("mlp.gate.e_score_correction_bias").value;
+    b.moe.selection_bias = b.selection_bias_param;
+  }
   return b;
 }
 

@@ -116,6 +116,7 @@ struct DenseModel::Impl {
   std::vector<ParamInfo> params;
   std::unordered_map<std::string, size_t> index;
   Arena param_arena, grad_arena, table_arena, act_arena, scratch_arena;
+  Arena moe_bias_arena;  // CUDA: f32 working copies of the MoE selection biases (MoeBlock)
   Tensor flat_params, flat_grads, rope_cos, rope_sin;
 
   WeightRef embed, final_norm, lm_head;
@@ -230,10 +231,8 @@ void DenseModel::Impl::build() {
     add_param(p + "wo", {D, cfg.q_dim()}, true, offset);
     add_param(p + "mlp_norm", {D}, false, offset);
     if (cfg.is_moe_layer(l)) {
-      const int64_t E = cfg.num_experts, Fe = cfg.moe_intermediate_size;
-      add_param(p + "mlp.gate.weight", {E, D}, true, offset);
-      add_param(p + "mlp.gate_up", {E, 2 * Fe, D}, true, offset);
-      add_param(p + "mlp.down", {E, D, Fe}, true, offset);
+      for (const MoeBlock::ParamSpec& s : MoeBlock::param_specs(cfg))
+        add_param(p + s.name, s.shape, s.weight_decay, offset);
     } else {
       add_param(p + "w_gate_up", {2 * F, D}, true, offset);
       add_param(p + "w_down", {D, F}, true, offset);
@@ -299,6 +298,7 @@ void DenseModel::Impl::build() {
     mlp.push_back(std::move(m));
     moe.push_back(std::move(e));
   }
+  moe_bias_arena = MoeBlock::make_selection_bias_copies(moe, device);
 
   // RoPE tables: positions inside a document never exceed max_tokens - 1 in one micro-batch, and a
   // caller may also pass positions up to max_position_embeddings - 1 (e.g. a sequence-parallel shard).
@@ -481,9 +481,9 @@ void DenseModel::init_random(uint64_t seed, float std) {
     float* v = host.data() + p.offset;
     const std::string& n = p.name;
     const bool is_norm = n.ends_with("norm");
-    const bool is_bias = n.ends_with("bqkv");
+    const bool is_bias = n.ends_with("bqkv") || n.ends_with(".e_score_correction_bias");  // HF inits both to 0
     float s = std;
-    if (n.ends_with(".wo") || n.ends_with(".w_down") || n.ends_with(".mlp.down"))
+    if (n.ends_with(".wo") || n.ends_with(".w_down") || n.ends_with(".mlp.down") || n.ends_with(".mlp.shared_down"))
       s = static_cast<float>(std * out_scale);
     for (int64_t i = 0; i < p.numel; ++i) v[i] = is_norm ? 1.0f : is_bias ? 0.0f : s * normal(gen);
   }

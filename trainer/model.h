@@ -4,10 +4,12 @@
 //   per layer l:  a = RMSNorm(h) ; q,k,v = a Wqkv^T (+b) ; [q,k = per-head RMSNorm] ; q,k = RoPE(q,k)
 //                 h = h + Attention(q,k,v) Wo^T
 //                 m = RMSNorm(h) ; h = h + SwiGLU(m Wgate_up^T) Wdown^T      (dense layer)
-//                              or  h = h + MoE(m)                          (cfg.is_moe_layer(l): qwen3_moe)
-//   MoE(m) (trainer/layer_moe.h): softmax(m Wr^T) over E experts, top-k, optionally renormalised to sum 1,
-//   sum over the k chosen experts of weight * SwiGLU expert; no shared experts, no biases, no aux loss
-//   in the loss (router_aux_loss_coef is stored, unused). On CUDA: one GPU, f32 router, bf16 experts.
+//                              or  h = h + MoE(m)                (cfg.is_moe_layer(l): qwen3_moe, dots1)
+//   MoE(m) (trainer/layer_moe.h): qwen3_moe: softmax(m Wr^T) over E experts, top-k, optionally renormalised
+//   to sum 1, sum over the k chosen experts of weight * SwiGLU expert; no shared experts, no biases.
+//   dots1: sigmoid(m Wr^T), top-k of the scores plus the selection bias, weights (optionally renormalised)
+//   times routed_scaling_factor, plus the shared SwiGLU MLP on every token. No aux loss in the loss
+//   (router_aux_loss_coef is stored, unused). On CUDA: one GPU, f32 router, bf16 experts.
 //   logits = RMSNorm(h) Wlm^T  (Wlm = embed when tied);  loss = mean CE over tokens with target >= 0
 //
 // Parameters live in one contiguous buffer (f32 on the CPU, bf16 on CUDA) and their gradients in
@@ -25,6 +27,11 @@
 //   layers.L.mlp.gate.weight [E, D]       router (HF mlp.gate.weight)
 //   layers.L.mlp.gate_up     [E, 2F, D]   expert e: rows [0, F) gate_proj, [F, 2F) up_proj
 //   layers.L.mlp.down        [E, D, F]    expert e: down_proj
+// and for dots1 (F_s = ModelConfig::shared_expert_ffn(): HF's n_shared_experts as one MLP):
+//   layers.L.mlp.shared_gate_up [1, 2F_s, D]  rows [0, F_s) shared_experts.gate_proj, then up_proj
+//   layers.L.mlp.shared_down    [1, D, F_s]   shared_experts.down_proj
+//   layers.L.mlp.gate.e_score_correction_bias [E]  the selection bias (HF buffer; no weight decay, its
+//                                                  gradient stays 0; on CUDA the router reads an f32 copy)
 #pragma once
 
 #include <memory>

@@ -1,6 +1,7 @@
 #include "trainer/model_config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 
 #include "trainer/core/error.h"
@@ -25,7 +26,7 @@ void require_positive(const std::string& source, const char* field, double v) {
 }  // namespace
 
 bool ModelConfig::is_moe_layer(int64_t l) const {
-  if (num_experts <= 0 || decoder_sparse_step <= 0) return false;
+  if (num_experts <= 0 || decoder_sparse_step <= 0 || l < first_k_dense_replace) return false;
   if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), l) != mlp_only_layers.end()) return false;
   return (l + 1) % decoder_sparse_step == 0;
 }
@@ -37,8 +38,9 @@ bool ModelConfig::has_moe_layers() const {
 }
 
 void ModelConfig::finalize(const std::string& source) {
-  if (family != "llama" && family != "qwen2" && family != "qwen3" && family != "qwen3_moe")
-    config_error(source, "family", "unknown model family '" + family + "' (expected llama, qwen2, qwen3 or qwen3_moe)");
+  if (family != "llama" && family != "qwen2" && family != "qwen3" && family != "qwen3_moe" && family != "dots1")
+    config_error(source, "family",
+                 "unknown model family '" + family + "' (expected llama, qwen2, qwen3, qwen3_moe or dots1)");
   require_positive(source, "vocab_size", vocab_size);
   require_positive(source, "hidden_size", hidden_size);
   require_positive(source, "intermediate_size", intermediate_size);
@@ -82,11 +84,12 @@ void ModelConfig::finalize(const std::string& source) {
     if (rs.attention_factor < 0) config_error(source, "rope_scaling.attention_factor", "must not be negative");
   }
 
-  // Mixture of Experts: only the qwen3_moe family has it; num_experts 0 leaves every layer dense.
+  // Mixture of Experts: only the qwen3_moe and dots1 families have it; num_experts 0 leaves every layer dense.
   if (num_experts < 0) config_error(source, "num_experts", "must be >= 0, got " + std::to_string(num_experts));
-  if (num_experts > 0 && family != "qwen3_moe")
-    config_error(source, "num_experts",
-                 "is " + std::to_string(num_experts) + " but family '" + family + "' has no experts (only qwen3_moe)");
+  if (num_experts > 0 && family != "qwen3_moe" && family != "dots1")
+    config_error(
+        source, "num_experts",
+        "is " + std::to_string(num_experts) + " but family '" + family + "' has no experts (only qwen3_moe and dots1)");
   if (num_experts > 0) {
     if (num_experts_per_tok <= 0 || num_experts_per_tok > num_experts)
       config_error(source, "num_experts_per_tok",
@@ -102,6 +105,15 @@ void ModelConfig::finalize(const std::string& source) {
     }
     if (!(router_aux_loss_coef >= 0))
       config_error(source, "router_aux_loss_coef", "must be >= 0, got " + std::to_string(router_aux_loss_coef));
+    if (moe_score_func != "softmax" && moe_score_func != "sigmoid")
+      config_error(source, "moe_score_func", "must be 'softmax' or 'sigmoid', got '" + moe_score_func + "'");
+    if (!(routed_scaling_factor > 0) || !std::isfinite(routed_scaling_factor))
+      config_error(source, "routed_scaling_factor",
+                   "must be a positive finite number, got " + std::to_string(routed_scaling_factor));
+    if (num_shared_experts < 0)
+      config_error(source, "num_shared_experts", "must be >= 0, got " + std::to_string(num_shared_experts));
+    if (first_k_dense_replace < 0)
+      config_error(source, "first_k_dense_replace", "must be >= 0, got " + std::to_string(first_k_dense_replace));
   }
 
   if (bos_token_id < -1 || bos_token_id >= vocab_size)
@@ -116,7 +128,9 @@ void ModelConfig::finalize(const std::string& source) {
 
 // Mirrors DenseModel's parameter list (trainer/model.cpp): embed, per layer attn_norm, wqkv, [bqkv],
 // [q_norm, k_norm], wo, mlp_norm, then w_gate_up, w_down (dense layer) or mlp.gate.weight, mlp.gate_up,
-// mlp.down (MoE layer: router [E, D] and E experts of 3 F_moe D); final_norm; lm_head unless tied.
+// mlp.down (MoE layer: router [E, D] and E experts of 3 F_moe D; with moe_selection_bias the bias [E]; with
+// shared experts mlp.shared_gate_up, mlp.shared_down: 3 F_s D, F_s = shared_expert_ffn()); final_norm;
+// lm_head unless tied.
 namespace {
 
 int64_t count_parameters(const ModelConfig& c, int64_t active_experts) {
@@ -133,6 +147,8 @@ int64_t count_parameters(const ModelConfig& c, int64_t active_experts) {
     if (c.is_moe_layer(l)) {
       const int64_t E = active_experts < 0 ? c.num_experts : active_experts;
       n += c.num_experts * D + E * 3 * c.moe_intermediate_size * D;  // router, gate_up + down per expert
+      n += 3 * c.shared_expert_ffn() * D;                            // the shared MLP (every token)
+      if (c.moe_selection_bias) n += c.num_experts;
     } else {
       n += 3 * F * D;  // w_gate_up, w_down
     }
@@ -153,7 +169,8 @@ int64_t ModelConfig::num_parameters() const { return count_parameters(*this, -1)
 // (2 * seq_len * q_dim) and backward doubles that again, so fwd+bwd = 6 * seq_len * q_dim per layer.
 // seq_len is the (packed) sequence length; with document masking the true cost is lower, and the
 // MFU convention of counting the full causal length is kept on purpose.
-// MoE layers: a token runs through the router and num_experts_per_tok experts, so only those count.
+// MoE layers: a token runs through the router, num_experts_per_tok experts and the shared MLP, so only those
+// count (the selection bias is added, not multiplied: counted like a norm weight).
 double ModelConfig::train_flops_per_token(int64_t seq_len) const {
   const double embed = static_cast<double>(vocab_size) * static_cast<double>(hidden_size);
   const double matmul_params = static_cast<double>(count_parameters(*this, num_experts_per_tok)) -

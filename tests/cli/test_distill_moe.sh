@@ -7,7 +7,10 @@
 # records are finite, the stage-2 KL does not grow (first vs last record), the checkpoint is written, and
 # `hydistill export` writes the MoE student with the teacher's MoE fields in config.json; with
 # distill.router_aux_coef the stage-2 records carry the load-balancing term ("aux", inside "loss"), and bad
-# values of it exit 2 naming the key.
+# values of it exit 2 naming the key. The golden tiny dots1 teacher (tests/golden/data/dots1: sigmoid router
+# with a selection bias, routed scaling, a shared MLP, layer 0 dense through first_k_dense_replace) distills
+# likewise: the transfer table copies the shared MLP and the bias, the records are finite, the checkpoint's
+# bias is still the teacher's after stage 2, and `hydistill export` refuses the student naming model.family.
 # Usage: bash test_distill_moe.sh HYDISTILL SOURCE_DIR
 set -u
 HYD="$1"
@@ -109,4 +112,30 @@ rc=$?
   --teacher.dir "$SRC/tests/golden/data/llama" >"$WORK/b2.txt" 2>&1
 rc=$?
 [ "$rc" = 2 ] && grep -q "distill.router_aux_coef.*no MoE layers" "$WORK/b2.txt" || { cat "$WORK/b2.txt"; fail "dense teacher: exit $rc"; }
+
+DOTS1="$SRC/tests/golden/data/dots1"
+"$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/dots1" --teacher.dir "$DOTS1" \
+  --distill.stage1_steps 4 --distill.stage2_steps 6 --log.interval 2 >"$WORK/d1.txt" 2>&1 ||
+  { cat "$WORK/d1.txt"; fail "distill from the dots1 teacher"; }
+for p in mlp.gate.weight mlp.gate_up mlp.down mlp.shared_gate_up mlp.shared_down mlp.gate.e_score_correction_bias; do
+  grep -Eq " $p +\[.*\] +teacher:layers.1.$p$" "$WORK/d1.txt" ||
+    { cat "$WORK/d1.txt"; fail "the dots1 transfer table does not show layers.1.$p copied from the teacher"; }
+done
+python3 - "$WORK/dots1" "$DOTS1/model.safetensors" <<'PY' || fail "the dots1 student's records or checkpoint"
+import glob, json, math, os, sys
+from safetensors.numpy import load_file
+recs = [json.loads(l) for l in open(os.path.join(sys.argv[1], "metrics.jsonl"))]
+s2 = [r for r in recs if r.get("stage") == 2]
+assert len(s2) == 3 and all(math.isfinite(r["kl"]) and math.isfinite(r["grad_norm"]) for r in s2), s2
+state = load_file(sorted(glob.glob(os.path.join(sys.argv[1], "step-*", "rank-00000.safetensors")))[-1])
+teacher = load_file(sys.argv[2])
+bias = state["param/layers.1.mlp.gate.e_score_correction_bias"]
+assert (bias == teacher["model.layers.1.mlp.gate.e_score_correction_bias"]).all(), bias
+assert (state["param/layers.1.mlp.shared_down"][0] != teacher["model.layers.1.mlp.shared_experts.down_proj.weight"]).any()
+print("dots1: stage 2 kl", [round(r["kl"], 5) for r in s2], "; selection bias unchanged, shared MLP trained")
+PY
+"$HYD" export --checkpoint "$(ls -d "$WORK"/dots1/step-* | tail -1)" --out "$WORK/dots1_export" >"$WORK/d1x.txt" 2>&1
+rc=$?
+[ "$rc" != 0 ] && grep -q "model.family" "$WORK/d1x.txt" && [ ! -e "$WORK/dots1_export/config.json" ] ||
+  { cat "$WORK/d1x.txt"; fail "export of a dots1 student: exit $rc, expected a refusal naming model.family"; }
 echo "ok"

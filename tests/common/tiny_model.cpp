@@ -31,6 +31,17 @@ ModelConfig tiny_dense_variant(const std::string& variant) {
   return tiny_dense_config(variant == "qwen3", variant == "qwen2", variant == "qwen3" || variant == "tied");
 }
 
+void make_dots1(ModelConfig& c, double routed_scaling, int64_t shared_experts) {
+  c.family = "dots1";
+  c.moe_score_func = "sigmoid";
+  c.moe_selection_bias = true;
+  c.routed_scaling_factor = routed_scaling;
+  c.num_shared_experts = shared_experts;
+  c.first_k_dense_replace = 1;
+  c.decoder_sparse_step = 1;
+  c.mlp_only_layers.clear();
+}
+
 PackedBatch pack_documents(const std::vector<std::vector<int32_t>>& docs, const std::function<bool(int64_t)>& ignore) {
   PackedBatch h;
   h.cu_seqlens.push_back(0);

@@ -17,6 +17,10 @@ namespace hyd::test {
 ModelConfig tiny_dense_config(bool qk_norm = false, bool qkv_bias = false, bool tied = false);
 // The same by variant: "llama", "tied" (tied embeddings), "qwen2" (qkv bias), "qwen3" (q/k norm, tied).
 ModelConfig tiny_dense_variant(const std::string& variant);
+// Turns a MoE config (experts already set) into a dots1 one: family dots1, sigmoid router with a selection bias,
+// routed_scaling_factor `routed_scaling`, `shared_experts` shared experts (HF's one MLP of their width), layer 0
+// dense through first_k_dense_replace 1 (mlp_only_layers cleared, decoder_sparse_step 1).
+void make_dots1(ModelConfig& c, double routed_scaling, int64_t shared_experts);
 
 // Documents packed into one CPU batch backed by host vectors: target = next token of the same
 // document, -1 at each document's end and wherever ignore(i) holds (i = token index in the batch).

@@ -3,9 +3,11 @@
 // tests/golden/gen_dense_goldens.py saved three tiny random models (Llama with llama3 RoPE scaling and an
 // untied head; Qwen3 with q/k norm, head_dim != hidden/heads, tied embeddings; Qwen2 with q/k/v biases and
 // YaRN; tests/golden/gen_moe_golden.py adds a Qwen3-MoE with one dense layer and one sparse layer of 8 experts,
-// top 2, renormalised) and, for two token sequences run as separate forwards in float32 with eager attention, the
-// logits and the mean next-token cross-entropy. Here each model is loaded from its HF folder (config.json +
-// model.safetensors) into a CPU DenseModel, the two sequences are packed as two documents of one batch
+// top 2, renormalised, and a dots1 with one dense layer (first_k_dense_replace 1) and one sparse layer of 8
+// sigmoid-routed experts, top 2, a random selection bias that changes the experts of most tokens, routed
+// scaling 2.5 and 2 shared experts) and, for two token sequences run as separate forwards in float32 with eager
+// attention, the logits and the mean next-token cross-entropy. Here each model is loaded from its HF folder
+// (config.json + model.safetensors) into a CPU DenseModel, the two sequences are packed as two documents of one batch
 // (positions restart at 0, attention must not cross the boundary), and logits and loss are compared.
 // Float32 HF itself is ~1e-6 away from a float64 run (printed by the generator), so 1e-4 leaves room
 // for summation order only.
@@ -82,6 +84,16 @@ TEST_P(GoldenDense, LogitsAndLossMatchTransformers) {
     EXPECT_FALSE(info.config.is_moe_layer(0));
     EXPECT_TRUE(info.config.is_moe_layer(1));
   }
+  if (std::string(GetParam()) == "dots1") {
+    // Layer 0 dense (first_k_dense_replace), layer 1 sparse with every dots1 feature on.
+    ASSERT_EQ(info.config.num_experts, 8);
+    EXPECT_FALSE(info.config.is_moe_layer(0));
+    EXPECT_TRUE(info.config.is_moe_layer(1));
+    EXPECT_EQ(info.config.moe_score_func, "sigmoid");
+    EXPECT_TRUE(info.config.moe_selection_bias);
+    EXPECT_EQ(info.config.shared_expert_ffn(), 64);
+    EXPECT_DOUBLE_EQ(info.config.routed_scaling_factor, 2.5);
+  }
 
   const test::PackedBatch hb = pack(g);
   DenseModel model(info.config, Device::cpu(), hb.batch.num_tokens);
@@ -132,7 +144,7 @@ TEST_P(GoldenDense, CudaBf16NearTransformers) {
   if (info.config.has_moe_layers()) {
     // MoE on CUDA is held to the CPU model in tests/gpu/test_gpu_moe.cpp; against the f32 HF reference a
     // bf16 router may swap near-tied experts of a token, which this test's bounds do not allow for.
-    GTEST_SKIP() << "qwen3_moe on CUDA: see gpu.test_gpu_moe";
+    GTEST_SKIP() << GetParam() << " on CUDA: see gpu.test_gpu_moe";
   }
   const test::PackedBatch hb = pack(g);
   test::DeviceBuffers buffers(Device::cuda(0), size_t(1) << 20);
@@ -153,7 +165,7 @@ TEST_P(GoldenDense, CudaBf16NearTransformers) {
   EXPECT_LT(loss_rel, kCudaLossTolerance);
 }
 
-INSTANTIATE_TEST_SUITE_P(Models, GoldenDense, ::testing::Values("llama", "qwen3", "qwen2", "qwen3_moe"),
+INSTANTIATE_TEST_SUITE_P(Models, GoldenDense, ::testing::Values("llama", "qwen3", "qwen2", "qwen3_moe", "dots1"),
                          [](const ::testing::TestParamInfo<const char*>& p) { return std::string(p.param); });
 
 }  // namespace

@@ -17,10 +17,12 @@
 //            (the host counts kept for the backward checked too); inputs are redrawn
 //            until every token's k-th / (k+1)-th selection margin is far above f32 rounding, so that both
 //            devices route identically (asserted);
-//   qwen3_moe models: HybridModel (all T) and DenseModel on CUDA against the CPU, loss, logits and every
-//            gradient, with weights and batch redrawn until every MoE layer's router logits have a top-k
-//            gap well above bf16 noise and the CUDA model's own residual stream picks the same experts (a
-//            bf16 router may otherwise swap a near-tied pair of experts).
+//   qwen3_moe and dots1 models: HybridModel (all T) and DenseModel on CUDA against the CPU, loss, logits and
+//            every gradient, with weights and batch redrawn until every MoE layer's selection scores (router
+//            logits; dots1: sigmoid of them plus the selection bias) have a top-k gap well above bf16 noise and
+//            the CUDA model's own residual stream picks the same experts (a bf16 router may otherwise swap a
+//            near-tied pair of experts). dots1 adds the shared MLP, the routed scaling and the selection bias,
+//            which the CUDA models read as an f32 copy of their bf16 parameter.
 // Tolerances: bf16 outputs rel_err < 1e-2, f32 outputs < 1e-3 (1e-5 where only the order of f32 sums
 // differs); whole layer: out 1e-2, gradients 2e-2 (router 5e-2: a softmax Jacobian with cancellation);
 // models: as tests/gpu/test_gpu_model.cpp (loss 1e-2, logits 2e-2, gradients 5e-2).
@@ -770,8 +772,10 @@ TEST(GpuMoe, LayerForwardBackwardMatchesCpu) {
 // ------------------------------------------------------------------------------------------- models
 
 // qwen3_moe on a D = 64 skeleton (q/k norm, tied), 3 layers: 0 and 2 MoE (E = 8, top 2, F = 32, renormalised),
-// 1 dense through mlp_only_layers.
-ModelConfig moe_model_config() {
+// 1 dense through mlp_only_layers. dots1: the same skeleton and experts with a sigmoid router, a selection
+// bias, routed scaling 2.5 and one shared expert (F_s = 32); layer 0 dense through first_k_dense_replace,
+// 1 and 2 MoE.
+ModelConfig moe_model_config(bool dots1 = false) {
   ModelConfig m = test::tiny_dense_variant("qwen3");
   m.family = "qwen3_moe";
   m.hidden_size = 64;
@@ -783,7 +787,10 @@ ModelConfig moe_model_config() {
   m.moe_intermediate_size = 32;
   m.norm_topk_prob = true;
   m.decoder_sparse_step = 1;
-  m.mlp_only_layers = {1};
+  if (dots1)
+    test::make_dots1(m, 2.5, 1);
+  else
+    m.mlp_only_layers = {1};
   m.finalize("test");
   return m;
 }
@@ -798,7 +805,8 @@ struct TwinBatch {
 // through the layers), embeddings N(0, 4 / D), norms 1 + N(0, 0.05), routers N(0, 9 / D): router logits of
 // O(3) with wide top-k gaps. fan_in: the last dimension. Measured on the CPU: multiplying every weight by
 // 1 + 0.4 u xi (u = 2^-8, a proxy for the CUDA path's bf16 rounding) moves these router logits by 0.008 rms,
-// 0.03 at most.
+// 0.03 at most. Selection biases (dots1) N(0, 0.01): of the order of the sigmoid scores' gaps. Every value is
+// bf16-representable, so both devices hold the same weights (the selection bias included).
 std::vector<std::pair<std::string, std::vector<float>>> draw_weights(const std::vector<ParamInfo>& params) {
   std::vector<std::pair<std::string, std::vector<float>>> out;
   for (const ParamInfo& p : params) {
@@ -810,6 +818,8 @@ std::vector<std::pair<std::string, std::vector<float>>> draw_weights(const std::
       v = randn(p.numel, 2.0f / std::sqrt(fan_in));
     else if (p.name.ends_with("mlp.gate.weight"))
       v = randn(p.numel, 3.0f / std::sqrt(fan_in));
+    else if (p.name.ends_with("mlp.gate.e_score_correction_bias"))
+      v = randn(p.numel, 0.01f);
     else
       v = randn(p.numel, 0.25f / std::sqrt(fan_in));
     out.emplace_back(p.name, round_bf16(v));
@@ -817,11 +827,17 @@ std::vector<std::pair<std::string, std::vector<float>>> draw_weights(const std::
   return out;
 }
 
-// Every MoE layer's router logits [token][expert] (layers in order, then tokens) as `m` computes them on
-// `batch`, from its own residual stream: the MoE block's input is layer input + mixer output, its router
-// sees RMSNorm of it (evaluated here in double from the model's activations, f32 on the CPU, bf16 on CUDA).
-// buffers: device memory for the activations when m is on CUDA.
-std::vector<std::vector<double>> router_logits(HybridModel& m, const Batch& batch, DeviceBuffers* buffers) {
+// Every MoE layer's selection scores [row][expert] (rows: layers in order, then tokens) and their slopes
+// d score / d logit: the router logits themselves for a softmax router (softmax keeps their order; slope 1),
+// sigmoid(logit) + the selection bias for dots1 (slope sigmoid'(logit)).
+struct Selection {
+  std::vector<std::vector<double>> score, slope;
+};
+
+// The selection scores as `m` computes them on `batch`, from its own residual stream: the MoE block's input is
+// layer input + mixer output, its router sees RMSNorm of it (evaluated here in double from the model's
+// activations, f32 on the CPU, bf16 on CUDA). buffers: device memory for the activations when m is on CUDA.
+Selection selection_scores(HybridModel& m, const Batch& batch, DeviceBuffers* buffers) {
   const ModelConfig& mc = m.config().model;
   const int64_t N = batch.num_tokens, D = mc.hidden_size, E = mc.num_experts, L = mc.num_layers;
   const bool on_gpu = buffers != nullptr;
@@ -839,11 +855,13 @@ std::vector<std::vector<double>> router_logits(HybridModel& m, const Batch& batc
       in[l] = DeviceBuffers::download(ti[l]);
       mix[l] = DeviceBuffers::download(tm[l]);
     }
-  std::vector<std::vector<double>> out;
+  Selection out;
   for (int64_t l = 0; l < L; ++l) {
     if (!mc.is_moe_layer(l)) continue;
     const std::string p = "layers." + std::to_string(l) + ".";
     const std::vector<float> g = m.get_param(p + "mlp_norm"), wr = m.get_param(p + "mlp.gate.weight");
+    const std::vector<float> bias =
+        mc.moe_selection_bias ? m.get_param(p + "mlp.gate.e_score_correction_bias") : std::vector<float>(E, 0.0f);
     for (int64_t t = 0; t < N; ++t) {
       std::vector<double> h(D), logits(E, 0.0);
       double ss = 0;
@@ -854,21 +872,36 @@ std::vector<std::vector<double>> router_logits(HybridModel& m, const Batch& batc
       const double rstd = 1.0 / std::sqrt(ss / double(D) + mc.rms_norm_eps);
       for (int64_t e = 0; e < E; ++e)
         for (int64_t i = 0; i < D; ++i) logits[e] += h[i] * rstd * g[i] * wr[e * D + i];
-      out.push_back(logits);
+      std::vector<double> slope(E, 1.0);
+      if (mc.moe_score_func == "sigmoid")
+        for (int64_t e = 0; e < E; ++e) {
+          const double sg = 1.0 / (1.0 + std::exp(-logits[e]));
+          logits[e] = sg + double(bias[e]);
+          slope[e] = sg * (1.0 - sg);
+        }
+      out.score.push_back(logits);
+      out.slope.push_back(slope);
     }
   }
   return out;
 }
 
-// The k chosen experts of every row (as a sorted set) and the smallest k-th / (k+1)-th logit gap.
-std::vector<std::vector<int64_t>> top_k_sets(const std::vector<std::vector<double>>& logits, int64_t k, double& gap) {
+// The k chosen experts of every row (as a sorted set) and the smallest k-th / (k+1)-th gap, in logit units:
+// the score gap divided by the mean slope of the two experts (for a softmax router the logit gap itself), so
+// that one bound on the logits' bf16 noise serves both score functions.
+std::vector<std::vector<int64_t>> top_k_sets(const Selection& sel, int64_t k, double& gap) {
   gap = INFINITY;
   std::vector<std::vector<int64_t>> sets;
-  for (const std::vector<double>& row : logits) {
+  for (size_t r = 0; r < sel.score.size(); ++r) {
+    const std::vector<double>& row = sel.score[r];
+    const std::vector<double>& slope = sel.slope[r];
     std::vector<int64_t> idx(row.size());
     std::iota(idx.begin(), idx.end(), int64_t(0));
     std::stable_sort(idx.begin(), idx.end(), [&](int64_t a, int64_t b) { return row[a] > row[b]; });
-    if (k < static_cast<int64_t>(row.size())) gap = std::min(gap, row[idx[k - 1]] - row[idx[k]]);
+    if (k < static_cast<int64_t>(row.size())) {
+      const int64_t a = idx[k - 1], b = idx[k];
+      gap = std::min(gap, (row[a] - row[b]) * 2.0 / (slope[a] + slope[b]));
+    }
     idx.resize(k);
     std::sort(idx.begin(), idx.end());
     sets.push_back(idx);
@@ -905,19 +938,17 @@ void compare_models(Model& cpu, Model& gpu, const Batch& bc, const Batch& bg) {
   }
 }
 
-TEST(GpuMoe, Qwen3MoeModelsMatchCpu) {
-  HYD_REQUIRE_GPU();
+// Both model classes on CUDA against the CPU for the MoE config `mc`, with weights and batch redrawn until every
+// token's top-k selection gap (top_k_sets: in logit units) is at least 0.1 on the CPU (3x the largest
+// bf16-noise move of a logit measured, see draw_weights) and the CUDA model, fed the same weights, picks the
+// same experts for every token of every MoE layer (from its own bf16 residual stream) with a gap of at least
+// 0.02: a swap of near-tied experts would make the comparison meaningless, not wrong.
+void check_models_match_cpu(const ModelConfig& mc) {
   HybridConfig hc;
-  hc.model = moe_model_config();
+  hc.model = mc;
   hc.pattern = "TTT";
   hc.finalize("test");
-  ASSERT_TRUE(hc.model.is_moe_layer(0));
-  ASSERT_FALSE(hc.model.is_moe_layer(1));
   const int64_t K = hc.model.num_experts_per_tok;
-  // Weights and batch redrawn until every token's top-k router-logit gap is at least 0.1 on the CPU (3x the
-  // largest bf16-noise move measured, see draw_weights) and the CUDA model, fed the same weights, picks
-  // the same experts for every token of every MoE layer (from its own bf16 residual stream) with a gap of at
-  // least 0.02: a swap of near-tied experts would make the comparison meaningless, not wrong.
   TwinBatch b;
   HybridModel hcpu(hc, Device::cpu(), 32), hgpu(hc, Device::cuda(0), 32);
   DeviceBuffers acts(Device::cuda(0), size_t(4) << 20);
@@ -931,16 +962,16 @@ TEST(GpuMoe, Qwen3MoeModelsMatchCpu) {
     weights = draw_weights(hcpu.params());
     for (const auto& [name, v] : weights) hcpu.set_param(name, v.data(), static_cast<int64_t>(v.size()));
     const std::vector<std::vector<int64_t>> cpu_sets =
-        top_k_sets(router_logits(hcpu, b.host.batch, nullptr), K, cpu_gap);
+        top_k_sets(selection_scores(hcpu, b.host.batch, nullptr), K, cpu_gap);
     if (!(cpu_gap > 0.1)) continue;
     for (const auto& [name, v] : weights) hgpu.set_param(name, v.data(), static_cast<int64_t>(v.size()));
     b.buffers.arena().reset();
     b.gpu = test::upload_batch(b.buffers, b.host);
     acts.arena().reset();
-    const std::vector<std::vector<int64_t>> gpu_sets = top_k_sets(router_logits(hgpu, b.gpu, &acts), K, gpu_gap);
+    const std::vector<std::vector<int64_t>> gpu_sets = top_k_sets(selection_scores(hgpu, b.gpu, &acts), K, gpu_gap);
     found = gpu_sets == cpu_sets && gpu_gap > 0.02;
   }
-  std::printf("  draw %d: smallest top-k router-logit gap cpu %.3f, cuda %.3f\n", attempt, cpu_gap, gpu_gap);
+  std::printf("  draw %d: smallest top-k selection gap cpu %.4f, cuda %.4f\n", attempt, cpu_gap, gpu_gap);
   ASSERT_TRUE(found) << "no draw with clear routing";
 
   {
@@ -959,6 +990,24 @@ TEST(GpuMoe, Qwen3MoeModelsMatchCpu) {
     }
     compare_models(dcpu, dgpu, b.host.batch, b.gpu);
   }
+}
+
+TEST(GpuMoe, Qwen3MoeModelsMatchCpu) {
+  HYD_REQUIRE_GPU();
+  const ModelConfig mc = moe_model_config();
+  ASSERT_TRUE(mc.is_moe_layer(0));
+  ASSERT_FALSE(mc.is_moe_layer(1));
+  check_models_match_cpu(mc);
+}
+
+// dots1: sigmoid scores plus the selection bias, routed scaling, the shared MLP (its gradients compared too),
+// and the selection bias's gradient, 0 on the CPU, must be 0 on CUDA.
+TEST(GpuMoe, Dots1ModelsMatchCpu) {
+  HYD_REQUIRE_GPU();
+  const ModelConfig mc = moe_model_config(/*dots1=*/true);
+  ASSERT_FALSE(mc.is_moe_layer(0));
+  ASSERT_TRUE(mc.is_moe_layer(1));
+  check_models_match_cpu(mc);
 }
 
 }  // namespace

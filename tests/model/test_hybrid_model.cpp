@@ -3,8 +3,9 @@
 // bit for bit); packed documents == documents run alone; the stage-1 mixer entry points (forward ==
 // standalone KdaLayer, backward vs finite differences, touching only the mixer's gradients); pattern
 // parsing and its errors; the parameter contract; overfitting one batch with AdamW. MoE FFN layers
-// (qwen3_moe): an all-T model is the MoE DenseModel bit for bit (layer taps included), a KA student over a
-// dense and a MoE layer vs finite differences (routing-swap guard, HybridMoeGrad). (MoE on CUDA: tests/gpu/test_gpu_moe.cpp.)
+// (qwen3_moe and dots1): an all-T model is the MoE DenseModel bit for bit (layer taps included), a KA student over
+// a dense and a MoE layer vs finite differences (routing-swap guard, HybridMoeGrad). (MoE on CUDA:
+// tests/gpu/test_gpu_moe.cpp.)
 //
 // Finite differences: sampled entries per tensor compared as one vector, ||g - g_fd|| / ||g_fd|| < 2e-2,
 // with an absolute noise floor for tensors whose sampled gradient is at rounding level (as
@@ -183,21 +184,29 @@ ModelConfig tiny_moe_config(int64_t layers, std::vector<int64_t> mlp_only) {
   return c;
 }
 
+// dots1 on the same skeleton: layers >= 1 MoE (first_k_dense_replace 1) with 4 sigmoid-routed experts (F = 16),
+// top 2, renormalised, a selection bias, routed scaling 1.7 and one shared expert (F_s = 16).
+ModelConfig tiny_dots1_config(int64_t layers) {
+  ModelConfig c = tiny_moe_config(layers, {});
+  test::make_dots1(c, 1.7, 1);
+  return c;
+}
+
 constexpr uint64_t kMoeSeed = 5;
 constexpr double kKinkThreshold = 2e-3;
 constexpr double kKinkRelative = 5e-2;
 
-// A KA student over a dense and a MoE layer (qwen3_moe skeleton), randomised: the model, its batch.
+// A KA student over a dense and a MoE layer (qwen3_moe skeleton, or dots1's), randomised: the model, its batch.
 struct MoeStudent {
   HybridConfig cfg;
   test::PackedBatch hb;
   std::unique_ptr<HybridModel> model;
 };
 
-MoeStudent make_moe_student() {
+MoeStudent make_moe_student(bool dots1 = false) {
   MoeStudent s;
   HybridConfig& cfg = s.cfg;
-  cfg.model = tiny_moe_config(2, {0});
+  cfg.model = dots1 ? tiny_dots1_config(2) : tiny_moe_config(2, {0});
   cfg.kda.heads = 2;
   cfg.kda.v_heads = 4;
   cfg.kda.dk = 8;
@@ -219,10 +228,15 @@ MoeStudent make_moe_student() {
 }
 
 // Every parameter's gradient (already in the model) against Richardson-extrapolated central differences of
-// `objective` (evaluated with the current parameters), samples straddling a routing swap dropped.
+// `objective` (evaluated with the current parameters), samples straddling a routing swap dropped. A selection
+// bias only reorders experts: its gradient must be exactly 0 (differences of it would be vacuous).
 void check_moe_grads(HybridModel& model, const test::PackedBatch& hb, const std::function<double()>& objective) {
   for (const ParamInfo& p : model.params()) {
     const std::vector<float> g = model.get_grad(p.name);
+    if (p.name.ends_with(".e_score_correction_bias")) {
+      for (float x : g) EXPECT_EQ(x, 0.0f) << p.name;
+      continue;
+    }
     std::vector<float> value = model.get_param(p.name);
     std::vector<int64_t> idx(p.numel);
     std::iota(idx.begin(), idx.end(), 0);
@@ -287,6 +301,22 @@ TEST(HybridMoeGrad, KdaAndAttentionOverDenseAndMoeLayers) {
   ASSERT_TRUE(std::isfinite(loss));
   EXPECT_NEAR(loss, model.forward_loss(ctx, s.hb.batch), 1e-6 * loss);
   EXPECT_EQ(model.moe_aux_loss(), 0.0);  // off by default
+  check_moe_grads(model, s.hb, [&] { return model.forward_loss(ctx, s.hb.batch); });
+}
+
+// The same for a student of a dots1 teacher: sigmoid router, selection bias, routed scaling, shared expert.
+TEST(HybridMoeGrad, Dots1KdaAndAttentionOverDenseAndMoeLayers) {
+  MoeStudent s = make_moe_student(/*dots1=*/true);
+  HybridModel& model = *s.model;
+  ASSERT_FALSE(s.cfg.model.is_moe_layer(0));
+  ASSERT_TRUE(s.cfg.model.is_moe_layer(1));
+  EXPECT_EQ(model.param("layers.1.mlp.shared_gate_up").shape, (std::vector<int64_t>{1, 32, s.cfg.model.hidden_size}));
+  EXPECT_NE(model.get_param("layers.1.mlp.gate.e_score_correction_bias"), std::vector<float>(4, 0.0f));
+  ExecContext ctx(Device::cpu());
+  model.zero_grad();
+  const double loss = model.forward_backward(ctx, s.hb.batch);
+  ASSERT_TRUE(std::isfinite(loss));
+  EXPECT_NEAR(loss, model.forward_loss(ctx, s.hb.batch), 1e-6 * loss);
   check_moe_grads(model, s.hb, [&] { return model.forward_loss(ctx, s.hb.batch); });
 }
 
@@ -365,8 +395,7 @@ TEST(HybridModel, TeacherLayersReproduceTheDenseModelExactly) {
 // parameters (mlp.gate.weight, mlp.gate_up, mlp.down) have DenseModel's names and storage, and the
 // all-T hybrid runs the same MoE kernels: logits, loss, gradients and the stage-1 / stage-2 layer taps
 // (forward_layer_inputs / forward_layer_outputs) bit for bit.
-TEST(HybridModel, TeacherLayersReproduceTheMoeDenseModelExactly) {
-  const ModelConfig dc = tiny_moe_config(3, {0});
+void expect_all_t_is_the_moe_dense_model(const ModelConfig& dc) {
   ASSERT_TRUE(dc.is_moe_layer(1));
   HybridConfig hc;
   hc.model = dc;
@@ -389,7 +418,7 @@ TEST(HybridModel, TeacherLayersReproduceTheMoeDenseModelExactly) {
   for (const ParamInfo& p : dense.params()) {
     const std::vector<float> g = dense.get_grad(p.name);
     EXPECT_EQ(g, hybrid.get_grad(p.name)) << p.name;
-    if (p.name.find("mlp.") != std::string::npos) {
+    if (p.name.find("mlp.") != std::string::npos && !p.name.ends_with(".e_score_correction_bias")) {
       double sq = 0;
       for (float x : g) sq += double(x) * x;
       EXPECT_GT(sq, 0.0) << p.name << ": no gradient reaches the MoE parameter";
@@ -406,6 +435,17 @@ TEST(HybridModel, TeacherLayersReproduceTheMoeDenseModelExactly) {
   EXPECT_EQ(outs[0], ins[1]);
   EXPECT_EQ(outs[1], ins[2]);
   ASSERT_TRUE(test::all_finite(outs[2]));
+}
+
+TEST(HybridModel, TeacherLayersReproduceTheMoeDenseModelExactly) {
+  expect_all_t_is_the_moe_dense_model(tiny_moe_config(3, {0}));
+}
+
+// dots1 (layer 0 dense through first_k_dense_replace): the shared MLP and the selection bias too.
+TEST(HybridModel, TeacherLayersReproduceTheDots1DenseModelExactly) {
+  const ModelConfig dc = tiny_dots1_config(3);
+  ASSERT_FALSE(dc.is_moe_layer(0));
+  expect_all_t_is_the_moe_dense_model(dc);
 }
 
 // ------------------------------------------------------------------------------ documents

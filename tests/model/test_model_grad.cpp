@@ -176,30 +176,37 @@ INSTANTIATE_TEST_SUITE_P(Variants, ModelGrad, ::testing::Values("llama", "tied",
                          [](const auto& info) { return info.param; });
 
 // qwen3_moe on the tiny skeleton (q/k norm, tied): 3 layers, layer 1 dense through mlp_only_layers, layers 0
-// and 2 sparse with 4 experts of F = 16, top 2, with and without renormalising the top-k probabilities.
-// Every parameter (router mlp.gate.weight, expert stacks mlp.gate_up / mlp.down, the dense layer's MLP,
-// attention, norms, embed) is sampled; samples straddling a routing swap are dropped (see the top).
+// and 2 sparse with 4 experts of F = 16, top 2, with and without renormalising the top-k probabilities
+// ("normalised", "raw"); and "dots1": layer 0 dense through first_k_dense_replace, layers 1 and 2 sparse with
+// sigmoid scores, a random selection bias, routed_scaling_factor 1.7, 2 shared experts (one shared MLP of
+// width 32) and renormalisation. Every parameter (router mlp.gate.weight, expert stacks mlp.gate_up /
+// mlp.down, the shared MLP, the dense layer's MLP, attention, norms, embed) is sampled, except the selection
+// bias, whose gradient must be exactly 0; samples straddling a routing swap are dropped (see the top).
 uint64_t moe_model_seed() {
   const char* s = std::getenv("HYD_MOE_MODEL_SEED");  // for choosing kMoeModelSeed
   return s != nullptr ? std::strtoull(s, nullptr, 10) : 5;
 }
 const uint64_t kMoeModelSeed = moe_model_seed();
 
-class ModelMoeGrad : public ::testing::TestWithParam<bool> {};
+class ModelMoeGrad : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(ModelMoeGrad, EveryParameterMatchesFiniteDifferences) {
+  const std::string variant = GetParam();
+  const bool dots1 = variant == "dots1";
   ModelConfig cfg = test::tiny_dense_variant("qwen3");
   cfg.family = "qwen3_moe";
   cfg.num_layers = 3;
   cfg.num_experts = 4;
   cfg.num_experts_per_tok = 2;
   cfg.moe_intermediate_size = 16;
-  cfg.norm_topk_prob = GetParam();
+  cfg.norm_topk_prob = variant != "raw";
   cfg.decoder_sparse_step = 1;
-  cfg.mlp_only_layers = {1};
-  ASSERT_TRUE(cfg.is_moe_layer(0));
-  ASSERT_FALSE(cfg.is_moe_layer(1));
-  ASSERT_TRUE(cfg.is_moe_layer(2));
+  if (dots1)
+    test::make_dots1(cfg, 1.7, 2);
+  else
+    cfg.mlp_only_layers = {1};
+  const int64_t dense_layer = dots1 ? 0 : 1, sparse_layer = dots1 ? 1 : 0;
+  for (int64_t l = 0; l < 3; ++l) ASSERT_EQ(cfg.is_moe_layer(l), l != dense_layer) << l;
   // Weights and tokens from a fixed seed (not HYD_TEST_SEED) whose routing has wide top-k gaps, so that few
   // sampled perturbations cross a swap; the sampled entries still follow the test seed.
   std::mt19937_64 gen(kMoeModelSeed);
@@ -211,16 +218,30 @@ TEST_P(ModelMoeGrad, EveryParameterMatchesFiniteDifferences) {
   }
   test::PackedBatch hb = test::pack_documents(docs, [](int64_t i) { return i % 5 == 0; });
   DenseModel model(cfg, Device::cpu(), 32);
-  ASSERT_TRUE(model.has_param("layers.0.mlp.gate_up"));
-  ASSERT_TRUE(model.has_param("layers.1.w_gate_up"));
+  const std::string sp = "layers." + std::to_string(sparse_layer) + ".";
+  ASSERT_TRUE(model.has_param(sp + "mlp.gate_up"));
+  ASSERT_TRUE(model.has_param("layers." + std::to_string(dense_layer) + ".w_gate_up"));
   ASSERT_FALSE(model.has_param("layers.2.w_down"));
+  ASSERT_EQ(model.has_param(sp + "mlp.shared_gate_up"), dots1);
+  ASSERT_EQ(model.has_param(sp + "mlp.gate.e_score_correction_bias"), dots1);
   randomize(model, &gen);
   ExecContext ctx(Device::cpu());
-  expect_gradients_match(check_gradients(model, ctx, hb.batch, 20, {}, /*guard_kinks=*/true));
+  // The selection bias only reorders experts: its gradient is exactly 0 (checked here, after check_gradients'
+  // backward), and a finite-difference sample of it would be vacuous (0 = 0), so it is left out of the sampling.
+  std::vector<std::string> names;
+  for (const ParamInfo& p : model.params())
+    if (!p.name.ends_with(".e_score_correction_bias")) names.push_back(p.name);
+  expect_gradients_match(check_gradients(model, ctx, hb.batch, 20, names, /*guard_kinks=*/true));
+  if (dots1) {
+    for (int64_t l : {1, 2})
+      for (float g : model.get_grad("layers." + std::to_string(l) + ".mlp.gate.e_score_correction_bias")) {
+        EXPECT_EQ(g, 0.0f);
+      }
+  }
 }
 
-INSTANTIATE_TEST_SUITE_P(NormTopk, ModelMoeGrad, ::testing::Bool(),
-                         [](const auto& info) { return std::string(info.param ? "normalised" : "raw"); });
+INSTANTIATE_TEST_SUITE_P(NormTopk, ModelMoeGrad, ::testing::Values("raw", "normalised", "dots1"),
+                         [](const auto& info) { return std::string(info.param); });
 
 // A batch longer than one LM-head chunk (1024 tokens): the chunked logits/CE/backward loop must
 // hand every chunk's d(normed) and dWlm on correctly. Checked on the tensors the LM head touches.

@@ -7,6 +7,8 @@
 #   dp 2 x ep 2 (2 ranks, one EP group over both data-parallel ranks), dp 2 x sp 2 x ep 2 and dp 4 x ep 4 (4 ranks);
 # also dp 2 x ep 2 == dp 2 x ep 1; a dp 2 x ep 2 run stopped after step 6 and resumed == uninterrupted, bit for
 # bit; parallel.ep = 3 on 2 ranks and parallel.ep = 2 with a dense teacher exit 2 naming parallel.ep.
+# HYD_EP_TEACHER=dots1 runs the same with the golden dots1 teacher (sigmoid router with a selection bias, routed
+# scaling, a shared MLP computed locally on every rank; layer 0 dense through first_k_dense_replace).
 # Usage: bash test_distill_ep.sh HYDISTILL SOURCE_DIR MPIRUN [MPIRUN FLAGS...]   (MPIRUN with -np 4)
 set -u
 HYD="$1"
@@ -15,7 +17,7 @@ shift 2
 PAR_MPIRUN=("$@")
 # shellcheck source=tests/parallel/par_lib.sh
 source "$SRC/tests/parallel/par_lib.sh"
-par_distill_setup "$SRC/tests/golden/data/qwen3_moe"
+par_distill_setup "$SRC/tests/golden/data/${HYD_EP_TEACHER:-qwen3_moe}"
 par_run one -- --data.batch_size 4
 par_run dp2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2
 par_run dp2ep2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2
