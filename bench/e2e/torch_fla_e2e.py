@@ -340,4 +340,9 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without the interpreter's teardown: on the H100 machine (2026-11-27) the process printed its result
+    # line and then did not exit within bench/e2e/run.sh's 420 s limit (hanging in shutdown).
+    os._exit(rc or 0)
