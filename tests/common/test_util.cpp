@@ -112,6 +112,35 @@ Tensor DeviceBuffers::poisoned(std::initializer_list<int64_t> dims, DType dtype)
   return t;
 }
 
+MoeLayer device_moe_layer(const MoeLayer& host, DeviceBuffers& buf, kernels::MoeGemm gemm) {
+  auto weight = [&](const WeightRef& h) {
+    WeightRef d;
+    if (h.value.empty()) return d;
+    const std::vector<float> v(h.value.ptr<float>(), h.value.ptr<float>() + h.value.numel());
+    d.value = buf.upload(v, {h.value.numel()}, DType::bf16);
+    d.value.ndim = h.value.ndim;
+    d.value.shape = h.value.shape;
+    d.grad = buf.zeros({h.value.numel()}, DType::f32);
+    d.grad.ndim = h.value.ndim;
+    d.grad.shape = h.value.shape;
+    return d;
+  };
+  MoeLayer G;
+  G.cfg = host.cfg;
+  G.gemm = gemm;
+  G.router = weight(host.router);
+  G.gate_up = weight(host.gate_up);
+  G.down = weight(host.down);
+  G.shared_gate_up = weight(host.shared_gate_up);
+  G.shared_down = weight(host.shared_down);
+  if (host.cfg.use_selection_bias) {
+    const int64_t E = host.cfg.num_experts;
+    const std::vector<float> b(host.selection_bias.ptr<float>(), host.selection_bias.ptr<float>() + E);
+    G.selection_bias = buf.upload(b, {E}, DType::f32);
+  }
+  return G;
+}
+
 Tensor DeviceBuffers::zeros(std::initializer_list<int64_t> dims, DType dtype) {
   Tensor t = arena_.alloc(dims, dtype);
   zero_tensor(t);

@@ -13,6 +13,7 @@
 
 #include "trainer/core/arena.h"
 #include "trainer/core/exec_context.h"
+#include "trainer/layer_moe.h"
 
 namespace hyd::test {
 
@@ -53,6 +54,10 @@ class DeviceBuffers {
  private:
   Arena arena_;
 };
+
+// A device copy of a host MoE layer (f32 CPU weights): bf16 weights, zero f32 gradients (present for every
+// weight), the f32 selection bias when the config uses it; the given GEMM implementation; memory from buf.
+MoeLayer device_moe_layer(const MoeLayer& host, DeviceBuffers& buf, kernels::MoeGemm gemm);
 
 // True when every value is finite (catches poisoned, unwritten outputs).
 bool all_finite(const std::vector<float>& v);

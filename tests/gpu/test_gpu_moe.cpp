@@ -697,27 +697,7 @@ TEST(GpuMoe, LayerForwardBackwardMatchesCpu) {
       SCOPED_TRACE(kernels::moe_gemm_name(impl));
       std::printf("  gemm %s\n", kernels::moe_gemm_name(impl));
       DeviceBuffers buf(Device::cuda(0));
-      auto dev_weight = [&](const WeightRef& h) {
-        WeightRef d;
-        if (h.value.empty()) return d;
-        std::vector<float> v = host_f32(h.value);
-        d.value = buf.upload(v, {h.value.numel()}, DType::bf16);
-        d.value.ndim = h.value.ndim;
-        d.value.shape = h.value.shape;
-        d.grad = buf.zeros({h.value.numel()}, DType::f32);
-        d.grad.ndim = h.value.ndim;
-        d.grad.shape = h.value.shape;
-        return d;
-      };
-      MoeLayer G;
-      G.cfg = c;
-      G.gemm = impl;
-      G.router = dev_weight(L.router);
-      G.gate_up = dev_weight(L.gate_up);
-      G.down = dev_weight(L.down);
-      G.shared_gate_up = dev_weight(L.shared_gate_up);
-      G.shared_down = dev_weight(L.shared_down);
-      if (c.use_selection_bias) G.selection_bias = buf.upload(bias_host, {E}, DType::f32);
+      MoeLayer G = test::device_moe_layer(L, buf, impl);
       ExecContext gctx(Device::cuda(0));
       ArenaSizer saved_size, scratch_size;
       G.alloc_saved(saved_size, N, DType::bf16);

@@ -30,6 +30,7 @@
 #include "parallel/comm.h"
 #include "parallel/nccl_comm.h"
 #include "tests/common/test_util.h"
+#include "tests/parallel/gpu_rank_main.h"
 #include "trainer/core/arena.h"
 #include "trainer/layer_moe.h"
 
@@ -107,30 +108,7 @@ GpuRun run_gpu(const MoeLayer& H, kernels::MoeGemm gemm, const std::vector<float
   const int64_t D = c.hidden;
   const Device dev = Device::cuda(g_gpu);
   DeviceBuffers buf(dev);
-  auto dev_weight = [&](const WeightRef& h) {
-    WeightRef d;
-    if (h.value.empty()) return d;
-    std::vector<float> v(h.value.ptr<float>(), h.value.ptr<float>() + h.value.numel());
-    d.value = buf.upload(v, {h.value.numel()}, DType::bf16);
-    d.value.ndim = h.value.ndim;
-    d.value.shape = h.value.shape;
-    d.grad = buf.zeros({h.value.numel()}, DType::f32);
-    d.grad.ndim = h.value.ndim;
-    d.grad.shape = h.value.shape;
-    return d;
-  };
-  MoeLayer G;
-  G.cfg = c;
-  G.gemm = gemm;
-  G.router = dev_weight(H.router);
-  G.gate_up = dev_weight(H.gate_up);
-  G.down = dev_weight(H.down);
-  G.shared_gate_up = dev_weight(H.shared_gate_up);
-  G.shared_down = dev_weight(H.shared_down);
-  if (c.use_selection_bias) {
-    std::vector<float> b(H.selection_bias.ptr<float>(), H.selection_bias.ptr<float>() + c.num_experts);
-    G.selection_bias = buf.upload(b, {c.num_experts}, DType::f32);
-  }
+  MoeLayer G = test::device_moe_layer(H, buf, gemm);
   ExecContext ctx(dev);
   ArenaSizer saved_size, scratch_size;
   G.alloc_saved(saved_size, N, DType::bf16);
@@ -211,10 +189,11 @@ void check(const Case& k, const std::vector<kernels::MoeGemm>& gemms) {
     std::vector<double> received = {static_cast<double>(par.received)};
     world.all_reduce(std::span<double>(received), ReduceOp::kSum);
     if (rank == 0)
-      std::printf("  %s gemm %s: rows received %lld (rank 0: %lld); rel out %.2e dx %.2e router %.2e gate_up %.2e "
-                  "down %.2e\n",
-                  k.name, kernels::moe_gemm_name(gemm), static_cast<long long>(received[0]),
-                  static_cast<long long>(par.received), e_out, e_dx, e_router, e_gu, e_down);
+      std::printf(
+          "  %s gemm %s: rows received %lld (rank 0: %lld); rel out %.2e dx %.2e router %.2e gate_up %.2e "
+          "down %.2e\n",
+          k.name, kernels::moe_gemm_name(gemm), static_cast<long long>(received[0]),
+          static_cast<long long>(par.received), e_out, e_dx, e_router, e_gu, e_down);
     EXPECT_EQ(static_cast<int64_t>(received[0]), N * c.top_k) << "rows received over the group";
     EXPECT_EQ(par.received, mine) << "rows received by rank " << rank << "'s experts";
     EXPECT_TRUE(test::all_finite(par.out) && test::all_finite(par.dx)) << "unwritten outputs";
@@ -250,7 +229,9 @@ TEST(GpuMoeEp, SigmoidScaledTwoSharedExperts) {
 
 TEST(GpuMoeEp, EveryTokenToOneExpert) {
   // One rank's experts receive all P n rows (> its n k = n: the MoeExpertParallel's own buffers).
-  check({"sigmoid + bias, every token to expert 5, E8 k1", config(64, 8, 1, 48, 0, true, false, 1.f, true), 40,
+  check({"sigmoid + bias, every token to expert 5, E8 k1",
+         config(64, 8, 1, 48, 0, true, false, 1.f, true),
+         40,
          {{5, 2.f}}},
         {kernels::MoeGemm::loop, kernels::MoeGemm::wmma});
 }
@@ -301,7 +282,8 @@ TEST(GpuMoeEp, BlockExchangeScatters) {
   expect.assign(static_cast<size_t>(at), 0.f);
   for (const CommBlock& b : recvs) {
     const int i = static_cast<int>(&b - recvs.data()) % 4;
-    for (int64_t j = 0; j < b.count; ++j) expect[b.offset + j] = static_cast<float>(1000 * b.peer + 100 * r + 10 * i + j);
+    for (int64_t j = 0; j < b.count; ++j)
+      expect[b.offset + j] = static_cast<float>(1000 * b.peer + 100 * r + 10 * i + j);
   }
   DeviceBuffers buf(Device::cuda(g_gpu));
   const Tensor in_d = buf.upload(in, {static_cast<int64_t>(in.size())}, DType::f32);
@@ -326,20 +308,4 @@ TEST(GpuMoeEp, BlockExchangeScatters) {
 }  // namespace
 }  // namespace hyd
 
-int main(int argc, char** argv) {
-  hyd::MpiRuntime mpi(&argc, &argv);
-  int gpus = 0;
-  if (cudaGetDeviceCount(&gpus) != cudaSuccess) gpus = 0;
-  if (gpus < mpi.local_size()) {
-    if (mpi.rank() == 0)
-      std::printf("SKIP: %d ranks on this node, %d GPUs visible (one GPU per rank needed)\n", mpi.local_size(), gpus);
-    return 77;
-  }
-  hyd::g_gpu = mpi.local_rank();
-  CHECK_CUDA(cudaSetDevice(hyd::g_gpu));
-  ::testing::InitGoogleTest(&argc, argv);
-  int rc = RUN_ALL_TESTS() == 0 ? 0 : 1;
-  int worst = rc;
-  CHECK_MPI(MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
-  return worst;
-}
+int main(int argc, char** argv) { return hyd::test::gpu_rank_test_main(argc, argv, hyd::g_gpu); }

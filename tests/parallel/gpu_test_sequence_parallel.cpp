@@ -16,6 +16,7 @@
 #include "parallel/comm.h"
 #include "parallel/sequence_parallel.h"
 #include "tests/common/tiny_model.h"
+#include "tests/parallel/gpu_rank_main.h"
 #include "tests/parallel/sp_test_util.h"
 #include "trainer/batch_upload.h"
 #include "trainer/hybrid_model.h"
@@ -128,20 +129,4 @@ TEST(GpuSequenceParallel, HybridMatchesTheWholeBatch) {
 }  // namespace
 }  // namespace hyd
 
-int main(int argc, char** argv) {
-  hyd::MpiRuntime mpi(&argc, &argv);
-  int gpus = 0;
-  if (cudaGetDeviceCount(&gpus) != cudaSuccess) gpus = 0;
-  if (gpus < mpi.local_size()) {
-    if (mpi.rank() == 0)
-      std::printf("SKIP: %d ranks on this node, %d GPUs visible (one GPU per rank needed)\n", mpi.local_size(), gpus);
-    return 77;
-  }
-  hyd::g_gpu = mpi.local_rank();
-  CHECK_CUDA(cudaSetDevice(hyd::g_gpu));
-  ::testing::InitGoogleTest(&argc, argv);
-  int rc = RUN_ALL_TESTS() == 0 ? 0 : 1;
-  int worst = rc;
-  CHECK_MPI(MPI_Allreduce(&rc, &worst, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD));
-  return worst;
-}
+int main(int argc, char** argv) { return hyd::test::gpu_rank_test_main(argc, argv, hyd::g_gpu); }
