@@ -15,6 +15,7 @@
 #include "checkpoint/training_state.h"
 #include "data/dataset.h"
 #include "distill/evaluation.h"
+#include "distill/router_balance.h"
 #include "distill/student_checkpoint.h"
 #include "distill/student_init.h"
 #include "distill/teacher.h"
@@ -238,6 +239,8 @@ void validate_distill_config(const DistillConfig& cfg) {
           "must be >= 0 (0 = off), got " + format_number("%g", d.w_hidden));
   require(d.router_aux_coef >= 0 && std::isfinite(d.router_aux_coef), "distill.router_aux_coef",
           "must be >= 0 (0 = off), got " + format_number("%g", d.router_aux_coef));
+  require(d.router_bias_rate >= 0 && std::isfinite(d.router_bias_rate), "distill.router_bias_rate",
+          "must be >= 0 (0 = off), got " + format_number("%g", d.router_bias_rate));
   require(d.stage2_steps == 0 || d.w_kl + d.w_ce > 0, "distill.w_kl",
           "distill.w_kl and distill.w_ce are both 0: stage 2 would have no loss");
   const TrainOptions& t = cfg.train;
@@ -398,6 +401,10 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     throw ConfigError::at(src, "distill.router_aux_coef",
                           "= " + format_number("%g", cfg.distill.router_aux_coef) + " but the teacher " +
                               cfg.teacher_dir + " has no MoE layers");
+  if (cfg.distill.router_bias_rate > 0 && !tc.moe_selection_bias)
+    throw ConfigError::at(src, "distill.router_bias_rate",
+                          "= " + format_number("%g", cfg.distill.router_bias_rate) + " but the teacher " +
+                              cfg.teacher_dir + " has no MoE selection bias (e_score_correction_bias, e.g. dots1)");
   if (resume) {
     const CheckpointManifest& m = resume->manifest;
     const bool fits = m.stage == 1 ? m.stage_step == m.step && m.step <= stage1_steps
@@ -457,7 +464,13 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
        << "stage 2          " << stage2_steps << " steps, lr " << format_number("%.3g", cfg.distill.stage2_lr)
        << ", tau " << format_number("%g", cfg.distill.temperature) << ", w_kl " << format_number("%g", cfg.distill.w_kl)
        << ", w_ce " << format_number("%g", cfg.distill.w_ce)
-       << (cfg.distill.w_hidden > 0 ? ", w_hidden " + format_number("%g", cfg.distill.w_hidden) : std::string()) << "\n"
+       << (cfg.distill.w_hidden > 0 ? ", w_hidden " + format_number("%g", cfg.distill.w_hidden) : std::string())
+       << (cfg.distill.router_aux_coef > 0 ? ", router aux " + format_number("%g", cfg.distill.router_aux_coef)
+                                           : std::string())
+       << (cfg.distill.router_bias_rate > 0
+               ? ", router bias rate " + format_number("%g", cfg.distill.router_bias_rate) + " (aux-loss-free)"
+               : std::string())
+       << "\n"
        << "evaluation       "
        << (cfg.eval.interval > 0 ? "every " + std::to_string(cfg.eval.interval) + " steps and " : "")
        << "at the end: " << (in.held_out ? std::to_string(cfg.eval.batches) + " held-out batches" : "no held-out data")
@@ -678,6 +691,10 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     const bool with_aux = st.with_aux;
     const int ranks = world ? world->size() : 1;
     if (with_aux) student.set_moe_aux_loss(cfg.distill.router_aux_coef, 1.0 / ranks);
+    // distill.router_bias_rate > 0: the selection biases follow the loads; the log shows the last step's
+    // max load / mean load (averaged over the MoE layers).
+    const bool balance_routers = cfg.distill.router_bias_rate > 0;
+    double last_imbalance = NAN;
 
     auto t_interval = Clock::now();
     for (int64_t step = std::max<int64_t>(0, start - stage1_steps); step < stage2_steps && !stopped; ++step) {
@@ -735,6 +752,19 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       if (good) {
         st.last_norm = optimizer.step(ctx, lr);
         good = std::isfinite(st.last_norm);
+        // Auxiliary-loss-free balancing: the step's loads over every rank move the selection biases (this
+        // rank's pieces of them; the gather below spreads them).
+        if (good && balance_routers) {
+          std::vector<HybridModel::MoeLoad> loads = student.moe_expert_loads();
+          std::vector<double> all;
+          for (const HybridModel::MoeLoad& l : loads) all.insert(all.end(), l.load.begin(), l.load.end());
+          sum_all(std::span<double>(all));
+          size_t at = 0;
+          for (HybridModel::MoeLoad& l : loads)
+            for (int64_t& v : l.load) v = static_cast<int64_t>(all[at++]);
+          last_imbalance =
+              apply_selection_bias_update(ctx, student.params(), optimizer, loads, cfg.distill.router_bias_rate);
+        }
         if (zero) zero->gather_parameters(ctx);
       }
       if (good) {
@@ -765,6 +795,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
             << format_number("%.4f", e);
         if (with_hidden) out << " | hidden_mse " << format_number("%.5g", hm);
         if (with_aux) out << " | aux " << format_number("%.5g", ax);
+        if (balance_routers) out << " | load max/mean " << format_number("%.3f", last_imbalance);
         out << " | lr " << format_number("%.2e", lr) << " | gnorm " << format_number("%.3g", st.last_norm) << " | "
             << format_count(tps) << " tok/s" << std::endl;
         json record = {{"stage", 2},
@@ -781,6 +812,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
                        {"elapsed_s", seconds_since(t_start)}};
         if (with_hidden) record["hidden_mse"] = hm;
         if (with_aux) record["aux"] = ax;
+        if (balance_routers) record["load_imbalance"] = last_imbalance;
         if (metrics) metrics->write(record);
         if (st.first_kl < 0) st.first_kl = k;
         st.last_kl = k;

@@ -61,6 +61,13 @@ struct DistillStageOptions {
   // ranks (each computes it on its own tokens); the stage-2 loss gains that term. qwen3_moe models were
   // trained with their config.json's router_aux_loss_coef (e.g. 0.001).
   double router_aux_coef = 0.0;
+  // Auxiliary-loss-free load balancing in stage 2 (DeepSeek-V3; 0 = off; students of teachers with a selection
+  // bias, e.g. dots1): after every stage-2 optimizer step each MoE layer's selection bias moves by
+  // rate x sign(mean load - load_e) (trainer/layer_moe.h moe_update_selection_bias), the loads being the
+  // step's routed rows per expert summed over every rank. The bias stays a parameter without gradient: the
+  // update goes to the optimizer's f32 master of it (CUDA; the bf16 working copy follows) or to the f32
+  // parameter itself (CPU), so checkpoints and resumes carry it. DeepSeek-V3 used 0.001.
+  double router_bias_rate = 0.0;
 };
 
 struct EvalOptions {

@@ -161,6 +161,10 @@ class DistillOptionTable : public OptionTable {
     add("distill.router_aux_coef", &d.router_aux_coef,
         "stage 2 coefficient of the student's MoE load-balancing loss (coef x E x sum_e f_e P_e per MoE layer, "
         "summed over the layers; MoE teachers only); 0 = off");
+    add("distill.router_bias_rate", &d.router_bias_rate,
+        "stage 2 auxiliary-loss-free balancing: after each step every MoE layer's selection bias moves by rate x "
+        "sign(mean load - load of the expert), loads summed over the ranks (teachers with a selection bias, e.g. "
+        "dots1); 0 = off");
 
     group("[log]");
     add("log.interval", &c.log.interval, "steps per progress line and metrics record");

@@ -967,6 +967,24 @@ void HybridModel::set_moe_aux_loss(double coef, double grad_scale) {
 
 double HybridModel::moe_aux_loss() const { return impl_->aux_sum; }
 
+std::vector<HybridModel::MoeLoad> HybridModel::moe_expert_loads() const {
+  const Impl& m = *impl_;
+  std::vector<MoeLoad> out;
+  for (size_t l = 0; l < m.moe.size(); ++l) {
+    if (!m.sparse[l]) continue;
+    const MoeLayer::Saved& s = m.step.moe[l].moe;
+    MoeLoad x;
+    x.layer = static_cast<int64_t>(l);
+    if (!m.moe[l].selection_bias_param.empty())
+      x.bias_param = "layers." + std::to_string(l) + ".mlp.gate.e_score_correction_bias";
+    // The cuBLAS expert GEMMs left the counts on the host already; otherwise they are copied.
+    x.load = s.counts_host.empty() ? s.routing.counts_host()
+                                   : std::vector<int64_t>(s.counts_host.begin(), s.counts_host.end());
+    out.push_back(std::move(x));
+  }
+  return out;
+}
+
 double HybridModel::forward_backward(ExecContext& ctx, const Batch& batch, float loss_scale) {
   Impl& m = *impl_;
   m.check_batch(ctx, batch);

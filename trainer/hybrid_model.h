@@ -118,6 +118,14 @@ class HybridModel {
   // backward adds grad_scale x its gradient (the term's weight in the objective). coef 0: off (the default).
   void set_moe_aux_loss(double coef, double grad_scale);
   double moe_aux_loss() const;
+  // Rows routed to each expert ([E], the pairs of this rank's tokens) by every MoE layer in the last forward,
+  // with the name of the layer's selection-bias parameter (empty without one), layers in order.
+  struct MoeLoad {
+    int64_t layer = 0;
+    std::string bias_param;
+    std::vector<int64_t> load;
+  };
+  std::vector<MoeLoad> moe_expert_loads() const;
 
   // ---- Distillation (DISTILL.md stages 1 and 2) ------------------------------------------------------
   //

@@ -10,7 +10,8 @@
 # values of it exit 2 naming the key. The golden tiny dots1 teacher (tests/golden/data/dots1: sigmoid router
 # with a selection bias, routed scaling, a shared MLP, layer 0 dense through first_k_dense_replace) distills
 # likewise: the transfer table copies the shared MLP and the bias, the records are finite, the checkpoint's
-# bias is still the teacher's after stage 2, and `hydistill export` refuses the student naming model.family.
+# bias is still the teacher's after stage 2, and `hydistill export` refuses the student naming model.family;
+# with distill.router_bias_rate the bias follows the loads (auxiliary-loss-free balancing).
 # Usage: bash test_distill_moe.sh HYDISTILL SOURCE_DIR
 set -u
 HYD="$1"
@@ -134,6 +135,37 @@ assert (bias == teacher["model.layers.1.mlp.gate.e_score_correction_bias"]).all(
 assert (state["param/layers.1.mlp.shared_down"][0] != teacher["model.layers.1.mlp.shared_experts.down_proj.weight"]).any()
 print("dots1: stage 2 kl", [round(r["kl"], 5) for r in s2], "; selection bias unchanged, shared MLP trained")
 PY
+# Auxiliary-loss-free balancing (distill.router_bias_rate): after each of the 6 stage-2 steps the bias moves by
+# +-rate or 0 per expert, so the checkpoint's bias differs from the teacher's by a multiple of the rate of at
+# most 6 (and moved); the records carry load_imbalance (max / mean load, >= 1). A teacher without a selection
+# bias, or a negative rate, exits 2 naming the key.
+"$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/dots1_bal" --teacher.dir "$DOTS1" \
+  --distill.stage1_steps 4 --distill.stage2_steps 6 --log.interval 2 --distill.router_bias_rate 0.01 \
+  >"$WORK/d1b.txt" 2>&1 || { cat "$WORK/d1b.txt"; fail "distill from the dots1 teacher with router_bias_rate"; }
+grep -q "router bias rate 0.01 (aux-loss-free)" "$WORK/d1b.txt" || { cat "$WORK/d1b.txt"; fail "header: router bias rate"; }
+grep -q "| load max/mean " "$WORK/d1b.txt" || { cat "$WORK/d1b.txt"; fail "progress line: load max/mean"; }
+python3 - "$WORK/dots1_bal" "$DOTS1/model.safetensors" <<'PY' || fail "dots1 with router_bias_rate: bias or records"
+import glob, json, math, os, sys
+import numpy as np
+from safetensors.numpy import load_file
+recs = [json.loads(l) for l in open(os.path.join(sys.argv[1], "metrics.jsonl"))]
+s2 = [r for r in recs if r.get("stage") == 2]
+assert len(s2) == 3 and all(r["load_imbalance"] >= 1.0 for r in s2), s2
+state = load_file(sorted(glob.glob(os.path.join(sys.argv[1], "step-*", "rank-00000.safetensors")))[-1])
+teacher = load_file(sys.argv[2])
+moved = (state["param/layers.1.mlp.gate.e_score_correction_bias"].astype(np.float64)
+         - teacher["model.layers.1.mlp.gate.e_score_correction_bias"].astype(np.float64)) / 0.01
+steps = np.round(moved)
+assert np.abs(moved - steps).max() < 1e-3 and np.abs(steps).max() <= 6 and np.abs(steps).max() >= 1, moved
+print("dots1 with router_bias_rate 0.01: bias moved by", steps.astype(int).tolist(), "x rate; load max/mean",
+      [round(r["load_imbalance"], 3) for r in s2])
+PY
+for bad in "--distill.router_bias_rate -1" "--distill.router_bias_rate 0.01 --teacher.dir $SRC/tests/golden/data/qwen3_moe"; do
+  # shellcheck disable=SC2086
+  "$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/bad_rate" $bad >"$WORK/b3.txt" 2>&1
+  rc=$?
+  [ "$rc" = 2 ] && grep -q "distill.router_bias_rate" "$WORK/b3.txt" || { cat "$WORK/b3.txt"; fail "$bad: exit $rc"; }
+done
 "$HYD" export --checkpoint "$(ls -d "$WORK"/dots1/step-* | tail -1)" --out "$WORK/dots1_export" >"$WORK/d1x.txt" 2>&1
 rc=$?
 [ "$rc" != 0 ] && grep -q "model.family" "$WORK/d1x.txt" && [ ! -e "$WORK/dots1_export/config.json" ] ||

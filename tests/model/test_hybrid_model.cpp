@@ -32,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "distill/router_balance.h"
 #include "tests/common/test_util.h"
 #include "tests/common/tiny_model.h"
 #include "trainer/hybrid_model.h"
@@ -318,6 +319,64 @@ TEST(HybridMoeGrad, Dots1KdaAndAttentionOverDenseAndMoeLayers) {
   ASSERT_TRUE(std::isfinite(loss));
   EXPECT_NEAR(loss, model.forward_loss(ctx, s.hb.batch), 1e-6 * loss);
   check_moe_grads(model, s.hb, [&] { return model.forward_loss(ctx, s.hb.batch); });
+}
+
+// Auxiliary-loss-free balancing (distill/router_balance.h): the loads of the last forward are the routed rows
+// per expert (k per token), and the selection bias moves by rate x sign(mean - load) (formula written out
+// here) on the pieces an optimizer holds: all of it, one ZeRO-1-like piece of it, or none with rate 0.
+TEST(HybridMoe, SelectionBiasFollowsTheLoads) {
+  MoeStudent s = make_moe_student(/*dots1=*/true);
+  HybridModel& model = *s.model;
+  ExecContext ctx(Device::cpu());
+  ASSERT_TRUE(std::isfinite(model.forward_loss(ctx, s.hb.batch)));
+  const std::vector<HybridModel::MoeLoad> loads = model.moe_expert_loads();
+  ASSERT_EQ(loads.size(), 1u);
+  const std::string name = "layers.1.mlp.gate.e_score_correction_bias";
+  EXPECT_EQ(loads[0].layer, 1);
+  EXPECT_EQ(loads[0].bias_param, name);
+  const std::vector<int64_t>& load = loads[0].load;
+  const int64_t E = s.cfg.model.num_experts, k = s.cfg.model.num_experts_per_tok;
+  ASSERT_EQ(static_cast<int64_t>(load.size()), E);
+  EXPECT_EQ(std::accumulate(load.begin(), load.end(), int64_t(0)), s.hb.batch.num_tokens * k);
+  ASSERT_GT(*std::max_element(load.begin(), load.end()), *std::min_element(load.begin(), load.end()))
+      << "a balanced routing would not show the sign rule";
+  const double mean = static_cast<double>(s.hb.batch.num_tokens * k) / static_cast<double>(E);
+  constexpr double kRate = 0.01;
+  const std::vector<float> before = model.get_param(name);
+  auto expected = [&](int64_t e) {
+    const double d = mean - static_cast<double>(load[e]);
+    return before[e] + static_cast<float>(kRate * ((d > 0) - (d < 0)));
+  };
+  const ParamInfo& bias = model.param(name);
+  // Rate 0: nothing moves; the imbalance is still reported.
+  {
+    AdamW opt(model.params(), Device::cpu(), AdamWConfig{});
+    const double imbalance = apply_selection_bias_update(ctx, model.params(), opt, loads, 0.0);
+    EXPECT_NEAR(imbalance, static_cast<double>(*std::max_element(load.begin(), load.end())) / mean, 1e-12);
+    EXPECT_EQ(model.get_param(name), before);
+  }
+  // A piece [1, 3) of the bias, as a ZeRO-1 shard would hold it: only its entries move.
+  {
+    ParamInfo piece = bias;
+    piece.name = name + "[1:3]";
+    piece.offset = bias.offset + 1;
+    piece.numel = 2;
+    piece.shape = {2};
+    piece.value = bias.value.slice0(1, 3);
+    piece.grad = bias.grad.slice0(1, 3);
+    AdamW opt({piece}, Device::cpu(), AdamWConfig{});
+    apply_selection_bias_update(ctx, model.params(), opt, loads, kRate);
+    const std::vector<float> after = model.get_param(name);
+    for (int64_t e = 0; e < E; ++e) EXPECT_EQ(after[e], e == 1 || e == 2 ? expected(e) : before[e]) << "expert " << e;
+    model.set_param(name, before.data(), E);
+  }
+  // The whole model's optimizer: every entry moves.
+  AdamW opt(model.params(), Device::cpu(), AdamWConfig{});
+  apply_selection_bias_update(ctx, model.params(), opt, loads, kRate);
+  const std::vector<float> after = model.get_param(name);
+  for (int64_t e = 0; e < E; ++e) EXPECT_EQ(after[e], expected(e)) << "expert " << e;
+  test::expect_error([&] { apply_selection_bias_update(ctx, model.params(), opt, loads, -1.0); },
+                     {"apply_selection_bias_update", "rate"});
 }
 
 // With the load-balancing term on (set_moe_aux_loss): the gradients are those of CE + scale x L_aux, L_aux

@@ -8,7 +8,8 @@
 # also dp 2 x ep 2 == dp 2 x ep 1; a dp 2 x ep 2 run stopped after step 6 and resumed == uninterrupted, bit for
 # bit; parallel.ep = 3 on 2 ranks and parallel.ep = 2 with a dense teacher exit 2 naming parallel.ep.
 # HYD_EP_TEACHER=dots1 runs the same with the golden dots1 teacher (sigmoid router with a selection bias, routed
-# scaling, a shared MLP computed locally on every rank; layer 0 dense through first_k_dense_replace).
+# scaling, a shared MLP computed locally on every rank; layer 0 dense through first_k_dense_replace) and
+# distill.router_bias_rate 0.01 (the selection bias moved by the loads of every rank after each stage-2 step).
 # Usage: bash test_distill_ep.sh HYDISTILL SOURCE_DIR MPIRUN [MPIRUN FLAGS...]   (MPIRUN with -np 4)
 set -u
 HYD="$1"
@@ -18,6 +19,12 @@ PAR_MPIRUN=("$@")
 # shellcheck source=tests/parallel/par_lib.sh
 source "$SRC/tests/parallel/par_lib.sh"
 par_distill_setup "$SRC/tests/golden/data/${HYD_EP_TEACHER:-qwen3_moe}"
+if [ "${HYD_EP_TEACHER:-}" = dots1 ]; then
+  # With auxiliary-loss-free balancing: the bias moves by the loads summed over every rank, so each layout must
+  # still equal one process (and the resumed run the uninterrupted one).
+  sed -i 's/^\[distill\]$/[distill]\nrouter_bias_rate = 0.01/' "$WORK/distill.ini"
+  grep -q "^router_bias_rate = 0.01$" "$WORK/distill.ini" || fail "could not set distill.router_bias_rate"
+fi
 par_run one -- --data.batch_size 4
 par_run dp2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2
 par_run dp2ep2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2
