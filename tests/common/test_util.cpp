@@ -112,6 +112,22 @@ Tensor DeviceBuffers::poisoned(std::initializer_list<int64_t> dims, DType dtype)
   return t;
 }
 
+void randomize_moe_weights(MoeLayerWeights& w, const std::function<std::vector<float>(size_t, float)>& draw,
+                           const std::vector<std::pair<int64_t, float>>& bias_set) {
+  const float D = static_cast<float>(w.layer().cfg.hidden);
+  for (const MoeLayerWeights::Param& p : w.params()) {
+    const float sd = p.name == "mlp.gate.weight"                    ? 2.f / std::sqrt(D)
+                     : p.name == "mlp.gate.e_score_correction_bias" ? 0.05f
+                                                                    : 1.f / std::sqrt(float(p.shape.back()));
+    const std::vector<float> v = draw(static_cast<size_t>(p.value.numel()), sd);
+    w.set_param(p.name, std::vector<double>(v.begin(), v.end()));
+  }
+  if (bias_set.empty()) return;
+  std::vector<double> b = w.get_param("mlp.gate.e_score_correction_bias");
+  for (const auto& [e, v] : bias_set) b[e] = v;
+  w.set_param("mlp.gate.e_score_correction_bias", b);
+}
+
 MoeLayer device_moe_layer(const MoeLayer& host, DeviceBuffers& buf, kernels::MoeGemm gemm) {
   auto weight = [&](const WeightRef& h) {
     WeightRef d;

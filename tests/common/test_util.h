@@ -55,6 +55,13 @@ class DeviceBuffers {
   Arena arena_;
 };
 
+// bf16-representable weights for a host MoE layer compared against CUDA: router N(0, 4 / D) (the choice
+// depends on x), selection bias N(0, 0.05^2), every other matrix N(0, 1 / fan_in), from draw(n, sd) (n
+// numbers of standard deviation sd, rounded to bf16 by the caller's draw); then the bias entries of bias_set
+// (expert, value). w's dtype f32 or f64.
+void randomize_moe_weights(MoeLayerWeights& w, const std::function<std::vector<float>(size_t, float)>& draw,
+                           const std::vector<std::pair<int64_t, float>>& bias_set = {});
+
 // A device copy of a host MoE layer (f32 CPU weights): bf16 weights, zero f32 gradients (present for every
 // weight), the f32 selection bias when the config uses it; the given GEMM implementation; memory from buf.
 MoeLayer device_moe_layer(const MoeLayer& host, DeviceBuffers& buf, kernels::MoeGemm gemm);

@@ -653,18 +653,7 @@ TEST(GpuMoe, LayerForwardBackwardMatchesCpu) {
     const int64_t N = lc.n, D = c.hidden, E = c.num_experts;
     // CPU layer: bf16-representable weights (router N(0, 4 / D): the choice depends on x).
     MoeLayerWeights w(c, Device::cpu(), DType::f32);
-    for (const MoeLayerWeights::Param& p : w.params()) {
-      const float sd = p.name == "mlp.gate.weight"                    ? 2.f / std::sqrt(float(D))
-                       : p.name == "mlp.gate.e_score_correction_bias" ? 0.05f
-                                                                      : 1.f / std::sqrt(float(p.shape.back()));
-      const std::vector<float> v = round_bf16(randn(p.value.numel(), sd));
-      w.set_param(p.name, std::vector<double>(v.begin(), v.end()));
-    }
-    if (!lc.bias_set.empty()) {
-      std::vector<double> b = w.get_param("mlp.gate.e_score_correction_bias");
-      for (const auto& [e, v] : lc.bias_set) b[e] = v;
-      w.set_param("mlp.gate.e_score_correction_bias", b);
-    }
+    test::randomize_moe_weights(w, [](size_t n, float sd) { return round_bf16(randn(n, sd)); }, lc.bias_set);
     const MoeLayer& L = w.layer();
     std::vector<float> bias_host = c.use_selection_bias ? host_f32(L.selection_bias) : std::vector<float>(E, 0.f);
 

@@ -148,18 +148,7 @@ void check(const Case& k, const std::vector<kernels::MoeGemm>& gemms) {
   const int64_t n = k.n, N = n * P, D = c.hidden;
   MoeLayerWeights w(c, Device::cpu(), DType::f32);
   uint64_t seed = 11;
-  for (const MoeLayerWeights::Param& p : w.params()) {
-    const float sd = p.name == "mlp.gate.weight"                    ? 2.f / std::sqrt(float(D))
-                     : p.name == "mlp.gate.e_score_correction_bias" ? 0.05f
-                                                                    : 1.f / std::sqrt(float(p.shape.back()));
-    const std::vector<float> v = normal(static_cast<size_t>(p.value.numel()), sd, seed++);
-    w.set_param(p.name, std::vector<double>(v.begin(), v.end()));
-  }
-  if (!k.bias_set.empty()) {
-    std::vector<double> b = w.get_param("mlp.gate.e_score_correction_bias");
-    for (const auto& [e, v] : k.bias_set) b[e] = v;
-    w.set_param("mlp.gate.e_score_correction_bias", b);
-  }
+  test::randomize_moe_weights(w, [&](size_t n, float sd) { return normal(n, sd, seed++); }, k.bias_set);
   const MoeLayer& H = w.layer();
   std::vector<float> x;
   std::vector<int64_t> load;
