@@ -204,6 +204,28 @@ void load_teacher(const std::string& dir, const ModelConfig& tc, Device device, 
   if (student) *report = init_student_from_teacher(dense, *student, seed);
 }
 
+// FLOPs per token of a stage-2 step, for MFU: the student's forward + backward and the teacher's forward
+// by ModelConfig::train_flops_per_token's convention (6 x the parameters that take part in a matrix multiply
+// once per token + 6 x attention layers x T x q_dim; the input embedding is no matmul unless tied to the LM
+// head; MoE layers count their router, active and shared experts only); the teacher forward is a third of
+// its training FLOPs. KDA's chunked recurrence is not counted (a few % of the student's matmuls).
+double stage2_flops_per_token(HybridModel& student, const HybridConfig& sc, const ModelConfig& tc, int64_t T) {
+  const ModelConfig& m = sc.model;
+  double p = 0;
+  for (const ParamInfo& q : student.params()) p += static_cast<double>(q.numel);
+  if (!m.tie_word_embeddings) p -= static_cast<double>(m.vocab_size) * static_cast<double>(m.hidden_size);
+  double attention_layers = 0;
+  for (size_t l = 0; l < sc.layers.size(); ++l) {
+    if (sc.layers[l] != MixerKind::kda) attention_layers += 1;
+    if (m.is_moe_layer(static_cast<int64_t>(l)))
+      p -= static_cast<double>(m.num_experts - m.num_experts_per_tok) * 3.0 * static_cast<double>(m.hidden_size) *
+           static_cast<double>(m.moe_intermediate_size);
+  }
+  const double student_flops =
+      6.0 * p + 6.0 * attention_layers * static_cast<double>(T) * static_cast<double>(m.q_dim());
+  return student_flops + tc.train_flops_per_token(T) / 3.0;
+}
+
 }  // namespace
 
 void validate_distill_config(const DistillConfig& cfg) {
@@ -695,6 +717,9 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     // max load / mean load (averaged over the MoE layers).
     const bool balance_routers = cfg.distill.router_bias_rate > 0;
     double last_imbalance = NAN;
+    // MFU per GPU (the log's tokens/s counts every rank's tokens); not reported where the peak is unknown.
+    const double peak_flops = device_peak_flops(device) * static_cast<double>(ranks);
+    const double flops_per_token = stage2_flops_per_token(student, in.student_cfg, tc, T);
 
     auto t_interval = Clock::now();
     for (int64_t step = std::max<int64_t>(0, start - stage1_steps); step < stage2_steps && !stopped; ++step) {
@@ -796,8 +821,11 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         if (with_hidden) out << " | hidden_mse " << format_number("%.5g", hm);
         if (with_aux) out << " | aux " << format_number("%.5g", ax);
         if (balance_routers) out << " | load max/mean " << format_number("%.3f", last_imbalance);
+        const double mfu = peak_flops > 0 ? tps * flops_per_token / peak_flops : NAN;
         out << " | lr " << format_number("%.2e", lr) << " | gnorm " << format_number("%.3g", st.last_norm) << " | "
-            << format_count(tps) << " tok/s" << std::endl;
+            << format_count(tps) << " tok/s";
+        if (peak_flops > 0) out << " | MFU " << format_number("%.3f", mfu);
+        out << std::endl;
         json record = {{"stage", 2},
                        {"step", step + 1},
                        {"total_steps", stage2_steps},
@@ -813,6 +841,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         if (with_hidden) record["hidden_mse"] = hm;
         if (with_aux) record["aux"] = ax;
         if (balance_routers) record["load_imbalance"] = last_imbalance;
+        if (peak_flops > 0) record["mfu"] = mfu;
         if (metrics) metrics->write(record);
         if (st.first_kl < 0) st.first_kl = k;
         st.last_kl = k;

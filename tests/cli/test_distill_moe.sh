@@ -93,9 +93,37 @@ echo "ok: MoE student exported"
 
 # The student's MoE load-balancing term (distill.router_aux_coef): logged as "aux" in every stage-2 record,
 # positive and finite, and part of "loss"; a negative coefficient and a dense teacher exit 2 naming the key.
-"$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/aux" --distill.stage1_steps 2 \
+# HYD_PEAK_TFLOPS gives the CPU a peak, so stage 2 reports MFU: checked against FLOPs per token recounted
+# here from the files (the student's checkpoint and the teacher's safetensors / config.json).
+HYD_PEAK_TFLOPS=0.001 "$HYD" distill --config "$WORK/distill.ini" --run.dir "$WORK/aux" --distill.stage1_steps 2 \
   --distill.stage2_steps 4 --log.interval 1 --distill.router_aux_coef 0.01 >"$WORK/aux.txt" 2>&1 ||
   { cat "$WORK/aux.txt"; fail "distill with distill.router_aux_coef"; }
+grep -q "stage 2 step 4/4 .* tok/s | MFU " "$WORK/aux.txt" || { cat "$WORK/aux.txt"; fail "no MFU in the progress line"; }
+python3 - "$WORK/aux" "$TEACHER" <<'PY' || fail "the stage-2 MFU"
+import glob, json, os, sys
+from safetensors.numpy import load_file
+run, teacher = sys.argv[1], sys.argv[2]
+tc = json.load(open(os.path.join(teacher, "config.json")))
+T, E, k = 32, tc.get("num_experts", tc.get("num_local_experts")), tc["num_experts_per_tok"]
+q_dim = tc["num_attention_heads"] * tc["head_dim"]
+def matmul_params(tensors, embed_name, expert_numel):
+    # every parameter but the input embedding, minus the routed experts a token does not visit
+    n = sum(v.size for name, v in tensors.items() if name != embed_name)
+    return n - expert_numel // E * (E - k)
+tw = load_file(os.path.join(teacher, "model.safetensors"))
+t = matmul_params(tw, "model.embed_tokens.weight", sum(v.size for n, v in tw.items() if ".mlp.experts." in n))
+teacher_fwd = (6 * t + 6 * tc["num_hidden_layers"] * T * q_dim) / 3
+st = load_file(sorted(glob.glob(os.path.join(run, "step-*", "rank-00000.safetensors")))[-1])
+sp = {name[len("param/"):]: v for name, v in st.items() if name.startswith("param/")}
+embed = [n for n in sp if "embed" in n]
+assert len(embed) == 1, embed
+s = matmul_params(sp, embed[0], sum(v.size for n, v in sp.items() if n.endswith(("mlp.gate_up", "mlp.down"))))
+flops = 6 * s + 6 * 1 * T * q_dim + teacher_fwd  # pattern KA: one attention layer
+for r in (r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if r.get("stage") == 2):
+    want = r["tokens_per_s"] * flops / 1e9
+    assert abs(r["mfu"] - want) <= 1e-6 * want, (r["mfu"], want)
+print(f"stage-2 MFU matches {flops:.4e} FLOPs per token (student fwd+bwd + teacher fwd)")
+PY
 grep -q "stage 2 step 4/4 | kl .* | aux " "$WORK/aux.txt" || { cat "$WORK/aux.txt"; fail "no aux in the progress line"; }
 python3 - "$WORK/aux/metrics.jsonl" <<'PY' || fail "the aux records"
 import json, math, sys
