@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <ostream>
@@ -717,6 +718,25 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     // max load / mean load (averaged over the MoE layers).
     const bool balance_routers = cfg.distill.router_bias_rate > 0;
     double last_imbalance = NAN;
+    // Several ranks: the share of the interval's wall time this rank spent in the synchronous collectives (the
+    // ZeRO-1 reduce-scatter and all-gather, timed between device synchronisations, and the SP collectives,
+    // which time themselves); the expert-parallel exchanges overlap compute on GPUs and are not counted.
+    const bool time_comm = ranks > 1;
+    double interval_comm_s = 0;
+    auto sp_seconds = [&] {
+      double t = 0;
+      if (sp_ctx)
+        for (int k = 0; k < kSpTrafficKinds; ++k) t += sp_ctx->traffic(static_cast<SpTraffic>(k)).seconds;
+      return t;
+    };
+    double sp_seconds_mark = sp_seconds();
+    auto timed_comm = [&](const std::function<void()>& f) {
+      ctx.synchronize();
+      const auto t0 = Clock::now();
+      f();
+      ctx.synchronize();
+      interval_comm_s += seconds_since(t0);
+    };
     // MFU per GPU (the log's tokens/s counts every rank's tokens); not reported where the peak is unknown.
     const double peak_flops = device_peak_flops(device) * static_cast<double>(ranks);
     const double flops_per_token = stage2_flops_per_token(student, in.student_cfg, tc, T);
@@ -769,7 +789,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         sum_all(std::span<double>(sums, 4));
         hidden_mse = sums[2];
         aux = sums[3] / ranks;
-        if (zero) zero->reduce_gradients(ctx);
+        if (zero) timed_comm([&] { zero->reduce_gradients(ctx); });
         kl_mean = sums[0] / targets;
         ce_mean = sums[1] / targets;
         good = std::isfinite(kl_mean) && std::isfinite(ce_mean) && std::isfinite(hidden_mse) && std::isfinite(aux);
@@ -790,7 +810,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
           last_imbalance =
               apply_selection_bias_update(ctx, student.params(), optimizer, loads, cfg.distill.router_bias_rate);
         }
-        if (zero) zero->gather_parameters(ctx);
+        if (zero) timed_comm([&] { zero->gather_parameters(ctx); });
       }
       if (good) {
         st.bad_in_row = 0;
@@ -825,6 +845,11 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         out << " | lr " << format_number("%.2e", lr) << " | gnorm " << format_number("%.3g", st.last_norm) << " | "
             << format_count(tps) << " tok/s";
         if (peak_flops > 0) out << " | MFU " << format_number("%.3f", mfu);
+        const double sp_now = sp_seconds();
+        const double comm_share = s > 0 ? (interval_comm_s + sp_now - sp_seconds_mark) / s : NAN;
+        interval_comm_s = 0;
+        sp_seconds_mark = sp_now;
+        if (time_comm) out << " | comm " << format_number("%.0f", 100 * comm_share) << "%";
         out << std::endl;
         json record = {{"stage", 2},
                        {"step", step + 1},
@@ -842,6 +867,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         if (with_aux) record["aux"] = ax;
         if (balance_routers) record["load_imbalance"] = last_imbalance;
         if (peak_flops > 0) record["mfu"] = mfu;
+        if (time_comm) record["comm_share"] = comm_share;
         if (metrics) metrics->write(record);
         if (st.first_kl < 0) st.first_kl = k;
         st.last_kl = k;

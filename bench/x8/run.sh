@@ -21,8 +21,9 @@
 # tokens per GPU. Exit status: 1 when a run fails; on the CPU also when the resume on NP ranks is not bit for
 # bit the uninterrupted run or the resume on NP / 2 ranks differs by more than 1e-6 (fp32 sums in another
 # order); on GPUs those are reported only (the kernels are not bitwise reproducible: docs/formats.md).
-# Not measured here: the communication time share (no timer around the collectives yet; the bytes are
-# printed instead). NCCL_NVLS_ENABLE=0 as on the lent machines.
+# Communication share: the `comm_share` records of hydistill distill (rank 0's wall time in the synchronous
+# collectives: ZeRO-1 and SP; the expert-parallel exchanges overlap compute and are given as bytes).
+# NCCL_NVLS_ENABLE=0 as on the lent machines.
 set -uo pipefail
 out=${1:?usage: bench/x8/run.sh OUT_DIR}
 cd "$(dirname "$0")/../.." || exit 1
@@ -161,23 +162,26 @@ def stage2(name):
         return None
     tps = statistics.median(r["tokens_per_s"] for r in s2)
     mfu = [r["mfu"] for r in s2 if r.get("mfu") is not None]
+    comm = [r["comm_share"] for r in s2 if r.get("comm_share") is not None]
     log = open(os.path.join(out, name + ".log")).read()
     sent = re.search(r"expert parallelism: rank 0 took part in \d+ exchanges of its group, (\S+ \S+) sent", log)
-    return tps, statistics.median(mfu) if mfu else None, sent.group(1) if sent else "-"
+    return (tps, statistics.median(mfu) if mfu else None, statistics.median(comm) if comm else None,
+            sent.group(1) if sent else "-")
 print(f"tokens per GPU {per_gpu} (T = {T}); stage-2 steps after the first, medians\n")
-print("| layout | ranks | tokens/s | tokens/s per GPU | efficiency vs 1 rank | MFU | EP bytes sent (rank 0, whole run) |")
-print("| --- | --- | --- | --- | --- | --- | --- |")
+print("| layout | ranks | tokens/s | tokens/s per GPU | efficiency vs 1 rank | MFU | comm share | EP bytes sent (rank 0, whole run) |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
 base = None
 for name, n in [("g1", 1), ("g2", 2), ("g4", 4), ("dp4sp2ep2", 8), ("dp1sp8", 8), ("dp8ep8", 8)]:
     r = stage2(name)
     if r is None:
-        print(f"| {name} | {n} | - | - | - | - | - |")
+        print(f"| {name} | {n} | - | - | - | - | - | - |")
         continue
-    tps, mfu, sent = r
+    tps, mfu, comm, sent = r
     if name == "g1":
         base = tps
     eff = f"{tps / n / base:.2f}" if base else "-"
-    print(f"| {name} | {n} | {tps:,.0f} | {tps / n:,.0f} | {eff} | {'-' if mfu is None else f'{mfu:.3f}'} | {sent} |")
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    print(f"| {name} | {n} | {tps:,.0f} | {tps / n:,.0f} | {eff} | {fmt(mfu, '.3f')} | {fmt(comm, '.0%')} | {sent} |")
 ref, k8, k4 = records("ref"), records("killed"), records("killed_to_half")
 def worst(a, b):
     w, bit = 0.0, True

@@ -44,7 +44,7 @@ def records(path):
     out = []
     for line in open(path):
         r = json.loads(line)
-        for k in ("tokens_per_s", "elapsed_s", "eta_s", "checkpoint"):
+        for k in ("tokens_per_s", "elapsed_s", "eta_s", "checkpoint", "mfu", "comm_share"):  # timings
             r.pop(k, None)
         out.append(r)
     return out

@@ -34,6 +34,15 @@ grep -q "routed experts over groups of 2 expert-parallel ranks" "$WORK/dp2ep2.ou
 calls=$(sed -n 's/^expert parallelism: rank 0 took part in \([0-9]*\) exchanges.*/\1/p' "$WORK/dp2ep2.out")
 [ -n "$calls" ] && [ "$calls" -gt 0 ] || { cat "$WORK/dp2ep2.out"; fail "dp2 ep2: no expert-parallel exchange counted"; }
 echo "dp2 x ep2: rank 0 took part in $calls exchanges"
+# Several ranks: stage 2 reports the share of wall time in the synchronous collectives (line and record).
+grep -q "stage 2 step .* tok/s.* | comm [0-9]*%" "$WORK/dp2sp2ep2.out" || { cat "$WORK/dp2sp2ep2.out"; fail "no comm share"; }
+python3 - "$WORK/dp2sp2ep2/metrics.jsonl" "$WORK/one/metrics.jsonl" <<'PY' || fail "comm_share records"
+import json, sys
+s2 = [r for r in map(json.loads, open(sys.argv[1])) if r.get("stage") == 2]
+assert s2 and all(0 < r["comm_share"] < 1 for r in s2), [r.get("comm_share") for r in s2]
+assert all("comm_share" not in r for r in map(json.loads, open(sys.argv[2]))), "one process has no collectives"
+print("dp2 x sp2 x ep2 stage-2 comm share:", [round(r["comm_share"], 3) for r in s2])
+PY
 
 python3 - "$WORK" <<'PY' || fail "an expert-parallel run differs from its reference"
 import json, sys
