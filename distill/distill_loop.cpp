@@ -6,7 +6,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <memory>
 #include <optional>
 #include <ostream>
@@ -719,24 +718,17 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     const bool balance_routers = cfg.distill.router_bias_rate > 0;
     double last_imbalance = NAN;
     // Several ranks: the share of the interval's wall time this rank spent in the synchronous collectives (the
-    // ZeRO-1 reduce-scatter and all-gather, timed between device synchronisations, and the SP collectives,
-    // which time themselves); the expert-parallel exchanges overlap compute on GPUs and are not counted.
+    // ZeRO-1 reduce-scatter and all-gather, Zero1's timing, and the SP collectives, which time themselves);
+    // the expert-parallel exchanges overlap compute on GPUs and are not counted.
     const bool time_comm = ranks > 1;
-    double interval_comm_s = 0;
     auto sp_seconds = [&] {
       double t = 0;
       if (sp_ctx)
         for (int k = 0; k < kSpTrafficKinds; ++k) t += sp_ctx->traffic(static_cast<SpTraffic>(k)).seconds;
       return t;
     };
-    double sp_seconds_mark = sp_seconds();
-    auto timed_comm = [&](const std::function<void()>& f) {
-      ctx.synchronize();
-      const auto t0 = Clock::now();
-      f();
-      ctx.synchronize();
-      interval_comm_s += seconds_since(t0);
-    };
+    if (zero) zero->set_timing(time_comm);
+    double comm_mark = sp_seconds() + (zero ? zero->seconds() : 0.0);
     // MFU per GPU (the log's tokens/s counts every rank's tokens); not reported where the peak is unknown.
     const double peak_flops = device_peak_flops(device) * static_cast<double>(ranks);
     const double flops_per_token = stage2_flops_per_token(student, in.student_cfg, tc, T);
@@ -789,7 +781,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         sum_all(std::span<double>(sums, 4));
         hidden_mse = sums[2];
         aux = sums[3] / ranks;
-        if (zero) timed_comm([&] { zero->reduce_gradients(ctx); });
+        if (zero) zero->reduce_gradients(ctx);
         kl_mean = sums[0] / targets;
         ce_mean = sums[1] / targets;
         good = std::isfinite(kl_mean) && std::isfinite(ce_mean) && std::isfinite(hidden_mse) && std::isfinite(aux);
@@ -810,7 +802,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
           last_imbalance =
               apply_selection_bias_update(ctx, student.params(), optimizer, loads, cfg.distill.router_bias_rate);
         }
-        if (zero) timed_comm([&] { zero->gather_parameters(ctx); });
+        if (zero) zero->gather_parameters(ctx);
       }
       if (good) {
         st.bad_in_row = 0;
@@ -845,10 +837,9 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         out << " | lr " << format_number("%.2e", lr) << " | gnorm " << format_number("%.3g", st.last_norm) << " | "
             << format_count(tps) << " tok/s";
         if (peak_flops > 0) out << " | MFU " << format_number("%.3f", mfu);
-        const double sp_now = sp_seconds();
-        const double comm_share = s > 0 ? (interval_comm_s + sp_now - sp_seconds_mark) / s : NAN;
-        interval_comm_s = 0;
-        sp_seconds_mark = sp_now;
+        const double comm_now = sp_seconds() + (zero ? zero->seconds() : 0.0);
+        const double comm_share = s > 0 ? (comm_now - comm_mark) / s : NAN;
+        comm_mark = comm_now;
         if (time_comm) out << " | comm " << format_number("%.0f", 100 * comm_share) << "%";
         out << std::endl;
         json record = {{"stage", 2},

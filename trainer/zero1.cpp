@@ -1,5 +1,7 @@
 #include "trainer/zero1.h"
 
+#include <chrono>
+
 #include <algorithm>
 #include <span>
 #include <string>
@@ -67,29 +69,46 @@ std::vector<ParamInfo> Zero1::shard_params_of(const std::vector<ParamInfo>& trai
   return out;
 }
 
+template <class F>
+void Zero1::timed(const ExecContext& ctx, F&& exchange) {
+  if (!timing_) {
+    exchange();
+    return;
+  }
+  ctx.synchronize();
+  const auto t0 = std::chrono::steady_clock::now();
+  exchange();
+  ctx.synchronize();
+  seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 void Zero1::reduce_gradients(const ExecContext& ctx) {
   NvtxRange range("zero1.reduce_scatter");
-  kernels::convert(ctx, grad_send_.slice0(0, numel_), flat_grads_.view({numel_}));
-  const auto S = static_cast<size_t>(shard_numel_), R = static_cast<size_t>(size_);
-  if (nccl_) {
-    nccl_->reduce_scatter<float>({grad_send_.ptr<float>(), S * R}, {grad_shard_.ptr<float>(), S}, ctx.stream());
-  } else {
-    group_->reduce_scatter<float>({grad_send_.ptr<float>(), S * R}, {grad_shard_.ptr<float>(), S});
-  }
+  timed(ctx, [&] {
+    kernels::convert(ctx, grad_send_.slice0(0, numel_), flat_grads_.view({numel_}));
+    const auto S = static_cast<size_t>(shard_numel_), R = static_cast<size_t>(size_);
+    if (nccl_) {
+      nccl_->reduce_scatter<float>({grad_send_.ptr<float>(), S * R}, {grad_shard_.ptr<float>(), S}, ctx.stream());
+    } else {
+      group_->reduce_scatter<float>({grad_send_.ptr<float>(), S * R}, {grad_shard_.ptr<float>(), S});
+    }
+  });
 }
 
 void Zero1::gather_parameters(const ExecContext& ctx) {
   NvtxRange range("zero1.all_gather");
-  const int64_t n = std::max<int64_t>(0, std::min(shard_numel_, numel_ - shard_lo_));
-  const Tensor flat = flat_params_.view({numel_});
-  if (n > 0) kernels::convert(ctx, param_shard_.slice0(0, n), flat.slice0(shard_lo_, shard_lo_ + n));
-  const auto S = static_cast<size_t>(shard_numel_), R = static_cast<size_t>(size_);
-  if (nccl_) {
-    nccl_->all_gather<bf16>({param_shard_.ptr<bf16>(), S}, {param_full_.ptr<bf16>(), S * R}, ctx.stream());
-  } else {
-    group_->all_gather<float>({param_shard_.ptr<float>(), S}, {param_full_.ptr<float>(), S * R});
-  }
-  kernels::convert(ctx, flat, param_full_.slice0(0, numel_));
+  timed(ctx, [&] {
+    const int64_t n = std::max<int64_t>(0, std::min(shard_numel_, numel_ - shard_lo_));
+    const Tensor flat = flat_params_.view({numel_});
+    if (n > 0) kernels::convert(ctx, param_shard_.slice0(0, n), flat.slice0(shard_lo_, shard_lo_ + n));
+    const auto S = static_cast<size_t>(shard_numel_), R = static_cast<size_t>(size_);
+    if (nccl_) {
+      nccl_->all_gather<bf16>({param_shard_.ptr<bf16>(), S}, {param_full_.ptr<bf16>(), S * R}, ctx.stream());
+    } else {
+      group_->all_gather<float>({param_shard_.ptr<float>(), S}, {param_full_.ptr<float>(), S * R});
+    }
+    kernels::convert(ctx, flat, param_full_.slice0(0, numel_));
+  });
 }
 
 double Zero1::all_reduce_sum(double x) const {

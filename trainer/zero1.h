@@ -59,6 +59,11 @@ class Zero1 {
   void gather_parameters(const ExecContext& ctx);
   // The sum over the ranks of x (host; the optimizer's sum of squares).
   double all_reduce_sum(double x) const;
+  // Timing on: reduce_gradients and gather_parameters each run between two synchronisations of ctx and add
+  // their wall time to seconds() (the exchange alone, for communication shares). Off by default (no extra
+  // synchronisation).
+  void set_timing(bool on) { timing_ = on; }
+  double seconds() const { return seconds_; }
 
   size_t memory_bytes() const { return buffers_.capacity(); }
 
@@ -71,6 +76,10 @@ class Zero1 {
   Arena buffers_;
   Tensor grad_send_, grad_shard_, param_shard_, param_full_;
   std::vector<ParamInfo> shard_params_;
+  bool timing_ = false;
+  double seconds_ = 0;
+  template <class F>
+  void timed(const ExecContext& ctx, F&& exchange);
 };
 
 }  // namespace hyd
