@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Per-kernel GPU times (and optional extra metrics) of one command under Nsight Compute, one line
-# per launch. Usage: [NCU_SKIP=K] [NCU_METRICS=m1,m2] bash bench/ncu_kernels.sh LAUNCHES COMMAND...
+# per launch. Usage: [NCU_SKIP=K] [NCU_METRICS=m1,m2] [NCU_SUMMARY=1] bash bench/ncu_kernels.sh LAUNCHES COMMAND...
 # (K launches are skipped first; extra metrics are printed after the time, by their last name part.)
+# NCU_SUMMARY=1: instead of one line per launch, the kernels grouped by name (launches, total and mean
+# time, share of the total), largest total first: where a whole step's GPU time goes. Clocks are left as
+# they run (--clock-control none, METHOD.md).
 set -uo pipefail
 n=$1; shift
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 metrics=gpu__time_duration.sum${NCU_METRICS:+,$NCU_METRICS}
 tmp=$(mktemp)
-"$ncu" --launch-skip "${NCU_SKIP:-0}" --launch-count "$n" --metrics "$metrics" --csv "$@" 2>/dev/null >"$tmp"
-python3 - "$tmp" <<'PY'
+"$ncu" --clock-control none --launch-skip "${NCU_SKIP:-0}" --launch-count "$n" --metrics "$metrics" --csv "$@" 2>/dev/null >"$tmp"
+python3 - "$tmp" "${NCU_SUMMARY:-0}" <<'PY'
 import csv, sys
 from collections import OrderedDict
 hdr, rows = None, OrderedDict()
@@ -22,6 +25,18 @@ for r in csv.reader(open(sys.argv[1])):
         name = d['Kernel Name'].replace('(anonymous namespace)::', '').split('(')[0][:48]
         e = rows.setdefault(key, {'name': name, 'grid': d['Grid Size'], 'm': OrderedDict()})
         e['m'][d['Metric Name']] = d['Metric Value'].replace(',', '')
+if sys.argv[2] == '1':
+    by = OrderedDict()
+    for e in rows.values():
+        t = float(e['m'].get('gpu__time_duration.sum', 'nan')) / 1e3
+        n, tot = by.get(e['name'], (0, 0.0))
+        by[e['name']] = (n + 1, tot + t)
+    total = sum(t for _, t in by.values())
+    print(f"{len(rows)} launches, {total / 1e3:.2f} ms of kernel time")
+    print(f"{'kernel':<48} {'launches':>8} {'total ms':>9} {'mean us':>9} {'share':>6}")
+    for name, (n, tot) in sorted(by.items(), key=lambda kv: -kv[1][1]):
+        print(f"{name:<48} {n:>8} {tot / 1e3:>9.3f} {tot / n:>9.1f} {tot / total:>6.1%}")
+    sys.exit(0)
 for key, e in rows.items():
     t = float(e['m'].pop('gpu__time_duration.sum', 'nan')) / 1e3
     extra = ' '.join(f"{k.split('__')[-1][:28]}={v}" for k, v in e['m'].items())

@@ -6,6 +6,8 @@
 //   dw[j]  += sum_r dy[r,j] * x[r,j] * rstd[r]
 // Per-head norm (Qwen3 q/k norm) is the same op on x viewed as [tokens * heads, head_dim].
 // Shapes: x, y, dy, dx [rows, dim]; w [dim]; rstd f32 [rows]; dw f32 [dim] (accumulated into).
+// backward with `residual` [rows, dim] (same dtype; may be dx itself, not dy): dx = the above + residual,
+// the pre-norm block's residual gradient added in the same pass (CUDA: rounded to bf16 once).
 // dtypes: CPU all f32; CUDA x/y/dy/dx/w bf16, statistics and dw f32.
 #pragma once
 
@@ -17,7 +19,7 @@ namespace hyd::kernels {
 void rmsnorm_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& y, const Tensor& rstd,
                      float eps);
 void rmsnorm_backward(const ExecContext& ctx, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& rstd,
-                      const Tensor& dx, const Tensor& dw);
+                      const Tensor& dx, const Tensor& dw, const Tensor& residual = Tensor{});
 
 namespace cpu {
 template <class T>
@@ -29,8 +31,9 @@ void rmsnorm_backward(const T* dy, const T* x, const T* w, const T* rstd, T* dx,
 namespace cuda {
 void rmsnorm_forward(const bf16* x, const bf16* w, bf16* y, float* rstd, int64_t rows, int64_t dim, float eps,
                      void* stream);
+// residual: nullptr or [rows, dim] added to dx (may equal dx).
 void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float* rstd, bf16* dx, float* dw,
-                      int64_t rows, int64_t dim, void* stream);
+                      int64_t rows, int64_t dim, void* stream, const bf16* residual = nullptr);
 }  // namespace cuda
 
 }  // namespace hyd::kernels

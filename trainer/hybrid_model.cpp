@@ -337,11 +337,8 @@ struct HybridModel::Impl {
 
   // The scratch of a mixer block's backward: da and dx [N, D], then the mixer's own Scratch.
   template <class Alloc>
-  std::pair<Tensor, Tensor> alloc_block_grads(Alloc& a, int64_t n) const {
-    const int64_t D = cfg.model.hidden_size;
-    Tensor da = a.alloc({n, D}, act);
-    Tensor dx = a.alloc({n, D}, act);
-    return {da, dx};
+  Tensor alloc_block_grads(Alloc& a, int64_t n) const {
+    return a.alloc({n, cfg.model.hidden_size}, act);  // da: the gradient of the mixer's normed input
   }
 
   // The scratch of the hidden-state term at one layer boundary: the f32 difference and the f32 target,
@@ -844,10 +841,10 @@ void HybridModel::Impl::backward(const ExecContext& ctx, const Batch& b, const H
     ffn_backward(ctx, l, st.d_residual);
     NvtxRange range(nvtx_bwd[l].c_str());
     scratch_arena.reset();
-    const auto [da, dx] = alloc_block_grads(scratch_arena, b.num_tokens);
+    const Tensor da = alloc_block_grads(scratch_arena, b.num_tokens);
     const MixerSaved& s = st.mix[l];
     mixer_grad(ctx, seq, l, s, st.d_residual, da);
-    prenorm_residual_backward(ctx, da, s.x, mixer_norm[l], s.rstd, st.d_residual, st.d_residual, dx);
+    prenorm_residual_backward(ctx, da, s.x, mixer_norm[l], s.rstd, st.d_residual, st.d_residual);
   }
   NvtxRange range("embed.bwd");
   kernels::embedding_backward(ctx, b.tokens, st.d_residual, embed.grad);
@@ -1226,8 +1223,7 @@ void HybridModel::mixer_backward(ExecContext& ctx, int64_t layer, const Batch& b
   if (!d_input.empty()) m.check_activation(d_input, batch.num_tokens, "mixer_backward", "d_input");
   NvtxRange range(m.nvtx_bwd[layer].c_str());
   m.scratch_arena.reset();
-  const auto [da, dx] = m.alloc_block_grads(m.scratch_arena, batch.num_tokens);
-  (void)dx;
+  const Tensor da = m.alloc_block_grads(m.scratch_arena, batch.num_tokens);
   m.mixer_grad(ctx, m.sequence(batch), layer, m.step.mix[layer], dout, d_input.empty() ? da : d_input);
 }
 

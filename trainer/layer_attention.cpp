@@ -84,7 +84,7 @@ void AttentionLayer::backward(const ExecContext& ctx, const PackedSequence& seq,
                            rows(wqkv.grad, qd + kd, qd + 2 * kd), rows(bqkv.grad, qd + kd, qd + 2 * kd));
 
   // Residual: din = dout + RMSNorm'(x)^T da.
-  prenorm_residual_backward(ctx, t.da, s.x, norm, s.rstd, dout, din, t.dx);
+  prenorm_residual_backward(ctx, t.da, s.x, norm, s.rstd, dout, din);
 }
 
 }  // namespace hyd

@@ -46,7 +46,7 @@ struct AttentionLayer {
   };
   // Backward temporaries, taken from the scratch arena and dead after backward returns.
   struct Scratch {
-    Tensor d_o, dq, dk, dv, dq_pre, dk_pre, da, dx;
+    Tensor d_o, dq, dk, dv, dq_pre, dk_pre, da;
   };
 
   template <class Alloc>
@@ -79,7 +79,6 @@ struct AttentionLayer {
       s.dk_pre = arena.alloc({n, kv_heads, head_dim}, act);
     }
     s.da = arena.alloc({n, hidden}, act);
-    s.dx = arena.alloc({n, hidden}, act);
     return s;
   }
 

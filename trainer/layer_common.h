@@ -37,10 +37,9 @@ struct PackedSequence {
 
 // Backward through the input side of a pre-norm residual block, out = in + f(RMSNorm(in)), given
 // dnormed = dL/dRMSNorm(in):  din = dout + RMSNorm'(in)^T dnormed, and norm.grad accumulates.
-// din may be the same tensor as dout; `dx` (shaped like din) is then scratch for the norm's input
-// gradient before it is added.
+// din may be the same tensor as dout (one pass: the norm's backward adds dout).
 void prenorm_residual_backward(const ExecContext& ctx, const Tensor& dnormed, const Tensor& in, const WeightRef& norm,
-                               const Tensor& rstd, const Tensor& dout, const Tensor& din, const Tensor& dx);
+                               const Tensor& rstd, const Tensor& dout, const Tensor& din);
 
 // Stands in for an Arena in the layers' alloc_* templates: counts bytes with Arena's rounding
 // (every allocation padded to 256 bytes) and hands out tensors without memory.

@@ -25,7 +25,7 @@ void MlpLayer::backward(const ExecContext& ctx, const Saved& s, const Tensor& do
   kernels::linear_backward(ctx, dout, s.act, w_down.value, t.d_act, false, w_down.grad, Tensor{});
   kernels::swiglu_backward(ctx, t.d_act, s.gate_up, t.d_gate_up);
   kernels::linear_backward(ctx, t.d_gate_up, s.m, w_gate_up.value, t.dm, false, w_gate_up.grad, Tensor{});
-  prenorm_residual_backward(ctx, t.dm, s.x, norm, s.rstd, dout, din, t.dx);
+  prenorm_residual_backward(ctx, t.dm, s.x, norm, s.rstd, dout, din);
 }
 
 }  // namespace hyd

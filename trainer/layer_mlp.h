@@ -27,7 +27,7 @@ struct MlpLayer {
     Tensor x, m, rstd, gate_up, act;
   };
   struct Scratch {
-    Tensor d_act, d_gate_up, dm, dx;
+    Tensor d_act, d_gate_up, dm;
   };
 
   template <class Alloc>
@@ -45,7 +45,6 @@ struct MlpLayer {
     s.d_act = arena.alloc({n, intermediate}, act);
     s.d_gate_up = arena.alloc({n, 2 * intermediate}, act);
     s.dm = arena.alloc({n, hidden}, act);
-    s.dx = arena.alloc({n, hidden}, act);
     return s;
   }
 

@@ -872,9 +872,9 @@ double MoeBlock::forward(const ExecContext& ctx, const Tensor& in, const Tensor&
 
 void MoeBlock::backward(const ExecContext& ctx, const Saved& s, const Tensor& d_residual, Arena& scratch,
                         const MoeExpertParallel* ep, double d_aux) const {
-  const auto [dm, dx] = alloc_own_scratch(scratch, s.x.size(0), s.m.dtype);
+  const Tensor dm = alloc_own_scratch(scratch, s.x.size(0), s.m.dtype);
   moe.backward(ctx, s.moe, d_residual, dm, scratch, d_aux, ep);
-  prenorm_residual_backward(ctx, dm, s.x, norm, s.rstd, d_residual, d_residual, dx);
+  prenorm_residual_backward(ctx, dm, s.x, norm, s.rstd, d_residual, d_residual);
 }
 
 // ------------------------------------------------------------------------------------ MoeLayerWeights

@@ -249,12 +249,10 @@ struct MoeBlock {
     s.moe = moe.alloc_saved(arena, n, act);
     return s;
   }
-  // The block's own backward temporaries (dm, dx [N, D]); MoeLayer::backward takes its scratch after them.
+  // The block's own backward temporary (dm [N, D]); MoeLayer::backward takes its scratch after it.
   template <class Alloc>
-  std::pair<Tensor, Tensor> alloc_own_scratch(Alloc& arena, int64_t n, DType act) const {
-    Tensor dm = arena.alloc({n, moe.cfg.hidden}, act);
-    Tensor dx = arena.alloc({n, moe.cfg.hidden}, act);
-    return {dm, dx};
+  Tensor alloc_own_scratch(Alloc& arena, int64_t n, DType act) const {
+    return arena.alloc({n, moe.cfg.hidden}, act);
   }
   // Everything backward takes from its scratch arena (for sizing).
   template <class Alloc>

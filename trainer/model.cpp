@@ -15,9 +15,9 @@
 //                           + 3 D ]                           final normed, its grad, residual grad
 //               + 4 * N * [ L (1 + Hq + 1) + L (Hq + Hkv) [qk_norm] + 1 + 1 ]   rstd, lse, q/k rstd, final rstd,
 //                                                                               per-token losses
-//   scratch     max( attention backward temporaries act * N (2 q + 2 kv + 2 D [+ q + kv]),
-//                    MLP backward temporaries      act * N (3 F + 2 D),
-//                    MoE block backward             act * N (2 D) + MoeLayer::alloc_scratch,
+//   scratch     max( attention backward temporaries act * N (2 q + 2 kv + D [+ q + kv]),
+//                    MLP backward temporaries      act * N (3 F + D),
+//                    MoE block backward             act * N (D) + MoeLayer::alloc_scratch,
 //                    one logits chunk              4 * C * V )
 // The capacities are computed by running the same alloc_* code on an ArenaSizer, so this comment and
 // the arenas cannot disagree by more than the comment's own mistakes.

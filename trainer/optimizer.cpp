@@ -68,7 +68,22 @@ void AdamW::restore_counters(int64_t steps_taken, int64_t skipped_steps) {
 
 double AdamW::grad_norm(ExecContext& ctx) {
   kernels::fill(ctx, norm_acc_, 0.0f);
-  for (const ParamInfo& p : params_) kernels::sum_squares_accumulate(ctx, p.grad.view({p.numel}), norm_acc_);
+  // One launch per run of gradients that lie back to back in memory (a model's flat buffer, a ZeRO-1
+  // shard): hundreds of small launches become a few large ones.
+  for (size_t i = 0; i < params_.size();) {
+    const Tensor& first = params_[i].grad;
+    int64_t n = params_[i].numel;
+    size_t j = i + 1;
+    for (; j < params_.size(); ++j) {
+      const Tensor& g = params_[j].grad;
+      if (g.dtype != first.dtype || g.device != first.device ||
+          g.data != static_cast<const char*>(first.data) + static_cast<size_t>(n) * dtype_size(first.dtype))
+        break;
+      n += params_[j].numel;
+    }
+    kernels::sum_squares_accumulate(ctx, Tensor(first.data, first.dtype, first.device, {n}), norm_acc_);
+    i = j;
+  }
   HostTensor host({1}, DType::f32);
   ctx.synchronize();  // copy_tensor does not order with the context's (non-blocking) stream
   copy_tensor(host.t, norm_acc_);

@@ -250,11 +250,17 @@ __device__ __forceinline__ void stage_kqg(uint32_t s_k, uint32_t s_q, uint32_t s
   }
 }
 
-// Starts 4-byte cp.async copies of a dense fp32 C x C matrix into shared rows of stride LDM.
+// Starts the cp.async copies of a dense fp32 C x C matrix (16-byte aligned) into shared rows of stride
+// LDM: 16-byte copies when LDM keeps the rows 16-byte aligned, else 4-byte ones.
 template <int LDM>
 __device__ __forceinline__ void stage_matrix(uint32_t dst, const float* src) {
-  for (int idx = static_cast<int>(threadIdx.x); idx < C * C; idx += kThreads)
-    cp_async4(dst + static_cast<uint32_t>(((idx / C) * LDM + idx % C) * 4), src + idx, true);
+  if constexpr (LDM % 4 == 0) {
+    for (int idx = static_cast<int>(threadIdx.x); idx < C * C / 4; idx += kThreads)
+      cp_async16(dst + static_cast<uint32_t>(((idx / (C / 4)) * LDM + (idx % (C / 4)) * 4) * 4), src + 4 * idx, true);
+  } else {
+    for (int idx = static_cast<int>(threadIdx.x); idx < C * C; idx += kThreads)
+      cp_async4(dst + static_cast<uint32_t>(((idx / C) * LDM + idx % C) * 4), src + idx, true);
+  }
 }
 
 template <int DK, int DV>
@@ -1041,7 +1047,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <int DK>
 struct IntraLayout {
-  static constexpr int kLdM = C + 1;
+  static constexpr int kLdM = C + 4;  // 16-byte aligned rows (16-byte staging copies)
   static constexpr size_t kMat = size_t{C} * kLdM * 4;
   static constexpr size_t oG = 0;                                   // f32 [C][kLdG]: G, later dG
   static constexpr size_t oK = oG + size_t{C} * kLdG<DK> * 4;       // bf16 [C][kLdB] k
@@ -1068,8 +1074,8 @@ struct IntraLayout {
 //   dq = dqg e^G + s2;  dk = dkg e^{G_last - G} + dkG e^G + s1 + s3 + s4;
 //   dG = dqg q e^G - dkg k e^{G_last - G} + dkG k e^G + k s1 + q s2 - k (s3 + s4);  dg = reverse cumsum of dG
 //   (+ e^{G_last} dgls + sum_r' dkg k e^{G_last - G} on every row).
-// Ak, the E-weighted sums and dkG run on tensor cores (the fp32 operands split hi + lo); the 64 x 64
-// products of the inverse's adjoint (X^T dX X^T) on CUDA cores in fp32. Warp w: rows 16 (w % 4) ..,
+// Ak, the E-weighted sums, dkG and the 64 x 64 products of the inverse's adjoint (X^T dX X^T) run on tensor
+// cores (the fp32 operands split hi + lo). Warp w: rows 16 (w % 4) ..,
 // channels [DK/2 (w / 4), DK/2 (w / 4) + DK/2) of the outputs. dq_out, dk_out (HV == H only): the
 // finished bf16 dq, dk instead of dq_hv, dk_hv.
 template <int DK>
@@ -1216,17 +1222,63 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid < DK) extra[tid] = __expf(gs[(C - 1) * LDG + tid]) * dgls[ch * DK + tid];
   __syncthreads();
   KDA_CLOCK(3);
-  // 4. Z = dX X^T (dX[a][b] = 0 for b > a, X[c][b] = 0 for b > c).
-  for (int idx = tid; idx < C * C; idx += kThreads) {
-    const int a = idx / C, cc = idx % C;
-    zm[a * LDM + cc] = dot_strided(tm + a * LDM, 1, xm + cc * LDM, 1, 0, min(a, cc) + 1);
-  }
-  __syncthreads();
-  KDA_CLOCK(4);
-  // 5. dA = -(X^T Z) strictly below the diagonal, into tm.
-  for (int idx = tid; idx < C * C; idx += kThreads) {
-    const int r = idx / C, cc = idx % C;
-    tm[r * LDM + cc] = cc < r ? -dot_strided(xm + r, LDM, zm + cc, LDM, r, C) : 0.f;
+  // 4. Z = dX X^T (dX[a][b] = 0 for b > a, X[c][b] = 0 for b > c) and 5. dA = -(X^T Z) strictly below
+  // the diagonal, into tm: on tensor cores, both operands split hi + lo (the hi.hi, lo.hi and hi.lo
+  // products: ~16 significant bits, as the other fp32 operands of this kernel). Warp w: rows 16 (w % 4)..,
+  // columns 32 (w / 4).. of the 64 x 64 result.
+  {
+    const int I = warp & 3, nb = 4 * (warp >> 2), ra = 16 * I + gq;
+    float acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) zero(acc[j]);
+    for (int kk = 0; kk <= I; ++kk) {  // b <= a < 16 (I + 1)
+      uint32_t ah[4], al[4];
+      afrag_rows<LDM>(tm, ra, kk, 1.f, 1.f, ah, al);
+      const int k0 = 16 * kk + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (16 * kk > 8 * (nb + j) + 7) continue;  // X[cc][b] = 0 for b > cc: the whole block is zero
+        const float* xr = xm + (8 * (nb + j) + gq) * LDM;
+        uint32_t bh0, bl0, bh1, bl1;
+        split_pair(xr[k0], xr[k0 + 1], bh0, bl0);
+        split_pair(xr[k0 + 8], xr[k0 + 9], bh1, bl1);
+        mma_bf16(acc[j], ah, bh0, bh1);
+        mma_bf16(acc[j], al, bh0, bh1);
+        mma_bf16(acc[j], ah, bl0, bl1);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) zm[(ra + 8 * (e >> 1)) * LDM + 8 * (nb + j) + 2 * tq + (e & 1)] = acc[j][e];
+    __syncthreads();
+    KDA_CLOCK(4);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) zero(acc[j]);
+    for (int kk = I; kk < C / 16; ++kk) {  // X[m][r] = 0 for m < r
+      if (8 * nb > 16 * I + 15) break;      // no column c < r in this warp's tiles
+      uint32_t ah[4], al[4];
+      afrag_cols<LDM>(xm, nullptr, ra, kk, 1.f, 1.f, ah, al);
+      const int k0 = 16 * kk + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (8 * (nb + j) > 16 * I + 15) continue;
+        const float* zc = zm + 8 * (nb + j) + gq;
+        uint32_t bh0, bl0, bh1, bl1;
+        split_pair(zc[k0 * LDM], zc[(k0 + 1) * LDM], bh0, bl0);
+        split_pair(zc[(k0 + 8) * LDM], zc[(k0 + 9) * LDM], bh1, bl1);
+        mma_bf16(acc[j], ah, bh0, bh1);
+        mma_bf16(acc[j], al, bh0, bh1);
+        mma_bf16(acc[j], ah, bl0, bl1);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = ra + 8 * (e >> 1), col = 8 * (nb + j) + 2 * tq + (e & 1);
+        tm[r * LDM + col] = col < r ? -acc[j][e] : 0.f;
+      }
   }
   __syncthreads();
 

@@ -52,7 +52,7 @@ __global__ void rmsnorm_forward_kernel(const __nv_bfloat16* __restrict__ x, cons
 template <int VEC>
 __global__ void rmsnorm_dx_kernel(const __nv_bfloat16* dy, const __nv_bfloat16* __restrict__ x,
                                   const __nv_bfloat16* __restrict__ w, const float* __restrict__ rstd,
-                                  __nv_bfloat16* dx, int64_t rows, int64_t dim) {
+                                  __nv_bfloat16* dx, int64_t rows, int64_t dim, const __nv_bfloat16* res) {
   __shared__ float red[32];
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const __nv_bfloat16* xr = x + r * dim;
@@ -68,9 +68,17 @@ __global__ void rmsnorm_dx_kernel(const __nv_bfloat16* dy, const __nv_bfloat16* 
     const float coef = s * s * dot / static_cast<float>(dim);
     for (int64_t c = threadIdx.x * VEC; c < dim; c += int64_t(blockDim.x) * VEC) {
       const auto xv = load<VEC>(xr + c), gv = load<VEC>(dyr + c), wv = load<VEC>(w + c);
+      float d[VEC];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) d[e] = s * (to_f(gv.v[e]) * to_f(wv.v[e]) - to_f(xv.v[e]) * coef);
+      if (res != nullptr) {  // may be dx: this thread reads its elements before writing them
+        const auto rv = load<VEC>(res + r * dim + c);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) d[e] += to_f(rv.v[e]);
+      }
       Bf16Pack<VEC> o;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) o.v[e] = to_bf(s * (to_f(gv.v[e]) * to_f(wv.v[e]) - to_f(xv.v[e]) * coef));
+      for (int e = 0; e < VEC; ++e) o.v[e] = to_bf(d[e]);
       *reinterpret_cast<Bf16Pack<VEC>*>(dx + r * dim + c) = o;
     }
   }
@@ -132,7 +140,7 @@ void rmsnorm_forward(const bf16* x, const bf16* w, bf16* y, float* rstd, int64_t
 }
 
 void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float* rstd, bf16* dx, float* dw,
-                      int64_t rows, int64_t dim, void* stream) {
+                      int64_t rows, int64_t dim, void* stream, const bf16* residual) {
   if (rows == 0) return;
   HYD_CHECK(dim > 0, "rmsnorm_backward: dim must be positive");
   // dw first: it reads dy, which dx may overwrite.
@@ -150,12 +158,13 @@ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float*
     CHECK_LAUNCH();
   }
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(rows, 65535LL * 32));
-  if (dim % 8 == 0 && aligned16(dy) && aligned16(x) && aligned16(w) && aligned16(dx)) {
+  if (dim % 8 == 0 && aligned16(dy) && aligned16(x) && aligned16(w) && aligned16(dx) &&
+      (residual == nullptr || aligned16(residual))) {
     rmsnorm_dx_kernel<8><<<blocks, row_threads(dim, 8), 0, as_stream(stream)>>>(as_nv(dy), as_nv(x), as_nv(w), rstd,
-                                                                                as_nv(dx), rows, dim);
+                                                                                as_nv(dx), rows, dim, as_nv(residual));
   } else {
     rmsnorm_dx_kernel<1><<<blocks, row_threads(dim, 1), 0, as_stream(stream)>>>(as_nv(dy), as_nv(x), as_nv(w), rstd,
-                                                                                as_nv(dx), rows, dim);
+                                                                                as_nv(dx), rows, dim, as_nv(residual));
   }
   CHECK_LAUNCH();
 }

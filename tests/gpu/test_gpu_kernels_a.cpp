@@ -124,6 +124,23 @@ TEST_F(GpuKernelsA, RmsnormForwardAndBackward) {
     rmsnorm_backward(gpu(), d_dy2, d_x, d_w, d_rstd, d_dy2, d_dw2);
     device_sync();
     EXPECT_EQ(rel_err(DeviceBuffers::download(d_dy2), dx), 0.0);
+
+    // With a residual gradient added in the same pass: into a fresh dx, and in place (dx = residual).
+    std::vector<float> res = round_bf16(randn(r * d, 0.5f));
+    std::vector<float> dxr_ref(r * d), dwr_ref(d, 0.f);
+    rmsnorm_backward(cpu(), cpu_f32(dy, {r, d}), cpu_f32(x, {r, d}), cpu_f32(w, {d}), cpu_f32(rstd_ref, {r}),
+                     cpu_f32(dxr_ref, {r, d}), cpu_f32(dwr_ref, {d}), cpu_f32(res, {r, d}));
+    for (int64_t i = 0; i < r * d; ++i) EXPECT_EQ(dxr_ref[i], dx_ref[i] + res[i]) << "CPU residual, element " << i;
+    Tensor d_res = buf().upload(res, {r, d}, DType::bf16), d_dx3 = buf().poisoned({r, d}, DType::bf16);
+    Tensor d_dw3 = buf().zeros({d}, DType::f32);
+    device_sync();
+    rmsnorm_backward(gpu(), d_dy, d_x, d_w, d_rstd, d_dx3, d_dw3, d_res);
+    device_sync();
+    const std::vector<float> dx3 = DeviceBuffers::download(d_dx3);
+    EXPECT_LT(rel_err(dx3, dxr_ref), kBf16Tol);
+    rmsnorm_backward(gpu(), d_dy, d_x, d_w, d_rstd, d_res, d_dw3, d_res);
+    device_sync();
+    EXPECT_EQ(rel_err(DeviceBuffers::download(d_res), dx3), 0.0) << "in place on the residual";
   }
 }
 

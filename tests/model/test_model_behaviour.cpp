@@ -248,7 +248,7 @@ TEST(ModelBehaviour, MemoryMatchesFormulaOnPaper) {
     const double act = 4.0 * N * ((2 * L + 1) * D + L * (D + q + 2 * kv + q) + L * (D + 2 * F + F) + 3 * D) +
                        4.0 * N * (L * (1 + Hq + 1) + 2);
     const int64_t chunk = std::min<int64_t>(N, std::clamp<int64_t>((int64_t(64) << 20) / (4 * V) / 16 * 16, 16, 1024));
-    const double scratch = std::max({4.0 * N * (2 * q + 2 * kv + 2 * D), 4.0 * N * (3 * F + 2 * D), 4.0 * chunk * V});
+    const double scratch = std::max({4.0 * N * (2 * q + 2 * kv + D), 4.0 * N * (3 * F + D), 4.0 * chunk * V});
     const double paper = params + grads + tables + act + scratch;
     const double got = double(model.memory_bytes());
     EXPECT_GE(got, paper) << "V=" << V;

@@ -83,6 +83,40 @@ TEST(OpsRmsnorm, FloatDispatcherMatchesDouble) {
   EXPECT_LT(rel_err(to_f64(dw), dwd), 1e-5);
 }
 
+// backward with a residual gradient: dx = the norm's gradient + residual, also in place (residual = dx).
+TEST(OpsRmsnorm, BackwardAddsTheResidual) {
+  ExecContext ctx(Device::cpu());
+  const int64_t rows = 9, dim = 24;
+  std::vector<float> x = randn(rows * dim), w = randn(dim, 0.3f, 1.0f), g = randn(rows * dim), res = randn(rows * dim);
+  std::vector<float> y(rows * dim), r(rows), dx(rows * dim), dw(dim, 0.f);
+  rmsnorm_forward(ctx, cpu_f32(x, {rows, dim}), cpu_f32(w, {dim}), cpu_f32(y, {rows, dim}), cpu_f32(r, {rows}), 1e-6f);
+  rmsnorm_backward(ctx, cpu_f32(g, {rows, dim}), cpu_f32(x, {rows, dim}), cpu_f32(w, {dim}), cpu_f32(r, {rows}),
+                   cpu_f32(dx, {rows, dim}), cpu_f32(dw, {dim}));
+  std::vector<float> dx2(rows * dim, std::nanf("")), dw2(dim, 0.f), inplace = res, dw3(dim, 0.f);
+  rmsnorm_backward(ctx, cpu_f32(g, {rows, dim}), cpu_f32(x, {rows, dim}), cpu_f32(w, {dim}), cpu_f32(r, {rows}),
+                   cpu_f32(dx2, {rows, dim}), cpu_f32(dw2, {dim}), cpu_f32(res, {rows, dim}));
+  rmsnorm_backward(ctx, cpu_f32(g, {rows, dim}), cpu_f32(x, {rows, dim}), cpu_f32(w, {dim}), cpu_f32(r, {rows}),
+                   cpu_f32(inplace, {rows, dim}), cpu_f32(dw3, {dim}), cpu_f32(inplace, {rows, dim}));
+  for (int64_t i = 0; i < rows * dim; ++i) {
+    EXPECT_EQ(dx2[i], dx[i] + res[i]) << i;
+    EXPECT_EQ(inplace[i], dx[i] + res[i]) << i;
+  }
+  EXPECT_EQ(dw2, dw);
+  EXPECT_EQ(dw3, dw);
+  expect_error_mentioning(
+      [&] {
+        rmsnorm_backward(ctx, cpu_f32(g, {rows, dim}), cpu_f32(x, {rows, dim}), cpu_f32(w, {dim}), cpu_f32(r, {rows}),
+                         cpu_f32(dx, {rows, dim}), cpu_f32(dw, {dim}), cpu_f32(g, {rows, dim}));
+      },
+      "residual");
+  expect_error_mentioning(
+      [&] {
+        rmsnorm_backward(ctx, cpu_f32(g, {rows, dim}), cpu_f32(x, {rows, dim}), cpu_f32(w, {dim}), cpu_f32(r, {rows}),
+                         cpu_f32(dx, {rows, dim}), cpu_f32(dw, {dim}), cpu_f32(res, {dim, rows}));
+      },
+      "'residual'");
+}
+
 TEST(OpsRmsnorm, DispatcherErrorsNameTheArgument) {
   ExecContext ctx(Device::cpu());
   std::vector<float> x(4 * 8), w(8), y(4 * 8), r(4), wrong(7);
