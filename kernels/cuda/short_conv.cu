@@ -1,6 +1,7 @@
 // CUDA causal depthwise short convolution with SiLU (see kernels/short_conv.h for the math): bf16
 // x, w, y, dy, dx; f32 dw; f32 math.
-// Layout: blocks of 32 channels (threadIdx.x, coalesced along a token's row) x 8 token runs
+// Layout: blocks of 32 channels (threadIdx.x, coalesced along a token's row; 64 when the channel count is
+// even and k <= 4, two adjacent channels per thread with paired 4-byte accesses) x 8 token runs
 // (threadIdx.y). A thread walks a run of consecutive tokens of one channel with the last KMAX inputs
 // in registers (a sliding window), so each x is loaded once per run. KMAX (4 or 16) is the compile-
 // time window; a kernel size k < KMAX pads the taps with zero weights on the left.
@@ -16,6 +17,8 @@
 // complete; the run holding the document's first token writes them (dhalo is zeroed first, for the
 // empty documents no run visits).
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/short_conv.h"
@@ -111,61 +114,101 @@ __device__ __forceinline__ float dot_taps(const float (&wr)[KMAX], const float (
   return u;
 }
 
-template <int KMAX>
+// CPT consecutive channels of one token row (CPT = 2: one 4-byte access; the channel count is even).
+template <int CPT>
+__device__ __forceinline__ void load_ch(const __nv_bfloat16* p, float (&v)[CPT]) {
+  if constexpr (CPT == 2) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+    v[0] = f.x;
+    v[1] = f.y;
+  } else {
+    v[0] = to_f(*p);
+  }
+}
+template <int CPT>
+__device__ __forceinline__ void store_ch(__nv_bfloat16* p, const float (&v)[CPT]) {
+  if constexpr (CPT == 2) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v[0], v[1]);
+  } else {
+    *p = to_bf(v[0]);
+  }
+}
+
+// A thread handles CPT adjacent channels (c, c + 1 when CPT = 2) of its run: the same tokens and
+// document bookkeeping, one paired load / store per token row.
+template <int KMAX, int CPT>
 __global__ void short_conv_forward_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
                                           const int32_t* __restrict__ cu, int64_t num_docs,
                                           const __nv_bfloat16* __restrict__ halo, __nv_bfloat16* __restrict__ y,
                                           int64_t n, int64_t channels, int k, int64_t run_len) {
-  const int64_t c = int64_t(blockIdx.x) * kChannels + threadIdx.x;
+  const int64_t c = (int64_t(blockIdx.x) * kChannels + threadIdx.x) * CPT;
   const int64_t t0 = (int64_t(blockIdx.y) * kRuns + threadIdx.y) * run_len;
   if (c >= channels || t0 >= n) return;
   const int64_t t1 = std::min(n, t0 + run_len);
-  float wr[KMAX], win[KMAX];
-  load_taps<KMAX>(w, c, k, wr);
+  float wr[CPT][KMAX], win[CPT][KMAX];
   int64_t doc, begin, end;
   find_document(cu, num_docs, t0, doc, begin, end);
-  load_window<KMAX>(x, halo, t0, doc, begin, c, channels, k, win);
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    load_taps<KMAX>(w, c + j, k, wr[j]);
+    load_window<KMAX>(x, halo, t0, doc, begin, c + j, channels, k, win[j]);
+  }
   for (int64_t t = t0; t < t1; ++t) {
     if (t >= end) {  // a document starts at t: nothing before it is visible but its halo
       advance_document(cu, t, doc, begin, end);
-      start_window<KMAX>(halo, doc, begin, c, channels, k, win);
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) start_window<KMAX>(halo, doc, begin, c + j, channels, k, win[j]);
     }
-    push<KMAX>(win, to_f(x[t * channels + c]));
-    const float u = dot_taps<KMAX>(wr, win);
-    y[t * channels + c] = to_bf(u / (1.f + __expf(-u)));
+    float xv[CPT], out[CPT];
+    load_ch<CPT>(x + t * channels + c, xv);
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      push<KMAX>(win[j], xv[j]);
+      const float u = dot_taps<KMAX>(wr[j], win[j]);
+      out[j] = u / (1.f + __expf(-u));
+    }
+    store_ch<CPT>(y + t * channels + c, out);
   }
 }
 
-template <int KMAX>
+template <int KMAX, int CPT>
 __global__ void short_conv_backward_kernel(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ x,
                                            const __nv_bfloat16* __restrict__ w, const int32_t* __restrict__ cu,
                                            int64_t num_docs, const __nv_bfloat16* __restrict__ halo,
                                            __nv_bfloat16* __restrict__ dx, float* __restrict__ dw,
                                            __nv_bfloat16* __restrict__ dhalo, int64_t n, int64_t channels, int k,
                                            int64_t run_len) {
-  __shared__ float red[kRuns][KMAX][kChannels + 1];
-  const int64_t c = int64_t(blockIdx.x) * kChannels + threadIdx.x;
+  __shared__ float red[kRuns][KMAX][kChannels * CPT + 1];
+  const int64_t c = (int64_t(blockIdx.x) * kChannels + threadIdx.x) * CPT;
   const int64_t t0 = (int64_t(blockIdx.y) * kRuns + threadIdx.y) * run_len;
-  float accw[KMAX];  // dw partial sums, right-aligned like wr
+  float accw[CPT][KMAX];  // dw partial sums, right-aligned like wr
 #pragma unroll
-  for (int i = 0; i < KMAX; ++i) accw[i] = 0.f;
+  for (int j = 0; j < CPT; ++j)
+#pragma unroll
+    for (int i = 0; i < KMAX; ++i) accw[j][i] = 0.f;
 
   if (c < channels && t0 < n) {
     const int64_t t1 = std::min(n, t0 + run_len);
-    float wr[KMAX], win[KMAX], acc[KMAX];  // acc[i]: pending dx of token s - KMAX + i
-    load_taps<KMAX>(w, c, k, wr);
+    float wr[CPT][KMAX], win[CPT][KMAX], acc[CPT][KMAX];  // acc[j][i]: pending dx of token s - KMAX + i
     int64_t doc, begin, end;
     find_document(cu, num_docs, t0, doc, begin, end);
-    load_window<KMAX>(x, halo, t0, doc, begin, c, channels, k, win);
 #pragma unroll
-    for (int i = 0; i < KMAX; ++i) acc[i] = 0.f;
-    // Writes a finished dx if the token is this run's and in the current document, or a finished
-    // dhalo row if the token is one of the k-1 before a document that starts in this run.
-    auto emit = [&](float v, int64_t tok) {
+    for (int j = 0; j < CPT; ++j) {
+      load_taps<KMAX>(w, c + j, k, wr[j]);
+      load_window<KMAX>(x, halo, t0, doc, begin, c + j, channels, k, win[j]);
+#pragma unroll
+      for (int i = 0; i < KMAX; ++i) acc[j][i] = 0.f;
+    }
+    // Writes pending slot i (token tok = s - KMAX + i) if the token is this run's and in the current
+    // document, or a finished dhalo row if it is one of the k-1 before a document that starts in this run.
+    auto emit = [&](int i, int64_t tok) {
+      float v[CPT];
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) v[j] = acc[j][i];
       if (tok >= begin) {
-        if (tok >= t0 && tok < t1) dx[tok * channels + c] = to_bf(v);
+        if (tok >= t0 && tok < t1) store_ch<CPT>(dx + tok * channels + c, v);
       } else if (dhalo != nullptr && begin >= t0 && tok >= begin - (k - 1)) {
-        dhalo[(doc * (k - 1) + (tok - begin + k - 1)) * channels + c] = to_bf(v);
+        store_ch<CPT>(dhalo + (doc * (k - 1) + (tok - begin + k - 1)) * channels + c, v);
       }
     };
     const int64_t s_stop = std::min<int64_t>(n, t1 + KMAX - 1);
@@ -174,48 +217,61 @@ __global__ void short_conv_backward_kernel(const __nv_bfloat16* __restrict__ dy,
     for (; s < s_stop; ++s) {
       if (s >= end) {  // the document ended: its pending tokens are complete
 #pragma unroll
-        for (int i = 0; i < KMAX; ++i) emit(acc[i], s - KMAX + i);
+        for (int i = 0; i < KMAX; ++i) emit(i, s - KMAX + i);
         if (s >= t1) {
           flushed = true;
           break;
         }
         advance_document(cu, s, doc, begin, end);
-        start_window<KMAX>(halo, doc, begin, c, channels, k, win);
 #pragma unroll
-        for (int i = 0; i < KMAX; ++i) acc[i] = 0.f;
+        for (int j = 0; j < CPT; ++j) {
+          start_window<KMAX>(halo, doc, begin, c + j, channels, k, win[j]);
+#pragma unroll
+          for (int i = 0; i < KMAX; ++i) acc[j][i] = 0.f;
+        }
       }
-      emit(acc[0], s - KMAX);  // no du at or after s reaches token s - KMAX
-      push<KMAX>(acc, 0.f);
-      push<KMAX>(win, to_f(x[s * channels + c]));
-      const float u = dot_taps<KMAX>(wr, win);
-      const float sg = 1.f / (1.f + __expf(-u));
-      const float du = to_f(dy[s * channels + c]) * sg * (1.f + u * (1.f - sg));
+      emit(0, s - KMAX);  // no du at or after s reaches token s - KMAX
+      float xv[CPT], gv[CPT];
+      load_ch<CPT>(x + s * channels + c, xv);
+      load_ch<CPT>(dy + s * channels + c, gv);
 #pragma unroll
-      for (int i = 0; i < KMAX; ++i) acc[i] = fmaf(wr[i], du, acc[i]);
-      if (s < t1) {
+      for (int j = 0; j < CPT; ++j) {
+        push<KMAX>(acc[j], 0.f);
+        push<KMAX>(win[j], xv[j]);
+        const float u = dot_taps<KMAX>(wr[j], win[j]);
+        const float sg = 1.f / (1.f + __expf(-u));
+        const float du = gv[j] * sg * (1.f + u * (1.f - sg));
 #pragma unroll
-        for (int i = 0; i < KMAX; ++i) accw[i] = fmaf(du, win[i], accw[i]);
+        for (int i = 0; i < KMAX; ++i) acc[j][i] = fmaf(wr[j][i], du, acc[j][i]);
+        if (s < t1) {
+#pragma unroll
+          for (int i = 0; i < KMAX; ++i) accw[j][i] = fmaf(du, win[j][i], accw[j][i]);
+        }
       }
     }
     if (!flushed) {
 #pragma unroll
-      for (int i = 0; i < KMAX; ++i) emit(acc[i], s - KMAX + i);
+      for (int i = 0; i < KMAX; ++i) emit(i, s - KMAX + i);
     }
   }
 
 #pragma unroll
-  for (int i = 0; i < KMAX; ++i) red[threadIdx.y][i][threadIdx.x] = accw[i];
+  for (int j = 0; j < CPT; ++j)
+#pragma unroll
+    for (int i = 0; i < KMAX; ++i) red[threadIdx.y][i][threadIdx.x * CPT + j] = accw[j][i];
   __syncthreads();
   if (threadIdx.y == 0 && c < channels) {
 #pragma unroll
-    for (int i = 0; i < KMAX; ++i) {
-      const int lag = KMAX - 1 - i;
-      if (lag >= k) continue;
-      float sum = 0.f;
+    for (int j = 0; j < CPT; ++j)
 #pragma unroll
-      for (int r = 0; r < kRuns; ++r) sum += red[r][i][threadIdx.x];
-      atomicAdd(dw + c * k + (k - 1 - lag), sum);
-    }
+      for (int i = 0; i < KMAX; ++i) {
+        const int lag = KMAX - 1 - i;
+        if (lag >= k) continue;
+        float sum = 0.f;
+#pragma unroll
+        for (int r = 0; r < kRuns; ++r) sum += red[r][i][threadIdx.x * CPT + j];
+        atomicAdd(dw + (c + j) * k + (k - 1 - lag), sum);
+      }
   }
 }
 
@@ -224,9 +280,17 @@ struct ConvLaunch {
   int64_t run_len;
 };
 
-// Runs of at least min_run tokens; the token dimension split into at most `max_chunks` blocks.
-ConvLaunch conv_launch(int64_t n, int64_t channels, int64_t min_run, int64_t max_chunks) {
-  const int64_t col_blocks = (channels + kChannels - 1) / kChannels;
+// Runs of at least min_run tokens; the token dimension split into at most `max_chunks` blocks; blocks of
+// kChannels x cpt channels.
+// Two channels per thread when the channel count is even, k <= 4 and every row pointer is 4-byte aligned.
+bool paired(int64_t channels, int64_t kernel, std::initializer_list<const void*> ptrs) {
+  if (channels % 2 != 0 || kernel > 4) return false;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 4 != 0) return false;
+  return true;
+}
+ConvLaunch conv_launch(int64_t n, int64_t channels, int cpt, int64_t min_run, int64_t max_chunks) {
+  const int64_t col_blocks = (channels + kChannels * cpt - 1) / (kChannels * cpt);
   const int64_t chunks = std::clamp<int64_t>((n + kRuns * min_run - 1) / (kRuns * min_run), 1, max_chunks);
   const int64_t run_len = (n + chunks * kRuns - 1) / (chunks * kRuns);
   const int64_t used_chunks = (n + run_len * kRuns - 1) / (run_len * kRuns);
@@ -241,18 +305,20 @@ void short_conv_forward(const bf16* x, const bf16* w, const int32_t* cu_seqlens,
   HYD_CHECK(kernel >= 1 && kernel <= kShortConvMaxKernel, "short_conv_forward: kernel size ", kernel, " outside [1, ",
             kShortConvMaxKernel, "]");
   HYD_CHECK(num_docs >= 1, "short_conv_forward: ", n, " tokens but no documents");
-  const ConvLaunch l = conv_launch(n, channels, 16, 65535);
+  const int cpt = paired(channels, kernel, {x, y, halo}) ? 2 : 1;
+  const ConvLaunch l = conv_launch(n, channels, cpt, 16, 65535);
   const dim3 block(kChannels, kRuns);
   if (kernel == 1) halo = nullptr;  // no halo rows
-  if (kernel <= 4) {
-    short_conv_forward_kernel<4><<<l.grid, block, 0, as_stream(stream)>>>(as_nv(x), as_nv(w), cu_seqlens, num_docs,
-                                                                          as_nv(halo), as_nv(y), n, channels,
-                                                                          static_cast<int>(kernel), l.run_len);
-  } else {
-    short_conv_forward_kernel<16><<<l.grid, block, 0, as_stream(stream)>>>(as_nv(x), as_nv(w), cu_seqlens, num_docs,
-                                                                           as_nv(halo), as_nv(y), n, channels,
-                                                                           static_cast<int>(kernel), l.run_len);
-  }
+  auto run = [&](auto kern) {
+    kern<<<l.grid, block, 0, as_stream(stream)>>>(as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(halo), as_nv(y), n,
+                                                  channels, static_cast<int>(kernel), l.run_len);
+  };
+  if (cpt == 2)
+    run(short_conv_forward_kernel<4, 2>);
+  else if (kernel <= 4)
+    run(short_conv_forward_kernel<4, 1>);
+  else
+    run(short_conv_forward_kernel<16, 1>);
   CHECK_LAUNCH();
 }
 
@@ -270,19 +336,22 @@ void short_conv_backward(const bf16* dy, const bf16* x, const bf16* w, const int
   if (n == 0 || channels == 0) return;
   HYD_CHECK(num_docs >= 1, "short_conv_backward: ", n, " tokens but no documents");
   // About 2048 blocks in all: enough to fill the GPU, few enough that the dw atomics stay cheap.
-  const int64_t col_blocks = (channels + kChannels - 1) / kChannels;
+  const int cpt = paired(channels, kernel, {dy, x, halo, dx, dhalo}) ? 2 : 1;
+  const int64_t col_blocks = (channels + kChannels * cpt - 1) / (kChannels * cpt);
   const ConvLaunch l =
-      conv_launch(n, channels, 16, std::clamp<int64_t>((2048 + col_blocks - 1) / col_blocks, 1, 65535));
+      conv_launch(n, channels, cpt, 16, std::clamp<int64_t>((2048 + col_blocks - 1) / col_blocks, 1, 65535));
   const dim3 block(kChannels, kRuns);
-  if (kernel <= 4) {
-    short_conv_backward_kernel<4><<<l.grid, block, 0, as_stream(stream)>>>(
-        as_nv(dy), as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(halo), as_nv(dx), dw, as_nv(dhalo), n, channels,
-        static_cast<int>(kernel), l.run_len);
-  } else {
-    short_conv_backward_kernel<16><<<l.grid, block, 0, as_stream(stream)>>>(
-        as_nv(dy), as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(halo), as_nv(dx), dw, as_nv(dhalo), n, channels,
-        static_cast<int>(kernel), l.run_len);
-  }
+  auto run = [&](auto kern) {
+    kern<<<l.grid, block, 0, as_stream(stream)>>>(as_nv(dy), as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(halo),
+                                                  as_nv(dx), dw, as_nv(dhalo), n, channels, static_cast<int>(kernel),
+                                                  l.run_len);
+  };
+  if (cpt == 2)
+    run(short_conv_backward_kernel<4, 2>);
+  else if (kernel <= 4)
+    run(short_conv_backward_kernel<4, 1>);
+  else
+    run(short_conv_backward_kernel<16, 1>);
   CHECK_LAUNCH();
 }
 

@@ -196,7 +196,7 @@ TEST(GpuKernelsB, AttentionLongDocumentFinishesQuickly) {
 TEST(GpuKernelsB, CrossEntropyLossAndGradient) {
   HYD_REQUIRE_GPU();
   ExecContext ctx(Device::cuda(0));
-  for (int64_t vocab : {1000, 32000}) {
+  for (int64_t vocab : {1000, 32000, 1003}) {  // 1003: the scalar (unaligned rows) path
     SCOPED_TRACE("vocab=" + std::to_string(vocab));
     DeviceBuffers buf(Device::cuda(0), size_t(64) << 20);
     const int64_t n = 37;
