@@ -220,4 +220,105 @@ void kda_transition(const ExecContext& ctx, const Tensor& k, const Tensor& v, co
   unsupported(op, k);
 }
 
+// ------------------------------------------------------------------ the split forward (LASP-2)
+
+bool kda_split_forward_supported(const Tensor& k, const Tensor& v) {
+#ifdef HYD_WITH_CUDA
+  if (!k.device.is_cuda() || k.ndim != 3 || v.ndim != 3) return false;
+  KdaDims s;
+  s.dk = k.shape[2];
+  s.dv = v.shape[2];
+  return cuda::kda_split_supported(s);
+#else
+  (void)k;
+  (void)v;
+  return false;
+#endif
+}
+
+int64_t kda_forward_workspace_floats(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, bool zero_values) {
+  const KdaDims s = read_dims(k, v, cu_seqlens, "kda_forward_workspace_floats");
+#ifdef HYD_WITH_CUDA
+  return static_cast<int64_t>((cuda::kda_forward_workspace_bytes(s, zero_values) + 3) / 4);
+#else
+  (void)s;
+  (void)zero_values;
+  HYD_THROW("kda_forward_workspace_floats: the split forward needs CUDA");
+#endif
+}
+
+namespace {
+void check_split(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, const Tensor& workspace,
+                 bool zero_values) {
+  if (!kda_split_forward_supported(k, v))
+    HYD_THROW(op, ": the split forward needs CUDA tensors with dk, dv in {64, 128} (got ", k.device.str(),
+              ", k ", k.shape_str(), ", v ", v.shape_str(), ")");
+  expect_dtype(workspace, DType::f32, op, "workspace");
+  if (!(workspace.device == k.device)) HYD_THROW(op, ": argument 'workspace' is on ", workspace.device.str());
+  const int64_t need = kda_forward_workspace_floats(k, v, cu_seqlens, zero_values);
+  if (workspace.numel() < need)
+    HYD_THROW(op, ": argument 'workspace' has ", workspace.numel(), " floats, needs ", need);
+}
+}  // namespace
+
+void kda_forward_prepare(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                         const Tensor& beta, const Tensor& cu_seqlens, const Tensor& workspace, bool zero_values) {
+  constexpr const char* op = "kda_forward_prepare";
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  const KdaArgs a(op, q, "q");
+  check_inputs(a, s, q, k, v, g, beta, cu_seqlens, Tensor{});
+  check_split(op, k, v, cu_seqlens, workspace, zero_values);
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, q, op);
+  cuda::kda_forward_prepare(s, q.ptr<bf16>(), k.ptr<bf16>(), v.ptr<bf16>(), g.ptr<float>(), beta.ptr<float>(),
+                            cu_seqlens.ptr<int32_t>(), workspace.data, zero_values, ctx.stream());
+#else
+  (void)ctx;
+#endif
+}
+
+void kda_forward_pass(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                      const Tensor& workspace, const Tensor& initial_state, const Tensor& o, const Tensor& final_state,
+                      bool zero_values) {
+  constexpr const char* op = "kda_forward_pass";
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  check_split(op, k, v, cu_seqlens, workspace, zero_values);
+  const KdaArgs a(op, k, "k");
+  a.cu_seqlens(cu_seqlens, s.n);
+  const int64_t cols = zero_values ? s.dk : s.dv;
+  a.optional_state(initial_state, {s.num_docs, s.hv, s.dk, cols}, "initial_state");
+  a.optional_state(final_state, {s.num_docs, s.hv, s.dk, cols}, "final_state");
+  if (zero_values && !o.empty()) HYD_THROW(op, ": a zero-value pass has no output: argument 'o' must be empty");
+  if (!o.empty()) a.activation(o, {s.n, s.hv, s.dv}, "o");
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, k, op);
+  cuda::kda_forward_pass(s, cu_seqlens.ptr<int32_t>(), workspace.data, opt_ptr<float>(initial_state),
+                         o.empty() ? nullptr : o.ptr<bf16>(), opt_mut<float>(final_state), zero_values, ctx.stream());
+#else
+  (void)ctx;
+#endif
+}
+
+void kda_backward_initial_adjoint(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                                  const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens, const Tensor& dout,
+                                  const Tensor& dinitial_state) {
+  constexpr const char* op = "kda_backward_initial_adjoint";
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  const KdaArgs a(op, q, "q");
+  check_inputs(a, s, q, k, v, g, beta, cu_seqlens, Tensor{});
+  a.activation(dout, {s.n, s.hv, s.dv}, "dout");
+  a.state(dinitial_state, {s.num_docs, s.hv, s.dk, s.dv}, "dinitial_state");
+  if (!kda_split_forward_supported(k, v))
+    HYD_THROW(op, ": needs CUDA tensors with dk, dv in {64, 128} (got ", k.device.str(), ", k ", k.shape_str(),
+              ", v ", v.shape_str(), ")");
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, q, op);
+  cuda::kda_backward_initial_adjoint(s, q.ptr<bf16>(), k.ptr<bf16>(), v.ptr<bf16>(), g.ptr<float>(), beta.ptr<float>(),
+                                     cu_seqlens.ptr<int32_t>(), dout.ptr<bf16>(), dinitial_state.ptr<float>(),
+                                     ctx.stream());
+#else
+  (void)ctx;
+#endif
+}
+
 }  // namespace hyd::kernels

@@ -34,6 +34,29 @@ void kda_backward(const ExecContext& ctx, const Tensor& q, const Tensor& k, cons
 void kda_transition(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta,
                     const Tensor& cu_seqlens, const Tensor& M, const Tensor& B);
 
+// The forward split in two for LASP-2 (sequence parallelism), where one set of inputs needs several passes
+// from different initial states: kda_forward_prepare does the work that does not depend on the state once
+// (the chunks' intra-chunk products, kept in `workspace`), then each kda_forward_pass is kda_forward of those
+// inputs from its own initial_state (o may be empty: the final state alone). Available on CUDA with the
+// tensor-core kernels (dk, dv in {64, 128}; kda_split_forward_supported), else the caller runs kda_forward.
+// workspace: f32 on the inputs' device, at least kda_forward_workspace_floats(...) elements; a pass reads
+// what the last prepare on that workspace wrote (same stream). zero_values: a pass as if v were zero with dk
+// value columns (the transition M of KDA.md from an identity initial state): initial_state and
+// final_state [D, HV, dk, dk], o empty; the workspace must be sized and prepared with zero_values.
+bool kda_split_forward_supported(const Tensor& k, const Tensor& v);
+// LASP-2's backward counterpart, same availability: dinitial_state [D, HV, dk, dv] of kda_backward with a zero
+// dfinal_state (which depends on neither the initial state nor the other gradients), computed without the
+// rest of the backward (the prep and the reverse state pass only). Inputs as kda_backward's.
+void kda_backward_initial_adjoint(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                                  const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens, const Tensor& dout,
+                                  const Tensor& dinitial_state);
+int64_t kda_forward_workspace_floats(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, bool zero_values);
+void kda_forward_prepare(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                         const Tensor& beta, const Tensor& cu_seqlens, const Tensor& workspace, bool zero_values);
+void kda_forward_pass(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                      const Tensor& workspace, const Tensor& initial_state, const Tensor& o, const Tensor& final_state,
+                      bool zero_values);
+
 // Sizes shared by the raw entry points.
 struct KdaDims {
   int64_t n = 0;         // packed tokens
@@ -72,6 +95,16 @@ void kda_backward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v,
                   bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* dinitial_state, void* stream);
 void kda_transition(const KdaDims& s, const bf16* k, const bf16* v, const float* g, const float* beta,
                     const int32_t* cu_seqlens, float* M, float* B, void* stream);
+// The split forward (kernels::kda_forward_prepare / kda_forward_pass above); ws: workspace_bytes(s, zero_values).
+bool kda_split_supported(const KdaDims& s);
+void kda_backward_initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                                  const float* beta, const int32_t* cu_seqlens, const bf16* dout,
+                                  float* dinitial_state, void* stream);
+size_t kda_forward_workspace_bytes(const KdaDims& s, bool zero_values);
+void kda_forward_prepare(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                         const float* beta, const int32_t* cu_seqlens, void* ws, bool zero_values, void* stream);
+void kda_forward_pass(const KdaDims& s, const int32_t* cu_seqlens, const void* ws, const float* initial_state, bf16* o,
+                      float* final_state, bool zero_values, void* stream);
 }  // namespace cuda
 
 }  // namespace hyd::kernels

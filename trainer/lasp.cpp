@@ -48,6 +48,7 @@ enum Slot : int {
   kHaloAll,
   kDKAll,
   kDVAll,  // LASP-2H key / value gradients over the gathered keys
+  kSplitWs,  // the split forward's workspace (CUDA: the prepared chunks, shared by the B, M and true passes)
 };
 const int kTemp = 0;
 
@@ -223,6 +224,10 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   // version-1 kernels would serialise over tokens.)
   // Passes a rank does not need are skipped: without a continuing first document (rank 0) the B pass is the
   // true pass; without a document going on into the next rank (the last rank) there is no B pass.
+  // On CUDA with the tensor-core kernels the state-independent work (the chunks' prep) runs once and the
+  // passes are state passes over it (kda_forward_prepare / kda_forward_pass): the B pass of a rank with a
+  // continuing first document writes no outputs, and a rank that waits for the others' transitions has
+  // already done its prep when they arrive (it is queued before the all-gather).
   lasp_profile_start(ctx);
   auto through = [&](int64_t b) { return L.cont_out[b] && L.first_doc[b] == L.last_doc[b] && L.lead[b] > 0; };
   bool any_through = false, any_lead = false, any_cont = false;
@@ -231,18 +236,27 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
     any_lead = any_lead || L.lead[b] > 0;
     any_cont = any_cont || L.cont_out[b] != 0;
   }
+  const bool split = kernels::kda_split_forward_supported(k, v);
+  Tensor ws;
+  if (split) {
+    ws = sp.buffer(&kTemp, kSplitWs, {kernels::kda_forward_workspace_floats(k, v, cu_seqlens, any_through)},
+                   DType::f32);
+    kernels::kda_forward_prepare(ctx, q, k, v, g, beta, cu_seqlens, ws, any_through);
+  }
   const Tensor B = sp.buffer(&kTemp, kTransB, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
-  if (any_cont)
-    kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, Tensor{},
-                         any_lead ? sp.buffer(&kTemp, kOScratch, {o.shape[0], s.hv, s.dv}, o.dtype) : o, B);
+  if (any_cont) {
+    if (split)
+      kernels::kda_forward_pass(ctx, k, v, cu_seqlens, ws, Tensor{}, any_lead ? Tensor{} : o, B, false);
+    else
+      kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, Tensor{},
+                           any_lead ? sp.buffer(&kTemp, kOScratch, {o.shape[0], s.hv, s.dv}, o.dtype) : o, B);
+  }
   lasp_profile_mark(ctx, "kda.fwd.B_pass");
   Tensor M;
   if (any_through) {
     M = sp.buffer(&kTemp, kTransM, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
     const Tensor eye = sp.buffer(&kTemp, kIdentity, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
-    const Tensor zero_v = sp.buffer(&kTemp, kZeroV, {o.shape[0], s.hv, s.dk}, v.dtype);
     kernels::fill(ctx, eye, 0.0f);
-    kernels::fill(ctx, zero_v, 0.0f);
     std::vector<float> one(static_cast<size_t>(s.hv * mm), 0.0f);
     for (int64_t h = 0; h < s.hv; ++h)
       for (int64_t i = 0; i < s.dk; ++i) one[h * mm + i * s.dk + i] = 1.0f;
@@ -252,8 +266,14 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
         copy_tensor(eye.view({s.docs * s.hv * mm}).slice0(L.last_doc[b] * s.hv * mm, (L.last_doc[b] + 1) * s.hv * mm),
                     Tensor(one.data(), DType::f32, Device::cpu(), {s.hv * mm}));
       }
-    kernels::kda_forward(ctx, q, k, zero_v, g, beta, cu_seqlens, eye,
-                         sp.buffer(&kTemp, kOScratch2, {o.shape[0], s.hv, s.dk}, o.dtype), M);
+    if (split) {
+      kernels::kda_forward_pass(ctx, k, v, cu_seqlens, ws, eye, Tensor{}, M, true);
+    } else {
+      const Tensor zero_v = sp.buffer(&kTemp, kZeroV, {o.shape[0], s.hv, s.dk}, v.dtype);
+      kernels::fill(ctx, zero_v, 0.0f);
+      kernels::kda_forward(ctx, q, k, zero_v, g, beta, cu_seqlens, eye,
+                           sp.buffer(&kTemp, kOScratch2, {o.shape[0], s.hv, s.dk}, o.dtype), M);
+    }
   }
 
   lasp_profile_mark(ctx, "kda.fwd.M_pass");
@@ -277,11 +297,13 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   lasp_profile_mark(ctx, "kda.fwd.exchange");
   kernels::kda_compose_prefix(ctx, all, sp.rank(), S, work);
   lasp_profile_mark(ctx, "kda.fwd.compose");
-  if (any_lead)
-    kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, expand_row_states(ctx, sp, S, s.docs, s.hv, s.dk, s.dv), o,
-                         Tensor{});
-  else if (!any_cont)
-    kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, Tensor{}, o, Tensor{});
+  if (any_lead || !any_cont) {
+    const Tensor init = any_lead ? expand_row_states(ctx, sp, S, s.docs, s.hv, s.dk, s.dv) : Tensor{};
+    if (split)
+      kernels::kda_forward_pass(ctx, k, v, cu_seqlens, ws, init, o, Tensor{}, false);
+    else
+      kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, init, o, Tensor{});
+  }
   lasp_profile_mark(ctx, "kda.fwd.true_pass");
 }
 
@@ -304,10 +326,15 @@ void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const
   const Tensor dstate = sp.buffer(&kTemp, kDState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
 
   // L_r: the incoming-state adjoint with a zero outgoing adjoint (it does not depend on the state); only a
-  // rank with a continuing first document needs it, and without a document going on into the next rank
-  // this pass is already the true backward.
+  // rank with a continuing first document needs it. On CUDA with the tensor-core kernels it is the reverse
+  // state pass alone (kda_backward_initial_adjoint: a fraction of a backward), so the exchange does not wait
+  // for any rank's whole backward and every rank runs its one true backward after it. Otherwise, without a
+  // document going on into the next rank, this pass is already the true backward.
+  const bool split = kernels::kda_split_forward_supported(k, v);
   lasp_profile_start(ctx);
-  if (any_lead)
+  if (any_lead && split)
+    kernels::kda_backward_initial_adjoint(ctx, q, k, v, g, beta, cu_seqlens, dout, dstate);
+  else if (any_lead)
     kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init, dout, Tensor{}, dq, dk, dv, dg, dbeta, dstate);
   lasp_profile_mark(ctx, "kda.bwd.zero_adjoint_pass");
   const Tensor mine = sp.buffer(&kTemp, kMine, {L.rows * s.hv * mb}, DType::f32);
@@ -331,7 +358,7 @@ void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const
       copy_blocks(ctx, dstate.ptr<float>() + L.last_doc[b] * s.hv * mb, 0, G.ptr<float>() + b * s.hv * mb, 0, s.hv * mb,
                   1);
   lasp_profile_mark(ctx, "kda.bwd.compose");
-  if (any_cont || !any_lead)
+  if (any_cont || !any_lead || split)
     kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init, dout, any_cont ? dstate : Tensor{}, dq, dk, dv, dg,
                           dbeta, Tensor{});
   lasp_profile_mark(ctx, "kda.bwd.true_pass");

@@ -179,6 +179,73 @@ void kda_backward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v,
                           dbeta, dinitial_state, sc);
 }
 
+// Split forward workspace: the chunk table, the prep scratch, then (zero_values) the zero u of the M pass.
+namespace {
+struct SplitLayout {
+  size_t table = 0, prep = 0, zero_u = 0, bytes = 0;
+};
+SplitLayout split_layout(const KdaDims& s, bool zero_values) {
+  SplitLayout l;
+  l.table = 0;
+  l.prep = (static_cast<size_t>(s.num_docs + 1) * 4 + 15) / 16 * 16;
+  l.zero_u = l.prep + (kda_mma::forward_scratch_bytes(s) + 15) / 16 * 16;
+  const size_t zu = zero_values ? static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
+                                      kda_chunk::kChunk * static_cast<size_t>(s.dk) * 4
+                                : 0;
+  l.bytes = l.zero_u + zu;
+  return l;
+}
+}  // namespace
+
+bool kda_split_supported(const KdaDims& s) { return kda_mma::supports(s) && !kda_force_v1(); }
+
+void kda_backward_initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                                  const float* beta, const int32_t* cu_seqlens, const bf16* dout,
+                                  float* dinitial_state, void* stream) {
+  check_dims(s, "kda_backward_initial_adjoint");
+  HYD_CHECK(kda_split_supported(s), "kda_backward_initial_adjoint: not available for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  cudaStream_t st = as_stream(stream);
+  const size_t table_floats = (static_cast<size_t>(s.num_docs) + 1 + 3) / 4 * 4;
+  StreamScratch buf(table_floats + (kda_mma::forward_scratch_bytes(s) + 3) / 4, st);
+  kda_chunk::Scratch sc;
+  sc.chunk_off = reinterpret_cast<int32_t*>(buf.get());
+  DeviceLauncher launcher{st};
+  kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
+  kda_mma::initial_adjoint(s, q, k, v, g, beta, cu_seqlens, sc.chunk_off, dout, dinitial_state,
+                           buf.get() + table_floats, st);
+}
+
+size_t kda_forward_workspace_bytes(const KdaDims& s, bool zero_values) { return split_layout(s, zero_values).bytes; }
+
+void kda_forward_prepare(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                         const float* beta, const int32_t* cu_seqlens, void* ws, bool zero_values, void* stream) {
+  check_dims(s, "kda_forward_prepare");
+  HYD_CHECK(kda_split_supported(s), "kda_forward_prepare: no split forward for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  cudaStream_t st = as_stream(stream);
+  const SplitLayout l = split_layout(s, zero_values);
+  unsigned char* base = static_cast<unsigned char*>(ws);
+  kda_chunk::Scratch sc;
+  sc.chunk_off = reinterpret_cast<int32_t*>(base + l.table);
+  DeviceLauncher launcher{st};
+  kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
+  kda_mma::forward_prepare(s, q, k, v, g, beta, cu_seqlens, sc.chunk_off, base + l.prep, st);
+  if (zero_values && l.bytes > l.zero_u) CHECK_CUDA(cudaMemsetAsync(base + l.zero_u, 0, l.bytes - l.zero_u, st));
+}
+
+void kda_forward_pass(const KdaDims& s, const int32_t* cu_seqlens, const void* ws, const float* initial_state, bf16* o,
+                      float* final_state, bool zero_values, void* stream) {
+  check_dims(s, "kda_forward_pass");
+  HYD_CHECK(kda_split_supported(s), "kda_forward_pass: no split forward for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  const SplitLayout l = split_layout(s, zero_values);
+  const unsigned char* base = static_cast<const unsigned char*>(ws);
+  kda_mma::forward_state(s, cu_seqlens, reinterpret_cast<const int32_t*>(base + l.table), initial_state, o,
+                         final_state, base + l.prep,
+                         zero_values ? reinterpret_cast<const float*>(base + l.zero_u) : nullptr, stream);
+}
+
 void kda_transition(const KdaDims& s, const bf16* k, const bf16* v, const float* g, const float* beta,
                     const int32_t* cu_seqlens, float* M, float* B, void* stream) {
   check_dims(s, "kda_transition");

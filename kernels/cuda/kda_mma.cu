@@ -1523,9 +1523,8 @@ void set_smem(K kernel, size_t bytes) {
 }
 
 template <int DK, int DV>
-void forward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
-                  const int32_t* cu, const int32_t* chunk_off, const float* initial_state, bf16* o, float* final_state,
-                  const FwdBuffers& f, cudaStream_t st) {
+void prep_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+               const int32_t* cu, const int32_t* chunk_off, const FwdBuffers& f, cudaStream_t st) {
   const int64_t mc = kda_chunk::max_chunks(s);
   if (mc > 0) {
     using PL = PrepLayout<DK, DV>;
@@ -1534,12 +1533,25 @@ void forward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v,
         s, as_nv(q), as_nv(k), as_nv(v), g, beta, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, nullptr);
     CHECK_LAUNCH();
   }
+}
+
+template <int DK, int DV>
+void state_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const float* initial_state, bf16* o,
+                float* final_state, const FwdBuffers& f, cudaStream_t st) {
   using SL = StateLayout<DK>;
   set_smem(state_kernel<DK, DV>, SL::bytes);
   state_kernel<DK, DV><<<dim3(static_cast<unsigned>(s.num_docs), static_cast<unsigned>(s.hv), DV / kBV), kThreads,
                          SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, initial_state,
                                           as_nv(o), final_state, nullptr, nullptr, nullptr);
   CHECK_LAUNCH();
+}
+
+template <int DK, int DV>
+void forward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                  const int32_t* cu, const int32_t* chunk_off, const float* initial_state, bf16* o, float* final_state,
+                  const FwdBuffers& f, cudaStream_t st) {
+  prep_impl<DK, DV>(s, q, k, v, g, beta, cu, chunk_off, f, st);
+  state_impl<DK, DV>(s, cu, chunk_off, initial_state, o, final_state, f, st);
 }
 
 template <int DK, int DV>
@@ -1622,6 +1634,53 @@ void forward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, cons
   carve(s, static_cast<unsigned char*>(scratch), f);
   with_dims(s, [&]<int DK, int DV>() {
     forward_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, chunk_off, initial_state, o, final_state, f, stream);
+  });
+}
+
+void forward_prepare(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                     const int32_t* cu_seqlens, const int32_t* chunk_off, void* scratch, void* stream_ptr) {
+  HYD_CHECK(supports(s), "kda_mma::forward_prepare: dk ", s.dk, " / dv ", s.dv, " not supported");
+  HYD_CHECK(s.num_docs <= 0x7fffffffLL && s.hv <= 65535, "kda_mma::forward_prepare: grid too large");
+  FwdBuffers f{};
+  carve(s, static_cast<unsigned char*>(scratch), f);
+  with_dims(s, [&]<int DK, int DV>() {
+    prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, chunk_off, f, as_stream(stream_ptr));
+  });
+}
+
+void forward_state(const KdaDims& s, const int32_t* cu_seqlens, const int32_t* chunk_off, const float* initial_state,
+                   bf16* o, float* final_state, const void* scratch, const float* zero_u, void* stream_ptr) {
+  HYD_CHECK(supports(s), "kda_mma::forward_state: dk ", s.dk, " / dv ", s.dv, " not supported");
+  HYD_CHECK(zero_u == nullptr || o == nullptr, "kda_mma::forward_state: a zero-value pass has no output");
+  FwdBuffers f{};
+  carve(s, static_cast<unsigned char*>(const_cast<void*>(scratch)), f);
+  const cudaStream_t st = as_stream(stream_ptr);
+  if (zero_u != nullptr) {  // values zero, dk columns: u = T v = 0
+    f.u = const_cast<float*>(zero_u);
+    KdaDims m = s;
+    m.dv = s.dk;
+    with_dims(m, [&]<int DK, int DV>() { state_impl<DK, DV>(m, cu_seqlens, chunk_off, initial_state, nullptr, final_state, f, st); });
+    return;
+  }
+  with_dims(s, [&]<int DK, int DV>() { state_impl<DK, DV>(s, cu_seqlens, chunk_off, initial_state, o, final_state, f, st); });
+}
+
+void initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                     const int32_t* cu_seqlens, const int32_t* chunk_off, const bf16* dout, float* dinitial_state,
+                     void* scratch, void* stream_ptr) {
+  HYD_CHECK(supports(s), "kda_mma::initial_adjoint: dk ", s.dk, " / dv ", s.dv, " not supported");
+  HYD_CHECK(s.num_docs <= 0x7fffffffLL && s.hv <= 65535, "kda_mma::initial_adjoint: grid too large");
+  FwdBuffers f{};
+  carve(s, static_cast<unsigned char*>(scratch), f);
+  const cudaStream_t st = as_stream(stream_ptr);
+  with_dims(s, [&]<int DK, int DV>() {
+    prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, chunk_off, f, st);
+    using RL = ReverseLayout<DK>;
+    set_smem(reverse_kernel<DK, DV>, RL::bytes);
+    reverse_kernel<DK, DV><<<dim3(static_cast<unsigned>(s.num_docs), static_cast<unsigned>(s.hv), DV / kBV), kThreads,
+                             RL::bytes, st>>>(s, cu_seqlens, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl, as_nv(dout),
+                                              nullptr, nullptr, nullptr, nullptr, dinitial_state);
+    CHECK_LAUNCH();
   });
 }
 

@@ -26,6 +26,20 @@ void forward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, cons
              const int32_t* cu_seqlens, const int32_t* chunk_off, const float* initial_state, bf16* o,
              float* final_state, void* scratch, void* stream);
 
+// The forward in two steps (LASP-2's passes over one set of inputs): forward_prepare runs the state-
+// independent prep kernel into `scratch` (forward_scratch_bytes(s)); forward_state then runs the state
+// pass over it from `initial_state` (o may be null: the state alone). zero_u (null, or f32 zeros of
+// max_chunks(s) x hv x 64 x dk): the pass with zero values and dv := dk (the transition M from an identity
+// initial state; initial_state and final_state [D, HV, dk, dk], o null).
+void forward_prepare(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                     const int32_t* cu_seqlens, const int32_t* chunk_off, void* scratch, void* stream);
+void forward_state(const KdaDims& s, const int32_t* cu_seqlens, const int32_t* chunk_off, const float* initial_state,
+                   bf16* o, float* final_state, const void* scratch, const float* zero_u, void* stream);
+// dinitial_state of the backward with a zero dfinal_state (LASP-2's L: it depends on neither the initial
+// state nor anything but the prep and dout): the prep into `scratch`, then the reverse state pass alone.
+void initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                     const int32_t* cu_seqlens, const int32_t* chunk_off, const bf16* dout, float* dinitial_state,
+                     void* scratch, void* stream);
 // The backward up to the GQA reduction: prep (keeping X in sc.x), the state pass keeping S_in and
 // v_new of every chunk, the reverse state pass (dS_out, dv_new, dinitial_state), the products over
 // dv (sc.dqg, dkg, dw, dgls, daqk, dtv and the finished dv) and the intra-chunk gradients (the

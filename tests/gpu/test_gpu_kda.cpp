@@ -346,6 +346,74 @@ TEST(GpuKda, LengthOneAndEmptyDocumentsGiveNoNaN) {
   }
 }
 
+// The split forward of LASP-2 (kda_forward_prepare once, kda_forward_pass per initial state) runs the same
+// kernels as kda_forward: every pass equals the whole forward bit for bit, with and without an initial
+// state and outputs; the zero-value pass from an identity state equals kda_forward with zero values of dk
+// columns (the transition M); kda_backward_initial_adjoint equals kda_backward's dinitial_state without a
+// final-state gradient. Workspace and outputs poisoned first.
+TEST(GpuKda, SplitForwardEqualsTheWholeForward) {
+  HYD_REQUIRE_GPU();
+  struct SplitCase {
+    int64_t h, hv, dk, dv;
+  };
+  for (const SplitCase& c : {SplitCase{1, 2, 128, 128}, SplitCase{2, 2, 64, 64}, SplitCase{1, 1, 128, 64}}) {
+    const Problem p = make_problem({1, 63, 64, 0, 65, 200, 1000}, c.h, c.hv, c.dk, c.dv, true, Gates::mixed);
+    const KdaDims& s = p.s;
+    const int64_t n = s.n, D = s.num_docs;
+    SCOPED_TRACE(describe(p, "mixed", true));
+    ExecContext ctx(Device::cuda(0));
+    DeviceBuffers buf(Device::cuda(0), size_t(512) << 20);
+    const Tensor q = buf.upload(p.q, {n, s.h, s.dk}, DType::bf16), k = buf.upload(p.k, {n, s.h, s.dk}, DType::bf16),
+                 v = buf.upload(p.v, {n, s.hv, s.dv}, DType::bf16), g = buf.upload(p.g, {n, s.hv, s.dk}, DType::f32),
+                 beta = buf.upload(p.beta, {n, s.hv}, DType::f32), cu = buf.upload_i32(p.cu, {D + 1});
+    const Tensor init = buf.upload(p.init, {D, s.hv, s.dk, s.dv}, DType::f32);
+    ASSERT_TRUE(kda_split_forward_supported(k, v));
+    auto out = [&] { return buf.poisoned({n, s.hv, s.dv}, DType::bf16); };
+    auto state = [&](int64_t cols) { return buf.poisoned({D, s.hv, s.dk, cols}, DType::f32); };
+    const Tensor o_ref = out(), fin_ref = state(s.dv), o0_ref = out(), fin0_ref = state(s.dv);
+    kda_forward(ctx, q, k, v, g, beta, cu, init, o_ref, fin_ref);
+    kda_forward(ctx, q, k, v, g, beta, cu, Tensor{}, o0_ref, fin0_ref);
+    // M: zero values of dk columns from an identity state.
+    std::vector<float> eye_h(static_cast<size_t>(D * s.hv * s.dk * s.dk), 0.f);
+    for (int64_t m = 0; m < D * s.hv; ++m)
+      for (int64_t i = 0; i < s.dk; ++i) eye_h[(m * s.dk + i) * s.dk + i] = 1.f;
+    const Tensor eye = buf.upload(eye_h, {D, s.hv, s.dk, s.dk}, DType::f32);
+    const Tensor zero_v = buf.zeros({n, s.hv, s.dk}, DType::bf16), m_ref = state(s.dk);
+    kda_forward(ctx, q, k, zero_v, g, beta, cu, eye, buf.poisoned({n, s.hv, s.dk}, DType::bf16), m_ref);
+
+    const Tensor ws = buf.poisoned({kda_forward_workspace_floats(k, v, cu, true)}, DType::f32);
+    kda_forward_prepare(ctx, q, k, v, g, beta, cu, ws, true);
+    const Tensor o1 = out(), fin1 = state(s.dv), fin2 = state(s.dv), o3 = out(), fin3 = state(s.dv), m1 = state(s.dk);
+    kda_forward_pass(ctx, k, v, cu, ws, eye, Tensor{}, m1, true);
+    kda_forward_pass(ctx, k, v, cu, ws, init, o1, fin1, false);
+    kda_forward_pass(ctx, k, v, cu, ws, init, Tensor{}, fin2, false);
+    kda_forward_pass(ctx, k, v, cu, ws, Tensor{}, o3, fin3, false);
+    ctx.synchronize();
+    auto same = [](const Tensor& a, const Tensor& b, const char* what) {
+      const std::vector<float> x = DeviceBuffers::download(a), y = DeviceBuffers::download(b);
+      EXPECT_TRUE(all_finite(x)) << what;
+      EXPECT_EQ(x, y) << what << " differs from the whole forward";
+    };
+    same(o1, o_ref, "o (initial state)");
+    same(fin1, fin_ref, "final state (initial state)");
+    same(fin2, fin_ref, "final state (no outputs)");
+    same(o3, o0_ref, "o (zero state)");
+    same(fin3, fin0_ref, "final state (zero state)");
+    same(m1, m_ref, "M (zero values from the identity)");
+    // LASP-2's L: the initial-state adjoint with no final-state gradient, alone, equals the whole backward's.
+    const Tensor dout = buf.upload(p.dout, {n, s.hv, s.dv}, DType::bf16), l_ref = state(s.dv), l1 = state(s.dv);
+    kda_backward(ctx, q, k, v, g, beta, cu, init, dout, Tensor{}, buf.poisoned({n, s.h, s.dk}, DType::bf16),
+                 buf.poisoned({n, s.h, s.dk}, DType::bf16), out(), buf.poisoned({n, s.hv, s.dk}, DType::f32),
+                 buf.poisoned({n, s.hv}, DType::f32), l_ref);
+    kda_backward_initial_adjoint(ctx, q, k, v, g, beta, cu, dout, l1);
+    ctx.synchronize();
+    same(l1, l_ref, "dinitial_state without dfinal_state (L)");
+    test::expect_error_mentioning([&] { kda_forward_pass(ctx, k, v, cu, ws, eye, out(), m1, true); }, "'o'");
+    const Tensor small = buf.poisoned({16}, DType::f32);
+    test::expect_error_mentioning([&] { kda_forward_prepare(ctx, q, k, v, g, beta, cu, small, false); }, "workspace");
+  }
+}
+
 TEST(GpuKda, LongSequenceTiming) {
   HYD_REQUIRE_GPU();
   // One document of 8192 tokens, H = HV = 16, dk = dv = 128: times only (no assertion on time).
