@@ -388,7 +388,8 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
                               "in one process, or leave eval.passkey_data empty");
   const int64_t model_tokens = sp > 1 ? N : in.max_tokens;
   ExecContext ctx(device);
-  HybridModel teacher(in.teacher_cfg, device, model_tokens);
+  // The teacher only runs forwards: an inference model (no gradients, one layer's activations).
+  HybridModel teacher(in.teacher_cfg, device, model_tokens, ModelUse::inference);
   HybridModel student(in.student_cfg, device, model_tokens);
   TransferReport report;
   load_teacher(cfg.teacher_dir, tc, device, N, teacher, &student, cfg.train.seed, &report);
@@ -927,8 +928,8 @@ void run_evaluation(const DistillConfig& cfg, const std::string& checkpoint_dir,
   DistillInputs in = open_inputs(cfg, pattern);
 
   ExecContext ctx(device);
-  HybridModel teacher(in.teacher_cfg, device, in.max_tokens);
-  HybridModel student(in.student_cfg, device, in.max_tokens);
+  HybridModel teacher(in.teacher_cfg, device, in.max_tokens, ModelUse::inference);
+  HybridModel student(in.student_cfg, device, in.max_tokens, ModelUse::inference);  // evaluated, not trained
   load_teacher(cfg.teacher_dir, in.teacher.config, device, cfg.data.batch_size * cfg.data.seq_len, teacher, nullptr, 0,
                nullptr);
   restore_parameters(ck.tensors, student.params());

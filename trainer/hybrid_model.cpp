@@ -12,9 +12,12 @@
 //   activations: h_0 and h after every block (2L + 1) [N, D]; per layer a, rstd and the mixer's
 //     Saved (AttentionMixer or KdaLayer), the MLP's Saved (dense layers) or, for a MoE layer, m [N, D],
 //     rstd and MoeLayer::alloc_saved; final normed, its rstd, losses, d_normed, dh
-//   scratch: max( a mixer block's backward (da, dx [N, D] + the mixer's Scratch), the KDA forward
-//     scratch, the MLP backward or a MoE block's (dm, dx [N, D] + MoeLayer::alloc_scratch), one logits
+//   scratch: max( a mixer block's backward (da [N, D] + the mixer's Scratch), the KDA forward
+//     scratch, the MLP backward or a MoE block's (dm [N, D] + MoeLayer::alloc_scratch), one logits
 //     chunk 4 * C * V )
+// ModelUse::inference: no gradients; activations h in two [N, D] buffers, one set of a / rstd / Saved per
+//   mixer kind and per FFN kind (shared by the layers), final normed, its rstd, losses; scratch: max(the KDA
+//   forward scratch, one logits chunk).
 // Capacities come from running the same alloc code on an ArenaSizer.
 #include "trainer/hybrid_model.h"
 
@@ -261,6 +264,13 @@ struct HybridModel::Impl {
   Arena param_arena, grad_arena, table_arena, gate_arena, act_arena, scratch_arena;
   Arena moe_bias_arena;  // CUDA: f32 working copies of the MoE selection biases (MoeBlock)
   Tensor flat_params, flat_grads, rope_cos, rope_sin;
+  bool inference = false;  // ModelUse::inference: no gradients, one layer's activations (HybridModel ctor)
+  // Throws unless the model was built for training (what: the call that needs gradients or a backward).
+  void require_training(const char* what) const {
+    if (inference)
+      HYD_THROW("HybridModel::", what, ": this model was built for inference (ModelUse::inference: no gradients, "
+                "no per-layer activations); build it with ModelUse::train");
+  }
 
   WeightRef embed, final_norm, lm_head;
   std::vector<WeightRef> mixer_norm;                 // layers.L.attn_norm
@@ -302,36 +312,60 @@ struct HybridModel::Impl {
   bool is_kda(int64_t l) const { return cfg.layers[static_cast<size_t>(l)] == MixerKind::kda; }
   bool uses_rope(int64_t l) const { return cfg.layers[static_cast<size_t>(l)] == MixerKind::teacher_attention; }
 
+  // Training: every layer keeps its own activations for the backward. Inference: the residual stream
+  // alternates between two buffers (a block reads one and writes the other) and all layers of one kind share
+  // one set of saved activations (nothing is kept for a backward); the backward-only tensors are absent.
   template <class Alloc>
   Step alloc_step(Alloc& a, int64_t n) const {
     Step s;
     const int64_t D = cfg.model.hidden_size;
     s.residual.push_back(a.alloc({n, D}, act));
+    const Tensor other = inference ? a.alloc({n, D}, act) : Tensor{};
+    int64_t first_kda = -1, first_attn = -1, first_mlp = -1, first_moe = -1;
     for (int64_t l = 0; l < cfg.model.num_layers; ++l) {
-      s.residual.push_back(a.alloc({n, D}, act));
-      s.residual.push_back(a.alloc({n, D}, act));
-      MixerSaved m;
-      m.a = a.alloc({n, D}, act);
-      m.rstd = a.alloc({n}, DType::f32);
-      if (is_kda(l))
-        m.kda = kda[l].alloc_saved(a, n, act);
-      else
-        m.attn = attn[l].alloc_saved(a, n, act);
-      s.mix.push_back(m);
-      if (sparse[l]) {
+      if (inference) {
+        s.residual.push_back(other);
+        s.residual.push_back(s.residual[0]);
+      } else {
+        s.residual.push_back(a.alloc({n, D}, act));
+        s.residual.push_back(a.alloc({n, D}, act));
+      }
+      int64_t& shared_mix = is_kda(l) ? first_kda : first_attn;
+      if (inference && shared_mix >= 0) {
+        s.mix.push_back(s.mix[static_cast<size_t>(shared_mix)]);
+      } else {
+        MixerSaved m;
+        m.a = a.alloc({n, D}, act);
+        m.rstd = a.alloc({n}, DType::f32);
+        if (is_kda(l))
+          m.kda = kda[l].alloc_saved(a, n, act);
+        else
+          m.attn = attn[l].alloc_saved(a, n, act);
+        s.mix.push_back(m);
+        shared_mix = l;
+      }
+      int64_t& shared_ffn = sparse[l] ? first_moe : first_mlp;
+      if (inference && shared_ffn >= 0) {
+        s.mlp.push_back(s.mlp[static_cast<size_t>(shared_ffn)]);
+        s.moe.push_back(s.moe[static_cast<size_t>(shared_ffn)]);
+      } else if (sparse[l]) {
         s.mlp.emplace_back();
         s.moe.push_back(moe[l].alloc_saved(a, n, act));
+        shared_ffn = l;
       } else {
         s.mlp.push_back(mlp[l].alloc_saved(a, n, act));
         s.moe.emplace_back();
+        shared_ffn = l;
       }
     }
     s.final_normed = a.alloc({n, D}, act);
     s.final_rstd = a.alloc({n}, DType::f32);
     s.losses = a.alloc({n}, DType::f32);
-    s.d_normed = a.alloc({n, D}, act);
-    s.d_residual = a.alloc({n, D}, act);
-    s.hidden_sq = a.alloc({1}, DType::f32);
+    if (!inference) {
+      s.d_normed = a.alloc({n, D}, act);
+      s.d_residual = a.alloc({n, D}, act);
+      s.hidden_sq = a.alloc({1}, DType::f32);
+    }
     return s;
   }
 
@@ -353,6 +387,18 @@ struct HybridModel::Impl {
 
   size_t scratch_bytes(int64_t n) const {
     size_t bytes = 0;
+    if (inference) {  // the forward's own scratch (K layers) and the LM head's chunk
+      for (int64_t l = 0; l < cfg.model.num_layers; ++l)
+        if (is_kda(l)) {
+          ArenaSizer sf;
+          kda[l].alloc_forward_scratch(sf, n, act);
+          bytes = std::max(bytes, sf.used());
+        }
+      ArenaSizer sl;
+      sl.alloc({std::min(logits_chunk, n), cfg.model.vocab_size}, DType::f32);
+      sl.alloc({n}, DType::f32);
+      return std::max(bytes, sl.used());
+    }
     {
       ArenaSizer sh;
       alloc_hidden_scratch(sh, n);
@@ -491,14 +537,16 @@ void HybridModel::Impl::build() {
   const int64_t total = offset;
 
   param_arena = Arena("params", device, static_cast<size_t>(total) * dtype_size(act));
-  grad_arena = Arena("grads", device, static_cast<size_t>(total) * 4);
   flat_params = param_arena.alloc({total}, act);
-  flat_grads = grad_arena.alloc({total}, DType::f32);
   zero_tensor(flat_params);  // padding stays zero forever
-  zero_tensor(flat_grads);
+  if (!inference) {
+    grad_arena = Arena("grads", device, static_cast<size_t>(total) * 4);
+    flat_grads = grad_arena.alloc({total}, DType::f32);
+    zero_tensor(flat_grads);
+  }
   for (ParamInfo& p : params) {
     p.value = view_at(flat_params, p.offset, p.shape);
-    p.grad = view_at(flat_grads, p.offset, p.shape);
+    if (!inference) p.grad = view_at(flat_grads, p.offset, p.shape);
   }
 
   // CUDA: f32 working copies of every K layer's A_log and dt_bias (the KDA gate kernels read f32).
@@ -852,7 +900,9 @@ void HybridModel::Impl::backward(const ExecContext& ctx, const Batch& b, const H
 
 // ------------------------------------------------------------------------------------------ public
 
-HybridModel::HybridModel(const HybridConfig& cfg, Device device, int64_t max_tokens) : impl_(std::make_unique<Impl>()) {
+HybridModel::HybridModel(const HybridConfig& cfg, Device device, int64_t max_tokens, ModelUse use)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->inference = use == ModelUse::inference;
   impl_->cfg = cfg;
   impl_->cfg.finalize("HybridModel");  // idempotent: resolves dims, parses the pattern, validates
   impl_->device = device;
@@ -941,12 +991,14 @@ std::vector<float> HybridModel::get_param(const std::string& name) const {
 }
 
 std::vector<float> HybridModel::get_grad(const std::string& name) const {
+  impl_->require_training("get_grad");
   const ParamInfo& p = param(name);
   device_sync(impl_->device);
   return download_f32(p.grad);
 }
 
 void HybridModel::zero_grad() {
+  impl_->require_training("zero_grad");
   device_sync(impl_->device);
   zero_tensor(impl_->flat_grads);
   device_sync(impl_->device);
@@ -984,6 +1036,7 @@ std::vector<HybridModel::MoeLoad> HybridModel::moe_expert_loads() const {
 
 double HybridModel::forward_backward(ExecContext& ctx, const Batch& batch, float loss_scale) {
   Impl& m = *impl_;
+  m.require_training("forward_backward");
   m.check_batch(ctx, batch);
   m.begin_step(batch);
   m.forward(ctx, batch);
@@ -1034,6 +1087,7 @@ void HybridModel::set_logits_chunk_size(int64_t tokens) {
 double HybridModel::forward_backward_logits(ExecContext& ctx, const Batch& batch, const LogitsChunkLoss& loss_fn,
                                             HiddenStateMatch* hidden) {
   Impl& m = *impl_;
+  m.require_training("forward_backward_logits");
   if (!loss_fn) HYD_THROW("HybridModel::forward_backward_logits: empty loss function");
   m.check_batch(ctx, batch);
   if (hidden) {
@@ -1166,6 +1220,7 @@ void HybridModel::forward_layer_outputs(ExecContext& ctx, const Batch& batch,
 
 std::vector<std::vector<float>> HybridModel::forward_layer_inputs_host(ExecContext& ctx, const Batch& batch) {
   Impl& m = *impl_;
+  m.require_training("forward_layer_inputs_host (the layer inputs are not kept: use forward_layer_inputs)");
   forward_layer_inputs(ctx, batch, {}, {});
   ctx.synchronize();
   device_sync(m.device);
@@ -1190,6 +1245,7 @@ void HybridModel::mixer_input_norm(ExecContext& ctx, int64_t layer, const Batch&
 void HybridModel::mixer_forward(ExecContext& ctx, int64_t layer, const Batch& batch, const Tensor& normed_input,
                                 const Tensor& out) {
   Impl& m = *impl_;
+  m.require_training("mixer_forward");
   m.check_layer(layer, "mixer_forward");
   m.check_sequence(ctx, batch, false, m.uses_rope(layer), "mixer_forward");
   m.check_activation(normed_input, batch.num_tokens, "mixer_forward", "normed_input");
@@ -1214,6 +1270,7 @@ void HybridModel::mixer_forward(ExecContext& ctx, int64_t layer, const Batch& ba
 void HybridModel::mixer_backward(ExecContext& ctx, int64_t layer, const Batch& batch, const Tensor& dout,
                                  const Tensor& d_input) {
   Impl& m = *impl_;
+  m.require_training("mixer_backward");
   m.check_layer(layer, "mixer_backward");
   m.check_sequence(ctx, batch, false, m.uses_rope(layer), "mixer_backward");
   if (!m.mixer_mode || m.mixer_tokens != batch.num_tokens || !m.mixer_ready[layer])

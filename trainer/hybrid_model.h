@@ -77,10 +77,19 @@ struct HybridConfig {
   bool has(MixerKind kind) const;
 };
 
+// What a HybridModel is built for. train: everything below. inference (a distillation teacher, evaluation):
+// forward-only calls (forward_loss, forward_logits, forward_logits_chunks, forward_hidden, lm_head_logits,
+// forward_layer_inputs, forward_layer_outputs, mixer_input_norm) with the same results, kernel for kernel, in
+// a fraction of the memory: no gradient buffer (flat_grads() and every ParamInfo::grad are empty), the
+// residual stream in two alternating buffers, one set of saved activations shared by all layers of a kind,
+// and scratch for the forward only. Calls that need gradients or a backward (forward_backward*, mixer_forward /
+// mixer_backward, zero_grad, get_grad, forward_layer_inputs_host) throw hyd::Error saying so.
+enum class ModelUse { train, inference };
+
 class HybridModel {
  public:
   // max_tokens: the largest micro-batch (sum of document lengths) any call will see.
-  HybridModel(const HybridConfig& cfg, Device device, int64_t max_tokens);
+  HybridModel(const HybridConfig& cfg, Device device, int64_t max_tokens, ModelUse use = ModelUse::train);
   ~HybridModel();
   HybridModel(const HybridModel&) = delete;
   HybridModel& operator=(const HybridModel&) = delete;
@@ -97,7 +106,7 @@ class HybridModel {
   // stage 1 trains (e.g. AdamW(mixer_params(l) of every K layer, ...)).
   std::vector<ParamInfo> mixer_params(int64_t layer) const;
   Tensor flat_params() const;  // [P] f32 (CPU) / bf16 (CUDA)
-  Tensor flat_grads() const;   // [P] f32
+  Tensor flat_grads() const;   // [P] f32 (empty for ModelUse::inference)
 
   // Matrices and embeddings Normal(0, std), output projections (wo, o_proj, w_down) scaled by
   // 1/sqrt(2 L); norms 1, biases 0; A_log and dt_bias as FLA initialises them (KdaLayerWeights).

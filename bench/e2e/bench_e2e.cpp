@@ -272,7 +272,7 @@ int run(const Args& a) {
     teacher_cfg.model = tc;
     teacher_cfg.pattern = std::string(static_cast<size_t>(tc.num_layers), 'T');
     teacher_cfg.finalize("bench_e2e");
-    teacher.emplace(teacher_cfg, dev, N);
+    teacher.emplace(teacher_cfg, dev, N, ModelUse::inference);  // as hydistill distill's teacher
     teacher->init_random(11);
   }
   AdamW optimizer(student.params(), dev, AdamWConfig{});

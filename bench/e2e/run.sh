@@ -22,8 +22,9 @@
 #     holding [tokens x vocab] logits; the reference materialises both models' full logits and their
 #     f32 log-softmaxes. Ours averages over the tokens with a target (B T - B: the last token of each
 #     sequence has none); the reference's KL averages over all B T tokens.
-#   * memory: ours = device memory in use above the bare context (reservations, cuBLAS workspaces, the
-#     teacher's unused gradient buffer included); the reference = max_memory_allocated (no cache slack).
+#   * memory: ours = device memory in use above the bare context (reservations and cuBLAS workspaces
+#     included; the teacher is an inference model: no gradients, one layer's activations); the reference =
+#     max_memory_allocated (no cache slack).
 #   * the reference's A layers use our NoPEAttention (SDPA) since FLA's attention layer needs flash-attn;
 #     --docs > 1 (several documents per sequence) exists on our side only.
 set -uo pipefail

@@ -19,7 +19,8 @@
 //   * the stage-2 hidden-state term (HiddenStateMatch): its gradients match central finite differences
 //     of H computed on the host (KTA student, masked tokens), loss = w * H; weight 0 is bit for bit the
 //     call without it; a T student with its teacher's weights has H exactly 0 and zero gradients;
-//   * argument errors (chunk size, tensor counts, lm_head_logits without a forward).
+//   * argument errors (chunk size, tensor counts, lm_head_logits without a forward);
+//   * ModelUse::inference models: the same forward results bit for bit in less memory, backward calls refused.
 // Not checked here: that layer_inputs[l + 1] = layer_inputs[l] + mixer output + MLP(...) (the MLP block
 // is not exposed on its own); the full logits/loss path built on those inputs is covered by the
 // all-T == DenseModel test of test_hybrid_model.cpp.
@@ -617,6 +618,96 @@ TEST(HybridDistillApi, ArgumentErrors) {
   model.forward_hidden(ctx, hb.batch);
   test::expect_error_mentioning([&] { model.lm_head_logits(ctx, 20, 25, test::cpu_f32(z, {5, V})); }, "outside");
   test::expect_error_mentioning([&] { model.lm_head_logits(ctx, 0, 2, test::cpu_f32(z, {3, V})); }, "logits");
+}
+
+// ------------------------------------------------------------------------------ inference models
+
+// ModelUse::inference (a teacher): the same weights give the same logits, final hidden states, layer inputs,
+// mixer outputs and layer outputs, bit for bit, as a training model (same kernels in the same order, other
+// buffers), over K, A and T mixers and dense + MoE (dots1) FFNs; it holds less memory (no gradients, one
+// layer's activations); calls that need gradients throw saying the model is for inference.
+TEST(HybridDistillApi, InferenceModelsComputeTheSameForwardInLessMemory) {
+  for (const bool moe : {false, true}) {
+    SCOPED_TRACE(moe ? "dots1 MoE skeleton, KTAK" : "llama skeleton, KATK");
+    HybridConfig cfg = test::tiny_hybrid_config(moe ? "KTAK" : "KATK", 4, moe ? "qwen3" : "llama");
+    if (moe) {
+      ModelConfig& c = cfg.model;
+      c.family = "qwen3_moe";
+      c.num_experts = 4;
+      c.num_experts_per_tok = 2;
+      c.moe_intermediate_size = 16;
+      c.norm_topk_prob = true;
+      c.decoder_sparse_step = 1;
+      c.mlp_only_layers = {};
+      test::make_dots1(c, 1.7, 1);
+    }
+    const int64_t L = 4, D = cfg.model.hidden_size, V = cfg.model.vocab_size, N = 24;
+    test::PackedBatch hb = make_batch({5, 12, 7}, V);
+    HybridModel train(cfg, Device::cpu(), 32);
+    HybridModel infer(cfg, Device::cpu(), 32, ModelUse::inference);
+    test::randomize_hybrid(train);
+    ASSERT_EQ(train.params().size(), infer.params().size());
+    for (const ParamInfo& p : train.params()) {
+      const std::vector<float> v = train.get_param(p.name);
+      infer.set_param(p.name, v.data(), static_cast<int64_t>(v.size()));
+    }
+    EXPECT_LT(infer.memory_bytes(), train.memory_bytes() / 2)
+        << "inference " << infer.memory_bytes() << " B, training " << train.memory_bytes() << " B";
+    EXPECT_TRUE(infer.flat_grads().empty());
+    ExecContext ctx(Device::cpu());
+
+    EXPECT_EQ(infer.forward_logits(ctx, hb.batch), train.forward_logits(ctx, hb.batch));
+    EXPECT_EQ(infer.forward_loss(ctx, hb.batch), train.forward_loss(ctx, hb.batch));
+    std::vector<float> zi(static_cast<size_t>((N - 3) * V), NAN), zt = zi;
+    infer.forward_hidden(ctx, hb.batch);
+    train.forward_hidden(ctx, hb.batch);
+    infer.lm_head_logits(ctx, 3, N, test::cpu_f32(zi, {N - 3, V}));
+    train.lm_head_logits(ctx, 3, N, test::cpu_f32(zt, {N - 3, V}));
+    EXPECT_TRUE(test::all_finite(zi));
+    EXPECT_EQ(zi, zt);
+    zi.assign(static_cast<size_t>(N * V), NAN);
+
+    // Stage 1's targets: every layer's input and mixer output into caller tensors (and a layer skipped).
+    auto buffers = [&] { return std::vector<std::vector<float>>(L, std::vector<float>(N * D, NAN)); };
+    auto views = [&](std::vector<std::vector<float>>& b, int64_t skip) {
+      std::vector<Tensor> t;
+      for (int64_t l = 0; l < L; ++l) t.push_back(l == skip ? Tensor{} : test::cpu_f32(b[l], {N, D}));
+      return t;
+    };
+    for (const int64_t skip : {int64_t{-1}, int64_t{2}}) {
+      auto in_i = buffers(), out_i = buffers(), in_t = buffers(), out_t = buffers();
+      infer.forward_layer_inputs(ctx, hb.batch, views(in_i, skip), views(out_i, -1));
+      train.forward_layer_inputs(ctx, hb.batch, views(in_t, skip), views(out_t, -1));
+      EXPECT_EQ(out_i, out_t) << "mixer outputs, skipped layer " << skip;
+      for (int64_t l = 0; l < L; ++l) {
+        if (l == skip) continue;  // left NaN by both
+        EXPECT_TRUE(test::all_finite(in_i[l])) << l;
+        EXPECT_EQ(in_i[l], in_t[l]) << "input of layer " << l << ", skipped layer " << skip;
+      }
+      std::fill(zi.begin(), zi.end(), NAN);
+      infer.lm_head_logits(ctx, 0, N, test::cpu_f32(zi, {N, V}));
+      EXPECT_EQ(zi, train.forward_logits(ctx, hb.batch)) << "final hidden states after forward_layer_inputs";
+    }
+    // Stage 2's hidden-state targets.
+    auto lo_i = buffers(), lo_t = buffers();
+    infer.forward_layer_outputs(ctx, hb.batch, views(lo_i, -1));
+    train.forward_layer_outputs(ctx, hb.batch, views(lo_t, -1));
+    EXPECT_EQ(lo_i, lo_t);
+
+    test::expect_error_mentioning([&] { infer.forward_backward(ctx, hb.batch); }, "inference");
+    test::expect_error_mentioning([&] { infer.zero_grad(); }, "inference");
+    test::expect_error_mentioning([&] { infer.get_grad("embed"); }, "inference");
+    test::expect_error_mentioning([&] { infer.forward_layer_inputs_host(ctx, hb.batch); }, "inference");
+    std::vector<float> a(static_cast<size_t>(N * D), 0.f), o(static_cast<size_t>(N * D));
+    test::expect_error_mentioning(
+        [&] { infer.mixer_forward(ctx, 0, hb.batch, test::cpu_f32(a, {N, D}), test::cpu_f32(o, {N, D})); },
+        "inference");
+    test::expect_error_mentioning(
+        [&] {
+          infer.forward_backward_logits(ctx, hb.batch, [](ExecContext&, int64_t, int64_t, const Tensor&) { return 0.0; });
+        },
+        "inference");
+  }
 }
 
 }  // namespace
