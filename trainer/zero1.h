@@ -15,6 +15,15 @@
 // f32 masters, m and v for its shard only, inside AdamW). The model's flat gradients are not modified.
 // Memory: gradient staging of S R f32 + S f32, parameter staging of S (R + 1) elements of the parameters'
 // dtype, on the model's device.
+//
+// Expert region (optional; PARALLEL.md "Expert parallelism": routed experts replicated over W / EP ranks and
+// reduced over those only): flat elements [experts->offset, P) hold this rank's local experts, which
+// differ between expert-parallel ranks and are replicated over experts->group (the ranks with the same EP
+// index). That region is sharded, reduce-scattered and all-gathered over experts->group alone, the
+// elements before it over `group` as above; each has its own S and staging. The gradient norm's
+// all_reduce_sum stays over `group`: every element of every rank's model lies in exactly one rank's shard.
+// rank(), size(), shard_numel() and shard_begin() describe the replicated region. (Nothing builds a
+// model with such a region yet: the expert-sharded storage of docs/parallel.md is the next step.)
 #pragma once
 
 #include <cstdint>
@@ -32,11 +41,15 @@ class NcclCommunicator;
 
 class Zero1 {
  public:
+  struct ExpertRegion {
+    int64_t offset = 0;                  // first flat element of the expert region (a parameter boundary)
+    const Communicator* group = nullptr; // the expert-data-parallel group (must outlive this object)
+  };
   // Collective over `group` (which must outlive this object). params: the model's parameter list (views
   // into flat_params / flat_grads, offsets in elements); flat_params f32 (CPU) or bf16 (CUDA), flat_grads
   // f32, on one device.
   Zero1(const Communicator& group, const std::vector<ParamInfo>& params, const Tensor& flat_params,
-        const Tensor& flat_grads);
+        const Tensor& flat_grads, const ExpertRegion* experts = nullptr);
   // The parts of `trained` (a subset of the model's parameters, e.g. one stage's) inside this rank's shard:
   // what an optimizer of only those parameters updates. Parameters outside the subset keep their values
   // (gather_parameters moves them unchanged).
@@ -68,13 +81,13 @@ class Zero1 {
   size_t memory_bytes() const { return buffers_.capacity(); }
 
  private:
+  struct Region;  // zero1.cpp: one sharded range of the flat buffers and its group
   const Communicator* group_;
-  std::unique_ptr<NcclCommunicator> nccl_;  // CUDA only
   int rank_ = 0, size_ = 1;
   int64_t numel_ = 0, shard_numel_ = 0, shard_lo_ = 0;
   Tensor flat_params_, flat_grads_;
   Arena buffers_;
-  Tensor grad_send_, grad_shard_, param_shard_, param_full_;
+  std::vector<Region> regions_;  // [0]: the replicated region over group_; [1]: the expert region
   std::vector<ParamInfo> shard_params_;
   bool timing_ = false;
   double seconds_ = 0;
