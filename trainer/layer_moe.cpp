@@ -210,6 +210,12 @@ void regroup(const MoeExpertParallel::Impl::Saved& sv, int P, int64_t El, int64_
     }
 }
 
+// Where this rank's first local expert sits in the layer's storage: the layer holds every expert (rows
+// E: at rank * E / P) or only this rank's (expert-sharded storage, rows E / P: at 0).
+int64_t local_expert_base(const MoeLayer& L, int rank, int size) {
+  return L.gate_up.value.size(0) == L.cfg.num_experts ? static_cast<int64_t>(rank) * (L.cfg.num_experts / size) : 0;
+}
+
 template <class T>
 void ep_forward(MoeExpertParallel::Impl& ep, const MoeLayer& L, const MoeRouting& r, T* xp, T* yp) {
   const MoeConfig& c = L.cfg;
@@ -243,7 +249,7 @@ void ep_forward(MoeExpertParallel::Impl& ep, const MoeLayer& L, const MoeRouting
   for (int64_t e = 0; e < El; ++e) {
     int64_t m = 0;
     for (int s = 0; s < P; ++s) m += sv.recv_cnt[s * El + e];
-    const int64_t g = ep.rank * El + e;  // the global expert index
+    const int64_t g = local_expert_base(L, ep.rank, P) + e;  // the expert's place in the storage
     if (m > 0)
       ffn_forward(xe + row * D, L.gate_up.value.ptr<T>() + g * 2 * F * D, L.down.value.ptr<T>() + g * D * F,
                   gu + row * 2 * F, act + row * F, ye.data() + row * D, m, D, F);
@@ -274,7 +280,7 @@ void ep_backward(MoeExpertParallel::Impl& ep, const MoeLayer& L, const MoeRoutin
   for (int64_t e = 0; e < El; ++e) {
     int64_t m = 0;
     for (int s = 0; s < P; ++s) m += sv.recv_cnt[s * El + e];
-    const int64_t g = ep.rank * El + e;
+    const int64_t g = local_expert_base(L, ep.rank, P) + e;
     if (m > 0)
       ffn_backward(dye.data() + row * D, xe + row * D, L.gate_up.value.ptr<T>() + g * 2 * F * D,
                    L.down.value.ptr<T>() + g * D * F, gu + row * 2 * F, act + row * F, d_act.data() + row * F,
@@ -497,7 +503,7 @@ void ep_forward_device(MoeExpertParallel::Impl& ep, const ExecContext& ctx, cons
       const kernels::MoeGemmPlan plan{
           s.gemm, std::span<const int32_t>(sv.local_counts.data() + ch.e0, static_cast<size_t>(ch.e1 - ch.e0))};
       const Tensor off = sv.offsets_d.slice0(ch.offsets_at, ch.offsets_at + ch.e1 - ch.e0 + 1);
-      const int64_t g0 = ep.rank * El + ch.e0, g1 = ep.rank * El + ch.e1;
+      const int64_t base = local_expert_base(L, ep.rank, P), g0 = base + ch.e0, g1 = base + ch.e1;
       const Tensor gu = sv.gu_d.slice0(ch.r0, ch.r1), act = sv.act_d.slice0(ch.r0, ch.r1);
       kernels::moe_grouped_linear_forward(ctx, off, sv.xe_d.slice0(ch.r0, ch.r1), L.gate_up.value.slice0(g0, g1), gu,
                                           plan);
@@ -516,7 +522,7 @@ void ep_backward_device(MoeExpertParallel::Impl& ep, const ExecContext& ctx, con
                         const MoeLayer::Scratch& t) {
   const MoeConfig& c = L.cfg;
   const int P = ep.size;
-  const int64_t El = c.num_experts / P, D = c.hidden, F = c.expert_ffn, NK = t.d_yp.size(0);
+  const int64_t D = c.hidden, F = c.expert_ffn, NK = t.d_yp.size(0);
   auto it = ep.saved.find(&L);
   HYD_CHECK(it != ep.saved.end(), "MoeExpertParallel: backward of a layer without its forward");
   MoeExpertParallel::Impl::Saved& sv = it->second;
@@ -538,7 +544,7 @@ void ep_backward_device(MoeExpertParallel::Impl& ep, const ExecContext& ctx, con
       const kernels::MoeGemmPlan plan{
           gemm, std::span<const int32_t>(sv.local_counts.data() + ch.e0, static_cast<size_t>(ch.e1 - ch.e0))};
       const Tensor off = sv.offsets_d.slice0(ch.offsets_at, ch.offsets_at + ch.e1 - ch.e0 + 1);
-      const int64_t g0 = ep.rank * El + ch.e0, g1 = ep.rank * El + ch.e1;
+      const int64_t base = local_expert_base(L, ep.rank, P), g0 = base + ch.e0, g1 = base + ch.e1;
       const Tensor dy = dye.slice0(ch.r0, ch.r1), da = d_act.slice0(ch.r0, ch.r1), dg = d_gu.slice0(ch.r0, ch.r1);
       kernels::moe_grouped_linear_backward(ctx, off, dy, sv.act_d.slice0(ch.r0, ch.r1), L.down.value.slice0(g0, g1), da,
                                            L.down.grad.slice0(g0, g1), plan);
@@ -747,11 +753,23 @@ void moe_update_selection_bias(const Tensor& bias, const std::vector<int64_t>& l
   }
 }
 
+// The routed experts' storage: all E experts, or (expert parallelism over P ranks) only this rank's E / P.
+static void expect_expert_storage(const MoeLayer& L, const MoeExpertParallel* ep, const char* op) {
+  const int64_t E = L.cfg.num_experts, rows = L.gate_up.value.empty() ? E : L.gate_up.value.size(0);
+  const int64_t local = ep != nullptr ? E / ep->size() : E;
+  if (rows != E && rows != local)
+    HYD_THROW(op, ": 'gate_up' holds ", rows, " experts; expected all ", E,
+              ep != nullptr ? " or this rank's " + std::to_string(local) + " (expert-sharded storage)" : std::string());
+  if (!L.down.value.empty() && L.down.value.size(0) != rows)
+    HYD_THROW(op, ": 'down' holds ", L.down.value.size(0), " experts but 'gate_up' ", rows);
+}
+
 double MoeLayer::forward(const ExecContext& ctx, const Tensor& in, const Tensor& out, Saved& saved,
                          const MoeExpertParallel* ep) const {
   constexpr const char* op = "MoeLayer::forward";
   NvtxRange range(nvtx_fwd.c_str());
   if (in.empty()) HYD_THROW(op, ": argument 'in' is empty");
+  expect_expert_storage(*this, ep, op);
   if (in.device.is_cuda()) {
     if (ep != nullptr && !ep->impl->nccl)
       HYD_THROW(op, ": the MoeExpertParallel was made for the CPU but the layer's input is on ", in.device.str(),

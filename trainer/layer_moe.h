@@ -133,6 +133,8 @@ struct MoeLayer {
   WeightRef router;          // [E, D]            mlp.gate.weight
   WeightRef gate_up;         // [E, 2F, D]        expert e: rows [0, F) gate_proj, [F, 2F) up_proj
   WeightRef down;            // [E, D, F]         down_proj
+  // (Under expert parallelism over P ranks gate_up / down may instead hold only this rank's experts, [E / P, ...]
+  // from expert rank * E / P on: expert-sharded storage; forward checks the size.)
   WeightRef shared_gate_up;  // [S, 2F_s, D]      (empty when S = 0)
   WeightRef shared_down;     // [S, D, F_s]
   Tensor selection_bias;     // [E] (a buffer, not trained by gradients; empty without use_selection_bias)

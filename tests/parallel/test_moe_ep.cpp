@@ -4,7 +4,8 @@
 // gradients (its rows of the reference), the router and shared-expert gradients summed over the ranks, and
 // every routed expert's gradient (present on its owner rank only, so the sum over ranks). Configurations:
 // softmax + norm_topk_prob with a shared expert; sigmoid + route scale with a selection bias that sends
-// every token to expert 5 (one rank receives every row, the others' experts none); and k = E / P.
+// every token to expert 5 (one rank receives every row, the others' experts none); and k = E / P. Also a layer
+// storing only its rank's experts (expert-sharded storage) against one storing all of them.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -42,10 +43,9 @@ struct Run {
   double aux = 0;
 };
 
-// Forward + backward of w's layer on x [n, D] with output gradient dout; gradients accumulate in w.
-Run run(const MoeLayerWeights& w, const std::vector<double>& x, const std::vector<double>& dout, int64_t n,
-        const MoeExpertParallel* ep) {
-  const MoeLayer& L = w.layer();
+// Forward + backward of layer L on x [n, D] with output gradient dout; gradients accumulate in its weights.
+Run run_layer(const MoeLayer& L, const std::vector<double>& x, const std::vector<double>& dout, int64_t n,
+              const MoeExpertParallel* ep) {
   const int64_t D = L.cfg.hidden;
   ExecContext ctx(Device::cpu());
   ArenaSizer sizer;
@@ -64,6 +64,11 @@ Run run(const MoeLayerWeights& w, const std::vector<double>& x, const std::vecto
   L.backward(ctx, s, Tensor(g.data(), DType::f64, Device::cpu(), {n, D}),
              Tensor(r.dx.data(), DType::f64, Device::cpu(), {n, D}), scratch, 1.0, ep);
   return r;
+}
+
+Run run(const MoeLayerWeights& w, const std::vector<double>& x, const std::vector<double>& dout, int64_t n,
+        const MoeExpertParallel* ep) {
+  return run_layer(w.layer(), x, dout, n, ep);
 }
 
 void check(const MoeConfig& cfg, const std::string& what, double bias_on_5) {
@@ -151,6 +156,47 @@ TEST(MoeExpertParallel, TopKOfHalfTheExperts) {
   MoeConfig c = config();
   c.top_k = 4;
   check(c, "k = 4", 0.0);
+}
+
+// Expert-sharded storage: a layer whose gate_up / down hold only this rank's E / P experts (views of those rows
+// here) computes exactly what the layer holding every expert does under the same expert parallelism:
+// outputs, input gradients and its experts' gradients bit for bit. A storage of any other size is refused.
+TEST(MoeExpertParallel, LocalExpertStorageEqualsFullStorage) {
+  MoeConfig c = config();
+  c.norm_topk_prob = true;
+  c.num_shared_experts = 1;
+  c.shared_ffn = 4;
+  Communicator world = Communicator::world();
+  const int P = world.size(), r = world.rank();
+  const int64_t n = 12, D = c.hidden, El = c.num_experts / P;
+  MoeLayerWeights full(c, Device::cpu(), DType::f64), local(c, Device::cpu(), DType::f64);
+  for (MoeLayerWeights* w : {&full, &local}) {
+    w->init_random(23, 0.4f);
+    w->zero_grad();
+  }
+  MoeLayer sharded = local.layer();
+  for (WeightRef* w : {&sharded.gate_up, &sharded.down}) {
+    w->value = w->value.slice0(r * El, (r + 1) * El);
+    w->grad = w->grad.slice0(r * El, (r + 1) * El);
+  }
+  const std::vector<double> x = randn(static_cast<size_t>(n * D), 40 + r), g = randn(x.size(), 50 + r);
+  MoeExpertParallel ep(world);
+  const hyd::Run a = run(full, x, g, n, &ep), b = run_layer(sharded, x, g, n, &ep);
+  EXPECT_EQ(b.out, a.out);
+  EXPECT_EQ(b.dx, a.dx);
+  for (const MoeLayerWeights::Param& p : full.params()) {
+    if (!p.trainable) continue;
+    EXPECT_EQ(local.get_grad(p.name), full.get_grad(p.name)) << p.name << " on rank " << r;
+  }
+  MoeLayer wrong = local.layer();
+  wrong.gate_up.value = wrong.gate_up.value.slice0(0, El > 1 ? El - 1 : 2);
+  std::string msg;
+  try {
+    run_layer(wrong, x, g, n, &ep);
+  } catch (const Error& e) {
+    msg = e.what();
+  }
+  EXPECT_NE(msg.find("expert-sharded storage"), std::string::npos) << msg;
 }
 
 }  // namespace
