@@ -138,6 +138,17 @@ void HybridConfig::finalize(const std::string& source) {
           "is " + std::to_string(kda.hidden) + ", the model's hidden_size is " + std::to_string(model.hidden_size));
     kda.validate(source);
   }
+  if (expert_shards != 1 || expert_shard != 0) {
+    if (model.num_experts == 0)
+      throw Error::at(source, "expert_shards", "is " + std::to_string(expert_shards) + " but the model has no experts");
+    if (expert_shards < 1 || model.num_experts % expert_shards != 0)
+      throw Error::at(source, "expert_shards",
+                      "is " + std::to_string(expert_shards) + ": it must divide the " +
+                          std::to_string(model.num_experts) + " experts");
+    if (expert_shard < 0 || expert_shard >= expert_shards)
+      throw Error::at(source, "expert_shard",
+                      "is " + std::to_string(expert_shard) + ", outside 0.." + std::to_string(expert_shards - 1));
+  }
 }
 
 bool HybridConfig::has(MixerKind kind) const { return std::find(layers.begin(), layers.end(), kind) != layers.end(); }
@@ -264,6 +275,8 @@ struct HybridModel::Impl {
   Arena param_arena, grad_arena, table_arena, gate_arena, act_arena, scratch_arena;
   Arena moe_bias_arena;  // CUDA: f32 working copies of the MoE selection biases (MoeBlock)
   Tensor flat_params, flat_grads, rope_cos, rope_sin;
+  std::vector<MoeBlock::ParamSpec> sharded_experts;  // expert_shards > 1: the local experts, added last
+  int64_t expert_offset = 0;                         // where they start (the flat size when not sharded)
   bool inference = false;  // ModelUse::inference: no gradients, one layer's activations (HybridModel ctor)
   // Throws unless the model was built for training (what: the call that needs gradients or a backward).
   void require_training(const char* what) const {
@@ -525,8 +538,15 @@ void HybridModel::Impl::build() {
     mixer_range.emplace_back(first, params.size());
     add_param(p + "mlp_norm", {D}, false, offset);
     if (mc.is_moe_layer(l)) {
-      for (const MoeBlock::ParamSpec& s : MoeBlock::param_specs(mc))
+      for (MoeBlock::ParamSpec s : MoeBlock::param_specs(mc)) {
+        if (cfg.expert_shards > 1 && (s.name == "mlp.gate_up" || s.name == "mlp.down")) {
+          s.name = p + s.name;
+          s.shape[0] /= cfg.expert_shards;  // this rank's experts, after every replicated parameter
+          sharded_experts.push_back(std::move(s));
+          continue;
+        }
         add_param(p + s.name, s.shape, s.weight_decay, offset);
+      }
     } else {
       add_param(p + "w_gate_up", {2 * F, D}, true, offset);
       add_param(p + "w_down", {D, F}, true, offset);
@@ -534,6 +554,8 @@ void HybridModel::Impl::build() {
   }
   add_param("final_norm", {D}, false, offset);
   if (!mc.tie_word_embeddings) add_param("lm_head", {V, D}, true, offset);
+  expert_offset = offset;
+  for (const MoeBlock::ParamSpec& s : sharded_experts) add_param(s.name, s.shape, s.weight_decay, offset);
   const int64_t total = offset;
 
   param_arena = Arena("params", device, static_cast<size_t>(total) * dtype_size(act));
@@ -942,6 +964,7 @@ std::vector<ParamInfo> HybridModel::mixer_params(int64_t layer) const {
 
 Tensor HybridModel::flat_params() const { return impl_->flat_params; }
 Tensor HybridModel::flat_grads() const { return impl_->flat_grads; }
+int64_t HybridModel::expert_region_offset() const { return impl_->expert_offset; }
 
 void HybridModel::init_random(uint64_t seed, float std) {
   const ModelConfig& c = impl_->cfg.model;

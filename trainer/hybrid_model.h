@@ -70,6 +70,14 @@ struct HybridConfig {
   KdaConfig kda;      // K layers; hidden 0 = model.hidden_size
   std::string pattern = "KKKA";
   std::vector<MixerKind> layers;  // filled by finalize
+  // Expert-sharded storage (expert parallelism over expert_shards ranks, docs/parallel.md): the MoE layers'
+  // routed experts stored here are [expert_shard E / S, (expert_shard + 1) E / S) of each layer (S =
+  // expert_shards), as layers.L.mlp.gate_up [E / S, 2F, D] and layers.L.mlp.down [E / S, D, F], placed after
+  // every other parameter in the flat buffers (HybridModel::expert_region_offset: ZeRO-1's expert region).
+  // Such a model runs its MoE layers only under an expert-parallel group of S ranks (Batch::ep). 1 = every
+  // expert, in the layer order of the parameter list.
+  int64_t expert_shards = 1;
+  int64_t expert_shard = 0;
 
   // Finalizes the model config, parses the pattern and validates kda (only when some layer is K).
   // Errors name `source` and the field.
@@ -106,6 +114,9 @@ class HybridModel {
   // stage 1 trains (e.g. AdamW(mixer_params(l) of every K layer, ...)).
   std::vector<ParamInfo> mixer_params(int64_t layer) const;
   Tensor flat_params() const;  // [P] f32 (CPU) / bf16 (CUDA)
+  // First flat element of the routed experts' storage when it is sharded (HybridConfig::expert_shards > 1: every
+  // later element belongs to a local expert); the flat size P otherwise.
+  int64_t expert_region_offset() const;
   Tensor flat_grads() const;   // [P] f32 (empty for ModelUse::inference)
 
   // Matrices and embeddings Normal(0, std), output projections (wo, o_proj, w_down) scaled by
