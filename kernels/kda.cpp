@@ -251,8 +251,8 @@ namespace {
 void check_split(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, const Tensor& workspace,
                  bool zero_values) {
   if (!kda_split_forward_supported(k, v))
-    HYD_THROW(op, ": the split forward needs CUDA tensors with dk, dv in {64, 128} (got ", k.device.str(),
-              ", k ", k.shape_str(), ", v ", v.shape_str(), ")");
+    HYD_THROW(op, ": the split forward needs CUDA tensors with dk, dv in {64, 128} (got ", k.device.str(), ", k ",
+              k.shape_str(), ", v ", v.shape_str(), ")");
   expect_dtype(workspace, DType::f32, op, "workspace");
   if (!(workspace.device == k.device)) HYD_THROW(op, ": argument 'workspace' is on ", workspace.device.str());
   const int64_t need = kda_forward_workspace_floats(k, v, cu_seqlens, zero_values);
@@ -309,8 +309,8 @@ void kda_backward_initial_adjoint(const ExecContext& ctx, const Tensor& q, const
   a.activation(dout, {s.n, s.hv, s.dv}, "dout");
   a.state(dinitial_state, {s.num_docs, s.hv, s.dk, s.dv}, "dinitial_state");
   if (!kda_split_forward_supported(k, v))
-    HYD_THROW(op, ": needs CUDA tensors with dk, dv in {64, 128} (got ", k.device.str(), ", k ", k.shape_str(),
-              ", v ", v.shape_str(), ")");
+    HYD_THROW(op, ": needs CUDA tensors with dk, dv in {64, 128} (got ", k.device.str(), ", k ", k.shape_str(), ", v ",
+              v.shape_str(), ")");
 #ifdef HYD_WITH_CUDA
   check_context(ctx, q, op);
   cuda::kda_backward_initial_adjoint(s, q.ptr<bf16>(), k.ptr<bf16>(), v.ptr<bf16>(), g.ptr<float>(), beta.ptr<float>(),

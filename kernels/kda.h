@@ -98,8 +98,8 @@ void kda_transition(const KdaDims& s, const bf16* k, const bf16* v, const float*
 // The split forward (kernels::kda_forward_prepare / kda_forward_pass above); ws: workspace_bytes(s, zero_values).
 bool kda_split_supported(const KdaDims& s);
 void kda_backward_initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
-                                  const float* beta, const int32_t* cu_seqlens, const bf16* dout,
-                                  float* dinitial_state, void* stream);
+                                  const float* beta, const int32_t* cu_seqlens, const bf16* dout, float* dinitial_state,
+                                  void* stream);
 size_t kda_forward_workspace_bytes(const KdaDims& s, bool zero_values);
 void kda_forward_prepare(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
                          const float* beta, const int32_t* cu_seqlens, void* ws, bool zero_values, void* stream);

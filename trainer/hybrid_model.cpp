@@ -281,7 +281,8 @@ struct HybridModel::Impl {
   // Throws unless the model was built for training (what: the call that needs gradients or a backward).
   void require_training(const char* what) const {
     if (inference)
-      HYD_THROW("HybridModel::", what, ": this model was built for inference (ModelUse::inference: no gradients, "
+      HYD_THROW("HybridModel::", what,
+                ": this model was built for inference (ModelUse::inference: no gradients, "
                 "no per-layer activations); build it with ModelUse::train");
   }
 

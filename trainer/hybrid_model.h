@@ -117,7 +117,7 @@ class HybridModel {
   // First flat element of the routed experts' storage when it is sharded (HybridConfig::expert_shards > 1: every
   // later element belongs to a local expert); the flat size P otherwise.
   int64_t expert_region_offset() const;
-  Tensor flat_grads() const;   // [P] f32 (empty for ModelUse::inference)
+  Tensor flat_grads() const;  // [P] f32 (empty for ModelUse::inference)
 
   // Matrices and embeddings Normal(0, std), output projections (wo, o_proj, w_down) scaled by
   // 1/sqrt(2 L); norms 1, biases 0; A_log and dt_bias as FLA initialises them (KdaLayerWeights).

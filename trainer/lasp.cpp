@@ -47,7 +47,7 @@ enum Slot : int {
   kHaloTails,
   kHaloAll,
   kDKAll,
-  kDVAll,  // LASP-2H key / value gradients over the gathered keys
+  kDVAll,    // LASP-2H key / value gradients over the gathered keys
   kSplitWs,  // the split forward's workspace (CUDA: the prepared chunks, shared by the B, M and true passes)
 };
 const int kTemp = 0;
@@ -239,8 +239,8 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   const bool split = kernels::kda_split_forward_supported(k, v);
   Tensor ws;
   if (split) {
-    ws = sp.buffer(&kTemp, kSplitWs, {kernels::kda_forward_workspace_floats(k, v, cu_seqlens, any_through)},
-                   DType::f32);
+    ws =
+        sp.buffer(&kTemp, kSplitWs, {kernels::kda_forward_workspace_floats(k, v, cu_seqlens, any_through)}, DType::f32);
     kernels::kda_forward_prepare(ctx, q, k, v, g, beta, cu_seqlens, ws, any_through);
   }
   const Tensor B = sp.buffer(&kTemp, kTransB, {s.docs, s.hv, s.dk, s.dv}, DType::f32);

@@ -1,8 +1,7 @@
 #include "trainer/zero1.h"
 
-#include <chrono>
-
 #include <algorithm>
+#include <chrono>
 #include <span>
 #include <string>
 #include <utility>

@@ -42,8 +42,8 @@ class NcclCommunicator;
 class Zero1 {
  public:
   struct ExpertRegion {
-    int64_t offset = 0;                  // first flat element of the expert region (a parameter boundary)
-    const Communicator* group = nullptr; // the expert-data-parallel group (must outlive this object)
+    int64_t offset = 0;                   // first flat element of the expert region (a parameter boundary)
+    const Communicator* group = nullptr;  // the expert-data-parallel group (must outlive this object)
   };
   // Collective over `group` (which must outlive this object). params: the model's parameter list (views
   // into flat_params / flat_grads, offsets in elements); flat_params f32 (CPU) or bf16 (CUDA), flat_grads

@@ -200,8 +200,8 @@ SplitLayout split_layout(const KdaDims& s, bool zero_values) {
 bool kda_split_supported(const KdaDims& s) { return kda_mma::supports(s) && !kda_force_v1(); }
 
 void kda_backward_initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
-                                  const float* beta, const int32_t* cu_seqlens, const bf16* dout,
-                                  float* dinitial_state, void* stream) {
+                                  const float* beta, const int32_t* cu_seqlens, const bf16* dout, float* dinitial_state,
+                                  void* stream) {
   check_dims(s, "kda_backward_initial_adjoint");
   HYD_CHECK(kda_split_supported(s), "kda_backward_initial_adjoint: not available for dk ", s.dk, " / dv ", s.dv);
   if (s.num_docs == 0) return;
@@ -241,9 +241,9 @@ void kda_forward_pass(const KdaDims& s, const int32_t* cu_seqlens, const void* w
   if (s.num_docs == 0) return;
   const SplitLayout l = split_layout(s, zero_values);
   const unsigned char* base = static_cast<const unsigned char*>(ws);
-  kda_mma::forward_state(s, cu_seqlens, reinterpret_cast<const int32_t*>(base + l.table), initial_state, o,
-                         final_state, base + l.prep,
-                         zero_values ? reinterpret_cast<const float*>(base + l.zero_u) : nullptr, stream);
+  kda_mma::forward_state(s, cu_seqlens, reinterpret_cast<const int32_t*>(base + l.table), initial_state, o, final_state,
+                         base + l.prep, zero_values ? reinterpret_cast<const float*>(base + l.zero_u) : nullptr,
+                         stream);
 }
 
 void kda_transition(const KdaDims& s, const bf16* k, const bf16* v, const float* g, const float* beta,

@@ -1256,7 +1256,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int j = 0; j < 4; ++j) zero(acc[j]);
     for (int kk = I; kk < C / 16; ++kk) {  // X[m][r] = 0 for m < r
-      if (8 * nb > 16 * I + 15) break;      // no column c < r in this warp's tiles
+      if (8 * nb > 16 * I + 15) break;     // no column c < r in this warp's tiles
       uint32_t ah[4], al[4];
       afrag_cols<LDM>(xm, nullptr, ra, kk, 1.f, 1.f, ah, al);
       const int k0 = 16 * kk + 2 * tq;
@@ -1659,10 +1659,13 @@ void forward_state(const KdaDims& s, const int32_t* cu_seqlens, const int32_t* c
     f.u = const_cast<float*>(zero_u);
     KdaDims m = s;
     m.dv = s.dk;
-    with_dims(m, [&]<int DK, int DV>() { state_impl<DK, DV>(m, cu_seqlens, chunk_off, initial_state, nullptr, final_state, f, st); });
+    with_dims(m, [&]<int DK, int DV>() {
+      state_impl<DK, DV>(m, cu_seqlens, chunk_off, initial_state, nullptr, final_state, f, st);
+    });
     return;
   }
-  with_dims(s, [&]<int DK, int DV>() { state_impl<DK, DV>(s, cu_seqlens, chunk_off, initial_state, o, final_state, f, st); });
+  with_dims(
+      s, [&]<int DK, int DV>() { state_impl<DK, DV>(s, cu_seqlens, chunk_off, initial_state, o, final_state, f, st); });
 }
 
 void initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
@@ -1677,9 +1680,10 @@ void initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k, const bf16*
     prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, chunk_off, f, st);
     using RL = ReverseLayout<DK>;
     set_smem(reverse_kernel<DK, DV>, RL::bytes);
-    reverse_kernel<DK, DV><<<dim3(static_cast<unsigned>(s.num_docs), static_cast<unsigned>(s.hv), DV / kBV), kThreads,
-                             RL::bytes, st>>>(s, cu_seqlens, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl, as_nv(dout),
-                                              nullptr, nullptr, nullptr, nullptr, dinitial_state);
+    reverse_kernel<DK, DV>
+        <<<dim3(static_cast<unsigned>(s.num_docs), static_cast<unsigned>(s.hv), DV / kBV), kThreads, RL::bytes, st>>>(
+            s, cu_seqlens, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl, as_nv(dout), nullptr, nullptr, nullptr, nullptr,
+            dinitial_state);
     CHECK_LAUNCH();
   });
 }

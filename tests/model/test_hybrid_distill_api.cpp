@@ -700,11 +700,14 @@ TEST(HybridDistillApi, InferenceModelsComputeTheSameForwardInLessMemory) {
     test::expect_error_mentioning([&] { infer.forward_layer_inputs_host(ctx, hb.batch); }, "inference");
     std::vector<float> a(static_cast<size_t>(N * D), 0.f), o(static_cast<size_t>(N * D));
     test::expect_error_mentioning(
-        [&] { infer.mixer_forward(ctx, 0, hb.batch, test::cpu_f32(a, {N, D}), test::cpu_f32(o, {N, D})); },
+        [&] {
+          infer.mixer_forward(ctx, 0, hb.batch, test::cpu_f32(a, {N, D}), test::cpu_f32(o, {N, D}));
+        },
         "inference");
     test::expect_error_mentioning(
         [&] {
-          infer.forward_backward_logits(ctx, hb.batch, [](ExecContext&, int64_t, int64_t, const Tensor&) { return 0.0; });
+          infer.forward_backward_logits(ctx, hb.batch,
+                                        [](ExecContext&, int64_t, int64_t, const Tensor&) { return 0.0; });
         },
         "inference");
   }

@@ -40,9 +40,7 @@ HybridConfig dots1_student() {
   return cfg;
 }
 
-bool is_expert(const std::string& name) {
-  return name.ends_with(".mlp.gate_up") || name.ends_with(".mlp.down");
-}
+bool is_expert(const std::string& name) { return name.ends_with(".mlp.gate_up") || name.ends_with(".mlp.down"); }
 
 TEST(ExpertShards, ShardedHybridModelEqualsTheFullOneUnderExpertParallelism) {
   Communicator world = Communicator::world();
@@ -145,7 +143,8 @@ TEST(ExpertShards, TrainingWithShardedExpertsEqualsReplicatedExperts) {
   const Zero1::ExpertRegion region{sharded.expert_region_offset(), &replicas};
   Zero1 zero_sharded(world, sharded.params(), sharded.flat_params(), sharded.flat_grads(), &region);
   AdamWConfig ac;
-  AdamW opt_full(zero_full.shard_params(), Device::cpu(), ac), opt_sharded(zero_sharded.shard_params(), Device::cpu(), ac);
+  AdamW opt_full(zero_full.shard_params(), Device::cpu(), ac),
+      opt_sharded(zero_sharded.shard_params(), Device::cpu(), ac);
   opt_full.set_sum_squares_reduction([&](double ss) { return zero_full.all_reduce_sum(ss); });
   opt_sharded.set_sum_squares_reduction([&](double ss) { return zero_sharded.all_reduce_sum(ss); });
   MoeExpertParallel ep(ep_group);

@@ -137,8 +137,7 @@ TEST(Zero1Experts, AParameterAcrossTheRegionStartIsRefused) {
   std::vector<ParamInfo> params = params_of(values, grads);
   const Zero1::ExpertRegion inside_b{kDense - 2, &replicas};  // b is [21, 26)
   test::expect_error_mentioning(
-      [&] { Zero1 z(world, params, test::cpu_f32(values, {kP}), test::cpu_f32(grads, {kP}), &inside_b); },
-      "straddles");
+      [&] { Zero1 z(world, params, test::cpu_f32(values, {kP}), test::cpu_f32(grads, {kP}), &inside_b); }, "straddles");
 }
 
 }  // namespace
