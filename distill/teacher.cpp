@@ -275,10 +275,18 @@ std::vector<HfParamSource> hf_dense_param_sources(const ModelConfig& cfg) {
 
 TeacherInfo inspect_teacher(const std::string& dir) { return open_teacher(dir).info; }
 
-void load_teacher_weights(const std::string& dir, DenseModel& model) {
+namespace {
+
+const ModelConfig& model_config_of(const DenseModel& m) { return m.config(); }
+const ModelConfig& model_config_of(const HybridModel& m) { return m.config().model; }
+
+// The loader of both targets: every tensor into `model`; with expert shards (S > 1) only the routed
+// experts [shard E / S, (shard + 1) E / S) of each MoE layer, into its local storage.
+template <class Model>
+void load_into(const std::string& dir, Model& model, int64_t shards, int64_t shard) {
   OpenTeacher t = open_teacher(dir);
   const ModelConfig& tc = t.info.config;
-  const ModelConfig& mc = model.config();
+  const ModelConfig& mc = model_config_of(model);
   const std::string config_path = t.info.files.front();
 
   // The model must have the teacher's architecture; name the first config.json field that differs.
@@ -316,7 +324,14 @@ void load_teacher_weights(const std::string& dir, DenseModel& model) {
   }
 
   std::set<std::string> filled;
-  for (const auto& src : hf_dense_param_sources(tc)) {
+  for (auto src : hf_dense_param_sources(tc)) {
+    if (shards > 1 && (src.param.ends_with(".mlp.gate_up") || src.param.ends_with(".mlp.down"))) {
+      // HF's per-expert tensors, in expert order (gate_up: gate, up per expert): keep this shard's.
+      const size_t per = src.hf_names.size() / static_cast<size_t>(tc.num_experts);
+      const size_t local = static_cast<size_t>(tc.num_experts / shards), first = static_cast<size_t>(shard) * local;
+      src.hf_names = std::vector<std::string>(src.hf_names.begin() + static_cast<std::ptrdiff_t>(first * per),
+                                              src.hf_names.begin() + static_cast<std::ptrdiff_t>((first + local) * per));
+    }
     if (!model.has_param(src.param)) {
       throw Error::at(config_path, src.param, "the model has no parameter for teacher tensor " + src.hf_names.front());
     }
@@ -348,6 +363,19 @@ void load_teacher_weights(const std::string& dir, DenseModel& model) {
       throw Error::at(config_path, p.name, "model parameter has no tensor in the teacher checkpoint");
     }
   }
+}
+
+}  // namespace
+
+void load_teacher_weights(const std::string& dir, DenseModel& model) { load_into(dir, model, 1, 0); }
+
+void load_teacher_weights(const std::string& dir, HybridModel& model) {
+  const HybridConfig& c = model.config();
+  for (MixerKind k : c.layers)
+    if (k != MixerKind::teacher_attention)
+      throw Error::at(dir, "teacher", "load_teacher_weights: the HybridModel must be all-T (the teacher's own layers), "
+                                      "its pattern is " + layer_pattern_string(c.layers));
+  load_into(dir, model, c.expert_shards, c.expert_shard);
 }
 
 }  // namespace hyd

@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "trainer/hybrid_model.h"
 #include "trainer/model.h"
 #include "trainer/model_config.h"
 
@@ -65,5 +66,8 @@ TeacherInfo inspect_teacher(const std::string& dir);
 // inspect_teacher, then copies every tensor into `model` (built from a config with the same
 // dimensions, e.g. inspect_teacher(dir).config) with DenseModel::set_param.
 void load_teacher_weights(const std::string& dir, DenseModel& model);
+// The same straight into an all-T HybridModel (the distillation teacher; no DenseModel in between). An
+// expert-sharded one (HybridConfig::expert_shards > 1) reads only its experts' tensors.
+void load_teacher_weights(const std::string& dir, HybridModel& model);
 
 }  // namespace hyd
