@@ -194,14 +194,12 @@ struct DistillLoopState {
   }
 };
 
-// The teacher's weights go through a DenseModel (the loader's target) into the all-T HybridModel
-// `teacher`; when `student` is given it is initialised from them, its transfer table in *report.
-void load_teacher(const std::string& dir, const ModelConfig& tc, Device device, int64_t max_tokens,
-                  HybridModel& teacher, HybridModel* student, uint64_t seed, TransferReport* report) {
-  DenseModel dense(tc, device, max_tokens);
-  load_teacher_weights(dir, dense);
-  copy_dense_weights(dense, teacher);
-  if (student) *report = init_student_from_teacher(dense, *student, seed);
+// The teacher's weights straight into the all-T HybridModel `teacher` (no DenseModel copy of the teacher in
+// between); when `student` is given it is initialised from them, its transfer table in *report.
+void load_teacher(const std::string& dir, HybridModel& teacher, HybridModel* student, uint64_t seed,
+                  TransferReport* report) {
+  load_teacher_weights(dir, teacher);
+  if (student) *report = init_student_from_teacher(teacher, *student, seed);
 }
 
 // FLOPs per token of a stage-2 step, for MFU: the student's forward + backward and the teacher's forward
@@ -377,8 +375,8 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   if (sampler.num_docs() == 0)
     throw ConfigError::at(src, "data.val_fraction", "no training documents left in " + info.path);
 
-  // The teacher's weights go through a DenseModel (the loader's target) into the all-T HybridModel
-  // that serves stage 1's layer inputs and stage 2's logits; the student is initialised from it.
+  // The teacher's weights go straight into the all-T HybridModel that serves stage 1's layer inputs and
+  // stage 2's logits; the student is initialised from it.
   // Under sequence parallelism both hold this rank's N = B x T / sp tokens (the held-out evaluation runs on
   // the slices too); passkey prompts need whole documents, which sp > 1 does not offer yet.
   if (sp > 1 && in.passkey)
@@ -392,7 +390,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   HybridModel teacher(in.teacher_cfg, device, model_tokens, ModelUse::inference);
   HybridModel student(in.student_cfg, device, model_tokens);
   TransferReport report;
-  load_teacher(cfg.teacher_dir, tc, device, N, teacher, &student, cfg.train.seed, &report);
+  load_teacher(cfg.teacher_dir, teacher, &student, cfg.train.seed, &report);
   // Several ranks: ZeRO-1 over all of them (trainer/zero1.h): the student's gradients are reduce-scattered,
   // each rank's optimizer keeps the state of its shard, the parameters are all-gathered after the update;
   // checkpoints are sharded.
@@ -930,8 +928,7 @@ void run_evaluation(const DistillConfig& cfg, const std::string& checkpoint_dir,
   ExecContext ctx(device);
   HybridModel teacher(in.teacher_cfg, device, in.max_tokens, ModelUse::inference);
   HybridModel student(in.student_cfg, device, in.max_tokens, ModelUse::inference);  // evaluated, not trained
-  load_teacher(cfg.teacher_dir, in.teacher.config, device, cfg.data.batch_size * cfg.data.seq_len, teacher, nullptr, 0,
-               nullptr);
+  load_teacher(cfg.teacher_dir, teacher, nullptr, 0, nullptr);
   restore_parameters(ck.tensors, student.params());
   DistillEvaluator evaluator(teacher, student, in.max_tokens, in.held_out.get(), cfg.eval.batches, in.passkey.get());
 

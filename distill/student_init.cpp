@@ -75,10 +75,15 @@ std::mt19937_64 param_rng(uint64_t seed, const std::string& name) {
   return std::mt19937_64(seq);
 }
 
+const ModelConfig& teacher_config(const DenseModel& t) { return t.config(); }
+const ModelConfig& teacher_config(const HybridModel& t) { return t.config().model; }
+
+// Teacher: a DenseModel, or the all-T HybridModel of the same weights (names and shapes as DenseModel's).
+template <class Teacher>
 class TransferPlanner {
  public:
-  TransferPlanner(const DenseModel& teacher, HybridModel& student, uint64_t seed)
-      : teacher_(teacher), student_(student), seed_(seed), tc_(teacher.config()), sc_(student.config()) {}
+  TransferPlanner(const Teacher& teacher, HybridModel& student, uint64_t seed)
+      : teacher_(teacher), student_(student), seed_(seed), tc_(teacher_config(teacher)), sc_(student.config()) {}
 
   std::vector<PlannedParam> plan() {
     // MoE teachers: the MoE FFN parameters (layers.L.mlp.gate.weight, mlp.gate_up, mlp.down) have the same
@@ -105,7 +110,7 @@ class TransferPlanner {
   }
 
  private:
-  const DenseModel& teacher_;
+  const Teacher& teacher_;
   HybridModel& student_;
   uint64_t seed_;
   const ModelConfig& tc_;
@@ -154,7 +159,7 @@ class TransferPlanner {
                        "; the student's skeleton dims must be the teacher's");
     pp.row.from_teacher = true;
     pp.row.source = "teacher:" + src + (src != p.name ? " (tied embeddings)" : "");
-    const DenseModel& t = teacher_;
+    const Teacher& t = teacher_;
     pp.make = [&t, src] { return t.get_param(src); };
   }
 
@@ -164,7 +169,7 @@ class TransferPlanner {
     const std::string lp = "layers." + std::to_string(l) + ".";
     const std::string wqkv = lp + "wqkv", wo = lp + "wo";
     const std::string what = short_name(p.name);
-    const DenseModel& t = teacher_;
+    const Teacher& t = teacher_;
     const std::vector<int64_t> shape = p.shape;
     const int64_t numel = p.numel;
 
@@ -363,9 +368,10 @@ std::string TransferReport::table() const {
   return out;
 }
 
-TransferReport init_student_from_teacher(const DenseModel& teacher, HybridModel& student, uint64_t seed) {
+template <class Teacher>
+TransferReport init_student(const Teacher& teacher, HybridModel& student, uint64_t seed) {
   // Plan and validate everything first: an error leaves the student untouched.
-  TransferPlanner planner(teacher, student, seed);
+  TransferPlanner<Teacher> planner(teacher, student, seed);
   std::vector<PlannedParam> plan = planner.plan();
 
   TransferReport report;
@@ -379,6 +385,18 @@ TransferReport init_student_from_teacher(const DenseModel& teacher, HybridModel&
     report.rows.push_back(std::move(pp.row));
   }
   return report;
+}
+
+TransferReport init_student_from_teacher(const DenseModel& teacher, HybridModel& student, uint64_t seed) {
+  return init_student(teacher, student, seed);
+}
+
+TransferReport init_student_from_teacher(const HybridModel& teacher, HybridModel& student, uint64_t seed) {
+  for (MixerKind k : teacher.config().layers)
+    if (k != MixerKind::teacher_attention)
+      HYD_THROW("init_student_from_teacher: the teacher HybridModel must be all-T, its pattern is ",
+                layer_pattern_string(teacher.config().layers));
+  return init_student(teacher, student, seed);
 }
 
 }  // namespace hyd

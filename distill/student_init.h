@@ -85,5 +85,8 @@ struct TransferReport {
 // match the teacher's (num_layers, and every copied parameter's shape). `seed` drives the random
 // initialisations (the same seed gives the same student).
 TransferReport init_student_from_teacher(const DenseModel& teacher, HybridModel& student, uint64_t seed);
+// The same from the teacher as an all-T HybridModel (parameter names and shapes as DenseModel's; what
+// hydistill distill holds), e.g. one loaded by load_teacher_weights(dir, HybridModel&).
+TransferReport init_student_from_teacher(const HybridModel& teacher, HybridModel& student, uint64_t seed);
 
 }  // namespace hyd

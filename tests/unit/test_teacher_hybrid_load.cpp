@@ -1,7 +1,8 @@
 // load_teacher_weights straight into an all-T HybridModel (distill/teacher.h) on the golden teachers: every
 // parameter equals the DenseModel load (the teacher path hydistill distill used: DenseModel, then
 // copy_dense_weights); an expert-sharded HybridModel (expert_shards 2) holds exactly its half of every MoE
-// layer's experts; a HybridModel with other mixers is refused.
+// layer's experts; a student initialised from the HybridModel teacher equals one initialised from the
+// DenseModel; a HybridModel with other mixers is refused.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "distill/student_checkpoint.h"
+#include "distill/student_init.h"
 #include "distill/teacher.h"
 #include "tests/common/test_util.h"
 #include "trainer/hybrid_model.h"
@@ -32,6 +34,14 @@ TEST(TeacherHybridLoad, EqualsTheDenseModelLoad) {
     load_teacher_weights(dir, hybrid);
     ASSERT_EQ(hybrid.params().size(), dense.params().size());
     for (const ParamInfo& p : hybrid.params()) EXPECT_EQ(hybrid.get_param(p.name), dense.get_param(p.name)) << p.name;
+    // A KA student initialised from either teacher form is the same student.
+    const HybridConfig sc0 = student_config_from_teacher(info.config, "KA", KdaOptions{}, "test");
+    HybridModel from_dense(sc0, Device::cpu(), 8), from_hybrid(sc0, Device::cpu(), 8);
+    const TransferReport rd = init_student_from_teacher(dense, from_dense, 5);
+    const TransferReport rh = init_student_from_teacher(hybrid, from_hybrid, 5);
+    EXPECT_EQ(rd.rows.size(), rh.rows.size());
+    for (const ParamInfo& p : from_dense.params())
+      EXPECT_EQ(from_hybrid.get_param(p.name), from_dense.get_param(p.name)) << "student " << p.name;
     if (info.config.num_experts == 0) continue;
 
     const int64_t E = info.config.num_experts, half = E / 2;
