@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <utility>
 
 #include "trainer/batch_upload.h"
 
@@ -40,6 +41,25 @@ void make_dots1(ModelConfig& c, double routed_scaling, int64_t shared_experts) {
   c.first_k_dense_replace = 1;
   c.decoder_sparse_step = 1;
   c.mlp_only_layers.clear();
+}
+
+ModelConfig tiny_moe_config(int64_t layers, std::vector<int64_t> mlp_only) {
+  ModelConfig c = tiny_dense_variant("qwen3");
+  c.family = "qwen3_moe";
+  c.num_layers = layers;
+  c.num_experts = 4;
+  c.num_experts_per_tok = 2;
+  c.moe_intermediate_size = 16;
+  c.norm_topk_prob = true;
+  c.decoder_sparse_step = 1;
+  c.mlp_only_layers = std::move(mlp_only);
+  return c;
+}
+
+ModelConfig tiny_dots1_config(int64_t layers) {
+  ModelConfig c = tiny_moe_config(layers, {});
+  make_dots1(c, 1.7, 1);
+  return c;
 }
 
 PackedBatch pack_documents(const std::vector<std::vector<int32_t>>& docs, const std::function<bool(int64_t)>& ignore) {

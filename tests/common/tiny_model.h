@@ -21,6 +21,12 @@ ModelConfig tiny_dense_variant(const std::string& variant);
 // routed_scaling_factor `routed_scaling`, `shared_experts` shared experts (HF's one MLP of their width), layer 0
 // dense through first_k_dense_replace 1 (mlp_only_layers cleared, decoder_sparse_step 1).
 void make_dots1(ModelConfig& c, double routed_scaling, int64_t shared_experts);
+// qwen3_moe on the tiny qwen3 skeleton (q/k norm, tied) with `layers` layers: MoE FFNs of 4 experts (F = 16),
+// top 2, renormalised, except the layers in mlp_only (dense).
+ModelConfig tiny_moe_config(int64_t layers, std::vector<int64_t> mlp_only);
+// dots1 on the same skeleton: layers >= 1 MoE (first_k_dense_replace 1) with 4 sigmoid-routed experts (F = 16),
+// top 2, renormalised, a selection bias, routed scaling 1.7 and one shared expert (F_s = 16).
+ModelConfig tiny_dots1_config(int64_t layers);
 
 // Documents packed into one CPU batch backed by host vectors: target = next token of the same
 // document, -1 at each document's end and wherever ignore(i) holds (i = token index in the batch).

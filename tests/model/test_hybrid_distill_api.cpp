@@ -630,17 +630,7 @@ TEST(HybridDistillApi, InferenceModelsComputeTheSameForwardInLessMemory) {
   for (const bool moe : {false, true}) {
     SCOPED_TRACE(moe ? "dots1 MoE skeleton, KTAK" : "llama skeleton, KATK");
     HybridConfig cfg = test::tiny_hybrid_config(moe ? "KTAK" : "KATK", 4, moe ? "qwen3" : "llama");
-    if (moe) {
-      ModelConfig& c = cfg.model;
-      c.family = "qwen3_moe";
-      c.num_experts = 4;
-      c.num_experts_per_tok = 2;
-      c.moe_intermediate_size = 16;
-      c.norm_topk_prob = true;
-      c.decoder_sparse_step = 1;
-      c.mlp_only_layers = {};
-      test::make_dots1(c, 1.7, 1);
-    }
+    if (moe) cfg.model = test::tiny_dots1_config(4);
     const int64_t L = 4, D = cfg.model.hidden_size, V = cfg.model.vocab_size, N = 24;
     test::PackedBatch hb = make_batch({5, 12, 7}, V);
     HybridModel train(cfg, Device::cpu(), 32);

@@ -166,32 +166,13 @@ INSTANTIATE_TEST_SUITE_P(Patterns, HybridGrad,
 
 // ------------------------------------------------------------------------------ MoE FFN layers
 
-// qwen3_moe skeleton (tiny qwen3: q/k norm, tied), 2 layers: layer 0 dense through mlp_only_layers, layer 1
-// a MoE FFN of 4 experts (F = 16), top 2. Top-k routing is piecewise constant (see ModelMoeGrad in
-// tests/model/test_model_grad.cpp): the weights come from a fixed seed with large router weights (wide
-// top-k gaps) and every sample whose D(h) and D(h/2) differ by more than max(kKinkThreshold, kKinkRelative
-// |D(h/2)|) is dropped as straddling a routing swap (at most a quarter of a tensor's samples); the survivors
-// are Richardson-extrapolated as in sampled_fd.
-ModelConfig tiny_moe_config(int64_t layers, std::vector<int64_t> mlp_only) {
-  ModelConfig c = test::tiny_dense_variant("qwen3");
-  c.family = "qwen3_moe";
-  c.num_layers = layers;
-  c.num_experts = 4;
-  c.num_experts_per_tok = 2;
-  c.moe_intermediate_size = 16;
-  c.norm_topk_prob = true;
-  c.decoder_sparse_step = 1;
-  c.mlp_only_layers = std::move(mlp_only);
-  return c;
-}
-
-// dots1 on the same skeleton: layers >= 1 MoE (first_k_dense_replace 1) with 4 sigmoid-routed experts (F = 16),
-// top 2, renormalised, a selection bias, routed scaling 1.7 and one shared expert (F_s = 16).
-ModelConfig tiny_dots1_config(int64_t layers) {
-  ModelConfig c = tiny_moe_config(layers, {});
-  test::make_dots1(c, 1.7, 1);
-  return c;
-}
+// MoE students on test::tiny_moe_config / tiny_dots1_config (tests/common/tiny_model.h). Top-k routing is
+// piecewise constant (see ModelMoeGrad in tests/model/test_model_grad.cpp): the weights come from a fixed seed
+// with large router weights (wide top-k gaps) and every sample whose D(h) and D(h/2) differ by more than
+// max(kKinkThreshold, kKinkRelative |D(h/2)|) is dropped as straddling a routing swap (at most a quarter of a
+// tensor's samples); the survivors are Richardson-extrapolated as in sampled_fd.
+using test::tiny_dots1_config;
+using test::tiny_moe_config;
 
 constexpr uint64_t kMoeSeed = 5;
 constexpr double kKinkThreshold = 2e-3;

@@ -28,15 +28,7 @@ namespace {
 
 HybridConfig dots1_student() {
   HybridConfig cfg = test::tiny_hybrid_config("KA", 2, "qwen3");
-  ModelConfig& c = cfg.model;
-  c.family = "qwen3_moe";
-  c.num_experts = 4;
-  c.num_experts_per_tok = 2;
-  c.moe_intermediate_size = 16;
-  c.norm_topk_prob = true;
-  c.decoder_sparse_step = 1;
-  c.mlp_only_layers = {};
-  test::make_dots1(c, 1.7, 1);
+  cfg.model = test::tiny_dots1_config(2);
   return cfg;
 }
 
