@@ -65,10 +65,153 @@ void restore_tensor(const SafetensorsFile& f, const std::string& name, const std
   device_fence(dst.device);
 }
 
+// dst (any device, f32 or bf16) = v.
+void upload(const std::vector<float>& v, const Tensor& dst) {
+  HYD_CHECK(static_cast<int64_t>(v.size()) == dst.numel(), "checkpoint: ", v.size(), " values for a tensor of ",
+            dst.numel());
+  std::vector<bf16> rounded;
+  void* src = const_cast<float*>(v.data());
+  if (dst.dtype == DType::bf16) {
+    rounded.resize(v.size());
+    for (size_t i = 0; i < v.size(); ++i) rounded[i] = float_to_bf16(v[i]);
+    src = rounded.data();
+  } else {
+    HYD_CHECK(dst.dtype == DType::f32, "checkpoint: tensors of dtype ", dtype_name(dst.dtype), " are not restored");
+  }
+  device_fence(dst.device);
+  copy_tensor(dst.view({dst.numel()}), Tensor(src, dst.dtype, Device::cpu(), {dst.numel()}));
+  device_fence(dst.device);
+}
+
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+// "12:345]" -> {12, 345}; false unless the text is exactly that.
+bool parse_range(const std::string& text, int64_t* a, int64_t* b) {
+  const size_t colon = text.find(':');
+  if (colon == std::string::npos || text.empty() || text.back() != ']') return false;
+  const std::string lo = text.substr(0, colon), hi = text.substr(colon + 1, text.size() - colon - 2);
+  auto digits = [](const std::string& t) {
+    return !t.empty() && t.size() < 19 && t.find_first_not_of("0123456789") == std::string::npos;
+  };
+  if (!digits(lo) || !digits(hi)) return false;
+  *a = std::stoll(lo);
+  *b = std::stoll(hi);
+  return *a < *b;
+}
+
 }  // namespace
 
-void add_parameters(SafetensorsWriter& w, const std::vector<ParamInfo>& params) {
-  for (const ParamInfo& p : params) add_tensor(w, "param/" + p.name, p.shape, p.value);
+void add_parameters(SafetensorsWriter& w, const std::vector<ParamInfo>& params, ParamSelection which) {
+  for (const ParamInfo& p : params) {
+    const bool piece = !p.global_shape.empty();
+    if (which == (piece ? ParamSelection::whole : ParamSelection::pieces)) continue;
+    if (!piece) {
+      add_tensor(w, "param/" + p.name, p.shape, p.value);
+    } else {
+      add_tensor(w,
+                 "param/" + p.name + "[" + std::to_string(p.global_begin) + ":" +
+                     std::to_string(p.global_begin + p.numel) + "]",
+                 {p.numel}, p.value);
+    }
+  }
+}
+
+CheckpointTensors::CheckpointTensors(const Checkpoint& ck) : ck_(&ck) {
+  for (int64_t r = 1; r < ck.manifest.world_size; ++r) others_.push_back(ck.open_rank(r));
+  for (size_t r = 0; r <= others_.size(); ++r) {
+    const SafetensorsFile& f = file(r);
+    for (const std::string& t : f.names()) {
+      Piece piece;
+      piece.file = r;
+      piece.tensor = t;
+      const int64_t stored = numel_of(f.info(t).shape);
+      std::string key = t;
+      const size_t bracket = t.find('[');
+      if (bracket != std::string::npos && t.find('/') < bracket) {
+        if (!parse_range(t.substr(bracket + 1), &piece.begin, &piece.end))
+          throw Error::at(f.path(), t, "a piece's name must end in [a:b] with a < b");
+        if (piece.end - piece.begin != stored)
+          throw Error::at(
+              f.path(), t,
+              "holds " + std::to_string(stored) + " values, its name says " + std::to_string(piece.end - piece.begin));
+        key = t.substr(0, bracket);
+      } else {
+        piece.end = stored;
+        piece.whole = true;
+      }
+      pieces_[key].push_back(std::move(piece));
+    }
+  }
+  for (auto& [key, v] : pieces_)
+    std::sort(v.begin(), v.end(), [](const Piece& x, const Piece& y) { return x.begin < y.begin; });
+}
+
+bool CheckpointTensors::contains(const std::string& kind, const std::string& name) const {
+  return pieces_.count(kind + "/" + name) != 0;
+}
+
+std::vector<float> CheckpointTensors::read(const std::string& kind, const std::string& name,
+                                           const std::vector<int64_t>& shape, int64_t begin, int64_t n) const {
+  const std::string key = kind + "/" + name;
+  const auto it = pieces_.find(key);
+  if (it == pieces_.end()) {
+    const std::string where = others_.empty() ? "missing from the checkpoint's state file"
+                                              : "missing from every state file of the checkpoint";
+    throw Error::at(ck_->tensors.path(), key, where);
+  }
+  const std::vector<Piece>& v = it->second;
+  const int64_t total = numel_of(shape);
+  for (const Piece& p : v) {
+    const SafetensorsFile& f = file(p.file);
+    if (p.whole && f.info(p.tensor).shape != shape)
+      throw Error::at(f.path(), p.tensor,
+                      "has shape " + f.info(p.tensor).shape_str() + ", the model expects " + shape_to_string(shape));
+    if (p.end > total)
+      throw Error::at(f.path(), p.tensor,
+                      "reaches element " + std::to_string(p.end) + " of a tensor the model has as " +
+                          shape_to_string(shape) + " (" + std::to_string(total) + " elements)");
+  }
+  if (v.back().end != total && !v.back().whole) {
+    int64_t end = 0;
+    for (const Piece& p : v) end = std::max(end, p.end);
+    if (end != total)
+      throw Error::at(file(v.back().file).path(), v.back().tensor,
+                      "the pieces of " + key + " end at element " + std::to_string(end) + ", the model's " +
+                          shape_to_string(shape) + " has " + std::to_string(total));
+  }
+  std::vector<float> out;
+  int64_t next = begin;
+  const int64_t stop = begin + n;
+  for (const Piece& p : v) {
+    if (next >= stop) break;
+    if (p.end <= next || p.begin > next) continue;
+    const SafetensorsFile& f = file(p.file);
+    const SafetensorsTensorInfo& info = f.info(p.tensor);
+    if (info.dtype != SafetensorsDType::F32 && info.dtype != SafetensorsDType::BF16)
+      throw Error::at(f.path(), p.tensor,
+                      std::string("has dtype ") + safetensors_dtype_name(info.dtype) + ", expected F32 or BF16");
+    std::vector<float> values = f.read_f32(p.tensor);
+    if (p.begin == begin && p.end == stop) return values;  // exactly this piece
+    if (out.empty()) out.resize(static_cast<size_t>(n));
+    const int64_t hi = std::min(stop, p.end);
+    std::copy(values.begin() + (next - p.begin), values.begin() + (hi - p.begin), out.begin() + (next - begin));
+    next = hi;
+  }
+  if (next < stop)
+    throw Error::at(ck_->tensors.path(), key,
+                    "no state file of the checkpoint holds elements " + std::to_string(next) + ".." +
+                        std::to_string(stop) + " of it");
+  return out;
+}
+
+void restore_parameters(const Checkpoint& ck, const std::vector<ParamInfo>& params) {
+  const CheckpointTensors tensors(ck);
+  for (const ParamInfo& p : params)
+    upload(tensors.read("param", p.base_name(), p.full_shape(), p.global_begin, p.numel), p.value);
 }
 
 void add_optimizer_state(SafetensorsWriter& w, const AdamW& opt) {
@@ -85,10 +228,6 @@ nlohmann::json optimizer_counters(const AdamW& opt) {
   return {{"steps_taken", opt.steps_taken()},
           {"skipped_steps", opt.skipped_steps()},
           {"params", static_cast<int64_t>(opt.params().size())}};
-}
-
-void restore_parameters(const SafetensorsFile& f, const std::vector<ParamInfo>& params) {
-  for (const ParamInfo& p : params) restore_tensor(f, "param/" + p.name, p.shape, p.value);
 }
 
 void restore_optimizer_state(const SafetensorsFile& f, const nlohmann::json& counters, const std::string& manifest_path,
@@ -119,11 +258,13 @@ void restore_optimizer_state(const SafetensorsFile& f, const nlohmann::json& cou
 }
 
 nlohmann::json zero1_counters(const AdamW& opt, int64_t ranks, int64_t shard_numel, int64_t flat_numel,
-                              int64_t model_params) {
-  return {{"steps_taken", opt.steps_taken()},
-          {"skipped_steps", opt.skipped_steps()},
-          {"params", model_params},
-          {"zero1", {{"ranks", ranks}, {"shard_numel", shard_numel}, {"flat_numel", flat_numel}}}};
+                              int64_t model_params, int64_t expert_shards) {
+  return {
+      {"steps_taken", opt.steps_taken()},
+      {"skipped_steps", opt.skipped_steps()},
+      {"params", model_params},
+      {"zero1",
+       {{"ranks", ranks}, {"shard_numel", shard_numel}, {"flat_numel", flat_numel}, {"expert_shards", expert_shards}}}};
 }
 
 void restore_optimizer_resharded(const Checkpoint& ck, const std::vector<ParamInfo>& model_params, AdamW& opt) {
@@ -135,93 +276,33 @@ void restore_optimizer_resharded(const Checkpoint& ck, const std::vector<ParamIn
       throw Error::at(mpath, std::string("optimizer.") + field, "missing or not a non-negative integer");
     return it->get<int64_t>();
   };
-  int64_t flat = 0;
-  std::map<std::string, const ParamInfo*> by_name;
-  for (const ParamInfo& p : model_params) {
-    by_name[p.name] = &p;
-    flat = std::max(flat, p.offset + p.numel);
-  }
-  // The old layout: R_old contiguous shards of S_old elements (one shard of the whole buffer when unsharded).
-  int64_t old_ranks = 1, old_shard = flat;
   if (counters.contains("zero1")) {
     const nlohmann::json& z = counters.at("zero1");
     if (!z.is_object()) throw Error::at(mpath, "optimizer.zero1", "expected an object");
-    old_ranks = count(z, "ranks", "zero1.ranks");
-    old_shard = count(z, "shard_numel", "zero1.shard_numel");
-    const int64_t old_flat = count(z, "flat_numel", "zero1.flat_numel");
-    if (old_flat != flat)
-      throw Error::at(mpath, "optimizer.zero1.flat_numel",
-                      std::to_string(old_flat) + " parameters in the checkpoint, " + std::to_string(flat) +
-                          " in this run's model");
-    if (old_ranks != ck.manifest.world_size || old_shard * old_ranks < flat)
-      throw Error::at(mpath, "optimizer.zero1", "ranks x shard_numel does not cover flat_numel with world_size files");
+    if (count(z, "ranks", "zero1.ranks") != ck.manifest.world_size)
+      throw Error::at(mpath, "optimizer.zero1.ranks",
+                      "differs from the world_size of " + std::to_string(ck.manifest.world_size) + " state files");
   } else if (ck.manifest.world_size != 1) {
     throw Error::at(mpath, "optimizer.zero1", "missing in a checkpoint of " + std::to_string(ck.manifest.world_size) +
                                                   " state files");
   }
-  // Rank 0's file is the one open_checkpoint already opened; the others are opened here.
-  std::vector<SafetensorsFile> others;
-  for (int64_t r = 1; r < old_ranks; ++r) others.push_back(ck.open_rank(r));
-  auto file = [&](int64_t r) -> const SafetensorsFile& {
-    return r == 0 ? ck.tensors : others[static_cast<size_t>(r - 1)];
-  };
-
-  // Values [a, a + n) (elements of parameter `base`) of `kind` from the files that hold them.
-  auto gather = [&](const std::string& kind, const ParamInfo& base, int64_t a, int64_t n, bool* found) {
-    std::vector<float> out(static_cast<size_t>(n));
-    int64_t filled = 0;
-    *found = true;
-    for (int64_t q = 0; q < old_ranks; ++q) {
-      const int64_t oa = std::max(base.offset, q * old_shard) - base.offset;
-      const int64_t ob = std::min(base.offset + base.numel, (q + 1) * old_shard) - base.offset;
-      const int64_t lo = std::max(a, oa), hi = std::min(a + n, ob);
-      if (lo >= hi) continue;
-      const SafetensorsFile& f = file(q);
-      std::string name = kind;
-      name.append("/").append(base.name);
-      if (old_ranks > 1) name.append("[").append(std::to_string(oa)).append(":").append(std::to_string(ob)).append("]");
-      if (!f.contains(name)) {
-        *found = false;
-        if (kind == "master") return out;  // optional
-        throw Error::at(f.path(), name, "missing from the checkpoint's state file");
-      }
-      const std::vector<float> v = f.read_f32(name);
-      if (static_cast<int64_t>(v.size()) != ob - oa)
-        throw Error::at(f.path(), name, "holds " + std::to_string(v.size()) + " values, expected " +
-                                            std::to_string(ob - oa));
-      std::copy(v.begin() + (lo - oa), v.begin() + (hi - oa), out.begin() + (lo - a));
-      filled += hi - lo;
-    }
-    if (filled != n)
-      throw Error::at(mpath, "optimizer.zero1", "the state files cover " + std::to_string(filled) + " of the " +
-                                                    std::to_string(n) + " values of " + base.name);
-    return out;
-  };
-  auto upload = [](const std::vector<float>& v, const Tensor& dst) {
-    device_fence(dst.device);
-    copy_tensor(dst.view({dst.numel()}), Tensor(const_cast<float*>(v.data()), DType::f32, Device::cpu(), {dst.numel()}));
-    device_fence(dst.device);
-  };
+  std::map<std::string, const ParamInfo*> by_name;
+  for (const ParamInfo& p : model_params) by_name[p.name] = &p;
+  const CheckpointTensors tensors(ck);
   const std::vector<ParamInfo>& params = opt.params();
   for (size_t i = 0; i < params.size(); ++i) {
     const ParamInfo& p = params[i];
-    const size_t bracket = p.name.find('[');
-    const std::string base_name = p.name.substr(0, bracket);
-    const auto it = by_name.find(base_name);
-    HYD_CHECK(it != by_name.end(), "restore_optimizer_resharded: '", p.name, "' is not a piece of a model parameter");
-    const ParamInfo& base = *it->second;
-    const int64_t a = p.offset - base.offset;
-    HYD_CHECK(a >= 0 && a + p.numel <= base.numel, "restore_optimizer_resharded: '", p.name, "' outside ", base.name);
-    bool found = false;
-    upload(gather("adam_m", base, a, p.numel, &found), opt.first_moments()[i]);
-    upload(gather("adam_v", base, a, p.numel, &found), opt.second_moments()[i]);
-    const std::vector<float> master = gather("master", base, a, p.numel, &found);
-    if (found) {
-      upload(master, opt.masters()[i]);
-    } else if (opt.separate_masters()) {  // a CPU checkpoint: its parameters were the masters
-      const std::vector<float> whole = file(0).read_f32("param/" + base.name);
-      upload(std::vector<float>(whole.begin() + a, whole.begin() + a + p.numel), opt.masters()[i]);
-    }
+    const std::string base = p.base_name();
+    HYD_CHECK(by_name.count(base) != 0, "restore_optimizer_resharded: '", p.name,
+              "' is not a piece of a model parameter");
+    const std::vector<int64_t>& shape = p.full_shape();
+    auto read = [&](const char* kind) { return tensors.read(kind, base, shape, p.global_begin, p.numel); };
+    upload(read("adam_m"), opt.first_moments()[i]);
+    upload(read("adam_v"), opt.second_moments()[i]);
+    if (tensors.contains("master", base))
+      upload(read("master"), opt.masters()[i]);
+    else if (opt.separate_masters())  // a CPU checkpoint: its parameters were the masters
+      upload(read("param"), opt.masters()[i]);
   }
   opt.restore_counters(count(counters, "steps_taken", "steps_taken"), count(counters, "skipped_steps", "skipped_steps"));
 }

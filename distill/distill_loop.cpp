@@ -210,7 +210,11 @@ void load_teacher(const std::string& dir, HybridModel& teacher, HybridModel* stu
 double stage2_flops_per_token(HybridModel& student, const HybridConfig& sc, const ModelConfig& tc, int64_t T) {
   const ModelConfig& m = sc.model;
   double p = 0;
-  for (const ParamInfo& q : student.params()) p += static_cast<double>(q.numel);
+  for (const ParamInfo& q : student.params()) {  // whole tensors (a rank may hold some experts only)
+    double n = 1;
+    for (int64_t d : q.full_shape()) n *= static_cast<double>(d);
+    p += n;
+  }
   if (!m.tie_word_embeddings) p -= static_cast<double>(m.vocab_size) * static_cast<double>(m.hidden_size);
   double attention_layers = 0;
   for (size_t l = 0; l < sc.layers.size(); ++l) {
@@ -295,9 +299,10 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   validate_distill_config(cfg);
 
   // The dp x sp process grid (world size 1 when MPI is not running). Every rank holds the whole teacher
-  // and student; the dp ranks take different sequences, the sp ranks slices of the same sequences (LASP-2
-  // for the K layers, LASP-2H for the A and T layers of both models); the gradients are summed over all
-  // ranks, so every rank applies the same update and rank 0 alone prints, evaluates and checkpoints.
+  // and student (but for the routed experts under expert parallelism, below); the dp ranks take different
+  // sequences, the sp ranks slices of the same sequences (LASP-2 for the K layers, LASP-2H for the A and T
+  // layers of both models); the gradients are summed over all ranks, so every rank applies the same update
+  // and rank 0 alone prints and reports; the checkpoints are sharded.
   int mpi_up = 0;
   CHECK_MPI(MPI_Initialized(&mpi_up));
   std::optional<Communicator> world;
@@ -343,9 +348,10 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   // This rank's part of step `s`'s micro-batch, uploaded; with sp > 1 the batch carries the SP layout.
   // Expert parallelism: groups of parallel.ep consecutive ranks compute the MoE layers' routed experts
   // together (trainer/layer_moe.h MoeExpertParallel: rank p of a group runs experts [p E/ep, (p+1) E/ep) for
-  // the tokens of the whole group). Every rank keeps every expert's weights (replicated; a routed expert's
-  // gradient is produced on its owner only, and ZeRO-1's sum over all ranks counts it once); evaluation
-  // (rank 0 alone) computes every expert locally.
+  // the tokens of the whole group). Each rank stores only those experts, of the teacher and of the student
+  // (HybridConfig::expert_shards), replicated over the W / ep ranks with the same EP index; ZeRO-1 reduces and
+  // shards their gradients and optimizer state over those replicas only (its expert region); checkpoints
+  // hold each expert once (param/NAME[a:b] from the ranks of the first EP group); every rank evaluates.
   const int ep = static_cast<int>(cfg.parallel.ep);
   if (ep > 1) {
     if (tc.num_experts == 0)
@@ -356,11 +362,16 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
                             "= " + std::to_string(ep) + " must divide the teacher's " + std::to_string(tc.num_experts) +
                                 " experts");
   }
-  std::optional<Communicator> ep_group;
+  std::optional<Communicator> ep_group, ep_replicas;
   std::unique_ptr<MoeExpertParallel> ep_ctx;
   if (ep > 1) {
     ep_group.emplace(world->split(world->rank() / ep, world->rank() % ep));
+    ep_replicas.emplace(world->split(world->rank() % ep, world->rank() / ep));
     ep_ctx = std::make_unique<MoeExpertParallel>(*ep_group, device);
+    for (HybridConfig* c : {&in.teacher_cfg, &in.student_cfg}) {
+      c->expert_shards = ep;
+      c->expert_shard = world->rank() % ep;
+    }
   }
   auto batch_for = [&](ExecContext& c, BatchUploader& up, int64_t s, HostBatch& hb) {
     hb = sampler.batch(s);
@@ -395,7 +406,10 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   // each rank's optimizer keeps the state of its shard, the parameters are all-gathered after the update;
   // checkpoints are sharded.
   std::optional<Zero1> zero;
-  if (world && world->size() > 1) zero.emplace(*world, student.params(), student.flat_params(), student.flat_grads());
+  if (world && world->size() > 1) {
+    const Zero1::ExpertRegion experts{student.expert_region_offset(), ep_replicas ? &*ep_replicas : nullptr};
+    zero.emplace(*world, student.params(), student.flat_params(), student.flat_grads(), ep > 1 ? &experts : nullptr);
+  }
   // The optimizer of a stage over `trained` (this rank's shard of it under ZeRO-1).
   auto make_optimizer = [&](const std::vector<ParamInfo>& trained) {
     auto opt = std::make_unique<AdamW>(zero ? zero->shard_params_of(trained) : trained, device, cfg.train.adamw());
@@ -435,7 +449,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
                       "stage " + std::to_string(m.stage) + " step " + std::to_string(m.stage_step) + " (step " +
                           std::to_string(m.step) + ") does not fit this run's stages of " +
                           std::to_string(stage1_steps) + " and " + std::to_string(stage2_steps) + " steps");
-    restore_parameters(resume->tensors, student.params());
+    restore_parameters(*resume, student.params());
     read_loop_state(*resume, st);
     start = m.step;
   }
@@ -454,9 +468,11 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     }
   };
   DistillEvaluator evaluator(teacher, student, model_tokens, in.held_out.get(), cfg.eval.batches, in.passkey.get(),
-                             sp > 1 ? &*sp_ctx : nullptr, B, T);
-  // Held-out evaluation: rank 0, or under sequence parallelism the ranks of its SP group (dp rank 0).
-  const bool evaluates = sp > 1 ? dp_rank == 0 : rank0;
+                             sp > 1 ? &*sp_ctx : nullptr, B, T, ep_ctx.get());
+  // Held-out evaluation: rank 0, or under sequence parallelism the ranks of its SP group (dp rank 0); under
+  // expert parallelism every rank (each EP group computes its experts for all of its ranks' tokens; the DP
+  // replicas repeat rank 0's evaluation, in the time rank 0 needs anyway). Rank 0 reports.
+  const bool evaluates = ep > 1 || (sp > 1 ? dp_rank == 0 : rank0);
 
   // Everything checked: now the run directory is written.
   std::optional<MetricsWriter> metrics, evals;
@@ -554,13 +570,15 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       m.sp = sp;
       SafetensorsWriter w;
       // ZeRO-1: a sharded checkpoint (rank 0: the parameters and its shard's optimizer state; the others:
-      // their shards'), written by every rank together.
-      if (rank0) add_parameters(w, student.params());
+      // their shards'), written by every rank together. Expert-sharded: the ranks of the first EP group write
+      // their experts' pieces of the routed experts' parameters.
+      if (rank0) add_parameters(w, student.params(), ParamSelection::whole);
+      if (ep > 1 && world->rank() < ep) add_parameters(w, student.params(), ParamSelection::pieces);
       if (optimizer) {
-        m.optimizer = zero ? zero1_counters(*optimizer, world->size(), zero->shard_numel(),
-                                            student.flat_params().numel(),
-                                            static_cast<int64_t>(student.params().size()))
-                           : optimizer_counters(*optimizer);
+        m.optimizer =
+            zero ? zero1_counters(*optimizer, world->size(), zero->shard_numel(), student.flat_params().numel(),
+                                  static_cast<int64_t>(student.params().size()), ep)
+                 : optimizer_counters(*optimizer);
         add_optimizer_state(w, *optimizer);
       }
       run.save(std::move(m), w, device.str(), zero ? &*world : nullptr);
@@ -929,7 +947,7 @@ void run_evaluation(const DistillConfig& cfg, const std::string& checkpoint_dir,
   HybridModel teacher(in.teacher_cfg, device, in.max_tokens, ModelUse::inference);
   HybridModel student(in.student_cfg, device, in.max_tokens, ModelUse::inference);  // evaluated, not trained
   load_teacher(cfg.teacher_dir, teacher, nullptr, 0, nullptr);
-  restore_parameters(ck.tensors, student.params());
+  restore_parameters(ck, student.params());
   DistillEvaluator evaluator(teacher, student, in.max_tokens, in.held_out.get(), cfg.eval.batches, in.passkey.get());
 
   out << "hydistill eval\n"

@@ -271,9 +271,10 @@ struct DistillEvaluator::Impl {
 
   SequenceParallel* sp = nullptr;
   int64_t rows = 0, seq_len = 0;
+  const MoeExpertParallel* ep = nullptr;
 
   Impl(HybridModel& t, HybridModel& s, int64_t max_tokens, const PackedSampler* h, int64_t b, const TokenDataset* p,
-       SequenceParallel* sp_, int64_t rows_, int64_t seq_len_)
+       SequenceParallel* sp_, int64_t rows_, int64_t seq_len_, const MoeExpertParallel* ep_)
       : teacher(t),
         student(s),
         held_out(b > 0 ? h : nullptr),
@@ -282,7 +283,8 @@ struct DistillEvaluator::Impl {
         uploader(s.device(), max_tokens, /*with_loss_mask=*/true),
         sp(sp_ != nullptr && sp_->size() > 1 ? sp_ : nullptr),
         rows(rows_),
-        seq_len(seq_len_) {
+        seq_len(seq_len_),
+        ep(ep_) {
     HYD_CHECK(sp == nullptr || passkey == nullptr,
               "DistillEvaluator: passkey evaluation under sequence parallelism is not supported");
     HYD_CHECK(t.device() == s.device(), "DistillEvaluator: teacher on ", t.device().str(), ", student on ",
@@ -309,7 +311,8 @@ struct DistillEvaluator::Impl {
       if (hb.num_targets == 0) continue;  // whole sequences: the same on every rank of an SP group
       const int64_t targets = hb.num_targets;
       // Under sequence parallelism hb becomes this rank's slice.
-      const Batch batch = sp ? upload_sp_batch(ctx, uploader, sp, rows, seq_len, hb) : uploader.upload(ctx, hb);
+      Batch batch = sp ? upload_sp_batch(ctx, uploader, sp, rows, seq_len, hb) : uploader.upload(ctx, hb);
+      batch.ep = ep;
       const Tensor mask = uploader.loss_mask();
       const int64_t n = batch.num_tokens;
       teacher.forward_hidden(ctx, batch);
@@ -345,7 +348,9 @@ struct DistillEvaluator::Impl {
   std::vector<PasskeyResult> passkey_of(ExecContext& ctx, HybridModel& model) {
     return passkey_accuracy(
         [&](const std::vector<int32_t>& tokens) {
-          return model.forward_logits(ctx, uploader.upload(ctx, document_batch(tokens)));
+          Batch batch = uploader.upload(ctx, document_batch(tokens));
+          batch.ep = ep;
+          return model.forward_logits(ctx, batch);
         },
         *passkey);
   }
@@ -353,8 +358,8 @@ struct DistillEvaluator::Impl {
 
 DistillEvaluator::DistillEvaluator(HybridModel& teacher, HybridModel& student, int64_t max_tokens,
                                    const PackedSampler* held_out, int64_t batches, const TokenDataset* passkey,
-                                   SequenceParallel* sp, int64_t rows, int64_t seq_len)
-    : impl_(std::make_unique<Impl>(teacher, student, max_tokens, held_out, batches, passkey, sp, rows, seq_len)) {}
+                                   SequenceParallel* sp, int64_t rows, int64_t seq_len, const MoeExpertParallel* ep)
+    : impl_(std::make_unique<Impl>(teacher, student, max_tokens, held_out, batches, passkey, sp, rows, seq_len, ep)) {}
 
 DistillEvaluator::~DistillEvaluator() = default;
 

@@ -111,9 +111,11 @@ class DistillEvaluator {
   // sp (with rows x seq_len, the held-out batches' shape): the held-out metrics run under sequence parallelism,
   // every rank of sp's group calling evaluate() with its slice of each batch (sums all-reduced over the group,
   // so the models hold max_tokens = rows x seq_len / sp tokens); passkey evaluation is then not available.
+  // ep: the models' MoE layers run under expert parallelism (Batch::ep; required for expert-sharded models),
+  // every rank of ep's group calling evaluate() with the same arguments.
   DistillEvaluator(HybridModel& teacher, HybridModel& student, int64_t max_tokens, const PackedSampler* held_out,
                    int64_t batches, const TokenDataset* passkey, SequenceParallel* sp = nullptr, int64_t rows = 0,
-                   int64_t seq_len = 0);
+                   int64_t seq_len = 0, const MoeExpertParallel* ep = nullptr);
   ~DistillEvaluator();
   DistillEvaluator(const DistillEvaluator&) = delete;
   DistillEvaluator& operator=(const DistillEvaluator&) = delete;

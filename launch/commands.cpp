@@ -124,7 +124,7 @@ void export_checkpoint(const ExportArgs& args, std::ostream& out) {
            std::to_string(cfg.model.hidden_size) + ")";
   }
   HybridModel model(cfg, Device::cpu(), /*max_tokens=*/1);
-  restore_parameters(ck.tensors, model.params());
+  restore_parameters(ck, model.params());
   export_hf(model, opt);
   out << "exported " << ck.dir << " (" << ck.manifest.command << ", step " << ck.manifest.step << "): " << what
       << "\n  to " << args.out << " (" << args.dtype << "; tokenizer "

@@ -556,7 +556,13 @@ void HybridModel::Impl::build() {
   add_param("final_norm", {D}, false, offset);
   if (!mc.tie_word_embeddings) add_param("lm_head", {V, D}, true, offset);
   expert_offset = offset;
-  for (const MoeBlock::ParamSpec& s : sharded_experts) add_param(s.name, s.shape, s.weight_decay, offset);
+  for (const MoeBlock::ParamSpec& s : sharded_experts) {
+    add_param(s.name, s.shape, s.weight_decay, offset);
+    ParamInfo& p = params.back();  // experts [shard E / S, (shard + 1) E / S) of the [E, ...] tensor
+    p.global_shape = p.shape;
+    p.global_shape[0] *= cfg.expert_shards;
+    p.global_begin = cfg.expert_shard * p.numel;
+  }
   const int64_t total = offset;
 
   param_arena = Arena("params", device, static_cast<size_t>(total) * dtype_size(act));

@@ -75,6 +75,13 @@ struct ParamInfo {
   int64_t numel = 0;
   Tensor value;  // view into flat_params()
   Tensor grad;   // view into flat_grads()
+  // A piece of a larger tensor (expert-sharded storage, HybridConfig::expert_shards; ZeRO-1's shard pieces):
+  // the elements [global_begin, global_begin + numel) of the row-major tensor NAME (the name up to any
+  // '[') of shape global_shape. Empty global_shape: the parameter is the whole tensor.
+  std::vector<int64_t> global_shape;
+  int64_t global_begin = 0;
+  const std::vector<int64_t>& full_shape() const { return global_shape.empty() ? shape : global_shape; }
+  std::string base_name() const { return name.substr(0, name.find('[')); }
 };
 
 class DenseModel {

@@ -342,7 +342,7 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
           "step " + std::to_string(m.step) + " with data.next_batch " + std::to_string(resume_next_batch(*resume)) +
               " does not fit train.steps = " + std::to_string(steps) + " x train.grad_accum = " + std::to_string(ga));
     check_resume_global_batch(*resume, B, dp, src);
-    restore_parameters(resume->tensors, model.params());
+    restore_parameters(*resume, model.params());
     // ZeRO-1 state comes from whatever shards hold it (re-sharded when the rank count changed).
     if (zero || m.world_size > 1)
       restore_optimizer_resharded(*resume, model.params(), optimizer);

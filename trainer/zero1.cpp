@@ -83,7 +83,10 @@ Zero1::Zero1(const Communicator& group, const std::vector<ParamInfo>& params, co
     const int64_t a = std::max(p.offset, s_lo), b = std::min(p.offset + p.numel, s_lo + g.shard_len());
     if (a >= b) continue;
     ParamInfo q = p;
-    q.name = p.name + "[" + std::to_string(a - p.offset) + ":" + std::to_string(b - p.offset) + "]";
+    // Named and placed in the elements of the whole tensor (an expert-sharded parameter is itself a piece).
+    q.global_shape = p.full_shape();
+    q.global_begin = p.global_begin + (a - p.offset);
+    q.name = p.name + "[" + std::to_string(q.global_begin) + ":" + std::to_string(q.global_begin + (b - a)) + "]";
     q.shape = {b - a};
     q.offset = a;
     q.numel = b - a;

@@ -22,8 +22,9 @@
 // index). That region is sharded, reduce-scattered and all-gathered over experts->group alone, the
 // elements before it over `group` as above; each has its own S and staging. The gradient norm's
 // all_reduce_sum stays over `group`: every element of every rank's model lies in exactly one rank's shard.
-// rank(), size(), shard_numel() and shard_begin() describe the replicated region. (Nothing builds a
-// model with such a region yet: the expert-sharded storage of docs/parallel.md is the next step.)
+// rank(), size(), shard_numel() and shard_begin() describe the replicated region. Shard pieces are named
+// "NAME[a:b]" in the elements of the whole tensor (ParamInfo::global_begin), so the expert region's pieces of
+// different EP ranks never share a name (hydistill distill with parallel.ep > 1 builds such models).
 #pragma once
 
 #include <cstdint>

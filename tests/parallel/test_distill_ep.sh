@@ -6,7 +6,9 @@
 # batch (every step's mse / kl / ce / grad_norm, rel. < 1e-4, fp32 sums in other orders):
 #   dp 2 x ep 2 (2 ranks, one EP group over both data-parallel ranks), dp 2 x sp 2 x ep 2 and dp 4 x ep 4 (4 ranks);
 # also dp 2 x ep 2 == dp 2 x ep 1; a dp 2 x ep 2 run stopped after step 6 and resumed == uninterrupted, bit for
-# bit; parallel.ep = 3 on 2 ranks and parallel.ep = 2 with a dense teacher exit 2 naming parallel.ep.
+# bit; its expert-sharded checkpoint (each expert's weights and optimizer state once, as pieces over the EP ranks'
+# files) exports and evaluates in one process and resumes in one process, on dp 4 x ep 4 and dp 4 x ep 2;
+# parallel.ep = 3 on 2 ranks and parallel.ep = 2 with a dense teacher exit 2 naming parallel.ep.
 # HYD_EP_TEACHER=dots1 runs the same with the golden dots1 teacher (sigmoid router with a selection bias, routed
 # scaling, a shared MLP computed locally on every rank; layer 0 dense through first_k_dense_replace) and
 # distill.router_bias_rate 0.01 (the selection bias moved by the loads of every rank after each stage-2 step).
@@ -63,6 +65,76 @@ PY
 
 # Stopped and resumed under dp 2 x ep 2: bit for bit.
 par_run part "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2 --checkpoint.interval 2 --run.stop_after 6
+# The checkpoint of step 6 is expert-sharded: each rank of the EP group wrote its experts' piece of every routed
+# expert tensor (param/NAME[a:b], no whole param/NAME), and the optimizer's pieces cover every expert once.
+python3 - "$WORK/part/step-00000006" <<'PY' || fail "the expert-sharded checkpoint"
+import re, sys
+from safetensors.numpy import load_file
+d = sys.argv[1]
+files = [load_file(f"{d}/rank-0000{r}.safetensors") for r in (0, 1)]
+for kind in ("param", "adam_m"):
+    for t in ("mlp.gate_up", "mlp.down"):
+        name = f"{kind}/layers.1.{t}"
+        assert all(name not in f for f in files), f"{name} stored whole"
+        spans = sorted((int(m.group(1)), int(m.group(2)), r) for r, f in enumerate(files) for k in f
+                       for m in [re.fullmatch(re.escape(name) + r"\[(\d+):(\d+)\]", k)] if m)
+        assert spans and spans[0][0] == 0, (name, spans)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), (name, spans)
+        if kind == "param":
+            assert [r for _, _, r in spans] == [0, 1], (name, spans)  # rank r: experts [r E/2, (r+1) E/2)
+        print(name, "pieces", [(a, b) for a, b, _ in spans])
+PY
+if [ "${HYD_EP_TEACHER:-qwen3_moe}" = qwen3_moe ]; then
+  # Exported and evaluated in one process: the export assembles whole experts from the pieces.
+  "$HYD" export --checkpoint "$WORK/part/step-00000006" --out "$WORK/part_export" --dtype float32 \
+    >"$WORK/part_export.out" 2>&1 || { cat "$WORK/part_export.out"; fail "export of the expert-sharded checkpoint"; }
+  python3 - "$WORK/part/step-00000006" "$WORK/part_export/model.safetensors" <<'PY' || fail "exported experts"
+import sys
+import numpy as np
+from safetensors.numpy import load_file
+d, exported = sys.argv[1], load_file(sys.argv[2])
+files = [load_file(f"{d}/rank-0000{r}.safetensors") for r in (0, 1)]
+pieces = sorted((k, f[k]) for f in files for k in f if k.startswith("param/layers.1.mlp.down["))
+down = np.concatenate([v for _, v in sorted(pieces, key=lambda kv: int(kv[0].split("[")[1].split(":")[0]))])
+E = sum(1 for k in exported if k.startswith("model.layers.1.mlp.experts.") and k.endswith(".down_proj.weight"))
+assert E >= 2, E
+down = down.reshape(E, *exported["model.layers.1.mlp.experts.0.down_proj.weight"].shape)
+for e in range(E):
+    assert np.array_equal(exported[f"model.layers.1.mlp.experts.{e}.down_proj.weight"], down[e]), e
+print(f"export of the expert-sharded checkpoint: all {E} experts' down_proj equal the state files' pieces")
+PY
+  OMP_NUM_THREADS=1 "$HYD" eval --config "$WORK/distill.ini" --run.dir "$WORK/part_eval" \
+    --checkpoint "$WORK/part/step-00000006" >"$WORK/part_eval.out" 2>&1 ||
+    { cat "$WORK/part_eval.out"; fail "hydistill eval of the expert-sharded checkpoint"; }
+  grep -q "appended to" "$WORK/part_eval.out" || { cat "$WORK/part_eval.out"; fail "eval output"; }
+fi
+# The same checkpoint resumed in one process (ep 1), on dp 4 x ep 4 and on dp 4 x ep 2 (each expert's optimizer
+# state sharded over its 2 replicas), re-sharded by name == uninterrupted.
+cp -r "$WORK/part" "$WORK/part_one"
+cp -r "$WORK/part" "$WORK/part_ep4"
+cp -r "$WORK/part" "$WORK/part_dp4ep2"
+par_run part_one -- --data.batch_size 4 --checkpoint.interval 2 --train.resume auto
+par_run part_ep4 "${MPIRUN4[@]}" -- --data.batch_size 1 --parallel.dp 4 --parallel.ep 4 --checkpoint.interval 2 \
+  --train.resume auto
+par_run part_dp4ep2 "${MPIRUN4[@]}" -- --data.batch_size 1 --parallel.dp 4 --parallel.ep 2 --checkpoint.interval 2 \
+  --train.resume auto
+python3 - "$WORK" <<'PY' || fail "the expert-sharded checkpoint resumed on another layout"
+import json, sys
+w = sys.argv[1]
+load = lambda n: [json.loads(l) for l in open(f"{w}/{n}/metrics.jsonl")]
+ref = load("dp2ep2")
+for name in ("part_one", "part_ep4", "part_dp4ep2"):
+    got = load(name)
+    assert len(got) == len(ref), (name, len(got))
+    worst = 0.0
+    for g, r in zip(got, ref):
+        for k in ("mse", "kl", "ce", "grad_norm"):
+            if k in r:
+                e = abs(g[k] - r[k]) / max(abs(r[k]), 1e-12)
+                worst = max(worst, e)
+                assert e < 1e-4, (name, k, g, r)
+    print(f"dp2 x ep2 checkpoint of step 6 resumed as {name}: worst rel. {worst:.2e}")
+PY
 par_run part "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2 --checkpoint.interval 2 --train.resume auto
 grep -q "resumed from .*step-00000006" "$WORK/part.out" || { cat "$WORK/part.out"; fail "dp2 ep2: did not resume"; }
 python3 - "$WORK/dp2ep2/metrics.jsonl" "$WORK/part/metrics.jsonl" <<'PY' || fail "dp2 ep2: the resumed run differs"

@@ -262,6 +262,38 @@ struct Trainee {
   }
 };
 
+// CheckpointTensors assembles a range from whichever pieces hold it and names what is wrong.
+TEST(TrainingState, PiecesAssembleAnyRangeAndNameWhatIsMissing) {
+  test::TempDir run("hyd_pieces_");
+  SafetensorsWriter w;
+  w.add_f32("adam_m/w[3:6]", {3}, {3, 4, 5});  // out of order on purpose
+  w.add_f32("adam_m/w[0:3]", {3}, {0, 1, 2});
+  w.add_f32("adam_m/gap[0:2]", {2}, {0, 1});
+  w.add_f32("adam_m/gap[3:4]", {1}, {3});
+  w.add_f32("param/whole", {2, 2}, {7, 8, 9, 10});
+  const Checkpoint ck = open_checkpoint(write_checkpoint(run.str(), sample_manifest(1), w, ""));
+  const CheckpointTensors t(ck);
+  EXPECT_TRUE(t.contains("adam_m", "w"));
+  EXPECT_FALSE(t.contains("adam_v", "w"));
+  EXPECT_EQ(t.read("adam_m", "w", {2, 3}, 1, 4), (std::vector<float>{1, 2, 3, 4}));
+  EXPECT_EQ(t.read("adam_m", "w", {2, 3}, 3, 3), (std::vector<float>{3, 4, 5}));
+  EXPECT_EQ(t.read("param", "whole", {2, 2}, 1, 2), (std::vector<float>{8, 9}));
+  test::expect_error([&] { t.read("param", "whole", {4}, 0, 4); }, {kCheckpointRankFile, "param/whole", "shape"});
+  test::expect_error([&] { t.read("adam_m", "w", {7}, 0, 7); }, {"adam_m/w", "end at element 6"});
+  test::expect_error([&] { t.read("adam_m", "w", {5}, 0, 5); }, {"adam_m/w[3:6]", "reaches element 6"});
+  test::expect_error([&] { t.read("adam_m", "gap", {4}, 1, 3); }, {"adam_m/gap", "elements 2..4"});
+  test::expect_error([&] { t.read("adam_v", "w", {6}, 0, 6); }, {kCheckpointRankFile, "adam_v/w", "missing"});
+
+  SafetensorsWriter bad;
+  bad.add_f32("adam_m/w[4:2]", {2}, {0, 1});
+  const Checkpoint ck_bad = open_checkpoint(write_checkpoint(run.str(), sample_manifest(2), bad, ""));
+  test::expect_error([&] { CheckpointTensors{ck_bad}; }, {"adam_m/w[4:2]", "[a:b]"});
+  SafetensorsWriter wrong;
+  wrong.add_f32("adam_m/w[0:3]", {2}, {0, 1});
+  const Checkpoint ck_wrong = open_checkpoint(write_checkpoint(run.str(), sample_manifest(3), wrong, ""));
+  test::expect_error([&] { CheckpointTensors{ck_wrong}; }, {"adam_m/w[0:3]", "holds 2 values"});
+}
+
 TEST(TrainingState, RestoredRunContinuesBitForBit) {
   const HybridConfig cfg = test::tiny_hybrid_config("KA", 2);
   test::rng().seed(7);
@@ -288,7 +320,7 @@ TEST(TrainingState, RestoredRunContinuesBitForBit) {
 
   test::rng().seed(99);  // a different initialisation, overwritten by the checkpoint
   Trainee resumed(cfg);
-  restore_parameters(ck.tensors, resumed.model.params());
+  restore_parameters(ck, resumed.model.params());
   restore_optimizer_state(ck.tensors, ck.manifest.optimizer, ck.manifest_path(), *resumed.optimizer);
   EXPECT_EQ(resumed.optimizer->steps_taken(), 3);
   resumed.steps(ctx, batch.batch, 3);
@@ -303,7 +335,7 @@ TEST(TrainingState, RestoredRunContinuesBitForBit) {
 
   // A model whose parameters do not match names the file and the tensor.
   Trainee other(test::tiny_hybrid_config("AA", 2));
-  test::expect_error([&] { restore_parameters(ck.tensors, other.model.params()); },
+  test::expect_error([&] { restore_parameters(ck, other.model.params()); },
                      {kCheckpointRankFile, "param/layers.0.wqkv", "missing"});
   json counters = ck.manifest.optimizer;
   counters["params"] = 1;
