@@ -72,14 +72,33 @@ void SequenceParallel::set_layout(SpLayout layout) {
   HYD_CHECK(layout.cu_q.size() == layout.cu_k.size() && !layout.cu_q.empty(),
             "SequenceParallel::set_layout: cu_q and cu_k must have the same, nonzero length");
   layout_ = std::move(layout);
-  const auto n = static_cast<int64_t>(layout_.cu_q.size());
-  if (layout_arena_.capacity() < 2 * (static_cast<size_t>(n) * 4 + 256))
-    layout_arena_ = Arena("sp_layout", device_, 2 * (static_cast<size_t>(n) * 4 + 256) + 4096);
+  // The balanced LASP-2H work runs on CUDA only when HYD_SP_ATTN_BALANCE=1 asks for it, until it has been
+  // measured there (it passes the CPU tests; the GPU equivalence and scaling runs are next).
+  if (layout_.balanced && device_.is_cuda()) {
+    const char* e = std::getenv("HYD_SP_ATTN_BALANCE");
+    if (e == nullptr || std::string(e) != "1") layout_.balanced = false;
+  }
+  std::vector<std::vector<int32_t>*> arrays = {&layout_.cu_q, &layout_.cu_k};
+  if (layout_.balanced)
+    for (SpLayout::Work& w : layout_.work) {
+      HYD_CHECK(w.cu_q.size() == w.cu_k.size() && !w.cu_q.empty(),
+                "SequenceParallel::set_layout: the balanced work's cu_q and cu_k must have the same, nonzero length");
+      arrays.push_back(&w.cu_q);
+      arrays.push_back(&w.cu_k);
+    }
+  size_t need = 4096;
+  for (const std::vector<int32_t>* a : arrays) need += a->size() * 4 + 256;
+  if (layout_arena_.capacity() < need) layout_arena_ = Arena("sp_layout", device_, need);
   layout_arena_.reset();
-  cu_q_ = layout_arena_.alloc({n}, DType::i32);
-  cu_k_ = layout_arena_.alloc({n}, DType::i32);
-  copy_tensor(cu_q_, Tensor(layout_.cu_q.data(), DType::i32, Device::cpu(), {n}));
-  copy_tensor(cu_k_, Tensor(layout_.cu_k.data(), DType::i32, Device::cpu(), {n}));
+  std::vector<Tensor> up;
+  for (std::vector<int32_t>* a : arrays) {
+    const auto n = static_cast<int64_t>(a->size());
+    up.push_back(layout_arena_.alloc({n}, DType::i32));
+    copy_tensor(up.back(), Tensor(a->data(), DType::i32, Device::cpu(), {n}));
+  }
+  cu_q_ = up[0];
+  cu_k_ = up[1];
+  for (size_t i = 2; i < up.size(); ++i) work_cu_[i - 2] = up[i];
 }
 
 Tensor SequenceParallel::buffer(const void* owner, int slot, std::initializer_list<int64_t> dims, DType dtype) const {

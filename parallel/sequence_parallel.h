@@ -52,6 +52,20 @@ struct SpLayout {
   // documents with no queries, so both arrays cover all their rows.
   std::vector<int32_t> cu_q, cu_k;
   int64_t max_len_q = 0, max_len_k = 0;
+  // Balanced LASP-2H. With contiguous slices the causal attention of rank r costs 2 r + 1 units (the last
+  // rank waits for the others). Instead every rank computes the queries of two half-slices, `rank` and
+  // 2 size - 1 - rank (half-slice c of a row: its tokens [c slice / 2, (c + 1) slice / 2), attending about
+  // c + 1/2 half-slices of keys, so each rank's pair costs the same); queries and outputs travel to and from
+  // their owners (trainer/lasp.cpp). work[j]: that half-slice and its boundaries as cu_q / cu_k above, queries
+  // packed [rows][slice / 2]. Used when the slice is even, size > 1 and HYD_SP_ATTN_BALANCE is not 0; on
+  // CUDA only with HYD_SP_ATTN_BALANCE=1 for now (SequenceParallel::set_layout clears it otherwise).
+  bool balanced = false;
+  struct Work {
+    int64_t chunk = 0;
+    std::vector<int32_t> cu_q, cu_k;
+    int64_t max_len_q = 0, max_len_k = 0;
+  };
+  Work work[2];
 };
 
 enum class SpTraffic { kda_state = 0, conv_halo = 1, attention_kv = 2 };
@@ -83,6 +97,9 @@ class SequenceParallel {
   const SpLayout& layout() const { return layout_; }
   const Tensor& cu_q() const { return cu_q_; }  // i32 [layout().cu_q.size()] on the device
   const Tensor& cu_k() const { return cu_k_; }
+  // The balanced work's boundaries (layout().balanced), j = 0, 1.
+  const Tensor& work_cu_q(int j) const { return work_cu_[2 * j]; }
+  const Tensor& work_cu_k(int j) const { return work_cu_[2 * j + 1]; }
 
   // A buffer owned by (owner, slot) that keeps its contents between calls (a layer's forward leaves
   // what its backward reads); reallocated, contents lost, when a call asks for more bytes than it has.
@@ -111,6 +128,7 @@ class SequenceParallel {
   SpLayout layout_;
   Arena layout_arena_;
   Tensor cu_q_, cu_k_;
+  Tensor work_cu_[4];
   mutable std::map<std::pair<const void*, int>, Arena> buffers_;
   mutable Traffic traffic_[kSpTrafficKinds];
 };

@@ -49,6 +49,21 @@ enum Slot : int {
   kDKAll,
   kDVAll,    // LASP-2H key / value gradients over the gathered keys
   kSplitWs,  // the split forward's workspace (CUDA: the prepared chunks, shared by the B, M and true passes)
+  kQAll,     // balanced LASP-2H: all ranks' queries (forward) or output gradients (backward), temporary
+  kFull,     // balanced LASP-2H: outputs / dQ of every rank's tokens before the reduce-scatter, temporary
+  kLseFull,
+  kWorkQ,  // balanced LASP-2H, kept per layer: the two half-slices' queries, outputs and lse (+ j)
+  kWorkQ1,
+  kWorkO,
+  kWorkO1,
+  kWorkLse,
+  kWorkLse1,
+  kWorkD,  // the half-slices' output gradients / dQ (temporary, + j)
+  kWorkD1,
+  kWorkDQ,
+  kWorkDQ1,
+  kDKAll2,  // the second half-slice's dK / dV before they are added
+  kDVAll2,
 };
 const int kTemp = 0;
 
@@ -89,6 +104,46 @@ Dims kda_dims(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens) {
 
 // ------------------------------------------------------------------------------------------ slicing
 
+namespace {
+
+// LASP-2H boundaries for the queries of tokens [from, from + len) of every row, packed row after row (row b's at
+// b * len), over the keys in the sequence layout [rows][seq_len]: each document piece among the queries attends
+// keys from its document's start (maybe before `from`) to the piece's end; keys no query sees form key-only
+// documents, so both arrays cover all their tokens. cu: the global batch's document boundaries.
+void attention_docs(const std::vector<int32_t>& cu, int64_t num_docs, int64_t rows, int64_t seq_len, int64_t from,
+                    int64_t len, std::vector<int32_t>& cu_q, std::vector<int32_t>& cu_k, int64_t& max_q,
+                    int64_t& max_k) {
+  cu_q.assign(1, 0);
+  cu_k.assign(1, 0);
+  max_q = max_k = 0;
+  auto add = [&](int64_t q_end, int64_t k_end) {
+    max_q = std::max<int64_t>(max_q, q_end - cu_q.back());
+    max_k = std::max<int64_t>(max_k, k_end - cu_k.back());
+    cu_q.push_back(static_cast<int32_t>(q_end));
+    cu_k.push_back(static_cast<int32_t>(k_end));
+  };
+  for (int64_t b = 0; b < rows; ++b) {
+    const int64_t lo = b * seq_len + from, hi = lo + len, q0 = b * len;
+    auto it = std::upper_bound(cu.begin(), cu.end(), static_cast<int32_t>(lo));
+    HYD_CHECK(it != cu.begin() && it != cu.end(), "slice_batch_for_sp: cu_seqlens do not cover token ", lo);
+    for (int64_t d = (it - cu.begin()) - 1; d < num_docs && cu[d] < hi; ++d) {
+      const int64_t st = cu[d], e = cu[d + 1];
+      const int64_t a = std::max(st, lo), z = std::min(e, hi);
+      if (z <= a) continue;
+      if (st > cu_k.back()) add(cu_q.back(), st);
+      add(q0 + (z - lo), z);
+    }
+  }
+  if (cu_k.back() < rows * seq_len) add(cu_q.back(), rows * seq_len);
+}
+
+bool balance_from_env() {
+  const char* e = std::getenv("HYD_SP_ATTN_BALANCE");
+  return e == nullptr || std::string(e) != "0";
+}
+
+}  // namespace
+
 HostBatch slice_batch_for_sp(const HostBatch& global, int64_t rows, int64_t seq_len, int rank, int size,
                              SpLayout& layout) {
   HYD_CHECK(size >= 1 && rank >= 0 && rank < size, "slice_batch_for_sp: rank ", rank, " of ", size);
@@ -108,16 +163,6 @@ HostBatch slice_batch_for_sp(const HostBatch& global, int64_t rows, int64_t seq_
 
   HostBatch out;
   out.cu_seqlens.push_back(0);
-  layout.cu_q.push_back(0);
-  layout.cu_k.push_back(0);
-  int64_t key_cursor = 0;
-  auto add_key_doc = [&](int64_t q_end, int64_t k_end) {
-    layout.max_len_q = std::max<int64_t>(layout.max_len_q, q_end - layout.cu_q.back());
-    layout.max_len_k = std::max<int64_t>(layout.max_len_k, k_end - layout.cu_k.back());
-    layout.cu_q.push_back(static_cast<int32_t>(q_end));
-    layout.cu_k.push_back(static_cast<int32_t>(k_end));
-    key_cursor = k_end;
-  };
   for (int64_t b = 0; b < rows; ++b) {
     const int64_t lo = b * seq_len + rank * ts, hi = lo + ts;
     const int64_t local0 = b * ts;  // this row's first token in the local batch
@@ -144,18 +189,28 @@ HostBatch slice_batch_for_sp(const HostBatch& global, int64_t rows, int64_t seq_
         layout.lead.push_back(static_cast<int32_t>(a - st));
         first = false;
       }
-      // Keys of this document: from its start (maybe on an earlier rank) to the end of its piece, in the
-      // gathered [rows, seq_len] layout, whose row b starts at b * seq_len: the same index as the global batch.
-      if (st > key_cursor) add_key_doc(layout.cu_q.back(), st);
-      add_key_doc(local0 + (z - lo), z);
       if (z == hi) layout.cont_out.push_back(e > hi ? 1 : 0);
     }
     layout.last_doc.push_back(last);
     HYD_CHECK(layout.cont_out.size() == static_cast<size_t>(b + 1), "slice_batch_for_sp: row ", b,
               " is not covered by documents");
   }
-  if (key_cursor < rows * seq_len) add_key_doc(layout.cu_q.back(), rows * seq_len);
   out.num_docs = static_cast<int64_t>(out.cu_seqlens.size()) - 1;
+  // LASP-2H over this rank's slice (keys in the gathered [rows, seq_len] layout, whose row b starts at
+  // b * seq_len: the same index as the global batch).
+  attention_docs(cu, global.num_docs, rows, seq_len, rank * ts, ts, layout.cu_q, layout.cu_k, layout.max_len_q,
+                 layout.max_len_k);
+  // Balanced: this rank computes the attention of half-slices `rank` and 2 size - 1 - rank (SpLayout).
+  layout.balanced = size > 1 && ts % 2 == 0 && balance_from_env();
+  if (layout.balanced) {
+    const int64_t half = ts / 2;
+    for (int j = 0; j < 2; ++j) {
+      SpLayout::Work& w = layout.work[j];
+      w.chunk = j == 0 ? rank : 2 * size - 1 - rank;
+      attention_docs(cu, global.num_docs, rows, seq_len, w.chunk * half, half, w.cu_q, w.cu_k, w.max_len_q,
+                     w.max_len_k);
+    }
+  }
   return out;
 }
 
@@ -460,6 +515,30 @@ void scatter_dkv(const ExecContext& ctx, const SequenceParallel& sp, const void*
   sp.reduce_scatter(ctx, dvs, dv, SpTraffic::attention_kv);
 }
 
+// Balanced LASP-2H: between the rank-major gathered layout [size][rows][slice] (`all`, `row` elements per
+// token) and half-slice `chunk`'s tokens of every row packed [rows][slice / 2] (`packed`).
+void copy_half_slice(const ExecContext& ctx, const SpLayout& L, int64_t row, int64_t chunk, const Tensor& all,
+                     const Tensor& packed, bool to_packed) {
+  const int64_t half = L.slice / 2, p = chunk / 2, h = chunk % 2;
+  for (int64_t b = 0; b < L.rows; ++b) {
+    const Tensor a = rows_of(all, row, (p * L.rows + b) * L.slice + h * half, half);
+    const Tensor w = rows_of(packed, row, b * half, half);
+    copy_on(ctx, to_packed ? w : a, to_packed ? a : w);
+  }
+}
+
+// The packed results of the two half-slices (`work[j]`, [rows * slice / 2, ...]) back to their owners: placed in
+// a zero buffer of every rank's tokens and reduce-scattered, so `out` [rows * slice, ...] gets this rank's.
+void return_half_slices(const ExecContext& ctx, const SequenceParallel& sp, const Tensor* work, const Tensor& out) {
+  const SpLayout& L = sp.layout();
+  const int64_t row = out.numel() / out.size(0);
+  const Tensor full =
+      sp.buffer(&kTemp, out.dtype == DType::f32 ? kLseFull : kFull, {sp.size() * out.numel()}, out.dtype);
+  kernels::fill(ctx, full, 0.0f);
+  for (int j = 0; j < 2; ++j) copy_half_slice(ctx, L, row, L.work[j].chunk, full, work[j], false);
+  sp.reduce_scatter(ctx, full, out, SpTraffic::attention_kv);
+}
+
 }  // namespace
 
 void lasp_attention_forward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
@@ -469,8 +548,30 @@ void lasp_attention_forward(const ExecContext& ctx, const SequenceParallel& sp, 
   lasp_profile_start(ctx);
   gather_kv(ctx, sp, owner, k, v, k_all, v_all);
   lasp_profile_mark(ctx, "attn.fwd.gather");
-  kernels::attention_forward(ctx, q, k_all, v_all, sp.cu_q(), sp.cu_k(), L.max_len_q, L.max_len_k, o, lse, scale);
+  if (!L.balanced) {
+    kernels::attention_forward(ctx, q, k_all, v_all, sp.cu_q(), sp.cu_k(), L.max_len_q, L.max_len_k, o, lse, scale);
+    lasp_profile_mark(ctx, "attn.fwd.attention");
+    return;
+  }
+  // Every rank's queries, then this rank's two half-slices of them (kept with their outputs and lse for the
+  // backward), their attention, and the outputs and lse back to the owners.
+  const int64_t n = q.size(0), hq = q.size(1), d = q.size(2), half_n = L.rows * (L.slice / 2);
+  const Tensor q_all = sp.buffer(&kTemp, kQAll, {sp.size() * n, hq, d}, q.dtype);
+  sp.all_gather(ctx, q, q_all, SpTraffic::attention_kv);
+  lasp_profile_mark(ctx, "attn.fwd.gather_q");
+  Tensor ow[2], lw[2];
+  for (int j = 0; j < 2; ++j) {
+    const Tensor qw = sp.buffer(owner, kWorkQ + j, {half_n, hq, d}, q.dtype);
+    ow[j] = sp.buffer(owner, kWorkO + j, {half_n, hq, d}, o.dtype);
+    lw[j] = sp.buffer(owner, kWorkLse + j, {half_n, hq}, lse.dtype);
+    copy_half_slice(ctx, L, hq * d, L.work[j].chunk, q_all, qw, true);
+    kernels::attention_forward(ctx, qw, k_all, v_all, sp.work_cu_q(j), sp.work_cu_k(j), L.work[j].max_len_q,
+                               L.work[j].max_len_k, ow[j], lw[j], scale);
+  }
   lasp_profile_mark(ctx, "attn.fwd.attention");
+  return_half_slices(ctx, sp, ow, o);
+  return_half_slices(ctx, sp, lw, lse);
+  lasp_profile_mark(ctx, "attn.fwd.return");
 }
 
 void lasp_attention_backward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& dout,
@@ -485,8 +586,35 @@ void lasp_attention_backward(const ExecContext& ctx, const SequenceParallel& sp,
   const Tensor dk_all = sp.buffer(owner, kDKAll, {total, k.size(1), k.size(2)}, k.dtype);
   const Tensor dv_all = sp.buffer(owner, kDVAll, {total, v.size(1), v.size(2)}, v.dtype);
   lasp_profile_start(ctx);
-  kernels::attention_backward(ctx, dout, q, k_all, v_all, o, lse, sp.cu_q(), sp.cu_k(), L.max_len_q, L.max_len_k, dq,
-                              dk_all, dv_all, scale);
+  if (!L.balanced) {
+    kernels::attention_backward(ctx, dout, q, k_all, v_all, o, lse, sp.cu_q(), sp.cu_k(), L.max_len_q, L.max_len_k, dq,
+                                dk_all, dv_all, scale);
+  } else {
+    // The output gradients of this rank's half-slices, their backward over the forward's kept queries,
+    // outputs and lse (the second half-slice's dK / dV added to the first's), dQ back to the owners.
+    const int64_t n = q.size(0), hq = q.size(1), d = q.size(2), half_n = L.rows * (L.slice / 2);
+    const Tensor do_all = sp.buffer(&kTemp, kQAll, {sp.size() * n, hq, d}, dout.dtype);
+    sp.all_gather(ctx, dout, do_all, SpTraffic::attention_kv);
+    lasp_profile_mark(ctx, "attn.bwd.gather_do");
+    Tensor dqw[2];
+    for (int j = 0; j < 2; ++j) {
+      const Tensor qw = sp.buffer(owner, kWorkQ + j, {half_n, hq, d}, q.dtype);
+      const Tensor ow = sp.buffer(owner, kWorkO + j, {half_n, hq, d}, o.dtype);
+      const Tensor lw = sp.buffer(owner, kWorkLse + j, {half_n, hq}, lse.dtype);
+      const Tensor dow = sp.buffer(&kTemp, kWorkD + j, {half_n, hq, d}, dout.dtype);
+      dqw[j] = sp.buffer(&kTemp, kWorkDQ + j, {half_n, hq, d}, dq.dtype);
+      copy_half_slice(ctx, L, hq * d, L.work[j].chunk, do_all, dow, true);
+      const Tensor dkj = j == 0 ? dk_all : sp.buffer(&kTemp, kDKAll2, {total, k.size(1), k.size(2)}, k.dtype);
+      const Tensor dvj = j == 0 ? dv_all : sp.buffer(&kTemp, kDVAll2, {total, v.size(1), v.size(2)}, v.dtype);
+      kernels::attention_backward(ctx, dow, qw, k_all, v_all, ow, lw, sp.work_cu_q(j), sp.work_cu_k(j),
+                                  L.work[j].max_len_q, L.work[j].max_len_k, dqw[j], dkj, dvj, scale);
+      if (j == 1) {
+        kernels::add_inplace(ctx, dk_all, dkj);
+        kernels::add_inplace(ctx, dv_all, dvj);
+      }
+    }
+    return_half_slices(ctx, sp, dqw, dq);
+  }
   lasp_profile_mark(ctx, "attn.bwd.attention");
   scatter_dkv(ctx, sp, owner, dk_all, dv_all, dk, dv);
   lasp_profile_mark(ctx, "attn.bwd.scatter");

@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <numeric>
 #include <random>
 #include <string>
@@ -166,6 +167,52 @@ TEST(SequenceParallel, SliceLayoutOfTheDocumentPlan) {
     }
   }
   EXPECT_EQ(targets, global.num_targets);
+}
+
+// Balanced LASP-2H: the ranks' two half-slices cover every half-slice once, rank r's are r and 2P - 1 - r, and
+// their boundaries partition the packed queries and the gathered keys like the slice's; an odd slice (or
+// HYD_SP_ATTN_BALANCE=0) keeps every rank on its own slice.
+TEST(SequenceParallel, BalancedAttentionWorkOfTheDocumentPlan) {
+  Communicator world = Communicator::world();
+  const int P = world.size();
+  const int32_t slice = 32;
+  const int64_t T = P * slice;
+  HostBatch global = test::make_global(T, test::doc_plan(P, slice), 50, 1);
+  const char* saved = std::getenv("HYD_SP_ATTN_BALANCE");
+  const std::string before = saved != nullptr ? saved : "";
+  ::unsetenv("HYD_SP_ATTN_BALANCE");
+  std::vector<int> covered(2 * P, 0);
+  for (int r = 0; r < P; ++r) {
+    SpLayout L;
+    slice_batch_for_sp(global, 2, T, r, P, L);
+    ASSERT_TRUE(L.balanced);
+    EXPECT_EQ(L.work[0].chunk, r);
+    EXPECT_EQ(L.work[1].chunk, 2 * P - 1 - r);
+    for (const SpLayout::Work& w : L.work) {
+      ++covered[static_cast<size_t>(w.chunk)];
+      EXPECT_EQ(w.cu_q.back(), 2 * slice / 2);
+      EXPECT_EQ(w.cu_k.back(), 2 * T);
+      for (size_t d = 1; d < w.cu_k.size(); ++d) {
+        EXPECT_LE(w.cu_k[d - 1], w.cu_k[d]);
+        EXPECT_LE(w.cu_q[d - 1], w.cu_q[d]);
+        EXPECT_LE(w.cu_q[d] - w.cu_q[d - 1], w.cu_k[d] - w.cu_k[d - 1]);
+      }
+      EXPECT_LE(w.max_len_q, slice / 2);
+    }
+  }
+  for (int c = 0; c < 2 * P; ++c) EXPECT_EQ(covered[static_cast<size_t>(c)], 1) << "half-slice " << c;
+  SpLayout odd;
+  HostBatch g_odd = test::make_global(P * 31, test::doc_plan(P, 31), 50, 1);
+  slice_batch_for_sp(g_odd, 2, P * 31, 0, P, odd);
+  EXPECT_FALSE(odd.balanced) << "slice 31 cannot be halved";
+  ::setenv("HYD_SP_ATTN_BALANCE", "0", 1);
+  SpLayout off;
+  slice_batch_for_sp(global, 2, T, 0, P, off);
+  EXPECT_FALSE(off.balanced);
+  if (saved != nullptr)
+    ::setenv("HYD_SP_ATTN_BALANCE", before.c_str(), 1);
+  else
+    ::unsetenv("HYD_SP_ATTN_BALANCE");
 }
 
 // The KDA core alone: LASP-2 over the slices equals the whole sequences (outputs and every input gradient,
