@@ -2,7 +2,8 @@
 # One device call covering the multi-GPU and MoE checks (issues 6 and 7): build (launch/setup.sh), the
 # gpu_parallel tests (NCCL, SP, multi-rank train / distill), the gpu label, the DP and SP scaling tables and
 # the MoE layer bench. Each part has its own time limit and log under OUT_DIR; a summary goes to stdout.
-# Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,gpu_moe,moe,e2e
+# Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,sp_h,gpu_moe,moe,e2e
+# (sp_h: the 3:1 hybrid's SP scaling with the contiguous LASP-2H and then the balanced one, HYD_SP_ATTN_BALANCE=1)
 set -uo pipefail
 out=${1:?usage: device_session.sh OUT_DIR [PARTS]}
 parts=${2:-gpu_parallel,gpu,dp,sp_k,moe}
@@ -28,6 +29,13 @@ fi
 if has sp_k; then
   MODE=sp PATTERN=K STEPS=4 timeout 150 bash bench/scaling/run.sh 16384 >"$out/sp_k.txt" 2>&1
   echo "sp_k rc=$?"; tail -n 7 "$out/sp_k.txt"
+fi
+if has sp_h; then
+  for bal in 0 1; do
+    HYD_SP_ATTN_BALANCE=$bal MODE=sp PATTERN=KKKA STEPS=4 timeout 200 bash bench/scaling/run.sh 16384 \
+      >"$out/sp_h_bal$bal.txt" 2>&1
+    echo "sp_h HYD_SP_ATTN_BALANCE=$bal rc=$?"; tail -n 7 "$out/sp_h_bal$bal.txt"
+  done
 fi
 if has gpu_moe; then
   timeout 240 ctest --test-dir build -R test_gpu_moe --output-on-failure >"$out/gpu_moe.log" 2>&1

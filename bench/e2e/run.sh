@@ -12,7 +12,9 @@
 # flash_linear_attention 0.6.0 and einops 0.8.2 wheels, carried to the device machine) when `import fla` fails.
 # Environment: BUILD (build), PYTHON (python3), STEPS (5 timed), WARMUP (3), SHAPES ("8x2048 2x8192"),
 # MODES ("train distill"), RUN_TIMEOUT (seconds per run, 200; the first reference run compiles FLA's
-# Triton kernels), EXTRA_OURS / EXTRA_REF (extra arguments for one side).
+# Triton kernels), EXTRA_OURS / EXTRA_REF (extra arguments for one side), REPEATS (1: runs of each side per
+# shape, alternating ours / ref; the table compares each side's fastest run and gives the spread, since the
+# eager reference's step time varied by 43% between runs on one H100, docs/benchmarks.md stop 17).
 # Expected to finish in under ~6 minutes on an H100 (8 runs; not yet measured).
 #
 # Where the two sides do not do the same work (by design: each is what its user runs):
@@ -38,6 +40,7 @@ MODES=${MODES:-"train distill"}
 RUN_TIMEOUT=${RUN_TIMEOUT:-200}
 EXTRA_OURS=${EXTRA_OURS:-}
 EXTRA_REF=${EXTRA_REF:-}
+REPEATS=${REPEATS:-1}
 t_start=$(date +%s)
 
 echo "== bench/e2e $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
@@ -81,19 +84,24 @@ for mode in $MODES; do
     b=${shape%x*}
     t=${shape#*x}
     common=(--mode "$mode" --batch "$b" --seq "$t" --steps "$STEPS" --warmup "$WARMUP")
-    # shellcheck disable=SC2086
-    run ours "./$BUILD/bench_e2e" "${common[@]}" $EXTRA_OURS
-    # shellcheck disable=SC2086
-    run ref "$PYTHON" bench/e2e/torch_fla_e2e.py "${common[@]}" $EXTRA_REF
+    for ((rep = 0; rep < REPEATS; ++rep)); do
+      # shellcheck disable=SC2086
+      run ours "./$BUILD/bench_e2e" "${common[@]}" $EXTRA_OURS
+      # shellcheck disable=SC2086
+      run ref "$PYTHON" bench/e2e/torch_fla_e2e.py "${common[@]}" $EXTRA_REF
+    done
   done
 done
 
 "$PYTHON" - "$lines" "$MODES" "$SHAPES" <<'PY'
 import sys
-rows = {}
+runs = {}
 for line in open(sys.argv[1]):
     f = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
-    rows[(f["impl"], f["mode"], f"B{f['batch']}xT{f['seq']}")] = f
+    runs.setdefault((f["impl"], f["mode"], f"B{f['batch']}xT{f['seq']}"), []).append(f)
+# Each side's fastest run (its memory is the same in every run), and the spread of its runs.
+rows = {k: max(v, key=lambda f: float(f["tokens_per_s"])) for k, v in runs.items()}
+spread = {k: (len(v), min(float(f["tokens_per_s"]) for f in v)) for k, v in runs.items()}
 def get(impl, mode, shape, key, fmt):
     r = rows.get((impl, mode, shape))
     try:
@@ -116,5 +124,8 @@ for mode in sys.argv[2].split():
 print("speedup = ours / torch+FLA tokens/s. MFU: FLOPs of bench_e2e.cpp's header (6 P_mm + 6 attn for the student,")
 print("+ 2 P_mm + 2 attn for the teacher in distill) over the device's bf16 dense peak. GiB: ours = device memory")
 print("in use above the bare context (cudaMemGetInfo; arenas + pool reservation); ref = torch.cuda.max_memory_allocated.")
+for (impl, mode, shape), (n, lo) in sorted(spread.items()):
+    if n > 1:
+        print(f"  {impl} {mode} {shape}: {n} runs, tok/s {lo:.0f} .. {float(rows[(impl, mode, shape)]['tokens_per_s']):.0f} (the table: the fastest)")
 PY
 echo "total $(( $(date +%s) - t_start )) s"
