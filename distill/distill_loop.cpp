@@ -492,7 +492,10 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
        << (dp > 1 ? " x " + std::to_string(dp) + " data-parallel ranks" : std::string())
        << (sp > 1 ? ", each sequence over " + std::to_string(sp) + " sequence-parallel ranks (LASP-2 / LASP-2H)"
                   : std::string())
-       << (ep > 1 ? ", routed experts over groups of " + std::to_string(ep) + " expert-parallel ranks" : std::string())
+       << (ep > 1 ? ", routed experts over groups of " + std::to_string(ep) + " expert-parallel ranks, each storing " +
+                        std::to_string(tc.num_experts / ep) + " of the " + std::to_string(tc.num_experts) +
+                        " per MoE layer"
+                  : std::string())
        << ")\n"
        << in.data->summary() << "train split      " << sampler.num_docs() << " documents, "
        << sampler.tokens_per_epoch() << " tokens\n"

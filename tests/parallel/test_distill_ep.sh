@@ -32,7 +32,7 @@ par_run dp2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2
 par_run dp2ep2 "${MPIRUN2[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.ep 2
 par_run dp2sp2ep2 "${MPIRUN4[@]}" -- --data.batch_size 2 --parallel.dp 2 --parallel.sp 2 --parallel.ep 2
 par_run dp4ep4 "${MPIRUN4[@]}" -- --data.batch_size 1 --parallel.dp 4 --parallel.ep 4
-grep -q "routed experts over groups of 2 expert-parallel ranks" "$WORK/dp2ep2.out" || { cat "$WORK/dp2ep2.out"; fail "header"; }
+grep -q "routed experts over groups of 2 expert-parallel ranks, each storing 4 of the 8 per MoE layer" "$WORK/dp2ep2.out" || { cat "$WORK/dp2ep2.out"; fail "header"; }
 calls=$(sed -n 's/^expert parallelism: rank 0 took part in \([0-9]*\) exchanges.*/\1/p' "$WORK/dp2ep2.out")
 [ -n "$calls" ] && [ "$calls" -gt 0 ] || { cat "$WORK/dp2ep2.out"; fail "dp2 ep2: no expert-parallel exchange counted"; }
 echo "dp2 x ep2: rank 0 took part in $calls exchanges"
