@@ -924,15 +924,27 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
 void run_evaluation(const DistillConfig& cfg, const std::string& checkpoint_dir, std::ostream& out) {
   const std::string& src = cfg.source;
   validate_distill_config(cfg);
-  // One process: every rank would evaluate everything and append to the same eval.jsonl.
-  int mpi_up = 0, world_size = 1;
+  // One process, or for a MoE student too large for one device W ranks with parallel.dp = parallel.ep = W:
+  // each rank holds its share of the routed experts (of both models), the ranks evaluate the same batches
+  // together (expert parallelism) and rank 0 reports.
+  int mpi_up = 0;
   CHECK_MPI(MPI_Initialized(&mpi_up));
-  if (mpi_up) CHECK_MPI(MPI_Comm_size(MPI_COMM_WORLD, &world_size));
-  if (world_size > 1 || cfg.parallel.dp * cfg.parallel.sp > 1)
+  std::optional<Communicator> world;
+  if (mpi_up) world = Communicator::world();
+  const int world_size = world ? world->size() : 1;
+  const int ep = static_cast<int>(cfg.parallel.ep);
+  const bool expert_parallel = world_size > 1 && ep == world_size && cfg.parallel.dp == world_size &&
+                               cfg.parallel.sp == 1;
+  if ((world_size > 1 || cfg.parallel.dp * cfg.parallel.sp > 1) && !expert_parallel)
     throw ConfigError::at(src, "parallel.dp",
-                          "hydistill eval runs in one process (got " + std::to_string(world_size) +
-                              " ranks, parallel.dp x parallel.sp = " +
-                              std::to_string(cfg.parallel.dp * cfg.parallel.sp) + "); start it without mpirun");
+                          "hydistill eval runs in one process, or on W ranks with parallel.dp = parallel.ep = W and "
+                          "parallel.sp = 1 (got " +
+                              std::to_string(world_size) + " ranks, parallel.dp " + std::to_string(cfg.parallel.dp) +
+                              ", parallel.sp " + std::to_string(cfg.parallel.sp) + ", parallel.ep " +
+                              std::to_string(ep) + ")");
+  const bool rank0 = !world || world->rank() == 0;
+  std::ostream null_out(nullptr);
+  std::ostream& log = rank0 ? out : null_out;
   // The checkpoint first (a broken one names its file and field), then whether this configuration
   // describes its student.
   const StudentCheckpoint sc = open_student_checkpoint(checkpoint_dir);
@@ -943,17 +955,30 @@ void run_evaluation(const DistillConfig& cfg, const std::string& checkpoint_dir,
                           "'" + cfg.student_pattern + "' differs from the checkpoint's '" + pattern + "' (" +
                               ck.manifest_path() + ", config)");
   check_teacher_identity(ck, cfg.teacher_dir, src, "teacher.dir");
-  const Device device = parse_device(cfg.device);
+  const Device device = expert_parallel ? rank_device(cfg.device, world_size, src) : parse_device(cfg.device);
   DistillInputs in = open_inputs(cfg, pattern);
+  std::unique_ptr<MoeExpertParallel> ep_ctx;
+  if (expert_parallel) {
+    if (in.teacher.config.num_experts == 0 || in.teacher.config.num_experts % ep != 0)
+      throw ConfigError::at(src, "parallel.ep",
+                            "= " + std::to_string(ep) + " must divide the teacher's " +
+                                std::to_string(in.teacher.config.num_experts) + " routed experts");
+    for (HybridConfig* c : {&in.teacher_cfg, &in.student_cfg}) {
+      c->expert_shards = ep;
+      c->expert_shard = world->rank();
+    }
+    ep_ctx = std::make_unique<MoeExpertParallel>(*world, device);
+  }
 
   ExecContext ctx(device);
   HybridModel teacher(in.teacher_cfg, device, in.max_tokens, ModelUse::inference);
   HybridModel student(in.student_cfg, device, in.max_tokens, ModelUse::inference);  // evaluated, not trained
   load_teacher(cfg.teacher_dir, teacher, nullptr, 0, nullptr);
   restore_parameters(ck, student.params());
-  DistillEvaluator evaluator(teacher, student, in.max_tokens, in.held_out.get(), cfg.eval.batches, in.passkey.get());
+  DistillEvaluator evaluator(teacher, student, in.max_tokens, in.held_out.get(), cfg.eval.batches, in.passkey.get(),
+                             nullptr, 0, 0, ep_ctx.get());
 
-  out << "hydistill eval\n"
+  log << "hydistill eval\n"
       << "  checkpoint       " << ck.dir << " (stage " << ck.manifest.stage << " step " << ck.manifest.stage_step
       << ", step " << ck.manifest.step << " of the run)\n"
       << "  teacher          " << cfg.teacher_dir << "\n"
@@ -963,12 +988,16 @@ void run_evaluation(const DistillConfig& cfg, const std::string& checkpoint_dir,
                       : std::string("none"))
       << "\n"
       << "  passkey data     " << (in.passkey ? cfg.eval.passkey_data : std::string("none")) << "\n";
+  if (expert_parallel)
+    log << "  expert parallel  " << ep << " ranks, each storing " << in.teacher.config.num_experts / ep << " of the "
+        << in.teacher.config.num_experts << " routed experts per MoE layer\n";
   DistillEvaluation e = evaluator.evaluate(ctx);
   e.global_step = ck.manifest.step;
   e.stage = ck.manifest.stage;
   e.stage_step = ck.manifest.stage_step;
   e.checkpoint = ck.dir;
-  out << e.table() << std::flush;
+  log << e.table() << std::flush;
+  if (!rank0) return;
 
   // Written only now that every input was read.
   std::error_code ec;

@@ -117,7 +117,9 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
 // distill do (a table on `out`, one record appended to RUN_DIR/eval.jsonl). cfg supplies the data,
 // eval.* and run.dir; its teacher.dir and student.pattern must be the checkpoint's (ConfigError naming
 // the key otherwise). A missing or broken checkpoint is a hyd::Error naming the file and the field;
-// nothing is written before every input has been checked.
+// nothing is written before every input has been checked. One process, or W ranks (mpirun) with
+// parallel.dp = parallel.ep = W and parallel.sp = 1: each rank then holds 1 / W of the routed experts of both
+// models, the ranks evaluate together and rank 0 reports.
 void run_evaluation(const DistillConfig& cfg, const std::string& checkpoint_dir, std::ostream& out);
 
 }  // namespace hyd

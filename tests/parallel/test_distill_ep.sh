@@ -103,11 +103,30 @@ for e in range(E):
     assert np.array_equal(exported[f"model.layers.1.mlp.experts.{e}.down_proj.weight"], down[e]), e
 print(f"export of the expert-sharded checkpoint: all {E} experts' down_proj equal the state files' pieces")
 PY
-  OMP_NUM_THREADS=1 "$HYD" eval --config "$WORK/distill.ini" --run.dir "$WORK/part_eval" \
-    --checkpoint "$WORK/part/step-00000006" >"$WORK/part_eval.out" 2>&1 ||
-    { cat "$WORK/part_eval.out"; fail "hydistill eval of the expert-sharded checkpoint"; }
-  grep -q "appended to" "$WORK/part_eval.out" || { cat "$WORK/part_eval.out"; fail "eval output"; }
 fi
+# Evaluated in one process and on 2 ranks with expert parallelism (each rank its half of the experts): the same
+# held-out numbers.
+OMP_NUM_THREADS=1 "$HYD" eval --config "$WORK/distill.ini" --run.dir "$WORK/part_eval" \
+  --checkpoint "$WORK/part/step-00000006" >"$WORK/part_eval.out" 2>&1 ||
+  { cat "$WORK/part_eval.out"; fail "hydistill eval of the expert-sharded checkpoint"; }
+grep -q "appended to" "$WORK/part_eval.out" || { cat "$WORK/part_eval.out"; fail "eval output"; }
+OMP_NUM_THREADS=1 "${MPIRUN2[@]}" "$HYD" eval --config "$WORK/distill.ini" --run.dir "$WORK/part_eval_ep" \
+  --checkpoint "$WORK/part/step-00000006" --parallel.dp 2 --parallel.ep 2 >"$WORK/part_eval_ep.out" 2>&1 ||
+  { cat "$WORK/part_eval_ep.out"; fail "hydistill eval on 2 expert-parallel ranks"; }
+grep -q "expert parallel  2 ranks, each storing" "$WORK/part_eval_ep.out" || { cat "$WORK/part_eval_ep.out"; fail "eval ep header"; }
+python3 - "$WORK/part_eval/eval.jsonl" "$WORK/part_eval_ep/eval.jsonl" <<'PY' || fail "eval on 2 expert-parallel ranks differs"
+import json, sys
+a, b = ([json.loads(l) for l in open(p)] for p in sys.argv[1:])
+assert len(a) == len(b) == 1, (len(a), len(b))
+for k in ("held_out_tokens", "teacher_loss", "student_loss", "kl", "top1_agreement"):
+    assert abs(a[0][k] - b[0][k]) <= 1e-5 * max(abs(a[0][k]), 1e-12), (k, a[0][k], b[0][k])
+print("eval on 2 expert-parallel ranks == one process:", {k: b[0][k] for k in ("student_loss", "kl")})
+PY
+OMP_NUM_THREADS=1 "${MPIRUN2[@]}" "$HYD" eval --config "$WORK/distill.ini" --run.dir "$WORK/part_eval_dp" \
+  --checkpoint "$WORK/part/step-00000006" --parallel.dp 2 >"$WORK/part_eval_dp.out" 2>&1
+rc=$?
+[ "$rc" = 2 ] && grep -q "parallel.dp" "$WORK/part_eval_dp.out" && [ ! -e "$WORK/part_eval_dp" ] ||
+  { cat "$WORK/part_eval_dp.out"; fail "eval on 2 ranks without expert parallelism: exit $rc"; }
 # The same checkpoint resumed in one process (ep 1), on dp 4 x ep 4 and on dp 4 x ep 2 (each expert's optimizer
 # state sharded over its 2 replicas), re-sharded by name == uninterrupted.
 cp -r "$WORK/part" "$WORK/part_one"
