@@ -3,7 +3,9 @@
 # gpu_parallel tests (NCCL, SP, multi-rank train / distill), the gpu label, the DP and SP scaling tables and
 # the MoE layer bench. Each part has its own time limit and log under OUT_DIR; a summary goes to stdout.
 # Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,sp_h,gpu_moe,moe,e2e
-# (sp_h: the 3:1 hybrid's SP scaling with the contiguous LASP-2H and then the balanced one, HYD_SP_ATTN_BALANCE=1)
+# (sp_h: the 3:1 hybrid's SP scaling with the contiguous LASP-2H and then the balanced one, HYD_SP_ATTN_BALANCE=1;
+# moe_rows: our MoE layer with the per-expert loop and the grouped cuBLAS call from 256 to 2048 rows per expert,
+# for 64 experts of FFN 1408 and 128 of FFN 768: where one grouped call beats the loop)
 set -uo pipefail
 out=${1:?usage: device_session.sh OUT_DIR [PARTS]}
 parts=${2:-gpu_parallel,gpu,dp,sp_k,moe}
@@ -35,6 +37,18 @@ if has sp_h; then
     HYD_SP_ATTN_BALANCE=$bal MODE=sp PATTERN=KKKA STEPS=4 timeout 200 bash bench/scaling/run.sh 16384 \
       >"$out/sp_h_bal$bal.txt" 2>&1
     echo "sp_h HYD_SP_ATTN_BALANCE=$bal rc=$?"; tail -n 7 "$out/sp_h_bal$bal.txt"
+  done
+fi
+if has moe_rows; then
+  for cfg in "64 1408" "128 768"; do
+    read -r e f <<<"$cfg"
+    for n in 2048 4096 8192 16384; do
+      for g in loop grouped; do
+        HYD_MOE_GEMM=$g timeout 60 build/bench_moe --tokens "$n" --experts "$e" --ffn "$f" --iters 10 --warmup 3 \
+          2>/dev/null | grep '^hydistill' | tee -a "$out/moe_rows.txt" | grep -o 'tokens=[0-9]* .*experts=[0-9]*\|gemm=[a-z]* gemm_dw=[a-z]*\|fwd_ms=[0-9.]* fwdbwd_ms=[0-9.]*' | tr '\n' ' '
+        echo
+      done
+    done
   done
 fi
 if has gpu_moe; then
