@@ -3,7 +3,8 @@
 # gpu_parallel tests (NCCL, SP, multi-rank train / distill), the gpu label, the DP and SP scaling tables and
 # the MoE layer bench. Each part has its own time limit and log under OUT_DIR; a summary goes to stdout.
 # Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,sp_h,gpu_moe,moe,e2e
-# (sp_h: the 3:1 hybrid's SP scaling with the contiguous LASP-2H and then the balanced one, HYD_SP_ATTN_BALANCE=1;
+# (sp_h: the 3:1 hybrid's SP scaling with the contiguous LASP-2H and then the balanced one, HYD_SP_ATTN_BALANCE=1,
+# then balanced with the collectives only queued, HYD_SP_ASYNC=1;
 # moe_rows: our MoE layer with the per-expert loop and the grouped cuBLAS call from 256 to 2048 rows per expert,
 # for 64 experts of FFN 1408 and 128 of FFN 768: where one grouped call beats the loop)
 set -uo pipefail
@@ -33,10 +34,11 @@ if has sp_k; then
   echo "sp_k rc=$?"; tail -n 7 "$out/sp_k.txt"
 fi
 if has sp_h; then
-  for bal in 0 1; do
-    HYD_SP_ATTN_BALANCE=$bal MODE=sp PATTERN=KKKA STEPS=4 timeout 200 bash bench/scaling/run.sh 16384 \
-      >"$out/sp_h_bal$bal.txt" 2>&1
-    echo "sp_h HYD_SP_ATTN_BALANCE=$bal rc=$?"; tail -n 7 "$out/sp_h_bal$bal.txt"
+  for v in "0 0" "1 0" "1 1"; do
+    read -r bal async <<<"$v"
+    HYD_SP_ATTN_BALANCE=$bal HYD_SP_ASYNC=$async MODE=sp PATTERN=KKKA STEPS=4 timeout 200 \
+      bash bench/scaling/run.sh 16384 >"$out/sp_h_bal${bal}_async$async.txt" 2>&1
+    echo "sp_h HYD_SP_ATTN_BALANCE=$bal HYD_SP_ASYNC=$async rc=$?"; tail -n 7 "$out/sp_h_bal${bal}_async$async.txt"
   done
 fi
 if has moe_rows; then

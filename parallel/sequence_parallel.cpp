@@ -62,6 +62,8 @@ SequenceParallel::SequenceParallel(const Communicator& group, Device device)
   const char* staged = std::getenv("HYD_SP_STAGED");
   if (device.is_cuda() && !(staged != nullptr && std::string(staged) == "1"))
     nccl_ = std::make_unique<NcclCommunicator>(group);
+  const char* async = std::getenv("HYD_SP_ASYNC");
+  async_ = nccl_ != nullptr && async != nullptr && std::string(async) == "1";
 }
 
 SequenceParallel::~SequenceParallel() = default;
@@ -157,8 +159,10 @@ void with_type(DType dt, const char* what, F&& f) {
 
 void SequenceParallel::collective(const ExecContext& ctx, const Tensor& in, const Tensor& out, SpTraffic kind,
                                   const std::function<void(const Tensor&, const Tensor&)>& run) const {
-  ctx.synchronize();
-  group_->barrier();  // waiting for peers' compute is not communication time
+  if (!async_) {
+    ctx.synchronize();
+    group_->barrier();  // waiting for peers' compute is not communication time
+  }
   const auto t0 = std::chrono::steady_clock::now();
   if (nccl_) {
     // NCCL on device memory, ordered on ctx's stream; host tensors are staged through device buffers.
@@ -166,6 +170,10 @@ void SequenceParallel::collective(const ExecContext& ctx, const Tensor& in, cons
     const Tensor dout = out.device.is_cuda() ? out.view({out.numel()}) : buffer(this, -2, {out.numel()}, out.dtype);
     run(din, dout);
     if (!out.device.is_cuda()) copy_tensor(out.view({out.numel()}), dout);
+    if (async_) {  // only queued: no time to count
+      count(kind, in, 0.0);
+      return;
+    }
     ctx.synchronize();
   } else {
     // MPI on host memory; CUDA tensors (HYD_SP_STAGED=1) are staged through host copies.

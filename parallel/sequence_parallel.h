@@ -14,8 +14,10 @@
 // Devices. Tensors live on the layers' device. On the CPU the collectives are MPI on the tensors' memory;
 // on CUDA they are NCCL (parallel/nccl_comm.h, a communicator of the same group) ordered on the caller's
 // stream (HYD_SP_STAGED=1 stages them through host memory and MPI instead, for debugging). Each collective
-// waits for the device before and after it (the LASP steps around it compose on the host today), so no
-// communication overlaps compute yet.
+// waits for the device and the group before it and for the device after it (so Traffic::seconds is the
+// exchange alone), so no communication overlaps compute. HYD_SP_ASYNC=1 (NCCL only; an experiment, not yet
+// run on GPUs): the collectives are only queued on the stream (every consumer is stream-ordered), no host
+// synchronisation, and Traffic::seconds stays 0.
 #pragma once
 
 #include <cstdint>
@@ -123,6 +125,7 @@ class SequenceParallel {
   Tensor on_device(const Tensor& t, int slot) const;  // t itself on the device, else a copy in buffer(this, slot)
   const Communicator* group_;
   std::unique_ptr<NcclCommunicator> nccl_;  // CUDA only
+  bool async_ = false;                      // HYD_SP_ASYNC=1 with NCCL
   Device device_;
   int rank_ = 0, size_ = 1;
   SpLayout layout_;

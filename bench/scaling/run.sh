@@ -7,11 +7,12 @@
 # (launch/setup.sh on a CUDA machine) and mpirun.
 # Usage: bash bench/scaling/run.sh [TOKENS_PER_GPU...]   (default 4096 16384); env MODE (sp | dp | both, the
 # default), STEPS, PATTERN, LAYERS, DOCS, HYD_SP_ATTN_BALANCE (1: the balanced LASP-2H work on CUDA, which is
-# off there by default until measured; 0: off; docs/parallel.md).
+# off there by default until measured; 0: off; docs/parallel.md), HYD_SP_ASYNC (1: the SP collectives only queued
+# on the stream, no host synchronisation: parallel/sequence_parallel.h).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export NCCL_NVLS_ENABLE=0
-export HYD_SP_ATTN_BALANCE=${HYD_SP_ATTN_BALANCE:-}
+export HYD_SP_ATTN_BALANCE=${HYD_SP_ATTN_BALANCE:-} HYD_SP_ASYNC=${HYD_SP_ASYNC:-}
 tokens=("$@")
 [ ${#tokens[@]} -gt 0 ] || tokens=(4096 16384)
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
@@ -27,7 +28,7 @@ for t in "${tokens[@]}"; do
   for r in "${runs[@]}"; do
     read -r np sp opt <<<"$r"
     [ "$np" -le "$gpus" ] || continue
-    out=$(mpirun "${root[@]}" -np "$np" --bind-to none -x NCCL_NVLS_ENABLE -x HYD_SP_ATTN_BALANCE ./build/bench_scaling --sp "$sp" \
+    out=$(mpirun "${root[@]}" -np "$np" --bind-to none -x NCCL_NVLS_ENABLE -x HYD_SP_ATTN_BALANCE -x HYD_SP_ASYNC ./build/bench_scaling --sp "$sp" \
       --tokens-per-gpu "$t" --steps "${STEPS:-5}" --layers "${LAYERS:-12}" --pattern "${PATTERN:-KKKA}" \
       --docs "${DOCS:-1}" --optimizer "$opt" 2>&1)
     rc=$?
