@@ -28,7 +28,8 @@ Environment:
   GPUS_PER_NODE  ranks per node (default: the number of GPUs nvidia-smi lists on this node)
   NNODES         use only the first NNODES hosts of the hostfile (default: all of them)
   DP, SP         add --parallel.dp DP / --parallel.sp SP (DP x SP must equal NODES x G)
-  EP             distill with MoE models: add --parallel.ep EP (divides NODES x G; CPU only so far)
+  EP             distill with MoE models: add --parallel.ep EP (divides NODES x G; each rank stores 1/EP of
+                 the routed experts; CPUs and GPUs)
   HYDISTILL      the binary (default: build/hydistill of this checkout, else hydistill on PATH)
   MPIRUN         mpirun command (default mpirun); MPIRUN_ARGS: more mpirun flags, split on spaces
   DRY_RUN=1      print the mpirun command without running it

@@ -24,7 +24,8 @@ rank -> GPU by node-local rank; or N CPU processes with device = cpu). Run it fr
 
 Environment:
   DP, SP        add --parallel.dp DP / --parallel.sp SP (DP x SP must equal N)
-  EP            distill with MoE models: add --parallel.ep EP (divides N; CPU only so far)
+  EP            distill with MoE models: add --parallel.ep EP (divides N; each rank stores 1/EP of the
+                routed experts; CPUs and GPUs)
   HYDISTILL     the binary (default: build/hydistill of this checkout, else hydistill on PATH)
   BIND          none (default: no CPU binding) | socket (--map-by socket --bind-to socket, ranks spread
                 over the sockets) | core (--map-by core --bind-to core)
