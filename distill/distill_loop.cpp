@@ -202,6 +202,23 @@ void load_teacher(const std::string& dir, HybridModel& teacher, HybridModel* stu
   if (student) *report = init_student_from_teacher(teacher, *student, seed);
 }
 
+// Expert parallelism over groups of ep > 1 ranks: the teacher must have routed experts that ep divides
+// (ConfigError naming parallel.ep otherwise); world rank `rank` then stores expert shard rank % ep of both models.
+void shard_experts(const DistillConfig& cfg, int ep, int rank, DistillInputs& in) {
+  const ModelConfig& tc = in.teacher.config;
+  if (tc.num_experts == 0)
+    throw ConfigError::at(cfg.source, "parallel.ep",
+                          "= " + std::to_string(ep) + " but the teacher " + cfg.teacher_dir + " has no MoE layers");
+  if (tc.num_experts % ep != 0)
+    throw ConfigError::at(cfg.source, "parallel.ep",
+                          "= " + std::to_string(ep) + " must divide the teacher's " + std::to_string(tc.num_experts) +
+                              " experts");
+  for (HybridConfig* c : {&in.teacher_cfg, &in.student_cfg}) {
+    c->expert_shards = ep;
+    c->expert_shard = rank % ep;
+  }
+}
+
 // FLOPs per token of a stage-2 step, for MFU: the student's forward + backward and the teacher's forward
 // by ModelConfig::train_flops_per_token's convention (6 x the parameters that take part in a matrix multiply
 // once per token + 6 x attention layers x T x q_dim; the input embedding is no matmul unless tied to the LM
@@ -353,25 +370,13 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
   // shards their gradients and optimizer state over those replicas only (its expert region); checkpoints
   // hold each expert once (param/NAME[a:b] from the ranks of the first EP group); every rank evaluates.
   const int ep = static_cast<int>(cfg.parallel.ep);
-  if (ep > 1) {
-    if (tc.num_experts == 0)
-      throw ConfigError::at(src, "parallel.ep",
-                            "= " + std::to_string(ep) + " but the teacher " + cfg.teacher_dir + " has no MoE layers");
-    if (tc.num_experts % ep != 0)
-      throw ConfigError::at(src, "parallel.ep",
-                            "= " + std::to_string(ep) + " must divide the teacher's " + std::to_string(tc.num_experts) +
-                                " experts");
-  }
   std::optional<Communicator> ep_group, ep_replicas;
   std::unique_ptr<MoeExpertParallel> ep_ctx;
   if (ep > 1) {
+    shard_experts(cfg, ep, world->rank(), in);
     ep_group.emplace(world->split(world->rank() / ep, world->rank() % ep));
     ep_replicas.emplace(world->split(world->rank() % ep, world->rank() / ep));
     ep_ctx = std::make_unique<MoeExpertParallel>(*ep_group, device);
-    for (HybridConfig* c : {&in.teacher_cfg, &in.student_cfg}) {
-      c->expert_shards = ep;
-      c->expert_shard = world->rank() % ep;
-    }
   }
   auto batch_for = [&](ExecContext& c, BatchUploader& up, int64_t s, HostBatch& hb) {
     hb = sampler.batch(s);
@@ -959,14 +964,7 @@ void run_evaluation(const DistillConfig& cfg, const std::string& checkpoint_dir,
   DistillInputs in = open_inputs(cfg, pattern);
   std::unique_ptr<MoeExpertParallel> ep_ctx;
   if (expert_parallel) {
-    if (in.teacher.config.num_experts == 0 || in.teacher.config.num_experts % ep != 0)
-      throw ConfigError::at(src, "parallel.ep",
-                            "= " + std::to_string(ep) + " must divide the teacher's " +
-                                std::to_string(in.teacher.config.num_experts) + " routed experts");
-    for (HybridConfig* c : {&in.teacher_cfg, &in.student_cfg}) {
-      c->expert_shards = ep;
-      c->expert_shard = world->rank();
-    }
+    shard_experts(cfg, ep, world->rank(), in);
     ep_ctx = std::make_unique<MoeExpertParallel>(*world, device);
   }
 

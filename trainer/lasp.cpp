@@ -50,8 +50,7 @@ enum Slot : int {
   kDVAll,    // LASP-2H key / value gradients over the gathered keys
   kSplitWs,  // the split forward's workspace (CUDA: the prepared chunks, shared by the B, M and true passes)
   kQAll,     // balanced LASP-2H: all ranks' queries (forward) or output gradients (backward), temporary
-  kFull,     // balanced LASP-2H: outputs / dQ of every rank's tokens before the reduce-scatter, temporary
-  kLseFull,
+  kFull,     // balanced LASP-2H: outputs, lse or dQ of every rank's tokens before the reduce-scatter, temporary
   kWorkQ,  // balanced LASP-2H, kept per layer: the two half-slices' queries, outputs and lse (+ j)
   kWorkQ1,
   kWorkO,
@@ -532,8 +531,7 @@ void copy_half_slice(const ExecContext& ctx, const SpLayout& L, int64_t row, int
 void return_half_slices(const ExecContext& ctx, const SequenceParallel& sp, const Tensor* work, const Tensor& out) {
   const SpLayout& L = sp.layout();
   const int64_t row = out.numel() / out.size(0);
-  const Tensor full =
-      sp.buffer(&kTemp, out.dtype == DType::f32 ? kLseFull : kFull, {sp.size() * out.numel()}, out.dtype);
+  const Tensor full = sp.buffer(&kTemp, kFull, {sp.size() * out.numel()}, out.dtype);
   kernels::fill(ctx, full, 0.0f);
   for (int j = 0; j < 2; ++j) copy_half_slice(ctx, L, row, L.work[j].chunk, full, work[j], false);
   sp.reduce_scatter(ctx, full, out, SpTraffic::attention_kv);

@@ -69,10 +69,6 @@ Zero1::Zero1(const Communicator& group, const std::vector<ParamInfo>& params, co
   buffers_.zero();  // the padding past each region stays zero
   if (device.is_cuda())
     for (Region& g : regions_) g.nccl = std::make_unique<NcclCommunicator>(*g.group);
-  rank_ = regions_[0].rank;
-  size_ = regions_[0].size;
-  shard_numel_ = regions_[0].shard_numel;
-  shard_lo_ = regions_[0].shard_lo();
 
   const Tensor flat_p = flat_params.view({numel_});
   for (const ParamInfo& p : params) {
@@ -97,6 +93,11 @@ Zero1::Zero1(const Communicator& group, const std::vector<ParamInfo>& params, co
 }
 
 Zero1::~Zero1() = default;
+
+int Zero1::rank() const { return regions_[0].rank; }
+int Zero1::size() const { return regions_[0].size; }
+int64_t Zero1::shard_numel() const { return regions_[0].shard_numel; }
+int64_t Zero1::shard_begin() const { return regions_[0].shard_lo(); }
 
 std::vector<ParamInfo> Zero1::shard_params_of(const std::vector<ParamInfo>& trained) const {
   std::vector<ParamInfo> out;

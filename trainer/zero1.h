@@ -59,10 +59,11 @@ class Zero1 {
   Zero1(const Zero1&) = delete;
   Zero1& operator=(const Zero1&) = delete;
 
-  int rank() const { return rank_; }
-  int size() const { return size_; }
-  int64_t shard_numel() const { return shard_numel_; }  // S
-  int64_t shard_begin() const { return shard_lo_; }     // rank * S
+  // The replicated region's sharding (regions_[0]).
+  int rank() const;
+  int size() const;
+  int64_t shard_numel() const;  // S
+  int64_t shard_begin() const;  // rank * S
   // The parameters' parts inside this rank's shard (named "NAME[a:b]"), gradient views into the summed
   // shard: what the optimizer updates.
   const std::vector<ParamInfo>& shard_params() const { return shard_params_; }
@@ -84,8 +85,7 @@ class Zero1 {
  private:
   struct Region;  // zero1.cpp: one sharded range of the flat buffers and its group
   const Communicator* group_;
-  int rank_ = 0, size_ = 1;
-  int64_t numel_ = 0, shard_numel_ = 0, shard_lo_ = 0;
+  int64_t numel_ = 0;
   Tensor flat_params_, flat_grads_;
   Arena buffers_;
   std::vector<Region> regions_;  // [0]: the replicated region over group_; [1]: the expert region
