@@ -27,12 +27,33 @@ namespace kernels {
 
 MoeGemm moe_gemm_from_env() {
   const char* v = std::getenv("HYD_MOE_GEMM");
-  if (v == nullptr || *v == '\0') return MoeGemm::loop;
+  if (v == nullptr || *v == '\0') return MoeGemm::automatic;
   const std::string s = v;
+  if (s == "auto") return MoeGemm::automatic;
   if (s == "grouped") return MoeGemm::grouped;
   if (s == "loop") return MoeGemm::loop;
   if (s == "wmma") return MoeGemm::wmma;
-  HYD_THROW("environment variable HYD_MOE_GEMM='", s, "': expected grouped, loop or wmma");
+  HYD_THROW("environment variable HYD_MOE_GEMM='", s, "': expected auto, grouped, loop or wmma");
+}
+
+int64_t moe_loop_min_rows() {
+  const char* v = std::getenv("HYD_MOE_LOOP_MIN_ROWS");
+  if (v == nullptr || *v == '\0') return kMoeLoopMinRows;
+  char* end = nullptr;
+  const long long n = std::strtoll(v, &end, 10);
+  if (*end != '\0' || n <= 0)
+    HYD_THROW("environment variable HYD_MOE_LOOP_MIN_ROWS='", v, "': expected a positive integer");
+  return n;
+}
+
+bool moe_gemm_uses_grouped(MoeGemm impl, std::span<const int32_t> counts) {
+  if (impl != MoeGemm::automatic) return impl == MoeGemm::grouped;
+  int64_t rows = 0, active = 0;
+  for (const int32_t c : counts) {
+    rows += c;
+    active += c > 0 ? 1 : 0;
+  }
+  return active > 0 && rows < moe_loop_min_rows() * active;
 }
 
 const char* moe_gemm_name(MoeGemm g) {
@@ -43,6 +64,8 @@ const char* moe_gemm_name(MoeGemm g) {
       return "loop";
     case MoeGemm::wmma:
       return "wmma";
+    case MoeGemm::automatic:
+      return "auto";
   }
   return "?";
 }
@@ -465,7 +488,7 @@ void moe_grouped_linear_forward(const ExecContext& ctx, const Tensor& offsets, c
   }
 #ifdef HYD_WITH_CUDA
   if (const int32_t* counts = plan_counts(plan, offsets, g.e, R, op))
-    cuda::moe_grouped_linear_forward_cublas(ctx.cublas(), ctx.stream(), plan.impl == MoeGemm::grouped, counts,
+    cuda::moe_grouped_linear_forward_cublas(ctx.cublas(), ctx.stream(), moe_gemm_uses_grouped(plan.impl, plan.host_counts), counts,
                                             x.ptr<bf16>(), w.ptr<bf16>(), y.ptr<bf16>(), g.e, g.n, g.k);
   else
     cuda::moe_grouped_linear_forward(offsets.ptr<int32_t>(), x.ptr<bf16>(), w.ptr<bf16>(), y.ptr<bf16>(), R, g.e, g.n,
@@ -515,7 +538,7 @@ void moe_grouped_linear_backward(const ExecContext& ctx, const Tensor& offsets, 
 #ifdef HYD_WITH_CUDA
   if (const int32_t* counts = plan_counts(plan, offsets, g.e, R, op))
     cuda::moe_grouped_linear_backward_cublas(
-        ctx.cublas(), ctx.stream(), plan.impl == MoeGemm::grouped, counts, dy.ptr<bf16>(), x.ptr<bf16>(), w.ptr<bf16>(),
+        ctx.cublas(), ctx.stream(), moe_gemm_uses_grouped(plan.impl, plan.host_counts), counts, dy.ptr<bf16>(), x.ptr<bf16>(), w.ptr<bf16>(),
         dx.empty() ? nullptr : dx.ptr<bf16>(), dw.empty() ? nullptr : dw.ptr<float>(), g.e, g.n, g.k);
   else
     cuda::moe_grouped_linear_backward(offsets.ptr<int32_t>(), dy.ptr<bf16>(), x.ptr<bf16>(), w.ptr<bf16>(),

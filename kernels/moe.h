@@ -85,12 +85,21 @@ namespace kernels {
 //   loop:    one cublasGemmEx per expert with rows and product (kernels/cuda/matmul.cu's gemm).
 //   wmma:    the hand-written WMMA kernels (kernels/cuda/moe_gemm.cuh): read the device offsets, no host
 //            counts and no synchronisation; the slowest.
-enum class MoeGemm { grouped, loop, wmma };
-// HYD_MOE_GEMM = grouped | loop | wmma; unset or empty: loop (expected fastest at issue 7's shape, whose
-// per-expert GEMMs are large; not yet measured against grouped: MOE_GEMMS="grouped loop wmma"
-// bash bench/moe/run.sh times all three). Anything else throws a hyd::Error naming the variable.
+//   automatic: per call from the host counts: the loop when the experts with rows average at least
+//            moe_loop_min_rows() rows (each cublasGemmEx is then a large GEMM that fills the GPU), else the
+//            grouped call (many small GEMMs: no per-expert host loop of small GEMMs). The default.
+enum class MoeGemm { grouped, loop, wmma, automatic };
+// HYD_MOE_GEMM = auto | grouped | loop | wmma; unset or empty: auto. Anything else throws a hyd::Error naming
+// the variable. MOE_GEMMS="grouped loop" bash bench/moe/run.sh times the explicit ones.
 MoeGemm moe_gemm_from_env();
 const char* moe_gemm_name(MoeGemm g);
+// The mean rows per expert (experts with rows) from which MoeGemm::automatic takes the per-expert loop:
+// HYD_MOE_LOOP_MIN_ROWS when set (a positive integer, else a hyd::Error naming it), else kMoeLoopMinRows.
+inline constexpr int64_t kMoeLoopMinRows = 1024;
+int64_t moe_loop_min_rows();
+// Whether a cuBLAS implementation runs a product of these per-expert row counts (E entries) as one grouped
+// call (grouped; automatic below the threshold) or as the per-expert loop (loop; automatic at or above it).
+bool moe_gemm_uses_grouped(MoeGemm impl, std::span<const int32_t> counts);
 // How the grouped implementation computed weight gradients so far in this process: "grouped" (cuBLAS took
 // the f32 output), "loop" (it refused: the per-expert loop), or "untried".
 const char* moe_grouped_dw_path();

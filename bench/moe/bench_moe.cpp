@@ -300,7 +300,9 @@ void run(const Options& o, const Communicator& world) {
                            2.0 * double(N) * double(cfg.num_shared_experts) * double(D) * 3.0 * double(cfg.shared_ffn);
   const auto [lo, hi] = std::minmax_element(load.begin(), load.end());
   const char* gemm = kernels::moe_gemm_name(L.gemm);
-  const char* gemm_dw = L.gemm == kernels::MoeGemm::grouped ? kernels::moe_grouped_dw_path() : gemm;
+  const char* gemm_dw = L.gemm == kernels::MoeGemm::grouped || L.gemm == kernels::MoeGemm::automatic
+                            ? kernels::moe_grouped_dw_path()
+                            : gemm;
   if (world.rank() != 0) return;
   std::printf(
       "hydistill tokens=%lld hidden=%lld experts=%lld top_k=%lld ffn=%lld shared=%lld score=%s gemm=%s gemm_dw=%s "

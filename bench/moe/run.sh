@@ -11,7 +11,7 @@
 # MOE_GEMMS: the expert-GEMM implementations of ours to run, e.g. MOE_GEMMS="grouped loop wmma": bench_moe
 # runs once per implementation (HYD_MOE_GEMM, kernels/moe.h MoeGemm), torch once, and the table has a row
 # per implementation (ratios against the same torch line). Unset: one run with HYD_MOE_GEMM as set (else
-# the default, loop).
+# the default, auto: the loop for large per-expert GEMMs, one grouped call for small ones).
 # Usage: bash bench/moe/run.sh [BUILD_DIR] [options...]     (BUILD_DIR defaults to build)
 #        MOE_GEMMS="grouped loop wmma" bash bench/moe/run.sh build
 set -uo pipefail
@@ -29,9 +29,9 @@ fi
 read -r -a gemms <<<"${MOE_GEMMS:-}"
 for g in "${gemms[@]}"; do
   case $g in
-    grouped | loop | wmma) ;;
+    auto | grouped | loop | wmma) ;;
     *)
-      echo "MOE_GEMMS: unknown implementation '$g' (grouped, loop, wmma)" >&2
+      echo "MOE_GEMMS: unknown implementation '$g' (auto, grouped, loop, wmma)" >&2
       exit 2
       ;;
   esac

@@ -360,7 +360,8 @@ struct GroupCase {
 };
 
 // Every CUDA implementation of the grouped GEMMs (kernels/moe.h MoeGemm), chosen explicitly.
-constexpr kernels::MoeGemm kAllGemms[] = {kernels::MoeGemm::grouped, kernels::MoeGemm::loop, kernels::MoeGemm::wmma};
+constexpr kernels::MoeGemm kAllGemms[] = {kernels::MoeGemm::grouped, kernels::MoeGemm::loop, kernels::MoeGemm::wmma,
+                                          kernels::MoeGemm::automatic};
 
 TEST(GpuMoe, GroupedLinearMatchesCpu) {
   HYD_REQUIRE_GPU();
@@ -456,12 +457,34 @@ TEST(MoeGemmEmulation, ImplementationChoiceAndHostCounts) {
     EXPECT_EQ(layer.gemm, g) << "a layer takes HYD_MOE_GEMM when made";
   }
   ::setenv("HYD_MOE_GEMM", "", 1);
-  EXPECT_EQ(kernels::moe_gemm_from_env(), kernels::MoeGemm::loop);
+  EXPECT_EQ(kernels::moe_gemm_from_env(), kernels::MoeGemm::automatic);
   ::setenv("HYD_MOE_GEMM", "cutlass", 1);
   test::expect_error([] { kernels::moe_gemm_from_env(); }, {"HYD_MOE_GEMM", "cutlass", "grouped"});
   ::unsetenv("HYD_MOE_GEMM");
-  EXPECT_EQ(kernels::moe_gemm_from_env(), kernels::MoeGemm::loop);
+  EXPECT_EQ(kernels::moe_gemm_from_env(), kernels::MoeGemm::automatic);
   if (saved != nullptr) ::setenv("HYD_MOE_GEMM", before.c_str(), 1);
+
+  // automatic: the per-expert loop only when the experts with rows average kMoeLoopMinRows rows or more.
+  using kernels::moe_gemm_uses_grouped;
+  const int32_t m = static_cast<int32_t>(kernels::kMoeLoopMinRows);
+  const kernels::MoeGemm a = kernels::MoeGemm::automatic;
+  EXPECT_TRUE(moe_gemm_uses_grouped(a, std::vector<int32_t>{m - 1, 0, m - 1}));
+  EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>{m, 0, m}));   // empty experts do not count
+  EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>{0, 0, 0}));   // nothing to run
+  EXPECT_TRUE(moe_gemm_uses_grouped(kernels::MoeGemm::grouped, std::vector<int32_t>{m, m}));
+  EXPECT_FALSE(moe_gemm_uses_grouped(kernels::MoeGemm::loop, std::vector<int32_t>{1, 1}));
+  const char* saved_rows = std::getenv("HYD_MOE_LOOP_MIN_ROWS");
+  const std::string rows_before = saved_rows != nullptr ? saved_rows : "";
+  ::setenv("HYD_MOE_LOOP_MIN_ROWS", "2", 1);
+  EXPECT_EQ(kernels::moe_loop_min_rows(), 2);
+  EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>{2, 3}));
+  EXPECT_TRUE(moe_gemm_uses_grouped(a, std::vector<int32_t>{1, 2}));
+  ::setenv("HYD_MOE_LOOP_MIN_ROWS", "0", 1);
+  test::expect_error([] { kernels::moe_loop_min_rows(); }, {"HYD_MOE_LOOP_MIN_ROWS", "positive"});
+  if (saved_rows != nullptr)
+    ::setenv("HYD_MOE_LOOP_MIN_ROWS", rows_before.c_str(), 1);
+  else
+    ::unsetenv("HYD_MOE_LOOP_MIN_ROWS");
 
   const ExecContext cpu(Device::cpu());
   std::vector<int32_t> counts = {2, 0, 3}, offsets = {0, 2, 2, 5};
