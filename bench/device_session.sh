@@ -45,7 +45,7 @@ if has moe_rows; then
   for cfg in "64 1408" "128 768"; do
     read -r e f <<<"$cfg"
     for n in 2048 4096 8192 16384; do
-      for g in loop grouped; do
+      for g in loop grouped auto; do
         HYD_MOE_GEMM=$g timeout 60 build/bench_moe --tokens "$n" --experts "$e" --ffn "$f" --iters 10 --warmup 3 \
           2>/dev/null | grep '^hydistill' | tee -a "$out/moe_rows.txt" | grep -o 'tokens=[0-9]* .*experts=[0-9]*\|gemm=[a-z]* gemm_dw=[a-z]*\|fwd_ms=[0-9.]* fwdbwd_ms=[0-9.]*' | tr '\n' ' '
         echo

@@ -36,24 +36,26 @@ MoeGemm moe_gemm_from_env() {
   HYD_THROW("environment variable HYD_MOE_GEMM='", s, "': expected auto, grouped, loop or wmma");
 }
 
-int64_t moe_loop_min_rows() {
-  const char* v = std::getenv("HYD_MOE_LOOP_MIN_ROWS");
-  if (v == nullptr || *v == '\0') return kMoeLoopMinRows;
+int64_t moe_loop_min_macs() {
+  const char* v = std::getenv("HYD_MOE_LOOP_MIN_MACS");
+  if (v == nullptr || *v == '\0') return kMoeLoopMinMacs;
   char* end = nullptr;
   const long long n = std::strtoll(v, &end, 10);
   if (*end != '\0' || n <= 0)
-    HYD_THROW("environment variable HYD_MOE_LOOP_MIN_ROWS='", v, "': expected a positive integer");
+    HYD_THROW("environment variable HYD_MOE_LOOP_MIN_MACS='", v, "': expected a positive integer");
   return n;
 }
 
-bool moe_gemm_uses_grouped(MoeGemm impl, std::span<const int32_t> counts) {
+bool moe_gemm_uses_grouped(MoeGemm impl, std::span<const int32_t> counts, int64_t macs_per_row) {
   if (impl != MoeGemm::automatic) return impl == MoeGemm::grouped;
   int64_t rows = 0, active = 0;
   for (const int32_t c : counts) {
     rows += c;
     active += c > 0 ? 1 : 0;
   }
-  return active > 0 && rows < moe_loop_min_rows() * active;
+  // mean rows x macs_per_row < threshold, without the division
+  return active > 0 && static_cast<double>(rows) * static_cast<double>(macs_per_row) <
+                           static_cast<double>(moe_loop_min_macs()) * static_cast<double>(active);
 }
 
 const char* moe_gemm_name(MoeGemm g) {
@@ -434,6 +436,11 @@ GroupedDims grouped_dims(const Tensor& offsets, const Tensor& w, const char* op)
   return {E, w.size(1), w.size(2)};
 }
 
+// MoeGemm::automatic's measure of a call (MoeGemmPlan::expert_macs_per_row, else the call's own n x k).
+int64_t plan_macs_per_row(const MoeGemmPlan& plan, const GroupedDims& g) {
+  return plan.expert_macs_per_row > 0 ? plan.expert_macs_per_row : g.n * g.k;
+}
+
 // The plan's host counts: E entries; on the CPU each the difference of the offsets (which are there), on
 // CUDA non-negative and summing to the rows R (the device offsets are not read back: that is the point).
 // Returns them for the cuBLAS implementations on CUDA, nullptr otherwise.
@@ -488,8 +495,9 @@ void moe_grouped_linear_forward(const ExecContext& ctx, const Tensor& offsets, c
   }
 #ifdef HYD_WITH_CUDA
   if (const int32_t* counts = plan_counts(plan, offsets, g.e, R, op))
-    cuda::moe_grouped_linear_forward_cublas(ctx.cublas(), ctx.stream(), moe_gemm_uses_grouped(plan.impl, plan.host_counts), counts,
-                                            x.ptr<bf16>(), w.ptr<bf16>(), y.ptr<bf16>(), g.e, g.n, g.k);
+    cuda::moe_grouped_linear_forward_cublas(
+        ctx.cublas(), ctx.stream(), moe_gemm_uses_grouped(plan.impl, plan.host_counts, plan_macs_per_row(plan, g)),
+        counts, x.ptr<bf16>(), w.ptr<bf16>(), y.ptr<bf16>(), g.e, g.n, g.k);
   else
     cuda::moe_grouped_linear_forward(offsets.ptr<int32_t>(), x.ptr<bf16>(), w.ptr<bf16>(), y.ptr<bf16>(), R, g.e, g.n,
                                      g.k, ctx.stream());
@@ -538,8 +546,9 @@ void moe_grouped_linear_backward(const ExecContext& ctx, const Tensor& offsets, 
 #ifdef HYD_WITH_CUDA
   if (const int32_t* counts = plan_counts(plan, offsets, g.e, R, op))
     cuda::moe_grouped_linear_backward_cublas(
-        ctx.cublas(), ctx.stream(), moe_gemm_uses_grouped(plan.impl, plan.host_counts), counts, dy.ptr<bf16>(), x.ptr<bf16>(), w.ptr<bf16>(),
-        dx.empty() ? nullptr : dx.ptr<bf16>(), dw.empty() ? nullptr : dw.ptr<float>(), g.e, g.n, g.k);
+        ctx.cublas(), ctx.stream(), moe_gemm_uses_grouped(plan.impl, plan.host_counts, plan_macs_per_row(plan, g)),
+        counts, dy.ptr<bf16>(), x.ptr<bf16>(), w.ptr<bf16>(), dx.empty() ? nullptr : dx.ptr<bf16>(),
+        dw.empty() ? nullptr : dw.ptr<float>(), g.e, g.n, g.k);
   else
     cuda::moe_grouped_linear_backward(offsets.ptr<int32_t>(), dy.ptr<bf16>(), x.ptr<bf16>(), w.ptr<bf16>(),
                                       dx.empty() ? nullptr : dx.ptr<bf16>(), dw.empty() ? nullptr : dw.ptr<float>(), R,

@@ -85,21 +85,27 @@ namespace kernels {
 //   loop:    one cublasGemmEx per expert with rows and product (kernels/cuda/matmul.cu's gemm).
 //   wmma:    the hand-written WMMA kernels (kernels/cuda/moe_gemm.cuh): read the device offsets, no host
 //            counts and no synchronisation; the slowest.
-//   automatic: per call from the host counts: the loop when the experts with rows average at least
-//            moe_loop_min_rows() rows (each cublasGemmEx is then a large GEMM that fills the GPU), else the
-//            grouped call (many small GEMMs: no per-expert host loop of small GEMMs). The default.
+//   automatic: per call from the host counts: the loop when the mean expert with rows does at least
+//            moe_loop_min_macs() multiply-adds in its forward (each cublasGemmEx is then a large GEMM that
+//            fills the GPU), else the grouped call (many small GEMMs: no per-expert host loop). The default.
+//            Measured on one H100 (docs/benchmarks.md, stop 18): with D = 2048, grouped won at 256 rows per
+//            expert of F = 1408 and at 512 of F = 768, the loop at 512 of F = 1408 and at 1024 of F = 768.
 enum class MoeGemm { grouped, loop, wmma, automatic };
 // HYD_MOE_GEMM = auto | grouped | loop | wmma; unset or empty: auto. Anything else throws a hyd::Error naming
 // the variable. MOE_GEMMS="grouped loop" bash bench/moe/run.sh times the explicit ones.
 MoeGemm moe_gemm_from_env();
 const char* moe_gemm_name(MoeGemm g);
-// The mean rows per expert (experts with rows) from which MoeGemm::automatic takes the per-expert loop:
-// HYD_MOE_LOOP_MIN_ROWS when set (a positive integer, else a hyd::Error naming it), else kMoeLoopMinRows.
-inline constexpr int64_t kMoeLoopMinRows = 1024;
-int64_t moe_loop_min_rows();
+// The forward multiply-adds of the mean expert with rows (mean rows x MoeGemmPlan::expert_macs_per_row,
+// 3 F D for a SwiGLU expert) from which MoeGemm::automatic takes the per-expert loop: HYD_MOE_LOOP_MIN_MACS
+// when set (a positive integer, else a hyd::Error naming it), else kMoeLoopMinMacs = 3 x 2^30, between the
+// measured crossovers above (3 F D rows = 2.2e9 grouped and 2.4e9 grouped, 4.4e9 and 4.8e9 loop).
+inline constexpr int64_t kMoeLoopMinMacs = int64_t{3} << 30;
+int64_t moe_loop_min_macs();
 // Whether a cuBLAS implementation runs a product of these per-expert row counts (E entries) as one grouped
-// call (grouped; automatic below the threshold) or as the per-expert loop (loop; automatic at or above it).
-bool moe_gemm_uses_grouped(MoeGemm impl, std::span<const int32_t> counts);
+// call (grouped; automatic below the threshold) or as the per-expert loop (loop; automatic at or above it);
+// macs_per_row: one row's forward multiply-adds in an expert (3 F D for SwiGLU), the same for every GEMM of a
+// layer so that its GEMMs choose alike.
+bool moe_gemm_uses_grouped(MoeGemm impl, std::span<const int32_t> counts, int64_t macs_per_row);
 // How the grouped implementation computed weight gradients so far in this process: "grouped" (cuBLAS took
 // the f32 output), "loop" (it refused: the per-expert loop), or "untried".
 const char* moe_grouped_dw_path();
@@ -110,6 +116,9 @@ const char* moe_grouped_dw_path();
 struct MoeGemmPlan {
   MoeGemm impl = MoeGemm::wmma;
   std::span<const int32_t> host_counts;
+  // MoeGemm::automatic's measure (moe_gemm_uses_grouped): one row's forward multiply-adds in an expert; 0: the
+  // n x k of the call itself.
+  int64_t expert_macs_per_row = 0;
 };
 
 // Page-locked host memory receiving a MoE layer's per-expert row counts (MoeRouting::counts): the one

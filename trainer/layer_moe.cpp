@@ -433,6 +433,9 @@ constexpr int64_t kEpChunks = 4;
 // the outputs come back into s.yp. Chunk by chunk of local experts: every chunk's incoming exchange is
 // started at once (they run in order on the communicator's stream), each chunk's GEMMs wait for its rows
 // only, and its outputs start back right after.
+// One routed row's forward multiply-adds in an expert (gate + up + down): MoeGemm::automatic's measure.
+int64_t expert_macs_per_row(const MoeConfig& c) { return 3 * c.hidden * c.expert_ffn; }
+
 void ep_forward_device(MoeExpertParallel::Impl& ep, const ExecContext& ctx, const MoeLayer& L, MoeLayer::Saved& s,
                        const Tensor& xp_send) {
   const MoeConfig& c = L.cfg;
@@ -501,7 +504,8 @@ void ep_forward_device(MoeExpertParallel::Impl& ep, const ExecContext& ctx, cons
     ep.nccl->wait(in[j], ctx.stream());
     if (ch.r1 > ch.r0) {
       const kernels::MoeGemmPlan plan{
-          s.gemm, std::span<const int32_t>(sv.local_counts.data() + ch.e0, static_cast<size_t>(ch.e1 - ch.e0))};
+          s.gemm, std::span<const int32_t>(sv.local_counts.data() + ch.e0, static_cast<size_t>(ch.e1 - ch.e0)),
+          expert_macs_per_row(c)};
       const Tensor off = sv.offsets_d.slice0(ch.offsets_at, ch.offsets_at + ch.e1 - ch.e0 + 1);
       const int64_t base = local_expert_base(L, ep.rank, P), g0 = base + ch.e0, g1 = base + ch.e1;
       const Tensor gu = sv.gu_d.slice0(ch.r0, ch.r1), act = sv.act_d.slice0(ch.r0, ch.r1);
@@ -542,7 +546,8 @@ void ep_backward_device(MoeExpertParallel::Impl& ep, const ExecContext& ctx, con
     ep.nccl->wait(in[j], ctx.stream());
     if (ch.r1 > ch.r0) {
       const kernels::MoeGemmPlan plan{
-          gemm, std::span<const int32_t>(sv.local_counts.data() + ch.e0, static_cast<size_t>(ch.e1 - ch.e0))};
+          gemm, std::span<const int32_t>(sv.local_counts.data() + ch.e0, static_cast<size_t>(ch.e1 - ch.e0)),
+          expert_macs_per_row(c)};
       const Tensor off = sv.offsets_d.slice0(ch.offsets_at, ch.offsets_at + ch.e1 - ch.e0 + 1);
       const int64_t base = local_expert_base(L, ep.rank, P), g0 = base + ch.e0, g1 = base + ch.e1;
       const Tensor dy = dye.slice0(ch.r0, ch.r1), da = d_act.slice0(ch.r0, ch.r1), dg = d_gu.slice0(ch.r0, ch.r1);
@@ -592,7 +597,7 @@ double forward_device(const ExecContext& ctx, const MoeLayer& L, const Tensor& i
   } else {
     kernels::moe_permute(ctx, r, in, s.xp);
     if (host_counts) L.host_counts->wait(s.counts_host);
-    const kernels::MoeGemmPlan plan{s.gemm, s.counts_host};
+    const kernels::MoeGemmPlan plan{s.gemm, s.counts_host, expert_macs_per_row(c)};
     kernels::moe_grouped_linear_forward(ctx, r.offsets, s.xp, L.gate_up.value, s.gate_up, plan);
     kernels::swiglu_forward(ctx, s.gate_up, s.act);
     kernels::moe_grouped_linear_forward(ctx, r.offsets, s.act, L.down.value, s.yp, plan);
@@ -626,7 +631,7 @@ void backward_device(const ExecContext& ctx, const MoeLayer& L, const MoeLayer::
   if (ep != nullptr) {
     ep_backward_device(*ep->impl, ctx, L, s.gemm, t);
   } else {
-    const kernels::MoeGemmPlan plan{s.gemm, s.counts_host};
+    const kernels::MoeGemmPlan plan{s.gemm, s.counts_host, expert_macs_per_row(c)};
     kernels::moe_grouped_linear_backward(ctx, r.offsets, t.d_yp, s.act, L.down.value, t.d_act, L.down.grad, plan);
     kernels::swiglu_backward(ctx, t.d_act, s.gate_up, t.d_gate_up);
     kernels::moe_grouped_linear_backward(ctx, r.offsets, t.d_gate_up, s.xp, L.gate_up.value, t.d_xp, L.gate_up.grad,

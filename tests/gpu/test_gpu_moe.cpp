@@ -464,27 +464,35 @@ TEST(MoeGemmEmulation, ImplementationChoiceAndHostCounts) {
   EXPECT_EQ(kernels::moe_gemm_from_env(), kernels::MoeGemm::automatic);
   if (saved != nullptr) ::setenv("HYD_MOE_GEMM", before.c_str(), 1);
 
-  // automatic: the per-expert loop only when the experts with rows average kMoeLoopMinRows rows or more.
+  // automatic: the per-expert loop only when the mean expert with rows does kMoeLoopMinMacs multiply-adds or
+  // more (rows x macs per row); the stop-18 H100 points: D = 2048, 64 experts of F = 1408 and 128 of F = 768.
   using kernels::moe_gemm_uses_grouped;
-  const int32_t m = static_cast<int32_t>(kernels::kMoeLoopMinRows);
   const kernels::MoeGemm a = kernels::MoeGemm::automatic;
-  EXPECT_TRUE(moe_gemm_uses_grouped(a, std::vector<int32_t>{m - 1, 0, m - 1}));
-  EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>{m, 0, m}));   // empty experts do not count
-  EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>{0, 0, 0}));   // nothing to run
-  EXPECT_TRUE(moe_gemm_uses_grouped(kernels::MoeGemm::grouped, std::vector<int32_t>{m, m}));
-  EXPECT_FALSE(moe_gemm_uses_grouped(kernels::MoeGemm::loop, std::vector<int32_t>{1, 1}));
-  const char* saved_rows = std::getenv("HYD_MOE_LOOP_MIN_ROWS");
-  const std::string rows_before = saved_rows != nullptr ? saved_rows : "";
-  ::setenv("HYD_MOE_LOOP_MIN_ROWS", "2", 1);
-  EXPECT_EQ(kernels::moe_loop_min_rows(), 2);
-  EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>{2, 3}));
-  EXPECT_TRUE(moe_gemm_uses_grouped(a, std::vector<int32_t>{1, 2}));
-  ::setenv("HYD_MOE_LOOP_MIN_ROWS", "0", 1);
-  test::expect_error([] { kernels::moe_loop_min_rows(); }, {"HYD_MOE_LOOP_MIN_ROWS", "positive"});
-  if (saved_rows != nullptr)
-    ::setenv("HYD_MOE_LOOP_MIN_ROWS", rows_before.c_str(), 1);
+  const int64_t f1408 = 3 * 2048 * 1408, f768 = 3 * 2048 * 768;
+  EXPECT_TRUE(moe_gemm_uses_grouped(a, std::vector<int32_t>(64, 256), f1408));   // grouped measured faster
+  EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>(64, 512), f1408));  // the loop measured faster
+  EXPECT_TRUE(moe_gemm_uses_grouped(a, std::vector<int32_t>(128, 512), f768));
+  EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>(128, 1024), f768));
+  const int64_t per_row = kernels::kMoeLoopMinMacs / 1024;  // the threshold at exactly 1024 rows
+  EXPECT_TRUE(moe_gemm_uses_grouped(a, std::vector<int32_t>{1023, 0, 1023}, per_row));
+  EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>{1024, 0, 1024}, per_row));  // empty experts do not count
+  EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>{0, 0, 0}, per_row));        // nothing to run
+  EXPECT_TRUE(moe_gemm_uses_grouped(kernels::MoeGemm::grouped, std::vector<int32_t>{1024, 1024}, per_row));
+  EXPECT_FALSE(moe_gemm_uses_grouped(kernels::MoeGemm::loop, std::vector<int32_t>{1, 1}, per_row));
+  const char* saved_macs = std::getenv("HYD_MOE_LOOP_MIN_MACS");
+  const std::string macs_before = saved_macs != nullptr ? saved_macs : "";
+  ::setenv("HYD_MOE_LOOP_MIN_MACS", "20", 1);
+  EXPECT_EQ(kernels::moe_loop_min_macs(), 20);
+  EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>{2, 3}, 10));  // mean 2.5 x 10 >= 20
+  EXPECT_TRUE(moe_gemm_uses_grouped(a, std::vector<int32_t>{1, 2}, 10));   // mean 1.5 x 10 < 20
+  ::setenv("HYD_MOE_LOOP_MIN_MACS", "0", 1);
+  test::expect_error([] { kernels::moe_loop_min_macs(); }, {"HYD_MOE_LOOP_MIN_MACS", "positive"});
+  ::setenv("HYD_MOE_LOOP_MIN_MACS", "1e9", 1);
+  test::expect_error([] { kernels::moe_loop_min_macs(); }, {"HYD_MOE_LOOP_MIN_MACS", "1e9"});
+  if (saved_macs != nullptr)
+    ::setenv("HYD_MOE_LOOP_MIN_MACS", macs_before.c_str(), 1);
   else
-    ::unsetenv("HYD_MOE_LOOP_MIN_ROWS");
+    ::unsetenv("HYD_MOE_LOOP_MIN_MACS");
 
   const ExecContext cpu(Device::cpu());
   std::vector<int32_t> counts = {2, 0, 3}, offsets = {0, 2, 2, 5};
