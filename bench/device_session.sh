@@ -3,8 +3,8 @@
 # gpu_parallel tests (NCCL, SP, multi-rank train / distill), the gpu label, the DP and SP scaling tables and
 # the MoE layer bench. Each part has its own time limit and log under OUT_DIR; a summary goes to stdout.
 # Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,sp_h,gpu_moe,moe,e2e
-# (sp_h: the 3:1 hybrid's SP scaling with the contiguous LASP-2H and then the balanced one, HYD_SP_ATTN_BALANCE=1,
-# then balanced with the collectives only queued, HYD_SP_ASYNC=1;
+# (sp_h: the 3:1 hybrid's SP scaling with the contiguous LASP-2H and synchronised collectives
+# (HYD_SP_ATTN_BALANCE=0 HYD_SP_ASYNC=0), the balanced one synchronised, then the defaults (balanced, queued);
 # moe_rows: our MoE layer with the per-expert loop and the grouped cuBLAS call from 256 to 2048 rows per expert,
 # for 64 experts of FFN 1408 and 128 of FFN 768: where one grouped call beats the loop)
 set -uo pipefail

@@ -62,8 +62,8 @@ SequenceParallel::SequenceParallel(const Communicator& group, Device device)
   const char* staged = std::getenv("HYD_SP_STAGED");
   if (device.is_cuda() && !(staged != nullptr && std::string(staged) == "1"))
     nccl_ = std::make_unique<NcclCommunicator>(group);
-  const char* async = std::getenv("HYD_SP_ASYNC");
-  async_ = nccl_ != nullptr && async != nullptr && std::string(async) == "1";
+  const char* sync = std::getenv("HYD_SP_ASYNC");
+  async_ = nccl_ != nullptr && !(sync != nullptr && std::string(sync) == "0");
 }
 
 SequenceParallel::~SequenceParallel() = default;
@@ -74,12 +74,6 @@ void SequenceParallel::set_layout(SpLayout layout) {
   HYD_CHECK(layout.cu_q.size() == layout.cu_k.size() && !layout.cu_q.empty(),
             "SequenceParallel::set_layout: cu_q and cu_k must have the same, nonzero length");
   layout_ = std::move(layout);
-  // The balanced LASP-2H work runs on CUDA only when HYD_SP_ATTN_BALANCE=1 asks for it, until it has been
-  // measured there (it passes the CPU tests; the GPU equivalence and scaling runs are next).
-  if (layout_.balanced && device_.is_cuda()) {
-    const char* e = std::getenv("HYD_SP_ATTN_BALANCE");
-    if (e == nullptr || std::string(e) != "1") layout_.balanced = false;
-  }
   std::vector<std::vector<int32_t>*> arrays = {&layout_.cu_q, &layout_.cu_k};
   if (layout_.balanced)
     for (SpLayout::Work& w : layout_.work) {

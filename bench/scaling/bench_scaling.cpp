@@ -187,7 +187,7 @@ int run(int argc, char** argv, const MpiRuntime& mpi) {
     std::printf(
         "scaling gpus=%d sp=%d dp=%d tokens_per_gpu=%lld T=%lld docs=%lld pattern=%s layers=%lld step_ms=%.2f "
         "tokens_per_s=%.0f per_gpu=%.0f comm_share=%.3f kda_bytes_per_layer=%lld halo_bytes_per_layer=%lld "
-        "attn_bytes_per_layer=%lld mem_gib=%.2f optimizer=%d zero1_ms=%.2f zero1_bytes=%lld\n",
+        "attn_bytes_per_layer=%lld mem_gib=%.2f optimizer=%d zero1_ms=%.2f zero1_bytes=%lld sp_queued=%d\n",
         W, a.sp, W / a.sp, static_cast<long long>(n_local), static_cast<long long>(T), static_cast<long long>(a.docs),
         layer_pattern_string(cfg.layers).c_str(), static_cast<long long>(cfg.model.num_layers), step * 1e3, tok,
         tok / W, comm_s / step,
@@ -198,7 +198,8 @@ int run(int argc, char** argv, const MpiRuntime& mpi) {
                             (zero ? zero->memory_bytes() : 0)) /
             (1 << 30),
         a.optimizer ? 1 : 0, zero_s / a.steps * 1e3,
-        static_cast<long long>(zero ? zero->shard_numel() * W * 4 + zero->shard_numel() * 2 : 0));
+        static_cast<long long>(zero ? zero->shard_numel() * W * 4 + zero->shard_numel() * 2 : 0),
+        a.sp > 1 && sp.queued() ? 1 : 0);
   }
   if (lasp_profile_on()) {
     // Per step, summed over layers, for the first and the last rank of the first SP group.

@@ -6,9 +6,9 @@
 # efficiency) and the bytes each KDA layer moves (independent of T). Needs build/bench_scaling
 # (launch/setup.sh on a CUDA machine) and mpirun.
 # Usage: bash bench/scaling/run.sh [TOKENS_PER_GPU...]   (default 4096 16384); env MODE (sp | dp | both, the
-# default), STEPS, PATTERN, LAYERS, DOCS, HYD_SP_ATTN_BALANCE (1: the balanced LASP-2H work on CUDA, which is
-# off there by default until measured; 0: off; docs/parallel.md), HYD_SP_ASYNC (1: the SP collectives only queued
-# on the stream, no host synchronisation: parallel/sequence_parallel.h).
+# default), STEPS, PATTERN, LAYERS, DOCS, HYD_SP_ATTN_BALANCE (0: the contiguous LASP-2H instead of the
+# default balanced work; docs/parallel.md), HYD_SP_ASYNC (0: synchronised, timed SP collectives, for the SP comm
+# column, instead of the default queued ones: parallel/sequence_parallel.h).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export NCCL_NVLS_ENABLE=0
@@ -48,11 +48,13 @@ print(f"{'T/GPU':>6} {'DP':>3} {'SP':>3} {'opt':>3} {'step ms':>9} {'tok/s':>10}
 for r in rows:
     b = base.get(key(r))
     eff = f"{float(r['per_gpu']) / b:6.2f}" if b else "     -"
+    comm = "queued" if r.get("sp_queued") == "1" else f"{float(r['comm_share']):.3f}"
     print(f"{r['tokens_per_gpu']:>6} {r['dp']:>3} {r['sp']:>3} {r.get('optimizer', '0'):>3} {float(r['step_ms']):9.2f} "
-          f"{float(r['tokens_per_s']):10.0f} {float(r['per_gpu']):10.0f} {eff} {float(r['comm_share']):7.3f} "
+          f"{float(r['tokens_per_s']):10.0f} {float(r['per_gpu']):10.0f} {eff} {comm:>7} "
           f"{float(r.get('zero1_ms', 0)):8.2f} {r['kda_bytes_per_layer']:>12} {r['halo_bytes_per_layer']:>12} "
           f"{r['attn_bytes_per_layer']:>13} {float(r['mem_gib']):6.2f}")
 print("eff. = tokens/s per GPU relative to the one-GPU run of the same kind (opt 0: forward + backward, opt 1: the whole")
-print("step with ZeRO-1 and AdamW) at the same tokens per GPU (weak scaling); SP comm = share of the step in SP collectives;")
+print("step with ZeRO-1 and AdamW) at the same tokens per GPU (weak scaling); SP comm = share of the step in SP collectives")
+print("(timed with HYD_SP_ASYNC=0; 'queued': the default NCCL collectives overlap compute and are not timed);")
 print("ZeRO ms = reduce-scatter + all-gather of the ZeRO-1 step (between synchronisations)")
 PY

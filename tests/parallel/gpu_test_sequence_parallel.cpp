@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -105,13 +106,29 @@ void check(const std::string& pattern, int32_t slice) {
   part.loss = loss[0];
   world.all_reduce(std::span<float>(part.grad), ReduceOp::kSum);
 
+  // The defaults on CUDA: balanced LASP-2H work (even slices) and queued NCCL collectives; HYD_SP_ATTN_BALANCE=0
+  // and HYD_SP_ASYNC=0 turn them off (the .np2_contiguous_sync test).
+  const auto env_is_0 = [](const char* name) {
+    const char* v = std::getenv(name);
+    return v != nullptr && std::string(v) == "0";
+  };
+  EXPECT_EQ(sp.layout().balanced, P > 1 && slice % 2 == 0 && !env_is_0("HYD_SP_ATTN_BALANCE"));
+  EXPECT_EQ(sp.queued(), !env_is_0("HYD_SP_ASYNC"));
+  const double kv_seconds = sp.traffic(SpTraffic::attention_kv).seconds;
+  if (sp.queued()) {
+    EXPECT_EQ(kv_seconds, 0.0) << "queued collectives report no time";
+  } else if (P > 1) {
+    EXPECT_GT(kv_seconds, 0.0) << "synchronised collectives are timed";
+  }
   const double e_whole = rel(whole.grad, ref.grad), e_sp = rel(part.grad, ref.grad),
                e_pair = rel(part.grad, whole.grad);
   if (r == 0)
     std::printf(
-        "SP %d %s slice %d: loss cpu %.6f, 1 gpu %.6f, SP %.6f | gradient rel. err vs cpu: 1 gpu %.3g, SP %.3g; "
+        "SP %d %s slice %d (%s, %s): loss cpu %.6f, 1 gpu %.6f, SP %.6f | gradient rel. err vs cpu: 1 gpu %.3g, SP "
+        "%.3g; "
         "SP vs 1 gpu %.3g | KDA state bytes %lld, halo %lld, attention K/V %lld\n",
-        P, pattern.c_str(), slice, ref.loss, whole.loss, part.loss, e_whole, e_sp, e_pair,
+        P, pattern.c_str(), slice, sp.layout().balanced ? "balanced" : "contiguous",
+        sp.queued() ? "queued" : "synchronised", ref.loss, whole.loss, part.loss, e_whole, e_sp, e_pair,
         static_cast<long long>(sp.traffic(SpTraffic::kda_state).bytes),
         static_cast<long long>(sp.traffic(SpTraffic::conv_halo).bytes),
         static_cast<long long>(sp.traffic(SpTraffic::attention_kv).bytes));
