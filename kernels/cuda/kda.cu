@@ -109,6 +109,26 @@ class StreamScratch {
   cudaStream_t stream_;
 };
 
+// The tensor-core forward's scratch and, in front of it, the per-document chunk table (launched here), in one
+// stream-ordered allocation.
+class MmaForwardScratch {
+ public:
+  MmaForwardScratch(const KdaDims& s, const int32_t* cu_seqlens, cudaStream_t st)
+      : table_floats_((static_cast<size_t>(s.num_docs) + 1 + 3) / 4 * 4),
+        buf_(table_floats_ + (kda_mma::forward_scratch_bytes(s) + 3) / 4, st) {
+    kda_chunk::Scratch sc;
+    sc.chunk_off = chunk_off();
+    DeviceLauncher launcher{st};
+    kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
+  }
+  int32_t* chunk_off() const { return reinterpret_cast<int32_t*>(buf_.get()); }
+  float* scratch() const { return buf_.get() + table_floats_; }
+
+ private:
+  size_t table_floats_;
+  StreamScratch buf_;
+};
+
 // HYD_KDA_V1=1 selects the version-1 kernels everywhere (for comparisons and benchmarks).
 bool kda_force_v1() {
   static const bool v1 = [] {
@@ -136,14 +156,9 @@ void kda_forward(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, 
   if (s.num_docs == 0) return;
   cudaStream_t st = as_stream(stream);
   if (kda_mma::supports(s) && !kda_force_v1()) {
-    const size_t table_floats = (static_cast<size_t>(s.num_docs) + 1 + 3) / 4 * 4;
-    StreamScratch buf(table_floats + (kda_mma::forward_scratch_bytes(s) + 3) / 4, st);
-    kda_chunk::Scratch sc;
-    sc.chunk_off = reinterpret_cast<int32_t*>(buf.get());
-    DeviceLauncher launcher{st};
-    kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
-    kda_mma::forward(s, q, k, v, g, beta, cu_seqlens, sc.chunk_off, initial_state, o, final_state,
-                     buf.get() + table_floats, st);
+    const MmaForwardScratch buf(s, cu_seqlens, st);
+    kda_mma::forward(s, q, k, v, g, beta, cu_seqlens, buf.chunk_off(), initial_state, o, final_state, buf.scratch(),
+                     st);
     return;
   }
   kda_chunk::Scratch sc;
@@ -206,14 +221,8 @@ void kda_backward_initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k
   HYD_CHECK(kda_split_supported(s), "kda_backward_initial_adjoint: not available for dk ", s.dk, " / dv ", s.dv);
   if (s.num_docs == 0) return;
   cudaStream_t st = as_stream(stream);
-  const size_t table_floats = (static_cast<size_t>(s.num_docs) + 1 + 3) / 4 * 4;
-  StreamScratch buf(table_floats + (kda_mma::forward_scratch_bytes(s) + 3) / 4, st);
-  kda_chunk::Scratch sc;
-  sc.chunk_off = reinterpret_cast<int32_t*>(buf.get());
-  DeviceLauncher launcher{st};
-  kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
-  kda_mma::initial_adjoint(s, q, k, v, g, beta, cu_seqlens, sc.chunk_off, dout, dinitial_state,
-                           buf.get() + table_floats, st);
+  const MmaForwardScratch buf(s, cu_seqlens, st);
+  kda_mma::initial_adjoint(s, q, k, v, g, beta, cu_seqlens, buf.chunk_off(), dout, dinitial_state, buf.scratch(), st);
 }
 
 size_t kda_forward_workspace_bytes(const KdaDims& s, bool zero_values) { return split_layout(s, zero_values).bytes; }

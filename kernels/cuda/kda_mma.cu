@@ -20,13 +20,14 @@
 //       v_new = u - w S,   o = qg S + Aqk v_new,   S <- Diag(gl) S + kg^T v_new,
 //     with S and v_new as hi + lo bf16 pairs in the products that feed the state (fp32-class
 //     state arithmetic), v_new as one bf16 term in Aqk v_new (o is bf16).
-#include "kernels/cuda/kda_mma.h"
-
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/kda_chunk.cuh"
+#include "kernels/cuda/kda_mma.h"
 #include "kernels/cuda/mma.cuh"
 
 namespace hyd::kernels::cuda::kda_mma {
@@ -99,6 +100,18 @@ __device__ __forceinline__ void split_pair(float x0, float x1, uint32_t& hi, uin
   hi = pack_bf16(x0, x1);
   const float2 h = unpack_bf16(hi);
   lo = pack_bf16(x0 - h.x, x1 - h.y);
+}
+
+// acc += A B with A = ah + al (hi + lo bf16) and the fp32 B fragment (b00, b01 | b10, b11) split hi + lo: the
+// hi.hi, lo.hi and hi.lo products (~16 significant bits).
+__device__ __forceinline__ void mma_split3(float (&acc)[4], const uint32_t (&ah)[4], const uint32_t (&al)[4], float b00,
+                                           float b01, float b10, float b11) {
+  uint32_t bh0, bl0, bh1, bl1;
+  split_pair(b00, b01, bh0, bl0);
+  split_pair(b10, b11, bh1, bl1);
+  mma_bf16(acc, ah, bh0, bh1);
+  mma_bf16(acc, al, bh0, bh1);
+  mma_bf16(acc, ah, bl0, bl1);
 }
 
 __device__ __forceinline__ void zero(float (&a)[4]) { a[0] = a[1] = a[2] = a[3] = 0.f; }
@@ -1490,6 +1503,421 @@ __global__ void __launch_bounds__(kThreads, 1)
   KDA_CLOCKS_PRINT("intra", 10);
 }
 
+// Version 2 of the intra-chunk gradient (the default; HYD_KDA_INTRA_V1=1 runs intra_kernel above): the same
+// arithmetic in 105 KB of shared memory instead of 190 KB, so two blocks share an SM and one block's loads and
+// barriers overlap the other's products. dw is not staged (its fragments come from global memory, L2-resident:
+// the dT product reads each row block once, dkG re-reads it); Z = dX X^T and dA reuse dT's tile (the products
+// finish in registers behind a barrier before the tile is overwritten); X's tile takes q once dA is formed (dkG
+// then reads X from global memory), and Ak's tile takes dAqk once dbeta has used Ak. Step 6 runs per 32-channel
+// half of each warp's 64 channels, so that its accumulators fit 128 registers.
+template <int DK>
+struct IntraLayout2 {
+  static constexpr int kLdM = C + 4;
+  static constexpr size_t kMat = size_t{C} * kLdM * 4;
+  static constexpr size_t oG = 0;                              // f32 [C][kLdG]: G, later dG
+  static constexpr size_t oK = oG + size_t{C} * kLdG<DK> * 4;  // bf16 [C][kLdB] k
+  static constexpr size_t oX = oK + size_t{C} * kLdB<DK> * 2;  // X, then bf16 [C][kLdB] q
+  static constexpr size_t oT = oX + kMat;                      // dT, dX, Z, then dA
+  static constexpr size_t oAk = oT + kMat;                     // Ak, then dAqk
+  static constexpr size_t oBeta = oAk + kMat;                  // beta [C]
+  static constexpr size_t oDbT = oBeta + C * 4;                // dbeta through T [C]
+  static constexpr size_t oExtra = oDbT + C * 4;               // dG_last terms [DK]
+  static constexpr size_t bytes = oExtra + DK * 4;
+  static_assert(size_t{C} * kLdB<DK> * 2 <= kMat, "q's tile must fit X's");
+};
+
+template <int DK>
+__global__ void __launch_bounds__(kThreads, 2)
+    intra_kernel2(KdaDims s, const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                  const float* __restrict__ g, const float* __restrict__ beta, const int32_t* __restrict__ cu,
+                  const int32_t* __restrict__ chunk_off, const float* __restrict__ x, const float* __restrict__ daqk,
+                  const float* __restrict__ dtv, const float* __restrict__ dqg, const float* __restrict__ dkg,
+                  const float* __restrict__ dw, const float* __restrict__ dgls, float* __restrict__ dq_hv,
+                  float* __restrict__ dk_hv, __nv_bfloat16* __restrict__ dq_out, __nv_bfloat16* __restrict__ dk_out,
+                  float* __restrict__ dg, float* __restrict__ dbeta) {
+  using Lt = IntraLayout2<DK>;
+  constexpr int LDG = kLdG<DK>, LDB = kLdB<DK>, LDM = Lt::kLdM;
+  constexpr int NH = DK / 32;  // 8-channel tiles per warp and half (each warp: DK / 2 channels in two halves)
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int64_t c = blockIdx.x;
+  const int hv = static_cast<int>(blockIdx.y);
+  if (c >= chunk_off[s.num_docs]) return;
+  const kda_chunk::ChunkSpan sp = kda_chunk::locate_chunk(cu, chunk_off, s.num_docs, c);
+  const int L = sp.len, H = static_cast<int>(s.h), HV = static_cast<int>(s.hv);
+  const int h = hv / (HV / H);
+  const int64_t ch = c * HV + hv;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+
+  float* gs = reinterpret_cast<float*>(smem + Lt::oG);
+  __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem + Lt::oK);
+  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem + Lt::oX);  // after step 5
+  float* xm = reinterpret_cast<float*>(smem + Lt::oX);
+  float* tm = reinterpret_cast<float*>(smem + Lt::oT);
+  float* ak = reinterpret_cast<float*>(smem + Lt::oAk);
+  float* qa = reinterpret_cast<float*>(smem + Lt::oAk);  // after dbeta
+  float* bs = reinterpret_cast<float*>(smem + Lt::oBeta);
+  float* dbt = reinterpret_cast<float*>(smem + Lt::oDbT);
+  float* extra = reinterpret_cast<float*>(smem + Lt::oExtra);
+  const float* xc = x + ch * C * C;
+  const float* dwc = dw + ch * C * DK;
+  const float* dqgc = dqg + ch * C * DK;
+  const float* dkgc = dkg + ch * C * DK;
+  KDA_CLOCKS_BEGIN();
+
+  // 1. Loads (k, g, X, dT_v asynchronously), G = cumsum(g).
+  for (int idx = tid; idx < C * DK / 8; idx += kThreads) {
+    const int r = idx / (DK / 8), c8 = idx % (DK / 8);
+    const bool ok = r < L;
+    cp_async16(smem_addr(ks) + static_cast<uint32_t>((r * LDB + c8 * 8) * 2),
+               ok ? k + ((sp.start + r) * H + h) * DK + c8 * 8 : k, ok);
+  }
+  for (int idx = tid; idx < C * DK / 4; idx += kThreads) {
+    const int r = idx / (DK / 4), c4 = idx % (DK / 4);
+    const bool ok = r < L;
+    cp_async16(smem_addr(gs) + static_cast<uint32_t>((r * LDG + c4 * 4) * 4),
+               ok ? g + ((sp.start + r) * HV + hv) * DK + c4 * 4 : g, ok);
+  }
+  stage_matrix<LDM>(smem_addr(xm), xc);
+  stage_matrix<LDM>(smem_addr(tm), dtv + ch * C * C);
+  cp_async_commit();
+  if (tid < C) bs[tid] = tid < L ? beta[(sp.start + tid) * HV + hv] : 0.f;
+  cp_async_wait<0>();
+  __syncthreads();
+  if (tid < DK) {
+    float acc = 0.f;
+    for (int r = 0; r < C; ++r) {
+      acc += gs[r * LDG + tid];
+      gs[r * LDG + tid] = acc;
+    }
+  }
+  __syncthreads();
+
+  KDA_CLOCK(1);
+  // 2. Ak (warps 0-3, row block I) and dT = dT_v + dw kG^T (warps 4-7, dw's fragments from global memory).
+  {
+    const int I = warp & 3, ra = 16 * I + gq, ntn = 2 * (I + 1);
+    float acc[8][4];
+    if (warp < 4) {
+      const float span = decay_gram<DK>(ks, ks, gs, I, acc);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = ra + 8 * (e >> 1), col = 8 * nt + 2 * tq + (e & 1);
+          ak[r * LDM + col] = nt < ntn && col < r ? acc[nt][e] : 0.f;
+        }
+      if (span > kSafeSpan) {
+        __syncwarp();
+        exact_diag_gram<DK>(ks, ks, gs, I, [&](int r, int cc, float v) {
+          if (cc < r) ak[r * LDM + cc] = v;
+        });
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) zero(acc[nt]);
+#pragma unroll 2
+      for (int kst = 0; kst < DK / 16; ++kst) {
+        uint32_t ah[4], al[4];
+        afrag_rows<DK>(dwc, ra, kst, 1.f, 1.f, ah, al);
+        const int i0 = 16 * kst + 2 * tq, i1 = i0 + 8;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt) {
+          if (nt < ntn) {
+            const int cc = 8 * nt + gq;
+            auto kg_pair = [&](int i) {  // k_c exp(G_c) at channels i, i + 1
+              const float2 kv = unpack_bf16(*reinterpret_cast<const uint32_t*>(ks + cc * LDB + i));
+              const float2 G = *reinterpret_cast<const float2*>(gs + cc * LDG + i);
+              return pack_bf16(kv.x * __expf(G.x), kv.y * __expf(G.y));
+            };
+            const uint32_t b0 = kg_pair(i0), b1 = kg_pair(i1);
+            mma_bf16(acc[nt], ah, b0, b1);
+            mma_bf16(acc[nt], al, b0, b1);
+          }
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = ra + 8 * (e >> 1), col = 8 * nt + 2 * tq + (e & 1);
+          tm[r * LDM + col] = nt < ntn && col <= r ? tm[r * LDM + col] + acc[nt][e] : 0.f;
+        }
+    }
+  }
+  __syncthreads();
+
+  KDA_CLOCK(2);
+  // 3. dbeta through T and dX = dT Diag(beta) (4 threads per column c); extra[i] starts as e^{G_last} dgls.
+  {
+    const int col = tid >> 2, part = tid & 3;
+    float acc = 0.f;
+    for (int r = col + part; r < C; r += 4) acc += tm[r * LDM + col] * xm[r * LDM + col];
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    if (part == 0) dbt[col] = acc;
+    __syncwarp();
+    for (int r = col + part; r < C; r += 4) tm[r * LDM + col] *= bs[col];
+  }
+  if (tid < DK) extra[tid] = __expf(gs[(C - 1) * LDG + tid]) * dgls[ch * DK + tid];
+  __syncthreads();
+  KDA_CLOCK(3);
+  // 4. Z = dX X^T and 5. dA = -(X^T Z) strictly below the diagonal (as intra_kernel), each result kept in
+  // registers until every warp has read the tile it replaces.
+  {
+    const int I = warp & 3, nb = 4 * (warp >> 2), ra = 16 * I + gq;
+    float acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) zero(acc[j]);
+    for (int kk = 0; kk <= I; ++kk) {
+      uint32_t ah[4], al[4];
+      afrag_rows<LDM>(tm, ra, kk, 1.f, 1.f, ah, al);
+      const int k0 = 16 * kk + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (16 * kk > 8 * (nb + j) + 7) continue;
+        const float* xr = xm + (8 * (nb + j) + gq) * LDM;
+        mma_split3(acc[j], ah, al, xr[k0], xr[k0 + 1], xr[k0 + 8], xr[k0 + 9]);
+      }
+    }
+    __syncthreads();  // every warp is done reading dX
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) tm[(ra + 8 * (e >> 1)) * LDM + 8 * (nb + j) + 2 * tq + (e & 1)] = acc[j][e];
+    __syncthreads();
+    KDA_CLOCK(4);
+    const float* zm = tm;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) zero(acc[j]);
+    for (int kk = I; kk < C / 16; ++kk) {
+      if (8 * nb > 16 * I + 15) break;
+      uint32_t ah[4], al[4];
+      afrag_cols<LDM>(xm, nullptr, ra, kk, 1.f, 1.f, ah, al);
+      const int k0 = 16 * kk + 2 * tq;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (8 * (nb + j) > 16 * I + 15) continue;
+        const float* zc = zm + 8 * (nb + j) + gq;
+        mma_split3(acc[j], ah, al, zc[k0 * LDM], zc[(k0 + 1) * LDM], zc[(k0 + 8) * LDM], zc[(k0 + 9) * LDM]);
+      }
+    }
+    __syncthreads();  // every warp is done reading Z and X
+    // X's tile takes q (read from step 6 on); dkG reads X from global memory.
+    for (int idx = tid; idx < C * DK / 8; idx += kThreads) {
+      const int r = idx / (DK / 8), c8 = idx % (DK / 8);
+      const bool ok = r < L;
+      cp_async16(smem_addr(qs) + static_cast<uint32_t>((r * LDB + c8 * 8) * 2),
+                 ok ? q + ((sp.start + r) * H + h) * DK + c8 * 8 : q, ok);
+    }
+    cp_async_commit();
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = ra + 8 * (e >> 1), col = 8 * (nb + j) + 2 * tq + (e & 1);
+        tm[r * LDM + col] = col < r ? -acc[j][e] : 0.f;
+      }
+  }
+  __syncthreads();
+
+  KDA_CLOCK(5);
+  // 6. dbeta (thread = row), then Ak's tile takes dAqk.
+  if (tid < C) {
+    const float acc = dbt[tid] + dot_strided(tm + tid * LDM, 1, ak + tid * LDM, 1, 0, tid);
+    if (tid < L) dbeta[(sp.start + tid) * HV + hv] = acc;
+  }
+  __syncthreads();
+  stage_matrix<LDM>(smem_addr(qa), daqk + ch * C * C);
+  cp_async_commit();
+  const int I = warp & 3, half = warp >> 2;
+  const int ra = 16 * I + gq, rb = ra + 8;
+  const float* Rrow = gs + 16 * I * LDG;         // reference of the row sums
+  const float* Rcol = gs + (16 * I + 15) * LDG;  // reference of the column sums
+  float span = 0.f;
+  for (int i = lane; i < DK; i += 32) span = fmaxf(span, Rrow[i] - Rcol[i]);
+  const bool safe = warp_max(span) <= kSafeSpan;
+  const float* Gl = gs + (C - 1) * LDG;
+  auto row_of = [&](int e) { return ra + 8 * (e >> 1); };
+  // dkG = T^T dw per half (X and dw from global memory; the first half's product overlaps the q / dAqk
+  // copies): A[m = c][k = r] = X[r][c] beta_c (blocks kk >= I), B = dw (hi + lo).
+  float dkG[NH][4];
+  auto dkg_product = [&](int col0) {
+#pragma unroll
+    for (int nt = 0; nt < NH; ++nt) zero(dkG[nt]);
+    for (int kk = I; kk < C / 16; ++kk) {
+      uint32_t hi[4], lo[4];
+      afrag_cols<C>(xc, nullptr, ra, kk, bs[ra], bs[rb], hi, lo);
+      const float* dwr = dwc + (16 * kk + 2 * tq) * DK + col0 + gq;
+#pragma unroll
+      for (int nt = 0; nt < NH; ++nt) {
+        mma_split3(dkG[nt], hi, lo, dwr[8 * nt], dwr[DK + 8 * nt], dwr[8 * DK + 8 * nt], dwr[9 * DK + 8 * nt]);
+      }
+    }
+  };
+  dkg_product(half * (DK / 2));
+  cp_async_wait<0>();
+  __syncthreads();
+  KDA_CLOCK(6);
+  // Per half: dG of its channels goes into G's tile once every warp is done with the half (the other half's
+  // channels of G are not read meanwhile).
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int col0 = half * (DK / 2) + hh * (DK / 4);
+    auto chan_of = [&](int nt, int e) { return col0 + 8 * nt + 2 * tq + (e & 1); };
+    if (hh == 1) dkg_product(col0);
+    float ok[NH][4], oG[NH][4];
+#pragma unroll
+    for (int nt = 0; nt < NH; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = row_of(e), i = chan_of(nt, e);
+        const float eG = __expf(gs[r * LDG + i]), kr = __bfloat162float(ks[r * LDB + i]);
+        ok[nt][e] = dkG[nt][e] * eG;
+        oG[nt][e] = dkG[nt][e] * kr * eG;
+      }
+    // Row sums s1 (P) and s2 (dAqk) against k_c exp(R - G_c), R = G_{16 I}; then dq.
+    {
+      float s1[NH][4], s2[NH][4];
+#pragma unroll
+      for (int nt = 0; nt < NH; ++nt) {
+        zero(s1[nt]);
+        zero(s2[nt]);
+      }
+      const int kk_end = safe ? I : I - 1;
+      for (int kk = 0; kk <= kk_end; ++kk) {
+        uint32_t ph[4], pl[4], qh[4], ql[4];
+        afrag_rows<LDM>(tm, ra, kk, bs[ra], bs[rb], ph, pl);
+        afrag_rows<LDM>(qa, ra, kk, 1.f, 1.f, qh, ql);
+        const int c0 = 16 * kk + 2 * tq;
+#pragma unroll
+        for (int nt = 0; nt < NH; ++nt) {
+          const int i = col0 + 8 * nt + gq;
+          const uint32_t b0 = decayed_col_pair<DK>(ks, gs, Rrow, c0, i, true);
+          const uint32_t b1 = decayed_col_pair<DK>(ks, gs, Rrow, c0 + 8, i, true);
+          mma_bf16(s1[nt], ph, b0, b1);
+          mma_bf16(s1[nt], pl, b0, b1);
+          mma_bf16(s2[nt], qh, b0, b1);
+          mma_bf16(s2[nt], ql, b0, b1);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NH; ++nt) {
+        float last[2] = {0.f, 0.f};  // sum over this warp's rows of dkg k e^{G_last - G}, channels +0, +1
+        float oq[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = row_of(e), i = chan_of(nt, e);
+          const float Gr = gs[r * LDG + i], sc = __expf(Gr - Rrow[i]);
+          float v1 = s1[nt][e] * sc, v2 = s2[nt][e] * sc;
+          if (!safe)  // the diagonal block exactly
+            for (int cc = 16 * I; cc <= r; ++cc) {
+              const float kc = __bfloat162float(ks[cc * LDB + i]) * expf(Gr - gs[cc * LDG + i]);
+              v1 += bs[r] * tm[r * LDM + cc] * kc;
+              v2 += qa[r * LDM + cc] * kc;
+            }
+          const float kr = __bfloat162float(ks[r * LDB + i]), qr = __bfloat162float(qs[r * LDB + i]);
+          const float eG = __expf(Gr), eL = __expf(Gl[i] - Gr);
+          const float aq = dqgc[r * DK + i], akg = dkgc[r * DK + i];
+          oq[e] = aq * eG + v2;
+          ok[nt][e] += akg * eL + v1;
+          oG[nt][e] += aq * qr * eG - akg * kr * eL + kr * v1 + qr * v2;
+          last[e & 1] += akg * kr * eL;
+        }
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          float v = last[j];
+          v += __shfl_xor_sync(0xffffffffu, v, 4);
+          v += __shfl_xor_sync(0xffffffffu, v, 8);
+          v += __shfl_xor_sync(0xffffffffu, v, 16);
+          if (gq == 0) atomicAdd(extra + col0 + 8 * nt + 2 * tq + j, v);
+        }
+#pragma unroll
+        for (int half_r = 0; half_r < 2; ++half_r) {
+          const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
+          const int64_t o = ((sp.start + r) * HV + hv) * DK + i;
+          if (r < L && dq_out)
+            *reinterpret_cast<uint32_t*>(dq_out + o) = pack_bf16(oq[2 * half_r], oq[2 * half_r + 1]);
+          else if (r < L)
+            *reinterpret_cast<float2*>(dq_hv + o) = make_float2(oq[2 * half_r], oq[2 * half_r + 1]);
+        }
+      }
+    }
+    // Column sums s3 (P^T against k) and s4 (dAqk^T against q), factors x_r' exp(G_r' - R'), R' = G_{16 I + 15};
+    // then dk.
+    {
+      float s3[NH][4], s4[NH][4];
+#pragma unroll
+      for (int nt = 0; nt < NH; ++nt) {
+        zero(s3[nt]);
+        zero(s4[nt]);
+      }
+      for (int kk = safe ? I : I + 1; kk < C / 16; ++kk) {
+        uint32_t ph[4], pl[4], qh[4], ql[4];
+        afrag_cols<LDM>(tm, bs, ra, kk, 1.f, 1.f, ph, pl);
+        afrag_cols<LDM>(qa, nullptr, ra, kk, 1.f, 1.f, qh, ql);
+        const int c0 = 16 * kk + 2 * tq;
+#pragma unroll
+        for (int nt = 0; nt < NH; ++nt) {
+          const int i = col0 + 8 * nt + gq;
+          const uint32_t bk0 = decayed_col_pair<DK>(ks, gs, Rcol, c0, i, false);
+          const uint32_t bk1 = decayed_col_pair<DK>(ks, gs, Rcol, c0 + 8, i, false);
+          const uint32_t bq0 = decayed_col_pair<DK>(qs, gs, Rcol, c0, i, false);
+          const uint32_t bq1 = decayed_col_pair<DK>(qs, gs, Rcol, c0 + 8, i, false);
+          mma_bf16(s3[nt], ph, bk0, bk1);
+          mma_bf16(s3[nt], pl, bk0, bk1);
+          mma_bf16(s4[nt], qh, bq0, bq1);
+          mma_bf16(s4[nt], ql, bq0, bq1);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < NH; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = row_of(e), i = chan_of(nt, e);
+          const float Gr = gs[r * LDG + i], sc = __expf(Rcol[i] - Gr);
+          float v = (s3[nt][e] + s4[nt][e]) * sc;
+          if (!safe)
+            for (int r2 = r; r2 < 16 * I + 16; ++r2) {
+              const float e2 = expf(gs[r2 * LDG + i] - Gr);
+              v += (bs[r2] * tm[r2 * LDM + r] * __bfloat162float(ks[r2 * LDB + i]) +
+                    qa[r2 * LDM + r] * __bfloat162float(qs[r2 * LDB + i])) *
+                   e2;
+            }
+          const float kr = __bfloat162float(ks[r * LDB + i]);
+          ok[nt][e] += v;
+          oG[nt][e] -= kr * v;
+        }
+#pragma unroll
+        for (int half_r = 0; half_r < 2; ++half_r) {
+          const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
+          const int64_t o = ((sp.start + r) * HV + hv) * DK + i;
+          if (r < L && dk_out)
+            *reinterpret_cast<uint32_t*>(dk_out + o) = pack_bf16(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
+          else if (r < L)
+            *reinterpret_cast<float2*>(dk_hv + o) = make_float2(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done reading G in this half's channels
+#pragma unroll
+    for (int nt = 0; nt < NH; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) gs[row_of(e) * LDG + chan_of(nt, e)] = oG[nt][e];
+  }
+  __syncthreads();
+  KDA_CLOCK(7);
+  // 7. dg = reverse cumulative sum of dG over the rows, plus the dG_last terms on every row.
+  if (tid < DK) {
+    float acc = extra[tid];
+    for (int r = C - 1; r >= 0; --r) {
+      acc += gs[r * LDG + tid];
+      if (r < L) dg[((sp.start + r) * HV + hv) * DK + tid] = acc;
+    }
+  }
+  KDA_CLOCK(8);
+  KDA_CLOCKS_PRINT("intra2", 9);
+}
+
 struct FwdBuffers {
   __nv_bfloat16 *w, *qg, *kg, *aqk;
   float *u, *gl;
@@ -1597,10 +2025,22 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
         beta, as_nv(dout), as_nv(v), sc.dqg, sc.dkg,
         sc.dw, sc.dgls, sc.daqk, sc.dtv, as_nv(dv));
     CHECK_LAUNCH();
-    set_smem(intra_kernel<DK>, IL::bytes);
-    intra_kernel<DK><<<chunk_grid, kThreads, IL::bytes, st>>>(s, as_nv(q), as_nv(k), g, beta, cu, chunk_off, sc.x,
-                                                               sc.daqk, sc.dtv, sc.dqg, sc.dkg, sc.dw, sc.dgls,
-                                                               sc.dq_hv, sc.dk_hv, as_nv(dq), as_nv(dk), dg, dbeta);
+    static const bool v1 = [] {
+      const char* e = std::getenv("HYD_KDA_INTRA_V1");
+      return e != nullptr && std::string(e) == "1";
+    }();
+    if (v1) {
+      set_smem(intra_kernel<DK>, IL::bytes);
+      intra_kernel<DK><<<chunk_grid, kThreads, IL::bytes, st>>>(s, as_nv(q), as_nv(k), g, beta, cu, chunk_off, sc.x,
+                                                                sc.daqk, sc.dtv, sc.dqg, sc.dkg, sc.dw, sc.dgls,
+                                                                sc.dq_hv, sc.dk_hv, as_nv(dq), as_nv(dk), dg, dbeta);
+    } else {
+      using IL2 = IntraLayout2<DK>;
+      set_smem(intra_kernel2<DK>, IL2::bytes);
+      intra_kernel2<DK><<<chunk_grid, kThreads, IL2::bytes, st>>>(s, as_nv(q), as_nv(k), g, beta, cu, chunk_off, sc.x,
+                                                                  sc.daqk, sc.dtv, sc.dqg, sc.dkg, sc.dw, sc.dgls,
+                                                                  sc.dq_hv, sc.dk_hv, as_nv(dq), as_nv(dk), dg, dbeta);
+    }
     CHECK_LAUNCH();
   }
 }
