@@ -21,8 +21,6 @@
 //     with S and v_new as hi + lo bf16 pairs in the products that feed the state (fp32-class
 //     state arithmetic), v_new as one bf16 term in Aqk v_new (o is bf16).
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
@@ -1058,460 +1056,15 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------- backward: intra-chunk gradients
 
+// Shared memory of the intra-chunk gradient: 105 KB (DK = 128), so two blocks share an SM and one block's
+// loads and barriers overlap the other's products. (The previous version also staged dw, q, dAqk and Z: 190 KB,
+// one block per SM; KDA forward + backward at B8xT4096 took 14.59 ms with it, 13.21 ms with this one, same H100
+// call, docs/benchmarks.md stop 18.) dw is not staged (its fragments come from global memory, L2-resident: the
+// dT product reads each row block once, dkG re-reads it); Z = dX X^T and dA reuse dT's tile (the products finish
+// in registers behind a barrier before the tile is overwritten); X's tile takes q once dA is formed (dkG then
+// reads X from global memory), and Ak's tile takes dAqk once dbeta has used Ak.
 template <int DK>
 struct IntraLayout {
-  static constexpr int kLdM = C + 4;  // 16-byte aligned rows (16-byte staging copies)
-  static constexpr size_t kMat = size_t{C} * kLdM * 4;
-  static constexpr size_t oG = 0;                                   // f32 [C][kLdG]: G, later dG
-  static constexpr size_t oK = oG + size_t{C} * kLdG<DK> * 4;       // bf16 [C][kLdB] k
-  static constexpr size_t oQ = oK + size_t{C} * kLdB<DK> * 2;       // bf16 [C][kLdB] q
-  static constexpr size_t oX = oQ + size_t{C} * kLdB<DK> * 2;       // X
-  static constexpr size_t oQA = oX + kMat;                          // dAqk
-  static constexpr size_t oT = oQA + kMat;                          // dT, dX, then dA
-  static constexpr size_t oAk = oT + kMat;                          // Ak (A without beta)
-  static constexpr size_t oZ = oAk + kMat;                          // Z = dX X^T
-  static constexpr size_t oWhi = oZ + kMat;                         // dw (hi, lo), swizzled bf16 [C][DK]
-  static constexpr size_t oWlo = oWhi + size_t{C} * DK * 2;
-  static constexpr size_t oBeta = oWlo + size_t{C} * DK * 2;        // beta [C]
-  static constexpr size_t oDbT = oBeta + C * 4;                     // dbeta through T [C]
-  static constexpr size_t oExtra = oDbT + C * 4;                    // dG_last terms [DK]
-  static constexpr size_t bytes = oExtra + DK * 4;
-};
-
-// Intra-chunk gradients of one chunk and value head (grid: chunk x value head), the tensor-core
-// version of kda_chunk::IntraGradProgram (same inputs and outputs; the formulas are there):
-//   dT = dT_v + dw kG^T;  dbeta_c += sum_r dT X;  dX = dT Diag(beta);  dA = -(X^T dX X^T) (c < r);
-//   dbeta_r += sum_c dA Ak;  P = Diag(beta) dA;  dkG = T^T dw;
-//   row sums  s1 = sum_{c<r} P[r,c] k_c E_rc,  s2 = sum_{c<=r} dAqk[r,c] k_c E_rc   (reference G_{16I})
-//   col sums  s3 = sum_{r'>r} P[r',r] k_r' E_r'r, s4 = sum_{r'>=r} dAqk[r',r] q_r' E_r'r (reference G_{16I+15})
-//   dq = dqg e^G + s2;  dk = dkg e^{G_last - G} + dkG e^G + s1 + s3 + s4;
-//   dG = dqg q e^G - dkg k e^{G_last - G} + dkG k e^G + k s1 + q s2 - k (s3 + s4);  dg = reverse cumsum of dG
-//   (+ e^{G_last} dgls + sum_r' dkg k e^{G_last - G} on every row).
-// Ak, the E-weighted sums, dkG and the 64 x 64 products of the inverse's adjoint (X^T dX X^T) run on tensor
-// cores (the fp32 operands split hi + lo). Warp w: rows 16 (w % 4) ..,
-// channels [DK/2 (w / 4), DK/2 (w / 4) + DK/2) of the outputs. dq_out, dk_out (HV == H only): the
-// finished bf16 dq, dk instead of dq_hv, dk_hv.
-template <int DK>
-__global__ void __launch_bounds__(kThreads, 1)
-    intra_kernel(KdaDims s, const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
-                 const float* __restrict__ g, const float* __restrict__ beta, const int32_t* __restrict__ cu,
-                 const int32_t* __restrict__ chunk_off, const float* __restrict__ x, const float* __restrict__ daqk,
-                 const float* __restrict__ dtv, const float* __restrict__ dqg, const float* __restrict__ dkg,
-                 const float* __restrict__ dw, const float* __restrict__ dgls, float* __restrict__ dq_hv,
-                 float* __restrict__ dk_hv, __nv_bfloat16* __restrict__ dq_out, __nv_bfloat16* __restrict__ dk_out,
-                 float* __restrict__ dg, float* __restrict__ dbeta) {
-  using Lt = IntraLayout<DK>;
-  constexpr int LDG = kLdG<DK>, LDB = kLdB<DK>, LDM = Lt::kLdM;
-  constexpr int NT = DK / 16;  // 8-channel tiles per warp
-  extern __shared__ __align__(128) unsigned char smem[];
-  const int64_t c = blockIdx.x;
-  const int hv = static_cast<int>(blockIdx.y);
-  if (c >= chunk_off[s.num_docs]) return;
-  const kda_chunk::ChunkSpan sp = kda_chunk::locate_chunk(cu, chunk_off, s.num_docs, c);
-  const int L = sp.len, H = static_cast<int>(s.h), HV = static_cast<int>(s.hv);
-  const int h = hv / (HV / H);
-  const int64_t ch = c * HV + hv;
-  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
-
-  float* gs = reinterpret_cast<float*>(smem + Lt::oG);
-  __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem + Lt::oK);
-  __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem + Lt::oQ);
-  float* xm = reinterpret_cast<float*>(smem + Lt::oX);
-  float* qa = reinterpret_cast<float*>(smem + Lt::oQA);
-  float* tm = reinterpret_cast<float*>(smem + Lt::oT);
-  float* ak = reinterpret_cast<float*>(smem + Lt::oAk);
-  float* zm = reinterpret_cast<float*>(smem + Lt::oZ);
-  float* bs = reinterpret_cast<float*>(smem + Lt::oBeta);
-  float* dbt = reinterpret_cast<float*>(smem + Lt::oDbT);
-  float* extra = reinterpret_cast<float*>(smem + Lt::oExtra);
-  const uint32_t s_whi = smem_addr(smem + Lt::oWhi), s_wlo = smem_addr(smem + Lt::oWlo);
-  const float* dwc = dw + ch * C * DK;
-  const float* dqgc = dqg + ch * C * DK;
-  const float* dkgc = dkg + ch * C * DK;
-  KDA_CLOCKS_BEGIN();
-
-  // 1. Loads (k, q, g, X, dAqk, dT_v asynchronously; dw split into hi + lo), G = cumsum(g).
-  stage_kqg<DK>(smem_addr(ks), smem_addr(qs), smem_addr(gs), k, q, g, sp.start, L, H, h, HV, hv);
-  stage_matrix<LDM>(smem_addr(xm), x + ch * C * C);
-  stage_matrix<LDM>(smem_addr(qa), daqk + ch * C * C);
-  stage_matrix<LDM>(smem_addr(tm), dtv + ch * C * C);
-  cp_async_commit();
-  {
-    constexpr int kPer = C * DK / 4 / kThreads;
-    float4 w4[kPer];
-#pragma unroll
-    for (int u = 0; u < kPer; ++u) w4[u] = *reinterpret_cast<const float4*>(dwc + (tid + u * kThreads) * 4);
-#pragma unroll
-    for (int u = 0; u < kPer; ++u) {
-      const int idx = tid + u * kThreads, r = idx / (DK / 4), c4 = idx % (DK / 4);
-      uint32_t h0, l0, h1, l1;
-      split_pair(w4[u].x, w4[u].y, h0, l0);
-      split_pair(w4[u].z, w4[u].w, h1, l1);
-      *reinterpret_cast<uint2*>(smem + Lt::oWhi + eoff<DK>(r, c4 * 4)) = make_uint2(h0, h1);
-      *reinterpret_cast<uint2*>(smem + Lt::oWlo + eoff<DK>(r, c4 * 4)) = make_uint2(l0, l1);
-    }
-  }
-  if (tid < C) bs[tid] = tid < L ? beta[(sp.start + tid) * HV + hv] : 0.f;
-  cp_async_wait<0>();
-  __syncthreads();
-  if (tid < DK) {
-    float acc = 0.f;
-    for (int r = 0; r < C; ++r) {
-      acc += gs[r * LDG + tid];
-      gs[r * LDG + tid] = acc;
-    }
-  }
-  __syncthreads();
-
-  KDA_CLOCK(1);
-  // 2. Ak (warps 0-3, row block I) and dT = dT_v + dw kG^T (warps 4-7), on tensor cores.
-  {
-    const int I = warp & 3, ra = 16 * I + gq, ntn = 2 * (I + 1);
-    float acc[8][4];
-    if (warp < 4) {
-      const float span = decay_gram<DK>(ks, ks, gs, I, acc);
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = ra + 8 * (e >> 1), col = 8 * nt + 2 * tq + (e & 1);
-          ak[r * LDM + col] = nt < ntn && col < r ? acc[nt][e] : 0.f;
-        }
-      if (span > kSafeSpan) {
-        __syncwarp();
-        exact_diag_gram<DK>(ks, ks, gs, I, [&](int r, int cc, float v) {
-          if (cc < r) ak[r * LDM + cc] = v;
-        });
-      }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) zero(acc[nt]);
-#pragma unroll 2
-      for (int kst = 0; kst < DK / 16; ++kst) {
-        uint32_t ah[4], al[4];
-        const uint32_t ao = toff<DK / 8>(16 * I + (lane & 15), 2 * kst + (lane >> 4));
-        ldsm_x4(ah, s_whi + ao);
-        ldsm_x4(al, s_wlo + ao);
-        const int i0 = 16 * kst + 2 * tq, i1 = i0 + 8;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          if (nt < ntn) {
-            const int cc = 8 * nt + gq;
-            auto kg_pair = [&](int i) {  // k_c exp(G_c) at channels i, i + 1
-              const float2 kv = unpack_bf16(*reinterpret_cast<const uint32_t*>(ks + cc * LDB + i));
-              const float2 G = *reinterpret_cast<const float2*>(gs + cc * LDG + i);
-              return pack_bf16(kv.x * __expf(G.x), kv.y * __expf(G.y));
-            };
-            const uint32_t b0 = kg_pair(i0), b1 = kg_pair(i1);
-            mma_bf16(acc[nt], ah, b0, b1);
-            mma_bf16(acc[nt], al, b0, b1);
-          }
-        }
-      }
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = ra + 8 * (e >> 1), col = 8 * nt + 2 * tq + (e & 1);
-          tm[r * LDM + col] = nt < ntn && col <= r ? tm[r * LDM + col] + acc[nt][e] : 0.f;
-        }
-    }
-  }
-  __syncthreads();
-
-  KDA_CLOCK(2);
-  // 3. dbeta through T and dX = dT Diag(beta) (4 threads per column c, rows c + part, c + part + 4, ...);
-  // extra[i] starts as e^{G_last} dgls (the sum over the rows is added in step 6).
-  {
-    const int col = tid >> 2, part = tid & 3;
-    float acc = 0.f;
-    for (int r = col + part; r < C; r += 4) acc += tm[r * LDM + col] * xm[r * LDM + col];
-    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
-    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
-    if (part == 0) dbt[col] = acc;
-    __syncwarp();
-    for (int r = col + part; r < C; r += 4) tm[r * LDM + col] *= bs[col];
-  }
-  if (tid < DK) extra[tid] = __expf(gs[(C - 1) * LDG + tid]) * dgls[ch * DK + tid];
-  __syncthreads();
-  KDA_CLOCK(3);
-  // 4. Z = dX X^T (dX[a][b] = 0 for b > a, X[c][b] = 0 for b > c) and 5. dA = -(X^T Z) strictly below
-  // the diagonal, into tm: on tensor cores, both operands split hi + lo (the hi.hi, lo.hi and hi.lo
-  // products: ~16 significant bits, as the other fp32 operands of this kernel). Warp w: rows 16 (w % 4)..,
-  // columns 32 (w / 4).. of the 64 x 64 result.
-  {
-    const int I = warp & 3, nb = 4 * (warp >> 2), ra = 16 * I + gq;
-    float acc[4][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) zero(acc[j]);
-    for (int kk = 0; kk <= I; ++kk) {  // b <= a < 16 (I + 1)
-      uint32_t ah[4], al[4];
-      afrag_rows<LDM>(tm, ra, kk, 1.f, 1.f, ah, al);
-      const int k0 = 16 * kk + 2 * tq;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (16 * kk > 8 * (nb + j) + 7) continue;  // X[cc][b] = 0 for b > cc: the whole block is zero
-        const float* xr = xm + (8 * (nb + j) + gq) * LDM;
-        uint32_t bh0, bl0, bh1, bl1;
-        split_pair(xr[k0], xr[k0 + 1], bh0, bl0);
-        split_pair(xr[k0 + 8], xr[k0 + 9], bh1, bl1);
-        mma_bf16(acc[j], ah, bh0, bh1);
-        mma_bf16(acc[j], al, bh0, bh1);
-        mma_bf16(acc[j], ah, bl0, bl1);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) zm[(ra + 8 * (e >> 1)) * LDM + 8 * (nb + j) + 2 * tq + (e & 1)] = acc[j][e];
-    __syncthreads();
-    KDA_CLOCK(4);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) zero(acc[j]);
-    for (int kk = I; kk < C / 16; ++kk) {  // X[m][r] = 0 for m < r
-      if (8 * nb > 16 * I + 15) break;     // no column c < r in this warp's tiles
-      uint32_t ah[4], al[4];
-      afrag_cols<LDM>(xm, nullptr, ra, kk, 1.f, 1.f, ah, al);
-      const int k0 = 16 * kk + 2 * tq;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        if (8 * (nb + j) > 16 * I + 15) continue;
-        const float* zc = zm + 8 * (nb + j) + gq;
-        uint32_t bh0, bl0, bh1, bl1;
-        split_pair(zc[k0 * LDM], zc[(k0 + 1) * LDM], bh0, bl0);
-        split_pair(zc[(k0 + 8) * LDM], zc[(k0 + 9) * LDM], bh1, bl1);
-        mma_bf16(acc[j], ah, bh0, bh1);
-        mma_bf16(acc[j], al, bh0, bh1);
-        mma_bf16(acc[j], ah, bl0, bl1);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = ra + 8 * (e >> 1), col = 8 * (nb + j) + 2 * tq + (e & 1);
-        tm[r * LDM + col] = col < r ? -acc[j][e] : 0.f;
-      }
-  }
-  __syncthreads();
-
-  KDA_CLOCK(5);
-  // 6. dbeta (thread = row); per-warp outputs.
-  if (tid < C) {
-    const float acc = dbt[tid] + dot_strided(tm + tid * LDM, 1, ak + tid * LDM, 1, 0, tid);
-    if (tid < L) dbeta[(sp.start + tid) * HV + hv] = acc;
-  }
-  const int I = warp & 3, half = warp >> 2;
-  const int ra = 16 * I + gq, rb = ra + 8, col0 = half * (DK / 2);
-  const float* Rrow = gs + 16 * I * LDG;          // reference of the row sums
-  const float* Rcol = gs + (16 * I + 15) * LDG;   // reference of the column sums
-  float span = 0.f;
-  for (int i = lane; i < DK; i += 32) span = fmaxf(span, Rrow[i] - Rcol[i]);
-  const bool safe = warp_max(span) <= kSafeSpan;
-  const float* Gl = gs + (C - 1) * LDG;
-  // Element (nt, e) of this warp's fragments: row ra + 8 (e >> 1), channel col0 + 8 nt + 2 tq + (e & 1).
-  auto row_of = [&](int e) { return ra + 8 * (e >> 1); };
-  auto chan_of = [&](int nt, int e) { return col0 + 8 * nt + 2 * tq + (e & 1); };
-  float ok[NT][4], oG[NT][4];
-  {
-    float oq[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      float last[2] = {0.f, 0.f};  // sum over this warp's rows of dkg k e^{G_last - G}, channels +0, +1
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = row_of(e), i = chan_of(nt, e);
-        const float Gr = gs[r * LDG + i], eG = __expf(Gr), eL = __expf(Gl[i] - Gr);
-        const float kr = __bfloat162float(ks[r * LDB + i]), qr = __bfloat162float(qs[r * LDB + i]);
-        const float aq = dqgc[r * DK + i], akg = dkgc[r * DK + i];
-        oq[nt][e] = aq * eG;
-        ok[nt][e] = akg * eL;
-        oG[nt][e] = aq * qr * eG - akg * kr * eL;
-        last[e & 1] += akg * kr * eL;
-      }
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        float v = last[j];
-        v += __shfl_xor_sync(0xffffffffu, v, 4);
-        v += __shfl_xor_sync(0xffffffffu, v, 8);
-        v += __shfl_xor_sync(0xffffffffu, v, 16);
-        if (gq == 0) atomicAdd(extra + col0 + 8 * nt + 2 * tq + j, v);
-      }
-    }
-    // dkG = T^T dw: A[m = c][k = r] = X[r][c] beta_c (blocks kk >= I), B = dw (hi + lo).
-    {
-      float acc[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) zero(acc[nt]);
-      for (int kk = I; kk < C / 16; ++kk) {
-        uint32_t hi[4], lo[4];
-        afrag_cols<LDM>(xm, nullptr, ra, kk, bs[ra], bs[rb], hi, lo);
-#pragma unroll
-        for (int np = 0; np < NT / 2; ++np) {
-          const uint32_t off =
-              toff<DK / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), col0 / 8 + 2 * np + (lane >> 4));
-          uint32_t bh[4], bl[4];
-          ldsm_x4_trans(bh, s_whi + off);
-          ldsm_x4_trans(bl, s_wlo + off);
-          mma_bf16(acc[2 * np], hi, bh[0], bh[1]);
-          mma_bf16(acc[2 * np + 1], hi, bh[2], bh[3]);
-          mma_bf16(acc[2 * np], lo, bh[0], bh[1]);
-          mma_bf16(acc[2 * np + 1], lo, bh[2], bh[3]);
-          mma_bf16(acc[2 * np], hi, bl[0], bl[1]);
-          mma_bf16(acc[2 * np + 1], hi, bl[2], bl[3]);
-        }
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = row_of(e), i = chan_of(nt, e);
-          const float eG = __expf(gs[r * LDG + i]), kr = __bfloat162float(ks[r * LDB + i]);
-          ok[nt][e] += acc[nt][e] * eG;
-          oG[nt][e] += acc[nt][e] * kr * eG;
-        }
-    }
-    KDA_CLOCK(6);
-    // Row sums s1 (P) and s2 (dAqk) against k_c exp(R - G_c), R = G_{16 I}.
-    {
-      float s1[NT][4], s2[NT][4];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        zero(s1[nt]);
-        zero(s2[nt]);
-      }
-      const int kk_end = safe ? I : I - 1;
-      for (int kk = 0; kk <= kk_end; ++kk) {
-        uint32_t ph[4], pl[4], qh[4], ql[4];
-        afrag_rows<LDM>(tm, ra, kk, bs[ra], bs[rb], ph, pl);
-        afrag_rows<LDM>(qa, ra, kk, 1.f, 1.f, qh, ql);
-        const int c0 = 16 * kk + 2 * tq;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int i = col0 + 8 * nt + gq;
-          const uint32_t b0 = decayed_col_pair<DK>(ks, gs, Rrow, c0, i, true);
-          const uint32_t b1 = decayed_col_pair<DK>(ks, gs, Rrow, c0 + 8, i, true);
-          mma_bf16(s1[nt], ph, b0, b1);
-          mma_bf16(s1[nt], pl, b0, b1);
-          mma_bf16(s2[nt], qh, b0, b1);
-          mma_bf16(s2[nt], ql, b0, b1);
-        }
-      }
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = row_of(e), i = chan_of(nt, e);
-          const float Gr = gs[r * LDG + i], sc = __expf(Gr - Rrow[i]);
-          float v1 = s1[nt][e] * sc, v2 = s2[nt][e] * sc;
-          if (!safe)  // the diagonal block exactly
-            for (int cc = 16 * I; cc <= r; ++cc) {
-              const float kc = __bfloat162float(ks[cc * LDB + i]) * expf(Gr - gs[cc * LDG + i]);
-              v1 += bs[r] * tm[r * LDM + cc] * kc;
-              v2 += qa[r * LDM + cc] * kc;
-            }
-          const float kr = __bfloat162float(ks[r * LDB + i]), qr = __bfloat162float(qs[r * LDB + i]);
-          ok[nt][e] += v1;
-          oq[nt][e] += v2;
-          oG[nt][e] += kr * v1 + qr * v2;
-        }
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int half_r = 0; half_r < 2; ++half_r) {
-        const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
-        const int64_t o = ((sp.start + r) * HV + hv) * DK + i;
-        if (r < L && dq_out)
-          *reinterpret_cast<uint32_t*>(dq_out + o) = pack_bf16(oq[nt][2 * half_r], oq[nt][2 * half_r + 1]);
-        else if (r < L)
-          *reinterpret_cast<float2*>(dq_hv + o) = make_float2(oq[nt][2 * half_r], oq[nt][2 * half_r + 1]);
-      }
-  }
-  KDA_CLOCK(7);
-  // Column sums s3 (P^T against k) and s4 (dAqk^T against q), factors x_r' exp(G_r' - R'), R' = G_{16 I + 15}.
-  {
-    float s3[NT][4], s4[NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      zero(s3[nt]);
-      zero(s4[nt]);
-    }
-    for (int kk = safe ? I : I + 1; kk < C / 16; ++kk) {
-      uint32_t ph[4], pl[4], qh[4], ql[4];
-      afrag_cols<LDM>(tm, bs, ra, kk, 1.f, 1.f, ph, pl);
-      afrag_cols<LDM>(qa, nullptr, ra, kk, 1.f, 1.f, qh, ql);
-      const int c0 = 16 * kk + 2 * tq;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int i = col0 + 8 * nt + gq;
-        const uint32_t bk0 = decayed_col_pair<DK>(ks, gs, Rcol, c0, i, false);
-        const uint32_t bk1 = decayed_col_pair<DK>(ks, gs, Rcol, c0 + 8, i, false);
-        const uint32_t bq0 = decayed_col_pair<DK>(qs, gs, Rcol, c0, i, false);
-        const uint32_t bq1 = decayed_col_pair<DK>(qs, gs, Rcol, c0 + 8, i, false);
-        mma_bf16(s3[nt], ph, bk0, bk1);
-        mma_bf16(s3[nt], pl, bk0, bk1);
-        mma_bf16(s4[nt], qh, bq0, bq1);
-        mma_bf16(s4[nt], ql, bq0, bq1);
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = row_of(e), i = chan_of(nt, e);
-        const float Gr = gs[r * LDG + i], sc = __expf(Rcol[i] - Gr);
-        float v = (s3[nt][e] + s4[nt][e]) * sc;
-        if (!safe)
-          for (int r2 = r; r2 < 16 * I + 16; ++r2) {
-            const float e2 = expf(gs[r2 * LDG + i] - Gr);
-            v += (bs[r2] * tm[r2 * LDM + r] * __bfloat162float(ks[r2 * LDB + i]) +
-                  qa[r2 * LDM + r] * __bfloat162float(qs[r2 * LDB + i])) * e2;
-          }
-        const float kr = __bfloat162float(ks[r * LDB + i]);
-        ok[nt][e] += v;
-        oG[nt][e] -= kr * v;
-      }
-  }
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int half_r = 0; half_r < 2; ++half_r) {
-      const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
-      const int64_t o = ((sp.start + r) * HV + hv) * DK + i;
-      if (r < L && dk_out)
-        *reinterpret_cast<uint32_t*>(dk_out + o) = pack_bf16(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
-      else if (r < L)
-        *reinterpret_cast<float2*>(dk_hv + o) = make_float2(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
-    }
-  __syncthreads();  // every warp is done reading G
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) gs[row_of(e) * LDG + chan_of(nt, e)] = oG[nt][e];
-  __syncthreads();
-  KDA_CLOCK(8);
-  // 7. dg = reverse cumulative sum of dG over the rows, plus the dG_last terms on every row.
-  if (tid < DK) {
-    float acc = extra[tid];
-    for (int r = C - 1; r >= 0; --r) {
-      acc += gs[r * LDG + tid];
-      if (r < L) dg[((sp.start + r) * HV + hv) * DK + tid] = acc;
-    }
-  }
-  KDA_CLOCK(9);
-  KDA_CLOCKS_PRINT("intra", 10);
-}
-
-// Version 2 of the intra-chunk gradient (the default; HYD_KDA_INTRA_V1=1 runs intra_kernel above): the same
-// arithmetic in 105 KB of shared memory instead of 190 KB, so two blocks share an SM and one block's loads and
-// barriers overlap the other's products. dw is not staged (its fragments come from global memory, L2-resident:
-// the dT product reads each row block once, dkG re-reads it); Z = dX X^T and dA reuse dT's tile (the products
-// finish in registers behind a barrier before the tile is overwritten); X's tile takes q once dA is formed (dkG
-// then reads X from global memory), and Ak's tile takes dAqk once dbeta has used Ak. Step 6 runs per 32-channel
-// half of each warp's 64 channels, so that its accumulators fit 128 registers.
-template <int DK>
-struct IntraLayout2 {
   static constexpr int kLdM = C + 4;
   static constexpr size_t kMat = size_t{C} * kLdM * 4;
   static constexpr size_t oG = 0;                              // f32 [C][kLdG]: G, later dG
@@ -1526,16 +1079,29 @@ struct IntraLayout2 {
   static_assert(size_t{C} * kLdB<DK> * 2 <= kMat, "q's tile must fit X's");
 };
 
+// Intra-chunk gradients of one chunk and value head (grid: chunk x value head), the tensor-core
+// version of kda_chunk::IntraGradProgram (same inputs and outputs; the formulas are there):
+//   dT = dT_v + dw kG^T;  dbeta_c += sum_r dT X;  dX = dT Diag(beta);  dA = -(X^T dX X^T) (c < r);
+//   dbeta_r += sum_c dA Ak;  P = Diag(beta) dA;  dkG = T^T dw;
+//   row sums  s1 = sum_{c<r} P[r,c] k_c E_rc,  s2 = sum_{c<=r} dAqk[r,c] k_c E_rc   (reference G_{16I})
+//   col sums  s3 = sum_{r'>r} P[r',r] k_r' E_r'r, s4 = sum_{r'>=r} dAqk[r',r] q_r' E_r'r (reference G_{16I+15})
+//   dq = dqg e^G + s2;  dk = dkg e^{G_last - G} + dkG e^G + s1 + s3 + s4;
+//   dG = dqg q e^G - dkg k e^{G_last - G} + dkG k e^G + k s1 + q s2 - k (s3 + s4);  dg = reverse cumsum of dG
+//   (+ e^{G_last} dgls + sum_r' dkg k e^{G_last - G} on every row).
+// Ak, the E-weighted sums, dkG and the 64 x 64 products of the inverse's adjoint (X^T dX X^T) run on tensor
+// cores (the fp32 operands split hi + lo). Warp w: rows 16 (w % 4) .., channels [DK/2 (w / 4), DK/2 (w / 4) +
+// DK/2) of the outputs, taken in two halves of DK/4 (step 6), so that the accumulators fit 128 registers.
+// dq_out, dk_out (HV == H only): the finished bf16 dq, dk instead of dq_hv, dk_hv.
 template <int DK>
 __global__ void __launch_bounds__(kThreads, 2)
-    intra_kernel2(KdaDims s, const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
-                  const float* __restrict__ g, const float* __restrict__ beta, const int32_t* __restrict__ cu,
-                  const int32_t* __restrict__ chunk_off, const float* __restrict__ x, const float* __restrict__ daqk,
-                  const float* __restrict__ dtv, const float* __restrict__ dqg, const float* __restrict__ dkg,
-                  const float* __restrict__ dw, const float* __restrict__ dgls, float* __restrict__ dq_hv,
-                  float* __restrict__ dk_hv, __nv_bfloat16* __restrict__ dq_out, __nv_bfloat16* __restrict__ dk_out,
-                  float* __restrict__ dg, float* __restrict__ dbeta) {
-  using Lt = IntraLayout2<DK>;
+    intra_kernel(KdaDims s, const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                 const float* __restrict__ g, const float* __restrict__ beta, const int32_t* __restrict__ cu,
+                 const int32_t* __restrict__ chunk_off, const float* __restrict__ x, const float* __restrict__ daqk,
+                 const float* __restrict__ dtv, const float* __restrict__ dqg, const float* __restrict__ dkg,
+                 const float* __restrict__ dw, const float* __restrict__ dgls, float* __restrict__ dq_hv,
+                 float* __restrict__ dk_hv, __nv_bfloat16* __restrict__ dq_out, __nv_bfloat16* __restrict__ dk_out,
+                 float* __restrict__ dg, float* __restrict__ dbeta) {
+  using Lt = IntraLayout<DK>;
   constexpr int LDG = kLdG<DK>, LDB = kLdB<DK>, LDM = Lt::kLdM;
   constexpr int NH = DK / 32;  // 8-channel tiles per warp and half (each warp: DK / 2 channels in two halves)
   extern __shared__ __align__(128) unsigned char smem[];
@@ -1661,7 +1227,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (tid < DK) extra[tid] = __expf(gs[(C - 1) * LDG + tid]) * dgls[ch * DK + tid];
   __syncthreads();
   KDA_CLOCK(3);
-  // 4. Z = dX X^T and 5. dA = -(X^T Z) strictly below the diagonal (as intra_kernel), each result kept in
+  // 4. Z = dX X^T and 5. dA = -(X^T Z) strictly below the diagonal (dX[a][b] = 0 for b > a, X[c][b] = 0 for
+  // b > c: blocks known zero are skipped), on tensor cores (both operands hi + lo), each result kept in
   // registers until every warp has read the tile it replaces.
   {
     const int I = warp & 3, nb = 4 * (warp >> 2), ra = 16 * I + gq;
@@ -1915,7 +1482,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
   KDA_CLOCK(8);
-  KDA_CLOCKS_PRINT("intra2", 9);
+  KDA_CLOCKS_PRINT("intra", 9);
 }
 
 struct FwdBuffers {
@@ -2018,29 +1585,17 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
   CHECK_LAUNCH();
   if (mc > 0) {
     using QL = ProductsLayout<DK, DV>;
-    using IL = IntraLayout<DK>;
     set_smem(products_kernel<DK, DV>, QL::bytes);
     products_kernel<DK, DV><<<chunk_grid, kThreads, QL::bytes, st>>>(
         s, cu, chunk_off, states_hi, states_hi + state_elems, dstates_hi, dstates_hi + state_elems, vn, ndvn, sc.x,
         beta, as_nv(dout), as_nv(v), sc.dqg, sc.dkg,
         sc.dw, sc.dgls, sc.daqk, sc.dtv, as_nv(dv));
     CHECK_LAUNCH();
-    static const bool v1 = [] {
-      const char* e = std::getenv("HYD_KDA_INTRA_V1");
-      return e != nullptr && std::string(e) == "1";
-    }();
-    if (v1) {
-      set_smem(intra_kernel<DK>, IL::bytes);
-      intra_kernel<DK><<<chunk_grid, kThreads, IL::bytes, st>>>(s, as_nv(q), as_nv(k), g, beta, cu, chunk_off, sc.x,
-                                                                sc.daqk, sc.dtv, sc.dqg, sc.dkg, sc.dw, sc.dgls,
-                                                                sc.dq_hv, sc.dk_hv, as_nv(dq), as_nv(dk), dg, dbeta);
-    } else {
-      using IL2 = IntraLayout2<DK>;
-      set_smem(intra_kernel2<DK>, IL2::bytes);
-      intra_kernel2<DK><<<chunk_grid, kThreads, IL2::bytes, st>>>(s, as_nv(q), as_nv(k), g, beta, cu, chunk_off, sc.x,
-                                                                  sc.daqk, sc.dtv, sc.dqg, sc.dkg, sc.dw, sc.dgls,
-                                                                  sc.dq_hv, sc.dk_hv, as_nv(dq), as_nv(dk), dg, dbeta);
-    }
+    using IL = IntraLayout<DK>;
+    set_smem(intra_kernel<DK>, IL::bytes);
+    intra_kernel<DK><<<chunk_grid, kThreads, IL::bytes, st>>>(s, as_nv(q), as_nv(k), g, beta, cu, chunk_off, sc.x,
+                                                              sc.daqk, sc.dtv, sc.dqg, sc.dkg, sc.dw, sc.dgls, sc.dq_hv,
+                                                              sc.dk_hv, as_nv(dq), as_nv(dk), dg, dbeta);
     CHECK_LAUNCH();
   }
 }
