@@ -21,6 +21,7 @@
 //     with S and v_new as hi + lo bf16 pairs in the products that feed the state (fp32-class
 //     state arithmetic), v_new as one bf16 term in Aqk v_new (o is bf16).
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
@@ -492,6 +493,22 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // ---------------------------------------------------------------- state pass
 
+// The (document, value head, first state column) of a state-pass block. The grid is flat, the column tiles
+// of one (document, head) adjacent, so that the blocks reading the same chunk operands run at the same time
+// and share them through L2 (doc_grid()); a 3-D grid (document, head, tile) is decoded too.
+struct DocTile {
+  int64_t d;
+  int hv, j0;
+};
+__device__ __forceinline__ DocTile doc_tile(int HV, int DV) {
+  if (gridDim.y == 1 && gridDim.z == 1) {
+    const int tiles = DV / kBV;
+    const int64_t b = blockIdx.x, r = b / tiles;
+    return {r / HV, static_cast<int>(r % HV), static_cast<int>(b % tiles) * kBV};
+  }
+  return {static_cast<int64_t>(blockIdx.x), static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z) * kBV};
+}
+
 template <int DK>
 struct StateLayout {
   // One buffer per chunk in flight: w, qg, kg [C][DK], Aqk [C][C] (swizzled bf16), u [C][kLdU] f32,
@@ -528,9 +545,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int MT = DK / 16;       // m-tiles of the state
   constexpr int SN = 4 * MT / 8;    // n-tiles (of 8 columns) of the state per warp
   extern __shared__ __align__(128) unsigned char smem[];
-  const int64_t d = blockIdx.x;
-  const int hv = static_cast<int>(blockIdx.y), j0 = static_cast<int>(blockIdx.z) * kBV;
   const int HV = static_cast<int>(s.hv);
+  const DocTile dt = doc_tile(HV, DV);
+  const int64_t d = dt.d;
+  const int hv = dt.hv, j0 = dt.j0;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const int64_t c0 = chunk_off[d], c1 = chunk_off[d + 1];
   const int64_t sbase = (d * HV + hv) * DK * DV + j0;
@@ -735,9 +753,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   using Lt = ReverseLayout<DK>;
   constexpr int MT = DK / 16, SN = 4 * MT / 8;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int64_t d = blockIdx.x;
-  const int hv = static_cast<int>(blockIdx.y), j0 = static_cast<int>(blockIdx.z) * kBV;
   const int HV = static_cast<int>(s.hv);
+  const DocTile dt = doc_tile(HV, DV);
+  const int64_t d = dt.d;
+  const int hv = dt.hv, j0 = dt.j0;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const int64_t c0 = chunk_off[d], c1 = chunk_off[d + 1];
   const int64_t sbase = (d * HV + hv) * DK * DV + j0;
@@ -1530,14 +1549,27 @@ void prep_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, co
   }
 }
 
+// The state passes' grid (doc_tile): flat, column tiles fastest; HYD_KDA_DOC_GRID_3D=1 the previous
+// (document, head, tile) grid, for comparisons.
+dim3 doc_grid(const KdaDims& s, int DV) {
+  static const bool grid3d = [] {
+    const char* e = std::getenv("HYD_KDA_DOC_GRID_3D");
+    return e != nullptr && e[0] == '1';
+  }();
+  if (grid3d) return dim3(static_cast<unsigned>(s.num_docs), static_cast<unsigned>(s.hv), DV / kBV);
+  const int64_t blocks = s.num_docs * s.hv * (DV / kBV);
+  HYD_CHECK(blocks < (int64_t{1} << 31), "kda: ", s.num_docs, " documents x ", s.hv, " value heads exceed the grid");
+  return dim3(static_cast<unsigned>(blocks));
+}
+
 template <int DK, int DV>
 void state_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const float* initial_state, bf16* o,
                 float* final_state, const FwdBuffers& f, cudaStream_t st) {
   using SL = StateLayout<DK>;
   set_smem(state_kernel<DK, DV>, SL::bytes);
-  state_kernel<DK, DV><<<dim3(static_cast<unsigned>(s.num_docs), static_cast<unsigned>(s.hv), DV / kBV), kThreads,
-                         SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, initial_state,
-                                          as_nv(o), final_state, nullptr, nullptr, nullptr);
+  state_kernel<DK, DV><<<doc_grid(s, DV), kThreads, SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk,
+                                                                     f.gl, initial_state, as_nv(o), final_state,
+                                                                     nullptr, nullptr, nullptr);
   CHECK_LAUNCH();
 }
 
@@ -1556,7 +1588,7 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
                    float* dinitial_state, const kda_chunk::Scratch& sc, const FwdBuffers& f, cudaStream_t st) {
   const int64_t mc = kda_chunk::max_chunks(s);
   const dim3 chunk_grid(static_cast<unsigned>(mc), static_cast<unsigned>(s.hv));
-  const dim3 doc_grid(static_cast<unsigned>(s.num_docs), static_cast<unsigned>(s.hv), DV / kBV);
+  const dim3 docs = doc_grid(s, DV);
   if (mc > 0) {
     using PL = PrepLayout<DK, DV>;
     set_smem(prep_kernel<DK, DV>, PL::bytes);
@@ -1573,15 +1605,15 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
   __nv_bfloat16* ndvn = reinterpret_cast<__nv_bfloat16*>(sc.dvn);
   using SL = StateLayout<DK>;
   set_smem(state_kernel<DK, DV>, SL::bytes);
-  state_kernel<DK, DV><<<doc_grid, kThreads, SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl,
-                                                              initial_state, nullptr, nullptr, states_hi,
-                                                              states_hi + state_elems, vn);
+  state_kernel<DK, DV><<<docs, kThreads, SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl,
+                                                          initial_state, nullptr, nullptr, states_hi,
+                                                          states_hi + state_elems, vn);
   CHECK_LAUNCH();
   using RL = ReverseLayout<DK>;
   set_smem(reverse_kernel<DK, DV>, RL::bytes);
-  reverse_kernel<DK, DV><<<doc_grid, kThreads, RL::bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl,
-                                                                as_nv(dout), dfinal_state, dstates_hi,
-                                                                dstates_hi + state_elems, ndvn, dinitial_state);
+  reverse_kernel<DK, DV><<<docs, kThreads, RL::bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl, as_nv(dout),
+                                                            dfinal_state, dstates_hi, dstates_hi + state_elems, ndvn,
+                                                            dinitial_state);
   CHECK_LAUNCH();
   if (mc > 0) {
     using QL = ProductsLayout<DK, DV>;
@@ -1675,10 +1707,9 @@ void initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k, const bf16*
     prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, chunk_off, f, st);
     using RL = ReverseLayout<DK>;
     set_smem(reverse_kernel<DK, DV>, RL::bytes);
-    reverse_kernel<DK, DV>
-        <<<dim3(static_cast<unsigned>(s.num_docs), static_cast<unsigned>(s.hv), DV / kBV), kThreads, RL::bytes, st>>>(
-            s, cu_seqlens, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl, as_nv(dout), nullptr, nullptr, nullptr, nullptr,
-            dinitial_state);
+    reverse_kernel<DK, DV><<<doc_grid(s, DV), kThreads, RL::bytes, st>>>(s, cu_seqlens, chunk_off, f.w, f.qg, f.kg,
+                                                                         f.aqk, f.gl, as_nv(dout), nullptr, nullptr,
+                                                                         nullptr, nullptr, dinitial_state);
     CHECK_LAUNCH();
   });
 }
