@@ -428,14 +428,14 @@ uint64_t start_rows_exchange(const MoeExpertParallel::Impl& ep, const ExecContex
 // overlaps the GEMMs of another (forward and backward).
 constexpr int64_t kEpChunks = 4;
 
+// One routed row's forward multiply-adds in an expert (gate + up + down): MoeGemm::automatic's measure.
+int64_t expert_macs_per_row(const MoeConfig& c) { return 3 * c.hidden * c.expert_ffn; }
+
 // The routed experts under expert parallelism (forward): this rank's expert-major rows `xp_send` [N k, D]
 // (counts per global expert on the host) go to the experts' owners, the local experts run on what arrived,
 // the outputs come back into s.yp. Chunk by chunk of local experts: every chunk's incoming exchange is
 // started at once (they run in order on the communicator's stream), each chunk's GEMMs wait for its rows
 // only, and its outputs start back right after.
-// One routed row's forward multiply-adds in an expert (gate + up + down): MoeGemm::automatic's measure.
-int64_t expert_macs_per_row(const MoeConfig& c) { return 3 * c.hidden * c.expert_ffn; }
-
 void ep_forward_device(MoeExpertParallel::Impl& ep, const ExecContext& ctx, const MoeLayer& L, MoeLayer::Saved& s,
                        const Tensor& xp_send) {
   const MoeConfig& c = L.cfg;
