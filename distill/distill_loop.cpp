@@ -743,8 +743,9 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
     const bool balance_routers = cfg.distill.router_bias_rate > 0;
     double last_imbalance = NAN;
     // Several ranks: the share of the interval's wall time this rank spent in the synchronous collectives (the
-    // ZeRO-1 reduce-scatter and all-gather, Zero1's timing, and the SP collectives, which time themselves);
-    // the expert-parallel exchanges overlap compute on GPUs and are not counted.
+    // ZeRO-1 reduce-scatter and all-gather, Zero1's timing, and the SP collectives where they time themselves:
+    // MPI, or NCCL with HYD_SP_ASYNC=0); the expert-parallel exchanges and the default NCCL SP collectives
+    // overlap compute on GPUs and are not counted.
     const bool time_comm = ranks > 1;
     auto sp_seconds = [&] {
       double t = 0;

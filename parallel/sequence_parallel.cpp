@@ -62,8 +62,8 @@ SequenceParallel::SequenceParallel(const Communicator& group, Device device)
   const char* staged = std::getenv("HYD_SP_STAGED");
   if (device.is_cuda() && !(staged != nullptr && std::string(staged) == "1"))
     nccl_ = std::make_unique<NcclCommunicator>(group);
-  const char* sync = std::getenv("HYD_SP_ASYNC");
-  async_ = nccl_ != nullptr && !(sync != nullptr && std::string(sync) == "0");
+  const char* e = std::getenv("HYD_SP_ASYNC");  // 0: synchronised, timed collectives
+  async_ = nccl_ != nullptr && !(e != nullptr && std::string(e) == "0");
 }
 
 SequenceParallel::~SequenceParallel() = default;

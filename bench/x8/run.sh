@@ -23,7 +23,9 @@
 # bit the uninterrupted run or the resume on NP / 2 ranks differs by more than 1e-6 (fp32 sums in another
 # order); on GPUs those are reported only (the kernels are not bitwise reproducible: docs/formats.md).
 # Communication share: the `comm_share` records of hydistill distill (rank 0's wall time in the synchronous
-# collectives: ZeRO-1 and SP; the expert-parallel exchanges overlap compute and are given as bytes).
+# collectives: ZeRO-1, and SP where it is timed: on CPUs, or on GPUs with HYD_SP_ASYNC=0 -- by default the NCCL SP
+# collectives are queued on the stream, overlap compute and are not counted; the expert-parallel exchanges
+# overlap compute and are given as bytes).
 # NCCL_NVLS_ENABLE=0 as on the lent machines.
 set -uo pipefail
 out=${1:?usage: bench/x8/run.sh OUT_DIR}
@@ -38,7 +40,9 @@ STEPS2=${STEPS2:-8}
 export NCCL_NVLS_ENABLE=0
 export OMP_NUM_THREADS=1  # every rank of every mpirun context (a rank with other threads sums in another order)
 read -r -a extra <<<"${MPIRUN_FLAGS:-}"
-mpi=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x NCCL_NVLS_ENABLE -x OMP_NUM_THREADS=1 "${extra[@]}")
+export HYD_SP_ASYNC=${HYD_SP_ASYNC:-}
+mpi=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x NCCL_NVLS_ENABLE -x OMP_NUM_THREADS=1 -x HYD_SP_ASYNC
+  "${extra[@]}")
 fail() {
   echo "FAIL: $*"
   exit 1
