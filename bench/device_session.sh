@@ -2,7 +2,8 @@
 # One device call covering the multi-GPU and MoE checks (issues 6 and 7): build (launch/setup.sh), the
 # gpu_parallel tests (NCCL, SP, multi-rank train / distill), the gpu label, the DP and SP scaling tables and
 # the MoE layer bench. Each part has its own time limit and log under OUT_DIR; a summary goes to stdout.
-# Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,sp_h,gpu_moe,moe,e2e
+# Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,sp_h,gpu_moe,moe,e2e,
+# moe_rows,kda_save
 # (sp_h: the 3:1 hybrid's SP scaling with the contiguous LASP-2H and synchronised collectives
 # (HYD_SP_ATTN_BALANCE=0 HYD_SP_ASYNC=0), the balanced one synchronised, then the defaults (balanced, queued);
 # moe_rows: our MoE layer with the per-expert loop and the grouped cuBLAS call from 256 to 2048 rows per expert,
@@ -51,6 +52,18 @@ if has moe_rows; then
         echo
       done
     done
+  done
+fi
+if has kda_save; then
+  # The KDA core keeping its forward work for the backward (HYD_KDA_SAVE=1): the bit-for-bit kernel test, the
+  # models under it, the kernel bench (both pairs in one line) and the distill step with and without it.
+  timeout 200 ctest --test-dir build --output-on-failure -R 'test_gpu_kda$|kda_save' >"$out/kda_save.log" 2>&1
+  echo "kda_save tests rc=$?"; grep -E "tests passed|Failed|FAILED" "$out/kda_save.log" | head -n 10
+  timeout 120 ./build/bench_kda 8 4096 2 16384 1 32768 | tee "$out/kda_save_bench.txt"
+  for v in 0 1 0 1; do
+    echo "e2e distill HYD_KDA_SAVE=$v"
+    HYD_KDA_SAVE=$v timeout 90 ./build/bench_e2e --mode distill --batch 8 --seq 2048 --steps 8 --warmup 2 2>&1 |
+      tail -n 1 | grep -o "step_ms=[0-9.]* tokens_per_s=[0-9]* mfu=[0-9.]* peak_gib=[0-9.]*"
   done
 fi
 if has gpu_moe; then

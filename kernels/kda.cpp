@@ -101,6 +101,20 @@ void check_inputs(const KdaArgs& a, const KdaDims& s, const Tensor& q, const Ten
   a.optional_state(initial_state, {s.num_docs, s.hv, s.dk, s.dv}, "initial_state");
 }
 
+// The backward's output-gradient input and gradient outputs (kda_backward, kda_backward_saved).
+void check_gradients(const KdaArgs& a, const KdaDims& s, const Tensor& dout, const Tensor& dfinal_state,
+                     const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg, const Tensor& dbeta,
+                     const Tensor& dinitial_state) {
+  a.activation(dout, {s.n, s.hv, s.dv}, "dout");
+  a.optional_state(dfinal_state, {s.num_docs, s.hv, s.dk, s.dv}, "dfinal_state");
+  a.activation(dq, {s.n, s.h, s.dk}, "dq");
+  a.activation(dk, {s.n, s.h, s.dk}, "dk");
+  a.activation(dv, {s.n, s.hv, s.dv}, "dv");
+  a.state(dg, {s.n, s.hv, s.dk}, "dg");
+  a.state(dbeta, {s.n, s.hv}, "dbeta");
+  a.optional_state(dinitial_state, {s.num_docs, s.hv, s.dk, s.dv}, "dinitial_state");
+}
+
 template <class T>
 const T* opt_ptr(const Tensor& t) {
   return t.empty() ? nullptr : t.ptr<T>();
@@ -152,14 +166,7 @@ void kda_backward(const ExecContext& ctx, const Tensor& q, const Tensor& k, cons
   const KdaDims s = read_dims(k, v, cu_seqlens, op);
   const KdaArgs a(op, q, "q");
   check_inputs(a, s, q, k, v, g, beta, cu_seqlens, initial_state);
-  a.activation(dout, {s.n, s.hv, s.dv}, "dout");
-  a.optional_state(dfinal_state, {s.num_docs, s.hv, s.dk, s.dv}, "dfinal_state");
-  a.activation(dq, {s.n, s.h, s.dk}, "dq");
-  a.activation(dk, {s.n, s.h, s.dk}, "dk");
-  a.activation(dv, {s.n, s.hv, s.dv}, "dv");
-  a.state(dg, {s.n, s.hv, s.dk}, "dg");
-  a.state(dbeta, {s.n, s.hv}, "dbeta");
-  a.optional_state(dinitial_state, {s.num_docs, s.hv, s.dk, s.dv}, "dinitial_state");
+  check_gradients(a, s, dout, dfinal_state, dq, dk, dv, dg, dbeta, dinitial_state);
   if (q.device.is_cpu()) {
     if (q.dtype == DType::f64)
       cpu::kda_recurrent_backward<double>(s, q.ptr<double>(), k.ptr<double>(), v.ptr<double>(), g.ptr<double>(),
@@ -253,11 +260,19 @@ void check_split(const char* op, const Tensor& k, const Tensor& v, const Tensor&
   if (!kda_split_forward_supported(k, v))
     HYD_THROW(op, ": the split forward needs CUDA tensors with dk, dv in {64, 128} (got ", k.device.str(), ", k ",
               k.shape_str(), ", v ", v.shape_str(), ")");
+  if (workspace.empty()) return;  // the saving forward / saved backward: check_saved
   expect_dtype(workspace, DType::f32, op, "workspace");
   if (!(workspace.device == k.device)) HYD_THROW(op, ": argument 'workspace' is on ", workspace.device.str());
   const int64_t need = kda_forward_workspace_floats(k, v, cu_seqlens, zero_values);
   if (workspace.numel() < need)
     HYD_THROW(op, ": argument 'workspace' has ", workspace.numel(), " floats, needs ", need);
+}
+// `saved` of kda_forward_saving / kda_backward_saved: f32 on k's device with kda_saved_floats elements.
+void check_saved(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, const Tensor& saved) {
+  expect_dtype(saved, DType::f32, op, "saved");
+  if (!(saved.device == k.device)) HYD_THROW(op, ": argument 'saved' is on ", saved.device.str());
+  const int64_t need = kda_saved_floats(k, v, cu_seqlens);
+  if (saved.numel() < need) HYD_THROW(op, ": argument 'saved' has ", saved.numel(), " floats, needs ", need);
 }
 }  // namespace
 
@@ -294,6 +309,59 @@ void kda_forward_pass(const ExecContext& ctx, const Tensor& k, const Tensor& v, 
   check_context(ctx, k, op);
   cuda::kda_forward_pass(s, cu_seqlens.ptr<int32_t>(), workspace.data, opt_ptr<float>(initial_state),
                          o.empty() ? nullptr : o.ptr<bf16>(), opt_mut<float>(final_state), zero_values, ctx.stream());
+#else
+  (void)ctx;
+#endif
+}
+
+int64_t kda_saved_floats(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens) {
+  const KdaDims s = read_dims(k, v, cu_seqlens, "kda_saved_floats");
+#ifdef HYD_WITH_CUDA
+  return static_cast<int64_t>((cuda::kda_saved_bytes(s) + 3) / 4);
+#else
+  (void)s;
+  HYD_THROW("kda_saved_floats: the saving forward needs CUDA");
+#endif
+}
+
+void kda_forward_saving(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                        const Tensor& beta, const Tensor& cu_seqlens, const Tensor& initial_state, const Tensor& o,
+                        const Tensor& final_state, const Tensor& saved) {
+  constexpr const char* op = "kda_forward_saving";
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  const KdaArgs a(op, q, "q");
+  check_inputs(a, s, q, k, v, g, beta, cu_seqlens, initial_state);
+  a.activation(o, {s.n, s.hv, s.dv}, "o");
+  a.optional_state(final_state, {s.num_docs, s.hv, s.dk, s.dv}, "final_state");
+  check_split(op, k, v, cu_seqlens, Tensor{}, false);
+  check_saved(op, k, v, cu_seqlens, saved);
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, q, op);
+  cuda::kda_forward_saving(s, q.ptr<bf16>(), k.ptr<bf16>(), v.ptr<bf16>(), g.ptr<float>(), beta.ptr<float>(),
+                           cu_seqlens.ptr<int32_t>(), opt_ptr<float>(initial_state), o.ptr<bf16>(),
+                           opt_mut<float>(final_state), saved.data, ctx.stream());
+#else
+  (void)ctx;
+#endif
+}
+
+void kda_backward_saved(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                        const Tensor& beta, const Tensor& cu_seqlens, const Tensor& dout, const Tensor& dfinal_state,
+                        const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg, const Tensor& dbeta,
+                        const Tensor& dinitial_state, const Tensor& saved) {
+  constexpr const char* op = "kda_backward_saved";
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  const KdaArgs a(op, q, "q");
+  check_inputs(a, s, q, k, v, g, beta, cu_seqlens, Tensor{});
+  check_gradients(a, s, dout, dfinal_state, dq, dk, dv, dg, dbeta, dinitial_state);
+  check_split(op, k, v, cu_seqlens, Tensor{}, false);
+  check_saved(op, k, v, cu_seqlens, saved);
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, q, op);
+  cuda::kda_backward_saved(s, q.ptr<bf16>(), k.ptr<bf16>(), v.ptr<bf16>(), g.ptr<float>(), beta.ptr<float>(),
+                           cu_seqlens.ptr<int32_t>(), dout.ptr<bf16>(), opt_ptr<float>(dfinal_state), dq.ptr<bf16>(),
+                           dk.ptr<bf16>(), dv.ptr<bf16>(), dg.ptr<float>(), dbeta.ptr<float>(),
+                           opt_mut<float>(dinitial_state), saved.data, ctx.stream());
 #else
   (void)ctx;
 #endif

@@ -57,6 +57,22 @@ void kda_forward_pass(const ExecContext& ctx, const Tensor& k, const Tensor& v, 
                       const Tensor& workspace, const Tensor& initial_state, const Tensor& o, const Tensor& final_state,
                       bool zero_values);
 
+// A forward that keeps what the backward would recompute, and that backward (CUDA with the tensor-core
+// kernels only: kda_split_forward_supported): the prep of every chunk, X, every chunk's incoming state and
+// v_new go into `saved` (f32, at least kda_saved_floats(k, v, cu_seqlens) elements on the inputs' device,
+// ~184 KB per 64-token chunk and value head at dk = dv = 128); kda_backward_saved of the same inputs,
+// cu_seqlens and saved (nothing written to it in between) then skips the prep and the state pass that
+// kda_backward runs first. Results equal kda_forward's / kda_backward's bit for bit; the initial state is the
+// forward's (kept in the saved states).
+int64_t kda_saved_floats(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens);
+void kda_forward_saving(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                        const Tensor& beta, const Tensor& cu_seqlens, const Tensor& initial_state, const Tensor& o,
+                        const Tensor& final_state, const Tensor& saved);
+void kda_backward_saved(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                        const Tensor& beta, const Tensor& cu_seqlens, const Tensor& dout, const Tensor& dfinal_state,
+                        const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg, const Tensor& dbeta,
+                        const Tensor& dinitial_state, const Tensor& saved);
+
 // Sizes shared by the raw entry points.
 struct KdaDims {
   int64_t n = 0;         // packed tokens
@@ -105,6 +121,15 @@ void kda_forward_prepare(const KdaDims& s, const bf16* q, const bf16* k, const b
                          const float* beta, const int32_t* cu_seqlens, void* ws, bool zero_values, void* stream);
 void kda_forward_pass(const KdaDims& s, const int32_t* cu_seqlens, const void* ws, const float* initial_state, bf16* o,
                       float* final_state, bool zero_values, void* stream);
+// The saving forward and the backward from what it kept (kernels::kda_forward_saving / kda_backward_saved).
+size_t kda_saved_bytes(const KdaDims& s);
+void kda_forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                        const float* beta, const int32_t* cu_seqlens, const float* initial_state, bf16* o,
+                        float* final_state, void* saved, void* stream);
+void kda_backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                        const float* beta, const int32_t* cu_seqlens, const bf16* dout, const float* dfinal_state,
+                        bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* dinitial_state, const void* saved,
+                        void* stream);
 }  // namespace cuda
 
 }  // namespace hyd::kernels

@@ -351,9 +351,10 @@ struct HybridModel::Impl {
         MixerSaved m;
         m.a = a.alloc({n, D}, act);
         m.rstd = a.alloc({n}, DType::f32);
-        if (is_kda(l))
+        if (is_kda(l)) {
           m.kda = kda[l].alloc_saved(a, n, act);
-        else
+          m.kda.keep_core = !inference && KdaLayer::keep_core_from_env();
+        } else
           m.attn = attn[l].alloc_saved(a, n, act);
         s.mix.push_back(m);
         shared_mix = l;

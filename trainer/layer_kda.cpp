@@ -1,6 +1,7 @@
 #include "trainer/layer_kda.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 
@@ -89,9 +90,22 @@ void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const 
   kernels::linear_forward(ctx, in, b_proj.value, Tensor{}, t.b);
   kernels::kda_gates_forward(ctx, t.f.view({n, hv, cfg.dk}), A_log.value, dt_bias.value, t.b, s.g, s.beta);
 
-  if (seq.sp != nullptr)
+  s.core = Tensor{};
+  if (seq.sp != nullptr) {
     lasp_kda_forward(ctx, *seq.sp, this, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, s.o);
-  else {
+  } else if (s.keep_core && kernels::kda_split_forward_supported(s.k, s.v)) {
+    lasp_profile_start(ctx);
+    const int64_t floats = kernels::kda_saved_floats(s.k, s.v, seq.cu_seqlens);
+    const size_t bytes = static_cast<size_t>(floats) * 4 + 256;
+    if (!s.core_mem || s.core_mem->capacity() < bytes) {
+      s.core_mem.reset();  // the old buffer goes first
+      s.core_mem = std::make_shared<Arena>("kda core saved", s.k.device, bytes);
+    }
+    s.core_mem->reset();
+    s.core = s.core_mem->alloc({floats}, DType::f32);
+    kernels::kda_forward_saving(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, Tensor{}, s.o, Tensor{}, s.core);
+    lasp_profile_mark(ctx, "kda.fwd.core");
+  } else {
     lasp_profile_start(ctx);
     kernels::kda_forward(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, Tensor{}, s.o, Tensor{});
     lasp_profile_mark(ctx, "kda.fwd.core");
@@ -103,6 +117,11 @@ void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const 
   kernels::gated_rmsnorm_forward(ctx, s.o.view({n * hv, cfg.dv}), s.gate.view({n * hv, cfg.dv}), o_norm.value,
                                  s.on.view({n * hv, cfg.dv}), s.o_rstd, cfg.norm_eps);
   kernels::linear_forward(ctx, s.on, o_proj.value, Tensor{}, out);
+}
+
+bool KdaLayer::keep_core_from_env() {
+  const char* e = std::getenv("HYD_KDA_SAVE");
+  return e != nullptr && std::string(e) == "1";
 }
 
 void KdaLayer::backward(const ExecContext& ctx, const PackedSequence& seq, const Saved& s, const Tensor& dout,
@@ -119,10 +138,15 @@ void KdaLayer::backward(const ExecContext& ctx, const PackedSequence& seq, const
   kernels::linear_backward(ctx, t.d_gate, s.g_low, g_proj1.value, t.d_low, false, g_proj1.grad, g_proj1_bias.grad);
   kernels::linear_backward(ctx, t.d_low, s.x, g_proj0.value, din, false, g_proj0.grad, Tensor{});
 
-  if (seq.sp != nullptr)
+  if (seq.sp != nullptr) {
     lasp_kda_backward(ctx, *seq.sp, this, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, t.d_o, t.dq, t.dk, t.dv, t.dg,
                       t.dbeta);
-  else {
+  } else if (!s.core.empty()) {
+    lasp_profile_start(ctx);
+    kernels::kda_backward_saved(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, t.d_o, Tensor{}, t.dq, t.dk, t.dv,
+                                t.dg, t.dbeta, Tensor{}, s.core);
+    lasp_profile_mark(ctx, "kda.bwd.core");
+  } else {
     lasp_profile_start(ctx);
     kernels::kda_backward(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, Tensor{}, t.d_o, Tensor{}, t.dq, t.dk, t.dv,
                           t.dg, t.dbeta, Tensor{});

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -68,7 +69,18 @@ struct KdaLayer {
     Tensor f_low, g, beta;       // f_proj.0 output; gates
     Tensor g_low, gate;          // g_proj.0 output; output gate (before the sigmoid)
     Tensor o, o_rstd, on;        // KDA output; o_norm statistics; gated-norm output (o_proj input)
+    // The KDA core's forward keeps what its backward would recompute (kernels::kda_forward_saving) when
+    // keep_core is set (training models on CUDA with HYD_KDA_SAVE=1, kda_keep_core_from_env) and the core
+    // supports it (the tensor-core kernels, no sequence parallelism): core_mem grows to the largest batch
+    // (~184 KB per 64-token chunk and value head at dk = dv = 128), core is this batch's view, empty when
+    // the forward did not keep it.
+    bool keep_core = false;
+    std::shared_ptr<Arena> core_mem;
+    Tensor core;
   };
+  // HYD_KDA_SAVE=1: training models keep the KDA core's forward work for its backward (more memory, no
+  // recomputation of the prep and the state pass); unset or 0: recompute (the default until measured).
+  static bool keep_core_from_env();
   // Forward temporaries (dead when forward returns).
   struct ForwardScratch {
     Tensor f, b;  // f_proj.1 and b_proj outputs, before the gates

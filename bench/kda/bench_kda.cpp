@@ -108,8 +108,28 @@ void run(int64_t B, int64_t T) {
   const float f_ms = time_ms(fwd, iters);
   const float fb_ms = time_ms([&] { fwd(); bwd(); }, iters);
   const double peak_gib = double(a.used() + pool_high_water()) / double(1ull << 30);
-  std::printf("hydistill B=%lld T=%lld H=%lld d=%lld fwd_ms=%.3f fwdbwd_ms=%.3f peak_gib=%.2f\n", (long long)B,
-              (long long)T, (long long)H, (long long)dk, f_ms, fb_ms, peak_gib);
+  // The saving forward and the saved backward (kernels/kda.h kda_forward_saving / kda_backward_saved): the
+  // backward skips the prep and the state pass; `saved` (the forward's kept work) counts in its peak.
+  const int64_t saved_floats = kernels::kda_saved_floats(tk, tv, tcu);
+  Arena keep("bench saved", Device::cuda(0), size_t(saved_floats) * 4 + 256);
+  const Tensor saved = keep.alloc({saved_floats}, DType::f32);
+  auto fwd_s = [&] { kernels::kda_forward_saving(ctx, tq, tk, tv, tg, tb, tcu, none, o, none, saved); };
+  auto bwd_s = [&] {
+    kernels::kda_backward_saved(ctx, tq, tk, tv, tg, tb, tcu, tdo, none, dq, dkk, dvv, dg, db, none, saved);
+  };
+  reset_pool();
+  const float fs_ms = time_ms(fwd_s, iters);
+  const float fbs_ms = time_ms(
+      [&] {
+        fwd_s();
+        bwd_s();
+      },
+      iters);
+  const double peak_s_gib = double(a.used() + keep.used() + pool_high_water()) / double(1ull << 30);
+  std::printf(
+      "hydistill B=%lld T=%lld H=%lld d=%lld fwd_ms=%.3f fwdbwd_ms=%.3f peak_gib=%.2f saving_fwd_ms=%.3f "
+      "saving_fwdbwd_ms=%.3f saving_peak_gib=%.2f\n",
+      (long long)B, (long long)T, (long long)H, (long long)dk, f_ms, fb_ms, peak_gib, fs_ms, fbs_ms, peak_s_gib);
   std::fflush(stdout);
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);

@@ -225,6 +225,42 @@ void kda_backward_initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k
   kda_mma::initial_adjoint(s, q, k, v, g, beta, cu_seqlens, buf.chunk_off(), dout, dinitial_state, buf.scratch(), st);
 }
 
+size_t kda_saved_bytes(const KdaDims& s) { return kda_mma::saved_bytes(s); }
+
+void kda_forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                        const float* beta, const int32_t* cu_seqlens, const float* initial_state, bf16* o,
+                        float* final_state, void* saved, void* stream) {
+  check_dims(s, "kda_forward_saving");
+  HYD_CHECK(kda_split_supported(s), "kda_forward_saving: not available for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  cudaStream_t st = as_stream(stream);
+  kda_chunk::Scratch sc;
+  sc.chunk_off = kda_mma::saved_chunk_table(s, saved);
+  DeviceLauncher launcher{st};
+  kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
+  kda_mma::forward_saving(s, q, k, v, g, beta, cu_seqlens, initial_state, o, final_state, saved, st);
+}
+
+void kda_backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                        const float* beta, const int32_t* cu_seqlens, const bf16* dout, const float* dfinal_state,
+                        bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* dinitial_state, const void* saved,
+                        void* stream) {
+  check_dims(s, "kda_backward_saved");
+  HYD_CHECK(kda_split_supported(s), "kda_backward_saved: not available for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  cudaStream_t st = as_stream(stream);
+  kda_chunk::Scratch sc;
+  StreamScratch buf(kda_chunk::carve_scratch(nullptr, s, kda_chunk::Pass::backward_mma_saved, sc), st);
+  kda_chunk::carve_scratch(buf.get(), s, kda_chunk::Pass::backward_mma_saved, sc);
+  sc.chunk_off = kda_mma::saved_chunk_table(s, const_cast<void*>(saved));  // the forward's
+  kda_mma::backward_saved(s, q, k, v, g, beta, cu_seqlens, dout, dfinal_state, dq, dk, dv, dg, dbeta, dinitial_state,
+                          sc, saved, st);
+  if (s.hv != s.h) {
+    DeviceLauncher launcher{st};
+    kda_chunk::launch_group_reduce(launcher, s, dq, dk, sc);
+  }
+}
+
 size_t kda_forward_workspace_bytes(const KdaDims& s, bool zero_values) { return split_layout(s, zero_values).bytes; }
 
 void kda_forward_prepare(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,

@@ -119,7 +119,9 @@ struct HostExec {
 
 // backward_mma: only the buffers the tensor-core backward (kernels/cuda/kda_mma.cu) shares with the
 // version-1 intra-chunk gradient and group reduction programs (its own bf16 operands live elsewhere).
-enum class Pass { forward, transition, backward, backward_mma };
+// backward_mma_saved: backward_mma without x, states and vn (kda_mma::backward_saved reads them from what
+// kda_mma::forward_saving kept).
+enum class Pass { forward, transition, backward, backward_mma, backward_mma_saved };
 
 // Global scratch of one call, carved from one buffer (f32 unless noted); nullptr = not used by the pass.
 struct Scratch {
@@ -158,10 +160,12 @@ inline size_t carve_scratch(float* base, const KdaDims& s, Pass pass, Scratch& s
   const size_t dk = static_cast<size_t>(s.dk), dv = static_cast<size_t>(s.dv), ch = mc * hv;
   sc = Scratch{};
   sc.chunk_off = reinterpret_cast<int32_t*>(take(static_cast<size_t>(s.num_docs) + 1));
-  if (pass == Pass::backward_mma) {
-    sc.x = take(ch * kMat);
-    sc.states = take(ch * dk * dv);
-    sc.vn = take(ch * kChunk * dv);
+  if (pass == Pass::backward_mma || pass == Pass::backward_mma_saved) {
+    if (pass == Pass::backward_mma) {
+      sc.x = take(ch * kMat);
+      sc.states = take(ch * dk * dv);
+      sc.vn = take(ch * kChunk * dv);
+    }
     sc.dstates = take(ch * dk * dv);
     sc.dvn = take(ch * kChunk * dv);
     sc.dqg = take(ch * kChunk * dk);

@@ -1509,22 +1509,29 @@ struct FwdBuffers {
 size_t align16(size_t b) { return (b + 15) / 16 * 16; }
 
 // Carves the forward scratch; with base == nullptr only counts. Returns bytes.
-size_t carve(const KdaDims& s, unsigned char* base, FwdBuffers& f) {
-  const size_t ch = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv);
-  const size_t dk = static_cast<size_t>(s.dk), dv = static_cast<size_t>(s.dv);
+// Hands out 16-byte aligned pieces of `base` in order (with base == nullptr only counts: used).
+struct Carver {
+  unsigned char* base;
   size_t used = 0;
-  auto take = [&](size_t bytes) {
+  unsigned char* take(size_t bytes) {
     unsigned char* p = base ? base + used : nullptr;
     used += align16(bytes);
     return p;
-  };
+  }
+};
+
+size_t carve(const KdaDims& s, unsigned char* base, FwdBuffers& f) {
+  const size_t ch = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv);
+  const size_t dk = static_cast<size_t>(s.dk), dv = static_cast<size_t>(s.dv);
+  Carver cv{base};
+  auto take = [&](size_t bytes) { return cv.take(bytes); };
   f.w = reinterpret_cast<__nv_bfloat16*>(take(ch * C * dk * 2));
   f.u = reinterpret_cast<float*>(take(ch * C * dv * 4));
   f.qg = reinterpret_cast<__nv_bfloat16*>(take(ch * C * dk * 2));
   f.kg = reinterpret_cast<__nv_bfloat16*>(take(ch * C * dk * 2));
   f.aqk = reinterpret_cast<__nv_bfloat16*>(take(ch * C * C * 2));
   f.gl = reinterpret_cast<float*>(take(ch * dk * 4));
-  return used;
+  return cv.used;
 }
 
 template <class K>
@@ -1535,13 +1542,14 @@ void set_smem(K kernel, size_t bytes) {
 
 template <int DK, int DV>
 void prep_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
-               const int32_t* cu, const int32_t* chunk_off, const FwdBuffers& f, cudaStream_t st) {
+               const int32_t* cu, const int32_t* chunk_off, const FwdBuffers& f, cudaStream_t st,
+               float* x_out = nullptr) {
   const int64_t mc = kda_chunk::max_chunks(s);
   if (mc > 0) {
     using PL = PrepLayout<DK, DV>;
     set_smem(prep_kernel<DK, DV>, PL::bytes);
     prep_kernel<DK, DV><<<dim3(static_cast<unsigned>(mc), static_cast<unsigned>(s.hv)), kThreads, PL::bytes, st>>>(
-        s, as_nv(q), as_nv(k), as_nv(v), g, beta, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, nullptr);
+        s, as_nv(q), as_nv(k), as_nv(v), g, beta, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, x_out);
     CHECK_LAUNCH();
   }
 }
@@ -1555,12 +1563,13 @@ dim3 doc_grid(const KdaDims& s, int DV) {
 
 template <int DK, int DV>
 void state_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const float* initial_state, bf16* o,
-                float* final_state, const FwdBuffers& f, cudaStream_t st) {
+                float* final_state, const FwdBuffers& f, cudaStream_t st, __nv_bfloat16* states_hi = nullptr,
+                __nv_bfloat16* states_lo = nullptr, __nv_bfloat16* vn = nullptr) {
   using SL = StateLayout<DK>;
   set_smem(state_kernel<DK, DV>, SL::bytes);
   state_kernel<DK, DV><<<doc_grid(s, DV), kThreads, SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk,
                                                                      f.gl, initial_state, as_nv(o), final_state,
-                                                                     nullptr, nullptr, nullptr);
+                                                                     states_hi, states_lo, vn);
   CHECK_LAUNCH();
 }
 
@@ -1576,11 +1585,12 @@ template <int DK, int DV>
 void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
                    const int32_t* cu, const int32_t* chunk_off, const float* initial_state, const bf16* dout,
                    const float* dfinal_state, bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta,
-                   float* dinitial_state, const kda_chunk::Scratch& sc, const FwdBuffers& f, cudaStream_t st) {
+                   float* dinitial_state, const kda_chunk::Scratch& sc, const FwdBuffers& f, cudaStream_t st,
+                   bool recompute = true) {
   const int64_t mc = kda_chunk::max_chunks(s);
   const dim3 chunk_grid(static_cast<unsigned>(mc), static_cast<unsigned>(s.hv));
   const dim3 docs = doc_grid(s, DV);
-  if (mc > 0) {
+  if (mc > 0 && recompute) {
     using PL = PrepLayout<DK, DV>;
     set_smem(prep_kernel<DK, DV>, PL::bytes);
     prep_kernel<DK, DV><<<chunk_grid, kThreads, PL::bytes, st>>>(s, as_nv(q), as_nv(k), as_nv(v), g, beta, cu,
@@ -1594,12 +1604,14 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
   __nv_bfloat16* dstates_hi = reinterpret_cast<__nv_bfloat16*>(sc.dstates);
   __nv_bfloat16* vn = reinterpret_cast<__nv_bfloat16*>(sc.vn);
   __nv_bfloat16* ndvn = reinterpret_cast<__nv_bfloat16*>(sc.dvn);
-  using SL = StateLayout<DK>;
-  set_smem(state_kernel<DK, DV>, SL::bytes);
-  state_kernel<DK, DV><<<docs, kThreads, SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl,
-                                                          initial_state, nullptr, nullptr, states_hi,
-                                                          states_hi + state_elems, vn);
-  CHECK_LAUNCH();
+  if (recompute) {
+    using SL = StateLayout<DK>;
+    set_smem(state_kernel<DK, DV>, SL::bytes);
+    state_kernel<DK, DV><<<docs, kThreads, SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl,
+                                                            initial_state, nullptr, nullptr, states_hi,
+                                                            states_hi + state_elems, vn);
+    CHECK_LAUNCH();
+  }
   using RL = ReverseLayout<DK>;
   set_smem(reverse_kernel<DK, DV>, RL::bytes);
   reverse_kernel<DK, DV><<<docs, kThreads, RL::bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl, as_nv(dout),
@@ -1721,6 +1733,76 @@ void backward_products(const KdaDims& s, const bf16* q, const bf16* k, const bf1
     bf16* dk_direct = s.hv == s.h ? dk : nullptr;
     backward_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, chunk_off, initial_state, dout, dfinal_state, dq_direct,
                           dk_direct, dv, dg, dbeta, dinitial_state, sc, f, stream);
+  });
+}
+
+// What forward_saving keeps for backward_saved, carved from one buffer: the chunk table, the prep (FwdBuffers),
+// X (f32 [ch][C][C]), every chunk's incoming state as hi + lo bf16 ([ch][dk][dv] each, hi then lo) and v_new
+// (bf16 [ch][C][dv]); the same layout as backward_products' own buffers for these.
+struct SavedBuffers {
+  int32_t* chunk_off = nullptr;
+  FwdBuffers f{};
+  float* x = nullptr;
+  __nv_bfloat16* states = nullptr;
+  __nv_bfloat16* vn = nullptr;
+};
+
+size_t carve_saved(const KdaDims& s, unsigned char* base, SavedBuffers& b) {
+  const size_t ch = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv);
+  Carver cv{base};
+  b.chunk_off = reinterpret_cast<int32_t*>(cv.take((static_cast<size_t>(s.num_docs) + 1) * 4));
+  unsigned char* prep = cv.take(forward_scratch_bytes(s));
+  if (base) carve(s, prep, b.f);
+  b.x = reinterpret_cast<float*>(cv.take(ch * C * C * 4));
+  b.states = reinterpret_cast<__nv_bfloat16*>(cv.take(ch * static_cast<size_t>(s.dk * s.dv) * 4));
+  b.vn = reinterpret_cast<__nv_bfloat16*>(cv.take(ch * C * static_cast<size_t>(s.dv) * 2));
+  return cv.used;
+}
+
+size_t saved_bytes(const KdaDims& s) {
+  SavedBuffers b;
+  return carve_saved(s, nullptr, b);
+}
+
+int32_t* saved_chunk_table(const KdaDims& s, void* saved) {
+  SavedBuffers b;
+  carve_saved(s, static_cast<unsigned char*>(saved), b);
+  return b.chunk_off;
+}
+
+void forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                    const int32_t* cu_seqlens, const float* initial_state, bf16* o, float* final_state, void* saved,
+                    void* stream_ptr) {
+  cudaStream_t stream = as_stream(stream_ptr);
+  HYD_CHECK(supports(s), "kda_mma::forward_saving: dk ", s.dk, " / dv ", s.dv, " not supported");
+  HYD_CHECK(s.num_docs <= 0x7fffffffLL && s.hv <= 65535, "kda_mma::forward_saving: grid too large");
+  SavedBuffers b;
+  carve_saved(s, static_cast<unsigned char*>(saved), b);
+  const size_t state_elems = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
+                             static_cast<size_t>(s.dk) * static_cast<size_t>(s.dv);
+  with_dims(s, [&]<int DK, int DV>() {
+    prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, b.chunk_off, b.f, stream, b.x);
+    state_impl<DK, DV>(s, cu_seqlens, b.chunk_off, initial_state, o, final_state, b.f, stream, b.states,
+                       b.states + state_elems, b.vn);
+  });
+}
+
+void backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                    const int32_t* cu_seqlens, const bf16* dout, const float* dfinal_state, bf16* dq, bf16* dk,
+                    bf16* dv, float* dg, float* dbeta, float* dinitial_state, kda_chunk::Scratch& sc, const void* saved,
+                    void* stream_ptr) {
+  cudaStream_t stream = as_stream(stream_ptr);
+  HYD_CHECK(supports(s), "kda_mma::backward_saved: dk ", s.dk, " / dv ", s.dv, " not supported");
+  SavedBuffers b;
+  carve_saved(s, static_cast<unsigned char*>(const_cast<void*>(saved)), b);
+  sc.x = b.x;
+  sc.states = reinterpret_cast<float*>(b.states);
+  sc.vn = reinterpret_cast<float*>(b.vn);
+  with_dims(s, [&]<int DK, int DV>() {
+    bf16* dq_direct = s.hv == s.h ? dq : nullptr;
+    bf16* dk_direct = s.hv == s.h ? dk : nullptr;
+    backward_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, b.chunk_off, nullptr, dout, dfinal_state, dq_direct,
+                          dk_direct, dv, dg, dbeta, dinitial_state, sc, b.f, stream, false);
   });
 }
 

@@ -52,4 +52,20 @@ void backward_products(const KdaDims& s, const bf16* q, const bf16* k, const bf1
                        bf16* dv, float* dg, float* dbeta, float* dinitial_state, const kda_chunk::Scratch& sc,
                        void* scratch, void* stream);
 
+// The forward that keeps what backward_products would recompute (the prep with X, every chunk's incoming
+// state and v_new) in `saved` (saved_bytes(s) bytes, 16-byte aligned, with the chunk table of cu_seqlens at
+// saved_chunk_table: forward_saving computes it), and the backward that reads them instead: the prep and the
+// forward state pass of backward_products are skipped (the initial state is in the kept states). The results
+// are those of forward / backward_products bit for bit. sc: the buffers of kda_chunk::Pass::backward_mma_saved
+// (backward_saved points its x, states and vn into `saved`).
+size_t saved_bytes(const KdaDims& s);
+int32_t* saved_chunk_table(const KdaDims& s, void* saved);
+void forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                    const int32_t* cu_seqlens, const float* initial_state, bf16* o, float* final_state, void* saved,
+                    void* stream);
+void backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                    const int32_t* cu_seqlens, const bf16* dout, const float* dfinal_state, bf16* dq, bf16* dk,
+                    bf16* dv, float* dg, float* dbeta, float* dinitial_state, kda_chunk::Scratch& sc, const void* saved,
+                    void* stream);
+
 }  // namespace hyd::kernels::cuda::kda_mma

@@ -351,23 +351,46 @@ TEST(GpuKda, LengthOneAndEmptyDocumentsGiveNoNaN) {
 // state and outputs; the zero-value pass from an identity state equals kda_forward with zero values of dk
 // columns (the transition M); kda_backward_initial_adjoint equals kda_backward's dinitial_state without a
 // final-state gradient. Workspace and outputs poisoned first.
-TEST(GpuKda, SplitForwardEqualsTheWholeForward) {
-  HYD_REQUIRE_GPU();
-  struct SplitCase {
+// A problem's inputs on the device: q, k, v bf16; g, beta, the initial state f32; cu_seqlens i32.
+struct Inputs {
+  Tensor q, k, v, g, beta, cu, init;
+};
+Inputs upload_inputs(DeviceBuffers& buf, const Problem& p) {
+  const KdaDims& s = p.s;
+  const int64_t n = s.n, D = s.num_docs;
+  return Inputs{buf.upload(p.q, {n, s.h, s.dk}, DType::bf16),
+                buf.upload(p.k, {n, s.h, s.dk}, DType::bf16),
+                buf.upload(p.v, {n, s.hv, s.dv}, DType::bf16),
+                buf.upload(p.g, {n, s.hv, s.dk}, DType::f32),
+                buf.upload(p.beta, {n, s.hv}, DType::f32),
+                buf.upload_i32(p.cu, {D + 1}),
+                buf.upload(p.init, {D, s.hv, s.dk, s.dv}, DType::f32)};
+}
+
+// Runs body(p, ctx, buf, inputs) for the split / saving kernels' cases: documents of 1..1000 tokens and an
+// empty one, an initial state and a final-state gradient, GQA and both head sizes.
+template <class F>
+void for_split_cases(F&& body) {
+  struct Case {
     int64_t h, hv, dk, dv;
   };
-  for (const SplitCase& c : {SplitCase{1, 2, 128, 128}, SplitCase{2, 2, 64, 64}, SplitCase{1, 1, 128, 64}}) {
+  for (const Case& c : {Case{1, 2, 128, 128}, Case{2, 2, 64, 64}, Case{1, 1, 128, 64}}) {
     const Problem p = make_problem({1, 63, 64, 0, 65, 200, 1000}, c.h, c.hv, c.dk, c.dv, true, Gates::mixed);
-    const KdaDims& s = p.s;
-    const int64_t n = s.n, D = s.num_docs;
     SCOPED_TRACE(describe(p, "mixed", true));
     ExecContext ctx(Device::cuda(0));
     DeviceBuffers buf(Device::cuda(0), size_t(512) << 20);
-    const Tensor q = buf.upload(p.q, {n, s.h, s.dk}, DType::bf16), k = buf.upload(p.k, {n, s.h, s.dk}, DType::bf16),
-                 v = buf.upload(p.v, {n, s.hv, s.dv}, DType::bf16), g = buf.upload(p.g, {n, s.hv, s.dk}, DType::f32),
-                 beta = buf.upload(p.beta, {n, s.hv}, DType::f32), cu = buf.upload_i32(p.cu, {D + 1});
-    const Tensor init = buf.upload(p.init, {D, s.hv, s.dk, s.dv}, DType::f32);
-    ASSERT_TRUE(kda_split_forward_supported(k, v));
+    const Inputs in = upload_inputs(buf, p);
+    ASSERT_TRUE(kda_split_forward_supported(in.k, in.v));
+    body(p, ctx, buf, in);
+  }
+}
+
+TEST(GpuKda, SplitForwardEqualsTheWholeForward) {
+  HYD_REQUIRE_GPU();
+  for_split_cases([](const Problem& p, const ExecContext& ctx, DeviceBuffers& buf, const Inputs& in) {
+    const KdaDims& s = p.s;
+    const int64_t n = s.n, D = s.num_docs;
+    const Tensor &q = in.q, &k = in.k, &v = in.v, &g = in.g, &beta = in.beta, &cu = in.cu, &init = in.init;
     auto out = [&] { return buf.poisoned({n, s.hv, s.dv}, DType::bf16); };
     auto state = [&](int64_t cols) { return buf.poisoned({D, s.hv, s.dk, cols}, DType::f32); };
     const Tensor o_ref = out(), fin_ref = state(s.dv), o0_ref = out(), fin0_ref = state(s.dv);
@@ -411,7 +434,54 @@ TEST(GpuKda, SplitForwardEqualsTheWholeForward) {
     test::expect_error_mentioning([&] { kda_forward_pass(ctx, k, v, cu, ws, eye, out(), m1, true); }, "'o'");
     const Tensor small = buf.poisoned({16}, DType::f32);
     test::expect_error_mentioning([&] { kda_forward_prepare(ctx, q, k, v, g, beta, cu, small, false); }, "workspace");
-  }
+  });
+}
+
+// The saving forward and the saved backward (kernels/kda.h kda_forward_saving / kda_backward_saved) give the
+// recomputing pair's outputs and gradients bit for bit: documents of 1..1000 tokens, an empty one, an initial
+// state and a final-state gradient, GQA and both head sizes.
+TEST(GpuKda, SavedBackwardEqualsTheRecomputingOne) {
+  HYD_REQUIRE_GPU();
+  for_split_cases([](const Problem& p, const ExecContext& ctx, DeviceBuffers& buf, const Inputs& in) {
+    const KdaDims& s = p.s;
+    const int64_t n = s.n, D = s.num_docs;
+    const Tensor &q = in.q, &k = in.k, &v = in.v, &g = in.g, &beta = in.beta, &cu = in.cu, &init = in.init;
+    const Tensor dout = buf.upload(p.dout, {n, s.hv, s.dv}, DType::bf16);
+    const Tensor dfin = buf.upload(p.dfinal, {D, s.hv, s.dk, s.dv}, DType::f32);
+    struct Grads {
+      Tensor o, fin, dq, dk, dv, dg, dbeta, dinit;
+    };
+    auto grads = [&] {
+      return Grads{buf.poisoned({n, s.hv, s.dv}, DType::bf16), buf.poisoned({D, s.hv, s.dk, s.dv}, DType::f32),
+                   buf.poisoned({n, s.h, s.dk}, DType::bf16),  buf.poisoned({n, s.h, s.dk}, DType::bf16),
+                   buf.poisoned({n, s.hv, s.dv}, DType::bf16), buf.poisoned({n, s.hv, s.dk}, DType::f32),
+                   buf.poisoned({n, s.hv}, DType::f32),        buf.poisoned({D, s.hv, s.dk, s.dv}, DType::f32)};
+    };
+    const Grads ref = grads(), got = grads();
+    kda_forward(ctx, q, k, v, g, beta, cu, init, ref.o, ref.fin);
+    kda_backward(ctx, q, k, v, g, beta, cu, init, dout, dfin, ref.dq, ref.dk, ref.dv, ref.dg, ref.dbeta, ref.dinit);
+    const Tensor saved = buf.poisoned({kda_saved_floats(k, v, cu)}, DType::f32);
+    kda_forward_saving(ctx, q, k, v, g, beta, cu, init, got.o, got.fin, saved);
+    kda_backward_saved(ctx, q, k, v, g, beta, cu, dout, dfin, got.dq, got.dk, got.dv, got.dg, got.dbeta, got.dinit,
+                       saved);
+    ctx.synchronize();
+    auto same = [](const Tensor& a, const Tensor& b, const char* what) {
+      const std::vector<float> x = DeviceBuffers::download(a), y = DeviceBuffers::download(b);
+      EXPECT_TRUE(all_finite(x)) << what;
+      EXPECT_EQ(x, y) << what << " differs from the recomputing forward / backward";
+    };
+    same(got.o, ref.o, "o");
+    same(got.fin, ref.fin, "final state");
+    same(got.dq, ref.dq, "dq");
+    same(got.dk, ref.dk, "dk");
+    same(got.dv, ref.dv, "dv");
+    same(got.dg, ref.dg, "dg");
+    same(got.dbeta, ref.dbeta, "dbeta");
+    same(got.dinit, ref.dinit, "dinitial_state");
+    const Tensor small = buf.poisoned({16}, DType::f32);
+    test::expect_error_mentioning([&] { kda_forward_saving(ctx, q, k, v, g, beta, cu, init, got.o, got.fin, small); },
+                                  "saved");
+  });
 }
 
 TEST(GpuKda, LongSequenceTiming) {
