@@ -239,26 +239,40 @@ __device__ __forceinline__ void exact_diag_gram(const __nv_bfloat16* x, const __
   }
 }
 
-// Starts the cp.async copies of one chunk's k, q (bf16 [C][kLdB]) and g (f32 [C][kLdG]) into
-// shared memory (byte addresses s_k, s_q, s_g); rows >= L, and q when q == nullptr, are zero-filled.
+// Starts the cp.async copy of one chunk's rows of head h of x (bf16 [tokens][H][DK]) into the bf16
+// [C][kLdB] tile at shared byte address s_x; rows >= L are zero-filled.
 template <int DK>
-__device__ __forceinline__ void stage_kqg(uint32_t s_k, uint32_t s_q, uint32_t s_g, const __nv_bfloat16* k,
-                                          const __nv_bfloat16* q, const float* g, int64_t start, int L, int H, int h,
-                                          int HV, int hv) {
+__device__ __forceinline__ void stage_head_rows(uint32_t s_x, const __nv_bfloat16* x, int64_t start, int L, int H,
+                                                int h) {
   for (int idx = static_cast<int>(threadIdx.x); idx < C * DK / 8; idx += kThreads) {
     const int r = idx / (DK / 8), c8 = idx % (DK / 8);
     const bool ok = r < L;
-    const int64_t off = ((start + r) * H + h) * DK + c8 * 8;
-    const uint32_t so = static_cast<uint32_t>((r * kLdB<DK> + c8 * 8) * 2);
-    cp_async16(s_k + so, ok ? k + off : k, ok);
-    cp_async16(s_q + so, ok && q ? q + off : k, ok && q);
+    cp_async16(s_x + static_cast<uint32_t>((r * kLdB<DK> + c8 * 8) * 2),
+               ok ? x + ((start + r) * H + h) * DK + c8 * 8 : x, ok);
   }
+}
+
+// Starts the cp.async copy of one chunk's rows of value head hv of g (f32 [tokens][HV][DK]) into the f32
+// [C][kLdG] tile at s_g; rows >= L are zero-filled.
+template <int DK>
+__device__ __forceinline__ void stage_g(uint32_t s_g, const float* g, int64_t start, int L, int HV, int hv) {
   for (int idx = static_cast<int>(threadIdx.x); idx < C * DK / 4; idx += kThreads) {
     const int r = idx / (DK / 4), c4 = idx % (DK / 4);
     const bool ok = r < L;
     cp_async16(s_g + static_cast<uint32_t>((r * kLdG<DK> + c4 * 4) * 4),
                ok ? g + ((start + r) * HV + hv) * DK + c4 * 4 : g, ok);
   }
+}
+
+// Starts the cp.async copies of one chunk's k, q (bf16 [C][kLdB]) and g (f32 [C][kLdG]) into
+// shared memory (byte addresses s_k, s_q, s_g); rows >= L, and q when q == nullptr, are zero-filled.
+template <int DK>
+__device__ __forceinline__ void stage_kqg(uint32_t s_k, uint32_t s_q, uint32_t s_g, const __nv_bfloat16* k,
+                                          const __nv_bfloat16* q, const float* g, int64_t start, int L, int H, int h,
+                                          int HV, int hv) {
+  stage_head_rows<DK>(s_k, k, start, L, H, h);
+  stage_head_rows<DK>(s_q, q ? q : k, start, q ? L : 0, H, h);  // no q: every row zero-filled
+  stage_g<DK>(s_g, g, start, L, HV, hv);
 }
 
 // Starts the cp.async copies of a dense fp32 C x C matrix (16-byte aligned) into shared rows of stride
@@ -1147,18 +1161,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   KDA_CLOCKS_BEGIN();
 
   // 1. Loads (k, g, X, dT_v asynchronously), G = cumsum(g).
-  for (int idx = tid; idx < C * DK / 8; idx += kThreads) {
-    const int r = idx / (DK / 8), c8 = idx % (DK / 8);
-    const bool ok = r < L;
-    cp_async16(smem_addr(ks) + static_cast<uint32_t>((r * LDB + c8 * 8) * 2),
-               ok ? k + ((sp.start + r) * H + h) * DK + c8 * 8 : k, ok);
-  }
-  for (int idx = tid; idx < C * DK / 4; idx += kThreads) {
-    const int r = idx / (DK / 4), c4 = idx % (DK / 4);
-    const bool ok = r < L;
-    cp_async16(smem_addr(gs) + static_cast<uint32_t>((r * LDG + c4 * 4) * 4),
-               ok ? g + ((sp.start + r) * HV + hv) * DK + c4 * 4 : g, ok);
-  }
+  stage_head_rows<DK>(smem_addr(ks), k, sp.start, L, H, h);
+  stage_g<DK>(smem_addr(gs), g, sp.start, L, HV, hv);
   stage_matrix<LDM>(smem_addr(xm), xc);
   stage_matrix<LDM>(smem_addr(tm), dtv + ch * C * C);
   cp_async_commit();
@@ -1286,12 +1290,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
     __syncthreads();  // every warp is done reading Z and X
     // X's tile takes q (read from step 6 on); dkG reads X from global memory.
-    for (int idx = tid; idx < C * DK / 8; idx += kThreads) {
-      const int r = idx / (DK / 8), c8 = idx % (DK / 8);
-      const bool ok = r < L;
-      cp_async16(smem_addr(qs) + static_cast<uint32_t>((r * LDB + c8 * 8) * 2),
-                 ok ? q + ((sp.start + r) * H + h) * DK + c8 * 8 : q, ok);
-    }
+    stage_head_rows<DK>(smem_addr(qs), q, sp.start, L, H, h);
     cp_async_commit();
 #pragma unroll
     for (int j = 0; j < 4; ++j)
