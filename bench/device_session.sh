@@ -35,7 +35,9 @@ if has sp_k; then
   echo "sp_k rc=$?"; tail -n 7 "$out/sp_k.txt"
 fi
 if has sp_h; then
-  for v in "0 0" "1 0" "1 1"; do
+  # SP_H_VARIANTS="1 1" (for instance) runs only the defaults.
+  IFS=, read -r -a variants <<<"${SP_H_VARIANTS:-0 0,1 0,1 1}"
+  for v in "${variants[@]}"; do
     read -r bal async <<<"$v"
     HYD_SP_ATTN_BALANCE=$bal HYD_SP_ASYNC=$async MODE=sp PATTERN=KKKA STEPS=4 timeout 200 \
       bash bench/scaling/run.sh 16384 >"$out/sp_h_bal${bal}_async$async.txt" 2>&1

@@ -3,14 +3,17 @@
 # per launch. Usage: [NCU_SKIP=K] [NCU_METRICS=m1,m2] [NCU_SUMMARY=1] bash bench/ncu_kernels.sh LAUNCHES COMMAND...
 # (K launches are skipped first; extra metrics are printed after the time, by their last name part.)
 # NCU_SUMMARY=1: instead of one line per launch, the kernels grouped by name (launches, total and mean
-# time, share of the total), largest total first: where a whole step's GPU time goes. Clocks are left as
-# they run (--clock-control none, METHOD.md).
+# time, share of the total), largest total first: where a whole step's GPU time goes. NCU_KERNELS=REGEX profiles
+# only the kernels whose name matches (the others run unprofiled). Clocks are left as they run
+# (--clock-control none, METHOD.md).
 set -uo pipefail
 n=$1; shift
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 metrics=gpu__time_duration.sum${NCU_METRICS:+,$NCU_METRICS}
 tmp=$(mktemp)
-"$ncu" --clock-control none --launch-skip "${NCU_SKIP:-0}" --launch-count "$n" --metrics "$metrics" --csv "$@" 2>/dev/null >"$tmp"
+filter=()
+[ -n "${NCU_KERNELS:-}" ] && filter=(--kernel-name "regex:$NCU_KERNELS")
+"$ncu" --clock-control none "${filter[@]}" --launch-skip "${NCU_SKIP:-0}" --launch-count "$n" --metrics "$metrics" --csv "$@" 2>/dev/null >"$tmp"
 python3 - "$tmp" "${NCU_SUMMARY:-0}" <<'PY'
 import csv, sys
 from collections import OrderedDict

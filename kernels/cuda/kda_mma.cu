@@ -916,36 +916,45 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------- backward: products over dv
 
-template <int DK, int DV>
-struct ProductsLayout {
-  // bf16 swizzled tiles: do, v_new, dv_new, v [C][DV]; S, dS (hi and lo) [DK][DV]; X f32 [C][C + 1]; beta.
-  static constexpr size_t oDO = 0, oVN = oDO + size_t{C} * DV * 2, oDVN = oVN + size_t{C} * DV * 2,
-                          oV = oDVN + size_t{C} * DV * 2, oShi = oV + size_t{C} * DV * 2,
-                          oSlo = oShi + size_t{DK} * DV * 2, oDhi = oSlo + size_t{DK} * DV * 2,
-                          oDlo = oDhi + size_t{DK} * DV * 2, oX = oDlo + size_t{DK} * DV * 2,
-                          oBeta = oX + size_t{C} * (C + 1) * 4, bytes = oBeta + C * 4;
-};
-
 // Per chunk and value head (S = S_in, dS = dS_out of the chunk):
 //   dqg = do S^T,  dkg = v_new dS^T,  dw = -dv_new S^T   [C x DK];   dgls[i] = sum_j S[i,j] dS[i,j]
 //   dAqk = do v_new^T,  dT_v = dv_new v^T   (c <= r, zero above)
 //   dv = T^T dv_new (dv[c] = beta_c sum_{r >= c} X[r,c] dv_new[r]), the finished value gradient.
 // S and dS enter the products as hi + lo bf16 pairs (stored so by the state passes); do is exact,
 // v_new and dv_new are rounded once (dv_new is stored negated: ndvn = -dv_new).
+// Two blocks per chunk and value head (blockIdx.x = 2 chunk + part), 112 KB of shared memory each (DK = DV = 128),
+// so that two blocks share an SM: part p takes rows [p DK/2, p DK/2 + DK/2) of S and dS, that is those columns of
+// dqg, dkg, dw and those entries of dgls; then part 0 forms dAqk and dT_v (v staged where the S tiles were), part 1
+// the value gradient dv (X staged there). (One block per chunk and head before, 209 KB: KDA forward + backward at
+// B8xT4096 took 12.10 ms with it, 11.75 ms with this one, same H100 call, docs/benchmarks.md stop 19.)
 template <int DK, int DV>
-__global__ void __launch_bounds__(kThreads, 1)
-    products_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
-                    const __nv_bfloat16* __restrict__ states_hi, const __nv_bfloat16* __restrict__ states_lo,
-                    const __nv_bfloat16* __restrict__ dstates_hi, const __nv_bfloat16* __restrict__ dstates_lo,
-                    const __nv_bfloat16* __restrict__ vn, const __nv_bfloat16* __restrict__ ndvn,
-                    const float* __restrict__ x, const float* __restrict__ beta,
-                    const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ v,
-                    float* __restrict__ dqg, float* __restrict__ dkg, float* __restrict__ dw, float* __restrict__ dgls,
-                    float* __restrict__ daqk, float* __restrict__ dtv, __nv_bfloat16* __restrict__ dv_out) {
-  using Lt = ProductsLayout<DK, DV>;
-  constexpr int kLdX = C + 1;
+struct ProductsHalfLayout {
+  static constexpr int kLdX = C + 1;
+  static constexpr size_t kTile = size_t{C} * DV * 2;       // do, v_new, -dv_new; v
+  static constexpr size_t kHalf = size_t{DK / 2} * DV * 2;  // half of S or dS, hi or lo
+  static constexpr size_t oDO = 0, oVN = kTile, oDVN = 2 * kTile, oShi = 3 * kTile, oSlo = oShi + kHalf,
+                          oDhi = oSlo + kHalf, oDlo = oDhi + kHalf;
+  static constexpr size_t oTail = oShi;  // after the DK products: v (part 0) or X (part 1)
+  static constexpr size_t kTailBytes = std::max({4 * kHalf, kTile, size_t{C} * kLdX * 4});
+  static constexpr size_t oBeta = oTail + kTailBytes, bytes = oBeta + C * 4;
+};
+
+template <int DK, int DV>
+__global__ void __launch_bounds__(kThreads, 2)
+    products_half_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
+                         const __nv_bfloat16* __restrict__ states_hi, const __nv_bfloat16* __restrict__ states_lo,
+                         const __nv_bfloat16* __restrict__ dstates_hi, const __nv_bfloat16* __restrict__ dstates_lo,
+                         const __nv_bfloat16* __restrict__ vn, const __nv_bfloat16* __restrict__ ndvn,
+                         const float* __restrict__ x, const float* __restrict__ beta,
+                         const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ v,
+                         float* __restrict__ dqg, float* __restrict__ dkg, float* __restrict__ dw,
+                         float* __restrict__ dgls, float* __restrict__ daqk, float* __restrict__ dtv,
+                         __nv_bfloat16* __restrict__ dv_out) {
+  using Lt = ProductsHalfLayout<DK, DV>;
+  constexpr int HK = DK / 2, kLdX = Lt::kLdX;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int64_t c = blockIdx.x;
+  const int part = static_cast<int>(blockIdx.x & 1);
+  const int64_t c = blockIdx.x >> 1;
   const int hv = static_cast<int>(blockIdx.y);
   if (c >= chunk_off[s.num_docs]) return;
   const kda_chunk::ChunkSpan sp = kda_chunk::locate_chunk(cu, chunk_off, s.num_docs, c);
@@ -953,26 +962,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t ch = c * HV + hv;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const uint32_t s0 = smem_addr(smem);
-  float* xs = reinterpret_cast<float*>(smem + Lt::oX);
   float* bs = reinterpret_cast<float*>(smem + Lt::oBeta);
 
-  const int64_t row_stride = static_cast<int64_t>(HV) * DV;
+  const int64_t row_stride = static_cast<int64_t>(HV) * DV, srow = ch * DK * DV + int64_t{part} * HK * DV;
   copy_tile<C, DV>(s0 + Lt::oDO, dout + (sp.start * HV + hv) * DV, row_stride, L);
-  copy_tile<C, DV>(s0 + Lt::oV, v + (sp.start * HV + hv) * DV, row_stride, L);
-  cp_async_commit();
   copy_tile<C, DV>(s0 + Lt::oVN, vn + ch * C * DV, DV, C);
   copy_tile<C, DV>(s0 + Lt::oDVN, ndvn + ch * C * DV, DV, C);
-  copy_tile<DK, DV>(s0 + Lt::oShi, states_hi + ch * DK * DV, DV, DK);
-  copy_tile<DK, DV>(s0 + Lt::oSlo, states_lo + ch * DK * DV, DV, DK);
-  copy_tile<DK, DV>(s0 + Lt::oDhi, dstates_hi + ch * DK * DV, DV, DK);
-  copy_tile<DK, DV>(s0 + Lt::oDlo, dstates_lo + ch * DK * DV, DV, DK);
-  stage_matrix<kLdX>(s0 + Lt::oX, x + ch * C * C);
+  copy_tile<HK, DV>(s0 + Lt::oShi, states_hi + srow, DV, HK);
+  copy_tile<HK, DV>(s0 + Lt::oSlo, states_lo + srow, DV, HK);
+  copy_tile<HK, DV>(s0 + Lt::oDhi, dstates_hi + srow, DV, HK);
+  copy_tile<HK, DV>(s0 + Lt::oDlo, dstates_lo + srow, DV, HK);
   cp_async_commit();
   if (tid < C) bs[tid] = tid < L ? beta[(sp.start + tid) * HV + hv] : 0.f;
   cp_async_wait<0>();
   __syncthreads();
-  // dgls[i] = sum_j S[i,j] dS[i,j] from the hi + lo tiles (warp = row).
-  for (int i = warp; i < DK; i += kThreads / 32) {
+  // dgls[i] = sum_j S[i,j] dS[i,j] for this part's rows, from the hi + lo tiles (warp = row).
+  for (int i = warp; i < HK; i += kThreads / 32) {
     float acc = 0.f;
     for (int j = 2 * lane; j < DV; j += 64) {
       auto val = [&](size_t hi_off, size_t lo_off) {
@@ -984,24 +989,26 @@ __global__ void __launch_bounds__(kThreads, 1)
       acc += sv.x * dv2.x + sv.y * dv2.y;
     }
     acc = warp_sum(acc);
-    if (lane == 0) dgls[ch * DK + i] = acc;
+    if (lane == 0) dgls[ch * DK + part * HK + i] = acc;
   }
 
   const int I = warp & 3, half = warp >> 2;
   const int ra = 16 * I + gq, rb = ra + 8;
-  // out[r][i] = sign * sum_j A[r][j] B[i][j] for this warp's rows and half of the DK columns.
-  auto dk_product = [&](size_t a_off, size_t b_hi, size_t b_lo, float sign, float* out) {
-    constexpr int NT = DK / 16;  // 8-column tiles per warp
+  // out[r][part HK + i] = sum_j A[r][j] B[i][j] (B = this part's rows, hi + lo) for this warp's rows and a
+  // quarter of the DK columns.
+  auto dk_product = [&](size_t a_off, size_t b_hi, size_t b_lo, float* out) {
+    constexpr int NT = HK / 16;  // 8-column tiles per warp
     float acc[NT][4];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) zero(acc[nt]);
-#pragma unroll
+#pragma unroll 2
     for (int ks = 0; ks < DV / 16; ++ks) {
       uint32_t a[4];
       ldsm_x4(a, s0 + a_off + toff<DV / 8>(16 * I + (lane & 15), 2 * ks + (lane >> 4)));
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
-        const uint32_t off = toff<DV / 8>(half * (DK / 2) + 16 * np + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1));
+        const uint32_t off =
+            toff<DV / 8>(half * (HK / 2) + 16 * np + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1));
         uint32_t b[4];
         ldsm_x4(b, s0 + b_hi + off);
         mma_bf16(acc[2 * np], a, b[0], b[1]);
@@ -1013,74 +1020,90 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const int col = half * (DK / 2) + 8 * nt + 2 * tq;
-      *reinterpret_cast<float2*>(out + (ch * C + ra) * DK + col) = make_float2(sign * acc[nt][0], sign * acc[nt][1]);
-      *reinterpret_cast<float2*>(out + (ch * C + rb) * DK + col) = make_float2(sign * acc[nt][2], sign * acc[nt][3]);
+      const int col = part * HK + half * (HK / 2) + 8 * nt + 2 * tq;
+      *reinterpret_cast<float2*>(out + (ch * C + ra) * DK + col) = make_float2(acc[nt][0], acc[nt][1]);
+      *reinterpret_cast<float2*>(out + (ch * C + rb) * DK + col) = make_float2(acc[nt][2], acc[nt][3]);
     }
   };
-  dk_product(Lt::oDO, Lt::oShi, Lt::oSlo, 1.f, dqg);
-  dk_product(Lt::oVN, Lt::oDhi, Lt::oDlo, 1.f, dkg);
-  dk_product(Lt::oDVN, Lt::oShi, Lt::oSlo, 1.f, dw);  // dw = -dv_new S^T = ndvn S^T
+  dk_product(Lt::oDO, Lt::oShi, Lt::oSlo, dqg);
+  dk_product(Lt::oVN, Lt::oDhi, Lt::oDlo, dkg);
+  dk_product(Lt::oDVN, Lt::oShi, Lt::oSlo, dw);  // dw = -dv_new S^T = ndvn S^T
+  __syncthreads();                               // the S and dS tiles are dead
 
-  // out[r][c] = sum_j A[r][j] B[c][j] for c <= r (zero above), columns c in [32 half, 32 half + 32).
-  auto cc_product = [&](size_t a_off, size_t b_off, float sign, float* out) {
-    float acc[4][4];
+  if (part == 0) {
+    // out[r][c] = sign sum_j A[r][j] B[c][j] for c <= r (zero above), columns c in [32 half, 32 half + 32).
+    auto cc_product = [&](size_t a_off, size_t b_off, float sign, float* out) {
+      float acc[4][4];
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) zero(acc[nt]);
-    if (32 * half <= 16 * I + 15) {
+      for (int nt = 0; nt < 4; ++nt) zero(acc[nt]);
+      if (32 * half <= 16 * I + 15) {
 #pragma unroll
-      for (int ks = 0; ks < DV / 16; ++ks) {
-        uint32_t a[4];
-        ldsm_x4(a, s0 + a_off + toff<DV / 8>(16 * I + (lane & 15), 2 * ks + (lane >> 4)));
+        for (int ks = 0; ks < DV / 16; ++ks) {
+          uint32_t a[4];
+          ldsm_x4(a, s0 + a_off + toff<DV / 8>(16 * I + (lane & 15), 2 * ks + (lane >> 4)));
 #pragma unroll
-        for (int np = 0; np < 2; ++np) {
-          uint32_t b[4];
-          ldsm_x4(b, s0 + b_off + toff<DV / 8>(32 * half + 16 * np + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
-          mma_bf16(acc[2 * np], a, b[0], b[1]);
-          mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+          for (int np = 0; np < 2; ++np) {
+            uint32_t b[4];
+            ldsm_x4(
+                b, s0 + b_off +
+                       toff<DV / 8>(32 * half + 16 * np + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
+            mma_bf16(acc[2 * np], a, b[0], b[1]);
+            mma_bf16(acc[2 * np + 1], a, b[2], b[3]);
+          }
         }
       }
-    }
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const int col = 32 * half + 8 * nt + 2 * tq;
-      *reinterpret_cast<float2*>(out + (ch * C + ra) * C + col) =
-          make_float2(col <= ra ? sign * acc[nt][0] : 0.f, col + 1 <= ra ? sign * acc[nt][1] : 0.f);
-      *reinterpret_cast<float2*>(out + (ch * C + rb) * C + col) =
-          make_float2(col <= rb ? sign * acc[nt][2] : 0.f, col + 1 <= rb ? sign * acc[nt][3] : 0.f);
-    }
-  };
-  cc_product(Lt::oDO, Lt::oVN, 1.f, daqk);
-  cc_product(Lt::oDVN, Lt::oV, -1.f, dtv);  // dT_v = dv_new v^T = -(ndvn v^T)
-
-  // dv = T^T dv_new: rows c of block I, columns j in [DV/2 half, DV/2 half + DV/2); T^T[c][r] = X[r][c] beta_c.
-  {
-    constexpr int NV = DV / 16;
-    float acc[NV][4];
-#pragma unroll
-    for (int nt = 0; nt < NV; ++nt) zero(acc[nt]);
-    for (int kk = I; kk < C / 16; ++kk) {
-      uint32_t hi[4], lo[4];
-      afrag_cols<kLdX>(xs, nullptr, ra, kk, bs[ra], bs[rb], hi, lo);
-#pragma unroll
-      for (int np = 0; np < NV / 2; ++np) {
-        uint32_t b[4];
-        ldsm_x4_trans(b, s0 + Lt::oDVN +
-                             toff<DV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), half * (DV / 16) + 2 * np + (lane >> 4)));
-        mma_bf16(acc[2 * np], hi, b[0], b[1]);
-        mma_bf16(acc[2 * np + 1], hi, b[2], b[3]);
-        mma_bf16(acc[2 * np], lo, b[0], b[1]);
-        mma_bf16(acc[2 * np + 1], lo, b[2], b[3]);
+      for (int nt = 0; nt < 4; ++nt) {
+        const int col = 32 * half + 8 * nt + 2 * tq;
+        *reinterpret_cast<float2*>(out + (ch * C + ra) * C + col) =
+            make_float2(col <= ra ? sign * acc[nt][0] : 0.f, col + 1 <= ra ? sign * acc[nt][1] : 0.f);
+        *reinterpret_cast<float2*>(out + (ch * C + rb) * C + col) =
+            make_float2(col <= rb ? sign * acc[nt][2] : 0.f, col + 1 <= rb ? sign * acc[nt][3] : 0.f);
       }
-    }
+    };
+    copy_tile<C, DV>(s0 + Lt::oTail, v + (sp.start * HV + hv) * DV, row_stride, L);
+    cp_async_commit();
+    cc_product(Lt::oDO, Lt::oVN, 1.f, daqk);  // while v arrives
+    cp_async_wait<0>();
+    __syncthreads();
+    cc_product(Lt::oDVN, Lt::oTail, -1.f, dtv);  // dT_v = dv_new v^T = -(ndvn v^T)
+    return;
+  }
+
+  // Part 1: dv = T^T dv_new, rows c of block I, columns j in [DV/2 half, DV/2 half + DV/2); T^T[c][r] = X[r][c] beta_c.
+  stage_matrix<kLdX>(s0 + Lt::oTail, x + ch * C * C);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  const float* xs = reinterpret_cast<const float*>(smem + Lt::oTail);
+  constexpr int NV = DV / 16;
+  float acc[NV][4];
 #pragma unroll
-    for (int nt = 0; nt < NV; ++nt) {
-      const int col = half * (DV / 2) + 8 * nt + 2 * tq;
-      if (ra < L)  // dv = T^T dv_new = -(T^T ndvn)
-        *reinterpret_cast<uint32_t*>(dv_out + ((sp.start + ra) * HV + hv) * DV + col) = pack_bf16(-acc[nt][0], -acc[nt][1]);
-      if (rb < L)
-        *reinterpret_cast<uint32_t*>(dv_out + ((sp.start + rb) * HV + hv) * DV + col) = pack_bf16(-acc[nt][2], -acc[nt][3]);
+  for (int nt = 0; nt < NV; ++nt) zero(acc[nt]);
+  for (int kk = I; kk < C / 16; ++kk) {
+    uint32_t hi[4], lo[4];
+    afrag_cols<kLdX>(xs, nullptr, ra, kk, bs[ra], bs[rb], hi, lo);
+#pragma unroll
+    for (int np = 0; np < NV / 2; ++np) {
+      uint32_t b[4];
+      ldsm_x4_trans(b, s0 + Lt::oDVN +
+                           toff<DV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3),
+                                        half * (DV / 16) + 2 * np + (lane >> 4)));
+      mma_bf16(acc[2 * np], hi, b[0], b[1]);
+      mma_bf16(acc[2 * np + 1], hi, b[2], b[3]);
+      mma_bf16(acc[2 * np], lo, b[0], b[1]);
+      mma_bf16(acc[2 * np + 1], lo, b[2], b[3]);
     }
+  }
+#pragma unroll
+  for (int nt = 0; nt < NV; ++nt) {
+    const int col = half * (DV / 2) + 8 * nt + 2 * tq;
+    if (ra < L)  // dv = T^T dv_new = -(T^T ndvn)
+      *reinterpret_cast<uint32_t*>(dv_out + ((sp.start + ra) * HV + hv) * DV + col) =
+          pack_bf16(-acc[nt][0], -acc[nt][1]);
+    if (rb < L)
+      *reinterpret_cast<uint32_t*>(dv_out + ((sp.start + rb) * HV + hv) * DV + col) =
+          pack_bf16(-acc[nt][2], -acc[nt][3]);
   }
 }
 
@@ -1618,12 +1641,11 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
                                                             dinitial_state);
   CHECK_LAUNCH();
   if (mc > 0) {
-    using QL = ProductsLayout<DK, DV>;
-    set_smem(products_kernel<DK, DV>, QL::bytes);
-    products_kernel<DK, DV><<<chunk_grid, kThreads, QL::bytes, st>>>(
+    using QL = ProductsHalfLayout<DK, DV>;
+    set_smem(products_half_kernel<DK, DV>, QL::bytes);
+    products_half_kernel<DK, DV><<<dim3(2 * chunk_grid.x, chunk_grid.y), kThreads, QL::bytes, st>>>(
         s, cu, chunk_off, states_hi, states_hi + state_elems, dstates_hi, dstates_hi + state_elems, vn, ndvn, sc.x,
-        beta, as_nv(dout), as_nv(v), sc.dqg, sc.dkg,
-        sc.dw, sc.dgls, sc.daqk, sc.dtv, as_nv(dv));
+        beta, as_nv(dout), as_nv(v), sc.dqg, sc.dkg, sc.dw, sc.dgls, sc.daqk, sc.dtv, as_nv(dv));
     CHECK_LAUNCH();
     using IL = IntraLayout<DK>;
     set_smem(intra_kernel<DK>, IL::bytes);
