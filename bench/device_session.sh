@@ -3,11 +3,13 @@
 # gpu_parallel tests (NCCL, SP, multi-rank train / distill), the gpu label, the DP and SP scaling tables and
 # the MoE layer bench. Each part has its own time limit and log under OUT_DIR; a summary goes to stdout.
 # Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,sp_h,gpu_moe,moe,e2e,
-# moe_rows,kda_save
+# moe_rows,kda_save,e2e_ab
 # (sp_h: the 3:1 hybrid's SP scaling with the contiguous LASP-2H and synchronised collectives
 # (HYD_SP_ATTN_BALANCE=0 HYD_SP_ASYNC=0), the balanced one synchronised, then the defaults (balanced, queued);
 # moe_rows: our MoE layer with the per-expert loop and the grouped cuBLAS call from 256 to 2048 rows per expert,
-# for 64 experts of FFN 1408 and 128 of FFN 768: where one grouped call beats the loop)
+# for 64 experts of FFN 1408 and 128 of FFN 768: where one grouped call beats the loop;
+# e2e_ab: the distill step B8xT2048 with the defaults and with each of AB_VARS (space-separated NAME=VALUE, e.g.
+# "HYD_KDA_SAVE=1 HYD_RESIDUAL_EPILOGUE=0"), alternating, twice: same-call A/B of switches)
 set -uo pipefail
 out=${1:?usage: device_session.sh OUT_DIR [PARTS]}
 parts=${2:-gpu_parallel,gpu,dp,sp_k,moe}
@@ -66,6 +68,15 @@ if has kda_save; then
     echo "e2e distill HYD_KDA_SAVE=$v"
     HYD_KDA_SAVE=$v timeout 90 ./build/bench_e2e --mode distill --batch 8 --seq 2048 --steps 8 --warmup 2 2>&1 |
       tail -n 1 | grep -o "step_ms=[0-9.]* tokens_per_s=[0-9]* mfu=[0-9.]* peak_gib=[0-9.]*"
+  done
+fi
+if has e2e_ab; then
+  for rep in 1 2; do
+    for v in default ${AB_VARS:-}; do
+      line=$( ([ "$v" = default ] || export "${v?}"; timeout 90 ./build/bench_e2e --mode distill --batch 8 --seq 2048 \
+        --steps 8 --warmup 2 2>&1) | tail -n 1 | grep -o "step_ms=[0-9.]* tokens_per_s=[0-9]* mfu=[0-9.]* peak_gib=[0-9.]*")
+      echo "e2e_ab $v: $line" | tee -a "$out/e2e_ab.txt"
+    done
   done
 fi
 if has gpu_moe; then
