@@ -8,11 +8,12 @@
 # Usage: bash bench/scaling/run.sh [TOKENS_PER_GPU...]   (default 4096 16384); env MODE (sp | dp | both, the
 # default), STEPS, PATTERN, LAYERS, DOCS, HYD_SP_ATTN_BALANCE (0: the contiguous LASP-2H instead of the
 # default balanced work; docs/parallel.md), HYD_SP_ASYNC (0: synchronised, timed SP collectives, for the SP comm
-# column, instead of the default queued ones: parallel/sequence_parallel.h).
+# column, instead of the default queued ones: parallel/sequence_parallel.h), HYD_SP_PROFILE (1: per-phase times of
+# the first and the last rank, synchronising around every phase: trainer/lasp.h).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export NCCL_NVLS_ENABLE=0
-export HYD_SP_ATTN_BALANCE=${HYD_SP_ATTN_BALANCE:-} HYD_SP_ASYNC=${HYD_SP_ASYNC:-}
+export HYD_SP_ATTN_BALANCE=${HYD_SP_ATTN_BALANCE:-} HYD_SP_ASYNC=${HYD_SP_ASYNC:-} HYD_SP_PROFILE=${HYD_SP_PROFILE:-}
 tokens=("$@")
 [ ${#tokens[@]} -gt 0 ] || tokens=(4096 16384)
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
@@ -28,10 +29,11 @@ for t in "${tokens[@]}"; do
   for r in "${runs[@]}"; do
     read -r np sp opt <<<"$r"
     [ "$np" -le "$gpus" ] || continue
-    out=$(mpirun "${root[@]}" -np "$np" --bind-to none -x NCCL_NVLS_ENABLE -x HYD_SP_ATTN_BALANCE -x HYD_SP_ASYNC ./build/bench_scaling --sp "$sp" \
+    out=$(mpirun "${root[@]}" -np "$np" --bind-to none -x NCCL_NVLS_ENABLE -x HYD_SP_ATTN_BALANCE -x HYD_SP_ASYNC -x HYD_SP_PROFILE ./build/bench_scaling --sp "$sp" \
       --tokens-per-gpu "$t" --steps "${STEPS:-5}" --layers "${LAYERS:-12}" --pattern "${PATTERN:-KKKA}" \
       --docs "${DOCS:-1}" --optimizer "$opt" 2>&1)
     rc=$?
+    echo "$out" | grep '^profile ' || true  # HYD_SP_PROFILE=1: per-phase ms of the first and last rank
     line=$(echo "$out" | grep '^scaling ')
     if [ $rc -ne 0 ] || [ -z "$line" ]; then echo "np=$np sp=$sp optimizer=$opt tokens=$t failed (rc $rc):"; echo "$out" | tail -n 20; continue; fi
     echo "$line"
