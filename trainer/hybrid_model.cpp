@@ -468,8 +468,9 @@ struct HybridModel::Impl {
   void check_activation(const Tensor& t, int64_t n, const char* what, const char* arg) const;
   PackedSequence sequence(const Batch& b) const;
   void refresh_gates(const ExecContext& ctx, int64_t layer) const;
+  // out = mixer(a), or residual + mixer(a) when residual is given (the add inside the output projection).
   void mixer_run(const ExecContext& ctx, const PackedSequence& seq, int64_t l, const Tensor& a, const Tensor& out,
-                 MixerSaved& s);
+                 MixerSaved& s, const Tensor& residual = Tensor{});
   void mixer_grad(const ExecContext& ctx, const PackedSequence& seq, int64_t l, const MixerSaved& s, const Tensor& dout,
                   const Tensor& da);
   void begin_step(const Batch& b);
@@ -754,12 +755,12 @@ void HybridModel::Impl::refresh_gates(const ExecContext& ctx, int64_t l) const {
 }
 
 void HybridModel::Impl::mixer_run(const ExecContext& ctx, const PackedSequence& seq, int64_t l, const Tensor& a,
-                                  const Tensor& out, MixerSaved& s) {
+                                  const Tensor& out, MixerSaved& s, const Tensor& residual) {
   if (is_kda(l)) {
     scratch_arena.reset();
-    kda[l].forward(ctx, seq, a, out, s.kda, scratch_arena);
+    kda[l].forward(ctx, seq, a, out, s.kda, scratch_arena, residual);
   } else {
-    attn[l].forward(ctx, seq, a, out, s.attn);
+    attn[l].forward(ctx, seq, a, out, s.attn, residual);
   }
 }
 
@@ -797,9 +798,13 @@ void HybridModel::Impl::forward(const ExecContext& ctx, const Batch& b, const st
       refresh_gates(ctx, l);
       s.x = in;
       kernels::rmsnorm_forward(ctx, in, mixer_norm[l].value, s.a, s.rstd, eps);
-      mixer_run(ctx, seq, l, s.a, out, s);
-      if (mix_out != nullptr && !(*mix_out)[l].empty()) copy_on_stream(ctx, (*mix_out)[l], out);
-      kernels::add_inplace(ctx, out, in);
+      if (mix_out != nullptr && !(*mix_out)[l].empty()) {  // the mixer's output before the residual add is wanted
+        mixer_run(ctx, seq, l, s.a, out, s);
+        copy_on_stream(ctx, (*mix_out)[l], out);
+        kernels::add_inplace(ctx, out, in);
+      } else {
+        mixer_run(ctx, seq, l, s.a, out, s, in);
+      }
     }
     ffn_forward(ctx, l, out, st.residual[2 * l + 2]);
   }
