@@ -77,18 +77,29 @@ void gemm(const ExecContext& ctx, bool trans_a, bool trans_b, float alpha, const
   unsupported(op, a);
 }
 
-void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y) {
-  constexpr const char* op = "linear_forward";
+namespace {
+struct LinearDims {
+  int64_t m, n, k;
+};
+// The checks both forwards share: x [.., K] (rows flattened), w [N, K], y [.., N] with x's rows, one device.
+LinearDims check_linear_forward(const char* op, const Tensor& x, const Tensor& w, const Tensor& y) {
   expect_rank(x, 2, op, "x");
   expect_shape(w, {-1, x.shape[x.ndim - 1]}, op, "w");
-  const int64_t m = rows_of(x), n = w.shape[0], k = w.shape[1];
-  expect_same_rows(x, y, n, op, "x", "y");
+  const LinearDims d{rows_of(x), w.shape[0], w.shape[1]};
+  expect_same_rows(x, y, d.n, op, "x", "y");
+  expect_same_device(x, w, op);
+  expect_same_device(x, y, op);
+  return d;
+}
+}  // namespace
+
+void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y) {
+  constexpr const char* op = "linear_forward";
+  const auto [m, n, k] = check_linear_forward(op, x, w, y);
   if (!bias.empty()) {
     expect_shape(bias, {n}, op, "bias");
     expect_same_device(x, bias, op);
   }
-  expect_same_device(x, w, op);
-  expect_same_device(x, y, op);
   if (x.device.is_cpu() && x.dtype == DType::f64) {  // f64: CPU finite-difference harnesses
     expect_dtype(w, DType::f64, op, "w");
     expect_dtype(y, DType::f64, op, "y");
@@ -124,13 +135,8 @@ void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, co
 void linear_forward_residual(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& residual,
                              const Tensor& y) {
   constexpr const char* op = "linear_forward_residual";
-  expect_rank(x, 2, op, "x");
-  expect_shape(w, {-1, x.shape[x.ndim - 1]}, op, "w");
-  const int64_t m = rows_of(x), n = w.shape[0], k = w.shape[1];
-  expect_same_rows(x, y, n, op, "x", "y");
+  const auto [m, n, k] = check_linear_forward(op, x, w, y);
   expect_same_rows(x, residual, n, op, "x", "residual");
-  expect_same_device(x, w, op);
-  expect_same_device(x, y, op);
   expect_same_device(x, residual, op);
   expect_dtype(residual, y.dtype, op, "residual");
   if (x.device.is_cpu()) {
