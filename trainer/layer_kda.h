@@ -72,7 +72,7 @@ struct KdaLayer {
     // The KDA core's forward keeps what its backward would recompute (kernels::kda_forward_saving) when
     // keep_core is set (training models on CUDA with HYD_KDA_SAVE=1, kda_keep_core_from_env) and the core
     // supports it (the tensor-core kernels, no sequence parallelism): core_mem grows to the largest batch
-    // (~184 KB per 64-token chunk and value head at dk = dv = 128), core is this batch's view, empty when
+    // (~152 KB per 64-token chunk and value head at dk = dv = 128), core is this batch's view, empty when
     // the forward did not keep it.
     bool keep_core = false;
     std::shared_ptr<Arena> core_mem;
