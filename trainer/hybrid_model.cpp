@@ -290,6 +290,10 @@ struct HybridModel::Impl {
   std::vector<WeightRef> mixer_norm;                 // layers.L.attn_norm
   std::vector<AttentionMixer> attn;                  // used for A and T layers
   std::vector<KdaLayer> kda;                         // used for K layers
+  // Per K layer with keep_core (HYD_KDA_SAVE=1): the buffer its saving core fills, kept from step to step (each
+  // step's activations are planned anew, and a buffer per step would cudaMalloc / cudaFree ~150 KB per 64 tokens
+  // and value head of every such layer every step, each cudaFree a device synchronisation).
+  std::vector<std::shared_ptr<Arena>> kda_core;
   std::vector<std::pair<Tensor, Tensor>> gate_bf16;  // CUDA, K layers: flat (bf16) A_log, dt_bias values
   // Per layer, the FFN block: the dense MLP (mlp[l]) or, where cfg.model.is_moe_layer(l), the MoE block
   // moe[l] (as DenseModel; the other entry is unused and empty).
@@ -776,6 +780,10 @@ void HybridModel::Impl::begin_step(const Batch& b) {
   hidden_ready = false;
   act_arena.reset();
   step = alloc_step(act_arena, b.num_tokens);
+  kda_core.resize(static_cast<size_t>(cfg.model.num_layers));
+  for (int64_t l = 0; l < cfg.model.num_layers; ++l)
+    if (is_kda(l) && step.mix[l].kda.keep_core)  // handed over, so that a buffer that must grow is freed first
+      step.mix[l].kda.core_mem = std::move(kda_core[static_cast<size_t>(l)]);
 }
 
 void HybridModel::Impl::forward(const ExecContext& ctx, const Batch& b, const std::vector<Tensor>* mix_out) {
@@ -803,6 +811,10 @@ void HybridModel::Impl::forward(const ExecContext& ctx, const Batch& b, const st
     }
     ffn_forward(ctx, l, out, st.residual[2 * l + 2]);
   }
+  // The saving KDA cores' buffers (grown by this forward where the batch needs more) for the next step.
+  if (!kda_core.empty())
+    for (int64_t l = 0; l < cfg.model.num_layers; ++l)
+      if (is_kda(l) && st.mix[l].kda.keep_core) kda_core[static_cast<size_t>(l)] = st.mix[l].kda.core_mem;
   NvtxRange range("final_norm.fwd");
   kernels::rmsnorm_forward(ctx, st.residual.back(), final_norm.value, st.final_normed, st.final_rstd, eps);
   hidden_ready = true;
