@@ -60,7 +60,7 @@ void kda_forward_pass(const ExecContext& ctx, const Tensor& k, const Tensor& v, 
 // A forward that keeps what the backward would recompute, and that backward (CUDA with the tensor-core
 // kernels only: kda_split_forward_supported): the prep of every chunk, X, every chunk's incoming state and
 // v_new go into `saved` (f32, at least kda_saved_floats(k, v, cu_seqlens) elements on the inputs' device,
-// ~184 KB per 64-token chunk and value head at dk = dv = 128); kda_backward_saved of the same inputs,
+// ~152 KB per 64-token chunk and value head at dk = dv = 128); kda_backward_saved of the same inputs,
 // cu_seqlens and saved (nothing written to it in between) then skips the prep and the state pass that
 // kda_backward runs first. Results equal kda_forward's / kda_backward's bit for bit; the initial state is the
 // forward's (kept in the saved states).

@@ -3,7 +3,11 @@
 // double loops (finite-difference harnesses of whole layers; gradients are then f64 too).
 #include "kernels/matmul.h"
 
+#include <cstdlib>
+#include <cstring>
+
 #include "kernels/dispatch.h"
+#include "kernels/elementwise.h"
 
 namespace hyd::kernels {
 
@@ -73,18 +77,29 @@ void gemm(const ExecContext& ctx, bool trans_a, bool trans_b, float alpha, const
   unsupported(op, a);
 }
 
-void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y) {
-  constexpr const char* op = "linear_forward";
+namespace {
+struct LinearDims {
+  int64_t m, n, k;
+};
+// The checks both forwards share: x [.., K] (rows flattened), w [N, K], y [.., N] with x's rows, one device.
+LinearDims check_linear_forward(const char* op, const Tensor& x, const Tensor& w, const Tensor& y) {
   expect_rank(x, 2, op, "x");
   expect_shape(w, {-1, x.shape[x.ndim - 1]}, op, "w");
-  const int64_t m = rows_of(x), n = w.shape[0], k = w.shape[1];
-  expect_same_rows(x, y, n, op, "x", "y");
+  const LinearDims d{rows_of(x), w.shape[0], w.shape[1]};
+  expect_same_rows(x, y, d.n, op, "x", "y");
+  expect_same_device(x, w, op);
+  expect_same_device(x, y, op);
+  return d;
+}
+}  // namespace
+
+void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y) {
+  constexpr const char* op = "linear_forward";
+  const auto [m, n, k] = check_linear_forward(op, x, w, y);
   if (!bias.empty()) {
     expect_shape(bias, {n}, op, "bias");
     expect_same_device(x, bias, op);
   }
-  expect_same_device(x, w, op);
-  expect_same_device(x, y, op);
   if (x.device.is_cpu() && x.dtype == DType::f64) {  // f64: CPU finite-difference harnesses
     expect_dtype(w, DType::f64, op, "w");
     expect_dtype(y, DType::f64, op, "y");
@@ -111,6 +126,51 @@ void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, co
     if (!bias.empty()) expect_dtype(bias, DType::bf16, op, "bias");
     cuda::gemm(ctx.cublas(), ctx.stream(), false, true, m, n, k, 1.f, x.ptr<bf16>(), w.ptr<bf16>(), 0.f, y.data, false);
     if (!bias.empty()) cuda::bias_add(y.ptr<bf16>(), bias.ptr<bf16>(), m, n, ctx.stream());
+    return;
+  }
+#endif
+  unsupported(op, x);
+}
+
+void linear_forward_residual(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& residual,
+                             const Tensor& y) {
+  constexpr const char* op = "linear_forward_residual";
+  const auto [m, n, k] = check_linear_forward(op, x, w, y);
+  expect_same_rows(x, residual, n, op, "x", "residual");
+  expect_same_device(x, residual, op);
+  expect_dtype(residual, y.dtype, op, "residual");
+  if (x.device.is_cpu()) {
+    const bool f64 = x.dtype == DType::f64;
+    const DType t = f64 ? DType::f64 : DType::f32;
+    expect_dtype(x, t, op, "x");
+    expect_dtype(w, t, op, "w");
+    expect_dtype(y, t, op, "y");
+    if (y.data != residual.data) std::memcpy(y.data, residual.data, static_cast<size_t>(m * n) * dtype_size(t));
+    if (f64)
+      cpu::gemm<double>(false, true, m, n, k, 1.0, x.ptr<double>(), w.ptr<double>(), 1.0, y.ptr<double>());
+    else
+      cpu::gemm<float>(false, true, m, n, k, 1.f, x.ptr<float>(), w.ptr<float>(), 1.f, y.ptr<float>());
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  if (x.device.is_cuda()) {
+    check_context(ctx, x, op);
+    expect_dtype(x, DType::bf16, op, "x");
+    expect_dtype(w, DType::bf16, op, "w");
+    expect_dtype(y, DType::bf16, op, "y");
+    // HYD_RESIDUAL_EPILOGUE=0 (for measuring against): the GEMM, then the separate add kernel (not in place).
+    static const bool separate_add = [] {
+      const char* e = std::getenv("HYD_RESIDUAL_EPILOGUE");
+      return e != nullptr && e[0] == '0';
+    }();
+    if (separate_add && y.data != residual.data) {
+      cuda::gemm(ctx.cublas(), ctx.stream(), false, true, m, n, k, 1.f, x.ptr<bf16>(), w.ptr<bf16>(), 0.f, y.data,
+                 false);
+      cuda::add_inplace_bf16(y.ptr<bf16>(), residual.ptr<bf16>(), m * n, ctx.stream());
+      return;
+    }
+    cuda::linear_residual(ctx.cublas(), ctx.cublaslt(), ctx.stream(), ctx.workspace(), ctx.workspace_bytes(), m, n, k,
+                          x.ptr<bf16>(), w.ptr<bf16>(), residual.ptr<bf16>(), y.ptr<bf16>());
     return;
   }
 #endif

@@ -290,6 +290,10 @@ struct HybridModel::Impl {
   std::vector<WeightRef> mixer_norm;                 // layers.L.attn_norm
   std::vector<AttentionMixer> attn;                  // used for A and T layers
   std::vector<KdaLayer> kda;                         // used for K layers
+  // Per K layer with keep_core (HYD_KDA_SAVE=1): the buffer its saving core fills, kept from step to step (each
+  // step's activations are planned anew, and a buffer per step would cudaMalloc / cudaFree ~150 KB per 64 tokens
+  // and value head of every such layer every step, each cudaFree a device synchronisation).
+  std::vector<std::shared_ptr<Arena>> kda_core;
   std::vector<std::pair<Tensor, Tensor>> gate_bf16;  // CUDA, K layers: flat (bf16) A_log, dt_bias values
   // Per layer, the FFN block: the dense MLP (mlp[l]) or, where cfg.model.is_moe_layer(l), the MoE block
   // moe[l] (as DenseModel; the other entry is unused and empty).
@@ -468,8 +472,9 @@ struct HybridModel::Impl {
   void check_activation(const Tensor& t, int64_t n, const char* what, const char* arg) const;
   PackedSequence sequence(const Batch& b) const;
   void refresh_gates(const ExecContext& ctx, int64_t layer) const;
+  // out = mixer(a), or residual + mixer(a) when residual is given (the add inside the output projection).
   void mixer_run(const ExecContext& ctx, const PackedSequence& seq, int64_t l, const Tensor& a, const Tensor& out,
-                 MixerSaved& s);
+                 MixerSaved& s, const Tensor& residual = Tensor{});
   void mixer_grad(const ExecContext& ctx, const PackedSequence& seq, int64_t l, const MixerSaved& s, const Tensor& dout,
                   const Tensor& da);
   void begin_step(const Batch& b);
@@ -754,12 +759,12 @@ void HybridModel::Impl::refresh_gates(const ExecContext& ctx, int64_t l) const {
 }
 
 void HybridModel::Impl::mixer_run(const ExecContext& ctx, const PackedSequence& seq, int64_t l, const Tensor& a,
-                                  const Tensor& out, MixerSaved& s) {
+                                  const Tensor& out, MixerSaved& s, const Tensor& residual) {
   if (is_kda(l)) {
     scratch_arena.reset();
-    kda[l].forward(ctx, seq, a, out, s.kda, scratch_arena);
+    kda[l].forward(ctx, seq, a, out, s.kda, scratch_arena, residual);
   } else {
-    attn[l].forward(ctx, seq, a, out, s.attn);
+    attn[l].forward(ctx, seq, a, out, s.attn, residual);
   }
 }
 
@@ -776,6 +781,10 @@ void HybridModel::Impl::begin_step(const Batch& b) {
   hidden_ready = false;
   act_arena.reset();
   step = alloc_step(act_arena, b.num_tokens);
+  kda_core.resize(static_cast<size_t>(cfg.model.num_layers));
+  for (int64_t l = 0; l < cfg.model.num_layers; ++l)
+    if (is_kda(l) && step.mix[l].kda.keep_core)  // handed over, so that a buffer that must grow is freed first
+      step.mix[l].kda.core_mem = std::move(kda_core[static_cast<size_t>(l)]);
 }
 
 void HybridModel::Impl::forward(const ExecContext& ctx, const Batch& b, const std::vector<Tensor>* mix_out) {
@@ -797,12 +806,20 @@ void HybridModel::Impl::forward(const ExecContext& ctx, const Batch& b, const st
       refresh_gates(ctx, l);
       s.x = in;
       kernels::rmsnorm_forward(ctx, in, mixer_norm[l].value, s.a, s.rstd, eps);
-      mixer_run(ctx, seq, l, s.a, out, s);
-      if (mix_out != nullptr && !(*mix_out)[l].empty()) copy_on_stream(ctx, (*mix_out)[l], out);
-      kernels::add_inplace(ctx, out, in);
+      if (mix_out != nullptr && !(*mix_out)[l].empty()) {  // the mixer's output before the residual add is wanted
+        mixer_run(ctx, seq, l, s.a, out, s);
+        copy_on_stream(ctx, (*mix_out)[l], out);
+        kernels::add_inplace(ctx, out, in);
+      } else {
+        mixer_run(ctx, seq, l, s.a, out, s, in);
+      }
     }
     ffn_forward(ctx, l, out, st.residual[2 * l + 2]);
   }
+  // The saving KDA cores' buffers (grown by this forward where the batch needs more) for the next step.
+  if (!kda_core.empty())
+    for (int64_t l = 0; l < cfg.model.num_layers; ++l)
+      if (is_kda(l) && st.mix[l].kda.keep_core) kda_core[static_cast<size_t>(l)] = st.mix[l].kda.core_mem;
   NvtxRange range("final_norm.fwd");
   kernels::rmsnorm_forward(ctx, st.residual.back(), final_norm.value, st.final_normed, st.final_rstd, eps);
   hidden_ready = true;

@@ -44,8 +44,7 @@ void AttentionLayer::forward(const ExecContext& ctx, const PackedSequence& seq, 
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(head_dim)));
   kernels::attention_forward(ctx, s.q, s.k, s.v, seq.cu_seqlens, seq.max_doc_len, s.o, s.lse, scale);
 
-  kernels::linear_forward(ctx, s.o.view({n, qd}), wo.value, Tensor{}, out);
-  kernels::add_inplace(ctx, out, in);
+  kernels::linear_forward_residual(ctx, s.o.view({n, qd}), wo.value, in, out);
 }
 
 void AttentionLayer::backward(const ExecContext& ctx, const PackedSequence& seq, const Saved& s, const Tensor& dout,

@@ -19,7 +19,7 @@ Tensor row_block(const Tensor& t, int64_t begin, int64_t end) { return t.empty()
 }  // namespace
 
 void AttentionMixer::forward(const ExecContext& ctx, const PackedSequence& seq, const Tensor& a, const Tensor& out,
-                             Saved& s) const {
+                             Saved& s, const Tensor& residual) const {
   NvtxRange range(nvtx_fwd.c_str());
   const int64_t n = seq.num_tokens, qd = q_dim(), kd = kv_dim();
   s.a = a;
@@ -48,7 +48,10 @@ void AttentionMixer::forward(const ExecContext& ctx, const PackedSequence& seq, 
     lasp_attention_forward(ctx, *seq.sp, this, s.q, s.k, s.v, s.o, s.lse, scale);
   else
     kernels::attention_forward(ctx, s.q, s.k, s.v, seq.cu_seqlens, seq.max_doc_len, s.o, s.lse, scale);
-  kernels::linear_forward(ctx, s.o.view({n, qd}), wo.value, Tensor{}, out);
+  if (residual.empty())
+    kernels::linear_forward(ctx, s.o.view({n, qd}), wo.value, Tensor{}, out);
+  else
+    kernels::linear_forward_residual(ctx, s.o.view({n, qd}), wo.value, residual, out);
 }
 
 void AttentionMixer::backward(const ExecContext& ctx, const PackedSequence& seq, const Saved& s, const Tensor& dout,

@@ -82,8 +82,9 @@ struct AttentionMixer {
 
   // out = mixer(a); out must not alias a. Fills `saved` (from alloc_saved for the same N). seq's RoPE
   // tables and positions are read only with rope.
-  void forward(const ExecContext& ctx, const PackedSequence& seq, const Tensor& a, const Tensor& out,
-               Saved& saved) const;
+  // With `residual` ([N, D], may be empty): out = residual + mixer(a), the add inside the output projection.
+  void forward(const ExecContext& ctx, const PackedSequence& seq, const Tensor& a, const Tensor& out, Saved& saved,
+               const Tensor& residual = Tensor{}) const;
   // da = d(out)/d(a)^T dout (overwritten, not accumulated); weight gradients are accumulated.
   // Temporaries come from `scratch`.
   void backward(const ExecContext& ctx, const PackedSequence& seq, const Saved& saved, const Tensor& dout,

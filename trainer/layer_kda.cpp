@@ -62,7 +62,7 @@ void conv_backward(const ExecContext& ctx, const PackedSequence& seq, const Weig
 }  // namespace
 
 void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const Tensor& in, const Tensor& out, Saved& s,
-                       Arena& scratch) const {
+                       Arena& scratch, const Tensor& residual) const {
   NvtxRange range(nvtx_fwd.c_str());
   const int64_t n = seq.num_tokens, h = cfg.heads, hv = cfg.v_heads;
   const ForwardScratch t = alloc_forward_scratch(scratch, n, s.q.dtype);
@@ -116,7 +116,10 @@ void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const 
   kernels::linear_forward(ctx, s.g_low, g_proj1.value, g_proj1_bias.value, s.gate);
   kernels::gated_rmsnorm_forward(ctx, s.o.view({n * hv, cfg.dv}), s.gate.view({n * hv, cfg.dv}), o_norm.value,
                                  s.on.view({n * hv, cfg.dv}), s.o_rstd, cfg.norm_eps);
-  kernels::linear_forward(ctx, s.on, o_proj.value, Tensor{}, out);
+  if (residual.empty())
+    kernels::linear_forward(ctx, s.on, o_proj.value, Tensor{}, out);
+  else
+    kernels::linear_forward_residual(ctx, s.on, o_proj.value, residual, out);
 }
 
 bool KdaLayer::keep_core_from_env() {

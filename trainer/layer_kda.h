@@ -72,7 +72,7 @@ struct KdaLayer {
     // The KDA core's forward keeps what its backward would recompute (kernels::kda_forward_saving) when
     // keep_core is set (training models on CUDA with HYD_KDA_SAVE=1, kda_keep_core_from_env) and the core
     // supports it (the tensor-core kernels, no sequence parallelism): core_mem grows to the largest batch
-    // (~184 KB per 64-token chunk and value head at dk = dv = 128), core is this batch's view, empty when
+    // (~152 KB per 64-token chunk and value head at dk = dv = 128), core is this batch's view, empty when
     // the forward did not keep it.
     bool keep_core = false;
     std::shared_ptr<Arena> core_mem;
@@ -142,9 +142,10 @@ struct KdaLayer {
 
   // out = KDA layer(in) for the packed documents of `seq` (num_tokens, num_docs and cu_seqlens are
   // read; cu_seqlens on the layer's device). Fills `saved` (from alloc_saved for the same N);
-  // temporaries come from `scratch` (reset by the caller). out must not alias in.
+  // temporaries come from `scratch` (reset by the caller). out must not alias in. With `residual` ([N, D], may be
+  // empty): out = residual + KDA layer(in), the block's residual add inside the output projection's GEMM.
   void forward(const ExecContext& ctx, const PackedSequence& seq, const Tensor& in, const Tensor& out, Saved& saved,
-               Arena& scratch) const;
+               Arena& scratch, const Tensor& residual = Tensor{}) const;
   // din = d(out)/d(in)^T dout (overwritten, not accumulated: the block adds its residual); every
   // weight gradient is accumulated into. Temporaries come from `scratch`.
   void backward(const ExecContext& ctx, const PackedSequence& seq, const Saved& saved, const Tensor& dout,

@@ -14,8 +14,7 @@ void MlpLayer::forward(const ExecContext& ctx, const Tensor& in, const Tensor& o
   kernels::rmsnorm_forward(ctx, in, norm.value, s.m, s.rstd, eps);
   kernels::linear_forward(ctx, s.m, w_gate_up.value, Tensor{}, s.gate_up);
   kernels::swiglu_forward(ctx, s.gate_up, s.act);
-  kernels::linear_forward(ctx, s.act, w_down.value, Tensor{}, out);
-  kernels::add_inplace(ctx, out, in);
+  kernels::linear_forward_residual(ctx, s.act, w_down.value, in, out);
 }
 
 void MlpLayer::backward(const ExecContext& ctx, const Saved& s, const Tensor& dout, const Tensor& din,

@@ -161,13 +161,15 @@ inline size_t carve_scratch(float* base, const KdaDims& s, Pass pass, Scratch& s
   sc = Scratch{};
   sc.chunk_off = reinterpret_cast<int32_t*>(take(static_cast<size_t>(s.num_docs) + 1));
   if (pass == Pass::backward_mma || pass == Pass::backward_mma_saved) {
+    // The tensor-core kernels keep v_new and -dv_new as bf16 (half of a float each), S_in and dS_out as hi + lo
+    // bf16 pairs (a float's size).
     if (pass == Pass::backward_mma) {
       sc.x = take(ch * kMat);
       sc.states = take(ch * dk * dv);
-      sc.vn = take(ch * kChunk * dv);
+      sc.vn = take(ch * kChunk * dv / 2);
     }
     sc.dstates = take(ch * dk * dv);
-    sc.dvn = take(ch * kChunk * dv);
+    sc.dvn = take(ch * kChunk * dv / 2);
     sc.dqg = take(ch * kChunk * dk);
     sc.dkg = take(ch * kChunk * dk);
     sc.dw = take(ch * kChunk * dk);

@@ -1542,13 +1542,14 @@ struct Carver {
   }
 };
 
-size_t carve(const KdaDims& s, unsigned char* base, FwdBuffers& f) {
+// with_u false: no u (f.u stays null): what the backward reads of the prep.
+size_t carve(const KdaDims& s, unsigned char* base, FwdBuffers& f, bool with_u = true) {
   const size_t ch = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv);
   const size_t dk = static_cast<size_t>(s.dk), dv = static_cast<size_t>(s.dv);
   Carver cv{base};
   auto take = [&](size_t bytes) { return cv.take(bytes); };
   f.w = reinterpret_cast<__nv_bfloat16*>(take(ch * C * dk * 2));
-  f.u = reinterpret_cast<float*>(take(ch * C * dv * 4));
+  f.u = with_u ? reinterpret_cast<float*>(take(ch * C * dv * 4)) : nullptr;
   f.qg = reinterpret_cast<__nv_bfloat16*>(take(ch * C * dk * 2));
   f.kg = reinterpret_cast<__nv_bfloat16*>(take(ch * C * dk * 2));
   f.aqk = reinterpret_cast<__nv_bfloat16*>(take(ch * C * C * 2));
@@ -1757,9 +1758,10 @@ void backward_products(const KdaDims& s, const bf16* q, const bf16* k, const bf1
   });
 }
 
-// What forward_saving keeps for backward_saved, carved from one buffer: the chunk table, the prep (FwdBuffers),
-// X (f32 [ch][C][C]), every chunk's incoming state as hi + lo bf16 ([ch][dk][dv] each, hi then lo) and v_new
-// (bf16 [ch][C][dv]); the same layout as backward_products' own buffers for these.
+// What forward_saving keeps for backward_saved, carved from one buffer: the chunk table, the prep (FwdBuffers)
+// without u (only the forward's state pass reads it: forward_saving holds it in stream-ordered scratch), X (f32
+// [ch][C][C]), every chunk's incoming state as hi + lo bf16 ([ch][dk][dv] each, hi then lo) and v_new (bf16
+// [ch][C][dv]); the same layout as backward_products' own buffers for these.
 struct SavedBuffers {
   int32_t* chunk_off = nullptr;
   FwdBuffers f{};
@@ -1772,8 +1774,9 @@ size_t carve_saved(const KdaDims& s, unsigned char* base, SavedBuffers& b) {
   const size_t ch = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv);
   Carver cv{base};
   b.chunk_off = reinterpret_cast<int32_t*>(cv.take((static_cast<size_t>(s.num_docs) + 1) * 4));
-  unsigned char* prep = cv.take(forward_scratch_bytes(s));
-  if (base) carve(s, prep, b.f);
+  FwdBuffers counted{};
+  unsigned char* prep = cv.take(carve(s, nullptr, counted, false));
+  if (base) carve(s, prep, b.f, false);
   b.x = reinterpret_cast<float*>(cv.take(ch * C * C * 4));
   b.states = reinterpret_cast<__nv_bfloat16*>(cv.take(ch * static_cast<size_t>(s.dk * s.dv) * 4));
   b.vn = reinterpret_cast<__nv_bfloat16*>(cv.take(ch * C * static_cast<size_t>(s.dv) * 2));
@@ -1801,11 +1804,16 @@ void forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* 
   carve_saved(s, static_cast<unsigned char*>(saved), b);
   const size_t state_elems = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
                              static_cast<size_t>(s.dk) * static_cast<size_t>(s.dv);
+  // u (the prep's u = X Diag(beta) v, read by the state pass only) in stream-ordered scratch, freed behind it.
+  const size_t u_bytes = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) * C *
+                         static_cast<size_t>(s.dv) * sizeof(float);
+  CHECK_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&b.f.u), std::max<size_t>(u_bytes, 16), stream));
   with_dims(s, [&]<int DK, int DV>() {
     prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, b.chunk_off, b.f, stream, b.x);
     state_impl<DK, DV>(s, cu_seqlens, b.chunk_off, initial_state, o, final_state, b.f, stream, b.states,
                        b.states + state_elems, b.vn);
   });
+  CHECK_CUDA(cudaFreeAsync(b.f.u, stream));
 }
 
 void backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,

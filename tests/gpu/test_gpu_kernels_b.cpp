@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/adamw.h"
@@ -110,6 +111,33 @@ TEST(GpuKernelsB, LinearForwardBackwardWithBias) {
   linear_backward(ctx, tdy, tx, tw, tdx_acc, true, Tensor{}, Tensor{});
   ctx.synchronize();
   expect_close(DeviceBuffers::download(tdx_acc), dx_acc_ref, kBf16Tol, "linear dx accumulated");
+}
+
+// y = x w^T + residual through the cuBLASLt epilogue, into a poisoned output and in place over the residual, at a
+// few shapes (odd ones included) and for a residual that is a row slice of a larger buffer.
+TEST(GpuKernelsB, LinearForwardResidualMatchesCpu) {
+  HYD_REQUIRE_GPU();
+  ExecContext ctx(Device::cuda(0));
+  for (auto [m, n, k] :
+       {std::tuple<int64_t, int64_t, int64_t>{67, 96, 80}, {256, 1024, 1024}, {1, 8, 8}, {300, 1024, 2816}}) {
+    SCOPED_TRACE("m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k));
+    DeviceBuffers buf(Device::cuda(0), size_t(64) << 20);
+    const std::vector<float> x = round_bf16(randn(m * k)), w = round_bf16(randn(n * k, 0.05f)),
+                             r = round_bf16(randn((m + 3) * n));
+    std::vector<float> ref(m * n);
+    cpu::gemm<float>(false, true, m, n, k, 1.f, x.data(), w.data(), 0.f, ref.data());
+    for (int64_t i = 0; i < m * n; ++i) ref[i] += r[3 * n + i];  // rows 3.. of the residual buffer
+    const Tensor tx = buf.upload(x, {m, k}, DType::bf16), tw = buf.upload(w, {n, k}, DType::bf16);
+    const Tensor tr = buf.upload(r, {m + 3, n}, DType::bf16).slice0(3, m + 3);
+    const Tensor ty = buf.poisoned({m, n}, DType::bf16);
+    linear_forward_residual(ctx, tx, tw, tr, ty);
+    ctx.synchronize();
+    expect_close(DeviceBuffers::download(ty), ref, kBf16Tol, "y = x w^T + residual");
+    // In place: the residual buffer itself receives the sum; the rows before the slice stay.
+    linear_forward_residual(ctx, tx, tw, tr, tr);
+    ctx.synchronize();
+    expect_close(DeviceBuffers::download(tr), ref, kBf16Tol, "residual += x w^T");
+  }
 }
 
 // ---------------------------------------------------------------- attention

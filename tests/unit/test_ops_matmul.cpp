@@ -106,6 +106,41 @@ TEST(OpsMatmul, LinearBackwardMatchesFiniteDifferences) {
   EXPECT_LT(rel_err(db, numeric(bias)), 1e-8);
 }
 
+TEST(OpsMatmul, LinearForwardResidualAddsTheResidual) {
+  ExecContext ctx(Device::cpu());
+  const int64_t m = 7, n = 9, k = 11;
+  std::vector<float> x = randn(m * k), w = randn(n * k), r = randn(m * n);
+  std::vector<double> ref = linear_f64(to_f64(x), to_f64(w), std::vector<double>(n, 0.0), m, n, k);
+  for (int64_t i = 0; i < m * n; ++i) ref[i] += r[i];
+  // Into a separate output (poisoned first), then in place over the residual.
+  std::vector<float> y(m * n, std::numeric_limits<float>::quiet_NaN()), r_inplace = r;
+  linear_forward_residual(ctx, cpu_f32(x, {m, k}), cpu_f32(w, {n, k}), cpu_f32(r, {m, n}), cpu_f32(y, {m, n}));
+  EXPECT_LT(rel_err(to_f64(y), ref), 1e-5);
+  linear_forward_residual(ctx, cpu_f32(x, {m, k}), cpu_f32(w, {n, k}), cpu_f32(r_inplace, {m, n}),
+                          cpu_f32(r_inplace, {m, n}));
+  EXPECT_LT(rel_err(to_f64(r_inplace), ref), 1e-5);
+  // f64 (the finite-difference harnesses' path).
+  std::vector<double> yd(m * n, std::numeric_limits<double>::quiet_NaN()), xd = to_f64(x), wd = to_f64(w),
+                                                                           rd = to_f64(r);
+  linear_forward_residual(
+      ctx, Tensor(xd.data(), DType::f64, Device::cpu(), {m, k}), Tensor(wd.data(), DType::f64, Device::cpu(), {n, k}),
+      Tensor(rd.data(), DType::f64, Device::cpu(), {m, n}), Tensor(yd.data(), DType::f64, Device::cpu(), {m, n}));
+  EXPECT_LT(rel_err(yd, ref), 1e-12);
+  // A residual of the wrong shape or dtype is refused by name.
+  std::vector<float> r_short(n * (m - 1));
+  EXPECT_THROW(
+      {
+        try {
+          linear_forward_residual(ctx, cpu_f32(x, {m, k}), cpu_f32(w, {n, k}), cpu_f32(r_short, {m - 1, n}),
+                                  cpu_f32(y, {m, n}));
+        } catch (const std::exception& e) {
+          EXPECT_NE(std::string(e.what()).find("residual"), std::string::npos) << e.what();
+          throw;
+        }
+      },
+      std::exception);
+}
+
 TEST(OpsMatmul, LinearDispatcherFloatMatchesDouble) {
   ExecContext ctx(Device::cpu());
   const int64_t b = 3, t = 4, n = 9, k = 11, m = b * t;  // x as [B, T, K]: leading dims are flattened
