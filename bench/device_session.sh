@@ -9,7 +9,7 @@
 # moe_rows: our MoE layer with the per-expert loop and the grouped cuBLAS call from 256 to 2048 rows per expert,
 # for 64 experts of FFN 1408 and 128 of FFN 768: where one grouped call beats the loop;
 # e2e_ab: the distill step B8xT2048 with the defaults and with each of AB_VARS (space-separated NAME=VALUE, e.g.
-# "HYD_KDA_SAVE=1 HYD_RESIDUAL_EPILOGUE=0"), alternating, twice: same-call A/B of switches)
+# "HYD_KDA_SAVE=0 HYD_SP_ASYNC=0"), alternating, twice: same-call A/B of switches)
 set -uo pipefail
 out=${1:?usage: device_session.sh OUT_DIR [PARTS]}
 parts=${2:-gpu_parallel,gpu,dp,sp_k,moe}
@@ -59,9 +59,9 @@ if has moe_rows; then
   done
 fi
 if has kda_save; then
-  # The KDA core keeping its forward work for the backward (HYD_KDA_SAVE=1): the bit-for-bit kernel test, the
+  # The KDA core keeping its forward work for the backward (the default; HYD_KDA_SAVE=0 recomputes): the bit-for-bit kernel test, the
   # models under it, the kernel bench (both pairs in one line) and the distill step with and without it.
-  timeout 200 ctest --test-dir build --output-on-failure -R 'test_gpu_kda$|kda_save' >"$out/kda_save.log" 2>&1
+  timeout 200 ctest --test-dir build --output-on-failure -R 'test_gpu_kda$|test_gpu_kda_layer|test_gpu_hybrid_model' >"$out/kda_save.log" 2>&1
   echo "kda_save tests rc=$?"; grep -E "tests passed|Failed|FAILED" "$out/kda_save.log" | head -n 10
   timeout 120 ./build/bench_kda 8 4096 2 16384 1 32768 | tee "$out/kda_save_bench.txt"
   for v in 0 1 0 1; do

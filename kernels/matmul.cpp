@@ -158,17 +158,6 @@ void linear_forward_residual(const ExecContext& ctx, const Tensor& x, const Tens
     expect_dtype(x, DType::bf16, op, "x");
     expect_dtype(w, DType::bf16, op, "w");
     expect_dtype(y, DType::bf16, op, "y");
-    // HYD_RESIDUAL_EPILOGUE=0 (for measuring against): the GEMM, then the separate add kernel (not in place).
-    static const bool separate_add = [] {
-      const char* e = std::getenv("HYD_RESIDUAL_EPILOGUE");
-      return e != nullptr && e[0] == '0';
-    }();
-    if (separate_add && y.data != residual.data) {
-      cuda::gemm(ctx.cublas(), ctx.stream(), false, true, m, n, k, 1.f, x.ptr<bf16>(), w.ptr<bf16>(), 0.f, y.data,
-                 false);
-      cuda::add_inplace_bf16(y.ptr<bf16>(), residual.ptr<bf16>(), m * n, ctx.stream());
-      return;
-    }
     cuda::linear_residual(ctx.cublas(), ctx.cublaslt(), ctx.stream(), ctx.workspace(), ctx.workspace_bytes(), m, n, k,
                           x.ptr<bf16>(), w.ptr<bf16>(), residual.ptr<bf16>(), y.ptr<bf16>());
     return;

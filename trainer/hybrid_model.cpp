@@ -290,9 +290,9 @@ struct HybridModel::Impl {
   std::vector<WeightRef> mixer_norm;                 // layers.L.attn_norm
   std::vector<AttentionMixer> attn;                  // used for A and T layers
   std::vector<KdaLayer> kda;                         // used for K layers
-  // Per K layer with keep_core (HYD_KDA_SAVE=1): the buffer its saving core fills, kept from step to step (each
-  // step's activations are planned anew, and a buffer per step would cudaMalloc / cudaFree ~150 KB per 64 tokens
-  // and value head of every such layer every step, each cudaFree a device synchronisation).
+  // Per K layer with keep_core (the default; HYD_KDA_SAVE=0 turns it off): the buffer its saving core fills, kept from
+  // step to step (each step's activations are planned anew, and a buffer per step would cudaMalloc / cudaFree ~150 KB
+  // per 64 tokens and value head of every such layer every step, each cudaFree a device synchronisation).
   std::vector<std::shared_ptr<Arena>> kda_core;
   std::vector<std::pair<Tensor, Tensor>> gate_bf16;  // CUDA, K layers: flat (bf16) A_log, dt_bias values
   // Per layer, the FFN block: the dense MLP (mlp[l]) or, where cfg.model.is_moe_layer(l), the MoE block

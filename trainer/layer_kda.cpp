@@ -124,7 +124,7 @@ void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const 
 
 bool KdaLayer::keep_core_from_env() {
   const char* e = std::getenv("HYD_KDA_SAVE");
-  return e != nullptr && std::string(e) == "1";
+  return e == nullptr || std::string(e) != "0";
 }
 
 void KdaLayer::backward(const ExecContext& ctx, const PackedSequence& seq, const Saved& s, const Tensor& dout,

@@ -95,12 +95,12 @@ LayerResult run_cuda(KdaLayerWeights& w, const std::vector<int32_t>& cu, const s
        {&saved.q_lin, &saved.k_lin, &saved.v_lin, &saved.q, &saved.k, &saved.v, &saved.q_rstd, &saved.k_rstd,
         &saved.f_low, &saved.g, &saved.beta, &saved.g_low, &saved.gate, &saved.o, &saved.o_rstd, &saved.on})
     kernels::fill(ctx, *t, std::numeric_limits<float>::quiet_NaN());
-  saved.keep_core = KdaLayer::keep_core_from_env();  // HYD_KDA_SAVE=1: the ctest variant .kda_save
+  saved.keep_core = KdaLayer::keep_core_from_env();  // the default; HYD_KDA_SAVE=0: the ctest variant .kda_recompute
   w.zero_grad();
   device_sync();
   w.layer().forward(ctx, seq, x, out, saved, scratch);
   if (saved.keep_core && kernels::kda_split_forward_supported(saved.k, saved.v)) {
-    EXPECT_FALSE(saved.core.empty()) << "HYD_KDA_SAVE=1: the core kept its forward work";
+    EXPECT_FALSE(saved.core.empty()) << "keep_core: the core kept its forward work";
   } else {
     EXPECT_TRUE(saved.core.empty());
   }
