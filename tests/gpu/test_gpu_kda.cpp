@@ -323,10 +323,14 @@ TEST(GpuKda, ForwardBackwardTransitionMatchCpu) {
   }
 }
 
+// Twelve one-token documents around the empty one: the relative errors are norms over every token and value
+// head, and with the three tokens this test had, dbeta's six values (sums of dv products with cancellation)
+// missed the bf16 tolerance about once in twenty runs (seed 11187813620866019502: 1.7e-2 against 1e-2,
+// deterministic on replay; the case's typical error is 3e-3).
 TEST(GpuKda, LengthOneAndEmptyDocumentsGiveNoNaN) {
   HYD_REQUIRE_GPU();
   for (bool initial : {false, true}) {
-    const Problem p = make_problem({1, 1, 0, 1}, 1, 2, 64, 64, initial, Gates::mixed);
+    const Problem p = make_problem({1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, 1, 2, 64, 64, initial, Gates::mixed);
     const std::string what = describe(p, "mixed", initial);
     SCOPED_TRACE(what);
     std::printf("cuda %s\n", what.c_str());

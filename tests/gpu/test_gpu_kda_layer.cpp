@@ -2,20 +2,21 @@
 // gradients) against the CPU f32 layer with identical weights: FLA's initialisation (std 0.02) with a
 // random g_proj.1 bias and o_norm weight, every bf16 weight rounded to bf16 on both sides, the same
 // bf16-rounded input and output gradient, documents of 1, 63, 64, 65 and 200 tokens packed (chunk
-// boundaries on both sides of 64), grouped value heads and dk = dv = 64, then a single head group at
-// dk = dv = 128. Saved activations and outputs are poisoned (NaN) before every run.
-// Tolerances. A bf16 rounding costs ~1.65e-3 relative (rms), and the layer stores ~4 of them in
-// series before the output (projection, conv, l2 norm, KDA output, gated norm); emulating exactly
-// those storage roundings on the CPU f32 path (the KDA core itself exact) gave out 5.5e-3, dx and
-// every weight gradient 5-6e-3, and dA_log up to 1.2e-2 (4 values, each a sum over N dk terms with
-// cancellation). The CUDA chunked KDA kernels add their own bf16 operand rounding, so: out < 1.5e-2,
-// dx and gradients < 2.5e-2, dA_log < 5e-2. The decay-gate parameters (f_proj.*, dt_bias, A_log)
-// get their gradient only through the log-decay gradient dg, which the tensor-core KDA core
-// (kernels/cuda/kda_mma.cu) computes from bf16 operands (1e-3 to 3.5e-3 relative in
-// gpu.test_gpu_kda, against ~3e-4 for the fp32 version 1); dt_bias and A_log sum it over every
-// token (cancellation): f_proj.* < 5e-2, dt_bias and A_log < 1e-1 (measured on an H200 over six
-// runs of fresh inputs: f_proj up to 1.5e-2, dt_bias up to 2.7e-2, A_log up to 4.7e-2). The errors
-// are printed.
+// boundaries on both sides of 64), grouped value heads and dk = dv = 64, then ungrouped heads (one value head per key
+// head) at dk = dv = 128. Saved activations and outputs are poisoned (NaN) before every run.
+//
+// Tolerances. A bf16 rounding costs ~1.65e-3 relative (rms), and the layer stores ~4 of them in series before the
+// output (projection, conv, l2 norm, KDA output, gated norm); emulating exactly those storage roundings on the CPU f32
+// path (the KDA core itself exact) gave out 5.5e-3, dx and every weight gradient 5-6e-3, and dA_log up to 1.2e-2 (4
+// values, each a sum over N dk terms with cancellation). The CUDA chunked KDA kernels add their own bf16 operand
+// rounding, so: out < 1.5e-2, dx and gradients < 2.5e-2, dA_log < 5e-2. The decay-gate parameters (f_proj.*, dt_bias,
+// A_log) get their gradient only through the log-decay gradient dg, which the tensor-core KDA core
+// (kernels/cuda/kda_mma.cu) computes from bf16 operands (1e-3 to 3.5e-3 relative in gpu.test_gpu_kda, against ~3e-4
+// for the fp32 version 1); dt_bias and A_log sum it over every token (cancellation): f_proj.* < 5e-2, dt_bias and
+// A_log < 1e-1. A_log has one value per value head, and its relative error is a norm over them: with 2 and 4 value
+// heads (this test until stop 20) a norm near zero came now and then, and A_log's error was heavy-tailed (one H100, 30
+// runs of fresh inputs: median 3e-2, 2 runs over 1e-1, worst 2.5e-1, deterministic on replay), so both cases now have
+// 8 value heads. The errors are printed.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -152,8 +153,8 @@ TEST(GpuKdaLayer, MatchesCpuLayerWithGroupedValueHeads) {
   HYD_REQUIRE_GPU();
   KdaConfig cfg;
   cfg.hidden = 256;
-  cfg.heads = 2;
-  cfg.v_heads = 4;
+  cfg.heads = 4;
+  cfg.v_heads = 8;
   cfg.dk = 64;
   cfg.dv = 64;
   compare_layers(cfg);
@@ -163,8 +164,8 @@ TEST(GpuKdaLayer, MatchesCpuLayerAtHeadDim128) {
   HYD_REQUIRE_GPU();
   KdaConfig cfg;
   cfg.hidden = 384;
-  cfg.heads = 2;
-  cfg.v_heads = 2;
+  cfg.heads = 8;
+  cfg.v_heads = 8;
   cfg.dk = 128;
   cfg.dv = 128;
   compare_layers(cfg);
