@@ -9,7 +9,7 @@
 # moe_rows: our MoE layer with the per-expert loop and the grouped cuBLAS call from 256 to 2048 rows per expert,
 # for 64 experts of FFN 1408 and 128 of FFN 768: where one grouped call beats the loop;
 # e2e_ab: the distill step B8xT2048 with the defaults and with each of AB_VARS (space-separated NAME=VALUE, e.g.
-# "HYD_KDA_SAVE=0 HYD_SP_ASYNC=0"), alternating, twice: same-call A/B of switches)
+# "HYD_KDA_SAVE=0 HYD_MOE_GEMM=grouped"), alternating, twice: same-call A/B of switches)
 set -uo pipefail
 out=${1:?usage: device_session.sh OUT_DIR [PARTS]}
 parts=${2:-gpu_parallel,gpu,dp,sp_k,moe}
