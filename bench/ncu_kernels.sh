@@ -40,9 +40,18 @@ if sys.argv[2] == '1':
     for name, (n, tot) in sorted(by.items(), key=lambda kv: -kv[1][1]):
         print(f"{name:<48} {n:>8} {tot / 1e3:>9.3f} {tot / n:>9.1f} {tot / total:>6.1%}")
     sys.exit(0)
+def short(metric):  # e.g. smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio -> stall_barrier
+    unit, name = metric.split('__')[0], metric.split('__')[-1]
+    name = name.replace('average_warps_issue_stalled_', 'stall_').replace('_per_issue_active.ratio', '')
+    name = name.replace('.avg.pct_of_peak_sustained_active', '%').replace('.avg.pct_of_peak_sustained_elapsed', '%')
+    name = name.replace('pipe_tensor_op_hmma_cycles_active', 'tensor_active')
+    name = name.replace('data_bank_conflicts_pipe_lsu_mem_shared.sum', 'smem_bank_conflicts')
+    if name.startswith('throughput'):
+        name = unit + '_' + name
+    return name[:32]
 for key, e in rows.items():
     t = float(e['m'].pop('gpu__time_duration.sum', 'nan')) / 1e3
-    extra = ' '.join(f"{k.split('__')[-1][:28]}={v}" for k, v in e['m'].items())
+    extra = ' '.join(f"{short(k)}={v}" for k, v in e['m'].items())
     print(f"{key:>3} {e['name']:<48} {e['grid']:<14} {t:9.1f} us  {extra}")
 PY
 rm -f "$tmp"
