@@ -91,6 +91,12 @@ LinearDims check_linear_forward(const char* op, const Tensor& x, const Tensor& w
   expect_same_device(x, y, op);
   return d;
 }
+// x, w and y of a linear forward all of dtype t.
+void expect_operands(const char* op, DType t, const Tensor& x, const Tensor& w, const Tensor& y) {
+  expect_dtype(x, t, op, "x");
+  expect_dtype(w, t, op, "w");
+  expect_dtype(y, t, op, "y");
+}
 }  // namespace
 
 void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& bias, const Tensor& y) {
@@ -101,17 +107,14 @@ void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, co
     expect_same_device(x, bias, op);
   }
   if (x.device.is_cpu() && x.dtype == DType::f64) {  // f64: CPU finite-difference harnesses
-    expect_dtype(w, DType::f64, op, "w");
-    expect_dtype(y, DType::f64, op, "y");
+    expect_operands(op, DType::f64, x, w, y);
     if (!bias.empty()) expect_dtype(bias, DType::f64, op, "bias");
     cpu::gemm<double>(false, true, m, n, k, 1.0, x.ptr<double>(), w.ptr<double>(), 0.0, y.ptr<double>());
     if (!bias.empty()) cpu::bias_add<double>(y.ptr<double>(), bias.ptr<double>(), m, n);
     return;
   }
   if (x.device.is_cpu()) {
-    expect_dtype(x, DType::f32, op, "x");
-    expect_dtype(w, DType::f32, op, "w");
-    expect_dtype(y, DType::f32, op, "y");
+    expect_operands(op, DType::f32, x, w, y);
     if (!bias.empty()) expect_dtype(bias, DType::f32, op, "bias");
     cpu::gemm<float>(false, true, m, n, k, 1.f, x.ptr<float>(), w.ptr<float>(), 0.f, y.ptr<float>());
     if (!bias.empty()) cpu::bias_add<float>(y.ptr<float>(), bias.ptr<float>(), m, n);
@@ -120,9 +123,7 @@ void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, co
 #ifdef HYD_WITH_CUDA
   if (x.device.is_cuda()) {
     check_context(ctx, x, op);
-    expect_dtype(x, DType::bf16, op, "x");
-    expect_dtype(w, DType::bf16, op, "w");
-    expect_dtype(y, DType::bf16, op, "y");
+    expect_operands(op, DType::bf16, x, w, y);
     if (!bias.empty()) expect_dtype(bias, DType::bf16, op, "bias");
     cuda::gemm(ctx.cublas(), ctx.stream(), false, true, m, n, k, 1.f, x.ptr<bf16>(), w.ptr<bf16>(), 0.f, y.data, false);
     if (!bias.empty()) cuda::bias_add(y.ptr<bf16>(), bias.ptr<bf16>(), m, n, ctx.stream());
@@ -142,9 +143,7 @@ void linear_forward_residual(const ExecContext& ctx, const Tensor& x, const Tens
   if (x.device.is_cpu()) {
     const bool f64 = x.dtype == DType::f64;
     const DType t = f64 ? DType::f64 : DType::f32;
-    expect_dtype(x, t, op, "x");
-    expect_dtype(w, t, op, "w");
-    expect_dtype(y, t, op, "y");
+    expect_operands(op, t, x, w, y);
     if (y.data != residual.data) std::memcpy(y.data, residual.data, static_cast<size_t>(m * n) * dtype_size(t));
     if (f64)
       cpu::gemm<double>(false, true, m, n, k, 1.0, x.ptr<double>(), w.ptr<double>(), 1.0, y.ptr<double>());
@@ -155,9 +154,7 @@ void linear_forward_residual(const ExecContext& ctx, const Tensor& x, const Tens
 #ifdef HYD_WITH_CUDA
   if (x.device.is_cuda()) {
     check_context(ctx, x, op);
-    expect_dtype(x, DType::bf16, op, "x");
-    expect_dtype(w, DType::bf16, op, "w");
-    expect_dtype(y, DType::bf16, op, "y");
+    expect_operands(op, DType::bf16, x, w, y);
     cuda::linear_residual(ctx.cublas(), ctx.cublaslt(), ctx.stream(), ctx.workspace(), ctx.workspace_bytes(), m, n, k,
                           x.ptr<bf16>(), w.ptr<bf16>(), residual.ptr<bf16>(), y.ptr<bf16>());
     return;
