@@ -3,11 +3,9 @@
 // double loops (finite-difference harnesses of whole layers; gradients are then f64 too).
 #include "kernels/matmul.h"
 
-#include <cstdlib>
 #include <cstring>
 
 #include "kernels/dispatch.h"
-#include "kernels/elementwise.h"
 
 namespace hyd::kernels {
 
