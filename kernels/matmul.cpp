@@ -134,6 +134,7 @@ void linear_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, co
 void linear_forward_residual(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& residual,
                              const Tensor& y) {
   constexpr const char* op = "linear_forward_residual";
+  if (residual.empty()) return linear_forward(ctx, x, w, Tensor{}, y);
   const auto [m, n, k] = check_linear_forward(op, x, w, y);
   expect_same_rows(x, residual, n, op, "x", "residual");
   expect_same_device(x, residual, op);

@@ -2,9 +2,9 @@
 //   gemm:   C[M,N] = alpha * op(A) * op(B) + beta * C,  op(A) [M,K] (A is [K,M] when trans_a), op(B) [K,N]
 //           (B is [N,K] when trans_b).
 //   linear: y[M,N] = x[M,K] * w[N,K]^T (+ bias[N])
-//   linear_forward_residual: y[M,N] = x[M,K] * w[N,K]^T + residual[M,N] (y may be residual itself): the residual add
-//           of a block's output projection inside the GEMM (on CUDA a cuBLASLt epilogue with C = residual, rounded
-//           to bf16 once)
+//   linear_forward_residual: y[M,N] = x[M,K] * w[N,K]^T + residual[M,N] (y may be residual itself; an empty
+//           residual: linear_forward without bias): the residual add of a block's output projection inside the GEMM
+//           (on CUDA a cuBLASLt epilogue with C = residual, rounded to bf16 once)
 //           dx[M,K] (=, or += when accumulate_dx) dy * w;   dw[N,K] += dy^T * x;   dbias[N] += sum_m dy
 // dtypes: CPU f32 (OpenBLAS). CUDA: A, B bf16, C bf16 or f32, fp32 accumulation (cuBLAS). Weight and
 // bias gradients are f32 on both devices.

@@ -48,10 +48,7 @@ void AttentionMixer::forward(const ExecContext& ctx, const PackedSequence& seq, 
     lasp_attention_forward(ctx, *seq.sp, this, s.q, s.k, s.v, s.o, s.lse, scale);
   else
     kernels::attention_forward(ctx, s.q, s.k, s.v, seq.cu_seqlens, seq.max_doc_len, s.o, s.lse, scale);
-  if (residual.empty())
-    kernels::linear_forward(ctx, s.o.view({n, qd}), wo.value, Tensor{}, out);
-  else
-    kernels::linear_forward_residual(ctx, s.o.view({n, qd}), wo.value, residual, out);
+  kernels::linear_forward_residual(ctx, s.o.view({n, qd}), wo.value, residual, out);
 }
 
 void AttentionMixer::backward(const ExecContext& ctx, const PackedSequence& seq, const Saved& s, const Tensor& dout,

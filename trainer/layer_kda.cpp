@@ -116,10 +116,7 @@ void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const 
   kernels::linear_forward(ctx, s.g_low, g_proj1.value, g_proj1_bias.value, s.gate);
   kernels::gated_rmsnorm_forward(ctx, s.o.view({n * hv, cfg.dv}), s.gate.view({n * hv, cfg.dv}), o_norm.value,
                                  s.on.view({n * hv, cfg.dv}), s.o_rstd, cfg.norm_eps);
-  if (residual.empty())
-    kernels::linear_forward(ctx, s.on, o_proj.value, Tensor{}, out);
-  else
-    kernels::linear_forward_residual(ctx, s.on, o_proj.value, residual, out);
+  kernels::linear_forward_residual(ctx, s.on, o_proj.value, residual, out);
 }
 
 bool KdaLayer::keep_core_from_env() {

@@ -119,6 +119,10 @@ TEST(OpsMatmul, LinearForwardResidualAddsTheResidual) {
   linear_forward_residual(ctx, cpu_f32(x, {m, k}), cpu_f32(w, {n, k}), cpu_f32(r_inplace, {m, n}),
                           cpu_f32(r_inplace, {m, n}));
   EXPECT_LT(rel_err(to_f64(r_inplace), ref), 1e-5);
+  // An empty residual: the plain linear forward.
+  std::vector<float> y0(m * n, std::numeric_limits<float>::quiet_NaN());
+  linear_forward_residual(ctx, cpu_f32(x, {m, k}), cpu_f32(w, {n, k}), Tensor{}, cpu_f32(y0, {m, n}));
+  EXPECT_LT(rel_err(to_f64(y0), linear_f64(to_f64(x), to_f64(w), std::vector<double>(n, 0.0), m, n, k)), 1e-5);
   // f64 (the finite-difference harnesses' path).
   std::vector<double> yd(m * n, std::numeric_limits<double>::quiet_NaN()), xd = to_f64(x), wd = to_f64(w),
                                                                            rd = to_f64(r);
