@@ -8,6 +8,7 @@
 // column sums go to ddt_bias with an f32 atomicAdd per column (a plain add with one chunk), and to
 // dA_log with one atomicAdd per block when its 32 columns share a head, else one per column.
 #include <algorithm>
+#include <cstdint>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/kda_gates.h"
@@ -30,6 +31,31 @@ __global__ void kda_gate_forward_kernel(const __nv_bfloat16* __restrict__ f, con
     g[e] = -a * softplusf(to_f(f[e]) + dt_bias[c]);
   }
 }
+
+// Eight consecutive elements per thread (when the channel count and dk are multiples of 8, f, dt_bias and g 16-byte
+// aligned): one 16-byte load of f, two of dt_bias, two 16-byte stores of g, and one 64-bit channel / head index per
+// eight elements (the per-element kernel's 64-bit modulo and division made it ~3x slower than its bytes; ncu at
+// B8xT2048, 8 heads of 128: 88 us for ~96 MB). The same arithmetic per element, so the same bits.
+__global__ void kda_gate_forward8_kernel(const __nv_bfloat16* __restrict__ f, const float* __restrict__ A_log,
+                                         const float* __restrict__ dt_bias, float* __restrict__ g, int64_t total8,
+                                         int64_t channels, int64_t dk) {
+  for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < total8; v += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = v * 8, c = e % channels;
+    const float a = expf(A_log[c / dk]);
+    const uint4 fv = *reinterpret_cast<const uint4*>(f + e);
+    const float4 b0 = *reinterpret_cast<const float4*>(dt_bias + c),
+                 b1 = *reinterpret_cast<const float4*>(dt_bias + c + 4);
+    const __nv_bfloat16* fh = reinterpret_cast<const __nv_bfloat16*>(&fv);
+    const float bias[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+    float out[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[j] = -a * softplusf(to_f(fh[j]) + bias[j]);
+    *reinterpret_cast<float4*>(g + e) = make_float4(out[0], out[1], out[2], out[3]);
+    *reinterpret_cast<float4*>(g + e + 4) = make_float4(out[4], out[5], out[6], out[7]);
+  }
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 __global__ void beta_forward_kernel(const __nv_bfloat16* __restrict__ b, float* __restrict__ beta, int64_t total) {
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x)
@@ -105,8 +131,12 @@ void kda_gates_forward(const bf16* f, const float* A_log, const float* dt_bias, 
   HYD_CHECK(dk > 0, "kda_gates_forward: dk must be positive");
   const int threads = 256;
   const int64_t total = n * hv * dk;
-  kda_gate_forward_kernel<<<grid_for(total, threads), threads, 0, as_stream(stream)>>>(as_nv(f), A_log, dt_bias, g,
-                                                                                       total, hv * dk, dk);
+  if (dk % 8 == 0 && aligned16(f) && aligned16(dt_bias) && aligned16(g))
+    kda_gate_forward8_kernel<<<grid_for(total / 8, threads), threads, 0, as_stream(stream)>>>(
+        as_nv(f), A_log, dt_bias, g, total / 8, hv * dk, dk);
+  else
+    kda_gate_forward_kernel<<<grid_for(total, threads), threads, 0, as_stream(stream)>>>(as_nv(f), A_log, dt_bias, g,
+                                                                                         total, hv * dk, dk);
   CHECK_LAUNCH();
   beta_forward_kernel<<<grid_for(n * hv, threads), threads, 0, as_stream(stream)>>>(as_nv(b), beta, n * hv);
   CHECK_LAUNCH();
