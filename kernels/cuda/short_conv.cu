@@ -21,6 +21,7 @@
 #include <initializer_list>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/short_conv.h"
 
 namespace hyd::kernels::cuda {
@@ -31,6 +32,7 @@ using namespace cuda_detail;
 
 constexpr int kChannels = 32;  // threadIdx.x
 constexpr int kRuns = 8;       // threadIdx.y
+constexpr int kTileRun = 16;   // tokens per run of the tiled kernels
 
 // The document holding token t: cu[doc] <= t < cu[doc + 1] (empty documents are skipped).
 __device__ __forceinline__ void find_document(const int32_t* cu, int64_t num_docs, int64_t t, int64_t& doc,
@@ -70,16 +72,17 @@ __device__ __forceinline__ void load_taps(const __nv_bfloat16* w, int64_t c, int
 // Window before token t0 of document `doc` starting at `begin`: win[i] = xx[t0 - KMAX + i] for the
 // k-1 tokens preceding t0 (x inside the document, halo[doc, s - begin + k - 1] before it, zero without
 // a halo; zero beyond k-1 tokens); the first shift moves x[t0] into win[KMAX-1].
-template <int KMAX>
-__device__ __forceinline__ void load_window(const __nv_bfloat16* x, const __nv_bfloat16* halo, int64_t t0, int64_t doc,
-                                            int64_t begin, int64_t c, int64_t channels, int k, float (&win)[KMAX]) {
+// x_at(s): x of token s in channel c (called for tokens s >= begin only).
+template <int KMAX, class XAt>
+__device__ __forceinline__ void load_window(XAt x_at, const __nv_bfloat16* halo, int64_t t0, int64_t doc, int64_t begin,
+                                            int64_t c, int64_t channels, int k, float (&win)[KMAX]) {
 #pragma unroll
   for (int i = 0; i < KMAX; ++i) {
     const int64_t s = t0 - KMAX + i;
     float v = 0.f;
     if (t0 - s <= k - 1) {
       if (s >= begin)
-        v = to_f(x[s * channels + c]);
+        v = x_at(s);
       else if (halo != nullptr)
         v = to_f(halo[(doc * (k - 1) + (s - begin + k - 1)) * channels + c]);
     }
@@ -95,7 +98,7 @@ __device__ __forceinline__ void start_window(const __nv_bfloat16* halo, int64_t 
 #pragma unroll
     for (int i = 0; i < KMAX; ++i) win[i] = 0.f;
   } else {
-    load_window<KMAX>(nullptr, halo, begin, doc, begin, c, channels, k, win);
+    load_window<KMAX>([](int64_t) { return 0.f; }, halo, begin, doc, begin, c, channels, k, win);
   }
 }
 
@@ -134,15 +137,51 @@ __device__ __forceinline__ void store_ch(__nv_bfloat16* p, const float (&v)[CPT]
   }
 }
 
+// Tiled kernels (TILED: KMAX = 4, CPT = 2, run_len = kTileRun, the channel count a multiple of 8, the rows
+// 16-byte aligned): the block first copies the rows its runs read, from KMAX - 1 rows before its first token on,
+// into shared memory (cp.async, 16 bytes each, all issued at once), and the runs read them there. Without the tile
+// every token of a run waited for its own 4-byte loads: latency-bound (the backward ~0.8 TB/s at B8xT2048 x 1024).
+// Copies rows [row0, row0 + ROWS) of src (those in [0, n)), channels [cb, cb + COLS) (those below `channels`), into
+// tile[row - row0][channel - cb]; the caller waits (cp_async_wait) and synchronises.
+template <int ROWS, int COLS>
+__device__ __forceinline__ void stage_rows(__nv_bfloat16 (*tile)[COLS], const __nv_bfloat16* src, int64_t row0,
+                                           int64_t n, int64_t channels, int64_t cb) {
+  constexpr int kVecs = COLS / 8;  // 16-byte vectors per row
+  const int nthreads = static_cast<int>(blockDim.x * blockDim.y);
+  for (int i = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x); i < ROWS * kVecs; i += nthreads) {
+    const int r = i / kVecs, v = i % kVecs;
+    const int64_t s = row0 + r, cc = cb + v * 8;
+    const bool valid = s >= 0 && s < n && cc < channels;
+    ptx::cp_async16(ptx::smem_addr(&tile[r][v * 8]), valid ? src + s * channels + cc : src, valid);
+  }
+}
+
 // A thread handles CPT adjacent channels (c, c + 1 when CPT = 2) of its run: the same tokens and
 // document bookkeeping, one paired load / store per token row.
-template <int KMAX, int CPT>
+template <int KMAX, int CPT, bool TILED = false>
 __global__ void short_conv_forward_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
                                           const int32_t* __restrict__ cu, int64_t num_docs,
                                           const __nv_bfloat16* __restrict__ halo, __nv_bfloat16* __restrict__ y,
                                           int64_t n, int64_t channels, int k, int64_t run_len) {
+  static_assert(!TILED || (KMAX == 4 && CPT == 2), "the tiled forward is the paired k <= 4 kernel");
+  constexpr int kCols = kChannels * CPT;
+  constexpr int kRows = TILED ? kRuns * kTileRun + KMAX - 1 : 1;
+  __shared__ __align__(16) __nv_bfloat16 tile[kRows][TILED ? kCols : 8];  // [token - row0][channel - cb]
   const int64_t c = (int64_t(blockIdx.x) * kChannels + threadIdx.x) * CPT;
   const int64_t t0 = (int64_t(blockIdx.y) * kRuns + threadIdx.y) * run_len;
+  const int64_t row0 = int64_t(blockIdx.y) * kRuns * run_len - (KMAX - 1);  // the tile's first token (TILED)
+  if constexpr (TILED) {
+    stage_rows<kRows, kCols>(tile, x, row0, n, channels, int64_t(blockIdx.x) * kCols);
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+  }
+  auto x_row = [&](int64_t s) -> const __nv_bfloat16* {
+    if constexpr (TILED)
+      return &tile[s - row0][threadIdx.x * CPT];
+    else
+      return x + s * channels + c;
+  };
   if (c >= channels || t0 >= n) return;
   const int64_t t1 = std::min(n, t0 + run_len);
   float wr[CPT][KMAX], win[CPT][KMAX];
@@ -151,7 +190,7 @@ __global__ void short_conv_forward_kernel(const __nv_bfloat16* __restrict__ x, c
 #pragma unroll
   for (int j = 0; j < CPT; ++j) {
     load_taps<KMAX>(w, c + j, k, wr[j]);
-    load_window<KMAX>(x, halo, t0, doc, begin, c + j, channels, k, win[j]);
+    load_window<KMAX>([&](int64_t s) { return to_f(x_row(s)[j]); }, halo, t0, doc, begin, c + j, channels, k, win[j]);
   }
   for (int64_t t = t0; t < t1; ++t) {
     if (t >= end) {  // a document starts at t: nothing before it is visible but its halo
@@ -160,7 +199,7 @@ __global__ void short_conv_forward_kernel(const __nv_bfloat16* __restrict__ x, c
       for (int j = 0; j < CPT; ++j) start_window<KMAX>(halo, doc, begin, c + j, channels, k, win[j]);
     }
     float xv[CPT], out[CPT];
-    load_ch<CPT>(x + t * channels + c, xv);
+    load_ch<CPT>(x_row(t), xv);
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
       push<KMAX>(win[j], xv[j]);
@@ -171,16 +210,43 @@ __global__ void short_conv_forward_kernel(const __nv_bfloat16* __restrict__ x, c
   }
 }
 
-template <int KMAX, int CPT>
+// TILED: x and dy rows staged (stage_rows), to KMAX - 1 rows after the block's last token.
+template <int KMAX, int CPT, bool TILED = false>
 __global__ void short_conv_backward_kernel(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ x,
                                            const __nv_bfloat16* __restrict__ w, const int32_t* __restrict__ cu,
                                            int64_t num_docs, const __nv_bfloat16* __restrict__ halo,
                                            __nv_bfloat16* __restrict__ dx, float* __restrict__ dw,
                                            __nv_bfloat16* __restrict__ dhalo, int64_t n, int64_t channels, int k,
                                            int64_t run_len) {
-  __shared__ float red[kRuns][KMAX][kChannels * CPT + 1];
+  static_assert(!TILED || (KMAX == 4 && CPT == 2), "the tiled backward is the paired k <= 4 kernel");
+  constexpr int kCols = kChannels * CPT;
+  constexpr int kRows = TILED ? kRuns * kTileRun + 2 * (KMAX - 1) : 1;
+  __shared__ float red[kRuns][KMAX][kCols + 1];
+  __shared__ __align__(16) __nv_bfloat16 tile[2][kRows][TILED ? kCols : 8];  // [x, dy][token - row0][channel - cb]
   const int64_t c = (int64_t(blockIdx.x) * kChannels + threadIdx.x) * CPT;
   const int64_t t0 = (int64_t(blockIdx.y) * kRuns + threadIdx.y) * run_len;
+  const int64_t row0 = int64_t(blockIdx.y) * kRuns * run_len - (KMAX - 1);  // the tile's first token (TILED)
+  if constexpr (TILED) {
+    const int64_t cb = int64_t(blockIdx.x) * kCols;
+    stage_rows<kRows, kCols>(tile[0], x, row0, n, channels, cb);
+    stage_rows<kRows, kCols>(tile[1], dy, row0, n, channels, cb);
+    ptx::cp_async_commit();
+    ptx::cp_async_wait<0>();
+    __syncthreads();
+  }
+  // Row s of x / dy at this thread's channels: the tile or global memory.
+  auto x_row = [&](int64_t s) -> const __nv_bfloat16* {
+    if constexpr (TILED)
+      return &tile[0][s - row0][threadIdx.x * CPT];
+    else
+      return x + s * channels + c;
+  };
+  auto dy_row = [&](int64_t s) -> const __nv_bfloat16* {
+    if constexpr (TILED)
+      return &tile[1][s - row0][threadIdx.x * CPT];
+    else
+      return dy + s * channels + c;
+  };
   float accw[CPT][KMAX];  // dw partial sums, right-aligned like wr
 #pragma unroll
   for (int j = 0; j < CPT; ++j)
@@ -195,7 +261,7 @@ __global__ void short_conv_backward_kernel(const __nv_bfloat16* __restrict__ dy,
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
       load_taps<KMAX>(w, c + j, k, wr[j]);
-      load_window<KMAX>(x, halo, t0, doc, begin, c + j, channels, k, win[j]);
+      load_window<KMAX>([&](int64_t s) { return to_f(x_row(s)[j]); }, halo, t0, doc, begin, c + j, channels, k, win[j]);
 #pragma unroll
       for (int i = 0; i < KMAX; ++i) acc[j][i] = 0.f;
     }
@@ -232,8 +298,8 @@ __global__ void short_conv_backward_kernel(const __nv_bfloat16* __restrict__ dy,
       }
       emit(0, s - KMAX);  // no du at or after s reaches token s - KMAX
       float xv[CPT], gv[CPT];
-      load_ch<CPT>(x + s * channels + c, xv);
-      load_ch<CPT>(dy + s * channels + c, gv);
+      load_ch<CPT>(x_row(s), xv);
+      load_ch<CPT>(dy_row(s), gv);
 #pragma unroll
       for (int j = 0; j < CPT; ++j) {
         push<KMAX>(acc[j], 0.f);
@@ -275,6 +341,8 @@ __global__ void short_conv_backward_kernel(const __nv_bfloat16* __restrict__ dy,
   }
 }
 
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 struct ConvLaunch {
   dim3 grid;
   int64_t run_len;
@@ -306,14 +374,19 @@ void short_conv_forward(const bf16* x, const bf16* w, const int32_t* cu_seqlens,
             kShortConvMaxKernel, "]");
   HYD_CHECK(num_docs >= 1, "short_conv_forward: ", n, " tokens but no documents");
   const int cpt = paired(channels, kernel, {x, y, halo}) ? 2 : 1;
-  const ConvLaunch l = conv_launch(n, channels, cpt, 16, 65535);
+  ConvLaunch l = conv_launch(n, channels, cpt, 16, 65535);
+  const int64_t tile_chunks = (n + kRuns * kTileRun - 1) / (kRuns * kTileRun);
+  const bool tiled = cpt == 2 && channels % 8 == 0 && aligned16(x) && tile_chunks <= 65535;
+  if (tiled) l = ConvLaunch{dim3(l.grid.x, static_cast<unsigned>(tile_chunks)), kTileRun};
   const dim3 block(kChannels, kRuns);
   if (kernel == 1) halo = nullptr;  // no halo rows
   auto run = [&](auto kern) {
     kern<<<l.grid, block, 0, as_stream(stream)>>>(as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(halo), as_nv(y), n,
                                                   channels, static_cast<int>(kernel), l.run_len);
   };
-  if (cpt == 2)
+  if (tiled)
+    run(short_conv_forward_kernel<4, 2, true>);
+  else if (cpt == 2)
     run(short_conv_forward_kernel<4, 2>);
   else if (kernel <= 4)
     run(short_conv_forward_kernel<4, 1>);
@@ -341,17 +414,21 @@ void short_conv_backward(const bf16* dy, const bf16* x, const bf16* w, const int
   const ConvLaunch l =
       conv_launch(n, channels, cpt, 16, std::clamp<int64_t>((2048 + col_blocks - 1) / col_blocks, 1, 65535));
   const dim3 block(kChannels, kRuns);
-  auto run = [&](auto kern) {
-    kern<<<l.grid, block, 0, as_stream(stream)>>>(as_nv(dy), as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(halo),
-                                                  as_nv(dx), dw, as_nv(dhalo), n, channels, static_cast<int>(kernel),
-                                                  l.run_len);
+  auto run = [&](auto kern, const ConvLaunch& launch) {
+    kern<<<launch.grid, block, 0, as_stream(stream)>>>(as_nv(dy), as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(halo),
+                                                       as_nv(dx), dw, as_nv(dhalo), n, channels,
+                                                       static_cast<int>(kernel), launch.run_len);
   };
-  if (cpt == 2)
-    run(short_conv_backward_kernel<4, 2>);
+  const int64_t tile_chunks = (n + kRuns * kTileRun - 1) / (kRuns * kTileRun);
+  if (cpt == 2 && channels % 8 == 0 && aligned16(x) && aligned16(dy) && tile_chunks <= 65535)
+    run(short_conv_backward_kernel<4, 2, true>,
+        ConvLaunch{dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(tile_chunks)), kTileRun});
+  else if (cpt == 2)
+    run(short_conv_backward_kernel<4, 2>, l);
   else if (kernel <= 4)
-    run(short_conv_backward_kernel<4, 1>);
+    run(short_conv_backward_kernel<4, 1>, l);
   else
-    run(short_conv_backward_kernel<16, 1>);
+    run(short_conv_backward_kernel<16, 1>, l);
   CHECK_LAUNCH();
 }
 

@@ -73,9 +73,11 @@ TEST_F(GpuKdaLayerOps, ShortConvForwardAndBackward) {
   };
   std::vector<int32_t> many;  // 120 documents of 0..20 tokens (empty ones included)
   for (int32_t l : randint(120, 0, 21)) many.push_back(l);
+  // (10 channels: paired, not a multiple of 8, so the kernels without the shared-memory tile.)
   const std::vector<Case> cases = {
       {{1, 63, 64, 65, 7}, 96, 4}, {{3, 0, 7}, 5, 4}, {{200}, 64, 1}, {{2, 30, 1}, 40, 3},
       {{17, 1, 40}, 24, 7},        {{50, 9}, 33, 16}, {many, 48, 4},  {{1500, 1, 499}, 1024, 4},
+      {{300, 0, 45}, 10, 4},
   };
   for (const Case& cs : cases) {
     const std::vector<int32_t> cu = offsets(cs.lengths);
@@ -120,7 +122,7 @@ TEST_F(GpuKdaLayerOps, ShortConvWithHaloForwardAndBackward) {
   const std::vector<Case> cases = {
       {{1, 63, 64, 65, 7}, 96, 4}, {{3, 0, 1, 2, 7}, 5, 4}, {{200}, 64, 1},    {{2, 30, 1}, 40, 3},
       {{17, 1, 2, 40}, 24, 7},     {{50, 2, 9}, 33, 16},    {many, 48, 4},     {many, 40, 2},
-      {{1500, 1, 499}, 1024, 4},   {{2, 1, 0, 5}, 32, 2},   {{0, 3, 0}, 8, 4},
+      {{1500, 1, 499}, 1024, 4},   {{2, 1, 0, 5}, 32, 2},   {{0, 3, 0}, 8, 4}, {{300, 0, 45}, 10, 4},
   };
   for (const Case& cs : cases) {
     const std::vector<int32_t> cu = offsets(cs.lengths);
