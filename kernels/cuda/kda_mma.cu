@@ -21,6 +21,8 @@
 //     with S and v_new as hi + lo bf16 pairs in the products that feed the state (fp32-class
 //     state arithmetic), v_new as one bf16 term in Aqk v_new (o is bf16).
 #include <algorithm>
+#include <cstdlib>
+#include <mutex>
 #include <type_traits>
 
 #include "kernels/cuda/common.cuh"
@@ -1127,8 +1129,8 @@ struct IntraLayout {
   static constexpr size_t oAk = oT + kMat;                     // Ak, then dAqk
   static constexpr size_t oBeta = oAk + kMat;                  // beta [C]
   static constexpr size_t oDbT = oBeta + C * 4;                // dbeta through T [C]
-  static constexpr size_t oExtra = oDbT + C * 4;               // dG_last terms [DK]
-  static constexpr size_t bytes = oExtra + DK * 4;
+  static constexpr size_t oExtra = oDbT + C * 4;               // dG_last terms [5][DK]: e^{G_last} dgls, row blocks 0-3
+  static constexpr size_t bytes = oExtra + 5 * DK * 4;
   static_assert(size_t{C} * kLdB<DK> * 2 <= kMat, "q's tile must fit X's");
 };
 
@@ -1434,7 +1436,7 @@ __global__ void __launch_bounds__(kThreads, 2)
           v += __shfl_xor_sync(0xffffffffu, v, 4);
           v += __shfl_xor_sync(0xffffffffu, v, 8);
           v += __shfl_xor_sync(0xffffffffu, v, 16);
-          if (gq == 0) atomicAdd(extra + col0 + 8 * nt + 2 * tq + j, v);
+          if (gq == 0) extra[(1 + I) * DK + col0 + 8 * nt + 2 * tq + j] = v;  // one writer: summed in step 7
         }
 #pragma unroll
         for (int half_r = 0; half_r < 2; ++half_r) {
@@ -1513,7 +1515,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   KDA_CLOCK(7);
   // 7. dg = reverse cumulative sum of dG over the rows, plus the dG_last terms on every row.
   if (tid < DK) {
-    float acc = extra[tid];
+    float acc = extra[tid];  // + the row blocks' sums in a fixed order (deterministic, unlike an atomic add)
+#pragma unroll
+    for (int b = 1; b <= 4; ++b) acc += extra[b * DK + tid];
     for (int r = C - 1; r >= 0; --r) {
       acc += gs[r * LDG + tid];
       if (r < L) dg[((sp.start + r) * HV + hv) * DK + tid] = acc;
@@ -1604,6 +1608,42 @@ void forward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v,
   state_impl<DK, DV>(s, cu, chunk_off, initial_state, o, final_state, f, st);
 }
 
+// The recomputing backward's state pass runs on a second stream beside the reverse pass: both read only the prep
+// (and the reverse pass dout), and they write different buffers; each is sequential over a document's chunks with
+// documents x value heads x DV / kBV blocks, a quarter of an H100 or less when a batch holds few long documents
+// (B = 1 at 16k tokens and 8 heads: 32 blocks each), where they would otherwise run one after the other.
+// Only when a pass's blocks fill at most half of the SMs: H200, bench_kda (2026-11-28), recomputing fwd+bwd
+// B1xT16384 H=16 (64 blocks) 5.95 -> 5.62 ms, B1xT32768 11.85 -> 11.59 ms, but B8xT4096 (512 blocks)
+// 9.85 -> 10.10 ms. One stream and two events per device, created on first use and kept for the process; null
+// with HYD_KDA_CONCURRENT=0 (one after the other, for measuring against) or when the pass has more blocks.
+struct SideStream {
+  cudaStream_t stream = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr;
+  int sms = 0;
+};
+const SideStream* side_stream(int64_t pass_blocks) {
+  static const bool on = [] {
+    const char* e = std::getenv("HYD_KDA_CONCURRENT");
+    return !(e != nullptr && e[0] == '0');
+  }();
+  if (!on) return nullptr;
+  constexpr int kMaxDevices = 64;
+  static SideStream sides[kMaxDevices];
+  static std::mutex mu;
+  int dev = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  HYD_CHECK(dev >= 0 && dev < kMaxDevices, "kda: device ", dev, " beyond ", kMaxDevices);
+  std::lock_guard<std::mutex> lock(mu);
+  SideStream& side = sides[dev];
+  if (side.stream == nullptr) {
+    CHECK_CUDA(cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking));
+    CHECK_CUDA(cudaEventCreateWithFlags(&side.fork, cudaEventDisableTiming));
+    CHECK_CUDA(cudaEventCreateWithFlags(&side.join, cudaEventDisableTiming));
+    CHECK_CUDA(cudaDeviceGetAttribute(&side.sms, cudaDevAttrMultiProcessorCount, dev));
+  }
+  return 2 * pass_blocks <= side.sms ? &side : nullptr;
+}
+
 template <int DK, int DV>
 void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
                    const int32_t* cu, const int32_t* chunk_off, const float* initial_state, const bf16* dout,
@@ -1627,13 +1667,23 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
   __nv_bfloat16* dstates_hi = reinterpret_cast<__nv_bfloat16*>(sc.dstates);
   __nv_bfloat16* vn = reinterpret_cast<__nv_bfloat16*>(sc.vn);
   __nv_bfloat16* ndvn = reinterpret_cast<__nv_bfloat16*>(sc.dvn);
+  // (Not when dinitial_state overwrites initial_state, which the state pass reads.)
+  const bool aliased = dinitial_state != nullptr && static_cast<const void*>(dinitial_state) == initial_state;
+  const SideStream* side = recompute && !aliased ? side_stream(docs.x) : nullptr;
   if (recompute) {
+    cudaStream_t state_st = st;
+    if (side != nullptr) {  // after the prep
+      CHECK_CUDA(cudaEventRecord(side->fork, st));
+      CHECK_CUDA(cudaStreamWaitEvent(side->stream, side->fork, 0));
+      state_st = side->stream;
+    }
     using SL = StateLayout<DK>;
     set_smem(state_kernel<DK, DV>, SL::bytes);
-    state_kernel<DK, DV><<<docs, kThreads, SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl,
-                                                            initial_state, nullptr, nullptr, states_hi,
-                                                            states_hi + state_elems, vn);
+    state_kernel<DK, DV><<<docs, kThreads, SL::bytes, state_st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl,
+                                                                  initial_state, nullptr, nullptr, states_hi,
+                                                                  states_hi + state_elems, vn);
     CHECK_LAUNCH();
+    if (side != nullptr) CHECK_CUDA(cudaEventRecord(side->join, side->stream));
   }
   using RL = ReverseLayout<DK>;
   set_smem(reverse_kernel<DK, DV>, RL::bytes);
@@ -1641,6 +1691,7 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
                                                             dfinal_state, dstates_hi, dstates_hi + state_elems, ndvn,
                                                             dinitial_state);
   CHECK_LAUNCH();
+  if (side != nullptr) CHECK_CUDA(cudaStreamWaitEvent(st, side->join, 0));  // the products read S_in and v_new
   if (mc > 0) {
     using QL = ProductsHalfLayout<DK, DV>;
     set_smem(products_half_kernel<DK, DV>, QL::bytes);
