@@ -16,7 +16,8 @@
 // A_log < 1e-1. A_log has one value per value head, and its relative error is a norm over them: with 2 and 4 value
 // heads (this test until stop 20) a norm near zero came now and then, and A_log's error was heavy-tailed (one H100, 30
 // runs of fresh inputs: median 3e-2, 2 runs over 1e-1, worst 2.5e-1, deterministic on replay), so both cases now have
-// 8 value heads. The errors are printed.
+// 8 value heads, and A_log's error is taken against a lower bound of its terms' scale (compare_layers). The errors are
+// printed.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -140,10 +141,37 @@ void compare_layers(const KdaConfig& cfg) {
   std::printf("  %-18s rel err %.3e\n  %-18s rel err %.3e\n", "out", out_err, "dx", dx_err);
   EXPECT_LT(out_err, kOutTol) << "out";
   EXPECT_LT(dx_err, kGradTol) << "dx";
-  for (size_t i = 0; i < wc.params().size(); ++i) {
-    const std::string& name = wc.params()[i].name;
-    const double err = rel_err(got.grads[i], ref.grads[i]);
-    std::printf("  %-18s rel err %.3e\n", name.c_str(), err);
+  const auto& params = wc.params();
+  auto index_of = [&](const std::string& name) {
+    for (size_t i = 0; i < params.size(); ++i)
+      if (params[i].name == name) return i;
+    ADD_FAILURE() << "no parameter " << name;
+    return size_t{0};
+  };
+  const size_t i_alog = index_of("A_log"), i_dt = index_of("dt_bias");
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::string& name = params[i].name;
+    double err = rel_err(got.grads[i], ref.grads[i]);
+    std::printf("  %-18s rel err %.3e", name.c_str(), err);
+    if (i == i_alog) {
+      // dA_log[h] = sum over tokens and channels of dg g: with cancellation its value can be far below its terms,
+      // and the rounding errors of the terms add up at the scale of the terms. The error is taken against the larger
+      // of |dA_log[h]| and S_h = sum_i |ddt_bias[h, i]| (reference values): ddt_bias sums the same dg against
+      // d g / d dt_bias = -a sigmoid(z), and |g| = a softplus(z) >= a sigmoid(z), so S_h is a lower bound of
+      // sum |dg g|. (The plain relative error over the heads was heavy-tailed: 2 of 30 H100 runs over 1e-1.)
+      const int64_t dk = cfg.dk;
+      double num = 0, den = 0;
+      for (size_t h = 0; h < ref.grads[i].size(); ++h) {
+        double scale = 0;
+        for (int64_t c = 0; c < dk; ++c) scale += std::fabs(ref.grads[i_dt][h * dk + c]);
+        const double d = got.grads[i][h] - ref.grads[i][h];
+        num += d * d;
+        den += std::max(ref.grads[i][h] * ref.grads[i][h], scale * scale);
+      }
+      err = std::sqrt(num / std::max(den, 1e-300));
+      std::printf(", against max(|dA_log|, sum |ddt_bias|) %.3e", err);
+    }
+    std::printf("\n");
     const bool summed = name == "A_log" || name == "dt_bias";
     EXPECT_LT(err, summed ? kSummedGateGradTol : name.starts_with("f_proj") ? kGateGradTol : kGradTol) << name;
   }
