@@ -37,6 +37,7 @@
 #include "trainer/layer_attention_mixer.h"
 #include "trainer/layer_mlp.h"
 #include "trainer/layer_moe.h"
+#include "trainer/model_common.h"
 
 #ifdef HYD_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -157,46 +158,10 @@ bool HybridConfig::has(MixerKind kind) const { return std::find(layers.begin(), 
 
 namespace {
 
-// Every parameter view starts at a multiple of 64 elements of the flat buffers (aligned for vectorised
-// kernels and cuBLAS); padding elements are zero and belong to no parameter.
-constexpr int64_t kParamAlign = 64;
-// The LM head works on C tokens at a time, C * V * 4 bytes <= 64 MiB, 16 <= C <= 1024.
-constexpr size_t kLogitsChunkBytes = size_t(64) << 20;
-constexpr int64_t kMaxLogitsChunk = 1024;
-constexpr int64_t kMinLogitsChunk = 16;
-
-// copy_tensor / zero_tensor run on the legacy default stream, which does not order against the
-// contexts' non-blocking streams: host<->device transfers are fenced with a device synchronisation.
-void device_sync(Device d) {
-#ifdef HYD_WITH_CUDA
-  if (d.is_cuda()) CHECK_CUDA(cudaDeviceSynchronize());
-#else
-  (void)d;
-#endif
-}
-
-Tensor view_at(const Tensor& flat, int64_t offset, const std::vector<int64_t>& shape) {
-  char* p = static_cast<char*>(flat.data) + offset * static_cast<int64_t>(dtype_size(flat.dtype));
-  if (shape.size() == 1) return Tensor(p, flat.dtype, flat.device, {shape[0]});
-  if (shape.size() == 3) return Tensor(p, flat.dtype, flat.device, {shape[0], shape[1], shape[2]});  // experts
-  HYD_CHECK(shape.size() == 2, "parameters are vectors, matrices or stacks of expert matrices");
-  return Tensor(p, flat.dtype, flat.device, {shape[0], shape[1]});
-}
-
-// Device tensor (f32 or bf16) -> host f32. The caller has synchronised the device.
-std::vector<float> download_f32(const Tensor& t) {
-  const int64_t n = t.numel();
-  std::vector<float> out(static_cast<size_t>(n));
-  if (t.dtype == DType::f32) {
-    copy_tensor(Tensor(out.data(), DType::f32, Device::cpu(), {n}), t.view({n}));
-  } else {
-    HYD_CHECK(t.dtype == DType::bf16, "download_f32: unsupported dtype ", dtype_name(t.dtype));
-    std::vector<bf16> tmp(static_cast<size_t>(n));
-    copy_tensor(Tensor(tmp.data(), DType::bf16, Device::cpu(), {n}), t.view({n}));
-    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(tmp[i]);
-  }
-  return out;
-}
+using model_common::device_sync;
+using model_common::download_f32;
+using model_common::upload_f32;
+using model_common::view_at;
 
 // dst = src (same dtype and numel, both on the device of ctx), ordered on ctx's stream.
 void copy_on_stream(const ExecContext& ctx, const Tensor& dst, const Tensor& src) {
@@ -211,19 +176,6 @@ void copy_on_stream(const ExecContext& ctx, const Tensor& dst, const Tensor& src
   (void)ctx;
 #endif
   std::memcpy(dst.data, src.data, bytes);
-}
-
-// Host f32 -> device tensor (f32 or bf16, rounded to nearest even).
-void upload_f32(const Tensor& t, const float* src) {
-  const int64_t n = t.numel();
-  if (t.dtype == DType::f32) {
-    copy_tensor(t.view({n}), Tensor(const_cast<float*>(src), DType::f32, Device::cpu(), {n}));
-  } else {
-    HYD_CHECK(t.dtype == DType::bf16, "upload_f32: unsupported dtype ", dtype_name(t.dtype));
-    std::vector<bf16> tmp(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) tmp[i] = float_to_bf16(src[i]);
-    copy_tensor(t.view({n}), Tensor(tmp.data(), DType::bf16, Device::cpu(), {n}));
-  }
 }
 
 // The KDA parameters: name suffix, storage shape, weight decay, member of KdaLayer. Names and shapes
@@ -447,16 +399,7 @@ struct HybridModel::Impl {
   }
 
   void add_param(const std::string& name, std::vector<int64_t> shape, bool weight_decay, int64_t& offset) {
-    ParamInfo p;
-    p.name = name;
-    p.shape = std::move(shape);
-    p.weight_decay = weight_decay;
-    p.numel = 1;
-    for (int64_t v : p.shape) p.numel *= v;
-    p.offset = offset;
-    offset += (p.numel + kParamAlign - 1) / kParamAlign * kParamAlign;
-    index[name] = params.size();
-    params.push_back(std::move(p));
+    model_common::add_param(params, index, name, std::move(shape), weight_decay, offset);
   }
 
   WeightRef ref(const std::string& name) const {
@@ -678,8 +621,7 @@ void HybridModel::Impl::build() {
     upload_f32(rope_sin, sin_host.data());
   }
 
-  logits_chunk = static_cast<int64_t>(kLogitsChunkBytes / (static_cast<size_t>(V) * 4));
-  logits_chunk = std::clamp(logits_chunk / kMinLogitsChunk * kMinLogitsChunk, kMinLogitsChunk, kMaxLogitsChunk);
+  logits_chunk = model_common::logits_chunk_tokens(V);
   default_logits_chunk = logits_chunk;
   ArenaSizer as;
   alloc_step(as, max_tokens);

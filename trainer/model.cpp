@@ -38,73 +38,14 @@
 #include "trainer/layer_attention.h"
 #include "trainer/layer_mlp.h"
 #include "trainer/layer_moe.h"
-
-#ifdef HYD_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
+#include "trainer/model_common.h"
 
 namespace hyd {
 
-namespace {
-
-// Every parameter view starts at a multiple of 64 elements (128 B in bf16, 256 B in f32) of the
-// flat buffers, so vectorised kernels and cuBLAS see aligned pointers even for tiny test shapes.
-// Padding elements are zero and belong to no parameter.
-constexpr int64_t kParamAlign = 64;
-// The LM head processes C tokens at a time, C * V * 4 bytes <= 64 MiB (and C <= 1024), so that
-// logits for the whole batch never exist.
-constexpr size_t kLogitsChunkBytes = size_t(64) << 20;
-constexpr int64_t kMaxLogitsChunk = 1024;
-constexpr int64_t kMinLogitsChunk = 16;
-
-// cudaMemcpy/cudaMemset (copy_tensor, zero_tensor) run on the legacy default stream, which does not
-// order against the contexts' non-blocking streams: host<->device transfers are fenced with a full
-// device synchronisation on both sides.
-void device_sync(Device d) {
-#ifdef HYD_WITH_CUDA
-  if (d.is_cuda()) CHECK_CUDA(cudaDeviceSynchronize());
-#else
-  (void)d;
-#endif
-}
-
-Tensor view_at(const Tensor& flat, int64_t offset, const std::vector<int64_t>& shape) {
-  char* p = static_cast<char*>(flat.data) + offset * static_cast<int64_t>(dtype_size(flat.dtype));
-  if (shape.size() == 1) return Tensor(p, flat.dtype, flat.device, {shape[0]});
-  if (shape.size() == 3) return Tensor(p, flat.dtype, flat.device, {shape[0], shape[1], shape[2]});  // experts
-  HYD_CHECK(shape.size() == 2, "parameters are vectors, matrices or stacks of expert matrices");
-  return Tensor(p, flat.dtype, flat.device, {shape[0], shape[1]});
-}
-
-// Device tensor (f32 or bf16) -> host f32. The caller has synchronised the device.
-std::vector<float> download_f32(const Tensor& t) {
-  const int64_t n = t.numel();
-  std::vector<float> out(static_cast<size_t>(n));
-  if (t.dtype == DType::f32) {
-    copy_tensor(Tensor(out.data(), DType::f32, Device::cpu(), {n}), t.view({n}));
-  } else {
-    HYD_CHECK(t.dtype == DType::bf16, "download_f32: unsupported dtype ", dtype_name(t.dtype));
-    std::vector<bf16> tmp(static_cast<size_t>(n));
-    copy_tensor(Tensor(tmp.data(), DType::bf16, Device::cpu(), {n}), t.view({n}));
-    for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_float(tmp[i]);
-  }
-  return out;
-}
-
-// Host f32 -> device tensor (f32 or bf16, rounded to nearest even).
-void upload_f32(const Tensor& t, const float* src) {
-  const int64_t n = t.numel();
-  if (t.dtype == DType::f32) {
-    copy_tensor(t.view({n}), Tensor(const_cast<float*>(src), DType::f32, Device::cpu(), {n}));
-  } else {
-    HYD_CHECK(t.dtype == DType::bf16, "upload_f32: unsupported dtype ", dtype_name(t.dtype));
-    std::vector<bf16> tmp(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) tmp[i] = float_to_bf16(src[i]);
-    copy_tensor(t.view({n}), Tensor(tmp.data(), DType::bf16, Device::cpu(), {n}));
-  }
-}
-
-}  // namespace
+using model_common::device_sync;
+using model_common::download_f32;
+using model_common::upload_f32;
+using model_common::view_at;
 
 struct DenseModel::Impl {
   ModelConfig cfg;
@@ -186,16 +127,7 @@ struct DenseModel::Impl {
   }
 
   void add_param(const std::string& name, std::vector<int64_t> shape, bool weight_decay, int64_t& offset) {
-    ParamInfo p;
-    p.name = name;
-    p.shape = std::move(shape);
-    p.weight_decay = weight_decay;
-    p.numel = 1;
-    for (int64_t v : p.shape) p.numel *= v;
-    p.offset = offset;
-    offset += (p.numel + kParamAlign - 1) / kParamAlign * kParamAlign;
-    index[name] = params.size();
-    params.push_back(std::move(p));
+    model_common::add_param(params, index, name, std::move(shape), weight_decay, offset);
   }
 
   WeightRef ref(const std::string& name) const {
@@ -318,8 +250,7 @@ void DenseModel::Impl::build() {
   upload_f32(rope_sin, sin_host.data());
 
   // Activation and scratch arenas, sized by running the allocation code on a counter.
-  logits_chunk = static_cast<int64_t>(kLogitsChunkBytes / (static_cast<size_t>(V) * 4));
-  logits_chunk = std::clamp(logits_chunk / kMinLogitsChunk * kMinLogitsChunk, kMinLogitsChunk, kMaxLogitsChunk);
+  logits_chunk = model_common::logits_chunk_tokens(V);
   ArenaSizer as;
   alloc_step(as, max_tokens);
   act_arena = Arena("activations", device, as.used());
