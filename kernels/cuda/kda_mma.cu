@@ -545,6 +545,80 @@ __device__ __forceinline__ void store_staged(const unsigned char* tile, __nv_bfl
   }
 }
 
+// A warp's fragment of the DK x kBV state tile of a state pass, in the mma accumulator layout: f[n][e] is row
+// 16 sm + gq + 8 (e >> 1), column 8 (sn0 + n) + 2 tq + (e & 1).
+struct StateFrag {
+  int sm, sn0, gq, tq;
+  __device__ __forceinline__ int row(int e) const { return 16 * sm + gq + 8 * (e >> 1); }
+  __device__ __forceinline__ int col(int n, int e) const { return 8 * (sn0 + n) + 2 * tq + (e & 1); }
+};
+
+// f = src[base + row * DV + col] (zero without src).
+template <int DV, int SN>
+__device__ __forceinline__ void frag_load(float (&f)[SN][4], const float* src, int64_t base, const StateFrag& p) {
+#pragma unroll
+  for (int n = 0; n < SN; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) f[n][e] = src ? src[base + p.row(e) * DV + p.col(n, e)] : 0.f;
+}
+
+// dst[base + row * DV + col] = f.
+template <int DV, int SN>
+__device__ __forceinline__ void frag_store(const float (&f)[SN][4], float* dst, int64_t base, const StateFrag& p) {
+#pragma unroll
+  for (int n = 0; n < SN; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dst[base + p.row(e) * DV + p.col(n, e)] = f[n][e];
+}
+
+// Stages f as hi + lo bf16 pairs into the swizzled [DK][kBV] tiles at hi and lo.
+template <int SN>
+__device__ __forceinline__ void frag_stage(const float (&f)[SN][4], unsigned char* hi, unsigned char* lo,
+                                           const StateFrag& p) {
+#pragma unroll
+  for (int n = 0; n < SN; ++n)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = p.row(2 * half), j = p.col(n, 0);
+      uint32_t h, l;
+      split_pair(f[n][2 * half], f[n][2 * half + 1], h, l);
+      *reinterpret_cast<uint32_t*>(hi + eoff<kBV>(i, j)) = h;
+      *reinterpret_cast<uint32_t*>(lo + eoff<kBV>(i, j)) = l;
+    }
+}
+
+// f <- Diag(gl) f (gl: the chunk's exp(G_last) per state row).
+template <int SN>
+__device__ __forceinline__ void frag_scale_rows(float (&f)[SN][4], const float* gl, const StateFrag& p) {
+  const float ga = gl[p.row(0)], gb = gl[p.row(2)];
+#pragma unroll
+  for (int n = 0; n < SN; ++n) {
+    f[n][0] *= ga;
+    f[n][1] *= ga;
+    f[n][2] *= gb;
+    f[n][3] *= gb;
+  }
+}
+
+// acc += A S for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1: A the swizzled bf16 [C][DK] tile at a_tile, S the
+// staged state (hi + lo tiles [DK][kBV] at s_hi, s_lo; both terms, fp32-class).
+template <int DK>
+__device__ __forceinline__ void rows_times_state(float (&acc)[2][4], uint32_t a_tile, uint32_t s_hi, uint32_t s_lo,
+                                                 int I, int nb, int lane) {
+#pragma unroll
+  for (int kst = 0; kst < DK / 16; ++kst) {
+    uint32_t a[4], bh[4], bl[4];
+    ldsm_x4(a, a_tile + toff<DK / 8>(16 * I + (lane & 15), 2 * kst + (lane >> 4)));
+    const uint32_t so = toff<kBV / 8>(16 * kst + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4));
+    ldsm_x4_trans(bh, s_hi + so);
+    ldsm_x4_trans(bl, s_lo + so);
+    mma_bf16(acc[0], a, bh[0], bh[1]);
+    mma_bf16(acc[1], a, bh[2], bh[3]);
+    mma_bf16(acc[0], a, bl[0], bl[1]);
+    mma_bf16(acc[1], a, bl[2], bl[3]);
+  }
+}
+
 template <int DK, int DV>
 __global__ void __launch_bounds__(kThreads, 1)
     state_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
@@ -568,29 +642,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t s0 = smem_addr(smem);
   const uint32_t s_shi = s0 + Lt::oShi, s_slo = s0 + Lt::oSlo, s_vhi = s0 + Lt::oVhi, s_vlo = s0 + Lt::oVlo;
 
-  // This warp's part of the state: rows 16 sm + gq (+8), columns 8 (sn0 + n) + 2 tq (+1).
+  // This warp's part of the state.
   const int sm = warp % MT, sn0 = (warp / MT) * SN;
+  const StateFrag fp{sm, sn0, gq, tq};
   float st[SN][4];
-#pragma unroll
-  for (int n = 0; n < SN; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = 16 * sm + gq + 8 * (e >> 1), j = 8 * (sn0 + n) + 2 * tq + (e & 1);
-      st[n][e] = initial ? initial[sbase + i * DV + j] : 0.f;
-    }
-  auto stage_state = [&]() {
-#pragma unroll
-    for (int n = 0; n < SN; ++n)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int i = 16 * sm + gq + 8 * half, j = 8 * (sn0 + n) + 2 * tq;
-        uint32_t hi, lo;
-        split_pair(st[n][2 * half], st[n][2 * half + 1], hi, lo);
-        *reinterpret_cast<uint32_t*>(smem + Lt::oShi + eoff<kBV>(i, j)) = hi;
-        *reinterpret_cast<uint32_t*>(smem + Lt::oSlo + eoff<kBV>(i, j)) = lo;
-      }
-  };
-  stage_state();
+  frag_load<DV>(st, initial, sbase, fp);
+  frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
 
   auto load_chunk = [&](int64_t c, int b) {
     const int64_t ch = c * HV + hv;
@@ -630,18 +687,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       float acc[2][4];
       zero(acc[0]);
       zero(acc[1]);
-#pragma unroll
-      for (int kst = 0; kst < DK / 16; ++kst) {
-        uint32_t a[4], bh[4], bl[4];
-        ldsm_x4(a, base + Lt::oW + toff<DK / 8>(16 * I + (lane & 15), 2 * kst + (lane >> 4)));
-        const uint32_t so = toff<kBV / 8>(16 * kst + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4));
-        ldsm_x4_trans(bh, s_shi + so);
-        ldsm_x4_trans(bl, s_slo + so);
-        mma_bf16(acc[0], a, bh[0], bh[1]);
-        mma_bf16(acc[1], a, bh[2], bh[3]);
-        mma_bf16(acc[0], a, bl[0], bl[1]);
-        mma_bf16(acc[1], a, bl[2], bl[3]);
-      }
+      rows_times_state<DK>(acc, base + Lt::oW, s_shi, s_slo, I, nb, lane);
 #pragma unroll
       for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -663,18 +709,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       float acc[2][4];
       zero(acc[0]);
       zero(acc[1]);
-#pragma unroll
-      for (int kst = 0; kst < DK / 16; ++kst) {
-        uint32_t a[4], bh[4], bl[4];
-        ldsm_x4(a, base + Lt::oQG + toff<DK / 8>(16 * I + (lane & 15), 2 * kst + (lane >> 4)));
-        const uint32_t so = toff<kBV / 8>(16 * kst + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4));
-        ldsm_x4_trans(bh, s_shi + so);
-        ldsm_x4_trans(bl, s_slo + so);
-        mma_bf16(acc[0], a, bh[0], bh[1]);
-        mma_bf16(acc[1], a, bh[2], bh[3]);
-        mma_bf16(acc[0], a, bl[0], bl[1]);
-        mma_bf16(acc[1], a, bl[2], bl[3]);
-      }
+      rows_times_state<DK>(acc, base + Lt::oQG, s_shi, s_slo, I, nb, lane);
       for (int kk = 0; kk <= I; ++kk) {
         uint32_t a[4], bv[4];
         ldsm_x4(a, base + Lt::oAQK + toff<C / 8>(16 * I + (lane & 15), 2 * kk + (lane >> 4)));
@@ -695,15 +730,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // (c) S <- Diag(gl) S + kg^T v_new
     {
-      const float* glc = reinterpret_cast<const float*>(gbase + Lt::oGL);
-      const float ga = glc[16 * sm + gq], gb = glc[16 * sm + gq + 8];
-#pragma unroll
-      for (int n = 0; n < SN; ++n) {
-        st[n][0] *= ga;
-        st[n][1] *= ga;
-        st[n][2] *= gb;
-        st[n][3] *= gb;
-      }
+      frag_scale_rows(st, reinterpret_cast<const float*>(gbase + Lt::oGL), fp);
 #pragma unroll
       for (int kc = 0; kc < C / 16; ++kc) {
         uint32_t a[4];
@@ -723,18 +750,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     __syncthreads();  // every warp is done with the staged state, v_new and this buffer
-    stage_state();
+    frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
   }
   cp_async_wait<0>();
-  if (final_state) {
-#pragma unroll
-    for (int n = 0; n < SN; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = 16 * sm + gq + 8 * (e >> 1), j = 8 * (sn0 + n) + 2 * tq + (e & 1);
-        final_state[sbase + i * DV + j] = st[n][e];
-      }
-  }
+  if (final_state) frag_store<DV>(st, final_state, sbase, fp);
 }
 
 // ---------------------------------------------------------------- backward: reverse state pass
@@ -776,28 +795,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t s0 = smem_addr(smem);
   const uint32_t s_shi = s0 + Lt::oShi, s_slo = s0 + Lt::oSlo, s_vhi = s0 + Lt::oVhi, s_vlo = s0 + Lt::oVlo;
   const int sm = warp % MT, sn0 = (warp / MT) * SN;
+  const StateFrag fp{sm, sn0, gq, tq};
 
   float ds[SN][4];
-#pragma unroll
-  for (int n = 0; n < SN; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int i = 16 * sm + gq + 8 * (e >> 1), j = 8 * (sn0 + n) + 2 * tq + (e & 1);
-      ds[n][e] = dfinal ? dfinal[sbase + i * DV + j] : 0.f;
-    }
-  auto stage = [&]() {
-#pragma unroll
-    for (int n = 0; n < SN; ++n)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int i = 16 * sm + gq + 8 * half, j = 8 * (sn0 + n) + 2 * tq;
-        uint32_t hi, lo;
-        split_pair(ds[n][2 * half], ds[n][2 * half + 1], hi, lo);
-        *reinterpret_cast<uint32_t*>(smem + Lt::oShi + eoff<kBV>(i, j)) = hi;
-        *reinterpret_cast<uint32_t*>(smem + Lt::oSlo + eoff<kBV>(i, j)) = lo;
-      }
-  };
-  stage();
+  frag_load<DV>(ds, dfinal, sbase, fp);
+  frag_stage(ds, smem + Lt::oShi, smem + Lt::oSlo, fp);
 
   auto load_chunk = [&](int64_t c, int b) {
     const int64_t ch = c * HV + hv;
@@ -841,18 +843,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         mma_bf16(acc[0], a, bo[0], bo[1]);
         mma_bf16(acc[1], a, bo[2], bo[3]);
       }
-#pragma unroll
-      for (int kst = 0; kst < DK / 16; ++kst) {
-        uint32_t a[4], bh[4], bl[4];
-        ldsm_x4(a, base + Lt::oKG + toff<DK / 8>(16 * I + (lane & 15), 2 * kst + (lane >> 4)));
-        const uint32_t so = toff<kBV / 8>(16 * kst + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4));
-        ldsm_x4_trans(bh, s_shi + so);
-        ldsm_x4_trans(bl, s_slo + so);
-        mma_bf16(acc[0], a, bh[0], bh[1]);
-        mma_bf16(acc[1], a, bh[2], bh[3]);
-        mma_bf16(acc[0], a, bl[0], bl[1]);
-        mma_bf16(acc[1], a, bl[2], bl[3]);
-      }
+      rows_times_state<DK>(acc, base + Lt::oKG, s_shi, s_slo, I, nb, lane);
 #pragma unroll
       for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -869,15 +860,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // (b) dS <- Diag(gl) dS + qg^T do + w^T (-dv_new)
     {
-      const float* glc = reinterpret_cast<const float*>(gbase + Lt::oGL);
-      const float ga = glc[16 * sm + gq], gb = glc[16 * sm + gq + 8];
-#pragma unroll
-      for (int n = 0; n < SN; ++n) {
-        ds[n][0] *= ga;
-        ds[n][1] *= ga;
-        ds[n][2] *= gb;
-        ds[n][3] *= gb;
-      }
+      frag_scale_rows(ds, reinterpret_cast<const float*>(gbase + Lt::oGL), fp);
 #pragma unroll
       for (int kc = 0; kc < C / 16; ++kc) {
         uint32_t aq[4], aw[4];
@@ -902,18 +885,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     __syncthreads();
-    stage();
+    frag_stage(ds, smem + Lt::oShi, smem + Lt::oSlo, fp);
   }
   cp_async_wait<0>();
-  if (dinit) {
-#pragma unroll
-    for (int n = 0; n < SN; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = 16 * sm + gq + 8 * (e >> 1), j = 8 * (sn0 + n) + 2 * tq + (e & 1);
-        dinit[sbase + i * DV + j] = ds[n][e];
-      }
-  }
+  if (dinit) frag_store<DV>(ds, dinit, sbase, fp);
 }
 
 // ---------------------------------------------------------------- backward: products over dv
