@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "trainer/core/dtype.h"
 #include "trainer/core/error.h"
@@ -57,6 +58,71 @@ struct alignas(sizeof(T) * VEC) Pack {
 };
 template <int VEC>
 using Bf16Pack = Pack<__nv_bfloat16, VEC>;
+
+template <int VEC>
+__device__ __forceinline__ Bf16Pack<VEC> load_pack(const __nv_bfloat16* p) {
+  return *reinterpret_cast<const Bf16Pack<VEC>*>(p);
+}
+
+__device__ __forceinline__ Bf16Pack<8> zero_pack() {
+  Bf16Pack<8> p;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) p.v[e] = __float2bfloat16(0.f);
+  return p;
+}
+
+// Row kernels for rows of LPR * 8 elements (LPR = 4, 8, 16, 32: head-sized rows of 32..256): LPR lanes per row, 8
+// consecutive elements per lane (one 16-byte access each, kept in registers), 32 / LPR rows per warp, WARPS warps
+// per block, grid-stride over the rows. A thread's rows are r0 + seg, r0 + seg + step, ...; its columns 8 sl ..
+// 8 sl + 7. The loop over r0 is warp-uniform so every lane takes part in the row sums' shuffles.
+template <int LPR, int WARPS>
+struct RowLanes {
+  static constexpr int kRowsPerWarp = 32 / LPR;
+  int seg, sl;
+  int64_t r0, step;
+  __device__ __forceinline__ RowLanes() {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    seg = lane / LPR;
+    sl = lane % LPR;
+    r0 = (int64_t(blockIdx.x) * WARPS + warp) * kRowsPerWarp;
+    step = int64_t(gridDim.x) * WARPS * kRowsPerWarp;
+  }
+};
+
+// Sum over the LPR lanes of a row (an aligned group of LPR lanes). For LPR = 16 the same additions in the same
+// order as warp_sum over a warp whose other 16 lanes hold zeros.
+template <int LPR>
+__device__ __forceinline__ float row_sum(float v) {
+#pragma unroll
+  for (int o = LPR / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Calls f(std::integral_constant<int, LPR>) for dims 32, 64, 128, 256 and returns true; false (f not called) for
+// other dims.
+template <class F>
+bool with_row_lanes(int64_t dim, F&& f) {
+  if (dim == 32)
+    f(std::integral_constant<int, 4>{});
+  else if (dim == 64)
+    f(std::integral_constant<int, 8>{});
+  else if (dim == 128)
+    f(std::integral_constant<int, 16>{});
+  else if (dim == 256)
+    f(std::integral_constant<int, 32>{});
+  return dim == 32 || dim == 64 || dim == 128 || dim == 256;
+}
+
+// Blocks for a RowLanes kernel: enough for the rows, at most 4 per SM of the current device (the grid-stride loop
+// covers the rest; fewer blocks also mean fewer per-block atomics where a kernel reduces over rows).
+inline unsigned row_lane_blocks(int64_t rows, int lpr, int warps) {
+  const int64_t per_block = int64_t(warps) * (32 / lpr);
+  int dev = 0, sms = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t want = (rows + per_block - 1) / per_block, cap = int64_t{4} * sms;
+  return static_cast<unsigned>(want < 1 ? 1 : (want > cap ? cap : want));
+}
 
 inline unsigned grid_for(int64_t n, int threads) {
   int64_t g = (n + threads - 1) / threads;

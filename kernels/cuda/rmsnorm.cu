@@ -18,11 +18,6 @@ namespace {
 using namespace cuda_detail;
 
 template <int VEC>
-__device__ __forceinline__ Bf16Pack<VEC> load(const __nv_bfloat16* p) {
-  return *reinterpret_cast<const Bf16Pack<VEC>*>(p);
-}
-
-template <int VEC>
 __global__ void rmsnorm_forward_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ w,
                                        __nv_bfloat16* __restrict__ y, float* __restrict__ rstd, int64_t rows,
                                        int64_t dim, float eps) {
@@ -31,7 +26,7 @@ __global__ void rmsnorm_forward_kernel(const __nv_bfloat16* __restrict__ x, cons
     const __nv_bfloat16* xr = x + r * dim;
     float ss = 0.f;
     for (int64_t c = threadIdx.x * VEC; c < dim; c += int64_t(blockDim.x) * VEC) {
-      const auto xv = load<VEC>(xr + c);
+      const auto xv = load_pack<VEC>(xr + c);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) ss += to_f(xv.v[e]) * to_f(xv.v[e]);
     }
@@ -39,8 +34,8 @@ __global__ void rmsnorm_forward_kernel(const __nv_bfloat16* __restrict__ x, cons
     const float s = rsqrtf(ss / static_cast<float>(dim) + eps);
     if (threadIdx.x == 0) rstd[r] = s;
     for (int64_t c = threadIdx.x * VEC; c < dim; c += int64_t(blockDim.x) * VEC) {
-      const auto xv = load<VEC>(xr + c);
-      const auto wv = load<VEC>(w + c);
+      const auto xv = load_pack<VEC>(xr + c);
+      const auto wv = load_pack<VEC>(w + c);
       Bf16Pack<VEC> o;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) o.v[e] = to_bf(to_f(xv.v[e]) * s * to_f(wv.v[e]));
@@ -59,7 +54,7 @@ __global__ void rmsnorm_dx_kernel(const __nv_bfloat16* dy, const __nv_bfloat16* 
     const __nv_bfloat16* dyr = dy + r * dim;
     float dot = 0.f;  // sum_k dy w x
     for (int64_t c = threadIdx.x * VEC; c < dim; c += int64_t(blockDim.x) * VEC) {
-      const auto xv = load<VEC>(xr + c), gv = load<VEC>(dyr + c), wv = load<VEC>(w + c);
+      const auto xv = load_pack<VEC>(xr + c), gv = load_pack<VEC>(dyr + c), wv = load_pack<VEC>(w + c);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) dot += to_f(gv.v[e]) * to_f(wv.v[e]) * to_f(xv.v[e]);
     }
@@ -67,12 +62,12 @@ __global__ void rmsnorm_dx_kernel(const __nv_bfloat16* dy, const __nv_bfloat16* 
     const float s = rstd[r];
     const float coef = s * s * dot / static_cast<float>(dim);
     for (int64_t c = threadIdx.x * VEC; c < dim; c += int64_t(blockDim.x) * VEC) {
-      const auto xv = load<VEC>(xr + c), gv = load<VEC>(dyr + c), wv = load<VEC>(w + c);
+      const auto xv = load_pack<VEC>(xr + c), gv = load_pack<VEC>(dyr + c), wv = load_pack<VEC>(w + c);
       float d[VEC];
 #pragma unroll
       for (int e = 0; e < VEC; ++e) d[e] = s * (to_f(gv.v[e]) * to_f(wv.v[e]) - to_f(xv.v[e]) * coef);
       if (res != nullptr) {  // may be dx: this thread reads its elements before writing them
-        const auto rv = load<VEC>(res + r * dim + c);
+        const auto rv = load_pack<VEC>(res + r * dim + c);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) d[e] += to_f(rv.v[e]);
       }

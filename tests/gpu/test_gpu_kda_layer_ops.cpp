@@ -174,7 +174,8 @@ TEST_F(GpuKdaLayerOps, L2normForwardAndBackward) {
   struct Shape {
     int64_t rows, dim;
   };
-  for (Shape s : {Shape{37, 64}, Shape{1000, 128}, Shape{5, 77}, Shape{3001, 256}, Shape{2, 1000}}) {
+  for (Shape s : {Shape{37, 64}, Shape{1000, 128}, Shape{5, 77}, Shape{3001, 256}, Shape{2, 1000}, Shape{9, 32},
+                  Shape{20000, 128}, Shape{1, 128}}) {
     for (float scale : {1.0f, static_cast<float>(1.0 / std::sqrt(double(s.dim)))}) {
       SCOPED_TRACE("rows=" + std::to_string(s.rows) + " dim=" + std::to_string(s.dim) +
                    " scale=" + std::to_string(scale));
@@ -266,7 +267,8 @@ TEST_F(GpuKdaLayerOps, GatedRmsnormForwardAndBackward) {
   struct Shape {
     int64_t rows, dim;
   };
-  for (Shape s : {Shape{37, 128}, Shape{5, 77}, Shape{2000, 64}, Shape{3001, 128}, Shape{3, 1000}}) {
+  for (Shape s : {Shape{37, 128}, Shape{5, 77}, Shape{2000, 64}, Shape{3001, 128}, Shape{3, 1000}, Shape{101, 32},
+                  Shape{333, 256}, Shape{1, 128}, Shape{20000, 128}}) {
     SCOPED_TRACE("rows=" + std::to_string(s.rows) + " dim=" + std::to_string(s.dim));
     buf().arena().reset();
     const int64_t r = s.rows, d = s.dim;
