@@ -202,13 +202,14 @@ int run(int argc, char** argv, const MpiRuntime& mpi) {
         a.sp > 1 && sp.queued() ? 1 : 0);
   }
   if (lasp_profile_on()) {
-    // Per step, summed over layers, for the first and the last rank of the first SP group.
+    // Per step, summed over layers, for every rank of the first SP group in order (the middle ranks run LASP-2's
+    // B and M passes both, the first and the last one each).
     const std::string rep = lasp_profile_report(a.steps);
-    if (world.rank() == 0) std::printf("profile rank 0 (ms per step): %s\n", rep.c_str());
-    std::fflush(stdout);
-    world.barrier();
-    if (world.rank() == a.sp - 1 && a.sp > 1) std::printf("profile rank %d (ms per step): %s\n", a.sp - 1, rep.c_str());
-    std::fflush(stdout);
+    for (int r = 0; r < a.sp; ++r) {
+      if (world.rank() == r) std::printf("profile rank %d (ms per step): %s\n", r, rep.c_str());
+      std::fflush(stdout);
+      world.barrier();
+    }
   }
   return 0;
 }

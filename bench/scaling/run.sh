@@ -14,6 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 export NCCL_NVLS_ENABLE=0
 export HYD_SP_ATTN_BALANCE=${HYD_SP_ATTN_BALANCE:-} HYD_SP_ASYNC=${HYD_SP_ASYNC:-} HYD_SP_PROFILE=${HYD_SP_PROFILE:-}
+export HYD_KDA_SAVE=${HYD_KDA_SAVE:-} HYD_SP_CONCURRENT=${HYD_SP_CONCURRENT:-} HYD_KDA_CONCURRENT=${HYD_KDA_CONCURRENT:-}
 tokens=("$@")
 [ ${#tokens[@]} -gt 0 ] || tokens=(4096 16384)
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
@@ -29,7 +30,8 @@ for t in "${tokens[@]}"; do
   for r in "${runs[@]}"; do
     read -r np sp opt <<<"$r"
     [ "$np" -le "$gpus" ] || continue
-    out=$(mpirun "${root[@]}" -np "$np" --bind-to none -x NCCL_NVLS_ENABLE -x HYD_SP_ATTN_BALANCE -x HYD_SP_ASYNC -x HYD_SP_PROFILE ./build/bench_scaling --sp "$sp" \
+    out=$(mpirun "${root[@]}" -np "$np" --bind-to none -x NCCL_NVLS_ENABLE -x HYD_SP_ATTN_BALANCE -x HYD_SP_ASYNC -x HYD_SP_PROFILE \
+      -x HYD_KDA_SAVE -x HYD_SP_CONCURRENT -x HYD_KDA_CONCURRENT ./build/bench_scaling --sp "$sp" \
       --tokens-per-gpu "$t" --steps "${STEPS:-5}" --layers "${LAYERS:-12}" --pattern "${PATTERN:-KKKA}" \
       --docs "${DOCS:-1}" --optimizer "$opt" 2>&1)
     rc=$?
