@@ -68,6 +68,16 @@ SequenceParallel::SequenceParallel(const Communicator& group, Device device)
 
 SequenceParallel::~SequenceParallel() = default;
 
+const ExecContext* SequenceParallel::side_context() const {
+  static const bool on = [] {
+    const char* e = std::getenv("HYD_SP_CONCURRENT");  // opt-in until run on GPUs at SP >= 3 (docs/parallel.md)
+    return e != nullptr && e[0] == '1';
+  }();
+  if (!device_.is_cuda() || !on) return nullptr;
+  if (!side_) side_ = std::make_unique<ExecContext>(device_);
+  return side_.get();
+}
+
 void SequenceParallel::set_layout(SpLayout layout) {
   HYD_CHECK(layout.size == size_ && layout.rank == rank_, "SequenceParallel::set_layout: layout for rank ", layout.rank,
             " of ", layout.size, ", this is rank ", rank_, " of ", size_);

@@ -113,6 +113,12 @@ class SequenceParallel {
   // in f32).
   void reduce_scatter(const ExecContext& ctx, const Tensor& in, const Tensor& out, SpTraffic kind) const;
 
+  // A second context (stream) on this group's GPU for work that may run beside the caller's, ordered with it by
+  // ExecContext::wait_for (trainer/lasp.cpp: the KDA layers' M pass beside the B pass); created on first use. Null
+  // on the CPU and unless HYD_SP_CONCURRENT=1 (opt-in: only a rank whose slice is one continuing document runs an
+  // M pass, which needs SP >= 3, and no 4-GPU machine has run it yet; gpu_parallel...np4_concurrent tests it).
+  const ExecContext* side_context() const;
+
   Traffic traffic(SpTraffic kind) const { return traffic_[static_cast<int>(kind)]; }
   // Whether the collectives are only queued (NCCL without HYD_SP_ASYNC=0): Traffic::seconds then stays 0.
   bool queued() const { return async_; }
@@ -135,6 +141,7 @@ class SequenceParallel {
   Tensor cu_q_, cu_k_;
   Tensor work_cu_[4];
   mutable std::map<std::pair<const void*, int>, Arena> buffers_;
+  mutable std::unique_ptr<ExecContext> side_;
   mutable Traffic traffic_[kSpTrafficKinds];
 };
 

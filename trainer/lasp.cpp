@@ -267,7 +267,7 @@ Tensor expand_row_states(const ExecContext& ctx, const SequenceParallel& sp, con
 
 void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
                       const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens,
-                      const Tensor& o) {
+                      const Tensor& o, const Tensor& saved) {
   const SpLayout& L = sp.layout();
   const Dims s = kda_dims(k, v, cu_seqlens);
   const int64_t mm = s.dk * s.dk, mb = s.dk * s.dv, per = mm + mb, P = sp.size();
@@ -291,25 +291,20 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
     any_cont = any_cont || L.cont_out[b] != 0;
   }
   const bool split = kernels::kda_split_forward_supported(k, v);
+  HYD_CHECK(saved.empty() || split, "lasp_kda_forward: 'saved' given, but the split forward is not available here");
+  // With `saved`, the true pass is the saving forward (its own prep); the workspace serves the B / M passes only.
+  const bool keep = !saved.empty();
   Tensor ws;
-  if (split) {
+  if (split && (!keep || (any_lead && any_cont))) {  // (any_through implies both)
     ws =
         sp.buffer(&kTemp, kSplitWs, {kernels::kda_forward_workspace_floats(k, v, cu_seqlens, any_through)}, DType::f32);
     kernels::kda_forward_prepare(ctx, q, k, v, g, beta, cu_seqlens, ws, any_through);
   }
-  const Tensor B = sp.buffer(&kTemp, kTransB, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
-  if (any_cont) {
-    if (split)
-      kernels::kda_forward_pass(ctx, k, v, cu_seqlens, ws, Tensor{}, any_lead ? Tensor{} : o, B, false);
-    else
-      kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, Tensor{},
-                           any_lead ? sp.buffer(&kTemp, kOScratch, {o.shape[0], s.hv, s.dv}, o.dtype) : o, B);
-  }
-  lasp_profile_mark(ctx, "kda.fwd.B_pass");
-  Tensor M;
+  // The identity initial states of the M pass first: its host copies synchronise ctx (the prep is queued).
+  Tensor M, eye;
   if (any_through) {
     M = sp.buffer(&kTemp, kTransM, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
-    const Tensor eye = sp.buffer(&kTemp, kIdentity, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
+    eye = sp.buffer(&kTemp, kIdentity, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
     kernels::fill(ctx, eye, 0.0f);
     std::vector<float> one(static_cast<size_t>(s.hv * mm), 0.0f);
     for (int64_t h = 0; h < s.hv; ++h)
@@ -320,6 +315,29 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
         copy_tensor(eye.view({s.docs * s.hv * mm}).slice0(L.last_doc[b] * s.hv * mm, (L.last_doc[b] + 1) * s.hv * mm),
                     Tensor(one.data(), DType::f32, Device::cpu(), {s.hv * mm}));
       }
+  }
+  // With the split forward, the M pass runs on the side stream beside the B pass: each is a state pass over the
+  // same prepared workspace (read only), sequential over the chunks with documents x value heads x 4 blocks, far
+  // from filling the GPU when a rank holds few long documents (sequence parallelism's usual case).
+  const ExecContext* side = any_through && any_cont && split ? sp.side_context() : nullptr;
+  if (side != nullptr) {
+    side->wait_for(ctx);  // the prep and the identity states are queued before
+    kernels::kda_forward_pass(*side, k, v, cu_seqlens, ws, eye, Tensor{}, M, true);
+  }
+  const Tensor B = sp.buffer(&kTemp, kTransB, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
+  if (any_cont) {
+    if (keep && !any_lead)  // the B pass is the true pass
+      kernels::kda_forward_saving(ctx, q, k, v, g, beta, cu_seqlens, Tensor{}, o, B, saved);
+    else if (split)
+      kernels::kda_forward_pass(ctx, k, v, cu_seqlens, ws, Tensor{}, any_lead ? Tensor{} : o, B, false);
+    else
+      kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, Tensor{},
+                           any_lead ? sp.buffer(&kTemp, kOScratch, {o.shape[0], s.hv, s.dv}, o.dtype) : o, B);
+  }
+  lasp_profile_mark(ctx, "kda.fwd.B_pass");
+  if (side != nullptr) {
+    ctx.wait_for(*side);
+  } else if (any_through) {
     if (split) {
       kernels::kda_forward_pass(ctx, k, v, cu_seqlens, ws, eye, Tensor{}, M, true);
     } else {
@@ -353,7 +371,9 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   lasp_profile_mark(ctx, "kda.fwd.compose");
   if (any_lead || !any_cont) {
     const Tensor init = any_lead ? expand_row_states(ctx, sp, S, s.docs, s.hv, s.dk, s.dv) : Tensor{};
-    if (split)
+    if (keep)
+      kernels::kda_forward_saving(ctx, q, k, v, g, beta, cu_seqlens, init, o, Tensor{}, saved);
+    else if (split)
       kernels::kda_forward_pass(ctx, k, v, cu_seqlens, ws, init, o, Tensor{}, false);
     else
       kernels::kda_forward(ctx, q, k, v, g, beta, cu_seqlens, init, o, Tensor{});
@@ -364,7 +384,7 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
 void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
                        const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens,
                        const Tensor& dout, const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg,
-                       const Tensor& dbeta) {
+                       const Tensor& dbeta, const Tensor& saved) {
   const SpLayout& L = sp.layout();
   const Dims s = kda_dims(k, v, cu_seqlens);
   const int64_t mb = s.dk * s.dv, P = sp.size();
@@ -412,7 +432,10 @@ void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const
       copy_blocks(ctx, dstate.ptr<float>() + L.last_doc[b] * s.hv * mb, 0, G.ptr<float>() + b * s.hv * mb, 0, s.hv * mb,
                   1);
   lasp_profile_mark(ctx, "kda.bwd.compose");
-  if (any_cont || !any_lead || split)
+  if (!saved.empty())  // the forward's true pass kept its work (and its initial state)
+    kernels::kda_backward_saved(ctx, q, k, v, g, beta, cu_seqlens, dout, any_cont ? dstate : Tensor{}, dq, dk, dv, dg,
+                                dbeta, Tensor{}, saved);
+  else if (any_cont || !any_lead || split)
     kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init, dout, any_cont ? dstate : Tensor{}, dq, dk, dv, dg,
                           dbeta, Tensor{});
   lasp_profile_mark(ctx, "kda.bwd.true_pass");

@@ -41,14 +41,17 @@ Batch upload_sp_batch(ExecContext& ctx, BatchUploader& uploader, SequenceParalle
                       HostBatch& hb);
 
 // KDA core over this rank's slice (shapes and dtypes as kernels/kda.h, cu_seqlens = the local documents).
+// saved (optional, with the split forward only: kernels::kda_split_forward_supported): the true pass is
+// kernels::kda_forward_saving into it (kda_saved_floats elements), and lasp_kda_backward then runs
+// kda_backward_saved from it instead of recomputing the forward's work.
 void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
                       const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens,
-                      const Tensor& o);
-// After lasp_kda_forward of the same owner and inputs; gradients are overwritten.
+                      const Tensor& o, const Tensor& saved = Tensor{});
+// After lasp_kda_forward of the same owner, inputs and saved (untouched in between); gradients are overwritten.
 void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
                        const Tensor& k, const Tensor& v, const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens,
                        const Tensor& dout, const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg,
-                       const Tensor& dbeta);
+                       const Tensor& dbeta, const Tensor& saved = Tensor{});
 
 // halo [D, K-1, C] for kernels::short_conv_*: rows before each local document's first token, taken from the
 // previous rank's x [N, C] where the document continues, zero elsewhere. num_docs = D.

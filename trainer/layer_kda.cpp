@@ -91,10 +91,7 @@ void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const 
   kernels::kda_gates_forward(ctx, t.f.view({n, hv, cfg.dk}), A_log.value, dt_bias.value, t.b, s.g, s.beta);
 
   s.core = Tensor{};
-  if (seq.sp != nullptr) {
-    lasp_kda_forward(ctx, *seq.sp, this, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, s.o);
-  } else if (s.keep_core && kernels::kda_split_forward_supported(s.k, s.v)) {
-    lasp_profile_start(ctx);
+  if (s.keep_core && kernels::kda_split_forward_supported(s.k, s.v)) {  // this batch's view of core_mem
     const int64_t floats = kernels::kda_saved_floats(s.k, s.v, seq.cu_seqlens);
     const size_t bytes = static_cast<size_t>(floats) * 4 + 256;
     if (!s.core_mem || s.core_mem->capacity() < bytes) {
@@ -103,6 +100,11 @@ void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const 
     }
     s.core_mem->reset();
     s.core = s.core_mem->alloc({floats}, DType::f32);
+  }
+  if (seq.sp != nullptr) {
+    lasp_kda_forward(ctx, *seq.sp, this, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, s.o, s.core);
+  } else if (!s.core.empty()) {
+    lasp_profile_start(ctx);
     kernels::kda_forward_saving(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, Tensor{}, s.o, Tensor{}, s.core);
     lasp_profile_mark(ctx, "kda.fwd.core");
   } else {
@@ -140,7 +142,7 @@ void KdaLayer::backward(const ExecContext& ctx, const PackedSequence& seq, const
 
   if (seq.sp != nullptr) {
     lasp_kda_backward(ctx, *seq.sp, this, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, t.d_o, t.dq, t.dk, t.dv, t.dg,
-                      t.dbeta);
+                      t.dbeta, s.core);
   } else if (!s.core.empty()) {
     lasp_profile_start(ctx);
     kernels::kda_backward_saved(ctx, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, t.d_o, Tensor{}, t.dq, t.dk, t.dv,

@@ -30,6 +30,9 @@ ExecContext::ExecContext(Device device) : device_(device) {
   workspace_bytes_ = size_t(32) << 20;
   CHECK_CUDA(cudaMalloc(&workspace_, workspace_bytes_));
   CHECK_CUBLAS(cublasSetWorkspace(h, workspace_, workspace_bytes_));
+  cudaEvent_t ev;
+  CHECK_CUDA(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  event_ = ev;
   // Stream-ordered scratch (cudaMallocAsync, e.g. the KDA kernels') stays mapped across synchronisations:
   // with the default release threshold 0 every synchronize hands the pool's memory back to the driver
   // and the next allocation maps it again, which is slow when a loop synchronises often (sequence
@@ -48,7 +51,20 @@ ExecContext::~ExecContext() {
   if (cublaslt_) cublasLtDestroy(static_cast<cublasLtHandle_t>(cublaslt_));
   if (cublas_) cublasDestroy(static_cast<cublasHandle_t>(cublas_));
   if (workspace_) cudaFree(workspace_);
+  if (event_) cudaEventDestroy(static_cast<cudaEvent_t>(event_));
   if (stream_) cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
+#endif
+}
+
+void ExecContext::wait_for(const ExecContext& other) const {
+#ifdef HYD_WITH_CUDA
+  if (!stream_ || !other.stream_) return;
+  HYD_CHECK(device_ == other.device_, "ExecContext::wait_for: contexts on ", device_.str(), " and ",
+            other.device_.str());
+  CHECK_CUDA(cudaEventRecord(static_cast<cudaEvent_t>(other.event_), static_cast<cudaStream_t>(other.stream_)));
+  CHECK_CUDA(cudaStreamWaitEvent(static_cast<cudaStream_t>(stream_), static_cast<cudaEvent_t>(other.event_), 0));
+#else
+  (void)other;
 #endif
 }
 

@@ -25,6 +25,9 @@ class ExecContext {
   void* workspace() const { return workspace_; }
   size_t workspace_bytes() const { return workspace_bytes_; }
   void synchronize() const;
+  // Work queued on this context after the call waits for the work queued on `other` before it (an event
+  // recorded on other's stream, waited for on this one); no host synchronisation. A no-op on the CPU.
+  void wait_for(const ExecContext& other) const;
 
  private:
   Device device_;
@@ -33,6 +36,7 @@ class ExecContext {
   void* cublaslt_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
+  void* event_ = nullptr;  // recorded by others' wait_for(*this)
 };
 
 // NVTX range for Nsight Systems; a no-op in CPU-only builds. Name every layer's forward and backward.
