@@ -564,24 +564,9 @@ void HybridModel::Impl::build() {
         k.dt_bias.value = gate_arena.alloc({cfg.kda.gate_dim()}, DType::f32);
       }
     } else {
-      AttentionMixer& a = attn[l];
-      a.hidden = D;
-      a.heads = mc.num_heads;
-      a.kv_heads = mc.num_kv_heads;
-      a.head_dim = d;
-      a.eps = eps;
-      a.qk_norm = mc.qk_norm;
-      a.qkv_bias = mc.qkv_bias;
-      a.rope = kind == MixerKind::teacher_attention;
-      a.nvtx_fwd = "layer." + ls + "." + tag + ".core.fwd";
-      a.nvtx_bwd = "layer." + ls + "." + tag + ".core.bwd";
-      a.wqkv = ref(p + "wqkv");
-      if (mc.qkv_bias) a.bqkv = ref(p + "bqkv");
-      if (mc.qk_norm) {
-        a.q_norm = ref(p + "q_norm");
-        a.k_norm = ref(p + "k_norm");
-      }
-      a.wo = ref(p + "wo");
+      attn[l] =
+          AttentionMixer::for_model(mc, eps, kind == MixerKind::teacher_attention, "layer." + ls + "." + tag + ".core",
+                                    [&](const std::string& name) { return ref(p + name); });
     }
     sparse.push_back(mc.is_moe_layer(l));
     MlpLayer m;

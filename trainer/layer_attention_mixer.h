@@ -17,6 +17,7 @@
 
 #include "trainer/core/exec_context.h"
 #include "trainer/layer_common.h"
+#include "trainer/model_config.h"
 
 namespace hyd {
 
@@ -36,6 +37,32 @@ struct AttentionMixer {
 
   int64_t q_dim() const { return heads * head_dim; }
   int64_t kv_dim() const { return kv_heads * head_dim; }
+
+  // The attention of a layer of model `mc` (head_dim resolved), with q / k norm eps `eps`, RoPE or not, and the
+  // NVTX ranges nvtx + ".fwd" / ".bwd"; ref(name) gives the layer's weight `name` (wqkv; bqkv with qkv_bias;
+  // q_norm, k_norm with qk_norm; wo).
+  template <class Ref>
+  static AttentionMixer for_model(const ModelConfig& mc, float eps, bool rope, const std::string& nvtx, Ref&& ref) {
+    AttentionMixer a;
+    a.hidden = mc.hidden_size;
+    a.heads = mc.num_heads;
+    a.kv_heads = mc.num_kv_heads;
+    a.head_dim = mc.head_dim;
+    a.eps = eps;
+    a.qk_norm = mc.qk_norm;
+    a.qkv_bias = mc.qkv_bias;
+    a.rope = rope;
+    a.nvtx_fwd = nvtx + ".fwd";
+    a.nvtx_bwd = nvtx + ".bwd";
+    a.wqkv = ref("wqkv");
+    if (mc.qkv_bias) a.bqkv = ref("bqkv");
+    if (mc.qk_norm) {
+      a.q_norm = ref("q_norm");
+      a.k_norm = ref("k_norm");
+    }
+    a.wo = ref("wo");
+    return a;
+  }
 
   // Exactly what backward needs. a is a view of the mixer input, owned by the caller and kept alive
   // until backward; q_pre / k_pre / q_rstd / k_rstd exist only with qk_norm.

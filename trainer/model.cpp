@@ -193,23 +193,12 @@ void DenseModel::Impl::build() {
   for (int64_t l = 0; l < L; ++l) {
     const std::string p = "layers." + std::to_string(l) + ".";
     AttentionLayer a;
-    a.hidden = D;
-    a.heads = cfg.num_heads;
-    a.kv_heads = cfg.num_kv_heads;
-    a.head_dim = d;
     a.eps = eps;
-    a.qk_norm = cfg.qk_norm;
-    a.qkv_bias = cfg.qkv_bias;
     a.nvtx_fwd = "layer." + std::to_string(l) + ".attn.fwd";
     a.nvtx_bwd = "layer." + std::to_string(l) + ".attn.bwd";
     a.norm = ref(p + "attn_norm");
-    a.wqkv = ref(p + "wqkv");
-    if (cfg.qkv_bias) a.bqkv = ref(p + "bqkv");
-    if (cfg.qk_norm) {
-      a.q_norm = ref(p + "q_norm");
-      a.k_norm = ref(p + "k_norm");
-    }
-    a.wo = ref(p + "wo");
+    a.mixer = AttentionMixer::for_model(cfg, eps, true, "layer." + std::to_string(l) + ".attn.mixer",
+                                        [&](const std::string& name) { return ref(p + name); });
     attn.push_back(std::move(a));
 
     sparse.push_back(cfg.is_moe_layer(l));
