@@ -900,9 +900,7 @@ MixerKind HybridModel::layer_kind(int64_t layer) const {
 std::vector<ParamInfo>& HybridModel::params() { return impl_->params; }
 
 const ParamInfo& HybridModel::param(const std::string& name) const {
-  auto it = impl_->index.find(name);
-  if (it == impl_->index.end()) HYD_THROW("HybridModel: no parameter named '", name, "'");
-  return impl_->params[it->second];
+  return model_common::find_param(impl_->params, impl_->index, name, "HybridModel");
 }
 
 bool HybridModel::has_param(const std::string& name) const { return impl_->index.count(name) > 0; }
@@ -952,31 +950,21 @@ void HybridModel::init_random(uint64_t seed, float std) {
 }
 
 void HybridModel::set_param(const std::string& name, const float* data, int64_t n) {
-  const ParamInfo& p = param(name);
-  if (n != p.numel) HYD_THROW("HybridModel::set_param('", name, "'): ", n, " values for ", p.numel, " elements");
-  device_sync(impl_->device);
-  upload_f32(p.value, data);
-  device_sync(impl_->device);
+  model_common::write_param(impl_->device, param(name), data, n, "HybridModel");
 }
 
 std::vector<float> HybridModel::get_param(const std::string& name) const {
-  const ParamInfo& p = param(name);
-  device_sync(impl_->device);
-  return download_f32(p.value);
+  return model_common::read_values(impl_->device, param(name).value);
 }
 
 std::vector<float> HybridModel::get_grad(const std::string& name) const {
   impl_->require_training("get_grad");
-  const ParamInfo& p = param(name);
-  device_sync(impl_->device);
-  return download_f32(p.grad);
+  return model_common::read_values(impl_->device, param(name).grad);
 }
 
 void HybridModel::zero_grad() {
   impl_->require_training("zero_grad");
-  device_sync(impl_->device);
-  zero_tensor(impl_->flat_grads);
-  device_sync(impl_->device);
+  model_common::zero_values(impl_->device, impl_->flat_grads);
 }
 
 void HybridModel::set_moe_aux_loss(double coef, double grad_scale) {

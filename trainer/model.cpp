@@ -381,9 +381,7 @@ Device DenseModel::device() const { return impl_->device; }
 std::vector<ParamInfo>& DenseModel::params() { return impl_->params; }
 
 const ParamInfo& DenseModel::param(const std::string& name) const {
-  auto it = impl_->index.find(name);
-  if (it == impl_->index.end()) HYD_THROW("DenseModel: no parameter named '", name, "'");
-  return impl_->params[it->second];
+  return model_common::find_param(impl_->params, impl_->index, name, "DenseModel");
 }
 
 bool DenseModel::has_param(const std::string& name) const { return impl_->index.count(name) > 0; }
@@ -413,30 +411,18 @@ void DenseModel::init_random(uint64_t seed, float std) {
 }
 
 void DenseModel::set_param(const std::string& name, const float* data, int64_t n) {
-  const ParamInfo& p = param(name);
-  if (n != p.numel) HYD_THROW("DenseModel::set_param('", name, "'): ", n, " values for ", p.numel, " elements");
-  device_sync(impl_->device);
-  upload_f32(p.value, data);
-  device_sync(impl_->device);
+  model_common::write_param(impl_->device, param(name), data, n, "DenseModel");
 }
 
 std::vector<float> DenseModel::get_param(const std::string& name) const {
-  const ParamInfo& p = param(name);
-  device_sync(impl_->device);
-  return download_f32(p.value);
+  return model_common::read_values(impl_->device, param(name).value);
 }
 
 std::vector<float> DenseModel::get_grad(const std::string& name) const {
-  const ParamInfo& p = param(name);
-  device_sync(impl_->device);
-  return download_f32(p.grad);
+  return model_common::read_values(impl_->device, param(name).grad);
 }
 
-void DenseModel::zero_grad() {
-  device_sync(impl_->device);
-  zero_tensor(impl_->flat_grads);
-  device_sync(impl_->device);
-}
+void DenseModel::zero_grad() { model_common::zero_values(impl_->device, impl_->flat_grads); }
 
 double DenseModel::forward_backward(ExecContext& ctx, const Batch& batch, float loss_scale) {
   Impl& m = *impl_;

@@ -27,6 +27,31 @@ void add_param(std::vector<ParamInfo>& params, std::unordered_map<std::string, s
   params.push_back(std::move(p));
 }
 
+const ParamInfo& find_param(const std::vector<ParamInfo>& params, const std::unordered_map<std::string, size_t>& index,
+                            const std::string& name, const char* model) {
+  auto it = index.find(name);
+  if (it == index.end()) HYD_THROW(model, ": no parameter named '", name, "'");
+  return params[it->second];
+}
+
+void write_param(Device d, const ParamInfo& p, const float* data, int64_t n, const char* model) {
+  if (n != p.numel) HYD_THROW(model, "::set_param('", p.name, "'): ", n, " values for ", p.numel, " elements");
+  device_sync(d);
+  upload_f32(p.value, data);
+  device_sync(d);
+}
+
+std::vector<float> read_values(Device d, const Tensor& t) {
+  device_sync(d);
+  return download_f32(t);
+}
+
+void zero_values(Device d, const Tensor& t) {
+  device_sync(d);
+  zero_tensor(t);
+  device_sync(d);
+}
+
 int64_t logits_chunk_tokens(int64_t vocab) {
   constexpr size_t kChunkBytes = size_t(64) << 20;
   constexpr int64_t kMin = 16, kMax = 1024;

@@ -23,6 +23,16 @@ constexpr int64_t kParamAlign = 64;
 void add_param(std::vector<ParamInfo>& params, std::unordered_map<std::string, size_t>& index, const std::string& name,
                std::vector<int64_t> shape, bool weight_decay, int64_t& offset);
 
+// The parameter `name` of `params` (index: name -> position); throws "<model>: no parameter named 'name'".
+const ParamInfo& find_param(const std::vector<ParamInfo>& params, const std::unordered_map<std::string, size_t>& index,
+                            const std::string& name, const char* model);
+
+// The model-level host transfers, each fenced by device_sync on both sides: n host values into parameter p
+// (n must be p.numel; model and the name go into the error), a tensor's values as host f32, a tensor zeroed.
+void write_param(Device d, const ParamInfo& p, const float* data, int64_t n, const char* model);
+std::vector<float> read_values(Device d, const Tensor& t);
+void zero_values(Device d, const Tensor& t);
+
 // Tokens per LM-head chunk for a vocabulary of `vocab`: C * vocab * 4 bytes <= 64 MiB, a multiple of 16 in
 // [16, 1024], so that the logits of a whole batch never exist.
 int64_t logits_chunk_tokens(int64_t vocab);
