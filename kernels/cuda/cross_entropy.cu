@@ -85,7 +85,7 @@ void cross_entropy(bf16* logits, const int32_t* targets, float* losses, int64_t 
                    float grad_scale, void* stream) {
   if (n == 0) return;
   HYD_CHECK(n <= INT32_MAX, "cross_entropy: ", n, " rows exceed the grid limit");
-  const bool vec = vocab % 8 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+  const bool vec = vocab % 8 == 0 && aligned16(logits);
   if (vec)
     cross_entropy_kernel<8><<<static_cast<unsigned>(n), kThreads, 0, as_stream(stream)>>>(
         as_nv(logits), targets, losses, vocab, write_grad, grad_scale);

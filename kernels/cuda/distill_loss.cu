@@ -191,7 +191,6 @@ void distill_loss(bf16* student, const bf16* teacher, const int32_t* labels, con
   if (n == 0) return;
   HYD_CHECK(n <= INT32_MAX, "distill_loss: ", n, " rows exceed the grid limit");
   HYD_CHECK(vocab >= 1 && vocab <= INT32_MAX, "distill_loss: vocabulary of ", vocab, " outside [1, 2^31)");
-  const auto aligned16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const dim3 grid(static_cast<unsigned>(n));
   if (vocab % 8 == 0 && aligned16(student) && aligned16(teacher)) {
     distill_loss_kernel<8><<<grid, kThreads, 0, as_stream(stream)>>>(as_nv(student), as_nv(teacher), labels, mask, kl,

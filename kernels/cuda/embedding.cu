@@ -52,8 +52,7 @@ __global__ void embedding_backward_kernel(const int32_t* __restrict__ ids, const
 
 void embedding_forward(const int32_t* ids, const bf16* table, bf16* out, int64_t n, int64_t dim, void* stream) {
   if (n == 0 || dim == 0) return;
-  const bool vec8 =
-      dim % 8 == 0 && reinterpret_cast<uintptr_t>(table) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const bool vec8 = dim % 8 == 0 && aligned16(table) && aligned16(out);
   const int64_t work = vec8 ? dim / 8 : dim;
   const int threads = static_cast<int>(std::min<int64_t>(256, (work + 31) / 32 * 32));
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(n, 65535LL * 32));

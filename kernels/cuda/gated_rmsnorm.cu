@@ -127,8 +127,6 @@ __global__ void gated_rmsnorm_dw_kernel(const __nv_bfloat16* __restrict__ dy, co
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // ---- rows of LPR * 8 elements (RowLanes, kernels/cuda/common.cuh).
 
 template <int LPR>

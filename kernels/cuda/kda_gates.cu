@@ -55,8 +55,6 @@ __global__ void kda_gate_forward8_kernel(const __nv_bfloat16* __restrict__ f, co
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 __global__ void beta_forward_kernel(const __nv_bfloat16* __restrict__ b, float* __restrict__ beta, int64_t total) {
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x)
     beta[e] = 1.f / (1.f + expf(-to_f(b[e])));

@@ -122,8 +122,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 unsigned row_blocks(int64_t rows) {
   return static_cast<unsigned>(std::clamp<int64_t>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock, 1, 65535LL * 16));
 }

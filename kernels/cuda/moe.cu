@@ -197,8 +197,6 @@ __global__ void __launch_bounds__(moe_gemm::kThreads)
                                      *reinterpret_cast<moe_gemm::GemmSmem*>(smem));
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 void launch_gather_rows(const int32_t* index, int div, const bf16* src, bf16* dst, int64_t rows, int64_t d,
                         void* stream) {
   if (rows == 0 || d == 0) return;

@@ -127,8 +127,6 @@ cublasStatus_t grouped_gemm(cublasHandle_t h, cudaStream_t s, cublasOperation_t 
                                     CUBLAS_COMPUTE_32F);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // Every expert's slice of these operands starts 16-byte aligned (see the top of the file).
 bool grouped_aligned(int64_t n, int64_t k, std::initializer_list<const void*> bases) {
   if (n % 8 != 0 || k % 8 != 0) return false;

@@ -47,8 +47,6 @@ __global__ void output_gate_backward_kernel(const __nv_bfloat16* dy, const __nv_
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 void output_gate_forward(const bf16* o, const bf16* gate, bf16* y, int64_t n, void* stream) {

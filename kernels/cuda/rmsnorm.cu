@@ -109,8 +109,6 @@ __global__ void rmsnorm_dw_kernel(const __nv_bfloat16* __restrict__ dy, const __
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // Threads per row block: enough for one pack per thread, a multiple of 32, at most 1024.
 int row_threads(int64_t dim, int vec) {
   const int64_t packs = (dim + vec - 1) / vec;

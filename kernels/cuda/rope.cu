@@ -48,8 +48,7 @@ void rope_apply(bf16* x, const int32_t* positions, const float* cos, const float
   if (n == 0 || heads == 0 || half == 0) return;
   const int threads = 256;
   const float sg = sign >= 0 ? 1.f : -1.f;
-  const bool vec4 = half % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 8 == 0 &&
-                    reinterpret_cast<uintptr_t>(cos) % 16 == 0 && reinterpret_cast<uintptr_t>(sin) % 16 == 0;
+  const bool vec4 = half % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 8 == 0 && aligned16(cos) && aligned16(sin);
   if (vec4) {
     rope_kernel<4><<<grid_for(n * heads * half / 4, threads), threads, 0, as_stream(stream)>>>(as_nv(x), positions, cos,
                                                                                                sin, n, heads, half, sg);

@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/mma.cuh"
@@ -341,15 +342,11 @@ __global__ void short_conv_backward_kernel(const __nv_bfloat16* __restrict__ dy,
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 struct ConvLaunch {
   dim3 grid;
   int64_t run_len;
 };
 
-// Runs of at least min_run tokens; the token dimension split into at most `max_chunks` blocks; blocks of
-// kChannels x cpt channels.
 // Two channels per thread when the channel count is even, k <= 4 and every row pointer is 4-byte aligned.
 bool paired(int64_t channels, int64_t kernel, std::initializer_list<const void*> ptrs) {
   if (channels % 2 != 0 || kernel > 4) return false;
@@ -357,12 +354,25 @@ bool paired(int64_t channels, int64_t kernel, std::initializer_list<const void*>
     if (reinterpret_cast<uintptr_t>(p) % 4 != 0) return false;
   return true;
 }
+// Runs of at least min_run tokens; the token dimension split into at most `max_chunks` blocks; blocks of
+// kChannels x cpt channels.
 ConvLaunch conv_launch(int64_t n, int64_t channels, int cpt, int64_t min_run, int64_t max_chunks) {
   const int64_t col_blocks = (channels + kChannels * cpt - 1) / (kChannels * cpt);
   const int64_t chunks = std::clamp<int64_t>((n + kRuns * min_run - 1) / (kRuns * min_run), 1, max_chunks);
   const int64_t run_len = (n + chunks * kRuns - 1) / (chunks * kRuns);
   const int64_t used_chunks = (n + run_len * kRuns - 1) / (run_len * kRuns);
   return {dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(std::max<int64_t>(used_chunks, 1))), run_len};
+}
+// The tiled kernels' launch (runs of kTileRun tokens, blocks of kChannels x 2 channels), when they apply: paired
+// channels (cpt 2), a multiple of 8, the staged rows 16-byte aligned, at most 65535 token blocks; else nullopt.
+std::optional<ConvLaunch> tiled_launch(int64_t n, int64_t channels, int cpt,
+                                       std::initializer_list<const void*> staged) {
+  const int64_t tile_chunks = (n + kRuns * kTileRun - 1) / (kRuns * kTileRun);
+  if (cpt != 2 || channels % 8 != 0 || tile_chunks > 65535) return std::nullopt;
+  for (const void* p : staged)
+    if (!aligned16(p)) return std::nullopt;
+  const int64_t col_blocks = (channels + kChannels * 2 - 1) / (kChannels * 2);
+  return ConvLaunch{dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(tile_chunks)), kTileRun};
 }
 
 }  // namespace
@@ -374,24 +384,22 @@ void short_conv_forward(const bf16* x, const bf16* w, const int32_t* cu_seqlens,
             kShortConvMaxKernel, "]");
   HYD_CHECK(num_docs >= 1, "short_conv_forward: ", n, " tokens but no documents");
   const int cpt = paired(channels, kernel, {x, y, halo}) ? 2 : 1;
-  ConvLaunch l = conv_launch(n, channels, cpt, 16, 65535);
-  const int64_t tile_chunks = (n + kRuns * kTileRun - 1) / (kRuns * kTileRun);
-  const bool tiled = cpt == 2 && channels % 8 == 0 && aligned16(x) && tile_chunks <= 65535;
-  if (tiled) l = ConvLaunch{dim3(l.grid.x, static_cast<unsigned>(tile_chunks)), kTileRun};
+  const ConvLaunch l = conv_launch(n, channels, cpt, 16, 65535);
+  const std::optional<ConvLaunch> tiled = tiled_launch(n, channels, cpt, {x});
   const dim3 block(kChannels, kRuns);
   if (kernel == 1) halo = nullptr;  // no halo rows
-  auto run = [&](auto kern) {
-    kern<<<l.grid, block, 0, as_stream(stream)>>>(as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(halo), as_nv(y), n,
-                                                  channels, static_cast<int>(kernel), l.run_len);
+  auto run = [&](auto kern, const ConvLaunch& launch) {
+    kern<<<launch.grid, block, 0, as_stream(stream)>>>(as_nv(x), as_nv(w), cu_seqlens, num_docs, as_nv(halo), as_nv(y),
+                                                       n, channels, static_cast<int>(kernel), launch.run_len);
   };
   if (tiled)
-    run(short_conv_forward_kernel<4, 2, true>);
+    run(short_conv_forward_kernel<4, 2, true>, *tiled);
   else if (cpt == 2)
-    run(short_conv_forward_kernel<4, 2>);
+    run(short_conv_forward_kernel<4, 2>, l);
   else if (kernel <= 4)
-    run(short_conv_forward_kernel<4, 1>);
+    run(short_conv_forward_kernel<4, 1>, l);
   else
-    run(short_conv_forward_kernel<16, 1>);
+    run(short_conv_forward_kernel<16, 1>, l);
   CHECK_LAUNCH();
 }
 
@@ -419,10 +427,8 @@ void short_conv_backward(const bf16* dy, const bf16* x, const bf16* w, const int
                                                        as_nv(dx), dw, as_nv(dhalo), n, channels,
                                                        static_cast<int>(kernel), launch.run_len);
   };
-  const int64_t tile_chunks = (n + kRuns * kTileRun - 1) / (kRuns * kTileRun);
-  if (cpt == 2 && channels % 8 == 0 && aligned16(x) && aligned16(dy) && tile_chunks <= 65535)
-    run(short_conv_backward_kernel<4, 2, true>,
-        ConvLaunch{dim3(static_cast<unsigned>(col_blocks), static_cast<unsigned>(tile_chunks)), kTileRun});
+  if (const std::optional<ConvLaunch> tiled = tiled_launch(n, channels, cpt, {x, dy}))
+    run(short_conv_backward_kernel<4, 2, true>, *tiled);
   else if (cpt == 2)
     run(short_conv_backward_kernel<4, 2>, l);
   else if (kernel <= 4)

@@ -54,8 +54,6 @@ __global__ void swiglu_backward_kernel(const __nv_bfloat16* __restrict__ dout, c
   }
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
 void swiglu_forward(const bf16* in, bf16* out, int64_t n, int64_t f, void* stream) {
