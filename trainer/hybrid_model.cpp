@@ -944,9 +944,7 @@ void HybridModel::init_random(uint64_t seed, float std) {
       for (int64_t i = 0; i < p.numel; ++i) v[i] = s * normal(gen);
     }
   }
-  device_sync(impl_->device);
-  upload_f32(impl_->flat_params, host.data());
-  device_sync(impl_->device);
+  model_common::write_values(impl_->device, impl_->flat_params, host.data());
 }
 
 void HybridModel::set_param(const std::string& name, const float* data, int64_t n) {
@@ -1031,8 +1029,7 @@ std::vector<float> HybridModel::forward_logits(ExecContext& ctx, const Batch& ba
     const Tensor logits = m.scratch_arena.alloc({c1 - c0, V}, DType::f32);
     kernels::gemm(ctx, false, true, 1.0f, m.step.final_normed.slice0(c0, c1), m.lm_head.value, 0.0f, logits);
     ctx.synchronize();
-    device_sync(m.device);
-    const std::vector<float> chunk = download_f32(logits);
+    const std::vector<float> chunk = model_common::read_values(m.device, logits);
     std::copy(chunk.begin(), chunk.end(), out.begin() + c0 * V);
   }
   return out;

@@ -405,9 +405,7 @@ void DenseModel::init_random(uint64_t seed, float std) {
       s = static_cast<float>(std * out_scale);
     for (int64_t i = 0; i < p.numel; ++i) v[i] = is_norm ? 1.0f : is_bias ? 0.0f : s * normal(gen);
   }
-  device_sync(impl_->device);
-  upload_f32(impl_->flat_params, host.data());
-  device_sync(impl_->device);
+  model_common::write_values(impl_->device, impl_->flat_params, host.data());
 }
 
 void DenseModel::set_param(const std::string& name, const float* data, int64_t n) {
@@ -460,8 +458,7 @@ std::vector<float> DenseModel::forward_logits(ExecContext& ctx, const Batch& bat
     const Tensor logits = m.scratch_arena.alloc({c1 - c0, V}, DType::f32);
     kernels::gemm(ctx, false, true, 1.0f, st.final_normed.slice0(c0, c1), m.lm_head.value, 0.0f, logits);
     ctx.synchronize();
-    device_sync(m.device);
-    const std::vector<float> chunk = download_f32(logits);
+    const std::vector<float> chunk = model_common::read_values(m.device, logits);
     std::copy(chunk.begin(), chunk.end(), out.begin() + c0 * V);
   }
   return out;

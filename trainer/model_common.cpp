@@ -34,11 +34,15 @@ const ParamInfo& find_param(const std::vector<ParamInfo>& params, const std::uno
   return params[it->second];
 }
 
+void write_values(Device d, const Tensor& t, const float* data) {
+  device_sync(d);
+  upload_f32(t, data);
+  device_sync(d);
+}
+
 void write_param(Device d, const ParamInfo& p, const float* data, int64_t n, const char* model) {
   if (n != p.numel) HYD_THROW(model, "::set_param('", p.name, "'): ", n, " values for ", p.numel, " elements");
-  device_sync(d);
-  upload_f32(p.value, data);
-  device_sync(d);
+  write_values(d, p.value, data);
 }
 
 std::vector<float> read_values(Device d, const Tensor& t) {

@@ -27,8 +27,10 @@ void add_param(std::vector<ParamInfo>& params, std::unordered_map<std::string, s
 const ParamInfo& find_param(const std::vector<ParamInfo>& params, const std::unordered_map<std::string, size_t>& index,
                             const std::string& name, const char* model);
 
-// The model-level host transfers, each fenced by device_sync on both sides: n host values into parameter p
-// (n must be p.numel; model and the name go into the error), a tensor's values as host f32, a tensor zeroed.
+// The model-level host transfers, each fenced by device_sync on both sides: host values into a tensor (its numel
+// of them), n host values into parameter p (n must be p.numel; model and the name go into the error), a tensor's
+// values as host f32, a tensor zeroed.
+void write_values(Device d, const Tensor& t, const float* data);
 void write_param(Device d, const ParamInfo& p, const float* data, int64_t n, const char* model);
 std::vector<float> read_values(Device d, const Tensor& t);
 void zero_values(Device d, const Tensor& t);
