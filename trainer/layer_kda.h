@@ -69,12 +69,11 @@ struct KdaLayer {
     Tensor f_low, g, beta;       // f_proj.0 output; gates
     Tensor g_low, gate;          // g_proj.0 output; output gate (before the sigmoid)
     Tensor o, o_rstd, on;        // KDA output; o_norm statistics; gated-norm output (o_proj input)
-    // The KDA core's forward keeps what its backward would recompute (kernels::kda_forward_saving) when
-    // keep_core is set (training models on CUDA unless HYD_KDA_SAVE=0, keep_core_from_env) and the core
-    // supports it (the tensor-core kernels; under sequence parallelism the true pass keeps it, trainer/lasp.h):
-    // core_mem grows to the largest batch
-    // (~152 KB per 64-token chunk and value head at dk = dv = 128), core is this batch's view, empty when
-    // the forward did not keep it.
+    // The KDA core's forward keeps what its backward would recompute (kernels::kda_forward_saving) when keep_core is
+    // set (training models on CUDA unless HYD_KDA_SAVE=0, keep_core_from_env) and the core supports it (the
+    // tensor-core kernels; under sequence parallelism the true pass keeps it, trainer/lasp.h): core_mem grows to the
+    // largest batch (~152 KB per 64-token chunk and value head at dk = dv = 128), core is this batch's view, empty
+    // when the forward did not keep it.
     bool keep_core = false;
     std::shared_ptr<Arena> core_mem;
     Tensor core;
