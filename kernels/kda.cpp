@@ -367,6 +367,67 @@ void kda_backward_saved(const ExecContext& ctx, const Tensor& q, const Tensor& k
 #endif
 }
 
+int64_t kda_saving_u_floats(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens) {
+  const KdaDims s = read_dims(k, v, cu_seqlens, "kda_saving_u_floats");
+#ifdef HYD_WITH_CUDA
+  return static_cast<int64_t>((cuda::kda_saving_u_bytes(s) + 3) / 4);
+#else
+  (void)s;
+  HYD_THROW("kda_saving_u_floats: the saving forward needs CUDA");
+#endif
+}
+
+namespace {
+// `u` of kda_forward_saving_prepare / _pass: f32 on k's device with kda_saving_u_floats elements.
+void check_saving_u(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, const Tensor& u) {
+  expect_dtype(u, DType::f32, op, "u");
+  if (!(u.device == k.device)) HYD_THROW(op, ": argument 'u' is on ", u.device.str());
+  const int64_t need = kda_saving_u_floats(k, v, cu_seqlens);
+  if (u.numel() < need) HYD_THROW(op, ": argument 'u' has ", u.numel(), " floats, needs ", need);
+}
+}  // namespace
+
+void kda_forward_saving_prepare(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                                const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens, const Tensor& saved,
+                                const Tensor& u) {
+  constexpr const char* op = "kda_forward_saving_prepare";
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  const KdaArgs a(op, q, "q");
+  check_inputs(a, s, q, k, v, g, beta, cu_seqlens, Tensor{});
+  check_split(op, k, v, cu_seqlens, Tensor{}, false);
+  check_saved(op, k, v, cu_seqlens, saved);
+  check_saving_u(op, k, v, cu_seqlens, u);
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, q, op);
+  cuda::kda_forward_saving_prepare(s, q.ptr<bf16>(), k.ptr<bf16>(), v.ptr<bf16>(), g.ptr<float>(), beta.ptr<float>(),
+                                   cu_seqlens.ptr<int32_t>(), saved.data, u.ptr<float>(), ctx.stream());
+#else
+  (void)ctx;
+#endif
+}
+
+void kda_forward_saving_pass(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                             const Tensor& initial_state, const Tensor& o, const Tensor& final_state,
+                             const Tensor& saved, const Tensor& u) {
+  constexpr const char* op = "kda_forward_saving_pass";
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  const KdaArgs a(op, k, "k");
+  a.cu_seqlens(cu_seqlens, s.n);
+  a.optional_state(initial_state, {s.num_docs, s.hv, s.dk, s.dv}, "initial_state");
+  a.optional_state(final_state, {s.num_docs, s.hv, s.dk, s.dv}, "final_state");
+  a.activation(o, {s.n, s.hv, s.dv}, "o");
+  check_split(op, k, v, cu_seqlens, Tensor{}, false);
+  check_saved(op, k, v, cu_seqlens, saved);
+  check_saving_u(op, k, v, cu_seqlens, u);
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, k, op);
+  cuda::kda_forward_saving_pass(s, cu_seqlens.ptr<int32_t>(), opt_ptr<float>(initial_state), o.ptr<bf16>(),
+                                opt_mut<float>(final_state), saved.data, u.ptr<float>(), ctx.stream());
+#else
+  (void)ctx;
+#endif
+}
+
 void kda_backward_initial_adjoint(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                   const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens, const Tensor& dout,
                                   const Tensor& dinitial_state) {

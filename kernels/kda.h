@@ -72,6 +72,17 @@ void kda_backward_saved(const ExecContext& ctx, const Tensor& q, const Tensor& k
                         const Tensor& beta, const Tensor& cu_seqlens, const Tensor& dout, const Tensor& dfinal_state,
                         const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg, const Tensor& dbeta,
                         const Tensor& dinitial_state, const Tensor& saved);
+// kda_forward_saving in two steps (the same kernels, so the same bits): the state-independent prep into `saved`
+// and `u` (f32, at least kda_saving_u_floats elements, kept by the caller until the pass), then the state pass from
+// initial_state; anything may run between them that writes neither saved nor u (LASP-2: a rank preps while it
+// waits for its incoming state).
+int64_t kda_saving_u_floats(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens);
+void kda_forward_saving_prepare(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                                const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens, const Tensor& saved,
+                                const Tensor& u);
+void kda_forward_saving_pass(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                             const Tensor& initial_state, const Tensor& o, const Tensor& final_state,
+                             const Tensor& saved, const Tensor& u);
 
 // Sizes shared by the raw entry points.
 struct KdaDims {
@@ -130,6 +141,11 @@ void kda_backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf
                         const float* beta, const int32_t* cu_seqlens, const bf16* dout, const float* dfinal_state,
                         bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* dinitial_state, const void* saved,
                         void* stream);
+size_t kda_saving_u_bytes(const KdaDims& s);
+void kda_forward_saving_prepare(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                                const float* beta, const int32_t* cu_seqlens, void* saved, float* u, void* stream);
+void kda_forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state, bf16* o,
+                             float* final_state, void* saved, const float* u, void* stream);
 }  // namespace cuda
 
 }  // namespace hyd::kernels

@@ -51,7 +51,7 @@ enum Slot : int {
   kSplitWs,  // the split forward's workspace (CUDA: the prepared chunks, shared by the B, M and true passes)
   kQAll,     // balanced LASP-2H: all ranks' queries (forward) or output gradients (backward), temporary
   kFull,     // balanced LASP-2H: outputs, lse or dQ of every rank's tokens before the reduce-scatter, temporary
-  kWorkQ,  // balanced LASP-2H, kept per layer: the two half-slices' queries, outputs and lse (+ j)
+  kWorkQ,    // balanced LASP-2H, kept per layer: the two half-slices' queries, outputs and lse (+ j)
   kWorkQ1,
   kWorkO,
   kWorkO1,
@@ -63,6 +63,7 @@ enum Slot : int {
   kWorkDQ1,
   kDKAll2,  // the second half-slice's dK / dV before they are added
   kDVAll2,
+  kSavingU,  // the saving forward's u between its prep (before the exchange) and its state pass (after)
 };
 const int kTemp = 0;
 
@@ -300,6 +301,16 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
         sp.buffer(&kTemp, kSplitWs, {kernels::kda_forward_workspace_floats(k, v, cu_seqlens, any_through)}, DType::f32);
     kernels::kda_forward_prepare(ctx, q, k, v, g, beta, cu_seqlens, ws, any_through);
   }
+  // A rank that keeps its work, waits for an incoming state and has no B or M pass to run (no document goes on
+  // into the next rank: the last rank) runs the saving forward's prep now, while the others run their passes, and
+  // only its state pass after the exchange. (2 x H200, K x 12, T/GPU 16384: the last rank idled ~16.7 ms per step
+  // in the exchange, then ran prep and state pass.)
+  const bool prep_early = keep && any_lead && !any_cont;
+  Tensor saving_u;
+  if (prep_early) {
+    saving_u = sp.buffer(&kTemp, kSavingU, {kernels::kda_saving_u_floats(k, v, cu_seqlens)}, DType::f32);
+    kernels::kda_forward_saving_prepare(ctx, q, k, v, g, beta, cu_seqlens, saved, saving_u);
+  }
   // The identity initial states of the M pass first: its host copies synchronise ctx (the prep is queued).
   Tensor M, eye;
   if (any_through) {
@@ -371,7 +382,9 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   lasp_profile_mark(ctx, "kda.fwd.compose");
   if (any_lead || !any_cont) {
     const Tensor init = any_lead ? expand_row_states(ctx, sp, S, s.docs, s.hv, s.dk, s.dv) : Tensor{};
-    if (keep)
+    if (prep_early)
+      kernels::kda_forward_saving_pass(ctx, k, v, cu_seqlens, init, o, Tensor{}, saved, saving_u);
+    else if (keep)
       kernels::kda_forward_saving(ctx, q, k, v, g, beta, cu_seqlens, init, o, Tensor{}, saved);
     else if (split)
       kernels::kda_forward_pass(ctx, k, v, cu_seqlens, ws, init, o, Tensor{}, false);

@@ -241,6 +241,29 @@ void kda_forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf
   kda_mma::forward_saving(s, q, k, v, g, beta, cu_seqlens, initial_state, o, final_state, saved, st);
 }
 
+size_t kda_saving_u_bytes(const KdaDims& s) { return kda_mma::saving_u_bytes(s); }
+
+void kda_forward_saving_prepare(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                                const float* beta, const int32_t* cu_seqlens, void* saved, float* u, void* stream) {
+  check_dims(s, "kda_forward_saving_prepare");
+  HYD_CHECK(kda_split_supported(s), "kda_forward_saving_prepare: not available for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  cudaStream_t st = as_stream(stream);
+  kda_chunk::Scratch sc;
+  sc.chunk_off = kda_mma::saved_chunk_table(s, saved);
+  DeviceLauncher launcher{st};
+  kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
+  kda_mma::forward_saving_prepare(s, q, k, v, g, beta, cu_seqlens, saved, u, st);
+}
+
+void kda_forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state, bf16* o,
+                             float* final_state, void* saved, const float* u, void* stream) {
+  check_dims(s, "kda_forward_saving_pass");
+  HYD_CHECK(kda_split_supported(s), "kda_forward_saving_pass: not available for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  kda_mma::forward_saving_pass(s, cu_seqlens, initial_state, o, final_state, saved, u, as_stream(stream));
+}
+
 void kda_backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
                         const float* beta, const int32_t* cu_seqlens, const bf16* dout, const float* dfinal_state,
                         bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* dinitial_state, const void* saved,

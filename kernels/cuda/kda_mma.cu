@@ -1820,26 +1820,47 @@ int32_t* saved_chunk_table(const KdaDims& s, void* saved) {
   return b.chunk_off;
 }
 
-void forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
-                    const int32_t* cu_seqlens, const float* initial_state, bf16* o, float* final_state, void* saved,
-                    void* stream_ptr) {
-  cudaStream_t stream = as_stream(stream_ptr);
+size_t saving_u_bytes(const KdaDims& s) {
+  return std::max<size_t>(static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) * C *
+                              static_cast<size_t>(s.dv) * sizeof(float),
+                          16);
+}
+
+void forward_saving_prepare(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                            const float* beta, const int32_t* cu_seqlens, void* saved, float* u, void* stream_ptr) {
   HYD_CHECK(supports(s), "kda_mma::forward_saving: dk ", s.dk, " / dv ", s.dv, " not supported");
   HYD_CHECK(s.num_docs <= 0x7fffffffLL && s.hv <= 65535, "kda_mma::forward_saving: grid too large");
   SavedBuffers b;
   carve_saved(s, static_cast<unsigned char*>(saved), b);
+  b.f.u = u;
+  with_dims(s, [&]<int DK, int DV>() {
+    prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, b.chunk_off, b.f, as_stream(stream_ptr), b.x);
+  });
+}
+
+void forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state, bf16* o,
+                         float* final_state, void* saved, const float* u, void* stream_ptr) {
+  SavedBuffers b;
+  carve_saved(s, static_cast<unsigned char*>(saved), b);
+  b.f.u = const_cast<float*>(u);
   const size_t state_elems = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
                              static_cast<size_t>(s.dk) * static_cast<size_t>(s.dv);
-  // u (the prep's u = X Diag(beta) v, read by the state pass only) in stream-ordered scratch, freed behind it.
-  const size_t u_bytes = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) * C *
-                         static_cast<size_t>(s.dv) * sizeof(float);
-  CHECK_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&b.f.u), std::max<size_t>(u_bytes, 16), stream));
   with_dims(s, [&]<int DK, int DV>() {
-    prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, b.chunk_off, b.f, stream, b.x);
-    state_impl<DK, DV>(s, cu_seqlens, b.chunk_off, initial_state, o, final_state, b.f, stream, b.states,
+    state_impl<DK, DV>(s, cu_seqlens, b.chunk_off, initial_state, o, final_state, b.f, as_stream(stream_ptr), b.states,
                        b.states + state_elems, b.vn);
   });
-  CHECK_CUDA(cudaFreeAsync(b.f.u, stream));
+}
+
+void forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                    const int32_t* cu_seqlens, const float* initial_state, bf16* o, float* final_state, void* saved,
+                    void* stream_ptr) {
+  cudaStream_t stream = as_stream(stream_ptr);
+  // u (read by the state pass only) in stream-ordered scratch, freed behind it.
+  float* u = nullptr;
+  CHECK_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&u), saving_u_bytes(s), stream));
+  forward_saving_prepare(s, q, k, v, g, beta, cu_seqlens, saved, u, stream);
+  forward_saving_pass(s, cu_seqlens, initial_state, o, final_state, saved, u, stream);
+  CHECK_CUDA(cudaFreeAsync(u, stream));
 }
 
 void backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,

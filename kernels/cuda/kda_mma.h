@@ -63,6 +63,15 @@ int32_t* saved_chunk_table(const KdaDims& s, void* saved);
 void forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
                     const int32_t* cu_seqlens, const float* initial_state, bf16* o, float* final_state, void* saved,
                     void* stream);
+// forward_saving in two steps, the same kernels (so the same bits): the prep into `saved` with u (the prep's
+// T v, f32 [max_chunks x hv x 64 x dv], saving_u_bytes) in `u`, then, from any stream position after it, the state
+// pass from `initial_state` (LASP-2: a rank preps while it waits for its incoming state). The chunk table in
+// `saved` must be computed before the prep (as for forward_saving).
+size_t saving_u_bytes(const KdaDims& s);
+void forward_saving_prepare(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                            const float* beta, const int32_t* cu_seqlens, void* saved, float* u, void* stream);
+void forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state, bf16* o,
+                         float* final_state, void* saved, const float* u, void* stream);
 void backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
                     const int32_t* cu_seqlens, const bf16* dout, const float* dfinal_state, bf16* dq, bf16* dk,
                     bf16* dv, float* dg, float* dbeta, float* dinitial_state, kda_chunk::Scratch& sc, const void* saved,

@@ -29,6 +29,7 @@
 
 #include "kernels/cuda/kda_chunk.cuh"
 #include "kernels/cuda/kda_mma.h"
+#include "kernels/elementwise.h"
 #include "kernels/kda.h"
 #include "tests/common/test_util.h"
 
@@ -482,9 +483,28 @@ TEST(GpuKda, SavedBackwardEqualsTheRecomputingOne) {
     same(got.dg, ref.dg, "dg");
     same(got.dbeta, ref.dbeta, "dbeta");
     same(got.dinit, ref.dinit, "dinitial_state");
+    // The saving forward in two steps (prep, then the state pass after unrelated work) and the saved backward.
+    const Grads two = grads();
+    const Tensor saved2 = buf.poisoned({kda_saved_floats(k, v, cu)}, DType::f32);
+    const Tensor u = buf.poisoned({kda_saving_u_floats(k, v, cu)}, DType::f32);
+    kda_forward_saving_prepare(ctx, q, k, v, g, beta, cu, saved2, u);
+    fill(ctx, buf.poisoned({1024}, DType::f32), 0.0f);  // unrelated work in between
+    kda_forward_saving_pass(ctx, k, v, cu, init, two.o, two.fin, saved2, u);
+    kda_backward_saved(ctx, q, k, v, g, beta, cu, dout, dfin, two.dq, two.dk, two.dv, two.dg, two.dbeta, two.dinit,
+                       saved2);
+    ctx.synchronize();
+    same(two.o, ref.o, "o (prepare + pass)");
+    same(two.fin, ref.fin, "final state (prepare + pass)");
+    same(two.dq, ref.dq, "dq (prepare + pass)");
+    same(two.dk, ref.dk, "dk (prepare + pass)");
+    same(two.dv, ref.dv, "dv (prepare + pass)");
+    same(two.dg, ref.dg, "dg (prepare + pass)");
+    same(two.dbeta, ref.dbeta, "dbeta (prepare + pass)");
+    same(two.dinit, ref.dinit, "dinitial_state (prepare + pass)");
     const Tensor small = buf.poisoned({16}, DType::f32);
     test::expect_error_mentioning([&] { kda_forward_saving(ctx, q, k, v, g, beta, cu, init, got.o, got.fin, small); },
                                   "saved");
+    test::expect_error_mentioning([&] { kda_forward_saving_prepare(ctx, q, k, v, g, beta, cu, saved2, small); }, "'u'");
   });
 }
 
