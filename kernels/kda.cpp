@@ -415,14 +415,34 @@ void kda_forward_saving_pass(const ExecContext& ctx, const Tensor& k, const Tens
   a.cu_seqlens(cu_seqlens, s.n);
   a.optional_state(initial_state, {s.num_docs, s.hv, s.dk, s.dv}, "initial_state");
   a.optional_state(final_state, {s.num_docs, s.hv, s.dk, s.dv}, "final_state");
-  a.activation(o, {s.n, s.hv, s.dv}, "o");
+  if (!o.empty()) a.activation(o, {s.n, s.hv, s.dv}, "o");
   check_split(op, k, v, cu_seqlens, Tensor{}, false);
   check_saved(op, k, v, cu_seqlens, saved);
   check_saving_u(op, k, v, cu_seqlens, u);
 #ifdef HYD_WITH_CUDA
   check_context(ctx, k, op);
-  cuda::kda_forward_saving_pass(s, cu_seqlens.ptr<int32_t>(), opt_ptr<float>(initial_state), o.ptr<bf16>(),
-                                opt_mut<float>(final_state), saved.data, u.ptr<float>(), ctx.stream());
+  cuda::kda_forward_saving_pass(s, cu_seqlens.ptr<int32_t>(), opt_ptr<float>(initial_state),
+                                o.empty() ? nullptr : o.ptr<bf16>(), opt_mut<float>(final_state), saved.data,
+                                u.ptr<float>(), ctx.stream());
+#else
+  (void)ctx;
+#endif
+}
+
+void kda_forward_saving_transition(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                                   const Tensor& initial_state, const Tensor& final_state, const Tensor& saved) {
+  constexpr const char* op = "kda_forward_saving_transition";
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  const KdaArgs a(op, k, "k");
+  a.cu_seqlens(cu_seqlens, s.n);
+  a.optional_state(initial_state, {s.num_docs, s.hv, s.dk, s.dk}, "initial_state");
+  a.state(final_state, {s.num_docs, s.hv, s.dk, s.dk}, "final_state");
+  check_split(op, k, v, cu_seqlens, Tensor{}, false);
+  check_saved(op, k, v, cu_seqlens, saved);
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, k, op);
+  cuda::kda_forward_saving_transition(s, cu_seqlens.ptr<int32_t>(), opt_ptr<float>(initial_state),
+                                      final_state.ptr<float>(), saved.data, ctx.stream());
 #else
   (void)ctx;
 #endif

@@ -83,6 +83,12 @@ void kda_forward_saving_prepare(const ExecContext& ctx, const Tensor& q, const T
 void kda_forward_saving_pass(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
                              const Tensor& initial_state, const Tensor& o, const Tensor& final_state,
                              const Tensor& saved, const Tensor& u);
+// After kda_forward_saving_prepare: LASP-2's transition pass over the same prep (zero values, dk columns, from
+// initial_state [D, HV, dk, dk], usually identities) into final_state [D, HV, dk, dk]; saved is only read, so the
+// pass may run on another stream beside kda_forward_saving_pass. (kda_forward_saving_pass's o may be empty:
+// the B pass, the final state alone.)
+void kda_forward_saving_transition(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                                   const Tensor& initial_state, const Tensor& final_state, const Tensor& saved);
 
 // Sizes shared by the raw entry points.
 struct KdaDims {
@@ -146,6 +152,8 @@ void kda_forward_saving_prepare(const KdaDims& s, const bf16* q, const bf16* k, 
                                 const float* beta, const int32_t* cu_seqlens, void* saved, float* u, void* stream);
 void kda_forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state, bf16* o,
                              float* final_state, void* saved, const float* u, void* stream);
+void kda_forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
+                                   float* final_state, const void* saved, void* stream);
 }  // namespace cuda
 
 }  // namespace hyd::kernels

@@ -293,24 +293,31 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   }
   const bool split = kernels::kda_split_forward_supported(k, v);
   HYD_CHECK(saved.empty() || split, "lasp_kda_forward: 'saved' given, but the split forward is not available here");
-  // With `saved`, the true pass is the saving forward (its own prep); the workspace serves the B / M passes only.
+  // With `saved` (the layer keeps its work for the backward): a rank without an incoming state runs the saving
+  // forward whole as its B pass (it is its true pass); a rank with one runs the saving forward's prep before the
+  // exchange (into `saved` and saving_u), its B and M passes over that prep, and after the exchange only the
+  // saving state pass: one prep per layer, and the last rank (no B / M pass) preps while the others run theirs
+  // instead of idling in the exchange (2 x H200, K x 12, T/GPU 16384: ~16.7 ms per step). Without `saved`, the
+  // split workspace `ws` holds the prep for every pass.
   const bool keep = !saved.empty();
-  Tensor ws;
-  if (split && (!keep || (any_lead && any_cont))) {  // (any_through implies both)
+  const bool keep_prep = keep && any_lead;
+  Tensor ws, saving_u;
+  if (split && !keep) {
     ws =
         sp.buffer(&kTemp, kSplitWs, {kernels::kda_forward_workspace_floats(k, v, cu_seqlens, any_through)}, DType::f32);
     kernels::kda_forward_prepare(ctx, q, k, v, g, beta, cu_seqlens, ws, any_through);
   }
-  // A rank that keeps its work, waits for an incoming state and has no B or M pass to run (no document goes on
-  // into the next rank: the last rank) runs the saving forward's prep now, while the others run their passes, and
-  // only its state pass after the exchange. (2 x H200, K x 12, T/GPU 16384: the last rank idled ~16.7 ms per step
-  // in the exchange, then ran prep and state pass.)
-  const bool prep_early = keep && any_lead && !any_cont;
-  Tensor saving_u;
-  if (prep_early) {
+  if (keep_prep) {
     saving_u = sp.buffer(&kTemp, kSavingU, {kernels::kda_saving_u_floats(k, v, cu_seqlens)}, DType::f32);
     kernels::kda_forward_saving_prepare(ctx, q, k, v, g, beta, cu_seqlens, saved, saving_u);
   }
+  // The M pass from identities with zero values, over whichever prep this rank has.
+  auto m_pass = [&](const ExecContext& on, const Tensor& eye, const Tensor& M) {
+    if (keep_prep)
+      kernels::kda_forward_saving_transition(on, k, v, cu_seqlens, eye, M, saved);
+    else
+      kernels::kda_forward_pass(on, k, v, cu_seqlens, ws, eye, Tensor{}, M, true);
+  };
   // The identity initial states of the M pass first: its host copies synchronise ctx (the prep is queued).
   Tensor M, eye;
   if (any_through) {
@@ -333,12 +340,14 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   const ExecContext* side = any_through && any_cont && split ? sp.side_context() : nullptr;
   if (side != nullptr) {
     side->wait_for(ctx);  // the prep and the identity states are queued before
-    kernels::kda_forward_pass(*side, k, v, cu_seqlens, ws, eye, Tensor{}, M, true);
+    m_pass(*side, eye, M);
   }
   const Tensor B = sp.buffer(&kTemp, kTransB, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
   if (any_cont) {
     if (keep && !any_lead)  // the B pass is the true pass
       kernels::kda_forward_saving(ctx, q, k, v, g, beta, cu_seqlens, Tensor{}, o, B, saved);
+    else if (keep_prep)  // the final state alone (the states it keeps are rewritten by the true pass)
+      kernels::kda_forward_saving_pass(ctx, k, v, cu_seqlens, Tensor{}, Tensor{}, B, saved, saving_u);
     else if (split)
       kernels::kda_forward_pass(ctx, k, v, cu_seqlens, ws, Tensor{}, any_lead ? Tensor{} : o, B, false);
     else
@@ -350,7 +359,7 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
     ctx.wait_for(*side);
   } else if (any_through) {
     if (split) {
-      kernels::kda_forward_pass(ctx, k, v, cu_seqlens, ws, eye, Tensor{}, M, true);
+      m_pass(ctx, eye, M);
     } else {
       const Tensor zero_v = sp.buffer(&kTemp, kZeroV, {o.shape[0], s.hv, s.dk}, v.dtype);
       kernels::fill(ctx, zero_v, 0.0f);
@@ -382,7 +391,7 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   lasp_profile_mark(ctx, "kda.fwd.compose");
   if (any_lead || !any_cont) {
     const Tensor init = any_lead ? expand_row_states(ctx, sp, S, s.docs, s.hv, s.dk, s.dv) : Tensor{};
-    if (prep_early)
+    if (keep_prep)
       kernels::kda_forward_saving_pass(ctx, k, v, cu_seqlens, init, o, Tensor{}, saved, saving_u);
     else if (keep)
       kernels::kda_forward_saving(ctx, q, k, v, g, beta, cu_seqlens, init, o, Tensor{}, saved);

@@ -264,6 +264,19 @@ void kda_forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const 
   kda_mma::forward_saving_pass(s, cu_seqlens, initial_state, o, final_state, saved, u, as_stream(stream));
 }
 
+void kda_forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
+                                   float* final_state, const void* saved, void* stream) {
+  check_dims(s, "kda_forward_saving_transition");
+  HYD_CHECK(kda_split_supported(s), "kda_forward_saving_transition: not available for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  const cudaStream_t st = as_stream(stream);
+  const size_t zeros = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) * kda_chunk::kChunk *
+                       static_cast<size_t>(s.dk);
+  StreamScratch zero_u(std::max<size_t>(zeros, 4), st);
+  CHECK_CUDA(cudaMemsetAsync(zero_u.get(), 0, std::max<size_t>(zeros, 4) * sizeof(float), st));
+  kda_mma::forward_saving_transition(s, cu_seqlens, initial_state, final_state, saved, zero_u.get(), st);
+}
+
 void kda_backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
                         const float* beta, const int32_t* cu_seqlens, const bf16* dout, const float* dfinal_state,
                         bf16* dq, bf16* dk, bf16* dv, float* dg, float* dbeta, float* dinitial_state, const void* saved,

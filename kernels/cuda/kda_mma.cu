@@ -1851,6 +1851,18 @@ void forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const floa
   });
 }
 
+void forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
+                               float* final_state, const void* saved, const float* zero_u, void* stream_ptr) {
+  SavedBuffers b;
+  carve_saved(s, static_cast<unsigned char*>(const_cast<void*>(saved)), b);
+  b.f.u = const_cast<float*>(zero_u);
+  KdaDims m = s;  // values zero, dk columns: u = T v = 0
+  m.dv = s.dk;
+  with_dims(m, [&]<int DK, int DV>() {
+    state_impl<DK, DV>(m, cu_seqlens, b.chunk_off, initial_state, nullptr, final_state, b.f, as_stream(stream_ptr));
+  });
+}
+
 void forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
                     const int32_t* cu_seqlens, const float* initial_state, bf16* o, float* final_state, void* saved,
                     void* stream_ptr) {

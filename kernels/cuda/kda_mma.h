@@ -72,6 +72,11 @@ void forward_saving_prepare(const KdaDims& s, const bf16* q, const bf16* k, cons
                             const float* beta, const int32_t* cu_seqlens, void* saved, float* u, void* stream);
 void forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state, bf16* o,
                          float* final_state, void* saved, const float* u, void* stream);
+// After forward_saving_prepare: the pass with zero values over dk columns (LASP-2's M from an identity
+// initial_state, [D, HV, dk, dk] as final_state) over the prep in `saved`; zero_u: f32 zeros of
+// max_chunks(s) x hv x 64 x dk. Nothing in `saved` is written.
+void forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
+                               float* final_state, const void* saved, const float* zero_u, void* stream);
 void backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
                     const int32_t* cu_seqlens, const bf16* dout, const float* dfinal_state, bf16* dq, bf16* dk,
                     bf16* dv, float* dg, float* dbeta, float* dinitial_state, kda_chunk::Scratch& sc, const void* saved,

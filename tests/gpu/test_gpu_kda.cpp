@@ -501,6 +501,27 @@ TEST(GpuKda, SavedBackwardEqualsTheRecomputingOne) {
     same(two.dg, ref.dg, "dg (prepare + pass)");
     same(two.dbeta, ref.dbeta, "dbeta (prepare + pass)");
     same(two.dinit, ref.dinit, "dinitial_state (prepare + pass)");
+    // LASP-2's B and M passes over the saving prep: B (no outputs) is the final state from a zero state, M the
+    // transition from identities with zero values; both as the whole forward's.
+    {
+      std::vector<float> eye_h(static_cast<size_t>(D * s.hv * s.dk * s.dk), 0.f);
+      for (int64_t m = 0; m < D * s.hv; ++m)
+        for (int64_t i = 0; i < s.dk; ++i) eye_h[(m * s.dk + i) * s.dk + i] = 1.f;
+      const Tensor eye = buf.upload(eye_h, {D, s.hv, s.dk, s.dk}, DType::f32);
+      const Tensor zero_v = buf.zeros({n, s.hv, s.dk}, DType::bf16);
+      const Tensor m_ref = buf.poisoned({D, s.hv, s.dk, s.dk}, DType::f32),
+                   b_ref = buf.poisoned({D, s.hv, s.dk, s.dv}, DType::f32);
+      kda_forward(ctx, q, k, zero_v, g, beta, cu, eye, buf.poisoned({n, s.hv, s.dk}, DType::bf16), m_ref);
+      kda_forward(ctx, q, k, v, g, beta, cu, Tensor{}, buf.poisoned({n, s.hv, s.dv}, DType::bf16), b_ref);
+      const Tensor m1 = buf.poisoned({D, s.hv, s.dk, s.dk}, DType::f32),
+                   b1 = buf.poisoned({D, s.hv, s.dk, s.dv}, DType::f32);
+      kda_forward_saving_prepare(ctx, q, k, v, g, beta, cu, saved2, u);
+      kda_forward_saving_transition(ctx, k, v, cu, eye, m1, saved2);
+      kda_forward_saving_pass(ctx, k, v, cu, Tensor{}, Tensor{}, b1, saved2, u);
+      ctx.synchronize();
+      same(m1, m_ref, "M (transition over the saving prep)");
+      same(b1, b_ref, "B (zero-state pass over the saving prep, no outputs)");
+    }
     const Tensor small = buf.poisoned({16}, DType::f32);
     test::expect_error_mentioning([&] { kda_forward_saving(ctx, q, k, v, g, beta, cu, init, got.o, got.fin, small); },
                                   "saved");
