@@ -233,12 +233,10 @@ void kda_forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf
   check_dims(s, "kda_forward_saving");
   HYD_CHECK(kda_split_supported(s), "kda_forward_saving: not available for dk ", s.dk, " / dv ", s.dv);
   if (s.num_docs == 0) return;
-  cudaStream_t st = as_stream(stream);
-  kda_chunk::Scratch sc;
-  sc.chunk_off = kda_mma::saved_chunk_table(s, saved);
-  DeviceLauncher launcher{st};
-  kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
-  kda_mma::forward_saving(s, q, k, v, g, beta, cu_seqlens, initial_state, o, final_state, saved, st);
+  // u (read by the state pass only) in stream-ordered scratch, freed behind it.
+  StreamScratch u((kda_mma::saving_u_bytes(s) + 3) / 4, as_stream(stream));
+  kda_forward_saving_prepare(s, q, k, v, g, beta, cu_seqlens, saved, u.get(), stream);
+  kda_forward_saving_pass(s, cu_seqlens, initial_state, o, final_state, saved, u.get(), stream);
 }
 
 size_t kda_saving_u_bytes(const KdaDims& s) { return kda_mma::saving_u_bytes(s); }

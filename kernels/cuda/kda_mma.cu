@@ -1784,8 +1784,8 @@ void backward_products(const KdaDims& s, const bf16* q, const bf16* k, const bf1
   });
 }
 
-// What forward_saving keeps for backward_saved, carved from one buffer: the chunk table, the prep (FwdBuffers)
-// without u (only the forward's state pass reads it: forward_saving holds it in stream-ordered scratch), X (f32
+// What the saving forward keeps for backward_saved, carved from one buffer: the chunk table, the prep (FwdBuffers)
+// without u (only the forward's state pass reads it: the caller holds it, kernels/cuda/kda.cu), X (f32
 // [ch][C][C]), every chunk's incoming state as hi + lo bf16 ([ch][dk][dv] each, hi then lo) and v_new (bf16
 // [ch][C][dv]); the same layout as backward_products' own buffers for these.
 struct SavedBuffers {
@@ -1828,8 +1828,8 @@ size_t saving_u_bytes(const KdaDims& s) {
 
 void forward_saving_prepare(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
                             const float* beta, const int32_t* cu_seqlens, void* saved, float* u, void* stream_ptr) {
-  HYD_CHECK(supports(s), "kda_mma::forward_saving: dk ", s.dk, " / dv ", s.dv, " not supported");
-  HYD_CHECK(s.num_docs <= 0x7fffffffLL && s.hv <= 65535, "kda_mma::forward_saving: grid too large");
+  HYD_CHECK(supports(s), "kda_mma::forward_saving_prepare: dk ", s.dk, " / dv ", s.dv, " not supported");
+  HYD_CHECK(s.num_docs <= 0x7fffffffLL && s.hv <= 65535, "kda_mma::forward_saving_prepare: grid too large");
   SavedBuffers b;
   carve_saved(s, static_cast<unsigned char*>(saved), b);
   b.f.u = u;
@@ -1861,18 +1861,6 @@ void forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, cons
   with_dims(m, [&]<int DK, int DV>() {
     state_impl<DK, DV>(m, cu_seqlens, b.chunk_off, initial_state, nullptr, final_state, b.f, as_stream(stream_ptr));
   });
-}
-
-void forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
-                    const int32_t* cu_seqlens, const float* initial_state, bf16* o, float* final_state, void* saved,
-                    void* stream_ptr) {
-  cudaStream_t stream = as_stream(stream_ptr);
-  // u (read by the state pass only) in stream-ordered scratch, freed behind it.
-  float* u = nullptr;
-  CHECK_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&u), saving_u_bytes(s), stream));
-  forward_saving_prepare(s, q, k, v, g, beta, cu_seqlens, saved, u, stream);
-  forward_saving_pass(s, cu_seqlens, initial_state, o, final_state, saved, u, stream);
-  CHECK_CUDA(cudaFreeAsync(u, stream));
 }
 
 void backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,

@@ -52,21 +52,18 @@ void backward_products(const KdaDims& s, const bf16* q, const bf16* k, const bf1
                        bf16* dv, float* dg, float* dbeta, float* dinitial_state, const kda_chunk::Scratch& sc,
                        void* scratch, void* stream);
 
-// The forward that keeps what backward_products would recompute (the prep with X, every chunk's incoming
-// state and v_new) in `saved` (saved_bytes(s) bytes, 16-byte aligned, with the chunk table of cu_seqlens at
-// saved_chunk_table: forward_saving computes it), and the backward that reads them instead: the prep and the
-// forward state pass of backward_products are skipped (the initial state is in the kept states). The results
-// are those of forward / backward_products bit for bit. sc: the buffers of kda_chunk::Pass::backward_mma_saved
-// (backward_saved points its x, states and vn into `saved`).
+// The forward that keeps what backward_products would recompute (the prep with X, every chunk's incoming state and
+// v_new) in `saved` (saved_bytes(s) bytes, 16-byte aligned, with the chunk table of cu_seqlens at saved_chunk_table:
+// the caller computes it, kernels/cuda/kda.cu), and the backward that reads them instead: the prep and the forward
+// state pass of backward_products are skipped (the initial state is in the kept states). The results are those of
+// forward / backward_products bit for bit. sc: the buffers of kda_chunk::Pass::backward_mma_saved (backward_saved
+// points its x, states and vn into `saved`).
 size_t saved_bytes(const KdaDims& s);
 int32_t* saved_chunk_table(const KdaDims& s, void* saved);
-void forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
-                    const int32_t* cu_seqlens, const float* initial_state, bf16* o, float* final_state, void* saved,
-                    void* stream);
-// forward_saving in two steps, the same kernels (so the same bits): the prep into `saved` with u (the prep's
-// T v, f32 [max_chunks x hv x 64 x dv], saving_u_bytes) in `u`, then, from any stream position after it, the state
-// pass from `initial_state` (LASP-2: a rank preps while it waits for its incoming state). The chunk table in
-// `saved` must be computed before the prep (as for forward_saving).
+// The saving forward in two steps: the prep into `saved` with u (the prep's T v, f32 [max_chunks x hv x 64 x dv],
+// saving_u_bytes) in `u`, then, from any stream position after it, the state pass from `initial_state` keeping
+// every chunk's incoming state and v_new (LASP-2: a rank preps while it waits for its incoming state). The chunk
+// table in `saved` must be computed before the prep.
 size_t saving_u_bytes(const KdaDims& s);
 void forward_saving_prepare(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
                             const float* beta, const int32_t* cu_seqlens, void* saved, float* u, void* stream);
