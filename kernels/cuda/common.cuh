@@ -100,6 +100,49 @@ __device__ __forceinline__ float row_sum(float v) {
 
 // Calls f(std::integral_constant<int, LPR>) for dims 32, 64, 128, 256 and returns true; false (f not called) for
 // other dims.
+// Deterministic column sums of per-block partials: dw[c] += sum_b partial[b * dim + c] for b = 0 .. blocks - 1,
+// in a fixed order (32 row lanes per column each add every 32nd block in order, then the 32 lane sums are added in
+// lane order). For the weight gradients of norms whose kernels write one partial row per block instead of
+// f32 atomics (whose order follows thread scheduling).
+// (Internal linkage: a __global__ defined in a header included by several .cu files.)
+static __global__ void __launch_bounds__(1024)
+    column_sum_kernel(const float* __restrict__ partial, int64_t blocks, int64_t dim, float* __restrict__ dw) {
+  __shared__ float lanes[32][33];
+  const int64_t c = int64_t(blockIdx.x) * 32 + threadIdx.x;
+  float acc = 0.f;
+  if (c < dim)
+    for (int64_t b = threadIdx.y; b < blocks; b += 32) acc += partial[b * dim + c];
+  lanes[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < dim) {
+    float t = 0.f;
+#pragma unroll
+    for (int k = 0; k < 32; ++k) t += lanes[k][threadIdx.x];
+    dw[c] += t;
+  }
+}
+inline void column_sum(const float* partial, int64_t blocks, int64_t dim, float* dw, cudaStream_t stream) {
+  column_sum_kernel<<<static_cast<unsigned>((dim + 31) / 32), dim3(32, 32), 0, stream>>>(partial, blocks, dim, dw);
+  CHECK_LAUNCH();
+}
+
+// Stream-ordered scratch of one call: allocated on the stream, freed on it when the scope ends
+// (after every kernel that uses it has been enqueued).
+class StreamScratch {
+ public:
+  StreamScratch(size_t floats, cudaStream_t stream) : stream_(stream) {
+    CHECK_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&ptr_), floats * sizeof(float), stream));
+  }
+  ~StreamScratch() { (void)cudaFreeAsync(ptr_, stream_); }  // a destructor must not throw
+  StreamScratch(const StreamScratch&) = delete;
+  StreamScratch& operator=(const StreamScratch&) = delete;
+  float* get() const { return ptr_; }
+
+ private:
+  float* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
 template <class F>
 bool with_row_lanes(int64_t dim, F&& f) {
   if (dim == 32)

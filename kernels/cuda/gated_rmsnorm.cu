@@ -5,12 +5,12 @@
 //   dz = dy s)
 // Rows of 32, 64, 128 or 256 (value heads; 16-byte aligned): LPR = dim / 8 lanes per row, each lane 8 elements held
 // in registers (every input read once), 32 / LPR rows per warp, the row sums over the LPR lanes by shuffles; the
-// backward adds each lane's dw terms over the rows it visits and, per block, into dw with one f32 atomicAdd per
-// column. (Before, 2026-11-28: one warp per row, half its lanes idle at dim 128, o / gate / dy read twice, and dw
-// in a second kernel re-reading dy, o and gate: 72 + 115 + 63 us per KDA layer at B8xT2048 x 8 heads on an H200.)
-// Other dims: one warp per row, 8 warps per block, grid-stride over rows; 16-byte accesses when dim % 8 == 0 and
-// the pointers are aligned; dw: a column kernel, 32 columns x 16 row lanes per block, rows split into chunks over
-// gridDim.y whose partial sums are added to dw with f32 atomicAdd.
+// backward adds each lane's dw terms over the rows it visits, per block into a row of partial sums that column_sum
+// (common.cuh) adds to dw in a fixed order (deterministic). (Before, 2026-11-28: one warp per row, half its lanes
+// idle at dim 128, o / gate / dy read twice, and dw in a second kernel re-reading dy, o and gate: 72 + 115 + 63 us
+// per KDA layer at B8xT2048 x 8 heads on an H200.) Other dims: one warp per row, 8 warps per block, grid-stride over
+// rows; 16-byte accesses when dim % 8 == 0 and the pointers are aligned; dw: a column kernel, 32 columns x 16 row
+// lanes per block, rows split into chunks over gridDim.y whose partial sums are added to dw with f32 atomicAdd.
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
@@ -158,13 +158,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   }
 }
 
-// do, dgate and dw (+=) in one pass.
+// do, dgate and the dw terms in one pass; each block writes its column sums to partial[blockIdx.x][dim]
+// (column_sum adds them to dw in a fixed order).
 template <int LPR>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     gated_rmsnorm_backward_rows_kernel(const __nv_bfloat16* __restrict__ dy, const __nv_bfloat16* __restrict__ o,
                                        const __nv_bfloat16* __restrict__ gate, const __nv_bfloat16* __restrict__ w,
                                        const float* __restrict__ rstd, __nv_bfloat16* __restrict__ d_o,
-                                       __nv_bfloat16* __restrict__ dgate, float* __restrict__ dw, int64_t rows) {
+                                       __nv_bfloat16* __restrict__ dgate, float* __restrict__ partial, int64_t rows) {
   constexpr int64_t dim = LPR * 8;
   __shared__ float part[kWarpsPerBlock][dim];
   const RowLanes<LPR, kWarpsPerBlock> at;
@@ -202,7 +203,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     }
     *reinterpret_cast<Bf16Pack<8>*>(d_o + e0) = out;
   }
-  // dw: over the warp's rows (lanes sl, sl + LPR, ...), then over the block's warps, one atomicAdd per column.
+  // dw: over the warp's rows (lanes sl, sl + LPR, ...), then over the block's warps in order, into this block's row
+  // of `partial`.
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
 #pragma unroll
@@ -217,7 +219,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     float t = 0.f;
 #pragma unroll
     for (int k = 0; k < kWarpsPerBlock; ++k) t += part[k][c];
-    atomicAdd(dw + c, t);
+    partial[int64_t(blockIdx.x) * dim + c] = t;
   }
 }
 
@@ -259,9 +261,13 @@ void gated_rmsnorm_backward(const bf16* dy, const bf16* o, const bf16* gate, con
   if (aligned16(dy) && aligned16(o) && aligned16(gate) && aligned16(w) && aligned16(do_) && aligned16(dgate) &&
       with_row_lanes(dim, [&](auto lpr) {
         constexpr int LPR = decltype(lpr)::value;
-        gated_rmsnorm_backward_rows_kernel<LPR>
-            <<<row_lane_blocks(rows, LPR, kWarpsPerBlock), kWarpsPerBlock * 32, 0, as_stream(stream)>>>(
-                as_nv(dy), as_nv(o), as_nv(gate), as_nv(w), rstd, as_nv(do_), as_nv(dgate), dw, rows);
+        const unsigned blocks = row_lane_blocks(rows, LPR, kWarpsPerBlock);
+        const cudaStream_t st = as_stream(stream);
+        StreamScratch partial(size_t{blocks} * static_cast<size_t>(dim), st);
+        gated_rmsnorm_backward_rows_kernel<LPR><<<blocks, kWarpsPerBlock * 32, 0, st>>>(
+            as_nv(dy), as_nv(o), as_nv(gate), as_nv(w), rstd, as_nv(do_), as_nv(dgate), partial.get(), rows);
+        CHECK_LAUNCH();
+        column_sum(partial.get(), blocks, dim, dw, st);
       })) {
     CHECK_LAUNCH();
     return;

@@ -92,23 +92,6 @@ struct DeviceLauncher {
   }
 };
 
-// Stream-ordered scratch of one call: allocated on the stream, freed on it when the scope ends
-// (after every kernel that uses it has been enqueued).
-class StreamScratch {
- public:
-  StreamScratch(size_t floats, cudaStream_t stream) : stream_(stream) {
-    CHECK_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&ptr_), floats * sizeof(float), stream));
-  }
-  ~StreamScratch() { (void)cudaFreeAsync(ptr_, stream_); }  // a destructor must not throw
-  StreamScratch(const StreamScratch&) = delete;
-  StreamScratch& operator=(const StreamScratch&) = delete;
-  float* get() const { return ptr_; }
-
- private:
-  float* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
-
 // The tensor-core forward's scratch and, in front of it, the per-document chunk table (launched here), in one
 // stream-ordered allocation.
 class MmaForwardScratch {

@@ -2,7 +2,9 @@
 //   rstd[r] = 1 / sqrt(mean_j x[r,j]^2 + eps),  y = x rstd w
 //   dx[r,j] = rstd (g - x rstd^2 mean_k(g x)),  g = dy w;   dw[j] += sum_r dy x rstd
 // forward and dx: one block per row (grid-stride over rows), 16-byte loads when dim % 8 == 0 and the
-// pointers are aligned. dw: a column kernel, 32 columns x 16 row lanes per block, rows split into
+// pointers are aligned. Backward when dim is a multiple of 256 (at most 8192) and the rows 16-byte aligned: dx and
+// the dw terms in one pass, one row of dw partial sums per block, added to dw in a fixed order (column_sum,
+// common.cuh; deterministic). Otherwise dw: a column kernel, 32 columns x 16 row lanes per block, rows split into
 // chunks over gridDim.y whose partial sums are added to dw with f32 atomicAdd (so the summation
 // order, not the result up to rounding, varies from run to run). dw runs before dx so that dx may
 // alias dy.
@@ -79,6 +81,47 @@ __global__ void rmsnorm_dx_kernel(const __nv_bfloat16* dy, const __nv_bfloat16* 
   }
 }
 
+// dx and the dw terms in one pass, for rows of exactly blockDim.x packs of 8 (dim a multiple of 256, at most 8192):
+// each thread keeps its 8 columns' dw terms over the block's rows (r = blockIdx.x, + gridDim.x, ...) and writes
+// them to partial[blockIdx.x][dim]; column_sum adds the blocks' rows to dw in a fixed order. (The column kernel
+// below re-read dy and x and summed with atomics in scheduling order.) dx may alias dy, as in rmsnorm_dx_kernel.
+__global__ void rmsnorm_backward_rows_kernel(const __nv_bfloat16* dy, const __nv_bfloat16* __restrict__ x,
+                                             const __nv_bfloat16* __restrict__ w, const float* __restrict__ rstd,
+                                             __nv_bfloat16* dx, float* __restrict__ partial, int64_t rows, int64_t dim,
+                                             const __nv_bfloat16* res) {
+  __shared__ float red[32];
+  const int64_t c = int64_t(threadIdx.x) * 8;
+  const auto wv = load_pack<8>(w + c);
+  float dwp[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const auto xv = load_pack<8>(x + r * dim + c), gv = load_pack<8>(dy + r * dim + c);
+    float dot = 0.f;  // sum_k dy w x
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dot += to_f(gv.v[e]) * to_f(wv.v[e]) * to_f(xv.v[e]);
+    dot = block_sum(dot, red);  // also orders every read of dy before any write of dx (aliasing)
+    const float s = rstd[r];
+    const float coef = s * s * dot / static_cast<float>(dim);
+    float d[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      d[e] = s * (to_f(gv.v[e]) * to_f(wv.v[e]) - to_f(xv.v[e]) * coef);
+      dwp[e] += to_f(gv.v[e]) * to_f(xv.v[e]) * s;
+    }
+    if (res != nullptr) {  // may be dx: this thread reads its elements before writing them
+      const auto rv = load_pack<8>(res + r * dim + c);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) d[e] += to_f(rv.v[e]);
+    }
+    Bf16Pack<8> o;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o.v[e] = to_bf(d[e]);
+    *reinterpret_cast<Bf16Pack<8>*>(dx + r * dim + c) = o;
+  }
+  float* pr = partial + int64_t(blockIdx.x) * dim + c;
+  *reinterpret_cast<float4*>(pr) = make_float4(dwp[0], dwp[1], dwp[2], dwp[3]);
+  *reinterpret_cast<float4*>(pr + 4) = make_float4(dwp[4], dwp[5], dwp[6], dwp[7]);
+}
+
 constexpr int kDwCols = 32;      // threadIdx.x: one column each (coalesced 64-byte row segments)
 constexpr int kDwRowLanes = 16;  // threadIdx.y: rows r, r + 16, ... within the block's chunk
 
@@ -136,6 +179,23 @@ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float*
                       int64_t rows, int64_t dim, void* stream, const bf16* residual) {
   if (rows == 0) return;
   HYD_CHECK(dim > 0, "rmsnorm_backward: dim must be positive");
+  if (dim % 256 == 0 && dim <= 8192 && aligned16(dy) && aligned16(x) && aligned16(w) && aligned16(dx) &&
+      (residual == nullptr || aligned16(residual))) {
+    // One pass, dw deterministic: blocks as many as fit on the GPU at once (2048 threads per SM), each over
+    // every blocks-th row.
+    const int threads = static_cast<int>(dim / 8);
+    int dev = 0, sms = 0;
+    CHECK_CUDA(cudaGetDevice(&dev));
+    CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    const int64_t blocks = std::min<int64_t>(rows, int64_t{sms} * std::max(1, 2048 / threads));
+    const cudaStream_t st = as_stream(stream);
+    StreamScratch partial(static_cast<size_t>(blocks * dim), st);
+    rmsnorm_backward_rows_kernel<<<static_cast<unsigned>(blocks), threads, 0, st>>>(
+        as_nv(dy), as_nv(x), as_nv(w), rstd, as_nv(dx), partial.get(), rows, dim, as_nv(residual));
+    CHECK_LAUNCH();
+    column_sum(partial.get(), blocks, dim, dw, st);
+    return;
+  }
   // dw first: it reads dy, which dx may overwrite.
   {
     const int64_t col_blocks = (dim + kDwCols - 1) / kDwCols;

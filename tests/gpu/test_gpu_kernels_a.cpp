@@ -85,7 +85,9 @@ TEST_F(GpuKernelsA, RmsnormForwardAndBackward) {
   struct Shape {
     int64_t rows, dim;
   };
-  for (Shape s : {Shape{37, 96}, Shape{37, 4096}, Shape{5, 77}, Shape{1000, 128}, Shape{3001, 64}, Shape{2, 8200}}) {
+  // (Multiples of 256 up to 8192: the one-pass backward, several rows per block at 20000 x 1024 and 700 x 8192.)
+  for (Shape s : {Shape{37, 96}, Shape{37, 4096}, Shape{5, 77}, Shape{1000, 128}, Shape{3001, 64}, Shape{2, 8200},
+                  Shape{20000, 1024}, Shape{3, 256}, Shape{700, 8192}}) {
     SCOPED_TRACE("rows=" + std::to_string(s.rows) + " dim=" + std::to_string(s.dim));
     buf().arena().reset();
     const int64_t r = s.rows, d = s.dim;
