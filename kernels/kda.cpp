@@ -267,12 +267,45 @@ void check_split(const char* op, const Tensor& k, const Tensor& v, const Tensor&
   if (workspace.numel() < need)
     HYD_THROW(op, ": argument 'workspace' has ", workspace.numel(), " floats, needs ", need);
 }
-// `saved` of kda_forward_saving / kda_backward_saved: f32 on k's device with kda_saved_floats elements.
+// The caller-kept f32 buffers of the split saving forward and saved backward (CUDA only).
+enum class KdaBuffer { saved, saving_u, transitions, backward_workspace };
+
+int64_t buffer_floats(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, KdaBuffer which) {
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+#ifdef HYD_WITH_CUDA
+  const size_t bytes = which == KdaBuffer::saved         ? cuda::kda_saved_bytes(s)
+                       : which == KdaBuffer::saving_u    ? cuda::kda_saving_u_bytes(s)
+                       : which == KdaBuffer::transitions ? cuda::kda_transitions_bytes(s)
+                                                         : cuda::kda_backward_workspace_bytes(s);
+  return static_cast<int64_t>((bytes + 3) / 4);
+#else
+  (void)s;
+  (void)which;
+  HYD_THROW(op, ": the split KDA kernels need CUDA");
+#endif
+}
+
+// Argument `name` of op: such a buffer, f32 on k's device with buffer_floats elements.
+void check_buffer(const char* op, const char* name, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                  const Tensor& t, KdaBuffer which) {
+  expect_dtype(t, DType::f32, op, name);
+  if (!(t.device == k.device)) HYD_THROW(op, ": argument '", name, "' is on ", t.device.str());
+  const int64_t need = buffer_floats(op, k, v, cu_seqlens, which);
+  if (t.numel() < need) HYD_THROW(op, ": argument '", name, "' has ", t.numel(), " floats, needs ", need);
+}
+
+// `saved` of kda_forward_saving / kda_backward_saved.
 void check_saved(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, const Tensor& saved) {
-  expect_dtype(saved, DType::f32, op, "saved");
-  if (!(saved.device == k.device)) HYD_THROW(op, ": argument 'saved' is on ", saved.device.str());
-  const int64_t need = kda_saved_floats(k, v, cu_seqlens);
-  if (saved.numel() < need) HYD_THROW(op, ": argument 'saved' has ", saved.numel(), " floats, needs ", need);
+  check_buffer(op, "saved", k, v, cu_seqlens, saved, KdaBuffer::saved);
+}
+// The sizes of a split op over `saved` that takes no q (the passes, transitions and corrections), after the checks
+// they share: cu_seqlens, the split kernels' availability, saved.
+KdaDims saved_op_dims(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, const Tensor& saved) {
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  KdaArgs(op, k, "k").cu_seqlens(cu_seqlens, s.n);
+  check_split(op, k, v, cu_seqlens, Tensor{}, false);
+  check_saved(op, k, v, cu_seqlens, saved);
+  return s;
 }
 }  // namespace
 
@@ -315,13 +348,7 @@ void kda_forward_pass(const ExecContext& ctx, const Tensor& k, const Tensor& v, 
 }
 
 int64_t kda_saved_floats(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens) {
-  const KdaDims s = read_dims(k, v, cu_seqlens, "kda_saved_floats");
-#ifdef HYD_WITH_CUDA
-  return static_cast<int64_t>((cuda::kda_saved_bytes(s) + 3) / 4);
-#else
-  (void)s;
-  HYD_THROW("kda_saved_floats: the saving forward needs CUDA");
-#endif
+  return buffer_floats("kda_saved_floats", k, v, cu_seqlens, KdaBuffer::saved);
 }
 
 void kda_forward_saving(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
@@ -367,25 +394,28 @@ void kda_backward_saved(const ExecContext& ctx, const Tensor& q, const Tensor& k
 #endif
 }
 
-int64_t kda_saving_u_floats(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens) {
-  const KdaDims s = read_dims(k, v, cu_seqlens, "kda_saving_u_floats");
-#ifdef HYD_WITH_CUDA
-  return static_cast<int64_t>((cuda::kda_saving_u_bytes(s) + 3) / 4);
-#else
-  (void)s;
-  HYD_THROW("kda_saving_u_floats: the saving forward needs CUDA");
-#endif
-}
-
 namespace {
-// `u` of kda_forward_saving_prepare / _pass: f32 on k's device with kda_saving_u_floats elements.
 void check_saving_u(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, const Tensor& u) {
-  expect_dtype(u, DType::f32, op, "u");
-  if (!(u.device == k.device)) HYD_THROW(op, ": argument 'u' is on ", u.device.str());
-  const int64_t need = kda_saving_u_floats(k, v, cu_seqlens);
-  if (u.numel() < need) HYD_THROW(op, ": argument 'u' has ", u.numel(), " floats, needs ", need);
+  check_buffer(op, "u", k, v, cu_seqlens, u, KdaBuffer::saving_u);
+}
+void check_transitions(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, const Tensor& t) {
+  check_buffer(op, "transitions", k, v, cu_seqlens, t, KdaBuffer::transitions);
+}
+void check_backward_workspace(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                              const Tensor& ws) {
+  check_buffer(op, "workspace", k, v, cu_seqlens, ws, KdaBuffer::backward_workspace);
 }
 }  // namespace
+
+int64_t kda_saving_u_floats(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens) {
+  return buffer_floats("kda_saving_u_floats", k, v, cu_seqlens, KdaBuffer::saving_u);
+}
+int64_t kda_transitions_floats(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens) {
+  return buffer_floats("kda_transitions_floats", k, v, cu_seqlens, KdaBuffer::transitions);
+}
+int64_t kda_backward_workspace_floats(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens) {
+  return buffer_floats("kda_backward_workspace_floats", k, v, cu_seqlens, KdaBuffer::backward_workspace);
+}
 
 void kda_forward_saving_prepare(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                 const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens, const Tensor& saved,
@@ -410,14 +440,11 @@ void kda_forward_saving_pass(const ExecContext& ctx, const Tensor& k, const Tens
                              const Tensor& initial_state, const Tensor& o, const Tensor& final_state,
                              const Tensor& saved, const Tensor& u) {
   constexpr const char* op = "kda_forward_saving_pass";
-  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  const KdaDims s = saved_op_dims(op, k, v, cu_seqlens, saved);
   const KdaArgs a(op, k, "k");
-  a.cu_seqlens(cu_seqlens, s.n);
   a.optional_state(initial_state, {s.num_docs, s.hv, s.dk, s.dv}, "initial_state");
   a.optional_state(final_state, {s.num_docs, s.hv, s.dk, s.dv}, "final_state");
   if (!o.empty()) a.activation(o, {s.n, s.hv, s.dv}, "o");
-  check_split(op, k, v, cu_seqlens, Tensor{}, false);
-  check_saved(op, k, v, cu_seqlens, saved);
   check_saving_u(op, k, v, cu_seqlens, u);
 #ifdef HYD_WITH_CUDA
   check_context(ctx, k, op);
@@ -430,21 +457,123 @@ void kda_forward_saving_pass(const ExecContext& ctx, const Tensor& k, const Tens
 }
 
 void kda_forward_saving_transition(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
-                                   const Tensor& initial_state, const Tensor& final_state, const Tensor& saved) {
+                                   const Tensor& initial_state, const Tensor& final_state, const Tensor& saved,
+                                   const Tensor& transitions) {
   constexpr const char* op = "kda_forward_saving_transition";
-  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  const KdaDims s = saved_op_dims(op, k, v, cu_seqlens, saved);
   const KdaArgs a(op, k, "k");
-  a.cu_seqlens(cu_seqlens, s.n);
   a.optional_state(initial_state, {s.num_docs, s.hv, s.dk, s.dk}, "initial_state");
   a.state(final_state, {s.num_docs, s.hv, s.dk, s.dk}, "final_state");
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, k, op);
+  if (!transitions.empty()) check_transitions(op, k, v, cu_seqlens, transitions);
+  cuda::kda_forward_saving_transition(s, cu_seqlens.ptr<int32_t>(), opt_ptr<float>(initial_state),
+                                      final_state.ptr<float>(), saved.data, ctx.stream(),
+                                      transitions.empty() ? nullptr : static_cast<bf16*>(transitions.data));
+#else
+  (void)ctx;
+  (void)transitions;
+#endif
+}
+
+void kda_forward_saving_correct(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                                const Tensor& initial_state, const Tensor& transitions, const Tensor& o,
+                                const Tensor& saved) {
+  constexpr const char* op = "kda_forward_saving_correct";
+  const KdaDims s = saved_op_dims(op, k, v, cu_seqlens, saved);
+  const KdaArgs a(op, k, "k");
+  a.state(initial_state, {s.num_docs, s.hv, s.dk, s.dv}, "initial_state");
+  a.activation(o, {s.n, s.hv, s.dv}, "o");
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, k, op);
+  check_transitions(op, k, v, cu_seqlens, transitions);
+  cuda::kda_forward_saving_correct(s, cu_seqlens.ptr<int32_t>(), initial_state.ptr<float>(),
+                                   static_cast<const bf16*>(transitions.data), o.ptr<bf16>(), saved.data, ctx.stream());
+#else
+  (void)ctx;
+  (void)transitions;
+#endif
+}
+
+void kda_backward_saved_reverse(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                                const Tensor& dout, const Tensor& dfinal_state, const Tensor& dinitial_state,
+                                const Tensor& saved, const Tensor& workspace) {
+  constexpr const char* op = "kda_backward_saved_reverse";
+  const KdaDims s = saved_op_dims(op, k, v, cu_seqlens, saved);
+  const KdaArgs a(op, k, "k");
+  a.activation(dout, {s.n, s.hv, s.dv}, "dout");
+  a.optional_state(dfinal_state, {s.num_docs, s.hv, s.dk, s.dv}, "dfinal_state");
+  a.optional_state(dinitial_state, {s.num_docs, s.hv, s.dk, s.dv}, "dinitial_state");
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, k, op);
+  check_backward_workspace(op, k, v, cu_seqlens, workspace);
+  cuda::kda_backward_saved_reverse(s, cu_seqlens.ptr<int32_t>(), dout.ptr<bf16>(), opt_ptr<float>(dfinal_state),
+                                   opt_mut<float>(dinitial_state), saved.data, workspace.ptr<float>(), ctx.stream());
+#else
+  (void)ctx;
+  (void)workspace;
+#endif
+}
+
+void kda_backward_saved_transition(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                                   const Tensor& final_adjoint, const Tensor& saved, const Tensor& transitions) {
+  constexpr const char* op = "kda_backward_saved_transition";
+  const KdaDims s = saved_op_dims(op, k, v, cu_seqlens, saved);
+  const KdaArgs a(op, k, "k");
+  a.state(final_adjoint, {s.num_docs, s.hv, s.dk, s.dk}, "final_adjoint");
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, k, op);
+  check_transitions(op, k, v, cu_seqlens, transitions);
+  cuda::kda_backward_saved_transition(s, cu_seqlens.ptr<int32_t>(), final_adjoint.ptr<float>(), saved.data,
+                                      static_cast<bf16*>(transitions.data), ctx.stream());
+#else
+  (void)ctx;
+  (void)transitions;
+#endif
+}
+
+void kda_backward_saved_correct(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                                const Tensor& dfinal_state, const Tensor& transitions, const Tensor& saved,
+                                const Tensor& workspace) {
+  constexpr const char* op = "kda_backward_saved_correct";
+  const KdaDims s = saved_op_dims(op, k, v, cu_seqlens, saved);
+  const KdaArgs a(op, k, "k");
+  a.state(dfinal_state, {s.num_docs, s.hv, s.dk, s.dv}, "dfinal_state");
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, k, op);
+  check_transitions(op, k, v, cu_seqlens, transitions);
+  check_backward_workspace(op, k, v, cu_seqlens, workspace);
+  cuda::kda_backward_saved_correct(s, cu_seqlens.ptr<int32_t>(), dfinal_state.ptr<float>(),
+                                   static_cast<const bf16*>(transitions.data), saved.data, workspace.ptr<float>(),
+                                   ctx.stream());
+#else
+  (void)ctx;
+  (void)transitions;
+  (void)workspace;
+#endif
+}
+
+void kda_backward_saved_finish(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens, const Tensor& dout,
+                               const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg,
+                               const Tensor& dbeta, const Tensor& saved, const Tensor& workspace) {
+  constexpr const char* op = "kda_backward_saved_finish";
+  const KdaDims s = read_dims(k, v, cu_seqlens, op);
+  const KdaArgs a(op, q, "q");
+  check_inputs(a, s, q, k, v, g, beta, cu_seqlens, Tensor{});
+  check_gradients(a, s, dout, Tensor{}, dq, dk, dv, dg, dbeta, Tensor{});
   check_split(op, k, v, cu_seqlens, Tensor{}, false);
   check_saved(op, k, v, cu_seqlens, saved);
 #ifdef HYD_WITH_CUDA
-  check_context(ctx, k, op);
-  cuda::kda_forward_saving_transition(s, cu_seqlens.ptr<int32_t>(), opt_ptr<float>(initial_state),
-                                      final_state.ptr<float>(), saved.data, ctx.stream());
+  check_context(ctx, q, op);
+  check_backward_workspace(op, k, v, cu_seqlens, workspace);
+  cuda::kda_backward_saved_finish(s, q.ptr<bf16>(), k.ptr<bf16>(), v.ptr<bf16>(), g.ptr<float>(), beta.ptr<float>(),
+                                  cu_seqlens.ptr<int32_t>(), dout.ptr<bf16>(), dq.ptr<bf16>(), dk.ptr<bf16>(),
+                                  dv.ptr<bf16>(), dg.ptr<float>(), dbeta.ptr<float>(), saved.data,
+                                  workspace.ptr<float>(), ctx.stream());
 #else
   (void)ctx;
+  (void)workspace;
 #endif
 }
 

@@ -87,8 +87,42 @@ void kda_forward_saving_pass(const ExecContext& ctx, const Tensor& k, const Tens
 // initial_state [D, HV, dk, dk], usually identities) into final_state [D, HV, dk, dk]; saved is only read, so the
 // pass may run on another stream beside kda_forward_saving_pass. (kda_forward_saving_pass's o may be empty:
 // the B pass, the final state alone.)
+// transitions (optional; f32 on k's device, at least kda_transitions_floats elements): every chunk's incoming state
+// of the pass, P_c, kept for kda_forward_saving_correct (as hi + lo bf16 pairs; dk x dk per chunk and value head).
+int64_t kda_transitions_floats(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens);
 void kda_forward_saving_transition(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
-                                   const Tensor& initial_state, const Tensor& final_state, const Tensor& saved);
+                                   const Tensor& initial_state, const Tensor& final_state, const Tensor& saved,
+                                   const Tensor& transitions = Tensor{});
+// LASP-2's parallel correction (docs/parallel.md): after kda_forward_saving_pass from a zero state (o and the
+// kept work) and kda_forward_saving_transition from identity initial states keeping `transitions`, makes o and
+// the kept work those of kda_forward_saving_pass from initial_state [D, HV, dk, dv], to rounding (o and v_new are
+// rounded to bf16 once more), with one kernel over all chunks at once instead of a sequential pass. Documents
+// whose initial state is zero are not touched.
+void kda_forward_saving_correct(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                                const Tensor& initial_state, const Tensor& transitions, const Tensor& o,
+                                const Tensor& saved);
+// kda_backward_saved in steps, for LASP-2's parallel correction, the work between them in `workspace` (f32 on k's
+// device, kda_backward_workspace_floats elements, kept by the caller): kda_backward_saved_reverse (the reverse state
+// pass from dfinal_state, optional; dinitial_state optional), then kda_backward_saved_finish (the per-chunk products:
+// dq, dk, dv, dg, dbeta); the two are kda_backward_saved bit for bit. Between them, the mirror of the forward's
+// correction: kda_backward_saved_transition (the reverse pass from final_adjoint [D, HV, dk, dk], usually
+// identities, with zero output gradients, keeping every chunk's adjoint R_c in transitions; it reads only `saved`, so
+// it may run on another stream beside the reverse pass), and after a reverse pass without dfinal_state,
+// kda_backward_saved_correct makes its work that of one from dfinal_state [D, HV, dk, dv] (to rounding; documents
+// whose dfinal_state is zero are not touched).
+int64_t kda_backward_workspace_floats(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens);
+void kda_backward_saved_reverse(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                                const Tensor& dout, const Tensor& dfinal_state, const Tensor& dinitial_state,
+                                const Tensor& saved, const Tensor& workspace);
+void kda_backward_saved_transition(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                                   const Tensor& final_adjoint, const Tensor& saved, const Tensor& transitions);
+void kda_backward_saved_correct(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                                const Tensor& dfinal_state, const Tensor& transitions, const Tensor& saved,
+                                const Tensor& workspace);
+void kda_backward_saved_finish(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens, const Tensor& dout,
+                               const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg,
+                               const Tensor& dbeta, const Tensor& saved, const Tensor& workspace);
 
 // Sizes shared by the raw entry points.
 struct KdaDims {
@@ -153,7 +187,21 @@ void kda_forward_saving_prepare(const KdaDims& s, const bf16* q, const bf16* k, 
 void kda_forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state, bf16* o,
                              float* final_state, void* saved, const float* u, void* stream);
 void kda_forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
-                                   float* final_state, const void* saved, void* stream);
+                                   float* final_state, const void* saved, void* stream, bf16* transitions = nullptr);
+size_t kda_transitions_bytes(const KdaDims& s);
+void kda_forward_saving_correct(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
+                                const bf16* transitions, bf16* o, void* saved, void* stream);
+size_t kda_backward_workspace_bytes(const KdaDims& s);
+void kda_backward_saved_reverse(const KdaDims& s, const int32_t* cu_seqlens, const bf16* dout,
+                                const float* dfinal_state, float* dinitial_state, const void* saved, float* workspace,
+                                void* stream);
+void kda_backward_saved_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* final_adjoint,
+                                   const void* saved, bf16* transitions, void* stream);
+void kda_backward_saved_correct(const KdaDims& s, const int32_t* cu_seqlens, const float* dfinal_state,
+                                const bf16* transitions, const void* saved, float* workspace, void* stream);
+void kda_backward_saved_finish(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                               const float* beta, const int32_t* cu_seqlens, const bf16* dout, bf16* dq, bf16* dk,
+                               bf16* dv, float* dg, float* dbeta, const void* saved, float* workspace, void* stream);
 }  // namespace cuda
 
 }  // namespace hyd::kernels

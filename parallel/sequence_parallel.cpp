@@ -68,11 +68,9 @@ SequenceParallel::SequenceParallel(const Communicator& group, Device device)
 
 SequenceParallel::~SequenceParallel() = default;
 
-const ExecContext* SequenceParallel::side_context() const {
-  static const bool on = [] {
-    const char* e = std::getenv("HYD_SP_CONCURRENT");  // opt-in until run on GPUs at SP >= 3 (docs/parallel.md)
-    return e != nullptr && e[0] == '1';
-  }();
+const ExecContext* SequenceParallel::side_context(bool by_default) const {
+  static const char* const e = std::getenv("HYD_SP_CONCURRENT");
+  const bool on = e != nullptr ? e[0] == '1' : by_default;
   if (!device_.is_cuda() || !on) return nullptr;
   if (!side_) side_ = std::make_unique<ExecContext>(device_);
   return side_.get();

@@ -114,10 +114,12 @@ class SequenceParallel {
   void reduce_scatter(const ExecContext& ctx, const Tensor& in, const Tensor& out, SpTraffic kind) const;
 
   // A second context (stream) on this group's GPU for work that may run beside the caller's, ordered with it by
-  // ExecContext::wait_for (trainer/lasp.cpp: the KDA layers' M pass beside the B pass); created on first use. Null
-  // on the CPU and unless HYD_SP_CONCURRENT=1 (opt-in: only a rank whose slice is one continuing document runs an
-  // M pass, which needs SP >= 3, and no 4-GPU machine has run it yet; gpu_parallel...np4_concurrent tests it).
-  const ExecContext* side_context() const;
+  // ExecContext::wait_for (trainer/lasp.cpp: the KDA layers' transition pass beside the zero-state pass); created on
+  // first use. Null on the CPU. HYD_SP_CONCURRENT=1 / 0 turns it on / off for every use; unset, a use gets it when it
+  // asks by_default (the parallel correction's P pass does; the M pass of a rank whose slice is one continuing
+  // document without the correction does not: SP >= 3 and no 4-GPU machine has run it yet,
+  // gpu_parallel...np4_concurrent tests it).
+  const ExecContext* side_context(bool by_default = false) const;
 
   Traffic traffic(SpTraffic kind) const { return traffic_[static_cast<int>(kind)]; }
   // Whether the collectives are only queued (NCCL without HYD_SP_ASYNC=0): Traffic::seconds then stays 0.

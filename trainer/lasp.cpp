@@ -64,6 +64,8 @@ enum Slot : int {
   kDKAll2,  // the second half-slice's dK / dV before they are added
   kDVAll2,
   kSavingU,  // the saving forward's u between its prep (before the exchange) and its state pass (after)
+  kTransP,   // the parallel correction: every chunk's incoming transition P_c / adjoint R_c (temporary)
+  kBwdWs,    // the parallel correction: the saved backward's work between its reverse pass and its products
 };
 const int kTemp = 0;
 
@@ -135,6 +137,16 @@ void attention_docs(const std::vector<int32_t>& cu, int64_t num_docs, int64_t ro
     }
   }
   if (cu_k.back() < rows * seq_len) add(cu_q.back(), rows * seq_len);
+}
+
+// HYD_SP_CORRECT=0: LASP-2's KDA forward re-runs the state pass after the exchange instead of correcting the
+// zero-state pass (for measuring against).
+bool correction_from_env() {
+  static const bool on = [] {
+    const char* e = std::getenv("HYD_SP_CORRECT");
+    return !(e != nullptr && e[0] == '0');
+  }();
+  return on;
 }
 
 bool balance_from_env() {
@@ -301,6 +313,12 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   // split workspace `ws` holds the prep for every pass.
   const bool keep = !saved.empty();
   const bool keep_prep = keep && any_lead;
+  // The parallel correction (docs/parallel.md; HYD_SP_CORRECT=0 turns it off): a rank with an incoming state runs,
+  // before the exchange, the zero-state saving pass (its outputs, kept work and B) and beside it the transition
+  // pass from identities at the continuing documents keeping every chunk's P_c (and M); after the exchange one
+  // kernel over all chunks adds what the incoming state contributes (kda_forward_saving_correct) instead of a
+  // sequential pass that waits for the previous ranks.
+  const bool correct = keep_prep && correction_from_env();
   Tensor ws, saving_u;
   if (split && !keep) {
     ws =
@@ -311,16 +329,29 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
     saving_u = sp.buffer(&kTemp, kSavingU, {kernels::kda_saving_u_floats(k, v, cu_seqlens)}, DType::f32);
     kernels::kda_forward_saving_prepare(ctx, q, k, v, g, beta, cu_seqlens, saved, saving_u);
   }
-  // The M pass from identities with zero values, over whichever prep this rank has.
+  // The M pass from identities with zero values, over whichever prep this rank has (with the correction: every
+  // chunk's incoming transition kept in trans).
+  Tensor trans;
   auto m_pass = [&](const ExecContext& on, const Tensor& eye, const Tensor& M) {
     if (keep_prep)
-      kernels::kda_forward_saving_transition(on, k, v, cu_seqlens, eye, M, saved);
+      kernels::kda_forward_saving_transition(on, k, v, cu_seqlens, eye, M, saved, trans);
     else
       kernels::kda_forward_pass(on, k, v, cu_seqlens, ws, eye, Tensor{}, M, true);
   };
   // The identity initial states of the M pass first: its host copies synchronise ctx (the prep is queued).
   Tensor M, eye;
-  if (any_through) {
+  if (correct) {  // identities at every row's continuing first document, zero elsewhere; M of every document
+    trans = sp.buffer(&kTemp, kTransP, {kernels::kda_transitions_floats(k, v, cu_seqlens)}, DType::f32);
+    M = sp.buffer(&kTemp, kTransM, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
+    eye = sp.buffer(&kTemp, kIdentity, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
+    std::vector<float> host(static_cast<size_t>(s.docs * s.hv * mm), 0.0f);
+    for (int64_t b = 0; b < L.rows; ++b)
+      if (L.lead[b] > 0)
+        for (int64_t h = 0; h < s.hv; ++h)
+          for (int64_t i = 0; i < s.dk; ++i) host[((L.first_doc[b] * s.hv + h) * s.dk + i) * s.dk + i] = 1.0f;
+    ctx.synchronize();
+    copy_tensor(eye.view({eye.numel()}), Tensor(host.data(), DType::f32, Device::cpu(), {eye.numel()}));
+  } else if (any_through) {
     M = sp.buffer(&kTemp, kTransM, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
     eye = sp.buffer(&kTemp, kIdentity, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
     kernels::fill(ctx, eye, 0.0f);
@@ -337,13 +368,17 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   // With the split forward, the M pass runs on the side stream beside the B pass: each is a state pass over the
   // same prepared workspace (read only), sequential over the chunks with documents x value heads x 4 blocks, far
   // from filling the GPU when a rank holds few long documents (sequence parallelism's usual case).
-  const ExecContext* side = any_through && any_cont && split ? sp.side_context() : nullptr;
+  const ExecContext* side = correct                            ? sp.side_context(true)
+                            : any_through && any_cont && split ? sp.side_context()
+                                                               : nullptr;
   if (side != nullptr) {
     side->wait_for(ctx);  // the prep and the identity states are queued before
     m_pass(*side, eye, M);
   }
   const Tensor B = sp.buffer(&kTemp, kTransB, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
-  if (any_cont) {
+  if (correct) {  // the zero-state pass: outputs and kept work to be corrected, B
+    kernels::kda_forward_saving_pass(ctx, k, v, cu_seqlens, Tensor{}, o, any_cont ? B : Tensor{}, saved, saving_u);
+  } else if (any_cont) {
     if (keep && !any_lead)  // the B pass is the true pass
       kernels::kda_forward_saving(ctx, q, k, v, g, beta, cu_seqlens, Tensor{}, o, B, saved);
     else if (keep_prep)  // the final state alone (the states it keeps are rewritten by the true pass)
@@ -357,6 +392,8 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   lasp_profile_mark(ctx, "kda.fwd.B_pass");
   if (side != nullptr) {
     ctx.wait_for(*side);
+  } else if (correct) {
+    m_pass(ctx, eye, M);
   } else if (any_through) {
     if (split) {
       m_pass(ctx, eye, M);
@@ -391,7 +428,9 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   lasp_profile_mark(ctx, "kda.fwd.compose");
   if (any_lead || !any_cont) {
     const Tensor init = any_lead ? expand_row_states(ctx, sp, S, s.docs, s.hv, s.dk, s.dv) : Tensor{};
-    if (keep_prep)
+    if (correct)
+      kernels::kda_forward_saving_correct(ctx, k, v, cu_seqlens, init, trans, o, saved);
+    else if (keep_prep)
       kernels::kda_forward_saving_pass(ctx, k, v, cu_seqlens, init, o, Tensor{}, saved, saving_u);
     else if (keep)
       kernels::kda_forward_saving(ctx, q, k, v, g, beta, cu_seqlens, init, o, Tensor{}, saved);
@@ -415,20 +454,47 @@ void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const
     any_lead = any_lead || L.lead[b] > 0;
     any_cont = any_cont || L.cont_out[b] != 0;
   }
-  const Tensor init =
-      any_lead ? expand_row_states(ctx, sp, sp.buffer(owner, kRowState, {L.rows * s.hv, s.dk, s.dv}, DType::f32),
-                                   s.docs, s.hv, s.dk, s.dv)
-               : Tensor{};
+  const Tensor init =  // (the saved backward has the incoming state in its kept states)
+      any_lead && saved.empty()
+          ? expand_row_states(ctx, sp, sp.buffer(owner, kRowState, {L.rows * s.hv, s.dk, s.dv}, DType::f32), s.docs,
+                              s.hv, s.dk, s.dv)
+          : Tensor{};
   const Tensor dstate = sp.buffer(&kTemp, kDState, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
 
   // L_r: the incoming-state adjoint with a zero outgoing adjoint (it does not depend on the state); only a
-  // rank with a continuing first document needs it. On CUDA with the tensor-core kernels it is the reverse
-  // state pass alone (kda_backward_initial_adjoint: a fraction of a backward), so the exchange does not wait
-  // for any rank's whole backward and every rank runs its one true backward after it. Otherwise, without a
-  // document going on into the next rank, this pass is already the true backward.
+  // rank with a continuing first document needs it. Without the correction below, on CUDA with the tensor-core
+  // kernels it is the reverse state pass alone (kda_backward_initial_adjoint: a fraction of a backward), so the
+  // exchange does not wait for any rank's whole backward and every rank runs its one true backward after it.
+  // Otherwise, without a document going on into the next rank, this pass is already the true backward.
   const bool split = kernels::kda_split_forward_supported(k, v);
   lasp_profile_start(ctx);
-  if (any_lead && split)
+  // The parallel correction (the forward's mirror; HYD_SP_CORRECT=0 turns it off): every rank runs its reverse pass
+  // before the exchange with a zero outgoing adjoint (its L when it has a continuing first document) and, with a
+  // document going on into the next rank, beside it the reverse pass from identities at those documents' ends
+  // keeping every chunk's adjoint R_c; after the exchange one kernel adds what the true outgoing adjoint
+  // contributes, and only the per-chunk products remain (no rank re-runs a reverse pass after the exchange).
+  const bool correct = !saved.empty() && split && correction_from_env();
+  Tensor ws, trans;
+  const ExecContext* side = nullptr;
+  if (correct) {
+    ws = sp.buffer(&kTemp, kBwdWs, {kernels::kda_backward_workspace_floats(k, v, cu_seqlens)}, DType::f32);
+    if (any_cont) {
+      const int64_t mm = s.dk * s.dk;
+      trans = sp.buffer(&kTemp, kTransP, {kernels::kda_transitions_floats(k, v, cu_seqlens)}, DType::f32);
+      const Tensor eye = sp.buffer(&kTemp, kIdentity, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
+      std::vector<float> host(static_cast<size_t>(s.docs * s.hv * mm), 0.0f);
+      for (int64_t b = 0; b < L.rows; ++b)
+        if (L.cont_out[b])
+          for (int64_t h = 0; h < s.hv; ++h)
+            for (int64_t i = 0; i < s.dk; ++i) host[((L.last_doc[b] * s.hv + h) * s.dk + i) * s.dk + i] = 1.0f;
+      ctx.synchronize();
+      copy_tensor(eye.view({eye.numel()}), Tensor(host.data(), DType::f32, Device::cpu(), {eye.numel()}));
+      side = sp.side_context(true);
+      if (side != nullptr) side->wait_for(ctx);
+      kernels::kda_backward_saved_transition(side != nullptr ? *side : ctx, k, v, cu_seqlens, eye, saved, trans);
+    }
+    kernels::kda_backward_saved_reverse(ctx, k, v, cu_seqlens, dout, Tensor{}, any_lead ? dstate : Tensor{}, saved, ws);
+  } else if (any_lead && split)
     kernels::kda_backward_initial_adjoint(ctx, q, k, v, g, beta, cu_seqlens, dout, dstate);
   else if (any_lead)
     kernels::kda_backward(ctx, q, k, v, g, beta, cu_seqlens, init, dout, Tensor{}, dq, dk, dv, dg, dbeta, dstate);
@@ -454,7 +520,13 @@ void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const
       copy_blocks(ctx, dstate.ptr<float>() + L.last_doc[b] * s.hv * mb, 0, G.ptr<float>() + b * s.hv * mb, 0, s.hv * mb,
                   1);
   lasp_profile_mark(ctx, "kda.bwd.compose");
-  if (!saved.empty())  // the forward's true pass kept its work (and its initial state)
+  if (correct) {
+    if (any_cont) {
+      if (side != nullptr) ctx.wait_for(*side);
+      kernels::kda_backward_saved_correct(ctx, k, v, cu_seqlens, dstate, trans, saved, ws);
+    }
+    kernels::kda_backward_saved_finish(ctx, q, k, v, g, beta, cu_seqlens, dout, dq, dk, dv, dg, dbeta, saved, ws);
+  } else if (!saved.empty())  // the forward's true pass kept its work (and its initial state)
     kernels::kda_backward_saved(ctx, q, k, v, g, beta, cu_seqlens, dout, any_cont ? dstate : Tensor{}, dq, dk, dv, dg,
                                 dbeta, Tensor{}, saved);
   else if (any_cont || !any_lead || split)

@@ -1,6 +1,9 @@
 // Times HyDistill's CUDA KDA core (kernels::kda_forward / kda_backward) on the shapes of issue 3
 // and prints one line per shape; bench/kda/run.sh puts it beside FLA's chunk_kda measured in the
 // same call. Usage: bench_kda [B T]...   (default: 8 4096  2 16384  1 32768  1 131072), H=16, dk=dv=128.
+// BENCH_KDA_LASP=1 also times LASP-2's pieces per shape: the sequential state pass from a state (the re-run) and
+// the parallel correction's transition and correction kernels, forward and backward (docs/parallel.md); the
+// incoming state (and outgoing adjoint) of the first document only, the others start from zero, as on a rank.
 // Inputs: q, k unit-norm per head (q scaled by dk^-1/2, as the layer feeds them), v ~ N(0,1), g in
 // [-0.5, -0.01] (log-decay), beta in (0, 1); the B sequences are B documents of one packed batch.
 // Peak memory = the inputs, outputs and gradients we allocate + the high-water mark of the stream-
@@ -131,6 +134,49 @@ void run(int64_t B, int64_t T) {
       "saving_fwdbwd_ms=%.3f saving_peak_gib=%.2f\n",
       (long long)B, (long long)T, (long long)H, (long long)dk, f_ms, fb_ms, peak_gib, fs_ms, fbs_ms, peak_s_gib);
   std::fflush(stdout);
+  if (const char* e = std::getenv("BENCH_KDA_LASP"); e != nullptr && e[0] == '1') {
+    // LASP-2's pieces on this shape (docs/parallel.md, one rank with an incoming state and an outgoing adjoint):
+    // the sequential pass from a state (what the re-run costs) against the parallel correction's kernels.
+    const int64_t D = B;
+    std::vector<float> eye_h(size_t(D * H * dk * dk), 0.f), st_h(size_t(D * H * dk * dv));
+    for (int64_t m = 0; m < D * H; ++m)
+      for (int64_t i = 0; i < dk; ++i) eye_h[(m * dk + i) * dk + i] = 1.f;
+    for (size_t i = 0; i < size_t(H * dk * dv); ++i)
+      st_h[i] = 0.05f * nv(rng);  // the first document only, as a
+                                  // rank's continuing one
+    Arena lasp("bench lasp", Device::cuda(0),
+               size_t(kernels::kda_saving_u_floats(tk, tv, tcu) + kernels::kda_transitions_floats(tk, tv, tcu) +
+                      kernels::kda_backward_workspace_floats(tk, tv, tcu)) *
+                       4 +
+                   (eye_h.size() + st_h.size() + size_t(D * H * dk * dk)) * 4 + 4096);
+    const Tensor u = lasp.alloc({kernels::kda_saving_u_floats(tk, tv, tcu)}, DType::f32);
+    const Tensor P = lasp.alloc({kernels::kda_transitions_floats(tk, tv, tcu)}, DType::f32);
+    const Tensor ws = lasp.alloc({kernels::kda_backward_workspace_floats(tk, tv, tcu)}, DType::f32);
+    const Tensor eye = upload(lasp, eye_h, {D, H, dk, dk}, DType::f32),
+                 sin = upload(lasp, st_h, {D, H, dk, dv}, DType::f32);
+    const Tensor M = lasp.alloc({D, H, dk, dk}, DType::f32);
+    kernels::kda_forward_saving_prepare(ctx, tq, tk, tv, tg, tb, tcu, saved, u);
+    const float pass_ms =
+        time_ms([&] { kernels::kda_forward_saving_pass(ctx, tk, tv, tcu, sin, o, none, saved, u); }, iters);
+    const float trans_ms =
+        time_ms([&] { kernels::kda_forward_saving_transition(ctx, tk, tv, tcu, eye, M, saved, P); }, iters);
+    const float corr_ms =
+        time_ms([&] { kernels::kda_forward_saving_correct(ctx, tk, tv, tcu, sin, P, o, saved); }, iters);
+    const float rev_ms =
+        time_ms([&] { kernels::kda_backward_saved_reverse(ctx, tk, tv, tcu, tdo, sin, none, saved, ws); }, iters);
+    const float btrans_ms =
+        time_ms([&] { kernels::kda_backward_saved_transition(ctx, tk, tv, tcu, eye, saved, P); }, iters);
+    const float bcorr_ms =
+        time_ms([&] { kernels::kda_backward_saved_correct(ctx, tk, tv, tcu, sin, P, saved, ws); }, iters);
+    const float fin_ms = time_ms(
+        [&] { kernels::kda_backward_saved_finish(ctx, tq, tk, tv, tg, tb, tcu, tdo, dq, dkk, dvv, dg, db, saved, ws); },
+        iters);
+    std::printf(
+        "lasp B=%lld T=%lld H=%lld fwd: pass_from_state_ms=%.3f transition_ms=%.3f correct_ms=%.3f | bwd: "
+        "reverse_ms=%.3f transition_ms=%.3f correct_ms=%.3f finish_ms=%.3f\n",
+        (long long)B, (long long)T, (long long)H, pass_ms, trans_ms, corr_ms, rev_ms, btrans_ms, bcorr_ms, fin_ms);
+    std::fflush(stdout);
+  }
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
 }

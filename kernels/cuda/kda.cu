@@ -246,7 +246,7 @@ void kda_forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const 
 }
 
 void kda_forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
-                                   float* final_state, const void* saved, void* stream) {
+                                   float* final_state, const void* saved, void* stream, bf16* transitions) {
   check_dims(s, "kda_forward_saving_transition");
   HYD_CHECK(kda_split_supported(s), "kda_forward_saving_transition: not available for dk ", s.dk, " / dv ", s.dv);
   if (s.num_docs == 0) return;
@@ -255,7 +255,17 @@ void kda_forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, 
                        static_cast<size_t>(s.dk);
   StreamScratch zero_u(std::max<size_t>(zeros, 4), st);
   CHECK_CUDA(cudaMemsetAsync(zero_u.get(), 0, std::max<size_t>(zeros, 4) * sizeof(float), st));
-  kda_mma::forward_saving_transition(s, cu_seqlens, initial_state, final_state, saved, zero_u.get(), st);
+  kda_mma::forward_saving_transition(s, cu_seqlens, initial_state, final_state, saved, zero_u.get(), st, transitions);
+}
+
+size_t kda_transitions_bytes(const KdaDims& s) { return kda_mma::transitions_bytes(s); }
+
+void kda_forward_saving_correct(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
+                                const bf16* transitions, bf16* o, void* saved, void* stream) {
+  check_dims(s, "kda_forward_saving_correct");
+  HYD_CHECK(kda_split_supported(s), "kda_forward_saving_correct: not available for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  kda_mma::forward_saving_correct(s, cu_seqlens, initial_state, transitions, o, saved, as_stream(stream));
 }
 
 void kda_backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
@@ -272,6 +282,64 @@ void kda_backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf
   sc.chunk_off = kda_mma::saved_chunk_table(s, const_cast<void*>(saved));  // the forward's
   kda_mma::backward_saved(s, q, k, v, g, beta, cu_seqlens, dout, dfinal_state, dq, dk, dv, dg, dbeta, dinitial_state,
                           sc, saved, st);
+  if (s.hv != s.h) {
+    DeviceLauncher launcher{st};
+    kda_chunk::launch_group_reduce(launcher, s, dq, dk, sc);
+  }
+}
+
+size_t kda_backward_workspace_bytes(const KdaDims& s) {
+  kda_chunk::Scratch sc;
+  return std::max<size_t>(kda_chunk::carve_scratch(nullptr, s, kda_chunk::Pass::backward_mma_saved, sc) * sizeof(float),
+                          16);
+}
+
+namespace {
+// The saved backward's scratch in the caller's workspace, with the forward's chunk table.
+kda_chunk::Scratch saved_backward_scratch(const KdaDims& s, const void* saved, float* workspace) {
+  kda_chunk::Scratch sc;
+  kda_chunk::carve_scratch(workspace, s, kda_chunk::Pass::backward_mma_saved, sc);
+  sc.chunk_off = kda_mma::saved_chunk_table(s, const_cast<void*>(saved));
+  return sc;
+}
+}  // namespace
+
+void kda_backward_saved_reverse(const KdaDims& s, const int32_t* cu_seqlens, const bf16* dout,
+                                const float* dfinal_state, float* dinitial_state, const void* saved, float* workspace,
+                                void* stream) {
+  check_dims(s, "kda_backward_saved_reverse");
+  HYD_CHECK(kda_split_supported(s), "kda_backward_saved_reverse: not available for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  kda_chunk::Scratch sc = saved_backward_scratch(s, saved, workspace);
+  kda_mma::backward_saved_reverse(s, cu_seqlens, dout, dfinal_state, dinitial_state, sc, saved, as_stream(stream));
+}
+
+void kda_backward_saved_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* final_adjoint,
+                                   const void* saved, bf16* transitions, void* stream) {
+  check_dims(s, "kda_backward_saved_transition");
+  HYD_CHECK(kda_split_supported(s), "kda_backward_saved_transition: not available for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  kda_mma::backward_saved_transition(s, cu_seqlens, final_adjoint, saved, transitions, as_stream(stream));
+}
+
+void kda_backward_saved_correct(const KdaDims& s, const int32_t* cu_seqlens, const float* dfinal_state,
+                                const bf16* transitions, const void* saved, float* workspace, void* stream) {
+  check_dims(s, "kda_backward_saved_correct");
+  HYD_CHECK(kda_split_supported(s), "kda_backward_saved_correct: not available for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  kda_chunk::Scratch sc = saved_backward_scratch(s, saved, workspace);
+  kda_mma::backward_saved_correct(s, cu_seqlens, dfinal_state, transitions, sc, saved, as_stream(stream));
+}
+
+void kda_backward_saved_finish(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                               const float* beta, const int32_t* cu_seqlens, const bf16* dout, bf16* dq, bf16* dk,
+                               bf16* dv, float* dg, float* dbeta, const void* saved, float* workspace, void* stream) {
+  check_dims(s, "kda_backward_saved_finish");
+  HYD_CHECK(kda_split_supported(s), "kda_backward_saved_finish: not available for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  cudaStream_t st = as_stream(stream);
+  kda_chunk::Scratch sc = saved_backward_scratch(s, saved, workspace);
+  kda_mma::backward_saved_finish(s, q, k, v, g, beta, cu_seqlens, dout, dq, dk, dv, dg, dbeta, sc, saved, st);
   if (s.hv != s.h) {
     DeviceLauncher launcher{st};
     kda_chunk::launch_group_reduce(launcher, s, dq, dk, sc);

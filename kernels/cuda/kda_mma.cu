@@ -619,6 +619,17 @@ __device__ __forceinline__ void rows_times_state(float (&acc)[2][4], uint32_t a_
   }
 }
 
+// Calls f(r, col, x0, x1) for each pair of a warp's accumulators of row block I and n-tiles nb, nb + 1 (as
+// rows_times_state leaves them): row r = 16 I + gq (+ 8), columns col, col + 1 = 8 (nb + n) + 2 tq.
+template <class F>
+__device__ __forceinline__ void for_acc_pairs(const float (&acc)[2][4], int I, int nb, int lane, F&& f) {
+#pragma unroll
+  for (int n = 0; n < 2; ++n)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      f(16 * I + (lane >> 2) + 8 * half, 8 * (nb + n) + 2 * (lane & 3), acc[n][2 * half], acc[n][2 * half + 1]);
+}
+
 template <int DK, int DV>
 __global__ void __launch_bounds__(kThreads, 1)
     state_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
@@ -688,18 +699,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       zero(acc[0]);
       zero(acc[1]);
       rows_times_state<DK>(acc, base + Lt::oW, s_shi, s_slo, I, nb, lane);
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = 16 * I + gq + 8 * half, col = 8 * (nb + n) + 2 * tq;
-          const float2 uu = *reinterpret_cast<const float2*>(gbase + Lt::oU + (r * Lt::kLdU + col) * 4);
-          const float v0 = uu.x - acc[n][2 * half], v1 = uu.y - acc[n][2 * half + 1];
-          uint32_t hi, lo;
-          split_pair(v0, v1, hi, lo);
-          *reinterpret_cast<uint32_t*>(smem + Lt::oVhi + eoff<kBV>(r, col)) = hi;
-          *reinterpret_cast<uint32_t*>(smem + Lt::oVlo + eoff<kBV>(r, col)) = lo;
-        }
+      for_acc_pairs(acc, I, nb, lane, [&](int r, int col, float x0, float x1) {
+        const float2 uu = *reinterpret_cast<const float2*>(gbase + Lt::oU + (r * Lt::kLdU + col) * 4);
+        uint32_t hi, lo;
+        split_pair(uu.x - x0, uu.y - x1, hi, lo);
+        *reinterpret_cast<uint32_t*>(smem + Lt::oVhi + eoff<kBV>(r, col)) = hi;
+        *reinterpret_cast<uint32_t*>(smem + Lt::oVlo + eoff<kBV>(r, col)) = lo;
+      });
     }
     __syncthreads();  // v_new staged
     if (vn) store_staged<C>(smem + Lt::oVhi, vn + ch * C * DV + j0, DV);  // v_new (bf16) for the backward
@@ -717,15 +723,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         mma_bf16(acc[0], a, bv[0], bv[1]);
         mma_bf16(acc[1], a, bv[2], bv[3]);
       }
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = 16 * I + gq + 8 * half, col = j0 + 8 * (nb + n) + 2 * tq;
-          if (r < L)
-            *reinterpret_cast<uint32_t*>(o + ((start + r) * HV + hv) * DV + col) =
-                pack_bf16(acc[n][2 * half], acc[n][2 * half + 1]);
-        }
+      for_acc_pairs(acc, I, nb, lane, [&](int r, int col, float x0, float x1) {
+        if (r < L) *reinterpret_cast<uint32_t*>(o + ((start + r) * HV + hv) * DV + j0 + col) = pack_bf16(x0, x1);
+      });
     }
 
     // (c) S <- Diag(gl) S + kg^T v_new
@@ -754,6 +754,199 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   cp_async_wait<0>();
   if (final_state) frag_store<DV>(st, final_state, sbase, fp);
+}
+
+// ---------------------------------------------------------------- forward: LASP-2's parallel correction
+
+template <int DK>
+struct CorrectLayout {
+  // P_c (hi, lo) [DK][DK], the row operand (w or kg), qg [C][DK], Aqk [C][C] (swizzled bf16); dS staging (hi, lo)
+  // [DK][kBV] (swizzled); -w dS [C][kBV] (bf16, swizzled).
+  static constexpr size_t oPhi = 0, oPlo = oPhi + size_t{DK} * DK * 2, oW = oPlo + size_t{DK} * DK * 2,
+                          oQG = oW + size_t{C} * DK * 2, oAQK = oQG + size_t{C} * DK * 2,
+                          oShi = oAQK + size_t{C} * C * 2, oSlo = oShi + size_t{DK} * kBV * 2,
+                          oY = oSlo + size_t{DK} * kBV * 2, oTiles = oY + size_t{C} * kBV * 2;
+  // Two buffers of one column tile's inputs, filled by cp.async while the other tile computes (row stride kLd
+  // elements: 16-byte rows, conflict-free fragment reads): S_in f32 [DK][kLd], the kept state's old hi and lo
+  // [DK][kLd], old v_new (or -dv_new) and old o [C][kLd] (bf16).
+  static constexpr int kLd = kBV + 8;
+  static constexpr size_t tSin = 0, tShi = tSin + size_t{DK} * kLd * 4, tSlo = tShi + size_t{DK} * kLd * 2,
+                          tVn = tSlo + size_t{DK} * kLd * 2, tO = tVn + size_t{C} * kLd * 2,
+                          tile = tO + size_t{C} * kLd * 2, bytes = oTiles + 2 * tile;
+};
+
+// Forward (o given): the state pass's results from initial state S_in, given those from a zero state and the
+// transitions P_c (the state entering chunk c of the pass from the identity with zero values): the recurrence is
+// affine in the state, so with dS = P_c S_in (rows = w),
+//   S_c += dS,   v_new_c -= w_c dS,   o_c += qg_c dS - Aqk_c (w_c dS)
+// (kept states as hi + lo bf16 pairs, v_new and o bf16: each rounded once more than the sequential pass's).
+// Backward (o null): the reverse pass's from the final-state adjoint dS_out, given those from a zero one and R_c
+// (its per-chunk adjoints from the identity with zero do): with dS = R_c dS_out (rows = kg, states = dS_out of
+// every chunk, vn = -dv_new), dS_out_c += dS, -dv_new_c -= kg_c dS.
+// One block per chunk and value head (blockIdx.x = chunk x HV + head) over the DV / kBV column tiles; no
+// sequential dependence between chunks, so after LASP-2's exchange it replaces a latency-bound pass. A tile's
+// inputs (S_in, the old kept state, v_new, o) arrive by cp.async while the previous tile computes, and its
+// results leave by plain stores, so no step waits on a global read (the first version read them in place: 0.70 ms
+// per layer at B1xT16384 H8 in LASP-2's profile, 2 x H200; with the prefetch 0.46 ms; 16 warps instead of 8, P_c
+// S_in over all of them, did not help: 0.48 ms). Chunks of documents whose incoming state (adjoint) is zero return
+// without touching anything.
+template <int DK, int DV>
+__global__ void __launch_bounds__(kThreads, 1)
+    correct_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
+                   const float* __restrict__ initial, const __nv_bfloat16* __restrict__ p_hi,
+                   const __nv_bfloat16* __restrict__ p_lo, const __nv_bfloat16* __restrict__ w,
+                   const __nv_bfloat16* __restrict__ qg, const __nv_bfloat16* __restrict__ aqk,
+                   __nv_bfloat16* __restrict__ states_hi, __nv_bfloat16* __restrict__ states_lo,
+                   __nv_bfloat16* __restrict__ vn, __nv_bfloat16* __restrict__ o) {
+  using Lt = CorrectLayout<DK>;
+  constexpr int MT = DK / 16, SN = 4 * MT / 8, kLd = Lt::kLd, kTiles = DV / kBV;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int HV = static_cast<int>(s.hv);
+  const int64_t ch = blockIdx.x, c = ch / HV;
+  const int hv = static_cast<int>(ch % HV);
+  if (c >= chunk_off[s.num_docs]) return;
+  int64_t d = 0, hi_d = s.num_docs;  // the document of chunk c: chunk_off[d] <= c < chunk_off[d + 1]
+  while (hi_d - d > 1) {
+    const int64_t mid = (d + hi_d) / 2;
+    if (chunk_off[mid] <= c)
+      d = mid;
+    else
+      hi_d = mid;
+  }
+  const float* sin = initial + (d * HV + hv) * DK * DV;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int64_t start = cu[d] + (c - chunk_off[d]) * C;
+  const int L = static_cast<int>(min(static_cast<int64_t>(C), cu[d + 1] - start));
+  const uint32_t s0 = smem_addr(smem);
+  auto load_tile = [&](int t, int b) {
+    const int j0 = t * kBV;
+    const uint32_t tb = s0 + static_cast<uint32_t>(Lt::oTiles + b * Lt::tile);
+    for (int idx = tid; idx < DK * kBV / 4; idx += kThreads) {
+      const int r = idx / (kBV / 4), c4 = idx % (kBV / 4);
+      cp_async16(tb + Lt::tSin + (r * kLd + c4 * 4) * 4, sin + r * DV + j0 + c4 * 4, true);
+    }
+    for (int idx = tid; idx < DK * kBV / 8; idx += kThreads) {
+      const int r = idx / (kBV / 8), c8 = idx % (kBV / 8);
+      const int64_t at = ch * DK * DV + int64_t(r) * DV + j0 + c8 * 8;
+      cp_async16(tb + Lt::tShi + (r * kLd + c8 * 8) * 2, states_hi + at, true);
+      cp_async16(tb + Lt::tSlo + (r * kLd + c8 * 8) * 2, states_lo + at, true);
+    }
+    for (int idx = tid; idx < C * kBV / 8; idx += kThreads) {
+      const int r = idx / (kBV / 8), c8 = idx % (kBV / 8);
+      cp_async16(tb + Lt::tVn + (r * kLd + c8 * 8) * 2, vn + (ch * C + r) * DV + j0 + c8 * 8, true);
+      if (o) {
+        const bool ok = r < L;
+        cp_async16(tb + Lt::tO + (r * kLd + c8 * 8) * 2, ok ? o + ((start + r) * HV + hv) * DV + j0 + c8 * 8 : o, ok);
+      }
+    }
+  };
+  // Is the incoming state (adjoint) zero? Then nothing changes, and nothing is loaded (a rank's documents other
+  // than each row's continuing first one).
+  bool any = false;
+  for (int idx = tid; idx < DK * DV / 4; idx += kThreads) {
+    const float4 x = reinterpret_cast<const float4*>(sin)[idx];
+    any = any || x.x != 0.f || x.y != 0.f || x.z != 0.f || x.w != 0.f;
+  }
+  if (!__syncthreads_or(any)) return;
+  copy_tile<DK, DK>(s0 + Lt::oPhi, p_hi + ch * DK * DK, DK, DK);
+  copy_tile<DK, DK>(s0 + Lt::oPlo, p_lo + ch * DK * DK, DK, DK);
+  copy_tile<C, DK>(s0 + Lt::oW, w + ch * C * DK, DK, C);
+  if (o) {
+    copy_tile<C, DK>(s0 + Lt::oQG, qg + ch * C * DK, DK, C);
+    copy_tile<C, C>(s0 + Lt::oAQK, aqk + ch * C * C, C, C);
+  }
+  load_tile(0, 0);
+  cp_async_commit();
+
+  const StateFrag fp{warp % MT, (warp / MT) * SN, gq, tq};
+  const uint32_t s_shi = s0 + Lt::oShi, s_slo = s0 + Lt::oSlo;
+  const int I = warp & 3, nb = 2 * (warp >> 2);  // w dS and o: row block I, n-tiles nb, nb + 1
+  for (int t = 0; t < kTiles; ++t) {
+    const int j0 = t * kBV;
+    if (t + 1 < kTiles) load_tile(t + 1, (t + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();  // tile t's inputs (and the chunk's operands) visible; the staging is free
+    const unsigned char* tb = smem + Lt::oTiles + (t & 1) * Lt::tile;
+    float st[SN][4];
+#pragma unroll
+    for (int n = 0; n < SN; ++n)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float2 x = *reinterpret_cast<const float2*>(tb + Lt::tSin + (fp.row(2 * half) * kLd + fp.col(n, 0)) * 4);
+        st[n][2 * half] = x.x;
+        st[n][2 * half + 1] = x.y;
+      }
+    frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
+    __syncthreads();  // S_in staged
+                      // dS = P_c S_in (both split hi + lo)
+#pragma unroll
+    for (int np = 0; np < SN / 2; ++np) {
+      float acc[2][4];
+      zero(acc[0]);
+      zero(acc[1]);
+      rows_times_state<DK>(acc, s0 + Lt::oPhi, s_shi, s_slo, fp.sm, fp.sn0 + 2 * np, lane);
+      rows_times_state<DK>(acc, s0 + Lt::oPlo, s_shi, s_slo, fp.sm, fp.sn0 + 2 * np, lane);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        st[2 * np][e] = acc[0][e];
+        st[2 * np + 1][e] = acc[1][e];
+      }
+    }
+    // The kept state += dS.
+#pragma unroll
+    for (int n = 0; n < SN; ++n)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = fp.row(2 * half), col = fp.col(n, 0);
+        const size_t so = static_cast<size_t>(row * kLd + col) * 2;
+        const float2 h = unpack_bf16(*reinterpret_cast<const uint32_t*>(tb + Lt::tShi + so));
+        const float2 l = unpack_bf16(*reinterpret_cast<const uint32_t*>(tb + Lt::tSlo + so));
+        uint32_t nh, nl;
+        split_pair(h.x + l.x + st[n][2 * half], h.y + l.y + st[n][2 * half + 1], nh, nl);
+        const int64_t at = ch * DK * DV + int64_t(row) * DV + j0 + col;
+        *reinterpret_cast<uint32_t*>(states_hi + at) = nh;
+        *reinterpret_cast<uint32_t*>(states_lo + at) = nl;
+      }
+    __syncthreads();  // every warp has read S_in's staging
+    frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
+    __syncthreads();  // dS staged
+    // y = w dS: v_new -= y, and -y staged for Aqk
+    {
+      float acc[2][4];
+      zero(acc[0]);
+      zero(acc[1]);
+      rows_times_state<DK>(acc, s0 + Lt::oW, s_shi, s_slo, I, nb, lane);
+      for_acc_pairs(acc, I, nb, lane, [&](int r, int col, float y0, float y1) {
+        *reinterpret_cast<uint32_t*>(smem + Lt::oY + eoff<kBV>(r, col)) = pack_bf16(-y0, -y1);
+        const float2 old = unpack_bf16(*reinterpret_cast<const uint32_t*>(tb + Lt::tVn + (r * kLd + col) * 2));
+        *reinterpret_cast<uint32_t*>(vn + (ch * C + r) * DV + j0 + col) = pack_bf16(old.x - y0, old.y - y1);
+      });
+    }
+    if (o != nullptr) {
+      __syncthreads();  // -y staged
+      // o += qg dS - Aqk y
+      float acc[2][4];
+      zero(acc[0]);
+      zero(acc[1]);
+      rows_times_state<DK>(acc, s0 + Lt::oQG, s_shi, s_slo, I, nb, lane);
+      for (int kk = 0; kk <= I; ++kk) {
+        uint32_t a[4], bv[4];
+        ldsm_x4(a, s0 + Lt::oAQK + toff<C / 8>(16 * I + (lane & 15), 2 * kk + (lane >> 4)));
+        ldsm_x4_trans(bv,
+                      s0 + Lt::oY + toff<kBV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4)));
+        mma_bf16(acc[0], a, bv[0], bv[1]);
+        mma_bf16(acc[1], a, bv[2], bv[3]);
+      }
+      for_acc_pairs(acc, I, nb, lane, [&](int r, int col, float x0, float x1) {
+        if (r < L) {
+          const float2 old = unpack_bf16(*reinterpret_cast<const uint32_t*>(tb + Lt::tO + (r * kLd + col) * 2));
+          *reinterpret_cast<uint32_t*>(o + ((start + r) * HV + hv) * DV + j0 + col) = pack_bf16(old.x + x0, old.y + x1);
+        }
+      });
+    }
+    __syncthreads();  // this tile's buffer and the staging are free
+  }
 }
 
 // ---------------------------------------------------------------- backward: reverse state pass
@@ -810,7 +1003,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     copy_tile<C, DK>(base + Lt::oQG, qg + ch * C * DK, DK, C);
     copy_tile<C, DK>(base + Lt::oKG, kg + ch * C * DK, DK, C);
     copy_tile<C, C>(base + Lt::oAQK, aqk + ch * C * C, C, C);
-    copy_tile<C, kBV>(base + Lt::oDO, dout + (start * HV + hv) * DV + j0, static_cast<int64_t>(HV) * DV, L);
+    if (dout)
+      copy_tile<C, kBV>(base + Lt::oDO, dout + (start * HV + hv) * DV + j0, static_cast<int64_t>(HV) * DV, L);
+    else  // zero output gradients (the adjoint transition pass)
+      copy_tile<C, kBV>(base + Lt::oDO, w, 0, 0);
     for (int idx = tid; idx < DK / 4; idx += kThreads) cp_async16(base + Lt::oGL + idx * 16, gl + ch * DK + idx * 4, true);
   };
   if (c0 < c1) load_chunk(c1 - 1, 0);
@@ -844,16 +1040,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         mma_bf16(acc[1], a, bo[2], bo[3]);
       }
       rows_times_state<DK>(acc, base + Lt::oKG, s_shi, s_slo, I, nb, lane);
-#pragma unroll
-      for (int n = 0; n < 2; ++n)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = 16 * I + gq + 8 * half, col = 8 * (nb + n) + 2 * tq;
-          uint32_t hi, lo;
-          split_pair(-acc[n][2 * half], -acc[n][2 * half + 1], hi, lo);
-          *reinterpret_cast<uint32_t*>(smem + Lt::oVhi + eoff<kBV>(r, col)) = hi;
-          *reinterpret_cast<uint32_t*>(smem + Lt::oVlo + eoff<kBV>(r, col)) = lo;
-        }
+      for_acc_pairs(acc, I, nb, lane, [&](int r, int col, float x0, float x1) {
+        uint32_t hi, lo;
+        split_pair(-x0, -x1, hi, lo);
+        *reinterpret_cast<uint32_t*>(smem + Lt::oVhi + eoff<kBV>(r, col)) = hi;
+        *reinterpret_cast<uint32_t*>(smem + Lt::oVlo + eoff<kBV>(r, col)) = lo;
+      });
     }
     __syncthreads();
     if (ndvn) store_staged<C>(smem + Lt::oVhi, ndvn + ch * C * DV + j0, DV);  // -dv_new (bf16)
@@ -1619,6 +1811,25 @@ const SideStream* side_stream(int64_t pass_blocks) {
   return 2 * pass_blocks <= side.sms ? &side : nullptr;
 }
 
+// The reverse state pass over a document's chunks (dout may be null: zero output gradients).
+template <int DK, int DV>
+void reverse_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const bf16* dout,
+                  const float* dfinal_state, float* dinitial_state, __nv_bfloat16* dstates_hi,
+                  __nv_bfloat16* dstates_lo, __nv_bfloat16* ndvn, const FwdBuffers& f, cudaStream_t st) {
+  using RL = ReverseLayout<DK>;
+  set_smem(reverse_kernel<DK, DV>, RL::bytes);
+  reverse_kernel<DK, DV><<<doc_grid(s, DV), kThreads, RL::bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl,
+                                                                       as_nv(dout), dfinal_state, dstates_hi,
+                                                                       dstates_lo, ndvn, dinitial_state);
+  CHECK_LAUNCH();
+}
+
+template <int DK, int DV>
+void products_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                   const int32_t* cu, const int32_t* chunk_off, const bf16* dout, bf16* dq, bf16* dk, bf16* dv,
+                   float* dg, float* dbeta, const kda_chunk::Scratch& sc, const __nv_bfloat16* states_hi,
+                   const __nv_bfloat16* states_lo, const __nv_bfloat16* vn, cudaStream_t st);
+
 template <int DK, int DV>
 void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
                    const int32_t* cu, const int32_t* chunk_off, const float* initial_state, const bf16* dout,
@@ -1660,19 +1871,30 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
     CHECK_LAUNCH();
     if (side != nullptr) CHECK_CUDA(cudaEventRecord(side->join, side->stream));
   }
-  using RL = ReverseLayout<DK>;
-  set_smem(reverse_kernel<DK, DV>, RL::bytes);
-  reverse_kernel<DK, DV><<<docs, kThreads, RL::bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl, as_nv(dout),
-                                                            dfinal_state, dstates_hi, dstates_hi + state_elems, ndvn,
-                                                            dinitial_state);
-  CHECK_LAUNCH();
+  reverse_impl<DK, DV>(s, cu, chunk_off, dout, dfinal_state, dinitial_state, dstates_hi, dstates_hi + state_elems, ndvn,
+                       f, st);
   if (side != nullptr) CHECK_CUDA(cudaStreamWaitEvent(st, side->join, 0));  // the products read S_in and v_new
+  products_impl<DK, DV>(s, q, k, v, g, beta, cu, chunk_off, dout, dq, dk, dv, dg, dbeta, sc, states_hi,
+                        states_hi + state_elems, vn, st);
+}
+
+// The backward after its reverse pass: the per-chunk products and the intra-chunk gradients (parallel over chunks).
+template <int DK, int DV>
+void products_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                   const int32_t* cu, const int32_t* chunk_off, const bf16* dout, bf16* dq, bf16* dk, bf16* dv,
+                   float* dg, float* dbeta, const kda_chunk::Scratch& sc, const __nv_bfloat16* states_hi,
+                   const __nv_bfloat16* states_lo, const __nv_bfloat16* vn, cudaStream_t st) {
+  const int64_t mc = kda_chunk::max_chunks(s);
+  const dim3 chunk_grid(static_cast<unsigned>(mc), static_cast<unsigned>(s.hv));
+  const size_t state_elems = static_cast<size_t>(mc) * static_cast<size_t>(s.hv) * DK * DV;
+  const __nv_bfloat16* dstates_hi = reinterpret_cast<const __nv_bfloat16*>(sc.dstates);
+  const __nv_bfloat16* ndvn = reinterpret_cast<const __nv_bfloat16*>(sc.dvn);
   if (mc > 0) {
     using QL = ProductsHalfLayout<DK, DV>;
     set_smem(products_half_kernel<DK, DV>, QL::bytes);
     products_half_kernel<DK, DV><<<dim3(2 * chunk_grid.x, chunk_grid.y), kThreads, QL::bytes, st>>>(
-        s, cu, chunk_off, states_hi, states_hi + state_elems, dstates_hi, dstates_hi + state_elems, vn, ndvn, sc.x,
-        beta, as_nv(dout), as_nv(v), sc.dqg, sc.dkg, sc.dw, sc.dgls, sc.daqk, sc.dtv, as_nv(dv));
+        s, cu, chunk_off, states_hi, states_lo, dstates_hi, dstates_hi + state_elems, vn, ndvn, sc.x, beta, as_nv(dout),
+        as_nv(v), sc.dqg, sc.dkg, sc.dw, sc.dgls, sc.daqk, sc.dtv, as_nv(dv));
     CHECK_LAUNCH();
     using IL = IntraLayout<DK>;
     set_smem(intra_kernel<DK>, IL::bytes);
@@ -1852,14 +2074,47 @@ void forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const floa
 }
 
 void forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
-                               float* final_state, const void* saved, const float* zero_u, void* stream_ptr) {
+                               float* final_state, const void* saved, const float* zero_u, void* stream_ptr,
+                               bf16* transitions) {
   SavedBuffers b;
   carve_saved(s, static_cast<unsigned char*>(const_cast<void*>(saved)), b);
   b.f.u = const_cast<float*>(zero_u);
   KdaDims m = s;  // values zero, dk columns: u = T v = 0
   m.dv = s.dk;
+  const size_t p_elems = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
+                         static_cast<size_t>(s.dk) * static_cast<size_t>(s.dk);
+  __nv_bfloat16* p_hi = transitions ? as_nv(transitions) : nullptr;
   with_dims(m, [&]<int DK, int DV>() {
-    state_impl<DK, DV>(m, cu_seqlens, b.chunk_off, initial_state, nullptr, final_state, b.f, as_stream(stream_ptr));
+    state_impl<DK, DV>(m, cu_seqlens, b.chunk_off, initial_state, nullptr, final_state, b.f, as_stream(stream_ptr),
+                       p_hi, p_hi ? p_hi + p_elems : nullptr);
+  });
+}
+
+size_t transitions_bytes(const KdaDims& s) {
+  return std::max<size_t>(static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
+                              static_cast<size_t>(s.dk) * static_cast<size_t>(s.dk) * 4,
+                          16);
+}
+
+void forward_saving_correct(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
+                            const bf16* transitions, bf16* o, void* saved, void* stream_ptr) {
+  SavedBuffers b;
+  carve_saved(s, static_cast<unsigned char*>(saved), b);
+  const int64_t mc = kda_chunk::max_chunks(s);
+  if (mc == 0) return;
+  HYD_CHECK(mc * s.hv < (int64_t{1} << 31), "kda_mma::forward_saving_correct: grid too large");
+  const size_t p_elems =
+      static_cast<size_t>(mc) * static_cast<size_t>(s.hv) * static_cast<size_t>(s.dk) * static_cast<size_t>(s.dk);
+  const size_t state_elems =
+      static_cast<size_t>(mc) * static_cast<size_t>(s.hv) * static_cast<size_t>(s.dk) * static_cast<size_t>(s.dv);
+  const __nv_bfloat16* p_hi = as_nv(transitions);
+  with_dims(s, [&]<int DK, int DV>() {
+    using Lt = CorrectLayout<DK>;
+    set_smem(correct_kernel<DK, DV>, Lt::bytes);
+    correct_kernel<DK, DV><<<static_cast<unsigned>(mc * s.hv), kThreads, Lt::bytes, as_stream(stream_ptr)>>>(
+        s, cu_seqlens, b.chunk_off, initial_state, p_hi, p_hi + p_elems, b.f.w, b.f.qg, b.f.aqk, b.states,
+        b.states + state_elems, b.vn, as_nv(o));
+    CHECK_LAUNCH();
   });
 }
 
@@ -1879,6 +2134,73 @@ void backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* 
     bf16* dk_direct = s.hv == s.h ? dk : nullptr;
     backward_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, b.chunk_off, nullptr, dout, dfinal_state, dq_direct,
                           dk_direct, dv, dg, dbeta, dinitial_state, sc, b.f, stream, false);
+  });
+}
+
+void backward_saved_reverse(const KdaDims& s, const int32_t* cu_seqlens, const bf16* dout, const float* dfinal_state,
+                            float* dinitial_state, kda_chunk::Scratch& sc, const void* saved, void* stream_ptr) {
+  SavedBuffers b;
+  carve_saved(s, static_cast<unsigned char*>(const_cast<void*>(saved)), b);
+  const size_t state_elems = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
+                             static_cast<size_t>(s.dk) * static_cast<size_t>(s.dv);
+  __nv_bfloat16* dstates_hi = reinterpret_cast<__nv_bfloat16*>(sc.dstates);
+  with_dims(s, [&]<int DK, int DV>() {
+    reverse_impl<DK, DV>(s, cu_seqlens, b.chunk_off, dout, dfinal_state, dinitial_state, dstates_hi,
+                         dstates_hi + state_elems, reinterpret_cast<__nv_bfloat16*>(sc.dvn), b.f,
+                         as_stream(stream_ptr));
+  });
+}
+
+void backward_saved_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* final_adjoint,
+                               const void* saved, bf16* transitions, void* stream_ptr) {
+  SavedBuffers b;
+  carve_saved(s, static_cast<unsigned char*>(const_cast<void*>(saved)), b);
+  KdaDims m = s;  // zero output gradients, dk columns
+  m.dv = s.dk;
+  const size_t p_elems = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
+                         static_cast<size_t>(s.dk) * static_cast<size_t>(s.dk);
+  __nv_bfloat16* r_hi = as_nv(transitions);
+  with_dims(m, [&]<int DK, int DV>() {
+    reverse_impl<DK, DV>(m, cu_seqlens, b.chunk_off, nullptr, final_adjoint, nullptr, r_hi, r_hi + p_elems, nullptr,
+                         b.f, as_stream(stream_ptr));
+  });
+}
+
+void backward_saved_correct(const KdaDims& s, const int32_t* cu_seqlens, const float* dfinal_state,
+                            const bf16* transitions, kda_chunk::Scratch& sc, const void* saved, void* stream_ptr) {
+  SavedBuffers b;
+  carve_saved(s, static_cast<unsigned char*>(const_cast<void*>(saved)), b);
+  const int64_t mc = kda_chunk::max_chunks(s);
+  if (mc == 0) return;
+  HYD_CHECK(mc * s.hv < (int64_t{1} << 31), "kda_mma::backward_saved_correct: grid too large");
+  const size_t p_elems =
+      static_cast<size_t>(mc) * static_cast<size_t>(s.hv) * static_cast<size_t>(s.dk) * static_cast<size_t>(s.dk);
+  const size_t state_elems =
+      static_cast<size_t>(mc) * static_cast<size_t>(s.hv) * static_cast<size_t>(s.dk) * static_cast<size_t>(s.dv);
+  const __nv_bfloat16* r_hi = as_nv(transitions);
+  __nv_bfloat16* dstates_hi = reinterpret_cast<__nv_bfloat16*>(sc.dstates);
+  with_dims(s, [&]<int DK, int DV>() {
+    using Lt = CorrectLayout<DK>;
+    set_smem(correct_kernel<DK, DV>, Lt::bytes);
+    correct_kernel<DK, DV><<<static_cast<unsigned>(mc * s.hv), kThreads, Lt::bytes, as_stream(stream_ptr)>>>(
+        s, cu_seqlens, b.chunk_off, dfinal_state, r_hi, r_hi + p_elems, b.f.kg, nullptr, nullptr, dstates_hi,
+        dstates_hi + state_elems, reinterpret_cast<__nv_bfloat16*>(sc.dvn), nullptr);
+    CHECK_LAUNCH();
+  });
+}
+
+void backward_saved_finish(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                           const float* beta, const int32_t* cu_seqlens, const bf16* dout, bf16* dq, bf16* dk, bf16* dv,
+                           float* dg, float* dbeta, kda_chunk::Scratch& sc, const void* saved, void* stream_ptr) {
+  SavedBuffers b;
+  carve_saved(s, static_cast<unsigned char*>(const_cast<void*>(saved)), b);
+  sc.x = b.x;
+  const size_t state_elems = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
+                             static_cast<size_t>(s.dk) * static_cast<size_t>(s.dv);
+  with_dims(s, [&]<int DK, int DV>() {
+    products_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, b.chunk_off, dout, s.hv == s.h ? dq : nullptr,
+                          s.hv == s.h ? dk : nullptr, dv, dg, dbeta, sc, b.states, b.states + state_elems, b.vn,
+                          as_stream(stream_ptr));
   });
 }
 

@@ -72,8 +72,34 @@ void forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const floa
 // After forward_saving_prepare: the pass with zero values over dk columns (LASP-2's M from an identity
 // initial_state, [D, HV, dk, dk] as final_state) over the prep in `saved`; zero_u: f32 zeros of
 // max_chunks(s) x hv x 64 x dk. Nothing in `saved` is written.
+// transitions (optional, transitions_bytes(s)): every chunk's incoming state of this pass, P_c [max_chunks x hv,
+// dk, dk] as hi then lo bf16 halves.
 void forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
-                               float* final_state, const void* saved, const float* zero_u, void* stream);
+                               float* final_state, const void* saved, const float* zero_u, void* stream,
+                               bf16* transitions = nullptr);
+size_t transitions_bytes(const KdaDims& s);
+// LASP-2's parallel correction: after forward_saving_pass from a zero state and forward_saving_transition from
+// identities keeping `transitions`, turns the kept states, v_new and o into those of a pass from initial_state
+// (to rounding) with one parallel kernel: S_c += P_c S_in, v_new_c -= w_c P_c S_in, o_c += (qg_c - Aqk_c w_c) P_c
+// S_in. Documents whose initial state is zero are left as they are.
+void forward_saving_correct(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
+                            const bf16* transitions, bf16* o, void* saved, void* stream);
+// backward_saved in steps (the same kernels: reverse + finish = backward_saved bit for bit), sc as there and kept
+// between them (its dstates and dvn carry the reverse pass's work). LASP-2's parallel correction between them:
+// backward_saved_transition, the reverse pass from final_adjoint [D, HV, dk, dk] (identities) with zero output
+// gradients over dk columns, keeps every chunk's adjoint R_c in transitions (transitions_bytes; may run beside
+// the reverse pass: it reads only `saved`); backward_saved_correct adds what a final-state adjoint dfinal_state
+// contributes to a reverse pass that had none: dS_out_c += R_c dfinal, -dv_new_c -= kg_c R_c dfinal (documents
+// whose dfinal_state is zero untouched).
+void backward_saved_reverse(const KdaDims& s, const int32_t* cu_seqlens, const bf16* dout, const float* dfinal_state,
+                            float* dinitial_state, kda_chunk::Scratch& sc, const void* saved, void* stream);
+void backward_saved_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* final_adjoint,
+                               const void* saved, bf16* transitions, void* stream);
+void backward_saved_correct(const KdaDims& s, const int32_t* cu_seqlens, const float* dfinal_state,
+                            const bf16* transitions, kda_chunk::Scratch& sc, const void* saved, void* stream);
+void backward_saved_finish(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                           const float* beta, const int32_t* cu_seqlens, const bf16* dout, bf16* dq, bf16* dk, bf16* dv,
+                           float* dg, float* dbeta, kda_chunk::Scratch& sc, const void* saved, void* stream);
 void backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
                     const int32_t* cu_seqlens, const bf16* dout, const float* dfinal_state, bf16* dq, bf16* dk,
                     bf16* dv, float* dg, float* dbeta, float* dinitial_state, kda_chunk::Scratch& sc, const void* saved,

@@ -529,6 +529,115 @@ TEST(GpuKda, SavedBackwardEqualsTheRecomputingOne) {
   });
 }
 
+// LASP-2's parallel correction (kda_forward_saving_correct): the zero-state pass, the transition pass from
+// identities keeping every chunk's P_c, then the correction by the initial state give the pass from that state
+// to rounding: o, and through the saved backward (which reads the kept states and v_new) every gradient, within
+// the bf16 tolerance. Document 2's initial state is zero: its outputs stay those of the zero-state pass bit for
+// bit (the correction skips it). The backward's mirror below.
+TEST(GpuKda, ParallelCorrectionEqualsThePassFromTheState) {
+  HYD_REQUIRE_GPU();
+  for_split_cases([](const Problem& p, const ExecContext& ctx, DeviceBuffers& buf, const Inputs& in) {
+    const KdaDims& s = p.s;
+    const int64_t n = s.n, D = s.num_docs, mb = s.dk * s.dv;
+    const Tensor &q = in.q, &k = in.k, &v = in.v, &g = in.g, &beta = in.beta, &cu = in.cu;
+    std::vector<float> init_h = p.init;
+    std::fill(init_h.begin() + 2 * s.hv * mb, init_h.begin() + 3 * s.hv * mb, 0.f);
+    const Tensor init = buf.upload(init_h, {D, s.hv, s.dk, s.dv}, DType::f32);
+    const Tensor dout = buf.upload(p.dout, {n, s.hv, s.dv}, DType::bf16);
+    const Tensor dfin = buf.upload(p.dfinal, {D, s.hv, s.dk, s.dv}, DType::f32);
+    struct Run {
+      Tensor o, dq, dk, dv, dg, dbeta, dinit, saved;
+    };
+    auto run = [&] {
+      return Run{
+          buf.poisoned({n, s.hv, s.dv}, DType::bf16),      buf.poisoned({n, s.h, s.dk}, DType::bf16),
+          buf.poisoned({n, s.h, s.dk}, DType::bf16),       buf.poisoned({n, s.hv, s.dv}, DType::bf16),
+          buf.poisoned({n, s.hv, s.dk}, DType::f32),       buf.poisoned({n, s.hv}, DType::f32),
+          buf.poisoned({D, s.hv, s.dk, s.dv}, DType::f32), buf.poisoned({kda_saved_floats(k, v, cu)}, DType::f32)};
+    };
+    auto backward = [&](const Run& r) {
+      kda_backward_saved(ctx, q, k, v, g, beta, cu, dout, dfin, r.dq, r.dk, r.dv, r.dg, r.dbeta, r.dinit, r.saved);
+    };
+    const Run ref = run(), got = run();
+    const Tensor u = buf.poisoned({kda_saving_u_floats(k, v, cu)}, DType::f32);
+    kda_forward_saving_prepare(ctx, q, k, v, g, beta, cu, ref.saved, u);
+    kda_forward_saving_pass(ctx, k, v, cu, init, ref.o, Tensor{}, ref.saved, u);
+    backward(ref);
+    const Tensor o_zero = buf.poisoned({n, s.hv, s.dv}, DType::bf16);
+    kda_forward_saving_pass(ctx, k, v, cu, Tensor{}, o_zero, Tensor{}, ref.saved, u);  // (ref.saved is done with)
+    std::vector<float> eye_h(static_cast<size_t>(D * s.hv * s.dk * s.dk), 0.f);
+    for (int64_t m = 0; m < D * s.hv; ++m)
+      for (int64_t i = 0; i < s.dk; ++i) eye_h[(m * s.dk + i) * s.dk + i] = 1.f;
+    const Tensor eye = buf.upload(eye_h, {D, s.hv, s.dk, s.dk}, DType::f32);
+    const Tensor P = buf.poisoned({kda_transitions_floats(k, v, cu)}, DType::f32);
+    const Tensor M = buf.poisoned({D, s.hv, s.dk, s.dk}, DType::f32);
+    kda_forward_saving_prepare(ctx, q, k, v, g, beta, cu, got.saved, u);
+    kda_forward_saving_transition(ctx, k, v, cu, eye, M, got.saved, P);
+    kda_forward_saving_pass(ctx, k, v, cu, Tensor{}, got.o, Tensor{}, got.saved, u);
+    kda_forward_saving_correct(ctx, k, v, cu, init, P, got.o, got.saved);
+    backward(got);
+    ctx.synchronize();
+    auto close = [](const Tensor& a, const Tensor& b, const char* what) {
+      const std::vector<float> x = DeviceBuffers::download(a), y = DeviceBuffers::download(b);
+      EXPECT_TRUE(all_finite(x)) << what;
+      const double e = rel_err(x, y);
+      std::printf("  correction %-14s rel_err %.2e\n", what, e);
+      EXPECT_LT(e, kBf16Tol) << what;
+    };
+    close(got.o, ref.o, "o");
+    close(got.dq, ref.dq, "dq");
+    close(got.dk, ref.dk, "dk");
+    close(got.dv, ref.dv, "dv");
+    close(got.dg, ref.dg, "dg");
+    close(got.dbeta, ref.dbeta, "dbeta");
+    close(got.dinit, ref.dinit, "dinitial_state");
+    const std::vector<float> o_got = DeviceBuffers::download(got.o), o_zero_h = DeviceBuffers::download(o_zero);
+    const size_t row = static_cast<size_t>(s.hv * s.dv);
+    EXPECT_TRUE(
+        std::equal(o_got.begin() + p.cu[2] * row, o_got.begin() + p.cu[3] * row, o_zero_h.begin() + p.cu[2] * row))
+        << "a document with a zero initial state was changed by the correction";
+    // The saved backward in steps: reverse + finish equal kda_backward_saved bit for bit; the reverse pass without
+    // a final-state adjoint, the adjoint transitions R_c (from identities, zero output gradients) and the
+    // correction by dfinal (document 2's zero) equal it to rounding.
+    const Tensor ws = buf.poisoned({kda_backward_workspace_floats(k, v, cu)}, DType::f32);
+    const Run steps = run(), corr = run(), ref2 = run();
+    kda_backward_saved_reverse(ctx, k, v, cu, dout, dfin, steps.dinit, got.saved, ws);
+    kda_backward_saved_finish(ctx, q, k, v, g, beta, cu, dout, steps.dq, steps.dk, steps.dv, steps.dg, steps.dbeta,
+                              got.saved, ws);
+    std::vector<float> dfin_h = p.dfinal;
+    std::fill(dfin_h.begin() + 2 * s.hv * mb, dfin_h.begin() + 3 * s.hv * mb, 0.f);
+    const Tensor dfin2 = buf.upload(dfin_h, {D, s.hv, s.dk, s.dv}, DType::f32);
+    kda_backward_saved(ctx, q, k, v, g, beta, cu, dout, dfin2, ref2.dq, ref2.dk, ref2.dv, ref2.dg, ref2.dbeta, Tensor{},
+                       got.saved);
+    const Tensor R = buf.poisoned({kda_transitions_floats(k, v, cu)}, DType::f32);
+    kda_backward_saved_reverse(ctx, k, v, cu, dout, Tensor{}, Tensor{}, got.saved, ws);
+    kda_backward_saved_transition(ctx, k, v, cu, eye, got.saved, R);
+    kda_backward_saved_correct(ctx, k, v, cu, dfin2, R, got.saved, ws);
+    kda_backward_saved_finish(ctx, q, k, v, g, beta, cu, dout, corr.dq, corr.dk, corr.dv, corr.dg, corr.dbeta,
+                              got.saved, ws);
+    ctx.synchronize();
+    auto same = [](const Tensor& a, const Tensor& b, const char* what) {
+      EXPECT_EQ(DeviceBuffers::download(a), DeviceBuffers::download(b)) << what << " (reverse + finish)";
+    };
+    same(steps.dq, got.dq, "dq");
+    same(steps.dk, got.dk, "dk");
+    same(steps.dv, got.dv, "dv");
+    same(steps.dg, got.dg, "dg");
+    same(steps.dbeta, got.dbeta, "dbeta");
+    same(steps.dinit, got.dinit, "dinitial_state");
+    close(corr.dq, ref2.dq, "bwd dq");
+    close(corr.dk, ref2.dk, "bwd dk");
+    close(corr.dv, ref2.dv, "bwd dv");
+    close(corr.dg, ref2.dg, "bwd dg");
+    close(corr.dbeta, ref2.dbeta, "bwd dbeta");
+    const Tensor small = buf.poisoned({16}, DType::f32);
+    test::expect_error_mentioning([&] { kda_forward_saving_correct(ctx, k, v, cu, init, small, got.o, got.saved); },
+                                  "transitions");
+    test::expect_error_mentioning([&] { kda_backward_saved_correct(ctx, k, v, cu, dfin2, R, got.saved, small); },
+                                  "workspace");
+  });
+}
+
 TEST(GpuKda, LongSequenceTiming) {
   HYD_REQUIRE_GPU();
   // One document of 8192 tokens, H = HV = 16, dk = dv = 128: times only (no assertion on time).
