@@ -3,7 +3,7 @@
 # gpu_parallel tests (NCCL, SP, multi-rank train / distill), the gpu label, the DP and SP scaling tables and
 # the MoE layer bench. Each part has its own time limit and log under OUT_DIR; a summary goes to stdout.
 # Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,sp_h,gpu_moe,moe,e2e,
-# moe_rows,kda_save,e2e_ab,kda_ncu,step_ncu
+# moe_rows,kda_save,e2e_ab,kda_ncu,lasp_ncu,step_ncu
 # (sp_h: the 3:1 hybrid's SP scaling with the contiguous LASP-2H and synchronised collectives
 # (HYD_SP_ATTN_BALANCE=0 HYD_SP_ASYNC=0), the balanced one synchronised, then the defaults (balanced, queued);
 # moe_rows: our MoE layer with the per-expert loop and the grouped cuBLAS call from 256 to 2048 rows per expert,
@@ -11,7 +11,8 @@
 # e2e_ab: the distill step B8xT2048 with the defaults and with each of AB_VARS (space-separated NAME=VALUE, e.g.
 # "HYD_KDA_SAVE=0 HYD_MOE_GEMM=grouped"), alternating, twice: same-call A/B of switches;
 # kda_ncu: the KDA core's chunk kernels at B8xT4096 under Nsight Compute with occupancy, throughput and stall
-# metrics (why a kernel is far from its memory floor); step_ncu: every kernel of one distill step B8xT2048 grouped
+# metrics (why a kernel is far from its memory floor); lasp_ncu: the same for LASP-2's correction kernels
+# (bench_kda 1 16384 with BENCH_KDA_LASP=1); step_ncu: every kernel of one distill step B8xT2048 grouped
 # by name (where the step's time goes))
 set -uo pipefail
 out=${1:?usage: device_session.sh OUT_DIR [PARTS]}
@@ -98,18 +99,30 @@ if has e2e; then
   timeout 420 bash bench/e2e/run.sh >"$out/e2e.txt" 2>&1
   echo "e2e rc=$?"; tail -n 20 "$out/e2e.txt"
 fi
-if has kda_ncu; then
-  # Per launch: time, achieved occupancy, SM / DRAM / tensor-pipe busy, and the warp stall reasons per issued
-  # instruction (barrier, long scoreboard = global memory, short scoreboard = shared memory / SFU, MIO throttle,
-  # math pipe throttle), shared-memory bank conflicts.
-  stalls=barrier,long_scoreboard,short_scoreboard,mio_throttle,math_pipe_throttle,wait,lg_throttle
+# Per launch: time, achieved occupancy, SM / DRAM / tensor-pipe busy, and the warp stall reasons per issued
+# instruction (barrier, long scoreboard = global memory, short scoreboard = shared memory / SFU, MIO throttle,
+# math pipe throttle), shared-memory bank conflicts.
+stall_metrics() {
+  local stalls=barrier,long_scoreboard,short_scoreboard,mio_throttle,math_pipe_throttle,wait,lg_throttle m st
   m=smsp__warps_active.avg.pct_of_peak_sustained_active,sm__throughput.avg.pct_of_peak_sustained_elapsed
   m=$m,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
   m=$m,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__inst_executed.sum
   for st in ${stalls//,/ }; do m=$m,smsp__average_warps_issue_stalled_${st}_per_issue_active.ratio; done
-  NCU_KERNELS='intra|products|prep|state|reverse' NCU_METRICS=$m timeout 240 bash bench/ncu_kernels.sh 10 \
+  echo "$m"
+}
+if has kda_ncu; then
+  NCU_KERNELS='intra|products|prep|state|reverse' NCU_METRICS=$(stall_metrics) timeout 240 bash bench/ncu_kernels.sh 10 \
     ./build/bench_kda 8 4096 >"$out/kda_ncu.txt" 2>&1
   echo "kda_ncu rc=$?"; cat "$out/kda_ncu.txt"
+fi
+if has lasp_ncu; then
+  # LASP-2's parallel-correction kernel on one GPU, B1xT16384 H16, the same metrics: two forward launches, then
+  # (bench_kda runs the forward one 11 times first) two backward ones.
+  for skip in 0 11; do
+    BENCH_KDA_LASP=1 NCU_SKIP=$skip NCU_KERNELS='correct' NCU_METRICS=$(stall_metrics) timeout 120 \
+      bash bench/ncu_kernels.sh 2 ./build/bench_kda 1 16384 >>"$out/lasp_ncu.txt" 2>&1
+  done
+  echo "lasp_ncu rc=$?"; cat "$out/lasp_ncu.txt"
 fi
 if has step_ncu; then
   NCU_SUMMARY=1 timeout 300 bash bench/ncu_kernels.sh 100000 ./build/bench_e2e --mode distill --batch 8 --seq 2048 \

@@ -219,30 +219,10 @@ void shard_experts(const DistillConfig& cfg, int ep, int rank, DistillInputs& in
   }
 }
 
-// FLOPs per token of a stage-2 step, for MFU: the student's forward + backward and the teacher's forward
-// by ModelConfig::train_flops_per_token's convention (6 x the parameters that take part in a matrix multiply
-// once per token + 6 x attention layers x T x q_dim; the input embedding is no matmul unless tied to the LM
-// head; MoE layers count their router, active and shared experts only); the teacher forward is a third of
-// its training FLOPs. KDA's chunked recurrence is not counted (a few % of the student's matmuls).
+// FLOPs per token of a stage-2 step, for MFU: the student's forward + backward (hybrid_train_flops_per_token) and
+// the teacher's forward by ModelConfig::train_flops_per_token's convention (a third of its training FLOPs).
 double stage2_flops_per_token(HybridModel& student, const HybridConfig& sc, const ModelConfig& tc, int64_t T) {
-  const ModelConfig& m = sc.model;
-  double p = 0;
-  for (const ParamInfo& q : student.params()) {  // whole tensors (a rank may hold some experts only)
-    double n = 1;
-    for (int64_t d : q.full_shape()) n *= static_cast<double>(d);
-    p += n;
-  }
-  if (!m.tie_word_embeddings) p -= static_cast<double>(m.vocab_size) * static_cast<double>(m.hidden_size);
-  double attention_layers = 0;
-  for (size_t l = 0; l < sc.layers.size(); ++l) {
-    if (sc.layers[l] != MixerKind::kda) attention_layers += 1;
-    if (m.is_moe_layer(static_cast<int64_t>(l)))
-      p -= static_cast<double>(m.num_experts - m.num_experts_per_tok) * 3.0 * static_cast<double>(m.hidden_size) *
-           static_cast<double>(m.moe_intermediate_size);
-  }
-  const double student_flops =
-      6.0 * p + 6.0 * attention_layers * static_cast<double>(T) * static_cast<double>(m.q_dim());
-  return student_flops + tc.train_flops_per_token(T) / 3.0;
+  return hybrid_train_flops_per_token(student, sc, T) + tc.train_flops_per_token(T) / 3.0;
 }
 
 }  // namespace

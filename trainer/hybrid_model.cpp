@@ -1250,4 +1250,23 @@ size_t HybridModel::memory_bytes() const {
          m.act_arena.capacity() + m.scratch_arena.capacity();
 }
 
+double hybrid_train_flops_per_token(HybridModel& model, const HybridConfig& cfg, int64_t seq_len) {
+  const ModelConfig& m = cfg.model;
+  double p = 0;
+  for (const ParamInfo& q : model.params()) {  // whole tensors (a rank may hold some experts only)
+    double n = 1;
+    for (int64_t d : q.full_shape()) n *= static_cast<double>(d);
+    p += n;
+  }
+  if (!m.tie_word_embeddings) p -= static_cast<double>(m.vocab_size) * static_cast<double>(m.hidden_size);
+  double attention_layers = 0;
+  for (size_t l = 0; l < cfg.layers.size(); ++l) {
+    if (cfg.layers[l] != MixerKind::kda) attention_layers += 1;
+    if (m.is_moe_layer(static_cast<int64_t>(l)))
+      p -= static_cast<double>(m.num_experts - m.num_experts_per_tok) * 3.0 * static_cast<double>(m.hidden_size) *
+           static_cast<double>(m.moe_intermediate_size);
+  }
+  return 6.0 * p + 6.0 * attention_layers * static_cast<double>(seq_len) * static_cast<double>(m.q_dim());
+}
+
 }  // namespace hyd

@@ -264,4 +264,12 @@ class HybridModel {
   std::unique_ptr<Impl> impl_;
 };
 
+// Model FLOPs per token of the student's forward + backward, for MFU, by ModelConfig::train_flops_per_token's
+// convention: 6 x the parameters that take part in a matrix multiply once per token (whole tensors, so a rank
+// that holds some experts only counts all of them; MoE layers count their router, active and shared experts only;
+// the input embedding unless tied to the LM head) + 6 x softmax-attention layers x seq_len x q_dim. KDA's chunked
+// recurrence is not counted (a few % of the matmuls). seq_len: the whole sequence a query sees (under sequence
+// parallelism all ranks' tokens together, so a GPU's attention work per token grows with SP).
+double hybrid_train_flops_per_token(HybridModel& model, const HybridConfig& cfg, int64_t seq_len);
+
 }  // namespace hyd

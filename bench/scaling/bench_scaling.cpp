@@ -13,7 +13,8 @@
 // when W = 1); without it the gradients are not reduced (the SP layers alone are timed).
 // Prints one line per run: step time (median), tokens/s in all and per GPU, the SP collectives' time
 // share and bytes per step by kind, and per KDA / attention layer; the ZeRO-1 exchange's time (measured
-// between device synchronisations) and bytes per step.
+// between device synchronisations) and bytes per step; the model FLOPs per token of the whole sequence
+// (hybrid_train_flops_per_token) and the TFLOP/s each GPU achieves with them.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -182,12 +183,16 @@ int run(int argc, char** argv, const MpiRuntime& mpi) {
   const double comm_s =
       (per(SpTraffic::kda_state).seconds + per(SpTraffic::conv_halo).seconds + per(SpTraffic::attention_kv).seconds) /
       a.steps;
+  // Model FLOPs per token over the whole sequence of S x T tokens (attention's grow with it): tflops_per_gpu is
+  // the work a GPU does per second, which the weak-scaling table compares besides tokens/s (bench/scaling/run.sh).
+  const double flops_per_token = hybrid_train_flops_per_token(model, cfg, T);
   if (world.rank() == 0) {
     const double tok = static_cast<double>(n_local) * W / step;
     std::printf(
         "scaling gpus=%d sp=%d dp=%d tokens_per_gpu=%lld T=%lld docs=%lld pattern=%s layers=%lld step_ms=%.2f "
         "tokens_per_s=%.0f per_gpu=%.0f comm_share=%.3f kda_bytes_per_layer=%lld halo_bytes_per_layer=%lld "
-        "attn_bytes_per_layer=%lld mem_gib=%.2f optimizer=%d zero1_ms=%.2f zero1_bytes=%lld sp_queued=%d\n",
+        "attn_bytes_per_layer=%lld mem_gib=%.2f optimizer=%d zero1_ms=%.2f zero1_bytes=%lld sp_queued=%d "
+        "flops_per_token=%.4e tflops_per_gpu=%.1f\n",
         W, a.sp, W / a.sp, static_cast<long long>(n_local), static_cast<long long>(T), static_cast<long long>(a.docs),
         layer_pattern_string(cfg.layers).c_str(), static_cast<long long>(cfg.model.num_layers), step * 1e3, tok,
         tok / W, comm_s / step,
@@ -199,7 +204,7 @@ int run(int argc, char** argv, const MpiRuntime& mpi) {
             (1 << 30),
         a.optimizer ? 1 : 0, zero_s / a.steps * 1e3,
         static_cast<long long>(zero ? zero->shard_numel() * W * 4 + zero->shard_numel() * 2 : 0),
-        a.sp > 1 && sp.queued() ? 1 : 0);
+        a.sp > 1 && sp.queued() ? 1 : 0, flops_per_token, tok / W * flops_per_token / 1e12);
   }
   if (lasp_profile_on()) {
     // Per step, summed over layers, for every rank of the first SP group in order (the middle ranks run LASP-2's

@@ -47,18 +47,23 @@ import sys
 rows = [dict(kv.split("=", 1) for kv in l.split()[1:]) for l in sys.argv[1].splitlines() if l.strip()]
 key = lambda r: (r["tokens_per_gpu"], r.get("optimizer", "0"))
 base = {key(r): float(r["per_gpu"]) for r in rows if r["gpus"] == "1"}
+base_w = {key(r): float(r["tflops_per_gpu"]) for r in rows if r["gpus"] == "1"}
 print(f"{'T/GPU':>6} {'DP':>3} {'SP':>3} {'opt':>3} {'step ms':>9} {'tok/s':>10} {'tok/s/GPU':>10} {'eff.':>6} "
-      f"{'SP comm':>7} {'ZeRO ms':>8} {'KDA B/layer':>12} {'halo B/layer':>12} {'attn B/layer':>13} {'GiB':>6}")
+      f"{'work eff.':>9} {'SP comm':>7} {'ZeRO ms':>8} {'KDA B/layer':>12} {'halo B/layer':>12} {'attn B/layer':>13} {'GiB':>6}")
 for r in rows:
-    b = base.get(key(r))
+    b, bw = base.get(key(r)), base_w.get(key(r))
     eff = f"{float(r['per_gpu']) / b:6.2f}" if b else "     -"
+    weff = f"{float(r['tflops_per_gpu']) / bw:9.2f}" if bw else "        -"
     comm = "queued" if r.get("sp_queued") == "1" else f"{float(r['comm_share']):.3f}"
     print(f"{r['tokens_per_gpu']:>6} {r['dp']:>3} {r['sp']:>3} {r.get('optimizer', '0'):>3} {float(r['step_ms']):9.2f} "
-          f"{float(r['tokens_per_s']):10.0f} {float(r['per_gpu']):10.0f} {eff} {comm:>7} "
+          f"{float(r['tokens_per_s']):10.0f} {float(r['per_gpu']):10.0f} {eff} {weff} {comm:>7} "
           f"{float(r.get('zero1_ms', 0)):8.2f} {r['kda_bytes_per_layer']:>12} {r['halo_bytes_per_layer']:>12} "
           f"{r['attn_bytes_per_layer']:>13} {float(r['mem_gib']):6.2f}")
 print("eff. = tokens/s per GPU relative to the one-GPU run of the same kind (opt 0: forward + backward, opt 1: the whole")
-print("step with ZeRO-1 and AdamW) at the same tokens per GPU (weak scaling); SP comm = share of the step in SP collectives")
+print("step with ZeRO-1 and AdamW) at the same tokens per GPU (weak scaling); work eff. = the same for the model FLOPs a")
+print("GPU does per second (tflops_per_gpu): under SP the causal attention of every query spans all ranks' tokens, so a")
+print("GPU's attention work per token grows with SP and tokens/s alone cannot stay flat (docs/parallel.md);")
+print("SP comm = share of the step in SP collectives")
 print("(timed with HYD_SP_ASYNC=0; 'queued': the default NCCL collectives overlap compute and are not timed);")
 print("ZeRO ms = reduce-scatter + all-gather of the ZeRO-1 step (between synchronisations)")
 PY
