@@ -276,6 +276,21 @@ Tensor expand_row_states(const ExecContext& ctx, const SequenceParallel& sp, con
   return init;
 }
 
+// Identity states [docs, HV, dk, dk] at the local documents `at`, zero elsewhere, in the temporary identity buffer:
+// the initial states (adjoints) of LASP-2's transition passes. Written from the host after ctx has finished its
+// queued work (a previous layer's pass may still read the buffer).
+Tensor identities_at(const ExecContext& ctx, const SequenceParallel& sp, const Dims& s,
+                     const std::vector<int64_t>& at) {
+  const Tensor eye = sp.buffer(&kTemp, kIdentity, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
+  std::vector<float> host(static_cast<size_t>(eye.numel()), 0.0f);
+  for (int64_t d : at)
+    for (int64_t h = 0; h < s.hv; ++h)
+      for (int64_t i = 0; i < s.dk; ++i) host[static_cast<size_t>(((d * s.hv + h) * s.dk + i) * s.dk + i)] = 1.0f;
+  ctx.synchronize();
+  copy_tensor(eye.view({eye.numel()}), Tensor(host.data(), DType::f32, Device::cpu(), {eye.numel()}));
+  return eye;
+}
+
 }  // namespace
 
 void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const void* owner, const Tensor& q,
@@ -338,33 +353,18 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
     else
       kernels::kda_forward_pass(on, k, v, cu_seqlens, ws, eye, Tensor{}, M, true);
   };
-  // The identity initial states of the M pass first: its host copies synchronise ctx (the prep is queued).
+  // The identity initial states of the M pass first: their host copy synchronises ctx (the prep is queued). With
+  // the correction at every row's continuing first document (M of every document, P_c of every chunk), else at the
+  // documents that are a whole slice (first == last).
   Tensor M, eye;
-  if (correct) {  // identities at every row's continuing first document, zero elsewhere; M of every document
-    trans = sp.buffer(&kTemp, kTransP, {kernels::kda_transitions_floats(k, v, cu_seqlens)}, DType::f32);
-    M = sp.buffer(&kTemp, kTransM, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
-    eye = sp.buffer(&kTemp, kIdentity, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
-    std::vector<float> host(static_cast<size_t>(s.docs * s.hv * mm), 0.0f);
+  if (correct || any_through) {
+    std::vector<int64_t> at;
     for (int64_t b = 0; b < L.rows; ++b)
-      if (L.lead[b] > 0)
-        for (int64_t h = 0; h < s.hv; ++h)
-          for (int64_t i = 0; i < s.dk; ++i) host[((L.first_doc[b] * s.hv + h) * s.dk + i) * s.dk + i] = 1.0f;
-    ctx.synchronize();
-    copy_tensor(eye.view({eye.numel()}), Tensor(host.data(), DType::f32, Device::cpu(), {eye.numel()}));
-  } else if (any_through) {
+      if (correct ? L.lead[b] > 0 : through(b)) at.push_back(L.first_doc[b]);
     M = sp.buffer(&kTemp, kTransM, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
-    eye = sp.buffer(&kTemp, kIdentity, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
-    kernels::fill(ctx, eye, 0.0f);
-    std::vector<float> one(static_cast<size_t>(s.hv * mm), 0.0f);
-    for (int64_t h = 0; h < s.hv; ++h)
-      for (int64_t i = 0; i < s.dk; ++i) one[h * mm + i * s.dk + i] = 1.0f;
-    for (int64_t b = 0; b < L.rows; ++b)
-      if (through(b)) {
-        ctx.synchronize();
-        copy_tensor(eye.view({s.docs * s.hv * mm}).slice0(L.last_doc[b] * s.hv * mm, (L.last_doc[b] + 1) * s.hv * mm),
-                    Tensor(one.data(), DType::f32, Device::cpu(), {s.hv * mm}));
-      }
+    eye = identities_at(ctx, sp, s, at);
   }
+  if (correct) trans = sp.buffer(&kTemp, kTransP, {kernels::kda_transitions_floats(k, v, cu_seqlens)}, DType::f32);
   // With the split forward, the M pass runs on the side stream beside the B pass: each is a state pass over the
   // same prepared workspace (read only), sequential over the chunks with documents x value heads x 4 blocks, far
   // from filling the GPU when a rank holds few long documents (sequence parallelism's usual case).
@@ -479,16 +479,11 @@ void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const
   if (correct) {
     ws = sp.buffer(&kTemp, kBwdWs, {kernels::kda_backward_workspace_floats(k, v, cu_seqlens)}, DType::f32);
     if (any_cont) {
-      const int64_t mm = s.dk * s.dk;
       trans = sp.buffer(&kTemp, kTransP, {kernels::kda_transitions_floats(k, v, cu_seqlens)}, DType::f32);
-      const Tensor eye = sp.buffer(&kTemp, kIdentity, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
-      std::vector<float> host(static_cast<size_t>(s.docs * s.hv * mm), 0.0f);
+      std::vector<int64_t> at;  // identities at the ends of the documents going on into the next rank
       for (int64_t b = 0; b < L.rows; ++b)
-        if (L.cont_out[b])
-          for (int64_t h = 0; h < s.hv; ++h)
-            for (int64_t i = 0; i < s.dk; ++i) host[((L.last_doc[b] * s.hv + h) * s.dk + i) * s.dk + i] = 1.0f;
-      ctx.synchronize();
-      copy_tensor(eye.view({eye.numel()}), Tensor(host.data(), DType::f32, Device::cpu(), {eye.numel()}));
+        if (L.cont_out[b]) at.push_back(L.last_doc[b]);
+      const Tensor eye = identities_at(ctx, sp, s, at);
       side = sp.side_context(true);
       if (side != nullptr) side->wait_for(ctx);
       kernels::kda_backward_saved_transition(side != nullptr ? *side : ctx, k, v, cu_seqlens, eye, saved, trans);
