@@ -2042,6 +2042,36 @@ int32_t* saved_chunk_table(const KdaDims& s, void* saved) {
   return b.chunk_off;
 }
 
+namespace {
+
+// Elements of a per-chunk buffer of dk x cols per chunk and value head (the kept states and their adjoints: cols = dv;
+// the transitions P_c / R_c: cols = dk); hi + lo bf16 halves lie this many elements apart.
+size_t chunk_elems(const KdaDims& s, int64_t cols) {
+  return static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) * static_cast<size_t>(s.dk) *
+         static_cast<size_t>(cols);
+}
+
+// The correction kernel over every chunk (forward: rows = w, o given; backward: rows = kg, o, qg, aqk null).
+void correct_launch(const KdaDims& s, const int32_t* cu_seqlens, const int32_t* chunk_off, const float* initial,
+                    const bf16* transitions, const __nv_bfloat16* rows, const __nv_bfloat16* qg,
+                    const __nv_bfloat16* aqk, __nv_bfloat16* states_hi, __nv_bfloat16* vn, bf16* o, void* stream_ptr,
+                    const char* op) {
+  const int64_t mc = kda_chunk::max_chunks(s);
+  if (mc == 0) return;
+  HYD_CHECK(mc * s.hv < (int64_t{1} << 31), op, ": grid too large");
+  const __nv_bfloat16* p_hi = as_nv(transitions);
+  with_dims(s, [&]<int DK, int DV>() {
+    using Lt = CorrectLayout<DK>;
+    set_smem(correct_kernel<DK, DV>, Lt::bytes);
+    correct_kernel<DK, DV><<<static_cast<unsigned>(mc * s.hv), kThreads, Lt::bytes, as_stream(stream_ptr)>>>(
+        s, cu_seqlens, chunk_off, initial, p_hi, p_hi + chunk_elems(s, s.dk), rows, qg, aqk, states_hi,
+        states_hi + chunk_elems(s, s.dv), vn, as_nv(o));
+    CHECK_LAUNCH();
+  });
+}
+
+}  // namespace
+
 size_t saving_u_bytes(const KdaDims& s) {
   return std::max<size_t>(static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) * C *
                               static_cast<size_t>(s.dv) * sizeof(float),
@@ -2065,11 +2095,9 @@ void forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const floa
   SavedBuffers b;
   carve_saved(s, static_cast<unsigned char*>(saved), b);
   b.f.u = const_cast<float*>(u);
-  const size_t state_elems = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
-                             static_cast<size_t>(s.dk) * static_cast<size_t>(s.dv);
   with_dims(s, [&]<int DK, int DV>() {
     state_impl<DK, DV>(s, cu_seqlens, b.chunk_off, initial_state, o, final_state, b.f, as_stream(stream_ptr), b.states,
-                       b.states + state_elems, b.vn);
+                       b.states + chunk_elems(s, s.dv), b.vn);
   });
 }
 
@@ -2081,41 +2109,21 @@ void forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, cons
   b.f.u = const_cast<float*>(zero_u);
   KdaDims m = s;  // values zero, dk columns: u = T v = 0
   m.dv = s.dk;
-  const size_t p_elems = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
-                         static_cast<size_t>(s.dk) * static_cast<size_t>(s.dk);
   __nv_bfloat16* p_hi = transitions ? as_nv(transitions) : nullptr;
   with_dims(m, [&]<int DK, int DV>() {
     state_impl<DK, DV>(m, cu_seqlens, b.chunk_off, initial_state, nullptr, final_state, b.f, as_stream(stream_ptr),
-                       p_hi, p_hi ? p_hi + p_elems : nullptr);
+                       p_hi, p_hi ? p_hi + chunk_elems(s, s.dk) : nullptr);
   });
 }
 
-size_t transitions_bytes(const KdaDims& s) {
-  return std::max<size_t>(static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
-                              static_cast<size_t>(s.dk) * static_cast<size_t>(s.dk) * 4,
-                          16);
-}
+size_t transitions_bytes(const KdaDims& s) { return std::max<size_t>(chunk_elems(s, s.dk) * 4, 16); }
 
 void forward_saving_correct(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
                             const bf16* transitions, bf16* o, void* saved, void* stream_ptr) {
   SavedBuffers b;
   carve_saved(s, static_cast<unsigned char*>(saved), b);
-  const int64_t mc = kda_chunk::max_chunks(s);
-  if (mc == 0) return;
-  HYD_CHECK(mc * s.hv < (int64_t{1} << 31), "kda_mma::forward_saving_correct: grid too large");
-  const size_t p_elems =
-      static_cast<size_t>(mc) * static_cast<size_t>(s.hv) * static_cast<size_t>(s.dk) * static_cast<size_t>(s.dk);
-  const size_t state_elems =
-      static_cast<size_t>(mc) * static_cast<size_t>(s.hv) * static_cast<size_t>(s.dk) * static_cast<size_t>(s.dv);
-  const __nv_bfloat16* p_hi = as_nv(transitions);
-  with_dims(s, [&]<int DK, int DV>() {
-    using Lt = CorrectLayout<DK>;
-    set_smem(correct_kernel<DK, DV>, Lt::bytes);
-    correct_kernel<DK, DV><<<static_cast<unsigned>(mc * s.hv), kThreads, Lt::bytes, as_stream(stream_ptr)>>>(
-        s, cu_seqlens, b.chunk_off, initial_state, p_hi, p_hi + p_elems, b.f.w, b.f.qg, b.f.aqk, b.states,
-        b.states + state_elems, b.vn, as_nv(o));
-    CHECK_LAUNCH();
-  });
+  correct_launch(s, cu_seqlens, b.chunk_off, initial_state, transitions, b.f.w, b.f.qg, b.f.aqk, b.states, b.vn, o,
+                 stream_ptr, "kda_mma::forward_saving_correct");
 }
 
 void backward_saved(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
@@ -2141,12 +2149,10 @@ void backward_saved_reverse(const KdaDims& s, const int32_t* cu_seqlens, const b
                             float* dinitial_state, kda_chunk::Scratch& sc, const void* saved, void* stream_ptr) {
   SavedBuffers b;
   carve_saved(s, static_cast<unsigned char*>(const_cast<void*>(saved)), b);
-  const size_t state_elems = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
-                             static_cast<size_t>(s.dk) * static_cast<size_t>(s.dv);
   __nv_bfloat16* dstates_hi = reinterpret_cast<__nv_bfloat16*>(sc.dstates);
   with_dims(s, [&]<int DK, int DV>() {
     reverse_impl<DK, DV>(s, cu_seqlens, b.chunk_off, dout, dfinal_state, dinitial_state, dstates_hi,
-                         dstates_hi + state_elems, reinterpret_cast<__nv_bfloat16*>(sc.dvn), b.f,
+                         dstates_hi + chunk_elems(s, s.dv), reinterpret_cast<__nv_bfloat16*>(sc.dvn), b.f,
                          as_stream(stream_ptr));
   });
 }
@@ -2157,12 +2163,10 @@ void backward_saved_transition(const KdaDims& s, const int32_t* cu_seqlens, cons
   carve_saved(s, static_cast<unsigned char*>(const_cast<void*>(saved)), b);
   KdaDims m = s;  // zero output gradients, dk columns
   m.dv = s.dk;
-  const size_t p_elems = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
-                         static_cast<size_t>(s.dk) * static_cast<size_t>(s.dk);
   __nv_bfloat16* r_hi = as_nv(transitions);
   with_dims(m, [&]<int DK, int DV>() {
-    reverse_impl<DK, DV>(m, cu_seqlens, b.chunk_off, nullptr, final_adjoint, nullptr, r_hi, r_hi + p_elems, nullptr,
-                         b.f, as_stream(stream_ptr));
+    reverse_impl<DK, DV>(m, cu_seqlens, b.chunk_off, nullptr, final_adjoint, nullptr, r_hi, r_hi + chunk_elems(s, s.dk),
+                         nullptr, b.f, as_stream(stream_ptr));
   });
 }
 
@@ -2170,23 +2174,9 @@ void backward_saved_correct(const KdaDims& s, const int32_t* cu_seqlens, const f
                             const bf16* transitions, kda_chunk::Scratch& sc, const void* saved, void* stream_ptr) {
   SavedBuffers b;
   carve_saved(s, static_cast<unsigned char*>(const_cast<void*>(saved)), b);
-  const int64_t mc = kda_chunk::max_chunks(s);
-  if (mc == 0) return;
-  HYD_CHECK(mc * s.hv < (int64_t{1} << 31), "kda_mma::backward_saved_correct: grid too large");
-  const size_t p_elems =
-      static_cast<size_t>(mc) * static_cast<size_t>(s.hv) * static_cast<size_t>(s.dk) * static_cast<size_t>(s.dk);
-  const size_t state_elems =
-      static_cast<size_t>(mc) * static_cast<size_t>(s.hv) * static_cast<size_t>(s.dk) * static_cast<size_t>(s.dv);
-  const __nv_bfloat16* r_hi = as_nv(transitions);
-  __nv_bfloat16* dstates_hi = reinterpret_cast<__nv_bfloat16*>(sc.dstates);
-  with_dims(s, [&]<int DK, int DV>() {
-    using Lt = CorrectLayout<DK>;
-    set_smem(correct_kernel<DK, DV>, Lt::bytes);
-    correct_kernel<DK, DV><<<static_cast<unsigned>(mc * s.hv), kThreads, Lt::bytes, as_stream(stream_ptr)>>>(
-        s, cu_seqlens, b.chunk_off, dfinal_state, r_hi, r_hi + p_elems, b.f.kg, nullptr, nullptr, dstates_hi,
-        dstates_hi + state_elems, reinterpret_cast<__nv_bfloat16*>(sc.dvn), nullptr);
-    CHECK_LAUNCH();
-  });
+  correct_launch(s, cu_seqlens, b.chunk_off, dfinal_state, transitions, b.f.kg, nullptr, nullptr,
+                 reinterpret_cast<__nv_bfloat16*>(sc.dstates), reinterpret_cast<__nv_bfloat16*>(sc.dvn), nullptr,
+                 stream_ptr, "kda_mma::backward_saved_correct");
 }
 
 void backward_saved_finish(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
@@ -2195,12 +2185,10 @@ void backward_saved_finish(const KdaDims& s, const bf16* q, const bf16* k, const
   SavedBuffers b;
   carve_saved(s, static_cast<unsigned char*>(const_cast<void*>(saved)), b);
   sc.x = b.x;
-  const size_t state_elems = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) *
-                             static_cast<size_t>(s.dk) * static_cast<size_t>(s.dv);
   with_dims(s, [&]<int DK, int DV>() {
     products_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, b.chunk_off, dout, s.hv == s.h ? dq : nullptr,
-                          s.hv == s.h ? dk : nullptr, dv, dg, dbeta, sc, b.states, b.states + state_elems, b.vn,
-                          as_stream(stream_ptr));
+                          s.hv == s.h ? dk : nullptr, dv, dg, dbeta, sc, b.states, b.states + chunk_elems(s, s.dv),
+                          b.vn, as_stream(stream_ptr));
   });
 }
 
