@@ -630,6 +630,24 @@ __device__ __forceinline__ void for_acc_pairs(const float (&acc)[2][4], int I, i
       f(16 * I + (lane >> 2) + 8 * half, 8 * (nb + n) + 2 * (lane & 3), acc[n][2 * half], acc[n][2 * half + 1]);
 }
 
+// acc = qg S + Aqk V for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1 (a chunk's outputs, or their correction):
+// qg the swizzled bf16 [C][DK] tile at qg_tile, S staged as rows_times_state takes it, Aqk [C][C] (lower
+// triangular: row block I sees blocks kk <= I) at aqk_tile, V the swizzled bf16 [C][kBV] tile at v_tile.
+template <int DK>
+__device__ __forceinline__ void chunk_outputs(float (&acc)[2][4], uint32_t qg_tile, uint32_t s_hi, uint32_t s_lo,
+                                              uint32_t aqk_tile, uint32_t v_tile, int I, int nb, int lane) {
+  zero(acc[0]);
+  zero(acc[1]);
+  rows_times_state<DK>(acc, qg_tile, s_hi, s_lo, I, nb, lane);
+  for (int kk = 0; kk <= I; ++kk) {
+    uint32_t a[4], bv[4];
+    ldsm_x4(a, aqk_tile + toff<C / 8>(16 * I + (lane & 15), 2 * kk + (lane >> 4)));
+    ldsm_x4_trans(bv, v_tile + toff<kBV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4)));
+    mma_bf16(acc[0], a, bv[0], bv[1]);
+    mma_bf16(acc[1], a, bv[2], bv[3]);
+  }
+}
+
 template <int DK, int DV>
 __global__ void __launch_bounds__(kThreads, 1)
     state_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
@@ -713,16 +731,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // (b) o = qg S + Aqk v_new
     if (o) {
       float acc[2][4];
-      zero(acc[0]);
-      zero(acc[1]);
-      rows_times_state<DK>(acc, base + Lt::oQG, s_shi, s_slo, I, nb, lane);
-      for (int kk = 0; kk <= I; ++kk) {
-        uint32_t a[4], bv[4];
-        ldsm_x4(a, base + Lt::oAQK + toff<C / 8>(16 * I + (lane & 15), 2 * kk + (lane >> 4)));
-        ldsm_x4_trans(bv, s_vhi + toff<kBV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4)));
-        mma_bf16(acc[0], a, bv[0], bv[1]);
-        mma_bf16(acc[1], a, bv[2], bv[3]);
-      }
+      chunk_outputs<DK>(acc, base + Lt::oQG, s_shi, s_slo, base + Lt::oAQK, s_vhi, I, nb, lane);
       for_acc_pairs(acc, I, nb, lane, [&](int r, int col, float x0, float x1) {
         if (r < L) *reinterpret_cast<uint32_t*>(o + ((start + r) * HV + hv) * DV + j0 + col) = pack_bf16(x0, x1);
       });
@@ -927,17 +936,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       __syncthreads();  // -y staged
       // o += qg dS - Aqk y
       float acc[2][4];
-      zero(acc[0]);
-      zero(acc[1]);
-      rows_times_state<DK>(acc, s0 + Lt::oQG, s_shi, s_slo, I, nb, lane);
-      for (int kk = 0; kk <= I; ++kk) {
-        uint32_t a[4], bv[4];
-        ldsm_x4(a, s0 + Lt::oAQK + toff<C / 8>(16 * I + (lane & 15), 2 * kk + (lane >> 4)));
-        ldsm_x4_trans(bv,
-                      s0 + Lt::oY + toff<kBV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4)));
-        mma_bf16(acc[0], a, bv[0], bv[1]);
-        mma_bf16(acc[1], a, bv[2], bv[3]);
-      }
+      chunk_outputs<DK>(acc, s0 + Lt::oQG, s_shi, s_slo, s0 + Lt::oAQK, s0 + Lt::oY, I, nb, lane);
       for_acc_pairs(acc, I, nb, lane, [&](int r, int col, float x0, float x1) {
         if (r < L) {
           const float2 old = unpack_bf16(*reinterpret_cast<const uint32_t*>(tb + Lt::tO + (r * kLd + col) * 2));
