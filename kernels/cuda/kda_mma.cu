@@ -133,6 +133,40 @@ __device__ __forceinline__ float dot_strided(const float* a, int sa, const float
 
 // ---------------------------------------------------------------- prep
 
+// G = cumulative sum of g over the C rows of the f32 tile gs (row stride LD), per channel: thread tid < DK owns
+// channel tid. The column is read into registers first, so the C additions wait on one another but not each on a
+// shared-memory read (the one-row-at-a-time loop was a chain of C dependent reads); the sums are the loop's, bit for
+// bit (same order).
+template <int LD, int DK>
+__device__ __forceinline__ void column_cumsum(float* gs, int tid) {
+  if (tid >= DK) return;
+  float v[C];
+#pragma unroll
+  for (int r = 0; r < C; ++r) v[r] = gs[r * LD + tid];
+#pragma unroll
+  for (int r = 1; r < C; ++r) v[r] += v[r - 1];
+#pragma unroll
+  for (int r = 0; r < C; ++r) gs[r * LD + tid] = v[r];
+}
+
+// X_BB = (I + A_BB)^-1 for the 16 x 16 diagonal block at row / column b0 (A strictly lower triangular; a and x f32
+// with row stride LDM), one warp, lane j < 16 computing column j in registers: X[r][j] = -sum_{m < r} A[r][m]
+// X[m][j] for r > j, X[j][j] = 1, X[r][j] = 0 for r < j. The rows wait only on register FMAs (A is read by
+// broadcast), not on shared-memory round trips and a warp barrier per row as in row-by-row substitution.
+template <int LDM>
+__device__ __forceinline__ void diag_block_inverse(const float* a, float* x, int b0, int j) {
+  float col[16];
+#pragma unroll
+  for (int r = 0; r < 16; ++r) {
+    float acc = 0.f;
+#pragma unroll
+    for (int m = 0; m < r; ++m) acc = fmaf(a[(b0 + r) * LDM + b0 + m], col[m], acc);
+    col[r] = r < j ? 0.f : (r == j ? 1.f : -acc);
+  }
+#pragma unroll
+  for (int r = 0; r < 16; ++r) x[(b0 + r) * LDM + b0 + j] = col[r];
+}
+
 // Row strides of the per-chunk staging shared by prep and the intra-chunk gradient: G f32 and
 // k, q bf16, DK + 8 elements (fragment reads of pairs hit distinct banks).
 template <int DK>
@@ -389,13 +423,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 
   KDA_CLOCK(1);
   // 2. G = cumulative sum of g over the rows, per channel.
-  if (tid < DK) {
-    float acc = 0.f;
-    for (int r = 0; r < C; ++r) {
-      acc += gs[r * kLdG + tid];
-      gs[r * kLdG + tid] = acc;
-    }
-  }
+  column_cumsum<kLdG, DK>(gs, tid);
   __syncthreads();
 
   KDA_CLOCK(2);
@@ -466,13 +494,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       *reinterpret_cast<uint32_t*>(kgt + eoff<DK>(r, i)) = pack_bf16(kf.x * __expf(G.x), kf.y * __expf(G.y));
     }
   } else if (lane < 16) {
-    const int b0 = 16 * warp, j = lane;
-    xs[(b0 + j) * kLdM + b0 + j] = 1.f;
-    __syncwarp(0xffffu);
-    for (int rl = 1; rl < 16; ++rl) {
-      if (j < rl) xs[(b0 + rl) * kLdM + b0 + j] = -dot_strided(as + (b0 + rl) * kLdM + b0, 1, xs + b0 * kLdM + b0 + j, kLdM, j, rl);
-      __syncwarp(0xffffu);
-    }
+    diag_block_inverse<kLdM>(as, xs, 16 * warp, lane);
   }
   __syncthreads();
   KDA_CLOCK(4);
@@ -600,22 +622,72 @@ __device__ __forceinline__ void frag_scale_rows(float (&f)[SN][4], const float* 
   }
 }
 
-// acc += A S for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1: A the swizzled bf16 [C][DK] tile at a_tile, S the
-// staged state (hi + lo tiles [DK][kBV] at s_hi, s_lo; both terms, fp32-class).
+// y += A S and, when with_b, z += B S for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1: A, B swizzled bf16 [.][DK]
+// tiles, S the staged state (hi + lo tiles [DK][kBV] at s_hi, s_lo; both terms, fp32-class). One pass over k: S's
+// fragments are read once for both products.
 template <int DK>
-__device__ __forceinline__ void rows_times_state(float (&acc)[2][4], uint32_t a_tile, uint32_t s_hi, uint32_t s_lo,
-                                                 int I, int nb, int lane) {
+__device__ __forceinline__ void rows2_times_state(float (&y)[2][4], float (&z)[2][4], uint32_t a_tile, uint32_t b_tile,
+                                                  bool with_b, uint32_t s_hi, uint32_t s_lo, int I, int nb, int lane) {
 #pragma unroll
   for (int kst = 0; kst < DK / 16; ++kst) {
     uint32_t a[4], bh[4], bl[4];
-    ldsm_x4(a, a_tile + toff<DK / 8>(16 * I + (lane & 15), 2 * kst + (lane >> 4)));
+    const uint32_t ao = toff<DK / 8>(16 * I + (lane & 15), 2 * kst + (lane >> 4));
+    ldsm_x4(a, a_tile + ao);
     const uint32_t so = toff<kBV / 8>(16 * kst + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4));
     ldsm_x4_trans(bh, s_hi + so);
     ldsm_x4_trans(bl, s_lo + so);
-    mma_bf16(acc[0], a, bh[0], bh[1]);
-    mma_bf16(acc[1], a, bh[2], bh[3]);
-    mma_bf16(acc[0], a, bl[0], bl[1]);
-    mma_bf16(acc[1], a, bl[2], bl[3]);
+    mma_bf16(y[0], a, bh[0], bh[1]);
+    mma_bf16(y[1], a, bh[2], bh[3]);
+    mma_bf16(y[0], a, bl[0], bl[1]);
+    mma_bf16(y[1], a, bl[2], bl[3]);
+    if (with_b) {
+      ldsm_x4(a, b_tile + ao);
+      mma_bf16(z[0], a, bh[0], bh[1]);
+      mma_bf16(z[1], a, bh[2], bh[3]);
+      mma_bf16(z[0], a, bl[0], bl[1]);
+      mma_bf16(z[1], a, bl[2], bl[3]);
+    }
+  }
+}
+
+// acc += A S for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1 (rows2_times_state with A alone).
+template <int DK>
+__device__ __forceinline__ void rows_times_state(float (&acc)[2][4], uint32_t a_tile, uint32_t s_hi, uint32_t s_lo,
+                                                 int I, int nb, int lane) {
+  float unused[2][4];
+  rows2_times_state<DK>(acc, unused, a_tile, 0u, false, s_hi, s_lo, I, nb, lane);
+}
+
+// acc[np] = (A_hi + A_lo) S for rows 16 I .. 16 I + 15 and n-tile pairs nb0 + 2 np (np < NP): A split into the
+// swizzled bf16 [.][DK] tiles a_hi, a_lo, S staged as rows_times_state takes it. Per k step the A fragments are
+// read once for all pairs and S's once for both A terms; the lo.lo product (~2^-18 of the result) is left out.
+template <int DK, int NP>
+__device__ __forceinline__ void split_rows_times_state(float (&acc)[NP][2][4], uint32_t a_hi, uint32_t a_lo,
+                                                       uint32_t s_hi, uint32_t s_lo, int I, int nb0, int lane) {
+#pragma unroll
+  for (int np = 0; np < NP; ++np) {
+    zero(acc[np][0]);
+    zero(acc[np][1]);
+  }
+#pragma unroll
+  for (int kst = 0; kst < DK / 16; ++kst) {
+    uint32_t ah[4], al[4];
+    const uint32_t ao = toff<DK / 8>(16 * I + (lane & 15), 2 * kst + (lane >> 4));
+    ldsm_x4(ah, a_hi + ao);
+    ldsm_x4(al, a_lo + ao);
+#pragma unroll
+    for (int np = 0; np < NP; ++np) {
+      uint32_t bh[4], bl[4];
+      const uint32_t so = toff<kBV / 8>(16 * kst + (lane & 7) + (((lane >> 3) & 1) << 3), nb0 + 2 * np + (lane >> 4));
+      ldsm_x4_trans(bh, s_hi + so);
+      ldsm_x4_trans(bl, s_lo + so);
+      mma_bf16(acc[np][0], ah, bh[0], bh[1]);
+      mma_bf16(acc[np][1], ah, bh[2], bh[3]);
+      mma_bf16(acc[np][0], ah, bl[0], bl[1]);
+      mma_bf16(acc[np][1], ah, bl[2], bl[3]);
+      mma_bf16(acc[np][0], al, bh[0], bh[1]);
+      mma_bf16(acc[np][1], al, bh[2], bh[3]);
+    }
   }
 }
 
@@ -630,6 +702,19 @@ __device__ __forceinline__ void for_acc_pairs(const float (&acc)[2][4], int I, i
       f(16 * I + (lane >> 2) + 8 * half, 8 * (nb + n) + 2 * (lane & 3), acc[n][2 * half], acc[n][2 * half + 1]);
 }
 
+// acc += Aqk V for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1: Aqk the swizzled bf16 [C][C] tile at aqk_tile
+// (lower triangular: row block I sees blocks kk <= I), V the swizzled bf16 [C][kBV] tile at v_tile.
+__device__ __forceinline__ void add_aqk_times_tile(float (&acc)[2][4], uint32_t aqk_tile, uint32_t v_tile, int I,
+                                                   int nb, int lane) {
+  for (int kk = 0; kk <= I; ++kk) {
+    uint32_t a[4], bv[4];
+    ldsm_x4(a, aqk_tile + toff<C / 8>(16 * I + (lane & 15), 2 * kk + (lane >> 4)));
+    ldsm_x4_trans(bv, v_tile + toff<kBV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4)));
+    mma_bf16(acc[0], a, bv[0], bv[1]);
+    mma_bf16(acc[1], a, bv[2], bv[3]);
+  }
+}
+
 // acc = qg S + Aqk V for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1 (a chunk's outputs, or their correction):
 // qg the swizzled bf16 [C][DK] tile at qg_tile, S staged as rows_times_state takes it, Aqk [C][C] (lower
 // triangular: row block I sees blocks kk <= I) at aqk_tile, V the swizzled bf16 [C][kBV] tile at v_tile.
@@ -639,13 +724,7 @@ __device__ __forceinline__ void chunk_outputs(float (&acc)[2][4], uint32_t qg_ti
   zero(acc[0]);
   zero(acc[1]);
   rows_times_state<DK>(acc, qg_tile, s_hi, s_lo, I, nb, lane);
-  for (int kk = 0; kk <= I; ++kk) {
-    uint32_t a[4], bv[4];
-    ldsm_x4(a, aqk_tile + toff<C / 8>(16 * I + (lane & 15), 2 * kk + (lane >> 4)));
-    ldsm_x4_trans(bv, v_tile + toff<kBV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4)));
-    mma_bf16(acc[0], a, bv[0], bv[1]);
-    mma_bf16(acc[1], a, bv[2], bv[3]);
-  }
+  add_aqk_times_tile(acc, aqk_tile, v_tile, I, nb, lane);
 }
 
 template <int DK, int DV>
@@ -888,19 +967,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
     __syncthreads();  // S_in staged
-                      // dS = P_c S_in (both split hi + lo)
+    {                 // dS = P_c S_in (both split hi + lo)
+      float acc[SN / 2][2][4];
+      split_rows_times_state<DK, SN / 2>(acc, s0 + Lt::oPhi, s0 + Lt::oPlo, s_shi, s_slo, fp.sm, fp.sn0, lane);
 #pragma unroll
-    for (int np = 0; np < SN / 2; ++np) {
-      float acc[2][4];
-      zero(acc[0]);
-      zero(acc[1]);
-      rows_times_state<DK>(acc, s0 + Lt::oPhi, s_shi, s_slo, fp.sm, fp.sn0 + 2 * np, lane);
-      rows_times_state<DK>(acc, s0 + Lt::oPlo, s_shi, s_slo, fp.sm, fp.sn0 + 2 * np, lane);
+      for (int np = 0; np < SN / 2; ++np)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        st[2 * np][e] = acc[0][e];
-        st[2 * np + 1][e] = acc[1][e];
-      }
+        for (int e = 0; e < 4; ++e) {
+          st[2 * np][e] = acc[np][0][e];
+          st[2 * np + 1][e] = acc[np][1][e];
+        }
     }
     // The kept state += dS.
 #pragma unroll
@@ -920,24 +996,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();  // every warp has read S_in's staging
     frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
     __syncthreads();  // dS staged
-    // y = w dS: v_new -= y, and -y staged for Aqk
-    {
-      float acc[2][4];
-      zero(acc[0]);
-      zero(acc[1]);
-      rows_times_state<DK>(acc, s0 + Lt::oW, s_shi, s_slo, I, nb, lane);
-      for_acc_pairs(acc, I, nb, lane, [&](int r, int col, float y0, float y1) {
-        *reinterpret_cast<uint32_t*>(smem + Lt::oY + eoff<kBV>(r, col)) = pack_bf16(-y0, -y1);
-        const float2 old = unpack_bf16(*reinterpret_cast<const uint32_t*>(tb + Lt::tVn + (r * kLd + col) * 2));
-        *reinterpret_cast<uint32_t*>(vn + (ch * C + r) * DV + j0 + col) = pack_bf16(old.x - y0, old.y - y1);
-      });
-    }
+    // y = w dS (and z = qg dS for o, in the same pass over dS): v_new -= y, and -y staged for Aqk
+    float y[2][4], z[2][4];
+    zero(y[0]);
+    zero(y[1]);
+    zero(z[0]);
+    zero(z[1]);
+    rows2_times_state<DK>(y, z, s0 + Lt::oW, s0 + Lt::oQG, o != nullptr, s_shi, s_slo, I, nb, lane);
+    for_acc_pairs(y, I, nb, lane, [&](int r, int col, float y0, float y1) {
+      *reinterpret_cast<uint32_t*>(smem + Lt::oY + eoff<kBV>(r, col)) = pack_bf16(-y0, -y1);
+      const float2 old = unpack_bf16(*reinterpret_cast<const uint32_t*>(tb + Lt::tVn + (r * kLd + col) * 2));
+      *reinterpret_cast<uint32_t*>(vn + (ch * C + r) * DV + j0 + col) = pack_bf16(old.x - y0, old.y - y1);
+    });
     if (o != nullptr) {
       __syncthreads();  // -y staged
       // o += qg dS - Aqk y
-      float acc[2][4];
-      chunk_outputs<DK>(acc, s0 + Lt::oQG, s_shi, s_slo, s0 + Lt::oAQK, s0 + Lt::oY, I, nb, lane);
-      for_acc_pairs(acc, I, nb, lane, [&](int r, int col, float x0, float x1) {
+      add_aqk_times_tile(z, s0 + Lt::oAQK, s0 + Lt::oY, I, nb, lane);
+      for_acc_pairs(z, I, nb, lane, [&](int r, int col, float x0, float x1) {
         if (r < L) {
           const float2 old = unpack_bf16(*reinterpret_cast<const uint32_t*>(tb + Lt::tO + (r * kLd + col) * 2));
           *reinterpret_cast<uint32_t*>(o + ((start + r) * HV + hv) * DV + j0 + col) = pack_bf16(old.x + x0, old.y + x1);
@@ -1360,13 +1435,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (tid < C) bs[tid] = tid < L ? beta[(sp.start + tid) * HV + hv] : 0.f;
   cp_async_wait<0>();
   __syncthreads();
-  if (tid < DK) {
-    float acc = 0.f;
-    for (int r = 0; r < C; ++r) {
-      acc += gs[r * LDG + tid];
-      gs[r * LDG + tid] = acc;
-    }
-  }
+  column_cumsum<LDG, DK>(gs, tid);
   __syncthreads();
 
   KDA_CLOCK(1);
@@ -1684,9 +1753,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     float acc = extra[tid];  // + the row blocks' sums in a fixed order (deterministic, unlike an atomic add)
 #pragma unroll
     for (int b = 1; b <= 4; ++b) acc += extra[b * DK + tid];
-    for (int r = C - 1; r >= 0; --r) {
-      acc += gs[r * LDG + tid];
-      if (r < L) dg[((sp.start + r) * HV + hv) * DK + tid] = acc;
+    for (int r1 = C; r1 > 0; r1 -= 16) {  // 16 rows read at a time: the additions then wait on one another only
+      float col[16];
+#pragma unroll
+      for (int j = 0; j < 16; ++j) col[j] = gs[(r1 - 16 + j) * LDG + tid];
+#pragma unroll
+      for (int j = 15; j >= 0; --j) {
+        const int r = r1 - 16 + j;
+        acc += col[j];
+        if (r < L) dg[((sp.start + r) * HV + hv) * DK + tid] = acc;
+      }
     }
   }
   KDA_CLOCK(8);
