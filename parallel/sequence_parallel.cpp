@@ -69,8 +69,11 @@ SequenceParallel::SequenceParallel(const Communicator& group, Device device)
 SequenceParallel::~SequenceParallel() = default;
 
 const ExecContext* SequenceParallel::side_context(bool by_default) const {
+  // Set and empty counts as unset: bench/scaling/run.sh exports every switch it forwards, empty when not given (an
+  // empty value used to turn the side stream off: LASP-2 with the correction ran its transition passes after the
+  // zero-state passes, K x 12 SP2 117.5 ms instead of ~100 on 2 x H200).
   static const char* const e = std::getenv("HYD_SP_CONCURRENT");
-  const bool on = e != nullptr ? e[0] == '1' : by_default;
+  const bool on = e != nullptr && e[0] != '\0' ? e[0] == '1' : by_default;
   if (!device_.is_cuda() || !on) return nullptr;
   if (!side_) side_ = std::make_unique<ExecContext>(device_);
   return side_.get();
@@ -109,9 +112,16 @@ Tensor SequenceParallel::buffer(const void* owner, int slot, std::initializer_li
   Tensor probe(nullptr, dtype, device_, dims);
   const size_t need = probe.nbytes() + 256;
   Arena& a = buffers_[{owner, slot}];
-  if (a.capacity() < need) a = Arena("sp_buffer", device_, need);
+  if (a.capacity() < need) {
+    a = Arena("sp_buffer", device_, need);
+    buffer_keys_[{owner, slot}].clear();
+  }
   a.reset();
   return a.alloc(dims, dtype);
+}
+
+std::vector<int64_t>& SequenceParallel::buffer_key(const void* owner, int slot) const {
+  return buffer_keys_[{owner, slot}];
 }
 
 Tensor SequenceParallel::on_device(const Tensor& t, int slot) const {

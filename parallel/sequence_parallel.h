@@ -106,6 +106,10 @@ class SequenceParallel {
   // A buffer owned by (owner, slot) that keeps its contents between calls (a layer's forward leaves
   // what its backward reads); reallocated, contents lost, when a call asks for more bytes than it has.
   Tensor buffer(const void* owner, int slot, std::initializer_list<int64_t> dims, DType dtype) const;
+  // The caller's own record of what it last wrote into buffer(owner, slot) (e.g. the layout those contents
+  // depend on): kept with the contents and cleared when buffer() reallocates them, so a caller can skip rewriting
+  // what is already there (trainer/lasp.cpp: LASP-2's identity states, rewritten only when the layout changes).
+  std::vector<int64_t>& buffer_key(const void* owner, int slot) const;
 
   // out [size * in.numel()] (any shape with that many elements): block r = rank r's in. Any dtype.
   void all_gather(const ExecContext& ctx, const Tensor& in, const Tensor& out, SpTraffic kind) const;
@@ -115,9 +119,9 @@ class SequenceParallel {
 
   // A second context (stream) on this group's GPU for work that may run beside the caller's, ordered with it by
   // ExecContext::wait_for (trainer/lasp.cpp: the KDA layers' transition pass beside the zero-state pass); created on
-  // first use. Null on the CPU. HYD_SP_CONCURRENT=1 / 0 turns it on / off for every use; unset, a use gets it when it
-  // asks by_default (the parallel correction's P pass does; the M pass of a rank whose slice is one continuing
-  // document without the correction does not: SP >= 3 and no 4-GPU machine has run it yet,
+  // first use. Null on the CPU. HYD_SP_CONCURRENT=1 / 0 turns it on / off for every use; unset (or empty), a use gets
+  // it when it asks by_default (the parallel correction's P pass does; the M pass of a rank whose slice is one
+  // continuing document without the correction does not: SP >= 3 and no 4-GPU machine has run it yet,
   // gpu_parallel...np4_concurrent tests it).
   const ExecContext* side_context(bool by_default = false) const;
 
@@ -143,6 +147,7 @@ class SequenceParallel {
   Tensor cu_q_, cu_k_;
   Tensor work_cu_[4];
   mutable std::map<std::pair<const void*, int>, Arena> buffers_;
+  mutable std::map<std::pair<const void*, int>, std::vector<int64_t>> buffer_keys_;
   mutable std::unique_ptr<ExecContext> side_;
   mutable Traffic traffic_[kSpTrafficKinds];
 };

@@ -37,9 +37,10 @@ enum Slot : int {
   kWork,        // the composition's scratch
   kOScratch,    // outputs of the transition passes (not used)
   kOScratch2,
-  kIdentity,  // identity incoming states of the M pass
-  kZeroV,     // zero values of the M pass
-  kAllL,      // all ranks' L per row (backward)
+  kIdentity,     // identity incoming states of the forward's transition passes (M / P)
+  kIdentityBwd,  // identity outgoing adjoints of the backward's R pass
+  kZeroV,        // zero values of the M pass
+  kAllL,         // all ranks' L per row (backward)
   kKAll,
   kVAll,  // LASP-2H gathered keys / values (layout [size][rows][slice])
   kKRows,
@@ -276,18 +277,25 @@ Tensor expand_row_states(const ExecContext& ctx, const SequenceParallel& sp, con
   return init;
 }
 
-// Identity states [docs, HV, dk, dk] at the local documents `at`, zero elsewhere, in the temporary identity buffer:
-// the initial states (adjoints) of LASP-2's transition passes. Written from the host after ctx has finished its
-// queued work (a previous layer's pass may still read the buffer).
-Tensor identities_at(const ExecContext& ctx, const SequenceParallel& sp, const Dims& s,
+// Identity states [docs, HV, dk, dk] at the local documents `at`, zero elsewhere, in the buffer of `slot`: the
+// initial states (adjoints) of LASP-2's transition passes. They depend only on the layout, so they are written (from
+// the host, after ctx has finished its queued work: an earlier pass may still read the buffer) only when the
+// buffer does not already hold them: a layer no longer synchronises its stream for them once per forward and once
+// per backward.
+Tensor identities_at(const ExecContext& ctx, const SequenceParallel& sp, int slot, const Dims& s,
                      const std::vector<int64_t>& at) {
-  const Tensor eye = sp.buffer(&kTemp, kIdentity, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
+  const Tensor eye = sp.buffer(&kTemp, slot, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
+  std::vector<int64_t> key = {s.docs, s.hv, s.dk};
+  key.insert(key.end(), at.begin(), at.end());
+  std::vector<int64_t>& held = sp.buffer_key(&kTemp, slot);
+  if (held == key) return eye;
   std::vector<float> host(static_cast<size_t>(eye.numel()), 0.0f);
   for (int64_t d : at)
     for (int64_t h = 0; h < s.hv; ++h)
       for (int64_t i = 0; i < s.dk; ++i) host[static_cast<size_t>(((d * s.hv + h) * s.dk + i) * s.dk + i)] = 1.0f;
   ctx.synchronize();
   copy_tensor(eye.view({eye.numel()}), Tensor(host.data(), DType::f32, Device::cpu(), {eye.numel()}));
+  held = std::move(key);
   return eye;
 }
 
@@ -353,7 +361,8 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
     else
       kernels::kda_forward_pass(on, k, v, cu_seqlens, ws, eye, Tensor{}, M, true);
   };
-  // The identity initial states of the M pass first: their host copy synchronises ctx (the prep is queued). With
+  // The identity initial states of the M pass first (when they must be written, their host copy synchronises ctx;
+  // the prep is queued). With
   // the correction at every row's continuing first document (M of every document, P_c of every chunk), else at the
   // documents that are a whole slice (first == last).
   Tensor M, eye;
@@ -362,7 +371,7 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
     for (int64_t b = 0; b < L.rows; ++b)
       if (correct ? L.lead[b] > 0 : through(b)) at.push_back(L.first_doc[b]);
     M = sp.buffer(&kTemp, kTransM, {s.docs, s.hv, s.dk, s.dk}, DType::f32);
-    eye = identities_at(ctx, sp, s, at);
+    eye = identities_at(ctx, sp, kIdentity, s, at);
   }
   if (correct) trans = sp.buffer(&kTemp, kTransP, {kernels::kda_transitions_floats(k, v, cu_seqlens)}, DType::f32);
   // With the split forward, the M pass runs on the side stream beside the B pass: each is a state pass over the
@@ -483,7 +492,7 @@ void lasp_kda_backward(const ExecContext& ctx, const SequenceParallel& sp, const
       std::vector<int64_t> at;  // identities at the ends of the documents going on into the next rank
       for (int64_t b = 0; b < L.rows; ++b)
         if (L.cont_out[b]) at.push_back(L.last_doc[b]);
-      const Tensor eye = identities_at(ctx, sp, s, at);
+      const Tensor eye = identities_at(ctx, sp, kIdentityBwd, s, at);
       side = sp.side_context(true);
       if (side != nullptr) side->wait_for(ctx);
       kernels::kda_backward_saved_transition(side != nullptr ? *side : ctx, k, v, cu_seqlens, eye, saved, trans);
