@@ -212,17 +212,13 @@ TEST(SequenceParallel, SliceLayoutOfTheDocumentPlan) {
 // compared on this rank's tokens), for gates from near 0 to strong decay.
 // Plans: the crossing documents of test::doc_plan, and documents that end on every slice boundary (no rank
 // passes a state on: each rank then runs its single forward and backward).
-class KdaCore : public ::testing::TestWithParam<bool> {};
-
-TEST_P(KdaCore, LaspMatchesTheWholeSequences) {
-  Communicator world = Communicator::world();
+// `plan` (two rows of P x 32 tokens) over the group of `sp`, which takes the plan's layout.
+void check_core(const Communicator& world, SequenceParallel& sp, const std::vector<std::vector<int32_t>>& plan,
+                const char* what) {
   const int P = world.size(), r = world.rank();
   const int32_t slice = 32;
   const int64_t T = static_cast<int64_t>(P) * slice, rows = 2, N = rows * T, H = 2, HV = 4, dk = 8, dv = 8;
-  const bool aligned = GetParam();
-  HostBatch global = test::make_global(
-      T, aligned ? std::vector<std::vector<int32_t>>(2, std::vector<int32_t>(P, slice)) : test::doc_plan(P, slice), 10,
-      3);
+  HostBatch global = test::make_global(T, plan, 10, 3);
   std::mt19937_64 gen(11);  // the same inputs on every rank
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::uniform_real_distribution<float> ud(0.0f, 1.0f);
@@ -274,7 +270,6 @@ TEST_P(KdaCore, LaspMatchesTheWholeSequences) {
   };
   const Run whole = run(N, q, k, v, g, beta, dout, global.cu_seqlens, nullptr);
 
-  SequenceParallel sp(world, Device::cpu());
   SpLayout layout;
   HostBatch local = slice_batch_for_sp(global, rows, T, r, P, layout);
   sp.set_layout(layout);
@@ -301,13 +296,59 @@ TEST_P(KdaCore, LaspMatchesTheWholeSequences) {
   const double e_o = rel(part.o, mine(whole.o, HV * dv)), e_dq = rel(part.dq, mine(whole.dq, H * dk)),
                e_dk = rel(part.dk, mine(whole.dk, H * dk)), e_dv = rel(part.dv, mine(whole.dv, HV * dv)),
                e_dg = rel(part.dg, mine(whole.dg, HV * dk)), e_db = rel(part.dbeta, mine(whole.dbeta, HV));
-  std::printf("rank %d KDA core rel. err: o %.2g dq %.2g dk %.2g dv %.2g dg %.2g dbeta %.2g\n", r, e_o, e_dq, e_dk,
-              e_dv, e_dg, e_db);
-  for (double e : {e_o, e_dq, e_dk, e_dv, e_dg, e_db}) EXPECT_LT(e, 1e-5) << "rank " << r;
+  std::printf("rank %d %s KDA core rel. err: o %.2g dq %.2g dk %.2g dv %.2g dg %.2g dbeta %.2g\n", r, what, e_o, e_dq,
+              e_dk, e_dv, e_dg, e_db);
+  for (double e : {e_o, e_dq, e_dk, e_dv, e_dg, e_db}) EXPECT_LT(e, 1e-5) << what << " rank " << r;
+}
+
+std::vector<std::vector<int32_t>> aligned_plan(int P, int32_t slice) {
+  return std::vector<std::vector<int32_t>>(2, std::vector<int32_t>(P, slice));
+}
+
+class KdaCore : public ::testing::TestWithParam<bool> {};
+
+TEST_P(KdaCore, LaspMatchesTheWholeSequences) {
+  Communicator world = Communicator::world();
+  SequenceParallel sp(world, Device::cpu());
+  const int P = world.size();
+  check_core(world, sp, GetParam() ? aligned_plan(P, 32) : test::doc_plan(P, 32), "");
 }
 
 INSTANTIATE_TEST_SUITE_P(Plans, KdaCore, ::testing::Values(false, true),
                          [](const auto& info) { return info.param ? "AlignedDocuments" : "CrossingDocuments"; });
+
+// A caller's record of a buffer's contents lasts as long as the contents do: kept while the buffer keeps its
+// storage, cleared when a larger request reallocates it.
+TEST(SequenceParallel, BufferKeyLastsAsLongAsTheContents) {
+  Communicator world = Communicator::world();
+  SequenceParallel sp(world, Device::cpu());
+  const int owner = 0;
+  const Tensor a = sp.buffer(&owner, 3, {64}, DType::f32);
+  a.ptr<float>()[5] = 7.0f;
+  EXPECT_TRUE(sp.buffer_key(&owner, 3).empty());
+  sp.buffer_key(&owner, 3) = {1, 2, 3};
+  const Tensor b = sp.buffer(&owner, 3, {32}, DType::f32);  // fits: same storage, same contents
+  EXPECT_EQ(b.ptr<float>()[5], 7.0f);
+  EXPECT_EQ(sp.buffer_key(&owner, 3), (std::vector<int64_t>{1, 2, 3}));
+  EXPECT_TRUE(sp.buffer_key(&owner, 4).empty()) << "another slot has its own record";
+  sp.buffer(&owner, 3, {1 << 16}, DType::f32);  // grows: new storage, the record is gone
+  EXPECT_TRUE(sp.buffer_key(&owner, 3).empty());
+}
+
+// One group through changing layouts, as in training: its buffers keep contents between calls, and what depends
+// on the layout alone (the transition passes' identity states) is rewritten only when the layout changes; each
+// batch must still equal the whole sequences.
+TEST(SequenceParallel, OneGroupAcrossLayouts) {
+  Communicator world = Communicator::world();
+  SequenceParallel sp(world, Device::cpu());
+  const int P = world.size(), T = P * 32;
+  const std::vector<std::vector<int32_t>> shifted = {{T - 8, 8}, {1, T - 1}};  // documents from the row starts
+  check_core(world, sp, test::doc_plan(P, 32), "plan");
+  check_core(world, sp, shifted, "shifted");
+  check_core(world, sp, aligned_plan(P, 32), "aligned");
+  check_core(world, sp, shifted, "shifted again");
+  check_core(world, sp, test::doc_plan(P, 32), "plan again");
+}
 
 TEST(SequenceParallel, HybridMatchesTheWholeBatch) {
   Communicator world = Communicator::world();
