@@ -2,6 +2,9 @@
 # bench/kda: HyDistill's KDA core vs FLA's chunk_kda, same shapes, same machine, same call.
 # Needs build/bench_kda (built by launch/setup.sh on a CUDA machine) and an importable `fla`
 # (on the device machine: carry FLA as wheels, see docs/benchmarks.md). Prints a table with ratios.
+# FLA's first run on a fresh machine compiles and autotunes its Triton kernels (~4 minutes at B8xT4096 on an H200,
+# stop 23); both land in Triton's cache, so set TRITON_CACHE_DIR to a directory kept between calls (written under
+# $OUT and carried back) to skip them.
 # Usage: bash bench/kda/run.sh [B T]...
 set -uo pipefail
 cd "$(dirname "$0")/../.."
