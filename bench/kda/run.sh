@@ -4,7 +4,7 @@
 # (on the device machine: carry FLA as wheels, see docs/benchmarks.md). Prints a table with ratios.
 # FLA's first run on a fresh machine compiles and autotunes its Triton kernels (~4 minutes at B8xT4096 on an H200,
 # stop 23); both land in Triton's cache, so set TRITON_CACHE_DIR to a directory kept between calls (written under
-# $OUT and carried back) to skip them.
+# $OUT and carried back) to skip them (not yet tried).
 # Usage: bash bench/kda/run.sh [B T]...
 set -uo pipefail
 cd "$(dirname "$0")/../.."
