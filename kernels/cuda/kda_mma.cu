@@ -893,18 +893,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t ch = blockIdx.x, c = ch / HV;
   const int hv = static_cast<int>(ch % HV);
   if (c >= chunk_off[s.num_docs]) return;
-  int64_t d = 0, hi_d = s.num_docs;  // the document of chunk c: chunk_off[d] <= c < chunk_off[d + 1]
-  while (hi_d - d > 1) {
-    const int64_t mid = (d + hi_d) / 2;
-    if (chunk_off[mid] <= c)
-      d = mid;
-    else
-      hi_d = mid;
-  }
-  const float* sin = initial + (d * HV + hv) * DK * DV;
+  const kda_chunk::ChunkSpan sp = kda_chunk::locate_chunk(cu, chunk_off, s.num_docs, c);
+  const int64_t start = sp.start;
+  const int L = sp.len;
+  const float* sin = initial + (sp.doc * HV + hv) * DK * DV;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
-  const int64_t start = cu[d] + (c - chunk_off[d]) * C;
-  const int L = static_cast<int>(min(static_cast<int64_t>(C), cu[d + 1] - start));
   const uint32_t s0 = smem_addr(smem);
   auto load_tile = [&](int t, int b) {
     const int j0 = t * kBV;
