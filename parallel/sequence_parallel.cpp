@@ -69,7 +69,7 @@ SequenceParallel::SequenceParallel(const Communicator& group, Device device)
 SequenceParallel::~SequenceParallel() = default;
 
 const ExecContext* SequenceParallel::side_context(bool by_default) const {
-  // Set and empty counts as unset: bench/scaling/run.sh exports every switch it forwards, empty when not given (an
+  // An empty value counts as unset: bench/scaling/run.sh exports every switch it forwards, empty when not given (an
   // empty value used to turn the side stream off: LASP-2 with the correction ran its transition passes after the
   // zero-state passes, K x 12 SP2 117.5 ms instead of ~100 on 2 x H200).
   static const char* const e = std::getenv("HYD_SP_CONCURRENT");

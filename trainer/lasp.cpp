@@ -362,9 +362,8 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
       kernels::kda_forward_pass(on, k, v, cu_seqlens, ws, eye, Tensor{}, M, true);
   };
   // The identity initial states of the M pass first (when they must be written, their host copy synchronises ctx;
-  // the prep is queued). With
-  // the correction at every row's continuing first document (M of every document, P_c of every chunk), else at the
-  // documents that are a whole slice (first == last).
+  // the prep is queued). With the correction at every row's continuing first document (M of every document, P_c of
+  // every chunk), else at the documents that are a whole slice (first == last).
   Tensor M, eye;
   if (correct || any_through) {
     std::vector<int64_t> at;
