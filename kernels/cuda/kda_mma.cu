@@ -1595,7 +1595,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   KDA_CLOCK(6);
   // Per half: dG of its channels goes into G's tile once every warp is done with the half (the other half's
   // channels of G are not read meanwhile).
-#pragma unroll
+  // (Not unrolled, and the epilogues below in two versions: instruction-cache misses were the kernel's first stall
+  // reason, 35% of its samples at 20,000 instructions; at 14,144 the saving pair at B8xT4096 took 6.71 ms instead
+  // of 7.00 with the halves unrolled and 7.82 before both changes, H200, docs/benchmarks.md stop 24.)
+#pragma unroll 1
   for (int hh = 0; hh < 2; ++hh) {
     const int col0 = half * (DK / 2) + hh * (DK / 4);
     auto chan_of = [&](int nt, int e) { return col0 + 8 * nt + 2 * tq + (e & 1); };
@@ -1635,47 +1638,55 @@ __global__ void __launch_bounds__(kThreads, 2)
           mma_bf16(s2[nt], ql, b0, b1);
         }
       }
+      // The epilogue in two versions, the exact diagonal block (a span over kSafeSpan: rare) in the second only,
+      // so that the common one is compact code without that path inside each unrolled step.
+      auto row_epilogue = [&](auto exact) {
 #pragma unroll
-      for (int nt = 0; nt < NH; ++nt) {
-        float last[2] = {0.f, 0.f};  // sum over this warp's rows of dkg k e^{G_last - G}, channels +0, +1
-        float oq[4];
+        for (int nt = 0; nt < NH; ++nt) {
+          float last[2] = {0.f, 0.f};  // sum over this warp's rows of dkg k e^{G_last - G}, channels +0, +1
+          float oq[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = row_of(e), i = chan_of(nt, e);
-          const float Gr = gs[r * LDG + i], sc = __expf(Gr - Rrow[i]);
-          float v1 = s1[nt][e] * sc, v2 = s2[nt][e] * sc;
-          if (!safe)  // the diagonal block exactly
-            for (int cc = 16 * I; cc <= r; ++cc) {
-              const float kc = __bfloat162float(ks[cc * LDB + i]) * expf(Gr - gs[cc * LDG + i]);
-              v1 += bs[r] * tm[r * LDM + cc] * kc;
-              v2 += qa[r * LDM + cc] * kc;
-            }
-          const float kr = __bfloat162float(ks[r * LDB + i]), qr = __bfloat162float(qs[r * LDB + i]);
-          const float eG = __expf(Gr), eL = __expf(Gl[i] - Gr);
-          const float aq = dqgc[r * DK + i], akg = dkgc[r * DK + i];
-          oq[e] = aq * eG + v2;
-          ok[nt][e] += akg * eL + v1;
-          oG[nt][e] += aq * qr * eG - akg * kr * eL + kr * v1 + qr * v2;
-          last[e & 1] += akg * kr * eL;
+          for (int e = 0; e < 4; ++e) {
+            const int r = row_of(e), i = chan_of(nt, e);
+            const float Gr = gs[r * LDG + i], sc = __expf(Gr - Rrow[i]);
+            float v1 = s1[nt][e] * sc, v2 = s2[nt][e] * sc;
+            if (decltype(exact)::value)  // the diagonal block exactly
+              for (int cc = 16 * I; cc <= r; ++cc) {
+                const float kc = __bfloat162float(ks[cc * LDB + i]) * expf(Gr - gs[cc * LDG + i]);
+                v1 += bs[r] * tm[r * LDM + cc] * kc;
+                v2 += qa[r * LDM + cc] * kc;
+              }
+            const float kr = __bfloat162float(ks[r * LDB + i]), qr = __bfloat162float(qs[r * LDB + i]);
+            const float eG = __expf(Gr), eL = __expf(Gl[i] - Gr);
+            const float aq = dqgc[r * DK + i], akg = dkgc[r * DK + i];
+            oq[e] = aq * eG + v2;
+            ok[nt][e] += akg * eL + v1;
+            oG[nt][e] += aq * qr * eG - akg * kr * eL + kr * v1 + qr * v2;
+            last[e & 1] += akg * kr * eL;
+          }
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            float v = last[j];
+            v += __shfl_xor_sync(0xffffffffu, v, 4);
+            v += __shfl_xor_sync(0xffffffffu, v, 8);
+            v += __shfl_xor_sync(0xffffffffu, v, 16);
+            if (gq == 0) extra[(1 + I) * DK + col0 + 8 * nt + 2 * tq + j] = v;  // one writer: summed in step 7
+          }
+#pragma unroll
+          for (int half_r = 0; half_r < 2; ++half_r) {
+            const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
+            const int64_t o = ((sp.start + r) * HV + hv) * DK + i;
+            if (r < L && dq_out)
+              *reinterpret_cast<uint32_t*>(dq_out + o) = pack_bf16(oq[2 * half_r], oq[2 * half_r + 1]);
+            else if (r < L)
+              *reinterpret_cast<float2*>(dq_hv + o) = make_float2(oq[2 * half_r], oq[2 * half_r + 1]);
+          }
         }
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          float v = last[j];
-          v += __shfl_xor_sync(0xffffffffu, v, 4);
-          v += __shfl_xor_sync(0xffffffffu, v, 8);
-          v += __shfl_xor_sync(0xffffffffu, v, 16);
-          if (gq == 0) extra[(1 + I) * DK + col0 + 8 * nt + 2 * tq + j] = v;  // one writer: summed in step 7
-        }
-#pragma unroll
-        for (int half_r = 0; half_r < 2; ++half_r) {
-          const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
-          const int64_t o = ((sp.start + r) * HV + hv) * DK + i;
-          if (r < L && dq_out)
-            *reinterpret_cast<uint32_t*>(dq_out + o) = pack_bf16(oq[2 * half_r], oq[2 * half_r + 1]);
-          else if (r < L)
-            *reinterpret_cast<float2*>(dq_hv + o) = make_float2(oq[2 * half_r], oq[2 * half_r + 1]);
-        }
-      }
+      };
+      if (safe)
+        row_epilogue(std::false_type{});
+      else
+        row_epilogue(std::true_type{});
     }
     // Column sums s3 (P^T against k) and s4 (dAqk^T against q), factors x_r' exp(G_r' - R'), R' = G_{16 I + 15};
     // then dk.
@@ -1704,34 +1715,40 @@ __global__ void __launch_bounds__(kThreads, 2)
           mma_bf16(s4[nt], ql, bq0, bq1);
         }
       }
+      auto col_epilogue = [&](auto exact) {  // (two versions, as row_epilogue)
 #pragma unroll
-      for (int nt = 0; nt < NH; ++nt) {
+        for (int nt = 0; nt < NH; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = row_of(e), i = chan_of(nt, e);
-          const float Gr = gs[r * LDG + i], sc = __expf(Rcol[i] - Gr);
-          float v = (s3[nt][e] + s4[nt][e]) * sc;
-          if (!safe)
-            for (int r2 = r; r2 < 16 * I + 16; ++r2) {
-              const float e2 = expf(gs[r2 * LDG + i] - Gr);
-              v += (bs[r2] * tm[r2 * LDM + r] * __bfloat162float(ks[r2 * LDB + i]) +
-                    qa[r2 * LDM + r] * __bfloat162float(qs[r2 * LDB + i])) *
-                   e2;
-            }
-          const float kr = __bfloat162float(ks[r * LDB + i]);
-          ok[nt][e] += v;
-          oG[nt][e] -= kr * v;
+          for (int e = 0; e < 4; ++e) {
+            const int r = row_of(e), i = chan_of(nt, e);
+            const float Gr = gs[r * LDG + i], sc = __expf(Rcol[i] - Gr);
+            float v = (s3[nt][e] + s4[nt][e]) * sc;
+            if (decltype(exact)::value)
+              for (int r2 = r; r2 < 16 * I + 16; ++r2) {
+                const float e2 = expf(gs[r2 * LDG + i] - Gr);
+                v += (bs[r2] * tm[r2 * LDM + r] * __bfloat162float(ks[r2 * LDB + i]) +
+                      qa[r2 * LDM + r] * __bfloat162float(qs[r2 * LDB + i])) *
+                     e2;
+              }
+            const float kr = __bfloat162float(ks[r * LDB + i]);
+            ok[nt][e] += v;
+            oG[nt][e] -= kr * v;
+          }
+#pragma unroll
+          for (int half_r = 0; half_r < 2; ++half_r) {
+            const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
+            const int64_t o = ((sp.start + r) * HV + hv) * DK + i;
+            if (r < L && dk_out)
+              *reinterpret_cast<uint32_t*>(dk_out + o) = pack_bf16(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
+            else if (r < L)
+              *reinterpret_cast<float2*>(dk_hv + o) = make_float2(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
+          }
         }
-#pragma unroll
-        for (int half_r = 0; half_r < 2; ++half_r) {
-          const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
-          const int64_t o = ((sp.start + r) * HV + hv) * DK + i;
-          if (r < L && dk_out)
-            *reinterpret_cast<uint32_t*>(dk_out + o) = pack_bf16(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
-          else if (r < L)
-            *reinterpret_cast<float2*>(dk_hv + o) = make_float2(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
-        }
-      }
+      };
+      if (safe)
+        col_epilogue(std::false_type{});
+      else
+        col_epilogue(std::true_type{});
     }
     __syncthreads();  // every warp is done reading G in this half's channels
 #pragma unroll
