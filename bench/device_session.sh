@@ -3,7 +3,7 @@
 # gpu_parallel tests (NCCL, SP, multi-rank train / distill), the gpu label, the DP and SP scaling tables and
 # the MoE layer bench. Each part has its own time limit and log under OUT_DIR; a summary goes to stdout.
 # Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,sp_h,gpu_moe,moe,e2e,
-# moe_rows,kda_save,e2e_ab,kda_ncu,lasp_ncu,step_ncu
+# moe_rows,kda_save,e2e_ab,kda_ncu,lasp_ncu,step_ncu,kda_src
 # (sp_h: the 3:1 hybrid's SP scaling with the contiguous LASP-2H and synchronised collectives
 # (HYD_SP_ATTN_BALANCE=0 HYD_SP_ASYNC=0), the balanced one synchronised, then the defaults (balanced, queued);
 # moe_rows: our MoE layer with the per-expert loop and the grouped cuBLAS call from 256 to 2048 rows per expert,
@@ -13,7 +13,9 @@
 # kda_ncu: the KDA core's chunk kernels at B8xT4096 under Nsight Compute with occupancy, throughput and stall
 # metrics (why a kernel is far from its memory floor); lasp_ncu: the same for LASP-2's correction kernels
 # (bench_kda 1 16384 with BENCH_KDA_LASP=1); step_ncu: every kernel of one distill step B8xT2048 grouped
-# by name (where the step's time goes))
+# by name (where the step's time goes); kda_src: where the KDA backward's intra / products / prep kernels stall, per
+# source line (Nsight Compute's per-instruction samples joined with nvdisasm's line info by bench/ncu_source_lines.py;
+# give CUDAFLAGS=-lineinfo so that the build carries source references))
 set -uo pipefail
 out=${1:?usage: device_session.sh OUT_DIR [PARTS]}
 parts=${2:-gpu_parallel,gpu,dp,sp_k,moe}
@@ -127,6 +129,21 @@ if has lasp_ncu; then
       bash bench/ncu_kernels.sh 2 ./build/bench_kda 1 16384 >>"$out/lasp_ncu.txt" 2>&1
   done
   echo "lasp_ncu rc=$?"; cat "$out/lasp_ncu.txt"
+fi
+if has kda_src; then
+  # The line info comes from a cubin of kda_mma.cu built here with the build's flags; ncu_source_lines.py checks that
+  # its instructions are the profiled ones (opcode by opcode) and says so when they are not.
+  nvcc -std=c++20 -O3 -DNDEBUG -DHYD_WITH_CUDA --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 -lineinfo \
+    -I. -cubin kernels/cuda/kda_mma.cu -o "$out/kda_mma.cubin" && nvdisasm --print-line-info "$out/kda_mma.cubin" >"$out/kda_mma.sass"
+  ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  for kern in intra_kernel products_half_kernel prep_kernel; do
+    timeout 120 "$ncu" --set full --import-source yes --clock-control none -k "regex:$kern" -c 1 -o "$out/$kern" \
+      ./build/bench_kda 8 4096 >"$out/${kern}_run.txt" 2>&1
+    "$ncu" -i "$out/$kern.ncu-rep" --page source --csv --print-source sass >"$out/${kern}_sass.csv" 2>&1
+    awk -v k="$kern" '$0 ~ "^[.]text[.].*" k "ILi128" {p = 1; print; next} p && /^[.]text[.]/ {p = 0} p' \
+      "$out/kda_mma.sass" >"$out/${kern}_lines.sass"
+    echo "== $kern"; python3 bench/ncu_source_lines.py "$out/${kern}_sass.csv" "$out/${kern}_lines.sass" 25
+  done
 fi
 if has step_ncu; then
   NCU_SUMMARY=1 timeout 300 bash bench/ncu_kernels.sh 100000 ./build/bench_e2e --mode distill --batch 8 --seq 2048 \
