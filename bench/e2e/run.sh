@@ -13,8 +13,10 @@
 # Environment: BUILD (build), PYTHON (python3), STEPS (5 timed), WARMUP (3), SHAPES ("8x2048 2x8192"),
 # MODES ("train distill"), RUN_TIMEOUT (seconds per run, 200), FIRST_REF_TIMEOUT (the first reference run, which
 # compiles FLA's Triton kernels: 450; on a fresh H200 it did not finish in 150 s, docs/benchmarks.md stop 21; FLA keeps
-# its autotuning results in Triton's cache (FLA_CACHE_RESULTS, on by default), so a TRITON_CACHE_DIR kept from an
-# earlier call on the same kind of GPU, e.g. written under $OUT and carried back, should skip both: not yet tried), EXTRA_OURS / EXTRA_REF (extra arguments for one side), REPEATS (1: runs of each side per
+# its autotuning results in Triton's cache (FLA_CACHE_RESULTS, on by default), but after one distill run at B8xT2048
+# that cache held 160 MB (stop 24), more than a device call carries (64 MiB): on a fresh machine, start the first
+# reference run beside the build instead (stop 24: ~4 minutes, then later runs start at once), EXTRA_OURS / EXTRA_REF
+# (extra arguments for one side), REPEATS (1: runs of each side per
 # shape, alternating ours / ref; the table compares each side's fastest run and gives the spread, since the
 # eager reference's step time varied by 43% between runs on one H100, docs/benchmarks.md stop 17).
 # Expected to finish in under ~6 minutes on an H100 (8 runs; not yet measured).

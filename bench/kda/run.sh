@@ -3,8 +3,9 @@
 # Needs build/bench_kda (built by launch/setup.sh on a CUDA machine) and an importable `fla`
 # (on the device machine: carry FLA as wheels, see docs/benchmarks.md). Prints a table with ratios.
 # FLA's first run on a fresh machine compiles and autotunes its Triton kernels (~4 minutes at B8xT4096 on an H200,
-# stop 23); both land in Triton's cache, so set TRITON_CACHE_DIR to a directory kept between calls (written under
-# $OUT and carried back) to skip them (not yet tried).
+# stop 23); both land in Triton's cache (TRITON_CACHE_DIR). Carrying that cache between calls is limited to 64 MiB
+# (the e2e reference's was 160 MB, stop 24; this one's size is not measured): on a fresh machine it is cheaper to start
+# FLA's first run beside the build.
 # Usage: bash bench/kda/run.sh [B T]...
 set -uo pipefail
 cd "$(dirname "$0")/../.."
