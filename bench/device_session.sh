@@ -3,7 +3,7 @@
 # gpu_parallel tests (NCCL, SP, multi-rank train / distill), the gpu label, the DP and SP scaling tables and
 # the MoE layer bench. Each part has its own time limit and log under OUT_DIR; a summary goes to stdout.
 # Usage: bash bench/device_session.sh OUT_DIR [PARTS]   PARTS: comma list of gpu_parallel,gpu,dp,sp_k,sp_h,gpu_moe,moe,e2e,
-# moe_rows,kda_save,e2e_ab,kda_ncu,lasp_ncu,step_ncu,kda_src
+# moe_rows,kda_save,e2e_ab,kda_ncu,lasp_ncu,step_ncu,kda_src,kda_fla
 # (sp_h: the 3:1 hybrid's SP scaling with the contiguous LASP-2H and synchronised collectives
 # (HYD_SP_ATTN_BALANCE=0 HYD_SP_ASYNC=0), the balanced one synchronised, then the defaults (balanced, queued);
 # moe_rows: our MoE layer with the per-expert loop and the grouped cuBLAS call from 256 to 2048 rows per expert,
@@ -15,15 +15,27 @@
 # (bench_kda 1 16384 with BENCH_KDA_LASP=1); step_ncu: every kernel of one distill step B8xT2048 grouped
 # by name (where the step's time goes); kda_src: where the KDA backward's intra / products / prep kernels stall, per
 # source line (Nsight Compute's per-instruction samples joined with nvdisasm's line info by bench/ncu_source_lines.py;
-# give CUDAFLAGS=-lineinfo so that the build carries source references))
+# give CUDAFLAGS=-lineinfo so that the build carries source references); kda_fla: issue 3's table, our KDA core and
+# FLA's chunk_kda in one call (bench/kda/run.sh on KDA_SHAPES, default "8 4096"), FLA's Triton compilation started
+# beside the build)
 set -uo pipefail
 out=${1:?usage: device_session.sh OUT_DIR [PARTS]}
 parts=${2:-gpu_parallel,gpu,dp,sp_k,moe}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0
 has() { [[ ",$parts," == *",$1,"* ]]; }
 echo "== $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null), $(nvidia-smi -L | wc -l) GPUs: $(nvidia-smi -L | head -1)"
+if has kda_fla; then
+  # FLA's first run compiles and autotunes its Triton kernels (~4 minutes on a fresh H200, stop 23): started here,
+  # beside our build (CPU), so that run.sh's FLA run later finds them in Triton's cache. Needs the wheels in .whl/.
+  python3 -m pip install -q --no-deps --no-index .whl/*.whl 2>/dev/null ||
+    python3 -m pip install -q --no-deps --no-index --break-system-packages .whl/*.whl 2>/dev/null ||
+    echo "kda_fla: FLA wheels not installed (.whl/)"
+  # shellcheck disable=SC2086
+  python3 bench/kda/fla_kda.py ${KDA_SHAPES:-8 4096} >"$out/fla_warm.txt" 2>&1 &
+  fla_warm=$!
+fi
 bash launch/setup.sh >"$out/setup.log" 2>&1 || { echo "setup failed"; tail -n 40 "$out/setup.log"; exit 1; }
 echo "setup ok"
 if has gpu_parallel; then
@@ -77,7 +89,7 @@ if has kda_save; then
   done
 fi
 if has e2e_ab; then
-  for rep in 1 2; do
+  for _ in 1 2; do
     for v in default ${AB_VARS:-}; do
       line=$( ([ "$v" = default ] || export "${v?}"; timeout 90 ./build/bench_e2e --mode distill --batch 8 --seq 2048 \
         --steps 8 --warmup 2 2>&1) | tail -n 1 | grep -o "step_ms=[0-9.]* tokens_per_s=[0-9]* mfu=[0-9.]* peak_gib=[0-9.]*")
@@ -129,6 +141,13 @@ if has lasp_ncu; then
       bash bench/ncu_kernels.sh 2 ./build/bench_kda 1 16384 >>"$out/lasp_ncu.txt" 2>&1
   done
   echo "lasp_ncu rc=$?"; cat "$out/lasp_ncu.txt"
+fi
+if has kda_fla; then
+  wait "$fla_warm"
+  echo "FLA warm-up beside the build (not a measurement): $(grep '^fla ' "$out/fla_warm.txt" | tr '\n' ' ')"
+  # shellcheck disable=SC2086
+  timeout 300 bash bench/kda/run.sh ${KDA_SHAPES:-8 4096} >"$out/kda_fla.txt" 2>&1
+  echo "kda_fla rc=$?"; cat "$out/kda_fla.txt"
 fi
 if has kda_src; then
   # The line info comes from a cubin of kda_mma.cu built here with the build's flags; ncu_source_lines.py checks that

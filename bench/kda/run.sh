@@ -8,7 +8,7 @@
 # FLA's first run beside the build.
 # Usage: bash bench/kda/run.sh [B T]...
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 ours=$(./build/bench_kda "$@") || { echo "bench_kda failed"; exit 1; }
 echo "$ours"
 theirs=$(python3 bench/kda/fla_kda.py "$@" 2>&1 | grep '^fla ') || theirs=""
@@ -18,18 +18,25 @@ import sys
 def parse(text):
     rows = {}
     for line in text.splitlines():
-        f = dict(kv.split("=") for kv in line.split()[1:])
+        if not line.startswith(("hydistill ", "fla ")):  # (BENCH_KDA_LASP=1 adds 'lasp' lines)
+            continue
+        f = dict(kv.split("=", 1) for kv in line.split()[1:] if "=" in kv)
         rows[(f["B"], f["T"])] = f
     return rows
 ours, fla = parse(sys.argv[1]), parse(sys.argv[2])
-print(f"{'shape':>12} | {'ours fwd':>9} {'FLA fwd':>9} {'ratio':>6} | {'ours f+b':>9} {'FLA f+b':>9} {'ratio':>6} | {'ours GiB':>8} {'FLA GiB':>8}")
+# Ours twice: recomputing (fwd_ms / fwdbwd_ms) and the saving pair the layer uses by default (saving_*: the forward
+# keeps its work for the backward); the ratios are ours / FLA.
+num = lambda d, k: float(d[k]) if d and k in d else None
+cell = lambda x, w=9, p=2: f"{x:{w}.{p}f}" if x is not None else f"{'-':>{w}}"
+rat = lambda a, b: f"{a / b:6.2f}" if a is not None and b else f"{'-':>6}"
+print(f"{'shape':>12} | {'ours fwd':>9} {'FLA fwd':>9} {'ratio':>6} | {'ours f+b':>9} {'saving':>9} {'FLA f+b':>9} "
+      f"{'ratio':>6} {'saving':>6} | {'ours GiB':>8} {'saving':>8} {'FLA GiB':>8}")
 for key, o in ours.items():
     f = fla.get(key)
-    shape = f"B{key[0]}xT{key[1]}"
-    if f is None:
-        print(f"{shape:>12} | {float(o['fwd_ms']):9.2f} {'-':>9} {'-':>6} | {float(o['fwdbwd_ms']):9.2f} {'-':>9} {'-':>6} | {float(o['peak_gib']):8.2f} {'-':>8}")
-        continue
-    r1 = float(o['fwd_ms']) / float(f['fwd_ms']); r2 = float(o['fwdbwd_ms']) / float(f['fwdbwd_ms'])
-    print(f"{shape:>12} | {float(o['fwd_ms']):9.2f} {float(f['fwd_ms']):9.2f} {r1:6.2f} | {float(o['fwdbwd_ms']):9.2f} {float(f['fwdbwd_ms']):9.2f} {r2:6.2f} | {float(o['peak_gib']):8.2f} {float(f['peak_gib']):8.2f}")
+    fwd, fb, sfb = num(o, "fwd_ms"), num(o, "fwdbwd_ms"), num(o, "saving_fwdbwd_ms")
+    ffwd, ffb = num(f, "fwd_ms"), num(f, "fwdbwd_ms")
+    print(f"{'B' + key[0] + 'xT' + key[1]:>12} | {cell(fwd)} {cell(ffwd)} {rat(fwd, ffwd)} | {cell(fb)} {cell(sfb)} "
+          f"{cell(ffb)} {rat(fb, ffb)} {rat(sfb, ffb)} | {cell(num(o, 'peak_gib'), 8)} "
+          f"{cell(num(o, 'saving_peak_gib'), 8)} {cell(num(f, 'peak_gib'), 8)}")
 print("ratio = ours / FLA time (below 1 is faster)")
 PY
