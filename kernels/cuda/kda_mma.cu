@@ -1573,6 +1573,19 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool safe = warp_max(span) <= kSafeSpan;
   const float* Gl = gs + (C - 1) * LDG;
   auto row_of = [&](int e) { return ra + 8 * (e >> 1); };
+  // A warp's accumulator pairs x (rows ra, rb; channels i, i + 1) of dq or dk: bf16 into out when given, else f32
+  // into out_hv; rows past the chunk's end are not stored.
+  auto store_rows = [&](__nv_bfloat16* out, float* out_hv, int i, const float(&x)[4]) {
+#pragma unroll
+    for (int half_r = 0; half_r < 2; ++half_r) {
+      const int r = ra + 8 * half_r;
+      const int64_t o = ((sp.start + r) * HV + hv) * DK + i;
+      if (r < L && out)
+        *reinterpret_cast<uint32_t*>(out + o) = pack_bf16(x[2 * half_r], x[2 * half_r + 1]);
+      else if (r < L)
+        *reinterpret_cast<float2*>(out_hv + o) = make_float2(x[2 * half_r], x[2 * half_r + 1]);
+    }
+  };
   // dkG = T^T dw per half (X and dw from global memory; the first half's product overlaps the q / dAqk
   // copies): A[m = c][k = r] = X[r][c] beta_c (blocks kk >= I), B = dw (hi + lo).
   float dkG[NH][4];
@@ -1672,15 +1685,7 @@ __global__ void __launch_bounds__(kThreads, 2)
             v += __shfl_xor_sync(0xffffffffu, v, 16);
             if (gq == 0) extra[(1 + I) * DK + col0 + 8 * nt + 2 * tq + j] = v;  // one writer: summed in step 7
           }
-#pragma unroll
-          for (int half_r = 0; half_r < 2; ++half_r) {
-            const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
-            const int64_t o = ((sp.start + r) * HV + hv) * DK + i;
-            if (r < L && dq_out)
-              *reinterpret_cast<uint32_t*>(dq_out + o) = pack_bf16(oq[2 * half_r], oq[2 * half_r + 1]);
-            else if (r < L)
-              *reinterpret_cast<float2*>(dq_hv + o) = make_float2(oq[2 * half_r], oq[2 * half_r + 1]);
-          }
+          store_rows(dq_out, dq_hv, col0 + 8 * nt + 2 * tq, oq);
         }
       };
       if (safe)
@@ -1734,15 +1739,7 @@ __global__ void __launch_bounds__(kThreads, 2)
             ok[nt][e] += v;
             oG[nt][e] -= kr * v;
           }
-#pragma unroll
-          for (int half_r = 0; half_r < 2; ++half_r) {
-            const int r = ra + 8 * half_r, i = col0 + 8 * nt + 2 * tq;
-            const int64_t o = ((sp.start + r) * HV + hv) * DK + i;
-            if (r < L && dk_out)
-              *reinterpret_cast<uint32_t*>(dk_out + o) = pack_bf16(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
-            else if (r < L)
-              *reinterpret_cast<float2*>(dk_hv + o) = make_float2(ok[nt][2 * half_r], ok[nt][2 * half_r + 1]);
-          }
+          store_rows(dk_out, dk_hv, col0 + 8 * nt + 2 * tq, ok[nt]);
         }
       };
       if (safe)
