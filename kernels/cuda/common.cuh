@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -156,13 +157,26 @@ bool with_row_lanes(int64_t dim, F&& f) {
   return dim == 32 || dim == 64 || dim == 128 || dim == 256;
 }
 
+// The current device's SM count (queried once per device and kept).
+inline int current_sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> counts[kMaxDevices] = {};
+  int dev = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  HYD_CHECK(dev >= 0 && dev < kMaxDevices, "device ", dev, " beyond ", kMaxDevices);
+  int sms = counts[dev].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    counts[dev].store(sms, std::memory_order_relaxed);
+  }
+  return sms;
+}
+
 // Blocks for a RowLanes kernel: enough for the rows, at most 4 per SM of the current device (the grid-stride loop
 // covers the rest; fewer blocks also mean fewer per-block atomics where a kernel reduces over rows).
 inline unsigned row_lane_blocks(int64_t rows, int lpr, int warps) {
   const int64_t per_block = int64_t(warps) * (32 / lpr);
-  int dev = 0, sms = 0;
-  CHECK_CUDA(cudaGetDevice(&dev));
-  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int sms = current_sm_count();
   const int64_t want = (rows + per_block - 1) / per_block, cap = int64_t{4} * sms;
   return static_cast<unsigned>(want < 1 ? 1 : (want > cap ? cap : want));
 }

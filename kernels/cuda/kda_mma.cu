@@ -544,7 +544,7 @@ __device__ __forceinline__ DocTile doc_tile(int HV, int DV) {
   return {r / HV, static_cast<int>(r % HV), static_cast<int>(b % tiles) * kBV};
 }
 
-template <int DK>
+template <int DK, bool STG = false>
 struct StateLayout {
   // One buffer per chunk in flight: w, qg, kg [C][DK], Aqk [C][C] (swizzled bf16), u [C][kLdU] f32,
   // gl [DK] f32.
@@ -553,8 +553,9 @@ struct StateLayout {
                           oAQK = oKG + size_t{C} * DK * 2, oU = oAQK + size_t{C} * C * 2, oGL = oU + size_t{C} * kLdU * 4,
                           buf = oGL + size_t{DK} * 4;
   // State staging (hi, lo) [DK][kBV] and v_new staging (hi, lo) [C][kBV].
-  static constexpr size_t oShi = 2 * buf, oSlo = oShi + size_t{DK} * kBV * 2, oVhi = oSlo + size_t{DK} * kBV * 2,
-                          oVlo = oVhi + size_t{C} * kBV * 2, bytes = oVlo + size_t{C} * kBV * 2;
+  static constexpr size_t oShi = (STG ? 1 : 2) * buf, oSlo = oShi + size_t{DK} * kBV * 2,
+                          oVhi = oSlo + size_t{DK} * kBV * 2, oVlo = oVhi + size_t{C} * kBV * 2,
+                          bytes = oVlo + size_t{C} * kBV * 2;
 };
 
 // Copies a staged swizzled bf16 tile [ROWS][kBV] to global rows dst + r * stride (16-byte stores).
@@ -727,16 +728,15 @@ __device__ __forceinline__ void chunk_outputs(float (&acc)[2][4], uint32_t qg_ti
   add_aqk_times_tile(acc, aqk_tile, v_tile, I, nb, lane);
 }
 
-template <int DK, int DV>
-__global__ void __launch_bounds__(kThreads, 1)
+template <int DK, int DV, bool STG = false>
+__global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
     state_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
-                 const __nv_bfloat16* __restrict__ w, const float* __restrict__ u,
-                 const __nv_bfloat16* __restrict__ qg, const __nv_bfloat16* __restrict__ kg,
-                 const __nv_bfloat16* __restrict__ aqk, const float* __restrict__ gl, const float* __restrict__ initial,
-                 __nv_bfloat16* __restrict__ o, float* __restrict__ final_state,
-                 __nv_bfloat16* __restrict__ states_hi, __nv_bfloat16* __restrict__ states_lo,
-                 __nv_bfloat16* __restrict__ vn) {
-  using Lt = StateLayout<DK>;
+                 const __nv_bfloat16* __restrict__ w, const float* __restrict__ u, const __nv_bfloat16* __restrict__ qg,
+                 const __nv_bfloat16* __restrict__ kg, const __nv_bfloat16* __restrict__ aqk,
+                 const float* __restrict__ gl, const float* __restrict__ initial, __nv_bfloat16* __restrict__ o,
+                 float* __restrict__ final_state, __nv_bfloat16* __restrict__ states_hi,
+                 __nv_bfloat16* __restrict__ states_lo, __nv_bfloat16* __restrict__ vn) {
+  using Lt = StateLayout<DK, STG>;
   constexpr int MT = DK / 16;       // m-tiles of the state
   constexpr int SN = 4 * MT / 8;    // n-tiles (of 8 columns) of the state per warp
   extern __shared__ __align__(128) unsigned char smem[];
@@ -757,28 +757,43 @@ __global__ void __launch_bounds__(kThreads, 1)
   frag_load<DV>(st, initial, sbase, fp);
   frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
 
-  auto load_chunk = [&](int64_t c, int b) {
+  // Chunk c's operands in two groups: (w, u), read by step (a) only, and (qg, Aqk, kg, gl), read by (b) and (c).
+  auto load_wu = [&](int64_t c, int b) {
     const int64_t ch = c * HV + hv;
     const uint32_t base = s0 + static_cast<uint32_t>(b * Lt::buf);
     copy_tile<C, DK>(base + Lt::oW, w + ch * C * DK, DK, C);
-    copy_tile<C, DK>(base + Lt::oQG, qg + ch * C * DK, DK, C);
-    copy_tile<C, DK>(base + Lt::oKG, kg + ch * C * DK, DK, C);
-    copy_tile<C, C>(base + Lt::oAQK, aqk + ch * C * C, C, C);
     for (int idx = tid; idx < C * kBV / 4; idx += kThreads) {
       const int r = idx / (kBV / 4), c4 = idx % (kBV / 4);
       cp_async16(base + Lt::oU + (r * Lt::kLdU + c4 * 4) * 4, u + (ch * C + r) * DV + j0 + c4 * 4, true);
     }
-    for (int idx = tid; idx < DK / 4; idx += kThreads) cp_async16(base + Lt::oGL + idx * 16, gl + ch * DK + idx * 4, true);
   };
-  if (c0 < c1) load_chunk(c0, 0);
+  auto load_rest = [&](int64_t c, int b) {
+    const int64_t ch = c * HV + hv;
+    const uint32_t base = s0 + static_cast<uint32_t>(b * Lt::buf);
+    copy_tile<C, DK>(base + Lt::oQG, qg + ch * C * DK, DK, C);
+    copy_tile<C, DK>(base + Lt::oKG, kg + ch * C * DK, DK, C);
+    copy_tile<C, C>(base + Lt::oAQK, aqk + ch * C * C, C, C);
+    for (int idx = tid; idx < DK / 4; idx += kThreads)
+      cp_async16(base + Lt::oGL + idx * 16, gl + ch * DK + idx * 4, true);
+  };
+  if (c0 < c1) {
+    load_wu(c0, 0);
+    if (STG) cp_async_commit();
+    load_rest(c0, 0);
+  }
   cp_async_commit();
 
   const int I = warp & 3, nb = 2 * (warp >> 2);  // v_new / o: row block I, n-tiles nb, nb + 1
   for (int64_t c = c0; c < c1; ++c) {
-    const int b = static_cast<int>((c - c0) & 1);
-    if (c + 1 < c1) load_chunk(c + 1, b ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
+    const int b = STG ? 0 : static_cast<int>((c - c0) & 1);
+    if (!STG) {
+      if (c + 1 < c1) {
+        load_wu(c + 1, b ^ 1);
+        load_rest(c + 1, b ^ 1);
+      }
+      cp_async_commit();
+    }
+    cp_async_wait<1>();  // STG: (w, u) of chunk c (its (qg, Aqk, kg, gl) may still be in flight)
     __syncthreads();  // chunk c's operands and the staged state are visible
     const uint32_t base = s0 + static_cast<uint32_t>(b * Lt::buf);
     const unsigned char* gbase = smem + b * Lt::buf;
@@ -804,7 +819,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<uint32_t*>(smem + Lt::oVlo + eoff<kBV>(r, col)) = lo;
       });
     }
-    __syncthreads();  // v_new staged
+    if (STG) cp_async_wait<0>();  // (qg, Aqk, kg, gl) of chunk c
+    __syncthreads();              // v_new staged; STG: w and u free, the rest visible
+    if (STG) {                    // the next chunk's (w, u) into their places while (b) and (c) run
+      if (c + 1 < c1) load_wu(c + 1, 0);
+      cp_async_commit();
+    }
     if (vn) store_staged<C>(smem + Lt::oVhi, vn + ch * C * DV + j0, DV);  // v_new (bf16) for the backward
 
     // (b) o = qg S + Aqk v_new
@@ -838,6 +858,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     __syncthreads();  // every warp is done with the staged state, v_new and this buffer
+    if (STG) {        // the next chunk's (qg, Aqk, kg, gl): in flight during its step (a)
+      if (c + 1 < c1) load_rest(c + 1, 0);
+      cp_async_commit();
+    }
     frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
   }
   cp_async_wait<0>();
@@ -1018,23 +1042,25 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------- backward: reverse state pass
 
-template <int DK>
+template <int DK, bool STG = false>
 struct ReverseLayout {
   // One buffer per chunk in flight: w, qg, kg [C][DK], Aqk [C][C], do [C][kBV] (swizzled bf16), gl [DK] f32.
+  // STG: one buffer, with a second do tile after it (oDO2).
   static constexpr size_t oW = 0, oQG = oW + size_t{C} * DK * 2, oKG = oQG + size_t{C} * DK * 2,
                           oAQK = oKG + size_t{C} * DK * 2, oDO = oAQK + size_t{C} * C * 2,
-                          oGL = oDO + size_t{C} * kBV * 2, buf = oGL + size_t{DK} * 4;
+                          oGL = oDO + size_t{C} * kBV * 2, buf = oGL + size_t{DK} * 4, oDO2 = buf;
   // dS staging (hi, lo) [DK][kBV], -dv_new staging (hi, lo) [C][kBV].
-  static constexpr size_t oShi = 2 * buf, oSlo = oShi + size_t{DK} * kBV * 2, oVhi = oSlo + size_t{DK} * kBV * 2,
-                          oVlo = oVhi + size_t{C} * kBV * 2, bytes = oVlo + size_t{C} * kBV * 2;
+  static constexpr size_t oShi = STG ? buf + size_t{C} * kBV * 2 : 2 * buf, oSlo = oShi + size_t{DK} * kBV * 2,
+                          oVhi = oSlo + size_t{DK} * kBV * 2, oVlo = oVhi + size_t{C} * kBV * 2,
+                          bytes = oVlo + size_t{C} * kBV * 2;
 };
 
 // The state adjoint backwards over the chunks of one document (grid as state_kernel). With dS the
 // adjoint of the state leaving chunk c (dfinal_state for the last):
 //   dv_new = Aqk^T do + kg dS,   dS <- Diag(gl) dS + qg^T do - w^T dv_new.
 // Writes dS_out of every chunk (dstates, as hi + lo bf16), -dv_new (ndvn, bf16) and dinitial_state.
-template <int DK, int DV>
-__global__ void __launch_bounds__(kThreads, 1)
+template <int DK, int DV, bool STG = false>
+__global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
     reverse_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
                    const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ qg,
                    const __nv_bfloat16* __restrict__ kg, const __nv_bfloat16* __restrict__ aqk,
@@ -1042,7 +1068,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                    const float* __restrict__ dfinal, __nv_bfloat16* __restrict__ dstates_hi,
                    __nv_bfloat16* __restrict__ dstates_lo, __nv_bfloat16* __restrict__ ndvn,
                    float* __restrict__ dinit) {
-  using Lt = ReverseLayout<DK>;
+  using Lt = ReverseLayout<DK, STG>;
   constexpr int MT = DK / 16, SN = 4 * MT / 8;
   extern __shared__ __align__(128) unsigned char smem[];
   const int HV = static_cast<int>(s.hv);
@@ -1061,33 +1087,51 @@ __global__ void __launch_bounds__(kThreads, 1)
   frag_load<DV>(ds, dfinal, sbase, fp);
   frag_stage(ds, smem + Lt::oShi, smem + Lt::oSlo, fp);
 
-  auto load_chunk = [&](int64_t c, int b) {
+  // Chunk c's operands in two groups: (Aqk, kg, do), read by step (a) (do also by (b): STG keeps two do tiles),
+  // and (qg, w, gl), read by (b) only. do_off: the do tile's offset from the buffer (b: the chunk's parity).
+  auto do_off = [&](int b) { return STG ? (b ? Lt::oDO2 : Lt::oDO) : Lt::oDO; };
+  auto load_a = [&](int64_t c, int b) {
     const int64_t ch = c * HV + hv;
     const int64_t start = cu[d] + (c - c0) * C;
     const int L = static_cast<int>(min(static_cast<int64_t>(C), cu[d + 1] - start));
-    const uint32_t base = s0 + static_cast<uint32_t>(b * Lt::buf);
-    copy_tile<C, DK>(base + Lt::oW, w + ch * C * DK, DK, C);
-    copy_tile<C, DK>(base + Lt::oQG, qg + ch * C * DK, DK, C);
+    const uint32_t base = s0 + static_cast<uint32_t>(STG ? 0 : b * Lt::buf);
     copy_tile<C, DK>(base + Lt::oKG, kg + ch * C * DK, DK, C);
     copy_tile<C, C>(base + Lt::oAQK, aqk + ch * C * C, C, C);
     if (dout)
-      copy_tile<C, kBV>(base + Lt::oDO, dout + (start * HV + hv) * DV + j0, static_cast<int64_t>(HV) * DV, L);
+      copy_tile<C, kBV>(base + do_off(b), dout + (start * HV + hv) * DV + j0, static_cast<int64_t>(HV) * DV, L);
     else  // zero output gradients (the adjoint transition pass)
-      copy_tile<C, kBV>(base + Lt::oDO, w, 0, 0);
-    for (int idx = tid; idx < DK / 4; idx += kThreads) cp_async16(base + Lt::oGL + idx * 16, gl + ch * DK + idx * 4, true);
+      copy_tile<C, kBV>(base + do_off(b), w, 0, 0);
   };
-  if (c0 < c1) load_chunk(c1 - 1, 0);
+  auto load_b = [&](int64_t c, int b) {
+    const int64_t ch = c * HV + hv;
+    const uint32_t base = s0 + static_cast<uint32_t>(STG ? 0 : b * Lt::buf);
+    copy_tile<C, DK>(base + Lt::oW, w + ch * C * DK, DK, C);
+    copy_tile<C, DK>(base + Lt::oQG, qg + ch * C * DK, DK, C);
+    for (int idx = tid; idx < DK / 4; idx += kThreads)
+      cp_async16(base + Lt::oGL + idx * 16, gl + ch * DK + idx * 4, true);
+  };
+  if (c0 < c1) {
+    load_a(c1 - 1, 0);
+    if (STG) cp_async_commit();
+    load_b(c1 - 1, 0);
+  }
   cp_async_commit();
 
   const int I = warp & 3, nb = 2 * (warp >> 2);
   for (int64_t c = c1 - 1; c >= c0; --c) {
     const int b = static_cast<int>((c1 - 1 - c) & 1);
-    if (c - 1 >= c0) load_chunk(c - 1, b ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
+    if (!STG) {
+      if (c - 1 >= c0) {
+        load_a(c - 1, b ^ 1);
+        load_b(c - 1, b ^ 1);
+      }
+      cp_async_commit();
+    }
+    cp_async_wait<1>();  // STG: (Aqk, kg, do) of chunk c (its (qg, w, gl) may still be in flight)
     __syncthreads();
-    const uint32_t base = s0 + static_cast<uint32_t>(b * Lt::buf);
-    const unsigned char* gbase = smem + b * Lt::buf;
+    const uint32_t base = s0 + static_cast<uint32_t>(STG ? 0 : b * Lt::buf);
+    const unsigned char* gbase = smem + (STG ? 0 : b * Lt::buf);
+    const uint32_t s_do = base + do_off(b);
     const int64_t ch = c * HV + hv;
     if (dstates_hi) {  // dS_out of the chunk (hi + lo)
       store_staged<DK>(smem + Lt::oShi, dstates_hi + ch * DK * DV + j0, DV);
@@ -1102,7 +1146,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kk = I; kk < C / 16; ++kk) {
         uint32_t a[4], bo[4];
         ldsm_x4_trans(a, base + Lt::oAQK + toff<C / 8>(16 * kk + (lane & 7) + ((lane >> 4) << 3), 2 * I + ((lane >> 3) & 1)));
-        ldsm_x4_trans(bo, base + Lt::oDO + toff<kBV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4)));
+        ldsm_x4_trans(bo, s_do + toff<kBV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4)));
         mma_bf16(acc[0], a, bo[0], bo[1]);
         mma_bf16(acc[1], a, bo[2], bo[3]);
       }
@@ -1114,7 +1158,12 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<uint32_t*>(smem + Lt::oVlo + eoff<kBV>(r, col)) = lo;
       });
     }
-    __syncthreads();
+    if (STG) cp_async_wait<0>();  // (qg, w, gl) of chunk c
+    __syncthreads();              // STG: Aqk and kg free (do of chunk c stays: the next one goes to the other do tile)
+    if (STG) {                    // the next chunk's (Aqk, kg, do) while (b) runs
+      if (c - 1 >= c0) load_a(c - 1, b ^ 1);
+      cp_async_commit();
+    }
     if (ndvn) store_staged<C>(smem + Lt::oVhi, ndvn + ch * C * DV + j0, DV);  // -dv_new (bf16)
 
     // (b) dS <- Diag(gl) dS + qg^T do + w^T (-dv_new)
@@ -1131,7 +1180,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           uint32_t bo[4], bh[4], bl[4];
           const uint32_t vo =
               toff<kBV / 8>(16 * kc + (lane & 7) + (((lane >> 3) & 1) << 3), sn0 + 2 * np + (lane >> 4));
-          ldsm_x4_trans(bo, base + Lt::oDO + vo);
+          ldsm_x4_trans(bo, s_do + vo);
           ldsm_x4_trans(bh, s_vhi + vo);
           ldsm_x4_trans(bl, s_vlo + vo);
           mma_bf16(ds[2 * np], aq, bo[0], bo[1]);
@@ -1144,6 +1193,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
     __syncthreads();
+    if (STG) {  // the next chunk's (qg, w, gl): in flight during its step (a)
+      if (c - 1 >= c0) load_b(c - 1, 0);
+      cp_async_commit();
+    }
     frag_stage(ds, smem + Lt::oShi, smem + Lt::oSlo, fp);
   }
   cp_async_wait<0>();
@@ -1837,16 +1890,58 @@ dim3 doc_grid(const KdaDims& s, int DV) {
   return dim3(static_cast<unsigned>(blocks));
 }
 
+// The state passes in two versions (STG: the template flag of state_kernel / reverse_kernel):
+// - one operand buffer, refilled in two staggered groups, 90 KB of shared memory and 128 registers: two blocks per
+//   SM. Chosen when the pass's blocks (documents x value heads x DV / kBV) fit the GPU at two per SM, where it is
+//   faster: H200, bench_kda saving fwd+bwd (docs/benchmarks.md stop 25) B4xT4096 H16 (256 blocks) 3.00 -> 2.83 ms,
+//   B2xT16384 (128) 7.30 -> 6.53 ms; distill step B8xT2048 (256) unchanged (85.9 / 85.7 ms);
+// - two operand buffers (each chunk's operands loaded one chunk ahead), 157 KB: one block per SM. Chosen for more
+//   blocks: at B8xT4096 H16 (512 blocks, two waves at two per SM) the one-buffer version took 7.47 ms against 6.55,
+//   because the states it keeps for the backward pushed the chunk operands that the other column tiles' blocks
+//   still had to read out of L2 (DRAM reads 2.0 GB against 0.96 GB per pass, L2 hit rate 64% against 80%;
+//   storing the states evict-first did not help).
+// HYD_KDA_PASS_STG=0 / 1 forces one version (for measuring).
+bool passes_stg(int64_t blocks) {
+  static const int forced = [] {
+    const char* e = std::getenv("HYD_KDA_PASS_STG");
+    return e != nullptr && (e[0] == '0' || e[0] == '1') ? e[0] - '0' : -1;
+  }();
+  if (forced >= 0) return forced == 1;
+  return blocks <= 2 * int64_t{current_sm_count()};
+}
+
+// The forward state pass over every document (o, final_state, states_hi / lo, vn optional).
 template <int DK, int DV>
 void state_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const float* initial_state, bf16* o,
                 float* final_state, const FwdBuffers& f, cudaStream_t st, __nv_bfloat16* states_hi = nullptr,
                 __nv_bfloat16* states_lo = nullptr, __nv_bfloat16* vn = nullptr) {
-  using SL = StateLayout<DK>;
-  set_smem(state_kernel<DK, DV>, SL::bytes);
-  state_kernel<DK, DV><<<doc_grid(s, DV), kThreads, SL::bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk,
-                                                                     f.gl, initial_state, as_nv(o), final_state,
-                                                                     states_hi, states_lo, vn);
-  CHECK_LAUNCH();
+  auto go = [&](auto kernel, size_t bytes) {
+    set_smem(kernel, bytes);
+    kernel<<<doc_grid(s, DV), kThreads, bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, initial_state,
+                                                     as_nv(o), final_state, states_hi, states_lo, vn);
+    CHECK_LAUNCH();
+  };
+  if (passes_stg(doc_grid(s, DV).x))
+    go(state_kernel<DK, DV, true>, StateLayout<DK, true>::bytes);
+  else
+    go(state_kernel<DK, DV, false>, StateLayout<DK, false>::bytes);
+}
+
+// The reverse state pass over every document (dout may be null: zero output gradients).
+template <int DK, int DV>
+void launch_reverse(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const bf16* dout,
+                    const float* dfinal_state, float* dinitial_state, __nv_bfloat16* dstates_hi,
+                    __nv_bfloat16* dstates_lo, __nv_bfloat16* ndvn, const FwdBuffers& f, cudaStream_t st) {
+  auto go = [&](auto kernel, size_t bytes) {
+    set_smem(kernel, bytes);
+    kernel<<<doc_grid(s, DV), kThreads, bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl, as_nv(dout),
+                                                     dfinal_state, dstates_hi, dstates_lo, ndvn, dinitial_state);
+    CHECK_LAUNCH();
+  };
+  if (passes_stg(doc_grid(s, DV).x))
+    go(reverse_kernel<DK, DV, true>, ReverseLayout<DK, true>::bytes);
+  else
+    go(reverse_kernel<DK, DV, false>, ReverseLayout<DK, false>::bytes);
 }
 
 template <int DK, int DV>
@@ -1888,7 +1983,7 @@ const SideStream* side_stream(int64_t pass_blocks) {
     CHECK_CUDA(cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking));
     CHECK_CUDA(cudaEventCreateWithFlags(&side.fork, cudaEventDisableTiming));
     CHECK_CUDA(cudaEventCreateWithFlags(&side.join, cudaEventDisableTiming));
-    CHECK_CUDA(cudaDeviceGetAttribute(&side.sms, cudaDevAttrMultiProcessorCount, dev));
+    side.sms = current_sm_count();
   }
   return 2 * pass_blocks <= side.sms ? &side : nullptr;
 }
@@ -1898,12 +1993,7 @@ template <int DK, int DV>
 void reverse_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const bf16* dout,
                   const float* dfinal_state, float* dinitial_state, __nv_bfloat16* dstates_hi,
                   __nv_bfloat16* dstates_lo, __nv_bfloat16* ndvn, const FwdBuffers& f, cudaStream_t st) {
-  using RL = ReverseLayout<DK>;
-  set_smem(reverse_kernel<DK, DV>, RL::bytes);
-  reverse_kernel<DK, DV><<<doc_grid(s, DV), kThreads, RL::bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl,
-                                                                       as_nv(dout), dfinal_state, dstates_hi,
-                                                                       dstates_lo, ndvn, dinitial_state);
-  CHECK_LAUNCH();
+  launch_reverse<DK, DV>(s, cu, chunk_off, dout, dfinal_state, dinitial_state, dstates_hi, dstates_lo, ndvn, f, st);
 }
 
 template <int DK, int DV>
@@ -1945,12 +2035,8 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
       CHECK_CUDA(cudaStreamWaitEvent(side->stream, side->fork, 0));
       state_st = side->stream;
     }
-    using SL = StateLayout<DK>;
-    set_smem(state_kernel<DK, DV>, SL::bytes);
-    state_kernel<DK, DV><<<docs, kThreads, SL::bytes, state_st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl,
-                                                                  initial_state, nullptr, nullptr, states_hi,
-                                                                  states_hi + state_elems, vn);
-    CHECK_LAUNCH();
+    state_impl<DK, DV>(s, cu, chunk_off, initial_state, nullptr, nullptr, f, state_st, states_hi,
+                       states_hi + state_elems, vn);
     if (side != nullptr) CHECK_CUDA(cudaEventRecord(side->join, side->stream));
   }
   reverse_impl<DK, DV>(s, cu, chunk_off, dout, dfinal_state, dinitial_state, dstates_hi, dstates_hi + state_elems, ndvn,
@@ -2060,12 +2146,7 @@ void initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k, const bf16*
   const cudaStream_t st = as_stream(stream_ptr);
   with_dims(s, [&]<int DK, int DV>() {
     prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, chunk_off, f, st);
-    using RL = ReverseLayout<DK>;
-    set_smem(reverse_kernel<DK, DV>, RL::bytes);
-    reverse_kernel<DK, DV><<<doc_grid(s, DV), kThreads, RL::bytes, st>>>(s, cu_seqlens, chunk_off, f.w, f.qg, f.kg,
-                                                                         f.aqk, f.gl, as_nv(dout), nullptr, nullptr,
-                                                                         nullptr, nullptr, dinitial_state);
-    CHECK_LAUNCH();
+    launch_reverse<DK, DV>(s, cu_seqlens, chunk_off, dout, nullptr, dinitial_state, nullptr, nullptr, nullptr, f, st);
   });
 }
 

@@ -184,10 +184,7 @@ void rmsnorm_backward(const bf16* dy, const bf16* x, const bf16* w, const float*
     // One pass, dw deterministic: blocks as many as fit on the GPU at once (2048 threads per SM), each over
     // every blocks-th row.
     const int threads = static_cast<int>(dim / 8);
-    int dev = 0, sms = 0;
-    CHECK_CUDA(cudaGetDevice(&dev));
-    CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    const int64_t blocks = std::min<int64_t>(rows, int64_t{sms} * std::max(1, 2048 / threads));
+    const int64_t blocks = std::min<int64_t>(rows, int64_t{current_sm_count()} * std::max(1, 2048 / threads));
     const cudaStream_t st = as_stream(stream);
     StreamScratch partial(static_cast<size_t>(blocks * dim), st);
     rmsnorm_backward_rows_kernel<<<static_cast<unsigned>(blocks), threads, 0, st>>>(
