@@ -7,7 +7,9 @@
 // Inputs: q, k unit-norm per head (q scaled by dk^-1/2, as the layer feeds them), v ~ N(0,1), g in
 // [-0.5, -0.01] (log-decay), beta in (0, 1); the B sequences are B documents of one packed batch.
 // Peak memory = the inputs, outputs and gradients we allocate + the high-water mark of the stream-
-// ordered pool the kernels take their scratch from.
+// ordered pool the kernels take their scratch from: the pool's reserved bytes (peak_gib, saving_peak_gib: what it
+// held from the device, its free blocks included) and its allocated bytes (saving_alloc_gib: the measure of FLA's
+// torch.cuda.max_memory_allocated, bench/kda/fla_kda.py's peak_gib).
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -45,11 +47,12 @@ Tensor upload(Arena& a, const std::vector<T>& host, std::initializer_list<int64_
   return t;
 }
 
-size_t pool_high_water() {
+// The default pool's high-water mark: reserved (cudaMemPoolAttrReservedMemHigh) or allocated (UsedMemHigh) bytes.
+size_t pool_high_water(cudaMemPoolAttr which = cudaMemPoolAttrReservedMemHigh) {
   cudaMemPool_t pool;
   CHECK_CUDA(cudaDeviceGetDefaultMemPool(&pool, 0));
   uint64_t v = 0;
-  CHECK_CUDA(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &v));
+  CHECK_CUDA(cudaMemPoolGetAttribute(pool, which, &v));
   return v;
 }
 
@@ -60,6 +63,7 @@ void reset_pool() {
   CHECK_CUDA(cudaMemPoolTrimTo(pool, 0));
   uint64_t zero = 0;
   CHECK_CUDA(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &zero));
+  CHECK_CUDA(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &zero));
 }
 
 void run(int64_t B, int64_t T) {
@@ -129,10 +133,13 @@ void run(int64_t B, int64_t T) {
       },
       iters);
   const double peak_s_gib = double(a.used() + keep.used() + pool_high_water()) / double(1ull << 30);
+  const double alloc_s_gib =
+      double(a.used() + keep.used() + pool_high_water(cudaMemPoolAttrUsedMemHigh)) / double(1ull << 30);
   std::printf(
       "hydistill B=%lld T=%lld H=%lld d=%lld fwd_ms=%.3f fwdbwd_ms=%.3f peak_gib=%.2f saving_fwd_ms=%.3f "
-      "saving_fwdbwd_ms=%.3f saving_peak_gib=%.2f\n",
-      (long long)B, (long long)T, (long long)H, (long long)dk, f_ms, fb_ms, peak_gib, fs_ms, fbs_ms, peak_s_gib);
+      "saving_fwdbwd_ms=%.3f saving_peak_gib=%.2f saving_alloc_gib=%.2f\n",
+      (long long)B, (long long)T, (long long)H, (long long)dk, f_ms, fb_ms, peak_gib, fs_ms, fbs_ms, peak_s_gib,
+      alloc_s_gib);
   std::fflush(stdout);
   if (const char* e = std::getenv("BENCH_KDA_LASP"); e != nullptr && e[0] == '1') {
     // LASP-2's pieces on this shape (docs/parallel.md, one rank with an incoming state and an outgoing adjoint):

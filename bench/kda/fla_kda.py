@@ -1,7 +1,8 @@
 """Times flash-linear-attention's chunk_kda on the shapes of bench/kda/bench_kda.cpp, same inputs
 (q, k unit-norm with q pre-scaled so scale=1.0, v ~ N(0,1), g in [-0.5, -0.01] fp32, beta fp32),
 and prints lines in the same format. Peak memory: torch.cuda.max_memory_allocated over the run,
-inputs included. Usage: python3 bench/kda/fla_kda.py [B T]..."""
+inputs included (peak_gib), and torch.cuda.max_memory_reserved (reserved_gib: the caching allocator's high-water
+mark, its free blocks included; reset only with the process, so it covers earlier shapes of the same run). Usage: python3 bench/kda/fla_kda.py [B T]..."""
 import sys
 
 import torch
@@ -43,7 +44,9 @@ def run(B, T, H=16, d=128):
         torch.cuda.synchronize()
         res.append(e0.elapsed_time(e1) / iters)
     peak = torch.cuda.max_memory_allocated() / 2**30
-    print(f"fla B={B} T={T} H={H} d={d} fwd_ms={res[0]:.3f} fwdbwd_ms={res[1]:.3f} peak_gib={peak:.2f}", flush=True)
+    reserved = torch.cuda.max_memory_reserved() / 2**30  # what the caching allocator held from the device
+    print(f"fla B={B} T={T} H={H} d={d} fwd_ms={res[0]:.3f} fwdbwd_ms={res[1]:.3f} peak_gib={peak:.2f} "
+          f"reserved_gib={reserved:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,18 @@ ours, fla = parse(sys.argv[1]), parse(sys.argv[2])
 num = lambda d, k: float(d[k]) if d and k in d else None
 cell = lambda x, w=9, p=2: f"{x:{w}.{p}f}" if x is not None else f"{'-':>{w}}"
 rat = lambda a, b: f"{a / b:6.2f}" if a is not None and b else f"{'-':>6}"
+# Memory: ours recomputing and saving as the pool's reserved high-water mark, then saving allocated against FLA's
+# allocated (torch.cuda.max_memory_allocated: the same measure) and FLA's reserved.
 print(f"{'shape':>12} | {'ours fwd':>9} {'FLA fwd':>9} {'ratio':>6} | {'ours f+b':>9} {'saving':>9} {'FLA f+b':>9} "
-      f"{'ratio':>6} {'saving':>6} | {'ours GiB':>8} {'saving':>8} {'FLA GiB':>8}")
+      f"{'ratio':>6} {'saving':>6} | GiB reserved: {'ours':>6} {'saving':>6} | GiB allocated: {'saving':>6} "
+      f"{'FLA':>6} | FLA reserved")
 for key, o in ours.items():
     f = fla.get(key)
     fwd, fb, sfb = num(o, "fwd_ms"), num(o, "fwdbwd_ms"), num(o, "saving_fwdbwd_ms")
     ffwd, ffb = num(f, "fwd_ms"), num(f, "fwdbwd_ms")
     print(f"{'B' + key[0] + 'xT' + key[1]:>12} | {cell(fwd)} {cell(ffwd)} {rat(fwd, ffwd)} | {cell(fb)} {cell(sfb)} "
-          f"{cell(ffb)} {rat(fb, ffb)} {rat(sfb, ffb)} | {cell(num(o, 'peak_gib'), 8)} "
-          f"{cell(num(o, 'saving_peak_gib'), 8)} {cell(num(f, 'peak_gib'), 8)}")
+          f"{cell(ffb)} {rat(fb, ffb)} {rat(sfb, ffb)} | {'':13} {cell(num(o, 'peak_gib'), 6)} "
+          f"{cell(num(o, 'saving_peak_gib'), 6)} | {'':14} {cell(num(o, 'saving_alloc_gib'), 6)} "
+          f"{cell(num(f, 'peak_gib'), 6)} | {cell(num(f, 'reserved_gib'), 12)}")
 print("ratio = ours / FLA time (below 1 is faster)")
 PY
