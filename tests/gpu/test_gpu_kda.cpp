@@ -17,6 +17,7 @@
 // host, shared memory and scratch filled with NaN, threads of a phase in both orders, so the kernels'
 // indexing and barriers are checked on machines without a GPU too (run the binary directly: under
 // ctest the gpu label skips it there).
+#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -321,6 +322,30 @@ TEST(GpuKda, ForwardBackwardTransitionMatchCpu) {
     SCOPED_TRACE(what);
     std::printf("cuda %s\n", what.c_str());
     compare(on_gpu(p), reference(p), cuda::kda_mma::supports(p.s));
+  }
+}
+
+// The state passes run in two versions by grid size (kda_mma.cu, passes_stg): one operand buffer at two blocks per
+// SM while the pass's blocks (documents x value heads x dv / 32) fit the GPU at two per SM, else two buffers at one.
+// The cases above are small (the first version); these have more blocks than twice the SMs, so the second runs here
+// (the version B8xT4096 H16 takes), forward, backward and transition.
+TEST(GpuKda, ManyDocumentsTakeTheTwoBufferStatePasses) {
+  HYD_REQUIRE_GPU();
+  int sms = 0;
+  ASSERT_EQ(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), cudaSuccess);
+  const int64_t h = 2, hv = 4, tiles = 128 / 32;
+  const int64_t docs = (2 * sms) / (hv * tiles) + 2;
+  ASSERT_GT(docs * hv * tiles, 2 * int64_t{sms});
+  const std::vector<int32_t> cycle = {1, 63, 64, 65, 130};
+  std::vector<int32_t> lengths;
+  for (int64_t d = 0; d < docs; ++d) lengths.push_back(cycle[static_cast<size_t>(d) % cycle.size()]);
+  for (bool initial : {true, false}) {
+    const Problem p = make_problem(lengths, h, hv, 128, 128, initial, Gates::mixed);
+    const std::string what = describe(p, "mixed", initial) + ", " + std::to_string(docs) + " documents";
+    SCOPED_TRACE(what);
+    std::printf("cuda %s (%lld state-pass blocks, %d SMs)\n", what.c_str(), static_cast<long long>(docs * hv * tiles),
+                sms);
+    compare(on_gpu(p), reference(p), true);
   }
 }
 
