@@ -127,22 +127,24 @@ inline void column_sum(const float* partial, int64_t blocks, int64_t dim, float*
   CHECK_LAUNCH();
 }
 
-// Stream-ordered scratch of one call: allocated on the stream, freed on it when the scope ends
-// (after every kernel that uses it has been enqueued).
-class StreamScratch {
+// Stream-ordered scratch of one call, `count` elements of T: allocated on the stream, freed on it when the scope
+// ends (after every kernel that uses it has been enqueued).
+template <class T>
+class StreamScratchOf {
  public:
-  StreamScratch(size_t floats, cudaStream_t stream) : stream_(stream) {
-    CHECK_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&ptr_), floats * sizeof(float), stream));
+  StreamScratchOf(size_t count, cudaStream_t stream) : stream_(stream) {
+    CHECK_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&ptr_), count * sizeof(T), stream));
   }
-  ~StreamScratch() { (void)cudaFreeAsync(ptr_, stream_); }  // a destructor must not throw
-  StreamScratch(const StreamScratch&) = delete;
-  StreamScratch& operator=(const StreamScratch&) = delete;
-  float* get() const { return ptr_; }
+  ~StreamScratchOf() { (void)cudaFreeAsync(ptr_, stream_); }  // a destructor must not throw
+  StreamScratchOf(const StreamScratchOf&) = delete;
+  StreamScratchOf& operator=(const StreamScratchOf&) = delete;
+  T* get() const { return ptr_; }
 
  private:
-  float* ptr_ = nullptr;
+  T* ptr_ = nullptr;
   cudaStream_t stream_;
 };
+using StreamScratch = StreamScratchOf<float>;
 
 template <class F>
 bool with_row_lanes(int64_t dim, F&& f) {

@@ -55,22 +55,6 @@ __global__ void store_pointers_kernel(PointerBatch batch, int count, void** dst)
   if (i < count) dst[i] = batch.p[i];
 }
 
-// Device memory from the stream-ordered pool, freed in stream order (after the work queued behind it).
-class StreamScratch {
- public:
-  StreamScratch(size_t bytes, cudaStream_t s) : stream_(s) { CHECK_CUDA(cudaMallocAsync(&ptr_, bytes, s)); }
-  ~StreamScratch() {
-    if (ptr_ != nullptr) cudaFreeAsync(ptr_, stream_);
-  }
-  StreamScratch(const StreamScratch&) = delete;
-  StreamScratch& operator=(const StreamScratch&) = delete;
-  void* get() const { return ptr_; }
-
- private:
-  void* ptr_ = nullptr;
-  cudaStream_t stream_;
-};
-
 // ------------------------------------------------------------------------------------------- grouped call
 
 void bind_stream(cublasHandle_t h, cudaStream_t s) {
@@ -95,8 +79,8 @@ cublasStatus_t grouped_gemm(cublasHandle_t h, cudaStream_t s, cublasOperation_t 
                             int ldb, int ldc, float beta, cudaDataType_t c_type, const std::vector<Problem>& problems) {
   const int groups = static_cast<int>(problems.size());
   if (groups == 0) return CUBLAS_STATUS_SUCCESS;
-  StreamScratch arrays(3 * problems.size() * sizeof(void*), s);
-  void** dev = static_cast<void**>(arrays.get());  // [A pointers | B pointers | C pointers]
+  StreamScratchOf<void*> arrays(3 * problems.size(), s);
+  void** dev = arrays.get();  // [A pointers | B pointers | C pointers]
   std::vector<void*> host(3 * problems.size());
   for (int g = 0; g < groups; ++g) {
     host[g] = const_cast<void*>(problems[g].a);
