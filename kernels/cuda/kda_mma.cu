@@ -1915,33 +1915,14 @@ template <int DK, int DV>
 void state_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const float* initial_state, bf16* o,
                 float* final_state, const FwdBuffers& f, cudaStream_t st, __nv_bfloat16* states_hi = nullptr,
                 __nv_bfloat16* states_lo = nullptr, __nv_bfloat16* vn = nullptr) {
-  auto go = [&](auto kernel, size_t bytes) {
-    set_smem(kernel, bytes);
-    kernel<<<doc_grid(s, DV), kThreads, bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, initial_state,
-                                                     as_nv(o), final_state, states_hi, states_lo, vn);
-    CHECK_LAUNCH();
-  };
-  if (passes_stg(doc_grid(s, DV).x))
-    go(state_kernel<DK, DV, true>, StateLayout<DK, true>::bytes);
-  else
-    go(state_kernel<DK, DV, false>, StateLayout<DK, false>::bytes);
-}
-
-// The reverse state pass over every document (dout may be null: zero output gradients).
-template <int DK, int DV>
-void launch_reverse(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const bf16* dout,
-                    const float* dfinal_state, float* dinitial_state, __nv_bfloat16* dstates_hi,
-                    __nv_bfloat16* dstates_lo, __nv_bfloat16* ndvn, const FwdBuffers& f, cudaStream_t st) {
-  auto go = [&](auto kernel, size_t bytes) {
-    set_smem(kernel, bytes);
-    kernel<<<doc_grid(s, DV), kThreads, bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl, as_nv(dout),
-                                                     dfinal_state, dstates_hi, dstates_lo, ndvn, dinitial_state);
-    CHECK_LAUNCH();
-  };
-  if (passes_stg(doc_grid(s, DV).x))
-    go(reverse_kernel<DK, DV, true>, ReverseLayout<DK, true>::bytes);
-  else
-    go(reverse_kernel<DK, DV, false>, ReverseLayout<DK, false>::bytes);
+  const dim3 grid = doc_grid(s, DV);
+  const bool one = passes_stg(grid.x);
+  const auto kernel = one ? state_kernel<DK, DV, true> : state_kernel<DK, DV, false>;
+  const size_t bytes = one ? StateLayout<DK, true>::bytes : StateLayout<DK, false>::bytes;
+  set_smem(kernel, bytes);
+  kernel<<<grid, kThreads, bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, initial_state, as_nv(o),
+                                        final_state, states_hi, states_lo, vn);
+  CHECK_LAUNCH();
 }
 
 template <int DK, int DV>
@@ -1993,7 +1974,14 @@ template <int DK, int DV>
 void reverse_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const bf16* dout,
                   const float* dfinal_state, float* dinitial_state, __nv_bfloat16* dstates_hi,
                   __nv_bfloat16* dstates_lo, __nv_bfloat16* ndvn, const FwdBuffers& f, cudaStream_t st) {
-  launch_reverse<DK, DV>(s, cu, chunk_off, dout, dfinal_state, dinitial_state, dstates_hi, dstates_lo, ndvn, f, st);
+  const dim3 grid = doc_grid(s, DV);
+  const bool one = passes_stg(grid.x);
+  const auto kernel = one ? reverse_kernel<DK, DV, true> : reverse_kernel<DK, DV, false>;
+  const size_t bytes = one ? ReverseLayout<DK, true>::bytes : ReverseLayout<DK, false>::bytes;
+  set_smem(kernel, bytes);
+  kernel<<<grid, kThreads, bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl, as_nv(dout), dfinal_state,
+                                        dstates_hi, dstates_lo, ndvn, dinitial_state);
+  CHECK_LAUNCH();
 }
 
 template <int DK, int DV>
@@ -2146,7 +2134,7 @@ void initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k, const bf16*
   const cudaStream_t st = as_stream(stream_ptr);
   with_dims(s, [&]<int DK, int DV>() {
     prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, chunk_off, f, st);
-    launch_reverse<DK, DV>(s, cu_seqlens, chunk_off, dout, nullptr, dinitial_state, nullptr, nullptr, nullptr, f, st);
+    reverse_impl<DK, DV>(s, cu_seqlens, chunk_off, dout, nullptr, dinitial_state, nullptr, nullptr, nullptr, f, st);
   });
 }
 

@@ -227,6 +227,7 @@ TEST(GpuHybridMixer, MixerEntryPointsMatchCpu) {
   make_batch(b, {40, 24}, cfg.model.vocab_size);
   const int64_t n = b.host.batch.num_tokens, D = cfg.model.hidden_size;
   HybridModel cpu(cfg, Device::cpu(), 64), gpu(cfg, Device::cuda(0), 64);
+  HybridModel pert(cfg, Device::cpu(), 64);  // the CPU model with perturbed weights (the sensitivity below)
   set_same_weights(cpu, gpu);
   ExecContext cctx(Device::cpu()), gctx(Device::cuda(0));
   std::vector<float> hidden = test::round_bf16(test::randn(n * D)), dout = test::round_bf16(test::randn(n * D));
@@ -264,7 +265,6 @@ TEST(GpuHybridMixer, MixerEntryPointsMatchCpu) {
     // the fixed 5e-2 this test had: 5.5e-2 on an H200 at stop 25, a fresh random draw).
     const std::vector<ParamInfo> mixer = cpu.mixer_params(layer);
     std::map<std::string, double> sens;
-    HybridModel pert(cfg, Device::cpu(), 64);
     for (int draw = 0; draw < kSensitivityDraws; ++draw) {
       perturb_weights(cpu, pert);
       pert.zero_grad();
