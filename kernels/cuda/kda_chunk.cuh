@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <vector>
 
 #include "kernels/kda.h"
@@ -147,6 +148,18 @@ struct Scratch {
   float* dk_hv = nullptr;        // [N][HV][dk]   dk per value head
 };
 
+// Value heads per group of the tensor-core backward's products (products_half_kernel, then intra_kernel, one group
+// after the other): their buffers dqg, dkg, dw, dgls, dAqk, dT_v (128.5 KB per chunk and head at dk = dv = 128) are
+// sized for one group, so two groups halve them (0.5 GiB at B8xT4096 H16). HYD_KDA_HEAD_GROUPS=1: one group.
+inline int64_t product_group_heads(const KdaDims& s) {
+  static const int groups = [] {
+    const char* e = std::getenv("HYD_KDA_HEAD_GROUPS");
+    const int g = e != nullptr ? std::atoi(e) : 2;
+    return g >= 1 ? g : 2;
+  }();
+  return std::max<int64_t>(1, (s.hv + groups - 1) / groups);
+}
+
 // Carves `base` (16-byte aligned) into the buffers `pass` needs; with base == nullptr only counts.
 // Returns the number of floats used.
 inline size_t carve_scratch(float* base, const KdaDims& s, Pass pass, Scratch& sc) {
@@ -170,12 +183,13 @@ inline size_t carve_scratch(float* base, const KdaDims& s, Pass pass, Scratch& s
     }
     sc.dstates = take(ch * dk * dv);
     sc.dvn = take(ch * kChunk * dv / 2);
-    sc.dqg = take(ch * kChunk * dk);
-    sc.dkg = take(ch * kChunk * dk);
-    sc.dw = take(ch * kChunk * dk);
-    sc.dgls = take(ch * dk);
-    sc.daqk = take(ch * kMat);
-    sc.dtv = take(ch * kMat);
+    const size_t chg = mc * static_cast<size_t>(product_group_heads(s));  // one head group's products
+    sc.dqg = take(chg * kChunk * dk);
+    sc.dkg = take(chg * kChunk * dk);
+    sc.dw = take(chg * kChunk * dk);
+    sc.dgls = take(chg * dk);
+    sc.daqk = take(chg * kMat);
+    sc.dtv = take(chg * kMat);
     if (s.hv != s.h) {  // per value head dq, dk only where a GQA group is summed
       sc.dq_hv = take(static_cast<size_t>(s.n) * hv * dk);
       sc.dk_hv = take(static_cast<size_t>(s.n) * hv * dk);

@@ -1238,17 +1238,19 @@ __global__ void __launch_bounds__(kThreads, 2)
                          const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ v,
                          float* __restrict__ dqg, float* __restrict__ dkg, float* __restrict__ dw,
                          float* __restrict__ dgls, float* __restrict__ daqk, float* __restrict__ dtv,
-                         __nv_bfloat16* __restrict__ dv_out) {
+                         __nv_bfloat16* __restrict__ dv_out, int hv0, int hvg) {
   using Lt = ProductsHalfLayout<DK, DV>;
   constexpr int HK = DK / 2, kLdX = Lt::kLdX;
   extern __shared__ __align__(128) unsigned char smem[];
   const int part = static_cast<int>(blockIdx.x & 1);
   const int64_t c = blockIdx.x >> 1;
-  const int hv = static_cast<int>(blockIdx.y);
+  const int hv = hv0 + static_cast<int>(blockIdx.y);
   if (c >= chunk_off[s.num_docs]) return;
   const kda_chunk::ChunkSpan sp = kda_chunk::locate_chunk(cu, chunk_off, s.num_docs, c);
   const int L = sp.len, HV = static_cast<int>(s.hv);
-  const int64_t ch = c * HV + hv;
+  // ch: the chunk and value head in the per-chunk buffers of every head (states, v_new, X); chg: in the head
+  // group's products (dqg, dkg, dw, dgls, dAqk, dT_v), hvg heads per chunk.
+  const int64_t ch = c * HV + hv, chg = c * hvg + blockIdx.y;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const uint32_t s0 = smem_addr(smem);
   float* bs = reinterpret_cast<float*>(smem + Lt::oBeta);
@@ -1278,7 +1280,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       acc += sv.x * dv2.x + sv.y * dv2.y;
     }
     acc = warp_sum(acc);
-    if (lane == 0) dgls[ch * DK + part * HK + i] = acc;
+    if (lane == 0) dgls[chg * DK + part * HK + i] = acc;
   }
 
   const int I = warp & 3, half = warp >> 2;
@@ -1310,8 +1312,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int col = part * HK + half * (HK / 2) + 8 * nt + 2 * tq;
-      *reinterpret_cast<float2*>(out + (ch * C + ra) * DK + col) = make_float2(acc[nt][0], acc[nt][1]);
-      *reinterpret_cast<float2*>(out + (ch * C + rb) * DK + col) = make_float2(acc[nt][2], acc[nt][3]);
+      *reinterpret_cast<float2*>(out + (chg * C + ra) * DK + col) = make_float2(acc[nt][0], acc[nt][1]);
+      *reinterpret_cast<float2*>(out + (chg * C + rb) * DK + col) = make_float2(acc[nt][2], acc[nt][3]);
     }
   };
   dk_product(Lt::oDO, Lt::oShi, Lt::oSlo, dqg);
@@ -1344,9 +1346,9 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         const int col = 32 * half + 8 * nt + 2 * tq;
-        *reinterpret_cast<float2*>(out + (ch * C + ra) * C + col) =
+        *reinterpret_cast<float2*>(out + (chg * C + ra) * C + col) =
             make_float2(col <= ra ? sign * acc[nt][0] : 0.f, col + 1 <= ra ? sign * acc[nt][1] : 0.f);
-        *reinterpret_cast<float2*>(out + (ch * C + rb) * C + col) =
+        *reinterpret_cast<float2*>(out + (chg * C + rb) * C + col) =
             make_float2(col <= rb ? sign * acc[nt][2] : 0.f, col + 1 <= rb ? sign * acc[nt][3] : 0.f);
       }
     };
@@ -1442,18 +1444,19 @@ __global__ void __launch_bounds__(kThreads, 2)
                  const float* __restrict__ dtv, const float* __restrict__ dqg, const float* __restrict__ dkg,
                  const float* __restrict__ dw, const float* __restrict__ dgls, float* __restrict__ dq_hv,
                  float* __restrict__ dk_hv, __nv_bfloat16* __restrict__ dq_out, __nv_bfloat16* __restrict__ dk_out,
-                 float* __restrict__ dg, float* __restrict__ dbeta) {
+                 float* __restrict__ dg, float* __restrict__ dbeta, int hv0, int hvg) {
   using Lt = IntraLayout<DK>;
   constexpr int LDG = kLdG<DK>, LDB = kLdB<DK>, LDM = Lt::kLdM;
   constexpr int NH = DK / 32;  // 8-channel tiles per warp and half (each warp: DK / 2 channels in two halves)
   extern __shared__ __align__(128) unsigned char smem[];
   const int64_t c = blockIdx.x;
-  const int hv = static_cast<int>(blockIdx.y);
+  const int hv = hv0 + static_cast<int>(blockIdx.y);
   if (c >= chunk_off[s.num_docs]) return;
   const kda_chunk::ChunkSpan sp = kda_chunk::locate_chunk(cu, chunk_off, s.num_docs, c);
   const int L = sp.len, H = static_cast<int>(s.h), HV = static_cast<int>(s.hv);
   const int h = hv / (HV / H);
-  const int64_t ch = c * HV + hv;
+  // ch: X's chunk and value head (every head); chg: the head group's products (products_half_kernel).
+  const int64_t ch = c * HV + hv, chg = c * hvg + blockIdx.y;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
 
   float* gs = reinterpret_cast<float*>(smem + Lt::oG);
@@ -1467,16 +1470,16 @@ __global__ void __launch_bounds__(kThreads, 2)
   float* dbt = reinterpret_cast<float*>(smem + Lt::oDbT);
   float* extra = reinterpret_cast<float*>(smem + Lt::oExtra);
   const float* xc = x + ch * C * C;
-  const float* dwc = dw + ch * C * DK;
-  const float* dqgc = dqg + ch * C * DK;
-  const float* dkgc = dkg + ch * C * DK;
+  const float* dwc = dw + chg * C * DK;
+  const float* dqgc = dqg + chg * C * DK;
+  const float* dkgc = dkg + chg * C * DK;
   KDA_CLOCKS_BEGIN();
 
   // 1. Loads (k, g, X, dT_v asynchronously), G = cumsum(g).
   stage_head_rows<DK>(smem_addr(ks), k, sp.start, L, H, h);
   stage_g<DK>(smem_addr(gs), g, sp.start, L, HV, hv);
   stage_matrix<LDM>(smem_addr(xm), xc);
-  stage_matrix<LDM>(smem_addr(tm), dtv + ch * C * C);
+  stage_matrix<LDM>(smem_addr(tm), dtv + chg * C * C);
   cp_async_commit();
   if (tid < C) bs[tid] = tid < L ? beta[(sp.start + tid) * HV + hv] : 0.f;
   cp_async_wait<0>();
@@ -1550,7 +1553,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncwarp();
     for (int r = col + part; r < C; r += 4) tm[r * LDM + col] *= bs[col];
   }
-  if (tid < DK) extra[tid] = __expf(gs[(C - 1) * LDG + tid]) * dgls[ch * DK + tid];
+  if (tid < DK) extra[tid] = __expf(gs[(C - 1) * LDG + tid]) * dgls[chg * DK + tid];
   __syncthreads();
   KDA_CLOCK(3);
   // 4. Z = dX X^T and 5. dA = -(X^T Z) strictly below the diagonal (dX[a][b] = 0 for b > a, X[c][b] = 0 for
@@ -1615,7 +1618,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (tid < L) dbeta[(sp.start + tid) * HV + hv] = acc;
   }
   __syncthreads();
-  stage_matrix<LDM>(smem_addr(qa), daqk + ch * C * C);
+  stage_matrix<LDM>(smem_addr(qa), daqk + chg * C * C);
   cp_async_commit();
   const int I = warp & 3, half = warp >> 2;
   const int ra = 16 * I + gq, rb = ra + 8;
@@ -2047,17 +2050,22 @@ void products_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
   const __nv_bfloat16* ndvn = reinterpret_cast<const __nv_bfloat16*>(sc.dvn);
   if (mc > 0) {
     using QL = ProductsHalfLayout<DK, DV>;
-    set_smem(products_half_kernel<DK, DV>, QL::bytes);
-    products_half_kernel<DK, DV><<<dim3(2 * chunk_grid.x, chunk_grid.y), kThreads, QL::bytes, st>>>(
-        s, cu, chunk_off, states_hi, states_lo, dstates_hi, dstates_hi + state_elems, vn, ndvn, sc.x, beta, as_nv(dout),
-        as_nv(v), sc.dqg, sc.dkg, sc.dw, sc.dgls, sc.daqk, sc.dtv, as_nv(dv));
-    CHECK_LAUNCH();
     using IL = IntraLayout<DK>;
+    set_smem(products_half_kernel<DK, DV>, QL::bytes);
     set_smem(intra_kernel<DK>, IL::bytes);
-    intra_kernel<DK><<<chunk_grid, kThreads, IL::bytes, st>>>(s, as_nv(q), as_nv(k), g, beta, cu, chunk_off, sc.x,
-                                                              sc.daqk, sc.dtv, sc.dqg, sc.dkg, sc.dw, sc.dgls, sc.dq_hv,
-                                                              sc.dk_hv, as_nv(dq), as_nv(dk), dg, dbeta);
-    CHECK_LAUNCH();
+    // One head group after the other (the products' buffers hold one group: kda_chunk::product_group_heads).
+    const int hvg = static_cast<int>(kda_chunk::product_group_heads(s));
+    for (int hv0 = 0; hv0 < s.hv; hv0 += hvg) {
+      const unsigned heads = static_cast<unsigned>(std::min<int64_t>(hvg, s.hv - hv0));
+      products_half_kernel<DK, DV><<<dim3(2 * chunk_grid.x, heads), kThreads, QL::bytes, st>>>(
+          s, cu, chunk_off, states_hi, states_lo, dstates_hi, dstates_hi + state_elems, vn, ndvn, sc.x, beta,
+          as_nv(dout), as_nv(v), sc.dqg, sc.dkg, sc.dw, sc.dgls, sc.daqk, sc.dtv, as_nv(dv), hv0, hvg);
+      CHECK_LAUNCH();
+      intra_kernel<DK><<<dim3(chunk_grid.x, heads), kThreads, IL::bytes, st>>>(
+          s, as_nv(q), as_nv(k), g, beta, cu, chunk_off, sc.x, sc.daqk, sc.dtv, sc.dqg, sc.dkg, sc.dw, sc.dgls,
+          sc.dq_hv, sc.dk_hv, as_nv(dq), as_nv(dk), dg, dbeta, hv0, hvg);
+      CHECK_LAUNCH();
+    }
   }
 }
 
