@@ -372,6 +372,14 @@ void kda_forward_saving(const ExecContext& ctx, const Tensor& q, const Tensor& k
 #endif
 }
 
+int kda_saving_windows(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens) {
+  const KdaDims s = read_dims(k, v, cu_seqlens, "kda_saving_windows");
+#ifdef HYD_WITH_CUDA
+  if (k.device.is_cuda() && cuda::kda_split_supported(s)) return cuda::kda_saving_windows(s);
+#endif
+  return 1;
+}
+
 void kda_backward_saved(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
                         const Tensor& beta, const Tensor& cu_seqlens, const Tensor& dout, const Tensor& dfinal_state,
                         const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg, const Tensor& dbeta,

@@ -72,6 +72,11 @@ void kda_backward_saved(const ExecContext& ctx, const Tensor& q, const Tensor& k
                         const Tensor& beta, const Tensor& cu_seqlens, const Tensor& dout, const Tensor& dfinal_state,
                         const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dg, const Tensor& dbeta,
                         const Tensor& dinitial_state, const Tensor& saved);
+// How many windows kda_forward_saving / kda_backward_saved pipeline these inputs over on the current device: a batch
+// whose state passes fill at most half of the SMs (few long documents) runs the chunk-parallel kernels of one window
+// of chunks beside the sequential pass over another (kernels/cuda/kda_mma.cu pass_windows; HYD_KDA_WINDOWS=N forces
+// N); 1: none (also without CUDA). Same results either way.
+int kda_saving_windows(const Tensor& k, const Tensor& v, const Tensor& cu_seqlens);
 // kda_forward_saving in two steps (the same kernels, so the same bits): the state-independent prep into `saved`
 // and `u` (f32, at least kda_saving_u_floats elements, kept by the caller until the pass), then the state pass from
 // initial_state; anything may run between them that writes neither saved nor u (LASP-2: a rank preps while it
@@ -164,6 +169,7 @@ void kda_transition(const KdaDims& s, const bf16* k, const bf16* v, const float*
                     const int32_t* cu_seqlens, float* M, float* B, void* stream);
 // The split forward (kernels::kda_forward_prepare / kda_forward_pass above); ws: workspace_bytes(s, zero_values).
 bool kda_split_supported(const KdaDims& s);
+int kda_saving_windows(const KdaDims& s);
 void kda_backward_initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
                                   const float* beta, const int32_t* cu_seqlens, const bf16* dout, float* dinitial_state,
                                   void* stream);

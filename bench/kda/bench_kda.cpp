@@ -137,9 +137,9 @@ void run(int64_t B, int64_t T) {
       double(a.used() + keep.used() + pool_high_water(cudaMemPoolAttrUsedMemHigh)) / double(1ull << 30);
   std::printf(
       "hydistill B=%lld T=%lld H=%lld d=%lld fwd_ms=%.3f fwdbwd_ms=%.3f peak_gib=%.2f saving_fwd_ms=%.3f "
-      "saving_fwdbwd_ms=%.3f saving_peak_gib=%.2f saving_alloc_gib=%.2f\n",
+      "saving_fwdbwd_ms=%.3f saving_peak_gib=%.2f saving_alloc_gib=%.2f saving_windows=%d\n",
       (long long)B, (long long)T, (long long)H, (long long)dk, f_ms, fb_ms, peak_gib, fs_ms, fbs_ms, peak_s_gib,
-      alloc_s_gib);
+      alloc_s_gib, kernels::kda_saving_windows(tk, tv, tcu));
   std::fflush(stdout);
   if (const char* e = std::getenv("BENCH_KDA_LASP"); e != nullptr && e[0] == '1') {
     // LASP-2's pieces on this shape (docs/parallel.md, one rank with an incoming state and an outgoing adjoint):

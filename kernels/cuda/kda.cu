@@ -210,6 +210,8 @@ void kda_backward_initial_adjoint(const KdaDims& s, const bf16* q, const bf16* k
 
 size_t kda_saved_bytes(const KdaDims& s) { return kda_mma::saved_bytes(s); }
 
+int kda_saving_windows(const KdaDims& s) { return kda_mma::saving_windows(s); }
+
 void kda_forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
                         const float* beta, const int32_t* cu_seqlens, const float* initial_state, bf16* o,
                         float* final_state, void* saved, void* stream) {
@@ -217,9 +219,13 @@ void kda_forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf
   HYD_CHECK(kda_split_supported(s), "kda_forward_saving: not available for dk ", s.dk, " / dv ", s.dv);
   if (s.num_docs == 0) return;
   // u (read by the state pass only) in stream-ordered scratch, freed behind it.
-  StreamScratch u((kda_mma::saving_u_bytes(s) + 3) / 4, as_stream(stream));
-  kda_forward_saving_prepare(s, q, k, v, g, beta, cu_seqlens, saved, u.get(), stream);
-  kda_forward_saving_pass(s, cu_seqlens, initial_state, o, final_state, saved, u.get(), stream);
+  cudaStream_t st = as_stream(stream);
+  StreamScratch u((kda_mma::saving_u_bytes(s) + 3) / 4, st);
+  kda_chunk::Scratch sc;
+  sc.chunk_off = kda_mma::saved_chunk_table(s, saved);
+  DeviceLauncher launcher{st};
+  kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
+  kda_mma::forward_saving(s, q, k, v, g, beta, cu_seqlens, initial_state, o, final_state, saved, u.get(), st);
 }
 
 size_t kda_saving_u_bytes(const KdaDims& s) { return kda_mma::saving_u_bytes(s); }

@@ -387,12 +387,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     prep_kernel(KdaDims s, const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                 const __nv_bfloat16* __restrict__ v, const float* __restrict__ g, const float* __restrict__ beta,
                 const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off, __nv_bfloat16* w_out,
-                float* u_out, __nv_bfloat16* qg_out, __nv_bfloat16* kg_out, __nv_bfloat16* aqk_out,
-                float* gl_out, float* x_out) {
+                float* u_out, __nv_bfloat16* qg_out, __nv_bfloat16* kg_out, __nv_bfloat16* aqk_out, float* gl_out,
+                float* x_out, int64_t c_base) {
   using Lt = PrepLayout<DK, DV>;
   constexpr int kLdG = Lt::kLdG, kLdB = Lt::kLdB, kLdM = Lt::kLdM;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int64_t c = blockIdx.x;
+  const int64_t c = c_base + blockIdx.x;  // c_base: 0, or a window's first chunk
   const int hv = static_cast<int>(blockIdx.y);
   if (c >= chunk_off[s.num_docs]) return;
   const kda_chunk::ChunkSpan sp = kda_chunk::locate_chunk(cu, chunk_off, s.num_docs, c);
@@ -728,6 +728,26 @@ __device__ __forceinline__ void chunk_outputs(float (&acc)[2][4], uint32_t qg_ti
   add_aqk_times_tile(acc, aqk_tile, v_tile, I, nb, lane);
 }
 
+// A state pass's window: chunks [ws, we) of the packed batch (all by default). A document cut by a window edge
+// takes its state from `carry` (laid out as the initial / final states) where the window starts inside it, and
+// leaves it there where the window ends inside it; the passes over consecutive windows carry it in f32, as from
+// chunk to chunk. An empty document belongs to the first window.
+struct PassWindow {
+  int64_t ws = 0, we = INT64_MAX;
+  float* carry = nullptr;
+};
+// This document's chunks [c0, c1) within the window (false: none). first / last: whether they include the
+// document's first / last chunk.
+__device__ __forceinline__ bool window_chunks(const PassWindow& win, int64_t c0d, int64_t c1d, int64_t& c0,
+                                              int64_t& c1) {
+  c0 = c0d;
+  c1 = c1d;
+  if (c0d == c1d) return win.ws == 0;
+  c0 = max(c0d, win.ws);
+  c1 = min(c1d, win.we);
+  return c0 < c1;
+}
+
 template <int DK, int DV, bool STG = false>
 __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
     state_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
@@ -735,7 +755,7 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
                  const __nv_bfloat16* __restrict__ kg, const __nv_bfloat16* __restrict__ aqk,
                  const float* __restrict__ gl, const float* __restrict__ initial, __nv_bfloat16* __restrict__ o,
                  float* __restrict__ final_state, __nv_bfloat16* __restrict__ states_hi,
-                 __nv_bfloat16* __restrict__ states_lo, __nv_bfloat16* __restrict__ vn) {
+                 __nv_bfloat16* __restrict__ states_lo, __nv_bfloat16* __restrict__ vn, PassWindow win) {
   using Lt = StateLayout<DK, STG>;
   constexpr int MT = DK / 16;       // m-tiles of the state
   constexpr int SN = 4 * MT / 8;    // n-tiles (of 8 columns) of the state per warp
@@ -745,7 +765,11 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
   const int64_t d = dt.d;
   const int hv = dt.hv, j0 = dt.j0;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
-  const int64_t c0 = chunk_off[d], c1 = chunk_off[d + 1];
+  const int64_t c0d = chunk_off[d], c1d = chunk_off[d + 1];
+  int64_t c0, c1;
+  if (!window_chunks(win, c0d, c1d, c0, c1)) return;
+  const float* state_in = c0 == c0d ? initial : win.carry;
+  float* state_out = c1 == c1d ? final_state : win.carry;
   const int64_t sbase = (d * HV + hv) * DK * DV + j0;
   const uint32_t s0 = smem_addr(smem);
   const uint32_t s_shi = s0 + Lt::oShi, s_slo = s0 + Lt::oSlo, s_vhi = s0 + Lt::oVhi, s_vlo = s0 + Lt::oVlo;
@@ -754,7 +778,7 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
   const int sm = warp % MT, sn0 = (warp / MT) * SN;
   const StateFrag fp{sm, sn0, gq, tq};
   float st[SN][4];
-  frag_load<DV>(st, initial, sbase, fp);
+  frag_load<DV>(st, state_in, sbase, fp);
   frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
 
   // Chunk c's operands in two groups: (w, u), read by step (a) only, and (qg, Aqk, kg, gl), read by (b) and (c).
@@ -797,7 +821,7 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
     __syncthreads();  // chunk c's operands and the staged state are visible
     const uint32_t base = s0 + static_cast<uint32_t>(b * Lt::buf);
     const unsigned char* gbase = smem + b * Lt::buf;
-    const int64_t start = cu[d] + (c - c0) * C;
+    const int64_t start = cu[d] + (c - c0d) * C;
     const int L = static_cast<int>(min(static_cast<int64_t>(C), cu[d + 1] - start));
     const int64_t ch = c * HV + hv;
     if (states_hi) {  // S entering the chunk (hi + lo), for the backward
@@ -865,7 +889,7 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
     frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
   }
   cp_async_wait<0>();
-  if (final_state) frag_store<DV>(st, final_state, sbase, fp);
+  if (state_out) frag_store<DV>(st, state_out, sbase, fp);
 }
 
 // ---------------------------------------------------------------- forward: LASP-2's parallel correction
@@ -1066,8 +1090,8 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
                    const __nv_bfloat16* __restrict__ kg, const __nv_bfloat16* __restrict__ aqk,
                    const float* __restrict__ gl, const __nv_bfloat16* __restrict__ dout,
                    const float* __restrict__ dfinal, __nv_bfloat16* __restrict__ dstates_hi,
-                   __nv_bfloat16* __restrict__ dstates_lo, __nv_bfloat16* __restrict__ ndvn,
-                   float* __restrict__ dinit) {
+                   __nv_bfloat16* __restrict__ dstates_lo, __nv_bfloat16* __restrict__ ndvn, float* __restrict__ dinit,
+                   PassWindow win) {
   using Lt = ReverseLayout<DK, STG>;
   constexpr int MT = DK / 16, SN = 4 * MT / 8;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -1076,7 +1100,11 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
   const int64_t d = dt.d;
   const int hv = dt.hv, j0 = dt.j0;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
-  const int64_t c0 = chunk_off[d], c1 = chunk_off[d + 1];
+  const int64_t c0d = chunk_off[d], c1d = chunk_off[d + 1];
+  int64_t c0, c1;
+  if (!window_chunks(win, c0d, c1d, c0, c1)) return;
+  const float* adj_in = c1 == c1d ? dfinal : win.carry;
+  float* adj_out = c0 == c0d ? dinit : win.carry;
   const int64_t sbase = (d * HV + hv) * DK * DV + j0;
   const uint32_t s0 = smem_addr(smem);
   const uint32_t s_shi = s0 + Lt::oShi, s_slo = s0 + Lt::oSlo, s_vhi = s0 + Lt::oVhi, s_vlo = s0 + Lt::oVlo;
@@ -1084,7 +1112,7 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
   const StateFrag fp{sm, sn0, gq, tq};
 
   float ds[SN][4];
-  frag_load<DV>(ds, dfinal, sbase, fp);
+  frag_load<DV>(ds, adj_in, sbase, fp);
   frag_stage(ds, smem + Lt::oShi, smem + Lt::oSlo, fp);
 
   // Chunk c's operands in two groups: (Aqk, kg, do), read by step (a) (do also by (b): STG keeps two do tiles),
@@ -1092,7 +1120,7 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
   auto do_off = [&](int b) { return STG ? (b ? Lt::oDO2 : Lt::oDO) : Lt::oDO; };
   auto load_a = [&](int64_t c, int b) {
     const int64_t ch = c * HV + hv;
-    const int64_t start = cu[d] + (c - c0) * C;
+    const int64_t start = cu[d] + (c - c0d) * C;
     const int L = static_cast<int>(min(static_cast<int64_t>(C), cu[d + 1] - start));
     const uint32_t base = s0 + static_cast<uint32_t>(STG ? 0 : b * Lt::buf);
     copy_tile<C, DK>(base + Lt::oKG, kg + ch * C * DK, DK, C);
@@ -1200,7 +1228,7 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
     frag_stage(ds, smem + Lt::oShi, smem + Lt::oSlo, fp);
   }
   cp_async_wait<0>();
-  if (dinit) frag_store<DV>(ds, dinit, sbase, fp);
+  if (adj_out) frag_store<DV>(ds, adj_out, sbase, fp);
 }
 
 // ---------------------------------------------------------------- backward: products over dv
@@ -1238,12 +1266,12 @@ __global__ void __launch_bounds__(kThreads, 2)
                          const __nv_bfloat16* __restrict__ dout, const __nv_bfloat16* __restrict__ v,
                          float* __restrict__ dqg, float* __restrict__ dkg, float* __restrict__ dw,
                          float* __restrict__ dgls, float* __restrict__ daqk, float* __restrict__ dtv,
-                         __nv_bfloat16* __restrict__ dv_out, int hv0, int hvg) {
+                         __nv_bfloat16* __restrict__ dv_out, int hv0, int hvg, int64_t c_base) {
   using Lt = ProductsHalfLayout<DK, DV>;
   constexpr int HK = DK / 2, kLdX = Lt::kLdX;
   extern __shared__ __align__(128) unsigned char smem[];
   const int part = static_cast<int>(blockIdx.x & 1);
-  const int64_t c = blockIdx.x >> 1;
+  const int64_t c = c_base + (blockIdx.x >> 1);  // c_base: 0, or a window's first chunk
   const int hv = hv0 + static_cast<int>(blockIdx.y);
   if (c >= chunk_off[s.num_docs]) return;
   const kda_chunk::ChunkSpan sp = kda_chunk::locate_chunk(cu, chunk_off, s.num_docs, c);
@@ -1444,12 +1472,12 @@ __global__ void __launch_bounds__(kThreads, 2)
                  const float* __restrict__ dtv, const float* __restrict__ dqg, const float* __restrict__ dkg,
                  const float* __restrict__ dw, const float* __restrict__ dgls, float* __restrict__ dq_hv,
                  float* __restrict__ dk_hv, __nv_bfloat16* __restrict__ dq_out, __nv_bfloat16* __restrict__ dk_out,
-                 float* __restrict__ dg, float* __restrict__ dbeta, int hv0, int hvg) {
+                 float* __restrict__ dg, float* __restrict__ dbeta, int hv0, int hvg, int64_t c_base) {
   using Lt = IntraLayout<DK>;
   constexpr int LDG = kLdG<DK>, LDB = kLdB<DK>, LDM = Lt::kLdM;
   constexpr int NH = DK / 32;  // 8-channel tiles per warp and half (each warp: DK / 2 channels in two halves)
   extern __shared__ __align__(128) unsigned char smem[];
-  const int64_t c = blockIdx.x;
+  const int64_t c = c_base + blockIdx.x;  // c_base: 0, or a window's first chunk
   const int hv = hv0 + static_cast<int>(blockIdx.y);
   if (c >= chunk_off[s.num_docs]) return;
   const kda_chunk::ChunkSpan sp = kda_chunk::locate_chunk(cu, chunk_off, s.num_docs, c);
@@ -1875,13 +1903,13 @@ void set_smem(K kernel, size_t bytes) {
 template <int DK, int DV>
 void prep_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
                const int32_t* cu, const int32_t* chunk_off, const FwdBuffers& f, cudaStream_t st,
-               float* x_out = nullptr) {
-  const int64_t mc = kda_chunk::max_chunks(s);
+               float* x_out = nullptr, int64_t c_base = 0, int64_t grid_chunks = -1) {
+  const int64_t mc = grid_chunks < 0 ? kda_chunk::max_chunks(s) : grid_chunks;
   if (mc > 0) {
     using PL = PrepLayout<DK, DV>;
     set_smem(prep_kernel<DK, DV>, PL::bytes);
     prep_kernel<DK, DV><<<dim3(static_cast<unsigned>(mc), static_cast<unsigned>(s.hv)), kThreads, PL::bytes, st>>>(
-        s, as_nv(q), as_nv(k), as_nv(v), g, beta, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, x_out);
+        s, as_nv(q), as_nv(k), as_nv(v), g, beta, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, x_out, c_base);
     CHECK_LAUNCH();
   }
 }
@@ -1913,18 +1941,29 @@ bool passes_stg(int64_t blocks) {
   return blocks <= 2 * int64_t{current_sm_count()};
 }
 
-// The forward state pass over every document (o, final_state, states_hi / lo, vn optional).
+// A windowed pass's shared memory, padded (HYD_KDA_WINDOW_PAD_KB, default 200 KB; 0: none) so that the
+// chunk-parallel kernels running beside it do not share its SMs, where they slow its chunk steps down (H200,
+// bench_kda B1xT32768 saving fwd+bwd, 8 windows: 7.67-7.73 ms unpadded, 7.56-7.60 ms padded to 120 KB (no products
+// block fits beside it), 7.31 ms padded to 200 KB; docs/benchmarks.md stop 26).
+size_t window_bytes(size_t bytes, const PassWindow& win) {
+  if (win.carry == nullptr) return bytes;
+  const char* e = std::getenv("HYD_KDA_WINDOW_PAD_KB");
+  const size_t pad = (e != nullptr && e[0] != '\0' ? static_cast<size_t>(std::atoi(e)) : 200) * 1024;
+  return std::max(bytes, pad);
+}
+
+// The forward state pass over every document (o, final_state, states_hi / lo, vn optional; win: a window of chunks).
 template <int DK, int DV>
 void state_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const float* initial_state, bf16* o,
                 float* final_state, const FwdBuffers& f, cudaStream_t st, __nv_bfloat16* states_hi = nullptr,
-                __nv_bfloat16* states_lo = nullptr, __nv_bfloat16* vn = nullptr) {
+                __nv_bfloat16* states_lo = nullptr, __nv_bfloat16* vn = nullptr, const PassWindow& win = {}) {
   const dim3 grid = doc_grid(s, DV);
   const bool one = passes_stg(grid.x);
   const auto kernel = one ? state_kernel<DK, DV, true> : state_kernel<DK, DV, false>;
-  const size_t bytes = one ? StateLayout<DK, true>::bytes : StateLayout<DK, false>::bytes;
+  const size_t bytes = window_bytes(one ? StateLayout<DK, true>::bytes : StateLayout<DK, false>::bytes, win);
   set_smem(kernel, bytes);
   kernel<<<grid, kThreads, bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, initial_state, as_nv(o),
-                                        final_state, states_hi, states_lo, vn);
+                                        final_state, states_hi, states_lo, vn, win);
   CHECK_LAUNCH();
 }
 
@@ -1944,17 +1983,15 @@ void forward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v,
 // B1xT16384 H=16 (64 blocks) 5.95 -> 5.62 ms, B1xT32768 11.85 -> 11.59 ms, but B8xT4096 (512 blocks)
 // 9.85 -> 10.10 ms. One stream and two events per device, created on first use and kept for the process; null
 // with HYD_KDA_CONCURRENT=0 (one after the other, for measuring against) or when the pass has more blocks.
+constexpr int kMaxWindows = 16;
 struct SideStream {
-  cudaStream_t stream = nullptr;
+  cudaStream_t stream = nullptr;  // the device's highest priority
   cudaEvent_t fork = nullptr, join = nullptr;
+  cudaEvent_t win[kMaxWindows] = {};  // one per window of a pipelined pass (pass_windows)
   int sms = 0;
 };
-const SideStream* side_stream(int64_t pass_blocks) {
-  static const bool on = [] {
-    const char* e = std::getenv("HYD_KDA_CONCURRENT");
-    return !(e != nullptr && e[0] == '0');
-  }();
-  if (!on) return nullptr;
+// The current device's side stream and events, created on first use and kept for the process.
+const SideStream& device_side() {
   constexpr int kMaxDevices = 64;
   static SideStream sides[kMaxDevices];
   static std::mutex mu;
@@ -1964,26 +2001,75 @@ const SideStream* side_stream(int64_t pass_blocks) {
   std::lock_guard<std::mutex> lock(mu);
   SideStream& side = sides[dev];
   if (side.stream == nullptr) {
-    CHECK_CUDA(cudaStreamCreateWithFlags(&side.stream, cudaStreamNonBlocking));
+    int least = 0, greatest = 0;
+    CHECK_CUDA(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    CHECK_CUDA(cudaStreamCreateWithPriority(&side.stream, cudaStreamNonBlocking, greatest));
     CHECK_CUDA(cudaEventCreateWithFlags(&side.fork, cudaEventDisableTiming));
     CHECK_CUDA(cudaEventCreateWithFlags(&side.join, cudaEventDisableTiming));
+    for (cudaEvent_t& e : side.win) CHECK_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     side.sms = current_sm_count();
   }
+  return side;
+}
+const SideStream* side_stream(int64_t pass_blocks) {
+  static const bool on = [] {
+    const char* e = std::getenv("HYD_KDA_CONCURRENT");
+    return !(e != nullptr && e[0] == '0');
+  }();
+  if (!on) return nullptr;
+  const SideStream& side = device_side();
   return 2 * pass_blocks <= side.sms ? &side : nullptr;
 }
+
+// Pipelined windows. A batch whose state passes fill at most half of the SMs (one document of 32k tokens at 16
+// heads: 64 blocks of an H200's 132) leaves the rest of the GPU idle while a pass walks its chunks. Split into windows
+// of consecutive chunks of the packed batch, the chunk-parallel kernels of one window run beside the sequential pass
+// over another: the saving forward's prep of window w + 1 beside the state pass over window w, the saved
+// backward's products of window w + 1 beside the reverse pass over window w. The passes run on the side stream
+// (highest priority, so their blocks are placed first when SMs free up) and carry the state of a document cut by
+// a window edge in f32 (PassWindow), as they do from chunk to chunk: the results equal the unwindowed ones bit for
+// bit. Default: one window per 64 chunks, at most 16 (kMaxWindows), when the passes fill at most half of the SMs.
+// H200, bench_kda saving fwd+bwd (docs/benchmarks.md stop 26): B1xT32768 (64 blocks) 8.33 ms unwindowed, 7.87 / 7.72
+// / 7.73 / 7.82 with 2 / 4 / 8 / 16 windows (unpadded); B1xT131072 33.38, 30.55 (8), 30.02 (16). With more blocks
+// the GPU is busy anyway and windows cost time: B8xT4096 (512 blocks) 6.59 ms unwindowed, 6.66 / 6.79 / 7.37 with
+// 2 / 4 / 8 windows. HYD_KDA_WINDOWS=N forces N windows (1: none), read on every call.
+int pass_windows(const KdaDims& s, int DV) {
+  const int64_t chunks = kda_chunk::max_chunks(s);
+  int64_t w = 1;
+  const char* e = std::getenv("HYD_KDA_WINDOWS");
+  if (e != nullptr && e[0] != '\0')
+    w = std::atoi(e);
+  else if (2 * static_cast<int64_t>(doc_grid(s, DV).x) <= current_sm_count())
+    w = chunks / 64;
+  return static_cast<int>(std::clamp<int64_t>(w, 1, std::min<int64_t>(kMaxWindows, std::max<int64_t>(chunks, 1))));
+}
+
+// pass_windows' windows: chunks [w per, (w + 1) per) of the packed batch, and the carried states (stream-ordered
+// scratch, as the initial / final states: documents x value heads x dk x dv f32).
+struct Windows {
+  int count;
+  int64_t per;
+  StreamScratch carry;
+  Windows(const KdaDims& s, int windows, int DK, int DV, cudaStream_t st)
+      : count(windows),
+        per((kda_chunk::max_chunks(s) + windows - 1) / windows),
+        carry(static_cast<size_t>(s.num_docs) * static_cast<size_t>(s.hv) * DK * DV, st) {}
+  PassWindow pass(int w) const { return PassWindow{w * per, (w + 1) * per, carry.get()}; }
+};
 
 // The reverse state pass over a document's chunks (dout may be null: zero output gradients).
 template <int DK, int DV>
 void reverse_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const bf16* dout,
                   const float* dfinal_state, float* dinitial_state, __nv_bfloat16* dstates_hi,
-                  __nv_bfloat16* dstates_lo, __nv_bfloat16* ndvn, const FwdBuffers& f, cudaStream_t st) {
+                  __nv_bfloat16* dstates_lo, __nv_bfloat16* ndvn, const FwdBuffers& f, cudaStream_t st,
+                  const PassWindow& win = {}) {
   const dim3 grid = doc_grid(s, DV);
   const bool one = passes_stg(grid.x);
   const auto kernel = one ? reverse_kernel<DK, DV, true> : reverse_kernel<DK, DV, false>;
-  const size_t bytes = one ? ReverseLayout<DK, true>::bytes : ReverseLayout<DK, false>::bytes;
+  const size_t bytes = window_bytes(one ? ReverseLayout<DK, true>::bytes : ReverseLayout<DK, false>::bytes, win);
   set_smem(kernel, bytes);
   kernel<<<grid, kThreads, bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl, as_nv(dout), dfinal_state,
-                                        dstates_hi, dstates_lo, ndvn, dinitial_state);
+                                        dstates_hi, dstates_lo, ndvn, dinitial_state, win);
   CHECK_LAUNCH();
 }
 
@@ -1991,7 +2077,8 @@ template <int DK, int DV>
 void products_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
                    const int32_t* cu, const int32_t* chunk_off, const bf16* dout, bf16* dq, bf16* dk, bf16* dv,
                    float* dg, float* dbeta, const kda_chunk::Scratch& sc, const __nv_bfloat16* states_hi,
-                   const __nv_bfloat16* states_lo, const __nv_bfloat16* vn, cudaStream_t st);
+                   const __nv_bfloat16* states_lo, const __nv_bfloat16* vn, cudaStream_t st, int64_t c_base = 0,
+                   int64_t grid_chunks = -1);
 
 template <int DK, int DV>
 void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
@@ -2005,8 +2092,8 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
   if (mc > 0 && recompute) {
     using PL = PrepLayout<DK, DV>;
     set_smem(prep_kernel<DK, DV>, PL::bytes);
-    prep_kernel<DK, DV><<<chunk_grid, kThreads, PL::bytes, st>>>(s, as_nv(q), as_nv(k), as_nv(v), g, beta, cu,
-                                                                  chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, sc.x);
+    prep_kernel<DK, DV><<<chunk_grid, kThreads, PL::bytes, st>>>(
+        s, as_nv(q), as_nv(k), as_nv(v), g, beta, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, sc.x, int64_t{0});
     CHECK_LAUNCH();
   }
   // S_in / dS_out of every chunk as hi + lo bf16 pairs in the f32-sized buffers of sc; v_new and
@@ -2016,6 +2103,22 @@ void backward_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
   __nv_bfloat16* dstates_hi = reinterpret_cast<__nv_bfloat16*>(sc.dstates);
   __nv_bfloat16* vn = reinterpret_cast<__nv_bfloat16*>(sc.vn);
   __nv_bfloat16* ndvn = reinterpret_cast<__nv_bfloat16*>(sc.dvn);
+  const int windows = recompute ? 1 : pass_windows(s, DV);
+  if (windows > 1) {  // the reverse pass over window w beside the products of window w + 1 (pass_windows)
+    const SideStream& side = device_side();
+    const Windows win(s, windows, DK, DV, st);
+    CHECK_CUDA(cudaEventRecord(side.fork, st));  // after whatever wrote dout
+    CHECK_CUDA(cudaStreamWaitEvent(side.stream, side.fork, 0));
+    for (int w = windows - 1; w >= 0; --w) {
+      reverse_impl<DK, DV>(s, cu, chunk_off, dout, dfinal_state, dinitial_state, dstates_hi, dstates_hi + state_elems,
+                           ndvn, f, side.stream, win.pass(w));
+      CHECK_CUDA(cudaEventRecord(side.win[w], side.stream));
+      CHECK_CUDA(cudaStreamWaitEvent(st, side.win[w], 0));
+      products_impl<DK, DV>(s, q, k, v, g, beta, cu, chunk_off, dout, dq, dk, dv, dg, dbeta, sc, states_hi,
+                            states_hi + state_elems, vn, st, w * win.per, win.per);
+    }
+    return;  // st has waited for the last reverse window (w = 0)
+  }
   // (Not when dinitial_state overwrites initial_state, which the state pass reads.)
   const bool aliased = dinitial_state != nullptr && static_cast<const void*>(dinitial_state) == initial_state;
   const SideStream* side = recompute && !aliased ? side_stream(docs.x) : nullptr;
@@ -2042,10 +2145,11 @@ template <int DK, int DV>
 void products_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
                    const int32_t* cu, const int32_t* chunk_off, const bf16* dout, bf16* dq, bf16* dk, bf16* dv,
                    float* dg, float* dbeta, const kda_chunk::Scratch& sc, const __nv_bfloat16* states_hi,
-                   const __nv_bfloat16* states_lo, const __nv_bfloat16* vn, cudaStream_t st) {
-  const int64_t mc = kda_chunk::max_chunks(s);
+                   const __nv_bfloat16* states_lo, const __nv_bfloat16* vn, cudaStream_t st, int64_t c_base,
+                   int64_t grid_chunks) {
+  const int64_t all = kda_chunk::max_chunks(s), mc = grid_chunks < 0 ? all : grid_chunks;
   const dim3 chunk_grid(static_cast<unsigned>(mc), static_cast<unsigned>(s.hv));
-  const size_t state_elems = static_cast<size_t>(mc) * static_cast<size_t>(s.hv) * DK * DV;
+  const size_t state_elems = static_cast<size_t>(all) * static_cast<size_t>(s.hv) * DK * DV;
   const __nv_bfloat16* dstates_hi = reinterpret_cast<const __nv_bfloat16*>(sc.dstates);
   const __nv_bfloat16* ndvn = reinterpret_cast<const __nv_bfloat16*>(sc.dvn);
   if (mc > 0) {
@@ -2059,11 +2163,11 @@ void products_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v
       const unsigned heads = static_cast<unsigned>(std::min<int64_t>(hvg, s.hv - hv0));
       products_half_kernel<DK, DV><<<dim3(2 * chunk_grid.x, heads), kThreads, QL::bytes, st>>>(
           s, cu, chunk_off, states_hi, states_lo, dstates_hi, dstates_hi + state_elems, vn, ndvn, sc.x, beta,
-          as_nv(dout), as_nv(v), sc.dqg, sc.dkg, sc.dw, sc.dgls, sc.daqk, sc.dtv, as_nv(dv), hv0, hvg);
+          as_nv(dout), as_nv(v), sc.dqg, sc.dkg, sc.dw, sc.dgls, sc.daqk, sc.dtv, as_nv(dv), hv0, hvg, c_base);
       CHECK_LAUNCH();
       intra_kernel<DK><<<dim3(chunk_grid.x, heads), kThreads, IL::bytes, st>>>(
           s, as_nv(q), as_nv(k), g, beta, cu, chunk_off, sc.x, sc.daqk, sc.dtv, sc.dqg, sc.dkg, sc.dw, sc.dgls,
-          sc.dq_hv, sc.dk_hv, as_nv(dq), as_nv(dk), dg, dbeta, hv0, hvg);
+          sc.dq_hv, sc.dk_hv, as_nv(dq), as_nv(dk), dg, dbeta, hv0, hvg, c_base);
       CHECK_LAUNCH();
     }
   }
@@ -2246,6 +2350,43 @@ void forward_saving_prepare(const KdaDims& s, const bf16* q, const bf16* k, cons
   b.f.u = u;
   with_dims(s, [&]<int DK, int DV>() {
     prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, b.chunk_off, b.f, as_stream(stream_ptr), b.x);
+  });
+}
+
+int saving_windows(const KdaDims& s) {
+  HYD_CHECK(supports(s), "kda_mma::saving_windows: dk ", s.dk, " / dv ", s.dv, " not supported");
+  return pass_windows(s, static_cast<int>(s.dv));
+}
+
+void forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                    const int32_t* cu_seqlens, const float* initial_state, bf16* o, float* final_state, void* saved,
+                    float* u, void* stream_ptr) {
+  HYD_CHECK(supports(s), "kda_mma::forward_saving: dk ", s.dk, " / dv ", s.dv, " not supported");
+  HYD_CHECK(s.num_docs <= 0x7fffffffLL && s.hv <= 65535, "kda_mma::forward_saving: grid too large");
+  SavedBuffers b;
+  carve_saved(s, static_cast<unsigned char*>(saved), b);
+  b.f.u = u;
+  const cudaStream_t st = as_stream(stream_ptr);
+  __nv_bfloat16* lo = b.states + chunk_elems(s, s.dv);
+  with_dims(s, [&]<int DK, int DV>() {
+    const int windows = pass_windows(s, DV);
+    if (windows == 1) {
+      prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, b.chunk_off, b.f, st, b.x);
+      state_impl<DK, DV>(s, cu_seqlens, b.chunk_off, initial_state, o, final_state, b.f, st, b.states, lo, b.vn);
+      return;
+    }
+    // The prep of window w + 1 (on st) beside the state pass over window w (pass_windows).
+    const SideStream& side = device_side();
+    const Windows win(s, windows, DK, DV, st);
+    for (int w = 0; w < windows; ++w) {
+      prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, b.chunk_off, b.f, st, b.x, w * win.per, win.per);
+      CHECK_CUDA(cudaEventRecord(side.win[w], st));
+      CHECK_CUDA(cudaStreamWaitEvent(side.stream, side.win[w], 0));
+      state_impl<DK, DV>(s, cu_seqlens, b.chunk_off, initial_state, o, final_state, b.f, side.stream, b.states, lo,
+                         b.vn, win.pass(w));
+    }
+    CHECK_CUDA(cudaEventRecord(side.join, side.stream));
+    CHECK_CUDA(cudaStreamWaitEvent(st, side.join, 0));
   });
 }
 

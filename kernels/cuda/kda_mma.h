@@ -69,6 +69,13 @@ void forward_saving_prepare(const KdaDims& s, const bf16* q, const bf16* k, cons
                             const float* beta, const int32_t* cu_seqlens, void* saved, float* u, void* stream);
 void forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state, bf16* o,
                          float* final_state, void* saved, const float* u, void* stream);
+// Both steps in one call (the chunk table computed before it). When the state pass fills at most half of the SMs
+// (few long documents), in windows of chunks: the prep of one window beside the state pass over the one before (as
+// backward_saved's reverse pass and products; kda_mma.cu pass_windows). The same results bit for bit.
+int saving_windows(const KdaDims& s);  // forward_saving's / backward_saved's windows (1: none)
+void forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g, const float* beta,
+                    const int32_t* cu_seqlens, const float* initial_state, bf16* o, float* final_state, void* saved,
+                    float* u, void* stream);
 // After forward_saving_prepare: the pass with zero values over dk columns (LASP-2's M from an identity
 // initial_state, [D, HV, dk, dk] as final_state) over the prep in `saved`; zero_u: f32 zeros of
 // max_chunks(s) x hv x 64 x dk. Nothing in `saved` is written.

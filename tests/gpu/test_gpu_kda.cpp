@@ -24,6 +24,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -552,6 +553,82 @@ TEST(GpuKda, SavedBackwardEqualsTheRecomputingOne) {
                                   "saved");
     test::expect_error_mentioning([&] { kda_forward_saving_prepare(ctx, q, k, v, g, beta, cu, saved2, small); }, "'u'");
   });
+}
+
+// kda_forward_saving / kda_backward_saved in windows of consecutive chunks (the prep of one window beside the state
+// pass over the one before; the products of one beside the reverse pass over the one after), carrying the state of
+// a document cut by a window edge in f32. Every result equals the unwindowed run's bit for bit: one long document
+// and a packed batch (documents of 0..1000 tokens, cut anywhere), window counts that divide the chunks unevenly or
+// leave windows empty, with and without the initial / final states and their gradients. Outputs poisoned first.
+TEST(GpuKda, PipelinedWindowsEqualTheWholePasses) {
+  HYD_REQUIRE_GPU();
+  const char* env = std::getenv("HYD_KDA_WINDOWS");
+  const std::string before = env ? env : "";
+  struct Restore {
+    bool had;
+    std::string value;
+    ~Restore() {
+      if (had)
+        ::setenv("HYD_KDA_WINDOWS", value.c_str(), 1);
+      else
+        ::unsetenv("HYD_KDA_WINDOWS");
+    }
+  } restore{env != nullptr, before};
+  struct Case {
+    int64_t h, hv, dk, dv;
+    std::vector<int32_t> lengths;
+  };
+  for (const Case& c : {Case{2, 2, 128, 128, {64 * 23 + 17}}, Case{1, 2, 64, 64, {64 * 9}}, Case{1, 1, 128, 64, {130}},
+                        Case{2, 2, 128, 128, {1, 63, 64, 0, 65, 200, 1000}}}) {
+    const Problem p = make_problem(c.lengths, c.h, c.hv, c.dk, c.dv, true, Gates::mixed);
+    SCOPED_TRACE(describe(p, "mixed", true));
+    const KdaDims& s = p.s;
+    const int64_t n = s.n, D = s.num_docs;
+    ExecContext ctx(Device::cuda(0));
+    DeviceBuffers buf(Device::cuda(0), size_t(256) << 20);
+    const Inputs in = upload_inputs(buf, p);
+    const Tensor dout = buf.upload(p.dout, {n, s.hv, s.dv}, DType::bf16);
+    const Tensor dfin = buf.upload(p.dfinal, {D, s.hv, s.dk, s.dv}, DType::f32);
+    const Tensor saved = buf.poisoned({kda_saved_floats(in.k, in.v, in.cu)}, DType::f32);
+    // Every output of the saving forward and the saved backward (with_states: initial state and final-state
+    // gradient given, final state and initial-state gradient asked for).
+    auto run = [&](const char* windows, bool with_states) {
+      ::setenv("HYD_KDA_WINDOWS", windows, 1);
+      const int64_t chunks = kda_chunk::max_chunks(s);  // a window count is capped by the chunks and by 16
+      EXPECT_EQ(kda_saving_windows(in.k, in.v, in.cu),
+                std::clamp<int64_t>(std::atoi(windows), 1, std::min<int64_t>(16, chunks)))
+          << windows;
+      std::vector<Tensor> t = {buf.poisoned({n, s.hv, s.dv}, DType::bf16), buf.poisoned({n, s.h, s.dk}, DType::bf16),
+                               buf.poisoned({n, s.h, s.dk}, DType::bf16),  buf.poisoned({n, s.hv, s.dv}, DType::bf16),
+                               buf.poisoned({n, s.hv, s.dk}, DType::f32),  buf.poisoned({n, s.hv}, DType::f32)};
+      const Tensor fin = with_states ? buf.poisoned({D, s.hv, s.dk, s.dv}, DType::f32) : Tensor{};
+      const Tensor dinit = with_states ? buf.poisoned({D, s.hv, s.dk, s.dv}, DType::f32) : Tensor{};
+      kda_forward_saving(ctx, in.q, in.k, in.v, in.g, in.beta, in.cu, with_states ? in.init : Tensor{}, t[0], fin,
+                         saved);
+      kda_backward_saved(ctx, in.q, in.k, in.v, in.g, in.beta, in.cu, dout, with_states ? dfin : Tensor{}, t[1], t[2],
+                         t[3], t[4], t[5], dinit, saved);
+      if (with_states) {
+        t.push_back(fin);
+        t.push_back(dinit);
+      }
+      ctx.synchronize();
+      std::vector<std::vector<float>> out;
+      for (const Tensor& x : t) out.push_back(DeviceBuffers::download(x));
+      return out;
+    };
+    const char* names[] = {"o", "dq", "dk", "dv", "dg", "dbeta", "final state", "dinitial_state"};
+    for (bool with_states : {true, false}) {
+      const std::vector<std::vector<float>> ref = run("1", with_states);
+      for (const auto& x : ref) EXPECT_TRUE(all_finite(x));
+      for (const char* windows : {"2", "3", "5", "16"}) {
+        const std::vector<std::vector<float>> got = run(windows, with_states);
+        ASSERT_EQ(got.size(), ref.size());
+        for (size_t i = 0; i < got.size(); ++i)
+          EXPECT_EQ(got[i], ref[i]) << names[i] << " with " << windows << " windows"
+                                    << (with_states ? "" : ", no states") << " differs from one window";
+      }
+    }
+  }
 }
 
 // LASP-2's parallel correction (kda_forward_saving_correct): the zero-state pass, the transition pass from
