@@ -85,10 +85,10 @@ __device__ __forceinline__ uint32_t eoff(int r, int col) {
 
 // Starts the copy of a ROWS x COLS bf16 tile (row r at src + r * stride) into the swizzled tile at
 // shared address dst; rows >= valid are zero-filled. All threads of the block call it.
-template <int ROWS, int COLS>
+template <int ROWS, int COLS, int NT = kThreads>
 __device__ __forceinline__ void copy_tile(uint32_t dst, const __nv_bfloat16* src, int64_t stride, int valid) {
   constexpr int CH = COLS / 8;
-  for (int idx = static_cast<int>(threadIdx.x); idx < ROWS * CH; idx += kThreads) {
+  for (int idx = static_cast<int>(threadIdx.x); idx < ROWS * CH; idx += NT) {
     const int r = idx / CH, c = idx % CH;
     const bool ok = r < valid;
     cp_async16(dst + toff<CH>(r, c), ok ? src + r * stride + c * 8 : src, ok);
@@ -538,31 +538,32 @@ struct DocTile {
   int64_t d;
   int hv, j0;
 };
+template <int BV = kBV>
 __device__ __forceinline__ DocTile doc_tile(int HV, int DV) {
-  const int tiles = DV / kBV;
+  const int tiles = DV / BV;
   const int64_t b = blockIdx.x, r = b / tiles;
-  return {r / HV, static_cast<int>(r % HV), static_cast<int>(b % tiles) * kBV};
+  return {r / HV, static_cast<int>(r % HV), static_cast<int>(b % tiles) * BV};
 }
 
-template <int DK, bool STG = false>
+template <int DK, bool STG = false, int BV = kBV>
 struct StateLayout {
   // One buffer per chunk in flight: w, qg, kg [C][DK], Aqk [C][C] (swizzled bf16), u [C][kLdU] f32,
   // gl [DK] f32.
-  static constexpr int kLdU = kBV + 8;
+  static constexpr int kLdU = BV + 8;
   static constexpr size_t oW = 0, oQG = oW + size_t{C} * DK * 2, oKG = oQG + size_t{C} * DK * 2,
                           oAQK = oKG + size_t{C} * DK * 2, oU = oAQK + size_t{C} * C * 2, oGL = oU + size_t{C} * kLdU * 4,
                           buf = oGL + size_t{DK} * 4;
-  // State staging (hi, lo) [DK][kBV] and v_new staging (hi, lo) [C][kBV].
-  static constexpr size_t oShi = (STG ? 1 : 2) * buf, oSlo = oShi + size_t{DK} * kBV * 2,
-                          oVhi = oSlo + size_t{DK} * kBV * 2, oVlo = oVhi + size_t{C} * kBV * 2,
-                          bytes = oVlo + size_t{C} * kBV * 2;
+  // State staging (hi, lo) [DK][BV] and v_new staging (hi, lo) [C][BV].
+  static constexpr size_t oShi = (STG ? 1 : 2) * buf, oSlo = oShi + size_t{DK} * BV * 2,
+                          oVhi = oSlo + size_t{DK} * BV * 2, oVlo = oVhi + size_t{C} * BV * 2,
+                          bytes = oVlo + size_t{C} * BV * 2;
 };
 
 // Copies a staged swizzled bf16 tile [ROWS][kBV] to global rows dst + r * stride (16-byte stores).
-template <int ROWS>
+template <int ROWS, int BV = kBV, int NT = kThreads>
 __device__ __forceinline__ void store_staged(const unsigned char* tile, __nv_bfloat16* dst, int64_t stride) {
-  constexpr int CH = kBV / 8;
-  for (int idx = static_cast<int>(threadIdx.x); idx < ROWS * CH; idx += kThreads) {
+  constexpr int CH = BV / 8;
+  for (int idx = static_cast<int>(threadIdx.x); idx < ROWS * CH; idx += NT) {
     const int r = idx / CH, c = idx % CH;
     *reinterpret_cast<uint4*>(dst + r * stride + c * 8) = *reinterpret_cast<const uint4*>(tile + toff<CH>(r, c));
   }
@@ -595,7 +596,7 @@ __device__ __forceinline__ void frag_store(const float (&f)[SN][4], float* dst, 
 }
 
 // Stages f as hi + lo bf16 pairs into the swizzled [DK][kBV] tiles at hi and lo.
-template <int SN>
+template <int SN, int BV = kBV>
 __device__ __forceinline__ void frag_stage(const float (&f)[SN][4], unsigned char* hi, unsigned char* lo,
                                            const StateFrag& p) {
 #pragma unroll
@@ -605,8 +606,8 @@ __device__ __forceinline__ void frag_stage(const float (&f)[SN][4], unsigned cha
       const int i = p.row(2 * half), j = p.col(n, 0);
       uint32_t h, l;
       split_pair(f[n][2 * half], f[n][2 * half + 1], h, l);
-      *reinterpret_cast<uint32_t*>(hi + eoff<kBV>(i, j)) = h;
-      *reinterpret_cast<uint32_t*>(lo + eoff<kBV>(i, j)) = l;
+      *reinterpret_cast<uint32_t*>(hi + eoff<BV>(i, j)) = h;
+      *reinterpret_cast<uint32_t*>(lo + eoff<BV>(i, j)) = l;
     }
 }
 
@@ -626,7 +627,7 @@ __device__ __forceinline__ void frag_scale_rows(float (&f)[SN][4], const float* 
 // y += A S and, when with_b, z += B S for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1: A, B swizzled bf16 [.][DK]
 // tiles, S the staged state (hi + lo tiles [DK][kBV] at s_hi, s_lo; both terms, fp32-class). One pass over k: S's
 // fragments are read once for both products.
-template <int DK>
+template <int DK, int BV = kBV>
 __device__ __forceinline__ void rows2_times_state(float (&y)[2][4], float (&z)[2][4], uint32_t a_tile, uint32_t b_tile,
                                                   bool with_b, uint32_t s_hi, uint32_t s_lo, int I, int nb, int lane) {
 #pragma unroll
@@ -634,7 +635,7 @@ __device__ __forceinline__ void rows2_times_state(float (&y)[2][4], float (&z)[2
     uint32_t a[4], bh[4], bl[4];
     const uint32_t ao = toff<DK / 8>(16 * I + (lane & 15), 2 * kst + (lane >> 4));
     ldsm_x4(a, a_tile + ao);
-    const uint32_t so = toff<kBV / 8>(16 * kst + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4));
+    const uint32_t so = toff<BV / 8>(16 * kst + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4));
     ldsm_x4_trans(bh, s_hi + so);
     ldsm_x4_trans(bl, s_lo + so);
     mma_bf16(y[0], a, bh[0], bh[1]);
@@ -652,11 +653,11 @@ __device__ __forceinline__ void rows2_times_state(float (&y)[2][4], float (&z)[2
 }
 
 // acc += A S for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1 (rows2_times_state with A alone).
-template <int DK>
+template <int DK, int BV = kBV>
 __device__ __forceinline__ void rows_times_state(float (&acc)[2][4], uint32_t a_tile, uint32_t s_hi, uint32_t s_lo,
                                                  int I, int nb, int lane) {
   float unused[2][4];
-  rows2_times_state<DK>(acc, unused, a_tile, 0u, false, s_hi, s_lo, I, nb, lane);
+  rows2_times_state<DK, BV>(acc, unused, a_tile, 0u, false, s_hi, s_lo, I, nb, lane);
 }
 
 // acc[np] = (A_hi + A_lo) S for rows 16 I .. 16 I + 15 and n-tile pairs nb0 + 2 np (np < NP): A split into the
@@ -705,12 +706,13 @@ __device__ __forceinline__ void for_acc_pairs(const float (&acc)[2][4], int I, i
 
 // acc += Aqk V for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1: Aqk the swizzled bf16 [C][C] tile at aqk_tile
 // (lower triangular: row block I sees blocks kk <= I), V the swizzled bf16 [C][kBV] tile at v_tile.
+template <int BV = kBV>
 __device__ __forceinline__ void add_aqk_times_tile(float (&acc)[2][4], uint32_t aqk_tile, uint32_t v_tile, int I,
                                                    int nb, int lane) {
   for (int kk = 0; kk <= I; ++kk) {
     uint32_t a[4], bv[4];
     ldsm_x4(a, aqk_tile + toff<C / 8>(16 * I + (lane & 15), 2 * kk + (lane >> 4)));
-    ldsm_x4_trans(bv, v_tile + toff<kBV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4)));
+    ldsm_x4_trans(bv, v_tile + toff<BV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4)));
     mma_bf16(acc[0], a, bv[0], bv[1]);
     mma_bf16(acc[1], a, bv[2], bv[3]);
   }
@@ -719,13 +721,13 @@ __device__ __forceinline__ void add_aqk_times_tile(float (&acc)[2][4], uint32_t 
 // acc = qg S + Aqk V for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1 (a chunk's outputs, or their correction):
 // qg the swizzled bf16 [C][DK] tile at qg_tile, S staged as rows_times_state takes it, Aqk [C][C] (lower
 // triangular: row block I sees blocks kk <= I) at aqk_tile, V the swizzled bf16 [C][kBV] tile at v_tile.
-template <int DK>
+template <int DK, int BV = kBV>
 __device__ __forceinline__ void chunk_outputs(float (&acc)[2][4], uint32_t qg_tile, uint32_t s_hi, uint32_t s_lo,
                                               uint32_t aqk_tile, uint32_t v_tile, int I, int nb, int lane) {
   zero(acc[0]);
   zero(acc[1]);
-  rows_times_state<DK>(acc, qg_tile, s_hi, s_lo, I, nb, lane);
-  add_aqk_times_tile(acc, aqk_tile, v_tile, I, nb, lane);
+  rows_times_state<DK, BV>(acc, qg_tile, s_hi, s_lo, I, nb, lane);
+  add_aqk_times_tile<BV>(acc, aqk_tile, v_tile, I, nb, lane);
 }
 
 // A state pass's window: chunks [ws, we) of the packed batch (all by default). A document cut by a window edge
@@ -748,20 +750,21 @@ __device__ __forceinline__ bool window_chunks(const PassWindow& win, int64_t c0d
   return c0 < c1;
 }
 
-template <int DK, int DV, bool STG = false>
-__global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
+template <int DK, int DV, bool STG = false, int BV = kBV>
+__global__ void __launch_bounds__(BV * 8, (STG && BV == kBV) ? 2 : 1)
     state_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
                  const __nv_bfloat16* __restrict__ w, const float* __restrict__ u, const __nv_bfloat16* __restrict__ qg,
                  const __nv_bfloat16* __restrict__ kg, const __nv_bfloat16* __restrict__ aqk,
                  const float* __restrict__ gl, const float* __restrict__ initial, __nv_bfloat16* __restrict__ o,
                  float* __restrict__ final_state, __nv_bfloat16* __restrict__ states_hi,
                  __nv_bfloat16* __restrict__ states_lo, __nv_bfloat16* __restrict__ vn, PassWindow win) {
-  using Lt = StateLayout<DK, STG>;
+  using Lt = StateLayout<DK, STG, BV>;
+  constexpr int NT = BV * 8, NW = NT / 32;  // threads, warps: 8 per 32 state columns
   constexpr int MT = DK / 16;       // m-tiles of the state
-  constexpr int SN = 4 * MT / 8;    // n-tiles (of 8 columns) of the state per warp
+  constexpr int SN = (BV / 8) * MT / NW;  // n-tiles (of 8 columns) of the state per warp
   extern __shared__ __align__(128) unsigned char smem[];
   const int HV = static_cast<int>(s.hv);
-  const DocTile dt = doc_tile(HV, DV);
+  const DocTile dt = doc_tile<BV>(HV, DV);
   const int64_t d = dt.d;
   const int hv = dt.hv, j0 = dt.j0;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
@@ -779,25 +782,25 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
   const StateFrag fp{sm, sn0, gq, tq};
   float st[SN][4];
   frag_load<DV>(st, state_in, sbase, fp);
-  frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
+  frag_stage<SN, BV>(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
 
   // Chunk c's operands in two groups: (w, u), read by step (a) only, and (qg, Aqk, kg, gl), read by (b) and (c).
   auto load_wu = [&](int64_t c, int b) {
     const int64_t ch = c * HV + hv;
     const uint32_t base = s0 + static_cast<uint32_t>(b * Lt::buf);
-    copy_tile<C, DK>(base + Lt::oW, w + ch * C * DK, DK, C);
-    for (int idx = tid; idx < C * kBV / 4; idx += kThreads) {
-      const int r = idx / (kBV / 4), c4 = idx % (kBV / 4);
+    copy_tile<C, DK, NT>(base + Lt::oW, w + ch * C * DK, DK, C);
+    for (int idx = tid; idx < C * BV / 4; idx += NT) {
+      const int r = idx / (BV / 4), c4 = idx % (BV / 4);
       cp_async16(base + Lt::oU + (r * Lt::kLdU + c4 * 4) * 4, u + (ch * C + r) * DV + j0 + c4 * 4, true);
     }
   };
   auto load_rest = [&](int64_t c, int b) {
     const int64_t ch = c * HV + hv;
     const uint32_t base = s0 + static_cast<uint32_t>(b * Lt::buf);
-    copy_tile<C, DK>(base + Lt::oQG, qg + ch * C * DK, DK, C);
-    copy_tile<C, DK>(base + Lt::oKG, kg + ch * C * DK, DK, C);
-    copy_tile<C, C>(base + Lt::oAQK, aqk + ch * C * C, C, C);
-    for (int idx = tid; idx < DK / 4; idx += kThreads)
+    copy_tile<C, DK, NT>(base + Lt::oQG, qg + ch * C * DK, DK, C);
+    copy_tile<C, DK, NT>(base + Lt::oKG, kg + ch * C * DK, DK, C);
+    copy_tile<C, C, NT>(base + Lt::oAQK, aqk + ch * C * C, C, C);
+    for (int idx = tid; idx < DK / 4; idx += NT)
       cp_async16(base + Lt::oGL + idx * 16, gl + ch * DK + idx * 4, true);
   };
   if (c0 < c1) {
@@ -825,8 +828,8 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
     const int L = static_cast<int>(min(static_cast<int64_t>(C), cu[d + 1] - start));
     const int64_t ch = c * HV + hv;
     if (states_hi) {  // S entering the chunk (hi + lo), for the backward
-      store_staged<DK>(smem + Lt::oShi, states_hi + ch * DK * DV + j0, DV);
-      store_staged<DK>(smem + Lt::oSlo, states_lo + ch * DK * DV + j0, DV);
+      store_staged<DK, BV, NT>(smem + Lt::oShi, states_hi + ch * DK * DV + j0, DV);
+      store_staged<DK, BV, NT>(smem + Lt::oSlo, states_lo + ch * DK * DV + j0, DV);
     }
 
     // (a) v_new = u - w S
@@ -834,13 +837,13 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
       float acc[2][4];
       zero(acc[0]);
       zero(acc[1]);
-      rows_times_state<DK>(acc, base + Lt::oW, s_shi, s_slo, I, nb, lane);
+      rows_times_state<DK, BV>(acc, base + Lt::oW, s_shi, s_slo, I, nb, lane);
       for_acc_pairs(acc, I, nb, lane, [&](int r, int col, float x0, float x1) {
         const float2 uu = *reinterpret_cast<const float2*>(gbase + Lt::oU + (r * Lt::kLdU + col) * 4);
         uint32_t hi, lo;
         split_pair(uu.x - x0, uu.y - x1, hi, lo);
-        *reinterpret_cast<uint32_t*>(smem + Lt::oVhi + eoff<kBV>(r, col)) = hi;
-        *reinterpret_cast<uint32_t*>(smem + Lt::oVlo + eoff<kBV>(r, col)) = lo;
+        *reinterpret_cast<uint32_t*>(smem + Lt::oVhi + eoff<BV>(r, col)) = hi;
+        *reinterpret_cast<uint32_t*>(smem + Lt::oVlo + eoff<BV>(r, col)) = lo;
       });
     }
     if (STG) cp_async_wait<0>();  // (qg, Aqk, kg, gl) of chunk c
@@ -849,12 +852,12 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
       if (c + 1 < c1) load_wu(c + 1, 0);
       cp_async_commit();
     }
-    if (vn) store_staged<C>(smem + Lt::oVhi, vn + ch * C * DV + j0, DV);  // v_new (bf16) for the backward
+    if (vn) store_staged<C, BV, NT>(smem + Lt::oVhi, vn + ch * C * DV + j0, DV);  // v_new (bf16) for the backward
 
     // (b) o = qg S + Aqk v_new
     if (o) {
       float acc[2][4];
-      chunk_outputs<DK>(acc, base + Lt::oQG, s_shi, s_slo, base + Lt::oAQK, s_vhi, I, nb, lane);
+      chunk_outputs<DK, BV>(acc, base + Lt::oQG, s_shi, s_slo, base + Lt::oAQK, s_vhi, I, nb, lane);
       for_acc_pairs(acc, I, nb, lane, [&](int r, int col, float x0, float x1) {
         if (r < L) *reinterpret_cast<uint32_t*>(o + ((start + r) * HV + hv) * DV + j0 + col) = pack_bf16(x0, x1);
       });
@@ -871,7 +874,7 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
         for (int np = 0; np < SN / 2; ++np) {
           uint32_t bh[4], bl[4];
           const uint32_t vo =
-              toff<kBV / 8>(16 * kc + (lane & 7) + (((lane >> 3) & 1) << 3), sn0 + 2 * np + (lane >> 4));
+              toff<BV / 8>(16 * kc + (lane & 7) + (((lane >> 3) & 1) << 3), sn0 + 2 * np + (lane >> 4));
           ldsm_x4_trans(bh, s_vhi + vo);
           ldsm_x4_trans(bl, s_vlo + vo);
           mma_bf16(st[2 * np], a, bh[0], bh[1]);
@@ -886,7 +889,7 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
       if (c + 1 < c1) load_rest(c + 1, 0);
       cp_async_commit();
     }
-    frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
+    frag_stage<SN, BV>(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
   }
   cp_async_wait<0>();
   if (state_out) frag_store<DV>(st, state_out, sbase, fp);
@@ -1066,25 +1069,25 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---------------------------------------------------------------- backward: reverse state pass
 
-template <int DK, bool STG = false>
+template <int DK, bool STG = false, int BV = kBV>
 struct ReverseLayout {
-  // One buffer per chunk in flight: w, qg, kg [C][DK], Aqk [C][C], do [C][kBV] (swizzled bf16), gl [DK] f32.
+  // One buffer per chunk in flight: w, qg, kg [C][DK], Aqk [C][C], do [C][BV] (swizzled bf16), gl [DK] f32.
   // STG: one buffer, with a second do tile after it (oDO2).
   static constexpr size_t oW = 0, oQG = oW + size_t{C} * DK * 2, oKG = oQG + size_t{C} * DK * 2,
                           oAQK = oKG + size_t{C} * DK * 2, oDO = oAQK + size_t{C} * C * 2,
-                          oGL = oDO + size_t{C} * kBV * 2, buf = oGL + size_t{DK} * 4, oDO2 = buf;
-  // dS staging (hi, lo) [DK][kBV], -dv_new staging (hi, lo) [C][kBV].
-  static constexpr size_t oShi = STG ? buf + size_t{C} * kBV * 2 : 2 * buf, oSlo = oShi + size_t{DK} * kBV * 2,
-                          oVhi = oSlo + size_t{DK} * kBV * 2, oVlo = oVhi + size_t{C} * kBV * 2,
-                          bytes = oVlo + size_t{C} * kBV * 2;
+                          oGL = oDO + size_t{C} * BV * 2, buf = oGL + size_t{DK} * 4, oDO2 = buf;
+  // dS staging (hi, lo) [DK][BV], -dv_new staging (hi, lo) [C][BV].
+  static constexpr size_t oShi = STG ? buf + size_t{C} * BV * 2 : 2 * buf, oSlo = oShi + size_t{DK} * BV * 2,
+                          oVhi = oSlo + size_t{DK} * BV * 2, oVlo = oVhi + size_t{C} * BV * 2,
+                          bytes = oVlo + size_t{C} * BV * 2;
 };
 
 // The state adjoint backwards over the chunks of one document (grid as state_kernel). With dS the
 // adjoint of the state leaving chunk c (dfinal_state for the last):
 //   dv_new = Aqk^T do + kg dS,   dS <- Diag(gl) dS + qg^T do - w^T dv_new.
 // Writes dS_out of every chunk (dstates, as hi + lo bf16), -dv_new (ndvn, bf16) and dinitial_state.
-template <int DK, int DV, bool STG = false>
-__global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
+template <int DK, int DV, bool STG = false, int BV = kBV>
+__global__ void __launch_bounds__(BV * 8, (STG && BV == kBV) ? 2 : 1)
     reverse_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
                    const __nv_bfloat16* __restrict__ w, const __nv_bfloat16* __restrict__ qg,
                    const __nv_bfloat16* __restrict__ kg, const __nv_bfloat16* __restrict__ aqk,
@@ -1092,11 +1095,12 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
                    const float* __restrict__ dfinal, __nv_bfloat16* __restrict__ dstates_hi,
                    __nv_bfloat16* __restrict__ dstates_lo, __nv_bfloat16* __restrict__ ndvn, float* __restrict__ dinit,
                    PassWindow win) {
-  using Lt = ReverseLayout<DK, STG>;
-  constexpr int MT = DK / 16, SN = 4 * MT / 8;
+  using Lt = ReverseLayout<DK, STG, BV>;
+  constexpr int NT = BV * 8, NW = NT / 32;  // threads, warps: 8 per 32 state columns
+  constexpr int MT = DK / 16, SN = (BV / 8) * MT / NW;
   extern __shared__ __align__(128) unsigned char smem[];
   const int HV = static_cast<int>(s.hv);
-  const DocTile dt = doc_tile(HV, DV);
+  const DocTile dt = doc_tile<BV>(HV, DV);
   const int64_t d = dt.d;
   const int hv = dt.hv, j0 = dt.j0;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
@@ -1113,7 +1117,7 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
 
   float ds[SN][4];
   frag_load<DV>(ds, adj_in, sbase, fp);
-  frag_stage(ds, smem + Lt::oShi, smem + Lt::oSlo, fp);
+  frag_stage<SN, BV>(ds, smem + Lt::oShi, smem + Lt::oSlo, fp);
 
   // Chunk c's operands in two groups: (Aqk, kg, do), read by step (a) (do also by (b): STG keeps two do tiles),
   // and (qg, w, gl), read by (b) only. do_off: the do tile's offset from the buffer (b: the chunk's parity).
@@ -1123,19 +1127,19 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
     const int64_t start = cu[d] + (c - c0d) * C;
     const int L = static_cast<int>(min(static_cast<int64_t>(C), cu[d + 1] - start));
     const uint32_t base = s0 + static_cast<uint32_t>(STG ? 0 : b * Lt::buf);
-    copy_tile<C, DK>(base + Lt::oKG, kg + ch * C * DK, DK, C);
-    copy_tile<C, C>(base + Lt::oAQK, aqk + ch * C * C, C, C);
+    copy_tile<C, DK, NT>(base + Lt::oKG, kg + ch * C * DK, DK, C);
+    copy_tile<C, C, NT>(base + Lt::oAQK, aqk + ch * C * C, C, C);
     if (dout)
-      copy_tile<C, kBV>(base + do_off(b), dout + (start * HV + hv) * DV + j0, static_cast<int64_t>(HV) * DV, L);
+      copy_tile<C, BV, NT>(base + do_off(b), dout + (start * HV + hv) * DV + j0, static_cast<int64_t>(HV) * DV, L);
     else  // zero output gradients (the adjoint transition pass)
-      copy_tile<C, kBV>(base + do_off(b), w, 0, 0);
+      copy_tile<C, BV, NT>(base + do_off(b), w, 0, 0);
   };
   auto load_b = [&](int64_t c, int b) {
     const int64_t ch = c * HV + hv;
     const uint32_t base = s0 + static_cast<uint32_t>(STG ? 0 : b * Lt::buf);
-    copy_tile<C, DK>(base + Lt::oW, w + ch * C * DK, DK, C);
-    copy_tile<C, DK>(base + Lt::oQG, qg + ch * C * DK, DK, C);
-    for (int idx = tid; idx < DK / 4; idx += kThreads)
+    copy_tile<C, DK, NT>(base + Lt::oW, w + ch * C * DK, DK, C);
+    copy_tile<C, DK, NT>(base + Lt::oQG, qg + ch * C * DK, DK, C);
+    for (int idx = tid; idx < DK / 4; idx += NT)
       cp_async16(base + Lt::oGL + idx * 16, gl + ch * DK + idx * 4, true);
   };
   if (c0 < c1) {
@@ -1162,8 +1166,8 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
     const uint32_t s_do = base + do_off(b);
     const int64_t ch = c * HV + hv;
     if (dstates_hi) {  // dS_out of the chunk (hi + lo)
-      store_staged<DK>(smem + Lt::oShi, dstates_hi + ch * DK * DV + j0, DV);
-      store_staged<DK>(smem + Lt::oSlo, dstates_lo + ch * DK * DV + j0, DV);
+      store_staged<DK, BV, NT>(smem + Lt::oShi, dstates_hi + ch * DK * DV + j0, DV);
+      store_staged<DK, BV, NT>(smem + Lt::oSlo, dstates_lo + ch * DK * DV + j0, DV);
     }
 
     // (a) dv_new = Aqk^T do + kg dS   (Aqk^T is upper triangular: row block I sees blocks kk >= I)
@@ -1174,16 +1178,16 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
       for (int kk = I; kk < C / 16; ++kk) {
         uint32_t a[4], bo[4];
         ldsm_x4_trans(a, base + Lt::oAQK + toff<C / 8>(16 * kk + (lane & 7) + ((lane >> 4) << 3), 2 * I + ((lane >> 3) & 1)));
-        ldsm_x4_trans(bo, s_do + toff<kBV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4)));
+        ldsm_x4_trans(bo, s_do + toff<BV / 8>(16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3), nb + (lane >> 4)));
         mma_bf16(acc[0], a, bo[0], bo[1]);
         mma_bf16(acc[1], a, bo[2], bo[3]);
       }
-      rows_times_state<DK>(acc, base + Lt::oKG, s_shi, s_slo, I, nb, lane);
+      rows_times_state<DK, BV>(acc, base + Lt::oKG, s_shi, s_slo, I, nb, lane);
       for_acc_pairs(acc, I, nb, lane, [&](int r, int col, float x0, float x1) {
         uint32_t hi, lo;
         split_pair(-x0, -x1, hi, lo);
-        *reinterpret_cast<uint32_t*>(smem + Lt::oVhi + eoff<kBV>(r, col)) = hi;
-        *reinterpret_cast<uint32_t*>(smem + Lt::oVlo + eoff<kBV>(r, col)) = lo;
+        *reinterpret_cast<uint32_t*>(smem + Lt::oVhi + eoff<BV>(r, col)) = hi;
+        *reinterpret_cast<uint32_t*>(smem + Lt::oVlo + eoff<BV>(r, col)) = lo;
       });
     }
     if (STG) cp_async_wait<0>();  // (qg, w, gl) of chunk c
@@ -1192,7 +1196,7 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
       if (c - 1 >= c0) load_a(c - 1, b ^ 1);
       cp_async_commit();
     }
-    if (ndvn) store_staged<C>(smem + Lt::oVhi, ndvn + ch * C * DV + j0, DV);  // -dv_new (bf16)
+    if (ndvn) store_staged<C, BV, NT>(smem + Lt::oVhi, ndvn + ch * C * DV + j0, DV);  // -dv_new (bf16)
 
     // (b) dS <- Diag(gl) dS + qg^T do + w^T (-dv_new)
     {
@@ -1207,7 +1211,7 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
         for (int np = 0; np < SN / 2; ++np) {
           uint32_t bo[4], bh[4], bl[4];
           const uint32_t vo =
-              toff<kBV / 8>(16 * kc + (lane & 7) + (((lane >> 3) & 1) << 3), sn0 + 2 * np + (lane >> 4));
+              toff<BV / 8>(16 * kc + (lane & 7) + (((lane >> 3) & 1) << 3), sn0 + 2 * np + (lane >> 4));
           ldsm_x4_trans(bo, s_do + vo);
           ldsm_x4_trans(bh, s_vhi + vo);
           ldsm_x4_trans(bl, s_vlo + vo);
@@ -1225,7 +1229,7 @@ __global__ void __launch_bounds__(kThreads, STG ? 2 : 1)
       if (c - 1 >= c0) load_b(c - 1, 0);
       cp_async_commit();
     }
-    frag_stage(ds, smem + Lt::oShi, smem + Lt::oSlo, fp);
+    frag_stage<SN, BV>(ds, smem + Lt::oShi, smem + Lt::oSlo, fp);
   }
   cp_async_wait<0>();
   if (adj_out) frag_store<DV>(ds, adj_out, sbase, fp);
@@ -1915,8 +1919,8 @@ void prep_impl(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, co
 }
 
 // The state passes' grid (doc_tile): flat, column tiles fastest.
-dim3 doc_grid(const KdaDims& s, int DV) {
-  const int64_t blocks = s.num_docs * s.hv * (DV / kBV);
+dim3 doc_grid(const KdaDims& s, int DV, int BV = kBV) {
+  const int64_t blocks = s.num_docs * s.hv * (DV / BV);
   HYD_CHECK(blocks < (int64_t{1} << 31), "kda: ", s.num_docs, " documents x ", s.hv, " value heads exceed the grid");
   return dim3(static_cast<unsigned>(blocks));
 }
@@ -1952,18 +1956,39 @@ size_t window_bytes(size_t bytes, const PassWindow& win) {
   return std::max(bytes, pad);
 }
 
+// EXPERIMENT (not GPU-run): the state passes with 64 state columns per block and 16 warps (HYD_KDA_PASS_BV=64)
+// instead of 32 columns and 8 warps: each warp's share of a chunk step stays the same, a block's operand loads serve
+// twice the columns, and the grid halves (B8xT4096 H16: 256 blocks, about two waves of one block per SM instead of
+// 3.9). Shared memory 198 / 177 KB (two-buffer state / reverse), 123 / 120 KB (one-buffer), one block per SM.
+int pass_bv(int DV) {
+  static const int bv = [] {
+    const char* e = std::getenv("HYD_KDA_PASS_BV");
+    return e != nullptr && std::atoi(e) == 64 ? 64 : kBV;
+  }();
+  return DV % bv == 0 ? bv : kBV;
+}
+
 // The forward state pass over every document (o, final_state, states_hi / lo, vn optional; win: a window of chunks).
 template <int DK, int DV>
 void state_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const float* initial_state, bf16* o,
                 float* final_state, const FwdBuffers& f, cudaStream_t st, __nv_bfloat16* states_hi = nullptr,
                 __nv_bfloat16* states_lo = nullptr, __nv_bfloat16* vn = nullptr, const PassWindow& win = {}) {
-  const dim3 grid = doc_grid(s, DV);
+  const int bv = pass_bv(DV);  // state columns per block; 8 warps per 32
+  auto go = [&](auto kernel, const dim3 grid, size_t bytes) {
+    bytes = window_bytes(bytes, win);
+    set_smem(kernel, bytes);
+    kernel<<<grid, 8 * bv, bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl,
+                                                           initial_state, as_nv(o), final_state, states_hi, states_lo,
+                                                           vn, win);
+  };
+  const dim3 grid = doc_grid(s, DV, bv);
   const bool one = passes_stg(grid.x);
-  const auto kernel = one ? state_kernel<DK, DV, true> : state_kernel<DK, DV, false>;
-  const size_t bytes = window_bytes(one ? StateLayout<DK, true>::bytes : StateLayout<DK, false>::bytes, win);
-  set_smem(kernel, bytes);
-  kernel<<<grid, kThreads, bytes, st>>>(s, cu, chunk_off, f.w, f.u, f.qg, f.kg, f.aqk, f.gl, initial_state, as_nv(o),
-                                        final_state, states_hi, states_lo, vn, win);
+  if (bv == 64 && DV >= 64)
+    one ? go(state_kernel<DK, DV, true, 64>, grid, StateLayout<DK, true, 64>::bytes)
+        : go(state_kernel<DK, DV, false, 64>, grid, StateLayout<DK, false, 64>::bytes);
+  else
+    one ? go(state_kernel<DK, DV, true>, grid, StateLayout<DK, true>::bytes)
+        : go(state_kernel<DK, DV, false>, grid, StateLayout<DK, false>::bytes);
   CHECK_LAUNCH();
 }
 
@@ -2063,13 +2088,22 @@ void reverse_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off,
                   const float* dfinal_state, float* dinitial_state, __nv_bfloat16* dstates_hi,
                   __nv_bfloat16* dstates_lo, __nv_bfloat16* ndvn, const FwdBuffers& f, cudaStream_t st,
                   const PassWindow& win = {}) {
-  const dim3 grid = doc_grid(s, DV);
+  const int bv = pass_bv(DV);  // state columns per block; 8 warps per 32
+  auto go = [&](auto kernel, const dim3 grid, size_t bytes) {
+    bytes = window_bytes(bytes, win);
+    set_smem(kernel, bytes);
+    kernel<<<grid, 8 * bv, bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl, as_nv(dout),
+                                                           dfinal_state, dstates_hi, dstates_lo, ndvn, dinitial_state,
+                                                           win);
+  };
+  const dim3 grid = doc_grid(s, DV, bv);
   const bool one = passes_stg(grid.x);
-  const auto kernel = one ? reverse_kernel<DK, DV, true> : reverse_kernel<DK, DV, false>;
-  const size_t bytes = window_bytes(one ? ReverseLayout<DK, true>::bytes : ReverseLayout<DK, false>::bytes, win);
-  set_smem(kernel, bytes);
-  kernel<<<grid, kThreads, bytes, st>>>(s, cu, chunk_off, f.w, f.qg, f.kg, f.aqk, f.gl, as_nv(dout), dfinal_state,
-                                        dstates_hi, dstates_lo, ndvn, dinitial_state, win);
+  if (bv == 64 && DV >= 64)
+    one ? go(reverse_kernel<DK, DV, true, 64>, grid, ReverseLayout<DK, true, 64>::bytes)
+        : go(reverse_kernel<DK, DV, false, 64>, grid, ReverseLayout<DK, false, 64>::bytes);
+  else
+    one ? go(reverse_kernel<DK, DV, true>, grid, ReverseLayout<DK, true>::bytes)
+        : go(reverse_kernel<DK, DV, false>, grid, ReverseLayout<DK, false>::bytes);
   CHECK_LAUNCH();
 }
 
