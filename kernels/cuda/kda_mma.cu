@@ -736,8 +736,9 @@ struct PassWindow {
   int64_t ws = 0, we = INT64_MAX;
   float* carry = nullptr;
 };
-// This document's chunks [c0, c1) within the window (false: none). first / last: whether they include the
-// document's first / last chunk.
+// This document's chunks [c0, c1) within the window (false: none of them; an empty document: its own empty range,
+// in the first window only). c0 / c1 equal to the document's own first / last bound: the window holds its start /
+// end, so the pass reads / writes the caller's states there and the carry elsewhere.
 __device__ __forceinline__ bool window_chunks(const PassWindow& win, int64_t c0d, int64_t c1d, int64_t& c0,
                                               int64_t& c1) {
   c0 = c0d;
