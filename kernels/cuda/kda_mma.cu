@@ -2048,12 +2048,10 @@ int pass_windows(const KdaDims& s, int DV) {
 // pass_windows' windows: chunks [w per, (w + 1) per) of the packed batch, and the carried states (stream-ordered
 // scratch, as the initial / final states: documents x value heads x dk x dv f32).
 struct Windows {
-  int count;
   int64_t per;
   StreamScratch carry;
   Windows(const KdaDims& s, int windows, int DK, int DV, cudaStream_t st)
-      : count(windows),
-        per((kda_chunk::max_chunks(s) + windows - 1) / windows),
+      : per((kda_chunk::max_chunks(s) + windows - 1) / windows),
         carry(static_cast<size_t>(s.num_docs) * static_cast<size_t>(s.hv) * DK * DV, st) {}
   PassWindow pass(int w) const { return PassWindow{w * per, (w + 1) * per, carry.get()}; }
 };
