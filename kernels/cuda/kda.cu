@@ -212,6 +212,16 @@ size_t kda_saved_bytes(const KdaDims& s) { return kda_mma::saved_bytes(s); }
 
 int kda_saving_windows(const KdaDims& s) { return kda_mma::saving_windows(s); }
 
+namespace {
+// The chunk table of cu_seqlens into `saved` (kda_mma::saved_chunk_table), before the saving forward's prep.
+void launch_saved_chunk_table(const KdaDims& s, const int32_t* cu_seqlens, void* saved, cudaStream_t st) {
+  kda_chunk::Scratch sc;
+  sc.chunk_off = kda_mma::saved_chunk_table(s, saved);
+  DeviceLauncher launcher{st};
+  kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
+}
+}  // namespace
+
 void kda_forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
                         const float* beta, const int32_t* cu_seqlens, const float* initial_state, bf16* o,
                         float* final_state, void* saved, void* stream) {
@@ -221,10 +231,7 @@ void kda_forward_saving(const KdaDims& s, const bf16* q, const bf16* k, const bf
   // u (read by the state pass only) in stream-ordered scratch, freed behind it.
   cudaStream_t st = as_stream(stream);
   StreamScratch u((kda_mma::saving_u_bytes(s) + 3) / 4, st);
-  kda_chunk::Scratch sc;
-  sc.chunk_off = kda_mma::saved_chunk_table(s, saved);
-  DeviceLauncher launcher{st};
-  kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
+  launch_saved_chunk_table(s, cu_seqlens, saved, st);
   kda_mma::forward_saving(s, q, k, v, g, beta, cu_seqlens, initial_state, o, final_state, saved, u.get(), st);
 }
 
@@ -236,10 +243,7 @@ void kda_forward_saving_prepare(const KdaDims& s, const bf16* q, const bf16* k, 
   HYD_CHECK(kda_split_supported(s), "kda_forward_saving_prepare: not available for dk ", s.dk, " / dv ", s.dv);
   if (s.num_docs == 0) return;
   cudaStream_t st = as_stream(stream);
-  kda_chunk::Scratch sc;
-  sc.chunk_off = kda_mma::saved_chunk_table(s, saved);
-  DeviceLauncher launcher{st};
-  kda_chunk::launch_chunk_table(launcher, s, cu_seqlens, sc);
+  launch_saved_chunk_table(s, cu_seqlens, saved, st);
   kda_mma::forward_saving_prepare(s, q, k, v, g, beta, cu_seqlens, saved, u, st);
 }
 

@@ -738,8 +738,9 @@ struct PassWindow {
   int64_t ws = 0, we = INT64_MAX;
   float* carry = nullptr;
 };
-// This document's chunks [c0, c1) within the window (false: none). first / last: whether they include the
-// document's first / last chunk.
+// This document's chunks [c0, c1) within the window (false: none of them; an empty document: its own empty range,
+// in the first window only). c0 / c1 equal to the document's own first / last bound: the window holds its start /
+// end, so the pass reads / writes the caller's states there and the carry elsewhere.
 __device__ __forceinline__ bool window_chunks(const PassWindow& win, int64_t c0d, int64_t c1d, int64_t& c0,
                                               int64_t& c1) {
   c0 = c0d;
@@ -2072,12 +2073,10 @@ int pass_windows(const KdaDims& s, int DV) {
 // pass_windows' windows: chunks [w per, (w + 1) per) of the packed batch, and the carried states (stream-ordered
 // scratch, as the initial / final states: documents x value heads x dk x dv f32).
 struct Windows {
-  int count;
   int64_t per;
   StreamScratch carry;
   Windows(const KdaDims& s, int windows, int DK, int DV, cudaStream_t st)
-      : count(windows),
-        per((kda_chunk::max_chunks(s) + windows - 1) / windows),
+      : per((kda_chunk::max_chunks(s) + windows - 1) / windows),
         carry(static_cast<size_t>(s.num_docs) * static_cast<size_t>(s.hv) * DK * DV, st) {}
   PassWindow pass(int w) const { return PassWindow{w * per, (w + 1) * per, carry.get()}; }
 };
