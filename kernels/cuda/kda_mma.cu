@@ -1957,16 +1957,20 @@ size_t window_bytes(size_t bytes, const PassWindow& win) {
   return std::max(bytes, pad);
 }
 
-// EXPERIMENT (not GPU-run): the state passes with 64 state columns per block and 16 warps (HYD_KDA_PASS_BV=64)
-// instead of 32 columns and 8 warps: each warp's share of a chunk step stays the same, a block's operand loads serve
-// twice the columns, and the grid halves (B8xT4096 H16: 256 blocks, about two waves of one block per SM instead of
-// 3.9). Shared memory 198 / 177 KB (two-buffer state / reverse), 123 / 120 KB (one-buffer), one block per SM.
-int pass_bv(int DV) {
-  static const int bv = [] {
-    const char* e = std::getenv("HYD_KDA_PASS_BV");
-    return e != nullptr && std::atoi(e) == 64 ? 64 : kBV;
-  }();
-  return DV % bv == 0 ? bv : kBV;
+// The state passes' width: 32 state columns per block and 8 warps (kBV), or 64 columns and 16 warps. At 64 each
+// warp's share of a chunk step stays the same, a block's operand loads (w, qg, kg, Aqk, u of the chunk) serve twice
+// the columns, and the grid halves; shared memory 198 / 177 KB (two-buffer state / reverse pass), 123 / 120 KB
+// (one-buffer), one block per SM. It pays where the 32-column grid takes more than kPassWideWaves waves of the SMs
+// and loses where the halved grid leaves SMs idle. H200, bench_kda saving fwd+bwd (docs/benchmarks.md stop 27):
+// B8xT4096 H16 (512 blocks of 32 columns) 6.58 -> 6.04 ms; B2xT16384 (128) 6.57 -> 7.36 ms; B1xT32768 (64)
+// 7.32 -> 8.26 ms. HYD_KDA_PASS_BV=32 / 64 forces a width (read on every call).
+constexpr int kPassWideWaves = 1;
+int pass_bv(const KdaDims& s, int DV) {
+  const char* e = std::getenv("HYD_KDA_PASS_BV");
+  const int forced = e != nullptr ? std::atoi(e) : 0;
+  if (DV % 64 != 0) return kBV;
+  if (forced == 32 || forced == 64) return forced;
+  return static_cast<int64_t>(doc_grid(s, DV).x) > kPassWideWaves * int64_t{current_sm_count()} ? 64 : kBV;
 }
 
 // The forward state pass over every document (o, final_state, states_hi / lo, vn optional; win: a window of chunks).
@@ -1974,7 +1978,7 @@ template <int DK, int DV>
 void state_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, const float* initial_state, bf16* o,
                 float* final_state, const FwdBuffers& f, cudaStream_t st, __nv_bfloat16* states_hi = nullptr,
                 __nv_bfloat16* states_lo = nullptr, __nv_bfloat16* vn = nullptr, const PassWindow& win = {}) {
-  const int bv = pass_bv(DV);  // state columns per block; 8 warps per 32
+  const int bv = pass_bv(s, DV);  // state columns per block; 8 warps per 32
   auto go = [&](auto kernel, const dim3 grid, size_t bytes) {
     bytes = window_bytes(bytes, win);
     set_smem(kernel, bytes);
@@ -1984,7 +1988,7 @@ void state_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off, c
   };
   const dim3 grid = doc_grid(s, DV, bv);
   const bool one = passes_stg(grid.x);
-  if (bv == 64 && DV >= 64)
+  if (bv == 64)
     one ? go(state_kernel<DK, DV, true, 64>, grid, StateLayout<DK, true, 64>::bytes)
         : go(state_kernel<DK, DV, false, 64>, grid, StateLayout<DK, false, 64>::bytes);
   else
@@ -2087,7 +2091,7 @@ void reverse_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off,
                   const float* dfinal_state, float* dinitial_state, __nv_bfloat16* dstates_hi,
                   __nv_bfloat16* dstates_lo, __nv_bfloat16* ndvn, const FwdBuffers& f, cudaStream_t st,
                   const PassWindow& win = {}) {
-  const int bv = pass_bv(DV);  // state columns per block; 8 warps per 32
+  const int bv = pass_bv(s, DV);  // state columns per block; 8 warps per 32
   auto go = [&](auto kernel, const dim3 grid, size_t bytes) {
     bytes = window_bytes(bytes, win);
     set_smem(kernel, bytes);
@@ -2097,7 +2101,7 @@ void reverse_impl(const KdaDims& s, const int32_t* cu, const int32_t* chunk_off,
   };
   const dim3 grid = doc_grid(s, DV, bv);
   const bool one = passes_stg(grid.x);
-  if (bv == 64 && DV >= 64)
+  if (bv == 64)
     one ? go(reverse_kernel<DK, DV, true, 64>, grid, ReverseLayout<DK, true, 64>::bytes)
         : go(reverse_kernel<DK, DV, false, 64>, grid, ReverseLayout<DK, false, 64>::bytes);
   else

@@ -557,23 +557,28 @@ TEST(GpuKda, SavedBackwardEqualsTheRecomputingOne) {
 
 // kda_forward_saving / kda_backward_saved in windows of consecutive chunks (the prep of one window beside the state
 // pass over the one before; the products of one beside the reverse pass over the one after), carrying the state of
-// a document cut by a window edge in f32. Every result equals the unwindowed run's bit for bit: one long document
-// and a packed batch (documents of 0..1000 tokens, cut anywhere), window counts that divide the chunks unevenly or
-// leave windows empty, with and without the initial / final states and their gradients. Outputs poisoned first.
-TEST(GpuKda, PipelinedWindowsEqualTheWholePasses) {
+// a document cut by a window edge in f32, and with the state passes 64 columns wide (16 warps) instead of 32. Every
+// result equals the unwindowed 32-column run's bit for bit: one long document and a packed batch (documents of
+// 0..1000 tokens, cut anywhere), window counts that divide the chunks unevenly or leave windows empty, with and
+// without the initial / final states and their gradients. Outputs poisoned first.
+TEST(GpuKda, PipelinedWindowsAndWidePassesEqualTheWholePasses) {
   HYD_REQUIRE_GPU();
-  const char* env = std::getenv("HYD_KDA_WINDOWS");
-  const std::string before = env ? env : "";
-  struct Restore {
+  struct Restore {  // the two switches as the test found them
+    std::string name;
     bool had;
     std::string value;
+    explicit Restore(const char* n) : name(n) {
+      const char* e = std::getenv(n);
+      had = e != nullptr;
+      value = had ? e : "";
+    }
     ~Restore() {
       if (had)
-        ::setenv("HYD_KDA_WINDOWS", value.c_str(), 1);
+        ::setenv(name.c_str(), value.c_str(), 1);
       else
-        ::unsetenv("HYD_KDA_WINDOWS");
+        ::unsetenv(name.c_str());
     }
-  } restore{env != nullptr, before};
+  } restore_windows("HYD_KDA_WINDOWS"), restore_width("HYD_KDA_PASS_BV");
   struct Case {
     int64_t h, hv, dk, dv;
     std::vector<int32_t> lengths;
@@ -592,8 +597,9 @@ TEST(GpuKda, PipelinedWindowsEqualTheWholePasses) {
     const Tensor saved = buf.poisoned({kda_saved_floats(in.k, in.v, in.cu)}, DType::f32);
     // Every output of the saving forward and the saved backward (with_states: initial state and final-state
     // gradient given, final state and initial-state gradient asked for).
-    auto run = [&](const char* windows, bool with_states) {
+    auto run = [&](const char* windows, const char* width, bool with_states) {
       ::setenv("HYD_KDA_WINDOWS", windows, 1);
+      ::setenv("HYD_KDA_PASS_BV", width, 1);
       const int64_t chunks = kda_chunk::max_chunks(s);  // a window count is capped by the chunks and by 16
       EXPECT_EQ(kda_saving_windows(in.k, in.v, in.cu),
                 std::clamp<int64_t>(std::atoi(windows), 1, std::min<int64_t>(16, chunks)))
@@ -617,15 +623,17 @@ TEST(GpuKda, PipelinedWindowsEqualTheWholePasses) {
       return out;
     };
     const char* names[] = {"o", "dq", "dk", "dv", "dg", "dbeta", "final state", "dinitial_state"};
+    const std::pair<const char*, const char*> layouts[] = {{"2", "32"},  {"3", "32"}, {"5", "32"},
+                                                           {"16", "32"}, {"1", "64"}, {"3", "64"}};
     for (bool with_states : {true, false}) {
-      const std::vector<std::vector<float>> ref = run("1", with_states);
+      const std::vector<std::vector<float>> ref = run("1", "32", with_states);
       for (const auto& x : ref) EXPECT_TRUE(all_finite(x));
-      for (const char* windows : {"2", "3", "5", "16"}) {
-        const std::vector<std::vector<float>> got = run(windows, with_states);
+      for (const auto& [windows, width] : layouts) {
+        const std::vector<std::vector<float>> got = run(windows, width, with_states);
         ASSERT_EQ(got.size(), ref.size());
         for (size_t i = 0; i < got.size(); ++i)
-          EXPECT_EQ(got[i], ref[i]) << names[i] << " with " << windows << " windows"
-                                    << (with_states ? "" : ", no states") << " differs from one window";
+          EXPECT_EQ(got[i], ref[i]) << names[i] << " with " << windows << " windows of " << width << "-column passes"
+                                    << (with_states ? "" : ", no states") << " differs from one 32-column window";
       }
     }
   }
