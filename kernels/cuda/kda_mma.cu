@@ -1962,8 +1962,9 @@ size_t window_bytes(size_t bytes, const PassWindow& win) {
 // the columns, and the grid halves; shared memory 198 / 177 KB (two-buffer state / reverse pass), 123 / 120 KB
 // (one-buffer), one block per SM. It pays where the 32-column grid takes more than kPassWideWaves waves of the SMs
 // and loses where the halved grid leaves SMs idle. H200, bench_kda saving fwd+bwd (docs/benchmarks.md stop 27):
-// B8xT4096 H16 (512 blocks of 32 columns) 6.58 -> 6.04 ms; B2xT16384 (128) 6.57 -> 7.36 ms; B1xT32768 (64)
-// 7.32 -> 8.26 ms. HYD_KDA_PASS_BV=32 / 64 forces a width (read on every call).
+// B3xT4096 H16 (192 blocks of 32 columns) 2.86 -> 2.47 ms, B4xT4096 (256) 2.85 -> 2.81, B6xT4096 (384) 4.50 -> 4.50,
+// B8xT4096 (512) 6.58 -> 6.04; but B2xT16384 (128, one wave) 6.57 -> 7.36 ms and B1xT32768 (64) 7.32 -> 8.26 ms.
+// HYD_KDA_PASS_BV=32 / 64 forces a width (read on every call).
 constexpr int kPassWideWaves = 1;
 int pass_bv(const KdaDims& s, int DV) {
   const char* e = std::getenv("HYD_KDA_PASS_BV");
