@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -234,6 +235,23 @@ struct Heads {
   int64_t hq, hkv, d;
 };
 
+// Puts an environment variable back as it was found.
+struct EnvRestore {
+  std::string name, value;
+  bool had;
+  explicit EnvRestore(const char* n) : name(n) {
+    const char* e = std::getenv(n);
+    had = e != nullptr;
+    value = had ? e : "";
+  }
+  ~EnvRestore() {
+    if (had)
+      ::setenv(name.c_str(), value.c_str(), 1);
+    else
+      ::unsetenv(name.c_str());
+  }
+};
+
 // Runs the CUDA kernels and the CPU path on the same bf16-rounded inputs and compares everything.
 void compare_with_cpu(const Layout& L, Heads c, const std::string& what) {
   SCOPED_TRACE(what);
@@ -254,20 +272,27 @@ void compare_with_cpu(const Layout& L, Heads c, const std::string& what) {
   const Tensor tq = buf.upload(q, {nq, c.hq, c.d}, DType::bf16), tk = buf.upload(k, {nk, c.hkv, c.d}, DType::bf16),
                tv = buf.upload(v, {nk, c.hkv, c.d}, DType::bf16), tdo = buf.upload(dout, {nq, c.hq, c.d}, DType::bf16),
                tcq = buf.upload_i32(L.cu_q, {L.docs() + 1}), tck = buf.upload_i32(L.cu_k, {L.docs() + 1});
-  const Tensor to = buf.poisoned({nq, c.hq, c.d}, DType::bf16), tlse = buf.poisoned({nq, c.hq}, DType::f32);
-  const Tensor tdq = buf.poisoned({nq, c.hq, c.d}, DType::bf16), tdk = buf.poisoned({nk, c.hkv, c.d}, DType::bf16),
-               tdv = buf.poisoned({nk, c.hkv, c.d}, DType::bf16);
-  test::device_sync();
-  attention_forward(ctx, tq, tk, tv, tcq, tck, L.max_q, L.max_k, to, tlse, scale);
-  attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcq, tck, L.max_q, L.max_k, tdq, tdk, tdv, scale);
-  ctx.synchronize();
-  const std::vector<float> o = DeviceBuffers::download(to), dq = DeviceBuffers::download(tdq);
-  expect_close(o, o_ref, kBf16Tol, what + " o");
-  expect_lse(DeviceBuffers::download(tlse), lse_ref, 1e-3, what + " lse");
-  expect_close(dq, dq_ref, kBf16Tol, what + " dq");
-  expect_close(DeviceBuffers::download(tdk), dk_ref, kBf16Tol, what + " dk");
-  expect_close(DeviceBuffers::download(tdv), dv_ref, kBf16Tol, what + " dv");
-  expect_masked_rows_zero(L, o, dq, c.hq, c.d, what);
+  // Both forward kernels (HYD_FLASH_FWD: 1 = 8 warps of 16 query rows, 2 = 4 warps of 32 rows, the default), each
+  // followed by the backward on its own outputs.
+  const EnvRestore restore("HYD_FLASH_FWD");
+  for (const char* fwd : {"1", "2"}) {
+    ::setenv("HYD_FLASH_FWD", fwd, 1);
+    const std::string tag = what + " (forward kernel " + fwd + ")";
+    const Tensor to = buf.poisoned({nq, c.hq, c.d}, DType::bf16), tlse = buf.poisoned({nq, c.hq}, DType::f32);
+    const Tensor tdq = buf.poisoned({nq, c.hq, c.d}, DType::bf16), tdk = buf.poisoned({nk, c.hkv, c.d}, DType::bf16),
+                 tdv = buf.poisoned({nk, c.hkv, c.d}, DType::bf16);
+    test::device_sync();
+    attention_forward(ctx, tq, tk, tv, tcq, tck, L.max_q, L.max_k, to, tlse, scale);
+    attention_backward(ctx, tdo, tq, tk, tv, to, tlse, tcq, tck, L.max_q, L.max_k, tdq, tdk, tdv, scale);
+    ctx.synchronize();
+    const std::vector<float> o = DeviceBuffers::download(to), dq = DeviceBuffers::download(tdq);
+    expect_close(o, o_ref, kBf16Tol, tag + " o");
+    expect_lse(DeviceBuffers::download(tlse), lse_ref, 1e-3, tag + " lse");
+    expect_close(dq, dq_ref, kBf16Tol, tag + " dq");
+    expect_close(DeviceBuffers::download(tdk), dk_ref, kBf16Tol, tag + " dk");
+    expect_close(DeviceBuffers::download(tdv), dv_ref, kBf16Tol, tag + " dv");
+    expect_masked_rows_zero(L, o, dq, c.hq, c.d, tag);
+  }
 }
 
 std::string name(const char* tag, Heads c) {
