@@ -2,7 +2,8 @@
 // (math and mask in kernels/flash_attention.h). bf16 tensor-core MMAs (mma.sync m16n8k16, fp32
 // accumulate), operands staged in XOR-swizzled shared memory by cp.async and read with ldmatrix.
 //
-// Forward (grid: query tile x query head x document; 8 warps, 128 query rows, 16 rows per warp):
+// Forward (grid: query tile x query head x document; 128 query rows per block: 4 warps of 32 rows, two blocks
+// per SM, flash_fwd2_kernel, the default; or 8 warps of 16 rows, flash_fwd_kernel, HYD_FLASH_FWD=1):
 //   for each 64-key tile j up to the causal limit of the tile:  S = Q K_j^T (registers, fp32),
 //   masked entries -inf, running max m and sum l per row (online softmax in base 2), O = O alpha + P V_j.
 //   K_j+1 is fetched while the softmax and P V_j run, V_j+1 while the next S runs.
