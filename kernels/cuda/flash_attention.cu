@@ -3,7 +3,7 @@
 // accumulate), operands staged in XOR-swizzled shared memory by cp.async and read with ldmatrix.
 //
 // Forward (grid: query tile x query head x document; 128 query rows per block: 4 warps of 32 rows, two blocks
-// per SM, flash_fwd2_kernel, the default; or 8 warps of 16 rows, flash_fwd_kernel, HYD_FLASH_FWD=1):
+// per SM, the default; or 8 warps of 16 rows, HYD_FLASH_FWD=1):
 //   for each 64-key tile j up to the causal limit of the tile:  S = Q K_j^T (registers, fp32),
 //   masked entries -inf, running max m and sum l per row (online softmax in base 2), O = O alpha + P V_j.
 //   K_j+1 is fetched while the softmax and P V_j run, V_j+1 while the next S runs.
@@ -72,187 +72,31 @@ __device__ __forceinline__ void store_rows(const unsigned char* tile, int row0, 
 
 // ---------------------------------------------------------------- forward
 
-template <int D>
+// The forward kernel, 128 query rows per block in MT row tiles of 16 per warp:
+// - MT = 2 (the default): 4 warps of 32 rows, two blocks per SM. Each K fragment read from shared memory feeds both
+//   row tiles' S products and each V fragment both tiles' P V products: about 160 bytes of shared memory per
+//   tensor-core product. Q stays in shared memory (64 more registers per thread would not fit beside the two
+//   accumulators) and is re-read once per key tile.
+// - MT = 1 (HYD_FLASH_FWD=1): 8 warps of 16 rows, one block per SM, Q in registers from the first tile on: 256 bytes
+//   of shared memory per product, which the SM's shared-memory bandwidth does not feed at the tensor cores' rate
+//   (H200, docs/benchmarks.md stop 27: 9-12% slower than MT = 2).
+// Each warp stages its O in its own Q rows, which only it reads.
+template <int D, int MT>
 struct FwdConfig {
-  static constexpr int kWarps = 8, kThreads = 32 * kWarps;
-  static constexpr int kBM = 16 * kWarps;  // query rows per block
-  static constexpr int kBN = 64;           // keys per tile
-  static constexpr int kChunks = D / 8;
-  static constexpr int kSmemBytes = (kBM + 2 * kBN) * D * 2;  // Q, K, V tiles
-};
-
-template <int D>
-__global__ void __launch_bounds__(FwdConfig<D>::kThreads, 1)
-    flash_fwd_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
-                     const __nv_bfloat16* __restrict__ v, const int32_t* __restrict__ cu_q,
-                     const int32_t* __restrict__ cu_k, __nv_bfloat16* __restrict__ o, float* __restrict__ lse, int hq,
-                     int hkv, float scale_log2) {
-  using C = FwdConfig<D>;
-  constexpr int kBM = C::kBM, kBN = C::kBN, kChunks = C::kChunks, kT = C::kThreads;
-  extern __shared__ __align__(128) unsigned char smem[];
-
-  const int doc = blockIdx.z, h = blockIdx.y;
-  const int q_begin = cu_q[doc], len_q = cu_q[doc + 1] - q_begin;
-  const int k_begin = cu_k[doc], len_k = cu_k[doc + 1] - k_begin;
-  const int m0 = (static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x)) * kBM;  // longest rows first
-  if (m0 >= len_q) return;
-  const int off = len_k - len_q;  // query i sees keys j <= i + off
-  const int hk = h / (hq / hkv);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int64_t q_stride = static_cast<int64_t>(hq) * D, kv_stride = static_cast<int64_t>(hkv) * D;
-  const __nv_bfloat16* k_doc = k + (static_cast<int64_t>(k_begin) * hkv + hk) * D;
-  const __nv_bfloat16* v_doc = v + (static_cast<int64_t>(k_begin) * hkv + hk) * D;
-  const uint32_t sQ = smem_addr(smem), sK = sQ + kBM * D * 2, sV = sK + kBN * D * 2;
-
-  const int n_end = min(len_k, m0 + kBM + off);  // keys that some row of the tile sees
-  const int n_tiles = n_end > 0 ? (n_end + kBN - 1) / kBN : 0;
-  const int row0 = m0 + warp * 16;  // this warp's first query (document-local)
-
-  float acc[D / 8][4];
-#pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-  uint32_t qf[D / 16][4];
-
-  if (n_tiles > 0) {
-    load_tile_async<kBM, D, kT>(sQ, q + (static_cast<int64_t>(q_begin + m0) * hq + h) * D, q_stride, len_q - m0);
-    load_tile_async<kBN, D, kT>(sK, k_doc, kv_stride, len_k);
-    cp_async_commit();
-    load_tile_async<kBN, D, kT>(sV, v_doc, kv_stride, len_k);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) ldsm_x4(qf[ks], sQ + swz<kChunks>(warp * 16 + (lane & 15), 2 * ks + (lane >> 4)));
-  }
-
-  for (int j = 0; j < n_tiles; ++j) {
-    const int n0 = j * kBN;
-    cp_async_wait<1>();  // K_j landed (V_j may still be in flight)
-    __syncthreads();
-    const bool active = n0 <= row0 + 15 + off;  // some row of this warp sees a key of the tile
-    float s[8][4];
-    if (active) {
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          uint32_t b[4];
-          ldsm_x4(b, sK + swz<kChunks>(np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * ks + ((lane >> 3) & 1)));
-          mma_bf16(s[2 * np], qf[ks], b[0], b[1]);
-          mma_bf16(s[2 * np + 1], qf[ks], b[2], b[3]);
-        }
-      }
-    }
-    __syncthreads();  // every warp is done with K_j
-    if (j + 1 < n_tiles) load_tile_async<kBN, D, kT>(sK, k_doc + (n0 + kBN) * kv_stride, kv_stride, len_k - n0 - kBN);
-    cp_async_commit();
-
-    if (active) {
-      const bool need_mask = n0 + kBN - 1 > row0 + off || n0 + kBN > len_k;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float x = s[nt][e] * scale_log2;
-          if (need_mask) {
-            const int key = n0 + nt * 8 + 2 * t + (e & 1), row = row0 + g + 8 * (e >> 1);
-            if (key > row + off || key >= len_k) x = -INFINITY;
-          }
-          s[nt][e] = x;
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run[r], mx);
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: keep everything 0
-        const float alpha = exp2_approx(m_run[r] - m_use);
-        m_run[r] = m_new;
-        float sum = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt) {
-          s[nt][2 * r] = exp2_approx(s[nt][2 * r] - m_use);
-          s[nt][2 * r + 1] = exp2_approx(s[nt][2 * r + 1] - m_use);
-          sum += s[nt][2 * r] + s[nt][2 * r + 1];
-        }
-        l_run[r] = l_run[r] * alpha + sum;  // per-thread partial; the quad is summed at the end
-#pragma unroll
-        for (int dn = 0; dn < D / 8; ++dn) {
-          acc[dn][2 * r] *= alpha;
-          acc[dn][2 * r + 1] *= alpha;
-        }
-      }
-    }
-
-    cp_async_wait<1>();  // V_j landed
-    __syncthreads();
-    if (active) {
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                                pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          uint32_t b[4];
-          ldsm_x4_trans(b, sV + swz<kChunks>(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), 2 * dp + (lane >> 4)));
-          mma_bf16(acc[2 * dp], pa, b[0], b[1]);
-          mma_bf16(acc[2 * dp + 1], pa, b[2], b[3]);
-        }
-      }
-    }
-    __syncthreads();  // every warp is done with V_j
-    if (j + 1 < n_tiles) load_tile_async<kBN, D, kT>(sV, v_doc + (n0 + kBN) * kv_stride, kv_stride, len_k - n0 - kBN);
-    cp_async_commit();
-  }
-  cp_async_wait<0>();  // only empty groups can remain; keeps the staging below clear of copies
-
-  float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv[r] = l > 0.f ? 1.f / l : 0.f;
-    const int row = row0 + g + 8 * r;
-    if (t == 0 && row < len_q)
-      lse[static_cast<int64_t>(q_begin + row) * hq + h] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
-  }
-  // Stage O in this warp's own rows of the Q tile (Q lives in registers since the first tile).
-  stage_rows<D>(smem, warp * 16, acc, inv[0], inv[1]);
-  __syncwarp();
-  store_rows<D>(smem, warp * 16, o + (static_cast<int64_t>(q_begin + row0) * hq + h) * D, q_stride, len_q - row0);
-}
-
-// The forward with 32 query rows per warp (two m16 tiles), 4 warps, two blocks per SM. Each K fragment read from
-// shared memory feeds the two row tiles' S products and each V fragment their two P V products, so the kernel reads
-// about 160 bytes of shared memory per tensor-core product instead of the 8-warp kernel's 256 (which is bound by
-// shared-memory bandwidth). Q stays in shared memory (64 more registers per thread would not fit beside the two
-// accumulators) and is re-read once per key tile. Same tiles, mask, online softmax and outputs as flash_fwd_kernel;
-// each warp stages its O in its own Q rows, which only it reads.
-template <int D>
-struct Fwd2Config {
-  static constexpr int kWarps = 4, kThreads = 32 * kWarps, kMT = 2;
+  static constexpr int kMT = MT, kWarps = 8 / MT, kThreads = 32 * kWarps;
   static constexpr int kBM = 16 * kMT * kWarps;  // query rows per block
   static constexpr int kBN = 64;                 // keys per tile
   static constexpr int kChunks = D / 8;
   static constexpr int kSmemBytes = (kBM + 2 * kBN) * D * 2;  // Q, K, V tiles
 };
 
-template <int D>
-__global__ void __launch_bounds__(Fwd2Config<D>::kThreads, 2)
-    flash_fwd2_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
-                      const __nv_bfloat16* __restrict__ v, const int32_t* __restrict__ cu_q,
-                      const int32_t* __restrict__ cu_k, __nv_bfloat16* __restrict__ o, float* __restrict__ lse, int hq,
-                      int hkv, float scale_log2) {
-  using C = Fwd2Config<D>;
+template <int D, int MT>
+__global__ void __launch_bounds__(FwdConfig<D, MT>::kThreads, MT == 1 ? 1 : 2)
+    flash_fwd_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
+                     const __nv_bfloat16* __restrict__ v, const int32_t* __restrict__ cu_q,
+                     const int32_t* __restrict__ cu_k, __nv_bfloat16* __restrict__ o, float* __restrict__ lse, int hq,
+                     int hkv, float scale_log2) {
+  using C = FwdConfig<D, MT>;
   constexpr int kBM = C::kBM, kBN = C::kBN, kChunks = C::kChunks, kT = C::kThreads, kMT = C::kMT;
   extern __shared__ __align__(128) unsigned char smem[];
 
@@ -282,12 +126,20 @@ __global__ void __launch_bounds__(Fwd2Config<D>::kThreads, 2)
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) m_run[mt][0] = m_run[mt][1] = -INFINITY, l_run[mt][0] = l_run[mt][1] = 0.f;
 
+  uint32_t qf[kMT == 1 ? D / 16 : 1][4];  // MT = 1: this warp's Q fragments, kept from the first tile on
   if (n_tiles > 0) {
     load_tile_async<kBM, D, kT>(sQ, q + (static_cast<int64_t>(q_begin + m0) * hq + h) * D, q_stride, len_q - m0);
     load_tile_async<kBN, D, kT>(sK, k_doc, kv_stride, len_k);
     cp_async_commit();
     load_tile_async<kBN, D, kT>(sV, v_doc, kv_stride, len_k);
     cp_async_commit();
+    if constexpr (kMT == 1) {
+      cp_async_wait<1>();
+      __syncthreads();
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks)
+        ldsm_x4(qf[ks], sQ + swz<kChunks>(warp * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+    }
   }
 
   for (int j = 0; j < n_tiles; ++j) {
@@ -307,8 +159,13 @@ __global__ void __launch_bounds__(Fwd2Config<D>::kThreads, 2)
       for (int ks = 0; ks < D / 16; ++ks) {
         uint32_t a[kMT][4];
 #pragma unroll
-        for (int mt = 0; mt < kMT; ++mt)
-          ldsm_x4(a[mt], sQ + swz<kChunks>(warp * 16 * kMT + mt * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+        for (int mt = 0; mt < kMT; ++mt) {
+          if constexpr (kMT == 1) {
+            a[mt][0] = qf[ks][0], a[mt][1] = qf[ks][1], a[mt][2] = qf[ks][2], a[mt][3] = qf[ks][3];
+          } else {
+            ldsm_x4(a[mt], sQ + swz<kChunks>(warp * 16 * kMT + mt * 16 + (lane & 15), 2 * ks + (lane >> 4)));
+          }
+        }
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
           uint32_t b[4];
@@ -679,8 +536,8 @@ __global__ void flash_bwd_convert_dq_kernel(const float* __restrict__ acc, __nv_
 
 // ---------------------------------------------------------------- launchers
 
-// The forward kernel: 1 = flash_fwd_kernel (8 warps of 16 query rows), 2 = flash_fwd2_kernel (4 warps of 32 rows,
-// two blocks per SM; the default). HYD_FLASH_FWD=1 / 2 chooses (read on every call).
+// The forward kernel's row tiles per warp (FwdConfig): 2 (the default) or 1 with HYD_FLASH_FWD=1 (read on every
+// call).
 int forward_kernel() {
   const char* e = std::getenv("HYD_FLASH_FWD");
   return e != nullptr && e[0] == '1' && e[1] == '\0' ? 1 : 2;
@@ -707,11 +564,11 @@ void launch_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* 
                     int64_t num_docs, int64_t max_len_q, bf16* o, float* lse, int64_t hq, int64_t hkv, float scale,
                     cudaStream_t stream) {
   if (forward_kernel() == 1)
-    launch_forward_with<D, FwdConfig<D>>(flash_fwd_kernel<D>, q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse, hq, hkv,
-                                         scale, stream);
+    launch_forward_with<D, FwdConfig<D, 1>>(flash_fwd_kernel<D, 1>, q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse,
+                                            hq, hkv, scale, stream);
   else
-    launch_forward_with<D, Fwd2Config<D>>(flash_fwd2_kernel<D>, q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse, hq,
-                                          hkv, scale, stream);
+    launch_forward_with<D, FwdConfig<D, 2>>(flash_fwd_kernel<D, 2>, q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse,
+                                            hq, hkv, scale, stream);
 }
 
 template <int D>
