@@ -236,4 +236,17 @@ TempDir::~TempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
+ScopedEnv::ScopedEnv(const char* name) : name_(name) {
+  const char* e = std::getenv(name);
+  had_ = e != nullptr;
+  value_ = had_ ? e : "";
+}
+ScopedEnv::~ScopedEnv() {
+  if (had_)
+    ::setenv(name_.c_str(), value_.c_str(), 1);
+  else
+    ::unsetenv(name_.c_str());
+}
+void ScopedEnv::set(const char* value) const { ::setenv(name_.c_str(), value, 1); }
+
 }  // namespace hyd::test

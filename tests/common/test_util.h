@@ -117,4 +117,19 @@ class TempDir {
   std::filesystem::path path_;
 };
 
+// An environment variable (a switch read by the code under test) put back as it was found at the end of the scope:
+// set to its old value, or unset if it had none.
+class ScopedEnv {
+ public:
+  explicit ScopedEnv(const char* name);
+  ~ScopedEnv();
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+  void set(const char* value) const;  // for the rest of the scope, or until set again
+
+ private:
+  std::string name_, value_;
+  bool had_;
+};
+
 }  // namespace hyd::test

@@ -13,7 +13,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -235,23 +234,6 @@ struct Heads {
   int64_t hq, hkv, d;
 };
 
-// Puts an environment variable back as it was found.
-struct EnvRestore {
-  std::string name, value;
-  bool had;
-  explicit EnvRestore(const char* n) : name(n) {
-    const char* e = std::getenv(n);
-    had = e != nullptr;
-    value = had ? e : "";
-  }
-  ~EnvRestore() {
-    if (had)
-      ::setenv(name.c_str(), value.c_str(), 1);
-    else
-      ::unsetenv(name.c_str());
-  }
-};
-
 // Runs the CUDA kernels and the CPU path on the same bf16-rounded inputs and compares everything.
 void compare_with_cpu(const Layout& L, Heads c, const std::string& what) {
   SCOPED_TRACE(what);
@@ -274,9 +256,9 @@ void compare_with_cpu(const Layout& L, Heads c, const std::string& what) {
                tcq = buf.upload_i32(L.cu_q, {L.docs() + 1}), tck = buf.upload_i32(L.cu_k, {L.docs() + 1});
   // Both forward kernels (HYD_FLASH_FWD: 1 = 8 warps of 16 query rows, 2 = 4 warps of 32 rows, the default), each
   // followed by the backward on its own outputs.
-  const EnvRestore restore("HYD_FLASH_FWD");
+  const test::ScopedEnv forward("HYD_FLASH_FWD");
   for (const char* fwd : {"1", "2"}) {
-    ::setenv("HYD_FLASH_FWD", fwd, 1);
+    forward.set(fwd);
     const std::string tag = what + " (forward kernel " + fwd + ")";
     const Tensor to = buf.poisoned({nq, c.hq, c.d}, DType::bf16), tlse = buf.poisoned({nq, c.hq}, DType::f32);
     const Tensor tdq = buf.poisoned({nq, c.hq, c.d}, DType::bf16), tdk = buf.poisoned({nk, c.hkv, c.d}, DType::bf16),

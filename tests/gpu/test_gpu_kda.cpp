@@ -563,22 +563,7 @@ TEST(GpuKda, SavedBackwardEqualsTheRecomputingOne) {
 // without the initial / final states and their gradients. Outputs poisoned first.
 TEST(GpuKda, PipelinedWindowsAndWidePassesEqualTheWholePasses) {
   HYD_REQUIRE_GPU();
-  struct Restore {  // the two switches as the test found them
-    std::string name;
-    bool had;
-    std::string value;
-    explicit Restore(const char* n) : name(n) {
-      const char* e = std::getenv(n);
-      had = e != nullptr;
-      value = had ? e : "";
-    }
-    ~Restore() {
-      if (had)
-        ::setenv(name.c_str(), value.c_str(), 1);
-      else
-        ::unsetenv(name.c_str());
-    }
-  } restore_windows("HYD_KDA_WINDOWS"), restore_width("HYD_KDA_PASS_BV");
+  const test::ScopedEnv windows_env("HYD_KDA_WINDOWS"), width_env("HYD_KDA_PASS_BV");  // put back at the end
   struct Case {
     int64_t h, hv, dk, dv;
     std::vector<int32_t> lengths;
@@ -598,8 +583,8 @@ TEST(GpuKda, PipelinedWindowsAndWidePassesEqualTheWholePasses) {
     // Every output of the saving forward and the saved backward (with_states: initial state and final-state
     // gradient given, final state and initial-state gradient asked for).
     auto run = [&](const char* windows, const char* width, bool with_states) {
-      ::setenv("HYD_KDA_WINDOWS", windows, 1);
-      ::setenv("HYD_KDA_PASS_BV", width, 1);
+      windows_env.set(windows);
+      width_env.set(width);
       const int64_t chunks = kda_chunk::max_chunks(s);  // a window count is capped by the chunks and by 16
       EXPECT_EQ(kda_saving_windows(in.k, in.v, in.cu),
                 std::clamp<int64_t>(std::atoi(windows), 1, std::min<int64_t>(16, chunks)))

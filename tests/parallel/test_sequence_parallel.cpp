@@ -171,8 +171,7 @@ TEST(SequenceParallel, SliceLayoutOfTheDocumentPlan) {
   // Balanced LASP-2H: the ranks' two half-slices cover every half-slice once, rank r's are r and 2P - 1 - r,
   // and their boundaries partition the packed queries and the gathered keys like the slice's; an odd slice
   // (or HYD_SP_ATTN_BALANCE=0) keeps every rank on its own slice.
-  const char* saved = std::getenv("HYD_SP_ATTN_BALANCE");
-  const std::string before = saved != nullptr ? saved : "";
+  const test::ScopedEnv balance("HYD_SP_ATTN_BALANCE");  // put back at the end
   ::unsetenv("HYD_SP_ATTN_BALANCE");
   std::vector<int> covered(2 * P, 0);
   for (int r = 0; r < P; ++r) {
@@ -198,14 +197,10 @@ TEST(SequenceParallel, SliceLayoutOfTheDocumentPlan) {
   HostBatch g_odd = test::make_global(P * 31, test::doc_plan(P, 31), 50, 1);
   slice_batch_for_sp(g_odd, 2, P * 31, 0, P, odd);
   EXPECT_FALSE(odd.balanced) << "slice 31 cannot be halved";
-  ::setenv("HYD_SP_ATTN_BALANCE", "0", 1);
+  balance.set("0");
   SpLayout off;
   slice_batch_for_sp(global, 2, T, 0, P, off);
   EXPECT_FALSE(off.balanced);
-  if (saved != nullptr)
-    ::setenv("HYD_SP_ATTN_BALANCE", before.c_str(), 1);
-  else
-    ::unsetenv("HYD_SP_ATTN_BALANCE");
 }
 
 // The KDA core alone: LASP-2 over the slices equals the whole sequences (outputs and every input gradient,
