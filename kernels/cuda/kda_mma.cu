@@ -559,7 +559,7 @@ struct StateLayout {
                           bytes = oVlo + size_t{C} * BV * 2;
 };
 
-// Copies a staged swizzled bf16 tile [ROWS][kBV] to global rows dst + r * stride (16-byte stores).
+// Copies a staged swizzled bf16 tile [ROWS][BV] to global rows dst + r * stride (16-byte stores).
 template <int ROWS, int BV = kBV, int NT = kThreads>
 __device__ __forceinline__ void store_staged(const unsigned char* tile, __nv_bfloat16* dst, int64_t stride) {
   constexpr int CH = BV / 8;
@@ -569,8 +569,8 @@ __device__ __forceinline__ void store_staged(const unsigned char* tile, __nv_bfl
   }
 }
 
-// A warp's fragment of the DK x kBV state tile of a state pass, in the mma accumulator layout: f[n][e] is row
-// 16 sm + gq + 8 (e >> 1), column 8 (sn0 + n) + 2 tq + (e & 1).
+// A warp's fragment of the DK x BV state tile of a state pass (BV: its width), in the mma accumulator layout: f[n][e]
+// is row 16 sm + gq + 8 (e >> 1), column 8 (sn0 + n) + 2 tq + (e & 1).
 struct StateFrag {
   int sm, sn0, gq, tq;
   __device__ __forceinline__ int row(int e) const { return 16 * sm + gq + 8 * (e >> 1); }
@@ -595,7 +595,7 @@ __device__ __forceinline__ void frag_store(const float (&f)[SN][4], float* dst, 
     for (int e = 0; e < 4; ++e) dst[base + p.row(e) * DV + p.col(n, e)] = f[n][e];
 }
 
-// Stages f as hi + lo bf16 pairs into the swizzled [DK][kBV] tiles at hi and lo.
+// Stages f as hi + lo bf16 pairs into the swizzled [DK][BV] tiles at hi and lo.
 template <int SN, int BV = kBV>
 __device__ __forceinline__ void frag_stage(const float (&f)[SN][4], unsigned char* hi, unsigned char* lo,
                                            const StateFrag& p) {
@@ -625,7 +625,7 @@ __device__ __forceinline__ void frag_scale_rows(float (&f)[SN][4], const float* 
 }
 
 // y += A S and, when with_b, z += B S for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1: A, B swizzled bf16 [.][DK]
-// tiles, S the staged state (hi + lo tiles [DK][kBV] at s_hi, s_lo; both terms, fp32-class). One pass over k: S's
+// tiles, S the staged state (hi + lo tiles [DK][BV] at s_hi, s_lo; both terms, fp32-class). One pass over k: S's
 // fragments are read once for both products.
 template <int DK, int BV = kBV>
 __device__ __forceinline__ void rows2_times_state(float (&y)[2][4], float (&z)[2][4], uint32_t a_tile, uint32_t b_tile,
@@ -705,7 +705,7 @@ __device__ __forceinline__ void for_acc_pairs(const float (&acc)[2][4], int I, i
 }
 
 // acc += Aqk V for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1: Aqk the swizzled bf16 [C][C] tile at aqk_tile
-// (lower triangular: row block I sees blocks kk <= I), V the swizzled bf16 [C][kBV] tile at v_tile.
+// (lower triangular: row block I sees blocks kk <= I), V the swizzled bf16 [C][BV] tile at v_tile.
 template <int BV = kBV>
 __device__ __forceinline__ void add_aqk_times_tile(float (&acc)[2][4], uint32_t aqk_tile, uint32_t v_tile, int I,
                                                    int nb, int lane) {
@@ -720,7 +720,7 @@ __device__ __forceinline__ void add_aqk_times_tile(float (&acc)[2][4], uint32_t 
 
 // acc = qg S + Aqk V for rows 16 I .. 16 I + 15 and n-tiles nb, nb + 1 (a chunk's outputs, or their correction):
 // qg the swizzled bf16 [C][DK] tile at qg_tile, S staged as rows_times_state takes it, Aqk [C][C] (lower
-// triangular: row block I sees blocks kk <= I) at aqk_tile, V the swizzled bf16 [C][kBV] tile at v_tile.
+// triangular: row block I sees blocks kk <= I) at aqk_tile, V the swizzled bf16 [C][BV] tile at v_tile.
 template <int DK, int BV = kBV>
 __device__ __forceinline__ void chunk_outputs(float (&acc)[2][4], uint32_t qg_tile, uint32_t s_hi, uint32_t s_lo,
                                               uint32_t aqk_tile, uint32_t v_tile, int I, int nb, int lane) {
