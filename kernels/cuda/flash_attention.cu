@@ -543,7 +543,7 @@ int forward_kernel() {
   return e != nullptr && e[0] == '1' && e[1] == '\0' ? 1 : 2;
 }
 
-template <int D, class Config, class Kernel>
+template <class Config, class Kernel>
 void launch_forward_with(Kernel kernel, const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q,
                          const int32_t* cu_k, int64_t num_docs, int64_t max_len_q, bf16* o, float* lse, int64_t hq,
                          int64_t hkv, float scale, cudaStream_t stream) {
@@ -564,11 +564,11 @@ void launch_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* 
                     int64_t num_docs, int64_t max_len_q, bf16* o, float* lse, int64_t hq, int64_t hkv, float scale,
                     cudaStream_t stream) {
   if (forward_kernel() == 1)
-    launch_forward_with<D, FwdConfig<D, 1>>(flash_fwd_kernel<D, 1>, q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse,
-                                            hq, hkv, scale, stream);
+    launch_forward_with<FwdConfig<D, 1>>(flash_fwd_kernel<D, 1>, q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse, hq,
+                                         hkv, scale, stream);
   else
-    launch_forward_with<D, FwdConfig<D, 2>>(flash_fwd_kernel<D, 2>, q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse,
-                                            hq, hkv, scale, stream);
+    launch_forward_with<FwdConfig<D, 2>>(flash_fwd_kernel<D, 2>, q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse, hq,
+                                         hkv, scale, stream);
 }
 
 template <int D>

@@ -448,21 +448,21 @@ TEST(GpuMoe, GroupedLinearMatchesCpu) {
 // The choice of implementation (HYD_MOE_GEMM) and the checks of a plan's host counts on the CPU, and the
 // host-count staging on CPU tensors (no GPU needed; ctest's unit.moe_gemm_emulation runs it everywhere).
 TEST(MoeGemmEmulation, ImplementationChoiceAndHostCounts) {
-  const char* saved = std::getenv("HYD_MOE_GEMM");
-  const std::string before = saved != nullptr ? saved : "";
-  for (const kernels::MoeGemm g : kAllGemms) {
-    ::setenv("HYD_MOE_GEMM", kernels::moe_gemm_name(g), 1);
-    EXPECT_EQ(kernels::moe_gemm_from_env(), g);
-    MoeLayer layer;
-    EXPECT_EQ(layer.gemm, g) << "a layer takes HYD_MOE_GEMM when made";
+  {
+    const test::ScopedEnv gemm("HYD_MOE_GEMM");  // put back at the end of the block
+    for (const kernels::MoeGemm g : kAllGemms) {
+      gemm.set(kernels::moe_gemm_name(g));
+      EXPECT_EQ(kernels::moe_gemm_from_env(), g);
+      MoeLayer layer;
+      EXPECT_EQ(layer.gemm, g) << "a layer takes HYD_MOE_GEMM when made";
+    }
+    gemm.set("");
+    EXPECT_EQ(kernels::moe_gemm_from_env(), kernels::MoeGemm::automatic);
+    gemm.set("cutlass");
+    test::expect_error([] { kernels::moe_gemm_from_env(); }, {"HYD_MOE_GEMM", "cutlass", "grouped"});
+    ::unsetenv("HYD_MOE_GEMM");
+    EXPECT_EQ(kernels::moe_gemm_from_env(), kernels::MoeGemm::automatic);
   }
-  ::setenv("HYD_MOE_GEMM", "", 1);
-  EXPECT_EQ(kernels::moe_gemm_from_env(), kernels::MoeGemm::automatic);
-  ::setenv("HYD_MOE_GEMM", "cutlass", 1);
-  test::expect_error([] { kernels::moe_gemm_from_env(); }, {"HYD_MOE_GEMM", "cutlass", "grouped"});
-  ::unsetenv("HYD_MOE_GEMM");
-  EXPECT_EQ(kernels::moe_gemm_from_env(), kernels::MoeGemm::automatic);
-  if (saved != nullptr) ::setenv("HYD_MOE_GEMM", before.c_str(), 1);
 
   // automatic: the per-expert loop only when the mean expert with rows does kMoeLoopMinMacs multiply-adds or
   // more (rows x macs per row); the stop-18 H100 points: D = 2048, 64 experts of F = 1408 and 128 of F = 768.
@@ -479,20 +479,17 @@ TEST(MoeGemmEmulation, ImplementationChoiceAndHostCounts) {
   EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>{0, 0, 0}, per_row));        // nothing to run
   EXPECT_TRUE(moe_gemm_uses_grouped(kernels::MoeGemm::grouped, std::vector<int32_t>{1024, 1024}, per_row));
   EXPECT_FALSE(moe_gemm_uses_grouped(kernels::MoeGemm::loop, std::vector<int32_t>{1, 1}, per_row));
-  const char* saved_macs = std::getenv("HYD_MOE_LOOP_MIN_MACS");
-  const std::string macs_before = saved_macs != nullptr ? saved_macs : "";
-  ::setenv("HYD_MOE_LOOP_MIN_MACS", "20", 1);
-  EXPECT_EQ(kernels::moe_loop_min_macs(), 20);
-  EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>{2, 3}, 10));  // mean 2.5 x 10 >= 20
-  EXPECT_TRUE(moe_gemm_uses_grouped(a, std::vector<int32_t>{1, 2}, 10));   // mean 1.5 x 10 < 20
-  ::setenv("HYD_MOE_LOOP_MIN_MACS", "0", 1);
-  test::expect_error([] { kernels::moe_loop_min_macs(); }, {"HYD_MOE_LOOP_MIN_MACS", "positive"});
-  ::setenv("HYD_MOE_LOOP_MIN_MACS", "1e9", 1);
-  test::expect_error([] { kernels::moe_loop_min_macs(); }, {"HYD_MOE_LOOP_MIN_MACS", "1e9"});
-  if (saved_macs != nullptr)
-    ::setenv("HYD_MOE_LOOP_MIN_MACS", macs_before.c_str(), 1);
-  else
-    ::unsetenv("HYD_MOE_LOOP_MIN_MACS");
+  {
+    const test::ScopedEnv macs("HYD_MOE_LOOP_MIN_MACS");  // put back at the end of the block
+    macs.set("20");
+    EXPECT_EQ(kernels::moe_loop_min_macs(), 20);
+    EXPECT_FALSE(moe_gemm_uses_grouped(a, std::vector<int32_t>{2, 3}, 10));  // mean 2.5 x 10 >= 20
+    EXPECT_TRUE(moe_gemm_uses_grouped(a, std::vector<int32_t>{1, 2}, 10));   // mean 1.5 x 10 < 20
+    macs.set("0");
+    test::expect_error([] { kernels::moe_loop_min_macs(); }, {"HYD_MOE_LOOP_MIN_MACS", "positive"});
+    macs.set("1e9");
+    test::expect_error([] { kernels::moe_loop_min_macs(); }, {"HYD_MOE_LOOP_MIN_MACS", "1e9"});
+  }
 
   const ExecContext cpu(Device::cpu());
   std::vector<int32_t> counts = {2, 0, 3}, offsets = {0, 2, 2, 5};
