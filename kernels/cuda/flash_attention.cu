@@ -76,27 +76,31 @@ __device__ __forceinline__ void store_rows(const unsigned char* tile, int row0, 
 // - MT = 2 (the default): 4 warps of 32 rows, two blocks per SM. Each K fragment read from shared memory feeds both
 //   row tiles' S products and each V fragment both tiles' P V products: about 160 bytes of shared memory per
 //   tensor-core product. Q stays in shared memory (64 more registers per thread would not fit beside the two
-//   accumulators) and is re-read once per key tile.
+//   accumulators) and is re-read once per key tile. K and V are double-buffered (DB, the default; 96 KB of shared
+//   memory at d = 128, still two blocks per SM): the tiles of step j + 1 load into the other buffers while step j
+//   runs, with one barrier per key tile instead of four. HYD_FLASH_FWD=2 keeps single buffers (H200, stop 28,
+//   B8xT4096 H16 d128: 2.18 ms double-buffered, 2.38 single).
 // - MT = 1 (HYD_FLASH_FWD=1): 8 warps of 16 rows, one block per SM, Q in registers from the first tile on: 256 bytes
 //   of shared memory per product, which the SM's shared-memory bandwidth does not feed at the tensor cores' rate
 //   (H200, docs/benchmarks.md stop 27: 9-12% slower than MT = 2).
 // Each warp stages its O in its own Q rows, which only it reads.
-template <int D, int MT>
+template <int D, int MT, bool DB = false>
 struct FwdConfig {
   static constexpr int kMT = MT, kWarps = 8 / MT, kThreads = 32 * kWarps;
   static constexpr int kBM = 16 * kMT * kWarps;  // query rows per block
   static constexpr int kBN = 64;                 // keys per tile
   static constexpr int kChunks = D / 8;
-  static constexpr int kSmemBytes = (kBM + 2 * kBN) * D * 2;  // Q, K, V tiles
+  static constexpr int kTileKV = kBN * D * 2;
+  static constexpr int kSmemBytes = kBM * D * 2 + (DB ? 4 : 2) * kTileKV;  // Q, K (x2), V (x2)
 };
 
-template <int D, int MT>
-__global__ void __launch_bounds__(FwdConfig<D, MT>::kThreads, MT == 1 ? 1 : 2)
+template <int D, int MT, bool DB = false>
+__global__ void __launch_bounds__(FwdConfig<D, MT, DB>::kThreads, MT == 1 ? 1 : 2)
     flash_fwd_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                      const __nv_bfloat16* __restrict__ v, const int32_t* __restrict__ cu_q,
                      const int32_t* __restrict__ cu_k, __nv_bfloat16* __restrict__ o, float* __restrict__ lse, int hq,
                      int hkv, float scale_log2) {
-  using C = FwdConfig<D, MT>;
+  using C = FwdConfig<D, MT, DB>;
   constexpr int kBM = C::kBM, kBN = C::kBN, kChunks = C::kChunks, kT = C::kThreads, kMT = C::kMT;
   extern __shared__ __align__(128) unsigned char smem[];
 
@@ -111,7 +115,8 @@ __global__ void __launch_bounds__(FwdConfig<D, MT>::kThreads, MT == 1 ? 1 : 2)
   const int64_t q_stride = static_cast<int64_t>(hq) * D, kv_stride = static_cast<int64_t>(hkv) * D;
   const __nv_bfloat16* k_doc = k + (static_cast<int64_t>(k_begin) * hkv + hk) * D;
   const __nv_bfloat16* v_doc = v + (static_cast<int64_t>(k_begin) * hkv + hk) * D;
-  const uint32_t sQ = smem_addr(smem), sK = sQ + kBM * D * 2, sV = sK + kBN * D * 2;
+  // Q, then K and V (with DB: K0, K1, V0, V1).
+  const uint32_t sQ = smem_addr(smem), sK0 = sQ + kBM * D * 2, sV0 = sK0 + (DB ? 2 : 1) * C::kTileKV;
 
   const int n_end = min(len_k, m0 + kBM + off);  // keys that some row of the tile sees
   const int n_tiles = n_end > 0 ? (n_end + kBN - 1) / kBN : 0;
@@ -129,9 +134,9 @@ __global__ void __launch_bounds__(FwdConfig<D, MT>::kThreads, MT == 1 ? 1 : 2)
   uint32_t qf[kMT == 1 ? D / 16 : 1][4];  // MT = 1: this warp's Q fragments, kept from the first tile on
   if (n_tiles > 0) {
     load_tile_async<kBM, D, kT>(sQ, q + (static_cast<int64_t>(q_begin + m0) * hq + h) * D, q_stride, len_q - m0);
-    load_tile_async<kBN, D, kT>(sK, k_doc, kv_stride, len_k);
+    load_tile_async<kBN, D, kT>(sK0, k_doc, kv_stride, len_k);
     cp_async_commit();
-    load_tile_async<kBN, D, kT>(sV, v_doc, kv_stride, len_k);
+    load_tile_async<kBN, D, kT>(sV0, v_doc, kv_stride, len_k);
     cp_async_commit();
     if constexpr (kMT == 1) {
       cp_async_wait<1>();
@@ -144,8 +149,22 @@ __global__ void __launch_bounds__(FwdConfig<D, MT>::kThreads, MT == 1 ? 1 : 2)
 
   for (int j = 0; j < n_tiles; ++j) {
     const int n0 = j * kBN;
-    cp_async_wait<1>();  // Q and K_j landed (V_j may still be in flight)
-    __syncthreads();
+    const uint32_t sK = sK0 + (DB ? (j & 1) * C::kTileKV : 0), sV = sV0 + (DB ? (j & 1) * C::kTileKV : 0);
+    if constexpr (DB) {
+      // K_j and V_j were issued a whole step ago. After the barrier every warp is done with step j - 1, whose
+      // buffers take step j + 1's tiles.
+      cp_async_wait<0>();
+      __syncthreads();
+      if (j + 1 < n_tiles) {
+        const uint32_t nk = sK0 + ((j + 1) & 1) * C::kTileKV, nv = sV0 + ((j + 1) & 1) * C::kTileKV;
+        load_tile_async<kBN, D, kT>(nk, k_doc + (n0 + kBN) * kv_stride, kv_stride, len_k - n0 - kBN);
+        load_tile_async<kBN, D, kT>(nv, v_doc + (n0 + kBN) * kv_stride, kv_stride, len_k - n0 - kBN);
+      }
+      cp_async_commit();
+    } else {
+      cp_async_wait<1>();  // Q and K_j landed (V_j may still be in flight)
+      __syncthreads();
+    }
     // Some row of this warp sees a key of the tile (its last row tile sees the most); the first row tile may see
     // none, and is then masked to -inf and adds nothing.
     const bool active = n0 <= row0 + 16 * kMT - 1 + off;
@@ -178,9 +197,11 @@ __global__ void __launch_bounds__(FwdConfig<D, MT>::kThreads, MT == 1 ? 1 : 2)
         }
       }
     }
-    __syncthreads();  // every warp is done with K_j
-    if (j + 1 < n_tiles) load_tile_async<kBN, D, kT>(sK, k_doc + (n0 + kBN) * kv_stride, kv_stride, len_k - n0 - kBN);
-    cp_async_commit();
+    if constexpr (!DB) {
+      __syncthreads();  // every warp is done with K_j
+      if (j + 1 < n_tiles) load_tile_async<kBN, D, kT>(sK, k_doc + (n0 + kBN) * kv_stride, kv_stride, len_k - n0 - kBN);
+      cp_async_commit();
+    }
 
     if (active) {
 #pragma unroll
@@ -227,8 +248,10 @@ __global__ void __launch_bounds__(FwdConfig<D, MT>::kThreads, MT == 1 ? 1 : 2)
       }
     }
 
-    cp_async_wait<1>();  // V_j landed
-    __syncthreads();
+    if constexpr (!DB) {
+      cp_async_wait<1>();  // V_j landed
+      __syncthreads();
+    }
     if (active) {
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
@@ -252,9 +275,11 @@ __global__ void __launch_bounds__(FwdConfig<D, MT>::kThreads, MT == 1 ? 1 : 2)
         }
       }
     }
-    __syncthreads();  // every warp is done with V_j
-    if (j + 1 < n_tiles) load_tile_async<kBN, D, kT>(sV, v_doc + (n0 + kBN) * kv_stride, kv_stride, len_k - n0 - kBN);
-    cp_async_commit();
+    if constexpr (!DB) {
+      __syncthreads();  // every warp is done with V_j
+      if (j + 1 < n_tiles) load_tile_async<kBN, D, kT>(sV, v_doc + (n0 + kBN) * kv_stride, kv_stride, len_k - n0 - kBN);
+      cp_async_commit();
+    }
   }
   cp_async_wait<0>();  // only empty groups can remain; keeps the staging below clear of copies
 
@@ -536,11 +561,11 @@ __global__ void flash_bwd_convert_dq_kernel(const float* __restrict__ acc, __nv_
 
 // ---------------------------------------------------------------- launchers
 
-// The forward kernel's row tiles per warp (FwdConfig): 2 (the default) or 1 with HYD_FLASH_FWD=1 (read on every
-// call).
+// The forward kernel (HYD_FLASH_FWD, read on every call; FwdConfig): 0 = 2 row tiles per warp with double-buffered
+// K / V (the default), 1 = 1 row tile per warp, 2 = 2 row tiles with single buffers.
 int forward_kernel() {
   const char* e = std::getenv("HYD_FLASH_FWD");
-  return e != nullptr && e[0] == '1' && e[1] == '\0' ? 1 : 2;
+  return e != nullptr && (e[0] == '1' || e[0] == '2') && e[1] == '\0' ? e[0] - '0' : 0;
 }
 
 template <class Config, class Kernel>
@@ -563,12 +588,21 @@ template <int D>
 void launch_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q, const int32_t* cu_k,
                     int64_t num_docs, int64_t max_len_q, bf16* o, float* lse, int64_t hq, int64_t hkv, float scale,
                     cudaStream_t stream) {
-  if (forward_kernel() == 1)
-    launch_forward_with<FwdConfig<D, 1>>(flash_fwd_kernel<D, 1>, q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse, hq,
-                                         hkv, scale, stream);
-  else
-    launch_forward_with<FwdConfig<D, 2>>(flash_fwd_kernel<D, 2>, q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse, hq,
-                                         hkv, scale, stream);
+  auto go = [&](auto config, auto kernel) {
+    launch_forward_with<decltype(config)>(kernel, q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse, hq, hkv, scale,
+                                          stream);
+  };
+  switch (forward_kernel()) {
+    case 1:
+      go(FwdConfig<D, 1>{}, flash_fwd_kernel<D, 1>);
+      break;
+    case 2:
+      go(FwdConfig<D, 2>{}, flash_fwd_kernel<D, 2>);
+      break;
+    default:
+      go(FwdConfig<D, 2, true>{}, flash_fwd_kernel<D, 2, true>);
+      break;
+  }
 }
 
 template <int D>

@@ -2059,18 +2059,23 @@ const SideStream* side_stream(int64_t pass_blocks) {
 // backward's products of window w + 1 beside the reverse pass over window w. The passes run on the side stream
 // (highest priority, so their blocks are placed first when SMs free up) and carry the state of a document cut by
 // a window edge in f32 (PassWindow), as they do from chunk to chunk: the results equal the unwindowed ones bit for
-// bit. Default: one window per 64 chunks, at most 16 (kMaxWindows), when the passes fill at most half of the SMs.
+// bit. Default: one window per 64 chunks, at most 16 (kMaxWindows), when the batch is one document and the passes
+// fill at most half of the SMs.
 // H200, bench_kda saving fwd+bwd (docs/benchmarks.md stop 26): B1xT32768 (64 blocks) 8.33 ms unwindowed, 7.87 / 7.72
 // / 7.73 / 7.82 with 2 / 4 / 8 / 16 windows (unpadded); B1xT131072 33.38, 30.55 (8), 30.02 (16). With more blocks
 // the GPU is busy anyway and windows cost time: B8xT4096 (512 blocks) 6.59 ms unwindowed, 6.66 / 6.79 / 7.37 with
-// 2 / 4 / 8 windows. HYD_KDA_WINDOWS=N forces N windows (1: none), read on every call.
+// 2 / 4 / 8 windows. Several documents: the windows cut the packed chunk order, so a window holds the chunks of one
+// document or a few, and the passes that ran the documents side by side run them one after the other (two documents
+// of 8192 tokens, 8 heads, 4 windows: each window's pass walks half of one document with a quarter of the blocks;
+// issue 9's distill step at B2xT8192, stop 28: 113.9 ms windowed, 109.4 ms not). HYD_KDA_WINDOWS=N forces N windows
+// (1: none), read on every call.
 int pass_windows(const KdaDims& s, int DV) {
   const int64_t chunks = kda_chunk::max_chunks(s);
   int64_t w = 1;
   const char* e = std::getenv("HYD_KDA_WINDOWS");
   if (e != nullptr && e[0] != '\0')
     w = std::atoi(e);
-  else if (2 * static_cast<int64_t>(doc_grid(s, DV).x) <= current_sm_count())
+  else if (s.num_docs == 1 && 2 * static_cast<int64_t>(doc_grid(s, DV).x) <= current_sm_count())
     w = chunks / 64;
   return static_cast<int>(std::clamp<int64_t>(w, 1, std::min<int64_t>(kMaxWindows, std::max<int64_t>(chunks, 1))));
 }

@@ -254,10 +254,10 @@ void compare_with_cpu(const Layout& L, Heads c, const std::string& what) {
   const Tensor tq = buf.upload(q, {nq, c.hq, c.d}, DType::bf16), tk = buf.upload(k, {nk, c.hkv, c.d}, DType::bf16),
                tv = buf.upload(v, {nk, c.hkv, c.d}, DType::bf16), tdo = buf.upload(dout, {nq, c.hq, c.d}, DType::bf16),
                tcq = buf.upload_i32(L.cu_q, {L.docs() + 1}), tck = buf.upload_i32(L.cu_k, {L.docs() + 1});
-  // Both forward kernels (HYD_FLASH_FWD: 1 = 8 warps of 16 query rows, 2 = 4 warps of 32 rows, the default), each
-  // followed by the backward on its own outputs.
+  // Every forward kernel (HYD_FLASH_FWD: 0 = 4 warps of 32 query rows with double-buffered K / V, the default, 1 = 8
+  // warps of 16 rows, 2 = 4 warps of 32 rows with single buffers), each followed by the backward on its own outputs.
   const test::ScopedEnv forward("HYD_FLASH_FWD");
-  for (const char* fwd : {"1", "2"}) {
+  for (const char* fwd : {"0", "1", "2"}) {
     forward.set(fwd);
     const std::string tag = what + " (forward kernel " + fwd + ")";
     const Tensor to = buf.poisoned({nq, c.hq, c.d}, DType::bf16), tlse = buf.poisoned({nq, c.hq}, DType::f32);
