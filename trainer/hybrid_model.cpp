@@ -356,7 +356,8 @@ struct HybridModel::Impl {
     return {diff, target};
   }
 
-  size_t scratch_bytes(int64_t n) const {
+  // with_logits false: the layers' part only (what a logits chunk may fill for free, logits_chunk_tokens).
+  size_t scratch_bytes(int64_t n, bool with_logits = true) const {
     size_t bytes = 0;
     if (inference) {  // the forward's own scratch (K layers) and the LM head's chunk
       for (int64_t l = 0; l < cfg.model.num_layers; ++l)
@@ -365,6 +366,7 @@ struct HybridModel::Impl {
           kda[l].alloc_forward_scratch(sf, n, act);
           bytes = std::max(bytes, sf.used());
         }
+      if (!with_logits) return bytes;
       ArenaSizer sl;
       sl.alloc({std::min(logits_chunk, n), cfg.model.vocab_size}, DType::f32);
       sl.alloc({n}, DType::f32);
@@ -392,6 +394,7 @@ struct HybridModel::Impl {
       }
       bytes = std::max({bytes, sb.used(), sf.used(), sm.used()});
     }
+    if (!with_logits) return bytes;
     ArenaSizer sl;
     sl.alloc({std::min(logits_chunk, n), cfg.model.vocab_size}, DType::f32);
     sl.alloc({n}, DType::f32);  // mixer_input_norm's rstd never meets a logits chunk; counted generously
@@ -606,7 +609,7 @@ void HybridModel::Impl::build() {
     upload_f32(rope_sin, sin_host.data());
   }
 
-  logits_chunk = model_common::logits_chunk_tokens(V);
+  logits_chunk = model_common::logits_chunk_tokens(V, scratch_bytes(max_tokens, false));
   default_logits_chunk = logits_chunk;
   ArenaSizer as;
   alloc_step(as, max_tokens);

@@ -56,10 +56,10 @@ void zero_values(Device d, const Tensor& t) {
   device_sync(d);
 }
 
-int64_t logits_chunk_tokens(int64_t vocab) {
+int64_t logits_chunk_tokens(int64_t vocab, size_t scratch_bytes) {
   constexpr size_t kChunkBytes = size_t(64) << 20;
-  constexpr int64_t kMin = 16, kMax = 1024;
-  const int64_t c = static_cast<int64_t>(kChunkBytes / (static_cast<size_t>(vocab) * 4));
+  constexpr int64_t kMin = 16, kMax = 4096;
+  const int64_t c = static_cast<int64_t>(std::max(kChunkBytes, scratch_bytes) / (static_cast<size_t>(vocab) * 4));
   return std::clamp(c / kMin * kMin, kMin, kMax);
 }
 

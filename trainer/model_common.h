@@ -35,9 +35,12 @@ void write_param(Device d, const ParamInfo& p, const float* data, int64_t n, con
 std::vector<float> read_values(Device d, const Tensor& t);
 void zero_values(Device d, const Tensor& t);
 
-// Tokens per LM-head chunk for a vocabulary of `vocab`: C * vocab * 4 bytes <= 64 MiB, a multiple of 16 in
-// [16, 1024], so that the logits of a whole batch never exist.
-int64_t logits_chunk_tokens(int64_t vocab);
+// Tokens per LM-head chunk for a vocabulary of `vocab`: C * vocab * 4 bytes <= max(64 MiB, `scratch_bytes`), a
+// multiple of 16 in [16, 4096], so that the logits of a whole batch never exist. `scratch_bytes`: what the model's
+// scratch holds anyway for its layers, which a larger chunk then fills for free. Larger chunks matter: each chunk's
+// weight gradient GEMM reads and writes the whole f32 [vocab, hidden] gradient (issue 9's student at 16384 tokens:
+// 32 chunks of 512 tokens moved 8.4 GB for it).
+int64_t logits_chunk_tokens(int64_t vocab, size_t scratch_bytes = 0);
 
 // copy_tensor / zero_tensor run on the legacy default stream, which does not order against the contexts'
 // non-blocking streams: host <-> device transfers are fenced with a full device synchronisation (no-op on the CPU).

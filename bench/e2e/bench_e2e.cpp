@@ -376,12 +376,13 @@ int run(const Args& a) {
       "e2e impl=hydistill mode=%s batch=%lld seq=%lld docs=%lld step_ms=%.2f tokens_per_s=%.0f mfu=%.4f "
       "peak_gib=%.2f arenas_gib=%.2f pool_gib=%.2f student_params=%lld teacher_params=%.0f "
       "flops_per_token=%.4e peak_tflops=%.0f loss=%.5f steps=%d warmup=%d pattern=%s w_kl=%g w_ce=%g skipped=%lld "
-      "device=%s\n",
+      "logits_chunk=%lld device=%s\n",
       a.mode.c_str(), static_cast<long long>(B), static_cast<long long>(T), static_cast<long long>(a.docs),
       step_s * 1e3, tokens_per_s, tokens_per_s * flops_per_token / peak, peak_gib, static_cast<double>(arenas) / gib,
       pool_gib, static_cast<long long>(count_params(student)), teacher_params, flops_per_token, peak / 1e12, loss,
       a.steps, a.warmup, layer_pattern_string(student_cfg.layers).c_str(), a.w_kl, distill ? a.w_ce : 0.0,
-      static_cast<long long>(optimizer.skipped_steps()), device_name.c_str());
+      static_cast<long long>(optimizer.skipped_steps()), static_cast<long long>(student.logits_chunk_size()),
+      device_name.c_str());
   std::fflush(stdout);
   return 0;
 }
