@@ -17,13 +17,21 @@
 // logit is read before pass 1's barriers, so no thread reads an overwritten value.
 // Rows of any length (V up to 2^31 - 1, e.g. 151936): 8-wide bf16 loads when the row allows.
 // The element-wise exponentials use the hardware exp2 (__expf, relative error ~1e-6 for the arguments
-// here, all <= 0 after the max shift): the kernel is bound by them, not by memory; expm1f of the
-// small-d branch stays exact.
+// here, all <= 0 after the max shift); expm1f of the small-d branch stays exact.
+//
+// Rows of at most 32768 logits (V % 8 == 0; issue 9's 32000 among them) take distill_loss_regs_kernel instead:
+// the row of both models stays in registers (up to 8 packs of 8 per thread and model, 512 threads), read from
+// memory once and written once. Three sweeps over the registers: the maxima (plain max, no rescaling), the sums of
+// exponentials (one exp2 per logit and model), then the KL terms and the gradient, where the small-d term
+// p_t (d + expm1(-d)) = p_t d^2 (1/2 - d/6 + d^2/24 - ...) is a degree-6 polynomial (relative truncation error
+// < 4e-8 for |d| < 1/2) instead of expm1f. (H200, issue 9's chunk of 2912 rows x 32000: 441 us for the kernel
+// above, which re-reads the row and rescales its running sums.)
 #include <climits>
 #include <cmath>
 #include <cstdint>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/mma.cuh"
 #include "kernels/distill_loss.h"
 
 namespace hyd::kernels::cuda {
@@ -33,7 +41,8 @@ using namespace cuda_detail;
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kNoIndex = INT_MAX;  // argmax of an empty slice: loses every tie-break
+constexpr int kNoIndex = INT_MAX;
+constexpr float kLog2e = 1.4426950408889634f;  // argmax of an empty slice: loses every tie-break
 
 // Online (max, argmax, sum of exp) of one logit row, seen by one thread in increasing index order.
 struct OnlineSoftmax {
@@ -83,6 +92,26 @@ __device__ __forceinline__ int block_argmax(float v, int idx, float* sv, int* si
   return idx;
 }
 
+// A masked row (mask[row] == 0): kl = ce = top1 = 0 and, with write_grad, a zero gradient row (npacks packs of
+// VEC). Returns whether the row was masked; the same for the whole block.
+template <int VEC>
+__device__ __forceinline__ bool masked_row(int64_t row, const uint8_t* mask, float* kl, float* ce, uint8_t* top1,
+                                           __nv_bfloat16* s, int64_t npacks, bool write_grad) {
+  if (!mask || mask[row] != 0) return false;
+  if (threadIdx.x == 0) {
+    kl[row] = 0.f;
+    ce[row] = 0.f;
+    if (top1) top1[row] = 0;
+  }
+  if (write_grad) {
+    Pack<__nv_bfloat16, VEC> zero;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) zero.v[j] = to_bf(0.f);
+    for (int64_t p = threadIdx.x; p < npacks; p += blockDim.x) reinterpret_cast<Pack<__nv_bfloat16, VEC>*>(s)[p] = zero;
+  }
+  return true;
+}
+
 template <int VEC>
 __global__ void __launch_bounds__(kThreads)
     distill_loss_kernel(__nv_bfloat16* student, const __nv_bfloat16* teacher, const int32_t* labels,
@@ -100,20 +129,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t npacks = vocab / VEC;
 
   // Everything that decides the control flow below is the same for the whole block.
-  if (mask && mask[row] == 0) {
-    if (threadIdx.x == 0) {
-      kl[row] = 0.f;
-      ce[row] = 0.f;
-      if (top1) top1[row] = 0;
-    }
-    if (opt.write_grad) {
-      P zero;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) zero.v[j] = to_bf(0.f);
-      for (int64_t p = threadIdx.x; p < npacks; p += blockDim.x) s_packs[p] = zero;
-    }
-    return;
-  }
+  if (masked_row<VEC>(row, mask, kl, ce, top1, s, npacks, opt.write_grad)) return;
   const int32_t label = labels ? labels[row] : -1;
   const bool has_label = label >= 0 && label < vocab;
   const float tau = opt.temperature, inv_tau = 1.f / tau;
@@ -184,6 +200,184 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+constexpr int kRegThreads = 512;
+constexpr int kRegMaxPacks = 8;  // packs of 8 per thread and model: rows up to 512 * 8 * 8 = 32768 logits
+
+// Block-wide max / sum of two values at once (one pair of barriers). Every thread gets both results.
+template <bool MAX>
+__device__ __forceinline__ float2 block_reduce2(float a, float b, float2* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  auto op = [](float x, float y) { return MAX ? fmaxf(x, y) : x + y; };
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    a = op(a, __shfl_xor_sync(0xffffffffu, a, o));
+    b = op(b, __shfl_xor_sync(0xffffffffu, b, o));
+  }
+  __syncthreads();  // the previous reduction's readers are done with `shared`
+  if (lane == 0) shared[warp] = make_float2(a, b);
+  __syncthreads();
+  const float id = MAX ? -INFINITY : 0.f;
+  float2 v = lane < nwarps ? shared[lane] : make_float2(id, id);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    v.x = op(v.x, __shfl_xor_sync(0xffffffffu, v.x, o));
+    v.y = op(v.y, __shfl_xor_sync(0xffffffffu, v.y, o));
+  }
+  return v;
+}
+
+// p_t (d + expm1(-d)) for |d| < 1/2: p_t d^2 sum_{k>=2} (-d)^(k-2) / k!, to the d^6 term.
+__device__ __forceinline__ float kl_small_d(float pt, float d) {
+  float poly = 1.f / 40320.f;
+  poly = fmaf(poly, -d, 1.f / 5040.f);
+  poly = fmaf(poly, -d, 1.f / 720.f);
+  poly = fmaf(poly, -d, 1.f / 120.f);
+  poly = fmaf(poly, -d, 1.f / 24.f);
+  poly = fmaf(poly, -d, 1.f / 6.f);
+  poly = fmaf(poly, -d, 0.5f);
+  return pt * (d * d) * poly;
+}
+
+// Element e (0..7) of a pack held as 4 words of bf16 pairs, as f32. asm volatile: each sweep converts again instead
+// of the compiler keeping all 128 f32 values of the two rows live from the first sweep on (which spilled).
+__device__ __forceinline__ float word_lo(uint32_t w) {
+  uint32_t r;
+  asm volatile("shl.b32 %0, %1, 16;" : "=r"(r) : "r"(w));
+  return __uint_as_float(r);
+}
+__device__ __forceinline__ float word_hi(uint32_t w) {
+  uint32_t r;
+  asm volatile("and.b32 %0, %1, 0xffff0000;" : "=r"(r) : "r"(w));
+  return __uint_as_float(r);
+}
+__device__ __forceinline__ float elem(const uint4& p, int e) {
+  const uint32_t w = e < 2 ? p.x : e < 4 ? p.y : e < 6 ? p.z : p.w;
+  return (e & 1) ? word_hi(w) : word_lo(w);
+}
+
+// The register-resident kernel (see the top of the file): PACKS packs of 8 per thread and model, 512 threads;
+// TOP1: top1 is given (the argmaxes cost registers, which the other instances keep for the row).
+template <int PACKS, bool TOP1>
+__global__ void __launch_bounds__(kRegThreads, 1)
+    distill_loss_regs_kernel(__nv_bfloat16* student, const __nv_bfloat16* teacher, const int32_t* labels,
+                             const uint8_t* mask, float* kl, float* ce, uint8_t* top1, int64_t vocab,
+                             DistillLossOptions opt) {
+  __shared__ float2 red[32];
+  __shared__ float arg_v[32];
+  __shared__ int arg_i[32];
+  const int64_t row = blockIdx.x;
+  uint4* s_packs = reinterpret_cast<uint4*>(student + row * vocab);
+  const uint4* t_packs = reinterpret_cast<const uint4*>(teacher + row * vocab);
+  const int npacks = static_cast<int>(vocab / 8);
+
+  if (masked_row<8>(row, mask, kl, ce, top1, student + row * vocab, npacks, opt.write_grad)) return;
+  const int32_t label = labels ? labels[row] : -1;
+  const bool has_label = label >= 0 && label < vocab;
+  const float tau = opt.temperature, inv_tau = 1.f / tau;
+  const float s_label = has_label ? to_f(student[row * vocab + label]) : 0.f;  // before any write
+
+  uint4 sp[PACKS], tp[PACKS];
+#pragma unroll
+  for (int i = 0; i < PACKS; ++i) {
+    const int p = threadIdx.x + i * kRegThreads;
+    sp[i] = tp[i] = make_uint4(0, 0, 0, 0);
+    if (p < npacks) {
+      sp[i] = s_packs[p];
+      tp[i] = t_packs[p];
+    }
+  }
+  auto valid = [&](int i) { return threadIdx.x + i * kRegThreads < npacks; };
+
+  // ---- maxima (and, for top1, the first index of each)
+  float ms_t = -INFINITY, mt_t = -INFINITY;
+  int as = kNoIndex, at = kNoIndex;
+#pragma unroll
+  for (int i = 0; i < PACKS; ++i) {
+    if (!valid(i)) continue;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float xs = elem(sp[i], j), xt = elem(tp[i], j);
+      if constexpr (TOP1) {  // this thread sees its indices in increasing order: strict > keeps the first
+        const int idx = (threadIdx.x + i * kRegThreads) * 8 + j;
+        if (xs > ms_t) as = idx;
+        if (xt > mt_t) at = idx;
+      }
+      ms_t = fmaxf(ms_t, xs);
+      mt_t = fmaxf(mt_t, xt);
+    }
+  }
+  if constexpr (TOP1) {
+    const int arg_s = block_argmax(ms_t, as, arg_v, arg_i);
+    const int arg_t = block_argmax(mt_t, at, arg_v, arg_i);
+    if (threadIdx.x == 0) top1[row] = arg_s == arg_t ? 1 : 0;
+  }
+  const float2 m2 = block_reduce2<true>(ms_t, mt_t, red);
+  const float ms = m2.x, mt = m2.y;
+
+  // ---- sums of exponentials, in base 2: exp((x - m) / tau) = exp2((x - m) k), k = log2(e) / tau. (x - m is exact
+  // for bf16 logits; x k - m k would cancel the rounding error of m k into the result at large logits.)
+  const float k = inv_tau * kLog2e;
+  const float ms0 = ms == -INFINITY ? 0.f : ms, mt0 = mt == -INFINITY ? 0.f : mt;
+  const bool need_z1 = has_label && tau != 1.f;  // CE's softmax at temperature 1
+  float zs = 0.f, zt = 0.f, zs1 = 0.f;
+#pragma unroll
+  for (int i = 0; i < PACKS; ++i) {
+    if (!valid(i)) continue;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float xs = elem(sp[i], j), xt = elem(tp[i], j);
+      zs += ptx::exp2_approx((xs - ms0) * k);
+      zt += ptx::exp2_approx((xt - mt0) * k);
+      if (need_z1) zs1 += ptx::exp2_approx((xs - ms0) * kLog2e);
+    }
+  }
+  const float2 z2 = block_reduce2<false>(zs, zt, red);
+  const float zs_all = z2.x, zt_all = z2.y;
+  const float zs1_all = need_z1 ? block_reduce2<false>(zs1, 0.f, red).x : zs_all;
+  const float log_zs = logf(zs_all), log_zt = logf(zt_all), log_zs1 = logf(zs1_all);
+  const float c = (mt - ms) * inv_tau + (log_zt - log_zs);
+  // p = exp2((x - m) k - log2 z)
+  const float bs = log_zs * kLog2e, bt = log_zt * kLog2e, bs1 = log_zs1 * kLog2e;
+
+  // ---- KL terms and the gradient
+  const bool write_grad = opt.write_grad;
+  const bool grad_ce = has_label && opt.w_ce != 0.f;
+  const float g_kl = opt.grad_scale * opt.w_kl * tau, g_ce = opt.grad_scale * opt.w_ce;
+  float kl_acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < PACKS; ++i) {
+    if (!valid(i)) continue;
+    float g[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float xs = elem(sp[i], j), xt = elem(tp[i], j);
+      const float ps = ptx::exp2_approx(fmaf(xs - ms0, k, -bs)), pt = ptx::exp2_approx(fmaf(xt - mt0, k, -bt));
+      float term;
+      if (pt == 0.f) {
+        term = ps;
+      } else {
+        const float d = (xt - xs) * inv_tau - c;
+        term = fabsf(d) < 0.5f ? kl_small_d(pt, d) : pt * d + (ps - pt);
+      }
+      kl_acc += term;
+      g[j] = g_kl * (ps - pt);
+      if (grad_ce) {
+        const float q = need_z1 ? ptx::exp2_approx(fmaf(xs - ms0, kLog2e, -bs1)) : ps;
+        const int idx = (threadIdx.x + i * kRegThreads) * 8 + j;
+        g[j] += g_ce * (q - (idx == label ? 1.f : 0.f));
+      }
+    }
+    if (write_grad)
+      s_packs[threadIdx.x + i * kRegThreads] = make_uint4(ptx::pack_bf16(g[0], g[1]), ptx::pack_bf16(g[2], g[3]),
+                                                          ptx::pack_bf16(g[4], g[5]), ptx::pack_bf16(g[6], g[7]));
+  }
+  const float kl_sum = block_reduce2<false>(kl_acc, 0.f, red).x * tau * tau;
+  if (threadIdx.x == 0) {
+    kl[row] = kl_sum < 0.f ? 0.f : kl_sum;  // KL >= 0 against rounding; NaN passes through
+    ce[row] = has_label ? (ms - s_label) + log_zs1 : (label >= vocab ? NAN : 0.f);
+  }
+}
+
 }  // namespace
 
 void distill_loss(bf16* student, const bf16* teacher, const int32_t* labels, const uint8_t* mask, float* kl, float* ce,
@@ -192,7 +386,23 @@ void distill_loss(bf16* student, const bf16* teacher, const int32_t* labels, con
   HYD_CHECK(n <= INT32_MAX, "distill_loss: ", n, " rows exceed the grid limit");
   HYD_CHECK(vocab >= 1 && vocab <= INT32_MAX, "distill_loss: vocabulary of ", vocab, " outside [1, 2^31)");
   const dim3 grid(static_cast<unsigned>(n));
-  if (vocab % 8 == 0 && aligned16(student) && aligned16(teacher)) {
+  const int64_t reg_packs = (vocab / 8 + kRegThreads - 1) / kRegThreads;  // packs per thread and model
+  if (vocab % 8 == 0 && aligned16(student) && aligned16(teacher) && reg_packs <= kRegMaxPacks) {
+    auto go = [&](auto packs) {
+      constexpr int PACKS = decltype(packs)::value;
+      auto kernel = top1 != nullptr ? distill_loss_regs_kernel<PACKS, true> : distill_loss_regs_kernel<PACKS, false>;
+      kernel<<<grid, kRegThreads, 0, as_stream(stream)>>>(as_nv(student), as_nv(teacher), labels, mask, kl, ce, top1,
+                                                          vocab, opt);
+    };
+    if (reg_packs <= 1)
+      go(std::integral_constant<int, 1>{});
+    else if (reg_packs <= 2)
+      go(std::integral_constant<int, 2>{});
+    else if (reg_packs <= 4)
+      go(std::integral_constant<int, 4>{});
+    else
+      go(std::integral_constant<int, 8>{});
+  } else if (vocab % 8 == 0 && aligned16(student) && aligned16(teacher)) {
     distill_loss_kernel<8><<<grid, kThreads, 0, as_stream(stream)>>>(as_nv(student), as_nv(teacher), labels, mask, kl,
                                                                      ce, top1, vocab, opt);
   } else {
