@@ -2,6 +2,10 @@
 // parameter keeps its own shape; only the element counts must agree).
 #include "kernels/adamw.h"
 
+#include <climits>
+#include <cstdint>
+#include <utility>
+
 #include "kernels/dispatch.h"
 
 namespace hyd::kernels {
@@ -59,6 +63,78 @@ void adamw_update(const ExecContext& ctx, const Tensor& master, const Tensor& gr
   }
 #endif
   unsupported(op, master);
+}
+
+AdamWGroup::AdamWGroup(Device device, std::vector<Item> items) : device_(device), items_(std::move(items)) {
+  constexpr const char* op = "AdamWGroup";
+  for (const Item& it : items_) {
+    const int64_t n = it.master.numel();
+    expect_dtype(it.master, DType::f32, op, "master");
+    expect_dtype(it.grad, DType::f32, op, "grad");
+    expect_dtype(it.m, DType::f32, op, "m");
+    expect_dtype(it.v, DType::f32, op, "v");
+    expect_numel(it.grad, n, op, "grad");
+    expect_numel(it.m, n, op, "m");
+    expect_numel(it.v, n, op, "v");
+    if (!(it.master.device == device))
+      HYD_THROW(op, ": a master is on ", it.master.device.str(), ", the group on ", device.str());
+    for (const Tensor* t : {&it.grad, &it.m, &it.v}) expect_same_device(it.master, *t, op);
+    if (!it.working.empty()) {
+      expect_numel(it.working, n, op, "working");
+      expect_same_device(it.master, it.working, op);
+      if (device.is_cuda()) expect_dtype(it.working, DType::bf16, op, "working");
+    }
+  }
+  if (!device.is_cuda()) return;
+#ifdef HYD_WITH_CUDA
+  std::vector<cuda::AdamWSegment> segs;
+  std::vector<int32_t> chunks;
+  auto aligned = [](const Tensor& t, uintptr_t a) { return reinterpret_cast<uintptr_t>(t.data) % a == 0; };
+  for (const Item& it : items_) {
+    const int64_t n = it.master.numel();
+    if (n == 0) continue;
+    HYD_CHECK(
+        segs.size() < static_cast<size_t>(INT32_MAX) && (n + cuda::kAdamWChunk - 1) / cuda::kAdamWChunk <= INT32_MAX,
+        op, ": too many tensors or elements for the table");
+    const bool vec4 = aligned(it.master, 16) && aligned(it.grad, 16) && aligned(it.m, 16) && aligned(it.v, 16) &&
+                      (it.working.empty() || aligned(it.working, 8));
+    for (int64_t c = 0; c * cuda::kAdamWChunk < n; ++c) {
+      chunks.push_back(static_cast<int32_t>(segs.size()));
+      chunks.push_back(static_cast<int32_t>(c));
+    }
+    segs.push_back(cuda::AdamWSegment{it.master.ptr<float>(), it.grad.ptr<float>(), it.m.ptr<float>(),
+                                      it.v.ptr<float>(), it.working.empty() ? nullptr : it.working.ptr<bf16>(), n,
+                                      it.weight_decay, vec4 ? 1 : 0});
+  }
+  if (segs.empty()) return;
+  const auto seg_bytes = static_cast<int64_t>(segs.size() * sizeof(cuda::AdamWSegment));
+  table_ = Arena("adamw table", device, static_cast<size_t>(seg_bytes) + chunks.size() * 4 + 512);
+  segments_ = table_.alloc({seg_bytes}, DType::u8);
+  chunks_ = table_.alloc({static_cast<int64_t>(chunks.size())}, DType::i32);
+  copy_tensor(segments_, Tensor(segs.data(), DType::u8, Device::cpu(), {seg_bytes}));
+  copy_tensor(chunks_, Tensor(chunks.data(), DType::i32, Device::cpu(), {static_cast<int64_t>(chunks.size())}));
+#else
+  HYD_THROW(op, ": CUDA tensors in a CPU-only build");
+#endif
+}
+
+void AdamWGroup::update(const ExecContext& ctx, const AdamWStep& s) const {
+  if (s.step < 1) HYD_THROW("AdamWGroup::update: step must be >= 1 (1-based), got ", s.step);
+  if (!device_.is_cuda()) {
+    for (const Item& it : items_) {
+      AdamWStep one = s;
+      one.weight_decay = it.weight_decay;
+      adamw_update(ctx, it.master, it.grad, it.m, it.v, it.working, one);
+    }
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  if (!(ctx.device() == device_))
+    HYD_THROW("AdamWGroup::update on ", device_.str(), " called with an execution context on ", ctx.device().str());
+  if (chunks_.empty()) return;
+  cuda::adamw_update_table(reinterpret_cast<const cuda::AdamWSegment*>(segments_.data), chunks_.ptr<int32_t>(),
+                           chunks_.numel() / 2, s, ctx.stream());
+#endif
 }
 
 }  // namespace hyd::kernels

@@ -49,6 +49,14 @@ AdamW::AdamW(std::vector<ParamInfo> params, Device device, const AdamWConfig& cf
   }
   sync_masters(ctx);
   ctx.synchronize();
+  std::vector<kernels::AdamWGroup::Item> items;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const ParamInfo& p = params_[i];
+    const Tensor working = device_.is_cuda() ? p.value.view({p.numel}) : Tensor();
+    items.push_back({master_[i], p.grad.view({p.numel}), m_[i], v_[i], working,
+                     p.weight_decay ? static_cast<float>(cfg_.weight_decay) : 0.0f});
+  }
+  group_ = kernels::AdamWGroup(device_, std::move(items));
 }
 
 AdamW::AdamW(DenseModel& model, const AdamWConfig& cfg) : AdamW(model.params(), model.device(), cfg) {}
@@ -106,12 +114,7 @@ double AdamW::step(ExecContext& ctx, double lr) {
   s.eps = static_cast<float>(cfg_.eps);
   s.step = t_;
   s.grad_scale = kernels::clip_scale(norm, cfg_.grad_clip);
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const ParamInfo& p = params_[i];
-    s.weight_decay = p.weight_decay ? static_cast<float>(cfg_.weight_decay) : 0.0f;
-    const Tensor working = device_.is_cuda() ? p.value.view({p.numel}) : Tensor();
-    kernels::adamw_update(ctx, master_[i], p.grad.view({p.numel}), m_[i], v_[i], working, s);
-  }
+  group_.update(ctx, s);  // each parameter with its own weight decay
   return norm;
 }
 

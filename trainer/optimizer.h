@@ -12,6 +12,7 @@
 #include <functional>
 #include <vector>
 
+#include "kernels/adamw.h"
 #include "trainer/core/arena.h"
 #include "trainer/core/exec_context.h"
 #include "trainer/model.h"
@@ -53,7 +54,7 @@ class AdamW {
   // first_moments(), second_moments() and masters(), which view the optimizer's own buffers).
   void restore_counters(int64_t steps_taken, int64_t skipped_steps);
   const AdamWConfig& config() const { return cfg_; }
-  size_t memory_bytes() const { return state_.capacity(); }
+  size_t memory_bytes() const { return state_.capacity() + group_.memory_bytes(); }
 
   const std::vector<ParamInfo>& params() const { return params_; }
   Device device() const { return device_; }
@@ -72,6 +73,7 @@ class AdamW {
   Arena state_;  // m, v, f32 masters (CUDA only) and the norm accumulator
   std::vector<Tensor> master_, m_, v_;
   Tensor norm_acc_;  // f32 [1] on the device
+  kernels::AdamWGroup group_;  // every parameter's update: one launch on CUDA
   int64_t t_ = 0;
   int64_t skipped_ = 0;
   std::function<double(double)> reduce_sum_squares_;

@@ -99,8 +99,6 @@ __device__ __forceinline__ float row_sum(float v) {
   return v;
 }
 
-// Calls f(std::integral_constant<int, LPR>) for dims 32, 64, 128, 256 and returns true; false (f not called) for
-// other dims.
 // Deterministic column sums of per-block partials: dw[c] += sum_b partial[b * dim + c] for b = 0 .. blocks - 1,
 // in a fixed order (32 row lanes per column each add every 32nd block in order, then the 32 lane sums are added in
 // lane order). For the weight gradients of norms whose kernels write one partial row per block instead of
@@ -146,6 +144,8 @@ class StreamScratchOf {
 };
 using StreamScratch = StreamScratchOf<float>;
 
+// Calls f(std::integral_constant<int, LPR>) for dims 32, 64, 128, 256 and returns true; false (f not called) for
+// other dims.
 template <class F>
 bool with_row_lanes(int64_t dim, F&& f) {
   if (dim == 32)

@@ -7,6 +7,7 @@
 #include <cublasLt.h>
 #include <cublas_v2.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -137,47 +138,92 @@ void linear_residual(void* cublas, void* cublaslt, void* stream, void* workspace
 
 namespace {
 
-// y[i, j] += bias[j], in f32 then rounded once.
+constexpr int kBiasRows = 16;  // rows per block of bias_add_kernel
+
+// y[i, j] += bias[j], in f32 then rounded once. A block takes kBiasRows rows; each thread a column pack of VEC
+// (its bias pack loaded once), so no index division per element.
+template <int VEC>
 __global__ void bias_add_kernel(__nv_bfloat16* y, const __nv_bfloat16* bias, int64_t m, int64_t n) {
-  const int64_t total = m * n;
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
-       idx += int64_t(gridDim.x) * blockDim.x) {
-    y[idx] = to_bf(to_f(y[idx]) + to_f(bias[idx % n]));
+  using P = Pack<__nv_bfloat16, VEC>;
+  const int64_t packs = n / VEC, r0 = int64_t(blockIdx.x) * kBiasRows, r1 = min(m, r0 + kBiasRows);
+  for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+    const P b = reinterpret_cast<const P*>(bias)[p];
+    for (int64_t r = r0; r < r1; ++r) {
+      P* row = reinterpret_cast<P*>(y + r * n);
+      P v = row[p];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) v.v[e] = to_bf(to_f(v.v[e]) + to_f(b.v[e]));
+      row[p] = v;
+    }
   }
 }
 
-// dbias[j] += sum_i dy[i, j]. Block (32, 32): threadIdx.x picks a column of a 32-column slab (so a
-// warp reads 32 consecutive bf16), threadIdx.y strides over rows; the 32 partial sums of a column
-// are added in shared memory in a fixed order, so the result is deterministic (no atomics).
-__global__ void bias_grad_kernel(const __nv_bfloat16* dy, float* dbias, int64_t m, int64_t n) {
-  __shared__ float partial[32][33];
-  const int64_t col = blockIdx.x * 32LL + threadIdx.x;
-  float acc = 0.f;
-  if (col < n)
-    for (int64_t row = threadIdx.y; row < m; row += 32) acc += to_f(dy[row * n + col]);
-  partial[threadIdx.y][threadIdx.x] = acc;
+// Partial column sums of dy for bias_grad: block (32, 8) takes 32 column packs of VEC (threadIdx.x) over the rows
+// [blockIdx.y seg, (blockIdx.y + 1) seg), 8 row lanes (threadIdx.y) each adding every 8th row in order, then the 8
+// lane sums in lane order: partial[blockIdx.y][column]. Fixed order throughout (deterministic, no atomics).
+template <int VEC>
+__global__ void __launch_bounds__(256)
+    bias_grad_partial_kernel(const __nv_bfloat16* dy, float* partial, int64_t m, int64_t n, int64_t seg) {
+  using P = Pack<__nv_bfloat16, VEC>;
+  __shared__ float lanes[8][32 * VEC + 1];
+  const int64_t pack = int64_t(blockIdx.x) * 32 + threadIdx.x, packs = n / VEC;
+  const int64_t r0 = int64_t(blockIdx.y) * seg, r1 = min(m, r0 + seg);
+  float acc[VEC] = {};
+  if (pack < packs)
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += 8) {
+      const P v = reinterpret_cast<const P*>(dy + r * n)[pack];
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[e] += to_f(v.v[e]);
+    }
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) lanes[threadIdx.y][threadIdx.x * VEC + e] = acc[e];
   __syncthreads();
-  if (threadIdx.y == 0 && col < n) {
-    float s = 0.f;
-    for (int r = 0; r < 32; ++r) s += partial[r][threadIdx.x];
-    dbias[col] += s;
+  const int tid = threadIdx.y * 32 + threadIdx.x;
+  for (int c = tid; c < 32 * VEC; c += 256) {
+    const int64_t col = int64_t(blockIdx.x) * 32 * VEC + c;
+    if (col >= n) continue;
+    float t = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) t += lanes[k][c];
+    partial[int64_t(blockIdx.y) * n + col] = t;
   }
+}
+
+template <class F>
+void with_bias_vec(const void* a, const void* b, int64_t n, F&& f) {
+  if (n % 8 == 0 && aligned16(a) && aligned16(b))
+    f(std::integral_constant<int, 8>{});
+  else
+    f(std::integral_constant<int, 1>{});
 }
 
 }  // namespace
 
 void bias_add(bf16* y, const bf16* bias, int64_t m, int64_t n, void* stream) {
   if (m == 0 || n == 0) return;
-  constexpr int kThreads = 256;
-  bias_add_kernel<<<grid_for(m * n, kThreads), kThreads, 0, as_stream(stream)>>>(as_nv(y), as_nv(bias), m, n);
+  with_bias_vec(y, bias, n, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    const int threads = static_cast<int>(std::min<int64_t>(256, (n / VEC + 31) / 32 * 32));
+    bias_add_kernel<VEC><<<static_cast<unsigned>((m + kBiasRows - 1) / kBiasRows), threads, 0, as_stream(stream)>>>(
+        as_nv(y), as_nv(bias), m, n);
+  });
   CHECK_LAUNCH();
 }
 
 void bias_grad(const bf16* dy, float* dbias, int64_t m, int64_t n, void* stream) {
-  if (n == 0) return;
-  const unsigned blocks = static_cast<unsigned>((n + 31) / 32);
-  bias_grad_kernel<<<blocks, dim3(32, 32), 0, as_stream(stream)>>>(as_nv(dy), dbias, m, n);
+  if (n == 0 || m == 0) return;
+  const cudaStream_t st = as_stream(stream);
+  // Row segments of >= 128 rows, at most 128 of them: enough blocks to fill the GPU at [16384, 1024].
+  const int64_t segs = std::clamp<int64_t>(m / 128, 1, 128), seg = (m + segs - 1) / segs;
+  const int64_t used = (m + seg - 1) / seg;
+  StreamScratch partial(static_cast<size_t>(used * n), st);
+  with_bias_vec(dy, dy, n, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    const dim3 grid(static_cast<unsigned>((n / VEC + 31) / 32), static_cast<unsigned>(used));
+    bias_grad_partial_kernel<VEC><<<grid, dim3(32, 8), 0, st>>>(as_nv(dy), partial.get(), m, n, seg);
+  });
   CHECK_LAUNCH();
+  column_sum(partial.get(), used, n, dbias, st);
 }
 
 }  // namespace hyd::kernels::cuda

@@ -77,11 +77,9 @@ TEST(GpuKernelsB, GemmAllTransposesBothOutputTypes) {
   }
 }
 
-TEST(GpuKernelsB, LinearForwardBackwardWithBias) {
-  HYD_REQUIRE_GPU();
+void linear_with_bias_case(int64_t m, int64_t n, int64_t k) {
   ExecContext ctx(Device::cuda(0));
-  DeviceBuffers buf(Device::cuda(0));
-  const int64_t m = 67, n = 96, k = 80;
+  DeviceBuffers buf(Device::cuda(0), size_t(64) << 20);
   const std::vector<float> x = round_bf16(randn(m * k)), w = round_bf16(randn(n * k, 0.1f)),
                            bias = round_bf16(randn(n)), dy = round_bf16(randn(m * n));
   const std::vector<float> dw0 = randn(n * k), db0 = randn(n), dx0 = round_bf16(randn(m * k));
@@ -111,6 +109,16 @@ TEST(GpuKernelsB, LinearForwardBackwardWithBias) {
   linear_backward(ctx, tdy, tx, tw, tdx_acc, true, Tensor{}, Tensor{});
   ctx.synchronize();
   expect_close(DeviceBuffers::download(tdx_acc), dx_acc_ref, kBf16Tol, "linear dx accumulated");
+}
+
+// Three shapes: 96 columns (the 8-wide bias kernels), 2050 rows x 1024 columns (many row segments of the bias
+// gradient, the last one ragged), 1003 columns (not a multiple of 8: the scalar kernels).
+TEST(GpuKernelsB, LinearForwardBackwardWithBias) {
+  HYD_REQUIRE_GPU();
+  for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{67, 96, 80}, {2050, 1024, 64}, {300, 1003, 48}}) {
+    SCOPED_TRACE("m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k));
+    linear_with_bias_case(m, n, k);
+  }
 }
 
 // y = x w^T + residual through the cuBLASLt epilogue, into a poisoned output and in place over the residual, at a
@@ -303,6 +311,82 @@ TEST(GpuKernelsB, AdamWMatchesCpu) {
   expect_close(DeviceBuffers::download(tm), m, 1e-5, "adamw m");
   expect_close(DeviceBuffers::download(tv), v, 1e-5, "adamw v");
   EXPECT_EQ(DeviceBuffers::download(tw), round_bf16(gp));  // working copy = bf16(master), bit for bit
+}
+
+// AdamWGroup (one launch over a device table) against one adamw_update per tensor on copies of the same state:
+// bit for bit, over three steps, for tensors of 1, 3, 4096, 4097 and 10003 elements, one of them misaligned (the
+// scalar path), with and without a working copy and with two weight decays. Then against the CPU reference.
+TEST(GpuKernelsB, AdamWGroupEqualsPerTensorUpdates) {
+  HYD_REQUIRE_GPU();
+  ExecContext ctx(Device::cuda(0));
+  DeviceBuffers buf(Device::cuda(0));
+  struct Spec {
+    int64_t n;
+    bool misaligned, working;
+    float wd;
+  };
+  const std::vector<Spec> specs = {{1, false, true, 0.1f},    {3, false, false, 0.f},    {4096, false, true, 0.f},
+                                   {4097, false, true, 0.1f}, {10003, true, true, 0.1f}, {4099, true, false, 0.f}};
+  struct State {
+    Tensor p, m, v, w;
+  };
+  // A tensor of n elements starting 1 element into its buffer when misaligned.
+  auto place = [&](const std::vector<float>& host, bool misaligned, DType dt) {
+    std::vector<float> padded = host;
+    if (misaligned) padded.insert(padded.begin(), 0.f);
+    const Tensor t = buf.upload(padded, {static_cast<int64_t>(padded.size())}, dt);
+    return misaligned ? t.slice0(1, static_cast<int64_t>(padded.size())) : t;
+  };
+  std::vector<State> a, b;
+  std::vector<Tensor> grads;
+  std::vector<std::vector<float>> cpu_p, cpu_m, cpu_v;
+  std::vector<kernels::AdamWGroup::Item> items;
+  for (const Spec& sp : specs) {
+    const std::vector<float> p = randn(sp.n), m = randn(sp.n, 0.1f), v = randn(sp.n, 0.1f);
+    std::vector<float> v_abs(v.size());
+    for (size_t i = 0; i < v.size(); ++i) v_abs[i] = std::abs(v[i]);
+    for (std::vector<State>* st : {&a, &b})
+      st->push_back({place(p, sp.misaligned, DType::f32), place(m, sp.misaligned, DType::f32),
+                     place(v_abs, sp.misaligned, DType::f32),
+                     sp.working ? place(std::vector<float>(sp.n, 0.f), sp.misaligned, DType::bf16) : Tensor{}});
+    grads.push_back(place(std::vector<float>(sp.n, 0.f), sp.misaligned, DType::f32));
+    cpu_p.push_back(p);
+    cpu_m.push_back(m);
+    cpu_v.push_back(v_abs);
+    items.push_back({b.back().p, grads.back(), b.back().m, b.back().v, b.back().w, sp.wd});
+  }
+  const kernels::AdamWGroup group(Device::cuda(0), items);
+  AdamWStep s;
+  s.lr = 3e-3f;
+  s.grad_scale = 0.6f;
+  for (int64_t step = 1; step <= 3; ++step) {
+    s.step = step;
+    for (size_t i = 0; i < specs.size(); ++i) {
+      const std::vector<float> g = randn(specs[i].n);
+      copy_tensor(grads[i], buf.upload(g, {specs[i].n}, DType::f32));
+      AdamWStep one = s;
+      one.weight_decay = specs[i].wd;
+      cpu::adamw_update<float>(cpu_p[i].data(), g.data(), cpu_m[i].data(), cpu_v[i].data(), specs[i].n, one);
+      adamw_update(ctx, a[i].p, grads[i], a[i].m, a[i].v, a[i].w, one);
+    }
+    s.weight_decay = 123.f;  // not used by the group
+    group.update(ctx, s);
+    ctx.synchronize();
+  }
+  for (size_t i = 0; i < specs.size(); ++i) {
+    SCOPED_TRACE("n=" + std::to_string(specs[i].n) + (specs[i].misaligned ? " misaligned" : ""));
+    const std::vector<float> pa = DeviceBuffers::download(a[i].p), pb = DeviceBuffers::download(b[i].p);
+    EXPECT_EQ(pa, pb);
+    EXPECT_EQ(DeviceBuffers::download(a[i].m), DeviceBuffers::download(b[i].m));
+    EXPECT_EQ(DeviceBuffers::download(a[i].v), DeviceBuffers::download(b[i].v));
+    if (specs[i].working) {
+      EXPECT_EQ(DeviceBuffers::download(a[i].w), DeviceBuffers::download(b[i].w));
+      EXPECT_EQ(DeviceBuffers::download(b[i].w), round_bf16(pb));
+    }
+    expect_close(pb, cpu_p[i], 1e-5, "group master vs cpu");
+    expect_close(DeviceBuffers::download(b[i].m), cpu_m[i], 1e-5, "group m vs cpu");
+    expect_close(DeviceBuffers::download(b[i].v), cpu_v[i], 1e-5, "group v vs cpu");
+  }
 }
 
 TEST(GpuKernelsB, SumSquaresMatchesCpu) {
