@@ -18,11 +18,10 @@ void expect_numel(const Tensor& t, int64_t n, const char* op, const char* arg) {
               " elements like 'master'");
 }
 
-}  // namespace
-
-void adamw_update(const ExecContext& ctx, const Tensor& master, const Tensor& grad, const Tensor& m, const Tensor& v,
-                  const Tensor& working, const AdamWStep& s) {
-  constexpr const char* op = "adamw_update";
+// The checks adamw_update and AdamWGroup share: f32 master / grad / m / v of one element count on one device, and
+// a working copy (when given) of that count on that device. (Its dtype depends on the path: checked by the caller.)
+void check_tensors(const Tensor& master, const Tensor& grad, const Tensor& m, const Tensor& v, const Tensor& working,
+                   const char* op) {
   const int64_t n = master.numel();
   expect_dtype(master, DType::f32, op, "master");
   expect_dtype(grad, DType::f32, op, "grad");
@@ -36,6 +35,15 @@ void adamw_update(const ExecContext& ctx, const Tensor& master, const Tensor& gr
     expect_numel(working, n, op, "working");
     expect_same_device(master, working, op);
   }
+}
+
+}  // namespace
+
+void adamw_update(const ExecContext& ctx, const Tensor& master, const Tensor& grad, const Tensor& m, const Tensor& v,
+                  const Tensor& working, const AdamWStep& s) {
+  constexpr const char* op = "adamw_update";
+  const int64_t n = master.numel();
+  check_tensors(master, grad, m, v, working, op);
   if (s.step < 1) HYD_THROW(op, ": step must be >= 1 (1-based), got ", s.step);
   if (master.device.is_cpu()) {
     float* p = master.ptr<float>();
@@ -68,22 +76,10 @@ void adamw_update(const ExecContext& ctx, const Tensor& master, const Tensor& gr
 AdamWGroup::AdamWGroup(Device device, std::vector<Item> items) : device_(device), items_(std::move(items)) {
   constexpr const char* op = "AdamWGroup";
   for (const Item& it : items_) {
-    const int64_t n = it.master.numel();
-    expect_dtype(it.master, DType::f32, op, "master");
-    expect_dtype(it.grad, DType::f32, op, "grad");
-    expect_dtype(it.m, DType::f32, op, "m");
-    expect_dtype(it.v, DType::f32, op, "v");
-    expect_numel(it.grad, n, op, "grad");
-    expect_numel(it.m, n, op, "m");
-    expect_numel(it.v, n, op, "v");
+    check_tensors(it.master, it.grad, it.m, it.v, it.working, op);
     if (!(it.master.device == device))
       HYD_THROW(op, ": a master is on ", it.master.device.str(), ", the group on ", device.str());
-    for (const Tensor* t : {&it.grad, &it.m, &it.v}) expect_same_device(it.master, *t, op);
-    if (!it.working.empty()) {
-      expect_numel(it.working, n, op, "working");
-      expect_same_device(it.master, it.working, op);
-      if (device.is_cuda()) expect_dtype(it.working, DType::bf16, op, "working");
-    }
+    if (!it.working.empty() && device.is_cuda()) expect_dtype(it.working, DType::bf16, op, "working");
   }
   if (!device.is_cuda()) return;
 #ifdef HYD_WITH_CUDA

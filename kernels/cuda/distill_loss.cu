@@ -41,8 +41,8 @@ using namespace cuda_detail;
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kNoIndex = INT_MAX;
-constexpr float kLog2e = 1.4426950408889634f;  // argmax of an empty slice: loses every tie-break
+constexpr int kNoIndex = INT_MAX;  // argmax of an empty slice: loses every tie-break
+using ptx::kLog2e;
 
 // Online (max, argmax, sum of exp) of one logit row, seen by one thread in increasing index order.
 struct OnlineSoftmax {

@@ -36,7 +36,6 @@ using namespace ptx;
 
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Writes the fp32 accumulator rows of one warp (16 rows x D, C layout, times `mult[r]` for row half

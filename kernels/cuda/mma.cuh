@@ -66,6 +66,8 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t u) {
   return __bfloat1622float2(v);
 }
 
+constexpr float kLog2e = 1.4426950408889634f;  // log2(e): exp(x) = 2^(x log2 e)
+
 // 2^x; exact 0 for x = -inf.
 __device__ __forceinline__ float exp2_approx(float x) {
   float y;
