@@ -382,6 +382,12 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
                               "in one process, or leave eval.passkey_data empty");
   const int64_t model_tokens = sp > 1 ? N : in.max_tokens;
   ExecContext ctx(device);
+  // Stage 2 runs the teacher's forward on a stream of its own, overlapping with the student's forward (it
+  // only has to be done before the first logits chunk). Not under sequence or expert parallelism: both
+  // models' forwards would then issue collectives on the same communicators from two streams.
+  std::optional<ExecContext> own_teacher_ctx;
+  if (device.is_cuda() && sp == 1 && ep == 1) own_teacher_ctx.emplace(device);
+  ExecContext& teacher_ctx = own_teacher_ctx ? *own_teacher_ctx : ctx;
   // The teacher only runs forwards: an inference model (no gradients, one layer's activations).
   HybridModel teacher(in.teacher_cfg, device, model_tokens, ModelUse::inference);
   HybridModel student(in.student_cfg, device, model_tokens);
@@ -618,7 +624,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       const double lr = schedule.at(step);
       HostBatch hb;
       const Batch batch = batch_for(ctx, uploader, step, hb);
-      student.zero_grad();
+      student.zero_grad(ctx);
       teacher.forward_layer_inputs(ctx, batch, inputs, targets);
       kernels::fill(ctx, sq, 0.0f);
       for (int64_t i = 0; i < nk; ++i) {
@@ -750,14 +756,15 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
       sum_all(std::span<double>(&targets, 1));
       bool good = targets > 0;
       if (good) {
-        student.zero_grad();
+        student.zero_grad(ctx);
+        teacher_ctx.wait_for(ctx);  // the last step's logits chunks (on ctx) have read the teacher's buffers
         if (with_hidden) {
-          teacher.forward_layer_outputs(ctx, batch, hidden.targets);  // also keeps the final hidden states
+          teacher.forward_layer_outputs(teacher_ctx, batch, hidden.targets);  // also keeps the final hidden states
           hidden.token_mask.resize(hb.targets.size());                // the KL's tokens: those with a target
           for (size_t i = 0; i < hb.targets.size(); ++i) hidden.token_mask[i] = hb.targets[i] >= 0 ? 1 : 0;
           hidden.count = static_cast<int64_t>(targets);  // the mean runs over every rank's tokens
         } else {
-          teacher.forward_hidden(ctx, batch);
+          teacher.forward_hidden(teacher_ctx, batch);
         }
         opt.grad_scale = static_cast<float>(1.0 / targets);
         kernels::fill(ctx, kl, 0.0f);
@@ -765,6 +772,7 @@ DistillResult run_distillation(const DistillConfig& cfg, const EffectiveConfig& 
         // Per-token kl / ce stay on the device; they are summed once after the call (no host
         // synchronisation per chunk), so the callback returns 0.
         const HybridModel::LogitsChunkLoss chunk_loss = [&](ExecContext& c, int64_t t0, int64_t t1, const Tensor& s) {
+          if (t0 == 0) c.wait_for(teacher_ctx);  // the teacher's final (and, with_hidden, layer) outputs are written
           const Tensor t = teacher_chunk.slice0(0, t1 - t0);
           teacher.lm_head_logits(c, t0, t1, t);
           kernels::distill_loss(c, s, t, batch.targets.slice0(t0, t1), mask.slice0(t0, t1), kl.slice0(t0, t1),

@@ -624,10 +624,12 @@ void HybridModel::Impl::check_layer(int64_t layer, const char* what) const {
     HYD_THROW("HybridModel::", what, ": layer ", layer, " outside 0..", cfg.model.num_layers - 1);
 }
 
-// Also fences the caller's uploads (copy_tensor runs on the legacy default stream).
+// No device synchronisation (which would also wait for work queued on other streams, e.g. a teacher's
+// forward meant to overlap with this model's): a batch's tensors arrive through copy_tensor /
+// BatchUploader, which return once the data is on the device; a batch written by kernels on another
+// stream must be ordered by its writer (ExecContext::wait_for).
 void HybridModel::Impl::check_sequence(const ExecContext& ctx, const Batch& b, bool need_tokens, bool need_positions,
                                        const char* what) const {
-  device_sync(device);
   if (!(ctx.device() == device))
     HYD_THROW("HybridModel::", what, " on ", device.str(), " called with an execution context on ", ctx.device().str());
   if (b.num_tokens <= 0 || b.num_tokens > max_tokens)
@@ -966,6 +968,11 @@ std::vector<float> HybridModel::get_grad(const std::string& name) const {
 void HybridModel::zero_grad() {
   impl_->require_training("zero_grad");
   model_common::zero_values(impl_->device, impl_->flat_grads);
+}
+
+void HybridModel::zero_grad(const ExecContext& ctx) {
+  impl_->require_training("zero_grad");
+  kernels::fill(ctx, impl_->flat_grads, 0.0f);
 }
 
 void HybridModel::set_moe_aux_loss(double coef, double grad_scale) {

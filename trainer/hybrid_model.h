@@ -128,6 +128,8 @@ class HybridModel {
   std::vector<float> get_grad(const std::string& name) const;
 
   void zero_grad();
+  // The same on ctx's stream, ordered with the ops queued there; no host synchronisation.
+  void zero_grad(const ExecContext& ctx);
   // As DenseModel: mean CE over the batch's targets; gradients (scaled by loss_scale) accumulate.
   double forward_backward(ExecContext& ctx, const Batch& batch, float loss_scale = 1.0f);
   double forward_loss(ExecContext& ctx, const Batch& batch);
@@ -155,14 +157,18 @@ class HybridModel {
   //
   // Stage 2 pairs the teacher's and the student's chunks for the same tokens without ever holding
   // either model's full [N, V] logits:
-  //   teacher.forward_hidden(ctx, batch);                       // final hidden states kept by the teacher
+  //   teacher.forward_hidden(tctx, batch);                      // final hidden states kept by the teacher
   //   student.forward_backward_logits(ctx, batch, [&](ExecContext& c, int64_t t0, int64_t t1, const Tensor& s) {
+  //     if (t0 == 0) c.wait_for(tctx);                          // the teacher's forward is done
   //     const Tensor t = teacher_chunk.slice0(0, t1 - t0);      // the loop's [C, V] buffer, C >= the
   //     teacher.lm_head_logits(c, t0, t1, t);                    //   student's logits_chunk_size()
   //     kernels::distill_loss(c, s, t, labels.slice0(t0, t1), mask.slice0(t0, t1), kl.slice0(t0, t1), ...);
   //     return 0.0;  // per-token kl / ce stay on the device, reduced once after the call
   //   });
-  // Both models run on the same context (stream), so the teacher's chunk is ordered before the loss.
+  // tctx may be ctx (one stream, the wait is then a no-op) or a context of its own (distill_loop.cpp on one
+  // GPU), on which the teacher's forward overlaps with the student's; the chunk's teacher logits and the
+  // loss run on the student's context c, so they are ordered with its chunk. Before the next step's teacher
+  // forward, tctx.wait_for(ctx): the chunks read the teacher's buffers.
 
   // A chunk's loss: `logits` holds the student's logits of tokens [t0, t1). The function must overwrite
   // them in place with dLoss/dlogits (every scaling included: the model scales nothing) and returns the

@@ -247,10 +247,10 @@ void DenseModel::Impl::build() {
   device_sync(device);
 }
 
-// Also fences the caller's uploads: batches usually arrive through copy_tensor (the legacy default
-// stream), which the context's non-blocking stream does not wait for.
+// No device synchronisation: a batch's tensors arrive through copy_tensor / BatchUploader, which return
+// once the data is on the device; a batch written by kernels on another stream must be ordered by its
+// writer (ExecContext::wait_for).
 void DenseModel::Impl::check_batch(const ExecContext& ctx, const Batch& b) const {
-  device_sync(device);
   const char* op = "DenseModel";
   if (!(ctx.device() == device))
     HYD_THROW("DenseModel on ", device.str(), " called with an execution context on ", ctx.device().str());
@@ -421,6 +421,7 @@ std::vector<float> DenseModel::get_grad(const std::string& name) const {
 }
 
 void DenseModel::zero_grad() { model_common::zero_values(impl_->device, impl_->flat_grads); }
+void DenseModel::zero_grad(const ExecContext& ctx) { kernels::fill(ctx, impl_->flat_grads, 0.0f); }
 
 double DenseModel::forward_backward(ExecContext& ctx, const Batch& batch, float loss_scale) {
   Impl& m = *impl_;

@@ -48,6 +48,8 @@ class SequenceParallel;   // parallel/sequence_parallel.h
 class MoeExpertParallel;  // trainer/layer_moe.h
 
 // One packed micro-batch, on the model's device. Documents never attend across boundaries.
+// A batch's tensors must be on the device when a model is called with it (copy_tensor and BatchUploader
+// return once they are); the models do not synchronise the device to make sure.
 struct Batch {
   Tensor tokens;      // i32 [N]
   Tensor targets;     // i32 [N], -1 where no loss is taken
@@ -108,6 +110,8 @@ class DenseModel {
   std::vector<float> get_grad(const std::string& name) const;
 
   void zero_grad();
+  // The same on ctx's stream, ordered with the ops queued there; no host synchronisation.
+  void zero_grad(const ExecContext& ctx);
   // Forward and backward of the mean cross-entropy over the batch's targets, scaled by loss_scale
   // (e.g. 1 / gradient-accumulation steps) in the gradients. Gradients accumulate. Returns the
   // mean loss (unscaled).

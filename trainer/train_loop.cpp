@@ -83,7 +83,7 @@ class TrainModel {
   Tensor flat_params() const { return dense_ ? dense_->flat_params() : hybrid_->flat_params(); }
   Tensor flat_grads() const { return dense_ ? dense_->flat_grads() : hybrid_->flat_grads(); }
   size_t memory_bytes() const { return dense_ ? dense_->memory_bytes() : hybrid_->memory_bytes(); }
-  void zero_grad() { dense_ ? dense_->zero_grad() : hybrid_->zero_grad(); }
+  void zero_grad(const ExecContext& ctx) { dense_ ? dense_->zero_grad(ctx) : hybrid_->zero_grad(ctx); }
   double forward_backward(ExecContext& ctx, const Batch& b, float loss_scale) {
     return dense_ ? dense_->forward_backward(ctx, b, loss_scale) : hybrid_->forward_backward(ctx, b, loss_scale);
   }
@@ -450,7 +450,7 @@ TrainResult run_training(const TrainConfig& cfg, const EffectiveConfig& effectiv
   int64_t end_step = steps;
   for (int64_t step = start_step; step < steps; ++step) {
     const double lr = schedule.at(step);
-    model.zero_grad();
+    model.zero_grad(ctx);
     double loss_sum = 0;
     int64_t step_tokens = 0;
     for (int64_t micro = 0; micro < ga; ++micro) {

@@ -21,11 +21,12 @@
 // betas 0.9 / 0.95, eps 1e-8, weight decay 0.1 on matrices, global-norm clipping at 1.0):
 //   train:   zero_grad; student.forward_backward (mean cross-entropy); AdamW step.
 //   distill: exactly distill/distill_loop.cpp's stage 2 without the hidden-state term:
-//            zero_grad; teacher.forward_hidden; student.forward_backward_logits whose per-chunk callback
-//            computes the teacher's logits of the same tokens (lm_head_logits) and kernels::distill_loss
-//            (KL(teacher || student) at tau 1 weighted --w-kl, CE weighted --w-ce, grad_scale = 1 / the
-//            batch's loss tokens, per-token kl / ce kept on the device); the per-token losses read back
-//            and summed on the host; AdamW step.
+//            zero_grad; teacher.forward_hidden on a stream of its own (HYD_TEACHER_STREAM=0: on the
+//            student's), overlapping with the student's forward; student.forward_backward_logits whose
+//            per-chunk callback (the first waiting for the teacher's stream) computes the teacher's logits of the same
+//            tokens (lm_head_logits) and kernels::distill_loss (KL(teacher || student) at tau 1 weighted --w-kl, CE
+//            weighted --w-ce, grad_scale = 1 / the batch's loss tokens, per-token kl / ce kept on the device); the
+//            per-token losses read back and summed on the host; AdamW step.
 // Every step ends with a device synchronisation; the step time is host wall time (steady_clock)
 // between two synchronisations, median over --steps after --warmup untimed steps.
 //
@@ -306,17 +307,27 @@ int run(const Args& a) {
     copy_tensor(Tensor(host.data(), DType::f32, Device::cpu(), {t.numel()}), t);
   };
 
+  // The teacher's forward on a stream of its own, as distill_loop.cpp runs it on one GPU: it overlaps with
+  // the student's forward; the student's stream waits for it before the first logits chunk.
+  // HYD_TEACHER_STREAM=0: both on one stream (the A/B of the overlap).
+  std::optional<ExecContext> own_teacher_ctx;
+  const char* teacher_stream = std::getenv("HYD_TEACHER_STREAM");
+  if (distill && dev.is_cuda() && !(teacher_stream && std::string(teacher_stream) == "0")) own_teacher_ctx.emplace(dev);
+  ExecContext& tctx = own_teacher_ctx ? *own_teacher_ctx : ctx;
+
   // One step; returns its loss (train: mean CE; distill: w_kl * mean KL + w_ce * mean CE).
   auto step = [&]() -> double {
-    student.zero_grad();
+    student.zero_grad(ctx);
     double loss = 0;
     if (!distill) {
       loss = student.forward_backward(ctx, batch);
     } else {
-      teacher->forward_hidden(ctx, batch);
+      tctx.wait_for(ctx);  // the last step's logits chunks (on ctx) have read the teacher's buffers
+      teacher->forward_hidden(tctx, batch);
       kernels::fill(ctx, kl, 0.0f);
       kernels::fill(ctx, ce, 0.0f);
       const HybridModel::LogitsChunkLoss chunk_loss = [&](ExecContext& c, int64_t t0, int64_t t1, const Tensor& s) {
+        if (t0 == 0) c.wait_for(tctx);  // the teacher's final hidden states are written
         const Tensor t = teacher_chunk.slice0(0, t1 - t0);
         teacher->lm_head_logits(c, t0, t1, t);
         kernels::distill_loss(c, s, t, batch.targets.slice0(t0, t1), mask.slice0(t0, t1), kl.slice0(t0, t1),

@@ -37,6 +37,8 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels/distill_loss.h"
+#include "kernels/elementwise.h"
 #include "kernels/flash_attention.h"
 #include "tests/common/test_util.h"
 #include "tests/common/tiny_model.h"
@@ -179,7 +181,7 @@ void expect_matches_cpu_model(const HybridConfig& cfg, const std::vector<int32_t
   poison_grads(cpu);
   poison_grads(gpu);
   cpu.zero_grad();
-  gpu.zero_grad();
+  gpu.zero_grad(gctx);  // the stream-ordered variant (the poison above is on the device before it)
   const double fb_cpu = cpu.forward_backward(cctx, b.host.batch), fb_gpu = gpu.forward_backward(gctx, b.gpu);
   EXPECT_NEAR(fb_cpu, l_cpu, 1e-6 * l_cpu);
   EXPECT_LT(std::abs(fb_gpu - l_cpu), 1e-2 * std::abs(l_cpu));
@@ -279,6 +281,67 @@ TEST(GpuHybridMixer, MixerEntryPointsMatchCpu) {
     for (const char* other : {"embed", "layers.0.attn_norm", "layers.0.w_down", "final_norm"})
       for (float g : gpu.get_grad(other)) ASSERT_EQ(g, 0.0f) << other;
   }
+}
+
+// Stage 2 as distill/distill_loop.cpp runs it on one GPU: the teacher's forward on a stream of its own,
+// overlapping with the student's forward, and the student's first logits chunk waiting for it
+// (ExecContext::wait_for). The teacher last ran on another batch and its stream is held back by long
+// fills queued before its forward, so a chunk that did not wait would read the other batch's hidden
+// states. Per-token KL / CE must equal the one-stream run's bit for bit; the gradients too, up to the
+// order of flash attention's atomic dQ sums (rel_err < 1e-6).
+TEST(GpuHybridDistill, TeacherOnItsOwnStreamEqualsOneStream) {
+  HYD_REQUIRE_GPU();
+  const Device dev = Device::cuda(0);
+  const HybridConfig tcfg = gpu_hybrid("TTT", "llama", 64), scfg = gpu_hybrid("KKA", "llama", 64);
+  TwinBatch b, other;
+  make_batch(b, {150, 40, 17}, scfg.model.vocab_size);
+  make_batch(other, {100, 107}, scfg.model.vocab_size);
+  const int64_t n = b.host.batch.num_tokens, V = scfg.model.vocab_size;
+  ASSERT_EQ(other.host.batch.num_tokens, n);
+  HybridModel teacher(tcfg, dev, n, ModelUse::inference), student(scfg, dev, n);
+  teacher.init_random(5, 0.1f);
+  student.init_random(6, 0.1f);
+  student.set_logits_chunk_size(64);  // four chunks, the first waits
+  test::DeviceBuffers buf(dev, size_t(300) << 20);
+  const Tensor t_chunk = buf.poisoned({64, V}, DType::bf16), delay = buf.zeros({int64_t(64) << 20}, DType::f32);
+  kernels::DistillLossOptions opt;
+  opt.w_ce = 0.5f;
+  opt.write_grad = true;
+  opt.grad_scale = 1.0f / static_cast<float>(b.host.batch.num_targets);
+  ExecContext ctx(dev), own(dev);
+
+  struct Result {
+    std::vector<float> kl, ce, grads;
+  };
+  auto step = [&](ExecContext& tctx) {
+    const Tensor kl = buf.poisoned({n}, DType::f32), ce = buf.poisoned({n}, DType::f32);
+    teacher.forward_hidden(ctx, other.gpu);  // the hidden states a chunk that did not wait would read
+    ctx.synchronize();
+    student.zero_grad(ctx);
+    tctx.wait_for(ctx);
+    for (int i = 0; i < 16; ++i) kernels::fill(tctx, delay, static_cast<float>(i));
+    teacher.forward_hidden(tctx, b.gpu);
+    student.forward_backward_logits(ctx, b.gpu, [&](ExecContext& c, int64_t t0, int64_t t1, const Tensor& s) {
+      if (t0 == 0) c.wait_for(tctx);
+      const Tensor t = t_chunk.slice0(0, t1 - t0);
+      teacher.lm_head_logits(c, t0, t1, t);
+      kernels::distill_loss(c, s, t, b.gpu.targets.slice0(t0, t1), Tensor{}, kl.slice0(t0, t1), ce.slice0(t0, t1),
+                            Tensor{}, opt);
+      return 0.0;
+    });
+    ctx.synchronize();
+    test::device_sync();
+    return Result{test::DeviceBuffers::download(kl), test::DeviceBuffers::download(ce), all_grads(student)};
+  };
+  const Result one = step(ctx), two = step(own);
+  ASSERT_TRUE(test::all_finite(one.kl) && test::all_finite(one.ce) && test::all_finite(one.grads));
+  EXPECT_EQ(two.kl, one.kl);
+  EXPECT_EQ(two.ce, one.ce);
+  EXPECT_LT(test::rel_err(two.grads, one.grads), 1e-6);
+  // Not a comparison of zeros.
+  double kl_sum = 0;
+  for (float v : one.kl) kl_sum += v;
+  EXPECT_GT(kl_sum, 0.0);
 }
 
 }  // namespace
