@@ -26,8 +26,16 @@ __global__ void f32_to_bf16_kernel(__nv_bfloat16* __restrict__ dst, const float*
 __global__ void bf16_to_f32_kernel(float* __restrict__ dst, const __nv_bfloat16* __restrict__ src, int64_t n) {
   for (int64_t i = first_index(); i < n; i += grid_stride()) dst[i] = to_f(src[i]);
 }
-__global__ void fill_f32_kernel(float* t, float value, int64_t n) {
-  for (int64_t i = first_index(); i < n; i += grid_stride()) t[i] = value;
+// t[0, head) and the elements after the last whole 16-byte vector one by one, the rest as float4 (the gradient
+// buffer's 0.9 GB zeroing per step of issue 9's student: 573 us with 4-byte stores).
+__global__ void fill_f32_kernel(float* t, float value, int64_t n, int64_t head) {
+  const int64_t n4 = (n - head) / 4, tail = head + 4 * n4;
+  float4* body = reinterpret_cast<float4*>(t + head);
+  const float4 v = make_float4(value, value, value, value);
+  for (int64_t i = first_index(); i < n4; i += grid_stride()) body[i] = v;
+  const int64_t i = first_index();
+  if (i < head) t[i] = value;
+  if (i < n - tail) t[tail + i] = value;
 }
 __global__ void fill_bf16_kernel(__nv_bfloat16* t, float value, int64_t n) {
   const __nv_bfloat16 v = to_bf(value);
@@ -65,7 +73,9 @@ void convert_bf16_to_f32(float* dst, const bf16* src, int64_t n, void* stream) {
 
 void fill_f32(float* t, float value, int64_t n, void* stream) {
   if (n <= 0) return;
-  fill_f32_kernel<<<grid_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(t, value, n);
+  const int64_t head = std::min<int64_t>(n, static_cast<int64_t>((16 - reinterpret_cast<uintptr_t>(t) % 16) % 16 / 4));
+  fill_f32_kernel<<<grid_for(std::max<int64_t>((n - head) / 4, 4), kThreads), kThreads, 0, as_stream(stream)>>>(
+      t, value, n, head);
   CHECK_LAUNCH();
 }
 

@@ -22,6 +22,7 @@
 // PTX wrappers and fragment layouts: kernels/cuda/mma.cuh.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -85,7 +86,7 @@ __device__ __forceinline__ void store_rows(const unsigned char* tile, int row0, 
 // Each warp stages its O in its own Q rows, which only it reads.
 template <int D, int MT, bool DB = false>
 struct FwdConfig {
-  static constexpr int kMT = MT, kWarps = 8 / MT, kThreads = 32 * kWarps;
+  static constexpr int kD = D, kMT = MT, kWarps = 8 / MT, kThreads = 32 * kWarps;
   static constexpr int kBM = 16 * kMT * kWarps;  // query rows per block
   static constexpr int kBN = 64;                 // keys per tile
   static constexpr int kChunks = D / 8;
@@ -93,20 +94,37 @@ struct FwdConfig {
   static constexpr int kSmemBytes = kBM * D * 2 + (DB ? 4 : 2) * kTileKV;  // Q, K (x2), V (x2)
 };
 
+// Block order of the forward and backward grids: 1-D, `groups` (document x head) times `tiles` (query or key tiles
+// of kBM / kBN) blocks. The groups are taken `pack` at a time (pack_groups: a pack's K / V stay in L2), and inside
+// a pack the tiles go longest first across all of its groups: rank 0 (the tile with the most work) of every
+// group, then rank 1, ... The grid thus ends with the shortest tiles instead of a long causal tile started
+// last (pack = 1: each group's tiles in turn, longest first, the order before stop 29).
+struct BlockTile {
+  int group, rank;
+};
+__device__ __forceinline__ BlockTile block_tile(int tiles, int groups, int pack) {
+  const int64_t per_pack = static_cast<int64_t>(pack) * tiles;
+  const int p = static_cast<int>(blockIdx.x / per_pack);
+  const int first = p * pack, in_pack = min(pack, groups - first);
+  const int r = static_cast<int>(blockIdx.x - p * per_pack);
+  return {first + r % in_pack, r / in_pack};
+}
+
 template <int D, int MT, bool DB = false>
 __global__ void __launch_bounds__(FwdConfig<D, MT, DB>::kThreads, MT == 1 ? 1 : 2)
     flash_fwd_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                      const __nv_bfloat16* __restrict__ v, const int32_t* __restrict__ cu_q,
                      const int32_t* __restrict__ cu_k, __nv_bfloat16* __restrict__ o, float* __restrict__ lse, int hq,
-                     int hkv, float scale_log2) {
+                     int hkv, float scale_log2, int tiles, int groups, int pack) {
   using C = FwdConfig<D, MT, DB>;
   constexpr int kBM = C::kBM, kBN = C::kBN, kChunks = C::kChunks, kT = C::kThreads, kMT = C::kMT;
   extern __shared__ __align__(128) unsigned char smem[];
 
-  const int doc = blockIdx.z, h = blockIdx.y;
+  const BlockTile bt = block_tile(tiles, groups, pack);
+  const int doc = bt.group / hq, h = bt.group % hq;
   const int q_begin = cu_q[doc], len_q = cu_q[doc + 1] - q_begin;
   const int k_begin = cu_k[doc], len_k = cu_k[doc + 1] - k_begin;
-  const int m0 = (static_cast<int>(gridDim.x) - 1 - static_cast<int>(blockIdx.x)) * kBM;  // longest rows first
+  const int m0 = (tiles - 1 - bt.rank) * kBM;  // the last rows see the most keys: rank 0
   if (m0 >= len_q) return;
   const int off = len_k - len_q;  // query i sees keys j <= i + off
   const int hk = h / (hq / hkv);
@@ -350,13 +368,15 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
                      const __nv_bfloat16* __restrict__ k, const __nv_bfloat16* __restrict__ v,
                      const float* __restrict__ dsum, const float* __restrict__ lse2, const int32_t* __restrict__ cu_q,
                      const int32_t* __restrict__ cu_k, float* __restrict__ dq_acc, __nv_bfloat16* __restrict__ dk,
-                     __nv_bfloat16* __restrict__ dv, int64_t nq, int hq, int hkv, float scale_log2, float scale) {
+                     __nv_bfloat16* __restrict__ dv, int64_t nq, int hq, int hkv, float scale_log2, float scale,
+                     int tiles, int groups, int pack) {
   using C = BwdConfig<D>;
   constexpr int kBM = C::kBM, kBN = C::kBN, kChunks = C::kChunks, kT = C::kThreads;
   static_assert(kBM == 64, "dS^T rows are 64 queries = 8 chunks wide (swz<8>)");
   extern __shared__ __align__(128) unsigned char smem[];
 
-  const int doc = blockIdx.z, hk = blockIdx.y, n0 = blockIdx.x * kBN;
+  const BlockTile bt = block_tile(tiles, groups, pack);
+  const int doc = bt.group / hkv, hk = bt.group % hkv, n0 = bt.rank * kBN;  // the first keys see the most queries
   const int q_begin = cu_q[doc], len_q = cu_q[doc + 1] - q_begin;
   const int k_begin = cu_k[doc], len_k = cu_k[doc + 1] - k_begin;
   if (n0 >= len_k) return;
@@ -560,6 +580,16 @@ __global__ void flash_bwd_convert_dq_kernel(const float* __restrict__ acc, __nv_
 
 // ---------------------------------------------------------------- launchers
 
+// Groups per pack of block_tile: as many as keep what the pack's blocks read again and again (`bytes` per group:
+// the forward's K and V rows, the backward's Q and dO rows) within ~16 MiB of L2 (the H100 / H200 have 50 MiB).
+// HYD_FLASH_PACK=N (read on every call) forces N; 1 is the order before stop 29.
+int pack_groups(int64_t groups, int64_t bytes) {
+  if (const char* e = std::getenv("HYD_FLASH_PACK"); e != nullptr && std::atoi(e) > 0)
+    return static_cast<int>(std::min<int64_t>(std::atoi(e), groups));
+  constexpr int64_t kBudget = int64_t(16) << 20;
+  return static_cast<int>(std::clamp<int64_t>(kBudget / std::max<int64_t>(bytes, 1), 1, groups));
+}
+
 // The forward kernel (HYD_FLASH_FWD, read on every call; FwdConfig): 0 = 2 row tiles per warp with double-buffered
 // K / V (the default), 1 = 1 row tile per warp, 2 = 2 row tiles with single buffers.
 int forward_kernel() {
@@ -569,27 +599,29 @@ int forward_kernel() {
 
 template <class Config, class Kernel>
 void launch_forward_with(Kernel kernel, const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q,
-                         const int32_t* cu_k, int64_t num_docs, int64_t max_len_q, bf16* o, float* lse, int64_t hq,
-                         int64_t hkv, float scale, cudaStream_t stream) {
+                         const int32_t* cu_k, int64_t num_docs, int64_t max_len_q, int64_t max_len_k, bf16* o,
+                         float* lse, int64_t hq, int64_t hkv, float scale, cudaStream_t stream) {
   const int64_t tiles = (max_len_q + Config::kBM - 1) / Config::kBM;
   if (tiles == 0 || num_docs == 0) return;
-  HYD_CHECK(num_docs <= 65535 && hq <= 65535, "flash_attention_forward: grid too large (", num_docs,
-            " documents, ", hq, " heads)");
+  const int64_t groups = num_docs * hq;
+  HYD_CHECK(groups * tiles <= INT32_MAX, "flash_attention_forward: grid too large (", num_docs, " documents, ", hq,
+            " heads, ", tiles, " query tiles)");
   CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Config::kSmemBytes));
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(hq), static_cast<unsigned>(num_docs));
-  kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(as_nv(q), as_nv(k), as_nv(v), cu_q, cu_k, as_nv(o),
-                                                                 lse, static_cast<int>(hq), static_cast<int>(hkv),
-                                                                 scale * kLog2e);
+  // Consecutive groups are heads of one document; hq / hkv of them read the same K / V head.
+  const int pack = pack_groups(groups, max_len_k * Config::kD * 2 * 2 / (hq / hkv));
+  kernel<<<static_cast<unsigned>(groups * tiles), Config::kThreads, Config::kSmemBytes, stream>>>(
+      as_nv(q), as_nv(k), as_nv(v), cu_q, cu_k, as_nv(o), lse, static_cast<int>(hq), static_cast<int>(hkv),
+      scale * kLog2e, static_cast<int>(tiles), static_cast<int>(groups), pack);
   CHECK_LAUNCH();
 }
 
 template <int D>
 void launch_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q, const int32_t* cu_k,
-                    int64_t num_docs, int64_t max_len_q, bf16* o, float* lse, int64_t hq, int64_t hkv, float scale,
-                    cudaStream_t stream) {
+                    int64_t num_docs, int64_t max_len_q, int64_t max_len_k, bf16* o, float* lse, int64_t hq,
+                    int64_t hkv, float scale, cudaStream_t stream) {
   auto go = [&](auto config, auto kernel) {
-    launch_forward_with<decltype(config)>(kernel, q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse, hq, hkv, scale,
-                                          stream);
+    launch_forward_with<decltype(config)>(kernel, q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, hq, hkv,
+                                          scale, stream);
   };
   switch (forward_kernel()) {
     case 1:
@@ -606,15 +638,17 @@ void launch_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* 
 
 template <int D>
 void launch_backward(const bf16* dout, const bf16* q, const bf16* k, const bf16* v, const bf16* o, const float* lse,
-                     const int32_t* cu_q, const int32_t* cu_k, int64_t num_docs, int64_t max_len_k, bf16* dq,
-                     bf16* dk, bf16* dv, int64_t nq, int64_t hq, int64_t hkv, float scale, cudaStream_t stream) {
+                     const int32_t* cu_q, const int32_t* cu_k, int64_t num_docs, int64_t max_len_q, int64_t max_len_k,
+                     bf16* dq, bf16* dk, bf16* dv, int64_t nq, int64_t hq, int64_t hkv, float scale,
+                     cudaStream_t stream) {
   using C = BwdConfig<D>;
   if (nq > 0 && (max_len_k == 0 || num_docs == 0)) {  // no keys anywhere: every query is fully masked
     CHECK_CUDA(cudaMemsetAsync(dq, 0, static_cast<size_t>(nq * hq * D) * sizeof(bf16), stream));
     return;
   }
-  HYD_CHECK(num_docs <= 65535 && hkv <= 65535, "flash_attention_backward: grid too large (", num_docs,
-            " documents, ", hkv, " kv heads)");
+  const int64_t tiles = (max_len_k + C::kBN - 1) / C::kBN, groups = num_docs * hkv;
+  HYD_CHECK(groups * tiles <= INT32_MAX, "flash_attention_backward: grid too large (", num_docs, " documents, ", hkv,
+            " kv heads, ", tiles, " key tiles)");
   const size_t rows = static_cast<size_t>(nq * hq);
   float *dq_acc = nullptr, *stats = nullptr;
   CHECK_CUDA(cudaMallocAsync(reinterpret_cast<void**>(&dq_acc), std::max<size_t>(rows * D, 1) * sizeof(float), stream));
@@ -629,11 +663,11 @@ void launch_backward(const bf16* dout, const bf16* q, const bf16* k, const bf16*
     CHECK_LAUNCH();
   }
   CHECK_CUDA(cudaFuncSetAttribute(flash_bwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
-  const dim3 grid(static_cast<unsigned>((max_len_k + C::kBN - 1) / C::kBN), static_cast<unsigned>(hkv),
-                  static_cast<unsigned>(num_docs));
-  flash_bwd_kernel<D><<<grid, C::kThreads, C::kSmemBytes, stream>>>(
+  const int pack = pack_groups(groups, max_len_q * D * 2 * 2 * (hq / hkv));  // a group's Q and dO rows
+  flash_bwd_kernel<D><<<static_cast<unsigned>(groups * tiles), C::kThreads, C::kSmemBytes, stream>>>(
       as_nv(dout), as_nv(q), as_nv(k), as_nv(v), dsum, lse2, cu_q, cu_k, dq_acc, as_nv(dk), as_nv(dv), nq,
-      static_cast<int>(hq), static_cast<int>(hkv), scale * kLog2e, scale);
+      static_cast<int>(hq), static_cast<int>(hkv), scale * kLog2e, scale, static_cast<int>(tiles),
+      static_cast<int>(groups), pack);
   CHECK_LAUNCH();
   if (rows > 0) {
     const int64_t n4 = static_cast<int64_t>(rows) * D / 4;
@@ -649,13 +683,12 @@ void launch_backward(const bf16* dout, const bf16* q, const bf16* k, const bf16*
 void flash_attention_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q, const int32_t* cu_k,
                              int64_t num_docs, int64_t max_len_q, int64_t max_len_k, bf16* o, float* lse, int64_t nq,
                              int64_t nk, int64_t hq, int64_t hkv, int64_t d, float scale, void* stream) {
-  (void)max_len_k;  // the forward grid runs over queries; each block finds its key range from cu_k
   (void)nq;
   (void)nk;
   if (d == 64)
-    launch_forward<64>(q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse, hq, hkv, scale, as_stream(stream));
+    launch_forward<64>(q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, hq, hkv, scale, as_stream(stream));
   else if (d == 128)
-    launch_forward<128>(q, k, v, cu_q, cu_k, num_docs, max_len_q, o, lse, hq, hkv, scale, as_stream(stream));
+    launch_forward<128>(q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, hq, hkv, scale, as_stream(stream));
   else
     HYD_THROW("flash_attention_forward: head dim ", d, " is not supported (64, 128)");
 }
@@ -664,14 +697,13 @@ void flash_attention_backward(const bf16* dout, const bf16* q, const bf16* k, co
                               const float* lse, const int32_t* cu_q, const int32_t* cu_k, int64_t num_docs,
                               int64_t max_len_q, int64_t max_len_k, bf16* dq, bf16* dk, bf16* dv, int64_t nq,
                               int64_t nk, int64_t hq, int64_t hkv, int64_t d, float scale, void* stream) {
-  (void)max_len_q;  // the main backward grid runs over keys; each block loops over its queries
   (void)nk;
   if (d == 64)
-    launch_backward<64>(dout, q, k, v, o, lse, cu_q, cu_k, num_docs, max_len_k, dq, dk, dv, nq, hq, hkv, scale,
-                        as_stream(stream));
+    launch_backward<64>(dout, q, k, v, o, lse, cu_q, cu_k, num_docs, max_len_q, max_len_k, dq, dk, dv, nq, hq, hkv,
+                        scale, as_stream(stream));
   else if (d == 128)
-    launch_backward<128>(dout, q, k, v, o, lse, cu_q, cu_k, num_docs, max_len_k, dq, dk, dv, nq, hq, hkv, scale,
-                         as_stream(stream));
+    launch_backward<128>(dout, q, k, v, o, lse, cu_q, cu_k, num_docs, max_len_q, max_len_k, dq, dk, dv, nq, hq, hkv,
+                         scale, as_stream(stream));
   else
     HYD_THROW("flash_attention_backward: head dim ", d, " is not supported (64, 128)");
 }

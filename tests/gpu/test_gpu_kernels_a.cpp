@@ -271,6 +271,29 @@ TEST_F(GpuKernelsA, ElementwiseOps) {
   }
 }
 
+// f32 fill stores 16-byte vectors between a scalar head (up to the first 16-byte boundary) and a scalar tail:
+// every start offset 0..3 and lengths around the vector width; the elements around the slice keep their poison.
+TEST_F(GpuKernelsA, FillF32AtEveryAlignment) {
+  for (int64_t off = 0; off < 4; ++off) {
+    for (int64_t n : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{4}, int64_t{5}, int64_t{7}, int64_t{8}, int64_t{9},
+                      int64_t{1001}, int64_t{70001}}) {
+      SCOPED_TRACE("offset " + std::to_string(off) + " n " + std::to_string(n));
+      buf().arena().reset();
+      const Tensor all = buf().poisoned({n + 8}, DType::f32);
+      device_sync();
+      fill(gpu(), Tensor(static_cast<float*>(all.data) + off, DType::f32, all.device, {n}), -2.5f);
+      device_sync();
+      const std::vector<float> got = DeviceBuffers::download(all);
+      for (int64_t i = 0; i < n + 8; ++i) {
+        if (i >= off && i < off + n)
+          ASSERT_EQ(got[i], -2.5f) << i;
+        else
+          ASSERT_TRUE(std::isnan(got[i])) << i;
+      }
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------ dispatch errors
 
 TEST_F(GpuKernelsA, DispatcherRejectsWrongDtypesOnCuda) {
