@@ -74,8 +74,7 @@ void convert_bf16_to_f32(float* dst, const bf16* src, int64_t n, void* stream) {
 void fill_f32(float* t, float value, int64_t n, void* stream) {
   if (n <= 0) return;
   const int64_t head = std::min<int64_t>(n, static_cast<int64_t>((16 - reinterpret_cast<uintptr_t>(t) % 16) % 16 / 4));
-  fill_f32_kernel<<<grid_for(std::max<int64_t>((n - head) / 4, 4), kThreads), kThreads, 0, as_stream(stream)>>>(
-      t, value, n, head);
+  fill_f32_kernel<<<grid_for((n - head) / 4, kThreads), kThreads, 0, as_stream(stream)>>>(t, value, n, head);
   CHECK_LAUNCH();
 }
 
