@@ -27,13 +27,18 @@
 #include <cstring>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/flash_order.cuh"
 #include "kernels/cuda/mma.cuh"
 #include "kernels/flash_attention.h"
+#ifdef HYD_WITH_WGMMA
+#include "kernels/cuda/sm90a/flash_wgmma.h"
+#endif
 
 namespace hyd::kernels::cuda {
 
 using namespace cuda_detail;
 using namespace ptx;
+using namespace flash_order;
 
 namespace {
 
@@ -93,22 +98,6 @@ struct FwdConfig {
   static constexpr int kTileKV = kBN * D * 2;
   static constexpr int kSmemBytes = kBM * D * 2 + (DB ? 4 : 2) * kTileKV;  // Q, K (x2), V (x2)
 };
-
-// Block order of the forward and backward grids: 1-D, `groups` (document x head) times `tiles` (query or key tiles
-// of kBM / kBN) blocks. The groups are taken `pack` at a time (pack_groups: a pack's K / V stay in L2), and inside
-// a pack the tiles go longest first across all of its groups: rank 0 (the tile with the most work) of every
-// group, then rank 1, ... The grid thus ends with the shortest tiles instead of a long causal tile started
-// last (pack = 1: each group's tiles in turn, longest first, the order before stop 29).
-struct BlockTile {
-  int group, rank;
-};
-__device__ __forceinline__ BlockTile block_tile(int tiles, int groups, int pack) {
-  const int64_t per_pack = static_cast<int64_t>(pack) * tiles;
-  const int p = static_cast<int>(blockIdx.x / per_pack);
-  const int first = p * pack, in_pack = min(pack, groups - first);
-  const int r = static_cast<int>(blockIdx.x - p * per_pack);
-  return {first + r % in_pack, r / in_pack};
-}
 
 template <int D, int MT, bool DB = false>
 __global__ void __launch_bounds__(FwdConfig<D, MT, DB>::kThreads, MT == 1 ? 1 : 2)
@@ -580,21 +569,11 @@ __global__ void flash_bwd_convert_dq_kernel(const float* __restrict__ acc, __nv_
 
 // ---------------------------------------------------------------- launchers
 
-// Groups per pack of block_tile: as many as keep what the pack's blocks read again and again (`bytes` per group:
-// the forward's K and V rows, the backward's Q and dO rows) within ~16 MiB of L2 (the H100 / H200 have 50 MiB).
-// HYD_FLASH_PACK=N (read on every call) forces N; 1 is the order before stop 29.
-int pack_groups(int64_t groups, int64_t bytes) {
-  if (const char* e = std::getenv("HYD_FLASH_PACK"); e != nullptr && std::atoi(e) > 0)
-    return static_cast<int>(std::min<int64_t>(std::atoi(e), groups));
-  constexpr int64_t kBudget = int64_t(16) << 20;
-  return static_cast<int>(std::clamp<int64_t>(kBudget / std::max<int64_t>(bytes, 1), 1, groups));
-}
-
 // The forward kernel (HYD_FLASH_FWD, read on every call; FwdConfig): 0 = 2 row tiles per warp with double-buffered
 // K / V (the default), 1 = 1 row tile per warp, 2 = 2 row tiles with single buffers.
 int forward_kernel() {
   const char* e = std::getenv("HYD_FLASH_FWD");
-  return e != nullptr && (e[0] == '1' || e[0] == '2') && e[1] == '\0' ? e[0] - '0' : 0;
+  return e != nullptr && (e[0] == '1' || e[0] == '2' || e[0] == '3') && e[1] == '\0' ? e[0] - '0' : 0;
 }
 
 template <class Config, class Kernel>
@@ -624,6 +603,15 @@ void launch_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* 
                                           scale, stream);
   };
   switch (forward_kernel()) {
+    case 3:  // wgmma (kernels/cuda/sm90a/flash_wgmma.cu) where built, head dim 128; else the default
+#ifdef HYD_WITH_WGMMA
+      if constexpr (D == 128) {
+        flash_forward_wgmma(q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, hq, hkv, scale, stream);
+        return;
+      }
+#endif
+      go(FwdConfig<D, 2, true>{}, flash_fwd_kernel<D, 2, true>);
+      break;
     case 1:
       go(FwdConfig<D, 1>{}, flash_fwd_kernel<D, 1>);
       break;
