@@ -1,14 +1,16 @@
 // Flash attention forward with wgmma (version 1, NOT yet run on a GPU when written, stop 29): the math, masking,
 // online softmax, lse and outputs of flash_fwd_kernel (kernels/cuda/flash_attention.cu), with the two products on
 // Hopper's warpgroup MMA instead of mma.sync.
-// Block: one warpgroup (128 threads) and 64 query rows (warp w: rows 16 w..16 w + 15, the accumulator layout of
-// wgmma.cuh, the same per-thread rows and columns as mma.sync's); K / V tiles of 64 keys, double-buffered by
-// cp.async; Q 16 KB + 2 x (K 16 KB + V 16 KB) = 80 KB of shared memory: two blocks per SM.
+// Block: WG warpgroups (2 by default; HYD_FLASH_WGMMA_WG=1: one), 64 query rows each (warp w of the block: rows
+// 16 w..16 w + 15, the accumulator layout of wgmma.cuh, the same per-thread rows and columns as mma.sync's),
+// sharing K / V tiles of 64 keys, double-buffered by cp.async; Q 16 / 32 KB + 2 x (K 16 KB + V 16 KB) of shared
+// memory. Two blocks of one warpgroup per SM, or one of two (147 registers a thread).
 // Per key tile j: S = Q K_j^T (8 SS steps, both K-major), the mask and the online softmax on S's registers, the
 // accumulators rescaled, O += P V_j (4 RS steps, P from S's registers, V_j MN-major).
 // Every tile a block loads is processed by the whole warpgroup (wgmma is warpgroup-wide); rows that see no key of
 // a tile get -inf there and add nothing.
 #include <cmath>
+#include <cstdlib>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/flash_order.cuh"
@@ -23,27 +25,35 @@ using namespace flash_order;
 
 namespace {
 
-constexpr int kD = 128, kBM = 64, kBN = 64, kThreads = 128;
-constexpr int kTileQ = kBM * kD * 2, kTileKV = kBN * kD * 2;  // bytes
-constexpr int kSmem = kTileQ + 4 * kTileKV + 1024;            // + 1024: the atoms' alignment
+constexpr int kD = 128, kBN = 64;
+constexpr int kTileKV = kBN * kD * 2;  // bytes
+// WG warpgroups per block, 64 query rows each, sharing the K / V tiles (HYD_FLASH_WGMMA_WG: 1 or 2, the default).
+template <int WG>
+struct WgConfig {
+  static constexpr int kBM = 64 * WG, kThreads = 128 * WG, kTileQ = kBM * kD * 2;
+  static constexpr int kSmem = kTileQ + 4 * kTileKV + 1024;  // + 1024: the atoms' alignment
+};
 constexpr float kLn2 = 0.6931471805599453f;
 
 // Rows [0, ROWS) of a [rows][128] bf16 matrix at src (row stride `stride` elements) into the two-block swizzled
 // layout (wgmma.cuh) at shared address dst; rows >= valid are zero-filled.
 template <int ROWS>
 __device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src, int64_t stride, int valid) {
-  for (int i = threadIdx.x; i < ROWS * kD / 8; i += kThreads) {
+  for (int i = threadIdx.x; i < ROWS * kD / 8; i += blockDim.x) {
     const int r = i / (kD / 8), c = (i % (kD / 8)) * 8;
     const bool ok = r < valid;
     ptx::cp_async16(dst + wgmma::tile128_offset(ROWS, r, c), ok ? src + r * stride + c : src, ok);
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 2)
+template <int WG>
+__global__ void __launch_bounds__(WgConfig<WG>::kThreads, WG == 1 ? 2 : 1)
     flash_fwd_wgmma_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
                            const __nv_bfloat16* __restrict__ v, const int32_t* __restrict__ cu_q,
                            const int32_t* __restrict__ cu_k, __nv_bfloat16* __restrict__ o, float* __restrict__ lse,
                            int hq, int hkv, float scale_log2, int tiles, int groups, int pack) {
+  using C = WgConfig<WG>;
+  constexpr int kBM = C::kBM, kTileQ = C::kTileQ;
   extern __shared__ unsigned char smem_raw[];
   const BlockTile bt = block_tile(tiles, groups, pack);
   const int doc = bt.group / hq, h = bt.group % hq;
@@ -53,7 +63,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   if (m0 >= len_q) return;
   const int off = len_k - len_q;  // query i sees keys j <= i + off
   const int hk = h / (hq / hkv);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  // warp: the warp's place in the block (rows 16 warp..); warpgroup wg (warps 4 wg..) multiplies Q rows 64 wg..
+  const int warp = threadIdx.x >> 5, wg = warp >> 2, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t q_stride = static_cast<int64_t>(hq) * kD, kv_stride = static_cast<int64_t>(hkv) * kD;
   const __nv_bfloat16* k_doc = k + (static_cast<int64_t>(k_begin) * hkv + hk) * kD;
   const __nv_bfloat16* v_doc = v + (static_cast<int64_t>(k_begin) * hkv + hk) * kD;
@@ -92,7 +103,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     wgmma::fence();
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
-      const uint32_t koff = static_cast<uint32_t>((ks >> 2) * kBM * 128 + (ks & 3) * 32);
+      const uint32_t koff = static_cast<uint32_t>((ks >> 2) * kBM * 128 + wg * 64 * 128 + (ks & 3) * 32);
       const uint32_t kkoff = static_cast<uint32_t>((ks >> 2) * kBN * 128 + (ks & 3) * 32);
       wgmma::mma_m64n64k16_ss(s, wgmma::desc_sw128(sQ + koff, 16, 1024), wgmma::desc_sw128(sK + kkoff, 16, 1024),
                               ks > 0);
@@ -176,17 +187,25 @@ __global__ void __launch_bounds__(kThreads, 2)
 void flash_forward_wgmma(const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q, const int32_t* cu_k,
                          int64_t num_docs, int64_t max_len_q, int64_t max_len_k, bf16* o, float* lse, int64_t hq,
                          int64_t hkv, float scale, void* stream) {
-  const int64_t tiles = (max_len_q + kBM - 1) / kBM;
-  if (tiles == 0 || num_docs == 0) return;
-  const int64_t groups = num_docs * hq;
-  HYD_CHECK(groups * tiles <= INT32_MAX, "flash_attention_forward (wgmma): grid too large (", num_docs, " documents, ",
-            hq, " heads, ", tiles, " query tiles)");
-  CHECK_CUDA(cudaFuncSetAttribute(flash_fwd_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-  const int pack = pack_groups(groups, max_len_k * kD * 2 * 2 / (hq / hkv));
-  flash_fwd_wgmma_kernel<<<static_cast<unsigned>(groups * tiles), kThreads, kSmem, as_stream(stream)>>>(
-      as_nv(q), as_nv(k), as_nv(v), cu_q, cu_k, as_nv(o), lse, static_cast<int>(hq), static_cast<int>(hkv),
-      scale * 1.4426950408889634f, static_cast<int>(tiles), static_cast<int>(groups), pack);
-  CHECK_LAUNCH();
+  auto launch = [&](auto config, auto kernel) {
+    using C = decltype(config);
+    const int64_t tiles = (max_len_q + C::kBM - 1) / C::kBM;
+    if (tiles == 0 || num_docs == 0) return;
+    const int64_t groups = num_docs * hq;
+    HYD_CHECK(groups * tiles <= INT32_MAX, "flash_attention_forward (wgmma): grid too large (", num_docs,
+              " documents, ", hq, " heads, ", tiles, " query tiles)");
+    CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
+    const int pack = pack_groups(groups, max_len_k * kD * 2 * 2 / (hq / hkv));
+    kernel<<<static_cast<unsigned>(groups * tiles), C::kThreads, C::kSmem, as_stream(stream)>>>(
+        as_nv(q), as_nv(k), as_nv(v), cu_q, cu_k, as_nv(o), lse, static_cast<int>(hq), static_cast<int>(hkv),
+        scale * 1.4426950408889634f, static_cast<int>(tiles), static_cast<int>(groups), pack);
+    CHECK_LAUNCH();
+  };
+  const char* e = std::getenv("HYD_FLASH_WGMMA_WG");
+  if (e != nullptr && e[0] == '1' && e[1] == '\0')
+    launch(WgConfig<1>{}, flash_fwd_wgmma_kernel<1>);
+  else
+    launch(WgConfig<2>{}, flash_fwd_wgmma_kernel<2>);
 }
 
 }  // namespace hyd::kernels::cuda
