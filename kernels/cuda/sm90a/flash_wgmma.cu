@@ -100,6 +100,8 @@ __global__ void __launch_bounds__(WgConfig<WG>::kThreads, WG == 1 ? 2 : 1)
     ptx::cp_async_commit();
 
     float s[32];  // S: s[4 nt + e] = rows row0 + g (+ 8), keys n0 + 8 nt + 2 t (+ 1)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) s[i] = 0.f;  // (the first step does not read them: defined inputs all the same)
     wgmma::fence();
 #pragma unroll
     for (int ks = 0; ks < kD / 16; ++ks) {
