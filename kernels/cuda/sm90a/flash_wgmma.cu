@@ -152,14 +152,17 @@ __global__ void __launch_bounds__(WgConfig<WG>::kThreads, WG == 1 ? 2 : 1)
       }
     }
 
+    // P packed to bf16 before the fence: registers a wgmma reads must be written before wgmma.fence (otherwise
+    // ptxas injects a warpgroup.arrive before every step).
+    uint32_t pa[kBN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pa[kk][i] = ptx::pack_bf16(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
     wgmma::fence();
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t pa[4] = {ptx::pack_bf16(s[8 * kk], s[8 * kk + 1]), ptx::pack_bf16(s[8 * kk + 2], s[8 * kk + 3]),
-                              ptx::pack_bf16(s[8 * kk + 4], s[8 * kk + 5]),
-                              ptx::pack_bf16(s[8 * kk + 6], s[8 * kk + 7])};
-      wgmma::mma_m64n128k16_rs_tb(acc, pa, wgmma::desc_sw128(sV + 2048 * kk, kBN * 128, 1024), true);
-    }
+    for (int kk = 0; kk < kBN / 16; ++kk)
+      wgmma::mma_m64n128k16_rs_tb(acc, pa[kk], wgmma::desc_sw128(sV + 2048 * kk, kBN * 128, 1024), true);
     wgmma::commit();
     wgmma::wait<0>();
   }
