@@ -573,7 +573,7 @@ __global__ void flash_bwd_convert_dq_kernel(const float* __restrict__ acc, __nv_
 // K / V (the default), 1 = 1 row tile per warp, 2 = 2 row tiles with single buffers.
 int forward_kernel() {
   const char* e = std::getenv("HYD_FLASH_FWD");
-  return e != nullptr && (e[0] == '1' || e[0] == '2' || e[0] == '3') && e[1] == '\0' ? e[0] - '0' : 0;
+  return e != nullptr && e[0] >= '1' && e[0] <= '4' && e[1] == '\0' ? e[0] - '0' : 0;
 }
 
 template <class Config, class Kernel>
@@ -596,17 +596,21 @@ void launch_forward_with(Kernel kernel, const bf16* q, const bf16* k, const bf16
 
 template <int D>
 void launch_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q, const int32_t* cu_k,
-                    int64_t num_docs, int64_t max_len_q, int64_t max_len_k, bf16* o, float* lse, int64_t hq,
-                    int64_t hkv, float scale, cudaStream_t stream) {
+                    int64_t num_docs, int64_t max_len_q, int64_t max_len_k, bf16* o, float* lse, int64_t nq, int64_t nk,
+                    int64_t hq, int64_t hkv, float scale, cudaStream_t stream) {
   auto go = [&](auto config, auto kernel) {
     launch_forward_with<decltype(config)>(kernel, q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, hq, hkv,
                                           scale, stream);
   };
-  switch (forward_kernel()) {
+  (void)nq;
+  (void)nk;
+  switch (const int variant = forward_kernel()) {
     case 3:  // wgmma (kernels/cuda/sm90a/flash_wgmma.cu) where built, head dim 128; else the default
+    case 4:
 #ifdef HYD_WITH_WGMMA
       if constexpr (D == 128) {
-        flash_forward_wgmma(q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, hq, hkv, scale, stream);
+        flash_forward_wgmma(q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, nq, nk, hq, hkv, scale,
+                            variant == 3 ? 1 : 2, stream);
         return;
       }
 #endif
@@ -671,12 +675,12 @@ void launch_backward(const bf16* dout, const bf16* q, const bf16* k, const bf16*
 void flash_attention_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q, const int32_t* cu_k,
                              int64_t num_docs, int64_t max_len_q, int64_t max_len_k, bf16* o, float* lse, int64_t nq,
                              int64_t nk, int64_t hq, int64_t hkv, int64_t d, float scale, void* stream) {
-  (void)nq;
-  (void)nk;
   if (d == 64)
-    launch_forward<64>(q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, hq, hkv, scale, as_stream(stream));
+    launch_forward<64>(q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, nq, nk, hq, hkv, scale,
+                       as_stream(stream));
   else if (d == 128)
-    launch_forward<128>(q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, hq, hkv, scale, as_stream(stream));
+    launch_forward<128>(q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, nq, nk, hq, hkv, scale,
+                        as_stream(stream));
   else
     HYD_THROW("flash_attention_forward: head dim ", d, " is not supported (64, 128)");
 }

@@ -9,13 +9,19 @@
 // accumulators rescaled, O += P V_j (4 RS steps, P from S's registers, V_j MN-major).
 // Every tile a block loads is processed by the whole warpgroup (wgmma is warpgroup-wide); rows that see no key of
 // a tile get -inf there and add nothing.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <mutex>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/flash_order.cuh"
 #include "kernels/cuda/mma.cuh"
 #include "kernels/cuda/sm90a/flash_wgmma.h"
+#include "kernels/cuda/sm90a/tma.cuh"
 #include "kernels/cuda/sm90a/wgmma.cuh"
 
 namespace hyd::kernels::cuda {
@@ -187,11 +193,267 @@ __global__ void __launch_bounds__(WgConfig<WG>::kThreads, WG == 1 ? 2 : 1)
   }
 }
 
+// ---------------------------------------------------------------- version 2: a TMA producer, two consumer warpgroups
+// Block: 128 query rows, 384 threads: warpgroups 0 / 1 the consumers (rows 64 wg..; 240 registers a thread after
+// setmaxnreg), warpgroup 2 the producer (24 registers), whose first thread loads Q once and every K / V tile of 128
+// keys with TMA (128-byte-swizzled [128 rows][64 columns] boxes, two per tile) into two stages of K and two of V,
+// each with a `full` barrier (the bytes landed) and an `empty` barrier (the 8 consumer warps are done with it). The
+// key tiles go from the last (the causal diagonal, the only ones that need a mask when the document is long) to
+// the first.
+// A consumer warpgroup's step i: issue S_i = Q K_i^T, issue O += P_{i-1} V_{i-1}, wait for S_i only (the product of
+// V runs on), mask + online softmax of S_i into new probabilities, wait for P V, rescale O, pack P_i. Registers:
+// O 64, S 64, P 32 (bf16 pairs) fp32 / b32 a thread.
+// Rows of another document inside a Q tile, keys of another document inside a K / V tile (the TMA boxes cross
+// document ends) and rows past the tensors' ends (zeros) are masked or never stored.
+namespace ws {
+constexpr int kBM = 128, kBN = 128, kThreads = 384;
+constexpr int kBox = 128 * 128;  // bytes of one [128 rows][64 bf16] box
+constexpr int kTile = 2 * kBox;  // a [128][128] bf16 tile
+// Q, K x 2, V x 2, the barriers (9 x 8 bytes), the atoms' alignment.
+constexpr int kSmem = 5 * kTile + 128 + 1024;
+}  // namespace ws
+
+__global__ void __launch_bounds__(ws::kThreads, 1)
+    flash_fwd_wgmma_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                              const __grid_constant__ CUtensorMap map_v, const int32_t* __restrict__ cu_q,
+                              const int32_t* __restrict__ cu_k, __nv_bfloat16* __restrict__ o, float* __restrict__ lse,
+                              int hq, int hkv, float scale_log2, int tiles, int groups, int pack) {
+  constexpr int kBM = ws::kBM, kBN = ws::kBN, kBox = ws::kBox, kTile = ws::kTile;  // (these shadow version 1's)
+  extern __shared__ unsigned char smem_raw[];
+  const BlockTile bt = block_tile(tiles, groups, pack);
+  const int doc = bt.group / hq, h = bt.group % hq;
+  const int q_begin = cu_q[doc], len_q = cu_q[doc + 1] - q_begin;
+  const int k_begin = cu_k[doc], len_k = cu_k[doc + 1] - k_begin;
+  const int m0 = (tiles - 1 - bt.rank) * kBM;
+  if (m0 >= len_q) return;
+  const int off = len_k - len_q;  // query i sees keys j <= i + off
+  const int hk = h / (hq / hkv);
+  const int n_end = min(len_k, m0 + kBM + off);
+  const int n_tiles = n_end > 0 ? (n_end + kBN - 1) / kBN : 0;
+
+  const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sQ = base, sK0 = base + kTile, sV0 = base + 3 * kTile, bars = base + 5 * kTile;
+  const uint32_t full_q = bars;
+  auto full_k = [&](int s) { return bars + 8 + 8 * s; };
+  auto full_v = [&](int s) { return bars + 24 + 8 * s; };
+  auto empty_k = [&](int s) { return bars + 40 + 8 * s; };
+  auto empty_v = [&](int s) { return bars + 56 + 8 * s; };
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+    tma::mbar_init(full_q, 1);
+    for (int s = 0; s < 2; ++s) {
+      tma::mbar_init(full_k(s), 1);
+      tma::mbar_init(full_v(s), 1);
+      tma::mbar_init(empty_k(s), 8);
+      tma::mbar_init(empty_v(s), 8);
+    }
+    tma::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warp >= 8) {  // the producer warpgroup: its registers go to the consumers
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+    if (warp == 8 && lane == 0 && n_tiles > 0) {
+      tma::arrive_expect_tx(full_q, kTile);
+      tma::load_2d(sQ, &map_q, h * 128, q_begin + m0, full_q);
+      tma::load_2d(sQ + kBox, &map_q, h * 128 + 64, q_begin + m0, full_q);
+      for (int i = 0; i < n_tiles; ++i) {
+        const int s = i & 1, use = i >> 1, y = k_begin + (n_tiles - 1 - i) * kBN;
+        if (use > 0) tma::wait(empty_k(s), (use - 1) & 1);
+        tma::arrive_expect_tx(full_k(s), kTile);
+        tma::load_2d(sK0 + s * kTile, &map_k, hk * 128, y, full_k(s));
+        tma::load_2d(sK0 + s * kTile + kBox, &map_k, hk * 128 + 64, y, full_k(s));
+        if (use > 0) tma::wait(empty_v(s), (use - 1) & 1);
+        tma::arrive_expect_tx(full_v(s), kTile);
+        tma::load_2d(sV0 + s * kTile, &map_v, hk * 128, y, full_v(s));
+        tma::load_2d(sV0 + s * kTile + kBox, &map_v, hk * 128 + 64, y, full_v(s));
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+  // The consumers. warp w of warpgroup wg: rows row0 + g (+ 8) of the document, row0 = m0 + 64 wg + 16 w.
+  const int wg = warp >> 2, g = lane >> 2, t = lane & 3;
+  const int row0 = m0 + 64 * wg + 16 * (warp & 3);
+  auto release = [&](uint32_t bar) {
+    __syncwarp();
+    if (lane == 0) tma::arrive(bar);
+  };
+  float acc[64];  // O: acc[4 dn + e] = rows row0 + g (+ 8 for e >= 2), columns 8 dn + 2 t (+ 1)
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+  float s[64];  // S, then P: s[4 nt + e] = rows row0 + g (+ 8), keys n0 + 8 nt + 2 t (+ 1)
+  uint32_t pa[kBN / 16][4];
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2];
+  const uint32_t q_wg = sQ + wg * 64 * 128;
+
+  auto issue_qk = [&](uint32_t sK) {
+    wgmma::fence();
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks) {
+      const uint32_t koff = static_cast<uint32_t>((ks >> 2) * kBox + (ks & 3) * 32);
+      wgmma::mma_m64n128k16_ss(s, wgmma::desc_sw128(q_wg + koff, 16, 1024), wgmma::desc_sw128(sK + koff, 16, 1024),
+                               ks > 0);
+    }
+    wgmma::commit();
+  };
+  auto issue_pv = [&](uint32_t sV) {
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk)
+      wgmma::mma_m64n128k16_rs_tb(acc, pa[kk], wgmma::desc_sw128(sV + 2048 * kk, kBox, 1024), true);
+    wgmma::commit();
+  };
+  // Mask and online softmax of S (keys n0..): s becomes the probabilities, alpha the rescaling of O.
+  auto softmax = [&](int n0) {
+    const bool need_mask = n0 + kBN - 1 > row0 + off || n0 + kBN > len_k;
+    if (need_mask) {
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = n0 + nt * 8 + 2 * t + (e & 1), row = row0 + g + 8 * (e >> 1);
+          if (key > row + off || key >= len_k) s[4 * nt + e] = -INFINITY;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run[r], mx * scale_log2);  // scale_log2 > 0 (the launcher checks)
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      alpha[r] = ptx::exp2_approx(m_run[r] - m_use);
+      m_run[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) {
+        s[4 * nt + 2 * r] = ptx::exp2_approx(fmaf(s[4 * nt + 2 * r], scale_log2, -m_use));
+        s[4 * nt + 2 * r + 1] = ptx::exp2_approx(fmaf(s[4 * nt + 2 * r + 1], scale_log2, -m_use));
+        sum += s[4 * nt + 2 * r] + s[4 * nt + 2 * r + 1];
+      }
+      l_run[r] = l_run[r] * alpha[r] + sum;
+    }
+  };
+  auto pack_p = [&]() {
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pa[kk][i] = ptx::pack_bf16(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+  };
+
+  if (n_tiles > 0) {
+    tma::wait(full_q, 0);
+    tma::wait(full_k(0), 0);
+    issue_qk(sK0);
+    wgmma::wait<0>();
+    wgmma::fence_regs(s);
+    release(empty_k(0));
+    softmax((n_tiles - 1) * kBN);
+    pack_p();
+    for (int i = 1; i < n_tiles; ++i) {
+      const int st = i & 1, prev = (i - 1) & 1;
+      tma::wait(full_k(st), (i >> 1) & 1);
+      wgmma::fence_regs(pa);
+      wgmma::fence_regs(acc);
+      issue_qk(sK0 + st * kTile);
+      tma::wait(full_v(prev), ((i - 1) >> 1) & 1);
+      wgmma::fence();  // (another basic block than issue_qk's fence: ptxas would inject one)
+      issue_pv(sV0 + prev * kTile);
+      wgmma::wait<1>();
+      wgmma::fence_regs(s);
+      release(empty_k(st));
+      softmax((n_tiles - 1 - i) * kBN);
+      wgmma::wait<0>();
+      wgmma::fence_regs(acc);
+      wgmma::fence_regs(pa);
+      release(empty_v(prev));
+#pragma unroll
+      for (int dn = 0; dn < 16; ++dn) {
+        acc[4 * dn] *= alpha[0];
+        acc[4 * dn + 1] *= alpha[0];
+        acc[4 * dn + 2] *= alpha[1];
+        acc[4 * dn + 3] *= alpha[1];
+      }
+      pack_p();
+    }
+    const int last = (n_tiles - 1) & 1;
+    tma::wait(full_v(last), ((n_tiles - 1) >> 1) & 1);
+    wgmma::fence_regs(pa);
+    wgmma::fence_regs(acc);
+    wgmma::fence();
+    issue_pv(sV0 + last * kTile);
+    wgmma::wait<0>();
+    wgmma::fence_regs(acc);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int row = row0 + g + 8 * r;
+    if (row < len_q) {
+      if (t == 0)
+        lse[static_cast<int64_t>(q_begin + row) * hq + h] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
+      __nv_bfloat16* out = o + (static_cast<int64_t>(q_begin + row) * hq + h) * kD;
+#pragma unroll
+      for (int dn = 0; dn < kD / 8; ++dn)
+        *reinterpret_cast<uint32_t*>(out + 8 * dn + 2 * t) =
+            ptx::pack_bf16(acc[4 * dn + 2 * r] * inv, acc[4 * dn + 2 * r + 1] * inv);
+    }
+  }
+}
+
+// A [rows][heads x 128] bf16 tensor as 2-D TMA boxes of [128 rows][64 columns], 128-byte swizzled.
+CUtensorMap tile_map(const void* ptr, int64_t heads, int64_t rows, const char* what) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    cudaDriverEntryPointQueryResult found{};
+    void* fn = nullptr;
+    CHECK_CUDA(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    HYD_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
+              "flash_attention_forward (wgmma): the driver has no cuTensorMapEncodeTiled");
+    encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  });
+  CUtensorMap map{};
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(heads * kD), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(heads * kD * 2)};
+  const cuuint32_t box[2] = {64, 128}, unit[2] = {1, 1};
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(ptr), dims, strides, box, unit,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  HYD_CHECK(r == CUDA_SUCCESS, "flash_attention_forward (wgmma): cuTensorMapEncodeTiled failed for ", what, " (error ",
+            static_cast<int>(r), ", ", rows, " rows x ", heads, " heads)");
+  return map;
+}
+
 }  // namespace
 
 void flash_forward_wgmma(const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q, const int32_t* cu_k,
-                         int64_t num_docs, int64_t max_len_q, int64_t max_len_k, bf16* o, float* lse, int64_t hq,
-                         int64_t hkv, float scale, void* stream) {
+                         int64_t num_docs, int64_t max_len_q, int64_t max_len_k, bf16* o, float* lse, int64_t nq,
+                         int64_t nk, int64_t hq, int64_t hkv, float scale, int version, void* stream) {
+  if (version == 2 && scale > 0.f) {
+    const int64_t tiles = (max_len_q + ws::kBM - 1) / ws::kBM;
+    if (tiles == 0 || num_docs == 0 || nq == 0) return;
+    const int64_t groups = num_docs * hq;
+    HYD_CHECK(groups * tiles <= INT32_MAX, "flash_attention_forward (wgmma): grid too large (", num_docs,
+              " documents, ", hq, " heads, ", tiles, " query tiles)");
+    // Keys (and the tensors' rows) may be empty: a map needs one row, and no block loads a tile then.
+    const CUtensorMap mq = tile_map(q, hq, nq, "q"), mk = tile_map(k, hkv, std::max<int64_t>(nk, 1), "k"),
+                      mv = tile_map(v, hkv, std::max<int64_t>(nk, 1), "v");
+    CHECK_CUDA(cudaFuncSetAttribute(flash_fwd_wgmma_ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ws::kSmem));
+    const int pack = pack_groups(groups, max_len_k * kD * 2 * 2 / (hq / hkv));
+    flash_fwd_wgmma_ws_kernel<<<static_cast<unsigned>(groups * tiles), ws::kThreads, ws::kSmem, as_stream(stream)>>>(
+        mq, mk, mv, cu_q, cu_k, as_nv(o), lse, static_cast<int>(hq), static_cast<int>(hkv), scale * 1.4426950408889634f,
+        static_cast<int>(tiles), static_cast<int>(groups), pack);
+    CHECK_LAUNCH();
+    return;
+  }
   auto launch = [&](auto config, auto kernel) {
     using C = decltype(config);
     const int64_t tiles = (max_len_q + C::kBM - 1) / C::kBM;
