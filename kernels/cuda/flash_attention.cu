@@ -3,7 +3,8 @@
 // accumulate), operands staged in XOR-swizzled shared memory by cp.async and read with ldmatrix.
 //
 // Forward (grid: query tile x query head x document; 128 query rows per block: 4 warps of 32 rows, two blocks
-// per SM, the default; or 8 warps of 16 rows, HYD_FLASH_FWD=1):
+// per SM, the default; or 8 warps of 16 rows, HYD_FLASH_FWD=1; builds for Hopper run head dim 128 on the wgmma
+// kernel of kernels/cuda/sm90a/flash_wgmma.cu instead, the same math):
 //   for each 64-key tile j up to the causal limit of the tile:  S = Q K_j^T (registers, fp32),
 //   masked entries -inf, running max m and sum l per row (online softmax in base 2), O = O alpha + P V_j.
 //   K_j+1 is fetched while the softmax and P V_j run, V_j+1 while the next S runs.
@@ -569,11 +570,12 @@ __global__ void flash_bwd_convert_dq_kernel(const float* __restrict__ acc, __nv_
 
 // ---------------------------------------------------------------- launchers
 
-// The forward kernel (HYD_FLASH_FWD, read on every call; FwdConfig): 0 = 2 row tiles per warp with double-buffered
-// K / V (the default), 1 = 1 row tile per warp, 2 = 2 row tiles with single buffers.
+// The forward kernel (HYD_FLASH_FWD, read on every call): 0 = the wgmma kernel (kernels/cuda/sm90a/flash_wgmma.cu)
+// for head dim 128 in Hopper builds, else the mma.sync kernel with 2 row tiles per warp and double-buffered K / V
+// (FwdConfig); 3 = that mma.sync kernel always; 1 = 1 row tile per warp; 2 = 2 row tiles with single buffers.
 int forward_kernel() {
   const char* e = std::getenv("HYD_FLASH_FWD");
-  return e != nullptr && e[0] >= '1' && e[0] <= '4' && e[1] == '\0' ? e[0] - '0' : 0;
+  return e != nullptr && e[0] >= '1' && e[0] <= '3' && e[1] == '\0' ? e[0] - '0' : 0;
 }
 
 template <class Config, class Kernel>
@@ -602,18 +604,8 @@ void launch_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* 
     launch_forward_with<decltype(config)>(kernel, q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, hq, hkv,
                                           scale, stream);
   };
-  (void)nq;
-  (void)nk;
-  switch (const int variant = forward_kernel()) {
-    case 3:  // wgmma (kernels/cuda/sm90a/flash_wgmma.cu) where built, head dim 128; else the default
-    case 4:
-#ifdef HYD_WITH_WGMMA
-      if constexpr (D == 128) {
-        flash_forward_wgmma(q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, nq, nk, hq, hkv, scale,
-                            variant == 3 ? 1 : 2, stream);
-        return;
-      }
-#endif
+  switch (forward_kernel()) {
+    case 3:
       go(FwdConfig<D, 2, true>{}, flash_fwd_kernel<D, 2, true>);
       break;
     case 1:
@@ -623,6 +615,17 @@ void launch_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* 
       go(FwdConfig<D, 2>{}, flash_fwd_kernel<D, 2>);
       break;
     default:
+#ifdef HYD_WITH_WGMMA
+      if constexpr (D == 128) {
+        if (scale > 0.f) {
+          flash_forward_wgmma(q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, nq, nk, hq, hkv, scale,
+                              stream);
+          return;
+        }
+      }
+#endif
+      (void)nq;
+      (void)nk;
       go(FwdConfig<D, 2, true>{}, flash_fwd_kernel<D, 2, true>);
       break;
   }

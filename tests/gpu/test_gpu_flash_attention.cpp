@@ -255,10 +255,10 @@ void compare_with_cpu(const Layout& L, Heads c, const std::string& what) {
   const Tensor tq = buf.upload(q, {nq, c.hq, c.d}, DType::bf16), tk = buf.upload(k, {nk, c.hkv, c.d}, DType::bf16),
                tv = buf.upload(v, {nk, c.hkv, c.d}, DType::bf16), tdo = buf.upload(dout, {nq, c.hq, c.d}, DType::bf16),
                tcq = buf.upload_i32(L.cu_q, {L.docs() + 1}), tck = buf.upload_i32(L.cu_k, {L.docs() + 1});
-  // Every forward kernel (HYD_FLASH_FWD: 0 = 4 warps of 32 query rows with double-buffered K / V, the default, 1 = 8
-  // warps of 16 rows, 2 = 4 warps of 32 rows with single buffers, 3 / 4 = the wgmma kernels (versions 1 / 2) where
-  // built for d = 128, else the default), each followed by the backward on its own outputs; the default kernel also
-  // with other block orders (HYD_FLASH_PACK: 0 = the packs the launcher picks, 1 = one (document, head) group after the
+  // Every forward kernel (HYD_FLASH_FWD: 0 = the default: the wgmma kernel for d = 128 in Hopper builds, else 4 warps
+  // of 32 query rows with double-buffered K / V; 3 = the latter always; 1 = 8 warps of 16 rows; 2 = 4 warps of 32
+  // rows with single buffers), each followed by the backward on its own outputs; the mma.sync default also with
+  // other block orders (HYD_FLASH_PACK: 0 = the packs the launcher picks, 1 = one (document, head) group after the
   // other, 3 = packs of 3 groups, the last one partial for most head counts here).
   const test::ScopedEnv forward("HYD_FLASH_FWD"), pack("HYD_FLASH_PACK");
   for (const auto& [fwd, packs] : {std::pair<const char*, const char*>{"0", "0"},

@@ -1,14 +1,18 @@
-// Flash attention forward with wgmma (version 1, NOT yet run on a GPU when written, stop 29): the math, masking,
-// online softmax, lse and outputs of flash_fwd_kernel (kernels/cuda/flash_attention.cu), with the two products on
-// Hopper's warpgroup MMA instead of mma.sync.
-// Block: WG warpgroups (2 by default; HYD_FLASH_WGMMA_WG=1: one), 64 query rows each (warp w of the block: rows
-// 16 w..16 w + 15, the accumulator layout of wgmma.cuh, the same per-thread rows and columns as mma.sync's),
-// sharing K / V tiles of 64 keys, double-buffered by cp.async; Q 16 / 32 KB + 2 x (K 16 KB + V 16 KB) of shared
-// memory. Two blocks of one warpgroup per SM, or one of two (147 registers a thread).
-// Per key tile j: S = Q K_j^T (8 SS steps, both K-major), the mask and the online softmax on S's registers, the
-// accumulators rescaled, O += P V_j (4 RS steps, P from S's registers, V_j MN-major).
-// Every tile a block loads is processed by the whole warpgroup (wgmma is warpgroup-wide); rows that see no key of
-// a tile get -inf there and add nothing.
+// Flash attention forward on Hopper's warpgroup MMA (wgmma) and tensor memory accelerator (TMA), head dim 128:
+// the math, masking, online softmax, lse and outputs of flash_fwd_kernel (kernels/cuda/flash_attention.cu), with
+// the products on wgmma (the mma.sync kernel reaches ~240-270 TF/s on an H200, this one ~490-670; docs/benchmarks.md
+// stop 30).
+// Block: 128 query rows, 384 threads: warpgroups 0 / 1 the consumers (rows 64 wg..; 240 registers a thread after
+// setmaxnreg), warpgroup 2 the producer (24 registers), whose first thread loads Q once and every K / V tile of 128
+// keys with TMA (128-byte-swizzled [128 rows][64 columns] boxes, two per tile) into two stages of K and two of V,
+// each with a `full` barrier (the bytes landed) and an `empty` barrier (the 8 consumer warps are done with it). The
+// key tiles go from the last (the causal diagonal, the only ones that need a mask when the document is long) to
+// the first.
+// A consumer warpgroup's step i: issue S_i = Q K_i^T, issue O += P_{i-1} V_{i-1}, wait for S_i only (the product of
+// V runs on), mask + online softmax of S_i into new probabilities, wait for P V, rescale O, pack P_i. Registers:
+// O 64, S 64, P 32 (bf16 pairs) fp32 / b32 a thread.
+// Rows of another document inside a Q tile, keys of another document inside a K / V tile (the TMA boxes cross
+// document ends) and rows past the tensors' ends (zeros) are masked or never stored.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
@@ -31,194 +35,18 @@ using namespace flash_order;
 
 namespace {
 
-constexpr int kD = 128, kBN = 64;
-constexpr int kTileKV = kBN * kD * 2;  // bytes
-// WG warpgroups per block, 64 query rows each, sharing the K / V tiles (HYD_FLASH_WGMMA_WG: 1 or 2, the default).
-template <int WG>
-struct WgConfig {
-  static constexpr int kBM = 64 * WG, kThreads = 128 * WG, kTileQ = kBM * kD * 2;
-  static constexpr int kSmem = kTileQ + 4 * kTileKV + 1024;  // + 1024: the atoms' alignment
-};
-constexpr float kLn2 = 0.6931471805599453f;
-
-// Rows [0, ROWS) of a [rows][128] bf16 matrix at src (row stride `stride` elements) into the two-block swizzled
-// layout (wgmma.cuh) at shared address dst; rows >= valid are zero-filled.
-template <int ROWS>
-__device__ __forceinline__ void load_tile(uint32_t dst, const __nv_bfloat16* src, int64_t stride, int valid) {
-  for (int i = threadIdx.x; i < ROWS * kD / 8; i += blockDim.x) {
-    const int r = i / (kD / 8), c = (i % (kD / 8)) * 8;
-    const bool ok = r < valid;
-    ptx::cp_async16(dst + wgmma::tile128_offset(ROWS, r, c), ok ? src + r * stride + c : src, ok);
-  }
-}
-
-template <int WG>
-__global__ void __launch_bounds__(WgConfig<WG>::kThreads, WG == 1 ? 2 : 1)
-    flash_fwd_wgmma_kernel(const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ k,
-                           const __nv_bfloat16* __restrict__ v, const int32_t* __restrict__ cu_q,
-                           const int32_t* __restrict__ cu_k, __nv_bfloat16* __restrict__ o, float* __restrict__ lse,
-                           int hq, int hkv, float scale_log2, int tiles, int groups, int pack) {
-  using C = WgConfig<WG>;
-  constexpr int kBM = C::kBM, kTileQ = C::kTileQ;
-  extern __shared__ unsigned char smem_raw[];
-  const BlockTile bt = block_tile(tiles, groups, pack);
-  const int doc = bt.group / hq, h = bt.group % hq;
-  const int q_begin = cu_q[doc], len_q = cu_q[doc + 1] - q_begin;
-  const int k_begin = cu_k[doc], len_k = cu_k[doc + 1] - k_begin;
-  const int m0 = (tiles - 1 - bt.rank) * kBM;
-  if (m0 >= len_q) return;
-  const int off = len_k - len_q;  // query i sees keys j <= i + off
-  const int hk = h / (hq / hkv);
-  // warp: the warp's place in the block (rows 16 warp..); warpgroup wg (warps 4 wg..) multiplies Q rows 64 wg..
-  const int warp = threadIdx.x >> 5, wg = warp >> 2, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int64_t q_stride = static_cast<int64_t>(hq) * kD, kv_stride = static_cast<int64_t>(hkv) * kD;
-  const __nv_bfloat16* k_doc = k + (static_cast<int64_t>(k_begin) * hkv + hk) * kD;
-  const __nv_bfloat16* v_doc = v + (static_cast<int64_t>(k_begin) * hkv + hk) * kD;
-  const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
-  const uint32_t sQ = base, sK0 = sQ + kTileQ, sV0 = sK0 + 2 * kTileKV;
-
-  const int n_end = min(len_k, m0 + kBM + off);
-  const int n_tiles = n_end > 0 ? (n_end + kBN - 1) / kBN : 0;
-  const int row0 = m0 + warp * 16;  // this warp's first query (document-local)
-
-  float acc[64];  // O: d[4 dn + e] = rows row0 + g (+ 8 for e >= 2), columns 8 dn + 2 t (+ 1)
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
-
-  if (n_tiles > 0) {
-    load_tile<kBM>(sQ, q + (static_cast<int64_t>(q_begin + m0) * hq + h) * kD, q_stride, len_q - m0);
-    load_tile<kBN>(sK0, k_doc, kv_stride, len_k);
-    load_tile<kBN>(sV0, v_doc, kv_stride, len_k);
-    ptx::cp_async_commit();
-  }
-  for (int j = 0; j < n_tiles; ++j) {
-    const int n0 = j * kBN;
-    const uint32_t sK = sK0 + (j & 1) * kTileKV, sV = sV0 + (j & 1) * kTileKV;
-    ptx::cp_async_wait<0>();
-    wgmma::fence_proxy_async();
-    __syncthreads();  // tile j is in; every wgmma of step j - 1 has completed (waited below)
-    if (j + 1 < n_tiles) {
-      const uint32_t nk = sK0 + ((j + 1) & 1) * kTileKV, nv = sV0 + ((j + 1) & 1) * kTileKV;
-      load_tile<kBN>(nk, k_doc + (n0 + kBN) * kv_stride, kv_stride, len_k - n0 - kBN);
-      load_tile<kBN>(nv, v_doc + (n0 + kBN) * kv_stride, kv_stride, len_k - n0 - kBN);
-    }
-    ptx::cp_async_commit();
-
-    float s[32];  // S: s[4 nt + e] = rows row0 + g (+ 8), keys n0 + 8 nt + 2 t (+ 1)
-#pragma unroll
-    for (int i = 0; i < 32; ++i) s[i] = 0.f;  // (the first step does not read them: defined inputs all the same)
-    wgmma::fence();
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      const uint32_t koff = static_cast<uint32_t>((ks >> 2) * kBM * 128 + wg * 64 * 128 + (ks & 3) * 32);
-      const uint32_t kkoff = static_cast<uint32_t>((ks >> 2) * kBN * 128 + (ks & 3) * 32);
-      wgmma::mma_m64n64k16_ss(s, wgmma::desc_sw128(sQ + koff, 16, 1024), wgmma::desc_sw128(sK + kkoff, 16, 1024),
-                              ks > 0);
-    }
-    wgmma::commit();
-    wgmma::wait<0>();
-
-    const bool need_mask = n0 + kBN - 1 > row0 + off || n0 + kBN > len_k;
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float x = s[4 * nt + e] * scale_log2;
-        if (need_mask) {
-          const int key = n0 + nt * 8 + 2 * t + (e & 1), row = row0 + g + 8 * (e >> 1);
-          if (key > row + off || key >= len_k) x = -INFINITY;
-        }
-        s[4 * nt + e] = x;
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) mx = fmaxf(mx, fmaxf(s[4 * nt + 2 * r], s[4 * nt + 2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[r], mx);
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float alpha = ptx::exp2_approx(m_run[r] - m_use);
-      m_run[r] = m_new;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt) {
-        s[4 * nt + 2 * r] = ptx::exp2_approx(s[4 * nt + 2 * r] - m_use);
-        s[4 * nt + 2 * r + 1] = ptx::exp2_approx(s[4 * nt + 2 * r + 1] - m_use);
-        sum += s[4 * nt + 2 * r] + s[4 * nt + 2 * r + 1];
-      }
-      l_run[r] = l_run[r] * alpha + sum;
-#pragma unroll
-      for (int dn = 0; dn < kD / 8; ++dn) {
-        acc[4 * dn + 2 * r] *= alpha;
-        acc[4 * dn + 2 * r + 1] *= alpha;
-      }
-    }
-
-    // P packed to bf16 before the fence: registers a wgmma reads must be written before wgmma.fence (otherwise
-    // ptxas injects a warpgroup.arrive before every step).
-    uint32_t pa[kBN / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pa[kk][i] = ptx::pack_bf16(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
-    wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk)
-      wgmma::mma_m64n128k16_rs_tb(acc, pa[kk], wgmma::desc_sw128(sV + 2048 * kk, kBN * 128, 1024), true);
-    wgmma::commit();
-    wgmma::wait<0>();
-  }
-  ptx::cp_async_wait<0>();
-
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    const int row = row0 + g + 8 * r;
-    if (row < len_q) {
-      if (t == 0)
-        lse[static_cast<int64_t>(q_begin + row) * hq + h] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
-      __nv_bfloat16* out = o + (static_cast<int64_t>(q_begin + row) * hq + h) * kD;
-#pragma unroll
-      for (int dn = 0; dn < kD / 8; ++dn)
-        *reinterpret_cast<uint32_t*>(out + 8 * dn + 2 * t) =
-            ptx::pack_bf16(acc[4 * dn + 2 * r] * inv, acc[4 * dn + 2 * r + 1] * inv);
-    }
-  }
-}
-
-// ---------------------------------------------------------------- version 2: a TMA producer, two consumer warpgroups
-// Block: 128 query rows, 384 threads: warpgroups 0 / 1 the consumers (rows 64 wg..; 240 registers a thread after
-// setmaxnreg), warpgroup 2 the producer (24 registers), whose first thread loads Q once and every K / V tile of 128
-// keys with TMA (128-byte-swizzled [128 rows][64 columns] boxes, two per tile) into two stages of K and two of V,
-// each with a `full` barrier (the bytes landed) and an `empty` barrier (the 8 consumer warps are done with it). The
-// key tiles go from the last (the causal diagonal, the only ones that need a mask when the document is long) to
-// the first.
-// A consumer warpgroup's step i: issue S_i = Q K_i^T, issue O += P_{i-1} V_{i-1}, wait for S_i only (the product of
-// V runs on), mask + online softmax of S_i into new probabilities, wait for P V, rescale O, pack P_i. Registers:
-// O 64, S 64, P 32 (bf16 pairs) fp32 / b32 a thread.
-// Rows of another document inside a Q tile, keys of another document inside a K / V tile (the TMA boxes cross
-// document ends) and rows past the tensors' ends (zeros) are masked or never stored.
-namespace ws {
-constexpr int kBM = 128, kBN = 128, kThreads = 384;
+constexpr int kD = 128, kBM = 128, kBN = 128, kThreads = 384;
 constexpr int kBox = 128 * 128;  // bytes of one [128 rows][64 bf16] box
 constexpr int kTile = 2 * kBox;  // a [128][128] bf16 tile
 // Q, K x 2, V x 2, the barriers (9 x 8 bytes), the atoms' alignment.
 constexpr int kSmem = 5 * kTile + 128 + 1024;
-}  // namespace ws
+constexpr float kLn2 = 0.6931471805599453f;
 
-__global__ void __launch_bounds__(ws::kThreads, 1)
-    flash_fwd_wgmma_ws_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
-                              const __grid_constant__ CUtensorMap map_v, const int32_t* __restrict__ cu_q,
-                              const int32_t* __restrict__ cu_k, __nv_bfloat16* __restrict__ o, float* __restrict__ lse,
-                              int hq, int hkv, float scale_log2, int tiles, int groups, int pack) {
-  constexpr int kBM = ws::kBM, kBN = ws::kBN, kBox = ws::kBox, kTile = ws::kTile;  // (these shadow version 1's)
+__global__ void __launch_bounds__(kThreads, 1)
+    flash_fwd_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
+                           const __grid_constant__ CUtensorMap map_v, const int32_t* __restrict__ cu_q,
+                           const int32_t* __restrict__ cu_k, __nv_bfloat16* __restrict__ o, float* __restrict__ lse,
+                           int hq, int hkv, float scale_log2, int tiles, int groups, int pack) {
   extern __shared__ unsigned char smem_raw[];
   const BlockTile bt = block_tile(tiles, groups, pack);
   const int doc = bt.group / hq, h = bt.group % hq;
@@ -436,43 +264,23 @@ CUtensorMap tile_map(const void* ptr, int64_t heads, int64_t rows, const char* w
 
 void flash_forward_wgmma(const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q, const int32_t* cu_k,
                          int64_t num_docs, int64_t max_len_q, int64_t max_len_k, bf16* o, float* lse, int64_t nq,
-                         int64_t nk, int64_t hq, int64_t hkv, float scale, int version, void* stream) {
-  if (version == 2 && scale > 0.f) {
-    const int64_t tiles = (max_len_q + ws::kBM - 1) / ws::kBM;
-    if (tiles == 0 || num_docs == 0 || nq == 0) return;
-    const int64_t groups = num_docs * hq;
-    HYD_CHECK(groups * tiles <= INT32_MAX, "flash_attention_forward (wgmma): grid too large (", num_docs,
-              " documents, ", hq, " heads, ", tiles, " query tiles)");
-    // Keys (and the tensors' rows) may be empty: a map needs one row, and no block loads a tile then.
-    const CUtensorMap mq = tile_map(q, hq, nq, "q"), mk = tile_map(k, hkv, std::max<int64_t>(nk, 1), "k"),
-                      mv = tile_map(v, hkv, std::max<int64_t>(nk, 1), "v");
-    CHECK_CUDA(cudaFuncSetAttribute(flash_fwd_wgmma_ws_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ws::kSmem));
-    const int pack = pack_groups(groups, max_len_k * kD * 2 * 2 / (hq / hkv));
-    flash_fwd_wgmma_ws_kernel<<<static_cast<unsigned>(groups * tiles), ws::kThreads, ws::kSmem, as_stream(stream)>>>(
-        mq, mk, mv, cu_q, cu_k, as_nv(o), lse, static_cast<int>(hq), static_cast<int>(hkv), scale * 1.4426950408889634f,
-        static_cast<int>(tiles), static_cast<int>(groups), pack);
-    CHECK_LAUNCH();
-    return;
-  }
-  auto launch = [&](auto config, auto kernel) {
-    using C = decltype(config);
-    const int64_t tiles = (max_len_q + C::kBM - 1) / C::kBM;
-    if (tiles == 0 || num_docs == 0) return;
-    const int64_t groups = num_docs * hq;
-    HYD_CHECK(groups * tiles <= INT32_MAX, "flash_attention_forward (wgmma): grid too large (", num_docs,
-              " documents, ", hq, " heads, ", tiles, " query tiles)");
-    CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
-    const int pack = pack_groups(groups, max_len_k * kD * 2 * 2 / (hq / hkv));
-    kernel<<<static_cast<unsigned>(groups * tiles), C::kThreads, C::kSmem, as_stream(stream)>>>(
-        as_nv(q), as_nv(k), as_nv(v), cu_q, cu_k, as_nv(o), lse, static_cast<int>(hq), static_cast<int>(hkv),
-        scale * 1.4426950408889634f, static_cast<int>(tiles), static_cast<int>(groups), pack);
-    CHECK_LAUNCH();
-  };
-  const char* e = std::getenv("HYD_FLASH_WGMMA_WG");
-  if (e != nullptr && e[0] == '1' && e[1] == '\0')
-    launch(WgConfig<1>{}, flash_fwd_wgmma_kernel<1>);
-  else
-    launch(WgConfig<2>{}, flash_fwd_wgmma_kernel<2>);
+                         int64_t nk, int64_t hq, int64_t hkv, float scale, void* stream) {
+  HYD_CHECK(scale > 0.f, "flash_attention_forward (wgmma): the softmax scale must be positive, got ", scale);
+  const int64_t tiles = (max_len_q + kBM - 1) / kBM;
+  if (tiles == 0 || num_docs == 0 || nq == 0) return;
+  const int64_t groups = num_docs * hq;
+  HYD_CHECK(groups * tiles <= INT32_MAX, "flash_attention_forward (wgmma): grid too large (", num_docs, " documents, ",
+            hq, " heads, ", tiles, " query tiles)");
+  // Keys (and the tensors' rows) may be empty: a map needs one row, and no block loads a tile then.
+  const CUtensorMap mq = tile_map(q, hq, nq, "q"), mk = tile_map(k, hkv, std::max<int64_t>(nk, 1), "k"),
+                    mv = tile_map(v, hkv, std::max<int64_t>(nk, 1), "v");
+  CHECK_CUDA(cudaFuncSetAttribute(flash_fwd_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  // Consecutive groups are heads of one document; hq / hkv of them read the same K / V head.
+  const int pack = pack_groups(groups, max_len_k * kD * 2 * 2 / (hq / hkv));
+  flash_fwd_wgmma_kernel<<<static_cast<unsigned>(groups * tiles), kThreads, kSmem, as_stream(stream)>>>(
+      mq, mk, mv, cu_q, cu_k, as_nv(o), lse, static_cast<int>(hq), static_cast<int>(hkv), scale * 1.4426950408889634f,
+      static_cast<int>(tiles), static_cast<int>(groups), pack);
+  CHECK_LAUNCH();
 }
 
 }  // namespace hyd::kernels::cuda

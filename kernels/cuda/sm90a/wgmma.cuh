@@ -2,10 +2,10 @@
 // bf16 -> fp32 products of attention: shared-memory matrix descriptors of 128-byte-swizzled tiles, the fences,
 // and m64nNk16 with both operands in shared memory (SS) or A in registers (RS).
 //
-// Tile layout (the one a descriptor with 128-byte swizzling reads): a [rows][64] bf16 block, 128 bytes per row,
-// 8 rows (1024 bytes, 1024-byte aligned) per swizzle atom; within an atom the 16-byte chunk c of row r sits at
-// chunk c ^ (r % 8) (the same XOR pattern as ptx::swz<8> of mma.cuh). A [rows][128] tile (head dim 128) is two
-// such blocks, columns 0-63 then 64-127.
+// Tile layout (the one a descriptor with 128-byte swizzling reads, and TMA's 128-byte swizzle writes): a [rows][64]
+// 128 bytes per row, 8 rows (1024 bytes, 1024-byte aligned) per swizzle atom; within an atom the 16-byte chunk c of row
+// r sits at chunk c ^ (r % 8) (the same XOR pattern as ptx::swz<8> of mma.cuh). A [rows][128] tile (head dim 128) is
+// two such blocks, columns 0-63 then 64-127.
 //  * K-major operand (A of Q K^T: Q rows; B of Q K^T: K rows, the reduction over the head dim): SBO = 1024 (the
 //    next 8 rows), LBO unused; the k16 step j starts 32 j bytes into its 64-column block.
 //  * MN-major operand (B of P V: V rows are keys = the reduction dimension, columns the output's head dim):
@@ -32,12 +32,6 @@ __device__ __forceinline__ uint64_t desc_sw128(uint32_t smem_byte_addr, uint32_t
   return d;
 }
 
-// Byte offset of element (r, c) of a [rows][128] bf16 tile stored as two [rows][64] swizzled blocks.
-__device__ __forceinline__ uint32_t tile128_offset(int rows, int r, int c) {
-  const int block = c >> 6, chunk = (c & 63) >> 3;
-  return static_cast<uint32_t>(block * rows * 128 + r * 128 + ((chunk ^ (r & 7)) << 4) + (c & 7) * 2);
-}
-
 __device__ __forceinline__ void fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
@@ -46,23 +40,6 @@ __device__ __forceinline__ void wait() {
 }
 // Shared memory written by ordinary stores or cp.async, read next by wgmma (the async proxy).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
-// d (64 x 64, 32 fp32 per thread) = A B^T (+ d when accumulate): A and B K-major descriptors.
-__device__ __forceinline__ void mma_m64n64k16_ss(float (&d)[32], uint64_t a, uint64_t b, bool accumulate) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(a), "l"(b), "r"(accumulate ? 1 : 0));
-#endif
-}
 
 // d (64 x 128, 64 fp32 per thread) = A B^T (+ d when accumulate): A and B K-major descriptors (B: 128 rows).
 __device__ __forceinline__ void mma_m64n128k16_ss(float (&d)[64], uint64_t a, uint64_t b, bool accumulate) {
