@@ -578,6 +578,13 @@ int forward_kernel() {
   return e != nullptr && e[0] >= '1' && e[0] <= '3' && e[1] == '\0' ? e[0] - '0' : 0;
 }
 
+// The backward's main kernel (HYD_FLASH_BWD, read on every call): 0 = the wgmma kernel (kernels/cuda/sm90a) for
+// head dim 128 in Hopper builds, else the mma.sync kernel (flash_bwd_kernel); 1 = the mma.sync kernel always.
+bool backward_mma_sync() {
+  const char* e = std::getenv("HYD_FLASH_BWD");
+  return e != nullptr && e[0] == '1' && e[1] == '\0';
+}
+
 template <class Config, class Kernel>
 void launch_forward_with(Kernel kernel, const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q,
                          const int32_t* cu_k, int64_t num_docs, int64_t max_len_q, int64_t max_len_k, bf16* o,
@@ -634,7 +641,7 @@ void launch_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* 
 template <int D>
 void launch_backward(const bf16* dout, const bf16* q, const bf16* k, const bf16* v, const bf16* o, const float* lse,
                      const int32_t* cu_q, const int32_t* cu_k, int64_t num_docs, int64_t max_len_q, int64_t max_len_k,
-                     bf16* dq, bf16* dk, bf16* dv, int64_t nq, int64_t hq, int64_t hkv, float scale,
+                     bf16* dq, bf16* dk, bf16* dv, int64_t nq, int64_t nk, int64_t hq, int64_t hkv, float scale,
                      cudaStream_t stream) {
   using C = BwdConfig<D>;
   if (nq > 0 && (max_len_k == 0 || num_docs == 0)) {  // no keys anywhere: every query is fully masked
@@ -657,13 +664,25 @@ void launch_backward(const bf16* dout, const bf16* q, const bf16* k, const bf16*
                                      stream>>>(as_nv(dout), as_nv(o), lse, dsum, lse2, nq, static_cast<int>(hq));
     CHECK_LAUNCH();
   }
-  CHECK_CUDA(cudaFuncSetAttribute(flash_bwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
-  const int pack = pack_groups(groups, max_len_q * D * 2 * 2 * (hq / hkv));  // a group's Q and dO rows
-  flash_bwd_kernel<D><<<static_cast<unsigned>(groups * tiles), C::kThreads, C::kSmemBytes, stream>>>(
-      as_nv(dout), as_nv(q), as_nv(k), as_nv(v), dsum, lse2, cu_q, cu_k, dq_acc, as_nv(dk), as_nv(dv), nq,
-      static_cast<int>(hq), static_cast<int>(hkv), scale * kLog2e, scale, static_cast<int>(tiles),
-      static_cast<int>(groups), pack);
-  CHECK_LAUNCH();
+  const int64_t q_bytes = max_len_q * D * 2 * 2 * (hq / hkv);  // a group's Q and dO rows (the block order's packs)
+  bool done = false;
+#ifdef HYD_WITH_WGMMA
+  if constexpr (D == 128) {
+    if (scale > 0.f && !backward_mma_sync()) {
+      flash_backward_wgmma(dout, q, k, v, dsum, lse2, cu_q, cu_k, num_docs, max_len_k, dq_acc, dk, dv, nq, nk, hq, hkv,
+                           q_bytes, scale, stream);
+      done = true;
+    }
+  }
+#endif
+  if (!done) {
+    CHECK_CUDA(cudaFuncSetAttribute(flash_bwd_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+    flash_bwd_kernel<D><<<static_cast<unsigned>(groups * tiles), C::kThreads, C::kSmemBytes, stream>>>(
+        as_nv(dout), as_nv(q), as_nv(k), as_nv(v), dsum, lse2, cu_q, cu_k, dq_acc, as_nv(dk), as_nv(dv), nq,
+        static_cast<int>(hq), static_cast<int>(hkv), scale * kLog2e, scale, static_cast<int>(tiles),
+        static_cast<int>(groups), pack_groups(groups, q_bytes));
+    CHECK_LAUNCH();
+  }
   if (rows > 0) {
     const int64_t n4 = static_cast<int64_t>(rows) * D / 4;
     flash_bwd_convert_dq_kernel<<<grid_for(n4, 256), 256, 0, stream>>>(dq_acc, as_nv(dq), n4, scale);
@@ -692,12 +711,11 @@ void flash_attention_backward(const bf16* dout, const bf16* q, const bf16* k, co
                               const float* lse, const int32_t* cu_q, const int32_t* cu_k, int64_t num_docs,
                               int64_t max_len_q, int64_t max_len_k, bf16* dq, bf16* dk, bf16* dv, int64_t nq,
                               int64_t nk, int64_t hq, int64_t hkv, int64_t d, float scale, void* stream) {
-  (void)nk;
   if (d == 64)
-    launch_backward<64>(dout, q, k, v, o, lse, cu_q, cu_k, num_docs, max_len_q, max_len_k, dq, dk, dv, nq, hq, hkv,
+    launch_backward<64>(dout, q, k, v, o, lse, cu_q, cu_k, num_docs, max_len_q, max_len_k, dq, dk, dv, nq, nk, hq, hkv,
                         scale, as_stream(stream));
   else if (d == 128)
-    launch_backward<128>(dout, q, k, v, o, lse, cu_q, cu_k, num_docs, max_len_q, max_len_k, dq, dk, dv, nq, hq, hkv,
+    launch_backward<128>(dout, q, k, v, o, lse, cu_q, cu_k, num_docs, max_len_q, max_len_k, dq, dk, dv, nq, nk, hq, hkv,
                          scale, as_stream(stream));
   else
     HYD_THROW("flash_attention_backward: head dim ", d, " is not supported (64, 128)");

@@ -257,20 +257,22 @@ void compare_with_cpu(const Layout& L, Heads c, const std::string& what) {
                tcq = buf.upload_i32(L.cu_q, {L.docs() + 1}), tck = buf.upload_i32(L.cu_k, {L.docs() + 1});
   // Every forward kernel (HYD_FLASH_FWD: 0 = the default: the wgmma kernel for d = 128 in Hopper builds, else 4 warps
   // of 32 query rows with double-buffered K / V; 3 = the latter always; 1 = 8 warps of 16 rows; 2 = 4 warps of 32
-  // rows with single buffers), each followed by the backward on its own outputs; the mma.sync default also with
-  // other block orders (HYD_FLASH_PACK: 0 = the packs the launcher picks, 1 = one (document, head) group after the
-  // other, 3 = packs of 3 groups, the last one partial for most head counts here).
-  const test::ScopedEnv forward("HYD_FLASH_FWD"), pack("HYD_FLASH_PACK");
-  for (const auto& [fwd, packs] : {std::pair<const char*, const char*>{"0", "0"},
-                                   {"1", "0"},
-                                   {"2", "0"},
-                                   {"3", "0"},
-                                   {"4", "0"},
-                                   {"0", "1"},
-                                   {"0", "3"}}) {
-    forward.set(fwd);
-    pack.set(packs);
-    const std::string tag = what + " (forward kernel " + fwd + ", pack " + packs + ")";
+  // rows with single buffers), each followed by the backward on its own outputs (HYD_FLASH_BWD: 0 = the default, the
+  // wgmma kernel for d = 128 in Hopper builds, else the mma.sync one; 1 = the mma.sync one always), also with other
+  // block orders (HYD_FLASH_PACK: 0 = the packs the launcher picks, 1 = one (document, head) group after the other,
+  // 3 = packs of 3 groups, the last one partial for most head counts here).
+  struct Variant {
+    const char *fwd, *pack, *bwd;
+  };
+  const test::ScopedEnv forward("HYD_FLASH_FWD"), pack("HYD_FLASH_PACK"), backward("HYD_FLASH_BWD");
+  for (const Variant& x :
+       {Variant{"0", "0", "0"}, Variant{"1", "0", "0"}, Variant{"2", "0", "0"}, Variant{"3", "0", "1"},
+        Variant{"3", "1", "1"}, Variant{"3", "3", "1"}, Variant{"0", "1", "0"}, Variant{"0", "3", "0"}}) {
+    forward.set(x.fwd);
+    pack.set(x.pack);
+    backward.set(x.bwd);
+    const std::string tag =
+        what + " (forward kernel " + x.fwd + ", pack " + x.pack + ", backward kernel " + x.bwd + ")";
     const Tensor to = buf.poisoned({nq, c.hq, c.d}, DType::bf16), tlse = buf.poisoned({nq, c.hq}, DType::f32);
     const Tensor tdq = buf.poisoned({nq, c.hq, c.d}, DType::bf16), tdk = buf.poisoned({nk, c.hkv, c.d}, DType::bf16),
                  tdv = buf.poisoned({nk, c.hkv, c.d}, DType::bf16);

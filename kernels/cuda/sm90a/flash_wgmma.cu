@@ -236,8 +236,244 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-// A [rows][heads x 128] bf16 tensor as 2-D TMA boxes of [128 rows][64 columns], 128-byte swizzled.
-CUtensorMap tile_map(const void* ptr, int64_t heads, int64_t rows, const char* what) {
+// ---------------------------------------------------------------- backward
+// The main pass of the backward (kernels/cuda/flash_attention.cu's flash_bwd_kernel: same inputs, D = Dsum and
+// L2 = lse log2(e) per (head, query) from its preprocess kernel, dQ into the f32 accumulator by atomics, dK scaled and
+// dV written here), on wgmma. Block: 128 keys of one document and kv head, 384 threads: warpgroups 0 / 1 the
+// consumers (keys 64 wg.. of the block; dK and dV of them in registers: 2 x 64 fp32 a thread), warpgroup 2 the
+// producer: its first thread loads K and V once and Q and dO tiles of 64 queries with TMA, two stages, and all of
+// its 128 threads write the stage's L2 and D (+inf / 0 past the document's end: such queries add exactly nothing).
+// Per query tile (every query head of the kv group, the tiles that see some key of the block), a consumer
+// warpgroup: S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries each, both issued at once); P^T = exp2(S^T scale
+// log2(e) - L2) with the causal / document mask, packed to bf16 as the A operand of dV += P^T dO (issued while
+// dP^T finishes); dS^T = P^T (dP^T - D) to shared memory and as the A operand of dK += dS^T Q; after both
+// warpgroups' dS^T are in: dQ[:, 64 wg..] = dS K[:, 64 wg..] (dS read transposed), added to the accumulator.
+namespace bwd {
+constexpr int kBN = 128, kBM = 64, kThreads = 384;
+constexpr int kBoxKV = kBN * 128;                      // bytes of a [128 keys][64 bf16] box
+constexpr int kBoxQ = kBM * 128;                       // bytes of a [64 queries][64 bf16] box
+constexpr int kOffV = 2 * kBoxKV, kOffQ = 4 * kBoxKV;  // K, V: two boxes each
+constexpr int kStage = 4 * kBoxQ;                      // Q, dO: two boxes each
+constexpr int kOffDS = kOffQ + 2 * kStage;             // dS^T [128 keys][64 queries] bf16, two buffers
+constexpr int kOffL = kOffDS + 2 * kBN * 128;          // L2, D: [2 stages][64] f32 each
+constexpr int kOffBar = kOffL + 4 * kBM * 4;
+constexpr int kSmem = kOffBar + 64 + 1024;
+}  // namespace bwd
+
+__global__ void __launch_bounds__(bwd::kThreads, 1)
+    flash_bwd_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_do,
+                           const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
+                           const float* __restrict__ dsum, const float* __restrict__ lse2,
+                           const int32_t* __restrict__ cu_q, const int32_t* __restrict__ cu_k,
+                           float* __restrict__ dq_acc, __nv_bfloat16* __restrict__ dk, __nv_bfloat16* __restrict__ dv,
+                           int64_t nq, int hq, int hkv, float scale_log2, float scale, int tiles, int groups,
+                           int pack) {
+  constexpr int kBN = bwd::kBN, kBM = bwd::kBM, kBoxKV = bwd::kBoxKV, kBoxQ = bwd::kBoxQ;  // (shadow the forward's)
+  using bwd::kOffDS, bwd::kOffL, bwd::kOffBar, bwd::kOffQ, bwd::kOffV, bwd::kStage;
+  extern __shared__ unsigned char smem_raw[];
+  const BlockTile bt = block_tile(tiles, groups, pack);
+  const int doc = bt.group / hkv, hk = bt.group % hkv, n0 = bt.rank * kBN;  // the first keys see the most queries
+  const int q_begin = cu_q[doc], len_q = cu_q[doc + 1] - q_begin;
+  const int k_begin = cu_k[doc], len_k = cu_k[doc + 1] - k_begin;
+  if (n0 >= len_k) return;
+  const int off = len_k - len_q, group = hq / hkv;
+  // Query tiles that see some key of this block: queries i >= n0 - off.
+  const int m_first = max(0, n0 - off);
+  const int mt_begin = m_first / kBM;
+  const int n_mt = m_first < len_q ? (len_q + kBM - 1) / kBM - mt_begin : 0;
+  const int iters = group * n_mt;  // iteration it: query head hk group + it / n_mt, tile mt_begin + it % n_mt
+
+  unsigned char* smem = smem_raw + (((ptx::smem_addr(smem_raw) + 1023u) & ~1023u) - ptx::smem_addr(smem_raw));
+  const uint32_t base = ptx::smem_addr(smem);
+  const uint32_t sK = base, sV = base + kOffV, bars = base + kOffBar;
+  float* sL = reinterpret_cast<float*>(smem + kOffL);  // [stage][64] L2, then [stage][64] D
+  const uint32_t full_kv = bars;
+  auto full = [&](int s) { return bars + 8 + 8 * s; };
+  auto empty = [&](int s) { return bars + 24 + 8 * s; };
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) {
+    tma::mbar_init(full_kv, 1);
+    for (int s = 0; s < 2; ++s) {
+      tma::mbar_init(full(s), 129);  // the expect_tx arrival + the 128 producer threads' L2 / D stores
+      tma::mbar_init(empty(s), 8);
+    }
+    tma::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warp >= 8) {  // the producer warpgroup
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    const int p = threadIdx.x - 256;
+    if (p == 0 && iters > 0) {
+      tma::arrive_expect_tx(full_kv, 4 * kBoxKV);
+      tma::load_2d(sK, &map_k, hk * 128, k_begin + n0, full_kv);
+      tma::load_2d(sK + kBoxKV, &map_k, hk * 128 + 64, k_begin + n0, full_kv);
+      tma::load_2d(sV, &map_v, hk * 128, k_begin + n0, full_kv);
+      tma::load_2d(sV + kBoxKV, &map_v, hk * 128 + 64, k_begin + n0, full_kv);
+    }
+    for (int it = 0; it < iters; ++it) {
+      const int st = it & 1, use = it >> 1;
+      const int h = hk * group + it / n_mt, m0 = (mt_begin + it % n_mt) * kBM;
+      if (use > 0) tma::wait(empty(st), (use - 1) & 1);
+      if (p == 0) {
+        const uint32_t sq = base + kOffQ + st * kStage, y = q_begin + m0;
+        tma::arrive_expect_tx(full(st), kStage);
+        tma::load_2d(sq, &map_q, h * 128, y, full(st));
+        tma::load_2d(sq + kBoxQ, &map_q, h * 128 + 64, y, full(st));
+        tma::load_2d(sq + 2 * kBoxQ, &map_do, h * 128, y, full(st));
+        tma::load_2d(sq + 3 * kBoxQ, &map_do, h * 128 + 64, y, full(st));
+      }
+      const int i = p & (kBM - 1);
+      const bool ok = m0 + i < len_q;
+      const int64_t src = h * nq + q_begin + m0 + i;
+      if (p < kBM)
+        sL[st * kBM + i] = ok ? lse2[src] : INFINITY;
+      else
+        sL[(2 + st) * kBM + i] = ok ? dsum[src] : 0.f;
+      tma::arrive(full(st));
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+
+  // The consumers. warp w of warpgroup wg: keys key0 + g (+ 8) of the document, key0 = n0 + 64 wg + 16 w.
+  const int wg = warp >> 2, g = lane >> 2, t = lane & 3;
+  const int key0 = n0 + 64 * wg + 16 * (warp & 3);
+  const bool keys_out = key0 + 16 > len_k;
+  float dk_acc[64], dv_acc[64];  // acc[4 dn + e]: keys key0 + g (+ 8 for e >= 2), head dims 8 dn + 2 t (+ 1)
+#pragma unroll
+  for (int i = 0; i < 64; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+  const uint32_t k_wg = sK + wg * 64 * 128, v_wg = sV + wg * 64 * 128;
+
+  if (iters > 0) tma::wait(full_kv, 0);
+  for (int it = 0; it < iters; ++it) {
+    const int st = it & 1;
+    const int h = hk * group + it / n_mt, m0 = (mt_begin + it % n_mt) * kBM;
+    const uint32_t sQ = base + kOffQ + st * kStage, sDo = sQ + 2 * kBoxQ, sDS = base + kOffDS + st * kBN * 128;
+    const float* L2 = sL + st * kBM;
+    const float* Dv = sL + (2 + st) * kBM;
+    tma::wait(full(st), (it >> 1) & 1);
+
+    float s_t[32], dp_t[32];  // [4 i + e]: keys key0 + g (+ 8), queries m0 + 8 i + 2 t (+ 1)
+    wgmma::fence();
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks) {
+      const uint32_t ka = static_cast<uint32_t>((ks >> 2) * kBoxKV + (ks & 3) * 32);
+      const uint32_t kb = static_cast<uint32_t>((ks >> 2) * kBoxQ + (ks & 3) * 32);
+      wgmma::mma_m64n64k16_ss<0, 0>(s_t, wgmma::desc_sw128(k_wg + ka, 16, 1024), wgmma::desc_sw128(sQ + kb, 16, 1024),
+                                    ks > 0);
+    }
+    wgmma::commit();
+#pragma unroll
+    for (int ks = 0; ks < 8; ++ks) {
+      const uint32_t ka = static_cast<uint32_t>((ks >> 2) * kBoxKV + (ks & 3) * 32);
+      const uint32_t kb = static_cast<uint32_t>((ks >> 2) * kBoxQ + (ks & 3) * 32);
+      wgmma::mma_m64n64k16_ss<0, 0>(dp_t, wgmma::desc_sw128(v_wg + ka, 16, 1024), wgmma::desc_sw128(sDo + kb, 16, 1024),
+                                    ks > 0);
+    }
+    wgmma::commit();
+    wgmma::wait<1>();
+    wgmma::fence_regs(s_t);
+
+    // P^T, in place, and its bf16 A fragments (queries 16 kk.. of the k16 step kk).
+    const bool need_mask = keys_out || key0 + 15 > m0 + off;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * i + 2 * t + (e & 1);
+        float x = s_t[4 * i + e] * scale_log2;
+        if (need_mask) {
+          const int key = key0 + g + 8 * (e >> 1);
+          if (key > m0 + col + off || key >= len_k) x = -INFINITY;
+        }
+        s_t[4 * i + e] = ptx::exp2_approx(x - L2[col]);
+      }
+    uint32_t pp[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) pp[kk][j] = ptx::pack_bf16(s_t[8 * kk + 2 * j], s_t[8 * kk + 2 * j + 1]);
+    wgmma::fence_regs(dv_acc);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma::mma_m64n128k16_rs_tb(dv_acc, pp[kk], wgmma::desc_sw128(sDo + 2048 * kk, kBoxQ, 1024), true);
+    wgmma::commit();
+    wgmma::wait<1>();
+    wgmma::fence_regs(dp_t);
+
+    // dS^T = P^T (dP^T - D) (P^T as rounded to bf16 for dV): bf16 A fragments, and [128 keys][64 queries] in shared
+    // memory (128-byte swizzle).
+    uint32_t ds[4][4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int col = 8 * i + 2 * t;
+      const float d0 = Dv[col], d1 = Dv[col + 1];
+      const float2 p_lo = ptx::unpack_bf16(pp[i >> 1][2 * (i & 1)]),
+                   p_hi = ptx::unpack_bf16(pp[i >> 1][2 * (i & 1) + 1]);
+      const uint32_t lo = ptx::pack_bf16(p_lo.x * (dp_t[4 * i] - d0), p_lo.y * (dp_t[4 * i + 1] - d1));
+      const uint32_t hi = ptx::pack_bf16(p_hi.x * (dp_t[4 * i + 2] - d0), p_hi.y * (dp_t[4 * i + 3] - d1));
+      ds[i >> 1][2 * (i & 1)] = lo;
+      ds[i >> 1][2 * (i & 1) + 1] = hi;
+      const int r = 64 * wg + 16 * (warp & 3) + g;  // row of the block's keys; r % 8 = g
+      *reinterpret_cast<uint32_t*>(smem + kOffDS + st * kBN * 128 + r * 128 + ((i ^ g) << 4) + 4 * t) = lo;
+      *reinterpret_cast<uint32_t*>(smem + kOffDS + st * kBN * 128 + (r + 8) * 128 + ((i ^ g) << 4) + 4 * t) = hi;
+    }
+    wgmma::fence_regs(dk_acc);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma::mma_m64n128k16_rs_tb(dk_acc, ds[kk], wgmma::desc_sw128(sQ + 2048 * kk, kBoxQ, 1024), true);
+    wgmma::commit();
+    wgmma::fence_proxy_async();  // dS^T's stores, read next by wgmma
+    asm volatile("bar.sync 1, 256;\n" ::: "memory");
+
+    // dQ[:, 64 wg..] = dS K[:, 64 wg..]: A = dS^T read transposed, B = K's column block wg read transposed.
+    float dq[32];  // [4 i + e]: queries m0 + 16 w + g (+ 8), head dims 64 wg + 8 i + 2 t (+ 1)
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < 8; ++kk)
+      wgmma::mma_m64n64k16_ss<1, 1>(dq, wgmma::desc_sw128(sDS + 2048 * kk, 8192, 1024),
+                                    wgmma::desc_sw128(sK + wg * kBoxKV + 2048 * kk, 8192, 1024), kk > 0);
+    wgmma::commit();
+    wgmma::wait<0>();
+    wgmma::fence_regs(dq);
+    wgmma::fence_regs(dk_acc);
+    wgmma::fence_regs(dv_acc);
+    __syncwarp();
+    if (lane == 0) tma::arrive(empty(st));
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int qi = m0 + 16 * (warp & 3) + g + 8 * r;
+      if (qi < len_q) {
+        float* dst = dq_acc + (static_cast<int64_t>(q_begin + qi) * hq + h) * 128 + 64 * wg + 2 * t;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          atomicAdd(reinterpret_cast<float2*>(dst + 8 * i), make_float2(dq[4 * i + 2 * r], dq[4 * i + 2 * r + 1]));
+      }
+    }
+  }
+
+  // dk = scale dK, dv = dV.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key0 + g + 8 * r;
+    if (key < len_k) {
+      const int64_t row = (static_cast<int64_t>(k_begin + key) * hkv + hk) * 128 + 2 * t;
+#pragma unroll
+      for (int dn = 0; dn < 16; ++dn) {
+        *reinterpret_cast<uint32_t*>(dk + row + 8 * dn) =
+            ptx::pack_bf16(dk_acc[4 * dn + 2 * r] * scale, dk_acc[4 * dn + 2 * r + 1] * scale);
+        *reinterpret_cast<uint32_t*>(dv + row + 8 * dn) =
+            ptx::pack_bf16(dv_acc[4 * dn + 2 * r], dv_acc[4 * dn + 2 * r + 1]);
+      }
+    }
+  }
+}
+
+// A [rows][heads x 128] bf16 tensor as 2-D TMA boxes of [box_rows][64 columns], 128-byte swizzled.
+CUtensorMap tile_map(const void* ptr, int64_t heads, int64_t rows, uint32_t box_rows, const char* what) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
   static std::once_flag once;
   std::call_once(once, [] {
@@ -245,17 +481,17 @@ CUtensorMap tile_map(const void* ptr, int64_t heads, int64_t rows, const char* w
     void* fn = nullptr;
     CHECK_CUDA(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
     HYD_CHECK(found == cudaDriverEntryPointSuccess && fn != nullptr,
-              "flash_attention_forward (wgmma): the driver has no cuTensorMapEncodeTiled");
+              "flash attention (wgmma): the driver has no cuTensorMapEncodeTiled");
     encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
   });
   CUtensorMap map{};
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(heads * kD), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(heads * kD * 2)};
-  const cuuint32_t box[2] = {64, 128}, unit[2] = {1, 1};
+  const cuuint32_t box[2] = {64, box_rows}, unit[2] = {1, 1};
   const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(ptr), dims, strides, box, unit,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  HYD_CHECK(r == CUDA_SUCCESS, "flash_attention_forward (wgmma): cuTensorMapEncodeTiled failed for ", what, " (error ",
+  HYD_CHECK(r == CUDA_SUCCESS, "flash attention (wgmma): cuTensorMapEncodeTiled failed for ", what, " (error ",
             static_cast<int>(r), ", ", rows, " rows x ", heads, " heads)");
   return map;
 }
@@ -272,14 +508,34 @@ void flash_forward_wgmma(const bf16* q, const bf16* k, const bf16* v, const int3
   HYD_CHECK(groups * tiles <= INT32_MAX, "flash_attention_forward (wgmma): grid too large (", num_docs, " documents, ",
             hq, " heads, ", tiles, " query tiles)");
   // Keys (and the tensors' rows) may be empty: a map needs one row, and no block loads a tile then.
-  const CUtensorMap mq = tile_map(q, hq, nq, "q"), mk = tile_map(k, hkv, std::max<int64_t>(nk, 1), "k"),
-                    mv = tile_map(v, hkv, std::max<int64_t>(nk, 1), "v");
+  const CUtensorMap mq = tile_map(q, hq, nq, kBM, "q"), mk = tile_map(k, hkv, std::max<int64_t>(nk, 1), kBN, "k"),
+                    mv = tile_map(v, hkv, std::max<int64_t>(nk, 1), kBN, "v");
   CHECK_CUDA(cudaFuncSetAttribute(flash_fwd_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   // Consecutive groups are heads of one document; hq / hkv of them read the same K / V head.
   const int pack = pack_groups(groups, max_len_k * kD * 2 * 2 / (hq / hkv));
   flash_fwd_wgmma_kernel<<<static_cast<unsigned>(groups * tiles), kThreads, kSmem, as_stream(stream)>>>(
       mq, mk, mv, cu_q, cu_k, as_nv(o), lse, static_cast<int>(hq), static_cast<int>(hkv), scale * 1.4426950408889634f,
       static_cast<int>(tiles), static_cast<int>(groups), pack);
+  CHECK_LAUNCH();
+}
+
+void flash_backward_wgmma(const bf16* dout, const bf16* q, const bf16* k, const bf16* v, const float* dsum,
+                          const float* lse2, const int32_t* cu_q, const int32_t* cu_k, int64_t num_docs,
+                          int64_t max_len_k, float* dq_acc, bf16* dk, bf16* dv, int64_t nq, int64_t nk, int64_t hq,
+                          int64_t hkv, int64_t q_bytes_per_group, float scale, void* stream) {
+  const int64_t tiles = (max_len_k + bwd::kBN - 1) / bwd::kBN, groups = num_docs * hkv;
+  if (tiles == 0 || groups == 0 || nk == 0) return;
+  HYD_CHECK(groups * tiles <= INT32_MAX, "flash_attention_backward (wgmma): grid too large (", num_docs, " documents, ",
+            hkv, " kv heads, ", tiles, " key tiles)");
+  const int64_t rows_q = std::max<int64_t>(nq, 1);
+  const CUtensorMap mq = tile_map(q, hq, rows_q, bwd::kBM, "q"), mdo = tile_map(dout, hq, rows_q, bwd::kBM, "dout"),
+                    mk = tile_map(k, hkv, nk, bwd::kBN, "k"), mv = tile_map(v, hkv, nk, bwd::kBN, "v");
+  CHECK_CUDA(cudaFuncSetAttribute(flash_bwd_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bwd::kSmem));
+  const int pack = pack_groups(groups, q_bytes_per_group);
+  flash_bwd_wgmma_kernel<<<static_cast<unsigned>(groups * tiles), bwd::kThreads, bwd::kSmem, as_stream(stream)>>>(
+      mq, mdo, mk, mv, dsum, lse2, cu_q, cu_k, dq_acc, as_nv(dk), as_nv(dv), nq, static_cast<int>(hq),
+      static_cast<int>(hkv), scale * 1.4426950408889634f, scale, static_cast<int>(tiles), static_cast<int>(groups),
+      pack);
   CHECK_LAUNCH();
 }
 
