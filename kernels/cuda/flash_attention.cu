@@ -18,6 +18,8 @@
 //        S^T = K Q^T,  P^T = exp2(S^T log2(e) scale - L2),  dV += P^T dO,  dP^T = V dO^T,
 //        dS^T = P^T (dP^T - Dsum),  dK += dS^T Q,  dQ += dS K  (dS^T via shared memory, fp32 atomics).
 //   3. dq = bf16(scale dQ); dk = bf16(scale dK) is written by the main kernel.
+//   Builds for Hopper run step 2 for head dim 128 on the wgmma kernel of kernels/cuda/sm90a/flash_wgmma.cu (128 keys
+//   per block, the same math and accumulator; HYD_FLASH_BWD=1: this file's kernel).
 // Rows past a document's end are zero-filled on load (and their L2, Dsum are 0), so they add exactly
 // zero to every gradient; masked scores are -inf before the exp, so no NaN can arise.
 // PTX wrappers and fragment layouts: kernels/cuda/mma.cuh.
@@ -365,21 +367,14 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
   static_assert(kBM == 64, "dS^T rows are 64 queries = 8 chunks wide (swz<8>)");
   extern __shared__ __align__(128) unsigned char smem[];
 
-  const BlockTile bt = block_tile(tiles, groups, pack);
-  const int doc = bt.group / hkv, hk = bt.group % hkv, n0 = bt.rank * kBN;  // the first keys see the most queries
-  const int q_begin = cu_q[doc], len_q = cu_q[doc + 1] - q_begin;
-  const int k_begin = cu_k[doc], len_k = cu_k[doc + 1] - k_begin;
+  const KeyBlock kb = key_block<kBN, kBM>(tiles, groups, pack, hkv, cu_q, cu_k);
+  const int hk = kb.hk, n0 = kb.n0, q_begin = kb.q_begin, len_q = kb.len_q, k_begin = kb.k_begin, len_k = kb.len_k;
   if (n0 >= len_k) return;
-  const int off = len_k - len_q, group = hq / hkv;
+  const int off = kb.off, group = hq / hkv, mt_begin = kb.mt_begin, n_mt = kb.n_mt;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t q_stride = static_cast<int64_t>(hq) * D, kv_stride = static_cast<int64_t>(hkv) * D;
   const uint32_t base = smem_addr(smem);
   const uint32_t sK = base, sV = base + C::kOffV, sS = base + C::kOffS;
-
-  // Query tiles that see some key of this block: queries i >= n0 - off.
-  const int m_first = max(0, n0 - off);
-  const int mt_begin = m_first / kBM;
-  const int n_mt = m_first < len_q ? (len_q + kBM - 1) / kBM - mt_begin : 0;
   const int iters = group * n_mt;
 
   const int64_t kv_off = (static_cast<int64_t>(k_begin + n0) * hkv + hk) * D;

@@ -23,6 +23,31 @@ __device__ __forceinline__ BlockTile block_tile(int tiles, int groups, int pack)
   return {first + r % in_pack, r / in_pack};
 }
 
+// A backward block (grid of block_tile over document x kv head groups and key tiles of KN keys): its document,
+// kv head, first key n0 (rank 0: the first keys, which see the most queries), and the query tiles of KM rows
+// that see some of its keys (queries i >= n0 - off): mt_begin.., n_mt of them per query head. n0 >= len_k: none.
+struct KeyBlock {
+  int hk, n0, q_begin, len_q, k_begin, len_k, off, mt_begin, n_mt;
+};
+template <int KN, int KM>
+__device__ __forceinline__ KeyBlock key_block(int tiles, int groups, int pack, int hkv, const int32_t* cu_q,
+                                              const int32_t* cu_k) {
+  const BlockTile bt = block_tile(tiles, groups, pack);
+  KeyBlock b;
+  const int doc = bt.group / hkv;
+  b.hk = bt.group % hkv;
+  b.n0 = bt.rank * KN;
+  b.q_begin = cu_q[doc];
+  b.len_q = cu_q[doc + 1] - b.q_begin;
+  b.k_begin = cu_k[doc];
+  b.len_k = cu_k[doc + 1] - b.k_begin;
+  b.off = b.len_k - b.len_q;  // query i sees keys j <= i + off
+  const int m_first = max(0, b.n0 - b.off);
+  b.mt_begin = m_first / KM;
+  b.n_mt = m_first < b.len_q ? (b.len_q + KM - 1) / KM - b.mt_begin : 0;
+  return b;
+}
+
 // Groups per pack of block_tile: as many as keep what the pack's blocks read again and again (`bytes` per group:
 // the forward's K and V rows, the backward's Q and dO rows) within ~16 MiB of L2 (the H100 / H200 have 50 MiB).
 // HYD_FLASH_PACK=N (read on every call) forces N; 1 is the order before stop 29.

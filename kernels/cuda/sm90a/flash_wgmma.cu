@@ -271,16 +271,10 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
   constexpr int kBN = bwd::kBN, kBM = bwd::kBM, kBoxKV = bwd::kBoxKV, kBoxQ = bwd::kBoxQ;  // (shadow the forward's)
   using bwd::kOffDS, bwd::kOffL, bwd::kOffBar, bwd::kOffQ, bwd::kOffV, bwd::kStage;
   extern __shared__ unsigned char smem_raw[];
-  const BlockTile bt = block_tile(tiles, groups, pack);
-  const int doc = bt.group / hkv, hk = bt.group % hkv, n0 = bt.rank * kBN;  // the first keys see the most queries
-  const int q_begin = cu_q[doc], len_q = cu_q[doc + 1] - q_begin;
-  const int k_begin = cu_k[doc], len_k = cu_k[doc + 1] - k_begin;
+  const KeyBlock kb = key_block<kBN, kBM>(tiles, groups, pack, hkv, cu_q, cu_k);
+  const int hk = kb.hk, n0 = kb.n0, q_begin = kb.q_begin, len_q = kb.len_q, k_begin = kb.k_begin, len_k = kb.len_k;
   if (n0 >= len_k) return;
-  const int off = len_k - len_q, group = hq / hkv;
-  // Query tiles that see some key of this block: queries i >= n0 - off.
-  const int m_first = max(0, n0 - off);
-  const int mt_begin = m_first / kBM;
-  const int n_mt = m_first < len_q ? (len_q + kBM - 1) / kBM - mt_begin : 0;
+  const int off = kb.off, group = hq / hkv, mt_begin = kb.mt_begin, n_mt = kb.n_mt;
   const int iters = group * n_mt;  // iteration it: query head hk group + it / n_mt, tile mt_begin + it % n_mt
 
   unsigned char* smem = smem_raw + (((ptx::smem_addr(smem_raw) + 1023u) & ~1023u) - ptx::smem_addr(smem_raw));
@@ -355,23 +349,17 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
     tma::wait(full(st), (it >> 1) & 1);
 
     float s_t[32], dp_t[32];  // [4 i + e]: keys key0 + g (+ 8), queries m0 + 8 i + 2 t (+ 1)
+    // acc (64 keys x 64 queries) = rows of a (K or V, this warpgroup's keys) times rows of b (Q or dO)
+    auto issue_t = [&](float(&acc)[32], uint32_t a, uint32_t b) {
+#pragma unroll
+      for (int ks = 0; ks < 8; ++ks)
+        wgmma::mma_m64n64k16_ss<0, 0>(acc, wgmma::desc_sw128(a + (ks >> 2) * kBoxKV + (ks & 3) * 32, 16, 1024),
+                                      wgmma::desc_sw128(b + (ks >> 2) * kBoxQ + (ks & 3) * 32, 16, 1024), ks > 0);
+      wgmma::commit();
+    };
     wgmma::fence();
-#pragma unroll
-    for (int ks = 0; ks < 8; ++ks) {
-      const uint32_t ka = static_cast<uint32_t>((ks >> 2) * kBoxKV + (ks & 3) * 32);
-      const uint32_t kb = static_cast<uint32_t>((ks >> 2) * kBoxQ + (ks & 3) * 32);
-      wgmma::mma_m64n64k16_ss<0, 0>(s_t, wgmma::desc_sw128(k_wg + ka, 16, 1024), wgmma::desc_sw128(sQ + kb, 16, 1024),
-                                    ks > 0);
-    }
-    wgmma::commit();
-#pragma unroll
-    for (int ks = 0; ks < 8; ++ks) {
-      const uint32_t ka = static_cast<uint32_t>((ks >> 2) * kBoxKV + (ks & 3) * 32);
-      const uint32_t kb = static_cast<uint32_t>((ks >> 2) * kBoxQ + (ks & 3) * 32);
-      wgmma::mma_m64n64k16_ss<0, 0>(dp_t, wgmma::desc_sw128(v_wg + ka, 16, 1024), wgmma::desc_sw128(sDo + kb, 16, 1024),
-                                    ks > 0);
-    }
-    wgmma::commit();
+    issue_t(s_t, k_wg, sQ);
+    issue_t(dp_t, v_wg, sDo);
     wgmma::wait<1>();
     wgmma::fence_regs(s_t);
 
