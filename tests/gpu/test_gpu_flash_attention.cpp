@@ -260,23 +260,19 @@ void compare_with_cpu(const Layout& L, Heads c, const std::string& what) {
   // rows with single buffers), each followed by the backward on its own outputs (HYD_FLASH_BWD: 0 = the default, the
   // wgmma kernel for d = 128 in Hopper builds, else the mma.sync one; 1 = the mma.sync one always), also with other
   // block orders (HYD_FLASH_PACK: 0 = the packs the launcher picks, 1 = one (document, head) group after the other,
-  // 3 = packs of 3 groups, the last one partial for most head counts here), and the wgmma kernels with 3 pipeline
-  // stages (HYD_FLASH_FWD_STAGES / HYD_FLASH_BWD_STAGES; 2 by default).
+  // 3 = packs of 3 groups, the last one partial for most head counts here).
   struct Variant {
-    const char *fwd, *pack, *bwd, *stages = "2";
+    const char *fwd, *pack, *bwd;
   };
-  const test::ScopedEnv forward("HYD_FLASH_FWD"), pack("HYD_FLASH_PACK"), backward("HYD_FLASH_BWD"),
-      fwd_stages("HYD_FLASH_FWD_STAGES"), bwd_stages("HYD_FLASH_BWD_STAGES");
-  for (const Variant& x : {Variant{"0", "0", "0"}, Variant{"1", "0", "0"}, Variant{"2", "0", "0"},
-                           Variant{"3", "0", "1"}, Variant{"3", "1", "1"}, Variant{"3", "3", "1"},
-                           Variant{"0", "1", "0"}, Variant{"0", "3", "0"}, Variant{"0", "0", "0", "3"}}) {
+  const test::ScopedEnv forward("HYD_FLASH_FWD"), pack("HYD_FLASH_PACK"), backward("HYD_FLASH_BWD");
+  for (const Variant& x :
+       {Variant{"0", "0", "0"}, Variant{"1", "0", "0"}, Variant{"2", "0", "0"}, Variant{"3", "0", "1"},
+        Variant{"3", "1", "1"}, Variant{"3", "3", "1"}, Variant{"0", "1", "0"}, Variant{"0", "3", "0"}}) {
     forward.set(x.fwd);
     pack.set(x.pack);
     backward.set(x.bwd);
-    fwd_stages.set(x.stages);
-    bwd_stages.set(x.stages);
-    const std::string tag = what + " (forward kernel " + x.fwd + ", pack " + x.pack + ", backward kernel " + x.bwd +
-                            ", stages " + x.stages + ")";
+    const std::string tag =
+        what + " (forward kernel " + x.fwd + ", pack " + x.pack + ", backward kernel " + x.bwd + ")";
     const Tensor to = buf.poisoned({nq, c.hq, c.d}, DType::bf16), tlse = buf.poisoned({nq, c.hq}, DType::f32);
     const Tensor tdq = buf.poisoned({nq, c.hq, c.d}, DType::bf16), tdk = buf.poisoned({nk, c.hkv, c.d}, DType::bf16),
                  tdv = buf.poisoned({nk, c.hkv, c.d}, DType::bf16);

@@ -38,12 +38,10 @@ namespace {
 constexpr int kD = 128, kBM = 128, kBN = 128, kThreads = 384;
 constexpr int kBox = 128 * 128;  // bytes of one [128 rows][64 bf16] box
 constexpr int kTile = 2 * kBox;  // a [128][128] bf16 tile
-// Q, K x S, V x S (S stages: 2, the default, or 3 with HYD_FLASH_FWD_STAGES=3), the barriers, the atoms' alignment.
-template <int S>
-constexpr int kSmem = (1 + 2 * S) * kTile + 256 + 1024;
+// Q, K x 2, V x 2, the barriers (9 x 8 bytes), the atoms' alignment.
+constexpr int kSmem = 5 * kTile + 128 + 1024;
 constexpr float kLn2 = 0.6931471805599453f;
 
-template <int S>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
                            const __grid_constant__ CUtensorMap map_v, const int32_t* __restrict__ cu_q,
@@ -62,18 +60,16 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int n_tiles = n_end > 0 ? (n_end + kBN - 1) / kBN : 0;
 
   const uint32_t base = (ptx::smem_addr(smem_raw) + 1023u) & ~1023u;
-  const uint32_t sQ = base, sK0 = base + kTile, sV0 = base + (1 + S) * kTile, bars = base + (1 + 2 * S) * kTile;
+  const uint32_t sQ = base, sK0 = base + kTile, sV0 = base + 3 * kTile, bars = base + 5 * kTile;
   const uint32_t full_q = bars;
   auto full_k = [&](int s) { return bars + 8 + 8 * s; };
-  auto full_v = [&](int s) { return bars + 8 + 8 * S + 8 * s; };
-  auto empty_k = [&](int s) { return bars + 8 + 16 * S + 8 * s; };
-  auto empty_v = [&](int s) { return bars + 8 + 24 * S + 8 * s; };
-  // Key tile i (in processing order) sits in stage i % S, its (i / S)-th use: that phase's parity.
-  auto parity = [](int i) { return static_cast<uint32_t>((i / S) & 1); };
+  auto full_v = [&](int s) { return bars + 24 + 8 * s; };
+  auto empty_k = [&](int s) { return bars + 40 + 8 * s; };
+  auto empty_v = [&](int s) { return bars + 56 + 8 * s; };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
     tma::mbar_init(full_q, 1);
-    for (int s = 0; s < S; ++s) {
+    for (int s = 0; s < 2; ++s) {
       tma::mbar_init(full_k(s), 1);
       tma::mbar_init(full_v(s), 1);
       tma::mbar_init(empty_k(s), 8);
@@ -90,12 +86,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       tma::load_2d(sQ, &map_q, h * 128, q_begin + m0, full_q);
       tma::load_2d(sQ + kBox, &map_q, h * 128 + 64, q_begin + m0, full_q);
       for (int i = 0; i < n_tiles; ++i) {
-        const int s = i % S, y = k_begin + (n_tiles - 1 - i) * kBN;
-        if (i >= S) tma::wait(empty_k(s), parity(i - S));
+        const int s = i & 1, use = i >> 1, y = k_begin + (n_tiles - 1 - i) * kBN;
+        if (use > 0) tma::wait(empty_k(s), (use - 1) & 1);
         tma::arrive_expect_tx(full_k(s), kTile);
         tma::load_2d(sK0 + s * kTile, &map_k, hk * 128, y, full_k(s));
         tma::load_2d(sK0 + s * kTile + kBox, &map_k, hk * 128 + 64, y, full_k(s));
-        if (i >= S) tma::wait(empty_v(s), parity(i - S));
+        if (use > 0) tma::wait(empty_v(s), (use - 1) & 1);
         tma::arrive_expect_tx(full_v(s), kTile);
         tma::load_2d(sV0 + s * kTile, &map_v, hk * 128, y, full_v(s));
         tma::load_2d(sV0 + s * kTile + kBox, &map_v, hk * 128 + 64, y, full_v(s));
@@ -186,12 +182,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     softmax((n_tiles - 1) * kBN);
     pack_p();
     for (int i = 1; i < n_tiles; ++i) {
-      const int st = i % S, prev = (i - 1) % S;
-      tma::wait(full_k(st), parity(i));
+      const int st = i & 1, prev = (i - 1) & 1;
+      tma::wait(full_k(st), (i >> 1) & 1);
       wgmma::fence_regs(pa);
       wgmma::fence_regs(acc);
       issue_qk(sK0 + st * kTile);
-      tma::wait(full_v(prev), parity(i - 1));
+      tma::wait(full_v(prev), ((i - 1) >> 1) & 1);
       wgmma::fence();  // (another basic block than issue_qk's fence: ptxas would inject one)
       issue_pv(sV0 + prev * kTile);
       wgmma::wait<1>();
@@ -211,8 +207,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       pack_p();
     }
-    const int last = (n_tiles - 1) % S;
-    tma::wait(full_v(last), parity(n_tiles - 1));
+    const int last = (n_tiles - 1) & 1;
+    tma::wait(full_v(last), ((n_tiles - 1) >> 1) & 1);
     wgmma::fence_regs(pa);
     wgmma::fence_regs(acc);
     wgmma::fence();
@@ -258,18 +254,12 @@ constexpr int kBoxKV = kBN * 128;                      // bytes of a [128 keys][
 constexpr int kBoxQ = kBM * 128;                       // bytes of a [64 queries][64 bf16] box
 constexpr int kOffV = 2 * kBoxKV, kOffQ = 4 * kBoxKV;  // K, V: two boxes each
 constexpr int kStage = 4 * kBoxQ;                      // Q, dO: two boxes each
-// S stages of Q / dO / L2 / D (2, the default, or 3 with HYD_FLASH_BWD_STAGES=3).
-template <int S>
-constexpr int kOffDS = kOffQ + S* kStage;  // dS^T [128 keys][64 queries] bf16, two buffers
-template <int S>
-constexpr int kOffL = kOffDS<S> + 2 * kBN * 128;  // L2, D: [S stages][64] f32 each
-template <int S>
-constexpr int kOffBar = kOffL<S> + 2 * S* kBM * 4;
-template <int S>
-constexpr int kSmem = kOffBar<S> + 128 + 1024;
+constexpr int kOffDS = kOffQ + 2 * kStage;             // dS^T [128 keys][64 queries] bf16, two buffers
+constexpr int kOffL = kOffDS + 2 * kBN * 128;          // L2, D: [2 stages][64] f32 each
+constexpr int kOffBar = kOffL + 4 * kBM * 4;
+constexpr int kSmem = kOffBar + 64 + 1024;
 }  // namespace bwd
 
-template <int S>
 __global__ void __launch_bounds__(bwd::kThreads, 1)
     flash_bwd_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_do,
                            const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
@@ -279,8 +269,7 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
                            int64_t nq, int hq, int hkv, float scale_log2, float scale, int tiles, int groups,
                            int pack) {
   constexpr int kBN = bwd::kBN, kBM = bwd::kBM, kBoxKV = bwd::kBoxKV, kBoxQ = bwd::kBoxQ;  // (shadow the forward's)
-  using bwd::kOffQ, bwd::kOffV, bwd::kStage;
-  constexpr int kOffDS = bwd::kOffDS<S>, kOffL = bwd::kOffL<S>, kOffBar = bwd::kOffBar<S>;
+  using bwd::kOffDS, bwd::kOffL, bwd::kOffBar, bwd::kOffQ, bwd::kOffV, bwd::kStage;
   extern __shared__ unsigned char smem_raw[];
   const KeyBlock kb = key_block<kBN, kBM>(tiles, groups, pack, hkv, cu_q, cu_k);
   const int hk = kb.hk, n0 = kb.n0, q_begin = kb.q_begin, len_q = kb.len_q, k_begin = kb.k_begin, len_k = kb.len_k;
@@ -291,16 +280,14 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
   unsigned char* smem = smem_raw + (((ptx::smem_addr(smem_raw) + 1023u) & ~1023u) - ptx::smem_addr(smem_raw));
   const uint32_t base = ptx::smem_addr(smem);
   const uint32_t sK = base, sV = base + kOffV, bars = base + kOffBar;
-  float* sL = reinterpret_cast<float*>(smem + kOffL);  // [S][64] L2, then [S][64] D
+  float* sL = reinterpret_cast<float*>(smem + kOffL);  // [stage][64] L2, then [stage][64] D
   const uint32_t full_kv = bars;
   auto full = [&](int s) { return bars + 8 + 8 * s; };
-  auto empty = [&](int s) { return bars + 8 + 8 * S + 8 * s; };
-  // Query tile `it` sits in stage it % S, its (it / S)-th use: that phase's parity.
-  auto parity = [](int it) { return static_cast<uint32_t>((it / S) & 1); };
+  auto empty = [&](int s) { return bars + 24 + 8 * s; };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
     tma::mbar_init(full_kv, 1);
-    for (int s = 0; s < S; ++s) {
+    for (int s = 0; s < 2; ++s) {
       tma::mbar_init(full(s), 129);  // the expect_tx arrival + the 128 producer threads' L2 / D stores
       tma::mbar_init(empty(s), 8);
     }
@@ -319,9 +306,9 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
       tma::load_2d(sV + kBoxKV, &map_v, hk * 128 + 64, k_begin + n0, full_kv);
     }
     for (int it = 0; it < iters; ++it) {
-      const int st = it % S;
+      const int st = it & 1, use = it >> 1;
       const int h = hk * group + it / n_mt, m0 = (mt_begin + it % n_mt) * kBM;
-      if (it >= S) tma::wait(empty(st), parity(it - S));
+      if (use > 0) tma::wait(empty(st), (use - 1) & 1);
       if (p == 0) {
         const uint32_t sq = base + kOffQ + st * kStage, y = q_begin + m0;
         tma::arrive_expect_tx(full(st), kStage);
@@ -336,7 +323,7 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
       if (p < kBM)
         sL[st * kBM + i] = ok ? lse2[src] : INFINITY;
       else
-        sL[(S + st) * kBM + i] = ok ? dsum[src] : 0.f;
+        sL[(2 + st) * kBM + i] = ok ? dsum[src] : 0.f;
       tma::arrive(full(st));
     }
     return;
@@ -354,12 +341,12 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
 
   if (iters > 0) tma::wait(full_kv, 0);
   for (int it = 0; it < iters; ++it) {
-    const int st = it % S, db = it & 1;  // db: the dS^T buffer
+    const int st = it & 1;
     const int h = hk * group + it / n_mt, m0 = (mt_begin + it % n_mt) * kBM;
-    const uint32_t sQ = base + kOffQ + st * kStage, sDo = sQ + 2 * kBoxQ, sDS = base + kOffDS + db * kBN * 128;
+    const uint32_t sQ = base + kOffQ + st * kStage, sDo = sQ + 2 * kBoxQ, sDS = base + kOffDS + st * kBN * 128;
     const float* L2 = sL + st * kBM;
-    const float* Dv = sL + (S + st) * kBM;
-    tma::wait(full(st), parity(it));
+    const float* Dv = sL + (2 + st) * kBM;
+    tma::wait(full(st), (it >> 1) & 1);
 
     float s_t[32], dp_t[32];  // [4 i + e]: keys key0 + g (+ 8), queries m0 + 8 i + 2 t (+ 1)
     // acc (64 keys x 64 queries) = rows of a (K or V, this warpgroup's keys) times rows of b (Q or dO)
@@ -418,8 +405,8 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
       ds[i >> 1][2 * (i & 1)] = lo;
       ds[i >> 1][2 * (i & 1) + 1] = hi;
       const int r = 64 * wg + 16 * (warp & 3) + g;  // row of the block's keys; r % 8 = g
-      *reinterpret_cast<uint32_t*>(smem + kOffDS + db * kBN * 128 + r * 128 + ((i ^ g) << 4) + 4 * t) = lo;
-      *reinterpret_cast<uint32_t*>(smem + kOffDS + db * kBN * 128 + (r + 8) * 128 + ((i ^ g) << 4) + 4 * t) = hi;
+      *reinterpret_cast<uint32_t*>(smem + kOffDS + st * kBN * 128 + r * 128 + ((i ^ g) << 4) + 4 * t) = lo;
+      *reinterpret_cast<uint32_t*>(smem + kOffDS + st * kBN * 128 + (r + 8) * 128 + ((i ^ g) << 4) + 4 * t) = hi;
     }
     wgmma::fence_regs(dk_acc);
     wgmma::fence();
@@ -511,14 +498,10 @@ void flash_forward_wgmma(const bf16* q, const bf16* k, const bf16* v, const int3
   // Keys (and the tensors' rows) may be empty: a map needs one row, and no block loads a tile then.
   const CUtensorMap mq = tile_map(q, hq, nq, kBM, "q"), mk = tile_map(k, hkv, std::max<int64_t>(nk, 1), kBN, "k"),
                     mv = tile_map(v, hkv, std::max<int64_t>(nk, 1), kBN, "v");
-  const char* e = std::getenv("HYD_FLASH_FWD_STAGES");  // read on every call
-  const bool three = e != nullptr && e[0] == '3' && e[1] == '\0';
-  const auto kernel = three ? flash_fwd_wgmma_kernel<3> : flash_fwd_wgmma_kernel<2>;
-  const int smem = three ? kSmem<3> : kSmem<2>;
-  CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  CHECK_CUDA(cudaFuncSetAttribute(flash_fwd_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
   // Consecutive groups are heads of one document; hq / hkv of them read the same K / V head.
   const int pack = pack_groups(groups, max_len_k * kD * 2 * 2 / (hq / hkv));
-  kernel<<<static_cast<unsigned>(groups * tiles), kThreads, smem, as_stream(stream)>>>(
+  flash_fwd_wgmma_kernel<<<static_cast<unsigned>(groups * tiles), kThreads, kSmem, as_stream(stream)>>>(
       mq, mk, mv, cu_q, cu_k, as_nv(o), lse, static_cast<int>(hq), static_cast<int>(hkv), scale * 1.4426950408889634f,
       static_cast<int>(tiles), static_cast<int>(groups), pack);
   CHECK_LAUNCH();
@@ -535,13 +518,9 @@ void flash_backward_wgmma(const bf16* dout, const bf16* q, const bf16* k, const 
   const int64_t rows_q = std::max<int64_t>(nq, 1);
   const CUtensorMap mq = tile_map(q, hq, rows_q, bwd::kBM, "q"), mdo = tile_map(dout, hq, rows_q, bwd::kBM, "dout"),
                     mk = tile_map(k, hkv, nk, bwd::kBN, "k"), mv = tile_map(v, hkv, nk, bwd::kBN, "v");
-  const char* e = std::getenv("HYD_FLASH_BWD_STAGES");  // read on every call
-  const bool three = e != nullptr && e[0] == '3' && e[1] == '\0';
-  const auto kernel = three ? flash_bwd_wgmma_kernel<3> : flash_bwd_wgmma_kernel<2>;
-  const int smem = three ? bwd::kSmem<3> : bwd::kSmem<2>;
-  CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  CHECK_CUDA(cudaFuncSetAttribute(flash_bwd_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bwd::kSmem));
   const int pack = pack_groups(groups, q_bytes_per_group);
-  kernel<<<static_cast<unsigned>(groups * tiles), bwd::kThreads, smem, as_stream(stream)>>>(
+  flash_bwd_wgmma_kernel<<<static_cast<unsigned>(groups * tiles), bwd::kThreads, bwd::kSmem, as_stream(stream)>>>(
       mq, mdo, mk, mv, dsum, lse2, cu_q, cu_k, dq_acc, as_nv(dk), as_nv(dv), nq, static_cast<int>(hq),
       static_cast<int>(hkv), scale * 1.4426950408889634f, scale, static_cast<int>(tiles), static_cast<int>(groups),
       pack);
