@@ -619,7 +619,7 @@ void launch_forward(const bf16* q, const bf16* k, const bf16* v, const int32_t* 
     default:
 #ifdef HYD_WITH_WGMMA
       if constexpr (D == 128) {
-        if (scale > 0.f) {
+        if (scale > 0.f && wgmma_runs_here()) {
           flash_forward_wgmma(q, k, v, cu_q, cu_k, num_docs, max_len_q, max_len_k, o, lse, nq, nk, hq, hkv, scale,
                               stream);
           return;
@@ -663,7 +663,7 @@ void launch_backward(const bf16* dout, const bf16* q, const bf16* k, const bf16*
   bool done = false;
 #ifdef HYD_WITH_WGMMA
   if constexpr (D == 128) {
-    if (scale > 0.f && !backward_mma_sync()) {
+    if (scale > 0.f && !backward_mma_sync() && wgmma_runs_here()) {
       flash_backward_wgmma(dout, q, k, v, dsum, lse2, cu_q, cu_k, num_docs, max_len_k, dq_acc, dk, dv, nq, nk, hq, hkv,
                            q_bytes, scale, stream);
       done = true;

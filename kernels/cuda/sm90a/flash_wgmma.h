@@ -9,6 +9,11 @@
 
 namespace hyd::kernels::cuda {
 
+// True when the current device can run these kernels: they are built for sm_90a alone, whose code runs on compute
+// capability 9.0 only (a build for architecture 90 otherwise runs elsewhere through its compute_90 PTX, which
+// these kernels do not have). Cached per device.
+bool wgmma_runs_here();
+
 void flash_forward_wgmma(const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q, const int32_t* cu_k,
                          int64_t num_docs, int64_t max_len_q, int64_t max_len_k, bf16* o, float* lse, int64_t nq,
                          int64_t nk, int64_t hq, int64_t hkv, float scale, void* stream);
