@@ -17,7 +17,6 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <mutex>
@@ -487,19 +486,12 @@ CUtensorMap tile_map(const void* ptr, int64_t heads, int64_t rows, uint32_t box_
 
 }  // namespace
 
-bool wgmma_runs_here() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int8_t> known[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no
-  int dev = 0;
+bool wgmma_runs_here() {  // (attribute queries: well under a microsecond, no cache needed)
+  int dev = 0, major = 0, minor = 0;
   CHECK_CUDA(cudaGetDevice(&dev));
-  if (dev >= 0 && dev < kMaxDevices && known[dev].load(std::memory_order_relaxed) != 0)
-    return known[dev].load(std::memory_order_relaxed) > 0;
-  int major = 0, minor = 0;
   CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   CHECK_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
-  const bool yes = major == 9 && minor == 0;
-  if (dev >= 0 && dev < kMaxDevices) known[dev].store(yes ? 1 : -1, std::memory_order_relaxed);
-  return yes;
+  return major == 9 && minor == 0;
 }
 
 void flash_forward_wgmma(const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q, const int32_t* cu_k,

@@ -11,7 +11,7 @@ namespace hyd::kernels::cuda {
 
 // True when the current device can run these kernels: they are built for sm_90a alone, whose code runs on compute
 // capability 9.0 only (a build for architecture 90 otherwise runs elsewhere through its compute_90 PTX, which
-// these kernels do not have). Cached per device.
+// these kernels do not have).
 bool wgmma_runs_here();
 
 void flash_forward_wgmma(const bf16* q, const bf16* k, const bf16* v, const int32_t* cu_q, const int32_t* cu_k,
