@@ -45,8 +45,6 @@ using namespace flash_order;
 
 namespace {
 
-constexpr float kLn2 = 0.6931471805599453f;
-
 // Writes the fp32 accumulator rows of one warp (16 rows x D, C layout, times `mult[r]` for row half
 // r) as bf16 into rows row0.. of a swizzled tile at generic pointer `tile`.
 template <int D>

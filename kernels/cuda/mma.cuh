@@ -67,6 +67,7 @@ __device__ __forceinline__ float2 unpack_bf16(uint32_t u) {
 }
 
 constexpr float kLog2e = 1.4426950408889634f;  // log2(e): exp(x) = 2^(x log2 e)
+constexpr float kLn2 = 0.6931471805599453f;    // ln(2): ln(x) = log2(x) ln 2
 
 // 2^x; exact 0 for x = -inf.
 __device__ __forceinline__ float exp2_approx(float x) {

@@ -40,7 +40,6 @@ constexpr int kBox = 128 * 128;  // bytes of one [128 rows][64 bf16] box
 constexpr int kTile = 2 * kBox;  // a [128][128] bf16 tile
 // Q, K x 2, V x 2, the barriers (9 x 8 bytes), the atoms' alignment.
 constexpr int kSmem = 5 * kTile + 128 + 1024;
-constexpr float kLn2 = 0.6931471805599453f;
 
 __global__ void __launch_bounds__(kThreads, 1)
     flash_fwd_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_k,
@@ -226,7 +225,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int row = row0 + g + 8 * r;
     if (row < len_q) {
       if (t == 0)
-        lse[static_cast<int64_t>(q_begin + row) * hq + h] = l > 0.f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
+        lse[static_cast<int64_t>(q_begin + row) * hq + h] = l > 0.f ? (m_run[r] + log2f(l)) * ptx::kLn2 : -INFINITY;
       __nv_bfloat16* out = o + (static_cast<int64_t>(q_begin + row) * hq + h) * kD;
 #pragma unroll
       for (int dn = 0; dn < kD / 8; ++dn)
@@ -510,7 +509,7 @@ void flash_forward_wgmma(const bf16* q, const bf16* k, const bf16* v, const int3
   // Consecutive groups are heads of one document; hq / hkv of them read the same K / V head.
   const int pack = pack_groups(groups, max_len_k * kD * 2 * 2 / (hq / hkv));
   flash_fwd_wgmma_kernel<<<static_cast<unsigned>(groups * tiles), kThreads, kSmem, as_stream(stream)>>>(
-      mq, mk, mv, cu_q, cu_k, as_nv(o), lse, static_cast<int>(hq), static_cast<int>(hkv), scale * 1.4426950408889634f,
+      mq, mk, mv, cu_q, cu_k, as_nv(o), lse, static_cast<int>(hq), static_cast<int>(hkv), scale * ptx::kLog2e,
       static_cast<int>(tiles), static_cast<int>(groups), pack);
   CHECK_LAUNCH();
 }
@@ -530,8 +529,7 @@ void flash_backward_wgmma(const bf16* dout, const bf16* q, const bf16* k, const 
   const int pack = pack_groups(groups, q_bytes_per_group);
   flash_bwd_wgmma_kernel<<<static_cast<unsigned>(groups * tiles), bwd::kThreads, bwd::kSmem, as_stream(stream)>>>(
       mq, mdo, mk, mv, dsum, lse2, cu_q, cu_k, dq_acc, as_nv(dk), as_nv(dv), nq, static_cast<int>(hq),
-      static_cast<int>(hkv), scale * 1.4426950408889634f, scale, static_cast<int>(tiles), static_cast<int>(groups),
-      pack);
+      static_cast<int>(hkv), scale * ptx::kLog2e, scale, static_cast<int>(tiles), static_cast<int>(groups), pack);
   CHECK_LAUNCH();
 }
 

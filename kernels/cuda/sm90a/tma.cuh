@@ -40,9 +40,6 @@ __device__ __forceinline__ void wait(uint32_t bar, uint32_t parity) {
   } while (done == 0);
 }
 
-__device__ __forceinline__ void prefetch_map(const void* map) {
-  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
-}
 // The box of `map` at element coordinates (x: the contiguous dimension, y: rows) into shared memory at dst (1024-byte
 // aligned for the 128-byte swizzle); completes its bytes on barrier bar. Out-of-bounds elements are zeros.
 __device__ __forceinline__ void load_2d(uint32_t dst, const void* map, int x, int y, uint32_t bar) {
