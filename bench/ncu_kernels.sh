@@ -5,7 +5,8 @@
 # NCU_SUMMARY=1: instead of one line per launch, the kernels grouped by name (launches, total and mean
 # time, share of the total), largest total first: where a whole step's GPU time goes. NCU_KERNELS=REGEX profiles
 # only the kernels whose name matches (the others run unprofiled). Clocks are left as they run
-# (--clock-control none, METHOD.md).
+# (--clock-control none, METHOD.md). NCU_CACHE=none keeps the caches warm between kernels (as in a real step) instead
+# of flushing them before each one (ncu's default, NCU_CACHE=all).
 set -uo pipefail
 n=$1; shift
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
@@ -13,7 +14,7 @@ metrics=gpu__time_duration.sum${NCU_METRICS:+,$NCU_METRICS}
 tmp=$(mktemp)
 filter=()
 [ -n "${NCU_KERNELS:-}" ] && filter=(--kernel-name "regex:$NCU_KERNELS")
-"$ncu" --clock-control none "${filter[@]}" --launch-skip "${NCU_SKIP:-0}" --launch-count "$n" --metrics "$metrics" --csv "$@" 2>/dev/null >"$tmp"
+"$ncu" --clock-control none --cache-control "${NCU_CACHE:-all}" "${filter[@]}" --launch-skip "${NCU_SKIP:-0}" --launch-count "$n" --metrics "$metrics" --csv "$@" 2>/dev/null >"$tmp"
 python3 - "$tmp" "${NCU_SUMMARY:-0}" <<'PY'
 import csv, sys
 from collections import OrderedDict

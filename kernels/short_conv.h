@@ -43,6 +43,22 @@ void short_conv_backward(const ExecContext& ctx, const Tensor& dy, const Tensor&
                          const Tensor& cu_seqlens, const Tensor& dx, const Tensor& dw, const Tensor& halo = Tensor{},
                          const Tensor& dhalo = Tensor{});
 
+// The KDA layer's q / k path in one op: the convolution above, then the l2 norm of every head of head_dim channels
+// (kernels/l2norm.h with `scale` and eps kL2NormEps):  y = l2norm(short_conv(x)) over x viewed as
+// [n * channels / head_dim, head_dim], rstd [n * channels / head_dim] (f32 on CUDA, x's dtype on the CPU) saved for
+// the backward. The backward takes dy (the gradient of y), y and rstd, and does the l2norm backward in place (dy
+// is overwritten with the gradient of the conv output), then the convolution's (dx, dw, dhalo as in
+// short_conv_backward; dx must not alias dy). The CUDA forward is one kernel for heads of 64 or 128 channels,
+// K <= 4 and 16-byte aligned rows (the same results as the two ops, which run otherwise and on the CPU); the
+// backward is the two ops' kernels on every device.
+void short_conv_l2norm_forward(const ExecContext& ctx, const Tensor& x, const Tensor& w, const Tensor& cu_seqlens,
+                               const Tensor& y, const Tensor& rstd, int64_t head_dim, float scale,
+                               const Tensor& halo = Tensor{});
+void short_conv_l2norm_backward(const ExecContext& ctx, const Tensor& dy, const Tensor& y, const Tensor& rstd,
+                                int64_t head_dim, float scale, const Tensor& x, const Tensor& w,
+                                const Tensor& cu_seqlens, const Tensor& dx, const Tensor& dw,
+                                const Tensor& halo = Tensor{}, const Tensor& dhalo = Tensor{});
+
 // halo, dhalo: [num_docs, kernel-1, channels] or nullptr (no halo / dhalo not computed).
 namespace cpu {
 template <class T>
@@ -61,6 +77,15 @@ void short_conv_forward(const bf16* x, const bf16* w, const int32_t* cu_seqlens,
 void short_conv_backward(const bf16* dy, const bf16* x, const bf16* w, const int32_t* cu_seqlens, int64_t num_docs,
                          bf16* dx, float* dw, int64_t n, int64_t channels, int64_t kernel, const bf16* halo,
                          bf16* dhalo, void* stream);
+// The q / k path (kernels::short_conv_l2norm_*): the forward one kernel where it applies, else the two ops' kernels
+// (HYD_CONV_NORM_FUSED=0: always); the backward the two ops' kernels, the l2norm's in place over dy.
+void short_conv_l2norm_forward(const bf16* x, const bf16* w, const int32_t* cu_seqlens, int64_t num_docs, bf16* y,
+                               float* rstd, int64_t n, int64_t channels, int64_t kernel, int64_t head_dim, float scale,
+                               float eps, const bf16* halo, void* stream);
+void short_conv_l2norm_backward(bf16* dy, const bf16* y, const float* rstd, int64_t head_dim, float scale,
+                                const bf16* x, const bf16* w, const int32_t* cu_seqlens, int64_t num_docs, bf16* dx,
+                                float* dw, int64_t n, int64_t channels, int64_t kernel, const bf16* halo, bf16* dhalo,
+                                void* stream);
 }  // namespace cuda
 
 }  // namespace hyd::kernels

@@ -8,7 +8,6 @@
 #include "kernels/gated_rmsnorm.h"
 #include "kernels/kda.h"
 #include "kernels/kda_gates.h"
-#include "kernels/l2norm.h"
 #include "kernels/matmul.h"
 #include "kernels/short_conv.h"
 #include "parallel/sequence_parallel.h"
@@ -45,18 +44,27 @@ Tensor conv_halo(const ExecContext& ctx, const PackedSequence& seq, const Weight
   return halo;
 }
 
-// Short-conv backward; under sequence parallelism also the halo gradient's exchange (this rank's goes
-// to the previous rank, the next rank's is added to dx's last rows).
+// The l2 norm after the q / k convolution: its output y, rstd, head size and scale.
+struct ConvNorm {
+  Tensor y, rstd;
+  int64_t head_dim;
+  float scale;
+};
+
+// Short-conv backward (from the l2 norm's output gradient when `norm` is given: the fused q / k op); under
+// sequence parallelism also the halo gradient's exchange (this rank's goes to the previous rank, the next
+// rank's is added to dx's last rows).
 void conv_backward(const ExecContext& ctx, const PackedSequence& seq, const WeightRef& w, const Tensor& dy,
-                   const Tensor& x, const Tensor& dx) {
-  const Tensor halo = conv_halo(ctx, seq, w, x, 1);
-  if (halo.empty()) {
-    kernels::short_conv_backward(ctx, dy, x, w.value, seq.cu_seqlens, dx, w.grad);
-    return;
-  }
-  const Tensor kept = seq.sp->buffer(&w, 0, {halo.size(0), halo.size(1), halo.size(2)}, x.dtype);
-  kernels::short_conv_backward(ctx, dy, x, w.value, seq.cu_seqlens, dx, w.grad, kept, halo);
-  lasp_conv_return_dhalo(ctx, *seq.sp, halo, dx);
+                   const Tensor& x, const Tensor& dx, const ConvNorm* norm = nullptr) {
+  const Tensor dhalo = conv_halo(ctx, seq, w, x, 1);
+  const Tensor kept =
+      dhalo.empty() ? Tensor{} : seq.sp->buffer(&w, 0, {dhalo.size(0), dhalo.size(1), dhalo.size(2)}, x.dtype);
+  if (norm != nullptr)
+    kernels::short_conv_l2norm_backward(ctx, dy, norm->y, norm->rstd, norm->head_dim, norm->scale, x, w.value,
+                                        seq.cu_seqlens, dx, w.grad, kept, dhalo);
+  else
+    kernels::short_conv_backward(ctx, dy, x, w.value, seq.cu_seqlens, dx, w.grad, kept, dhalo);
+  if (!dhalo.empty()) lasp_conv_return_dhalo(ctx, *seq.sp, dhalo, dx);
 }
 
 }  // namespace
@@ -64,7 +72,7 @@ void conv_backward(const ExecContext& ctx, const PackedSequence& seq, const Weig
 void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const Tensor& in, const Tensor& out, Saved& s,
                        Arena& scratch, const Tensor& residual) const {
   NvtxRange range(nvtx_fwd.c_str());
-  const int64_t n = seq.num_tokens, h = cfg.heads, hv = cfg.v_heads;
+  const int64_t n = seq.num_tokens, hv = cfg.v_heads;
   const ForwardScratch t = alloc_forward_scratch(scratch, n, s.q.dtype);
   s.x = in;
 
@@ -77,12 +85,12 @@ void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const 
   const Tensor hq = conv_halo(ctx, seq, q_conv1d, s.q_lin, 0);
   const Tensor hk = conv_halo(ctx, seq, k_conv1d, s.k_lin, 0);
   const Tensor hvl = conv_halo(ctx, seq, v_conv1d, s.v_lin, 0);
-  kernels::short_conv_forward(ctx, s.q_lin, q_conv1d.value, seq.cu_seqlens, s.q.view({n, cfg.key_dim()}), hq);
-  kernels::short_conv_forward(ctx, s.k_lin, k_conv1d.value, seq.cu_seqlens, s.k.view({n, cfg.key_dim()}), hk);
-  kernels::short_conv_forward(ctx, s.v_lin, v_conv1d.value, seq.cu_seqlens, s.v.view({n, cfg.value_dim()}), hvl);
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(cfg.dk)));
-  kernels::l2norm_forward(ctx, s.q.view({n * h, cfg.dk}), s.q.view({n * h, cfg.dk}), s.q_rstd, q_scale);
-  kernels::l2norm_forward(ctx, s.k.view({n * h, cfg.dk}), s.k.view({n * h, cfg.dk}), s.k_rstd, 1.0f);
+  kernels::short_conv_l2norm_forward(ctx, s.q_lin, q_conv1d.value, seq.cu_seqlens, s.q.view({n, cfg.key_dim()}),
+                                     s.q_rstd, cfg.dk, q_scale, hq);
+  kernels::short_conv_l2norm_forward(ctx, s.k_lin, k_conv1d.value, seq.cu_seqlens, s.k.view({n, cfg.key_dim()}),
+                                     s.k_rstd, cfg.dk, 1.0f, hk);
+  kernels::short_conv_forward(ctx, s.v_lin, v_conv1d.value, seq.cu_seqlens, s.v.view({n, cfg.value_dim()}), hvl);
 
   // Gates.
   kernels::linear_forward(ctx, in, f_proj0.value, Tensor{}, s.f_low);
@@ -129,7 +137,7 @@ bool KdaLayer::keep_core_from_env() {
 void KdaLayer::backward(const ExecContext& ctx, const PackedSequence& seq, const Saved& s, const Tensor& dout,
                         const Tensor& din, Arena& scratch) const {
   NvtxRange range(nvtx_bwd.c_str());
-  const int64_t n = seq.num_tokens, h = cfg.heads, hv = cfg.v_heads;
+  const int64_t n = seq.num_tokens, hv = cfg.v_heads;
   const Scratch t = alloc_scratch(scratch, n, s.q.dtype);
 
   // out = on Wo^T; on = gated_rmsnorm(o, gate); gate = g_low Wg1^T + bg; g_low = x Wg0^T (first write of din).
@@ -162,17 +170,15 @@ void KdaLayer::backward(const ExecContext& ctx, const PackedSequence& seq, const
                            Tensor{});
   kernels::linear_backward(ctx, t.d_low, s.x, f_proj0.value, din, true, f_proj0.grad, Tensor{});
 
-  // q, k: l2 norm backward in place, then conv, then projection; v: conv, projection.
+  // q, k: l2 norm backward and conv in one op, then projection; v: conv, projection.
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(cfg.dk)));
-  kernels::l2norm_backward(ctx, t.dq.view({n * h, cfg.dk}), s.q.view({n * h, cfg.dk}), s.q_rstd,
-                           t.dq.view({n * h, cfg.dk}), q_scale);
-  kernels::l2norm_backward(ctx, t.dk.view({n * h, cfg.dk}), s.k.view({n * h, cfg.dk}), s.k_rstd,
-                           t.dk.view({n * h, cfg.dk}), 1.0f);
   const Tensor d_key = t.d_lin.slice0(0, n * cfg.key_dim()).view({n, cfg.key_dim()});
   const Tensor d_value = t.d_lin.slice0(0, n * cfg.value_dim()).view({n, cfg.value_dim()});
-  conv_backward(ctx, seq, q_conv1d, t.dq.view({n, cfg.key_dim()}), s.q_lin, d_key);
+  const ConvNorm q_norm{s.q.view({n, cfg.key_dim()}), s.q_rstd, cfg.dk, q_scale};
+  const ConvNorm k_norm{s.k.view({n, cfg.key_dim()}), s.k_rstd, cfg.dk, 1.0f};
+  conv_backward(ctx, seq, q_conv1d, t.dq.view({n, cfg.key_dim()}), s.q_lin, d_key, &q_norm);
   kernels::linear_backward(ctx, d_key, s.x, q_proj.value, din, true, q_proj.grad, Tensor{});
-  conv_backward(ctx, seq, k_conv1d, t.dk.view({n, cfg.key_dim()}), s.k_lin, d_key);
+  conv_backward(ctx, seq, k_conv1d, t.dk.view({n, cfg.key_dim()}), s.k_lin, d_key, &k_norm);
   kernels::linear_backward(ctx, d_key, s.x, k_proj.value, din, true, k_proj.grad, Tensor{});
   conv_backward(ctx, seq, v_conv1d, t.dv.view({n, cfg.value_dim()}), s.v_lin, d_value);
   kernels::linear_backward(ctx, d_value, s.x, v_proj.value, din, true, v_proj.grad, Tensor{});

@@ -168,6 +168,104 @@ TEST_F(GpuKdaLayerOps, ShortConvWithHaloForwardAndBackward) {
   }
 }
 
+// ------------------------------------------------------------------------------ convolution + l2 norm
+
+// The q / k op against the CPU (the two ops in f32) and, exactly, against the two CUDA ops in turn (y, rstd, dx,
+// dhalo and the overwritten dy bit for bit; dw's f32 atomics add in another order): heads of 128 and 64 (the fused
+// forward), kernel sizes 4, 3, 2, 1, a head of 32 and a kernel of 5 (the two-kernel forward); many short and empty
+// documents, token counts that are no multiple of the 64 / 128 tokens of a block; with and without a halo.
+TEST_F(GpuKdaLayerOps, ShortConvL2normForwardAndBackward) {
+  struct Case {
+    std::vector<int32_t> lengths;
+    int64_t channels, head_dim, kernel;
+    bool halo;
+  };
+  std::vector<int32_t> many;  // 150 documents of 0..20 tokens (empty ones included)
+  for (int32_t l : randint(150, 0, 21)) many.push_back(l);
+  const std::vector<Case> cases = {
+      {{1500, 1, 499}, 1024, 128, 4, false},
+      {{1, 63, 64, 65, 7}, 256, 128, 4, true},
+      {many, 256, 128, 4, true},
+      {many, 128, 64, 3, false},
+      {{200, 3, 0, 91}, 192, 64, 4, true},
+      {{2, 30, 1}, 128, 128, 2, true},
+      {{300, 45}, 128, 128, 1, false},
+      {{77, 5}, 96, 32, 4, true},
+      {{60, 9}, 128, 64, 5, true},
+  };
+  for (const Case& cs : cases) {
+    const std::vector<int32_t> cu = offsets(cs.lengths);
+    const int64_t n = cu.back(), ch = cs.channels, hd = cs.head_dim, k = cs.kernel, hl = k - 1;
+    const int64_t docs = static_cast<int64_t>(cs.lengths.size()), rows = n * (ch / hd);
+    const float scale = static_cast<float>(1.0 / std::sqrt(double(hd)));
+    SCOPED_TRACE("n=" + std::to_string(n) + " docs=" + std::to_string(docs) + " C=" + std::to_string(ch) +
+                 " hd=" + std::to_string(hd) + " K=" + std::to_string(k) + (cs.halo ? " halo" : ""));
+    buf().arena().reset();
+    std::vector<float> x = round_bf16(randn(n * ch, 1.5f)), w = round_bf16(randn(ch * k, 0.5f));
+    std::vector<float> halo = round_bf16(randn(docs * hl * ch, 1.5f));
+    std::vector<float> dy = round_bf16(randn(n * ch)), dw0 = randn(ch * k);
+    std::vector<int32_t> cu_host = cu;
+    const Tensor c_halo = cs.halo ? cpu_f32(halo, {docs, hl, ch}) : Tensor{};
+
+    std::vector<float> y_ref(n * ch), rstd_ref(rows);
+    short_conv_l2norm_forward(cpu(), cpu_f32(x, {n, ch}), cpu_f32(w, {ch, k}), cpu_i32(cu_host, {docs + 1}),
+                              cpu_f32(y_ref, {n, ch}), cpu_f32(rstd_ref, {rows}), hd, scale, c_halo);
+    // The backward reads y and rstd: both sides get the same bf16-rounded y and the same rstd.
+    std::vector<float> y_in = round_bf16(y_ref), dx_ref(n * ch), dw_ref = dw0, dhalo_ref(docs * hl * ch);
+    std::vector<float> dy_cpu = dy;  // the backward overwrites its dy
+    short_conv_l2norm_backward(cpu(), cpu_f32(dy_cpu, {n, ch}), cpu_f32(y_in, {n, ch}), cpu_f32(rstd_ref, {rows}), hd,
+                               scale, cpu_f32(x, {n, ch}), cpu_f32(w, {ch, k}), cpu_i32(cu_host, {docs + 1}),
+                               cpu_f32(dx_ref, {n, ch}), cpu_f32(dw_ref, {ch, k}), c_halo,
+                               cs.halo ? cpu_f32(dhalo_ref, {docs, hl, ch}) : Tensor{});
+
+    Tensor d_x = buf().upload(x, {n, ch}, DType::bf16), d_w = buf().upload(w, {ch, k}, DType::bf16);
+    Tensor d_cu = buf().upload_i32(cu, {docs + 1});
+    Tensor d_halo = cs.halo ? buf().upload(halo, {docs, hl, ch}, DType::bf16) : Tensor{};
+    Tensor d_y = buf().poisoned({n, ch}, DType::bf16), d_rstd = buf().poisoned({rows}, DType::f32);
+    Tensor d_yin = buf().upload(y_in, {n, ch}, DType::bf16), d_rin = buf().upload(rstd_ref, {rows}, DType::f32);
+    Tensor d_dy = buf().upload(dy, {n, ch}, DType::bf16), d_dy2 = buf().upload(dy, {n, ch}, DType::bf16);
+    Tensor d_dx = buf().poisoned({n, ch}, DType::bf16), d_dw = buf().upload(dw0, {ch, k}, DType::f32);
+    Tensor d_dhalo = cs.halo ? buf().poisoned({docs, hl, ch}, DType::bf16) : Tensor{};
+    device_sync();
+    short_conv_l2norm_forward(gpu(), d_x, d_w, d_cu, d_y, d_rstd, hd, scale, d_halo);
+    short_conv_l2norm_backward(gpu(), d_dy, d_yin, d_rin, hd, scale, d_x, d_w, d_cu, d_dx, d_dw, d_halo, d_dhalo);
+    device_sync();
+    const std::vector<float> y = DeviceBuffers::download(d_y), rstd = DeviceBuffers::download(d_rstd);
+    const std::vector<float> dx = DeviceBuffers::download(d_dx);
+    EXPECT_LT(rel_err(y, y_ref), kBf16Tol);
+    // rstd from the bf16-rounded conv outputs (as the two CUDA ops compute it) against the f32 ones: ~1e-4.
+    EXPECT_LT(rel_err(rstd, rstd_ref), 1e-3);
+    EXPECT_LT(rel_err(dx, dx_ref), kBf16Tol);
+    // dw sums the conv output's gradient, which the CUDA path rounds to bf16 (as the two ops store it between
+    // them) and the CPU keeps in f32: bf16-class.
+    EXPECT_LT(rel_err(increment(DeviceBuffers::download(d_dw), dw0), increment(dw_ref, dw0)), kBf16Tol);
+    if (cs.halo) {
+      EXPECT_LT(rel_err(DeviceBuffers::download(d_dhalo), dhalo_ref), kBf16Tol);
+    }
+
+    // The two CUDA ops in turn: the same bits.
+    Tensor d_y2 = buf().poisoned({n, ch}, DType::bf16), d_rstd2 = buf().poisoned({rows}, DType::f32);
+    Tensor d_g2 = buf().poisoned({n, ch}, DType::bf16), d_dx2 = buf().poisoned({n, ch}, DType::bf16);
+    Tensor d_dw2 = buf().upload(dw0, {ch, k}, DType::f32);
+    Tensor d_dhalo2 = cs.halo ? buf().poisoned({docs, hl, ch}, DType::bf16) : Tensor{};
+    device_sync();
+    short_conv_forward(gpu(), d_x, d_w, d_cu, d_y2, d_halo);
+    l2norm_forward(gpu(), d_y2.view({rows, hd}), d_y2.view({rows, hd}), d_rstd2, scale);
+    l2norm_backward(gpu(), d_dy2.view({rows, hd}), d_yin.view({rows, hd}), d_rin, d_g2.view({rows, hd}), scale);
+    short_conv_backward(gpu(), d_g2, d_x, d_w, d_cu, d_dx2, d_dw2, d_halo, d_dhalo2);
+    device_sync();
+    EXPECT_EQ(rel_err(DeviceBuffers::download(d_y2), y), 0.0);
+    EXPECT_EQ(rel_err(DeviceBuffers::download(d_rstd2), rstd), 0.0);
+    EXPECT_EQ(rel_err(DeviceBuffers::download(d_dx2), dx), 0.0);
+    EXPECT_EQ(rel_err(DeviceBuffers::download(d_g2), DeviceBuffers::download(d_dy)), 0.0);  // dy: the conv's gradient
+    if (cs.halo) {
+      EXPECT_EQ(rel_err(DeviceBuffers::download(d_dhalo2), DeviceBuffers::download(d_dhalo)), 0.0);
+    }
+    EXPECT_LT(rel_err(increment(DeviceBuffers::download(d_dw2), dw0), increment(DeviceBuffers::download(d_dw), dw0)),
+              1e-5);
+  }
+}
+
 // ------------------------------------------------------------------------------------------ l2norm
 
 TEST_F(GpuKdaLayerOps, L2normForwardAndBackward) {

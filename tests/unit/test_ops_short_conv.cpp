@@ -4,13 +4,16 @@
 // against the double reference; dispatcher errors. With a halo: forward and backward equal the op
 // without a halo on the sequence whose documents start with their halo rows (dhalo = dx of those
 // rows), for kernel sizes 4, 2 and 1 (a halo of no rows) and documents shorter than K-1; dhalo, dx
-// and dw against finite differences; a zero halo equals no halo; halo argument errors.
+// and dw against finite differences; a zero halo equals no halo; halo argument errors. The fused q / k op
+// (convolution + per-head l2 norm): forward equals the two ops, backward (dx, dw, dhalo) against finite
+// differences in double through the tensor-level dispatcher, with and without a halo; its argument errors.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <string>
 #include <vector>
 
+#include "kernels/l2norm.h"
 #include "kernels/short_conv.h"
 #include "tests/common/test_util.h"
 
@@ -379,6 +382,90 @@ TEST(OpsShortConv, HaloErrorsNameTheArgument) {
                             cpu_f32(dhalo, {2, 3, 4}));
       },
       "'halo'");
+}
+
+// ------------------------------------------------------------------------------ convolution + l2 norm
+
+TEST(OpsShortConv, ConvL2normForwardEqualsTheTwoOps) {
+  ExecContext ctx(Device::cpu());
+  std::vector<int32_t> cu = offsets({3, 1, 0, 7, 2});
+  const int64_t n = cu.back(), ch = 12, hd = 4, k = 4, docs = 5, rows = n * ch / hd;
+  std::vector<float> x = randn(n * ch, 1.5f), w = randn(ch * k, 0.7f), halo = randn(docs * (k - 1) * ch);
+  for (bool with_halo : {false, true}) {
+    SCOPED_TRACE(with_halo ? "halo" : "no halo");
+    const Tensor h = with_halo ? cpu_f32(halo, {docs, k - 1, ch}) : Tensor{};
+    std::vector<float> y(n * ch, std::nanf("")), rstd(rows, std::nanf("")), y2(n * ch), rstd2(rows);
+    short_conv_l2norm_forward(ctx, cpu_f32(x, {n, ch}), cpu_f32(w, {ch, k}), cpu_i32(cu, {docs + 1}),
+                              cpu_f32(y, {n, ch}), cpu_f32(rstd, {rows}), hd, 0.5f, h);
+    short_conv_forward(ctx, cpu_f32(x, {n, ch}), cpu_f32(w, {ch, k}), cpu_i32(cu, {docs + 1}), cpu_f32(y2, {n, ch}), h);
+    l2norm_forward(ctx, cpu_f32(y2, {rows, hd}), cpu_f32(y2, {rows, hd}), cpu_f32(rstd2, {rows}), 0.5f);
+    EXPECT_EQ(rel_err(y, y2), 0.0);
+    EXPECT_EQ(rel_err(rstd, rstd2), 0.0);
+  }
+}
+
+TEST(OpsShortConv, ConvL2normBackwardMatchesFiniteDifferences) {
+  ExecContext ctx(Device::cpu());
+  std::vector<int32_t> cu = offsets({3, 1, 0, 7, 2});
+  const int64_t n = cu.back(), ch = 6, hd = 3, docs = 5, rows = n * ch / hd;
+  const double scale = 0.6;
+  for (int64_t k : {4, 2}) {
+    for (bool with_halo : {false, true}) {
+      SCOPED_TRACE("kernel " + std::to_string(k) + (with_halo ? " halo" : " no halo"));
+      std::vector<double> x = randn_f64(n * ch, 1.5), w = randn_f64(ch * k, 0.7), g = randn_f64(n * ch);
+      std::vector<double> halo = randn_f64(docs * (k - 1) * ch, 1.5);
+      auto halo_t = [&] { return with_halo ? cpu_f64(halo, {docs, k - 1, ch}) : Tensor{}; };
+      std::vector<double> y(n * ch), rstd(rows);
+      auto forward = [&] {
+        short_conv_l2norm_forward(ctx, cpu_f64(x, {n, ch}), cpu_f64(w, {ch, k}), cpu_i32(cu, {docs + 1}),
+                                  cpu_f64(y, {n, ch}), cpu_f64(rstd, {rows}), hd, static_cast<float>(scale), halo_t());
+      };
+      auto loss = [&] {
+        forward();
+        double l = 0;
+        for (int64_t i = 0; i < n * ch; ++i) l += g[i] * y[i];
+        return l;
+      };
+      const std::vector<double> dx_num = central_differences(x, 1e-6, loss);
+      const std::vector<double> dw_num = central_differences(w, 1e-6, loss);
+      const std::vector<double> dhalo_num = central_differences(halo, 1e-6, loss);
+      forward();
+      const std::vector<double> dw0 = randn_f64(ch * k);  // dw accumulates: start non-zero
+      std::vector<double> dx(n * ch, std::nan("")), dw = dw0, dhalo(docs * (k - 1) * ch, std::nan(""));
+      std::vector<double> g_scratch = g;  // overwritten by the backward
+      short_conv_l2norm_backward(ctx, cpu_f64(g_scratch, {n, ch}), cpu_f64(y, {n, ch}), cpu_f64(rstd, {rows}), hd,
+                                 static_cast<float>(scale), cpu_f64(x, {n, ch}), cpu_f64(w, {ch, k}),
+                                 cpu_i32(cu, {docs + 1}), cpu_f64(dx, {n, ch}), cpu_f64(dw, {ch, k}), halo_t(),
+                                 with_halo ? cpu_f64(dhalo, {docs, k - 1, ch}) : Tensor{});
+      for (int64_t i = 0; i < ch * k; ++i) dw[i] -= dw0[i];
+      EXPECT_LT(rel_err(dx, dx_num), 1e-7);
+      EXPECT_LT(rel_err(dw, dw_num), 1e-7);
+      if (with_halo) {
+        EXPECT_LT(rel_err(dhalo, dhalo_num), 1e-7);
+      }
+    }
+  }
+}
+
+TEST(OpsShortConv, ConvL2normErrorsNameTheArgument) {
+  ExecContext ctx(Device::cpu());
+  std::vector<int32_t> cu = {0, 6};
+  std::vector<float> x(6 * 8), w(8 * 4), y(6 * 8), rstd(12), dx(6 * 8), dw(8 * 4), bad(5);
+  std::vector<double> rstd64(12);
+  auto fwd = [&](const Tensor& r, int64_t hd) {
+    short_conv_l2norm_forward(ctx, cpu_f32(x, {6, 8}), cpu_f32(w, {8, 4}), cpu_i32(cu, {2}), cpu_f32(y, {6, 8}), r, hd,
+                              1.0f);
+  };
+  expect_error_mentioning([&] { fwd(cpu_f32(rstd, {12}), 3); }, "head_dim");
+  expect_error_mentioning([&] { fwd(cpu_f32(bad, {5}), 4); }, "rstd");
+  expect_error_mentioning([&] { fwd(cpu_f64(rstd64, {12}), 4); }, "rstd");
+  expect_error_mentioning(
+      [&] {
+        short_conv_l2norm_backward(ctx, cpu_f32(dx, {6, 8}), cpu_f32(bad, {5}), cpu_f32(rstd, {12}), 4, 1.0f,
+                                   cpu_f32(x, {6, 8}), cpu_f32(w, {8, 4}), cpu_i32(cu, {2}), cpu_f32(dx, {6, 8}),
+                                   cpu_f32(dw, {8, 4}));
+      },
+      "'y'");
 }
 
 }  // namespace
