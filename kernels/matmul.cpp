@@ -236,4 +236,56 @@ void linear_backward(const ExecContext& ctx, const Tensor& dy, const Tensor& x, 
   unsupported(op, x);
 }
 
+void bias_add(const ExecContext& ctx, const Tensor& y, const Tensor& bias) {
+  constexpr const char* op = "bias_add";
+  expect_shape(y, {-1, -1}, op, "y");
+  const int64_t m = y.shape[0], n = y.shape[1];
+  expect_shape(bias, {n}, op, "bias");
+  expect_same_device(y, bias, op);
+  expect_dtype(bias, y.dtype, op, "bias");
+  if (y.device.is_cpu()) {
+    if (y.dtype == DType::f64) {
+      cpu::bias_add<double>(y.ptr<double>(), bias.ptr<double>(), m, n);
+    } else {
+      expect_dtype(y, DType::f32, op, "y");
+      cpu::bias_add<float>(y.ptr<float>(), bias.ptr<float>(), m, n);
+    }
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, y, op);
+  expect_dtype(y, DType::bf16, op, "y");
+  cuda::bias_add(y.ptr<bf16>(), bias.ptr<bf16>(), m, n, ctx.stream());
+#else
+  unsupported(op, y);
+#endif
+}
+
+void bias_grad(const ExecContext& ctx, const Tensor& dy, const Tensor& dbias) {
+  constexpr const char* op = "bias_grad";
+  expect_shape(dy, {-1, -1}, op, "dy");
+  const int64_t m = dy.shape[0], n = dy.shape[1];
+  expect_shape(dbias, {n}, op, "dbias");
+  expect_same_device(dy, dbias, op);
+  if (dy.device.is_cpu()) {
+    if (dy.dtype == DType::f64) {
+      expect_dtype(dbias, DType::f64, op, "dbias");
+      cpu::bias_grad<double>(dy.ptr<double>(), dbias.ptr<double>(), m, n);
+    } else {
+      expect_dtype(dy, DType::f32, op, "dy");
+      expect_dtype(dbias, DType::f32, op, "dbias");
+      cpu::bias_grad<float>(dy.ptr<float>(), dbias.ptr<float>(), m, n);
+    }
+    return;
+  }
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, dy, op);
+  expect_dtype(dy, DType::bf16, op, "dy");
+  expect_dtype(dbias, DType::f32, op, "dbias");
+  cuda::bias_grad(dy.ptr<bf16>(), dbias.ptr<float>(), m, n, ctx.stream());
+#else
+  unsupported(op, dy);
+#endif
+}
+
 }  // namespace hyd::kernels

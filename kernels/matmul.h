@@ -24,6 +24,10 @@ void linear_forward_residual(const ExecContext& ctx, const Tensor& x, const Tens
                              const Tensor& y);
 void linear_backward(const ExecContext& ctx, const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& dx,
                      bool accumulate_dx, const Tensor& dw, const Tensor& dbias);
+// The bias terms on their own (beside a gemm): y[M,N] += bias[N]; dbias[N] += sum_m dy[M,N] (dbias f32, or f64 on
+// the f64 CPU path; y, bias, dy the activations' dtype).
+void bias_add(const ExecContext& ctx, const Tensor& y, const Tensor& bias);
+void bias_grad(const ExecContext& ctx, const Tensor& dy, const Tensor& dbias);
 
 namespace cpu {
 template <class T>

@@ -67,6 +67,24 @@ void conv_backward(const ExecContext& ctx, const PackedSequence& seq, const Weig
   if (!dhalo.empty()) lasp_conv_return_dhalo(ctx, *seq.sp, dhalo, dx);
 }
 
+// f_proj.0 and g_proj.0 as one [2 dv, D] weight (and gradient) when they lie back to back in memory (param_specs
+// keeps them adjacent in the flat buffers); empty tensors otherwise (then two products each way).
+struct LowRankCat {
+  Tensor value, grad;
+};
+LowRankCat low_rank_cat(const WeightRef& f0, const WeightRef& g0) {
+  auto follows = [](const Tensor& a, const Tensor& b) {
+    return a.dtype == b.dtype && a.device == b.device && b.data == static_cast<const char*>(a.data) + a.nbytes();
+  };
+  if (!follows(f0.value, g0.value)) return {};
+  const int64_t rows = f0.value.size(0) + g0.value.size(0), cols = f0.value.size(1);
+  LowRankCat cat;
+  cat.value = Tensor(f0.value.data, f0.value.dtype, f0.value.device, {rows, cols});
+  if (!f0.grad.empty() && follows(f0.grad, g0.grad))
+    cat.grad = Tensor(f0.grad.data, f0.grad.dtype, f0.grad.device, {rows, cols});
+  return cat;
+}
+
 }  // namespace
 
 void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const Tensor& in, const Tensor& out, Saved& s,
@@ -92,9 +110,20 @@ void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const 
                                      s.k_rstd, cfg.dk, 1.0f, hk);
   kernels::short_conv_forward(ctx, s.v_lin, v_conv1d.value, seq.cu_seqlens, s.v.view({n, cfg.value_dim()}), hvl);
 
-  // Gates.
-  kernels::linear_forward(ctx, in, f_proj0.value, Tensor{}, s.f_low);
-  kernels::linear_forward(ctx, s.f_low, f_proj1.value, Tensor{}, t.f);
+  // The low-rank inputs of the gates and of the output gate, transposed (so that both come from one product of
+  // the input, and each half feeds its second projection as a transposed operand):
+  //   fg_lowT = [Wf0; Wg0] x^T  ([2 dv, N]; f_low^T over g_low^T).
+  const Tensor f_lowT = s.fg_lowT.slice0(0, cfg.dv), g_lowT = s.fg_lowT.slice0(cfg.dv, 2 * cfg.dv);
+  const LowRankCat cat = low_rank_cat(f_proj0, g_proj0);
+  if (!cat.value.empty()) {
+    kernels::gemm(ctx, false, true, 1.f, cat.value, in, 0.f, s.fg_lowT);
+  } else {
+    kernels::gemm(ctx, false, true, 1.f, f_proj0.value, in, 0.f, f_lowT);
+    kernels::gemm(ctx, false, true, 1.f, g_proj0.value, in, 0.f, g_lowT);
+  }
+
+  // Gates: f = f_low Wf1^T.
+  kernels::gemm(ctx, true, true, 1.f, f_lowT, f_proj1.value, 0.f, t.f);
   kernels::linear_forward(ctx, in, b_proj.value, Tensor{}, t.b);
   kernels::kda_gates_forward(ctx, t.f.view({n, hv, cfg.dk}), A_log.value, dt_bias.value, t.b, s.g, s.beta);
 
@@ -122,8 +151,8 @@ void KdaLayer::forward(const ExecContext& ctx, const PackedSequence& seq, const 
   }
 
   // Output gate, gated norm, projection.
-  kernels::linear_forward(ctx, in, g_proj0.value, Tensor{}, s.g_low);
-  kernels::linear_forward(ctx, s.g_low, g_proj1.value, g_proj1_bias.value, s.gate);
+  kernels::gemm(ctx, true, true, 1.f, g_lowT, g_proj1.value, 0.f, s.gate);  // gate = g_low Wg1^T + bg
+  kernels::bias_add(ctx, s.gate, g_proj1_bias.value);
   kernels::gated_rmsnorm_forward(ctx, s.o.view({n * hv, cfg.dv}), s.gate.view({n * hv, cfg.dv}), o_norm.value,
                                  s.on.view({n * hv, cfg.dv}), s.o_rstd, cfg.norm_eps);
   kernels::linear_forward_residual(ctx, s.on, o_proj.value, residual, out);
@@ -140,13 +169,17 @@ void KdaLayer::backward(const ExecContext& ctx, const PackedSequence& seq, const
   const int64_t n = seq.num_tokens, hv = cfg.v_heads;
   const Scratch t = alloc_scratch(scratch, n, s.q.dtype);
 
-  // out = on Wo^T; on = gated_rmsnorm(o, gate); gate = g_low Wg1^T + bg; g_low = x Wg0^T (first write of din).
+  // out = on Wo^T; on = gated_rmsnorm(o, gate); gate = g_low Wg1^T + bg:
+  //   dWg1 += d_gate^T g_low, dbg += column sums of d_gate, d_g_low^T = Wg1^T d_gate^T.
+  const Tensor f_lowT = s.fg_lowT.slice0(0, cfg.dv), g_lowT = s.fg_lowT.slice0(cfg.dv, 2 * cfg.dv);
+  const Tensor d_f_lowT = t.d_lowT.slice0(0, cfg.dv), d_g_lowT = t.d_lowT.slice0(cfg.dv, 2 * cfg.dv);
   kernels::linear_backward(ctx, dout, s.on, o_proj.value, t.d_on, false, o_proj.grad, Tensor{});
   kernels::gated_rmsnorm_backward(ctx, t.d_on.view({n * hv, cfg.dv}), s.o.view({n * hv, cfg.dv}),
                                   s.gate.view({n * hv, cfg.dv}), o_norm.value, s.o_rstd, t.d_o.view({n * hv, cfg.dv}),
                                   t.d_gate.view({n * hv, cfg.dv}), o_norm.grad);
-  kernels::linear_backward(ctx, t.d_gate, s.g_low, g_proj1.value, t.d_low, false, g_proj1.grad, g_proj1_bias.grad);
-  kernels::linear_backward(ctx, t.d_low, s.x, g_proj0.value, din, false, g_proj0.grad, Tensor{});
+  kernels::gemm(ctx, true, true, 1.f, t.d_gate, g_lowT, 1.f, g_proj1.grad);
+  kernels::bias_grad(ctx, t.d_gate, g_proj1_bias.grad);
+  kernels::gemm(ctx, true, true, 1.f, g_proj1.value, t.d_gate, 0.f, d_g_lowT);
 
   if (seq.sp != nullptr) {
     lasp_kda_backward(ctx, *seq.sp, this, s.q, s.k, s.v, s.g, s.beta, seq.cu_seqlens, t.d_o, t.dq, t.dk, t.dv, t.dg,
@@ -163,12 +196,23 @@ void KdaLayer::backward(const ExecContext& ctx, const PackedSequence& seq, const
     lasp_profile_mark(ctx, "kda.bwd.core");
   }
 
-  // Gates: g from f = f_low Wf1^T, f_low = x Wf0^T; beta from b = x Wb^T.
+  // Gates: g from f = f_low Wf1^T; beta from b = x Wb^T (the first write of din).
   kernels::kda_gates_backward(ctx, t.dg, t.dbeta, s.g, s.beta, A_log.value, t.df, A_log.grad, dt_bias.grad, t.db);
-  kernels::linear_backward(ctx, t.db, s.x, b_proj.value, din, true, b_proj.grad, Tensor{});
-  kernels::linear_backward(ctx, t.df.view({n, cfg.gate_dim()}), s.f_low, f_proj1.value, t.d_low, false, f_proj1.grad,
-                           Tensor{});
-  kernels::linear_backward(ctx, t.d_low, s.x, f_proj0.value, din, true, f_proj0.grad, Tensor{});
+  kernels::linear_backward(ctx, t.db, s.x, b_proj.value, din, false, b_proj.grad, Tensor{});
+  const Tensor df = t.df.view({n, cfg.gate_dim()});
+  kernels::gemm(ctx, true, true, 1.f, df, f_lowT, 1.f, f_proj1.grad);   // dWf1 += df^T f_low
+  kernels::gemm(ctx, true, true, 1.f, f_proj1.value, df, 0.f, d_f_lowT);  // d_f_low^T = Wf1^T df^T
+  // fg_lowT = [Wf0; Wg0] x^T:  din += d_low [Wf0; Wg0],  d[Wf0; Wg0] += d_low^T x  (d_low = d_lowT^T).
+  const LowRankCat cat = low_rank_cat(f_proj0, g_proj0);
+  if (!cat.value.empty() && !cat.grad.empty()) {
+    kernels::gemm(ctx, true, false, 1.f, t.d_lowT, cat.value, 1.f, din);
+    kernels::gemm(ctx, false, false, 1.f, t.d_lowT, s.x, 1.f, cat.grad);
+  } else {
+    kernels::gemm(ctx, true, false, 1.f, d_f_lowT, f_proj0.value, 1.f, din);
+    kernels::gemm(ctx, true, false, 1.f, d_g_lowT, g_proj0.value, 1.f, din);
+    kernels::gemm(ctx, false, false, 1.f, d_f_lowT, s.x, 1.f, f_proj0.grad);
+    kernels::gemm(ctx, false, false, 1.f, d_g_lowT, s.x, 1.f, g_proj0.grad);
+  }
 
   // q, k: l2 norm backward and conv in one op, then projection; v: conv, projection.
   const float q_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(cfg.dk)));
@@ -207,11 +251,11 @@ std::vector<ParamSpec> param_specs(const KdaConfig& c) {
       {"k_conv1d.weight", {kd, K}, {kd, 1, K}, true, false, &KdaLayer::k_conv1d},
       {"v_conv1d.weight", {vd, K}, {vd, 1, K}, true, false, &KdaLayer::v_conv1d},
       {"f_proj.0.weight", {c.dv, D}, {c.dv, D}, true, false, &KdaLayer::f_proj0},
+      {"g_proj.0.weight", {c.dv, D}, {c.dv, D}, true, false, &KdaLayer::g_proj0},
       {"f_proj.1.weight", {gd, c.dv}, {gd, c.dv}, true, false, &KdaLayer::f_proj1},
       {"b_proj.weight", {c.v_heads, D}, {c.v_heads, D}, true, false, &KdaLayer::b_proj},
       {"A_log", {c.v_heads}, {c.v_heads}, false, true, &KdaLayer::A_log},
       {"dt_bias", {gd}, {gd}, false, true, &KdaLayer::dt_bias},
-      {"g_proj.0.weight", {c.dv, D}, {c.dv, D}, true, false, &KdaLayer::g_proj0},
       {"g_proj.1.weight", {vd, c.dv}, {vd, c.dv}, true, false, &KdaLayer::g_proj1},
       {"g_proj.1.bias", {vd}, {vd}, false, false, &KdaLayer::g_proj1_bias},
       {"o_norm.weight", {c.dv}, {c.dv}, false, false, &KdaLayer::o_norm},
@@ -295,12 +339,14 @@ KdaLayerWeights::KdaLayerWeights(const KdaConfig& cfg, Device device, DType dtyp
   }
   arena_ = Arena("kda_layer_weights", device, bytes);
   layer_.cfg = cfg;
+  // Every value, then every gradient, each in spec order (as a model's flat buffers: f_proj.0 and g_proj.0 back to
+  // back, low_rank_cat).
   for (const ParamSpec& p : specs) {
     WeightRef& ref = layer_.*(p.member);
     ref.value = alloc_shaped(arena_, p.shape, value_dtype(p));
-    ref.grad = alloc_shaped(arena_, p.shape, grad_dtype);
     params_.push_back({p.name, p.export_shape, p.weight_decay, &ref});
   }
+  for (const ParamSpec& p : specs) (layer_.*(p.member)).grad = alloc_shaped(arena_, p.shape, grad_dtype);
   arena_.zero();
 }
 

@@ -6,7 +6,7 @@
 //   out = gated_rmsnorm(o, gate = (x Wg0^T) Wg1^T + bg; o_norm) Wo^T
 // Shapes (N tokens, D hidden, H q/k heads, HV value heads, dk / dv head dims, K conv size):
 //   x, out [N, D]; q_lin, k_lin [N, H dk]; v_lin [N, HV dv]; q, k [N, H, dk]; v, o [N, HV, dv];
-//   f_low, g_low [N, dv]; g [N, HV, dk]; beta [N, HV]; gate, on [N, HV dv]; q_rstd, k_rstd [N H];
+//   fg_lowT [2 dv, N] (f_low^T over g_low^T); g [N, HV, dk]; beta [N, HV]; gate, on [N, HV dv]; q_rstd, k_rstd [N H];
 //   o_rstd [N HV].
 // dtypes: activations and weights f32 or f64 on the CPU (f64 for finite-difference harnesses), bf16 on
 // CUDA; on CUDA A_log, dt_bias, the gates g / beta, the norm statistics and every gradient are f32.
@@ -66,8 +66,9 @@ struct KdaLayer {
     Tensor q_lin, k_lin, v_lin;  // projections: the convolutions' inputs
     Tensor q, k, v;              // the KDA core's inputs (q, k normalised, q scaled)
     Tensor q_rstd, k_rstd;       // l2norm statistics
-    Tensor f_low, g, beta;       // f_proj.0 output; gates
-    Tensor g_low, gate;          // g_proj.0 output; output gate (before the sigmoid)
+    Tensor fg_lowT;              // f_proj.0 and g_proj.0 outputs, transposed: [2 dv, N] (rows < dv: f_low^T)
+    Tensor g, beta;              // gates
+    Tensor gate;                 // output gate (before the sigmoid)
     Tensor o, o_rstd, on;        // KDA output; o_norm statistics; gated-norm output (o_proj input)
     // The KDA core's forward keeps what its backward would recompute (kernels::kda_forward_saving) when keep_core is
     // set (training models on CUDA unless HYD_KDA_SAVE=0, keep_core_from_env) and the core supports it (the
@@ -88,7 +89,7 @@ struct KdaLayer {
   };
   // Backward temporaries (dead when backward returns).
   struct Scratch {
-    Tensor d_on, d_o, d_gate, d_low;  // d_low: gradient of g_low, then of f_low
+    Tensor d_on, d_o, d_gate, d_lowT;  // d_lowT: gradient of fg_lowT
     Tensor dq, dk, dv, dg, dbeta, df, db;
     Tensor d_lin;  // gradient of q_lin, then k_lin, then v_lin: [N * max(H dk, HV dv)]
   };
@@ -105,10 +106,9 @@ struct KdaLayer {
     s.v = arena.alloc({n, cfg.v_heads, cfg.dv}, act);
     s.q_rstd = arena.alloc({n * cfg.heads}, st);
     s.k_rstd = arena.alloc({n * cfg.heads}, st);
-    s.f_low = arena.alloc({n, cfg.dv}, act);
+    s.fg_lowT = arena.alloc({2 * cfg.dv, n}, act);
     s.g = arena.alloc({n, cfg.v_heads, cfg.dk}, st);
     s.beta = arena.alloc({n, cfg.v_heads}, st);
-    s.g_low = arena.alloc({n, cfg.dv}, act);
     s.gate = arena.alloc({n, cfg.value_dim()}, act);
     s.o = arena.alloc({n, cfg.v_heads, cfg.dv}, act);
     s.o_rstd = arena.alloc({n * cfg.v_heads}, st);
@@ -129,7 +129,7 @@ struct KdaLayer {
     s.d_on = arena.alloc({n, cfg.value_dim()}, act);
     s.d_o = arena.alloc({n, cfg.v_heads, cfg.dv}, act);
     s.d_gate = arena.alloc({n, cfg.value_dim()}, act);
-    s.d_low = arena.alloc({n, cfg.dv}, act);
+    s.d_lowT = arena.alloc({2 * cfg.dv, n}, act);
     s.dq = arena.alloc({n, cfg.heads, cfg.dk}, act);
     s.dk = arena.alloc({n, cfg.heads, cfg.dk}, act);
     s.dv = arena.alloc({n, cfg.v_heads, cfg.dv}, act);

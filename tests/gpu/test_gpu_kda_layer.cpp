@@ -95,7 +95,7 @@ LayerResult run_cuda(KdaLayerWeights& w, const std::vector<int32_t>& cu, const s
   KdaLayer::Saved saved = w.layer().alloc_saved(act, n, DType::bf16);
   for (const Tensor* t :
        {&saved.q_lin, &saved.k_lin, &saved.v_lin, &saved.q, &saved.k, &saved.v, &saved.q_rstd, &saved.k_rstd,
-        &saved.f_low, &saved.g, &saved.beta, &saved.g_low, &saved.gate, &saved.o, &saved.o_rstd, &saved.on})
+        &saved.fg_lowT, &saved.g, &saved.beta, &saved.gate, &saved.o, &saved.o_rstd, &saved.on})
     kernels::fill(ctx, *t, std::numeric_limits<float>::quiet_NaN());
   saved.keep_core = KdaLayer::keep_core_from_env();  // the default; HYD_KDA_SAVE=0: the ctest variant .kda_recompute
   w.zero_grad();
