@@ -928,7 +928,10 @@ void HybridModel::init_random(uint64_t seed, float std) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::uniform_real_distribution<double> unit(0.0, 1.0);
   std::vector<float> host(static_cast<size_t>(impl_->flat_params.numel()), 0.0f);
-  for (const ParamInfo& p : impl_->params) {
+  std::vector<std::string> names;
+  for (const ParamInfo& p : impl_->params) names.push_back(p.name);
+  for (size_t i : kda_init_draw_order(names)) {
+    const ParamInfo& p = impl_->params[i];
     float* v = host.data() + p.offset;
     const std::string& n = p.name;
     if (n.ends_with("norm") || n.ends_with("o_norm.weight")) {

@@ -356,11 +356,32 @@ const KdaLayerWeights::Param& KdaLayerWeights::param(const std::string& name) co
   HYD_THROW("KdaLayerWeights: no parameter named '", name, "'");
 }
 
+std::vector<size_t> kda_init_draw_order(const std::vector<std::string>& names) {
+  std::vector<size_t> order;
+  std::vector<size_t> deferred;  // g_proj.0.weight of the layer being walked
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (names[i].ends_with("g_proj.0.weight")) {
+      deferred.push_back(i);
+      continue;
+    }
+    order.push_back(i);
+    if (names[i].ends_with("dt_bias")) {
+      order.insert(order.end(), deferred.begin(), deferred.end());
+      deferred.clear();
+    }
+  }
+  order.insert(order.end(), deferred.begin(), deferred.end());
+  return order;
+}
+
 void KdaLayerWeights::init_random(uint64_t seed, float std) {
   std::mt19937_64 gen(seed);
   std::normal_distribution<double> normal(0.0, std);
   std::uniform_real_distribution<double> unit(0.0, 1.0);
-  for (const Param& p : params_) {
+  std::vector<std::string> names;
+  for (const Param& p : params_) names.push_back(p.name);
+  for (size_t i : kda_init_draw_order(names)) {
+    const Param& p = params_[i];
     std::vector<double> v(static_cast<size_t>(p.ref->value.numel()));
     if (p.name == "A_log") {
       for (double& x : v) x = std::log(1.0 + 15.0 * unit(gen));

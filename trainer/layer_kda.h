@@ -156,6 +156,11 @@ struct KdaLayer {
 // Parameter and gradient memory of one standalone KDA layer (a later issue moves them into the hybrid
 // student model's flat buffers). Values: `dtype` (f32 or f64 on the CPU, bf16 on CUDA; A_log and
 // dt_bias f32 on CUDA); gradients: f32 (f64 with f64 values).
+// The order in which init_random (KdaLayerWeights', HybridModel's) draws parameters listed in layout order: each
+// KDA layer's g_proj.0.weight right after its dt_bias, where it was listed before f_proj.0 and g_proj.0 became
+// adjacent (stop 31), so that a seed gives the same values as before. Indices into `names`.
+std::vector<size_t> kda_init_draw_order(const std::vector<std::string>& names);
+
 class KdaLayerWeights {
  public:
   struct Param {

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "trainer/batch_upload.h"
+#include "trainer/layer_kda.h"
 
 namespace hyd::test {
 
@@ -127,7 +128,10 @@ void randomize_hybrid(HybridModel& m, std::mt19937_64* gen) {
     for (float& x : v) x = d(*gen);
     return v;
   };
-  for (const ParamInfo& p : m.params()) {
+  std::vector<std::string> names;
+  for (const ParamInfo& p : m.params()) names.push_back(p.name);
+  for (size_t i : kda_init_draw_order(names)) {  // a seed keeps its values across layout changes
+    const ParamInfo& p = m.params()[i];
     const std::string& n = p.name;
     std::vector<float> v;
     if (n.ends_with("A_log"))
