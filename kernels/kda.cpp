@@ -376,6 +376,8 @@ int kda_saving_windows(const Tensor& k, const Tensor& v, const Tensor& cu_seqlen
   const KdaDims s = read_dims(k, v, cu_seqlens, "kda_saving_windows");
 #ifdef HYD_WITH_CUDA
   if (k.device.is_cuda() && cuda::kda_split_supported(s)) return cuda::kda_saving_windows(s);
+#else
+  (void)s;
 #endif
   return 1;
 }
@@ -406,11 +408,12 @@ namespace {
 void check_saving_u(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, const Tensor& u) {
   check_buffer(op, "u", k, v, cu_seqlens, u, KdaBuffer::saving_u);
 }
-void check_transitions(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, const Tensor& t) {
+[[maybe_unused]] void check_transitions(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                                        const Tensor& t) {
   check_buffer(op, "transitions", k, v, cu_seqlens, t, KdaBuffer::transitions);
 }
-void check_backward_workspace(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
-                              const Tensor& ws) {
+[[maybe_unused]] void check_backward_workspace(const char* op, const Tensor& k, const Tensor& v,
+                                               const Tensor& cu_seqlens, const Tensor& ws) {
   check_buffer(op, "workspace", k, v, cu_seqlens, ws, KdaBuffer::backward_workspace);
 }
 }  // namespace
