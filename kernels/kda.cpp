@@ -408,11 +408,12 @@ namespace {
 void check_saving_u(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, const Tensor& u) {
   check_buffer(op, "u", k, v, cu_seqlens, u, KdaBuffer::saving_u);
 }
-[[maybe_unused]] void check_transitions(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens, const Tensor& t) {
+[[maybe_unused]] void check_transitions(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
+                                        const Tensor& t) {
   check_buffer(op, "transitions", k, v, cu_seqlens, t, KdaBuffer::transitions);
 }
-[[maybe_unused]] void check_backward_workspace(const char* op, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
-                              const Tensor& ws) {
+[[maybe_unused]] void check_backward_workspace(const char* op, const Tensor& k, const Tensor& v,
+                                               const Tensor& cu_seqlens, const Tensor& ws) {
   check_buffer(op, "workspace", k, v, cu_seqlens, ws, KdaBuffer::backward_workspace);
 }
 }  // namespace

@@ -437,7 +437,7 @@ GroupedDims grouped_dims(const Tensor& offsets, const Tensor& w, const char* op)
 }
 
 // MoeGemm::automatic's measure of a call (MoeGemmPlan::expert_macs_per_row, else the call's own n x k).
-int64_t plan_macs_per_row(const MoeGemmPlan& plan, const GroupedDims& g) {
+[[maybe_unused]] int64_t plan_macs_per_row(const MoeGemmPlan& plan, const GroupedDims& g) {
   return plan.expert_macs_per_row > 0 ? plan.expert_macs_per_row : g.n * g.k;
 }
 
