@@ -174,13 +174,30 @@ __device__ __forceinline__ void prefill_window(XRow x_row, int64_t t0, float (&w
   }
 }
 
+// The same outputs as forward_run for a run inside one document (no bookkeeping; the token loop unrolled, so the
+// window shifts are register renames): x of tokens t0 - KMAX + 1 .. t0 + RUN - 1, the same sums in the same order.
+template <int KMAX, int CPT, int RUN, class XRow, class Store>
+__device__ __forceinline__ void forward_run_fast(XRow x_row, Store store, const float (&wr)[CPT][KMAX], int64_t t0) {
+  float win[CPT][KMAX];
+  prefill_window<KMAX, CPT>(x_row, t0, win);
+#pragma unroll
+  for (int o = 0; o < RUN; ++o) {
+    float xv[CPT], out[CPT];
+    load_ch<CPT>(x_row(t0 + o), xv);
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      push<KMAX>(win[j], xv[j]);
+      const float u = dot_taps<KMAX>(wr[j], win[j]);
+      out[j] = u / (1.f + __expf(-u));
+    }
+    store(t0 + o, out);
+  }
+}
+
 // One run of the forward: tokens [t0, t1) of channels c .. c + CPT - 1 (t0 < t1). x_row(s) points at token s's
 // CPT channels (a tile or global memory); store(t, out) takes token t's outputs.
 // RUN > 0: a run of exactly RUN tokens whose window lies in one document (x rows t0 - KMAX + 1 .. t1 - 1) takes
 // forward_run_fast.
-template <int KMAX, int CPT, int RUN, class XRow, class Store>
-__device__ __forceinline__ void forward_run_fast(XRow x_row, Store store, const float (&wr)[CPT][KMAX], int64_t t0);
-
 template <int KMAX, int CPT, int RUN = 0, class XRow, class Store>
 __device__ __forceinline__ void forward_run(XRow x_row, Store store, const __nv_bfloat16* __restrict__ w,
                                             const int32_t* __restrict__ cu, int64_t num_docs,
@@ -219,34 +236,51 @@ __device__ __forceinline__ void forward_run(XRow x_row, Store store, const __nv_
   }
 }
 
-// The same outputs as forward_run for a run inside one document (no bookkeeping; the token loop unrolled, so the
-// window shifts are register renames): x of tokens t0 - KMAX + 1 .. t0 + RUN - 1, the same sums in the same order.
-template <int KMAX, int CPT, int RUN, class XRow, class Store>
-__device__ __forceinline__ void forward_run_fast(XRow x_row, Store store, const float (&wr)[CPT][KMAX], int64_t t0) {
-  float win[CPT][KMAX];
+// The same dx and dw terms as backward_run for a run inside one document: du of tokens t0 .. t0 + RUN + KMAX - 2
+// (zero from n on, where dy reads zero) kept in registers (the loops unrolled), then
+//   dx[t0 + o] = sum_lag wr[KMAX - 1 - lag] du[t0 + o + lag]
+// accumulated in increasing lag, the order of backward_run's pending slots; accw as there.
+template <int KMAX, int CPT, int RUN, class XRow, class DyRow>
+__device__ __forceinline__ void backward_run_fast(XRow x_row, DyRow dy_row, const float (&wr)[CPT][KMAX],
+                                                  __nv_bfloat16* __restrict__ dx, int64_t c, int64_t channels,
+                                                  int64_t t0, float (&accw)[CPT][KMAX]) {
+  constexpr int kDu = RUN + KMAX - 1;
+  float win[CPT][KMAX], du[CPT][kDu];
   prefill_window<KMAX, CPT>(x_row, t0, win);
 #pragma unroll
-  for (int o = 0; o < RUN; ++o) {
-    float xv[CPT], out[CPT];
+  for (int o = 0; o < kDu; ++o) {
+    float xv[CPT], gv[CPT];
     load_ch<CPT>(x_row(t0 + o), xv);
+    load_ch<CPT>(dy_row(t0 + o), gv);
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
       push<KMAX>(win[j], xv[j]);
       const float u = dot_taps<KMAX>(wr[j], win[j]);
-      out[j] = u / (1.f + __expf(-u));
+      const float sg = 1.f / (1.f + __expf(-u));
+      du[j][o] = gv[j] * sg * (1.f + u * (1.f - sg));
+      if (o < RUN) {
+#pragma unroll
+        for (int i = 0; i < KMAX; ++i) accw[j][i] = fmaf(du[j][o], win[j][i], accw[j][i]);
+      }
     }
-    store(t0 + o, out);
+  }
+#pragma unroll
+  for (int o = 0; o < RUN; ++o) {
+    float v[CPT];
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      float a = 0.f;
+#pragma unroll
+      for (int lag = 0; lag < KMAX; ++lag) a = fmaf(wr[j][KMAX - 1 - lag], du[j][o + lag], a);
+      v[j] = a;
+    }
+    store_ch<CPT>(dx + (t0 + o) * channels + c, v);
   }
 }
 
 // One run of the backward: dx of tokens [t0, t1) (and the dhalo rows of documents starting there) of channels
 // c .. c + CPT - 1 (t0 < t1); the run's dw terms are added to accw. x_row(s) / dy_row(s) point at token s's CPT
 // channels of x / dy.
-template <int KMAX, int CPT, int RUN, class XRow, class DyRow>
-__device__ __forceinline__ void backward_run_fast(XRow x_row, DyRow dy_row, const float (&wr)[CPT][KMAX],
-                                                  __nv_bfloat16* __restrict__ dx, int64_t c, int64_t channels,
-                                                  int64_t t0, float (&accw)[CPT][KMAX]);
-
 // RUN > 0: a run of exactly RUN tokens whose x window and dy rows (t0 - KMAX + 1 .. t1 + KMAX - 2, those below n)
 // lie in one document takes backward_run_fast; the rows from n on must then read as zero (the tiles).
 template <int KMAX, int CPT, int RUN = 0, class XRow, class DyRow>
@@ -325,48 +359,6 @@ __device__ __forceinline__ void backward_run(XRow x_row, DyRow dy_row, const __n
   if (!flushed) {
 #pragma unroll
     for (int i = 0; i < KMAX; ++i) emit(i, s - KMAX + i);
-  }
-}
-
-// The same dx and dw terms as backward_run for a run inside one document: du of tokens t0 .. t0 + RUN + KMAX - 2
-// (zero from n on, where dy reads zero) kept in registers (the loops unrolled), then
-//   dx[t0 + o] = sum_lag wr[KMAX - 1 - lag] du[t0 + o + lag]
-// accumulated in increasing lag, the order of backward_run's pending slots; accw as there.
-template <int KMAX, int CPT, int RUN, class XRow, class DyRow>
-__device__ __forceinline__ void backward_run_fast(XRow x_row, DyRow dy_row, const float (&wr)[CPT][KMAX],
-                                                  __nv_bfloat16* __restrict__ dx, int64_t c, int64_t channels,
-                                                  int64_t t0, float (&accw)[CPT][KMAX]) {
-  constexpr int kDu = RUN + KMAX - 1;
-  float win[CPT][KMAX], du[CPT][kDu];
-  prefill_window<KMAX, CPT>(x_row, t0, win);
-#pragma unroll
-  for (int o = 0; o < kDu; ++o) {
-    float xv[CPT], gv[CPT];
-    load_ch<CPT>(x_row(t0 + o), xv);
-    load_ch<CPT>(dy_row(t0 + o), gv);
-#pragma unroll
-    for (int j = 0; j < CPT; ++j) {
-      push<KMAX>(win[j], xv[j]);
-      const float u = dot_taps<KMAX>(wr[j], win[j]);
-      const float sg = 1.f / (1.f + __expf(-u));
-      du[j][o] = gv[j] * sg * (1.f + u * (1.f - sg));
-      if (o < RUN) {
-#pragma unroll
-        for (int i = 0; i < KMAX; ++i) accw[j][i] = fmaf(du[j][o], win[j][i], accw[j][i]);
-      }
-    }
-  }
-#pragma unroll
-  for (int o = 0; o < RUN; ++o) {
-    float v[CPT];
-#pragma unroll
-    for (int j = 0; j < CPT; ++j) {
-      float a = 0.f;
-#pragma unroll
-      for (int lag = 0; lag < KMAX; ++lag) a = fmaf(wr[j][KMAX - 1 - lag], du[j][o + lag], a);
-      v[j] = a;
-    }
-    store_ch<CPT>(dx + (t0 + o) * channels + c, v);
   }
 }
 
