@@ -25,10 +25,15 @@
 // exponentials (one exp2 per logit and model), then the KL terms and the gradient, where the small-d term
 // p_t (d + expm1(-d)) = p_t d^2 (1/2 - d/6 + d^2/24 - ...) is a degree-6 polynomial (relative truncation error
 // < 4e-8 for |d| < 1/2) instead of expm1f. (H200, issue 9's chunk of 2912 rows x 32000: 441 us for the kernel
-// above, which re-reads the row and rescales its running sums.)
+// above, which re-reads the row and rescales its running sums.) Rows of 4 or 8 packs per thread take its split
+// version: 2 packs per thread and model in registers, the rest in shared memory, two blocks (rows) per SM, so that
+// one row's loads overlap the other's arithmetic (one block per SM computes, then waits for its next row).
+// HYD_DISTILL_SPLIT=0 keeps the whole row in registers, one block per SM; the results are bit-identical.
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/mma.cuh"
@@ -257,14 +262,22 @@ __device__ __forceinline__ float elem(const uint4& p, int e) {
 
 // The register-resident kernel (see the top of the file): PACKS packs of 8 per thread and model, 512 threads;
 // TOP1: top1 is given (the argmaxes cost registers, which the other instances keep for the row).
-template <int PACKS, bool TOP1>
-__global__ void __launch_bounds__(kRegThreads, 1)
+// RP < PACKS: the split version, two blocks per SM. Packs 0..RP-1 of a thread stay in registers, packs RP..PACKS-1 in
+// dynamic shared memory ((PACKS - RP) x 512 packs per model, copied in by cp.async; every thread reads back only the
+// slots it copied, so no barrier orders them), read back in each sweep. A block then needs 64 registers per thread and
+// (PACKS - RP) x 16 KB, and two blocks share an SM: one computes while the other waits for its row. The packs, their
+// order and every operation are the same as with RP == PACKS, so the results are bit-identical.
+template <int PACKS, int RP, bool TOP1>
+__global__ void __launch_bounds__(kRegThreads, RP < PACKS ? 2 : 1)
     distill_loss_regs_kernel(__nv_bfloat16* student, const __nv_bfloat16* teacher, const int32_t* labels,
                              const uint8_t* mask, float* kl, float* ce, uint8_t* top1, int64_t vocab,
                              DistillLossOptions opt) {
+  static_assert(RP >= 1 && RP <= PACKS, "registers hold 1..PACKS packs");
+  constexpr int kSmemPacks = PACKS - RP;
   __shared__ float2 red[32];
   __shared__ float arg_v[32];
   __shared__ int arg_i[32];
+  extern __shared__ uint4 split_smem[];  // [kSmemPacks][512] student packs, then the same for the teacher
   const int64_t row = blockIdx.x;
   uint4* s_packs = reinterpret_cast<uint4*>(student + row * vocab);
   const uint4* t_packs = reinterpret_cast<const uint4*>(teacher + row * vocab);
@@ -276,9 +289,21 @@ __global__ void __launch_bounds__(kRegThreads, 1)
   const float tau = opt.temperature, inv_tau = 1.f / tau;
   const float s_label = has_label ? to_f(student[row * vocab + label]) : 0.f;  // before any write
 
-  uint4 sp[PACKS], tp[PACKS];
+  auto valid = [&](int i) { return threadIdx.x + i * kRegThreads < npacks; };
+  auto slot = [&](int i) { return (i - RP) * kRegThreads + static_cast<int>(threadIdx.x); };  // i >= RP
+  if constexpr (kSmemPacks > 0) {  // the shared-memory packs first: the copies run while the registers load
 #pragma unroll
-  for (int i = 0; i < PACKS; ++i) {
+    for (int i = RP; i < PACKS; ++i) {
+      if (!valid(i)) continue;
+      const int p = threadIdx.x + i * kRegThreads;
+      ptx::cp_async16(ptx::smem_addr(&split_smem[slot(i)]), &s_packs[p], true);
+      ptx::cp_async16(ptx::smem_addr(&split_smem[kSmemPacks * kRegThreads + slot(i)]), &t_packs[p], true);
+    }
+    ptx::cp_async_commit();
+  }
+  uint4 sp[RP], tp[RP];
+#pragma unroll
+  for (int i = 0; i < RP; ++i) {
     const int p = threadIdx.x + i * kRegThreads;
     sp[i] = tp[i] = make_uint4(0, 0, 0, 0);
     if (p < npacks) {
@@ -286,7 +311,10 @@ __global__ void __launch_bounds__(kRegThreads, 1)
       tp[i] = t_packs[p];
     }
   }
-  auto valid = [&](int i) { return threadIdx.x + i * kRegThreads < npacks; };
+  if constexpr (kSmemPacks > 0) ptx::cp_async_wait<0>();
+  // Pack i of this thread, student and teacher (i is a compile-time index in the unrolled sweeps).
+  auto s_of = [&](int i) { return i < RP ? sp[i < RP ? i : 0] : split_smem[slot(i)]; };
+  auto t_of = [&](int i) { return i < RP ? tp[i < RP ? i : 0] : split_smem[kSmemPacks * kRegThreads + slot(i)]; };
 
   // ---- maxima (and, for top1, the first index of each)
   float ms_t = -INFINITY, mt_t = -INFINITY;
@@ -294,9 +322,10 @@ __global__ void __launch_bounds__(kRegThreads, 1)
 #pragma unroll
   for (int i = 0; i < PACKS; ++i) {
     if (!valid(i)) continue;
+    const uint4 si = s_of(i), ti = t_of(i);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const float xs = elem(sp[i], j), xt = elem(tp[i], j);
+      const float xs = elem(si, j), xt = elem(ti, j);
       if constexpr (TOP1) {  // this thread sees its indices in increasing order: strict > keeps the first
         const int idx = (threadIdx.x + i * kRegThreads) * 8 + j;
         if (xs > ms_t) as = idx;
@@ -323,9 +352,10 @@ __global__ void __launch_bounds__(kRegThreads, 1)
 #pragma unroll
   for (int i = 0; i < PACKS; ++i) {
     if (!valid(i)) continue;
+    const uint4 si = s_of(i), ti = t_of(i);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const float xs = elem(sp[i], j), xt = elem(tp[i], j);
+      const float xs = elem(si, j), xt = elem(ti, j);
       zs += ptx::exp2_approx((xs - ms0) * k);
       zt += ptx::exp2_approx((xt - mt0) * k);
       if (need_z1) zs1 += ptx::exp2_approx((xs - ms0) * kLog2e);
@@ -347,10 +377,11 @@ __global__ void __launch_bounds__(kRegThreads, 1)
 #pragma unroll
   for (int i = 0; i < PACKS; ++i) {
     if (!valid(i)) continue;
+    const uint4 si = s_of(i), ti = t_of(i);
     float g[8];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const float xs = elem(sp[i], j), xt = elem(tp[i], j);
+      const float xs = elem(si, j), xt = elem(ti, j);
       const float ps = ptx::exp2_approx(fmaf(xs - ms0, k, -bs)), pt = ptx::exp2_approx(fmaf(xt - mt0, k, -bt));
       float term;
       if (pt == 0.f) {
@@ -378,6 +409,24 @@ __global__ void __launch_bounds__(kRegThreads, 1)
   }
 }
 
+constexpr int kSplitRegPacks = 2;  // the split version's packs per thread and model in registers
+
+// Dynamic shared memory of the split version: (PACKS - RP) x 512 packs of 16 bytes, for both models.
+constexpr int split_smem_bytes(int packs, int reg_packs) { return (packs - reg_packs) * kRegThreads * 16 * 2; }
+
+bool split_enabled() {
+  const char* e = std::getenv("HYD_DISTILL_SPLIT");
+  return e == nullptr || std::string(e) != "0";
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory (above the default 48 KB) with the largest shared-memory
+// carve-out, so that two of its blocks fit on an SM.
+void allow_split_smem(const void* kernel, int bytes) {
+  CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  CHECK_CUDA(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared));
+}
+
 }  // namespace
 
 void distill_loss(bf16* student, const bf16* teacher, const int32_t* labels, const uint8_t* mask, float* kl, float* ce,
@@ -388,11 +437,20 @@ void distill_loss(bf16* student, const bf16* teacher, const int32_t* labels, con
   const dim3 grid(static_cast<unsigned>(n));
   const int64_t reg_packs = (vocab / 8 + kRegThreads - 1) / kRegThreads;  // packs per thread and model
   if (vocab % 8 == 0 && aligned16(student) && aligned16(teacher) && reg_packs <= kRegMaxPacks) {
+    // Rows of 4 or 8 packs per thread and model take the split version (two blocks per SM) unless
+    // HYD_DISTILL_SPLIT=0.
     auto go = [&](auto packs) {
       constexpr int PACKS = decltype(packs)::value;
-      auto kernel = top1 != nullptr ? distill_loss_regs_kernel<PACKS, true> : distill_loss_regs_kernel<PACKS, false>;
-      kernel<<<grid, kRegThreads, 0, as_stream(stream)>>>(as_nv(student), as_nv(teacher), labels, mask, kl, ce, top1,
-                                                          vocab, opt);
+      constexpr int RP = PACKS >= 4 ? kSplitRegPacks : PACKS;
+      const bool split = RP < PACKS && split_enabled();
+      auto kernel = split ? (top1 != nullptr ? distill_loss_regs_kernel<PACKS, RP, true>
+                                             : distill_loss_regs_kernel<PACKS, RP, false>)
+                          : (top1 != nullptr ? distill_loss_regs_kernel<PACKS, PACKS, true>
+                                             : distill_loss_regs_kernel<PACKS, PACKS, false>);
+      const int smem = split ? split_smem_bytes(PACKS, RP) : 0;
+      if (split) allow_split_smem(reinterpret_cast<const void*>(kernel), smem);
+      kernel<<<grid, kRegThreads, smem, as_stream(stream)>>>(as_nv(student), as_nv(teacher), labels, mask, kl, ce, top1,
+                                                             vocab, opt);
     };
     if (reg_packs <= 1)
       go(std::integral_constant<int, 1>{});

@@ -1,9 +1,11 @@
 // CUDA fused distillation loss against the CPU f32 reference on the same bf16-rounded inputs, for
-// vocabularies of 1000, 32000, 32768 (the row-in-registers kernel: 1, 8 and 8 full packs of 8 per thread), 1001 (odd:
-// the scalar-load path) and 151936 (the 8-wide kernel that re-reads its row), with masked tokens,
+// vocabularies of 1000, 12000, 32000, 32768 (the row-in-registers kernel: 1, 3, 8 and 8 full packs of 8 per thread;
+// the last three in its split version, part of the row in shared memory), 1001 (odd: the scalar-load path) and 151936
+// (the 8-wide kernel that re-reads its row), with masked tokens,
 // ignored labels and tau 1 and 2. Outputs are poisoned before every run. Tolerances: kl, ce (f32)
 // rel_err < 1e-3; dlogits (bf16) < 1e-2; top1 exact (argmax of the same bf16 values, first index
-// on ties). Also: student == teacher gives zero KL and dlogits; +-1e4 logits stay finite.
+// on ties). Also: student == teacher gives zero KL and dlogits; +-1e4 logits stay finite; the split version equals
+// the all-register one (HYD_DISTILL_SPLIT=0) bit for bit.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -79,7 +81,7 @@ TEST(GpuDistillLoss, MatchesCpuReference) {
   struct Case {
     int64_t vocab, n;
   };
-  for (Case c : {Case{1000, 37}, Case{1001, 19}, Case{32000, 23}, Case{32768, 11}, Case{151936, 9}}) {
+  for (Case c : {Case{1000, 37}, Case{1001, 19}, Case{12000, 17}, Case{32000, 23}, Case{32768, 11}, Case{151936, 9}}) {
     for (float tau : {1.f, 2.f}) {
       const std::string tag = "V=" + std::to_string(c.vocab) + " tau=" + std::to_string(static_cast<int>(tau));
       SCOPED_TRACE(tag);
@@ -190,6 +192,63 @@ TEST(GpuDistillLoss, ExtremeLogitsStayFinite) {
   expect_close(o.kl, kl_ref, kStatTol, "kl, logits +-1e4");
   expect_close(o.ce, ce_ref, kStatTol, "ce, logits +-1e4");
   expect_close(o.grad, grad_ref, kBf16Tol, "dlogits, logits +-1e4");
+}
+
+// The split version (packs 2.. of each thread in shared memory, two blocks per SM) against the all-register kernel
+// (HYD_DISTILL_SPLIT=0): the same packs summed in the same order, so every output is bit-identical. 600 rows keep
+// several blocks per SM in flight; with and without top1, labels and the gradient.
+TEST(GpuDistillLoss, SplitKernelEqualsRegisterKernel) {
+  HYD_REQUIRE_GPU();
+  ExecContext ctx(Device::cuda(0));
+  const test::ScopedEnv split("HYD_DISTILL_SPLIT");  // put back at the end
+  for (int64_t vocab : {int64_t(12000), int64_t(32000), int64_t(32768)}) {
+    const int64_t n = 600;  // 7 bf16 copies of [n, vocab] per setting below
+    DeviceBuffers buf(Device::cuda(0), static_cast<size_t>(n * vocab) * 16 + (size_t(16) << 20));
+    const std::vector<float> t = round_bf16(randn(n * vocab, 3.f));
+    std::vector<float> s = randn(n * vocab, 3.f);
+    for (int64_t i = 0; i < n; i += 3)  // near-equal rows: the small-d branch of the KL terms
+      for (int64_t v = 0; v < vocab; ++v) s[i * vocab + v] = t[i * vocab + v] + 0.05f * s[i * vocab + v];
+    s = round_bf16(s);
+    std::vector<int32_t> labels = randint(n, 0, static_cast<int32_t>(vocab));
+    labels[5] = -100;
+    std::vector<uint8_t> mask(n, 1);
+    mask[7] = 0;
+    for (float tau : {1.f, 2.f}) {
+      const std::string tag = "V=" + std::to_string(vocab) + " tau=" + std::to_string(static_cast<int>(tau));
+      SCOPED_TRACE(tag);
+      DistillLossOptions opt;
+      opt.temperature = tau;
+      opt.w_kl = 0.6f;
+      opt.w_ce = 0.4f;
+      opt.grad_scale = 1.f / 512;
+      opt.write_grad = true;
+      split.set("0");
+      const GpuOutputs ref = run_gpu(ctx, buf, s, t, labels, mask, n, vocab, opt);
+      split.set("1");
+      const GpuOutputs out = run_gpu(ctx, buf, s, t, labels, mask, n, vocab, opt);
+      EXPECT_EQ(out.kl, ref.kl);
+      EXPECT_EQ(out.ce, ref.ce);
+      EXPECT_EQ(out.top1, ref.top1);
+      EXPECT_EQ(out.grad, ref.grad);
+      EXPECT_TRUE(all_finite(out.grad) && all_finite(out.kl));
+      // Without top1 (the other instance) and without labels.
+      const Tensor tt = buf.upload(t, {n, vocab}, DType::bf16);
+      std::vector<std::vector<float>> kls;
+      for (const char* mode : {"0", "1"}) {
+        split.set(mode);
+        const Tensor sc = buf.upload(s, {n, vocab}, DType::bf16);
+        const Tensor tkl = buf.poisoned({n}, DType::f32), tce = buf.poisoned({n}, DType::f32);
+        test::device_sync();
+        distill_loss(ctx, sc, tt, Tensor{}, Tensor{}, tkl, tce, Tensor{}, opt);
+        ctx.synchronize();
+        kls.push_back(DeviceBuffers::download(tkl));
+        kls.push_back(DeviceBuffers::download(sc));
+      }
+      EXPECT_EQ(kls[2], kls[0]) << "kl without top1 / labels";
+      EXPECT_EQ(kls[3], kls[1]) << "dlogits without top1 / labels";
+      buf.arena().reset();
+    }
+  }
 }
 
 }  // namespace
