@@ -233,7 +233,7 @@ TEST(GpuDistillLoss, SplitKernelEqualsRegisterKernel) {
       EXPECT_TRUE(all_finite(out.grad) && all_finite(out.kl));
       // Without top1 (the other instance) and without labels.
       const Tensor tt = buf.upload(t, {n, vocab}, DType::bf16);
-      std::vector<std::vector<float>> kls;
+      std::vector<std::vector<float>> outs;  // per mode: kl, then the gradient
       for (const char* mode : {"0", "1"}) {
         split.set(mode);
         const Tensor sc = buf.upload(s, {n, vocab}, DType::bf16);
@@ -241,11 +241,11 @@ TEST(GpuDistillLoss, SplitKernelEqualsRegisterKernel) {
         test::device_sync();
         distill_loss(ctx, sc, tt, Tensor{}, Tensor{}, tkl, tce, Tensor{}, opt);
         ctx.synchronize();
-        kls.push_back(DeviceBuffers::download(tkl));
-        kls.push_back(DeviceBuffers::download(sc));
+        outs.push_back(DeviceBuffers::download(tkl));
+        outs.push_back(DeviceBuffers::download(sc));
       }
-      EXPECT_EQ(kls[2], kls[0]) << "kl without top1 / labels";
-      EXPECT_EQ(kls[3], kls[1]) << "dlogits without top1 / labels";
+      EXPECT_EQ(outs[2], outs[0]) << "kl without top1 / labels";
+      EXPECT_EQ(outs[3], outs[1]) << "dlogits without top1 / labels";
       buf.arena().reset();
     }
   }
