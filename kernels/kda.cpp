@@ -428,16 +428,25 @@ int64_t kda_backward_workspace_floats(const Tensor& k, const Tensor& v, const Te
   return buffer_floats("kda_backward_workspace_floats", k, v, cu_seqlens, KdaBuffer::backward_workspace);
 }
 
-void kda_forward_saving_prepare(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
-                                const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens, const Tensor& saved,
-                                const Tensor& u) {
-  constexpr const char* op = "kda_forward_saving_prepare";
+namespace {
+// The inputs of the saving forward's prep (kda_forward_saving_prepare, kda_forward_saving_lasp) checked; their dims.
+KdaDims check_prepare(const char* op, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                      const Tensor& beta, const Tensor& cu_seqlens, const Tensor& saved, const Tensor& u) {
   const KdaDims s = read_dims(k, v, cu_seqlens, op);
   const KdaArgs a(op, q, "q");
   check_inputs(a, s, q, k, v, g, beta, cu_seqlens, Tensor{});
   check_split(op, k, v, cu_seqlens, Tensor{}, false);
   check_saved(op, k, v, cu_seqlens, saved);
   check_saving_u(op, k, v, cu_seqlens, u);
+  return s;
+}
+}  // namespace
+
+void kda_forward_saving_prepare(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                                const Tensor& g, const Tensor& beta, const Tensor& cu_seqlens, const Tensor& saved,
+                                const Tensor& u) {
+  constexpr const char* op = "kda_forward_saving_prepare";
+  const KdaDims s = check_prepare(op, q, k, v, g, beta, cu_seqlens, saved, u);
 #ifdef HYD_WITH_CUDA
   check_context(ctx, q, op);
   cuda::kda_forward_saving_prepare(s, q.ptr<bf16>(), k.ptr<bf16>(), v.ptr<bf16>(), g.ptr<float>(), beta.ptr<float>(),
@@ -481,6 +490,30 @@ void kda_forward_saving_transition(const ExecContext& ctx, const Tensor& k, cons
   cuda::kda_forward_saving_transition(s, cu_seqlens.ptr<int32_t>(), opt_ptr<float>(initial_state),
                                       final_state.ptr<float>(), saved.data, ctx.stream(),
                                       transitions.empty() ? nullptr : static_cast<bf16*>(transitions.data));
+#else
+  (void)ctx;
+  (void)transitions;
+#endif
+}
+
+void kda_forward_saving_lasp(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                             const Tensor& beta, const Tensor& cu_seqlens, const Tensor& o, const Tensor& final_state,
+                             const Tensor& saved, const Tensor& u, const Tensor& eye, const Tensor& transition_final,
+                             const Tensor& transitions) {
+  constexpr const char* op = "kda_forward_saving_lasp";
+  const KdaDims s = check_prepare(op, q, k, v, g, beta, cu_seqlens, saved, u);
+  const KdaArgs a(op, q, "q");
+  a.activation(o, {s.n, s.hv, s.dv}, "o");
+  a.optional_state(final_state, {s.num_docs, s.hv, s.dk, s.dv}, "final_state");
+  a.state(eye, {s.num_docs, s.hv, s.dk, s.dk}, "eye");
+  a.state(transition_final, {s.num_docs, s.hv, s.dk, s.dk}, "transition_final");
+#ifdef HYD_WITH_CUDA
+  check_context(ctx, q, op);
+  check_transitions(op, k, v, cu_seqlens, transitions);
+  cuda::kda_forward_saving_lasp(s, q.ptr<bf16>(), k.ptr<bf16>(), v.ptr<bf16>(), g.ptr<float>(), beta.ptr<float>(),
+                                cu_seqlens.ptr<int32_t>(), o.ptr<bf16>(), opt_mut<float>(final_state), saved.data,
+                                u.ptr<float>(), eye.ptr<float>(), transition_final.ptr<float>(),
+                                static_cast<bf16*>(transitions.data), ctx.stream());
 #else
   (void)ctx;
   (void)transitions;

@@ -98,6 +98,16 @@ int64_t kda_transitions_floats(const Tensor& k, const Tensor& v, const Tensor& c
 void kda_forward_saving_transition(const ExecContext& ctx, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens,
                                    const Tensor& initial_state, const Tensor& final_state, const Tensor& saved,
                                    const Tensor& transitions = Tensor{});
+// kda_forward_saving_prepare, kda_forward_saving_transition from `eye` (into transition_final and transitions) and
+// kda_forward_saving_pass from a zero state (o, final_state optional) in one call: LASP-2's forward before the
+// exchange on a rank with an incoming state. Where kda_saving_windows > 1 (few long documents) and the two passes
+// together fill at most half of the SMs, the prep of one window of chunks runs beside both passes over the one
+// before, as kda_forward_saving pipelines its prep and pass; else the two passes run side by side after the prep.
+// The same results bit for bit as the three calls.
+void kda_forward_saving_lasp(const ExecContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                             const Tensor& beta, const Tensor& cu_seqlens, const Tensor& o, const Tensor& final_state,
+                             const Tensor& saved, const Tensor& u, const Tensor& eye, const Tensor& transition_final,
+                             const Tensor& transitions);
 // LASP-2's parallel correction (docs/parallel.md): after kda_forward_saving_pass from a zero state (o and the
 // kept work) and kda_forward_saving_transition from identity initial states keeping `transitions`, makes o and
 // the kept work those of kda_forward_saving_pass from initial_state [D, HV, dk, dv], to rounding (o and v_new are
@@ -195,6 +205,9 @@ void kda_forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const 
 void kda_forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
                                    float* final_state, const void* saved, void* stream, bf16* transitions = nullptr);
 size_t kda_transitions_bytes(const KdaDims& s);
+void kda_forward_saving_lasp(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                             const float* beta, const int32_t* cu_seqlens, bf16* o, float* final_state, void* saved,
+                             float* u, const float* eye, float* transition_final, bf16* transitions, void* stream);
 void kda_forward_saving_correct(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
                                 const bf16* transitions, bf16* o, void* saved, void* stream);
 size_t kda_backward_workspace_bytes(const KdaDims& s);

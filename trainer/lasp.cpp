@@ -150,6 +150,13 @@ bool correction_from_env() {
   return on;
 }
 
+// HYD_SP_WINDOWS=0: LASP-2's forward on a rank with an incoming state in steps even where the saving forward
+// pipelines windows (lasp_kda_forward); read on every call.
+bool sp_windows_from_env() {
+  const char* e = std::getenv("HYD_SP_WINDOWS");
+  return !(e != nullptr && e[0] == '0');
+}
+
 bool balance_from_env() {
   const char* e = std::getenv("HYD_SP_ATTN_BALANCE");
   return e == nullptr || std::string(e) != "0";
@@ -342,6 +349,11 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   // kernel over all chunks adds what the incoming state contributes (kda_forward_saving_correct) instead of a
   // sequential pass that waits for the previous ranks.
   const bool correct = keep_prep && correction_from_env();
+  // With the correction, where the saving forward pipelines windows (one long document in the slice), the prep, the
+  // zero-state pass and the transition pass are one call (kernels::kda_forward_saving_lasp): the prep of one window
+  // beside both passes over the one before, instead of the whole prep and then the passes (HYD_SP_WINDOWS=0: the
+  // steps below, for measuring).
+  const bool windowed = correct && sp_windows_from_env() && kernels::kda_saving_windows(k, v, cu_seqlens) > 1;
   Tensor ws, saving_u;
   if (split && !keep) {
     ws =
@@ -350,7 +362,7 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   }
   if (keep_prep) {
     saving_u = sp.buffer(&kTemp, kSavingU, {kernels::kda_saving_u_floats(k, v, cu_seqlens)}, DType::f32);
-    kernels::kda_forward_saving_prepare(ctx, q, k, v, g, beta, cu_seqlens, saved, saving_u);
+    if (!windowed) kernels::kda_forward_saving_prepare(ctx, q, k, v, g, beta, cu_seqlens, saved, saving_u);
   }
   // The M pass from identities with zero values, over whichever prep this rank has (with the correction: every
   // chunk's incoming transition kept in trans).
@@ -376,7 +388,8 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   // With the split forward, the M pass runs on the side stream beside the B pass: each is a state pass over the
   // same prepared workspace (read only), sequential over the chunks with documents x value heads x 4 blocks, far
   // from filling the GPU when a rank holds few long documents (sequence parallelism's usual case).
-  const ExecContext* side = correct                            ? sp.side_context(true)
+  const ExecContext* side = windowed                           ? nullptr
+                            : correct                          ? sp.side_context(true)
                             : any_through && any_cont && split ? sp.side_context()
                                                                : nullptr;
   if (side != nullptr) {
@@ -384,7 +397,10 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
     m_pass(*side, eye, M);
   }
   const Tensor B = sp.buffer(&kTemp, kTransB, {s.docs, s.hv, s.dk, s.dv}, DType::f32);
-  if (correct) {  // the zero-state pass: outputs and kept work to be corrected, B
+  if (windowed) {
+    kernels::kda_forward_saving_lasp(ctx, q, k, v, g, beta, cu_seqlens, o, any_cont ? B : Tensor{}, saved, saving_u,
+                                     eye, M, trans);
+  } else if (correct) {  // the zero-state pass: outputs and kept work to be corrected, B
     kernels::kda_forward_saving_pass(ctx, k, v, cu_seqlens, Tensor{}, o, any_cont ? B : Tensor{}, saved, saving_u);
   } else if (any_cont) {
     if (keep && !any_lead)  // the B pass is the true pass
@@ -401,7 +417,7 @@ void lasp_kda_forward(const ExecContext& ctx, const SequenceParallel& sp, const 
   if (side != nullptr) {
     ctx.wait_for(*side);
   } else if (correct) {
-    m_pass(ctx, eye, M);
+    if (!windowed) m_pass(ctx, eye, M);  // (the windowed call ran it)
   } else if (any_through) {
     if (split) {
       m_pass(ctx, eye, M);

@@ -1,6 +1,7 @@
 // Times HyDistill's CUDA KDA core (kernels::kda_forward / kda_backward) on the shapes of issue 3
 // and prints one line per shape; bench/kda/run.sh puts it beside FLA's chunk_kda measured in the
-// same call. Usage: bench_kda [B T]...   (default: 8 4096  2 16384  1 32768  1 131072), H=16, dk=dv=128.
+// same call. Usage: bench_kda [B T]...   (default: 8 4096  2 16384  1 32768  1 131072), H=16 (BENCH_KDA_HEADS=N:
+// N), dk=dv=128.
 // BENCH_KDA_LASP=1 also times LASP-2's pieces per shape: the sequential state pass from a state (the re-run) and
 // the parallel correction's transition and correction kernels, forward and backward (docs/parallel.md); the
 // incoming state (and outgoing adjoint) of the first document only, the others start from zero, as on a rank.
@@ -17,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "kernels/kda.h"
@@ -67,7 +69,8 @@ void reset_pool() {
 }
 
 void run(int64_t B, int64_t T) {
-  const int64_t H = 16, dk = 128, dv = 128, N = B * T;
+  const char* heads = std::getenv("BENCH_KDA_HEADS");  // (issue 3's shapes: 16; the issue-9 student's: 8)
+  const int64_t H = heads != nullptr && std::atoi(heads) > 0 ? std::atoi(heads) : 16, dk = 128, dv = 128, N = B * T;
   std::mt19937_64 rng(B * 1000003 + T);
   std::uniform_real_distribution<float> ug(-0.5f, -0.01f), ub(0.02f, 0.98f);
   std::normal_distribution<float> nv(0.f, 1.f);
@@ -178,10 +181,27 @@ void run(int64_t B, int64_t T) {
     const float fin_ms = time_ms(
         [&] { kernels::kda_backward_saved_finish(ctx, tq, tk, tv, tg, tb, tcu, tdo, dq, dkk, dvv, dg, db, saved, ws); },
         iters);
+    // The forward before the exchange on a rank with an incoming state (prep, zero-state pass, transition pass):
+    // in one call pipelined over the saving forward's windows, and with one window (the passes side by side after
+    // the whole prep, as without HYD_SP_WINDOWS).
+    auto before_exchange = [&] {
+      kernels::kda_forward_saving_lasp(ctx, tq, tk, tv, tg, tb, tcu, o, none, saved, u, eye, M, P);
+    };
+    const float pre_win_ms = time_ms(before_exchange, iters);
+    const char* forced = std::getenv("HYD_KDA_WINDOWS");
+    const std::string keep_forced = forced != nullptr ? forced : "";
+    setenv("HYD_KDA_WINDOWS", "1", 1);
+    const float pre_one_ms = time_ms(before_exchange, iters);
+    if (forced != nullptr)
+      setenv("HYD_KDA_WINDOWS", keep_forced.c_str(), 1);
+    else
+      unsetenv("HYD_KDA_WINDOWS");
     std::printf(
-        "lasp B=%lld T=%lld H=%lld fwd: pass_from_state_ms=%.3f transition_ms=%.3f correct_ms=%.3f | bwd: "
+        "lasp B=%lld T=%lld H=%lld fwd: pass_from_state_ms=%.3f transition_ms=%.3f correct_ms=%.3f "
+        "before_exchange_windows_ms=%.3f before_exchange_one_window_ms=%.3f | bwd: "
         "reverse_ms=%.3f transition_ms=%.3f correct_ms=%.3f finish_ms=%.3f\n",
-        (long long)B, (long long)T, (long long)H, pass_ms, trans_ms, corr_ms, rev_ms, btrans_ms, bcorr_ms, fin_ms);
+        (long long)B, (long long)T, (long long)H, pass_ms, trans_ms, corr_ms, pre_win_ms, pre_one_ms, rev_ms, btrans_ms,
+        bcorr_ms, fin_ms);
     std::fflush(stdout);
   }
   cudaEventDestroy(e0);

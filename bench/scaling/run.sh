@@ -9,12 +9,14 @@
 # default), STEPS, PATTERN, LAYERS, DOCS, HYD_SP_ATTN_BALANCE (0: the contiguous LASP-2H instead of the
 # default balanced work; docs/parallel.md), HYD_SP_ASYNC (0: synchronised, timed SP collectives, for the SP comm
 # column, instead of the default queued ones: parallel/sequence_parallel.h), HYD_SP_PROFILE (1: per-phase times of
-# the first and the last rank, synchronising around every phase: trainer/lasp.h).
+# the first and the last rank, synchronising around every phase: trainer/lasp.h), HYD_SP_WINDOWS (0: LASP-2's
+# forward in steps on ranks with an incoming state instead of pipelined windows: trainer/lasp.cpp).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export NCCL_NVLS_ENABLE=0
 export HYD_SP_ATTN_BALANCE=${HYD_SP_ATTN_BALANCE:-} HYD_SP_ASYNC=${HYD_SP_ASYNC:-} HYD_SP_PROFILE=${HYD_SP_PROFILE:-}
 export HYD_KDA_SAVE=${HYD_KDA_SAVE:-} HYD_SP_CONCURRENT=${HYD_SP_CONCURRENT:-} HYD_KDA_CONCURRENT=${HYD_KDA_CONCURRENT:-}
+export HYD_SP_WINDOWS=${HYD_SP_WINDOWS:-}
 tokens=("$@")
 [ ${#tokens[@]} -gt 0 ] || tokens=(4096 16384)
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
@@ -31,7 +33,7 @@ for t in "${tokens[@]}"; do
     read -r np sp opt <<<"$r"
     [ "$np" -le "$gpus" ] || continue
     out=$(mpirun "${root[@]}" -np "$np" --bind-to none -x NCCL_NVLS_ENABLE -x HYD_SP_ATTN_BALANCE -x HYD_SP_ASYNC -x HYD_SP_PROFILE \
-      -x HYD_KDA_SAVE -x HYD_SP_CONCURRENT -x HYD_KDA_CONCURRENT ./build/bench_scaling --sp "$sp" \
+      -x HYD_KDA_SAVE -x HYD_SP_CONCURRENT -x HYD_KDA_CONCURRENT -x HYD_SP_WINDOWS ./build/bench_scaling --sp "$sp" \
       --tokens-per-gpu "$t" --steps "${STEPS:-5}" --layers "${LAYERS:-12}" --pattern "${PATTERN:-KKKA}" \
       --docs "${DOCS:-1}" --optimizer "$opt" 2>&1)
     rc=$?

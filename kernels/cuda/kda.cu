@@ -255,20 +255,42 @@ void kda_forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const 
   kda_mma::forward_saving_pass(s, cu_seqlens, initial_state, o, final_state, saved, u, as_stream(stream));
 }
 
+namespace {
+// The transition pass's u (zero values: u = T v = 0): f32 [max_chunks x hv x 64 x dk] elements.
+size_t transition_zero_floats(const KdaDims& s) {
+  return std::max<size_t>(
+      static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) * kda_chunk::kChunk * s.dk, 4);
+}
+}  // namespace
+
 void kda_forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
                                    float* final_state, const void* saved, void* stream, bf16* transitions) {
   check_dims(s, "kda_forward_saving_transition");
   HYD_CHECK(kda_split_supported(s), "kda_forward_saving_transition: not available for dk ", s.dk, " / dv ", s.dv);
   if (s.num_docs == 0) return;
   const cudaStream_t st = as_stream(stream);
-  const size_t zeros = static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) * kda_chunk::kChunk *
-                       static_cast<size_t>(s.dk);
-  StreamScratch zero_u(std::max<size_t>(zeros, 4), st);
-  CHECK_CUDA(cudaMemsetAsync(zero_u.get(), 0, std::max<size_t>(zeros, 4) * sizeof(float), st));
+  const size_t zeros = transition_zero_floats(s);
+  StreamScratch zero_u(zeros, st);
+  CHECK_CUDA(cudaMemsetAsync(zero_u.get(), 0, zeros * sizeof(float), st));
   kda_mma::forward_saving_transition(s, cu_seqlens, initial_state, final_state, saved, zero_u.get(), st, transitions);
 }
 
 size_t kda_transitions_bytes(const KdaDims& s) { return kda_mma::transitions_bytes(s); }
+
+void kda_forward_saving_lasp(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                             const float* beta, const int32_t* cu_seqlens, bf16* o, float* final_state, void* saved,
+                             float* u, const float* eye, float* transition_final, bf16* transitions, void* stream) {
+  check_dims(s, "kda_forward_saving_lasp");
+  HYD_CHECK(kda_split_supported(s), "kda_forward_saving_lasp: not available for dk ", s.dk, " / dv ", s.dv);
+  if (s.num_docs == 0) return;
+  const cudaStream_t st = as_stream(stream);
+  const size_t zeros = transition_zero_floats(s);
+  StreamScratch zero_u(zeros, st);
+  CHECK_CUDA(cudaMemsetAsync(zero_u.get(), 0, zeros * sizeof(float), st));
+  launch_saved_chunk_table(s, cu_seqlens, saved, st);
+  kda_mma::forward_saving_lasp(s, q, k, v, g, beta, cu_seqlens, o, final_state, saved, u, zero_u.get(), eye,
+                               transition_final, transitions, st);
+}
 
 void kda_forward_saving_correct(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
                                 const bf16* transitions, bf16* o, void* saved, void* stream) {

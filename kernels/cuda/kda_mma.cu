@@ -2022,15 +2022,16 @@ struct SideStream {
   int sms = 0;
 };
 // The current device's side stream and events, created on first use and kept for the process.
-const SideStream& device_side() {
+// which = 1: a second one (LASP-2's windowed forward runs two passes beside the prep: forward_saving_lasp).
+const SideStream& device_side(int which = 0) {
   constexpr int kMaxDevices = 64;
-  static SideStream sides[kMaxDevices];
+  static SideStream sides[2][kMaxDevices];
   static std::mutex mu;
   int dev = 0;
   CHECK_CUDA(cudaGetDevice(&dev));
   HYD_CHECK(dev >= 0 && dev < kMaxDevices, "kda: device ", dev, " beyond ", kMaxDevices);
   std::lock_guard<std::mutex> lock(mu);
-  SideStream& side = sides[dev];
+  SideStream& side = sides[which == 0 ? 0 : 1][dev];
   if (side.stream == nullptr) {
     int least = 0, greatest = 0;
     CHECK_CUDA(cudaDeviceGetStreamPriorityRange(&least, &greatest));
@@ -2460,6 +2461,61 @@ void forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, cons
 }
 
 size_t transitions_bytes(const KdaDims& s) { return std::max<size_t>(chunk_elems(s, s.dk) * 4, 16); }
+void forward_saving_lasp(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                         const float* beta, const int32_t* cu_seqlens, bf16* o, float* final_state, void* saved,
+                         float* u, const float* zero_u, const float* eye, float* transition_final, bf16* transitions,
+                         void* stream_ptr) {
+  HYD_CHECK(supports(s), "kda_mma::forward_saving_lasp: dk ", s.dk, " / dv ", s.dv, " not supported");
+  HYD_CHECK(s.num_docs <= 0x7fffffffLL && s.hv <= 65535, "kda_mma::forward_saving_lasp: grid too large");
+  SavedBuffers b;
+  carve_saved(s, static_cast<unsigned char*>(saved), b);
+  b.f.u = u;
+  FwdBuffers fm = b.f;  // the transition pass: zero values over dk columns (u = T v = 0)
+  fm.u = const_cast<float*>(zero_u);
+  KdaDims m = s;
+  m.dv = s.dk;
+  const cudaStream_t st = as_stream(stream_ptr);
+  __nv_bfloat16* lo = b.states + chunk_elems(s, s.dv);
+  __nv_bfloat16* p_hi = as_nv(transitions);
+  __nv_bfloat16* p_lo = p_hi != nullptr ? p_hi + chunk_elems(s, s.dk) : nullptr;
+  with_dims(s, [&]<int DK, int DV>() {
+    // Windows as the saving forward's, where both passes together fill at most half of the SMs (each windowed pass
+    // block takes an SM of its own, window_bytes), or where HYD_KDA_WINDOWS forces them.
+    const char* forced = std::getenv("HYD_KDA_WINDOWS");
+    const bool room = (forced != nullptr && forced[0] != '\0') ||
+                      4 * static_cast<int64_t>(doc_grid(s, DV, pass_bv(s, DV)).x) <= current_sm_count();
+    const int windows = room ? pass_windows(s, DV) : 1;
+    const SideStream& side = device_side(0);   // the zero-state pass
+    const SideStream& side2 = device_side(1);  // the transition pass
+    if (windows == 1) {                        // the prep, then both passes side by side
+      prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, b.chunk_off, b.f, st, b.x);
+      CHECK_CUDA(cudaEventRecord(side2.fork, st));
+      CHECK_CUDA(cudaStreamWaitEvent(side2.stream, side2.fork, 0));
+      state_impl<DK, DK>(m, cu_seqlens, b.chunk_off, eye, nullptr, transition_final, fm, side2.stream, p_hi, p_lo);
+      state_impl<DK, DV>(s, cu_seqlens, b.chunk_off, nullptr, o, final_state, b.f, st, b.states, lo, b.vn);
+      CHECK_CUDA(cudaEventRecord(side2.join, side2.stream));
+      CHECK_CUDA(cudaStreamWaitEvent(st, side2.join, 0));
+      return;
+    }
+    // The prep of window w + 1 (on st) beside both passes over window w (pass_windows), each pass carrying its own
+    // state across the window edges.
+    const Windows win(s, windows, DK, DV, st), win_m(m, windows, DK, DK, st);
+    for (int w = 0; w < windows; ++w) {
+      prep_impl<DK, DV>(s, q, k, v, g, beta, cu_seqlens, b.chunk_off, b.f, st, b.x, w * win.per, win.per);
+      CHECK_CUDA(cudaEventRecord(side.win[w], st));
+      CHECK_CUDA(cudaStreamWaitEvent(side.stream, side.win[w], 0));
+      CHECK_CUDA(cudaStreamWaitEvent(side2.stream, side.win[w], 0));
+      state_impl<DK, DK>(m, cu_seqlens, b.chunk_off, eye, nullptr, transition_final, fm, side2.stream, p_hi, p_lo,
+                         nullptr, win_m.pass(w));
+      state_impl<DK, DV>(s, cu_seqlens, b.chunk_off, nullptr, o, final_state, b.f, side.stream, b.states, lo, b.vn,
+                         win.pass(w));
+    }
+    CHECK_CUDA(cudaEventRecord(side.join, side.stream));
+    CHECK_CUDA(cudaStreamWaitEvent(st, side.join, 0));
+    CHECK_CUDA(cudaEventRecord(side2.join, side2.stream));
+    CHECK_CUDA(cudaStreamWaitEvent(st, side2.join, 0));
+  });
+}
 
 void forward_saving_correct(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
                             const bf16* transitions, bf16* o, void* saved, void* stream_ptr) {

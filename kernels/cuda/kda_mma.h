@@ -85,6 +85,15 @@ void forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, cons
                                float* final_state, const void* saved, const float* zero_u, void* stream,
                                bf16* transitions = nullptr);
 size_t transitions_bytes(const KdaDims& s);
+// LASP-2's forward before the exchange on a rank with an incoming state, in one call: forward_saving_prepare,
+// forward_saving_transition from `eye` (transition_final, transitions) and forward_saving_pass from a zero state (o,
+// final_state). With pipelined windows (saving_windows > 1) the prep of window w + 1 runs beside both passes over
+// window w (the zero-state pass on the side stream, the transition pass on a second one); otherwise the passes run
+// side by side after the prep. The same kernels over the same chunks: the same bits as the three calls.
+void forward_saving_lasp(const KdaDims& s, const bf16* q, const bf16* k, const bf16* v, const float* g,
+                         const float* beta, const int32_t* cu_seqlens, bf16* o, float* final_state, void* saved,
+                         float* u, const float* zero_u, const float* eye, float* transition_final, bf16* transitions,
+                         void* stream);
 // LASP-2's parallel correction: after forward_saving_pass from a zero state and forward_saving_transition from
 // identities keeping `transitions`, turns the kept states, v_new and o into those of a pass from initial_state
 // (to rounding) with one parallel kernel: S_c += P_c S_in, v_new_c -= w_c P_c S_in, o_c += (qg_c - Aqk_c w_c) P_c

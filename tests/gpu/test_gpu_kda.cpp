@@ -559,6 +559,25 @@ TEST(GpuKda, SavedBackwardEqualsTheRecomputingOne) {
   });
 }
 
+// The windowed tests' problems (mixed gates, with an initial state): one long document cut unevenly by windows, shorter
+// ones at dk = dv = 64 and at dk 128 / dv 64, and a packed batch of documents of 0..1000 tokens.
+template <class F>
+void for_window_cases(F&& body) {
+  struct Case {
+    int64_t h, hv, dk, dv;
+    std::vector<int32_t> lengths;
+  };
+  for (const Case& c : {Case{2, 2, 128, 128, {64 * 23 + 17}}, Case{1, 2, 64, 64, {64 * 9}}, Case{1, 1, 128, 64, {130}},
+                        Case{2, 2, 128, 128, {1, 63, 64, 0, 65, 200, 1000}}}) {
+    const Problem p = make_problem(c.lengths, c.h, c.hv, c.dk, c.dv, true, Gates::mixed);
+    SCOPED_TRACE(describe(p, "mixed", true));
+    ExecContext ctx(Device::cuda(0));
+    DeviceBuffers buf(Device::cuda(0), size_t(256) << 20);
+    const Inputs in = upload_inputs(buf, p);
+    body(p, ctx, buf, in);
+  }
+}
+
 // kda_forward_saving / kda_backward_saved in windows of consecutive chunks (the prep of one window beside the state
 // pass over the one before; the products of one beside the reverse pass over the one after), carrying the state of
 // a document cut by a window edge in f32, and with the state passes 64 columns wide (16 warps) instead of 32. Every
@@ -568,19 +587,9 @@ TEST(GpuKda, SavedBackwardEqualsTheRecomputingOne) {
 TEST(GpuKda, PipelinedWindowsAndWidePassesEqualTheWholePasses) {
   HYD_REQUIRE_GPU();
   const test::ScopedEnv windows_env("HYD_KDA_WINDOWS"), width_env("HYD_KDA_PASS_BV");  // put back at the end
-  struct Case {
-    int64_t h, hv, dk, dv;
-    std::vector<int32_t> lengths;
-  };
-  for (const Case& c : {Case{2, 2, 128, 128, {64 * 23 + 17}}, Case{1, 2, 64, 64, {64 * 9}}, Case{1, 1, 128, 64, {130}},
-                        Case{2, 2, 128, 128, {1, 63, 64, 0, 65, 200, 1000}}}) {
-    const Problem p = make_problem(c.lengths, c.h, c.hv, c.dk, c.dv, true, Gates::mixed);
-    SCOPED_TRACE(describe(p, "mixed", true));
+  for_window_cases([&](const Problem& p, const ExecContext& ctx, DeviceBuffers& buf, const Inputs& in) {
     const KdaDims& s = p.s;
     const int64_t n = s.n, D = s.num_docs;
-    ExecContext ctx(Device::cuda(0));
-    DeviceBuffers buf(Device::cuda(0), size_t(256) << 20);
-    const Inputs in = upload_inputs(buf, p);
     const Tensor dout = buf.upload(p.dout, {n, s.hv, s.dv}, DType::bf16);
     const Tensor dfin = buf.upload(p.dfinal, {D, s.hv, s.dk, s.dv}, DType::f32);
     const Tensor saved = buf.poisoned({kda_saved_floats(in.k, in.v, in.cu)}, DType::f32);
@@ -625,7 +634,75 @@ TEST(GpuKda, PipelinedWindowsAndWidePassesEqualTheWholePasses) {
                                     << (with_states ? "" : ", no states") << " differs from one 32-column window";
       }
     }
-  }
+  });
+}
+
+// LASP-2's forward before the exchange in one call (kda_forward_saving_lasp: the prep of one window beside the
+// zero-state pass and the transition pass over the one before) equals the three calls one after the other bit for
+// bit: o, the final state B, the transition pass's final state M and every chunk's P_c, and everything kept in
+// `saved` (compared as bits, poisoned alike first). Windows forced (HYD_KDA_WINDOWS), 1 = the passes side by side
+// after the whole prep; with several documents the identities sit at every document, as where every row's first
+// document continues.
+TEST(GpuKda, LaspForwardInWindowsEqualsTheSteps) {
+  HYD_REQUIRE_GPU();
+  const test::ScopedEnv windows_env("HYD_KDA_WINDOWS");  // put back at the end
+  for_window_cases([&](const Problem& p, const ExecContext& ctx, DeviceBuffers& buf, const Inputs& in) {
+    const KdaDims& s = p.s;
+    const int64_t n = s.n, D = s.num_docs;
+    std::vector<float> eye_h(static_cast<size_t>(D * s.hv * s.dk * s.dk), 0.f);
+    for (int64_t m = 0; m < D * s.hv; ++m)
+      for (int64_t i = 0; i < s.dk; ++i) eye_h[(m * s.dk + i) * s.dk + i] = 1.f;
+    const Tensor eye = buf.upload(eye_h, {D, s.hv, s.dk, s.dk}, DType::f32);
+    // o, B, M, P, saved
+    auto outputs = [&] {
+      return std::vector<Tensor>{buf.poisoned({n, s.hv, s.dv}, DType::bf16),
+                                 buf.poisoned({D, s.hv, s.dk, s.dv}, DType::f32),
+                                 buf.poisoned({D, s.hv, s.dk, s.dk}, DType::f32),
+                                 buf.poisoned({kda_transitions_floats(in.k, in.v, in.cu)}, DType::f32),
+                                 buf.poisoned({kda_saved_floats(in.k, in.v, in.cu)}, DType::f32)};
+    };
+    auto bits = [](const Tensor& t) {
+      std::vector<uint8_t> h(static_cast<size_t>(t.nbytes()));
+      copy_tensor(Tensor(h.data(), t.dtype, Device::cpu(), {t.numel()}), t.view({t.numel()}));
+      return h;
+    };
+    const Tensor u = buf.poisoned({kda_saving_u_floats(in.k, in.v, in.cu)}, DType::f32);
+    windows_env.set("1");
+    const std::vector<Tensor> ref = outputs();
+    kda_forward_saving_prepare(ctx, in.q, in.k, in.v, in.g, in.beta, in.cu, ref[4], u);
+    kda_forward_saving_transition(ctx, in.k, in.v, in.cu, eye, ref[2], ref[4], ref[3]);
+    kda_forward_saving_pass(ctx, in.k, in.v, in.cu, Tensor{}, ref[0], ref[1], ref[4], u);
+    ctx.synchronize();
+    std::vector<std::vector<uint8_t>> want;
+    for (const Tensor& t : ref) want.push_back(bits(t));
+    EXPECT_TRUE(all_finite(DeviceBuffers::download(ref[0])));
+    EXPECT_TRUE(all_finite(DeviceBuffers::download(ref[2])));
+    const char* names[] = {"o", "final state B", "transition M", "transitions P_c", "saved"};
+    for (const char* windows : {"1", "2", "4", "16"}) {
+      windows_env.set(windows);
+      const std::vector<Tensor> got = outputs();
+      const Tensor u2 = buf.poisoned({kda_saving_u_floats(in.k, in.v, in.cu)}, DType::f32);
+      kda_forward_saving_lasp(ctx, in.q, in.k, in.v, in.g, in.beta, in.cu, got[0], got[1], got[4], u2, eye, got[2],
+                              got[3]);
+      ctx.synchronize();
+      for (size_t i = 0; i < got.size(); ++i)
+        EXPECT_TRUE(bits(got[i]) == want[i]) << names[i] << " with " << windows << " windows differs from the steps";
+    }
+    const Tensor small = buf.poisoned({16}, DType::f32);
+    const std::vector<Tensor> bad = outputs();
+    test::expect_error_mentioning(
+        [&] {
+          kda_forward_saving_lasp(ctx, in.q, in.k, in.v, in.g, in.beta, in.cu, bad[0], bad[1], bad[4], u, eye, bad[2],
+                                  small);
+        },
+        "transitions");
+    test::expect_error_mentioning(
+        [&] {
+          kda_forward_saving_lasp(ctx, in.q, in.k, in.v, in.g, in.beta, in.cu, bad[0], bad[1], bad[4], u, small, bad[2],
+                                  bad[3]);
+        },
+        "eye");
+  });
 }
 
 // LASP-2's parallel correction (kda_forward_saving_correct): the zero-state pass, the transition pass from
