@@ -453,6 +453,7 @@ void kda_forward_saving_prepare(const ExecContext& ctx, const Tensor& q, const T
                                    cu_seqlens.ptr<int32_t>(), saved.data, u.ptr<float>(), ctx.stream());
 #else
   (void)ctx;
+  (void)s;
 #endif
 }
 
