@@ -256,11 +256,17 @@ void kda_forward_saving_pass(const KdaDims& s, const int32_t* cu_seqlens, const 
 }
 
 namespace {
-// The transition pass's u (zero values: u = T v = 0): f32 [max_chunks x hv x 64 x dk] elements.
-size_t transition_zero_floats(const KdaDims& s) {
-  return std::max<size_t>(
-      static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) * kda_chunk::kChunk * s.dk, 4);
-}
+// The transition pass's u (zero values: u = T v = 0), f32 [max_chunks x hv x 64 x dk] zeros in stream-ordered scratch.
+struct TransitionZeroU {
+  static size_t floats(const KdaDims& s) {
+    return std::max<size_t>(
+        static_cast<size_t>(kda_chunk::max_chunks(s)) * static_cast<size_t>(s.hv) * kda_chunk::kChunk * s.dk, 4);
+  }
+  StreamScratch buf;
+  TransitionZeroU(const KdaDims& s, cudaStream_t st) : buf(floats(s), st) {
+    CHECK_CUDA(cudaMemsetAsync(buf.get(), 0, floats(s) * sizeof(float), st));
+  }
+};
 }  // namespace
 
 void kda_forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, const float* initial_state,
@@ -269,10 +275,9 @@ void kda_forward_saving_transition(const KdaDims& s, const int32_t* cu_seqlens, 
   HYD_CHECK(kda_split_supported(s), "kda_forward_saving_transition: not available for dk ", s.dk, " / dv ", s.dv);
   if (s.num_docs == 0) return;
   const cudaStream_t st = as_stream(stream);
-  const size_t zeros = transition_zero_floats(s);
-  StreamScratch zero_u(zeros, st);
-  CHECK_CUDA(cudaMemsetAsync(zero_u.get(), 0, zeros * sizeof(float), st));
-  kda_mma::forward_saving_transition(s, cu_seqlens, initial_state, final_state, saved, zero_u.get(), st, transitions);
+  const TransitionZeroU zero_u(s, st);
+  kda_mma::forward_saving_transition(s, cu_seqlens, initial_state, final_state, saved, zero_u.buf.get(), st,
+                                     transitions);
 }
 
 size_t kda_transitions_bytes(const KdaDims& s) { return kda_mma::transitions_bytes(s); }
@@ -284,11 +289,9 @@ void kda_forward_saving_lasp(const KdaDims& s, const bf16* q, const bf16* k, con
   HYD_CHECK(kda_split_supported(s), "kda_forward_saving_lasp: not available for dk ", s.dk, " / dv ", s.dv);
   if (s.num_docs == 0) return;
   const cudaStream_t st = as_stream(stream);
-  const size_t zeros = transition_zero_floats(s);
-  StreamScratch zero_u(zeros, st);
-  CHECK_CUDA(cudaMemsetAsync(zero_u.get(), 0, zeros * sizeof(float), st));
+  const TransitionZeroU zero_u(s, st);
   launch_saved_chunk_table(s, cu_seqlens, saved, st);
-  kda_mma::forward_saving_lasp(s, q, k, v, g, beta, cu_seqlens, o, final_state, saved, u, zero_u.get(), eye,
+  kda_mma::forward_saving_lasp(s, q, k, v, g, beta, cu_seqlens, o, final_state, saved, u, zero_u.buf.get(), eye,
                                transition_final, transitions, st);
 }
 

@@ -2069,14 +2069,16 @@ const SideStream* side_stream(int64_t pass_blocks) {
 // document or a few, and the passes that ran the documents side by side run them one after the other (two documents
 // of 8192 tokens, 8 heads, 4 windows: each window's pass walks half of one document with a quarter of the blocks;
 // issue 9's distill step at B2xT8192, stop 28: 113.9 ms windowed, 109.4 ms not). HYD_KDA_WINDOWS=N forces N windows
-// (1: none), read on every call.
-int pass_windows(const KdaDims& s, int DV) {
+// (1: none), read on every call. passes: how many state passes run beside the chunk-parallel kernels (2: LASP-2's
+// zero-state and transition passes, forward_saving_lasp); all of them together must fill at most half of the SMs
+// (each windowed pass block takes an SM of its own, window_bytes).
+int pass_windows(const KdaDims& s, int DV, int passes = 1) {
   const int64_t chunks = kda_chunk::max_chunks(s);
   int64_t w = 1;
   const char* e = std::getenv("HYD_KDA_WINDOWS");
   if (e != nullptr && e[0] != '\0')
     w = std::atoi(e);
-  else if (s.num_docs == 1 && 2 * static_cast<int64_t>(doc_grid(s, DV).x) <= current_sm_count())
+  else if (s.num_docs == 1 && 2 * passes * static_cast<int64_t>(doc_grid(s, DV).x) <= current_sm_count())
     w = chunks / 64;
   return static_cast<int>(std::clamp<int64_t>(w, 1, std::min<int64_t>(kMaxWindows, std::max<int64_t>(chunks, 1))));
 }
@@ -2479,12 +2481,7 @@ void forward_saving_lasp(const KdaDims& s, const bf16* q, const bf16* k, const b
   __nv_bfloat16* p_hi = as_nv(transitions);
   __nv_bfloat16* p_lo = p_hi != nullptr ? p_hi + chunk_elems(s, s.dk) : nullptr;
   with_dims(s, [&]<int DK, int DV>() {
-    // Windows as the saving forward's, where both passes together fill at most half of the SMs (each windowed pass
-    // block takes an SM of its own, window_bytes), or where HYD_KDA_WINDOWS forces them.
-    const char* forced = std::getenv("HYD_KDA_WINDOWS");
-    const bool room = (forced != nullptr && forced[0] != '\0') ||
-                      4 * static_cast<int64_t>(doc_grid(s, DV, pass_bv(s, DV)).x) <= current_sm_count();
-    const int windows = room ? pass_windows(s, DV) : 1;
+    const int windows = pass_windows(s, DV, 2);  // (two passes beside the prep)
     const SideStream& side = device_side(0);   // the zero-state pass
     const SideStream& side2 = device_side(1);  // the transition pass
     if (windows == 1) {                        // the prep, then both passes side by side
