@@ -246,7 +246,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 // warpgroup: S^T = K Q^T and dP^T = V dO^T (64 keys x 64 queries each, both issued at once); P^T = exp2(S^T scale
 // log2(e) - L2) with the causal / document mask, packed to bf16 as the A operand of dV += P^T dO (issued while
 // dP^T finishes); dS^T = P^T (dP^T - D) to shared memory and as the A operand of dK += dS^T Q; after both
-// warpgroups' dS^T are in: dQ[:, 64 wg..] = dS K[:, 64 wg..] (dS read transposed), added to the accumulator.
+// warpgroups' dS^T are in: dQ[:, 64 wg..] = dS K[:, 64 wg..] (dS read transposed), staged in shared memory and added
+// to the accumulator by two TMA reduce-adds (f32 add in L2; 11-14% faster backward than 16 float2 atomics a thread,
+// docs/benchmarks.md stop 35).
 namespace bwd {
 constexpr int kBN = 128, kBM = 64, kThreads = 384;
 constexpr int kBoxKV = kBN * 128;                      // bytes of a [128 keys][64 bf16] box
@@ -256,19 +258,25 @@ constexpr int kStage = 4 * kBoxQ;                      // Q, dO: two boxes each
 constexpr int kOffDS = kOffQ + 2 * kStage;             // dS^T [128 keys][64 queries] bf16, two buffers
 constexpr int kOffL = kOffDS + 2 * kBN * 128;          // L2, D: [2 stages][64] f32 each
 constexpr int kOffBar = kOffL + 4 * kBM * 4;
-constexpr int kSmem = kOffBar + 64 + 1024;
+constexpr int kBoxDQ = kBM * 128;                      // bytes of a [64 queries][32 f32] box of dQ
+constexpr int kOffDQ = kOffBar + 1024;                 // dQ [64 queries][128] f32 as four boxes (1024-aligned)
+constexpr int kSmem = kOffDQ + 4 * kBoxDQ + 1024;
 }  // namespace bwd
 
+// kTmaDq: each warpgroup's dQ goes through shared memory to the accumulator by TMA reduce-adds (its leader thread
+// issues two per query tile), instead of 16 float2 atomics a thread; rows of the tile past the document's end add
+// exact zeros there (their dS is 0). HYD_FLASH_DQ_ATOMIC=1 selects the atomics.
+template <bool kTmaDq>
 __global__ void __launch_bounds__(bwd::kThreads, 1)
     flash_bwd_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_do,
                            const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
-                           const float* __restrict__ dsum, const float* __restrict__ lse2,
+                           const __grid_constant__ CUtensorMap map_dq, const float* __restrict__ dsum, const float* __restrict__ lse2,
                            const int32_t* __restrict__ cu_q, const int32_t* __restrict__ cu_k,
                            float* __restrict__ dq_acc, __nv_bfloat16* __restrict__ dk, __nv_bfloat16* __restrict__ dv,
                            int64_t nq, int hq, int hkv, float scale_log2, float scale, int tiles, int groups,
                            int pack) {
   constexpr int kBN = bwd::kBN, kBM = bwd::kBM, kBoxKV = bwd::kBoxKV, kBoxQ = bwd::kBoxQ;  // (shadow the forward's)
-  using bwd::kOffDS, bwd::kOffL, bwd::kOffBar, bwd::kOffQ, bwd::kOffV, bwd::kStage;
+  using bwd::kOffDS, bwd::kOffL, bwd::kOffBar, bwd::kOffQ, bwd::kOffV, bwd::kStage, bwd::kOffDQ, bwd::kBoxDQ;
   extern __shared__ unsigned char smem_raw[];
   const KeyBlock kb = key_block<kBN, kBM>(tiles, groups, pack, hkv, cu_q, cu_k);
   const int hk = kb.hk, n0 = kb.n0, q_begin = kb.q_begin, len_q = kb.len_q, k_begin = kb.k_begin, len_k = kb.len_k;
@@ -414,6 +422,8 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
       wgmma::mma_m64n128k16_rs_tb(dk_acc, ds[kk], wgmma::desc_sw128(sQ + 2048 * kk, kBoxQ, 1024), true);
     wgmma::commit();
     wgmma::fence_proxy_async();  // dS^T's stores, read next by wgmma
+    // (the leader's wait: the last tile's dQ adds have read the buffer before anyone passes the barrier)
+    if (kTmaDq && threadIdx.x % 128 == 0) tma::wait_group_read<0>();
     asm volatile("bar.sync 1, 256;\n" ::: "memory");
 
     // dQ[:, 64 wg..] = dS K[:, 64 wg..]: A = dS^T read transposed, B = K's column block wg read transposed.
@@ -430,17 +440,39 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
     wgmma::fence_regs(dv_acc);
     __syncwarp();
     if (lane == 0) tma::arrive(empty(st));
+    if constexpr (kTmaDq) {
+      // This warpgroup's two boxes (head dims 64 wg + 32 b..), 128-byte swizzle: the 16-byte chunk of row r XOR r % 8.
+      unsigned char* box = smem + kOffDQ + 2 * wg * kBoxDQ;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int qi = m0 + 16 * (warp & 3) + g + 8 * r;
-      if (qi < len_q) {
-        float* dst = dq_acc + (static_cast<int64_t>(q_begin + qi) * hq + h) * 128 + 64 * wg + 2 * t;
+      for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
-          atomicAdd(reinterpret_cast<float2*>(dst + 8 * i), make_float2(dq[4 * i + 2 * r], dq[4 * i + 2 * r + 1]));
+        for (int r = 0; r < 2; ++r) {
+          const int row = 16 * (warp & 3) + g + 8 * r, chunk = 2 * (i & 3) + (t >> 1);  // row % 8 = g
+          *reinterpret_cast<float2*>(box + (i >> 2) * kBoxDQ + row * 128 + ((chunk ^ g) << 4) + 8 * (t & 1)) =
+              make_float2(dq[4 * i + 2 * r], dq[4 * i + 2 * r + 1]);
+        }
+      wgmma::fence_proxy_async();
+      asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+      if (threadIdx.x % 128 == 0) {
+        const uint32_t src = base + kOffDQ + 2 * wg * kBoxDQ;
+        tma::reduce_add_2d(&map_dq, h * 128 + 64 * wg, q_begin + m0, src);
+        tma::reduce_add_2d(&map_dq, h * 128 + 64 * wg + 32, q_begin + m0, src + kBoxDQ);
+        tma::commit_group();
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int qi = m0 + 16 * (warp & 3) + g + 8 * r;
+        if (qi < len_q) {
+          float* dst = dq_acc + (static_cast<int64_t>(q_begin + qi) * hq + h) * 128 + 64 * wg + 2 * t;
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            atomicAdd(reinterpret_cast<float2*>(dst + 8 * i), make_float2(dq[4 * i + 2 * r], dq[4 * i + 2 * r + 1]));
+        }
       }
     }
   }
+  if (kTmaDq && threadIdx.x % 128 == 0) tma::wait_group_read<0>();  // (the buffer outlives the adds' reads)
 
   // dk = scale dK, dv = dV.
 #pragma unroll
@@ -459,8 +491,10 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
   }
 }
 
-// A [rows][heads x 128] bf16 tensor as 2-D TMA boxes of [box_rows][64 columns], 128-byte swizzled.
-CUtensorMap tile_map(const void* ptr, int64_t heads, int64_t rows, uint32_t box_rows, const char* what) {
+// A [rows][heads x 128] bf16 (f32: the dQ accumulator) tensor as 2-D TMA boxes of [box_rows][128 bytes of columns],
+// 128-byte swizzled.
+CUtensorMap tile_map(const void* ptr, int64_t heads, int64_t rows, uint32_t box_rows, const char* what,
+                     bool f32 = false) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
   static std::once_flag once;
   std::call_once(once, [] {
@@ -473,9 +507,10 @@ CUtensorMap tile_map(const void* ptr, int64_t heads, int64_t rows, uint32_t box_
   });
   CUtensorMap map{};
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(heads * kD), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(heads * kD * 2)};
-  const cuuint32_t box[2] = {64, box_rows}, unit[2] = {1, 1};
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(ptr), dims, strides, box, unit,
+  const int bytes = f32 ? 4 : 2;
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(heads * kD * bytes)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(128 / bytes), box_rows}, unit[2] = {1, 1};
+  const CUresult r = encode(&map, f32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(ptr), dims, strides, box, unit,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   HYD_CHECK(r == CUDA_SUCCESS, "flash attention (wgmma): cuTensorMapEncodeTiled failed for ", what, " (error ",
@@ -524,11 +559,17 @@ void flash_backward_wgmma(const bf16* dout, const bf16* q, const bf16* k, const 
             hkv, " kv heads, ", tiles, " key tiles)");
   const int64_t rows_q = std::max<int64_t>(nq, 1);
   const CUtensorMap mq = tile_map(q, hq, rows_q, bwd::kBM, "q"), mdo = tile_map(dout, hq, rows_q, bwd::kBM, "dout"),
-                    mk = tile_map(k, hkv, nk, bwd::kBN, "k"), mv = tile_map(v, hkv, nk, bwd::kBN, "v");
-  CHECK_CUDA(cudaFuncSetAttribute(flash_bwd_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bwd::kSmem));
+                    mk = tile_map(k, hkv, nk, bwd::kBN, "k"), mv = tile_map(v, hkv, nk, bwd::kBN, "v"),
+                    mdq = tile_map(dq_acc, hq, rows_q, bwd::kBM, "dq accumulator", true);
+  static const bool atomic_dq = [] {
+    const char* e = std::getenv("HYD_FLASH_DQ_ATOMIC");
+    return e != nullptr && e[0] == '1';
+  }();
+  const auto kernel = atomic_dq ? flash_bwd_wgmma_kernel<false> : flash_bwd_wgmma_kernel<true>;
+  CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bwd::kSmem));
   const int pack = pack_groups(groups, q_bytes_per_group);
-  flash_bwd_wgmma_kernel<<<static_cast<unsigned>(groups * tiles), bwd::kThreads, bwd::kSmem, as_stream(stream)>>>(
-      mq, mdo, mk, mv, dsum, lse2, cu_q, cu_k, dq_acc, as_nv(dk), as_nv(dv), nq, static_cast<int>(hq),
+  kernel<<<static_cast<unsigned>(groups * tiles), bwd::kThreads, bwd::kSmem, as_stream(stream)>>>(
+      mq, mdo, mk, mv, mdq, dsum, lse2, cu_q, cu_k, dq_acc, as_nv(dk), as_nv(dv), nq, static_cast<int>(hq),
       static_cast<int>(hkv), scale * ptx::kLog2e, scale, static_cast<int>(tiles), static_cast<int>(groups), pack);
   CHECK_LAUNCH();
 }

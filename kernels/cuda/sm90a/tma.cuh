@@ -50,4 +50,20 @@ __device__ __forceinline__ void load_2d(uint32_t dst, const void* map, int x, in
       : "memory");
 }
 
+// Adds the shared-memory box at src (laid out as load_2d would have written it) to the box of `map` at (x, y), f32
+// element-wise in the memory system (atomic per element against other blocks' adds; elements outside the tensor are
+// skipped). Asynchronous: commit_group() after the adds of one buffer, wait_group_read<0>() before it is written
+// again or the block exits. The writing threads' fence.proxy.async and a barrier come before the issuing thread.
+__device__ __forceinline__ void reduce_add_2d(const void* map, int x, int y, uint32_t src) {
+  asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%1, %2}], [%3];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(map)),
+               "r"(x), "r"(y), "r"(src)
+               : "memory");
+}
+__device__ __forceinline__ void commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+
 }  // namespace hyd::kernels::cuda::tma
