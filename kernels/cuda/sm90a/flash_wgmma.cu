@@ -119,7 +119,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   // The descriptor of the tile at addr0 + off: addr0's advanced by the constant offset (built whole for every
   // product, the descriptors took ~230 more instructions per kernel and the forward was 1-3% slower, stop 35).
-  auto dsc = [](uint32_t addr0, uint32_t off, uint32_t lbo) { return wgmma::desc_sw128(addr0, lbo, 1024) + (off >> 4); };
+  auto dsc = [](uint32_t addr0, uint32_t off, uint32_t lbo) {
+    return wgmma::desc_sw128(addr0, lbo, 1024) + (off >> 4);
+  };
   auto issue_qk = [&](uint32_t sK) {
     wgmma::fence();
 #pragma unroll
@@ -261,8 +263,8 @@ constexpr int kStage = 4 * kBoxQ;                      // Q, dO: two boxes each
 constexpr int kOffDS = kOffQ + 2 * kStage;             // dS^T [128 keys][64 queries] bf16, two buffers
 constexpr int kOffL = kOffDS + 2 * kBN * 128;          // L2, D: [2 stages][64] f32 each
 constexpr int kOffBar = kOffL + 4 * kBM * 4;
-constexpr int kBoxDQ = kBM * 128;                      // bytes of a [64 queries][32 f32] box of dQ
-constexpr int kOffDQ = kOffBar + 1024;                 // dQ [64 queries][128] f32 as four boxes (1024-aligned)
+constexpr int kBoxDQ = kBM * 128;       // bytes of a [64 queries][32 f32] box of dQ
+constexpr int kOffDQ = kOffBar + 1024;  // dQ [64 queries][128] f32 as four boxes (1024-aligned)
 constexpr int kSmem = kOffDQ + 4 * kBoxDQ + 1024;
 }  // namespace bwd
 
@@ -273,11 +275,11 @@ template <bool kTmaDq>
 __global__ void __launch_bounds__(bwd::kThreads, 1)
     flash_bwd_wgmma_kernel(const __grid_constant__ CUtensorMap map_q, const __grid_constant__ CUtensorMap map_do,
                            const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
-                           const __grid_constant__ CUtensorMap map_dq, const float* __restrict__ dsum, const float* __restrict__ lse2,
-                           const int32_t* __restrict__ cu_q, const int32_t* __restrict__ cu_k,
-                           float* __restrict__ dq_acc, __nv_bfloat16* __restrict__ dk, __nv_bfloat16* __restrict__ dv,
-                           int64_t nq, int hq, int hkv, float scale_log2, float scale, int tiles, int groups,
-                           int pack) {
+                           const __grid_constant__ CUtensorMap map_dq, const float* __restrict__ dsum,
+                           const float* __restrict__ lse2, const int32_t* __restrict__ cu_q,
+                           const int32_t* __restrict__ cu_k, float* __restrict__ dq_acc, __nv_bfloat16* __restrict__ dk,
+                           __nv_bfloat16* __restrict__ dv, int64_t nq, int hq, int hkv, float scale_log2, float scale,
+                           int tiles, int groups, int pack) {
   constexpr int kBN = bwd::kBN, kBM = bwd::kBM, kBoxKV = bwd::kBoxKV, kBoxQ = bwd::kBoxQ;  // (shadow the forward's)
   using bwd::kOffDS, bwd::kOffL, bwd::kOffBar, bwd::kOffQ, bwd::kOffV, bwd::kStage, bwd::kOffDQ, bwd::kBoxDQ;
   extern __shared__ unsigned char smem_raw[];
@@ -406,8 +408,7 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
     wgmma::fence_regs(dv_acc);
     wgmma::fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-      wgmma::mma_m64n128k16_rs_tb(dv_acc, pp[kk], dsc(d_dot, 2048 * kk), true);
+    for (int kk = 0; kk < 4; ++kk) wgmma::mma_m64n128k16_rs_tb(dv_acc, pp[kk], dsc(d_dot, 2048 * kk), true);
     wgmma::commit();
     wgmma::wait<1>();
     wgmma::fence_regs(dp_t);
@@ -432,8 +433,7 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
     wgmma::fence_regs(dk_acc);
     wgmma::fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-      wgmma::mma_m64n128k16_rs_tb(dk_acc, ds[kk], dsc(d_qt, 2048 * kk), true);
+    for (int kk = 0; kk < 4; ++kk) wgmma::mma_m64n128k16_rs_tb(dk_acc, ds[kk], dsc(d_qt, 2048 * kk), true);
     wgmma::commit();
     wgmma::fence_proxy_async();  // dS^T's stores, read next by wgmma
     // (the leader's wait: the last tile's dQ adds have read the buffer before anyone passes the barrier)
@@ -523,9 +523,10 @@ CUtensorMap tile_map(const void* ptr, int64_t heads, int64_t rows, uint32_t box_
   const int bytes = f32 ? 4 : 2;
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(heads * kD * bytes)};
   const cuuint32_t box[2] = {static_cast<cuuint32_t>(128 / bytes), box_rows}, unit[2] = {1, 1};
-  const CUresult r = encode(&map, f32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(ptr), dims, strides, box, unit,
-                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r =
+      encode(&map, f32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(ptr),
+             dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   HYD_CHECK(r == CUDA_SUCCESS, "flash attention (wgmma): cuTensorMapEncodeTiled failed for ", what, " (error ",
             static_cast<int>(r), ", ", rows, " rows x ", heads, " heads)");
   return map;
