@@ -65,9 +65,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto full_v = [&](int s) { return bars + 24 + 8 * s; };
   auto empty_k = [&](int s) { return bars + 40 + 8 * s; };
   auto empty_v = [&](int s) { return bars + 56 + 8 * s; };
-  // (the warp index from lane 0: the compiler then knows it is the same in every lane, and keeps the shared-memory
-  // descriptors built from it in uniform registers)
-  const int warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0), lane = threadIdx.x & 31;
+  const int warp = wgmma::warp_index(), lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
     tma::mbar_init(full_q, 1);
     for (int s = 0; s < 2; ++s) {
@@ -117,23 +115,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f}, alpha[2];
   const uint32_t q_wg = sQ + wg * 64 * 128;
 
-  // The descriptor of the tile at addr0 + off: addr0's advanced by the constant offset (built whole for every
-  // product, the descriptors took ~230 more instructions per kernel and the forward was 1-3% slower, stop 35).
-  auto dsc = [](uint32_t addr0, uint32_t off, uint32_t lbo) {
-    return wgmma::desc_sw128(addr0, lbo, 1024) + (off >> 4);
-  };
   auto issue_qk = [&](uint32_t sK) {
+    const uint64_t d_q = wgmma::desc_sw128(q_wg, 16, 1024), d_k = wgmma::desc_sw128(sK, 16, 1024);
     wgmma::fence();
 #pragma unroll
     for (int ks = 0; ks < 8; ++ks) {
       const uint32_t koff = static_cast<uint32_t>((ks >> 2) * kBox + (ks & 3) * 32);
-      wgmma::mma_m64n128k16_ss(s, dsc(q_wg, koff, 16), dsc(sK, koff, 16), ks > 0);
+      wgmma::mma_m64n128k16_ss(s, wgmma::desc_advance(d_q, koff), wgmma::desc_advance(d_k, koff), ks > 0);
     }
     wgmma::commit();
   };
   auto issue_pv = [&](uint32_t sV) {
+    const uint64_t d_v = wgmma::desc_sw128(sV, kBox, 1024);
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) wgmma::mma_m64n128k16_rs_tb(acc, pa[kk], dsc(sV, 2048 * kk, kBox), true);
+    for (int kk = 0; kk < kBN / 16; ++kk)
+      wgmma::mma_m64n128k16_rs_tb(acc, pa[kk], wgmma::desc_advance(d_v, 2048 * kk), true);
     wgmma::commit();
   };
   // Mask and online softmax of S (keys n0..): s becomes the probabilities, alpha the rescaling of O.
@@ -296,9 +292,7 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
   const uint32_t full_kv = bars;
   auto full = [&](int s) { return bars + 8 + 8 * s; };
   auto empty = [&](int s) { return bars + 24 + 8 * s; };
-  // (the warp index from lane 0: the compiler then knows it is the same in every lane, and keeps the shared-memory
-  // descriptors built from it in uniform registers)
-  const int warp = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x >> 5), 0), lane = threadIdx.x & 31;
+  const int warp = wgmma::warp_index(), lane = threadIdx.x & 31;
   if (threadIdx.x == 0) {
     tma::mbar_init(full_kv, 1);
     for (int s = 0; s < 2; ++s) {
@@ -352,10 +346,7 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
 #pragma unroll
   for (int i = 0; i < 64; ++i) dk_acc[i] = dv_acc[i] = 0.f;
   const uint32_t k_wg = sK + wg * 64 * 128, v_wg = sV + wg * 64 * 128;
-  // Descriptors built once per tile and advanced by constant offsets (off: a multiple of 16 bytes; the address field
-  // cannot carry into the next: shared memory is below 256 KB): built whole for every product they took ~230 more
-  // instructions per kernel and the backward was ~2% slower (stop 35).
-  auto dsc = [](uint64_t d0, uint32_t off) { return d0 + (off >> 4); };
+  // (descriptors built once per tile and advanced per product: wgmma::desc_advance)
   const uint64_t d_kwg = wgmma::desc_sw128(k_wg, 16, 1024), d_vwg = wgmma::desc_sw128(v_wg, 16, 1024),
                  d_kt = wgmma::desc_sw128(sK + wg * kBoxKV, 8192, 1024);
 
@@ -376,8 +367,8 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
     auto issue_t = [&](float(&acc)[32], uint64_t da, uint64_t db) {
 #pragma unroll
       for (int ks = 0; ks < 8; ++ks)
-        wgmma::mma_m64n64k16_ss<0, 0>(acc, dsc(da, (ks >> 2) * kBoxKV + (ks & 3) * 32),
-                                      dsc(db, (ks >> 2) * kBoxQ + (ks & 3) * 32), ks > 0);
+        wgmma::mma_m64n64k16_ss<0, 0>(acc, wgmma::desc_advance(da, (ks >> 2) * kBoxKV + (ks & 3) * 32),
+                                      wgmma::desc_advance(db, (ks >> 2) * kBoxQ + (ks & 3) * 32), ks > 0);
       wgmma::commit();
     };
     wgmma::fence();
@@ -408,7 +399,8 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
     wgmma::fence_regs(dv_acc);
     wgmma::fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma::mma_m64n128k16_rs_tb(dv_acc, pp[kk], dsc(d_dot, 2048 * kk), true);
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma::mma_m64n128k16_rs_tb(dv_acc, pp[kk], wgmma::desc_advance(d_dot, 2048 * kk), true);
     wgmma::commit();
     wgmma::wait<1>();
     wgmma::fence_regs(dp_t);
@@ -433,7 +425,8 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
     wgmma::fence_regs(dk_acc);
     wgmma::fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma::mma_m64n128k16_rs_tb(dk_acc, ds[kk], dsc(d_qt, 2048 * kk), true);
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma::mma_m64n128k16_rs_tb(dk_acc, ds[kk], wgmma::desc_advance(d_qt, 2048 * kk), true);
     wgmma::commit();
     wgmma::fence_proxy_async();  // dS^T's stores, read next by wgmma
     // (the leader's wait: the last tile's dQ adds have read the buffer before anyone passes the barrier)
@@ -445,7 +438,8 @@ __global__ void __launch_bounds__(bwd::kThreads, 1)
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < 8; ++kk)
-      wgmma::mma_m64n64k16_ss<1, 1>(dq, dsc(d_dst, 2048 * kk), dsc(d_kt, 2048 * kk), kk > 0);
+      wgmma::mma_m64n64k16_ss<1, 1>(dq, wgmma::desc_advance(d_dst, 2048 * kk), wgmma::desc_advance(d_kt, 2048 * kk),
+                                    kk > 0);
     wgmma::commit();
     wgmma::wait<0>();
     wgmma::fence_regs(dq);
