@@ -131,10 +131,10 @@ Tensor SequenceParallel::on_device(const Tensor& t, int slot) const {
   return d;
 }
 
-void SequenceParallel::count(SpTraffic kind, const Tensor& in, double seconds) const {
+void SequenceParallel::count(SpTraffic kind, int64_t bytes, double seconds) const {
   Traffic& t = traffic_[static_cast<int>(kind)];
   t.calls += 1;
-  t.bytes += static_cast<int64_t>(in.nbytes());
+  t.bytes += bytes;
   t.seconds += seconds;
 }
 
@@ -170,7 +170,9 @@ void with_type(DType dt, const char* what, F&& f) {
 }  // namespace
 
 void SequenceParallel::collective(const ExecContext& ctx, const Tensor& in, const Tensor& out, SpTraffic kind,
-                                  const std::function<void(const Tensor&, const Tensor&)>& run) const {
+                                  const std::function<void(const Tensor&, const Tensor&)>& run, bool partial,
+                                  int64_t bytes) const {
+  if (bytes < 0) bytes = static_cast<int64_t>(in.nbytes());
   if (!async_) {
     ctx.synchronize();
     group_->barrier();  // waiting for peers' compute is not communication time
@@ -180,21 +182,22 @@ void SequenceParallel::collective(const ExecContext& ctx, const Tensor& in, cons
     // NCCL on device memory, ordered on ctx's stream; host tensors are staged through device buffers.
     const Tensor din = on_device(in, -1);
     const Tensor dout = out.device.is_cuda() ? out.view({out.numel()}) : buffer(this, -2, {out.numel()}, out.dtype);
+    if (partial && !out.device.is_cuda()) copy_tensor(dout, out.view({out.numel()}));
     run(din, dout);
     if (!out.device.is_cuda()) copy_tensor(out.view({out.numel()}), dout);
     if (async_) {  // only queued: no time to count
-      count(kind, in, 0.0);
+      count(kind, bytes, 0.0);
       return;
     }
     ctx.synchronize();
   } else {
     // MPI on host memory; CUDA tensors (HYD_SP_STAGED=1) are staged through host copies.
     const HostSide src(in, true);
-    HostSide dst(out, false);
+    HostSide dst(out, partial);
     run(src.t, dst.t);
     dst.write_back(out);
   }
-  count(kind, in, seconds_since(t0));
+  count(kind, bytes, seconds_since(t0));
 }
 
 void SequenceParallel::all_gather(const ExecContext& ctx, const Tensor& in, const Tensor& out, SpTraffic kind) const {
@@ -240,6 +243,55 @@ void SequenceParallel::reduce_scatter(const ExecContext& ctx, const Tensor& in, 
       });
     }
   });
+}
+
+void SequenceParallel::exchange(const ExecContext& ctx, const Tensor& in, const std::vector<CommBlock>& sends,
+                                const Tensor& out, const std::vector<CommBlock>& recvs, SpTraffic kind) const {
+  HYD_CHECK(in.dtype == out.dtype, "SequenceParallel::exchange: dtypes ", dtype_name(in.dtype), " and ",
+            dtype_name(out.dtype));
+  int64_t sent = 0;
+  auto check = [&](const std::vector<CommBlock>& blocks, int64_t size, const char* what) {
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      const CommBlock& b = blocks[i];
+      HYD_CHECK(b.peer >= 0 && b.peer < size_, "SequenceParallel::exchange: ", what, " block ", i, " has peer ", b.peer,
+                ", the group has ", size_, " ranks");
+      HYD_CHECK(b.offset >= 0 && b.count >= 0 && b.offset + b.count <= size, "SequenceParallel::exchange: ", what,
+                " block ", i, " [", b.offset, ", ", b.offset + b.count, ") is outside the ", size, " elements");
+    }
+  };
+  check(sends, in.numel(), "send");
+  check(recvs, out.numel(), "receive");
+  for (const CommBlock& b : sends) sent += b.count;
+  const int64_t elem = static_cast<int64_t>(dtype_size(in.dtype));
+  collective(
+      ctx, in, out, kind,
+      [&](const Tensor& a, const Tensor& b) {
+        if (nccl_) {
+          with_type(in.dtype, "exchange", [&]<class T>(T) {
+            nccl_->all_to_all_blocks<T>({a.ptr<T>(), static_cast<size_t>(a.numel())}, sends,
+                                        {b.ptr<T>(), static_cast<size_t>(b.numel())}, recvs, ctx.stream());
+          });
+          return;
+        }
+        // MPI keeps the order of messages with one source, tag and communicator: list order matches.
+        std::vector<MPI_Request> req;
+        req.reserve(sends.size() + recvs.size());
+        for (const CommBlock& r : recvs) {
+          if (r.count == 0) continue;
+          req.emplace_back();
+          CHECK_MPI(MPI_Irecv(static_cast<char*>(b.data) + r.offset * elem, byte_count(r.count * elem, "exchange"),
+                              MPI_BYTE, r.peer, 0, group_->handle(), &req.back()));
+        }
+        for (const CommBlock& s : sends) {
+          if (s.count == 0) continue;
+          req.emplace_back();
+          CHECK_MPI(MPI_Isend(static_cast<const char*>(a.data) + s.offset * elem,
+                              byte_count(s.count * elem, "exchange"), MPI_BYTE, s.peer, 0, group_->handle(),
+                              &req.back()));
+        }
+        CHECK_MPI(MPI_Waitall(static_cast<int>(req.size()), req.data(), MPI_STATUSES_IGNORE));
+      },
+      true, sent * elem);
 }
 
 }  // namespace hyd

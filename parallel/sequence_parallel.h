@@ -37,6 +37,7 @@ namespace hyd {
 
 class Communicator;
 class NcclCommunicator;
+struct CommBlock;
 
 struct SpLayout {
   int rank = 0, size = 1;
@@ -116,6 +117,13 @@ class SequenceParallel {
   // in [size * out.numel()]: out = sum over ranks of block rank() of their in. f32, f64, bf16 (bf16 summed
   // in f32).
   void reduce_scatter(const ExecContext& ctx, const Tensor& in, const Tensor& out, SpTraffic kind) const;
+  // Point to point in one step: every block of `sends` (elements [offset, offset + count) of in, flat) goes to its
+  // peer, every block of `recvs` (of out) is filled from its peer; the rest of out is left as it was. A peer may be
+  // this rank. Blocks between one pair of ranks are matched in list order (rank a's i-th send to b is b's i-th
+  // receive from a, with the same count). One NCCL group on CUDA, MPI_Isend / MPI_Irecv on the CPU. Any dtype
+  // (in's = out's); the traffic counted is the bytes sent.
+  void exchange(const ExecContext& ctx, const Tensor& in, const std::vector<CommBlock>& sends, const Tensor& out,
+                const std::vector<CommBlock>& recvs, SpTraffic kind) const;
 
   // A second context (stream) on this group's GPU for work that may run beside the caller's, ordered with it by
   // ExecContext::wait_for (trainer/lasp.cpp: the KDA layers' transition pass beside the zero-state pass); created on
@@ -131,11 +139,13 @@ class SequenceParallel {
   void reset_traffic();
 
  private:
-  void count(SpTraffic kind, const Tensor& in, double seconds) const;
+  void count(SpTraffic kind, int64_t bytes, double seconds) const;
   // Synchronises ctx, waits for the group, runs run(in', out') on device (NCCL) or host (MPI) views of in
-  // and out (staged where the memory is on the other side), writes back, counts the traffic.
+  // and out (staged where the memory is on the other side; `partial`: run writes only part of out, so a
+  // staged out starts as a copy of out), writes back, counts `bytes` (-1: in's) of traffic.
   void collective(const ExecContext& ctx, const Tensor& in, const Tensor& out, SpTraffic kind,
-                  const std::function<void(const Tensor&, const Tensor&)>& run) const;
+                  const std::function<void(const Tensor&, const Tensor&)>& run, bool partial = false,
+                  int64_t bytes = -1) const;
   Tensor on_device(const Tensor& t, int slot) const;  // t itself on the device, else a copy in buffer(this, slot)
   const Communicator* group_;
   std::unique_ptr<NcclCommunicator> nccl_;  // CUDA only

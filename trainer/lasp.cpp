@@ -13,6 +13,7 @@
 #include "kernels/elementwise.h"
 #include "kernels/kda.h"
 #include "kernels/kda_compose.h"
+#include "parallel/comm.h"
 #include "trainer/core/arena.h"
 
 #ifdef HYD_WITH_CUDA
@@ -50,18 +51,11 @@ enum Slot : int {
   kDKAll,
   kDVAll,    // LASP-2H key / value gradients over the gathered keys
   kSplitWs,  // the split forward's workspace (CUDA: the prepared chunks, shared by the B, M and true passes)
-  kQAll,     // balanced LASP-2H: all ranks' queries (forward) or output gradients (backward), temporary
-  kFull,     // balanced LASP-2H: outputs, lse or dQ of every rank's tokens before the reduce-scatter, temporary
-  kWorkQ,    // balanced LASP-2H, kept per layer: the two half-slices' queries, outputs and lse (+ j)
-  kWorkQ1,
+  kWorkQ,    // balanced LASP-2H, kept per layer: the two half-slices' queries, outputs and lse, [2][rows][slice / 2]
   kWorkO,
-  kWorkO1,
   kWorkLse,
-  kWorkLse1,
-  kWorkD,  // the half-slices' output gradients / dQ (temporary, + j)
-  kWorkD1,
+  kWorkD,  // the two half-slices' output gradients / dQ (temporary)
   kWorkDQ,
-  kWorkDQ1,
   kDKAll2,  // the second half-slice's dK / dV before they are added
   kDVAll2,
   kSavingU,  // the saving forward's u between its prep (before the exchange) and its state pass (after)
@@ -157,6 +151,9 @@ bool sp_windows_from_env() {
   return !(e != nullptr && e[0] == '0');
 }
 
+// Balanced LASP-2H: the half-slice (of 2 size) that `rank` works on as its j-th (SpLayout::balanced).
+int64_t balanced_chunk(int rank, int size, int j) { return j == 0 ? rank : 2 * size - 1 - rank; }
+
 bool balance_from_env() {
   const char* e = std::getenv("HYD_SP_ATTN_BALANCE");
   return e == nullptr || std::string(e) != "0";
@@ -226,7 +223,7 @@ HostBatch slice_batch_for_sp(const HostBatch& global, int64_t rows, int64_t seq_
     const int64_t half = ts / 2;
     for (int j = 0; j < 2; ++j) {
       SpLayout::Work& w = layout.work[j];
-      w.chunk = j == 0 ? rank : 2 * size - 1 - rank;
+      w.chunk = balanced_chunk(rank, size, j);
       attention_docs(cu, global.num_docs, rows, seq_len, w.chunk * half, half, w.cu_q, w.cu_k, w.max_len_q,
                      w.max_len_k);
     }
@@ -650,27 +647,33 @@ void scatter_dkv(const ExecContext& ctx, const SequenceParallel& sp, const void*
   sp.reduce_scatter(ctx, dvs, dv, SpTraffic::attention_kv);
 }
 
-// Balanced LASP-2H: between the rank-major gathered layout [size][rows][slice] (`all`, `row` elements per
-// token) and half-slice `chunk`'s tokens of every row packed [rows][slice / 2] (`packed`).
-void copy_half_slice(const ExecContext& ctx, const SpLayout& L, int64_t row, int64_t chunk, const Tensor& all,
-                     const Tensor& packed, bool to_packed) {
-  const int64_t half = L.slice / 2, p = chunk / 2, h = chunk % 2;
-  for (int64_t b = 0; b < L.rows; ++b) {
-    const Tensor a = rows_of(all, row, (p * L.rows + b) * L.slice + h * half, half);
-    const Tensor w = rows_of(packed, row, b * half, half);
-    copy_on(ctx, to_packed ? w : a, to_packed ? a : w);
+// Balanced LASP-2H: the blocks that move half-slices between their owners' slices ([rows][slice] tokens, `row`
+// elements each) and the ranks that work on them (packed [j][rows][slice / 2], j = the worker's half-slice). Owner
+// side: this rank's tokens that go to (or come back from) each worker, in the worker's (j, row) order; worker side:
+// the blocks of this rank's packed work, from (or to) their owners. Queries and output gradients travel from the
+// owner side to the worker side, outputs, lse and dQ back (SequenceParallel::exchange, which matches the two lists).
+void half_slice_blocks(const SpLayout& L, int64_t row, std::vector<CommBlock>& owner_side,
+                       std::vector<CommBlock>& worker_side) {
+  const int64_t half = L.slice / 2;
+  owner_side.clear();
+  worker_side.clear();
+  for (int worker = 0; worker < L.size; ++worker)
+    for (int j = 0; j < 2; ++j) {
+      const int64_t c = balanced_chunk(worker, L.size, j);
+      if (c / 2 != L.rank) continue;
+      for (int64_t b = 0; b < L.rows; ++b)
+        owner_side.push_back({worker, (b * L.slice + (c % 2) * half) * row, half * row});
+    }
+  for (int j = 0; j < 2; ++j) {
+    const int owner = static_cast<int>(L.work[j].chunk / 2);
+    for (int64_t b = 0; b < L.rows; ++b) worker_side.push_back({owner, ((j * L.rows + b) * half) * row, half * row});
   }
 }
 
-// The packed results of the two half-slices (`work[j]`, [rows * slice / 2, ...]) back to their owners: placed in
-// a zero buffer of every rank's tokens and reduce-scattered, so `out` [rows * slice, ...] gets this rank's.
-void return_half_slices(const ExecContext& ctx, const SequenceParallel& sp, const Tensor* work, const Tensor& out) {
-  const SpLayout& L = sp.layout();
-  const int64_t row = out.numel() / out.size(0);
-  const Tensor full = sp.buffer(&kTemp, kFull, {sp.size() * out.numel()}, out.dtype);
-  kernels::fill(ctx, full, 0.0f);
-  for (int j = 0; j < 2; ++j) copy_half_slice(ctx, L, row, L.work[j].chunk, full, work[j], false);
-  sp.reduce_scatter(ctx, full, out, SpTraffic::attention_kv);
+// Half-slice j of a packed [2][rows][slice / 2] work buffer.
+Tensor work_half(const Tensor& both, int j) {
+  const int64_t n = both.size(0) / 2;
+  return both.slice0(j * n, (j + 1) * n);
 }
 
 }  // namespace
@@ -687,24 +690,24 @@ void lasp_attention_forward(const ExecContext& ctx, const SequenceParallel& sp, 
     lasp_profile_mark(ctx, "attn.fwd.attention");
     return;
   }
-  // Every rank's queries, then this rank's two half-slices of them (kept with their outputs and lse for the
+  // This rank's two half-slices of queries from their owners (kept with their outputs and lse for the
   // backward), their attention, and the outputs and lse back to the owners.
   const int64_t n = q.size(0), hq = q.size(1), d = q.size(2), half_n = L.rows * (L.slice / 2);
-  const Tensor q_all = sp.buffer(&kTemp, kQAll, {sp.size() * n, hq, d}, q.dtype);
-  sp.all_gather(ctx, q, q_all, SpTraffic::attention_kv);
+  std::vector<CommBlock> own, work;
+  const Tensor qw = sp.buffer(owner, kWorkQ, {2 * half_n, hq, d}, q.dtype);
+  const Tensor ow = sp.buffer(owner, kWorkO, {2 * half_n, hq, d}, o.dtype);
+  const Tensor lw = sp.buffer(owner, kWorkLse, {2 * half_n, hq}, lse.dtype);
+  HYD_CHECK(n == L.rows * L.slice, "lasp_attention_forward: ", n, " queries, the layout has ", L.rows, " x ", L.slice);
+  half_slice_blocks(L, hq * d, own, work);
+  sp.exchange(ctx, q, own, qw, work, SpTraffic::attention_kv);
   lasp_profile_mark(ctx, "attn.fwd.gather_q");
-  Tensor ow[2], lw[2];
-  for (int j = 0; j < 2; ++j) {
-    const Tensor qw = sp.buffer(owner, kWorkQ + j, {half_n, hq, d}, q.dtype);
-    ow[j] = sp.buffer(owner, kWorkO + j, {half_n, hq, d}, o.dtype);
-    lw[j] = sp.buffer(owner, kWorkLse + j, {half_n, hq}, lse.dtype);
-    copy_half_slice(ctx, L, hq * d, L.work[j].chunk, q_all, qw, true);
-    kernels::attention_forward(ctx, qw, k_all, v_all, sp.work_cu_q(j), sp.work_cu_k(j), L.work[j].max_len_q,
-                               L.work[j].max_len_k, ow[j], lw[j], scale);
-  }
+  for (int j = 0; j < 2; ++j)
+    kernels::attention_forward(ctx, work_half(qw, j), k_all, v_all, sp.work_cu_q(j), sp.work_cu_k(j),
+                               L.work[j].max_len_q, L.work[j].max_len_k, work_half(ow, j), work_half(lw, j), scale);
   lasp_profile_mark(ctx, "attn.fwd.attention");
-  return_half_slices(ctx, sp, ow, o);
-  return_half_slices(ctx, sp, lw, lse);
+  sp.exchange(ctx, ow, work, o, own, SpTraffic::attention_kv);
+  half_slice_blocks(L, hq, own, work);
+  sp.exchange(ctx, lw, work, lse, own, SpTraffic::attention_kv);
   lasp_profile_mark(ctx, "attn.fwd.return");
 }
 
@@ -724,30 +727,30 @@ void lasp_attention_backward(const ExecContext& ctx, const SequenceParallel& sp,
     kernels::attention_backward(ctx, dout, q, k_all, v_all, o, lse, sp.cu_q(), sp.cu_k(), L.max_len_q, L.max_len_k, dq,
                                 dk_all, dv_all, scale);
   } else {
-    // The output gradients of this rank's half-slices, their backward over the forward's kept queries,
-    // outputs and lse (the second half-slice's dK / dV added to the first's), dQ back to the owners.
-    const int64_t n = q.size(0), hq = q.size(1), d = q.size(2), half_n = L.rows * (L.slice / 2);
-    const Tensor do_all = sp.buffer(&kTemp, kQAll, {sp.size() * n, hq, d}, dout.dtype);
-    sp.all_gather(ctx, dout, do_all, SpTraffic::attention_kv);
+    // The output gradients of this rank's half-slices from their owners, their backward over the forward's kept
+    // queries, outputs and lse (the second half-slice's dK / dV added to the first's), dQ back to the owners.
+    const int64_t hq = q.size(1), d = q.size(2), half_n = L.rows * (L.slice / 2);
+    std::vector<CommBlock> own, work;
+    half_slice_blocks(L, hq * d, own, work);
+    const Tensor qw = sp.buffer(owner, kWorkQ, {2 * half_n, hq, d}, q.dtype);
+    const Tensor ow = sp.buffer(owner, kWorkO, {2 * half_n, hq, d}, o.dtype);
+    const Tensor lw = sp.buffer(owner, kWorkLse, {2 * half_n, hq}, lse.dtype);
+    const Tensor dow = sp.buffer(&kTemp, kWorkD, {2 * half_n, hq, d}, dout.dtype);
+    const Tensor dqw = sp.buffer(&kTemp, kWorkDQ, {2 * half_n, hq, d}, dq.dtype);
+    sp.exchange(ctx, dout, own, dow, work, SpTraffic::attention_kv);
     lasp_profile_mark(ctx, "attn.bwd.gather_do");
-    Tensor dqw[2];
     for (int j = 0; j < 2; ++j) {
-      const Tensor qw = sp.buffer(owner, kWorkQ + j, {half_n, hq, d}, q.dtype);
-      const Tensor ow = sp.buffer(owner, kWorkO + j, {half_n, hq, d}, o.dtype);
-      const Tensor lw = sp.buffer(owner, kWorkLse + j, {half_n, hq}, lse.dtype);
-      const Tensor dow = sp.buffer(&kTemp, kWorkD + j, {half_n, hq, d}, dout.dtype);
-      dqw[j] = sp.buffer(&kTemp, kWorkDQ + j, {half_n, hq, d}, dq.dtype);
-      copy_half_slice(ctx, L, hq * d, L.work[j].chunk, do_all, dow, true);
       const Tensor dkj = j == 0 ? dk_all : sp.buffer(&kTemp, kDKAll2, {total, k.size(1), k.size(2)}, k.dtype);
       const Tensor dvj = j == 0 ? dv_all : sp.buffer(&kTemp, kDVAll2, {total, v.size(1), v.size(2)}, v.dtype);
-      kernels::attention_backward(ctx, dow, qw, k_all, v_all, ow, lw, sp.work_cu_q(j), sp.work_cu_k(j),
-                                  L.work[j].max_len_q, L.work[j].max_len_k, dqw[j], dkj, dvj, scale);
+      kernels::attention_backward(ctx, work_half(dow, j), work_half(qw, j), k_all, v_all, work_half(ow, j),
+                                  work_half(lw, j), sp.work_cu_q(j), sp.work_cu_k(j), L.work[j].max_len_q,
+                                  L.work[j].max_len_k, work_half(dqw, j), dkj, dvj, scale);
       if (j == 1) {
         kernels::add_inplace(ctx, dk_all, dkj);
         kernels::add_inplace(ctx, dv_all, dvj);
       }
     }
-    return_half_slices(ctx, sp, dqw, dq);
+    sp.exchange(ctx, dqw, work, dq, own, SpTraffic::attention_kv);
   }
   lasp_profile_mark(ctx, "attn.bwd.attention");
   scatter_dkv(ctx, sp, owner, dk_all, dv_all, dk, dv);

@@ -138,6 +138,12 @@ void check(const std::string& pattern, int32_t slice) {
   EXPECT_TRUE(std::isfinite(e_sp));
 }
 
+TEST(GpuSequenceParallel, ExchangeMovesBlocksInListOrder) {
+  Communicator world = Communicator::world();
+  SequenceParallel sp(world, Device::cuda(g_gpu));
+  test::check_exchange(sp, ExecContext(Device::cuda(g_gpu)));
+}
+
 TEST(GpuSequenceParallel, HybridMatchesTheWholeBatch) {
   check("KAKT", 128);
   check("KKKA", 64);

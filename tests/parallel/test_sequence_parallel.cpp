@@ -314,6 +314,12 @@ INSTANTIATE_TEST_SUITE_P(Plans, KdaCore, ::testing::Values(false, true),
 
 // A caller's record of a buffer's contents lasts as long as the contents do: kept while the buffer keeps its
 // storage, cleared when a larger request reallocates it.
+TEST(SequenceParallel, ExchangeMovesBlocksInListOrder) {
+  Communicator world = Communicator::world();
+  SequenceParallel sp(world, Device::cpu());
+  test::check_exchange(sp, ExecContext(Device::cpu()));
+}
+
 TEST(SequenceParallel, BufferKeyLastsAsLongAsTheContents) {
   Communicator world = Communicator::world();
   SequenceParallel sp(world, Device::cpu());
