@@ -906,14 +906,49 @@ struct CorrectLayout {
                           oQG = oW + size_t{C} * DK * 2, oAQK = oQG + size_t{C} * DK * 2,
                           oShi = oAQK + size_t{C} * C * 2, oSlo = oShi + size_t{DK} * kBV * 2,
                           oY = oSlo + size_t{DK} * kBV * 2, oTiles = oY + size_t{C} * kBV * 2;
-  // Two buffers of one column tile's inputs, filled by cp.async while the other tile computes (row stride kLd
-  // elements: 16-byte rows, conflict-free fragment reads): S_in f32 [DK][kLd], the kept state's old hi and lo
-  // [DK][kLd], old v_new (or -dv_new) and old o [C][kLd] (bf16).
+  // Two buffers of one column tile's inputs, filled by cp.async while the other tile computes: S_in as hi + lo
+  // [DK][kBV] (swizzled bf16, the operand of P_c S_in as it is), and (row stride kLd elements: 16-byte rows,
+  // conflict-free fragment reads) the kept state's old hi and lo [DK][kLd], old v_new (or -dv_new) and old o
+  // [C][kLd] (bf16).
   static constexpr int kLd = kBV + 8;
-  static constexpr size_t tSin = 0, tShi = tSin + size_t{DK} * kLd * 4, tSlo = tShi + size_t{DK} * kLd * 2,
-                          tVn = tSlo + size_t{DK} * kLd * 2, tO = tVn + size_t{C} * kLd * 2,
-                          tile = tO + size_t{C} * kLd * 2, bytes = oTiles + 2 * tile;
+  static constexpr size_t tSinHi = 0, tSinLo = tSinHi + size_t{DK} * kBV * 2, tShi = tSinLo + size_t{DK} * kBV * 2,
+                          tSlo = tShi + size_t{DK} * kLd * 2, tVn = tSlo + size_t{DK} * kLd * 2,
+                          tO = tVn + size_t{C} * kLd * 2, tile = tO + size_t{C} * kLd * 2, bytes = oTiles + 2 * tile;
 };
+
+// Before the correction: every document's incoming state (adjoint) S_in [DK][DV] f32 as hi + lo bf16 (row-major, the
+// correction's operand; hi = bf16(x), lo = bf16(x - hi)) and whether it is nonzero (nonzero[doc x HV + head]: a
+// rank's documents other than each row's continuing one have none, and their chunks are left alone). One block per
+// document and value head; the halves are written only for a nonzero state.
+template <int DK, int DV>
+__global__ void __launch_bounds__(kThreads)
+    split_incoming_kernel(int HV, const float* __restrict__ initial, __nv_bfloat16* __restrict__ sin_hi,
+                          __nv_bfloat16* __restrict__ sin_lo, int32_t* __restrict__ nonzero) {
+  constexpr int kPer = DK * DV / 4 / kThreads;  // float4 per thread
+  static_assert(DK * DV % (4 * kThreads) == 0, "whole float4 per thread");
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * DK * DV;
+  const float4* src = reinterpret_cast<const float4*>(initial + base);
+  const int tid = static_cast<int>(threadIdx.x);
+  float4 x[kPer];
+  bool any = false;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    x[i] = src[tid + i * kThreads];
+    any = any || x[i].x != 0.f || x[i].y != 0.f || x[i].z != 0.f || x[i].w != 0.f;
+  }
+  const bool block_any = __syncthreads_or(any);
+  if (tid == 0) nonzero[blockIdx.x] = block_any ? 1 : 0;
+  if (!block_any) return;
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    uint2 h, l;
+    split_pair(x[i].x, x[i].y, h.x, l.x);
+    split_pair(x[i].z, x[i].w, h.y, l.y);
+    const int64_t at = base + 4 * static_cast<int64_t>(tid + i * kThreads);
+    *reinterpret_cast<uint2*>(sin_hi + at) = h;
+    *reinterpret_cast<uint2*>(sin_lo + at) = l;
+  }
+}
 
 // Forward (o given): the state pass's results from initial state S_in, given those from a zero state and the
 // transitions P_c (the state entering chunk c of the pass from the identity with zero values): the recurrence is
@@ -929,11 +964,13 @@ struct CorrectLayout {
 // results leave by plain stores, so no step waits on a global read (the first version read them in place: 0.70 ms
 // per layer at B1xT16384 H8 in LASP-2's profile, 2 x H200; with the prefetch 0.46 ms; 16 warps instead of 8, P_c
 // S_in over all of them, did not help: 0.48 ms). Chunks of documents whose incoming state (adjoint) is zero return
-// without touching anything.
+// without touching anything. S_in comes split (split_incoming_kernel): its tiles go by cp.async straight into the
+// operand of P_c S_in.
 template <int DK, int DV>
 __global__ void __launch_bounds__(kThreads, 1)
     correct_kernel(KdaDims s, const int32_t* __restrict__ cu, const int32_t* __restrict__ chunk_off,
-                   const float* __restrict__ initial, const __nv_bfloat16* __restrict__ p_hi,
+                   const __nv_bfloat16* __restrict__ sin_hi, const __nv_bfloat16* __restrict__ sin_lo,
+                   const int32_t* __restrict__ nonzero, const __nv_bfloat16* __restrict__ p_hi,
                    const __nv_bfloat16* __restrict__ p_lo, const __nv_bfloat16* __restrict__ w,
                    const __nv_bfloat16* __restrict__ qg, const __nv_bfloat16* __restrict__ aqk,
                    __nv_bfloat16* __restrict__ states_hi, __nv_bfloat16* __restrict__ states_lo,
@@ -948,16 +985,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const kda_chunk::ChunkSpan sp = kda_chunk::locate_chunk(cu, chunk_off, s.num_docs, c);
   const int64_t start = sp.start;
   const int L = sp.len;
-  const float* sin = initial + (sp.doc * HV + hv) * DK * DV;
+  const int64_t sin_at = (sp.doc * HV + hv) * DK * DV;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const uint32_t s0 = smem_addr(smem);
   auto load_tile = [&](int t, int b) {
     const int j0 = t * kBV;
     const uint32_t tb = s0 + static_cast<uint32_t>(Lt::oTiles + b * Lt::tile);
-    for (int idx = tid; idx < DK * kBV / 4; idx += kThreads) {
-      const int r = idx / (kBV / 4), c4 = idx % (kBV / 4);
-      cp_async16(tb + Lt::tSin + (r * kLd + c4 * 4) * 4, sin + r * DV + j0 + c4 * 4, true);
-    }
+    copy_tile<DK, kBV>(tb + Lt::tSinHi, sin_hi + sin_at + j0, DV, DK);
+    copy_tile<DK, kBV>(tb + Lt::tSinLo, sin_lo + sin_at + j0, DV, DK);
     for (int idx = tid; idx < DK * kBV / 8; idx += kThreads) {
       const int r = idx / (kBV / 8), c8 = idx % (kBV / 8);
       const int64_t at = ch * DK * DV + int64_t(r) * DV + j0 + c8 * 8;
@@ -973,14 +1008,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
   };
-  // Is the incoming state (adjoint) zero? Then nothing changes, and nothing is loaded (a rank's documents other
-  // than each row's continuing first one).
-  bool any = false;
-  for (int idx = tid; idx < DK * DV / 4; idx += kThreads) {
-    const float4 x = reinterpret_cast<const float4*>(sin)[idx];
-    any = any || x.x != 0.f || x.y != 0.f || x.z != 0.f || x.w != 0.f;
-  }
-  if (!__syncthreads_or(any)) return;
+  // A zero incoming state (adjoint) changes nothing, and nothing is loaded (a rank's documents other than each row's
+  // continuing first one).
+  if (nonzero[sp.doc * HV + hv] == 0) return;
   copy_tile<DK, DK>(s0 + Lt::oPhi, p_hi + ch * DK * DK, DK, DK);
   copy_tile<DK, DK>(s0 + Lt::oPlo, p_lo + ch * DK * DK, DK, DK);
   copy_tile<C, DK>(s0 + Lt::oW, w + ch * C * DK, DK, C);
@@ -1001,20 +1031,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     cp_async_wait<1>();
     __syncthreads();  // tile t's inputs (and the chunk's operands) visible; the staging is free
     const unsigned char* tb = smem + Lt::oTiles + (t & 1) * Lt::tile;
+    const uint32_t tba = s0 + static_cast<uint32_t>(Lt::oTiles + (t & 1) * Lt::tile);
     float st[SN][4];
-#pragma unroll
-    for (int n = 0; n < SN; ++n)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const float2 x = *reinterpret_cast<const float2*>(tb + Lt::tSin + (fp.row(2 * half) * kLd + fp.col(n, 0)) * 4);
-        st[n][2 * half] = x.x;
-        st[n][2 * half + 1] = x.y;
-      }
-    frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
-    __syncthreads();  // S_in staged
-    {                 // dS = P_c S_in (both split hi + lo)
+    {  // dS = P_c S_in (both split hi + lo)
       float acc[SN / 2][2][4];
-      split_rows_times_state<DK, SN / 2>(acc, s0 + Lt::oPhi, s0 + Lt::oPlo, s_shi, s_slo, fp.sm, fp.sn0, lane);
+      split_rows_times_state<DK, SN / 2>(acc, s0 + Lt::oPhi, s0 + Lt::oPlo, tba + Lt::tSinHi, tba + Lt::tSinLo, fp.sm,
+                                         fp.sn0, lane);
 #pragma unroll
       for (int np = 0; np < SN / 2; ++np)
 #pragma unroll
@@ -1038,9 +1060,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         *reinterpret_cast<uint32_t*>(states_hi + at) = nh;
         *reinterpret_cast<uint32_t*>(states_lo + at) = nl;
       }
-    __syncthreads();  // every warp has read S_in's staging
-    frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);
-    __syncthreads();  // dS staged
+    frag_stage(st, smem + Lt::oShi, smem + Lt::oSlo, fp);  // (the last tile's readers passed its closing barrier)
+    __syncthreads();                                        // dS staged
     // y = w dS (and z = qg dS for o, in the same pass over dS): v_new -= y, and -y staged for Aqk
     float y[2][4], z[2][4];
     zero(y[0]);
@@ -2360,21 +2381,31 @@ size_t chunk_elems(const KdaDims& s, int64_t cols) {
          static_cast<size_t>(cols);
 }
 
-// The correction kernel over every chunk (forward: rows = w, o given; backward: rows = kg, o, qg, aqk null).
+// The correction kernel over every chunk (forward: rows = w, o given; backward: rows = kg, o, qg, aqk null), after
+// the incoming states (adjoints) are split and flagged.
 void correct_launch(const KdaDims& s, const int32_t* cu_seqlens, const int32_t* chunk_off, const float* initial,
                     const bf16* transitions, const __nv_bfloat16* rows, const __nv_bfloat16* qg,
                     const __nv_bfloat16* aqk, __nv_bfloat16* states_hi, __nv_bfloat16* vn, bf16* o, void* stream_ptr,
                     const char* op) {
   const int64_t mc = kda_chunk::max_chunks(s);
   if (mc == 0) return;
-  HYD_CHECK(mc * s.hv < (int64_t{1} << 31), op, ": grid too large");
+  HYD_CHECK(mc * s.hv < (int64_t{1} << 31) && s.num_docs * s.hv < (int64_t{1} << 31), op, ": grid too large");
+  const cudaStream_t st = as_stream(stream_ptr);
   const __nv_bfloat16* p_hi = as_nv(transitions);
+  const size_t state = static_cast<size_t>(s.num_docs * s.hv * s.dk * s.dv);
+  // S_in's hi and lo halves, then the flags.
+  StreamScratchOf<unsigned char> scratch(state * 4 + static_cast<size_t>(s.num_docs * s.hv) * 4 + 16, st);
+  __nv_bfloat16* sin_hi = reinterpret_cast<__nv_bfloat16*>(scratch.get());
+  int32_t* nonzero = reinterpret_cast<int32_t*>(sin_hi + 2 * state);
   with_dims(s, [&]<int DK, int DV>() {
+    split_incoming_kernel<DK, DV><<<static_cast<unsigned>(s.num_docs * s.hv), kThreads, 0, st>>>(
+        static_cast<int>(s.hv), initial, sin_hi, sin_hi + state, nonzero);
+    CHECK_LAUNCH();
     using Lt = CorrectLayout<DK>;
     set_smem(correct_kernel<DK, DV>, Lt::bytes);
-    correct_kernel<DK, DV><<<static_cast<unsigned>(mc * s.hv), kThreads, Lt::bytes, as_stream(stream_ptr)>>>(
-        s, cu_seqlens, chunk_off, initial, p_hi, p_hi + chunk_elems(s, s.dk), rows, qg, aqk, states_hi,
-        states_hi + chunk_elems(s, s.dv), vn, as_nv(o));
+    correct_kernel<DK, DV><<<static_cast<unsigned>(mc * s.hv), kThreads, Lt::bytes, st>>>(
+        s, cu_seqlens, chunk_off, sin_hi, sin_hi + state, nonzero, p_hi, p_hi + chunk_elems(s, s.dk), rows, qg, aqk,
+        states_hi, states_hi + chunk_elems(s, s.dv), vn, as_nv(o));
     CHECK_LAUNCH();
   });
 }
