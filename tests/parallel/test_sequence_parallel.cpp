@@ -312,14 +312,15 @@ TEST_P(KdaCore, LaspMatchesTheWholeSequences) {
 INSTANTIATE_TEST_SUITE_P(Plans, KdaCore, ::testing::Values(false, true),
                          [](const auto& info) { return info.param ? "AlignedDocuments" : "CrossingDocuments"; });
 
-// A caller's record of a buffer's contents lasts as long as the contents do: kept while the buffer keeps its
-// storage, cleared when a larger request reallocates it.
+// The block exchange of balanced LASP-2H over MPI (test::check_exchange).
 TEST(SequenceParallel, ExchangeMovesBlocksInListOrder) {
   Communicator world = Communicator::world();
   SequenceParallel sp(world, Device::cpu());
   test::check_exchange(sp, ExecContext(Device::cpu()));
 }
 
+// A caller's record of a buffer's contents lasts as long as the contents do: kept while the buffer keeps its
+// storage, cleared when a larger request reallocates it.
 TEST(SequenceParallel, BufferKeyLastsAsLongAsTheContents) {
   Communicator world = Communicator::world();
   SequenceParallel sp(world, Device::cpu());
