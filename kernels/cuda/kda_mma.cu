@@ -85,13 +85,31 @@ __device__ __forceinline__ uint32_t eoff(int r, int col) {
 
 // Starts the copy of a ROWS x COLS bf16 tile (row r at src + r * stride) into the swizzled tile at
 // shared address dst; rows >= valid are zero-filled. All threads of the block call it.
-template <int ROWS, int COLS, int NT = kThreads>
+// STEPPED (when the NT threads cover whole rows and a multiple of 8 of them, as every tile here): a thread keeps one
+// chunk column and steps by a constant number of rows, which keeps its swizzle (toff depends on r & 7 only), so the
+// copies unroll into one pointer step each instead of an index division and address computation per copy. Same
+// copies in the same order either way; the reverse pass keeps the loop (stepped, it ran 16% slower at B2xT16384 H16,
+// one block per SM, while every other pass gained: stop 37).
+template <int ROWS, int COLS, int NT = kThreads, bool STEPPED = true>
 __device__ __forceinline__ void copy_tile(uint32_t dst, const __nv_bfloat16* src, int64_t stride, int valid) {
   constexpr int CH = COLS / 8;
-  for (int idx = static_cast<int>(threadIdx.x); idx < ROWS * CH; idx += NT) {
-    const int r = idx / CH, c = idx % CH;
-    const bool ok = r < valid;
-    cp_async16(dst + toff<CH>(r, c), ok ? src + r * stride + c * 8 : src, ok);
+  if constexpr (STEPPED && NT % CH == 0 && (ROWS * CH) % NT == 0 && (NT / CH) % 8 == 0) {
+    constexpr int kStep = NT / CH;
+    const int r0 = static_cast<int>(threadIdx.x) / CH, c = static_cast<int>(threadIdx.x) % CH;
+    const uint32_t d = dst + toff<CH>(r0, c);
+    const __nv_bfloat16* p = src + r0 * stride + c * 8;
+    const int64_t step = kStep * stride;
+#pragma unroll
+    for (int i = 0; i < ROWS * CH / NT; ++i, p += step) {
+      const bool ok = r0 + i * kStep < valid;
+      cp_async16(d + static_cast<uint32_t>(i * kStep * CH * 16), ok ? p : src, ok);
+    }
+  } else {
+    for (int idx = static_cast<int>(threadIdx.x); idx < ROWS * CH; idx += NT) {
+      const int r = idx / CH, c = idx % CH;
+      const bool ok = r < valid;
+      cp_async16(dst + toff<CH>(r, c), ok ? src + r * stride + c * 8 : src, ok);
+    }
   }
 }
 
@@ -280,11 +298,16 @@ __device__ __forceinline__ void exact_diag_gram(const __nv_bfloat16* x, const __
 template <int DK>
 __device__ __forceinline__ void stage_head_rows(uint32_t s_x, const __nv_bfloat16* x, int64_t start, int L, int H,
                                                 int h) {
-  for (int idx = static_cast<int>(threadIdx.x); idx < C * DK / 8; idx += kThreads) {
-    const int r = idx / (DK / 8), c8 = idx % (DK / 8);
-    const bool ok = r < L;
-    cp_async16(s_x + static_cast<uint32_t>((r * kLdB<DK> + c8 * 8) * 2),
-               ok ? x + ((start + r) * H + h) * DK + c8 * 8 : x, ok);
+  constexpr int CH = DK / 8, kStep = kThreads / CH;  // a thread's chunk column and row step (as copy_tile)
+  static_assert(kThreads % CH == 0 && C % kStep == 0, "whole rows per pass");
+  const int r0 = static_cast<int>(threadIdx.x) / CH, c8 = static_cast<int>(threadIdx.x) % CH;
+  const uint32_t d = s_x + static_cast<uint32_t>((r0 * kLdB<DK> + c8 * 8) * 2);
+  const __nv_bfloat16* p = x + ((start + r0) * H + h) * DK + c8 * 8;
+  const int64_t step = int64_t{kStep} * H * DK;
+#pragma unroll
+  for (int i = 0; i < C / kStep; ++i, p += step) {
+    const bool ok = r0 + i * kStep < L;
+    cp_async16(d + static_cast<uint32_t>(i * kStep * kLdB<DK> * 2), ok ? p : x, ok);
   }
 }
 
@@ -292,11 +315,16 @@ __device__ __forceinline__ void stage_head_rows(uint32_t s_x, const __nv_bfloat1
 // [C][kLdG] tile at s_g; rows >= L are zero-filled.
 template <int DK>
 __device__ __forceinline__ void stage_g(uint32_t s_g, const float* g, int64_t start, int L, int HV, int hv) {
-  for (int idx = static_cast<int>(threadIdx.x); idx < C * DK / 4; idx += kThreads) {
-    const int r = idx / (DK / 4), c4 = idx % (DK / 4);
-    const bool ok = r < L;
-    cp_async16(s_g + static_cast<uint32_t>((r * kLdG<DK> + c4 * 4) * 4),
-               ok ? g + ((start + r) * HV + hv) * DK + c4 * 4 : g, ok);
+  constexpr int CH = DK / 4, kStep = kThreads / CH;  // as stage_head_rows
+  static_assert(kThreads % CH == 0 && C % kStep == 0, "whole rows per pass");
+  const int r0 = static_cast<int>(threadIdx.x) / CH, c4 = static_cast<int>(threadIdx.x) % CH;
+  const uint32_t d = s_g + static_cast<uint32_t>((r0 * kLdG<DK> + c4 * 4) * 4);
+  const float* p = g + ((start + r0) * HV + hv) * DK + c4 * 4;
+  const int64_t step = int64_t{kStep} * HV * DK;
+#pragma unroll
+  for (int i = 0; i < C / kStep; ++i, p += step) {
+    const bool ok = r0 + i * kStep < L;
+    cp_async16(d + static_cast<uint32_t>(i * kStep * kLdG<DK> * 4), ok ? p : g, ok);
   }
 }
 
@@ -560,12 +588,22 @@ struct StateLayout {
 };
 
 // Copies a staged swizzled bf16 tile [ROWS][BV] to global rows dst + r * stride (16-byte stores).
-template <int ROWS, int BV = kBV, int NT = kThreads>
+template <int ROWS, int BV = kBV, int NT = kThreads, bool STEPPED = true>
 __device__ __forceinline__ void store_staged(const unsigned char* tile, __nv_bfloat16* dst, int64_t stride) {
-  constexpr int CH = BV / 8;
-  for (int idx = static_cast<int>(threadIdx.x); idx < ROWS * CH; idx += NT) {
-    const int r = idx / CH, c = idx % CH;
-    *reinterpret_cast<uint4*>(dst + r * stride + c * 8) = *reinterpret_cast<const uint4*>(tile + toff<CH>(r, c));
+  constexpr int CH = BV / 8, kStep = NT / CH;  // a thread's chunk column and row step (as copy_tile)
+  if constexpr (STEPPED) {
+    static_assert(NT % CH == 0 && ROWS % kStep == 0 && kStep % 8 == 0, "whole rows per pass, swizzle kept");
+    const int r0 = static_cast<int>(threadIdx.x) / CH, c = static_cast<int>(threadIdx.x) % CH;
+    const unsigned char* t = tile + toff<CH>(r0, c);
+    __nv_bfloat16* p = dst + r0 * stride + c * 8;
+#pragma unroll
+    for (int i = 0; i < ROWS / kStep; ++i, p += kStep * stride)
+      *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(t + i * kStep * CH * 16);
+  } else {
+    for (int idx = static_cast<int>(threadIdx.x); idx < ROWS * CH; idx += NT) {
+      const int r = idx / CH, c = idx % CH;
+      *reinterpret_cast<uint4*>(dst + r * stride + c * 8) = *reinterpret_cast<const uint4*>(tile + toff<CH>(r, c));
+    }
   }
 }
 
@@ -988,25 +1026,29 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t sin_at = (sp.doc * HV + hv) * DK * DV;
   const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const uint32_t s0 = smem_addr(smem);
+  // A thread's part of a tile (as copy_tile): chunk column c8 of rows r0 + 64 i of the kept state, row r0 of v_new
+  // and o; per tile only the column offset j0 moves.
+  constexpr int kStateStep = kThreads / (kBV / 8);
+  static_assert(kThreads % (kBV / 8) == 0 && DK % kStateStep == 0 && C * kBV / 8 == kThreads, "one row pass");
+  const int r0 = tid / (kBV / 8), c8 = tid % (kBV / 8);
+  const int64_t state_at = ch * DK * DV + int64_t(r0) * DV + c8 * 8, vn_at = (ch * C + r0) * DV + c8 * 8;
+  const bool o_ok = r0 < L;
+  const __nv_bfloat16* o_src = o && o_ok ? o + ((start + r0) * HV + hv) * DV + c8 * 8 : o;
+  const uint32_t state_off = static_cast<uint32_t>((r0 * kLd + c8 * 8) * 2);
   auto load_tile = [&](int t, int b) {
     const int j0 = t * kBV;
     const uint32_t tb = s0 + static_cast<uint32_t>(Lt::oTiles + b * Lt::tile);
     copy_tile<DK, kBV>(tb + Lt::tSinHi, sin_hi + sin_at + j0, DV, DK);
     copy_tile<DK, kBV>(tb + Lt::tSinLo, sin_lo + sin_at + j0, DV, DK);
-    for (int idx = tid; idx < DK * kBV / 8; idx += kThreads) {
-      const int r = idx / (kBV / 8), c8 = idx % (kBV / 8);
-      const int64_t at = ch * DK * DV + int64_t(r) * DV + j0 + c8 * 8;
-      cp_async16(tb + Lt::tShi + (r * kLd + c8 * 8) * 2, states_hi + at, true);
-      cp_async16(tb + Lt::tSlo + (r * kLd + c8 * 8) * 2, states_lo + at, true);
+#pragma unroll
+    for (int i = 0; i < DK / kStateStep; ++i) {
+      const int64_t at = state_at + int64_t{i} * kStateStep * DV + j0;
+      const uint32_t so = state_off + static_cast<uint32_t>(i * kStateStep * kLd * 2);
+      cp_async16(tb + Lt::tShi + so, states_hi + at, true);
+      cp_async16(tb + Lt::tSlo + so, states_lo + at, true);
     }
-    for (int idx = tid; idx < C * kBV / 8; idx += kThreads) {
-      const int r = idx / (kBV / 8), c8 = idx % (kBV / 8);
-      cp_async16(tb + Lt::tVn + (r * kLd + c8 * 8) * 2, vn + (ch * C + r) * DV + j0 + c8 * 8, true);
-      if (o) {
-        const bool ok = r < L;
-        cp_async16(tb + Lt::tO + (r * kLd + c8 * 8) * 2, ok ? o + ((start + r) * HV + hv) * DV + j0 + c8 * 8 : o, ok);
-      }
-    }
+    cp_async16(tb + Lt::tVn + state_off, vn + vn_at + j0, true);
+    if (o) cp_async16(tb + Lt::tO + state_off, o_ok ? o_src + j0 : o, o_ok);
   };
   // A zero incoming state (adjoint) changes nothing, and nothing is loaded (a rank's documents other than each row's
   // continuing first one).
@@ -1149,18 +1191,18 @@ __global__ void __launch_bounds__(BV * 8, (STG && BV == kBV) ? 2 : 1)
     const int64_t start = cu[d] + (c - c0d) * C;
     const int L = static_cast<int>(min(static_cast<int64_t>(C), cu[d + 1] - start));
     const uint32_t base = s0 + static_cast<uint32_t>(STG ? 0 : b * Lt::buf);
-    copy_tile<C, DK, NT>(base + Lt::oKG, kg + ch * C * DK, DK, C);
-    copy_tile<C, C, NT>(base + Lt::oAQK, aqk + ch * C * C, C, C);
+    copy_tile<C, DK, NT, false>(base + Lt::oKG, kg + ch * C * DK, DK, C);
+    copy_tile<C, C, NT, false>(base + Lt::oAQK, aqk + ch * C * C, C, C);
     if (dout)
-      copy_tile<C, BV, NT>(base + do_off(b), dout + (start * HV + hv) * DV + j0, static_cast<int64_t>(HV) * DV, L);
+      copy_tile<C, BV, NT, false>(base + do_off(b), dout + (start * HV + hv) * DV + j0, static_cast<int64_t>(HV) * DV, L);
     else  // zero output gradients (the adjoint transition pass)
-      copy_tile<C, BV, NT>(base + do_off(b), w, 0, 0);
+      copy_tile<C, BV, NT, false>(base + do_off(b), w, 0, 0);
   };
   auto load_b = [&](int64_t c, int b) {
     const int64_t ch = c * HV + hv;
     const uint32_t base = s0 + static_cast<uint32_t>(STG ? 0 : b * Lt::buf);
-    copy_tile<C, DK, NT>(base + Lt::oW, w + ch * C * DK, DK, C);
-    copy_tile<C, DK, NT>(base + Lt::oQG, qg + ch * C * DK, DK, C);
+    copy_tile<C, DK, NT, false>(base + Lt::oW, w + ch * C * DK, DK, C);
+    copy_tile<C, DK, NT, false>(base + Lt::oQG, qg + ch * C * DK, DK, C);
     for (int idx = tid; idx < DK / 4; idx += NT)
       cp_async16(base + Lt::oGL + idx * 16, gl + ch * DK + idx * 4, true);
   };
@@ -1188,8 +1230,8 @@ __global__ void __launch_bounds__(BV * 8, (STG && BV == kBV) ? 2 : 1)
     const uint32_t s_do = base + do_off(b);
     const int64_t ch = c * HV + hv;
     if (dstates_hi) {  // dS_out of the chunk (hi + lo)
-      store_staged<DK, BV, NT>(smem + Lt::oShi, dstates_hi + ch * DK * DV + j0, DV);
-      store_staged<DK, BV, NT>(smem + Lt::oSlo, dstates_lo + ch * DK * DV + j0, DV);
+      store_staged<DK, BV, NT, false>(smem + Lt::oShi, dstates_hi + ch * DK * DV + j0, DV);
+      store_staged<DK, BV, NT, false>(smem + Lt::oSlo, dstates_lo + ch * DK * DV + j0, DV);
     }
 
     // (a) dv_new = Aqk^T do + kg dS   (Aqk^T is upper triangular: row block I sees blocks kk >= I)
@@ -1218,7 +1260,7 @@ __global__ void __launch_bounds__(BV * 8, (STG && BV == kBV) ? 2 : 1)
       if (c - 1 >= c0) load_a(c - 1, b ^ 1);
       cp_async_commit();
     }
-    if (ndvn) store_staged<C, BV, NT>(smem + Lt::oVhi, ndvn + ch * C * DV + j0, DV);  // -dv_new (bf16)
+    if (ndvn) store_staged<C, BV, NT, false>(smem + Lt::oVhi, ndvn + ch * C * DV + j0, DV);  // -dv_new (bf16)
 
     // (b) dS <- Diag(gl) dS + qg^T do + w^T (-dv_new)
     {
