@@ -8,6 +8,9 @@
 #include <cublas_v2.h>
 
 #include <algorithm>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -19,10 +22,34 @@ namespace hyd::kernels::cuda {
 
 using namespace cuda_detail;
 
+namespace {
+
+// HYD_GEMM_LOG=FILE: every product's shape appended to FILE, one line per call in call order ("gemm ta tb m n k
+// beta c_f32" or "residual m n k"), for bench/gemm to replay. Unset (the default): one cached getenv per call.
+void log_shape(const char* line_fmt, ...) __attribute__((format(printf, 1, 2)));
+void log_shape(const char* line_fmt, ...) {
+  static std::mutex mu;
+  static FILE* f = [] {
+    const char* path = std::getenv("HYD_GEMM_LOG");
+    return path && *path ? std::fopen(path, "a") : nullptr;
+  }();
+  if (!f) return;
+  std::lock_guard<std::mutex> lock(mu);
+  va_list args;
+  va_start(args, line_fmt);
+  std::vfprintf(f, line_fmt, args);
+  va_end(args);
+  std::fflush(f);
+}
+
+}  // namespace
+
 void gemm(void* cublas, void* stream, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
           const bf16* a, const bf16* b, float beta, void* c, bool c_f32) {
   if (m == 0 || n == 0) return;
   HYD_CHECK(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX, "gemm: dimensions exceed the cuBLAS int range");
+  log_shape("gemm %d %d %lld %lld %lld %g %d\n", int(trans_a), int(trans_b), static_cast<long long>(m),
+            static_cast<long long>(n), static_cast<long long>(k), double(beta), int(c_f32));
   cublasHandle_t h = static_cast<cublasHandle_t>(cublas);
   // The context binds its handle to its stream (and workspace); cublasSetStream would reset the
   // workspace to the default pool, so only rebind when a different stream is passed.
@@ -116,6 +143,8 @@ void linear_residual(void* cublas, void* cublaslt, void* stream, void* workspace
                      int64_t n, int64_t k, const bf16* x, const bf16* w, const bf16* residual, bf16* y) {
   if (m == 0 || n == 0) return;
   HYD_CHECK(m <= INT32_MAX && n <= INT32_MAX && k <= INT32_MAX, "linear_residual: dimensions exceed the cuBLAS range");
+  log_shape("residual %lld %lld %lld\n", static_cast<long long>(m), static_cast<long long>(n),
+            static_cast<long long>(k));
   const cudaStream_t st = as_stream(stream);
   const size_t bytes = static_cast<size_t>(m * n) * sizeof(bf16);
   if (k == 0) {  // y = residual
