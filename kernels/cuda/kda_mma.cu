@@ -293,39 +293,35 @@ __device__ __forceinline__ void exact_diag_gram(const __nv_bfloat16* x, const __
   }
 }
 
-// Starts the cp.async copy of one chunk's rows of head h of x (bf16 [tokens][H][DK]) into the bf16
-// [C][kLdB] tile at shared byte address s_x; rows >= L are zero-filled.
-template <int DK>
-__device__ __forceinline__ void stage_head_rows(uint32_t s_x, const __nv_bfloat16* x, int64_t start, int L, int H,
-                                                int h) {
-  constexpr int CH = DK / 8, kStep = kThreads / CH;  // a thread's chunk column and row step (as copy_tile)
+// Starts the cp.async copy of one chunk's rows of head h of x ([tokens][H][DK] of T) into the [C][LD] tile of T at
+// shared byte address s; rows >= L are zero-filled. A thread keeps one 16-byte column and steps a constant number of
+// rows (as copy_tile).
+template <int DK, int LD, class T>
+__device__ __forceinline__ void stage_rows(uint32_t s, const T* x, int64_t start, int L, int H, int h) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T)), CH = DK / V, kStep = kThreads / CH;
   static_assert(kThreads % CH == 0 && C % kStep == 0, "whole rows per pass");
-  const int r0 = static_cast<int>(threadIdx.x) / CH, c8 = static_cast<int>(threadIdx.x) % CH;
-  const uint32_t d = s_x + static_cast<uint32_t>((r0 * kLdB<DK> + c8 * 8) * 2);
-  const __nv_bfloat16* p = x + ((start + r0) * H + h) * DK + c8 * 8;
+  const int r0 = static_cast<int>(threadIdx.x) / CH, cv = static_cast<int>(threadIdx.x) % CH;
+  const uint32_t d = s + static_cast<uint32_t>((r0 * LD + cv * V) * static_cast<int>(sizeof(T)));
+  const T* p = x + ((start + r0) * H + h) * DK + cv * V;
   const int64_t step = int64_t{kStep} * H * DK;
 #pragma unroll
   for (int i = 0; i < C / kStep; ++i, p += step) {
     const bool ok = r0 + i * kStep < L;
-    cp_async16(d + static_cast<uint32_t>(i * kStep * kLdB<DK> * 2), ok ? p : x, ok);
+    cp_async16(d + static_cast<uint32_t>(i * kStep * LD * static_cast<int>(sizeof(T))), ok ? p : x, ok);
   }
 }
 
-// Starts the cp.async copy of one chunk's rows of value head hv of g (f32 [tokens][HV][DK]) into the f32
-// [C][kLdG] tile at s_g; rows >= L are zero-filled.
+// One chunk's rows of head h of x (bf16 [tokens][H][DK]) into the bf16 [C][kLdB] tile at s_x.
+template <int DK>
+__device__ __forceinline__ void stage_head_rows(uint32_t s_x, const __nv_bfloat16* x, int64_t start, int L, int H,
+                                                int h) {
+  stage_rows<DK, kLdB<DK>>(s_x, x, start, L, H, h);
+}
+
+// One chunk's rows of value head hv of g (f32 [tokens][HV][DK]) into the f32 [C][kLdG] tile at s_g.
 template <int DK>
 __device__ __forceinline__ void stage_g(uint32_t s_g, const float* g, int64_t start, int L, int HV, int hv) {
-  constexpr int CH = DK / 4, kStep = kThreads / CH;  // as stage_head_rows
-  static_assert(kThreads % CH == 0 && C % kStep == 0, "whole rows per pass");
-  const int r0 = static_cast<int>(threadIdx.x) / CH, c4 = static_cast<int>(threadIdx.x) % CH;
-  const uint32_t d = s_g + static_cast<uint32_t>((r0 * kLdG<DK> + c4 * 4) * 4);
-  const float* p = g + ((start + r0) * HV + hv) * DK + c4 * 4;
-  const int64_t step = int64_t{kStep} * HV * DK;
-#pragma unroll
-  for (int i = 0; i < C / kStep; ++i, p += step) {
-    const bool ok = r0 + i * kStep < L;
-    cp_async16(d + static_cast<uint32_t>(i * kStep * kLdG<DK> * 4), ok ? p : g, ok);
-  }
+  stage_rows<DK, kLdG<DK>>(s_g, g, start, L, HV, hv);
 }
 
 // Starts the cp.async copies of one chunk's k, q (bf16 [C][kLdB]) and g (f32 [C][kLdG]) into
