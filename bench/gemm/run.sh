@@ -16,7 +16,8 @@ rc=0
 for ((i = 0; i < ${#shapes[@]}; i += 2)); do
   b=${shapes[i]} t=${shapes[i + 1]}
   log="$tmp/gemm_B${b}xT${t}.log"
-  if ! HYD_GEMM_LOG="$log" ./build/bench_e2e --mode distill --batch "$b" --seq "$t" --steps 1 --warmup 0 >/dev/null; then
+  if ! HYD_GEMM_LOG="$log" ./build/bench_e2e --mode distill --batch "$b" --seq "$t" --steps 1 --warmup 0 \
+    >/dev/null; then
     echo "bench_e2e failed at B${b}xT${t}"; rc=1; continue
   fi
   echo "== distill step B${b}xT${t}: $(wc -l <"$log") products logged"

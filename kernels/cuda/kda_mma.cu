@@ -1190,7 +1190,8 @@ __global__ void __launch_bounds__(BV * 8, (STG && BV == kBV) ? 2 : 1)
     copy_tile<C, DK, NT, false>(base + Lt::oKG, kg + ch * C * DK, DK, C);
     copy_tile<C, C, NT, false>(base + Lt::oAQK, aqk + ch * C * C, C, C);
     if (dout)
-      copy_tile<C, BV, NT, false>(base + do_off(b), dout + (start * HV + hv) * DV + j0, static_cast<int64_t>(HV) * DV, L);
+      copy_tile<C, BV, NT, false>(base + do_off(b), dout + (start * HV + hv) * DV + j0, static_cast<int64_t>(HV) * DV,
+                                  L);
     else  // zero output gradients (the adjoint transition pass)
       copy_tile<C, BV, NT, false>(base + do_off(b), w, 0, 0);
   };
